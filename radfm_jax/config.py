@@ -1,0 +1,377 @@
+"""Load `configs/*.py:arg` files and validate them into frozen dataclasses before JAX is touched.
+
+    cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', overrides=['model.llama.num_layers=4'])
+
+`load_config` returns a validated `Config`; every error names the dotted field and the value it
+expected, so a bad flag fails on the host in milliseconds rather than deep inside a compile.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'dots_saveable',
+                  'dots_with_no_batch_dims_saveable', 'everything_saveable')
+DTYPES = ('float32', 'bfloat16', 'float16')
+MESH_AXES = ('data', 'fsdp', 'tensor')
+RULE_PRESETS = ('fsdp', 'fsdp_tp')
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the model, mesh or pipeline cannot use."""
+
+
+def _fail(field: str, value: Any, expected: str):
+  raise ConfigError(f'config field {field}={value!r}: expected {expected}')
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """3D ViT. `image_size` x `image_size` x `frames` is the largest input (sets the position tables)."""
+  image_size: int = 512
+  frames: int = 512
+  patch_size: int = 32
+  frame_patch_size: int = 4
+  channels: int = 3
+  dim: int = 768
+  depth: int = 12
+  heads: int = 8
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  dropout: float = 0.1
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * self.frame_patch_size * self.channels
+
+  @property
+  def pos_rows(self) -> tuple[int, int, int]:
+    """Rows of the learned (row, col, depth) position tables."""
+    return (self.image_size // self.patch_size, self.image_size // self.patch_size,
+            self.frames // self.frame_patch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerceiverConfig:
+  depth: int = 6
+  heads: int = 8
+  head_dim: int = 64
+  num_latents: int = 32
+  ff_mult: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 5120
+  intermediate_size: int = 13824
+  num_layers: int = 40
+  num_heads: int = 40
+  max_position_embeddings: int = 2048
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vision: VisionConfig = VisionConfig()
+  perceiver: PerceiverConfig = PerceiverConfig()
+  llama: LlamaConfig = LlamaConfig()
+  size: str = 'radfm_13b'
+  max_images: int = 100
+  param_dtype: str = 'float32'
+  compute_dtype: str = 'float32'
+  remat_policy: str = 'nothing_saveable'
+  scan_layers: bool = True
+  attention: str = 'xla'
+
+  @property
+  def num_figure_tokens(self) -> int:
+    return 2  # <image>, </image>
+
+  @property
+  def image_token_offset(self) -> int:
+    """Id of `<image0>`: the first image-latent placeholder (32002 at the official vocab)."""
+    return self.llama.vocab_size + self.num_figure_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  ici: tuple[tuple[str, int], ...] = (('data', 1), ('fsdp', -1), ('tensor', 1))
+  dcn: tuple[tuple[str, int], ...] = (('data', 1), ('fsdp', 1), ('tensor', 1))
+  rules: str = 'fsdp'
+  preset: str = 'cpu'
+  platform: str = 'cpu'
+  topology: str = ''
+  hbm_gib: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  store: str = ''
+  manifest: str = ''
+  tokenizer: str = ''
+  intensity: str = 'radfm'
+  resize: str = 'nearest'
+  image_size_2d: int = 512
+  image_size_3d_single: int = 256
+  depth_buckets: tuple[int, ...] = tuple(range(4, 65, 4))
+  batch_size_2d: int = 4
+  batch_size_3d: int = 1
+  text_lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+  max_images: int = 8
+  shuffle: bool = True
+  num_workers: int = 0
+  drop_unreadable: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  max_new_tokens: int = 200
+  stop_ids: tuple[int, ...] = (2, 1)
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The validated config. Sections without a dataclass yet stay in `extra` (a locked ConfigDict)."""
+  model: ModelConfig
+  mesh: MeshConfig
+  data: DataConfig
+  generate: GenerateConfig
+  name: str = 'radfm'
+  seed: int = 0
+  extra: Any = None
+  source: ml_collections.ConfigDict | None = dataclasses.field(default=None, compare=False)
+
+  def to_dict(self) -> dict:
+    """The resolved config as plain JSON-able data (saved beside checkpoints)."""
+    return self.source.to_dict() if self.source is not None else dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _import_config_file(path: str):
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(PROJECT_ROOT, path)
+  if not os.path.exists(path):
+    raise ConfigError(f'config file {path!r} does not exist (expected e.g. configs/radfm.py)')
+  spec = importlib.util.spec_from_file_location(f'radfm_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config(arg)')
+  return module
+
+
+def _parse_value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]):
+  """Applies `a.b.c=value` overrides (value parsed as a Python literal, else a string)."""
+  for item in overrides:
+    key, sep, text = item.partition('=')
+    if not sep:
+      raise ConfigError(f'override {item!r}: expected dotted.field=value')
+    *parents, leaf = key.strip().lstrip('-').removeprefix('config.').split('.')
+    node = cfg
+    for i, name in enumerate(parents):
+      if name not in node:
+        raise ConfigError(f"override {item!r}: no config section {'.'.join(parents[:i + 1])}")
+      node = node[name]
+    if leaf not in node:
+      raise ConfigError(f'override {item!r}: no config field {key.strip()} '
+                        f'(fields here: {sorted(node.keys())})')
+    value = _parse_value(text)
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(old, str) and not isinstance(value, str):
+      value = text
+    node[leaf] = value
+  return cfg
+
+
+def load_config_dict(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`path.py[:arg]` -> ConfigDict with overrides applied (not yet validated)."""
+  path, _, arg = spec.partition(':')
+  cfg = _import_config_file(path).get_config(arg)
+  return apply_overrides(cfg, overrides)
+
+
+def load_config(spec: str, overrides: Sequence[str] = (), num_devices: int | None = None) -> Config:
+  return validate(load_config_dict(spec, overrides), num_devices=num_devices)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _build(cls, section: ml_collections.ConfigDict | dict, prefix: str, **nested):
+  section = dict(section.items()) if section is not None else {}
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(section) - names)
+  if unknown:
+    raise ConfigError(f'config section {prefix} has unknown fields {unknown}; '
+                      f'expected a subset of {sorted(names)}')
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name in nested:
+      kwargs[f.name] = nested[f.name]
+    elif f.name in section:
+      value = section[f.name]
+      if isinstance(value, list):
+        value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+      kwargs[f.name] = value
+  return cls(**kwargs)
+
+
+def _positive(prefix: str, obj, *names: str):
+  for name in names:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(f'{prefix}.{name}', value, 'a positive integer')
+
+
+def _validate_model(m: ModelConfig):
+  v, p, l = m.vision, m.perceiver, m.llama
+  _positive('model.vision', v, 'image_size', 'frames', 'patch_size', 'frame_patch_size', 'channels',
+            'dim', 'depth', 'heads', 'head_dim', 'mlp_dim')
+  if v.image_size % v.patch_size:
+    _fail('model.vision.image_size', v.image_size,
+          f'a multiple of model.vision.patch_size={v.patch_size}')
+  if v.frames % v.frame_patch_size:
+    _fail('model.vision.frames', v.frames,
+          f'a multiple of model.vision.frame_patch_size={v.frame_patch_size}')
+  if v.dim % 3:
+    _fail('model.vision.dim', v.dim, 'a multiple of 3 (the 3D position table splits it in row/col/depth)')
+  if not 0.0 <= v.dropout < 1.0:
+    _fail('model.vision.dropout', v.dropout, 'a probability in [0, 1)')
+  _positive('model.perceiver', p, 'depth', 'heads', 'head_dim', 'num_latents', 'ff_mult')
+  _positive('model.llama', l, 'vocab_size', 'hidden_size', 'intermediate_size', 'num_layers',
+            'num_heads', 'max_position_embeddings')
+  if l.hidden_size % l.num_heads:
+    _fail('model.llama.num_heads', l.num_heads,
+          f'a divisor of model.llama.hidden_size={l.hidden_size}')
+  if l.head_dim % 2:
+    _fail('model.llama.num_heads', l.num_heads,
+          f'a head count giving an even head_dim for rotate-half RoPE (now {l.head_dim})')
+  if m.param_dtype not in DTYPES:
+    _fail('model.param_dtype', m.param_dtype, f'one of {DTYPES}')
+  if m.compute_dtype not in DTYPES:
+    _fail('model.compute_dtype', m.compute_dtype, f'one of {DTYPES}')
+  if m.remat_policy not in REMAT_POLICIES:
+    _fail('model.remat_policy', m.remat_policy, f'one of {REMAT_POLICIES}')
+  if m.attention not in ('xla', 'cudnn'):
+    _fail('model.attention', m.attention, "'xla' or 'cudnn'")
+  _positive('model', m, 'max_images')
+
+
+def _validate_axes(field: str, axes):
+  names = [a for a, _ in axes]
+  if sorted(names) != sorted(MESH_AXES):
+    _fail(field, [list(a) for a in axes], f'one (axis, size) pair for each of {MESH_AXES}')
+  sizes = [s for _, s in axes]
+  if any((not isinstance(s, int)) or (s < 1 and s != -1) for s in sizes):
+    _fail(field, [list(a) for a in axes], 'sizes that are positive integers or -1 (fill)')
+  if sizes.count(-1) > 1:
+    _fail(field, [list(a) for a in axes], 'at most one -1 (fill) size')
+
+
+def _validate_mesh(mesh: MeshConfig, num_devices: int | None):
+  _validate_axes('mesh.ici', mesh.ici)
+  _validate_axes('mesh.dcn', mesh.dcn)
+  if mesh.rules not in RULE_PRESETS:
+    _fail('mesh.rules', mesh.rules, f'one of {RULE_PRESETS}')
+  if num_devices is not None:
+    from radfm_jax import sharding  # deferred: sharding imports jax
+    sharding.resolve_mesh_shape(mesh.ici, mesh.dcn, num_devices)
+
+
+def _validate_data(d: DataConfig, m: ModelConfig):
+  v = m.vision
+  if d.intensity not in ('radfm', 'ct_window', 'ct_windows3', 'percentile'):
+    _fail('data.intensity', d.intensity, "'radfm', 'ct_window', 'ct_windows3' or 'percentile'")
+  if d.resize not in ('nearest', 'trilinear'):
+    _fail('data.resize', d.resize, "'nearest' or 'trilinear'")
+  for name in ('image_size_2d', 'image_size_3d_single'):
+    size = getattr(d, name)
+    if size % v.patch_size or size > v.image_size or size <= 0:
+      _fail(f'data.{name}', size, f'a positive multiple of model.vision.patch_size={v.patch_size} '
+            f'no larger than model.vision.image_size={v.image_size}')
+  for depth in d.depth_buckets:
+    if depth % v.frame_patch_size or depth > v.frames or depth <= 0:
+      _fail('data.depth_buckets', list(d.depth_buckets),
+            f'positive multiples of model.vision.frame_patch_size={v.frame_patch_size} '
+            f'no larger than model.vision.frames={v.frames}')
+  if list(d.depth_buckets) != sorted(d.depth_buckets):
+    _fail('data.depth_buckets', list(d.depth_buckets), 'an increasing list')
+  _positive('data', d, 'batch_size_2d', 'batch_size_3d', 'max_images')
+  if d.max_images > m.max_images:
+    _fail('data.max_images', d.max_images, f'at most model.max_images={m.max_images}')
+  for length in d.text_lengths:
+    if length <= 0 or length > m.llama.max_position_embeddings:
+      _fail('data.text_lengths', list(d.text_lengths),
+            f'lengths in [1, model.llama.max_position_embeddings={m.llama.max_position_embeddings}]')
+
+
+def _validate_generate(g: GenerateConfig):
+  if g.max_new_tokens <= 0:
+    _fail('generate.max_new_tokens', g.max_new_tokens, 'a positive integer')
+  if g.temperature < 0:
+    _fail('generate.temperature', g.temperature, '>= 0 (0 means greedy)')
+  if g.top_k < 0:
+    _fail('generate.top_k', g.top_k, '>= 0 (0 means no top-k filter)')
+  if not 0 < g.top_p <= 1:
+    _fail('generate.top_p', g.top_p, 'a value in (0, 1]')
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> Config:
+  """ConfigDict -> frozen `Config`; raises `ConfigError` naming the field on any bad value."""
+  m = cfg.get('model')
+  if m is None:
+    raise ConfigError('config has no model section')
+  model = _build(ModelConfig, {k: v for k, v in m.items() if k not in ('vision', 'perceiver', 'llama')},
+                 'model',
+                 vision=_build(VisionConfig, m.get('vision'), 'model.vision'),
+                 perceiver=_build(PerceiverConfig, m.get('perceiver'), 'model.perceiver'),
+                 llama=_build(LlamaConfig, m.get('llama'), 'model.llama'))
+  _validate_model(model)
+  mesh = _build(MeshConfig, cfg.get('mesh'), 'mesh')
+  _validate_mesh(mesh, num_devices)
+  data = _build(DataConfig, cfg.get('data'), 'data')
+  _validate_data(data, model)
+  generate = _build(GenerateConfig, cfg.get('generate'), 'generate')
+  _validate_generate(generate)
+  known = {'model', 'mesh', 'data', 'generate', 'name', 'seed'}
+  extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in known})
+  extra.lock()
+  return Config(model=model, mesh=mesh, data=data, generate=generate, name=cfg.get('name', 'radfm'),
+                seed=int(cfg.get('seed', 0)), extra=extra, source=cfg)
+
+
+def model_config(size: str = 'tiny', **overrides) -> ModelConfig:
+  """A validated ModelConfig for one size from `configs/model_sizes.py` (for notebooks and tests)."""
+  cfg = load_config_dict(f'configs/radfm.py:model={size}')
+  for key, value in overrides.items():
+    apply_overrides(cfg, [f'model.{key}={value!r}'])
+  return validate(cfg).model
