@@ -1,0 +1,174 @@
+"""Shared blocks: dense projections, norms, attention and dropout, with logical axis names.
+
+Every parameter is created through `param(...)`, which attaches its logical axis names; the mesh
+placement comes from the rule table in `radfm_jax/sharding.py`. Parameters are stored in
+`param_dtype` and cast to the compute dtype at use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from radfm_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'everything_saveable': jax.checkpoint_policies.everything_saveable,
+}
+
+
+def torch_linear_init(fan_in: int):
+  """torch.nn.Linear's default init (uniform +-1/sqrt(fan_in)), so fresh towers match the original."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+  """An `nnx.Param` of `shape` carrying logical axis names `axes` (one per dimension)."""
+  assert len(shape) == len(axes), (shape, axes)
+  value = init(rngs.params(), tuple(shape), dtype)
+  return nnx.Param(value, out_sharding=tuple(axes))
+
+
+def cast(p: nnx.Param, dtype) -> jax.Array:
+  return p[...].astype(dtype)
+
+
+class Dense(nnx.Module):
+  """y = x . kernel (+ bias), contracting the last `len(in_shape)` dims of x.
+
+  kernel: [*in_shape, *out_shape] with logical names `in_axes + out_axes`.
+  """
+
+  def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias: bool, rngs: nnx.Rngs,
+               param_dtype=jnp.float32, kernel_init=None, bias_init=None):
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    fan_in = math.prod(in_shape)
+    kernel_init = kernel_init or torch_linear_init(fan_in)
+    self.n_in = len(in_shape)
+    self.kernel = param(rngs, kernel_init, in_shape + out_shape, tuple(in_axes) + tuple(out_axes),
+                        param_dtype)
+    if use_bias:
+      self.bias = param(rngs, bias_init or torch_linear_init(fan_in), out_shape, tuple(out_axes),
+                        param_dtype)
+    else:
+      self.bias = None
+
+  def __call__(self, x: jax.Array, dtype) -> jax.Array:
+    kernel = cast(self.kernel, dtype)
+    y = jax.lax.dot_general(x.astype(dtype), kernel,
+                            (((tuple(range(x.ndim - self.n_in, x.ndim))),
+                              tuple(range(self.n_in))), ((), ())))
+    if self.bias is not None:
+      y = y + cast(self.bias, dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """torch.nn.LayerNorm semantics (biased variance, eps 1e-5 by default), statistics in fp32."""
+
+  def __init__(self, dim: int, axis_name: str, *, rngs: nnx.Rngs, eps: float = 1e-5,
+               param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+    self.bias = param(rngs, nnx.initializers.zeros, (dim,), (axis_name,), param_dtype)
+
+  def __call__(self, x: jax.Array, dtype) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  """LLaMA RMSNorm as in HF: mean of squares in fp32, y = w * (x * rsqrt(ms + eps)) in x's dtype."""
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ('norm',), param_dtype)
+
+  def __call__(self, x: jax.Array, dtype) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return cast(self.scale, dtype) * y.astype(dtype)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """torch.nn.GELU() default: the erf form (jax.nn.gelu defaults to the tanh approximation)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when `rng` is None (eval) or the rate is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+              implementation: str = 'xla', dropout_rate: float = 0.0,
+              dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Softmax attention, scores scaled by head_dim**-0.5, softmax in fp32.
+
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim];
+  mask: bool broadcastable to [batch, heads, q_len, kv_len] (True = attend).
+  Returns [batch, q_len, heads, head_dim].
+  """
+  if dropout_rng is None or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  # Dropout on the attention probabilities (ViT training) needs the explicit form.
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def layer_rngs(rng: jax.Array | None, num_layers: int):
+  """Per-layer dropout keys as a scanned input ([layers, 2] or None)."""
+  return None if rng is None else jax.random.split(rng, num_layers)
+
+
+def scan_layers(body, carry, layers, xs, *, remat_policy: str, length: int):
+  """Runs `body(carry, layer, x) -> (carry, y)` over stacked `layers` with nnx.scan (+ remat).
+
+  `layers` is a module whose parameters have a leading `layers` axis; `xs` is a pytree of per-layer
+  inputs (leading axis = layer), or None.
+  """
+  fn = body
+  if remat_policy != 'none':
+    fn = nnx.remat(fn, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+  scanned = nnx.scan(fn, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), length=length,
+                     transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  return scanned(carry, layers, xs)
+
+
+def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
+  """Creates `num_layers` copies of `make_layer(rngs)` stacked on a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def make(rngs):
+    return make_layer(rngs)
+
+  return make(rngs)
+
+
+__all__ = ['Dense', 'LayerNorm', 'RMSNorm', 'attention', 'constrain', 'dropout', 'gelu_exact',
+           'layer_rngs', 'param', 'scan_layers', 'stacked']
