@@ -1,0 +1,178 @@
+"""Checkpoint conversion, the Python face of `radfm-jax convert`.
+
+    cfg = from_torch('pytorch_model.bin', 'ckpt/')               # official RadFM -> Orbax (+ config.json)
+    to_torch('ckpt/', 'model.safetensors')                       # Orbax -> official key names
+    cfg = from_hf_llama('llama-13b-hf/', 'ckpt/', model_config('radfm_13b'))   # HF LLaMA as the decoder
+    model, cfg = load_checkpoint('ckpt/')                        # onto the available devices
+
+Every converter streams: one torch tensor (one layer of one parameter kind) is in host memory at a
+time on the way in; on the way out one Orbax leaf at a time (safetensors output is written
+incrementally; a `.bin` output needs the whole state dict for `torch.save`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from typing import Sequence
+
+import numpy as np
+
+from radfm_jax.config import ModelConfig
+from radfm_jax.convert import engine, infer, keymap, store
+from radfm_jax.convert.store import load_checkpoint  # noqa: F401  (re-exported)
+
+
+def abstract_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Our parameter paths -> (shape, dtype) for `cfg`, without allocating."""
+  from flax import nnx
+
+  from radfm_jax.models.radfm import abstract_model
+  _, state = abstract_model(cfg)
+  return {p: (tuple(v.shape), np.dtype(v.dtype))
+          for p, v in engine.flat_params(nnx.to_pure_dict(state)).items()}
+
+
+def _check_coverage(table: Sequence[keymap.Entry], paths, extra=()):
+  covered = {p for e in table for p in e.ours} | set(extra)
+  if covered != set(paths):
+    raise engine.CheckpointMismatchError(note=(
+        f'key map and model disagree: parameters without an entry {sorted(set(paths) - covered)}, '
+        f'entries without a parameter {sorted(covered - set(paths))}'))
+
+
+def _with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
+  return cfg if dtype is None else dataclasses.replace(cfg, param_dtype=dtype)
+
+
+def from_torch(checkpoint: str, out: str, cfg: ModelConfig | None = None, *, dtype: str | None = None,
+               llama_heads: int | None = None) -> ModelConfig:
+  """Official RadFM `pytorch_model.bin` / `.safetensors` -> Orbax checkpoint in `out`.
+
+  Sizes are inferred from the checkpoint (see `infer`); a given `cfg` must agree with them. Keys are
+  checked before anything is written (dead-branch keys skipped, anything else unknown is an error).
+  """
+  reader = engine.open_reader(checkpoint)
+  cfg = _with_dtype(infer.infer_model_config(reader, cfg, llama_heads=llama_heads), dtype)
+  leaves = abstract_shapes(cfg)
+  shapes = {p: s for p, (s, _) in leaves.items()}
+  table = keymap.radfm_table()
+  _check_coverage(table, leaves)
+  layers = engine.stacked_layers(table, shapes)
+  engine.check_keys(table, reader, shapes, layers, skip=keymap.RADFM_SKIP, note=checkpoint)
+  writer = store.IncrementalWriter(os.path.join(out, store.PARAMS_DIR), leaves, stacked=set(layers))
+  dtypes = {p: d for p, (_, d) in leaves.items()}
+  for path, i, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes):
+    writer.write(path, i, array)
+  writer.close()
+  store.write_config(out, cfg, converted_from=os.path.abspath(checkpoint), format='official')
+  return cfg
+
+
+def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtype: str | None = None,
+                  llama_heads: int | None = None, seed: int = 0) -> ModelConfig:
+  """HF `LlamaForCausalLM` safetensors shards as the decoder of a new RadFM; the vision towers, fc
+  and figure tokens are freshly initialised (as `create_model(cfg, seed=seed)` would make them).
+
+  The decoder sizes come from the shards (+ their config.json); the rest from `cfg`.
+  """
+  from flax import nnx
+
+  from radfm_jax.models.radfm import create_model
+  reader = engine.open_reader(hf_dir)
+  base = cfg or ModelConfig()
+  hf_config = engine.read_json(os.path.join(hf_dir, 'config.json')) if os.path.isdir(hf_dir) else None
+  llama = infer.infer_llama(reader, '', base.llama, heads=llama_heads, hf_config=hf_config)
+  cfg = _with_dtype(dataclasses.replace(base, llama=llama), dtype)
+  leaves = abstract_shapes(cfg)
+  shapes = {p: s for p, (s, _) in leaves.items()}
+  table = keymap.llama_table('llama/', '')
+  fresh_paths = [p for p in leaves if not p.startswith('llama/')]
+  _check_coverage(table, leaves, extra=fresh_paths)
+  layers = engine.stacked_layers(table, shapes)
+  engine.check_keys(table, reader, shapes, layers, skip=keymap.LLAMA_SKIP, note=hf_dir)
+  writer = store.IncrementalWriter(os.path.join(out, store.PARAMS_DIR), leaves, stacked=set(layers))
+  dtypes = {p: d for p, (_, d) in leaves.items()}
+  # The decoder is built last in RadFM.__init__, so a model with a 1-layer, tiny-vocab decoder draws
+  # exactly the tower weights the full-size model would, at a fraction of the memory.
+  small = dataclasses.replace(cfg, llama=dataclasses.replace(
+      cfg.llama, num_layers=1, vocab_size=8, intermediate_size=8))
+  fresh = engine.flat_params(nnx.to_pure_dict(nnx.state(create_model(small, seed=seed), nnx.Param)))
+  for path in fresh_paths:
+    writer.write(path, None, np.asarray(fresh[path]).astype(dtypes[path]))
+  del fresh
+  for path, i, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes):
+    writer.write(path, i, array)
+  writer.close()
+  store.write_config(out, cfg, converted_from=os.path.abspath(hf_dir), format='hf_llama',
+                     fresh_towers_seed=seed)
+  return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+
+
+_ST_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16', 'float64': 'F64',
+              'int64': 'I64', 'int32': 'I32'}
+
+
+def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dtype]], tensors):
+  """Streams a safetensors file: the header is known up front (shapes from the key map), then the
+  tensors are appended in the same order as they arrive."""
+  meta, offset = {}, 0
+  for key, (shape, dtype) in header.items():
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    meta[key] = {'dtype': _ST_DTYPES[dtype.name], 'shape': list(shape),
+                 'data_offsets': [offset, offset + nbytes]}
+    offset += nbytes
+  meta['__metadata__'] = {'format': 'pt'}
+  blob = json.dumps(meta, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)
+  tmp = path + '.partial'
+  with open(tmp, 'wb') as f:
+    f.write(struct.pack('<Q', len(blob)))
+    f.write(blob)
+    for (key, (shape, dtype)), (key2, array) in zip(header.items(), tensors, strict=True):
+      if key != key2 or tuple(array.shape) != tuple(shape):
+        raise RuntimeError(f'stream out of order: {key2} {array.shape} where {key} {shape} expected')
+      f.write(np.ascontiguousarray(array, dtype).tobytes())
+  os.replace(tmp, path)
+
+
+def to_torch(checkpoint: str, out: str, *, include_alias: bool = True) -> list[str]:
+  """Orbax checkpoint -> official state dict (`.bin` via torch.save, or `.safetensors`), with the
+  official key names: `embedding_layer.weight` included (shared with embed_tokens in `.bin`),
+  dead-branch keys and `inv_freq` buffers not. Returns the keys written."""
+  cfg = store.read_config(checkpoint)
+  leaf = store.LeafReader(checkpoint, cfg)
+  shapes = leaf.shapes()
+  dtypes = {p: np.dtype(v.dtype) for p, v in leaf.abstract.items()}
+  table = keymap.radfm_table()
+  layers = engine.stacked_layers(table, shapes)
+  expected = keymap.expected_keys([e for e in table if include_alias or e.kind != 'alias'],
+                                  shapes, layers)
+  key_dtype = {e.key(i): dtypes[e.ours[0]] for e in table
+               for i in (range(layers[e.ours[0]]) if e.stacked else [None])}
+  stream = engine.ours_to_torch(table, leaf, layers, include_aliases=include_alias)
+  if out.endswith('.safetensors'):
+    _write_safetensors(out, {k: (s, key_dtype[k]) for k, s in expected.items()}, stream)
+    return list(expected)
+  import torch
+  state = {}
+  for key, array in stream:
+    if key == 'embedding_layer.weight':
+      state[key] = state['lang_model.model.embed_tokens.weight']   # one storage, as the original
+      continue
+    state[key] = _to_tensor(array)
+  torch.save(state, out)
+  return list(state)
+
+
+def _to_tensor(array: np.ndarray):
+  import torch
+  if array.dtype.name == 'bfloat16':
+    return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+  return torch.from_numpy(np.ascontiguousarray(array))

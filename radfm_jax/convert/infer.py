@@ -1,0 +1,137 @@
+"""Model sizes from a checkpoint's tensor shapes, so a checkpoint with the official key names but
+other sizes converts without a hand-made config.
+
+Where each field comes from (official key names abbreviated: `ve` = embedding_layer.vision_encoder,
+`pr` = embedding_layer.perceiver, `lm` = lang_model.model):
+
+| field | source |
+| --- | --- |
+| vision.dim, patch_dim | `ve.to_patch_embedding.2.weight` (dim, patch_dim) |
+| vision.patch_size | sqrt(patch_dim / (channels * frame_patch_size)); channels, frame_patch_size from the config (default 3, 4) |
+| vision.image_size, frames | pos table rows (`row_embed`, `dep_embed`) x patch_size / frame_patch_size |
+| vision.depth | number of `ve.transformer.layers.{i}` |
+| vision.heads x head_dim | inner = `to_out.0.weight` columns; head_dim from the config when it divides inner, else 64 |
+| vision.mlp_dim | `net.0.weight` rows |
+| perceiver.depth, num_latents | number of `pr.layers.{i}`; `pr.latents` rows |
+| perceiver.heads x head_dim | inner = `to_q.weight` rows; head_dim as for the ViT |
+| perceiver.ff_mult | `1.1.weight` rows / dim |
+| llama.vocab_size, hidden_size | `lm.embed_tokens.weight` |
+| llama.intermediate_size, num_layers | `mlp.gate_proj.weight` rows; number of `lm.layers.{i}` |
+| llama.num_heads | NOT in the shapes: `--llama-heads`, else the HF config.json, else the config, else hidden / 128 |
+| everything else (eps, rope theta, dtypes, dropout, max positions) | the config, or the official defaults |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from radfm_jax.config import (ConfigError, LlamaConfig, ModelConfig, PerceiverConfig, VisionConfig,
+                              _validate_model)
+from radfm_jax.convert import keymap
+
+VE = 'embedding_layer.vision_encoder.'
+PR = 'embedding_layer.perceiver.'
+
+
+def _heads(inner: int, head_dim: int | None, field: str) -> tuple[int, int]:
+  for hd in (head_dim, 64):
+    if hd and inner % hd == 0:
+      return inner // hd, hd
+  raise ConfigError(f'config field {field}: cannot split the attention width {inner} into heads '
+                    f'(head_dim {head_dim} or 64 do not divide it); pass a config with the head size')
+
+
+def infer_llama(reader, prefix: str, base: LlamaConfig, heads: int | None = None,
+                hf_config: dict | None = None) -> LlamaConfig:
+  """LlamaConfig from HF LLaMA keys under `prefix` ('' or 'lang_model.')."""
+  keys = reader.keys()
+  vocab, hidden = reader.shape(f'{prefix}model.embed_tokens.weight')
+  layers = keymap.layer_indices(keys, f'{prefix}model.layers.{{i}}.mlp.gate_proj.weight')
+  if not layers:
+    raise ConfigError(f'checkpoint has no {prefix}model.layers.{{i}} keys')
+  mlp = reader.shape(f'{prefix}model.layers.{layers[0]}.mlp.gate_proj.weight')[0]
+  hf = hf_config or {}
+  if heads is None:
+    heads = hf.get('num_attention_heads')
+  if heads is None:
+    heads = base.num_heads if hidden % base.num_heads == 0 and base.hidden_size == hidden else None
+  if heads is None:
+    if hidden % 128:
+      raise ConfigError(f'config field model.llama.num_heads: the checkpoint (hidden {hidden}) does '
+                        'not say how many heads; pass --llama-heads or a config')
+    heads = hidden // 128
+  extra = {}
+  for ours, theirs in (('rms_norm_eps', 'rms_norm_eps'), ('rope_theta', 'rope_theta'),
+                       ('max_position_embeddings', 'max_position_embeddings')):
+    if theirs in hf and hf[theirs] is not None:
+      extra[ours] = type(getattr(base, ours))(hf[theirs])
+  return dataclasses.replace(base, vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
+                             num_layers=len(layers), num_heads=heads, **extra)
+
+
+def infer_vision(reader, base: VisionConfig) -> VisionConfig:
+  keys = reader.keys()
+  dim, patch_dim = reader.shape(VE + 'to_patch_embedding.2.weight')
+  area = patch_dim / (base.channels * base.frame_patch_size)
+  patch = math.isqrt(int(area))
+  if patch * patch != area:
+    raise ConfigError(f'config field model.vision.patch_size: patch_dim {patch_dim} is not '
+                      f'p*p*{base.frame_patch_size}*{base.channels}; pass a config with the right '
+                      'channels / frame_patch_size')
+  rows = reader.shape(VE + 'pos_embedding.row_embed.weight')[0]
+  deps = reader.shape(VE + 'pos_embedding.dep_embed.weight')[0]
+  layers = keymap.layer_indices(keys, VE + 'transformer.layers.{i}.0.fn.to_qkv.weight')
+  if not layers:
+    raise ConfigError('checkpoint has no vision_encoder.transformer.layers.{i} keys')
+  inner = reader.shape(VE + f'transformer.layers.{layers[0]}.0.fn.to_out.0.weight')[1]
+  heads, head_dim = _heads(inner, base.head_dim, 'model.vision.heads')
+  mlp = reader.shape(VE + f'transformer.layers.{layers[0]}.1.fn.net.0.weight')[0]
+  return dataclasses.replace(base, dim=dim, patch_size=patch, image_size=rows * patch,
+                             frames=deps * base.frame_patch_size, depth=len(layers), heads=heads,
+                             head_dim=head_dim, mlp_dim=mlp)
+
+
+def infer_perceiver(reader, base: PerceiverConfig, dim: int) -> PerceiverConfig:
+  layers = keymap.layer_indices(reader.keys(), PR + 'layers.{i}.0.to_q.weight')
+  if not layers:
+    raise ConfigError('checkpoint has no perceiver.layers.{i} keys')
+  inner = reader.shape(PR + f'layers.{layers[0]}.0.to_q.weight')[0]
+  heads, head_dim = _heads(inner, base.head_dim, 'model.perceiver.heads')
+  ff = reader.shape(PR + f'layers.{layers[0]}.1.1.weight')[0]
+  return dataclasses.replace(base, depth=len(layers), heads=heads, head_dim=head_dim,
+                             num_latents=reader.shape(PR + 'latents')[0], ff_mult=ff // dim)
+
+
+SHAPE_FIELDS = {
+    'vision': ('dim', 'patch_size', 'image_size', 'frames', 'depth', 'heads', 'head_dim', 'mlp_dim'),
+    'perceiver': ('depth', 'heads', 'head_dim', 'num_latents', 'ff_mult'),
+    'llama': ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads'),
+}
+
+
+def check_against(given: ModelConfig, inferred: ModelConfig, sections=('vision', 'perceiver', 'llama')):
+  """Raises ConfigError listing every shape field where the given config and the checkpoint differ."""
+  diffs = []
+  for section in sections:
+    for name in SHAPE_FIELDS[section]:
+      a, b = getattr(getattr(given, section), name), getattr(getattr(inferred, section), name)
+      if a != b:
+        diffs.append(f'model.{section}.{name}: config {a}, checkpoint {b}')
+  if diffs:
+    raise ConfigError('the config does not match the checkpoint shapes:\n  ' + '\n  '.join(diffs))
+
+
+def infer_model_config(reader, given: ModelConfig | None = None, *, llama_heads: int | None = None,
+                       size: str = 'converted') -> ModelConfig:
+  """The ModelConfig of an official-layout checkpoint. With `given`, its non-shape fields are kept
+  and its shape fields must agree with the checkpoint (else ConfigError listing the differences)."""
+  base = given or ModelConfig(size=size)
+  vision = infer_vision(reader, base.vision)
+  perceiver = infer_perceiver(reader, base.perceiver, vision.dim)
+  llama = infer_llama(reader, 'lang_model.', base.llama, heads=llama_heads)
+  cfg = dataclasses.replace(base, vision=vision, perceiver=perceiver, llama=llama)
+  if given is not None:
+    check_against(given, cfg)
+  _validate_model(cfg)
+  return cfg
