@@ -75,6 +75,8 @@ def get_config(arg=''):
   cfg.data.shuffle = True
   cfg.data.num_workers = 0
   cfg.data.drop_unreadable = True
+  cfg.data.ct_windows = [[40.0, 400.0], [-600.0, 1500.0], [400.0, 1800.0]]  # (level, width) HU
+  cfg.data.percentiles = [0.5, 99.5]  # for intensity='percentile'
 
   cfg.generate = ml_collections.ConfigDict()
   cfg.generate.max_new_tokens = 200
@@ -82,4 +84,28 @@ def get_config(arg=''):
   cfg.generate.temperature = 0.0      # 0 = greedy
   cfg.generate.top_k = 0
   cfg.generate.top_p = 1.0
+
+  cfg.train = ml_collections.ConfigDict()
+  cfg.train.steps = 1000
+  cfg.train.learning_rate = 1e-4
+  cfg.train.warmup_steps = 100
+  cfg.train.min_lr_ratio = 0.1        # cosine floor, as a fraction of learning_rate
+  cfg.train.b1 = 0.9
+  cfg.train.b2 = 0.999
+  cfg.train.eps = 1e-8
+  cfg.train.weight_decay = 0.0        # HF adamw_torch default; decays matmul kernels only
+  cfg.train.max_grad_norm = 1.0       # 0 = no clipping
+  cfg.train.grad_accum = 1            # microbatches per optimizer step
+  cfg.train.loss = 'mean'             # 'mean' = the original's returned loss | 'weighted'
+  cfg.train.freeze = ''               # comma list: vision, perceiver, fc, figure_tokens, llama, vision_tower, decoder
+  cfg.train.log_every = 10
+  cfg.train.eval_every = 0
+  cfg.train.eval_steps = 2
+  cfg.train.checkpoint_every = 500
+  cfg.train.keep_checkpoints = 2
+  cfg.train.async_checkpoint = True
+  cfg.train.peak_tflops = 0.0         # per device; 0 = from the device kind (MFU)
+  cfg.train.tensorboard = True
+  cfg.train.synthetic_images = 1      # synthetic batches (data.store == '')
+  cfg.train.synthetic_length = 0      # 0 = data.text_lengths[0]
   return cfg

@@ -109,18 +109,23 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None)
   devices = list(jax.devices() if devices is None else devices)
   ici, dcn = resolve_mesh_shape(mesh_cfg.ici, mesh_cfg.dcn, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if math.prod(dcn) > 1:
-    from jax.experimental import mesh_utils
-    granule = 'slice_index' if hasattr(devices[0], 'slice_index') else 'process_index'
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=(
-        granule == 'process_index'), allow_split_physical_axes=True)
+  from jax.experimental import mesh_utils
+  num_granules = math.prod(dcn)
+  granule_ids = {getattr(d, 'slice_index', d.process_index) for d in devices}
+  if num_granules > 1 and len(granule_ids) == num_granules:
+    # Real slices / nodes: ICI axes inside a granule, DCN axes across granules.
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=not hasattr(devices[0], 'slice_index'),
+        allow_split_physical_axes=True)
+  elif num_granules > 1:
+    # One host emulating several granules (tests): the same layout, dcn outermost on each axis.
+    grid = np.asarray(devices).reshape(dcn + ici)
+    grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape([d * i for d, i in zip(dcn, ici)])
   else:
-    shape = tuple(i * d for i, d in zip(ici, dcn))
     try:
-      from jax.experimental import mesh_utils
-      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
-      grid = np.asarray(devices).reshape(shape)
+      grid = np.asarray(devices).reshape(ici)
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 

@@ -1,0 +1,172 @@
+"""Prefill + KV-cache decoding: greedy by default, temperature / top-k / top-p sampling.
+
+    out = generate_ids(model, tokens, attention_mask, images, image_mask, max_new_tokens=200)
+
+Prompts are left-padded to a shared length bucket, so one compiled program serves every batch
+whose (batch, prompt bucket, image shape, max_new_tokens) match; the whole decode loop runs on
+device inside one `jax.jit` (a `lax.while_loop` that ends when every row has stopped).
+
+Positions are `cumsum(attention_mask) - 1`, as in HF `generate`; with no padding that is the
+original's `arange(L)`. Generation stops on any id in `stop_ids`: the default (2, 1) stops on
+`</s>` as well as the original's id 1 (a deliberate deviation; `stop_ids=(1,)` is exact parity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from radfm_jax.models.llama import KVCache
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 200
+  stop_ids: tuple[int, ...] = (2, 1)
+  temperature: float = 0.0      # 0 = greedy (the original decodes greedily)
+  top_k: int = 0                # 0 = no top-k filter
+  top_p: float = 1.0            # 1 = no nucleus filter
+
+  @classmethod
+  def from_config(cls, gen_cfg, **overrides) -> 'SamplingConfig':
+    fields = {f.name: getattr(gen_cfg, f.name) for f in dataclasses.fields(cls)}
+    fields.update(overrides)
+    fields['stop_ids'] = tuple(fields['stop_ids'])
+    return cls(**fields)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  """tokens: int32 [batch, max_new_tokens] (PAD_ID after a row stops; the stop id is kept);
+  lengths: int32 [batch] new tokens per row, the stop id included."""
+  tokens: np.ndarray
+  lengths: np.ndarray
+
+  def sequences(self) -> list[list[int]]:
+    return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def bucket_length(length: int, multiple: int = 64) -> int:
+  """Prompt-length bucket: the next multiple of `multiple` (bounds the number of compiles)."""
+  return max(multiple, -(-length // multiple) * multiple)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None, multiple: int = 64):
+  """Token lists -> (tokens int32 [batch, length], attention_mask int32 [batch, length]),
+  right-aligned so every prompt ends at the last column."""
+  longest = max(len(p) for p in prompts)
+  length = length or bucket_length(longest, multiple)
+  if longest > length:
+    raise ValueError(f'a prompt of {longest} tokens does not fit the length {length}')
+  tokens = np.full((len(prompts), length), PAD_ID, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):
+    if len(prompt):
+      tokens[row, length - len(prompt):] = prompt
+      mask[row, length - len(prompt):] = 1
+  return tokens, mask
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Top-k then nucleus (top-p) filtering of float32 logits [batch, vocab] (-inf outside)."""
+  neg_inf = jnp.finfo(logits.dtype).min
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, neg_inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff_index = jnp.sum(mass_before < top_p, axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, neg_inf, logits)
+  return logits
+
+
+def choose_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """float32 [batch, vocab] -> int32 [batch]."""
+  if sampling.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _decode_loop(graphdef, state, tokens, attention_mask, images, image_mask, rng, *,
+                 sampling: SamplingConfig):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = tokens.shape
+  max_new = sampling.max_new_tokens
+  cache_dtype = model.compute_dtype
+  cache = KVCache.zeros(model.cfg.llama, batch, prompt_len + max_new, cache_dtype)
+  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  embeds = model.embed_inputs(tokens, images, image_mask)
+  logits, cache = model.decode(embeds, positions, attention_mask, cache)
+  stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
+
+  def cond(carry):
+    step, _, _, done, _, _, _, _ = carry
+    return (step < max_new) & ~jnp.all(done)
+
+  def body(carry):
+    step, cache, logits, done, last_pos, out, rng, state = carry
+    # NNX variables are bound to the trace that made them, so the weights ride in the loop carry
+    # and the model is re-merged inside the body.
+    model = nnx.merge(graphdef, state)
+    rng, key = jax.random.split(rng)
+    token = jnp.where(done, PAD_ID, choose_token(logits, key, sampling))
+    out = out.at[:, step].set(token)
+    done = done | jnp.isin(token, stop_ids)
+    position = last_pos + 1
+    step_logits, cache = model.decode(model.llama.embed(token[:, None]), position[:, None],
+                                      jnp.ones((batch, 1), jnp.int32), cache)
+    return step + 1, cache, step_logits[:, -1], done, position, out, rng, state
+
+  out = jnp.full((batch, max_new), PAD_ID, jnp.int32)
+  carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
+           positions[:, -1], out, rng, state)
+  step, _, _, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
+  stopped = jnp.isin(out, stop_ids)
+  first_stop = jnp.argmax(stopped, axis=1)
+  lengths = jnp.where(stopped.any(axis=1), first_stop + 1, step)
+  return out, lengths
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_decode(graphdef, sampling: SamplingConfig):
+  # One jitted function per (model structure, sampling); jax.jit then caches one executable per
+  # input shape bucket.
+  return jax.jit(functools.partial(_decode_loop, graphdef, sampling=sampling))
+
+
+def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
+                 sampling: SamplingConfig | None = None, rng: jax.Array | None = None,
+                 **sampling_overrides) -> GenerateOutput:
+  """Generates for a left-padded batch.
+
+  tokens, attention_mask: int32 [batch, prompt_len] (left padding); images: float32
+  [batch, images, 3, H, W, D] or None; image_mask: bool [batch, images].
+  """
+  sampling = dataclasses.replace(sampling or SamplingConfig(), **sampling_overrides)
+  sampling = dataclasses.replace(sampling, stop_ids=tuple(sampling.stop_ids))
+  tokens = jnp.asarray(tokens, jnp.int32)
+  attention_mask = jnp.asarray(attention_mask, jnp.int32)
+  if np.any(np.asarray(attention_mask)[:, -1] == 0):
+    raise ValueError('attention_mask: expected left padding (every prompt ends at the last column)')
+  if images is not None:
+    images = jnp.asarray(images)
+    image_mask = (jnp.ones(images.shape[:2], bool) if image_mask is None
+                  else jnp.asarray(image_mask, bool))
+  graphdef, state = nnx.split(model)
+  rng = jax.random.key(0) if rng is None else rng
+  out, lengths = _compiled_decode(graphdef, sampling)(state, tokens, attention_mask, images,
+                                                      image_mask, rng)
+  return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths))
