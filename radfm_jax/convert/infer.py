@@ -42,6 +42,27 @@ def _heads(inner: int, head_dim: int | None, field: str) -> tuple[int, int]:
                     f'(head_dim {head_dim} or 64 do not divide it); pass a config with the head size')
 
 
+def _check_hf_features(hf: dict, hidden: int, heads: int):
+  """Our decoder is plain LLaMA-1/2 multi-head attention: refuse HF configs it cannot reproduce."""
+  problems = []
+  kv_heads = hf.get('num_key_value_heads')
+  if kv_heads not in (None, heads):
+    problems.append(f'grouped-query attention (num_key_value_heads {kv_heads} != {heads} heads)')
+  if hf.get('head_dim') not in (None, hidden // heads):
+    problems.append(f"head_dim {hf['head_dim']} != hidden_size / heads = {hidden // heads}")
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  if rope.get('rope_type', rope.get('type', 'default')) != 'default':
+    problems.append(f'rope scaling {rope}')
+  for flag in ('attention_bias', 'mlp_bias', 'tie_word_embeddings'):
+    if hf.get(flag):
+      problems.append(f'{flag}=true')
+  if hf.get('hidden_act', 'silu') != 'silu':
+    problems.append(f"hidden_act {hf['hidden_act']}")
+  if problems:
+    raise ConfigError('the HF LLaMA config uses features the RadFM decoder does not have: '
+                      + '; '.join(problems))
+
+
 def infer_llama(reader, prefix: str, base: LlamaConfig, heads: int | None = None,
                 hf_config: dict | None = None) -> LlamaConfig:
   """LlamaConfig from HF LLaMA keys under `prefix` ('' or 'lang_model.')."""
@@ -61,11 +82,17 @@ def infer_llama(reader, prefix: str, base: LlamaConfig, heads: int | None = None
       raise ConfigError(f'config field model.llama.num_heads: the checkpoint (hidden {hidden}) does '
                         'not say how many heads; pass --llama-heads or a config')
     heads = hidden // 128
+  _check_hf_features(hf, hidden, heads)
+  # transformers >= 5 nests rope_theta in `rope_parameters`; older configs keep it at the top level.
+  rope = dict(hf.get('rope_parameters') or {})
+  if 'rope_theta' in hf:
+    rope.setdefault('rope_theta', hf['rope_theta'])
   extra = {}
-  for ours, theirs in (('rms_norm_eps', 'rms_norm_eps'), ('rope_theta', 'rope_theta'),
-                       ('max_position_embeddings', 'max_position_embeddings')):
-    if theirs in hf and hf[theirs] is not None:
-      extra[ours] = type(getattr(base, ours))(hf[theirs])
+  for ours, value in (('rms_norm_eps', hf.get('rms_norm_eps')),
+                      ('rope_theta', rope.get('rope_theta')),
+                      ('max_position_embeddings', hf.get('max_position_embeddings'))):
+    if value is not None:
+      extra[ours] = type(getattr(base, ours))(value)
   return dataclasses.replace(base, vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
                              num_layers=len(layers), num_heads=heads, **extra)
 

@@ -1,0 +1,149 @@
+"""torch -> Orbax -> torch through the CLI, restoring onto a mesh, dtype casts, HF LLaMA import."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip('torch')
+sys.path.insert(0, os.path.dirname(__file__))
+
+from convert_fixtures import official_state_dict  # noqa: E402
+from radfm_jax.cli import main  # noqa: E402
+from radfm_jax.convert import api, engine, keymap  # noqa: E402
+from radfm_jax.models.radfm import create_model  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory, tiny_cfg):
+  """The tiny official state dict saved as .bin and converted through the CLI."""
+  root = tmp_path_factory.mktemp('convert')
+  sd = official_state_dict(tiny_cfg, seed=3)
+  torch.save(sd, root / 'pytorch_model.bin')
+  rc = main(['convert', 'from-torch', '--checkpoint', str(root / 'pytorch_model.bin'),
+             '--config', 'configs/radfm.py:model=tiny', '--out', str(root / 'ckpt')])
+  assert rc == 0
+  return root, sd
+
+
+def test_restore_values_and_sharding(converted, tiny_cfg):
+  root, sd = converted
+  model, cfg = api.load_checkpoint(str(root / 'ckpt'))
+  assert cfg == tiny_cfg
+  # placed with the model's NamedShardings over every device (8 fake CPU devices in the tests)
+  kernel = model.llama.layers.q.kernel[...]
+  assert kernel.sharding.mesh.size == len(jax.devices())
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', None, None)
+  # spot values through the official layout
+  inner = cfg.vision.heads * cfg.vision.head_dim
+  qkv = sd['embedding_layer.vision_encoder.transformer.layers.1.0.fn.to_qkv.weight'].numpy()
+  np.testing.assert_array_equal(np.asarray(model.vision.blocks.v.kernel[...])[1].reshape(48, inner),
+                                qkv[2 * inner:].T)
+  kv = sd['embedding_layer.perceiver.layers.0.0.to_kv.weight'].numpy()
+  pin = cfg.perceiver.heads * cfg.perceiver.head_dim
+  np.testing.assert_array_equal(np.asarray(model.perceiver.layers.k.kernel[...])[0].reshape(48, pin),
+                                kv[:pin].T)
+  np.testing.assert_array_equal(np.asarray(model.figure_tokens[...]),
+                                sd['embedding_layer.figure_token_weight'].numpy())
+  np.testing.assert_array_equal(np.asarray(model.llama.lm_head.kernel[...]),
+                                sd['lang_model.lm_head.weight'].numpy().T)
+  # the whole tree equals an in-memory load through the same table
+  ref = create_model(tiny_cfg, seed=9)
+  engine.load_state_dict(ref, keymap.radfm_table(), sd, skip=keymap.RADFM_SKIP)
+  got = engine.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  want = engine.flat_params(nnx.to_pure_dict(nnx.state(ref, nnx.Param)))
+  assert set(got) == set(want)
+  for path in want:
+    np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
+  with open(root / 'ckpt' / 'config.json') as f:
+    assert json.load(f)['model']['llama']['num_layers'] == tiny_cfg.llama.num_layers
+
+
+def test_restored_model_runs(converted, tiny_cfg):
+  root, _ = converted
+  model, cfg = api.load_checkpoint(str(root / 'ckpt'))
+  tokens = jnp.array([[1, 5, cfg.llama.vocab_size, cfg.image_token_offset, 7]])
+  images = jnp.ones((1, 1, 3, 32, 32, 8), jnp.float32) * 0.5
+  logits = model(tokens, images)
+  assert logits.shape == (1, 5, cfg.llama.vocab_size)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize('suffix', ['bin', 'safetensors'])
+def test_to_torch_bit_exact(converted, suffix):
+  root, sd = converted
+  out = root / f'back.{suffix}'
+  assert main(['convert', 'to-torch', '--checkpoint', str(root / 'ckpt'), '--out', str(out)]) == 0
+  if suffix == 'bin':
+    back = torch.load(out, weights_only=True)
+    # the shared embedding is one storage, as in the original model
+    assert back['embedding_layer.weight'].data_ptr() == \
+        back['lang_model.model.embed_tokens.weight'].data_ptr()
+    back = {k: v.numpy() for k, v in back.items()}
+  else:
+    from safetensors.numpy import load_file
+    back = load_file(str(out))
+  kept = {k for k in sd if not keymap.is_skipped(k, keymap.RADFM_SKIP)}
+  assert set(back) == kept                             # no dead-branch keys, alias included
+  for key in kept:
+    assert back[key].dtype == np.float32, key
+    np.testing.assert_array_equal(back[key], sd[key].numpy(), err_msg=key)
+
+
+def test_safetensors_input_and_bfloat16(tmp_path, tiny_cfg):
+  from safetensors.torch import save_file
+  sd = official_state_dict(tiny_cfg, seed=4, keep_dead=False)
+  # safetensors refuses shared storage: drop the alias (it is optional when reading)
+  save_file({k: v.contiguous() for k, v in sd.items() if k != 'embedding_layer.weight'},
+            str(tmp_path / 'model.safetensors'))
+  cfg = api.from_torch(str(tmp_path / 'model.safetensors'), str(tmp_path / 'ck'), tiny_cfg,
+                       dtype='bfloat16')
+  assert cfg.param_dtype == 'bfloat16'
+  leaf = api.store.LeafReader(str(tmp_path / 'ck'), cfg)
+  gate = leaf('llama/layers/gate/kernel')
+  assert gate.dtype == jnp.bfloat16
+  want = sd['lang_model.model.layers.1.mlp.gate_proj.weight'].numpy().T.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(gate[1], want)
+  api.to_torch(str(tmp_path / 'ck'), str(tmp_path / 'back.bin'))
+  back = torch.load(tmp_path / 'back.bin', weights_only=True)
+  assert back['lang_model.lm_head.weight'].dtype == torch.bfloat16
+  np.testing.assert_array_equal(back['lang_model.lm_head.weight'].float().numpy(),
+                                sd['lang_model.lm_head.weight'].to(torch.bfloat16).float().numpy())
+
+
+def test_from_hf_llama(tmp_path, tiny_cfg):
+  transformers = pytest.importorskip('transformers')
+  torch.manual_seed(0)
+  hf_cfg = transformers.LlamaConfig(
+      hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+      intermediate_size=96, vocab_size=300, rms_norm_eps=1e-5, rope_theta=5000.0,
+      max_position_embeddings=256, tie_word_embeddings=False, attn_implementation='eager')
+  hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+  hf.save_pretrained(tmp_path / 'hf', safe_serialization=True, max_shard_size='100KB')
+  assert len([f for f in os.listdir(tmp_path / 'hf') if f.endswith('.safetensors')]) > 1
+  rc = main(['convert', 'from-hf-llama', '--hf', str(tmp_path / 'hf'), '--config',
+             'configs/radfm.py:model=tiny', '--out', str(tmp_path / 'ck'), '--seed', '5'])
+  assert rc == 0
+  model, cfg = api.load_checkpoint(str(tmp_path / 'ck'))
+  l = cfg.llama
+  assert (l.num_layers, l.num_heads, l.vocab_size, l.intermediate_size) == (3, 2, 300, 96)
+  assert (l.rms_norm_eps, l.rope_theta, l.max_position_embeddings) == (1e-5, 5000.0, 256)
+  assert cfg.vision == tiny_cfg.vision
+  # decoder: HF logits
+  ids = np.random.default_rng(0).integers(0, 300, size=(1, 9))
+  with torch.no_grad():
+    ref = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+  logits, _ = model.llama(model.llama.embed(jnp.asarray(ids)), jnp.arange(9)[None],
+                          jnp.ones((1, 9), jnp.int32))
+  np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=1e-4)
+  # towers: exactly what create_model(cfg, seed) draws
+  fresh = create_model(cfg, seed=5)
+  for a, b in [(model.vision.blocks.q.kernel, fresh.vision.blocks.q.kernel),
+               (model.perceiver.latents, fresh.perceiver.latents),
+               (model.fc.kernel, fresh.fc.kernel), (model.figure_tokens, fresh.figure_tokens)]:
+    np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
