@@ -1,0 +1,214 @@
+"""Golden tests from the reference (sections 2-5) and an independent numpy reference of the vision
+tower and Perceiver written from the spec (exact-erf GELU, LN eps 1e-5, keys from media+latents)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.special import erf
+
+from radfm_jax.config import VisionConfig, model_config
+from radfm_jax.models.radfm import abstract_model, count_params, create_model, splice_image_tokens
+from radfm_jax.models.vit3d import ViT3D, patchify, position_rows
+
+# Reference section 2: input H x W x D -> rows used in the (row/col, depth) tables of the official
+# ViT (16 row/col entries, 128 depth entries).
+POSITION_TABLE = [
+    ((512, 512, 4), list(range(16)), [127]),
+    ((512, 512, 8), list(range(16)), [63, 127]),
+    ((256, 256, 4), list(range(1, 16, 2)), [127]),
+    ((256, 256, 32), list(range(1, 16, 2)), list(range(15, 128, 16))),
+    ((256, 256, 64), list(range(1, 16, 2)), list(range(7, 128, 8))),
+    ((512, 512, 64), list(range(16)), list(range(7, 128, 8))),
+    ((256, 256, 12), list(range(1, 16, 2)), [41, 83, 125]),
+]
+
+
+@pytest.mark.parametrize('shape,hw_rows,depth_rows', POSITION_TABLE)
+def test_position_rows_match_reference_table(shape, hw_rows, depth_rows):
+  h, w, d = shape
+  assert position_rows(h // 32, 16).tolist() == hw_rows
+  assert position_rows(w // 32, 16).tolist() == hw_rows
+  assert position_rows(d // 4, 128).tolist() == depth_rows
+
+
+def test_position_embedding_uses_strided_rows_in_hwd_order():
+  cfg = VisionConfig(dim=12, depth=1, heads=2, head_dim=4, mlp_dim=8)
+  with nnx.use_eager_sharding(False):
+    vit = ViT3D(cfg, rngs=nnx.Rngs(0))
+  pos = np.asarray(vit.position_embedding(8, 8, 3))           # a 256 x 256 x 12 input
+  row, col, dep = (np.asarray(t[...]) for t in (vit.pos_row, vit.pos_col, vit.pos_dep))
+  rows_hw, rows_d = list(range(1, 16, 2)), [41, 83, 125]
+  for token, (a, b, c) in enumerate(np.ndindex(8, 8, 3)):     # d fastest
+    want = np.concatenate([row[rows_hw[a]], col[rows_hw[b]], dep[rows_d[c]]])
+    np.testing.assert_array_equal(pos[token], want)
+  with pytest.raises(ValueError, match='exceed the position table'):
+    position_rows(17, 16)
+
+
+def test_patch_flatten_order_is_p1_p2_pf_c():
+  c, h, w, d, p, pf = 3, 64, 32, 8, 16, 4
+  code = np.arange(c * h * w * d, dtype=np.int64).reshape(c, h, w, d)
+  patches = np.asarray(patchify(jnp.asarray(code[None]), p, pf))[0]
+  grid = (h // p, w // p, d // pf)
+  assert patches.shape == (np.prod(grid), p * p * pf * c)
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    a, b, f = (rng.integers(n) for n in grid)
+    p1, p2, q, ch = rng.integers(p), rng.integers(p), rng.integers(pf), rng.integers(c)
+    token = (a * grid[1] + b) * grid[2] + f                   # (h, w, d), d fastest
+    feature = ((p1 * p + p2) * pf + q) * c + ch              # (p1, p2, pf, c), c fastest
+    assert patches[token, feature] == code[ch, a * p + p1, b * p + p2, f * pf + q]
+
+
+def test_radfm_13b_parameter_count():
+  _, state = abstract_model(model_config('radfm_13b'))
+  assert count_params(state) == 13_123_822_336
+  assert state['llama']['embed_tokens'].shape == (32000, 5120)
+  assert model_config('radfm_13b').image_token_offset == 32002
+
+
+def test_splice_gather_equals_one_hot_matmul():
+  rng = np.random.default_rng(1)
+  vocab, e, n_img = 50, 8, 64
+  text = rng.normal(size=(vocab, e)).astype(np.float32)
+  figure = rng.normal(size=(2, e)).astype(np.float32)
+  images = rng.normal(size=(2, n_img, e)).astype(np.float32)
+  tokens = rng.integers(0, vocab + 2 + n_img, (2, 30)).astype(np.int32)
+  got = np.asarray(splice_image_tokens(jnp.asarray(tokens), jnp.asarray(text),
+                                       jnp.asarray(figure), jnp.asarray(images)))
+  for b in range(2):
+    table = np.concatenate([text, figure, images[b]])         # the original's per-sample table
+    one_hot = np.eye(len(table), dtype=np.float32)[tokens[b]]
+    np.testing.assert_array_equal(got[b], one_hot @ table)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy reference (from reference sections 2-4), run on the model's own weights
+
+
+def _ln(x, scale, bias, eps=1e-5):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _gelu(x):
+  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def _softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(-1, keepdims=True)
+
+
+def _mha(q_in, kv_in, wq, wk, wv):
+  q = np.einsum('te,ehd->htd', q_in, wq)
+  k = np.einsum('te,ehd->htd', kv_in, wk)
+  v = np.einsum('te,ehd->htd', kv_in, wv)
+  attn = _softmax(q @ k.transpose(0, 2, 1) * q.shape[-1] ** -0.5)
+  return np.einsum('hqk,hkd->qhd', attn, v)
+
+
+def _vit_ref(p, image, cfg):
+  c, h, w, d = image.shape
+  P, F = cfg.patch_size, cfg.frame_patch_size
+  x = image.reshape(c, h // P, P, w // P, P, d // F, F).transpose(1, 3, 5, 2, 4, 6, 0)
+  x = x.reshape((h // P) * (w // P) * (d // F), -1)
+  x = _ln(x, p['patch_norm_in']['scale'], p['patch_norm_in']['bias'])
+  x = x @ p['patch_proj']['kernel'] + p['patch_proj']['bias']
+  x = _ln(x, p['patch_norm_out']['scale'], p['patch_norm_out']['bias'])
+  rows = [position_rows(n, m) for n, m in zip((h // P, w // P, d // F), cfg.pos_rows)]
+  pos = [np.concatenate([p['pos_row'][i], p['pos_col'][j], p['pos_dep'][k]])
+         for i in rows[0] for j in rows[1] for k in rows[2]]
+  x = x + np.stack(pos)
+  blocks = p['blocks']
+  for l in range(cfg.depth):
+    b = jax.tree.map(lambda a: a[l], blocks)
+    y = _ln(x, b['attn_norm']['scale'], b['attn_norm']['bias'])
+    y = _mha(y, y, b['q']['kernel'], b['k']['kernel'], b['v']['kernel'])
+    x = x + np.einsum('thd,hde->te', y, b['out']['kernel']) + b['out']['bias']
+    y = _ln(x, b['mlp_norm']['scale'], b['mlp_norm']['bias'])
+    y = _gelu(y @ b['mlp_in']['kernel'] + b['mlp_in']['bias'])
+    x = x + y @ b['mlp_out']['kernel'] + b['mlp_out']['bias']
+  return x
+
+
+def _perceiver_ref(p, media, depth):
+  lat = p['latents']
+  for l in range(depth):
+    b = jax.tree.map(lambda a: a[l], p['layers'])
+    xm = _ln(media, b['norm_media']['scale'], b['norm_media']['bias'])
+    lt = _ln(lat, b['norm_latents']['scale'], b['norm_latents']['bias'])
+    y = _mha(lt, np.concatenate([xm, lt]), b['q']['kernel'], b['k']['kernel'], b['v']['kernel'])
+    lat = np.einsum('thd,hde->te', y, b['out']['kernel']) + lat
+    y = _ln(lat, b['ff_norm']['scale'], b['ff_norm']['bias'])
+    lat = _gelu(y @ b['ff_in']['kernel']) @ b['ff_out']['kernel'] + lat
+  return _ln(lat, p['norm']['scale'], p['norm']['bias'])
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  cfg = model_config('tiny')
+  model = create_model(cfg, seed=1)
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return cfg, model, params
+
+
+def test_vision_and_perceiver_match_numpy_reference(tiny):
+  cfg, model, params = tiny
+  images = np.random.default_rng(2).random((2, 1, 3, 64, 32, 12)).astype(np.float32)
+  got = np.asarray(model.encode_images(jnp.asarray(images)))        # [2, 32, hidden]
+  for i in range(2):
+    media = _vit_ref(params['vision'], images[i, 0].astype(np.float64), cfg.vision)
+    latents = _perceiver_ref(params['perceiver'], media, cfg.perceiver.depth)
+    want = latents @ params['fc']['kernel'] + params['fc']['bias']
+    np.testing.assert_allclose(got[i], want, rtol=2e-5, atol=2e-5)
+
+
+def _tokens_for(cfg, images_per_sample, length=100):
+  vocab = cfg.llama.vocab_size
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(3, vocab, (len(images_per_sample), length)).astype(np.int32)
+  places = {}
+  for b, n in enumerate(images_per_sample):
+    start = 2
+    for s in range(n):
+      block = [vocab] + [vocab + 2 + s * 32 + j for j in range(32)] + [vocab + 1]
+      tokens[b, start:start + len(block)] = block
+      places[(b, s)] = start + 1
+      start += len(block) + 3
+  return tokens, places
+
+
+def test_splice_places_image_k_tokens_at_its_placeholders(tiny):
+  cfg, model, params = tiny
+  vocab = cfg.llama.vocab_size
+  tokens, places = _tokens_for(cfg, [2, 1])
+  images = jax.random.uniform(jax.random.key(4), (2, 2, 3, 64, 64, 8))
+  image_mask = jnp.asarray([[True, True], [True, False]])
+  embeds = np.asarray(model.embed_inputs(jnp.asarray(tokens), images, image_mask))
+  image_tokens = np.asarray(model.encode_images(images, image_mask))  # [2, 64, hidden]
+  for (b, s), start in places.items():
+    np.testing.assert_array_equal(embeds[b, start:start + 32], image_tokens[b, s * 32:(s + 1) * 32])
+    np.testing.assert_array_equal(embeds[b, start - 1], params['figure_tokens'][0].astype(np.float32))
+    np.testing.assert_array_equal(embeds[b, start + 32], params['figure_tokens'][1].astype(np.float32))
+  text = tokens < vocab
+  np.testing.assert_array_equal(embeds[text],
+                                params['llama']['embed_tokens'][tokens[text]].astype(np.float32))
+
+
+def test_padding_images_are_never_referenced(tiny):
+  cfg, model, _ = tiny
+  tokens, _ = _tokens_for(cfg, [2, 1])
+  images = jax.random.uniform(jax.random.key(5), (2, 2, 3, 64, 64, 8))
+  image_mask = jnp.asarray([[True, True], [True, False]])
+  logits = model(jnp.asarray(tokens), images, image_mask=image_mask)
+  noisy = images.at[1, 1].set(jax.random.normal(jax.random.key(6), images.shape[2:]) * 100)
+  np.testing.assert_array_equal(np.asarray(logits),
+                                np.asarray(model(jnp.asarray(tokens), noisy, image_mask=image_mask)))
+  alone = model(jnp.asarray(tokens[1:]), images[1:, :1])                 # sample 1 with S = 1
+  np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
