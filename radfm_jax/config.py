@@ -134,6 +134,8 @@ class DataConfig:
   shuffle: bool = True
   num_workers: int = 0
   drop_unreadable: bool = True
+  ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0))
+  percentiles: tuple[float, float] = (0.5, 99.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +330,12 @@ def _validate_data(d: DataConfig, m: ModelConfig):
   _positive('data', d, 'batch_size_2d', 'batch_size_3d', 'max_images')
   if d.max_images > m.max_images:
     _fail('data.max_images', d.max_images, f'at most model.max_images={m.max_images}')
+  if not d.ct_windows or any(len(w) != 2 or w[1] <= 0 for w in d.ct_windows):
+    _fail('data.ct_windows', d.ct_windows, '(level, width) pairs with width > 0')
+  if d.intensity == 'ct_windows3' and len(d.ct_windows) < 3:
+    _fail('data.ct_windows', d.ct_windows, "three (level, width) windows for intensity='ct_windows3'")
+  if len(d.percentiles) != 2 or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100:
+    _fail('data.percentiles', d.percentiles, '(low, high) with 0 <= low < high <= 100')
   for length in d.text_lengths:
     if length <= 0 or length > m.llama.max_position_embeddings:
       _fail('data.text_lengths', list(d.text_lengths),

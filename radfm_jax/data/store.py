@@ -185,21 +185,37 @@ class VolumeStore:
     """Writes [(scan id, array [C, H, W, D], attributes)] in one transaction, then indexes them.
 
     The arrays become visible only when the transaction commits, so an interrupted batch leaves
-    no partial array; an id already present is overwritten (`delete_existing`), which makes a
-    re-run after a crash between commit and index update idempotent.
+    no partial array; an id already present is overwritten, which makes a re-run after a crash
+    between commit and index update idempotent.
     """
     if not items:
       return []
     os.makedirs(self.root, exist_ok=True)
+    try:
+      rows = self._write_transaction(items, overwrite=False)
+    except ValueError as e:
+      if 'already exists' not in str(e) and 'ALREADY_EXISTS' not in str(e):
+        raise
+      # An id already in the database (a re-run after a crash between commit and index update,
+      # or a deliberate rewrite): redo the batch replacing old arrays. Kept off the normal path
+      # because `delete_existing` makes OCDBT write one data file per array.
+      rows = self._write_transaction(items, overwrite=True)
+    index = self.index()
+    for row in rows:
+      index[row['id']] = row
+    write_jsonl(self.scans_path, index.values())
+    return rows
+
+  def _write_transaction(self, items, overwrite: bool) -> list[dict]:
     txn = ts.Transaction()
     futures, rows = [], []
     for scan_id, array, attributes in items:
       if array.ndim != 4:
-        raise ValueError(f'scan {scan_id}: expected [C, H, W, D], got shape {array.shape}')
+        raise TypeError(f'scan {scan_id}: expected [C, H, W, D], got shape {array.shape}')
       dtype = storable_dtype(array.dtype)
       attrs = dict(attributes, axes=AXES)
       spec = _array_spec(self.kvstore, scan_id, array.shape, dtype, attrs)
-      arr = ts.open(spec, create=True, delete_existing=True, context=self._context(),
+      arr = ts.open(spec, create=True, delete_existing=overwrite, context=self._context(),
                     transaction=txn).result()
       futures.append(arr.write(np.ascontiguousarray(array, dtype=dtype)))
       rows.append({'id': scan_id, 'shape': list(array.shape), 'dtype': dtype.name,
@@ -207,10 +223,6 @@ class VolumeStore:
     for f in futures:
       f.result()
     txn.commit_async().result()
-    index = self.index()
-    for row in rows:
-      index[row['id']] = row
-    write_jsonl(self.scans_path, index.values())
     return rows
 
   # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,288 @@
+"""Grain pipeline: manifest -> shape buckets -> host-sharded static-shape batches.
+
+    stats = PipelineStats()
+    ds = make_dataset(cfg.data, cfg.model, VolumeStore('STORE'), Tokenizer('tok.model'), seed=0,
+                      stats=stats)
+    it = iter(ds); batch = next(it)          # it.get_state() / it.set_state(state) to resume
+
+Every batch is one dict with exactly these keys (the model and the train step take it unchanged):
+
+    images          float32 [B, S, 3, H, W, D]  values in [0, 1]; zeros where image_mask is False
+    image_mask      bool    [B, S]              True on real images
+    tokens          int32   [B, L]              BOS + text, EOS after the last real token, pad 0
+    attention_mask  int32   [B, L]              1 on real tokens (0 on the EOS and on padding)
+    labels          int32   [B, L]              -100 on question, pad and image ids
+    loss_weights    float32 [B, L]              1.0 where labels != -100
+
+B is the per-host batch size of the bucket (`batch_size_2d` for samples whose images are all 2D,
+`batch_size_3d` otherwise). A row can be *empty* (all-zero tokens, masks and weights): the last
+batch of a bucket is padded this way, and a sample whose scan cannot be read is dropped to an
+empty row (counted in `PipelineStats.skipped`, never replaced by noise). Empty rows keep shapes
+static and keep every host on the same step, so the loss must divide by max(sum(weights), 1).
+
+Bucketing. A sample's bucket (kind, H, W, D, S, L) is computed from the manifest alone (image
+shapes are recorded at ingest) and the tokenized text length: (H, W, D) by the RadFM rules
+(transforms.sample_shape), S = image count rounded up to a power of two (capped at
+`max_images`), L = the smallest `text_lengths` entry holding the text + EOS (longer texts are
+truncated to the largest). Per epoch, with a seeded RNG, each bucket's samples are shuffled and
+cut into *global* batches of B * process_count, the global batch order is shuffled, and host p
+takes rows [p*B, (p+1)*B) of each: hosts read disjoint samples yet always agree on the bucket,
+so `jax.make_array_from_process_local_data` can assemble the global batch. The dataset is a
+`MapDataset` over global batch indices, so Grain's iterator state (one integer) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from radfm_jax.data import prompts, transforms
+from radfm_jax.data.store import VolumeStore
+from radfm_jax.data.tokenizer import IGNORE, Tokenizer
+
+BATCH_KEYS = ('images', 'image_mask', 'tokens', 'attention_mask', 'labels', 'loss_weights')
+_SKIPPED = '_skipped'   # carried from the workers to the main process, removed before yielding
+
+
+@dataclasses.dataclass
+class PipelineStats:
+  """Counts kept in the main process (also with worker processes)."""
+  batches: int = 0
+  samples: int = 0
+  empty_rows: int = 0
+  skipped: list[dict] = dataclasses.field(default_factory=list)   # {'sample_id','scan_id','reason'}
+
+  def as_dict(self) -> dict:
+    return {'batches': self.batches, 'samples': self.samples, 'empty_rows': self.empty_rows,
+            'skipped': len(self.skipped)}
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketKey:
+  kind: str        # '2d' (every image has depth 1) or '3d'
+  height: int
+  width: int
+  depth: int
+  images: int      # S
+  length: int      # L
+
+
+def _image_slots(n: int, max_images: int) -> int:
+  s = 1
+  while s < n:
+    s *= 2
+  return min(s, max_images)
+
+
+def _text_length(n: int, lengths: Sequence[int]) -> int:
+  for length in sorted(lengths):
+    if n <= length:
+      return length
+  return max(lengths)
+
+
+class BatchPlan:
+  """Deterministic per-epoch batch lists; the same on every host, in every worker process."""
+
+  def __init__(self, records: list[dict], data_cfg, tokenizer: Tokenizer, num_latents: int,
+               seed: int, process_index: int, process_count: int):
+    self.data_cfg = data_cfg
+    self.seed = seed
+    self.process_index, self.process_count = process_index, process_count
+    self.keys: list[BucketKey] = []
+    self.texts: list[tuple[str, str]] = []
+    for rec in records:
+      q, a, n_img = prompts.format_sample(rec, num_latents, data_cfg.max_images)
+      self.texts.append((q, a))
+      depths = [int(im['shape'][3]) for im in rec.get('images', [])[:n_img]]
+      kind = '3d' if any(d > 1 for d in depths) else '2d'
+      h, w, d = transforms.sample_shape(depths, data_cfg, self.batch_size(kind))
+      length = _text_length(tokenizer.example_length(q, a), data_cfg.text_lengths)
+      self.keys.append(BucketKey(kind, h, w, d, _image_slots(max(n_img, 1), data_cfg.max_images),
+                                 length))
+    self.buckets: dict[BucketKey, list[int]] = collections.defaultdict(list)
+    for i, key in enumerate(self.keys):
+      self.buckets[key].append(i)
+    self.num_batches = sum(math.ceil(len(v) / (self.batch_size(k.kind) * process_count))
+                           for k, v in self.buckets.items())
+    self._cache: collections.OrderedDict[int, list] = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  # Worker processes get a pickled copy: drop the lock and the epoch cache, rebuild them there.
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ('_cache', '_lock')}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._cache = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def batch_size(self, kind: str) -> int:
+    return self.data_cfg.batch_size_3d if kind == '3d' else self.data_cfg.batch_size_2d
+
+  def epoch(self, epoch: int) -> list[tuple[BucketKey, list[int]]]:
+    """This host's batches of `epoch`: (bucket, sample indices; -1 = empty row)."""
+    with self._lock:
+      if epoch in self._cache:
+        return self._cache[epoch]
+    rng = np.random.default_rng([self.seed, epoch])
+    shuffle = self.data_cfg.shuffle
+    global_batches = []
+    for key in sorted(self.buckets, key=dataclasses.astuple):
+      idx = np.asarray(self.buckets[key])
+      if shuffle:
+        idx = rng.permutation(idx)
+      bs = self.batch_size(key.kind)
+      g = bs * self.process_count
+      padded = np.full(math.ceil(len(idx) / g) * g, -1)
+      padded[:len(idx)] = idx
+      for start in range(0, len(padded), g):
+        rows = padded[start + self.process_index * bs: start + (self.process_index + 1) * bs]
+        global_batches.append((key, [int(r) for r in rows]))
+    if shuffle:
+      global_batches = [global_batches[i] for i in rng.permutation(len(global_batches))]
+    with self._lock:
+      self._cache[epoch] = global_batches
+      while len(self._cache) > 2:
+        self._cache.popitem(last=False)
+    return global_batches
+
+
+class BatchLoader:
+  """Global batch index -> batch dict (runs in Grain threads / worker processes; picklable)."""
+
+  def __init__(self, plan: BatchPlan, records: list[dict], store: VolumeStore,
+               tokenizer: Tokenizer, data_cfg):
+    self.plan, self.records, self.store = plan, records, store
+    self.tokenizer, self.data_cfg = tokenizer, data_cfg
+
+  def _read(self, image: dict) -> np.ndarray:
+    array = self.store.read(image['id'])
+    if list(array.shape) != list(image['shape']):
+      raise ValueError(f'stored shape {list(array.shape)} != manifest {image["shape"]}')
+    return array
+
+  def __call__(self, index: int, _=None) -> dict[str, Any]:
+    epoch, j = divmod(int(index), self.plan.num_batches)
+    key, rows = self.plan.epoch(epoch)[j]
+    b, length = len(rows), key.length
+    batch = {
+        'images': np.zeros((b, key.images, 3, key.height, key.width, key.depth), np.float32),
+        'image_mask': np.zeros((b, key.images), bool),
+        'tokens': np.zeros((b, length), np.int32),
+        'attention_mask': np.zeros((b, length), np.int32),
+        'labels': np.full((b, length), IGNORE, np.int32),
+        'loss_weights': np.zeros((b, length), np.float32),
+        _SKIPPED: [],
+    }
+    for r, sample in enumerate(rows):
+      if sample < 0:
+        continue
+      rec = self.records[sample]
+      images = rec.get('images', [])[:self.data_cfg.max_images]
+      try:
+        arrays = [self._read(im) for im in images]
+      except Exception as e:  # unreadable at train time: count it, leave the row empty
+        if not self.data_cfg.drop_unreadable:
+          raise
+        bad = next((im['id'] for im in images if not self._readable(im)), None)
+        batch[_SKIPPED].append({'sample_id': rec.get('id', sample), 'scan_id': bad,
+                                'reason': f'{type(e).__name__}: {e}'})
+        continue
+      if arrays:
+        transforms.prepare_images(arrays, [im.get('modality', '') for im in images],
+                                  (key.height, key.width, key.depth), self.data_cfg,
+                                  out=batch['images'][r])
+        batch['image_mask'][r, :len(arrays)] = True
+      q, a = self.plan.texts[sample]
+      ex = self.tokenizer.build_example(q, a, length)
+      for name in ('tokens', 'attention_mask', 'labels', 'loss_weights'):
+        batch[name][r] = ex[name]
+    return batch
+
+  def _readable(self, image: dict) -> bool:
+    try:
+      self._read(image)
+      return True
+    except Exception:
+      return False
+
+
+class _StatsSink:
+  """Main-process map: moves the skip records into PipelineStats and drops the private key."""
+
+  def __init__(self, stats: PipelineStats):
+    self.stats = stats
+
+  def __call__(self, batch: dict) -> dict:
+    skipped = batch.pop(_SKIPPED, [])
+    self.stats.skipped.extend(skipped)
+    self.stats.batches += 1
+    real = int(batch['attention_mask'].any(axis=1).sum())
+    self.stats.samples += real
+    self.stats.empty_rows += batch['tokens'].shape[0] - real
+    return batch
+
+
+def _mark_flags_parsed():
+  # grain<=0.2.18 workers read absl flags and die with UnparsedFlagAccessError when the host
+  # program never called absl.app.run (google/grain#1355).
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def load_records(store: VolumeStore, split: str | None = None) -> list[dict]:
+  records = store.manifest()
+  if split is not None:
+    records = [r for r in records if r.get('split', 'train') == split]
+  return records
+
+
+def make_dataset(data_cfg, model_cfg, store: VolumeStore | str, tokenizer: Tokenizer, *,
+                 seed: int = 0, split: str | None = None, process_index: int | None = None,
+                 process_count: int | None = None, num_epochs: int | None = None,
+                 stats: PipelineStats | None = None, num_threads: int = 2,
+                 prefetch: int = 2, records: list[dict] | None = None) -> grain.IterDataset:
+  """The training IterDataset over `store`'s manifest (records with `split`, if given).
+
+  `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
+  `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
+  unless given. The returned dataset has `.stats` (the PipelineStats) and `.plan` attributes.
+  """
+  if isinstance(store, str):
+    store = VolumeStore(store)
+  if tokenizer.vocab_size != model_cfg.llama.vocab_size:
+    raise ValueError(f'tokenizer has {tokenizer.vocab_size} pieces but model.llama.vocab_size is '
+                     f'{model_cfg.llama.vocab_size}: the image ids would not match the model')
+  num_latents = model_cfg.perceiver.num_latents
+  if tokenizer.num_latents != num_latents:
+    raise ValueError(f'tokenizer num_latents={tokenizer.num_latents} != model '
+                     f'perceiver.num_latents={num_latents}')
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} outside [0, {process_count})')
+  records = load_records(store, split) if records is None else records
+  if not records:
+    raise ValueError(f'no samples in {store.manifest_path} (split={split!r})')
+  stats = stats if stats is not None else PipelineStats()
+  plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count)
+  loader = BatchLoader(plan, records, store, tokenizer, data_cfg)
+  ds = grain.MapDataset.range(plan.num_batches).repeat(num_epochs).map_with_index(loader)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                               prefetch_buffer_size=prefetch))
+  if data_cfg.num_workers > 0:
+    _mark_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+  it_ds = it_ds.map(_StatsSink(stats))
+  it_ds.stats = stats
+  it_ds.plan = plan
+  return it_ds

@@ -1,0 +1,211 @@
+"""Intensity policies, RadFM shape buckets and resizing for stored scans.
+
+Arrays here are [C, H, W, D] (the VolumeStore layout, C in {1, 3}); a prepared sample is
+[S, 3, H, W, D] float32 in [0, 1].
+
+Intensity policies (`DataConfig.intensity`):
+  * `radfm`       the original: min-max over **all images of the sample together** (reference
+                  11.1), grey replicated to 3 channels. One exception keeps 2D parity: when every
+                  image of the sample is 8-bit (PNG/JPEG), the original's `ToTensor` divided by
+                  255 instead, so that is done here too.
+  * `ct_window`   CT images: clip to one HU window `ct_windows[0]` = (level, width), scale to
+                  [0, 1], replicate to 3 channels.
+  * `ct_windows3` CT images: the first three `ct_windows` as the R, G, B channels.
+  * `percentile`  per image: clip to the `percentiles` (low, high) of its values, scale to [0, 1].
+  For the CT policies, images whose modality is not CT fall back to per-image min-max.
+
+Statistics (min, max, percentiles) come from the full-resolution scan; the affine map to [0, 1]
+is applied after resizing, which is exact for `nearest` (a gather commutes with any pointwise
+map) and for min-max with trilinear (an affine map commutes with interpolation).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+POLICIES = ('radfm', 'ct_window', 'ct_windows3', 'percentile')
+
+
+# ------------------------------------------------------------------------------------------------
+# Shape buckets (reference 11.2 / 11.3)
+
+
+def depth_bucket(depth: int, buckets: Sequence[int]) -> int:
+  """The RadFM depth bucket: nearest bucket to max(buckets[0], depth); ties to the smaller one.
+
+  A bucket only wins when it is strictly closer than every earlier one, so 6 -> 4 (tie between 4
+  and 8) and anything above the largest bucket maps to the largest.
+  """
+  depth = max(buckets[0], depth)
+  best = buckets[0]
+  for b in buckets[1:]:
+    if abs(b - depth) < abs(best - depth):
+      best = b
+  return best
+
+
+def sample_shape(depths: Sequence[int], data_cfg, batch_size: int) -> tuple[int, int, int]:
+  """Target (H, W, D) for a sample whose images have `depths`, batched `batch_size` per step.
+
+  As the original collator: a batch of one sample with more than 6 images uses depths <= 32, and
+  a batch of one sample whose depth bucket is above the smallest goes to the reduced
+  `image_size_3d_single` (256 in RadFM) in-plane size; everything else is `image_size_2d`.
+  """
+  buckets = list(data_cfg.depth_buckets)
+  if batch_size == 1 and len(depths) > 6:
+    buckets = [b for b in buckets if b <= 32] or buckets[:1]
+  d = depth_bucket(max(depths) if depths else 1, buckets)
+  size = (data_cfg.image_size_3d_single if batch_size == 1 and d > buckets[0]
+          else data_cfg.image_size_2d)
+  return size, size, d
+
+
+# ------------------------------------------------------------------------------------------------
+# Resizing
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """PyTorch legacy `nearest` source indices: floor(dst * (in / out)) in float32, clamped.
+
+  The scale is computed in float32 exactly as ATen's CPU kernel does, so indices match it
+  bit for bit (10 -> 4 picks 0, 2, 5, 7; `jax.image.resize` would pick 1, 3, 6, 8).
+  """
+  if n_in == n_out:
+    return np.arange(n_out)
+  if n_out == 2 * n_in:
+    return np.arange(n_out) >> 1
+  scale = np.float32(n_in) / np.float32(n_out)
+  idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(idx, n_in - 1)
+
+
+def _linear_weights(n_in: int, n_out: int):
+  """Half-pixel (align_corners=False) linear interpolation: (i0, i1, w1) per output index."""
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+  src = np.maximum(src, np.float32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  return i0, i1, (src - i0).astype(np.float32)
+
+
+def resize(x: np.ndarray, shape: Sequence[int], mode: str = 'nearest') -> np.ndarray:
+  """[C, H, W, D] -> [C, *shape]; `nearest` keeps the dtype, `trilinear` returns float32.
+
+  `trilinear` is separable linear interpolation with half-pixel centres and no antialiasing,
+  i.e. `F.interpolate(mode='trilinear', align_corners=False)`.
+  """
+  shape = tuple(int(s) for s in shape)
+  if x.shape[1:] == shape:
+    return x
+  if mode == 'nearest':
+    idx = [np.arange(x.shape[0])] + [nearest_indices(n, m) for n, m in zip(x.shape[1:], shape)]
+    return x[np.ix_(*idx)]
+  if mode != 'trilinear':
+    raise ValueError(f"resize mode {mode!r}: expected 'nearest' or 'trilinear'")
+  out = x.astype(np.float32, copy=False)
+  for axis, n_out in zip((1, 2, 3), shape):
+    n_in = out.shape[axis]
+    if n_in == n_out:
+      continue
+    i0, i1, w1 = _linear_weights(n_in, n_out)
+    bshape = [1, 1, 1, 1]
+    bshape[axis] = n_out
+    w1 = w1.reshape(bshape)
+    a, b = np.take(out, i0, axis=axis), np.take(out, i1, axis=axis)
+    out = a + (b - a) * w1
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Intensity
+
+
+def _is_ct(modality: str) -> bool:
+  return str(modality or '').upper() == 'CT'
+
+
+def _subsample(x: np.ndarray, limit: int = 1 << 20) -> np.ndarray:
+  """A deterministic strided subset (percentiles of 1M voxels are within noise of the full set)."""
+  flat = x.reshape(-1)
+  step = max(1, flat.size // limit)
+  return flat[::step]
+
+
+def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy: str,
+                 ct_windows=((40.0, 400.0),), percentiles=(0.5, 99.5)):
+  """Per image, the 3 output channels as (source channel, low, high, clip).
+
+  output channel = (x[source] - low) / (high - low), clipped to [0, 1] when `clip`.
+  """
+  if policy not in POLICIES:
+    raise ValueError(f'intensity policy {policy!r}: expected one of {POLICIES}')
+
+  def gray_or_rgb(x, lo, hi, clip):
+    return [(c if x.shape[0] == 3 else 0, lo, hi, clip) for c in range(3)]
+
+  def minmax(x):
+    return gray_or_rgb(x, float(x.min()), float(x.max()), False)
+
+  maps = []
+  if policy == 'radfm':
+    if images and all(x.dtype == np.uint8 for x in images):
+      lo, hi = 0.0, 255.0                    # ToTensor parity for 8-bit 2D images
+    elif images:
+      lo = min(float(x.min()) for x in images)
+      hi = max(float(x.max()) for x in images)
+    for x in images:
+      maps.append(gray_or_rgb(x, lo, hi, False))
+    return maps
+  for x, modality in zip(images, modalities):
+    if policy in ('ct_window', 'ct_windows3') and _is_ct(modality):
+      windows = [ct_windows[0]] * 3 if policy == 'ct_window' else list(ct_windows[:3])
+      if len(windows) < 3:
+        raise ValueError(f'ct_windows3 needs three (level, width) windows, got {ct_windows}')
+      maps.append([(0, lv - w / 2, lv + w / 2, True) for lv, w in windows])
+    elif policy == 'percentile':
+      chans = []
+      for c in range(3):
+        src = c if x.shape[0] == 3 else 0
+        lo, hi = np.percentile(_subsample(x[src]), percentiles)
+        chans.append((src, float(lo), float(hi), True))
+      maps.append(chans)
+    else:
+      maps.append(minmax(x))
+  return maps
+
+
+def apply_map(x: np.ndarray, chan_map, out: np.ndarray):
+  """Writes the 3 mapped channels of x [C, H, W, D] into out [3, H, W, D] (float32)."""
+  cache = {}
+  for c, (src, lo, hi, clip) in enumerate(chan_map):
+    key = (src, lo, hi, clip)
+    if key in cache:                         # grey -> RGB: compute once, copy twice
+      out[c] = out[cache[key]]
+      continue
+    cache[key] = c
+    scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
+    np.subtract(x[src], np.float32(lo), out=out[c], dtype=np.float32, casting='unsafe')
+    np.multiply(out[c], scale, out=out[c])
+    if clip:
+      np.clip(out[c], 0.0, 1.0, out=out[c])
+
+
+def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
+                   shape: Sequence[int], data_cfg, out: np.ndarray | None = None) -> np.ndarray:
+  """Raw scans [C, h, w, d] (one per image) -> [S, 3, H, W, D] float32 in [0, 1].
+
+  `out` (if given) is a preallocated [>=S, 3, H, W, D] buffer filled in place, so the collator
+  writes each image straight into the batch.
+  """
+  h, w, d = (int(v) for v in shape)
+  if out is None:
+    out = np.zeros((len(images), 3, h, w, d), np.float32)
+  maps = channel_maps(images, modalities, data_cfg.intensity,
+                      getattr(data_cfg, 'ct_windows', ((40.0, 400.0),)),
+                      getattr(data_cfg, 'percentiles', (0.5, 99.5)))
+  for s, (x, chan_map) in enumerate(zip(images, maps)):
+    apply_map(resize(x, (h, w, d), data_cfg.resize), chan_map, out[s])
+  return out

@@ -1,0 +1,121 @@
+"""Shared builders for the data tests: tiny scans of every input kind, a tokenizer, configs.
+
+Imported by tests/test_data_*.py (pytest puts tests/ on sys.path); nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+
+from radfm_jax.config import DataConfig, model_config
+
+CORPUS = [
+    'What is the modality of this scan?', 'The image shows a nodule in the left lung.',
+    'Is there evidence of pneumonia?', 'Yes', 'No', 'Findings: normal chest. Impression: none.',
+    'Can you describe the abnormality seen in the brain MRI?', 'A large mass with oedema.',
+    'CT of the abdomen shows free fluid and 3 cysts of 12 mm.',
+] * 40
+
+
+@functools.lru_cache(maxsize=None)
+def spm_proto(vocab_size: int = 512) -> bytes:
+  from radfm_jax.data.tokenizer import train_sentencepiece
+  return train_sentencepiece(CORPUS, vocab_size=vocab_size)
+
+
+def tokenizer(max_images: int = 100, num_latents: int = 32):
+  from radfm_jax.data.tokenizer import Tokenizer
+  return Tokenizer(spm_proto(), max_images=max_images, num_latents=num_latents)
+
+
+def tiny_model():
+  return model_config('tiny')
+
+
+def data_config(**overrides) -> DataConfig:
+  """Tiny shapes: 2D -> 32x32x4, single 3D -> 16x16xD, depth buckets {4, 8, 12, 16}."""
+  base = dict(image_size_2d=32, image_size_3d_single=16, depth_buckets=(4, 8, 12, 16),
+              batch_size_2d=2, batch_size_3d=1, text_lengths=(128, 256, 512), max_images=4)
+  base.update(overrides)
+  return DataConfig(**base)
+
+
+def ras_affine(spacing=(1.0, 1.0, 2.0), flip_xy=False):
+  aff = np.diag(list(spacing) + [1.0])
+  if flip_xy:
+    aff[0, 0], aff[1, 1] = -spacing[0], -spacing[1]
+  return aff
+
+
+def write_nifti(path, data, affine=None):
+  import nibabel as nib
+  affine = ras_affine() if affine is None else affine
+  img = nib.Nifti1Image(data, affine)
+  img.header.set_xyzt_units('mm', 'sec')
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  nib.save(img, str(path))
+  return str(path)
+
+
+def ct_volume(shape=(20, 18, 10), seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(0, 300, shape)).astype(np.int16)
+
+
+def write_dicom_series(folder, volume, spacing=(0.8, 0.7), thickness=2.5, slope=1.0,
+                       intercept=-1024.0, shuffle_files=True):
+  """volume [rows, cols, slices] (stored values) -> one axial DICOM file per slice (LPS frame)."""
+  import pydicom
+  from pydicom.dataset import FileDataset, FileMetaDataset
+  from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+  os.makedirs(folder, exist_ok=True)
+  series_uid = generate_uid()
+  n = volume.shape[2]
+  order = list(range(n))
+  if shuffle_files:
+    order = list(np.random.default_rng(1).permutation(n))
+  for file_no, k in enumerate(order):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b'\0' * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = 'CT'
+    ds.SeriesInstanceUID = series_uid
+    ds.InstanceNumber = int(n - k)          # deliberately reversed: positions must win
+    ds.ImagePositionPatient = [0.0, 0.0, float(k * thickness)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [spacing[0], spacing[1]]
+    ds.SliceThickness = thickness
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    ds.Rows, ds.Columns = volume.shape[:2]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = 'MONOCHROME2'
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(volume[:, :, k].astype(np.uint16)).tobytes()
+    ds.save_as(os.path.join(folder, f'slice_{file_no:03d}.dcm'), enforce_file_format=True)
+  return str(folder)
+
+
+def write_png(path, array):
+  from PIL import Image
+  Image.fromarray(array).save(str(path))
+  return str(path)
+
+
+def write_manifest(path, records):
+  with open(path, 'w') as f:
+    for r in records:
+      f.write(json.dumps(r) + '\n')
+  return str(path)

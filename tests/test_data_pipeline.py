@@ -1,0 +1,183 @@
+"""Grain pipeline: batch contract, buckets, host sharding, determinism, resume, unreadable scans."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+import conftest_data as cd
+from radfm_jax.data import pipeline, transforms
+from radfm_jax.data.ingest import ingest
+from radfm_jax.data.store import VolumeStore
+
+DTYPES = {'images': np.float32, 'image_mask': np.bool_, 'tokens': np.int32,
+          'attention_mask': np.int32, 'labels': np.int32, 'loss_weights': np.float32}
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+  d = tmp_path_factory.mktemp('pipe')
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(7):       # 2D samples: PNGs, one or two images
+    cd.write_png(d / f'x{i}.png', rng.integers(0, 255, (40 + i, 36), dtype=np.uint8))
+    images = [{'path': f'x{i}.png', 'position': {'question': 0}}]
+    if i % 3 == 0:
+      images.append({'path': f'x{(i + 1) % 7}.png', 'position': {'answer': 3}})
+    records.append({'id': f'2d{i}', 'task': 'vqa', 'question': f'What is in image {i}?',
+                    'answer': f'Finding number {i}.', 'images': images})
+  for i in range(5):       # 3D samples: CT volumes of different depths
+    cd.write_nifti(d / f'ct{i}.nii.gz', cd.ct_volume((20, 18, 6 + 5 * i), seed=i))
+    records.append({'id': f'3d{i}', 'task': 'report', 'question': '',
+                    'findings': f'Lesion {i}.' + ' More text.' * (30 * (i == 4)),
+                    'impression': 'Stable.',
+                    'images': [{'path': f'ct{i}.nii.gz', 'position': {'question': 0},
+                                'modality': 'CT'}]})
+  manifest = cd.write_manifest(d / 'samples.jsonl', records)
+  ingest(manifest, str(d / 'store'), log=open(os.devnull, 'w'))
+  return VolumeStore(str(d / 'store'))
+
+
+def _make(store, seed=0, process_index=0, process_count=1, num_epochs=1, **cfg):
+  return pipeline.make_dataset(cd.data_config(**cfg), cd.tiny_model(), store, cd.tokenizer(),
+                               seed=seed, process_index=process_index,
+                               process_count=process_count, num_epochs=num_epochs)
+
+
+def test_batch_contract_and_buckets(store):
+  ds = _make(store)
+  batches = list(ds)
+  assert len(batches) == ds.plan.num_batches
+  plan = ds.plan.epoch(0)
+  seen = []
+  for batch, (key, rows) in zip(batches, plan):
+    assert set(batch) == set(pipeline.BATCH_KEYS)
+    assert {k: v.dtype.type for k, v in batch.items()} == DTYPES
+    b = len(rows)
+    assert b == (1 if key.kind == '3d' else 2)
+    assert batch['images'].shape == (b, key.images, 3, key.height, key.width, key.depth)
+    assert batch['tokens'].shape == batch['labels'].shape == (b, key.length)
+    assert batch['image_mask'].shape == (b, key.images)
+    # every sample in the batch really belongs to this bucket
+    assert all(ds.plan.keys[r] == key for r in rows if r >= 0)
+    imgs = batch['images']
+    assert imgs.min() >= 0.0 and imgs.max() <= 1.0
+    for r, sample in enumerate(rows):
+      if sample < 0:                          # padding row: all empty
+        assert not batch['attention_mask'][r].any() and not batch['image_mask'][r].any()
+        assert (batch['labels'][r] == -100).all() and not batch['loss_weights'][r].any()
+        continue
+      seen.append(sample)
+      n_img = len(store.manifest()[sample]['images'])
+      np.testing.assert_array_equal(batch['image_mask'][r], np.arange(key.images) < n_img)
+      assert (imgs[r][~batch['image_mask'][r]] == 0).all()
+      assert imgs[r][batch['image_mask'][r]].max() > 0.5
+      n = int(batch['attention_mask'][r].sum())
+      assert batch['tokens'][r, 0] == 1 and (n == key.length or batch['tokens'][r, n] == 2)
+      np.testing.assert_array_equal(batch['loss_weights'][r], batch['labels'][r] != -100)
+      assert not (batch['labels'][r] >= 512).any()
+  assert sorted(seen) == list(range(12))       # each sample exactly once per epoch
+  kinds = {k.kind: (k.height, k.depth) for k in ds.plan.buckets}
+  assert kinds['2d'] == (32, 4)
+  depths = sorted({k.depth for k in ds.plan.buckets if k.kind == '3d'})
+  assert depths == [4, 12, 16]  # depths 6, 11, 16, 21, 26 -> buckets 4, 12, 16, 16 (max), 16
+  lengths = sorted({k.length for k in ds.plan.buckets})
+  assert len(lengths) == 2 and lengths[0] == 128   # the long report goes to a longer text bucket
+  tok = cd.tokenizer()
+  for key, (q, a) in zip(ds.plan.keys, ds.plan.texts):
+    assert key.length == min(n for n in (128, 256, 512) if n >= tok.example_length(q, a))
+
+
+def test_image_values_match_the_transforms(store):
+  ds = _make(store, seed=1)
+  (key, rows), batch = ds.plan.epoch(0)[0], next(iter(ds))
+  rec = store.manifest()[rows[0]]
+  arrays = [store.read(im['id']) for im in rec['images']]
+  want = transforms.prepare_images(arrays, [im['modality'] for im in rec['images']],
+                                   (key.height, key.width, key.depth), cd.data_config())
+  np.testing.assert_array_equal(batch['images'][0, :len(arrays)], want)
+
+
+def test_host_shards_are_disjoint_and_in_step(store):
+  plans = [_make(store, seed=5, process_index=p, process_count=2).plan for p in range(2)]
+  assert plans[0].num_batches == plans[1].num_batches
+  rows = [[], []]
+  for (k0, r0), (k1, r1) in zip(plans[0].epoch(0), plans[1].epoch(0)):
+    assert k0 == k1                            # hosts agree on the bucket at every step
+    rows[0] += [r for r in r0 if r >= 0]
+    rows[1] += [r for r in r1 if r >= 0]
+  assert not set(rows[0]) & set(rows[1])
+  assert sorted(rows[0] + rows[1]) == list(range(12))
+
+
+def test_seeded_shuffle_is_deterministic(store):
+  def order(seed, epoch=0):
+    return [tuple(r) for _, r in _make(store, seed=seed).plan.epoch(epoch)]
+  assert order(3) == order(3)
+  assert order(3) != order(4)
+  assert order(3, epoch=0) != order(3, epoch=1)
+  a = [b['tokens'] for b in _make(store, seed=3)]
+  b = [b['tokens'] for b in _make(store, seed=3)]
+  assert all((x.shape == y.shape) and (x == y).all() for x, y in zip(a, b))
+
+
+def _assert_same(xs, ys):
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    assert set(x) == set(y) == set(pipeline.BATCH_KEYS)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_iterator_state_resumes_exactly(store, num_workers):
+  def run():
+    return _make(store, seed=7, num_epochs=None, num_workers=num_workers)
+  it = iter(run())
+  for _ in range(9):                           # past the first epoch boundary (8 batches/epoch)
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(6)]
+  if num_workers:
+    it.close()
+  it2 = iter(run())
+  it2.set_state(state)
+  resumed = [next(it2) for _ in range(6)]
+  if num_workers:
+    it2.close()
+  _assert_same(expected, resumed)
+  if num_workers:                              # worker processes give the same stream as threads
+    ref = iter(_make(store, seed=7, num_epochs=None))
+    for _ in range(9):
+      next(ref)
+    _assert_same(expected, [next(ref) for _ in range(6)])
+
+
+def test_unreadable_scan_is_skipped_and_counted(store):
+  records = store.manifest()
+  broken = dict(records[0], id='broken',
+                images=[dict(records[0]['images'][0], id='no_such_scan')])
+  stats = pipeline.PipelineStats()
+  ds = pipeline.make_dataset(cd.data_config(shuffle=False), cd.tiny_model(), store,
+                             cd.tokenizer(), process_index=0, process_count=1, num_epochs=1,
+                             stats=stats, records=[records[1], broken])
+  (batch,) = list(ds)
+  assert [s['sample_id'] for s in stats.skipped] == ['broken']
+  assert stats.skipped[0]['scan_id'] == 'no_such_scan' and stats.skipped[0]['reason']
+  assert stats.samples == 1 and stats.empty_rows == 1 and stats.batches == 1
+  empty = int(np.flatnonzero(~batch['attention_mask'].any(1))[0])
+  assert (batch['images'][empty] == 0).all() and not batch['loss_weights'][empty].any()
+  strict = pipeline.make_dataset(cd.data_config(drop_unreadable=False), cd.tiny_model(), store,
+                                 cd.tokenizer(), process_index=0, process_count=1, num_epochs=1,
+                                 records=[broken])
+  with pytest.raises(Exception, match='no_such_scan|NOT_FOUND|not found'):
+    list(strict)
+
+
+def test_vocab_mismatch_is_refused(store):
+  model = cd.tiny_model()
+  model = dataclasses.replace(model, llama=dataclasses.replace(model.llama, vocab_size=1000))
+  with pytest.raises(ValueError, match='vocab_size'):
+    pipeline.make_dataset(cd.data_config(), model, store, cd.tokenizer(), process_index=0,
+                          process_count=1)

@@ -1,0 +1,115 @@
+"""Resizing (torch-legacy parity), RadFM shape buckets and intensity policies."""
+
+import numpy as np
+import pytest
+
+import conftest_data as cd
+from radfm_jax.data import transforms as T
+
+
+def test_nearest_golden_indices():
+  # torch legacy nearest: floor(dst * in / out); jax.image.resize would give 1, 3, 6, 8.
+  np.testing.assert_array_equal(T.nearest_indices(10, 4), [0, 2, 5, 7])
+  np.testing.assert_array_equal(T.nearest_indices(3, 8), [0, 0, 0, 1, 1, 1, 2, 2])
+  np.testing.assert_array_equal(T.nearest_indices(4, 8), [0, 0, 1, 1, 2, 2, 3, 3])
+  np.testing.assert_array_equal(T.nearest_indices(7, 7), np.arange(7))
+  np.testing.assert_array_equal(T.nearest_indices(1, 4), [0, 0, 0, 0])
+
+
+@pytest.mark.parametrize('n_in,n_out', [(10, 4), (512, 256), (300, 64), (137, 512), (6, 4),
+                                        (1, 4), (33, 32), (97, 61), (1000, 999)])
+def test_nearest_matches_the_index_formula(n_in, n_out):
+  # The float32 formula of ATen's CPU kernel, evaluated independently in float64 where it is exact.
+  got = T.nearest_indices(n_in, n_out)
+  want = np.minimum(np.floor(np.arange(n_out) * np.float64(np.float32(n_in / n_out))), n_in - 1)
+  if n_out == 2 * n_in:
+    want = np.arange(n_out) // 2
+  assert np.abs(got - want).max() <= (0 if n_in < 2 ** 12 else 1)
+  assert got.min() >= 0 and got.max() <= n_in - 1
+
+
+def test_resize_matches_torch_interpolate():
+  torch = pytest.importorskip('torch')
+  F = torch.nn.functional
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 13, 10, 7)).astype(np.float32)
+  for shape in [(8, 8, 4), (32, 16, 12), (13, 10, 7), (5, 20, 3)]:
+    ref = F.interpolate(torch.from_numpy(x)[None], size=shape, mode='nearest')[0].numpy()
+    np.testing.assert_array_equal(T.resize(x, shape, 'nearest'), ref)
+    ref = F.interpolate(torch.from_numpy(x)[None], size=shape, mode='trilinear',
+                        align_corners=False)[0].numpy()
+    np.testing.assert_allclose(T.resize(x, shape, 'trilinear'), ref, atol=1e-5)
+
+
+def test_resize_nearest_keeps_dtype_and_values():
+  x = np.arange(2 * 10 * 4 * 1, dtype=np.int16).reshape(2, 10, 4, 1)
+  y = T.resize(x, (4, 4, 4), 'nearest')
+  assert y.dtype == np.int16 and y.shape == (2, 4, 4, 4)
+  np.testing.assert_array_equal(y[:, :, :, 3], x[:, [0, 2, 5, 7]][..., 0])   # depth 1 -> 4 copies
+
+
+def test_depth_bucket_rule():
+  buckets = tuple(range(4, 65, 4))
+  cases = {1: 4, 4: 4, 5: 4, 6: 4, 7: 8, 10: 8, 11: 12, 14: 12, 15: 16, 62: 60, 63: 64, 64: 64,
+           65: 64, 300: 64}
+  assert {d: T.depth_bucket(d, buckets) for d in cases} == cases
+
+
+def test_sample_shape_rules():
+  cfg = cd.data_config(image_size_2d=64, image_size_3d_single=32,
+                       depth_buckets=tuple(range(4, 65, 4)))
+  assert T.sample_shape([1, 1], cfg, batch_size=4) == (64, 64, 4)          # 2D -> size_2d x 4
+  assert T.sample_shape([30], cfg, batch_size=1) == (32, 32, 28)          # single 3D -> reduced
+  assert T.sample_shape([5], cfg, batch_size=1) == (64, 64, 4)            # D bucket 4 -> full size
+  assert T.sample_shape([30], cfg, batch_size=2) == (64, 64, 28)          # not a single sample
+  assert T.sample_shape([60] * 7, cfg, batch_size=1) == (32, 32, 32)      # > 6 images: D <= 32
+  assert T.sample_shape([], cfg, batch_size=4) == (64, 64, 4)             # no images
+
+
+def test_radfm_policy_is_whole_sample_min_max():
+  a = np.array([0, 10, 20, 30], np.int16).reshape(1, 2, 2, 1)
+  b = np.array([-10, 50, 5, 5], np.int16).reshape(1, 2, 2, 1)
+  cfg = cd.data_config(intensity='radfm')
+  out = T.prepare_images([a, b], ['CT', 'CT'], (2, 2, 4), cfg)
+  assert out.shape == (2, 3, 2, 2, 4) and out.dtype == np.float32
+  np.testing.assert_allclose(out[0, 0, :, :, 0].ravel(), (np.array([0, 10, 20, 30]) + 10) / 60)
+  np.testing.assert_allclose(out[1, 2, :, :, 3].ravel(), (np.array([-10, 50, 5, 5]) + 10) / 60)
+  assert out.min() == 0.0 and out.max() == 1.0
+  np.testing.assert_array_equal(out[:, 0], out[:, 1])                      # grey -> 3 channels
+  # 8-bit images (PNG/JPEG) are divided by 255 like the original's ToTensor.
+  rgb = np.array([[[[0]], [[51]]], [[[102]], [[255]]], [[[1]], [[2]]]], np.uint8)   # [3, 2, 1, 1]
+  out = T.prepare_images([rgb], [''], (2, 1, 1), cfg)
+  np.testing.assert_allclose(out[0, :, :, 0, 0], rgb[:, :, 0, 0] / 255.0, rtol=1e-6)
+
+
+def test_ct_windows():
+  hu = np.array([-1000, -160, 40, 240, 1000], np.int16).reshape(1, 5, 1, 1)
+  cfg = cd.data_config(intensity='ct_window', ct_windows=((40.0, 400.0),))
+  out = T.prepare_images([hu], ['CT'], (5, 1, 1), cfg)
+  np.testing.assert_allclose(out[0, 0, :, 0, 0], [0, 0, 0.5, 1, 1])
+  np.testing.assert_array_equal(out[0, 0], out[0, 2])
+  cfg3 = cd.data_config(intensity='ct_windows3',
+                        ct_windows=((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0)))
+  out = T.prepare_images([hu], ['CT'], (5, 1, 1), cfg3)
+  np.testing.assert_allclose(out[0, 1, :, 0, 0], np.clip((hu.ravel() + 1350) / 1500, 0, 1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(out[0, 2, :, 0, 0], np.clip((hu.ravel() + 500) / 1800, 0, 1),
+                             rtol=1e-6)
+  mr = np.array([2, 4, 6, 8, 10], np.int16).reshape(1, 5, 1, 1)           # non-CT: min-max
+  out = T.prepare_images([mr], ['MR'], (5, 1, 1), cfg3)
+  np.testing.assert_allclose(out[0, 0, :, 0, 0], [0, 0.25, 0.5, 0.75, 1])
+
+
+def test_percentile_clipping():
+  x = np.arange(101, dtype=np.float32).reshape(1, 101, 1, 1)
+  cfg = cd.data_config(intensity='percentile', percentiles=(10.0, 90.0))
+  out = T.prepare_images([x], [''], (101, 1, 1), cfg)[0, 0, :, 0, 0]
+  np.testing.assert_allclose(out[[0, 10, 50, 90, 100]], [0, 0, 0.5, 1, 1], atol=1e-6)
+
+
+def test_trilinear_mode_end_to_end():
+  x = np.linspace(0, 1, 8, dtype=np.float32).reshape(1, 8, 1, 1) * np.ones((1, 8, 2, 2), np.float32)
+  out = T.prepare_images([x], [''], (4, 2, 2), cd.data_config(resize='trilinear'))
+  # half-pixel linear 8 -> 4 averages neighbour pairs
+  np.testing.assert_allclose(out[0, 0, :, 0, 0], [(0 + 1) / 14, (2 + 3) / 14, (4 + 5) / 14,
+                                                  (6 + 7) / 14], atol=1e-6)
