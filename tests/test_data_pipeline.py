@@ -181,3 +181,16 @@ def test_vocab_mismatch_is_refused(store):
   with pytest.raises(ValueError, match='vocab_size'):
     pipeline.make_dataset(cd.data_config(), model, store, cd.tokenizer(), process_index=0,
                           process_count=1)
+
+
+def test_paths_from_the_config_and_split_filter(store, tmp_path):
+  tok_path = tmp_path / 'tok.model'
+  tok_path.write_bytes(cd.spm_proto())
+  records = store.manifest()
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', [dict(r, split='val' if i < 3 else 'train')
+                                                      for i, r in enumerate(records)])
+  cfg = cd.data_config(store=store.root, tokenizer=str(tok_path), manifest=manifest)
+  ds = pipeline.make_dataset(cfg, cd.tiny_model(), split='val', process_index=0,
+                             process_count=1, num_epochs=1)
+  assert sorted(r for _, rows in ds.plan.epoch(0) for r in rows if r >= 0) == [0, 1, 2]
+  assert sum(int(b['attention_mask'].any(1).sum()) for b in ds) == 3

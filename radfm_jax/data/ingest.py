@@ -339,20 +339,21 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
       report.stored.extend(r['id'] for r in store.write_batch(pending))
       pending.clear()
 
+  # Read `batch_size` scans at a time (threads: gzip/zstd/pydicom release the GIL), write them in
+  # one transaction, then read the next: memory stays bounded by one batch of decoded volumes.
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-    for sid, scans, reason in pool.map(load, todo):
-      path = entries[sid][0]
-      if reason is not None:
-        resolved[sid] = None
-        report.rejects.append({'path': path, 'scan_id': sid, 'reason': reason})
-        print(f'ingest: rejected {path}: {reason}', file=log)
-        continue
-      ids = _expand_ids(sid, len(scans))
-      resolved[sid] = ids
-      pending.extend((i, a, attrs) for i, (a, attrs) in zip(ids, scans))
-      if len(pending) >= batch_size:
-        flush()
-    flush()
+    for start in range(0, len(todo), batch_size):
+      for sid, scans, reason in pool.map(load, todo[start:start + batch_size]):
+        path = entries[sid][0]
+        if reason is not None:
+          resolved[sid] = None
+          report.rejects.append({'path': path, 'scan_id': sid, 'reason': reason})
+          print(f'ingest: rejected {path}: {reason}', file=log)
+          continue
+        ids = _expand_ids(sid, len(scans))
+        resolved[sid] = ids
+        pending.extend((i, a, attrs) for i, (a, attrs) in zip(ids, scans))
+      flush()
 
   index = store.index()
   samples = []

@@ -43,7 +43,7 @@ import grain
 import numpy as np
 
 from radfm_jax.data import prompts, transforms
-from radfm_jax.data.store import VolumeStore
+from radfm_jax.data.store import VolumeStore, read_jsonl
 from radfm_jax.data.tokenizer import IGNORE, Tokenizer
 
 BATCH_KEYS = ('images', 'image_mask', 'tokens', 'attention_mask', 'labels', 'loss_weights')
@@ -238,26 +238,32 @@ def _mark_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def load_records(store: VolumeStore, split: str | None = None) -> list[dict]:
-  records = store.manifest()
-  if split is not None:
-    records = [r for r in records if r.get('split', 'train') == split]
-  return records
-
-
-def make_dataset(data_cfg, model_cfg, store: VolumeStore | str, tokenizer: Tokenizer, *,
+def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
+                 tokenizer: Tokenizer | str | None = None, *,
                  seed: int = 0, split: str | None = None, process_index: int | None = None,
                  process_count: int | None = None, num_epochs: int | None = None,
                  stats: PipelineStats | None = None, num_threads: int = 2,
                  prefetch: int = 2, records: list[dict] | None = None) -> grain.IterDataset:
   """The training IterDataset over `store`'s manifest (records with `split`, if given).
 
+  `store` / `tokenizer` default to `data_cfg.store` / `data_cfg.tokenizer` (paths), the manifest to
+  `data_cfg.manifest` when set, else STORE/manifest.jsonl; `records` overrides both.
+
   `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
   `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
   unless given. The returned dataset has `.stats` (the PipelineStats) and `.plan` attributes.
   """
+  store = store if store is not None else data_cfg.store
+  if not store:
+    raise ValueError('make_dataset: no store given and data.store is empty')
   if isinstance(store, str):
     store = VolumeStore(store)
+  tokenizer = tokenizer if tokenizer is not None else data_cfg.tokenizer
+  if not tokenizer:
+    raise ValueError('make_dataset: no tokenizer given and data.tokenizer is empty')
+  if isinstance(tokenizer, str):
+    tokenizer = Tokenizer(tokenizer, max_images=model_cfg.max_images,
+                          num_latents=model_cfg.perceiver.num_latents)
   if tokenizer.vocab_size != model_cfg.llama.vocab_size:
     raise ValueError(f'tokenizer has {tokenizer.vocab_size} pieces but model.llama.vocab_size is '
                      f'{model_cfg.llama.vocab_size}: the image ids would not match the model')
@@ -270,7 +276,10 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str, tokenizer: Token
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} outside [0, {process_count})')
-  records = load_records(store, split) if records is None else records
+  if records is None:
+    records = (read_jsonl(data_cfg.manifest) if data_cfg.manifest else store.manifest())
+    if split is not None:
+      records = [r for r in records if r.get('split', 'train') == split]
   if not records:
     raise ValueError(f'no samples in {store.manifest_path} (split={split!r})')
   stats = stats if stats is not None else PipelineStats()
