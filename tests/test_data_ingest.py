@@ -128,6 +128,7 @@ def _bad_inputs(tmp_path):
   return good, bad, cd.write_manifest(tmp_path / 'samples.jsonl', records)
 
 
+@pytest.mark.filterwarnings('ignore::UserWarning')  # pydicom warns on the garbage file
 def test_bad_inputs_are_rejected_reported_and_not_stored(tmp_path, capsys):
   _, bad, manifest = _bad_inputs(tmp_path)
   import sys

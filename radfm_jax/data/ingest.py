@@ -265,6 +265,9 @@ def read_scan(path: str, entry: dict | None = None) -> list[tuple[np.ndarray, di
       attrs['modality'] = entry['modality']
     attrs.setdefault('modality', '')
     attrs.setdefault('spacing', [1.0, 1.0, 1.0])
+    # Without patient geometry: 'image' = H pixel rows, W columns (PNG/JPEG, X-ray DICOM);
+    # 'as_stored' = a .npy taken as given.
+    attrs.setdefault('orientation', 'as_stored' if lower.endswith('.npy') else 'image')
     result.append((_validate(array), attrs))
   return result
 

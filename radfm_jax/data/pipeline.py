@@ -192,8 +192,9 @@ class BatchLoader:
         if not self.data_cfg.drop_unreadable:
           raise
         bad = next((im['id'] for im in images if not self._readable(im)), None)
+        reason = f'{type(e).__name__}: {e}'.split(' [tensorstore_spec=')[0]   # drop the spec dump
         batch[_SKIPPED].append({'sample_id': rec.get('id', sample), 'scan_id': bad,
-                                'reason': f'{type(e).__name__}: {e}'})
+                                'reason': reason})
         continue
       if arrays:
         transforms.prepare_images(arrays, [im.get('modality', '') for im in images],

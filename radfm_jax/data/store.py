@@ -17,7 +17,10 @@ Stored axis layout is **[C, H, W, D]** (channels first, depth last, as RadFM's v
     D = 1; C = 1 for grayscale, 3 for colour.
   * .npy arrays are taken as already in RadFM layout ([H, W], [H, W, D], [C, H, W, D]).
 Values keep the source's integer type where that is lossless (int16 CT in HU, uint8 images);
-float64 is stored as float32.
+float64 is stored as float32. Attributes of every array (zarr `attributes`, copied in
+scans.jsonl): axes 'CHWD', spacing [H, W, D] in mm (1.0 when unknown), orientation ('RAS';
+'image' for 2D pixel rows/columns; 'as_stored' for .npy), source_orientation (axis codes before
+reorientation), modality, source (absolute path) and source_dtype.
 
 Every array uses one shard (`sharding_indexed`) holding blosc-zstd inner chunks; the shard shape
 is rounded up to a multiple of the inner chunk (TensorStore rejects anything else), while the
