@@ -113,3 +113,14 @@ def test_trilinear_mode_end_to_end():
   # half-pixel linear 8 -> 4 averages neighbour pairs
   np.testing.assert_allclose(out[0, 0, :, 0, 0], [(0 + 1) / 14, (2 + 3) / 14, (4 + 5) / 14,
                                                   (6 + 7) / 14], atol=1e-6)
+
+
+def test_config_validates_the_intensity_fields():
+  from radfm_jax.config import ConfigError, load_config
+  cfg = load_config('configs/radfm.py:model=tiny')
+  assert cfg.data.ct_windows[0] == (40.0, 400.0) and cfg.data.percentiles == (0.5, 99.5)
+  with pytest.raises(ConfigError, match='data.percentiles'):
+    load_config('configs/radfm.py:model=tiny', ['data.percentiles=[90.0, 10.0]'])
+  with pytest.raises(ConfigError, match='data.ct_windows'):
+    load_config('configs/radfm.py:model=tiny', ['data.intensity=ct_windows3',
+                                                'data.ct_windows=[[40.0, 400.0]]'])
