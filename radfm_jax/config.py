@@ -148,12 +148,45 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimizer, schedule, loss, freezing, logging and checkpoint cadence (radfm_jax/train)."""
+  steps: int = 1000                    # total optimizer steps (the schedule's length)
+  learning_rate: float = 1e-4          # peak, reached after `warmup_steps`
+  warmup_steps: int = 100              # linear warmup from 0
+  min_lr_ratio: float = 0.1            # cosine decays to learning_rate * min_lr_ratio at `steps`
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0            # AdamW, on matmul kernels only (radfm_jax/train/optim.py)
+  max_grad_norm: float = 1.0           # global-norm clipping; 0 = off
+  grad_accum: int = 1                  # microbatches per step (scan; exact big-batch gradient)
+  loss: str = 'mean'                   # 'mean' (the original's returned loss) | 'weighted'
+  freeze: tuple[str, ...] = ()         # top-level modules kept fixed, or 'vision_tower' / 'decoder'
+  log_every: int = 10
+  eval_every: int = 0                  # 0 = no periodic eval
+  eval_steps: int = 2
+  checkpoint_every: int = 500          # 0 = only at the end / on SIGTERM
+  keep_checkpoints: int = 2
+  async_checkpoint: bool = True
+  peak_tflops: float = 0.0             # per device, for MFU; 0 = look up the device kind
+  tensorboard: bool = True
+  synthetic_images: int = 1            # synthetic source (data.store == ''): images per sample
+  synthetic_length: int = 0            # synthetic text length; 0 = data.text_lengths[0]
+
+
+FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc',),
+                 'figure_tokens': ('figure_tokens',), 'llama': ('llama',),
+                 'vision_tower': ('vision', 'perceiver', 'fc'), 'decoder': ('llama',)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """The validated config. Sections without a dataclass yet stay in `extra` (a locked ConfigDict)."""
   model: ModelConfig
   mesh: MeshConfig
   data: DataConfig
   generate: GenerateConfig
+  train: TrainConfig = TrainConfig()
   name: str = 'radfm'
   seed: int = 0
   extra: Any = None
@@ -353,6 +386,31 @@ def _validate_generate(g: GenerateConfig):
     _fail('generate.top_p', g.top_p, 'a value in (0, 1]')
 
 
+def _validate_train(t: TrainConfig):
+  _positive('train', t, 'steps', 'grad_accum', 'log_every', 'eval_steps', 'keep_checkpoints')
+  if t.learning_rate <= 0:
+    _fail('train.learning_rate', t.learning_rate, 'a positive float')
+  if not 0 <= t.warmup_steps < t.steps:
+    _fail('train.warmup_steps', t.warmup_steps, f'0 <= warmup_steps < train.steps={t.steps}')
+  if not 0 <= t.min_lr_ratio <= 1:
+    _fail('train.min_lr_ratio', t.min_lr_ratio, 'a value in [0, 1]')
+  for name in ('b1', 'b2'):
+    if not 0 <= getattr(t, name) < 1:
+      _fail(f'train.{name}', getattr(t, name), 'a value in [0, 1)')
+  for name in ('eps', 'weight_decay', 'max_grad_norm', 'peak_tflops'):
+    if getattr(t, name) < 0:
+      _fail(f'train.{name}', getattr(t, name), '>= 0')
+  for name in ('eval_every', 'checkpoint_every', 'synthetic_length'):
+    if getattr(t, name) < 0:
+      _fail(f'train.{name}', getattr(t, name), '>= 0 (0 = off / default)')
+  _positive('train', t, 'synthetic_images')
+  if t.loss not in ('mean', 'weighted'):
+    _fail('train.loss', t.loss, "'mean' (token-mean CE, the original's loss) or 'weighted'")
+  bad = [f for f in t.freeze if f not in FREEZE_GROUPS]
+  if bad:
+    _fail('train.freeze', list(t.freeze), f'names from {sorted(FREEZE_GROUPS)}')
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> Config:
   """ConfigDict -> frozen `Config`; raises `ConfigError` naming the field on any bad value."""
   m = cfg.get('model')
@@ -370,10 +428,14 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _validate_data(data, model)
   generate = _build(GenerateConfig, cfg.get('generate'), 'generate')
   _validate_generate(generate)
-  known = {'model', 'mesh', 'data', 'generate', 'name', 'seed'}
+  train = _build(TrainConfig, cfg.get('train'), 'train')
+  if isinstance(train.freeze, str):
+    train = dataclasses.replace(train, freeze=tuple(filter(None, train.freeze.split(','))))
+  _validate_train(train)
+  known = {'model', 'mesh', 'data', 'generate', 'train', 'name', 'seed'}
   extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in known})
   extra.lock()
-  return Config(model=model, mesh=mesh, data=data, generate=generate, name=cfg.get('name', 'radfm'),
+  return Config(model=model, mesh=mesh, data=data, generate=generate, train=train, name=cfg.get('name', 'radfm'),
                 seed=int(cfg.get('seed', 0)), extra=extra, source=cfg)
 
 

@@ -1,0 +1,106 @@
+"""Training checkpoints: one async Orbax CheckpointManager holding, per step,
+
+    state   TrainState {step, params (nnx.State), opt_state}      ocp.args.StandardSave
+    data    the data iterator's state: a Grain DatasetIterator via grain.checkpoint.CheckpointSave
+            (one JSON per process), any other iterator with get_state()/set_state() as JSON
+    config  the resolved config (JSON)
+
+Restoring takes an *abstract* TrainState (ShapeDtypeStructs carrying the new run's shardings,
+`step.abstract_train_state`), so a checkpoint written on one mesh restores onto any other.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+def _is_grain_iterator(it) -> bool:
+  try:
+    import grain
+  except ImportError:
+    return False
+  return isinstance(it, grain.DatasetIterator)
+
+
+def _data_save(it):
+  if it is None:
+    return None
+  if _is_grain_iterator(it):
+    import grain
+    return grain.checkpoint.CheckpointSave(it)
+  if hasattr(it, 'get_state'):
+    return ocp.args.JsonSave(it.get_state())
+  return None
+
+
+def _data_restore(it):
+  if _is_grain_iterator(it):
+    import grain
+    return grain.checkpoint.CheckpointRestore(it)
+  return ocp.args.JsonRestore()
+
+
+class Checkpointer:
+  """`save(step, state, data_iter, config)` / `restore(step, abstract_state, data_iter)`."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=1,
+                                           enable_async_checkpointing=async_save,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iter=None, config: dict | None = None,
+           force: bool = True) -> bool:
+    items = {'state': ocp.args.StandardSave(state)}
+    data = _data_save(data_iter)
+    if data is not None:
+      items['data'] = data
+    if config is not None:
+      items['config'] = ocp.args.JsonSave(config)
+    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int | None, abstract_state, data_iter=None):
+    """Returns (state, config dict or None); restores the data iterator's position in place."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    names = set(self.manager.item_metadata(step).keys()) if hasattr(
+        self.manager, 'item_metadata') else {'state', 'data', 'config'}
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None and 'data' in names:
+      items['data'] = _data_restore(data_iter)
+    if 'config' in names:
+      items['config'] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None and 'data' in items and not _is_grain_iterator(data_iter):
+      data_iter.set_state(out['data'])
+    return out['state'], (out['config'] if 'config' in items else None)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_config(directory: str, step: int | None = None) -> dict:
+  """The resolved config saved with a checkpoint (latest step by default)."""
+  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  step = mngr.latest_step() if step is None else step
+  out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  mngr.close()
+  return out['config']
+
+
+__all__ = ['Checkpointer', 'read_config']

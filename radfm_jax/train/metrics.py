@@ -1,0 +1,109 @@
+"""Training FLOPs (for MFU), device peak FLOP/s and metric writers (JSONL + TensorBoard).
+
+FLOPs are analytic (`radfm_jax.models.flops`: every matmul of the ViT, Perceiver, fc and LLaMA,
+full attention included, 2 per multiply-add); a training step is 3x the forward (forward +
+backward w.r.t. activations and weights). `with_remat=True` adds the extra forward that
+rematerialised layer stacks recompute (hardware FLOPs rather than model FLOPs).
+`compiled.cost_analysis()` cannot replace this: it counts a scanned layer body once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from radfm_jax.config import ModelConfig
+from radfm_jax.models import flops
+
+
+def train_step_flops(m: ModelConfig, batch: int, images: int, image_shape: Sequence[int],
+                     length: int, with_remat: bool = False) -> float:
+  """FLOPs of one training step over the global batch: 3x the forward
+  (`radfm_jax.models.flops`), plus one more forward of the rematerialised stacks (ViT, Perceiver,
+  decoder layers) when `with_remat` and the config remats."""
+  count = flops.forward_flops(m, batch, images, tuple(image_shape), length)
+  total = count.train_step
+  if with_remat and m.remat_policy != 'none':
+    total += count.vision + count.perceiver + count.decoder
+  return total
+
+
+def batch_flops(m: ModelConfig, batch: dict, with_remat: bool = False) -> float:
+  """train_step_flops for a (global) batch dict with images [B, S, C, H, W, D], tokens [B, L]."""
+  b, s = batch['images'].shape[:2]
+  return train_step_flops(m, b, s, batch['images'].shape[3:6], batch['tokens'].shape[1],
+                          with_remat)
+
+
+# Dense bf16 peak FLOP/s per device (chip / GPU), from the vendors' spec sheets.
+PEAK_FLOPS = {
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v5': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
+}
+
+
+def peak_flops_per_device(device=None, override_tflops: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device (None when unknown, e.g. CPU): `train.peak_tflops` wins."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  if device is None:
+    import jax
+    device = jax.devices()[0]
+  kind = getattr(device, 'device_kind', '')
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if name.lower() in kind.lower():
+      return PEAK_FLOPS[name]
+  return None
+
+
+class MetricWriter:
+  """Appends `{'step', 'split', ...}` lines to workdir/metrics.jsonl and, when tensorboardX is
+  installed and enabled, scalars to TensorBoard event files under workdir/tensorboard. Only
+  process 0 writes."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      except ImportError:
+        print('radfm-jax train: tensorboardX not installed; metrics go to metrics.jsonl only')
+
+  def write(self, step: int, split: str, values: dict):
+    if not self.enabled:
+      return
+    record = {'step': int(step), 'split': split}
+    record.update({k: float(v) for k, v in values.items()})
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self.tb is not None:
+      for k, v in values.items():
+        self.tb.add_scalar(f'{split}/{k}', float(v), int(step))
+
+  def flush(self):
+    if self.tb is not None:
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if split is None or r['split'] == split]
+
+
+__all__ = ['MetricWriter', 'PEAK_FLOPS', 'batch_flops', 'peak_flops_per_device', 'read_metrics',
+           'train_step_flops']
