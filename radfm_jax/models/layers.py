@@ -140,6 +140,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Attention against a KV cache laid out heads-first (no transpose of the cache per step).
+
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, heads, max_len, head_dim]; mask: bool
+  broadcastable to [batch, heads, q_len, max_len]. Softmax in fp32, masked entries at the dtype
+  minimum (as HF does). Returns [batch, q_len, heads, head_dim].
+  """
+  scores = jnp.einsum('bqnh,bnkh->bnqk', q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores * (q.shape[-1] ** -0.5), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bnqk,bnkh->bqnh', probs, v)
+
+
 def layer_rngs(rng: jax.Array | None, num_layers: int):
   """Per-layer dropout keys as a scanned input ([layers, 2] or None)."""
   return None if rng is None else jax.random.split(rng, num_layers)

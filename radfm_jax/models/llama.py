@@ -24,8 +24,9 @@ from radfm_jax.models.layers import Dense, RMSNorm, constrain
 class KVCache:
   """Keys/values of every layer for `max_len` slots.
 
-  k, v: [layers, batch, max_len, heads, head_dim]; mask: bool [batch, max_len], True where a slot
-  holds a real (non-padding) token; index: int32 scalar, the next slot to write.
+  k, v: [layers, batch, heads, max_len, head_dim] (heads before slots, so decode attention reads
+  the cache without a transpose); mask: bool [batch, max_len], True where a slot holds a real
+  (non-padding) token; index: int32 scalar, the next slot to write.
   """
   k: jax.Array
   v: jax.Array
@@ -34,7 +35,7 @@ class KVCache:
 
   @classmethod
   def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> 'KVCache':
-    shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_heads, max_len, cfg.head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
@@ -71,22 +72,25 @@ class DecoderLayer(nnx.Module):
     self.down = Dense((m,), (e,), ('mlp',), ('embed',), **kw)
 
   def __call__(self, x, rope, mask, kv, cache_index, *, dtype, attention_impl: str):
-    """x: [batch, len, embed]; mask: bool [batch, 1, len, keys]; kv: (k, v) cache slabs
-    [batch, max_len, heads, head_dim] or None. Returns (x, updated (k, v) or None)."""
+    """x: [batch, len, embed]; mask: bool [batch, 1, len, keys]; kv: this layer's cache
+    (k, v), each [batch, heads, max_len, head_dim], or None. Returns (x, updated (k, v) or None)."""
     cos, sin = rope
     h = self.input_norm(x, dtype)
     q = apply_rope(self.q(h, dtype), cos, sin)
     k = apply_rope(self.k(h, dtype), cos, sin)
     v = self.v(h, dtype)
-    if kv is not None:
-      cache_k, cache_v = kv
-      start = (0, cache_index, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-      kv = (cache_k, cache_v)
-      k, v = cache_k.astype(dtype), cache_v.astype(dtype)
     q = constrain(q, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
-    y = layers.attention(q, k, v, mask, implementation=attention_impl)
+    if kv is None:
+      y = layers.attention(q, k, v, mask, implementation=attention_impl)
+    else:
+      cache_k, cache_v = kv
+      start = (0, 0, cache_index, 0)
+      cache_k = jax.lax.dynamic_update_slice(
+          cache_k, k.swapaxes(1, 2).astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(
+          cache_v, v.swapaxes(1, 2).astype(cache_v.dtype), start)
+      kv = (cache_k, cache_v)
+      y = layers.cached_attention(q, cache_k.astype(dtype), cache_v.astype(dtype), mask)
     x = x + self.o(y, dtype)
     h = self.post_attention_norm(x, dtype)
     y = self.down(jax.nn.silu(self.gate(h, dtype)) * self.up(h, dtype), dtype)
@@ -131,27 +135,37 @@ class Llama(nnx.Module):
       key_mask = token_mask
       key_pos = jnp.arange(length)
       query_pos = jnp.arange(length)
-      kv_in = None
-      index = 0
     else:
       index = cache.index
       key_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
       key_pos = jnp.arange(cache.mask.shape[1])
       query_pos = index + jnp.arange(length)
-      kv_in = (cache.k, cache.v)
     # Causal + key padding, [batch, 1, len, keys].
     mask = (key_pos[None, :] <= query_pos[:, None])[None, None] & key_mask[:, None, None, :]
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     x = constrain(embeds.astype(dtype), ('act_batch', 'act_len', 'act_embed'))
 
-    def body(x, layer, kv):
-      return layer(x, rope, mask, kv, index, dtype=dtype, attention_impl=self.attention_impl)
+    if cache is None:
+      def body(x, layer, _):
+        return layer(x, rope, mask, None, 0, dtype=dtype, attention_impl=self.attention_impl)[0], None
 
-    x, kv_out = layers.scan_layers(body, x, self.layers, kv_in,
-                                   remat_policy=self.remat_policy if cache is None else 'none',
-                                   length=cfg.num_layers)
+      x, _ = layers.scan_layers(body, x, self.layers, None, remat_policy=self.remat_policy,
+                                length=cfg.num_layers)
+    else:
+      # The whole cache rides in the scan carry and each layer updates its slab in place; as a
+      # scanned input/output it would be copied whole at every decode step.
+      def body(carry, layer, i):
+        x, cache_k, cache_v = carry
+        kv = (cache_k[i], cache_v[i])
+        x, (k_i, v_i) = layer(x, rope, mask, kv, index, dtype=dtype,
+                              attention_impl=self.attention_impl)
+        return (x, cache_k.at[i].set(k_i), cache_v.at[i].set(v_i)), None
+
+      (x, cache_k, cache_v), _ = layers.scan_layers(
+          body, (x, cache.k, cache.v), self.layers, jnp.arange(cfg.num_layers),
+          remat_policy='none', length=cfg.num_layers)
     logits = self.lm_head(self.norm(x, dtype), dtype).astype(jnp.float32)
     logits = constrain(logits, ('act_batch', 'act_len', 'act_vocab'))
     if cache is not None:
-      cache = KVCache(k=kv_out[0], v=kv_out[1], mask=key_mask, index=index + length)
+      cache = KVCache(k=cache_k, v=cache_v, mask=key_mask, index=index + length)
     return logits, cache
