@@ -111,9 +111,26 @@ def _finite(x) -> bool:
   return bool(np.isfinite(np.asarray(x)))
 
 
+_BUILT: dict = {}
+
+
+def _cache_key(cfg: Config, mesh) -> tuple:
+  return (json.dumps(cfg.to_dict(), sort_keys=True, default=str), tuple(mesh.shape.items()),
+          tuple(d.id for d in mesh.devices.flat))
+
+
 def build(cfg: Config, mesh=None):
-  """(mesh, rules, graphdef, tx, abstract TrainState, shardings) for a config."""
+  """(mesh, rules, graphdef, tx, abstract TrainState, shardings) for a config (cached per
+  config and devices in this process: tracing the abstract model takes seconds)."""
   mesh = mesh or sharding.make_mesh(cfg.mesh)
+  key = _cache_key(cfg, mesh)
+  if key not in _BUILT:
+    _BUILT.clear()
+    _BUILT[key] = _build(cfg, mesh)
+  return _BUILT[key]
+
+
+def _build(cfg: Config, mesh):
   rules = sharding.rules_for(cfg.mesh)
   graphdef, abs_params = abstract_model(cfg.model, mesh, rules)
   abs_trainable, _ = optim.split_trainable(abs_params, cfg.train.freeze)
@@ -129,20 +146,28 @@ def init_params(model_cfg, seed: int = 0, mesh=None, rules=None, param_shardings
   shardings: no eager per-parameter dispatch, and a 13B model is never materialised on one device
   or on the host. (Values differ from the eager `create_model(seed=...)`.)"""
   def make():
-    with nnx.use_eager_sharding(False):
-      return nnx.split(RadFM(model_cfg, rngs=nnx.Rngs(seed)))[1]
+    return nnx.split(RadFM(model_cfg, rngs=nnx.Rngs(seed)))[1]
   if mesh is None:
-    return jax.jit(make)()
+    with nnx.use_eager_sharding(False):
+      return jax.jit(make)()
   with sharding.use_mesh(mesh, rules):
     return jax.jit(make, out_shardings=param_shardings)()
 
 
+_INIT: dict = {}
+
+
 def init_state(cfg: Config, mesh, rules, tx, shardings):
-  params = init_params(cfg.model, cfg.seed, mesh, rules, shardings.params)
-  init = jax.jit(lambda p: step_lib.init_train_state(p, tx, cfg.train.freeze),
-                 out_shardings=shardings, donate_argnums=(0,))
+  """A fresh TrainState (random parameters from cfg.seed, zero optimizer state), sharded."""
+  key = _cache_key(cfg, mesh)
+  if key not in _INIT:
+    def make():
+      params = nnx.split(RadFM(cfg.model, rngs=nnx.Rngs(cfg.seed)))[1]
+      return step_lib.init_train_state(params, tx, cfg.train.freeze)
+    _INIT.clear()
+    _INIT[key] = jax.jit(make, out_shardings=shardings)
   with sharding.use_mesh(mesh, rules):
-    return init(params)
+    return _INIT[key]()
 
 
 _JITTED: dict = {}
@@ -151,8 +176,7 @@ _JITTED: dict = {}
 def _jitted_steps(cfg: Config, mesh, rules, graphdef, tx, shardings):
   """The jitted (train, eval) steps, reused by later `train` calls in this process with the same
   config and devices (a resumed run in the same process does not compile again)."""
-  key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), tuple(mesh.shape.items()),
-         tuple(d.id for d in mesh.devices.flat))
+  key = _cache_key(cfg, mesh)
   if key not in _JITTED:
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings,
                                          mesh, rules)

@@ -1,0 +1,178 @@
+"""Training loop: exact resume, cross-mesh restore, SIGTERM checkpoint, non-finite stop, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from radfm_jax import sharding
+from radfm_jax.config import load_config
+from radfm_jax.train import loop
+from radfm_jax.train.checkpoint import Checkpointer, read_config
+from radfm_jax.train.metrics import read_metrics, train_step_flops
+from radfm_jax.train.synthetic import SyntheticBatches
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
+OVERRIDES = ['data.batch_size_2d=8', 'train.synthetic_length=48', 'train.steps=6',
+             'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=2',
+             'train.log_every=1', 'train.async_checkpoint=True']
+
+
+def _cfg(*extra):
+  return load_config(SPEC, OVERRIDES + list(extra))
+
+
+def _numpy(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  """The uninterrupted 6-step run on the default mesh (fsdp over 8 devices)."""
+  workdir = str(tmp_path_factory.mktemp('full'))
+  result = loop.train(_cfg(), workdir, progress=False)
+  return workdir, result, _numpy(result.state)
+
+
+def test_resume_gives_the_uninterrupted_losses(full_run, tmp_path):
+  full_dir, full, full_state = full_run
+  assert full.status == 'done' and full.step == 6 and sorted(full.losses) == [1, 2, 3, 4, 5, 6]
+  first = loop.train(_cfg(), str(tmp_path), max_steps=3, progress=False)
+  assert first.step == 3 and first.last_checkpoint == 3
+  second = loop.train(_cfg(), str(tmp_path), progress=False)      # resumes from step 3
+  assert sorted(second.losses) == [4, 5, 6]
+  for s in (1, 2, 3):
+    assert first.losses[s] == full.losses[s]
+  for s in (4, 5, 6):
+    assert second.losses[s] == full.losses[s], (s, second.losses[s], full.losses[s])
+  for a, b in zip(_numpy(second.state), full_state):
+    np.testing.assert_array_equal(a, b)
+  # Outputs: metrics (JSONL), TensorBoard events, config with the checkpoint and beside it.
+  rows = read_metrics(full_dir, 'train')
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert rows[-1]['loss'] == full.losses[6] and rows[-1]['tokens_per_s'] > 0
+  assert {'token_accuracy', 'sequence_accuracy', 'grad_norm', 'learning_rate'} <= set(rows[0])
+  events = os.listdir(os.path.join(full_dir, 'tensorboard'))
+  assert any(name.startswith('events.out.tfevents') for name in events)
+  assert read_config(os.path.join(full_dir, 'checkpoints'))['train']['steps'] == 6
+  with open(os.path.join(full_dir, 'config.json')) as f:
+    assert json.load(f)['model']['size'] == 'tiny'
+
+
+def test_checkpoint_restores_onto_another_mesh(full_run):
+  full_dir, _, full_state = full_run
+  cfg = _cfg("mesh.ici=[['data', 2], ['fsdp', 2], ['tensor', 2]]", 'mesh.rules=fsdp_tp')
+  mesh, rules, _, _, abs_state, shardings = loop.build(cfg)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  data = SyntheticBatches(cfg)
+  ckpt = Checkpointer(os.path.join(full_dir, 'checkpoints'))
+  state, config = ckpt.restore(None, abs_state, data)
+  ckpt.close()
+  assert int(state.step) == 6 and data.get_state() == {'index': 6}
+  assert config['mesh']['rules'] == 'fsdp'
+  for a, b in zip(_numpy(state), full_state):
+    np.testing.assert_array_equal(a, b)
+  for x, sh in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    assert x.sharding == sh
+  lm_head = state.params['llama']['lm_head']['kernel'][...]
+  assert lm_head.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+
+
+class _Poisoned:
+  """Synthetic batches with NaN images from batch `bad` on."""
+
+  def __init__(self, cfg, bad):
+    self.inner, self.bad = SyntheticBatches(cfg), bad
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    index = self.inner.index
+    batch = next(self.inner)
+    if index >= self.bad:
+      batch['images'] = np.full_like(batch['images'], np.nan)
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(full_run, tmp_path):
+  _, full, _ = full_run
+  cfg = _cfg()
+  with pytest.raises(loop.NonFiniteLossError, match=r'step 5 .*Last good checkpoint: step 4'):
+    loop.train(cfg, str(tmp_path), data=_Poisoned(cfg, bad=4), progress=False)
+  mesh, _, _, _, abs_state, _ = loop.build(cfg)
+  ckpt = Checkpointer(os.path.join(str(tmp_path), 'checkpoints'))
+  assert ckpt.latest_step() == 4
+  state, _ = ckpt.restore(4, abs_state)
+  ckpt.close()
+  assert all(np.isfinite(x).all() for x in _numpy(state.params))
+  # The good checkpoint resumes like the clean run.
+  resumed = loop.train(cfg, str(tmp_path), progress=False)
+  assert resumed.losses[5] == full.losses[5] and resumed.losses[6] == full.losses[6]
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / 'run')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  cmd = [sys.executable, '-m', 'radfm_jax.cli', 'train', '--config', SPEC, '--workdir', workdir,
+         '--no_progress'] + [f'--config.{o}' for o in OVERRIDES] + [
+             '--config.train.steps=100000', '--config.train.checkpoint_every=0',
+             '--config.train.tensorboard=False']
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+      if len(read_metrics(workdir, 'train')) >= 2:
+        break
+      time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=200)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == 0, err[-3000:]
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary['status'] == 'preempted' and summary['step'] >= 2
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert ckpt.latest_step() == summary['step'] == summary['checkpoint']
+  ckpt.close()
+
+
+def test_cli_overrides_and_flops(monkeypatch):
+  import argparse
+  argv = ['--config', SPEC, '--workdir', 'w', '--config.train.steps=7', '--config.train.freeze',
+          'vision', '--config.train.warmup_steps=0']
+  monkeypatch.setattr(sys, 'argv', ['radfm-jax', 'train'] + argv)
+  parser = argparse.ArgumentParser()
+  loop.add_arguments(parser)
+  overrides = loop.overrides_from_args(parser.parse_args(argv))
+  assert sorted(overrides) == ['train.freeze=vision', 'train.steps=7', 'train.warmup_steps=0']
+  cfg = load_config(SPEC, overrides)
+  assert cfg.train.steps == 7 and cfg.train.freeze == ('vision',)
+  # 13B decoder, one 2048-token sequence: 6 * N * tokens (N without the embedding table) plus
+  # full attention 3 * 2 * 2 * L^2 * E * layers, lm_head included in N.
+  m = load_config('configs/radfm.py:model=radfm_13b').model
+  l = m.llama
+  dense = l.num_layers * (4 * l.hidden_size ** 2 + 3 * l.hidden_size * l.intermediate_size) + (
+      l.hidden_size * l.vocab_size)
+  attention = l.num_layers * 2 * 2 * 2048 ** 2 * l.hidden_size
+  flops = train_step_flops(m, 1, 0, (32, 32, 4), 2048)
+  np.testing.assert_allclose(flops, 3 * (2 * dense * 2048 + attention), rtol=1e-9)
