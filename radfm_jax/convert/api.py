@@ -48,11 +48,13 @@ def _with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
 
 
 def from_torch(checkpoint: str, out: str, cfg: ModelConfig | None = None, *, dtype: str | None = None,
-               llama_heads: int | None = None) -> ModelConfig:
+               llama_heads: int | None = None,
+               block_bytes: int = engine.BLOCK_BYTES) -> ModelConfig:
   """Official RadFM `pytorch_model.bin` / `.safetensors` -> Orbax checkpoint in `out`.
 
   Sizes are inferred from the checkpoint (see `infer`); a given `cfg` must agree with them. Keys are
   checked before anything is written (dead-branch keys skipped, anything else unknown is an error).
+  Tensors move in slabs of about `block_bytes`.
   """
   reader = engine.open_reader(checkpoint)
   cfg = _with_dtype(infer.infer_model_config(reader, cfg, llama_heads=llama_heads), dtype)
@@ -62,10 +64,12 @@ def from_torch(checkpoint: str, out: str, cfg: ModelConfig | None = None, *, dty
   _check_coverage(table, leaves)
   layers = engine.stacked_layers(table, shapes)
   engine.check_keys(table, reader, shapes, layers, skip=keymap.RADFM_SKIP, note=checkpoint)
-  writer = store.IncrementalWriter(os.path.join(out, store.PARAMS_DIR), leaves, stacked=set(layers))
+  writer = store.IncrementalWriter(os.path.join(out, store.PARAMS_DIR), leaves, stacked=set(layers),
+                                   plans=engine.split_plans(table, shapes, block_bytes))
   dtypes = {p: d for p, (_, d) in leaves.items()}
-  for path, i, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes):
-    writer.write(path, i, array)
+  for path, i, region, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes,
+                                                     block_bytes=block_bytes):
+    writer.write(path, i, array, region)
   writer.close()
   store.write_config(out, cfg, converted_from=os.path.abspath(checkpoint), format='official')
   return cfg
@@ -93,7 +97,8 @@ def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtyp
   _check_coverage(table, leaves, extra=fresh_paths)
   layers = engine.stacked_layers(table, shapes)
   engine.check_keys(table, reader, shapes, layers, skip=keymap.LLAMA_SKIP, note=hf_dir)
-  writer = store.IncrementalWriter(os.path.join(out, store.PARAMS_DIR), leaves, stacked=set(layers))
+  writer = store.IncrementalWriter(os.path.join(out, store.PARAMS_DIR), leaves, stacked=set(layers),
+                                   plans=engine.split_plans(table, shapes))
   dtypes = {p: d for p, (_, d) in leaves.items()}
   # The decoder is built last in RadFM.__init__, so a model with a 1-layer, tiny-vocab decoder draws
   # exactly the tower weights the full-size model would, at a fraction of the memory.
@@ -103,8 +108,8 @@ def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtyp
   for path in fresh_paths:
     writer.write(path, None, np.asarray(fresh[path]).astype(dtypes[path]))
   del fresh
-  for path, i, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes):
-    writer.write(path, i, array)
+  for path, i, region, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes):
+    writer.write(path, i, array, region)
   writer.close()
   store.write_config(out, cfg, converted_from=os.path.abspath(hf_dir), format='hf_llama',
                      fresh_towers_seed=seed)

@@ -185,6 +185,37 @@ def to_torch(entry: Entry, arrays: Sequence[np.ndarray]) -> np.ndarray:
   return mats[0] if len(mats) == 1 else np.concatenate(mats, axis=0)
 
 
+# ------------------------------------------------------------------------------------------------
+# Blocks: large tensors move in slabs of torch rows, so neither side ever holds a whole tensor
+
+
+def split_plan(entry: Entry, our_shape: tuple[int, ...], block_bytes: int,
+               itemsize: int = 4) -> tuple[int, int] | None:
+  """(axis of our per-layer leaf that torch rows run along, block length on it), or None to move
+  the tensor whole (1-D tensors). Torch rows are our axis 0 for `copy`, the first output axis
+  (`n_in`) of a kernel for `linear`/`fused`; blocks are whole units of that axis (heads for q/k/v)."""
+  if len(our_shape) < 2:
+    return None
+  axis = 0 if entry.kind in ('copy', 'alias') else entry.n_in
+  per_unit = math.prod(our_shape) // our_shape[axis] * itemsize
+  return axis, max(1, min(our_shape[axis], block_bytes // per_unit))
+
+
+def torch_rows_per_unit(entry: Entry, our_shape: tuple[int, ...]) -> int:
+  """Torch rows behind one index of the split axis (a head of q = head_dim rows)."""
+  return 1 if entry.kind in ('copy', 'alias') else math.prod(our_shape[entry.n_in + 1:])
+
+
+def block_to_ours(entry: Entry, rows: np.ndarray, our_shape: tuple[int, ...], axis: int,
+                  start: int, stop: int) -> tuple[tuple[slice, ...], np.ndarray]:
+  """Torch rows for indices [start, stop) of the split axis -> (region of our leaf, array)."""
+  region = (slice(None),) * axis + (slice(start, stop),)
+  shape = our_shape[:axis] + (stop - start,) + our_shape[axis + 1:]
+  if entry.kind in ('copy', 'alias'):
+    return region, rows.reshape(shape)
+  return region, np.ascontiguousarray(rows.T).reshape(shape)
+
+
 def expected_keys(table: Sequence[Entry], our_shapes: dict[str, tuple[int, ...]],
                   num_layers: dict[str, int]) -> dict[str, tuple[int, ...]]:
   """Every torch key the table produces -> its shape, for the given our-side shapes.

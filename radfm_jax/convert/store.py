@@ -26,7 +26,7 @@ from typing import Mapping
 import numpy as np
 
 from radfm_jax.config import LlamaConfig, ModelConfig, PerceiverConfig, VisionConfig, _validate_model
-from radfm_jax.convert.engine import flat_params, unflatten
+from radfm_jax.convert.engine import flat_params, trim_memory, unflatten
 
 PARAMS_DIR = 'params'
 CONFIG_FILE = 'config.json'
@@ -52,14 +52,18 @@ class IncrementalWriter:
       w = IncrementalWriter('out/params', {'llama/layers/q/kernel': ((L, E, H, D), np.float32)},
                             stacked={'llama/layers/q/kernel'})
       w.write('llama/layers/q/kernel', 3, layer3)   # index None writes the whole leaf
-      w.close()                                     # checks every slice was written, then commits
+      w.write('llama/embed_tokens', None, rows, (slice(0, 512),))   # a region of it
+      w.close()                                     # checks every element was written, then commits
+
+  `plans` (path -> (axis, block) of the per-layer leaf, from `engine.split_plans`) makes each zarr
+  chunk exactly one written block, so no chunk is ever read back, merged and recompressed.
 
   Data goes to `<directory>.partial` and is renamed into place by `close`, so an interrupted
   conversion never leaves a directory that looks like a checkpoint.
   """
 
   def __init__(self, directory: str, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-               stacked=()):
+               stacked=(), plans: Mapping[str, tuple[int, int] | None] | None = None):
     import orbax.checkpoint as ocp
     import tensorstore as ts
 
@@ -84,24 +88,39 @@ class IncrementalWriter:
       spec = {'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': leaf_dir},
               'metadata': {'shape': list(shape), 'dtype': meta['dtype'],
                            'compressor': meta['compressor'], 'fill_value': meta['fill_value'],
-                           'chunks': _chunks(shape, dtype.itemsize, path in stacked),
+                           'chunks': self._chunk_shape(path, shape, dtype, path in stacked, plans),
                            'order': 'C', 'dimension_separator': meta.get('dimension_separator', '.')}}
       self.arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
-      self.todo[path] = set(range(shape[0])) if path in stacked else {None}
+      self.todo[path] = math.prod(shape)    # elements still to write (blocks never overlap)
 
-  def write(self, path: str, index: int | None, array: np.ndarray):
+  @staticmethod
+  def _chunk_shape(path, shape, dtype, stacked, plans):
+    plan = (plans or {}).get(path)
+    if plan is None:
+      return _chunks(shape, dtype.itemsize, stacked)
+    axis, block = plan
+    per_layer = list(shape[1:] if stacked else shape)
+    per_layer[axis] = block
+    return ([1] if stacked else []) + per_layer
+
+  def write(self, path: str, index: int | None, array: np.ndarray,
+            region: tuple[slice, ...] | None = None):
+    """Writes `array` at leaf[index][region] (index None: the leaf itself; region None: all)."""
     shape, dtype = self.leaves[path]
-    expected = shape if index is None else shape[1:]
-    if tuple(array.shape) != expected:
-      raise ValueError(f'{path}[{index}]: shape {array.shape}, expected {expected}')
     target = self.arrays[path] if index is None else self.arrays[path][index]
+    if region is not None:
+      target = target[region]
+    if tuple(array.shape) != tuple(target.shape):
+      raise ValueError(f'{path}[{index}][{region}]: shape {array.shape}, expected {target.shape}')
     target.write(np.asarray(array, dtype)).result()
-    self.todo[path].discard(index)
+    self.todo[path] -= array.size
+    if array.nbytes > (8 << 20):
+      trim_memory()
 
   def close(self):
-    unwritten = {p: sorted(t, key=str) for p, t in self.todo.items() if t}
+    unwritten = {p: n for p, n in self.todo.items() if n}
     if unwritten:
-      raise RuntimeError(f'checkpoint incomplete, slices never written: {unwritten}')
+      raise RuntimeError(f'checkpoint incomplete, elements never written: {unwritten}')
     self.arrays.clear()
     if os.path.exists(self.directory):
       shutil.rmtree(self.directory)
