@@ -1,0 +1,207 @@
+"""Fit check: compile the full train step ahead of time for a TPU topology, from a CPU host.
+
+    radfm-jax aot --config configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128 [--batch_2d N]
+                  [--batch_3d N] [--json out.json] [--config.model.remat_policy=...]
+
+Needs libtpu (`pip install "libtpu==0.0.42.*"`, the `tpu` extra); no TPU. The command sets
+TPU_SKIP_MDS_QUERY=1, TPU_ACCELERATOR_TYPE (from the preset's topology) and
+TPU_WORKER_HOSTNAMES=localhost before JAX is imported, takes the devices of
+`jax.experimental.topologies.get_topology_desc(platform='tpu', topology_name=mesh.topology)`,
+builds the mesh over them, the abstract TrainState (`abstract_model` + optimizer shardings from
+`sharding.optimizer_shardings`, nothing allocated), and lowers + compiles the same jitted,
+donated train step that `radfm-jax train` runs.
+
+Batches (global sizes; default one sample per chip): 2D = S images of
+data.image_size_2d^2 x 4 slices (--images_2d, default 4), 3D = 1 image of
+data.image_size_3d_single^2 x max(data.depth_buckets); text = max(data.text_lengths) tokens.
+Reported per chip: argument / output / temp / alias bytes, the compiler's peak
+(`memory_analysis().peak_memory_in_bytes`), analytic FLOPs per step (model FLOPs and with the
+remat recompute) and fits / does-not-fit against mesh.hbm_gib. libtpu refusing to compile with
+RESOURCE_EXHAUSTED is a does-not-fit (its message says how much was needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+GIB = 1024 ** 3
+
+# TPU_ACCELERATOR_TYPE counts TensorCores on v4 / v5p (2 per chip) and chips on v5e / v6e.
+_CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5': 2, 'v5e': 1, 'v5litepod': 1, 'v6e': 1}
+
+
+def accelerator_type(topology: str) -> str:
+  """'v5p:4x4x4' -> 'v5p-128'; 'v6e:4x4' -> 'v6e-16'."""
+  gen, _, dims = topology.partition(':')
+  chips = 1
+  for d in dims.split('x'):
+    chips *= int(d)
+  return f'{gen}-{chips * _CORES_PER_CHIP.get(gen, 1)}'
+
+
+def set_tpu_env(topology: str):
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', accelerator_type(topology))
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  # Compiling needs no TPU: let several fit checks (or a test beside a sweep) load libtpu at once
+  # instead of failing on /tmp/libtpu_lockfile.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+
+def batch_shapes(cfg, kind: str, batch: int, images_2d: int = 4, text_len: int | None = None):
+  """(images shape, text length) of a global batch of `kind` '2d' or '3d'."""
+  d = cfg.data
+  length = text_len or max(d.text_lengths)
+  if kind == '2d':
+    return (batch, images_2d, 3, d.image_size_2d, d.image_size_2d, 4), length
+  return (batch, 1, 3, d.image_size_3d_single, d.image_size_3d_single, max(d.depth_buckets)), length
+
+
+def abstract_batch(images_shape, length, sharding):
+  import jax
+  import jax.numpy as jnp
+  b, s = images_shape[:2]
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return {'images': sds(images_shape, jnp.float32), 'image_mask': sds((b, s), jnp.bool_),
+          'tokens': sds((b, length), jnp.int32), 'attention_mask': sds((b, length), jnp.int32),
+          'labels': sds((b, length), jnp.int32), 'loss_weights': sds((b, length), jnp.float32)}
+
+
+def _needed_bytes(message: str) -> float | None:
+  m = re.search(r'[Uu]sed\s+([\d.]+)([KMGT])\b', message) or re.search(
+      r'([\d.]+)([KMGT])i?B? of [\d.]+[KMGT]i?B? hbm', message)
+  if not m:
+    return None
+  return float(m.group(1)) * {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}[m.group(2)]
+
+
+def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
+              text_len: int | None = None, devices=None) -> dict:
+  """Compiles the train step for one batch kind on the config's TPU topology; returns a report."""
+  import jax
+  from jax.experimental import topologies
+
+  from radfm_jax import sharding
+  from radfm_jax.train import loop
+  from radfm_jax.train import metrics as metrics_lib
+  from radfm_jax.train import step as step_lib
+
+  if devices is None:
+    if not cfg.mesh.topology:
+      raise ValueError(f'mesh preset {cfg.mesh.preset!r} has no mesh.topology: pick a tpu_* preset')
+    devices = topologies.get_topology_desc(platform='tpu',
+                                           topology_name=cfg.mesh.topology).devices
+  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  n = mesh.devices.size
+  batch = batch or n
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if batch % shards:
+    raise ValueError(f'global batch {batch} does not split over data x fsdp = {shards} devices')
+  mesh, rules, graphdef, tx, abs_state, shardings = loop.build(cfg, mesh)
+  images_shape, length = batch_shapes(cfg, kind, batch, images_2d, text_len)
+  batch_abs = abstract_batch(images_shape, length, step_lib.batch_sharding(mesh))
+  step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings, mesh,
+                                 rules)
+  model_flops = metrics_lib.train_step_flops(cfg.model, batch, images_shape[1], images_shape[3:],
+                                             length)
+  hw_flops = metrics_lib.train_step_flops(cfg.model, batch, images_shape[1], images_shape[3:],
+                                          length, with_remat=True)
+  report = {'topology': cfg.mesh.topology, 'devices': n, 'device_kind': devices[0].device_kind,
+            'mesh': dict(mesh.shape), 'rules': cfg.mesh.rules, 'kind': kind,
+            'global_batch': batch, 'per_chip_batch': batch / n, 'images_shape': list(images_shape),
+            'text_len': length, 'remat_policy': cfg.model.remat_policy,
+            'compute_dtype': cfg.model.compute_dtype, 'param_dtype': cfg.model.param_dtype,
+            'hbm_gib': cfg.mesh.hbm_gib, 'flops_per_step': model_flops,
+            'flops_per_step_with_remat': hw_flops, 'flops_per_chip': model_flops / n}
+  start = time.perf_counter()
+  try:
+    compiled = step.lower(abs_state, batch_abs).compile()
+  except Exception as e:   # libtpu: RESOURCE_EXHAUSTED = does not fit
+    text = str(e)
+    if 'RESOURCE_EXHAUSTED' not in text and 'memory' not in text.lower():
+      raise
+    report.update(compile_s=time.perf_counter() - start, fits=False, error=text[:2000],
+                  needed_bytes=_needed_bytes(text))
+    return report
+  report['compile_s'] = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  fields = {'argument_bytes': 'argument_size_in_bytes', 'output_bytes': 'output_size_in_bytes',
+            'temp_bytes': 'temp_size_in_bytes', 'alias_bytes': 'alias_size_in_bytes',
+            'code_bytes': 'generated_code_size_in_bytes', 'peak_bytes': 'peak_memory_in_bytes'}
+  for key, attr in fields.items():
+    report[key] = int(getattr(mem, attr, 0) or 0) if mem is not None else 0
+  total = report['argument_bytes'] + report['output_bytes'] + report['temp_bytes'] - report[
+      'alias_bytes']
+  report['sum_bytes'] = total
+  peak = report['peak_bytes'] or total
+  report['fits'] = bool(cfg.mesh.hbm_gib <= 0 or peak <= cfg.mesh.hbm_gib * GIB)
+  return report
+
+
+def format_report(r: dict) -> str:
+  g = lambda b: f'{(b or 0) / GIB:.2f} GiB'
+  head = (f"{r['topology']} ({r['devices']} x {r['device_kind']}, mesh {r['mesh']}, "
+          f"{r['rules']}) {r['kind']} batch {r['global_batch']} "
+          f"({r['per_chip_batch']:g}/chip), images {r['images_shape'][1:]}, text {r['text_len']}, "
+          f"remat {r['remat_policy']}, {r['compute_dtype']} compute")
+  flops = (f"  FLOPs/step {r['flops_per_step']:.3e} (with remat recompute "
+           f"{r['flops_per_step_with_remat']:.3e}); per chip {r['flops_per_chip']:.3e}")
+  if 'error' in r:
+    need = f" (needed {g(r['needed_bytes'])})" if r.get('needed_bytes') else ''
+    return (f"{head}\n{flops}\n  compile refused: RESOURCE_EXHAUSTED{need} -> DOES NOT FIT "
+            f"in {r['hbm_gib']} GiB/chip")
+  verdict = 'FITS' if r['fits'] else 'DOES NOT FIT'
+  return (f"{head}\n{flops}\n  per chip: arguments {g(r['argument_bytes'])}, outputs "
+          f"{g(r['output_bytes'])}, temp {g(r['temp_bytes'])}, aliased {g(r['alias_bytes'])}, "
+          f"compiler peak {g(r['peak_bytes'])}\n  -> {verdict} in {r['hbm_gib']} GiB/chip "
+          f"(compiled in {r['compile_s']:.1f} s)")
+
+
+def add_arguments(parser):
+  from radfm_jax.train.loop import add_override_arguments
+  parser.add_argument('--config', required=True,
+                      help='configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128')
+  parser.add_argument('--batch_2d', type=int, default=None,
+                      help='global 2D batch (samples); default one per chip')
+  parser.add_argument('--batch_3d', type=int, default=None,
+                      help='global 3D batch (samples); default one per chip')
+  parser.add_argument('--images_2d', type=int, default=4, help='images per 2D sample')
+  parser.add_argument('--text_len', type=int, default=None,
+                      help='text length (default max data.text_lengths)')
+  parser.add_argument('--kinds', default=None,
+                      help="comma list of '2d','3d' (default: those given by --batch_*, else both)")
+  parser.add_argument('--json', default=None, help='append the reports as JSON lines here')
+  add_override_arguments(parser)
+
+
+def run(args) -> int:
+  from radfm_jax.config import load_config
+  from radfm_jax.train.loop import overrides_from_args
+  cfg = load_config(args.config, overrides_from_args(args))
+  if not cfg.mesh.topology:
+    print(f'radfm-jax aot: mesh preset {cfg.mesh.preset!r} names no TPU topology; use a tpu_* '
+          'preset', file=sys.stderr)
+    return 2
+  set_tpu_env(cfg.mesh.topology)
+  if args.kinds:
+    kinds = args.kinds.split(',')
+  else:
+    kinds = [k for k, b in (('2d', args.batch_2d), ('3d', args.batch_3d)) if b] or ['2d', '3d']
+  all_fit = True
+  for kind in kinds:
+    batch = args.batch_2d if kind == '2d' else args.batch_3d
+    report = fit_check(cfg, kind, batch, images_2d=args.images_2d, text_len=args.text_len)
+    print(format_report(report), flush=True)
+    all_fit &= report['fits']
+    if args.json:
+      with open(args.json, 'a') as f:
+        f.write(json.dumps(report) + '\n')
+  return 0 if all_fit else 1
+
+
+__all__ = ['accelerator_type', 'add_arguments', 'batch_shapes', 'fit_check', 'format_report',
+           'run', 'set_tpu_env']
