@@ -328,21 +328,20 @@ def torch_to_ours(table: Sequence[Entry], reader, our_shapes: dict[str, tuple[in
       reader.release(key)
 
 
-def ours_to_torch(table: Sequence[Entry], get_leaf: Callable[[str], np.ndarray],
+def ours_to_torch(table: Sequence[Entry], get_leaf: Callable[[str, int | None], np.ndarray],
                   num_layers: dict[str, int], include_aliases: bool = True,
                   ) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (torch key, array) in table order. `get_leaf(path)` returns one whole (stacked) leaf;
-  leaves are fetched per entry and dropped once its layers are out."""
+  """Yields (torch key, array) in table order (the order of `keymap.expected_keys`).
+
+  `get_leaf(path, i)` returns layer i of a stacked leaf, or the whole leaf for i None, so one layer
+  of one parameter kind is in memory at a time.
+  """
   for entry in table:
     if entry.kind == 'alias' and not include_aliases:
       continue
-    leaves = [get_leaf(p) for p in entry.ours]
-    if entry.stacked:
-      for i in range(num_layers[entry.ours[0]]):
-        yield entry.key(i), keymap.to_torch(entry, [leaf[i] for leaf in leaves])
-    else:
-      yield entry.key(), keymap.to_torch(entry, leaves)
-    del leaves
+    layers = range(num_layers[entry.ours[0]]) if entry.stacked else [None]
+    for i in layers:
+      yield entry.key(i), keymap.to_torch(entry, [get_leaf(p, i) for p in entry.ours])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,7 +412,8 @@ def state_dict_of(module, table: Sequence[Entry]) -> dict[str, np.ndarray]:
   from flax import nnx
   flat = flat_params(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
   layers = stacked_layers(table, {p: tuple(v.shape) for p, v in flat.items()})
-  return dict(ours_to_torch(table, lambda p: np.asarray(flat[p]), layers))
+  return dict(ours_to_torch(
+      table, lambda p, i: np.asarray(flat[p] if i is None else flat[p][i]), layers))
 
 
 def read_json(path: str) -> dict | None:

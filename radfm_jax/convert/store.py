@@ -168,36 +168,47 @@ def read_config(directory: str) -> ModelConfig:
 # Reading
 
 
+_ITEMS = ('params', 'state', 'model', 'default')
+
+
 def params_dir(directory: str) -> str:
-  """The Orbax PyTree folder holding the parameters under `directory`: `params/`, the folder itself,
-  or the latest numbered step of a CheckpointManager run (its `params`/`model`/`state` item)."""
+  """The Orbax PyTree folder holding the parameters under `directory`: a converted checkpoint's
+  `params/`, a PyTree checkpoint itself, a step folder's item (`state`, ...), or the latest step of a
+  CheckpointManager run (also under `checkpoints/`, the training workdir layout)."""
   directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, PARAMS_DIR)):
-    return os.path.join(directory, PARAMS_DIR)
-  if os.path.exists(os.path.join(directory, '_METADATA')):
-    return directory
-  steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
-  for step in steps:
-    for item in ('params', 'model', 'state', 'default'):
-      candidate = os.path.join(directory, str(step), item)
-      if os.path.exists(os.path.join(candidate, '_METADATA')):
-        return candidate
+
+  def has_tree(d):
+    return os.path.exists(os.path.join(d, '_METADATA'))
+
+  for root in (directory, os.path.join(directory, 'checkpoints')):
+    if not os.path.isdir(root):
+      continue
+    if has_tree(root):
+      return root
+    for item in _ITEMS:
+      if has_tree(os.path.join(root, item)):
+        return os.path.join(root, item)
+    steps = sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True)
+    for step in steps:
+      for item in _ITEMS:
+        if has_tree(os.path.join(root, str(step), item)):
+          return os.path.join(root, str(step), item)
   raise FileNotFoundError(f'{directory}: no Orbax parameter checkpoint found (expected params/, a '
-                          'PyTree checkpoint, or numbered steps)')
+                          'PyTree checkpoint, a step item or numbered steps)')
 
 
-def _subtree_prefix(directory: str) -> tuple[str, ...]:
-  """Keys to descend from the checkpoint root to the parameter dict ('model' for {'model': ...,
-  'opt': ...} trees; '' for a bare parameter dict)."""
+def _tree_layout(directory: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(prefix, suffix) of the parameter keys in a PyTree checkpoint: () / () for a bare parameter
+  dict, ('params',) / ('value',) for a TrainState holding an `nnx.State` (whose Variables flatten
+  to a trailing 'value'), ('model',) / () for {'model': params, ...}."""
   with open(os.path.join(directory, '_METADATA')) as f:
     tree = json.load(f)['tree_metadata']
-  firsts = {v['key_metadata'][0]['key'] for v in tree.values()}
-  if 'llama' in firsts:
-    return ()
-  for name in ('model', 'params'):
-    if name in firsts:
-      return (name,)
-  raise ValueError(f'{directory}: no parameter tree (top-level keys {sorted(firsts)})')
+  for entry in tree.values():
+    keys = tuple(str(k['key']) for k in entry['key_metadata'])
+    if 'llama' in keys:
+      start = keys.index('llama')
+      return keys[:start], (('value',) if keys[-1] == 'value' else ())
+  raise ValueError(f'{directory}: no RadFM parameters in this checkpoint (no llama/... keys)')
 
 
 def _nest(prefix: tuple[str, ...], tree):
@@ -207,12 +218,13 @@ def _nest(prefix: tuple[str, ...], tree):
 
 
 def _restore(directory: str, target: dict, as_numpy: bool):
-  """Partial Orbax restore of the (nested) `target` of ShapeDtypeStructs."""
+  """Partial Orbax restore of the (nested) `target` of ShapeDtypeStructs; returns that structure."""
   import jax
   import orbax.checkpoint as ocp
 
-  prefix = _subtree_prefix(directory)
-  item = _nest(prefix, target)
+  prefix, suffix = _tree_layout(directory)
+  flat = flat_params(target)
+  item = _nest(prefix, unflatten({p + ''.join('/' + s for s in suffix): v for p, v in flat.items()}))
 
   def args_for(sds):
     if as_numpy:
@@ -224,11 +236,19 @@ def _restore(directory: str, target: dict, as_numpy: bool):
       item=item, restore_args=restore_args, partial_restore=True))
   for name in prefix:
     out = out[name]
-  return out
+  out = flat_params(out)
+  return unflatten({p: out[p + ''.join('/' + s for s in suffix)] for p in flat})
 
 
 class LeafReader:
-  """Reads one parameter leaf at a time from an Orbax checkpoint, as numpy (for `to-torch`)."""
+  """Reads parameters from an Orbax checkpoint as numpy, one layer of one leaf at a time.
+
+      leaf = LeafReader('ckpt/', cfg); leaf('llama/layers/gate/kernel', 3)   # [hidden, mlp]
+
+  Leaves are opened with TensorStore at the spec Orbax wrote them with (zarr or zarr3, plain files
+  or OCDBT, from the checkpoint's `_METADATA`), which allows reading a slice; if that fails, the
+  whole leaf is restored through Orbax.
+  """
 
   def __init__(self, directory: str, cfg: ModelConfig):
     from flax import nnx
@@ -237,16 +257,42 @@ class LeafReader:
     self.directory = params_dir(directory)
     _, state = abstract_model(cfg)
     self.abstract = flat_params(nnx.to_pure_dict(state))
+    self._prefix, self._suffix = _tree_layout(self.directory)
+    with open(os.path.join(self.directory, '_METADATA')) as f:
+      meta = json.load(f)
+    self._ocdbt, self._zarr3 = meta.get('use_ocdbt', True), meta.get('use_zarr3', False)
+    self._open = {}
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
     return {p: tuple(v.shape) for p, v in self.abstract.items()}
 
-  def __call__(self, path: str) -> np.ndarray:
+  def _tensorstore(self, path: str):
+    import tensorstore as ts
+    if path not in self._open:
+      name = '.'.join(self._prefix + tuple(path.split('/')) + self._suffix)
+      if self._ocdbt:
+        kv = {'driver': 'ocdbt', 'base': f'file://{self.directory}', 'path': name}
+      else:
+        kv = {'driver': 'file', 'path': os.path.join(self.directory, name)}
+      try:
+        self._open[path] = ts.open({'driver': 'zarr3' if self._zarr3 else 'zarr', 'kvstore': kv},
+                                   open=True, read=True).result()
+      except Exception:   # noqa: BLE001  (any layout we cannot open directly: use Orbax)
+        self._open[path] = None
+    return self._open[path]
+
+  def __call__(self, path: str, index: int | None = None) -> np.ndarray:
     import jax
     sds = self.abstract[path]
-    out = _restore(self.directory, unflatten({path: jax.ShapeDtypeStruct(sds.shape, sds.dtype)}),
-                   as_numpy=True)
-    return np.asarray(flat_params(out)[path])
+    array = self._tensorstore(path)
+    if array is not None and tuple(array.shape) == tuple(sds.shape):
+      out = (array if index is None else array[index]).read().result()
+    else:
+      whole = _restore(self.directory, unflatten({path: jax.ShapeDtypeStruct(sds.shape, sds.dtype)}),
+                       as_numpy=True)
+      out = flat_params(whole)[path]
+      out = out if index is None else out[index]
+    return np.asarray(out).astype(sds.dtype, copy=False)
 
 
 def load_checkpoint(directory: str, mesh=None, rules=None):
