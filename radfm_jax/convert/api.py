@@ -150,7 +150,11 @@ def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dt
 def to_torch(checkpoint: str, out: str, *, include_alias: bool = True) -> list[str]:
   """Orbax checkpoint -> official state dict (`.bin` via torch.save, or `.safetensors`), with the
   official key names: `embedding_layer.weight` included (shared with embed_tokens in `.bin`),
-  dead-branch keys and `inv_freq` buffers not. Returns the keys written."""
+  dead-branch keys and `inv_freq` buffers not. Returns the keys written.
+
+  `.safetensors` is streamed (one layer of one tensor in memory); `torch.save` needs the whole
+  state dict, so a `.bin` output holds the model in host memory once.
+  """
   cfg = store.read_config(checkpoint)
   leaf = store.LeafReader(checkpoint, cfg)
   shapes = leaf.shapes()
@@ -161,17 +165,15 @@ def to_torch(checkpoint: str, out: str, *, include_alias: bool = True) -> list[s
                                   shapes, layers)
   key_dtype = {e.key(i): dtypes[e.ours[0]] for e in table
                for i in (range(layers[e.ours[0]]) if e.stacked else [None])}
-  stream = engine.ours_to_torch(table, leaf, layers, include_aliases=include_alias)
   if out.endswith('.safetensors'):
+    stream = engine.ours_to_torch(table, leaf, layers, include_aliases=include_alias)
     _write_safetensors(out, {k: (s, key_dtype[k]) for k, s in expected.items()}, stream)
     return list(expected)
   import torch
-  state = {}
-  for key, array in stream:
-    if key == 'embedding_layer.weight':
-      state[key] = state['lang_model.model.embed_tokens.weight']   # one storage, as the original
-      continue
-    state[key] = _to_tensor(array)
+  state = {key: _to_tensor(array)
+           for key, array in engine.ours_to_torch(table, leaf, layers, include_aliases=False)}
+  if include_alias:   # one storage shared by both names, as in the original model
+    state['embedding_layer.weight'] = state['lang_model.model.embed_tokens.weight']
   torch.save(state, out)
   return list(state)
 
