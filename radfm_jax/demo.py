@@ -1,0 +1,376 @@
+"""`radfm-jax demo`: build the embedded demo data, train `small` on CPU, evaluate, generate.
+
+    radfm-jax demo                       # the full demo into demo_out/ (about 15 minutes on 2 cores)
+    radfm-jax demo --quick --out /tmp/q  # tiny model, tiny data, a few steps (the end-to-end test)
+
+Steps (each prints one line; outputs in --out):
+  1. data/       the demo dataset (radfm_jax.data.demo): augmented copies of real scans shipped in
+                 pydicom / pydicom-data / nibabel / nilearn, and 3D phantoms with known lesions;
+                 samples.jsonl with train / heldout splits.
+  2. store/      `ingest` of samples.jsonl into a VolumeStore.
+  3. tokenizer.model  SentencePiece trained on the demo texts (vocab = model.llama.vocab_size).
+  4. train/      the project's training loop (progress bar, metrics.jsonl, Orbax checkpoint at the
+                 end). Training stops at train.steps or when --time-budget seconds have passed.
+  5. Evaluation of the held-out split with the checkpoint restored from disk: every held-out
+     question is answered by greedy generation (KV-cache decoding, stop at </s>). Closed questions
+     score normalised exact match (radfm_jax.eval.metrics.closed_accuracy) against chance =
+     1 / number of options; reports score ROUGE-L. predictions.jsonl holds every answer.
+  6. loss_curve.png, summary.json, and one generated answer for a held-out scan on stdout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+DEFAULT_CONFIG = 'configs/demo.py'
+
+
+class TimeBudget:
+  """Wraps a batch iterator and ends it (StopIteration) once `seconds` have passed, so the training
+  loop stops at a step boundary and writes its final checkpoint."""
+
+  def __init__(self, iterator, seconds: float | None):
+    self.iterator = iterator
+    self.deadline = None if not seconds else time.monotonic() + seconds
+    self.expired = False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.deadline is not None and time.monotonic() > self.deadline:
+      self.expired = True
+      raise StopIteration
+    return next(self.iterator)
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
+
+
+def _log(msg: str):
+  print(f'[demo] {msg}', file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps
+
+
+def build_data(out: str, quick: bool, seed: int, rebuild: bool) -> tuple[str, dict, bool]:
+  """(data folder, dataset summary, whether it was (re)built now)."""
+  from radfm_jax.data import demo as demo_data
+  sizes = demo_data.DemoSizes.quick() if quick else demo_data.DemoSizes()
+  data_dir = os.path.join(out, 'data')
+  stamp = json.dumps({'sizes': dataclasses.asdict(sizes), 'seed': seed}, sort_keys=True)
+  stamp_path = os.path.join(data_dir, 'build.json')
+  if not rebuild and os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
+    with open(os.path.join(data_dir, 'dataset.json')) as f:
+      _log(f'data: reusing {data_dir}')
+      return data_dir, json.load(f), False
+  shutil.rmtree(data_dir, ignore_errors=True)
+  summary = demo_data.build_demo_dataset(data_dir, sizes, seed=seed, log=sys.stderr)
+  with open(stamp_path, 'w') as f:
+    f.write(stamp)
+  return data_dir, summary, True
+
+
+def ingest_data(out: str, data_dir: str, rebuilt: bool) -> tuple[str, dict]:
+  from radfm_jax.data.ingest import ingest
+  store_dir = os.path.join(out, 'store')
+  if rebuilt:
+    shutil.rmtree(store_dir, ignore_errors=True)
+  report = ingest(os.path.join(data_dir, 'samples.jsonl'), store_dir, strict=True)
+  return store_dir, {'stored': len(report.stored), 'already_stored': len(report.skipped),
+                     'rejected': len(report.rejects), 'samples': report.samples}
+
+
+def train_tokenizer(out: str, records: list[dict], vocab_size: int) -> str:
+  from radfm_jax.data import demo as demo_data
+  from radfm_jax.data.tokenizer import train_sentencepiece
+  path = os.path.join(out, 'tokenizer.model')
+  train_sentencepiece(demo_data.corpus_lines(records), path, vocab_size=vocab_size)
+  return path
+
+
+def _batch_for_generation(records, store, tokenizer, cfg, rows: int):
+  """Held-out records -> left-padded prompts + prepared images (padded to `rows` with copies)."""
+  import numpy as np
+  from radfm_jax.data import prompts, transforms
+  from radfm_jax.infer.generate import left_pad
+  prompt_ids, images, masks = [], [], []
+  for rec in records + [records[-1]] * (rows - len(records)):
+    q, _, n_img = prompts.format_sample(rec, cfg.model.perceiver.num_latents, cfg.data.max_images)
+    ims = rec['images'][:n_img]
+    arrays = [store.read(im['id']) for im in ims]
+    depths = [int(im['shape'][3]) for im in ims]
+    kind = '3d' if any(d > 1 for d in depths) else '2d'
+    bs = cfg.data.batch_size_3d if kind == '3d' else cfg.data.batch_size_2d
+    shape = transforms.sample_shape(depths, cfg.data, bs)
+    slots = np.zeros((cfg.data.max_images, 3) + tuple(shape), np.float32)
+    transforms.prepare_images(arrays, [im.get('modality', '') for im in ims], shape, cfg.data,
+                              out=slots)
+    mask = np.zeros(cfg.data.max_images, bool)
+    mask[:len(arrays)] = True
+    prompt_ids.append(tokenizer.encode(q))
+    images.append(slots)
+    masks.append(mask)
+  tokens, attention = left_pad(prompt_ids, multiple=64)
+  return tokens, attention, np.stack(images), np.stack(masks)
+
+
+def answer_heldout(model, records, store, tokenizer, cfg, batch_rows: int = 16,
+                   max_new_tokens: int | None = None) -> list[str]:
+  """Greedy answers for `records`, grouped by image shape so each group is one compiled program."""
+  from radfm_jax.infer.generate import generate_ids
+  max_new = max_new_tokens or cfg.generate.max_new_tokens
+  groups: dict = {}
+  for i, rec in enumerate(records):
+    depth = max(int(im['shape'][3]) for im in rec['images'])
+    groups.setdefault(depth > 1, []).append(i)
+  answers = [''] * len(records)
+  for idx in groups.values():
+    for start in range(0, len(idx), batch_rows):
+      chunk = idx[start:start + batch_rows]
+      tokens, attention, images, image_mask = _batch_for_generation(
+          [records[i] for i in chunk], store, tokenizer, cfg, batch_rows)
+      out = generate_ids(model, tokens, attention, images, image_mask,
+                         max_new_tokens=max_new, stop_ids=tuple(cfg.generate.stop_ids))
+      for i, seq in zip(chunk, out.sequences()):
+        answers[i] = tokenizer.decode(seq).strip()
+  return answers
+
+
+def score(records: list[dict], answers: list[str]) -> dict:
+  """Closed accuracy (with chance) per family/task and overall; ROUGE-L of open answers."""
+  from radfm_jax.eval.metrics import closed_accuracy, closed_match, rouge_l
+  out = {'closed': {}, 'open': {}}
+  groups: dict = {}
+  for rec, ans in zip(records, answers):
+    key = f"{rec['family']}/{rec['task']}"
+    if rec.get('kind') == 'closed':
+      key = f"{key}:{'/'.join(rec['options'])}"
+    groups.setdefault((rec.get('kind'), key), []).append((rec, ans))
+  closed_all = []
+  for (kind, key), items in sorted(groups.items()):
+    preds = [a for _, a in items]
+    refs = [r['answer'] for r, _ in items]
+    if kind == 'closed':
+      chance = sum(1.0 / len(r['options']) for r, _ in items) / len(items)
+      out['closed'][key] = {'n': len(items), 'accuracy': closed_accuracy(preds, refs),
+                            'chance': chance,
+                            'answered_an_option': sum(
+                                any(closed_match(a, o) for o in r['options'])
+                                for r, a in items) / len(items)}
+      closed_all += items
+    else:
+      out['open'][key] = {'n': len(items), 'rouge_l': rouge_l(preds, refs),
+                          'exact': sum(a.strip() == r['answer'].strip() for r, a in items) / len(items)}
+  if closed_all:
+    for family in ('phantom', 'real', None):
+      items = [(r, a) for r, a in closed_all if family is None or r['family'] == family]
+      if not items:
+        continue
+      name = 'all' if family is None else family
+      out['closed_' + name] = {
+          'n': len(items),
+          'accuracy': closed_accuracy([a for _, a in items], [r['answer'] for r, _ in items]),
+          'chance': sum(1.0 / len(r['options']) for r, _ in items) / len(items)}
+  opens = [(r, a) for r, a in zip(records, answers) if r.get('kind') != 'closed']
+  if opens:
+    out['rouge_l'] = rouge_l([a for _, a in opens], [r['answer'] for r, _ in opens])
+  return out
+
+
+def plot_losses(losses: dict, path: str, title: str):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  steps = sorted(losses)
+  values = [losses[s] for s in steps]
+  smooth, ema = [], None
+  for v in values:
+    ema = v if ema is None else 0.9 * ema + 0.1 * v
+    smooth.append(ema)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(steps, values, alpha=0.35, label='train loss (per step)')
+  ax.plot(steps, smooth, label='EMA 0.9')
+  ax.set_xlabel('step')
+  ax.set_ylabel('token-mean cross-entropy')
+  ax.set_yscale('log')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser):
+  parser.add_argument('--out', default='demo_out', help='output folder (default demo_out/)')
+  parser.add_argument('--config', default=None,
+                      help=f'experiment config (default {DEFAULT_CONFIG}; '
+                      f'{DEFAULT_CONFIG}:model=tiny with --quick)')
+  parser.add_argument('--steps', type=int, default=None, help='optimizer steps (train.steps)')
+  parser.add_argument('--time-budget', type=float, default=900.0,
+                      help='stop training after this many seconds (default 900; 0 = no limit)')
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny model, tiny dataset, 20 steps: a one-minute smoke run')
+  parser.add_argument('--seed', type=int, default=0, help='data and model seed')
+  parser.add_argument('--rebuild', action='store_true', help='rebuild the dataset even if present')
+  parser.add_argument('--resume', action='store_true',
+                      help='continue from the checkpoint in OUT/train (default: train afresh)')
+  parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+  from radfm_jax.train.loop import add_override_arguments
+  add_override_arguments(parser)
+
+
+def run(args) -> int:
+  t_start = time.perf_counter()
+  out = os.path.abspath(args.out)
+  os.makedirs(out, exist_ok=True)
+  timings = {}
+
+  # 1-2. data + ingest (no JAX needed yet)
+  t = time.perf_counter()
+  data_dir, data_summary, rebuilt = build_data(out, args.quick, args.seed, args.rebuild)
+  timings['build_data_s'] = time.perf_counter() - t
+  t = time.perf_counter()
+  store_dir, ingest_summary = ingest_data(out, data_dir, rebuilt)
+  timings['ingest_s'] = time.perf_counter() - t
+
+  # 3. config + tokenizer
+  from radfm_jax.config import load_config
+  from radfm_jax.data.store import VolumeStore
+  from radfm_jax.train.loop import overrides_from_args
+  spec = args.config or (f'{DEFAULT_CONFIG}:model=tiny' if args.quick else DEFAULT_CONFIG)
+  overrides = [f'seed={args.seed}']
+  if args.quick:
+    overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',
+                  'data.batch_size_2d=4', 'data.batch_size_3d=4', 'generate.max_new_tokens=12']
+  if args.steps:
+    overrides += [f'train.steps={args.steps}']
+  overrides += overrides_from_args(args)
+  base_cfg = load_config(spec, overrides)
+  store = VolumeStore(store_dir)
+  records = store.manifest()
+  t = time.perf_counter()
+  tok_path = train_tokenizer(out, records, base_cfg.model.llama.vocab_size)
+  timings['tokenizer_s'] = time.perf_counter() - t
+  cfg = load_config(spec, overrides + [f'data.store={store_dir}', f'data.tokenizer={tok_path}'])
+  if cfg.train.warmup_steps >= cfg.train.steps:
+    cfg = load_config(spec, overrides + [f'data.store={store_dir}', f'data.tokenizer={tok_path}',
+                                         f'train.warmup_steps={max(cfg.train.steps // 10, 0)}'])
+  train_records = [r for r in records if r['split'] == 'train']
+  heldout = [r for r in records if r['split'] == 'heldout']
+  _log(f'{len(train_records)} train / {len(heldout)} held-out samples; tokenizer '
+       f'{cfg.model.llama.vocab_size} pieces; model {cfg.model.size}')
+
+  # 4. training
+  import jax
+  import numpy as np
+  from flax import nnx
+  from radfm_jax.data.pipeline import make_dataset
+  from radfm_jax.data.tokenizer import Tokenizer
+  from radfm_jax.models.radfm import count_params
+  from radfm_jax.train import loop
+  from radfm_jax.train.checkpoint import Checkpointer
+  tokenizer = Tokenizer(tok_path, max_images=cfg.model.max_images,
+                        num_latents=cfg.model.perceiver.num_latents)
+  workdir = os.path.join(out, 'train')
+  if not args.resume:
+    shutil.rmtree(workdir, ignore_errors=True)
+  ds = make_dataset(cfg.data, cfg.model, store, tokenizer, seed=cfg.seed, records=train_records)
+  data = TimeBudget(iter(ds), args.time_budget)
+  mesh, rules, graphdef, tx, abs_state, _ = loop.build(cfg)
+  n_params = count_params(abs_state.params)
+  _log(f'training {cfg.model.size} ({n_params / 1e6:.1f}M parameters) for {cfg.train.steps} steps '
+       f'(batch {cfg.data.batch_size_3d}; time budget {args.time_budget:.0f} s) on '
+       f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
+  t = time.perf_counter()
+  result = loop.train(cfg, workdir, data=data, progress=not args.no_progress)
+  timings['train_s'] = time.perf_counter() - t
+  losses = dict(result.losses)
+  loss_first = float(np.mean([losses[s] for s in sorted(losses)[:10]])) if losses else math.nan
+  loss_last = float(np.mean([losses[s] for s in sorted(losses)[-10:]])) if losses else math.nan
+  _log(f'trained {result.step} steps in {timings["train_s"]:.0f} s '
+       f'({"stopped by the time budget" if data.expired else result.status}); loss '
+       f'{loss_first:.3f} (first 10 steps) -> {loss_last:.3f} (last 10); checkpoint step '
+       f'{result.last_checkpoint} in {workdir}/checkpoints')
+
+  # 5. held-out evaluation, from the checkpoint on disk
+  t = time.perf_counter()
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  state, _ = ckpt.restore(result.last_checkpoint, abs_state)
+  ckpt.close()
+  model = nnx.merge(graphdef, state.params)
+  answers = answer_heldout(model, heldout, store, tokenizer, cfg)
+  metrics = score(heldout, answers)
+  timings['eval_s'] = time.perf_counter() - t
+  with open(os.path.join(out, 'predictions.jsonl'), 'w') as f:
+    for rec, ans in zip(heldout, answers):
+      f.write(json.dumps({'id': rec['id'], 'family': rec['family'], 'task': rec['task'],
+                          'kind': rec.get('kind'), 'question': rec['question'],
+                          'reference': rec['answer'], 'prediction': ans}) + '\n')
+
+  # 6. outputs
+  plot_losses(losses, os.path.join(out, 'loss_curve.png'),
+              f'radfm-jax demo: {cfg.model.size}, {result.step} steps')
+  example = next((i for i, r in enumerate(heldout)
+                  if r['family'] == 'phantom' and r['task'] == 'report' and r['label']['lesion']),
+                 0)
+  rec = heldout[example]
+  timings['total_s'] = time.perf_counter() - t_start
+  summary = {
+      'model': cfg.model.size, 'parameters': n_params, 'steps': result.step,
+      'stopped_by_time_budget': data.expired, 'batch_size': cfg.data.batch_size_3d,
+      'loss_first10': loss_first, 'loss_last10': loss_last,
+      'checkpoint': os.path.join(workdir, 'checkpoints', str(result.last_checkpoint)),
+      'dataset': {'splits': data_summary['splits'], 'by_task': data_summary['by_task'],
+                  'sources': [s['name'] for s in data_summary['sources']],
+                  'missing_sources': data_summary['missing_sources']},
+      'ingest': ingest_summary, 'metrics': metrics, 'timings': timings,
+      'example': {'id': rec['id'], 'question': rec['question'], 'reference': rec['answer'],
+                  'prediction': answers[example]},
+  }
+  with open(os.path.join(out, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  _print_report(summary, out)
+  return 0
+
+
+def _print_report(s: dict, out: str):
+  m = s['metrics']
+  lines = ['', '=== radfm-jax demo ===',
+           f"model {s['model']} ({s['parameters'] / 1e6:.1f}M params), {s['steps']} steps in "
+           f"{s['timings']['train_s']:.0f} s; loss {s['loss_first10']:.3f} -> {s['loss_last10']:.3f}",
+           'held-out closed questions (greedy generation, normalised exact match):']
+  for key, v in m['closed'].items():
+    lines.append(f"  {key:60s} n={v['n']:3d}  accuracy {v['accuracy']:.3f}  (chance {v['chance']:.3f})")
+  for name in ('phantom', 'real', 'all'):
+    v = m.get('closed_' + name)
+    if v:
+      lines.append(f"  {'ALL ' + name:60s} n={v['n']:3d}  accuracy {v['accuracy']:.3f}  "
+                   f"(chance {v['chance']:.3f})")
+  for key, v in m['open'].items():
+    lines.append(f"held-out {key}: n={v['n']} ROUGE-L {v['rouge_l']:.3f}")
+  ex = s['example']
+  lines += ['', f"held-out scan {ex['id']}:", f"  Q: {ex['question']}",
+            f"  generated: {ex['prediction']}", f"  reference: {ex['reference']}", '',
+            f'outputs: {out}/summary.json, loss_curve.png, predictions.jsonl, '
+            f'train/checkpoints/']
+  print('\n'.join(lines), flush=True)
+
+
+__all__ = ['TimeBudget', 'add_arguments', 'answer_heldout', 'run', 'score']
