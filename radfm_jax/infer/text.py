@@ -1,0 +1,178 @@
+"""Text in, text out: prompts with `<image>` markers + scans -> generated answers.
+
+    text = generate(model, tok, prompt='Is there a lesion? <image>', images=[vol])
+    texts = generate_batch(model, tok, prompts=[p1, p2], images=[[vol1], [vol2, vol3]])
+
+Each bare `<image>` marker in a prompt is replaced by the block of image i (in marker order):
+`<image>` + `<image{n*i}>`..`<image{n*i+n-1}>` + `</image>` (n = model.cfg.perceiver.num_latents).
+A prompt without markers gets its images at the front (the original's position 0). A prompt that
+already holds full blocks (e.g. from `prompts.format_sample`) is used as is. Images are
+preprocessed deterministically with the data pipeline's own code (`transforms.prepare_images`:
+intensity policy + nearest resize to the RadFM shape bucket), then the batch is left-padded and
+decoded on device by `generate_ids`; the new tokens are decoded skipping special ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+
+from radfm_jax.config import DataConfig, ModelConfig
+from radfm_jax.data import prompts as prompts_lib
+from radfm_jax.data import transforms
+from radfm_jax.infer.generate import SamplingConfig, generate_ids, left_pad
+
+_MARKER = '<image>'
+_LATENT = re.compile(r'<image\d+>')
+
+
+def data_config_for(model_cfg: ModelConfig, base: DataConfig | None = None) -> DataConfig:
+  """The DataConfig defaults clamped to what the model's vision tower takes (its position tables
+  cover image_size x image_size x frames), so small models get small buckets."""
+  base = base or DataConfig()
+  v = model_cfg.vision
+  buckets = tuple(b for b in base.depth_buckets if b <= v.frames) or (v.frame_patch_size,)
+  return dataclasses.replace(base, image_size_2d=min(base.image_size_2d, v.image_size),
+                             image_size_3d_single=min(base.image_size_3d_single, v.image_size),
+                             depth_buckets=buckets)
+
+
+def place_image_markers(prompt: str, num_images: int, num_latents: int = 32) -> str:
+  """Expands the `<image>` markers of `prompt` into image blocks (see module doc).
+
+  Raises ValueError when the marker count and `num_images` disagree.
+  """
+  markers = prompt.count(_MARKER)
+  if _LATENT.search(prompt):                       # already formatted blocks
+    if markers != num_images:
+      raise ValueError(f'prompt holds {markers} image blocks but {num_images} images were given')
+    return prompt
+  if markers == 0:
+    return ''.join(prompts_lib.image_block(i, num_latents) for i in range(num_images)) + prompt
+  if markers != num_images:
+    raise ValueError(f'prompt has {markers} <image> markers but {num_images} images were given; '
+                     'put one <image> where each image goes (or none: images go first)')
+  pieces = prompt.split(_MARKER)
+  out = [pieces[0]]
+  for i, piece in enumerate(pieces[1:]):
+    out.append(prompts_lib.image_block(i, num_latents))
+    out.append(piece)
+  return ''.join(out)
+
+
+def as_chw_d(image) -> np.ndarray:
+  """A scan as [C, H, W, D]: accepts [H, W] (2D), [H, W, D] (volume) or [C, H, W, D] (C in 1, 3);
+  a path is read with `ingest.read_scan` (NIfTI, DICOM, PNG/JPEG, .npy; first image)."""
+  if isinstance(image, (str, bytes)) or hasattr(image, '__fspath__'):
+    from radfm_jax.data.ingest import read_scan
+    return read_scan(str(image))[0][0]
+  x = np.asarray(image)
+  if x.ndim == 2:
+    return x[None, :, :, None]
+  if x.ndim == 3:
+    return x[None]
+  if x.ndim == 4 and x.shape[0] in (1, 3):
+    return x
+  raise ValueError(f'image of shape {x.shape}: expected [H, W], [H, W, D] or [C, H, W, D] '
+                   '(C in 1, 3)')
+
+
+def check_tokenizer(tokenizer, model_cfg: ModelConfig):
+  """The tokenizer's id layout must be the model's: same text vocabulary (so `<image>` is the
+  same id) and the same latents per image."""
+  if tokenizer.vocab_size != model_cfg.llama.vocab_size:
+    raise ValueError(f'tokenizer has {tokenizer.vocab_size} SentencePiece pieces but the model '
+                     f'vocabulary is {model_cfg.llama.vocab_size}: <image> ids would differ; use '
+                     'the tokenizer the checkpoint was trained with')
+  if getattr(tokenizer, 'num_latents', model_cfg.perceiver.num_latents) != \
+      model_cfg.perceiver.num_latents:
+    raise ValueError(f'tokenizer num_latents={tokenizer.num_latents}, model '
+                     f'{model_cfg.perceiver.num_latents}')
+
+
+def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] | None,
+                  model_cfg: ModelConfig, data_cfg: DataConfig | None = None,
+                  modalities: Sequence[Sequence[str]] | None = None, multiple: int = 64) -> dict:
+  """Prompts + per-prompt scans -> the arrays `generate_ids` takes.
+
+  Returns {'tokens', 'attention_mask': int32 [B, L] (left padded to a multiple of `multiple`),
+  'images': float32 [B, S, 3, H, W, D] or None, 'image_mask': bool [B, S] or None}. S is the
+  largest image count in the batch; (H, W, D) is one RadFM bucket for the whole batch, from the
+  deepest scan (`transforms.sample_shape`).
+  """
+  data_cfg = data_cfg or data_config_for(model_cfg)
+  check_tokenizer(tokenizer, model_cfg)
+  images = [list(x) for x in images] if images is not None else [[] for _ in prompts]
+  if len(images) != len(prompts):
+    raise ValueError(f'{len(prompts)} prompts but {len(images)} image lists')
+  limit = min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
+  scans = [[as_chw_d(x) for x in row] for row in images]
+  for b, row in enumerate(scans):
+    if len(row) > limit:
+      raise ValueError(f'prompt {b}: {len(row)} images, the model and tokenizer take at most {limit}')
+  n = model_cfg.perceiver.num_latents
+  texts = [place_image_markers(p, len(row), n) for p, row in zip(prompts, scans)]
+  tokens, mask = left_pad([tokenizer.encode(t) for t in texts], multiple=multiple)
+  batch = {'tokens': tokens, 'attention_mask': mask, 'images': None, 'image_mask': None}
+  slots = max(len(row) for row in scans)
+  if slots == 0:
+    return batch
+  depths = [x.shape[3] for row in scans for x in row]
+  shape = transforms.sample_shape(depths, data_cfg, len(prompts))
+  out = np.zeros((len(prompts), slots) + (3,) + tuple(shape), np.float32)
+  image_mask = np.zeros((len(prompts), slots), bool)
+  for b, row in enumerate(scans):
+    if row:
+      mods = list(modalities[b]) if modalities is not None else [''] * len(row)
+      transforms.prepare_images(row, mods, shape, data_cfg, out=out[b])
+      image_mask[b, :len(row)] = True
+  batch.update(images=out, image_mask=image_mask)
+  return batch
+
+
+def _sampling(sampling: SamplingConfig | None, **overrides) -> SamplingConfig:
+  given = {k: v for k, v in overrides.items() if v is not None}
+  if 'stop_ids' in given:
+    given['stop_ids'] = tuple(int(i) for i in given['stop_ids'])
+  return dataclasses.replace(sampling or SamplingConfig(), **given)
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str],
+                   images: Sequence[Sequence] | None = None, *, max_new_tokens: int | None = None,
+                   temperature: float | None = None, top_k: int | None = None,
+                   top_p: float | None = None, stop_ids: Sequence[int] | None = None,
+                   sampling: SamplingConfig | None = None, data_cfg: DataConfig | None = None,
+                   modalities: Sequence[Sequence[str]] | None = None, seed: int = 0,
+                   return_ids: bool = False):
+  """Generates one answer per prompt; images[b] is the list of scans of prompt b.
+
+  Sampling defaults are `SamplingConfig()` (greedy, 200 new tokens, stop on </s> or <s>); the
+  keyword arguments override it. Returns a list of strings (and the new ids per row, stop id
+  included, with return_ids).
+  """
+  import jax
+  sampling = _sampling(sampling, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_k=top_k, top_p=top_p, stop_ids=stop_ids)
+  batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities)
+  out = generate_ids(model, batch['tokens'], batch['attention_mask'], batch['images'],
+                     batch['image_mask'], sampling=sampling, rng=jax.random.key(seed))
+  ids = out.sequences()
+  texts = [tokenizer.decode(row).strip() for row in ids]
+  return (texts, ids) if return_ids else texts
+
+
+def generate(model, tokenizer, prompt: str, images: Sequence | None = None, *,
+             max_new_tokens: int | None = 200, modalities: Sequence[str] | None = None,
+             **kwargs) -> str:
+  """One prompt with its scans -> the generated text.
+
+  images: arrays ([H, W], [H, W, D] or [C, H, W, D]) or paths; modalities: one per image ('CT'
+  matters for the CT-window intensity policies). Other options as `generate_batch`.
+  """
+  return generate_batch(model, tokenizer, [prompt], [list(images or [])],
+                        max_new_tokens=max_new_tokens,
+                        modalities=None if modalities is None else [list(modalities)],
+                        **kwargs)[0]

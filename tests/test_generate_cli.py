@@ -1,0 +1,224 @@
+"""Text-level generation, checkpoint loading (converted and trained layouts) and `radfm-jax generate`."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import conftest_data as cd  # noqa: E402
+from radfm_jax import api  # noqa: E402
+from radfm_jax.cli import main  # noqa: E402
+from radfm_jax.data import prompts, transforms  # noqa: E402
+from radfm_jax.infer import text  # noqa: E402
+from radfm_jax.infer.generate import generate_ids  # noqa: E402
+
+NEW = 4   # new tokens everywhere: one compiled decode loop per prompt bucket
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """A tiny random model saved with the converter's writer, its tokenizer, a NIfTI and a PNG."""
+  from radfm_jax.models.radfm import create_model
+  root = tmp_path_factory.mktemp('gen')
+  model = create_model(cd.tiny_model(), seed=1)
+  api.save(model, str(root / 'ckpt'))
+  with open(root / 'tok.model', 'wb') as f:
+    f.write(cd.spm_proto())
+  vol = cd.ct_volume((20, 18, 10), seed=2)
+  cd.write_nifti(root / 'a.nii.gz', vol)
+  png = (np.random.default_rng(3).random((24, 20)) * 255).astype(np.uint8)
+  cd.write_png(root / 'b.png', png)
+  loaded, cfg = api.load(str(root / 'ckpt'))
+  return root, model, loaded, cfg, cd.tokenizer()
+
+
+def _params(model):
+  return {k: np.asarray(v) for k, v in
+          jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt and image preparation (no model needed)
+
+
+def test_place_image_markers():
+  block0, block1 = prompts.image_block(0, 2), prompts.image_block(1, 2)
+  assert block0 == '<image><image0><image1></image>'
+  assert text.place_image_markers('A <image> B <image>?', 2, 2) == f'A {block0} B {block1}?'
+  assert text.place_image_markers('Any lesion?', 2, 2) == block0 + block1 + 'Any lesion?'
+  assert text.place_image_markers('No images', 0, 2) == 'No images'
+  formatted = f'{block0}What?'
+  assert text.place_image_markers(formatted, 1, 2) == formatted      # already expanded
+  with pytest.raises(ValueError, match='2 <image> markers but 1 images'):
+    text.place_image_markers('<image> and <image>', 1, 2)
+  with pytest.raises(ValueError, match='1 image blocks but 2 images'):
+    text.place_image_markers(formatted, 2, 2)
+
+
+def test_as_chw_d_shapes():
+  assert text.as_chw_d(np.zeros((5, 6))).shape == (1, 5, 6, 1)
+  assert text.as_chw_d(np.zeros((5, 6, 7))).shape == (1, 5, 6, 7)
+  assert text.as_chw_d(np.zeros((3, 5, 6, 7))).shape == (3, 5, 6, 7)
+  with pytest.raises(ValueError, match='expected'):
+    text.as_chw_d(np.zeros((2, 5, 6, 7)))
+
+
+def test_data_config_for_clamps_to_the_vision_tower():
+  dc = text.data_config_for(cd.tiny_model())        # tiny: 64 x 64 x 16
+  assert (dc.image_size_2d, dc.image_size_3d_single) == (64, 64)
+  assert dc.depth_buckets == (4, 8, 12, 16)
+
+
+def test_prepare_batch_values():
+  tok, cfg = cd.tokenizer(), cd.tiny_model()
+  vol = cd.ct_volume((20, 18, 10), seed=0)[None]
+  img = np.arange(12 * 10, dtype=np.float32).reshape(1, 12, 10, 1)
+  batch = text.prepare_batch(tok, ['Is there a nodule? <image>', 'Compare <image> <image>'],
+                             [[vol], [img, vol]], cfg, modalities=[['CT'], ['', 'CT']])
+  tokens, mask = batch['tokens'], batch['attention_mask']
+  assert tokens.shape == mask.shape and tokens.shape[1] % 64 == 0
+  ids0 = tok.encode(text.place_image_markers('Is there a nodule? <image>', 1))
+  np.testing.assert_array_equal(tokens[0, -len(ids0):], ids0)          # left padded
+  assert mask[0].sum() == len(ids0) and mask[0, -1] == 1 and (tokens[0, :-len(ids0)] == 0).all()
+  # batch of 2: in-plane image_size_2d, depth bucket of the deepest scan (10 -> 8 in 4..16).
+  assert batch['images'].shape == (2, 2, 3, 64, 64, 8)
+  np.testing.assert_array_equal(batch['image_mask'], [[True, False], [True, True]])
+  assert (batch['images'][0, 1] == 0).all()
+  dc = text.data_config_for(cfg)
+  want = transforms.prepare_images([img, vol], ['', 'CT'], (64, 64, 8), dc)
+  np.testing.assert_array_equal(batch['images'][1], want)
+  assert batch['images'].min() >= 0.0 and batch['images'].max() <= 1.0   # radfm min-max
+  none = text.prepare_batch(tok, ['hello'], None, cfg)
+  assert none['images'] is None and none['image_mask'] is None
+
+
+def test_tokenizer_model_mismatch_is_an_error():
+  from radfm_jax.data.tokenizer import Tokenizer
+  small = Tokenizer(cd.spm_proto(300))
+  with pytest.raises(ValueError, match='300 SentencePiece pieces but the model vocabulary is 512'):
+    text.prepare_batch(small, ['x'], None, cd.tiny_model())
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_save_load_converted_layout(setup):
+  root, model, loaded, cfg, _ = setup
+  assert cfg == model.cfg
+  assert api.checkpoint_layout(str(root / 'ckpt' / 'params')) == api.CONVERTED
+  want, got = _params(model), _params(loaded)
+  assert want.keys() == got.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  assert loaded.llama.layers.q.kernel[...].sharding.mesh.size == len(jax.devices())
+
+
+def test_load_trained_layout(setup, tmp_path):
+  """A TrainState saved by the training Checkpointer loads by workdir, checkpoints/ or step."""
+  from radfm_jax.config import load_config
+  from radfm_jax.train import optim
+  from radfm_jax.train.checkpoint import Checkpointer
+  from radfm_jax.train.step import init_train_state
+  _, model, _, _, _ = setup
+  run_cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', ['data.image_size_2d=32'])
+  params = nnx.state(model, nnx.Param)
+  state = init_train_state(params, optim.make_optimizer(run_cfg.train, params))
+  ckpt = Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  ckpt.save(7, state, config=run_cfg.to_dict())
+  ckpt.close()
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(run_cfg.to_dict(), f, default=str)
+  step_dir = tmp_path / 'checkpoints' / '7'
+  assert api.checkpoint_layout(str(step_dir / 'state')) == api.TRAINED
+  want = _params(model)
+  for where, step in ((tmp_path, None), (tmp_path / 'checkpoints', None), (tmp_path, 7),
+                      (step_dir, None)):
+    loaded, cfg = api.load(str(where), step=step)
+    assert cfg == model.cfg
+    got = _params(loaded)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  data_cfg = api.read_data_config(str(tmp_path))
+  assert data_cfg.image_size_2d == 32 and isinstance(data_cfg.depth_buckets, tuple)
+  assert api.read_data_config(str(setup[0] / 'ckpt')) is None
+  with pytest.raises(FileNotFoundError, match='no step 8'):
+    api.load(str(tmp_path), step=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_generate_matches_generate_ids(setup):
+  root, _, model, cfg, tok = setup
+  vol = cd.ct_volume((20, 18, 10), seed=2)
+  out, ids = text.generate_batch(model, tok, ['Is there a nodule? <image>'], [[vol]],
+                                 max_new_tokens=NEW, return_ids=True)
+  batch = text.prepare_batch(tok, ['Is there a nodule? <image>'], [[vol]], cfg)
+  ref = generate_ids(model, batch['tokens'], batch['attention_mask'], batch['images'],
+                     batch['image_mask'], max_new_tokens=NEW)
+  assert ids == ref.sequences() and 1 <= len(ids[0]) <= NEW
+  assert out == [tok.decode(ids[0]).strip()]
+  assert api.generate(model, tok, 'Is there a nodule? <image>', [vol], max_new_tokens=NEW) == out[0]
+  # the image changes the answer's logits path: a different scan gives the same *shapes* only
+  assert isinstance(out[0], str)
+
+
+def test_batched_rows_equal_single_prompts(setup):
+  _, _, model, _, tok = setup
+  vol = cd.ct_volume((20, 18, 10), seed=2)
+  p = ['Is there a nodule? <image>', 'Describe the abnormality seen in the brain MRI <image>']
+  _, single0 = text.generate_batch(model, tok, p[:1], [[vol]], max_new_tokens=NEW, return_ids=True)
+  _, single1 = text.generate_batch(model, tok, p[1:], [[vol]], max_new_tokens=NEW, return_ids=True)
+  _, both = text.generate_batch(model, tok, p, [[vol], [vol]], max_new_tokens=NEW,
+                                return_ids=True)
+  assert both == single0 + single1
+
+
+def test_cli_single_prompt(setup, capsys):
+  root, _, model, _, tok = setup
+  rc = main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
+             '--image', str(root / 'a.nii.gz'), '--image', str(root / 'b.png'),
+             '--prompt', 'Compare <image> with <image>.', '--max-new-tokens', str(NEW)])
+  assert rc == 0
+  printed = capsys.readouterr().out.strip()
+  from radfm_jax.data.ingest import read_scan
+  scans = [read_scan(str(root / n))[0][0] for n in ('a.nii.gz', 'b.png')]
+  want = api.generate(model, tok, 'Compare <image> with <image>.', scans, max_new_tokens=NEW)
+  assert printed == want
+
+
+def test_cli_file_mode(setup, tmp_path):
+  root, _, model, _, tok = setup
+  items = [{'id': 'q1', 'prompt': 'Is there a nodule? <image>', 'images': [str(root / 'a.nii.gz')]},
+           {'id': 'q2', 'prompt': 'What is shown?', 'images': []},
+           {'id': 'q3', 'prompt': '<image> Yes or no?',
+            'images': [{'path': str(root / 'a.nii.gz'), 'modality': 'CT'}]}]
+  cd.write_manifest(tmp_path / 'in.jsonl', items)
+  rc = main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
+             '--input', str(tmp_path / 'in.jsonl'), '--output', str(tmp_path / 'out.jsonl'),
+             '--batch-size', '2', '--max-new-tokens', str(NEW), '--stop-ids', '2,1'])
+  assert rc == 0
+  rows = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
+  assert [r['id'] for r in rows] == ['q1', 'q2', 'q3']
+  assert all(isinstance(r['prediction'], str) and 1 <= r['new_tokens'] <= NEW for r in rows)
+  # Row 3 is batch 2 padded with itself: same as generating it in a batch of two copies.
+  from radfm_jax.data.ingest import read_scan
+  vol = read_scan(str(root / 'a.nii.gz'))[0][0]
+  want = text.generate_batch(model, tok, [items[2]['prompt']] * 2, [[vol], [vol]],
+                             modalities=[['CT'], ['CT']], max_new_tokens=NEW)
+  assert rows[2]['prediction'] == want[0]
+
+
+def test_cli_argument_errors(setup, capsys):
+  root = setup[0]
+  assert main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer',
+               str(root / 'tok.model')]) == 2
+  assert 'either --prompt' in capsys.readouterr().err
