@@ -1,0 +1,127 @@
+"""`radfm-jax eval`: samples from a raw manifest or a store, predictions file, summary values."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import conftest_data as cd  # noqa: E402
+from radfm_jax import api  # noqa: E402
+from radfm_jax.cli import main  # noqa: E402
+from radfm_jax.eval import harness, metrics  # noqa: E402
+from radfm_jax.infer import text  # noqa: E402
+
+RECORDS = [
+    {'id': 'a', 'task': 'vqa', 'question': 'Is there a nodule?', 'answer': 'Yes',
+     'images': [{'path': 'ct.nii.gz', 'position': {'question': 0}, 'modality': 'CT'}]},
+    {'id': 'b', 'task': 'report', 'question': 'Describe the scan.',
+     'answer': 'A nodule in the left lung.',
+     'images': [{'path': 'ct.nii.gz', 'position': {'answer': 3}}]},
+    {'id': 'c', 'task': 'vqa', 'question': 'Which option? A) CT B) MRI', 'answer': 'B',
+     'images': [{'path': 'x.png', 'position': {'question': 26}},
+                {'path': 'ct.nii.gz', 'position': {'question': 0}}]},
+    {'id': 'd', 'task': 'vqa', 'question': 'Any free fluid?', 'answer': 'free fluid in abdomen',
+     'kind': 'open', 'images': []},
+]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp('evaldata')
+  cd.write_nifti(root / 'ct.nii.gz', cd.ct_volume((20, 18, 10), seed=4))
+  cd.write_png(root / 'x.png', (np.random.default_rng(5).random((24, 20)) * 255).astype(np.uint8))
+  manifest = cd.write_manifest(root / 'manifest.jsonl', RECORDS)
+  from radfm_jax.data.ingest import ingest
+  ingest(manifest, str(root / 'store'), strict=True, log=open(os.devnull, 'w'))
+  with open(root / 'tok.model', 'wb') as f:
+    f.write(cd.spm_proto())
+  (root / 'terms.txt').write_text('nodule\nlung\nfree fluid\n')
+  return root
+
+
+def test_load_samples_kinds_and_sources(data):
+  raw = harness.load_samples(str(data / 'manifest.jsonl'))
+  store = harness.load_samples(str(data / 'store'))
+  via_manifest = harness.load_samples(str(data / 'store' / 'manifest.jsonl'))
+  assert [s.kind for s in raw] == ['closed', 'open', 'closed', 'open']
+  assert [s.task for s in raw] == ['vqa', 'report', 'vqa', 'vqa']
+  assert [s.record['id'] for s in store] == ['a', 'b', 'c', 'd']
+  assert type(via_manifest[0].source) is type(store[0].source)
+  assert len(harness.load_samples(str(data / 'manifest.jsonl'), limit=2)) == 2
+  # The same pixels either way; the image in the answer moves to the end of the question.
+  a_raw, m_raw, e_raw = harness.read_sample_images(raw[2])
+  a_st, m_st, e_st = harness.read_sample_images(store[2])
+  for x, y in zip(a_raw, a_st):
+    np.testing.assert_array_equal(x, y)
+  assert len(a_raw) == 2
+  q, ref, n = harness.format_question(raw[1], e_raw[:1], 2, 8)
+  assert q == 'Describe the scan.<image><image0><image1></image>' and n == 1
+  assert ref == 'A nodule in the left lung.'
+
+
+def test_evaluate_values_with_known_predictions(data, monkeypatch, tmp_path):
+  """Generation replaced by fixed answers: the summary equals the metrics of those answers."""
+  answers = {'Is there a nodule?': 'yes, there is', 'Describe the scan.': 'nodule in the left lung',
+             'Which option? A) CT B) MRI': 'A', 'Any free fluid?': 'free fluid in abdomen'}
+  seen = []
+
+  def fake_generate_batch(model, tok, prompts, images, modalities=None, **kw):
+    seen.append(([len(x) for x in images], [harness._plain(p) for p in prompts]))
+    return [answers[harness._plain(p).replace('<image>', '').strip()] for p in prompts]
+
+  monkeypatch.setattr(text, 'generate_batch', fake_generate_batch)
+
+  class Model:
+    cfg = cd.tiny_model()
+
+  from radfm_jax.eval.entities import TermListExtractor
+  samples = harness.load_samples(str(data / 'store'))
+  summary = harness.evaluate(Model(), cd.tokenizer(), samples, batch_size=2,
+                             data_cfg=text.data_config_for(Model.cfg),
+                             extractor=TermListExtractor(['nodule', 'lung', 'free fluid']),
+                             out_dir=str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / 'predictions.jsonl')]
+  assert [r['id'] for r in rows] == ['a', 'b', 'c', 'd']                  # input order kept
+  assert rows[0] == {'id': 'a', 'question': '<image>Is there a nodule?', 'reference': 'Yes',
+                     'prediction': 'yes, there is', 'kind': 'closed', 'task': 'vqa'}
+  assert sorted(len(x) for batch, _ in seen for x in [batch]) == [2, 2]  # two batches of 2
+  o = summary['overall']
+  assert (o['n'], o['n_closed'], o['n_open']) == (4, 2, 2)
+  assert o['closed_accuracy'] == 0.5                                   # yes right, A vs B wrong
+  want = metrics.rouge(['nodule in the left lung', 'free fluid in abdomen'],
+                       ['A nodule in the left lung.', 'free fluid in abdomen'])
+  assert o['rougeL'] == pytest.approx(want['rougeL'])
+  assert summary['per_task']['report']['token_f1'] == pytest.approx(1.0)   # articles dropped
+  assert summary['per_task']['vqa']['closed_accuracy'] == 0.5
+  ent = summary['entities']
+  assert ent['computed'] and ent['precision'] == 1.0 and ent['recall'] == 1.0
+  on_disk = json.load(open(tmp_path / 'summary.json'))
+  assert on_disk['overall']['closed_accuracy'] == 0.5
+  assert on_disk['versions']['rouge-score'] and on_disk['versions']['sacrebleu']
+  assert on_disk['versions']['jax'] and on_disk['versions']['radfm-jax']
+
+
+def test_cli_end_to_end(data, tmp_path):
+  from radfm_jax.models.radfm import create_model
+  api.save(create_model(cd.tiny_model(), seed=0), str(tmp_path / 'ckpt'))
+  out = tmp_path / 'out'
+  rc = main(['eval', '--checkpoint', str(tmp_path / 'ckpt'), '--data', str(data / 'store'),
+             '--tokenizer', str(data / 'tok.model'), '--out', str(out), '--batch-size', '2',
+             '--max-new-tokens', '3', '--entities', 'none', '--limit', '3'])
+  assert rc == 0
+  rows = [json.loads(line) for line in open(out / 'predictions.jsonl')]
+  summary = json.load(open(out / 'summary.json'))
+  assert [r['id'] for r in rows] == ['a', 'b', 'c']
+  assert set(rows[0]) == {'id', 'question', 'reference', 'prediction', 'kind', 'task'}
+  want = metrics.compute_metrics([r['prediction'] for r in rows], [r['reference'] for r in rows],
+                                 [r['kind'] for r in rows], [r['task'] for r in rows])
+  for key in ('closed_accuracy', 'bleu1', 'rougeL', 'token_f1'):
+    assert summary['overall'][key] == want[key]
+  assert summary['entities'] == {'computed': False,
+                                 'reason': 'entity metrics not requested (--entities none)'}
+  assert summary['sampling']['max_new_tokens'] == 3 and summary['n_samples'] == 3
+  assert summary['timing']['samples_per_s'] > 0
