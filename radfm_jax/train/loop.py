@@ -312,10 +312,16 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
         if pending is not None:
           handle(pending)
           pending = None
-        eval_iter = eval_data if eval_data is not None else make_data(cfg, 'eval')
-        result = evaluate(eval_step, state.params, eval_iter, mesh, t.eval_steps)
-        if result:
-          writer.write(step, 'eval', result)
+        try:
+          eval_iter = eval_data if eval_data is not None else make_data(cfg, 'eval')
+        except ValueError as e:      # e.g. the manifest has no 'eval' split
+          print(f'radfm-jax train: periodic eval disabled: {e}', file=sys.stderr)
+          eval_step = None
+          eval_iter = None
+        if eval_iter is not None:
+          result = evaluate(eval_step, state.params, eval_iter, mesh, t.eval_steps)
+          if result:
+            writer.write(step, 'eval', result)
         last_time = time.perf_counter()
     if pending is not None:
       handle(pending)
