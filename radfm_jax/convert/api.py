@@ -5,9 +5,12 @@
     cfg = from_hf_llama('llama-13b-hf/', 'ckpt/', model_config('radfm_13b'))   # HF LLaMA as the decoder
     model, cfg = load_checkpoint('ckpt/')                        # onto the available devices
 
-Every converter streams: one torch tensor (one layer of one parameter kind) is in host memory at a
-time on the way in; on the way out one Orbax leaf at a time (safetensors output is written
-incrementally; a `.bin` output needs the whole state dict for `torch.save`).
+Every converter streams. On the way in, one slab of rows of one tensor (`engine.BLOCK_BYTES`, 8 MiB)
+is converted and written at a time, and the pages read from a memory-mapped `.bin` are dropped
+again, so peak host memory is the fixed cost of the imports plus a few slabs, whatever the
+checkpoint size (`benchmarks/convert_memory.py`). On the way out, one layer of one leaf is read at a
+time; `.safetensors` output is written incrementally, while `torch.save` (`.bin` output) needs the
+whole state dict in memory.
 """
 
 from __future__ import annotations
