@@ -18,6 +18,9 @@ from radfm_jax.data import prompts, transforms  # noqa: E402
 from radfm_jax.infer import text  # noqa: E402
 from radfm_jax.infer.generate import generate_ids  # noqa: E402
 
+# One worker runs the whole module, so the module fixtures are built once (make test: loadgroup).
+pytestmark = pytest.mark.xdist_group('generate_cli')
+
 NEW = 4   # new tokens everywhere: one compiled decode loop per prompt bucket
 
 

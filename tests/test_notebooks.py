@@ -15,6 +15,9 @@ nbclient = pytest.importorskip('nbclient')
 pytest.importorskip('ipykernel')
 pytest.importorskip('matplotlib')
 
+# One worker runs the whole module, so the module fixtures are built once (make test: loadgroup).
+pytestmark = pytest.mark.xdist_group('notebooks')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, 'notebooks')
 KERNEL = 'radfm-jax-test'
