@@ -3,6 +3,7 @@
     model, cfg = load('ckpt/')            # converted (`radfm-jax convert`) or trained (`radfm-jax train`)
     save(model, 'ckpt/')                  # the converted layout: ckpt/config.json + ckpt/params/
     text = generate(model, tok, prompt='Is there a lesion? <image>', images=[vol])
+    model, tok, data_cfg = load_for_generation('demo_out/train')   # + tokenizer, preprocessing
 
 Two checkpoint layouts exist and `load` tells them apart from the Orbax tree metadata:
 
@@ -87,6 +88,49 @@ def read_data_config(directory: str):
   return DataConfig(**{k: tuples(v) for k, v in section.items() if k in fields})
 
 
+def find_tokenizer(directory: str) -> str | None:
+  """The tokenizer of a checkpoint: the run config's `data.tokenizer` if that file exists, else a
+  `tokenizer.model` in the checkpoint folder or any parent (the demo keeps it beside `train/`)."""
+  probe = resolve_checkpoint(directory)
+  while True:
+    config = os.path.join(probe, 'config.json')
+    if os.path.exists(config):
+      with open(config) as f:
+        given = (json.load(f).get('data') or {}).get('tokenizer')
+      if given and os.path.isfile(given):
+        return given
+    candidate = os.path.join(probe, 'tokenizer.model')
+    if os.path.isfile(candidate):
+      return candidate
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      return None
+    probe = parent
+
+
+def load_for_generation(directory: str, tokenizer: str | None = None, *, step: int | None = None,
+                        intensity: str | None = None, mesh=None):
+  """(model, Tokenizer, DataConfig) ready for `generate`: the checkpoint, its tokenizer (given or
+  `find_tokenizer`), and the preprocessing of the run that trained it (image sizes, depth buckets,
+  intensity policy; defaults for converted checkpoints) clamped to the vision tower."""
+  import dataclasses
+
+  from radfm_jax.config import DataConfig
+  from radfm_jax.data.tokenizer import Tokenizer
+  from radfm_jax.infer.text import check_tokenizer, data_config_for
+  tokenizer = tokenizer or find_tokenizer(directory)
+  if tokenizer is None:
+    raise FileNotFoundError(f'{directory}: no tokenizer.model found beside the checkpoint; pass '
+                            'the SentencePiece model the checkpoint was trained with')
+  model, cfg = load(directory, step=step, mesh=mesh)
+  tok = Tokenizer(tokenizer, max_images=cfg.max_images, num_latents=cfg.perceiver.num_latents)
+  check_tokenizer(tok, cfg)
+  base = read_data_config(directory) or DataConfig()
+  if intensity:
+    base = dataclasses.replace(base, intensity=intensity)
+  return model, tok, data_config_for(cfg, base)
+
+
 def save(model, directory: str, **info) -> str:
   """Writes `model`'s parameters in the converted layout (`DIR/params/` + `DIR/config.json`) with
   the converter's own writer, so `load` and `radfm-jax convert to-torch` read it back."""
@@ -104,4 +148,4 @@ def save(model, directory: str, **info) -> str:
   return os.path.abspath(directory)
 
 
-__all__ = ['load', 'save', 'read_data_config', 'generate', 'generate_batch', 'checkpoint_layout', 'resolve_checkpoint']
+__all__ = ['load', 'load_for_generation', 'find_tokenizer', 'save', 'read_data_config', 'generate', 'generate_batch', 'checkpoint_layout', 'resolve_checkpoint']

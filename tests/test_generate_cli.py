@@ -151,6 +151,13 @@ def test_load_trained_layout(setup, tmp_path):
   data_cfg = api.read_data_config(str(tmp_path))
   assert data_cfg.image_size_2d == 32 and isinstance(data_cfg.depth_buckets, tuple)
   assert api.read_data_config(str(setup[0] / 'ckpt')) is None
+  # The tokenizer beside the run is found; the run's preprocessing comes with it.
+  assert api.find_tokenizer(str(tmp_path)) is None
+  (tmp_path / 'tokenizer.model').write_bytes(cd.spm_proto())
+  assert api.find_tokenizer(str(step_dir)) == str(tmp_path / 'tokenizer.model')
+  _, tok, dc = api.load_for_generation(str(tmp_path), intensity='percentile')
+  assert tok.vocab_size == 512 and tok.max_images == model.cfg.max_images
+  assert (dc.image_size_2d, dc.intensity) == (32, 'percentile')
   with pytest.raises(FileNotFoundError, match='no step 8'):
     api.load(str(tmp_path), step=8)
 

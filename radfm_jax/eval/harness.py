@@ -220,7 +220,8 @@ def add_arguments(parser):
                       help='converted checkpoint, training workdir or step folder')
   parser.add_argument('--step', type=int, default=None, help='training step (default: latest)')
   parser.add_argument('--data', required=True, help='VolumeStore directory or manifest JSONL')
-  parser.add_argument('--tokenizer', required=True, help='SentencePiece tokenizer.model')
+  parser.add_argument('--tokenizer', default=None,
+                      help='SentencePiece tokenizer.model (default: found beside the checkpoint)')
   parser.add_argument('--out', required=True, help='folder for predictions.jsonl, summary.json')
   parser.add_argument('--batch-size', type=int, default=1)
   parser.add_argument('--limit', type=int, default=None, help='first N samples only')

@@ -28,7 +28,8 @@ def add_arguments(parser):
   parser.add_argument('--checkpoint', required=True,
                       help='converted checkpoint, training workdir or step folder')
   parser.add_argument('--step', type=int, default=None, help='training step (default: latest)')
-  parser.add_argument('--tokenizer', required=True, help='SentencePiece tokenizer.model')
+  parser.add_argument('--tokenizer', default=None,
+                      help='SentencePiece tokenizer.model (default: found beside the checkpoint)')
   parser.add_argument('--prompt', help='prompt with one <image> marker per --image')
   parser.add_argument('--image', action='append', default=[], help='scan path (repeatable)')
   parser.add_argument('--modality', action='append', default=None,
@@ -61,22 +62,10 @@ def sampling_from_args(args):
 
 
 def load_for_inference(args):
-  """(model, tokenizer, data config) from --checkpoint / --tokenizer / --intensity."""
-  import dataclasses
-
+  """(model, tokenizer, data config) from --checkpoint / --step / --tokenizer / --intensity."""
   from radfm_jax import api
-  from radfm_jax.config import DataConfig
-  from radfm_jax.data.tokenizer import Tokenizer
-  from radfm_jax.infer.text import check_tokenizer, data_config_for
-  model, cfg = api.load(args.checkpoint, step=getattr(args, 'step', None))
-  tokenizer = Tokenizer(args.tokenizer, max_images=cfg.max_images,
-                        num_latents=cfg.perceiver.num_latents)
-  check_tokenizer(tokenizer, cfg)
-  base = api.read_data_config(args.checkpoint) or DataConfig()
-  if args.intensity:
-    base = dataclasses.replace(base, intensity=args.intensity)
-  data_cfg = data_config_for(cfg, base)
-  return model, tokenizer, data_cfg
+  return api.load_for_generation(args.checkpoint, args.tokenizer, step=getattr(args, 'step', None),
+                                 intensity=args.intensity)
 
 
 def _image_entry(entry, base: str) -> tuple[str, str]:
