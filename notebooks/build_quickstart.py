@@ -51,10 +51,9 @@ text vocabulary)."""),
 
 ckpt = find_checkpoint()
 if ckpt is not None:
-  model, cfg = api.load(ckpt)
-  tok_path = os.environ.get('RADFM_TOKENIZER') or os.path.join(
-      os.path.dirname(os.path.abspath(ckpt)), 'tokenizer.model')
-  data_cfg = text.data_config_for(cfg, api.read_data_config(ckpt))
+  # The checkpoint, its tokenizer (found beside it) and the preprocessing it was trained with.
+  model, tok, data_cfg = api.load_for_generation(ckpt, os.environ.get('RADFM_TOKENIZER'))
+  cfg = model.cfg
   source = 'checkpoint'
 else:
   # No checkpoint: a random tiny model and a tokenizer trained here (vocab = the model's 512).
@@ -68,8 +67,8 @@ else:
   tok_path = os.path.join(OUT, 'tokenizer.model')
   train_sentencepiece(corpus, tok_path, vocab_size=cfg.llama.vocab_size)
   data_cfg = text.data_config_for(cfg)
+  tok = Tokenizer(tok_path, max_images=cfg.max_images, num_latents=cfg.perceiver.num_latents)
   source = 'random'
-tok = Tokenizer(tok_path, max_images=cfg.max_images, num_latents=cfg.perceiver.num_latents)
 print(source, cfg.size, 'vocab', cfg.llama.vocab_size, 'image buckets',
       data_cfg.image_size_2d, data_cfg.depth_buckets)"""),
     ('md', """## 2. A scan
