@@ -156,6 +156,12 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
   ckpt.close()
 
 
+def test_run_dirs(monkeypatch):
+  monkeypatch.setenv('RADFM_LOGDIR', '/tmp/logs')
+  assert loop.run_dirs('gs://bucket/runs/r1/') == ('gs://bucket/runs/r1/', '/tmp/logs/r1')
+  assert loop.run_dirs('runs/r1') == (os.path.abspath('runs/r1'),) * 2
+
+
 def test_cli_overrides_and_flops(monkeypatch):
   import argparse
   argv = ['--config', SPEC, '--workdir', 'w', '--config.train.steps=7', '--config.train.freeze',

@@ -17,6 +17,11 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 
+def _resolve(directory: str) -> str:
+  """Local paths made absolute; URLs (gs://bucket/...) kept as they are."""
+  return directory if '://' in directory else os.path.abspath(directory)
+
+
 def _is_grain_iterator(it) -> bool:
   try:
     import grain
@@ -47,7 +52,7 @@ class Checkpointer:
   """`save(step, state, data_iter, config)` / `restore(step, abstract_state, data_iter)`."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = _resolve(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=1,
                                            enable_async_checkpointing=async_save,
                                            create=True)
@@ -96,7 +101,7 @@ class Checkpointer:
 
 def read_config(directory: str, step: int | None = None) -> dict:
   """The resolved config saved with a checkpoint (latest step by default)."""
-  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  mngr = ocp.CheckpointManager(_resolve(directory))
   step = mngr.latest_step() if step is None else step
   out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   mngr.close()

@@ -7,6 +7,7 @@ Per step: this host's batch (numpy) -> global arrays (`jax.make_array_from_proce
 step it just dispatched) except before a checkpoint, where the step's loss is checked first.
 Outputs in `workdir`: checkpoints/ (async Orbax: state, data-iterator state, config), config.json,
 metrics.jsonl, tensorboard/ (event files). A run restarts from the latest checkpoint in `workdir`.
+A gs:// workdir holds the checkpoints; the logs then go to $RADFM_LOGDIR/<run name> (`run_dirs`).
 
 Stops: `train.steps` reached (or `max_steps`), SIGTERM / SIGINT (saves a checkpoint at the current
 step, then returns normally: exit code 0), a non-finite loss (`NonFiniteLossError`: nothing is
@@ -211,15 +212,26 @@ def evaluate(eval_step, params, data, mesh, num_batches: int) -> dict:
           'sequence_accuracy': sums['sequence_accuracy'] / seqs, 'tokens': tokens}
 
 
+def run_dirs(workdir: str) -> tuple[str, str]:
+  """(checkpoint root, local log dir). A URL workdir (gs://...) keeps the checkpoints there (Orbax
+  writes to GCS) and the JSONL / TensorBoard / config.json logs in $RADFM_LOGDIR/<run name>
+  (default /tmp/radfm_logs), since appending to objects in GCS is not possible."""
+  if '://' in workdir:
+    name = workdir.rstrip('/').rsplit('/', 1)[-1]
+    return workdir, os.path.join(os.environ.get('RADFM_LOGDIR', '/tmp/radfm_logs'), name)
+  workdir = os.path.abspath(workdir)
+  return workdir, workdir
+
+
 def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: int | None = None,
           mesh=None, progress: bool = True, on_step=None) -> TrainResult:
   """Trains (or resumes) until `train.steps` (or `max_steps` optimizer steps in total)."""
   t = cfg.train
-  workdir = os.path.abspath(workdir)
+  workdir, logdir = run_dirs(workdir)
   is_main = jax.process_index() == 0
   mesh, rules, graphdef, tx, abs_state, shardings = build(cfg, mesh)
   data = data if data is not None else make_data(cfg, 'train')
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=t.keep_checkpoints,
+  ckpt = Checkpointer(workdir.rstrip('/') + '/checkpoints', max_to_keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
   config_dict = cfg.to_dict()
   latest = ckpt.latest_step()
@@ -228,10 +240,10 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
   else:
     state = init_state(cfg, mesh, rules, tx, shardings)
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    os.makedirs(logdir, exist_ok=True)
+    with open(os.path.join(logdir, 'config.json'), 'w') as f:
       json.dump(config_dict, f, indent=1, default=str)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, enabled=is_main)
+  writer = metrics_lib.MetricWriter(logdir, tensorboard=t.tensorboard, enabled=is_main)
   train_step, eval_step = _jitted_steps(cfg, mesh, rules, graphdef, tx, shardings)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0], t.peak_tflops)
   num_devices = mesh.devices.size
@@ -388,4 +400,4 @@ def run(args) -> int:
 
 
 __all__ = ['NonFiniteLossError', 'TrainResult', 'add_arguments', 'build', 'evaluate',
-           'global_batch', 'init_params', 'init_state', 'make_data', 'run', 'train']
+           'global_batch', 'init_params', 'init_state', 'run_dirs', 'make_data', 'run', 'train']
