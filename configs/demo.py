@@ -28,14 +28,14 @@ def get_config(arg=''):
   cfg.data.image_size_2d = 64
   cfg.data.image_size_3d_single = 64
   cfg.data.depth_buckets = [16]            # 2D images are repeated to 16 slices: one shape
-  cfg.data.batch_size_2d = 16
-  cfg.data.batch_size_3d = 16
+  cfg.data.batch_size_2d = 8
+  cfg.data.batch_size_3d = 8
   cfg.data.text_lengths = [80]             # longest demo text (a report) is 73 tokens
   cfg.data.max_images = 1
 
   cfg.generate.max_new_tokens = 48
 
-  cfg.train.steps = 600
+  cfg.train.steps = 800
   cfg.train.learning_rate = 1e-3
   cfg.train.warmup_steps = 30
   cfg.train.min_lr_ratio = 0.05

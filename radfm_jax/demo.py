@@ -258,7 +258,7 @@ def run(args) -> int:
   overrides = [f'seed={args.seed}']
   if args.quick:
     overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',
-                  'data.batch_size_2d=4', 'data.batch_size_3d=4', 'generate.max_new_tokens=12']
+                  'data.batch_size_2d=8', 'data.batch_size_3d=8', 'generate.max_new_tokens=12']
   if args.steps:
     overrides += [f'train.steps={args.steps}']
   overrides += overrides_from_args(args)

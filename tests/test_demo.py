@@ -1,0 +1,123 @@
+"""The demo: dataset builder (real package scans + phantoms), ingest, and `radfm-jax demo --quick`."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from radfm_jax.data import demo as demo_data
+from radfm_jax.data.store import VolumeStore, read_jsonl
+
+
+def test_phantom_lesion_side_and_size():
+  rng = np.random.default_rng(0)
+  for side in ('left', 'right'):
+    for _ in range(5):
+      vol, label = demo_data.make_phantom(rng, lesion=True, side=side)
+      assert vol.shape == demo_data.PHANTOM_SHAPE and label.lesion and label.side == side
+      assert 15 <= label.diameter_mm <= 30
+      bright = np.argwhere(vol > 0.7)
+      assert len(bright) > 0
+      # RAS voxel order: H (axis 0) grows towards the patient's right.
+      mid = vol.shape[0] / 2
+      assert (bright[:, 0].mean() > mid) == (side == 'right')
+  vol, label = demo_data.make_phantom(rng, lesion=False)
+  assert not label.lesion and label.side is None and (vol > 0.7).sum() == 0
+  findings, impression = label.report()
+  assert 'No focal lesion' in findings and impression == 'Normal study.'
+
+
+def test_real_sources_from_core_packages_are_found():
+  found, _ = demo_data.available_sources()
+  packages = {src.pip for src, _ in found}
+  assert {'pydicom', 'nibabel'} <= packages        # core dependencies always ship theirs
+  for src, path in found:
+    if src.pip in ('pydicom', 'nibabel'):
+      arr = demo_data.read_source(src, path)
+      assert arr.ndim == (src.dims if arr.shape[-1] != 3 else 3)
+      aug = demo_data.augment_real(arr, src.dims, np.random.default_rng(1))
+      assert aug.shape[:2] == (64, 64) and 0.0 <= aug.min() and aug.max() <= 1.0
+
+
+@pytest.fixture(scope='module')
+def quick_dataset(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('demo_data'))
+  sizes = demo_data.DemoSizes.quick()
+  summary = demo_data.build_demo_dataset(out, sizes, seed=0)
+  return out, sizes, summary
+
+
+def test_dataset_counts_splits_and_labels(quick_dataset):
+  out, sizes, summary = quick_dataset
+  records = read_jsonl(os.path.join(out, 'samples.jsonl'))
+  used = {s['name'] for s in summary['sources']}
+  sources = [s for s in demo_data.REAL_SOURCES if s.name in used]
+  with_body = sum(s.body_part is not None for s in sources)
+  per_copy = len(sources) + with_body
+  real_train = per_copy * sizes.copies_train
+  real_heldout = per_copy * sizes.copies_heldout
+  assert summary['splits'] == {'train': real_train + sizes.phantoms_train,
+                               'heldout': real_heldout + sizes.phantoms_heldout}
+  assert len(records) == summary['samples'] and len({r['id'] for r in records}) == len(records)
+  phantoms = [r for r in records if r['family'] == 'phantom']
+  assert sum(r['split'] == 'heldout' for r in phantoms) == sizes.phantoms_heldout
+  for r in phantoms:
+    label = r['label']
+    if r['task'] == 'diagnosis_yes_no':
+      assert r['answer'] == ('yes' if label['lesion'] else 'no') and r['options'] == ['yes', 'no']
+    elif r['task'] == 'vqa':
+      assert label['lesion'] and r['answer'] == label['side'] and r['options'] == ['left', 'right']
+    else:
+      assert r['task'] == 'report' and r['kind'] == 'open'
+      assert r['answer'].startswith('Findings: ') and 'Impression: ' in r['answer']
+      if label['lesion']:
+        assert f"{label['diameter_mm']} mm" in r['answer'] and label['side'] in r['answer']
+  real = [r for r in records if r['family'] == 'real']
+  by_name = {s.name: s for s in demo_data.REAL_SOURCES}
+  for r in real:
+    src = by_name[r['source']]
+    assert r['answer'] in r['options']
+    assert r['answer'] == (src.modality if r['task'] == 'modality' else src.body_part)
+  # Every closed question's answer is one of its options, and both yes and no occur.
+  assert {r['answer'] for r in phantoms if r['task'] == 'diagnosis_yes_no'} == {'yes', 'no'}
+
+
+def test_ingest_stores_every_scan(quick_dataset, tmp_path):
+  from radfm_jax.data.ingest import ingest
+  out, _, summary = quick_dataset
+  report = ingest(os.path.join(out, 'samples.jsonl'), str(tmp_path / 'store'), strict=True)
+  images = {im['path'] for r in read_jsonl(os.path.join(out, 'samples.jsonl')) for im in r['images']}
+  assert len(report.stored) == len(images) and not report.rejects
+  assert report.samples == summary['samples']
+  store = VolumeStore(str(tmp_path / 'store'))
+  manifest = store.manifest()
+  phantom = next(r for r in manifest if r['family'] == 'phantom')
+  assert phantom['images'][0]['shape'] == [1, 64, 64, 16]
+  arr = store.read(phantom['images'][0]['id'])
+  assert arr.shape == (1, 64, 64, 16) and arr.dtype == np.int16 and arr.max() > 0
+  xray = next(r for r in manifest if r['family'] == 'real' and r['answer'] == 'X-ray')
+  assert xray['images'][0]['shape'] == [1, 64, 64, 1]
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+  from radfm_jax import cli
+  out = str(tmp_path / 'demo')
+  assert cli.main(['demo', '--quick', '--out', out, '--no-progress']) == 0
+  with open(os.path.join(out, 'summary.json')) as f:
+    s = json.load(f)
+  assert s['model'] == 'tiny' and s['steps'] == 20 and not s['stopped_by_time_budget']
+  assert s['loss_last10'] < s['loss_first10']            # it learns something in 20 steps
+  assert s['ingest']['rejected'] == 0 and s['ingest']['samples'] == sum(s['dataset']['splits'].values())
+  for name in ('loss_curve.png', 'predictions.jsonl', 'tokenizer.model', 'train/metrics.jsonl'):
+    assert os.path.getsize(os.path.join(out, name)) > 0
+  assert os.path.isdir(s['checkpoint'])
+  m = s['metrics']
+  assert m['closed']['phantom/diagnosis_yes_no:yes/no']['chance'] == 0.5
+  assert m['closed']['real/modality:CT/MRI/X-ray/ultrasound']['chance'] == 0.25
+  for v in m['closed'].values():
+    assert 0.0 <= v['accuracy'] <= 1.0 and v['n'] > 0
+  assert 0.0 <= m['rouge_l'] <= 1.0
+  preds = read_jsonl(os.path.join(out, 'predictions.jsonl'))
+  assert len(preds) == s['dataset']['splits']['heldout']
