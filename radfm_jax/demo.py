@@ -311,6 +311,8 @@ def run(args) -> int:
 
   # 5. held-out evaluation, from the checkpoint on disk
   t = time.perf_counter()
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)   # Orbax lists every item it was not asked for
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
   state, _ = ckpt.restore(result.last_checkpoint, abs_state)
   ckpt.close()
@@ -325,8 +327,11 @@ def run(args) -> int:
                           'reference': rec['answer'], 'prediction': ans}) + '\n')
 
   # 6. outputs
-  plot_losses(losses, os.path.join(out, 'loss_curve.png'),
-              f'radfm-jax demo: {cfg.model.size}, {result.step} steps')
+  try:
+    plot_losses(losses, os.path.join(out, 'loss_curve.png'),
+                f'radfm-jax demo: {cfg.model.size}, {result.step} steps')
+  except ImportError as e:  # matplotlib comes with the `demo` extra
+    _log(f'no loss_curve.png ({e}); pip install "radfm-jax[demo]"')
   example = next((i for i, r in enumerate(heldout)
                   if r['family'] == 'phantom' and r['task'] == 'report' and r['label']['lesion']),
                  0)
