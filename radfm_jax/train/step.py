@@ -1,8 +1,8 @@
 """Loss, metrics and the jitted train / eval steps (functional: split -> value_and_grad -> merge).
 
-    state = init_train_state(model, tx, cfg.train.freeze)          # or restore from a checkpoint
+    state = init_train_state(params, tx, cfg.train.freeze)         # or restore from a checkpoint
     step = make_train_step(graphdef, tx, cfg)                        # pure (state, batch) -> ...
-    jitted = jit_train_step(step, state_shardings, batch_sharding, mesh, rules)
+    jitted = jit_train_step(step, state_shardings, mesh, rules)      # donates the state
     state, metrics = jitted(state, batch)
 
 Loss (reference section 8): labels are *not* pre-shifted; position t's logits predict label t+1
