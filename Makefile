@@ -14,16 +14,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_CPU)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,demo]"
 	touch $@
 
 setup: $(VENV)/.installed
 
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
+# The demo is a CPU job by design; the test extra's libtpu would otherwise make JAX probe for TPUs.
 demo: setup
-	$(VENV)/bin/radfm-jax demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/radfm-jax demo
 
 bench: setup
 	$(PY) benchmarks/train_step.py
