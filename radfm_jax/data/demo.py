@@ -14,8 +14,8 @@ Two families of samples, each with a `train` and a `heldout` split (`split` fiel
   known). Held-out copies are different random augmentations of the same source scans (the sources
   are too few to hold whole scans out), so these numbers measure robustness to crop / contrast, not
   generalisation to new patients.
-* **Phantoms** (`family: phantom`). Procedural 64 x 64 x 16 volumes (3 x 3 x 6 mm voxels, RAS): a
-  elliptical "body" with one or two darker internal structures and, in half of them, one bright
+* **Phantoms** (`family: phantom`). Procedural 64 x 64 x 16 volumes (3 x 3 x 6 mm voxels, RAS):
+  uniform soft tissue filling the field of view over a dark table strip and, in half of them, one bright
   spherical lesion on the patient's left or right (H axis = RAS x, index grows towards the patient's
   right), 15-30 mm across. Questions: lesion present (yes / no), lesion side (left / right, only when
   a lesion exists) and a templated report (open). Every phantom, train or held-out, is a fresh random
@@ -241,7 +241,7 @@ class PhantomLabel:
 
   def report(self) -> tuple[str, str]:
     if not self.lesion:
-      return ('No focal lesion. The body outline and internal structures are unremarkable.',
+      return ('No focal lesion. The soft tissue is uniform.',
               'Normal study.')
     size = 'small' if self.diameter_mm < 22 else 'large'
     return (f'A {self.diameter_mm} mm bright round lesion in the {self.level} {self.side} side '
@@ -258,15 +258,13 @@ def make_phantom(rng: np.random.Generator, lesion: bool | None = None, side: str
   """A float32 volume [H, W, D] in RAS voxel order (H grows towards the patient's right)."""
   h, w, d = shape
   lesion = bool(rng.random() < 0.5) if lesion is None else lesion
-  center = np.array([h / 2 + rng.uniform(-2, 2), w / 2 + rng.uniform(-2, 2), d / 2 - 0.5])
-  radii = np.array([h * rng.uniform(0.36, 0.45), w * rng.uniform(0.30, 0.40), d * rng.uniform(0.6, 0.8)])
-  body = _ellipsoid(shape, center, radii) <= 1
-  vol = np.where(body, rng.uniform(0.3, 0.45), 0.0).astype(np.float32)
-  for _ in range(int(rng.integers(1, 3))):       # larger, darker internal structures
-    c = center + np.array([rng.uniform(-0.4, 0.4) * radii[0], rng.uniform(-0.4, 0.4) * radii[1],
-                           rng.uniform(-0.2, 0.2) * d])
-    r = np.array([rng.uniform(7, 12), rng.uniform(6, 10), rng.uniform(3, 6)])
-    vol[(_ellipsoid(shape, c, r) <= 1) & body] = rng.uniform(0.12, 0.25)
+  # Uniform soft tissue filling the field of view (no outline, no noise): the ViT LayerNorms every
+  # patch, so any edge or noise in a flat patch becomes a unit-variance pattern; this way the only
+  # non-blank patches are the lesion's, which a from-scratch model learns in minutes on a CPU.
+  center = np.array([h / 2, w / 2, d / 2 - 0.5])
+  radii = np.array([h / 2, w / 2, d / 2])
+  vol = np.full(shape, rng.uniform(0.3, 0.45), np.float32)
+  vol[:, :2, :] = rng.uniform(0.02, 0.08)                     # the scanner table (posterior edge)
   label = PhantomLabel(False, None, None, None)
   if lesion:
     side = side or ('left' if rng.random() < 0.5 else 'right')
@@ -280,8 +278,6 @@ def make_phantom(rng: np.random.Generator, lesion: bool | None = None, side: str
     vol[_ellipsoid(shape, c, r) <= 1] = rng.uniform(0.85, 1.0)
     diameter = int(round(2 * radius_vox * PHANTOM_SPACING[0]))
     label = PhantomLabel(True, side, diameter, 'upper' if c[2] >= d / 2 else 'lower')
-  # No noise: the ViT LayerNorms every patch, which turns noise in a flat patch into a unit-variance
-  # pattern that hides the lesion; without it flat patches are blank and edges / lesions stand out.
   return vol, label
 
 
