@@ -164,8 +164,9 @@ def score(records: list[dict], answers: list[str]) -> dict:
     refs = [r['answer'] for r, _ in items]
     if kind == 'closed':
       chance = sum(1.0 / len(r['options']) for r, _ in items) / len(items)
+      majority = max(refs.count(r) for r in set(refs)) / len(refs)
       out['closed'][key] = {'n': len(items), 'accuracy': closed_accuracy(preds, refs),
-                            'chance': chance,
+                            'chance': chance, 'majority_baseline': majority,
                             'answered_an_option': sum(
                                 any(closed_match(a, o) for o in r['options'])
                                 for r, a in items) / len(items)}
@@ -362,11 +363,12 @@ def _print_report(s: dict, out: str):
            f"{s['timings']['train_s']:.0f} s; loss {s['loss_first10']:.3f} -> {s['loss_last10']:.3f}",
            'held-out closed questions (greedy generation, normalised exact match):']
   for key, v in m['closed'].items():
-    lines.append(f"  {key:60s} n={v['n']:3d}  accuracy {v['accuracy']:.3f}  (chance {v['chance']:.3f})")
+    lines.append(f"  {key:46s} n={v['n']:3d}  accuracy {v['accuracy']:.3f}  (chance "
+                 f"{v['chance']:.3f}, majority answer {v['majority_baseline']:.3f})")
   for name in ('phantom', 'real', 'all'):
     v = m.get('closed_' + name)
     if v:
-      lines.append(f"  {'ALL ' + name:60s} n={v['n']:3d}  accuracy {v['accuracy']:.3f}  "
+      lines.append(f"  {'ALL ' + name:46s} n={v['n']:3d}  accuracy {v['accuracy']:.3f}  "
                    f"(chance {v['chance']:.3f})")
   for key, v in m['open'].items():
     lines.append(f"held-out {key}: n={v['n']} ROUGE-L {v['rouge_l']:.3f}")
