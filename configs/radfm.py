@@ -47,7 +47,7 @@ def get_config(arg=''):
   cfg.model.compute_dtype = hw['compute_dtype']
   cfg.model.remat_policy = hw['remat_policy']
   cfg.model.scan_layers = True
-  cfg.model.attention = 'xla'         # 'xla' | 'cudnn' (jax.nn.dot_product_attention implementation)
+  cfg.model.attention = 'xla'         # 'xla' | 'cudnn' (jax.nn.dot_product_attention) | 'splash' (TPU Pallas, decoder)
 
   cfg.mesh = ml_collections.ConfigDict()
   cfg.mesh.preset = picks['mesh']

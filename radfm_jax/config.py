@@ -316,8 +316,8 @@ def _validate_model(m: ModelConfig):
     _fail('model.compute_dtype', m.compute_dtype, f'one of {DTYPES}')
   if m.remat_policy not in REMAT_POLICIES:
     _fail('model.remat_policy', m.remat_policy, f'one of {REMAT_POLICIES}')
-  if m.attention not in ('xla', 'cudnn'):
-    _fail('model.attention', m.attention, "'xla' or 'cudnn'")
+  if m.attention not in ('xla', 'cudnn', 'splash'):
+    _fail('model.attention', m.attention, "'xla', 'cudnn' or 'splash' (TPU)")
   _positive('model', m, 'max_images')
 
 

@@ -24,19 +24,23 @@ def test_accelerator_type_and_batch_shapes():
   assert aot.batch_shapes(cfg, '3d', 64) == ((64, 1, 3, 256, 256, 64), 2048)
 
 
+def _run_aot(tmp_path, *args):
+  """`radfm-jax aot *args` in a subprocess (the TPU_* variables and libtpu flags must be set
+  before JAX is imported); returns (process, first JSON report)."""
+  out = tmp_path / 'report.jsonl'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m', 'radfm_jax.cli', 'aot', *args, '--json', str(out)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=560)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, json.loads(out.read_text().splitlines()[0])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (tpu extra)')
 def test_aot_compiles_tiny_for_v5p_2x2x2(tmp_path):
-  out = tmp_path / 'report.jsonl'
-  # A subprocess: the TPU_* variables must be set before JAX is imported.
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run(
-      [sys.executable, '-m', 'radfm_jax.cli', 'aot', '--config',
-       'configs/radfm.py:model=tiny,mesh=tpu_v5p_16', '--batch_2d', '8', '--text_len', '64',
-       '--json', str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=560)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads(out.read_text().splitlines()[0])
+  proc, report = _run_aot(tmp_path, '--config', 'configs/radfm.py:model=tiny,mesh=tpu_v5p_16',
+                          '--batch_2d', '8', '--text_len', '64')
   assert report['devices'] == 8 and report['device_kind'].startswith('TPU v5')
   assert report['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
   assert report['fits'] is True and report['kind'] == '2d'
@@ -45,3 +49,27 @@ def test_aot_compiles_tiny_for_v5p_2x2x2(tmp_path):
   cfg = load_config('configs/radfm.py:model=tiny,mesh=tpu_v5p_16')
   assert report['flops_per_step'] == train_step_flops(cfg.model, 8, 4, (64, 64, 4), 64)
   assert 'FITS' in proc.stdout
+
+
+def test_set_tpu_env_raises_libtpu_thread_stacks(monkeypatch):
+  for name in ('TPU_ACCELERATOR_TYPE', 'TPU_SKIP_MDS_QUERY', 'TPU_WORKER_HOSTNAMES',
+               'ALLOW_MULTIPLE_LIBTPU_LOAD'):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv('LIBTPU_INIT_ARGS', '--default_thread_stack_size=1 --xla_foo=2')
+  aot.set_tpu_env('v6e:4x4')
+  args = os.environ['LIBTPU_INIT_ARGS'].split()
+  assert os.environ['TPU_ACCELERATOR_TYPE'] == 'v6e-16'
+  # The user's own value wins; the missing stack flags are added in front of their flags.
+  assert '--default_thread_stack_size=1' in args and '--xla_foo=2' in args
+  assert f'--fibers_default_thread_stack_size={aot.COMPILE_THREAD_STACK_BYTES}' in args
+  assert sum(a.startswith('--default_thread_stack_size=') for a in args) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (tpu extra)')
+def test_aot_compiles_tiny_splash_for_v6e_2x4(tmp_path):
+  """The splash kernel lowers through Mosaic for a v6e topology inside the sharded train step."""
+  _, report = _run_aot(tmp_path, '--config', 'configs/radfm.py:model=tiny,mesh=tpu_v6e_8',
+                       '--config.model.attention=splash', '--batch_2d', '8', '--text_len', '128')
+  assert report['device_kind'].startswith('TPU v6') and report['fits'] is True
+  assert report['attention'] == 'splash'

@@ -129,6 +129,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   mask: bool broadcastable to [batch, heads, q_len, kv_len] (True = attend).
   Returns [batch, q_len, heads, head_dim].
   """
+  if implementation == 'splash':
+    # Splash (TPU Pallas) is the decoder's causal kernel, the one caller passing a mask; the vision
+    # tower and the resampler (no mask, not causal) keep XLA's attention.
+    if mask is not None:
+      from radfm_jax.models import splash
+      return splash.causal_attention(q, k, v, mask)
+    implementation = 'xla'
   if dropout_rng is None or dropout_rate == 0.0:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   # Dropout on the attention probabilities (ViT training) needs the explicit form.

@@ -5,7 +5,8 @@
 
 Needs libtpu (`pip install "libtpu==0.0.42.*"`, the `tpu` extra); no TPU. The command sets
 TPU_SKIP_MDS_QUERY=1, TPU_ACCELERATOR_TYPE (from the preset's topology) and
-TPU_WORKER_HOSTNAMES=localhost before JAX is imported, takes the devices of
+TPU_WORKER_HOSTNAMES=localhost and larger libtpu compiler-thread stacks (LIBTPU_INIT_ARGS; the
+v6e 13B compile crashes without them) before JAX is imported, takes the devices of
 `jax.experimental.topologies.get_topology_desc(platform='tpu', topology_name=mesh.topology)`,
 builds the mesh over them, the abstract TrainState (`abstract_model` + optimizer shardings from
 `sharding.optimizer_shardings`, nothing allocated), and lowers + compiles the same jitted,
@@ -43,13 +44,29 @@ def accelerator_type(topology: str) -> str:
   return f'{gen}-{chips * _CORES_PER_CHIP.get(gen, 1)}'
 
 
+# Stack size for libtpu's compiler threads (see set_tpu_env); only reserved, not committed.
+COMPILE_THREAD_STACK_BYTES = 16 * 2 ** 20
+_STACK_FLAGS = ('fibers_default_thread_stack_size', 'default_thread_stack_size',
+                'xla_internal_thread_stack_size_bytes')
+
+
 def set_tpu_env(topology: str):
+  """TPU_* variables and libtpu flags for compiling without a TPU; set before JAX loads libtpu."""
   os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', accelerator_type(topology))
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   # Compiling needs no TPU: let several fit checks (or a test beside a sweep) load libtpu at once
   # instead of failing on /tmp/libtpu_lockfile.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  # libtpu 0.0.42.1 costs the 13B matmuls for v6e (SpatialMajorConvolution window configs) with a
+  # recursion that overflows the default stack of its fiber threads: SIGSEGV on v6e:4x4 (gdb: fault
+  # at the stack pointer in CalculateClassicWindowCost). `ulimit -s` and a big-stack Python thread
+  # do not reach those threads; these libtpu flags do (the v6e:4x4 compile then succeeds). Users'
+  # own LIBTPU_INIT_ARGS are kept, and win on a repeated flag.
+  args = os.environ.get('LIBTPU_INIT_ARGS', '')
+  extra = [f'--{flag}={COMPILE_THREAD_STACK_BYTES}' for flag in _STACK_FLAGS
+           if f'--{flag}=' not in args]
+  os.environ['LIBTPU_INIT_ARGS'] = ' '.join(extra + ([args] if args else []))
 
 
 def batch_shapes(cfg, kind: str, batch: int, images_2d: int = 4, text_len: int | None = None):
@@ -114,6 +131,7 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
             'mesh': dict(mesh.shape), 'rules': cfg.mesh.rules, 'kind': kind,
             'global_batch': batch, 'per_chip_batch': batch / n, 'images_shape': list(images_shape),
             'text_len': length, 'remat_policy': cfg.model.remat_policy,
+            'attention': cfg.model.attention,
             'compute_dtype': cfg.model.compute_dtype, 'param_dtype': cfg.model.param_dtype,
             'hbm_gib': cfg.mesh.hbm_gib, 'flops_per_step': model_flops,
             'flops_per_step_with_remat': hw_flops, 'flops_per_chip': model_flops / n}
@@ -147,7 +165,8 @@ def format_report(r: dict) -> str:
   head = (f"{r['topology']} ({r['devices']} x {r['device_kind']}, mesh {r['mesh']}, "
           f"{r['rules']}) {r['kind']} batch {r['global_batch']} "
           f"({r['per_chip_batch']:g}/chip), images {r['images_shape'][1:]}, text {r['text_len']}, "
-          f"remat {r['remat_policy']}, {r['compute_dtype']} compute")
+          f"remat {r['remat_policy']}, {r.get('attention', 'xla')} attention, "
+          f"{r['compute_dtype']} compute")
   flops = (f"  FLOPs/step {r['flops_per_step']:.3e} (with remat recompute "
            f"{r['flops_per_step_with_remat']:.3e}); per chip {r['flops_per_chip']:.3e}")
   if 'error' in r:
