@@ -4,11 +4,15 @@ The main config (`configs/radfm.py`) with the model size picked by `arg` and the
 training settings: small images (2D 64 x 64 x 4, 3D 64 x 64 x 16: 16 / 64 ViT patches), short texts
 (64 / 128 tokens), a 1024-piece tokenizer (the demo corpus holds ~150 distinct sentences; BPE tops out
 near 1300 pieces on it, so the 2048 of `small` cannot be trained), no dropout, no TensorBoard, one
-checkpoint at the end. Everything can still be overridden with dotted flags.
+checkpoint at the end, and `demo.closed_first`: the fraction of the steps trained on closed questions
+only before the reports join (`radfm_jax.demo.Curriculum`). Everything can still be overridden with
+dotted flags (`demo.closed_first=0` trains on the full mix from step 0).
 """
 
 import os
 import sys
+
+import ml_collections
 
 sys.path.insert(0, os.path.dirname(__file__))
 import radfm  # noqa: E402
@@ -44,4 +48,9 @@ def get_config(arg=''):
   cfg.train.checkpoint_every = 0
   cfg.train.keep_checkpoints = 1
   cfg.train.tensorboard = False
+
+  cfg.demo = ml_collections.ConfigDict()
+  # Fraction of train.steps that sees closed questions only (radfm_jax.demo.Curriculum): from
+  # step 0 on the full mix, the reports' text teaches the decoder to ignore the image tokens.
+  cfg.demo.closed_first = 0.4
   return cfg

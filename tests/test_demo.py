@@ -121,3 +121,28 @@ def test_quick_demo_end_to_end(tmp_path):
   assert 0.0 <= m['rouge_l'] <= 1.0
   preds = read_jsonl(os.path.join(out, 'predictions.jsonl'))
   assert len(preds) == s['dataset']['splits']['heldout']
+
+
+def test_curriculum_switches_source_and_resumes():
+  from radfm_jax.demo import Curriculum
+
+  class Counter:
+    def __init__(self, tag):
+      self.tag, self.n = tag, 0
+
+    def __next__(self):
+      self.n += 1
+      return (self.tag, self.n)
+
+    def get_state(self):
+      return {'n': self.n}
+
+    def set_state(self, state):
+      self.n = state['n']
+
+  it = Curriculum(Counter('closed'), Counter('all'), 2)
+  assert [next(it) for _ in range(4)] == [('closed', 1), ('closed', 2), ('all', 1), ('all', 2)]
+  state = json.loads(json.dumps(it.get_state()))           # saved by the checkpointer as JSON
+  again = Curriculum(Counter('closed'), Counter('all'), 2)
+  again.set_state(state)
+  assert next(again) == ('all', 3)
