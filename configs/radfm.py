@@ -84,6 +84,7 @@ def get_config(arg=''):
   cfg.generate.temperature = 0.0      # 0 = greedy
   cfg.generate.top_k = 0
   cfg.generate.top_p = 1.0
+  cfg.generate.layer_loop = 'auto'    # 'scan' | 'unrolled' (per-layer weight copies; CPU default)
 
   cfg.train = ml_collections.ConfigDict()
   cfg.train.steps = 1000

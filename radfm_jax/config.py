@@ -145,6 +145,10 @@ class GenerateConfig:
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  # How decoding runs the decoder layers: 'scan' over the stacked weights, 'unrolled' over
+  # per-layer copies made once per call (faster on XLA:CPU, where a scan copies every layer's
+  # weights at every step; costs one extra copy of the decoder weights), 'auto' = unrolled on CPU.
+  layer_loop: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +388,8 @@ def _validate_generate(g: GenerateConfig):
     _fail('generate.top_k', g.top_k, '>= 0 (0 means no top-k filter)')
   if not 0 < g.top_p <= 1:
     _fail('generate.top_p', g.top_p, 'a value in (0, 1]')
+  if g.layer_loop not in ('auto', 'scan', 'unrolled'):
+    _fail('generate.layer_loop', g.layer_loop, "one of 'auto', 'scan', 'unrolled'")
 
 
 def _validate_train(t: TrainConfig):

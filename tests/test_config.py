@@ -41,6 +41,7 @@ def test_overrides_are_typed():
     ('data.depth_buckets=[4,6]', 'data.depth_buckets=', 'multiples of model.vision.frame_patch_size=4'),
     ('data.image_size_2d=40', 'data.image_size_2d=40', 'multiple of model.vision.patch_size=16'),
     ('generate.top_p=0', 'generate.top_p=0', '(0, 1]'),
+    ('generate.layer_loop=python', 'generate.layer_loop=', "'unrolled'"),
     ('model.vision.depth=0', 'model.vision.depth=0', 'positive integer'),
 ])
 def test_bad_values_name_field_and_expectation(override, field, expected):

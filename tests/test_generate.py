@@ -7,6 +7,7 @@ import pytest
 
 from radfm_jax.config import model_config
 from radfm_jax.infer.generate import (SamplingConfig, filter_logits, generate_ids, left_pad)
+from radfm_jax.models.llama import KVCache
 from radfm_jax.models.radfm import create_model
 
 IMG0 = 514  # <image0> at the tiny vocab (512 + 2)
@@ -35,16 +36,47 @@ def _full_forward_greedy(model, prompt, images, steps):
   return tokens[len(prompt):]
 
 
-def test_cached_decode_matches_full_forward(model):
+@pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
+def test_cached_decode_matches_full_forward(model, layer_loop):
   rng = np.random.default_rng(0)
   prompt = _prompt(rng, 10, 0)
   images = _images(1, 1)
   steps = 12
   want = _full_forward_greedy(model, prompt, images, steps)
   tokens, mask = left_pad([prompt], length=len(prompt))
-  out = generate_ids(model, tokens, mask, images, max_new_tokens=steps, stop_ids=())
+  out = generate_ids(model, tokens, mask, images, max_new_tokens=steps, stop_ids=(),
+                     layer_loop=layer_loop)
   assert out.sequences()[0] == want
   assert out.lengths[0] == steps
+
+
+@pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
+def test_cached_logits_match_full_forward(model, layer_loop):
+  """Prefill + one-token steps through the KV cache (stacked + scan, or per-layer + the re-laid
+  DecodeView weights) give the full forward's logits at every position."""
+  rng = np.random.default_rng(4)
+  prompt = _prompt(rng, 7, 0)
+  extra = [int(t) for t in rng.integers(3, 500, 5)]
+  images = _images(2, 1)
+  full = np.asarray(model(jnp.asarray([prompt + extra], jnp.int32), images))[0]
+  unrolled = layer_loop == 'unrolled'
+  view = model.llama.decode_view() if unrolled else None
+  if unrolled:   # kernels re-laid as [out, in] matrices, values unchanged
+    q = view.layers[1].q
+    assert q.kernel_out_first and q.kernel.shape == (64, 64)
+    np.testing.assert_array_equal(np.asarray(q.kernel[...]).T.reshape(64, 4, 16),
+                                  np.asarray(model.llama.layers.q.kernel[...][1]))
+  cache = KVCache.zeros(model.cfg.llama, 1, len(prompt) + len(extra), per_layer=unrolled)
+  n = len(prompt)
+  logits, cache = model.decode(model.embed_inputs(jnp.asarray([prompt], jnp.int32), images),
+                               jnp.arange(n)[None], jnp.ones((1, n), jnp.int32), cache, view)
+  got = [np.asarray(logits[0])]
+  for j, token in enumerate(extra[:-1]):
+    logits, cache = model.decode(model.llama.embed(jnp.asarray([[token]], jnp.int32)),
+                                 jnp.asarray([[n + j]]), jnp.ones((1, 1), jnp.int32), cache, view)
+    got.append(np.asarray(logits[0]))
+  np.testing.assert_allclose(np.concatenate(got), full[:-1], rtol=1e-4, atol=1e-4)
+  assert int(cache.index) == len(prompt) + len(extra) - 1
 
 
 def test_batch_with_left_padding_equals_each_prompt_alone(model):

@@ -34,6 +34,7 @@ class SamplingConfig:
   temperature: float = 0.0      # 0 = greedy (the original decodes greedily)
   top_k: int = 0                # 0 = no top-k filter
   top_p: float = 1.0            # 1 = no nucleus filter
+  layer_loop: str = 'auto'      # 'scan' | 'unrolled' | 'auto' (= unrolled on CPU): config.py
 
   @classmethod
   def from_config(cls, gen_cfg, **overrides) -> 'SamplingConfig':
@@ -106,18 +107,33 @@ def _decode_loop(graphdef, state, tokens, attention_mask, images, image_mask, rn
   batch, prompt_len = tokens.shape
   max_new = sampling.max_new_tokens
   cache_dtype = model.compute_dtype
-  cache = KVCache.zeros(model.cfg.llama, batch, prompt_len + max_new, cache_dtype)
   positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  layer_loop = sampling.layer_loop
+  if layer_loop == 'auto':
+    layer_loop = 'unrolled' if jax.devices()[0].platform == 'cpu' else 'scan'
+  if layer_loop == 'unrolled':
+    view_graphdef, view_state = nnx.split(model.llama.decode_view())
+    # Materialise the re-laid weights here, once: without the barrier XLA sinks the slicing and
+    # transposes into the loop body and redoes them at every step.
+    view_state = jax.lax.optimization_barrier(view_state)
+  else:
+    view_graphdef, view_state = None, None
+
+  def view(view_state):
+    return None if view_state is None else nnx.merge(view_graphdef, view_state)
+
+  cache = KVCache.zeros(model.cfg.llama, batch, prompt_len + max_new, cache_dtype,
+                        per_layer=layer_loop == 'unrolled')
   embeds = model.embed_inputs(tokens, images, image_mask)
-  logits, cache = model.decode(embeds, positions, attention_mask, cache)
+  logits, cache = model.decode(embeds, positions, attention_mask, cache, view(view_state))
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
   def cond(carry):
-    step, _, _, done, _, _, _, _ = carry
+    step, _, _, done, _, _, _, _, _ = carry
     return (step < max_new) & ~jnp.all(done)
 
   def body(carry):
-    step, cache, logits, done, last_pos, out, rng, state = carry
+    step, cache, logits, done, last_pos, out, rng, state, view_state = carry
     # NNX variables are bound to the trace that made them, so the weights ride in the loop carry
     # and the model is re-merged inside the body.
     model = nnx.merge(graphdef, state)
@@ -127,24 +143,32 @@ def _decode_loop(graphdef, state, tokens, attention_mask, images, image_mask, rn
     done = done | jnp.isin(token, stop_ids)
     position = last_pos + 1
     step_logits, cache = model.decode(model.llama.embed(token[:, None]), position[:, None],
-                                      jnp.ones((batch, 1), jnp.int32), cache)
-    return step + 1, cache, step_logits[:, -1], done, position, out, rng, state
+                                      jnp.ones((batch, 1), jnp.int32), cache, view(view_state))
+    return step + 1, cache, step_logits[:, -1], done, position, out, rng, state, view_state
 
   out = jnp.full((batch, max_new), PAD_ID, jnp.int32)
   carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
-           positions[:, -1], out, rng, state)
-  step, _, _, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
+           positions[:, -1], out, rng, state, view_state)
+  step, _, _, _, _, out, _, _, _ = jax.lax.while_loop(cond, body, carry)
   stopped = jnp.isin(out, stop_ids)
   first_stop = jnp.argmax(stopped, axis=1)
   lengths = jnp.where(stopped.any(axis=1), first_stop + 1, step)
   return out, lengths
 
 
+# XLA:CPU's default copy insertion cannot see that the cache update in the loop body comes after
+# the attention that reads the old cache, and copies every layer's cache at every step; its
+# region analysis can.
+_CPU_COMPILER_OPTIONS = {'xla_cpu_copy_insertion_use_region_analysis': True}
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_decode(graphdef, sampling: SamplingConfig):
   # One jitted function per (model structure, sampling); jax.jit then caches one executable per
   # input shape bucket.
-  return jax.jit(functools.partial(_decode_loop, graphdef, sampling=sampling))
+  options = _CPU_COMPILER_OPTIONS if jax.devices()[0].platform == 'cpu' else None
+  return jax.jit(functools.partial(_decode_loop, graphdef, sampling=sampling),
+                 compiler_options=options)
 
 
 def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,

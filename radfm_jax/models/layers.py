@@ -49,7 +49,9 @@ def cast(p: nnx.Param, dtype) -> jax.Array:
 class Dense(nnx.Module):
   """y = x . kernel (+ bias), contracting the last `len(in_shape)` dims of x.
 
-  kernel: [*in_shape, *out_shape] with logical names `in_axes + out_axes`.
+  kernel: [*in_shape, *out_shape] with logical names `in_axes + out_axes`. `kernel_out_first`
+  marks a kernel re-laid as a matrix [prod(out_shape), prod(in_shape)] for decoding
+  (llama.DecodeView): the product is the same, XLA:CPU just runs it faster at small batch.
   """
 
   def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias: bool, rngs: nnx.Rngs,
@@ -58,6 +60,8 @@ class Dense(nnx.Module):
     fan_in = math.prod(in_shape)
     kernel_init = kernel_init or torch_linear_init(fan_in)
     self.n_in = len(in_shape)
+    self.out_shape = out_shape
+    self.kernel_out_first = False
     self.kernel = param(rngs, kernel_init, in_shape + out_shape, tuple(in_axes) + tuple(out_axes),
                         param_dtype)
     if use_bias:
@@ -68,9 +72,17 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
     kernel = cast(self.kernel, dtype)
-    y = jax.lax.dot_general(x.astype(dtype), kernel,
-                            (((tuple(range(x.ndim - self.n_in, x.ndim))),
-                              tuple(range(self.n_in))), ((), ())))
+    if self.kernel_out_first:
+      # A plain 2D product contracting both minor dimensions: XLA:CPU would transpose (copy) a
+      # higher-rank kernel into [in, out] order first.
+      lead = x.shape[:x.ndim - self.n_in]
+      y = jax.lax.dot_general(x.reshape(lead + (-1,)).astype(dtype), kernel,
+                              (((len(lead),), (1,)), ((), ())))
+      y = y.reshape(lead + self.out_shape)
+    else:
+      y = jax.lax.dot_general(x.astype(dtype), kernel,
+                              (((tuple(range(x.ndim - self.n_in, x.ndim))),
+                                tuple(range(self.n_in))), ((), ())))
     if self.bias is not None:
       y = y + cast(self.bias, dtype)
     return y
@@ -147,17 +159,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Attention against a KV cache laid out heads-first (no transpose of the cache per step).
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
+                     cache_v: jax.Array, cached_mask: jax.Array, new_mask: jax.Array) -> jax.Array:
+  """Attention of new tokens to a KV cache (llama.KVCache layout, no per-step transpose of it)
+  and to each other; the new keys / values are not in the cache yet.
 
-  q: [batch, q_len, heads, head_dim]; k, v: [batch, heads, max_len, head_dim]; mask: bool
-  broadcastable to [batch, heads, q_len, max_len]. Softmax in fp32, masked entries at the dtype
-  minimum (as HF does). Returns [batch, q_len, heads, head_dim].
+  q, k, v: the new tokens, [batch, len, heads, head_dim]; cache_k: [batch, heads, head_dim,
+  max_len]; cache_v: [batch, heads, max_len, head_dim]; cached_mask: bool broadcastable to
+  [batch, heads, len, max_len]; new_mask: bool broadcastable to [batch, heads, len, len]. One
+  softmax (fp32) over both key sets, masked entries at the dtype minimum (as HF does).
+  Returns [batch, len, heads, head_dim].
   """
-  scores = jnp.einsum('bqnh,bnkh->bnqk', q, k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask, scores * (q.shape[-1] ** -0.5), jnp.finfo(jnp.float32).min)
+  scale = q.shape[-1] ** -0.5
+  neg = jnp.finfo(jnp.float32).min
+  cached = jnp.einsum('bqnh,bnhk->bnqk', q, cache_k, preferred_element_type=jnp.float32)
+  new = jnp.einsum('bqnh,bknh->bnqk', q, k, preferred_element_type=jnp.float32)
+  scores = jnp.concatenate([jnp.where(cached_mask, cached * scale, neg),
+                            jnp.where(new_mask, new * scale, neg)], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum('bnqk,bnkh->bqnh', probs, v)
+  max_len = cache_k.shape[-1]
+  return (jnp.einsum('bnqk,bnkh->bqnh', probs[..., :max_len], cache_v)
+          + jnp.einsum('bnqk,bknh->bqnh', probs[..., max_len:], v))
 
 
 def layer_rngs(rng: jax.Array | None, num_layers: int):

@@ -10,6 +10,8 @@ functions that `jax.jit` compiles once per shape.
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -24,20 +26,33 @@ from radfm_jax.models.layers import Dense, RMSNorm, constrain
 class KVCache:
   """Keys/values of every layer for `max_len` slots.
 
-  k, v: [layers, batch, heads, max_len, head_dim] (heads before slots, so decode attention reads
-  the cache without a transpose); mask: bool [batch, max_len], True where a slot holds a real
-  (non-padding) token; index: int32 scalar, the next slot to write.
+  k: keys, [layers, batch, heads, head_dim, max_len] (transposed, so the score product q . k needs
+  no per-step transpose of the cache); v: values, [layers, batch, heads, max_len, head_dim]. With
+  `per_layer`, k and v are tuples of per-layer arrays (the unrolled decode path: slicing a slab out
+  of a stacked array copies it at every step). mask: bool [batch, max_len], True where a slot holds
+  a real (non-padding) token; index: int32 scalar, the next slot to write; empty (static): nothing
+  written yet, so a prefill skips attending to the cache (all of it masked, and constant-folding
+  attention over the zero cache costs XLA seconds of compile time).
   """
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   mask: jax.Array
   index: jax.Array
+  empty: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
-  def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> 'KVCache':
-    shape = (cfg.num_layers, batch, cfg.num_heads, max_len, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+  def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+            per_layer: bool = False) -> 'KVCache':
+    k_shape = (batch, cfg.num_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
+    if per_layer:
+      k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
+      v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
+    else:
+      k = jnp.zeros((cfg.num_layers,) + k_shape, dtype)
+      v = jnp.zeros((cfg.num_layers,) + v_shape, dtype)
+    return cls(k=k, v=v, mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
+               empty=True)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float):
@@ -71,31 +86,53 @@ class DecoderLayer(nnx.Module):
     self.up = Dense((e,), (m,), ('embed',), ('mlp',), **kw)
     self.down = Dense((m,), (e,), ('mlp',), ('embed',), **kw)
 
-  def __call__(self, x, rope, mask, kv, cache_index, *, dtype, attention_impl: str):
-    """x: [batch, len, embed]; mask: bool [batch, 1, len, keys]; kv: this layer's cache
-    (k, v), each [batch, heads, max_len, head_dim], or None. Returns (x, updated (k, v) or None)."""
+  def __call__(self, x, rope, mask, cache, cache_index, layer_index, *, dtype, attention_impl: str):
+    """x: [batch, len, embed]; cache: None, or (k, v) in the KVCache layout: the stacked arrays,
+    of which this layer owns slab `layer_index`, or with `layer_index` None this layer's own
+    arrays. mask: without a cache bool [batch, 1, len, len]; with one (cached_mask
+    [batch, 1, 1 or len, max_len] or None for an empty cache, new_mask [batch, 1, len, len]) as
+    in cached_attention.
+    Returns (x, updated cache or None)."""
     cos, sin = rope
     h = self.input_norm(x, dtype)
     q = apply_rope(self.q(h, dtype), cos, sin)
     k = apply_rope(self.k(h, dtype), cos, sin)
     v = self.v(h, dtype)
     q = constrain(q, ('act_batch', 'act_len', 'act_heads', 'act_kv'))
-    if kv is None:
+    if cache is None:
       y = layers.attention(q, k, v, mask, implementation=attention_impl)
     else:
-      cache_k, cache_v = kv
-      start = (0, 0, cache_index, 0)
-      cache_k = jax.lax.dynamic_update_slice(
-          cache_k, k.swapaxes(1, 2).astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(
-          cache_v, v.swapaxes(1, 2).astype(cache_v.dtype), start)
-      kv = (cache_k, cache_v)
-      y = layers.cached_attention(q, cache_k.astype(dtype), cache_v.astype(dtype), mask)
+      # Attend to the cached slots and the new tokens, then write the new keys / values: the
+      # write is then the cache's last use and happens in place (updating first and attending to
+      # the result makes XLA:CPU copy the cache at every step).
+      cache_k, cache_v = cache
+      if layer_index is None:        # this layer's own arrays (KVCache per_layer)
+        old_k, old_v = cache_k, cache_v
+      else:                          # slab `layer_index` of the stacked arrays
+        old_k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, keepdims=False)
+        old_v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, keepdims=False)
+      cached_mask, new_mask = mask
+      if cached_mask is None:        # empty cache: the new tokens only
+        y = layers.attention(q, k, v, new_mask, implementation=attention_impl)
+      else:
+        y = layers.cached_attention(q, k, v, old_k.astype(dtype), old_v.astype(dtype),
+                                    cached_mask, new_mask)
+      new_k = k.transpose(0, 2, 3, 1).astype(cache_k.dtype)     # [batch, heads, head_dim, len]
+      new_v = v.swapaxes(1, 2).astype(cache_v.dtype)            # [batch, heads, len, head_dim]
+      if layer_index is None:
+        cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, (0, 0, 0, cache_index))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, new_v, (0, 0, cache_index, 0))
+      else:
+        cache_k = jax.lax.dynamic_update_slice(cache_k, new_k[None],
+                                               (layer_index, 0, 0, 0, cache_index))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, new_v[None],
+                                               (layer_index, 0, 0, cache_index, 0))
+      cache = (cache_k, cache_v)
     x = x + self.o(y, dtype)
     h = self.post_attention_norm(x, dtype)
     y = self.down(jax.nn.silu(self.gate(h, dtype)) * self.up(h, dtype), dtype)
     x = constrain(x + y, ('act_batch', 'act_len', 'act_embed'))
-    return x, kv
+    return x, cache
 
 
 class Llama(nnx.Module):
@@ -117,55 +154,105 @@ class Llama(nnx.Module):
                          use_bias=False, rngs=rngs, param_dtype=param_dtype,
                          kernel_init=jax.nn.initializers.normal(0.02))
 
+  def decode_view(self) -> 'DecodeView':
+    """The decoder weights re-laid for unrolled decoding (see `DecodeView`); one copy per call."""
+    graphdef, state = nnx.split(self.layers)
+    layers_ = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+               for i in range(self.cfg.num_layers)]
+    head_graphdef, head_state = nnx.split(self.lm_head)
+    head = nnx.merge(head_graphdef, jax.tree.map(lambda a: a, head_state))   # not this lm_head
+    return DecodeView(layers_, head)
+
   def embed(self, tokens: jax.Array) -> jax.Array:
     """[batch, len] ids < vocab_size -> [batch, len, embed] (compute dtype)."""
     return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.compute_dtype)
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, decode_view: 'DecodeView | None' = None):
     """embeds: [batch, len, embed]; positions: int [batch, len]; attention_mask: [batch, len]
-    (1 = real token). With `cache`, the tokens fill slots [cache.index, cache.index + len).
+    (1 = real token). With `cache`, the tokens fill slots [cache.index, cache.index + len), and a
+    `decode_view` (from `decode_view()`, with a per-layer cache) runs the layers unrolled on its
+    weights.
 
     Returns (logits float32 [batch, len, vocab], updated cache or None).
     """
     cfg, dtype = self.cfg, self.compute_dtype
     length = embeds.shape[1]
     token_mask = attention_mask.astype(bool)
-    if cache is None:
-      key_mask = token_mask
-      key_pos = jnp.arange(length)
-      query_pos = jnp.arange(length)
-    else:
+    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    # Causal + key padding, [batch, 1, len, len].
+    mask = causal & token_mask[:, None, None, :]
+    if cache is not None:
       index = cache.index
+      slot = jnp.arange(cache.mask.shape[1])
+      # Cached slots every new token sees: written before `index` and not padding.
+      cached_mask = (None if cache.empty
+                     else ((slot < index)[None, :] & cache.mask)[:, None, None, :])
+      mask = (cached_mask, mask)
       key_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
-      key_pos = jnp.arange(cache.mask.shape[1])
-      query_pos = index + jnp.arange(length)
-    # Causal + key padding, [batch, 1, len, keys].
-    mask = (key_pos[None, :] <= query_pos[:, None])[None, None] & key_mask[:, None, None, :]
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     x = constrain(embeds.astype(dtype), ('act_batch', 'act_len', 'act_embed'))
 
     if cache is None:
       def body(x, layer, _):
-        return layer(x, rope, mask, None, 0, dtype=dtype, attention_impl=self.attention_impl)[0], None
+        return layer(x, rope, mask, None, 0, 0, dtype=dtype,
+                     attention_impl=self.attention_impl)[0], None
 
       x, _ = layers.scan_layers(body, x, self.layers, None, remat_policy=self.remat_policy,
                                 length=cfg.num_layers)
+    elif decode_view is not None:
+      cache_k, cache_v = list(cache.k), list(cache.v)
+      for i, layer in enumerate(decode_view.layers):
+        x, (cache_k[i], cache_v[i]) = layer(x, rope, mask, (cache_k[i], cache_v[i]), index, None,
+                                            dtype=dtype, attention_impl=self.attention_impl)
+      cache_k, cache_v = tuple(cache_k), tuple(cache_v)
     else:
       # The whole cache rides in the scan carry and each layer updates its slab in place; as a
       # scanned input/output it would be copied whole at every decode step.
       def body(carry, layer, i):
-        x, cache_k, cache_v = carry
-        kv = (cache_k[i], cache_v[i])
-        x, (k_i, v_i) = layer(x, rope, mask, kv, index, dtype=dtype,
-                              attention_impl=self.attention_impl)
-        return (x, cache_k.at[i].set(k_i), cache_v.at[i].set(v_i)), None
+        x, kv = carry
+        x, kv = layer(x, rope, mask, kv, index, i, dtype=dtype,
+                      attention_impl=self.attention_impl)
+        return (x, kv), None
 
-      (x, cache_k, cache_v), _ = layers.scan_layers(
-          body, (x, cache.k, cache.v), self.layers, jnp.arange(cfg.num_layers),
+      (x, (cache_k, cache_v)), _ = layers.scan_layers(
+          body, (x, (cache.k, cache.v)), self.layers, jnp.arange(cfg.num_layers),
           remat_policy='none', length=cfg.num_layers)
-    logits = self.lm_head(self.norm(x, dtype), dtype).astype(jnp.float32)
+    lm_head = self.lm_head if decode_view is None else decode_view.lm_head
+    logits = lm_head(self.norm(x, dtype), dtype).astype(jnp.float32)
     logits = constrain(logits, ('act_batch', 'act_len', 'act_vocab'))
     if cache is not None:
       cache = KVCache(k=cache_k, v=cache_v, mask=key_mask, index=index + length)
     return logits, cache
+
+
+_DECODE_DENSE = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+
+
+class DecodeView(nnx.Module):
+  """Per-layer decoder weights for unrolled decoding (`generate.layer_loop = 'unrolled'`).
+
+  Two layout changes, made once per `generate` call (one copy of the decoder weights), that
+  XLA:CPU needs for fast single-token steps (measured in benchmarks/generate.py):
+  - the stacked layers become `num_layers` separate modules: a scan (or a static index) slices each
+    layer's weights out of the stacked arrays at every step, a copy of the whole decoder per token;
+  - every matmul kernel is stored output-first as a matrix [out, in] (`Dense.kernel_out_first`):
+    XLA:CPU multiplies [batch, in] by an [out, in] matrix up to ~1.8x faster than by [in, out].
+  Values are never changed, only laid out.
+  """
+
+  def __init__(self, layers_: list[DecoderLayer], lm_head: Dense):
+    self.layers = nnx.List(layers_)
+    self.lm_head = lm_head
+    for layer in self.layers:
+      for name in _DECODE_DENSE:
+        _lay_out_first(getattr(layer, name))
+    _lay_out_first(self.lm_head)
+
+
+def _lay_out_first(dense: Dense):
+  """[*in, *out] -> [prod(out), prod(in)]."""
+  kernel = dense.kernel[...]
+  n_in = math.prod(kernel.shape[:dense.n_in])
+  dense.kernel.value = kernel.reshape(n_in, -1).T
+  dense.kernel_out_first = True
