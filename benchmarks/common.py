@@ -1,4 +1,5 @@
-"""Shared measurement helpers for the benchmarks: timing and the machine's dense-matmul FLOP/s."""
+"""Shared measurement helpers for the benchmarks: timing, the machine's dense-matmul FLOP/s and
+its matrix-vector streaming bandwidth."""
 
 import time
 
@@ -24,3 +25,18 @@ def matmul_flops_per_second(n: int = 2048, dtype=jnp.float32, repeats: int = 5) 
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   seconds = time_fn(jax.jit(jnp.matmul), a, b, repeats=repeats)
   return 2 * n ** 3 / seconds
+
+
+def gemv_bytes_per_second(rows: int = 8192, cols: int = 2048, count: int = 8,
+                          repeats: int = 5) -> float:
+  """Bytes/s at which one jitted program streams `count` fp32 [rows, cols] matrices through
+  matrix-vector products: the floor of a memory-bound decode step is its weight bytes over this."""
+  mats = [jax.random.normal(jax.random.key(i), (rows, cols), jnp.float32) for i in range(count)]
+  x = jnp.ones((cols,), jnp.float32)
+
+  @jax.jit
+  def stream(mats, x):
+    return sum(m @ x for m in mats)
+
+  seconds = time_fn(stream, mats, x, repeats=repeats)
+  return count * rows * cols * 4 / seconds

@@ -7,7 +7,8 @@ hidden 2048 / mlp 5504 / vocab 32000 and `--layers` layers, plus `inv_freq` buff
 dead-branch keys), writes it as `.bin` (torch.save, in a subprocess: it needs the whole dict) and/or
 `.safetensors` (streamed), then converts each in a fresh subprocess that reports its own peak RSS
 (VmHWM of /proc/self/status). Also measured: the RSS of the imports alone, and the reverse
-conversion to safetensors. Goal: peak RSS / checkpoint size <= 0.25.
+conversion back into the same format (`convert to-torch`, streamed for both). Goal: peak RSS /
+checkpoint size <= 0.25.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def main():
     size = _size(src) / 2**20
     conv = run_child('from-torch', src, ckpt)
     _verify(src, ckpt)
-    back = run_child('to-torch', ckpt, os.path.join(args.workdir, 'back.safetensors'))
+    back_path = os.path.join(args.workdir, f'back.{kind}')
+    back = run_child('to-torch', ckpt, back_path)
     results[kind] = dict(checkpoint_mib=size, peak_mib=conv['peak_mib'], seconds=conv['seconds'],
                          ratio=conv['peak_mib'] / size,
                          ratio_above_imports=(conv['peak_mib'] - base['peak_mib']) / size,
@@ -160,10 +162,11 @@ def main():
     r = results[kind]
     print(f'{kind:12s} checkpoint {size:7.0f} MiB | from-torch peak RSS {r["peak_mib"]:6.0f} MiB '
           f'({r["seconds"]:.0f}s) ratio {r["ratio"]:.3f} (above imports {r["ratio_above_imports"]:.3f}) '
-          f'| orbax {r["orbax_mib"]:.0f} MiB | to-torch peak {r["to_torch_peak_mib"]:.0f} MiB '
+          f'| orbax {r["orbax_mib"]:.0f} MiB | to-torch ({kind}) peak '
+          f'{r["to_torch_peak_mib"]:.0f} MiB '
           f'({r["to_torch_seconds"]:.0f}s)')
     if not args.keep:
-      for p in (src, ckpt, os.path.join(args.workdir, 'back.safetensors')):
+      for p in (src, ckpt, back_path):
         shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (
             os.path.exists(p) and os.remove(p))
   print(json.dumps({'imports_peak_mib': base['peak_mib'], **results}, indent=1))

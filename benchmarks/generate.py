@@ -1,10 +1,14 @@
 """Generation speed at the `bench` config: 64-token prompt + one 3x256x256x16 image, 200 new
-tokens, greedy, at batch 1 and batch 8 (new tokens/s, compile excluded).
+tokens, greedy, at batch 1 and batch 8 (new tokens/s, prefill included, compile excluded).
 
 For scale: the original PyTorch RadFM generates about 40 tokens/s at batch 1 on this machine and
 cannot batch. Goals: >= 2x that at batch 1, >= 10x aggregate at batch 8.
 
-    .venv/bin/python benchmarks/generate.py [--size bench] [--new 200]
+Also printed: the weight-streaming floor of one decode step (decoder weight bytes read per token
+over this machine's measured matrix-vector bandwidth) and the tokens/s ceiling it implies at
+batch 1: a single-token step must read every decoder weight once.
+
+    .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer_loop scan]
 """
 
 import argparse
@@ -17,6 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import gemv_bytes_per_second  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
@@ -35,10 +40,11 @@ def prompts(cfg, batch, length=64, seed=0):
   return out
 
 
-def run(model, cfg, batch, new_tokens):
+def run(model, cfg, batch, new_tokens, layer_loop):
   tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
   images = np.random.default_rng(1).random((batch, 1, 3, 256, 256, 16), np.float32)
-  kw = dict(max_new_tokens=new_tokens, stop_ids=())       # no early stop: exactly `new_tokens`
+  # No early stop: exactly `new_tokens` per row.
+  kw = dict(max_new_tokens=new_tokens, stop_ids=(), layer_loop=layer_loop)
   generate_ids(model, tokens, mask, images, **kw)         # compile
   best = float('inf')
   for _ in range(2):
@@ -54,13 +60,22 @@ def main():
   parser.add_argument('--size', default='bench')
   parser.add_argument('--new', type=int, default=200)
   parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--layer_loop', default='auto', choices=('auto', 'scan', 'unrolled'))
   args = parser.parse_args()
   cfg = model_config(args.size, compute_dtype=args.dtype, remat_policy='none')
   model = create_model(cfg, seed=0)
-  print(f'config {args.size}, compute {args.dtype}, {args.new} new tokens, greedy, '
-        f'{jax.devices()[0].platform} x{jax.device_count()}')
+  print(f'config {args.size}, compute {args.dtype}, layer loop {args.layer_loop}, {args.new} new '
+        f'tokens, greedy, {jax.devices()[0].platform} x{jax.device_count()}')
+  llama = cfg.llama
+  per_layer = 4 * llama.hidden_size ** 2 + 3 * llama.hidden_size * llama.intermediate_size
+  weight_bytes = 4 * (llama.num_layers * per_layer + llama.hidden_size * llama.vocab_size)
+  bandwidth = gemv_bytes_per_second()
+  floor_ms = weight_bytes / bandwidth * 1e3
+  print(f'decoder weights read per step {weight_bytes / 2**20:.0f} MiB (fp32); matrix-vector '
+        f'bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor_ms:.1f} ms/step, ceiling '
+        f'{1e3 / floor_ms:.0f} tokens/s at batch 1')
   for batch in (1, 8):
-    rate, seconds = run(model, cfg, batch, args.new)
+    rate, seconds = run(model, cfg, batch, args.new, args.layer_loop)
     print(f'batch {batch}: {rate:8.1f} new tokens/s ({seconds:.2f} s incl. prefill)  '
           f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1')
 

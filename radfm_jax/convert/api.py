@@ -9,8 +9,8 @@ Every converter streams. On the way in, one slab of rows of one tensor (`engine.
 is converted and written at a time, and the pages read from a memory-mapped `.bin` are dropped
 again, so peak host memory is the fixed cost of the imports plus a few slabs, whatever the
 checkpoint size (`benchmarks/convert_memory.py`). On the way out, one layer of one leaf is read at a
-time; `.safetensors` output is written incrementally, while `torch.save` (`.bin` output) needs the
-whole state dict in memory.
+time and written incrementally, to `.safetensors` or to a `torch.save` `.bin` (its zip layout is
+written first with unallocated placeholder storages, then each tensor's bytes are written in place).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import struct
+import zipfile
 from typing import Sequence
 
 import numpy as np
@@ -150,13 +151,50 @@ def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dt
   os.replace(tmp, path)
 
 
-def to_torch(checkpoint: str, out: str, *, include_alias: bool = True) -> list[str]:
-  """Orbax checkpoint -> official state dict (`.bin` via torch.save, or `.safetensors`), with the
-  official key names: `embedding_layer.weight` included (shared with embed_tokens in `.bin`),
-  dead-branch keys and `inv_freq` buffers not. Returns the keys written.
+def _write_torch_bin(path: str, header: dict[str, tuple[tuple[int, ...], np.dtype]],
+                     aliases: dict[str, str], tensors):
+  """Streams a `torch.save` file (the zip format `torch.load(weights_only=True)` reads).
 
-  `.safetensors` is streamed (one layer of one tensor in memory); `torch.save` needs the whole
-  state dict, so a `.bin` output holds the model in host memory once.
+  `torch.save` under `torch.serialization.skip_data()` writes the pickle and reserves every
+  storage's bytes without reading them, so the placeholders are `torch.empty` tensors whose pages
+  are never touched (no host memory). Storage records are numbered in the order the pickle meets
+  them, i.e. `header` order; each arriving tensor's bytes are then written at its record's offset.
+  `aliases` maps an extra key to the key whose storage it shares (one record, as in the original).
+  """
+  import torch
+  placeholders = {key: torch.empty(shape, dtype=_torch_dtype(dtype))
+                  for key, (shape, dtype) in header.items()}
+  for alias, target in aliases.items():
+    placeholders[alias] = placeholders[target]
+  tmp = path + '.partial'
+  with torch.serialization.skip_data():
+    torch.save(placeholders, tmp)
+  del placeholders
+  with zipfile.ZipFile(tmp) as archive:
+    records = {info.filename.split('/', 1)[1]: info for info in archive.infolist()}
+  with open(tmp, 'r+b') as f:
+    for number, ((key, (shape, dtype)), (key2, array)) in enumerate(
+        zip(header.items(), tensors, strict=True)):
+      if key != key2 or tuple(array.shape) != tuple(shape):
+        raise RuntimeError(f'stream out of order: {key2} {array.shape} where {key} {shape} expected')
+      data = np.ascontiguousarray(array, dtype).tobytes()
+      record = records[f'data/{number}']
+      if record.file_size != len(data) or record.compress_type != zipfile.ZIP_STORED:
+        raise RuntimeError(f'{path}: torch.save laid out storage {number} ({key}) as '
+                           f'{record.file_size} bytes, {len(data)} expected')
+      f.seek(record.header_offset)
+      local = f.read(30)   # zip local file header: name and extra-field lengths at bytes 26..29
+      name_len, extra_len = struct.unpack('<HH', local[26:30])
+      f.seek(record.header_offset + 30 + name_len + extra_len)
+      f.write(data)
+  os.replace(tmp, path)
+
+
+def to_torch(checkpoint: str, out: str, *, include_alias: bool = True) -> list[str]:
+  """Orbax checkpoint -> official state dict (`.bin` in the `torch.save` format, or
+  `.safetensors`), with the official key names: `embedding_layer.weight` included (sharing
+  embed_tokens' storage in `.bin`), dead-branch keys and `inv_freq` buffers not. Returns the keys
+  written. Both formats are streamed: one layer of one tensor in host memory at a time.
   """
   cfg = store.read_config(checkpoint)
   leaf = store.LeafReader(checkpoint, cfg)
@@ -164,25 +202,24 @@ def to_torch(checkpoint: str, out: str, *, include_alias: bool = True) -> list[s
   dtypes = {p: np.dtype(v.dtype) for p, v in leaf.abstract.items()}
   table = keymap.radfm_table()
   layers = engine.stacked_layers(table, shapes)
-  expected = keymap.expected_keys([e for e in table if include_alias or e.kind != 'alias'],
-                                  shapes, layers)
   key_dtype = {e.key(i): dtypes[e.ours[0]] for e in table
                for i in (range(layers[e.ours[0]]) if e.stacked else [None])}
   if out.endswith('.safetensors'):
+    expected = keymap.expected_keys([e for e in table if include_alias or e.kind != 'alias'],
+                                    shapes, layers)
     stream = engine.ours_to_torch(table, leaf, layers, include_aliases=include_alias)
     _write_safetensors(out, {k: (s, key_dtype[k]) for k, s in expected.items()}, stream)
     return list(expected)
-  import torch
-  state = {key: _to_tensor(array)
-           for key, array in engine.ours_to_torch(table, leaf, layers, include_aliases=False)}
-  if include_alias:   # one storage shared by both names, as in the original model
-    state['embedding_layer.weight'] = state['lang_model.model.embed_tokens.weight']
-  torch.save(state, out)
-  return list(state)
+  kept = keymap.expected_keys([e for e in table if e.kind != 'alias'], shapes, layers)
+  # alias key -> the kept key of the same tensor
+  aliases = {e.key(): next(t.key() for t in table if t.kind != 'alias' and t.ours == e.ours)
+             for e in table if e.kind == 'alias' and include_alias}
+  stream = engine.ours_to_torch(table, leaf, layers, include_aliases=False)
+  _write_torch_bin(out, {k: (s, key_dtype[k]) for k, s in kept.items()}, aliases, stream)
+  return list(kept) + list(aliases)
 
 
-def _to_tensor(array: np.ndarray):
+def _torch_dtype(dtype: np.dtype):
   import torch
-  if array.dtype.name == 'bfloat16':
-    return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-  return torch.from_numpy(np.ascontiguousarray(array))
+  return {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32,
+          'float64': torch.float64, 'int32': torch.int32, 'int64': torch.int64}[np.dtype(dtype).name]
