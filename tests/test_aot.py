@@ -73,3 +73,9 @@ def test_aot_compiles_tiny_splash_for_v6e_2x4(tmp_path):
                        '--config.model.attention=splash', '--batch_2d', '8', '--text_len', '128')
   assert report['device_kind'].startswith('TPU v6') and report['fits'] is True
   assert report['attention'] == 'splash'
+
+
+def test_needed_bytes_from_libtpu_refusal():
+  message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+             'temporaries (31.49G) exceeds available HBM (31.25G).')
+  assert aot._needed_bytes(message) == 31.49 * 2 ** 30

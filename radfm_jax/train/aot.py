@@ -89,8 +89,10 @@ def abstract_batch(images_shape, length, sharding):
 
 
 def _needed_bytes(message: str) -> float | None:
-  m = re.search(r'[Uu]sed\s+([\d.]+)([KMGT])\b', message) or re.search(
-      r'([\d.]+)([KMGT])i?B? of [\d.]+[KMGT]i?B? hbm', message)
+  m = (re.search(r'[Uu]sed\s+([\d.]+)([KMGT])\b', message)
+       or re.search(r'([\d.]+)([KMGT])i?B? of [\d.]+[KMGT]i?B? hbm', message)
+       # libtpu 0.0.42: "... required for HLO temporaries (31.49G) exceeds available HBM (31.25G)"
+       or re.search(r'required for [^(]*\(([\d.]+)([KMGT])\)', message))
   if not m:
     return None
   return float(m.group(1)) * {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}[m.group(2)]
