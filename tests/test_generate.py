@@ -68,12 +68,13 @@ def test_cached_logits_match_full_forward(model, layer_loop):
                                   np.asarray(model.llama.layers.q.kernel[...][1]))
   cache = KVCache.zeros(model.cfg.llama, 1, len(prompt) + len(extra), per_layer=unrolled)
   n = len(prompt)
-  logits, cache = model.decode(model.embed_inputs(jnp.asarray([prompt], jnp.int32), images),
-                               jnp.arange(n)[None], jnp.ones((1, n), jnp.int32), cache, view)
+  decoder = view if unrolled else model.llama
+  logits, cache = decoder(model.embed_inputs(jnp.asarray([prompt], jnp.int32), images),
+                          jnp.arange(n)[None], jnp.ones((1, n), jnp.int32), cache)
   got = [np.asarray(logits[0])]
   for j, token in enumerate(extra[:-1]):
-    logits, cache = model.decode(model.llama.embed(jnp.asarray([[token]], jnp.int32)),
-                                 jnp.asarray([[n + j]]), jnp.ones((1, 1), jnp.int32), cache, view)
+    logits, cache = decoder(decoder.embed(jnp.asarray([[token]], jnp.int32)),
+                            jnp.asarray([[n + j]]), jnp.ones((1, 1), jnp.int32), cache)
     got.append(np.asarray(logits[0]))
   np.testing.assert_allclose(np.concatenate(got), full[:-1], rtol=1e-4, atol=1e-4)
   assert int(cache.index) == len(prompt) + len(extra) - 1

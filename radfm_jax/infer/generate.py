@@ -111,45 +111,45 @@ def _decode_loop(graphdef, state, tokens, attention_mask, images, image_mask, rn
   layer_loop = sampling.layer_loop
   if layer_loop == 'auto':
     layer_loop = 'unrolled' if jax.devices()[0].platform == 'cpu' else 'scan'
-  if layer_loop == 'unrolled':
-    view_graphdef, view_state = nnx.split(model.llama.decode_view())
-    # Materialise the re-laid weights here, once: without the barrier XLA sinks the slicing and
-    # transposes into the loop body and redoes them at every step.
-    view_state = jax.lax.optimization_barrier(view_state)
-  else:
-    view_graphdef, view_state = None, None
-
-  def view(view_state):
-    return None if view_state is None else nnx.merge(view_graphdef, view_state)
-
   cache = KVCache.zeros(model.cfg.llama, batch, prompt_len + max_new, cache_dtype,
                         per_layer=layer_loop == 'unrolled')
   embeds = model.embed_inputs(tokens, images, image_mask)
-  logits, cache = model.decode(embeds, positions, attention_mask, cache, view(view_state))
+  if layer_loop == 'unrolled':
+    # The loop carries only the re-laid decoder (llama.DecodeView), not the whole model: loop
+    # state that comes straight from the arguments is copied on entering the loop.
+    decoder_graphdef, decoder_state = nnx.split(model.llama.decode_view())
+  else:
+    decoder_graphdef, decoder_state = graphdef, state
+
+  def decoder(decoder_state):
+    # NNX variables are bound to the trace that made them, so the weights ride in the loop carry
+    # and the decoder is re-merged inside the body.
+    merged = nnx.merge(decoder_graphdef, decoder_state)
+    return merged if layer_loop == 'unrolled' else merged.llama
+
+  logits, cache = decoder(decoder_state)(embeds, positions, attention_mask, cache)
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
   def cond(carry):
-    step, _, _, done, _, _, _, _, _ = carry
+    step, _, _, done, _, _, _, _ = carry
     return (step < max_new) & ~jnp.all(done)
 
   def body(carry):
-    step, cache, logits, done, last_pos, out, rng, state, view_state = carry
-    # NNX variables are bound to the trace that made them, so the weights ride in the loop carry
-    # and the model is re-merged inside the body.
-    model = nnx.merge(graphdef, state)
+    step, cache, logits, done, last_pos, out, rng, decoder_state = carry
+    step_decoder = decoder(decoder_state)
     rng, key = jax.random.split(rng)
     token = jnp.where(done, PAD_ID, choose_token(logits, key, sampling))
     out = out.at[:, step].set(token)
     done = done | jnp.isin(token, stop_ids)
     position = last_pos + 1
-    step_logits, cache = model.decode(model.llama.embed(token[:, None]), position[:, None],
-                                      jnp.ones((batch, 1), jnp.int32), cache, view(view_state))
-    return step + 1, cache, step_logits[:, -1], done, position, out, rng, state, view_state
+    step_logits, cache = step_decoder(step_decoder.embed(token[:, None]), position[:, None],
+                                      jnp.ones((batch, 1), jnp.int32), cache)
+    return step + 1, cache, step_logits[:, -1], done, position, out, rng, decoder_state
 
   out = jnp.full((batch, max_new), PAD_ID, jnp.int32)
   carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
-           positions[:, -1], out, rng, state, view_state)
-  step, _, _, _, _, out, _, _, _ = jax.lax.while_loop(cond, body, carry)
+           positions[:, -1], out, rng, decoder_state)
+  step, _, _, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
   stopped = jnp.isin(out, stop_ids)
   first_stop = jnp.argmax(stopped, axis=1)
   lengths = jnp.where(stopped.any(axis=1), first_stop + 1, step)

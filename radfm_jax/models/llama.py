@@ -155,75 +155,74 @@ class Llama(nnx.Module):
                          kernel_init=jax.nn.initializers.normal(0.02))
 
   def decode_view(self) -> 'DecodeView':
-    """The decoder weights re-laid for unrolled decoding (see `DecodeView`); one copy per call."""
-    graphdef, state = nnx.split(self.layers)
-    layers_ = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-               for i in range(self.cfg.num_layers)]
-    head_graphdef, head_state = nnx.split(self.lm_head)
-    head = nnx.merge(head_graphdef, jax.tree.map(lambda a: a, head_state))   # not this lm_head
-    return DecodeView(layers_, head)
+    """This decoder with its weights re-laid for unrolled decoding (see `DecodeView`)."""
+    return DecodeView(self)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """[batch, len] ids < vocab_size -> [batch, len, embed] (compute dtype)."""
     return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.compute_dtype)
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache | None = None, decode_view: 'DecodeView | None' = None):
+               cache: KVCache | None = None):
     """embeds: [batch, len, embed]; positions: int [batch, len]; attention_mask: [batch, len]
-    (1 = real token). With `cache`, the tokens fill slots [cache.index, cache.index + len), and a
-    `decode_view` (from `decode_view()`, with a per-layer cache) runs the layers unrolled on its
-    weights.
+    (1 = real token). With `cache` (stacked), the tokens fill slots
+    [cache.index, cache.index + len).
 
     Returns (logits float32 [batch, len, vocab], updated cache or None).
     """
-    cfg, dtype = self.cfg, self.compute_dtype
-    length = embeds.shape[1]
-    token_mask = attention_mask.astype(bool)
-    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    # Causal + key padding, [batch, 1, len, len].
-    mask = causal & token_mask[:, None, None, :]
-    if cache is not None:
-      index = cache.index
-      slot = jnp.arange(cache.mask.shape[1])
-      # Cached slots every new token sees: written before `index` and not padding.
-      cached_mask = (None if cache.empty
-                     else ((slot < index)[None, :] & cache.mask)[:, None, None, :])
-      mask = (cached_mask, mask)
-      key_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
-    rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    x = constrain(embeds.astype(dtype), ('act_batch', 'act_len', 'act_embed'))
+    return _decoder_forward(self, embeds, positions, attention_mask, cache, unrolled=False)
 
-    if cache is None:
-      def body(x, layer, _):
-        return layer(x, rope, mask, None, 0, 0, dtype=dtype,
-                     attention_impl=self.attention_impl)[0], None
 
-      x, _ = layers.scan_layers(body, x, self.layers, None, remat_policy=self.remat_policy,
-                                length=cfg.num_layers)
-    elif decode_view is not None:
-      cache_k, cache_v = list(cache.k), list(cache.v)
-      for i, layer in enumerate(decode_view.layers):
-        x, (cache_k[i], cache_v[i]) = layer(x, rope, mask, (cache_k[i], cache_v[i]), index, None,
-                                            dtype=dtype, attention_impl=self.attention_impl)
-      cache_k, cache_v = tuple(cache_k), tuple(cache_v)
-    else:
-      # The whole cache rides in the scan carry and each layer updates its slab in place; as a
-      # scanned input/output it would be copied whole at every decode step.
-      def body(carry, layer, i):
-        x, kv = carry
-        x, kv = layer(x, rope, mask, kv, index, i, dtype=dtype,
-                      attention_impl=self.attention_impl)
-        return (x, kv), None
+def _decoder_forward(decoder, embeds, positions, attention_mask, cache, *, unrolled: bool):
+  """The forward of `Llama` (stacked layers, scanned) and of `DecodeView` (`unrolled` over its
+  per-layer modules and a per-layer cache): masks, RoPE, the layers, final norm and head."""
+  cfg, dtype = decoder.cfg, decoder.compute_dtype
+  length = embeds.shape[1]
+  token_mask = attention_mask.astype(bool)
+  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  # Causal + key padding, [batch, 1, len, len].
+  mask = causal & token_mask[:, None, None, :]
+  if cache is not None:
+    index = cache.index
+    slot = jnp.arange(cache.mask.shape[1])
+    # Cached slots every new token sees: written before `index` and not padding.
+    cached_mask = (None if cache.empty
+                   else ((slot < index)[None, :] & cache.mask)[:, None, None, :])
+    mask = (cached_mask, mask)
+    key_mask = jax.lax.dynamic_update_slice(cache.mask, token_mask, (0, index))
+  rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+  x = constrain(embeds.astype(dtype), ('act_batch', 'act_len', 'act_embed'))
 
-      (x, (cache_k, cache_v)), _ = layers.scan_layers(
-          body, (x, (cache.k, cache.v)), self.layers, jnp.arange(cfg.num_layers),
-          remat_policy='none', length=cfg.num_layers)
-    lm_head = self.lm_head if decode_view is None else decode_view.lm_head
-    logits = lm_head(self.norm(x, dtype), dtype).astype(jnp.float32)
-    logits = constrain(logits, ('act_batch', 'act_len', 'act_vocab'))
-    if cache is not None:
-      cache = KVCache(k=cache_k, v=cache_v, mask=key_mask, index=index + length)
-    return logits, cache
+  if cache is None:
+    def body(x, layer, _):
+      return layer(x, rope, mask, None, 0, 0, dtype=dtype,
+                   attention_impl=decoder.attention_impl)[0], None
+
+    x, _ = layers.scan_layers(body, x, decoder.layers, None, remat_policy=decoder.remat_policy,
+                              length=cfg.num_layers)
+  elif unrolled:
+    cache_k, cache_v = list(cache.k), list(cache.v)
+    for i, layer in enumerate(decoder.layers):
+      x, (cache_k[i], cache_v[i]) = layer(x, rope, mask, (cache_k[i], cache_v[i]), index, None,
+                                          dtype=dtype, attention_impl=decoder.attention_impl)
+    cache_k, cache_v = tuple(cache_k), tuple(cache_v)
+  else:
+    # The whole cache rides in the scan carry and each layer updates its slab in place; as a
+    # scanned input/output it would be copied whole at every decode step.
+    def body(carry, layer, i):
+      x, kv = carry
+      x, kv = layer(x, rope, mask, kv, index, i, dtype=dtype,
+                    attention_impl=decoder.attention_impl)
+      return (x, kv), None
+
+    (x, (cache_k, cache_v)), _ = layers.scan_layers(
+        body, (x, (cache.k, cache.v)), decoder.layers, jnp.arange(cfg.num_layers),
+        remat_policy='none', length=cfg.num_layers)
+  logits = decoder.lm_head(decoder.norm(x, dtype), dtype).astype(jnp.float32)
+  logits = constrain(logits, ('act_batch', 'act_len', 'act_vocab'))
+  if cache is not None:
+    cache = KVCache(k=cache_k, v=cache_v, mask=key_mask, index=index + length)
+  return logits, cache
 
 
 _DECODE_DENSE = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -241,13 +240,30 @@ class DecodeView(nnx.Module):
   Values are never changed, only laid out.
   """
 
-  def __init__(self, layers_: list[DecoderLayer], lm_head: Dense):
-    self.layers = nnx.List(layers_)
-    self.lm_head = lm_head
+  def __init__(self, llama: Llama):
+    self.cfg = llama.cfg
+    self.compute_dtype = llama.compute_dtype
+    self.attention_impl = llama.attention_impl
+    self.remat_policy = 'none'
+    # Shared with the decoder (not copied): the embedding table and the final norm.
+    self.embed_tokens = llama.embed_tokens
+    self.norm = llama.norm
+    graphdef, state = nnx.split(llama.layers)
+    self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                            for i in range(self.cfg.num_layers)])
+    head_graphdef, head_state = nnx.split(llama.lm_head)
+    self.lm_head = nnx.merge(head_graphdef, jax.tree.map(lambda a: a, head_state))  # a copy
     for layer in self.layers:
       for name in _DECODE_DENSE:
         _lay_out_first(getattr(layer, name))
     _lay_out_first(self.lm_head)
+
+  embed = Llama.embed
+
+  def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+               cache: KVCache):
+    """As `Llama.__call__`, with a per-layer cache (`KVCache.zeros(..., per_layer=True)`)."""
+    return _decoder_forward(self, embeds, positions, attention_mask, cache, unrolled=True)
 
 
 def _lay_out_first(dense: Dense):

@@ -111,10 +111,9 @@ class RadFM(nnx.Module):
     return logits
 
   def decode(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-             cache: KVCache, decode_view=None):
-    """One cached decoder call (prefill or a decode step): returns (logits, cache).
-    `decode_view`: see `llama.DecodeView`."""
-    return self.llama(embeds, positions, attention_mask, cache, decode_view)
+             cache: KVCache):
+    """One cached decoder call (prefill or a decode step): returns (logits, cache)."""
+    return self.llama(embeds, positions, attention_mask, cache)
 
 
 # ------------------------------------------------------------------------------------------------
