@@ -270,5 +270,5 @@ def _lay_out_first(dense: Dense):
   """[*in, *out] -> [prod(out), prod(in)]."""
   kernel = dense.kernel[...]
   n_in = math.prod(kernel.shape[:dense.n_in])
-  dense.kernel.value = kernel.reshape(n_in, -1).T
+  dense.kernel.set_value(kernel.reshape(n_in, -1).T)
   dense.kernel_out_first = True
