@@ -101,6 +101,10 @@ def choose_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) ->
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _on_cpu() -> bool:
+  return jax.devices()[0].platform == 'cpu'
+
+
 def _decode_loop(graphdef, state, tokens, attention_mask, images, image_mask, rng, *,
                  sampling: SamplingConfig):
   model = nnx.merge(graphdef, state)
@@ -110,7 +114,7 @@ def _decode_loop(graphdef, state, tokens, attention_mask, images, image_mask, rn
   positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
   layer_loop = sampling.layer_loop
   if layer_loop == 'auto':
-    layer_loop = 'unrolled' if jax.devices()[0].platform == 'cpu' else 'scan'
+    layer_loop = 'unrolled' if _on_cpu() else 'scan'
   cache = KVCache.zeros(model.cfg.llama, batch, prompt_len + max_new, cache_dtype,
                         per_layer=layer_loop == 'unrolled')
   embeds = model.embed_inputs(tokens, images, image_mask)
@@ -166,7 +170,7 @@ _CPU_COMPILER_OPTIONS = {'xla_cpu_copy_insertion_use_region_analysis': True}
 def _compiled_decode(graphdef, sampling: SamplingConfig):
   # One jitted function per (model structure, sampling); jax.jit then caches one executable per
   # input shape bucket.
-  options = _CPU_COMPILER_OPTIONS if jax.devices()[0].platform == 'cpu' else None
+  options = _CPU_COMPILER_OPTIONS if _on_cpu() else None
   return jax.jit(functools.partial(_decode_loop, graphdef, sampling=sampling),
                  compiler_options=options)
 

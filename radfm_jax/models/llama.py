@@ -244,7 +244,6 @@ class DecodeView(nnx.Module):
     self.cfg = llama.cfg
     self.compute_dtype = llama.compute_dtype
     self.attention_impl = llama.attention_impl
-    self.remat_policy = 'none'
     # Shared with the decoder (not copied): the embedding table and the final norm.
     self.embed_tokens = llama.embed_tokens
     self.norm = llama.norm

@@ -21,7 +21,7 @@ from radfm_jax import sharding
 from radfm_jax.config import ModelConfig
 from radfm_jax.models import layers
 from radfm_jax.models.layers import Dense, constrain
-from radfm_jax.models.llama import KVCache, Llama
+from radfm_jax.models.llama import Llama
 from radfm_jax.models.perceiver import PerceiverResampler
 from radfm_jax.models.vit3d import ViT3D
 
@@ -109,11 +109,6 @@ class RadFM(nnx.Module):
     embeds = self.embed_inputs(tokens, images, image_mask, rng)
     logits, _ = self.llama(embeds, positions, attention_mask)
     return logits
-
-  def decode(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-             cache: KVCache):
-    """One cached decoder call (prefill or a decode step): returns (logits, cache)."""
-    return self.llama(embeds, positions, attention_mask, cache)
 
 
 # ------------------------------------------------------------------------------------------------
