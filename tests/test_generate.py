@@ -5,8 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from radfm_jax.config import model_config
+from radfm_jax.infer import generate as generate_lib
 from radfm_jax.infer.generate import (SamplingConfig, filter_logits, generate_ids, left_pad)
+from radfm_jax.models import layers
 from radfm_jax.models.llama import KVCache
 from radfm_jax.models.radfm import create_model
 
@@ -78,6 +82,62 @@ def test_cached_logits_match_full_forward(model, layer_loop):
     got.append(np.asarray(logits[0]))
   np.testing.assert_allclose(np.concatenate(got), full[:-1], rtol=1e-4, atol=1e-4)
   assert int(cache.index) == len(prompt) + len(extra) - 1
+
+
+@pytest.mark.parametrize('rows', [1, 2, 8, layers.FEATURE_MAJOR_MAX_ROWS,
+                                  layers.FEATURE_MAJOR_MAX_ROWS + 1])
+def test_out_first_kernel_products_equal_the_plain_product(rows):
+  """A re-laid [out, in] kernel gives the [in, out] product at every row count: plain below 2
+  and above FEATURE_MAJOR_MAX_ROWS rows, feature-major (kernel @ rows^T) in between."""
+  with nnx.use_eager_sharding(False):
+    dense = layers.Dense((48,), (4, 20), ('embed',), ('heads', 'kv'), use_bias=True,
+                         rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (rows, 1, 48))
+  want = np.asarray(dense(x, jnp.float32))
+  kernel = dense.kernel[...]
+  dense.kernel.set_value(kernel.reshape(48, 80).T)
+  dense.kernel_out_first = True
+  got = np.asarray(dense(x, jnp.float32))
+  assert got.shape == (rows, 1, 4, 20)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_last_only_logits_are_the_last_position(model):
+  rng = np.random.default_rng(5)
+  prompt = jnp.asarray([_prompt(rng, 5, 0)], jnp.int32)
+  embeds = model.embed_inputs(prompt, _images(3, 1))
+  n = prompt.shape[1]
+  args = (embeds, jnp.arange(n)[None], jnp.ones((1, n), jnp.int32))
+  full, _ = model.llama(*args)
+  last, _ = model.llama(*args, last_only=True)
+  assert last.shape == (1, 1, full.shape[-1])
+  np.testing.assert_array_equal(np.asarray(last), np.asarray(full[:, -1:]))
+
+
+def test_decode_view_is_reused_until_the_weights_change():
+  """The re-laid decoder made by one call serves the next while the weights are the same arrays;
+  new weights (here a changed head) are re-laid, and the tokens follow them."""
+  model = create_model(model_config('tiny'), seed=8)
+  rng = np.random.default_rng(6)
+  tokens, mask = left_pad([_prompt(rng, 6, 0), _prompt(rng, 3, 0)])
+  images = jnp.concatenate([_images(7, 1), _images(8, 1)])
+  kw = dict(max_new_tokens=6, stop_ids=(), layer_loop='unrolled')
+  generate_lib.clear_decode_view_cache()
+  first = generate_ids(model, tokens, mask, images, **kw).sequences()
+  kept = generate_lib._VIEW_CACHE.owned
+  assert kept is not None
+  _, hit = generate_lib.decode_view_state(model.llama)   # same arrays: the kept view
+  assert hit is kept and generate_lib._VIEW_CACHE.owned is None
+  assert generate_ids(model, tokens, mask, images, **kw).sequences() == first   # rebuilt
+  assert generate_ids(model, tokens, mask, images, **kw).sequences() == first   # reused
+
+  head = model.llama.lm_head.kernel
+  head.set_value(jnp.roll(head[...], 1, axis=1))   # new array: every logit moves by one id
+  changed = generate_ids(model, tokens, mask, images, **kw).sequences()
+  fresh = generate_ids(model, tokens, mask, images, reuse_decode_view=False, **kw).sequences()
+  scan = generate_ids(model, tokens, mask, images, **dict(kw, layer_loop='scan')).sequences()
+  assert changed == fresh == scan
+  assert changed != first
 
 
 def test_batch_with_left_padding_equals_each_prompt_alone(model):

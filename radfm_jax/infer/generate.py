@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Sequence
 
 import jax
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from radfm_jax.models import llama as llama_lib
 from radfm_jax.models.llama import KVCache
 
 PAD_ID = 0
@@ -105,33 +107,39 @@ def _on_cpu() -> bool:
   return jax.devices()[0].platform == 'cpu'
 
 
-def _decode_loop(graphdef, state, tokens, attention_mask, images, image_mask, rng, *,
-                 sampling: SamplingConfig):
+def _resolve_layer_loop(layer_loop: str) -> str:
+  if layer_loop == 'auto':
+    return 'unrolled' if _on_cpu() else 'scan'
+  return layer_loop
+
+
+def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_mask, images,
+                 image_mask, rng, *, sampling: SamplingConfig):
+  """The jitted prefill + decode loop. view_graphdef / view_owned: the unrolled path's re-laid
+  decoder (`decode_view_state`), None for the scanned path. Returns (tokens, lengths,
+  view_owned): the view's arrays are donated and handed back, so the loop can carry them without
+  a copy and the next call can reuse them."""
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens.shape
   max_new = sampling.max_new_tokens
   cache_dtype = model.compute_dtype
   positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-  layer_loop = sampling.layer_loop
-  if layer_loop == 'auto':
-    layer_loop = 'unrolled' if _on_cpu() else 'scan'
+  unrolled = view_graphdef is not None
   cache = KVCache.zeros(model.cfg.llama, batch, prompt_len + max_new, cache_dtype,
-                        per_layer=layer_loop == 'unrolled')
+                        per_layer=unrolled)
   embeds = model.embed_inputs(tokens, images, image_mask)
-  if layer_loop == 'unrolled':
-    # The loop carries only the re-laid decoder (llama.DecodeView), not the whole model: loop
-    # state that comes straight from the arguments is copied on entering the loop.
-    decoder_graphdef, decoder_state = nnx.split(model.llama.decode_view())
-  else:
-    decoder_graphdef, decoder_state = graphdef, state
+  # The loop carries the view's own arrays (donated, so in place) or the whole state.
+  decoder_state = view_owned if unrolled else state
+  shared = llama_lib.decode_view_shared(model.llama) if unrolled else None
 
   def decoder(decoder_state):
-    # NNX variables are bound to the trace that made them, so the weights ride in the loop carry
-    # and the decoder is re-merged inside the body.
-    merged = nnx.merge(decoder_graphdef, decoder_state)
-    return merged if layer_loop == 'unrolled' else merged.llama
+    # NNX variables are bound to the trace that made them, so the decoder is re-merged inside
+    # the loop body from arrays.
+    if unrolled:
+      return llama_lib.merge_decode_view(view_graphdef, decoder_state, shared)
+    return nnx.merge(graphdef, decoder_state).llama
 
-  logits, cache = decoder(decoder_state)(embeds, positions, attention_mask, cache)
+  logits, cache = decoder(decoder_state)(embeds, positions, attention_mask, cache, last_only=True)
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
   def cond(carry):
@@ -153,11 +161,11 @@ def _decode_loop(graphdef, state, tokens, attention_mask, images, image_mask, rn
   out = jnp.full((batch, max_new), PAD_ID, jnp.int32)
   carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
            positions[:, -1], out, rng, decoder_state)
-  step, _, _, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
+  step, _, _, _, _, out, _, decoder_state = jax.lax.while_loop(cond, body, carry)
   stopped = jnp.isin(out, stop_ids)
   first_stop = jnp.argmax(stopped, axis=1)
   lengths = jnp.where(stopped.any(axis=1), first_stop + 1, step)
-  return out, lengths
+  return out, lengths, (decoder_state if unrolled else None)
 
 
 # XLA:CPU's default copy insertion cannot see that the cache update in the loop body comes after
@@ -167,24 +175,94 @@ _CPU_COMPILER_OPTIONS = {'xla_cpu_copy_insertion_use_region_analysis': True}
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_decode(graphdef, sampling: SamplingConfig):
+def _compiled_decode(graphdef, view_graphdef, sampling: SamplingConfig):
   # One jitted function per (model structure, sampling); jax.jit then caches one executable per
   # input shape bucket.
   options = _CPU_COMPILER_OPTIONS if _on_cpu() else None
-  return jax.jit(functools.partial(_decode_loop, graphdef, sampling=sampling),
-                 compiler_options=options)
+  return jax.jit(functools.partial(_decode_loop, graphdef, view_graphdef, sampling=sampling),
+                 donate_argnums=(1,), compiler_options=options)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_view(llama_graphdef):
+  """(jitted llama state -> the DecodeView's own arrays, the view's graphdef)."""
+  graphdefs = []
+
+  def build(llama_state):
+    graphdef, owned = llama_lib.split_decode_view(
+        nnx.merge(llama_graphdef, llama_state).decode_view())
+    graphdefs.append(graphdef)
+    return owned
+
+  build_jit = jax.jit(build)
+  return build_jit, graphdefs
+
+
+class _ViewCache:
+  """The last DecodeView made, with weak references to the decoder arrays it was made from.
+
+  Re-laying the weights is a copy of the decoder (~0.1-0.2 s at the `bench` config, a fixed cost
+  of every call); a model whose weights have not changed since the last call (same arrays) reuses
+  it. New weights (a training step, a load) are new arrays, so the view is rebuilt. The view is
+  kept alive between calls: the decoder's memory twice, as during a call
+  (`generate_ids(..., reuse_decode_view=False)` or `clear_decode_view_cache()` frees it).
+  """
+
+  def __init__(self):
+    self.key = None
+    self.refs = ()
+    self.graphdef = None
+    self.owned = None
+
+  def lookup(self, llama_graphdef, leaves):
+    if (self.owned is not None and self.key == llama_graphdef and len(self.refs) == len(leaves)
+        and all(ref() is leaf for ref, leaf in zip(self.refs, leaves))):
+      owned, self.owned = self.owned, None     # donated to the decode call, handed back after
+      return self.graphdef, owned
+    return None
+
+  def store(self, llama_graphdef, leaves, graphdef, owned):
+    self.key, self.graphdef, self.owned = llama_graphdef, graphdef, owned
+    self.refs = tuple(weakref.ref(leaf) for leaf in leaves)
+
+  def clear(self):
+    self.__init__()
+
+
+_VIEW_CACHE = _ViewCache()
+
+
+def clear_decode_view_cache():
+  """Frees the re-laid decoder weights kept for the next `generate_ids` call."""
+  _VIEW_CACHE.clear()
+
+
+def decode_view_state(llama, reuse: bool = True):
+  """(graphdef, own arrays) of `llama.decode_view()`, from the cache when the weights match."""
+  llama_graphdef, llama_state = nnx.split(llama)
+  leaves = jax.tree.leaves(llama_state)
+  if reuse:
+    hit = _VIEW_CACHE.lookup(llama_graphdef, leaves)
+    if hit is not None:
+      return hit
+  build, graphdefs = _compiled_view(llama_graphdef)
+  owned = build(llama_state)
+  return graphdefs[-1], owned
 
 
 def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
                  sampling: SamplingConfig | None = None, rng: jax.Array | None = None,
-                 **sampling_overrides) -> GenerateOutput:
+                 reuse_decode_view: bool = True, **sampling_overrides) -> GenerateOutput:
   """Generates for a left-padded batch.
 
   tokens, attention_mask: int32 [batch, prompt_len] (left padding); images: float32
-  [batch, images, 3, H, W, D] or None; image_mask: bool [batch, images].
+  [batch, images, 3, H, W, D] or None; image_mask: bool [batch, images]. With the unrolled layer
+  loop the re-laid decoder weights are kept for the next call unless `reuse_decode_view` is False
+  (see `_ViewCache`).
   """
   sampling = dataclasses.replace(sampling or SamplingConfig(), **sampling_overrides)
-  sampling = dataclasses.replace(sampling, stop_ids=tuple(sampling.stop_ids))
+  sampling = dataclasses.replace(sampling, stop_ids=tuple(sampling.stop_ids),
+                                 layer_loop=_resolve_layer_loop(sampling.layer_loop))
   tokens = jnp.asarray(tokens, jnp.int32)
   attention_mask = jnp.asarray(attention_mask, jnp.int32)
   if np.any(np.asarray(attention_mask)[:, -1] == 0):
@@ -195,6 +273,12 @@ def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
                   else jnp.asarray(image_mask, bool))
   graphdef, state = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
-  out, lengths = _compiled_decode(graphdef, sampling)(state, tokens, attention_mask, images,
-                                                      image_mask, rng)
+  view_graphdef = view_owned = None
+  if sampling.layer_loop == 'unrolled':
+    view_graphdef, view_owned = decode_view_state(model.llama, reuse=reuse_decode_view)
+  out, lengths, view_owned = _compiled_decode(graphdef, view_graphdef, sampling)(
+      state, view_owned, tokens, attention_mask, images, image_mask, rng)
+  if view_graphdef is not None and reuse_decode_view:
+    llama_graphdef, llama_state = nnx.split(model.llama)
+    _VIEW_CACHE.store(llama_graphdef, jax.tree.leaves(llama_state), view_graphdef, view_owned)
   return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths))

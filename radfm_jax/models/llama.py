@@ -163,17 +163,21 @@ class Llama(nnx.Module):
     return jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.compute_dtype)
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, *, last_only: bool = False):
     """embeds: [batch, len, embed]; positions: int [batch, len]; attention_mask: [batch, len]
     (1 = real token). With `cache` (stacked), the tokens fill slots
     [cache.index, cache.index + len).
 
-    Returns (logits float32 [batch, len, vocab], updated cache or None).
+    Returns (logits float32 [batch, len, vocab], or [batch, 1, vocab] for the last position only
+    with `last_only` (a prefill needs no more: the head is the largest matmul), updated cache or
+    None).
     """
-    return _decoder_forward(self, embeds, positions, attention_mask, cache, unrolled=False)
+    return _decoder_forward(self, embeds, positions, attention_mask, cache, unrolled=False,
+                            last_only=last_only)
 
 
-def _decoder_forward(decoder, embeds, positions, attention_mask, cache, *, unrolled: bool):
+def _decoder_forward(decoder, embeds, positions, attention_mask, cache, *, unrolled: bool,
+                     last_only: bool = False):
   """The forward of `Llama` (stacked layers, scanned) and of `DecodeView` (`unrolled` over its
   per-layer modules and a per-layer cache): masks, RoPE, the layers, final norm and head."""
   cfg, dtype = decoder.cfg, decoder.compute_dtype
@@ -218,6 +222,8 @@ def _decoder_forward(decoder, embeds, positions, attention_mask, cache, *, unrol
     (x, (cache_k, cache_v)), _ = layers.scan_layers(
         body, (x, (cache.k, cache.v)), decoder.layers, jnp.arange(cfg.num_layers),
         remat_policy='none', length=cfg.num_layers)
+  if last_only:
+    x = x[:, -1:]
   logits = decoder.lm_head(decoder.norm(x, dtype), dtype).astype(jnp.float32)
   logits = constrain(logits, ('act_batch', 'act_len', 'act_vocab'))
   if cache is not None:
@@ -260,9 +266,31 @@ class DecodeView(nnx.Module):
   embed = Llama.embed
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache):
+               cache: KVCache, *, last_only: bool = False):
     """As `Llama.__call__`, with a per-layer cache (`KVCache.zeros(..., per_layer=True)`)."""
-    return _decoder_forward(self, embeds, positions, attention_mask, cache, unrolled=True)
+    return _decoder_forward(self, embeds, positions, attention_mask, cache, unrolled=True,
+                            last_only=last_only)
+
+
+# What a DecodeView owns (per-layer copies of the layers, the re-laid head); the embedding table
+# and the final norm are the decoder's own.
+_VIEW_OWNED = nnx.Any(nnx.PathContains('layers'), nnx.PathContains('lm_head'))
+_VIEW_SHARED = nnx.Any(nnx.PathContains('embed_tokens'), nnx.PathContains('norm'))
+
+
+def split_decode_view(view: DecodeView):
+  """(graphdef, the view's own arrays as an nnx.State), for `merge_decode_view`."""
+  graphdef, owned, _ = nnx.split(view, _VIEW_OWNED, ...)
+  return graphdef, owned
+
+
+def decode_view_shared(llama: Llama) -> nnx.State:
+  """The decoder arrays a DecodeView shares with `llama` (embedding table, final norm)."""
+  return nnx.state(llama, _VIEW_SHARED)
+
+
+def merge_decode_view(graphdef, owned: nnx.State, shared: nnx.State) -> DecodeView:
+  return nnx.merge(graphdef, owned, shared)
 
 
 def _lay_out_first(dense: Dense):
