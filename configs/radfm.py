@@ -85,6 +85,7 @@ def get_config(arg=''):
   cfg.generate.top_k = 0
   cfg.generate.top_p = 1.0
   cfg.generate.layer_loop = 'auto'    # 'scan' | 'unrolled' (per-layer weight copies; CPU default)
+  cfg.generate.cache_chunk = 64       # KV cache grows by this many slots (0 = full length at once)
 
   cfg.train = ml_collections.ConfigDict()
   cfg.train.steps = 1000

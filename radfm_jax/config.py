@@ -149,6 +149,10 @@ class GenerateConfig:
   # per-layer copies made once per call (faster on XLA:CPU, where a scan copies every layer's
   # weights at every step; costs one extra copy of the decoder weights), 'auto' = unrolled on CPU.
   layer_loop: str = 'auto'
+  # The KV cache grows in chunks of this many slots as decoding proceeds, so a step reads only the
+  # chunks written so far instead of all prompt + max_new_tokens slots (one compiled loop body per
+  # chunk); 0 = one cache of the full length from the start.
+  cache_chunk: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +394,8 @@ def _validate_generate(g: GenerateConfig):
     _fail('generate.top_p', g.top_p, 'a value in (0, 1]')
   if g.layer_loop not in ('auto', 'scan', 'unrolled'):
     _fail('generate.layer_loop', g.layer_loop, "one of 'auto', 'scan', 'unrolled'")
+  if not isinstance(g.cache_chunk, int) or g.cache_chunk < 0:
+    _fail('generate.cache_chunk', g.cache_chunk, 'an integer >= 0 (0 = no chunks)')
 
 
 def _validate_train(t: TrainConfig):

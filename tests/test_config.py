@@ -42,6 +42,7 @@ def test_overrides_are_typed():
     ('data.image_size_2d=40', 'data.image_size_2d=40', 'multiple of model.vision.patch_size=16'),
     ('generate.top_p=0', 'generate.top_p=0', '(0, 1]'),
     ('generate.layer_loop=python', 'generate.layer_loop=', "'unrolled'"),
+    ('generate.cache_chunk=-1', 'generate.cache_chunk=-1', 'integer >= 0'),
     ('model.vision.depth=0', 'model.vision.depth=0', 'positive integer'),
 ])
 def test_bad_values_name_field_and_expectation(override, field, expected):

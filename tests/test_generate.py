@@ -40,8 +40,10 @@ def _full_forward_greedy(model, prompt, images, steps):
   return tokens[len(prompt):]
 
 
-@pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
-def test_cached_decode_matches_full_forward(model, layer_loop):
+@pytest.mark.parametrize('layer_loop,cache_chunk', [('scan', 64), ('unrolled', 64),
+                                                    ('scan', 5), ('unrolled', 5)])
+def test_cached_decode_matches_full_forward(model, layer_loop, cache_chunk):
+  """Also with the cache growing in chunks of 5 slots (12 steps: three decode phases)."""
   rng = np.random.default_rng(0)
   prompt = _prompt(rng, 10, 0)
   images = _images(1, 1)
@@ -49,7 +51,7 @@ def test_cached_decode_matches_full_forward(model, layer_loop):
   want = _full_forward_greedy(model, prompt, images, steps)
   tokens, mask = left_pad([prompt], length=len(prompt))
   out = generate_ids(model, tokens, mask, images, max_new_tokens=steps, stop_ids=(),
-                     layer_loop=layer_loop)
+                     layer_loop=layer_loop, cache_chunk=cache_chunk)
   assert out.sequences()[0] == want
   assert out.lengths[0] == steps
 
@@ -179,6 +181,26 @@ def test_sampling_is_seeded_and_respects_top_k(model):
   b = generate_ids(model, tokens, mask, _images(6, 1), rng=jax.random.key(1), max_new_tokens=6,
                    stop_ids=(), temperature=1.0)
   assert a.sequences() == b.sequences()
+
+
+def test_cache_limits_and_grow():
+  assert generate_lib.cache_limits(40, 12, 5) == [45, 50, 52]
+  assert generate_lib.cache_limits(40, 12, 0) == [52]
+  assert generate_lib.cache_limits(40, 12, 64) == [52]
+  cfg = model_config('tiny').llama
+  cache = KVCache.zeros(cfg, 2, 6, per_layer=True)
+  cache = cache.replace(k=tuple(k + 1 for k in cache.k), v=tuple(v + 2 for v in cache.v),
+                        mask=cache.mask.at[:, :3].set(True))
+  grown = cache.grow(9)
+  assert grown.max_len == 9 and grown.k[0].shape[-1] == 9 and grown.v[0].shape[-2] == 9
+  np.testing.assert_array_equal(grown.k[1][..., :6], cache.k[1])
+  assert float(jnp.abs(grown.k[1][..., 6:]).max()) == 0.0
+  assert float(jnp.abs(grown.v[1][..., 6:, :]).max()) == 0.0
+  assert grown.mask[:, :3].all() and not grown.mask[:, 3:].any()
+  stacked = KVCache.zeros(cfg, 2, 6).grow(8)
+  assert stacked.k.shape[-1] == 8 and stacked.v.shape[-2] == 8
+  with pytest.raises(ValueError, match='shrink'):
+    grown.grow(4)
 
 
 def test_filter_logits_top_k_and_top_p():

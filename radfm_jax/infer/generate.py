@@ -37,6 +37,7 @@ class SamplingConfig:
   top_k: int = 0                # 0 = no top-k filter
   top_p: float = 1.0            # 1 = no nucleus filter
   layer_loop: str = 'auto'      # 'scan' | 'unrolled' | 'auto' (= unrolled on CPU): config.py
+  cache_chunk: int = 64         # the KV cache grows by this many slots (0 = full length at once)
 
   @classmethod
   def from_config(cls, gen_cfg, **overrides) -> 'SamplingConfig':
@@ -107,6 +108,16 @@ def _on_cpu() -> bool:
   return jax.devices()[0].platform == 'cpu'
 
 
+def cache_limits(prompt_len: int, max_new: int, chunk: int) -> list[int]:
+  """KV cache sizes, one per decode phase: prompt_len + chunk, + 2 chunk, ... up to
+  prompt_len + max_new (a single size with chunk 0). A phase's steps attend to, and read, only
+  its size's slots; the cache is padded to the next size between phases."""
+  total = prompt_len + max_new
+  if chunk <= 0:
+    return [total]
+  return list(range(prompt_len + chunk, total, chunk)) + [total]
+
+
 def _resolve_layer_loop(layer_loop: str) -> str:
   if layer_loop == 'auto':
     return 'unrolled' if _on_cpu() else 'scan'
@@ -125,8 +136,8 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
   cache_dtype = model.compute_dtype
   positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
   unrolled = view_graphdef is not None
-  cache = KVCache.zeros(model.cfg.llama, batch, prompt_len + max_new, cache_dtype,
-                        per_layer=unrolled)
+  limits = cache_limits(prompt_len, max_new, sampling.cache_chunk)
+  cache = KVCache.zeros(model.cfg.llama, batch, limits[0], cache_dtype, per_layer=unrolled)
   embeds = model.embed_inputs(tokens, images, image_mask)
   # The loop carries the view's own arrays (donated, so in place) or the whole state.
   decoder_state = view_owned if unrolled else state
@@ -142,9 +153,9 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
   logits, cache = decoder(decoder_state)(embeds, positions, attention_mask, cache, last_only=True)
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
-  def cond(carry):
+  def cond(carry, end):
     step, _, _, done, _, _, _, _ = carry
-    return (step < max_new) & ~jnp.all(done)
+    return (step < end) & ~jnp.all(done)
 
   def body(carry):
     step, cache, logits, done, last_pos, out, rng, decoder_state = carry
@@ -161,7 +172,12 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
   out = jnp.full((batch, max_new), PAD_ID, jnp.int32)
   carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
            positions[:, -1], out, rng, decoder_state)
-  step, _, _, _, _, out, _, decoder_state = jax.lax.while_loop(cond, body, carry)
+  for limit in limits:
+    # Steps while the written slots fit `limit`: step s writes slot prompt_len + s.
+    carry = carry[:1] + (carry[1].grow(limit),) + carry[2:]
+    carry = jax.lax.while_loop(functools.partial(cond, end=min(limit - prompt_len, max_new)),
+                               body, carry)
+  step, _, _, _, _, out, _, decoder_state = carry
   stopped = jnp.isin(out, stop_ids)
   first_stop = jnp.argmax(stopped, axis=1)
   lengths = jnp.where(stopped.any(axis=1), first_stop + 1, step)

@@ -54,6 +54,28 @@ class KVCache:
     return cls(k=k, v=v, mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
                empty=True)
 
+  @property
+  def max_len(self) -> int:
+    return self.mask.shape[1]
+
+  def grow(self, max_len: int) -> 'KVCache':
+    """The same cache with `max_len` slots; the new slots are empty (zeros, mask False)."""
+    extra = max_len - self.max_len
+    if extra == 0:
+      return self
+    if extra < 0:
+      raise ValueError(f'cannot shrink a KV cache of {self.max_len} slots to {max_len}')
+
+    def pad(a, axis):
+      widths = [(0, 0)] * a.ndim
+      widths[axis] = (0, extra)
+      return jnp.pad(a, widths)
+
+    # Slots are the last axis of k and the second-to-last of v, stacked or per layer.
+    k = jax.tree.map(lambda a: pad(a, a.ndim - 1), self.k)
+    v = jax.tree.map(lambda a: pad(a, a.ndim - 2), self.v)
+    return KVCache(k=k, v=v, mask=pad(self.mask, 1), index=self.index, empty=self.empty)
+
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float):
   """cos, sin: [batch, len, 1, head_dim] for rotate-half RoPE; angles concat(freqs, freqs)."""
