@@ -9,6 +9,7 @@ over this machine's measured matrix-vector bandwidth) and the tokens/s ceiling i
 batch 1: a single-token step must read every decoder weight once.
 
     .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer_loop scan]
+        [--cache_chunk 64]
 """
 
 import argparse
@@ -21,9 +22,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import gemv_bytes_per_second  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from common import gemv_bytes_per_second, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
+from radfm_jax.models import layers  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 
 ORIGINAL_TOKENS_PER_S = 40.0
@@ -40,19 +44,53 @@ def prompts(cfg, batch, length=64, seed=0):
   return out
 
 
-def run(model, cfg, batch, new_tokens, layer_loop):
-  tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
-  images = np.random.default_rng(1).random((batch, 1, 3, 256, 256, 16), np.float32)
-  # No early stop: exactly `new_tokens` per row.
-  kw = dict(max_new_tokens=new_tokens, stop_ids=(), layer_loop=layer_loop)
-  generate_ids(model, tokens, mask, images, **kw)         # compile
+def step_products_ms(cfg, rows: int) -> float:
+  """Time of one decode step's matrix products alone: every decoder matrix ([out, in], as
+  llama.DecodeView holds them) times `rows` rows, the way Dense runs them at that row count."""
+  llama = cfg.llama
+  e, m = llama.hidden_size, llama.intermediate_size
+  shapes = [(e, e)] * 4 + [(m, e)] * 2 + [(e, m)]
+  key = jax.random.key(0)
+  mats = [jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+          for i, shape in enumerate(shapes * llama.num_layers + [(llama.vocab_size, e)])]
+
+  @jax.jit
+  def products(mats, x):
+    outs = []
+    for w in mats:
+      rows_in = x[:, :w.shape[1]]
+      if 1 < rows <= layers.FEATURE_MAJOR_MAX_ROWS:
+        outs.append(layers.feature_major_product(w, rows_in))
+      else:
+        outs.append(rows_in @ w.T)
+    return outs
+
+  x = jnp.ones((rows, max(e, m)), jnp.float32)
+  return time_fn(products, mats, x) * 1e3
+
+
+def timed(model, tokens, mask, images, **kw):
+  """Best of three calls after a compiling one (seconds): on this shared 2-core machine single
+  runs vary by up to ~8%."""
+  generate_ids(model, tokens, mask, images, **kw)
   best = float('inf')
-  for _ in range(2):
+  for _ in range(3):
     start = time.perf_counter()
     out = generate_ids(model, tokens, mask, images, **kw)
     best = min(best, time.perf_counter() - start)
-  assert out.tokens.shape == (batch, new_tokens)
-  return batch * new_tokens / best, best
+  assert out.tokens.shape == (tokens.shape[0], kw['max_new_tokens'])
+  return best
+
+
+def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk):
+  tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
+  images = np.random.default_rng(1).random((batch, 1, 3, 256, 256, 16), np.float32)
+  # No early stop: exactly `new_tokens` per row.
+  kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk)
+  seconds = timed(model, tokens, mask, images, max_new_tokens=new_tokens, **kw)
+  # One new token: the fixed cost of a call (images to device, image encoding, prefill).
+  fixed = timed(model, tokens, mask, images, max_new_tokens=1, **kw)
+  return batch * new_tokens / seconds, seconds, fixed
 
 
 def main():
@@ -61,6 +99,7 @@ def main():
   parser.add_argument('--new', type=int, default=200)
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--layer_loop', default='auto', choices=('auto', 'scan', 'unrolled'))
+  parser.add_argument('--cache_chunk', type=int, default=64)
   args = parser.parse_args()
   cfg = model_config(args.size, compute_dtype=args.dtype, remat_policy='none')
   model = create_model(cfg, seed=0)
@@ -75,9 +114,13 @@ def main():
         f'bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor_ms:.1f} ms/step, ceiling '
         f'{1e3 / floor_ms:.0f} tokens/s at batch 1')
   for batch in (1, 8):
-    rate, seconds = run(model, cfg, batch, args.new, args.layer_loop)
+    rate, seconds, fixed = run(model, cfg, batch, args.new, args.layer_loop, args.cache_chunk)
+    step_ms = (seconds - fixed) / (args.new - 1) * 1e3
+    products = step_products_ms(cfg, batch)
     print(f'batch {batch}: {rate:8.1f} new tokens/s ({seconds:.2f} s incl. prefill)  '
-          f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1')
+          f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1; fixed cost '
+          f'{fixed * 1e3:.0f} ms (a 1-token call), then {step_ms:.1f} ms per step, of which '
+          f'the matrix products alone take {products:.1f} ms')
 
 
 if __name__ == '__main__':
