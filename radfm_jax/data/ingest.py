@@ -295,12 +295,14 @@ def _expand_ids(scan_id: str, n: int) -> list[str]:
 
 def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
            root: str | None = None, batch_size: int = 16, workers: int | None = None,
-           log=sys.stderr) -> IngestReport:
+           log=None) -> IngestReport:
   """Reads every image of every sample once into `out_dir` and writes the sample manifest.
 
   Returns an IngestReport; with `strict`, raises IngestError after writing everything that was
-  readable (rejects.jsonl lists all failures, so one run shows every problem).
+  readable (rejects.jsonl lists all failures, so one run shows every problem). Progress goes to
+  `log` (default: sys.stderr as it is at call time, not at import).
   """
+  log = log or sys.stderr
   records, base = _load_records(manifest)
   base = root or base
   store = VolumeStore(out_dir)
