@@ -237,9 +237,10 @@ class _ViewCache:
       return self.graphdef, owned
     return None
 
-  def store(self, llama_graphdef, leaves, graphdef, owned):
+  def store(self, llama, graphdef, owned):
+    llama_graphdef, llama_state = nnx.split(llama)
     self.key, self.graphdef, self.owned = llama_graphdef, graphdef, owned
-    self.refs = tuple(weakref.ref(leaf) for leaf in leaves)
+    self.refs = tuple(weakref.ref(leaf) for leaf in jax.tree.leaves(llama_state))
 
   def clear(self):
     self.__init__()
@@ -295,6 +296,5 @@ def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
   out, lengths, view_owned = _compiled_decode(graphdef, view_graphdef, sampling)(
       state, view_owned, tokens, attention_mask, images, image_mask, rng)
   if view_graphdef is not None and reuse_decode_view:
-    llama_graphdef, llama_state = nnx.split(model.llama)
-    _VIEW_CACHE.store(llama_graphdef, jax.tree.leaves(llama_state), view_graphdef, view_owned)
+    _VIEW_CACHE.store(model.llama, view_graphdef, view_owned)
   return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths))
