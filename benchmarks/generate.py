@@ -20,9 +20,8 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from common import gemv_bytes_per_second, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
