@@ -21,14 +21,9 @@ import os
 import subprocess
 import sys
 
+from radfm_jax.train import aot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _chips(topology: str) -> int:
-  chips = 1
-  for d in topology.partition(':')[2].split('x'):
-    chips *= int(d)
-  return chips
 
 
 def bracket(records, topology: str, attention: str, remat: str, text_len: int):
@@ -47,8 +42,7 @@ def bracket(records, topology: str, attention: str, remat: str, text_len: int):
 
 
 def _name(r) -> str:
-  from radfm_jax.train.aot import accelerator_type
-  return f"{accelerator_type(r['topology'])} ({r['devices']} chips)"
+  return f"{aot.accelerator_type(r['topology'])} ({r['devices']} chips)"
 
 
 def _gib(b) -> str:
@@ -79,7 +73,7 @@ def tables(records) -> str:
   groups = {}
   for r in records:
     groups.setdefault((r['topology'], r.get('attention', 'xla')), []).append(r)
-  order = lambda item: (item[0][0].split(':')[0], _chips(item[0][0]), item[0][1] != 'xla')
+  order = lambda item: (item[0][0].split(':')[0], aot.chip_count(item[0][0]), item[0][1] != 'xla')
   for (topology, attention), rs in sorted(groups.items(), key=order):
     fits = [r for r in rs if r['fits']]
     refused = [r for r in rs if not r['fits']]
@@ -126,7 +120,7 @@ def main(argv=None) -> int:
   if not args.preset:
     p.error('--preset is required (or --table)')
   topology = PRESETS[args.preset]['topology']
-  chips = _chips(topology)
+  chips = aot.chip_count(topology)
   lo, hi = bracket(records, topology, args.attention, args.remat, args.text_len)
   if hi is None:
     if args.upper is None:

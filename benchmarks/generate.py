@@ -55,14 +55,7 @@ def step_products_ms(cfg, rows: int) -> float:
 
   @jax.jit
   def products(mats, x):
-    outs = []
-    for w in mats:
-      rows_in = x[:, :w.shape[1]]
-      if 1 < rows <= layers.FEATURE_MAJOR_MAX_ROWS:
-        outs.append(layers.feature_major_product(w, rows_in))
-      else:
-        outs.append(rows_in @ w.T)
-    return outs
+    return [layers.out_first_product(w, x[:, :w.shape[1]]) for w in mats]
 
   x = jnp.ones((rows, max(e, m)), jnp.float32)
   return time_fn(products, mats, x) * 1e3

@@ -9,7 +9,7 @@ from flax import nnx
 
 from radfm_jax.config import model_config
 from radfm_jax.infer import generate as generate_lib
-from radfm_jax.infer.generate import (SamplingConfig, filter_logits, generate_ids, left_pad)
+from radfm_jax.infer.generate import filter_logits, generate_ids, left_pad
 from radfm_jax.models import layers
 from radfm_jax.models.llama import KVCache
 from radfm_jax.models.radfm import create_model
@@ -96,9 +96,9 @@ def test_out_first_kernel_products_equal_the_plain_product(rows):
                          rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (rows, 1, 48))
   want = np.asarray(dense(x, jnp.float32))
-  kernel = dense.kernel[...]
-  dense.kernel.set_value(kernel.reshape(48, 80).T)
-  dense.kernel_out_first = True
+  kernel = np.asarray(dense.kernel[...])
+  dense.lay_out_first()
+  np.testing.assert_array_equal(np.asarray(dense.kernel[...]), kernel.reshape(48, 80).T)
   got = np.asarray(dense(x, jnp.float32))
   assert got.shape == (rows, 1, 4, 20)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

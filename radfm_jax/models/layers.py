@@ -73,14 +73,8 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
     kernel = cast(self.kernel, dtype)
     if self.kernel_out_first:
-      # A plain 2D product contracting both minor dimensions: XLA:CPU would transpose (copy) a
-      # higher-rank kernel into [in, out] order first.
       lead = x.shape[:x.ndim - self.n_in]
-      rows = x.reshape(-1, kernel.shape[1]).astype(dtype)
-      if 1 < rows.shape[0] <= FEATURE_MAJOR_MAX_ROWS:
-        y = feature_major_product(kernel, rows)
-      else:
-        y = jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())))
+      y = out_first_product(kernel, x.reshape(-1, kernel.shape[1]).astype(dtype))
       y = y.reshape(lead + self.out_shape)
     else:
       y = jax.lax.dot_general(x.astype(dtype), kernel,
@@ -90,9 +84,25 @@ class Dense(nnx.Module):
       y = y + cast(self.bias, dtype)
     return y
 
+  def lay_out_first(self):
+    """Re-lays the kernel in place as the matrix [prod(out_shape), prod(in_shape)]."""
+    kernel = self.kernel[...]
+    n_in = math.prod(kernel.shape[:self.n_in])
+    self.kernel.set_value(kernel.reshape(n_in, -1).T)
+    self.kernel_out_first = True
+
 
 # Up to this many rows (batch x new tokens), `kernel_out_first` products run feature-major.
 FEATURE_MAJOR_MAX_ROWS = 32
+
+
+def out_first_product(kernel: jax.Array, rows: jax.Array) -> jax.Array:
+  """kernel [out, in] x rows [n, in] -> [n, out]: a plain 2D product contracting both minor
+  dimensions (XLA:CPU would transpose, i.e. copy, a higher-rank kernel into [in, out] order
+  first), feature-major for 2..FEATURE_MAJOR_MAX_ROWS rows."""
+  if 1 < rows.shape[0] <= FEATURE_MAJOR_MAX_ROWS:
+    return feature_major_product(kernel, rows)
+  return jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())))
 
 
 def feature_major_product(kernel: jax.Array, rows: jax.Array) -> jax.Array:

@@ -10,7 +10,6 @@ functions that `jax.jit` compiles once per shape.
 
 from __future__ import annotations
 
-import math
 
 import flax.struct
 import jax
@@ -282,8 +281,8 @@ class DecodeView(nnx.Module):
     self.lm_head = nnx.merge(head_graphdef, jax.tree.map(lambda a: a, head_state))  # a copy
     for layer in self.layers:
       for name in _DECODE_DENSE:
-        _lay_out_first(getattr(layer, name))
-    _lay_out_first(self.lm_head)
+        getattr(layer, name).lay_out_first()
+    self.lm_head.lay_out_first()
 
   embed = Llama.embed
 
@@ -313,11 +312,3 @@ def decode_view_shared(llama: Llama) -> nnx.State:
 
 def merge_decode_view(graphdef, owned: nnx.State, shared: nnx.State) -> DecodeView:
   return nnx.merge(graphdef, owned, shared)
-
-
-def _lay_out_first(dense: Dense):
-  """[*in, *out] -> [prod(out), prod(in)]."""
-  kernel = dense.kernel[...]
-  n_in = math.prod(kernel.shape[:dense.n_in])
-  dense.kernel.set_value(kernel.reshape(n_in, -1).T)
-  dense.kernel_out_first = True

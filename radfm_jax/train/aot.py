@@ -35,13 +35,18 @@ GIB = 1024 ** 3
 _CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5': 2, 'v5e': 1, 'v5litepod': 1, 'v6e': 1}
 
 
+def chip_count(topology: str) -> int:
+  """'v5p:4x4x4' -> 64 chips."""
+  chips = 1
+  for d in topology.partition(':')[2].split('x'):
+    chips *= int(d)
+  return chips
+
+
 def accelerator_type(topology: str) -> str:
   """'v5p:4x4x4' -> 'v5p-128'; 'v6e:4x4' -> 'v6e-16'."""
-  gen, _, dims = topology.partition(':')
-  chips = 1
-  for d in dims.split('x'):
-    chips *= int(d)
-  return f'{gen}-{chips * _CORES_PER_CHIP.get(gen, 1)}'
+  gen = topology.partition(':')[0]
+  return f'{gen}-{chip_count(topology) * _CORES_PER_CHIP.get(gen, 1)}'
 
 
 # Stack size for libtpu's compiler threads (see set_tpu_env); only reserved, not committed.
@@ -101,7 +106,6 @@ def _needed_bytes(message: str) -> float | None:
 def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
               text_len: int | None = None, devices=None) -> dict:
   """Compiles the train step for one batch kind on the config's TPU topology; returns a report."""
-  import jax
   from jax.experimental import topologies
 
   from radfm_jax import sharding
@@ -224,5 +228,5 @@ def run(args) -> int:
   return 0 if all_fit else 1
 
 
-__all__ = ['accelerator_type', 'add_arguments', 'batch_shapes', 'fit_check', 'format_report',
+__all__ = ['accelerator_type', 'add_arguments', 'chip_count', 'batch_shapes', 'fit_check', 'format_report',
            'run', 'set_tpu_env']
