@@ -192,13 +192,14 @@ def test_cache_limits_and_grow():
   cache = cache.replace(k=tuple(k + 1 for k in cache.k), v=tuple(v + 2 for v in cache.v),
                         mask=cache.mask.at[:, :3].set(True))
   grown = cache.grow(9)
-  assert grown.max_len == 9 and grown.k[0].shape[-1] == 9 and grown.v[0].shape[-2] == 9
-  np.testing.assert_array_equal(grown.k[1][..., :6], cache.k[1])
-  assert float(jnp.abs(grown.k[1][..., 6:]).max()) == 0.0
+  assert grown.max_len == 9 and grown.k[0].shape[-2] == 9 and grown.v[0].shape[-2] == 9
+  np.testing.assert_array_equal(grown.k[1][..., :6, :], cache.k[1])
+  np.testing.assert_array_equal(grown.v[1][..., :6, :], cache.v[1])
+  assert float(jnp.abs(grown.k[1][..., 6:, :]).max()) == 0.0
   assert float(jnp.abs(grown.v[1][..., 6:, :]).max()) == 0.0
   assert grown.mask[:, :3].all() and not grown.mask[:, 3:].any()
   stacked = KVCache.zeros(cfg, 2, 6).grow(8)
-  assert stacked.k.shape[-1] == 8 and stacked.v.shape[-2] == 8
+  assert stacked.k.shape[-2] == 8 and stacked.v.shape[-2] == 8
   with pytest.raises(ValueError, match='shrink'):
     grown.grow(4)
 

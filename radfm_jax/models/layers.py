@@ -194,20 +194,20 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
   """Attention of new tokens to a KV cache (llama.KVCache layout, no per-step transpose of it)
   and to each other; the new keys / values are not in the cache yet.
 
-  q, k, v: the new tokens, [batch, len, heads, head_dim]; cache_k: [batch, heads, head_dim,
-  max_len]; cache_v: [batch, heads, max_len, head_dim]; cached_mask: bool broadcastable to
+  q, k, v: the new tokens, [batch, len, heads, head_dim]; cache_k, cache_v: [batch, heads,
+  max_len, head_dim]; cached_mask: bool broadcastable to
   [batch, heads, len, max_len]; new_mask: bool broadcastable to [batch, heads, len, len]. One
   softmax (fp32) over both key sets, masked entries at the dtype minimum (as HF does).
   Returns [batch, len, heads, head_dim].
   """
   scale = q.shape[-1] ** -0.5
   neg = jnp.finfo(jnp.float32).min
-  cached = jnp.einsum('bqnh,bnhk->bnqk', q, cache_k, preferred_element_type=jnp.float32)
+  cached = jnp.einsum('bqnh,bnkh->bnqk', q, cache_k, preferred_element_type=jnp.float32)
   new = jnp.einsum('bqnh,bknh->bnqk', q, k, preferred_element_type=jnp.float32)
   scores = jnp.concatenate([jnp.where(cached_mask, cached * scale, neg),
                             jnp.where(new_mask, new * scale, neg)], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  max_len = cache_k.shape[-1]
+  max_len = cache_k.shape[-2]
   return (jnp.einsum('bnqk,bnkh->bqnh', probs[..., :max_len], cache_v)
           + jnp.einsum('bnqk,bknh->bqnh', probs[..., max_len:], v))
 
