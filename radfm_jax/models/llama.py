@@ -43,13 +43,13 @@ class KVCache:
   @classmethod
   def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, *,
             per_layer: bool = False) -> 'KVCache':
-    k_shape = v_shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
+    shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
     if per_layer:
-      k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
-      v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
+      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     else:
-      k = jnp.zeros((cfg.num_layers,) + k_shape, dtype)
-      v = jnp.zeros((cfg.num_layers,) + v_shape, dtype)
+      k = jnp.zeros((cfg.num_layers,) + shape, dtype)
+      v = jnp.zeros((cfg.num_layers,) + shape, dtype)
     return cls(k=k, v=v, mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32),
                empty=True)
 
@@ -137,17 +137,14 @@ class DecoderLayer(nnx.Module):
       else:
         y = layers.cached_attention(q, k, v, old_k.astype(dtype), old_v.astype(dtype),
                                     cached_mask, new_mask)
-      new_k = k.swapaxes(1, 2).astype(cache_k.dtype)  # [batch, heads, len, head_dim]
-      new_v = v.swapaxes(1, 2).astype(cache_v.dtype)
-      if layer_index is None:
-        cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, (0, 0, cache_index, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, new_v, (0, 0, cache_index, 0))
-      else:
-        cache_k = jax.lax.dynamic_update_slice(cache_k, new_k[None],
-                                               (layer_index, 0, 0, cache_index, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, new_v[None],
-                                               (layer_index, 0, 0, cache_index, 0))
-      cache = (cache_k, cache_v)
+
+      def write(cached, new):
+        new = new.swapaxes(1, 2).astype(cached.dtype)  # [batch, heads, len, head_dim]
+        if layer_index is None:
+          return jax.lax.dynamic_update_slice(cached, new, (0, 0, cache_index, 0))
+        return jax.lax.dynamic_update_slice(cached, new[None], (layer_index, 0, 0, cache_index, 0))
+
+      cache = (write(cache_k, k), write(cache_v, v))
     x = x + self.o(y, dtype)
     h = self.post_attention_norm(x, dtype)
     y = self.down(jax.nn.silu(self.gate(h, dtype)) * self.up(h, dtype), dtype)
