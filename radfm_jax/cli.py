@@ -12,6 +12,7 @@ import sys
 
 COMMANDS = {
     'ingest': ('radfm_jax.data.ingest', 'read scans (NIfTI, DICOM, PNG/JPEG, .npy) into a VolumeStore'),
+    'publish': ('radfm_jax.data.tfds_manifest', 'publish a manifest as a TFDS ArrayRecord dataset'),
     'train': ('radfm_jax.train.loop', 'train or fine-tune from a config'),
     'generate': ('radfm_jax.infer.cli', 'generate answers for scans and prompts'),
     'eval': ('radfm_jax.eval.harness', 'score a checkpoint on a manifest'),

@@ -43,7 +43,7 @@ import grain
 import numpy as np
 
 from radfm_jax.data import prompts, transforms
-from radfm_jax.data.store import VolumeStore, read_jsonl
+from radfm_jax.data.store import VolumeStore, read_manifest
 from radfm_jax.data.tokenizer import IGNORE, Tokenizer
 
 BATCH_KEYS = ('images', 'image_mask', 'tokens', 'attention_mask', 'labels', 'loss_weights')
@@ -248,7 +248,8 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   """The training IterDataset over `store`'s manifest (records with `split`, if given).
 
   `store` / `tokenizer` default to `data_cfg.store` / `data_cfg.tokenizer` (paths), the manifest to
-  `data_cfg.manifest` when set, else STORE/manifest.jsonl; `records` overrides both.
+  `data_cfg.manifest` when set (a JSONL file or a TFDS dataset directory from `radfm-jax
+  publish`), else STORE/manifest.jsonl; `records` overrides both.
 
   `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
   `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
@@ -278,11 +279,12 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} outside [0, {process_count})')
   if records is None:
-    records = (read_jsonl(data_cfg.manifest) if data_cfg.manifest else store.manifest())
-    if split is not None:
-      records = [r for r in records if r.get('split', 'train') == split]
+    if data_cfg.manifest:
+      records = read_manifest(data_cfg.manifest, split)
+    else:
+      records = [r for r in store.manifest() if split is None or r.get('split', 'train') == split]
   if not records:
-    raise ValueError(f'no samples in {store.manifest_path} (split={split!r})')
+    raise ValueError(f'no samples in {data_cfg.manifest or store.manifest_path} (split={split!r})')
   stats = stats if stats is not None else PipelineStats()
   plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count)
   loader = BatchLoader(plan, records, store, tokenizer, data_cfg)

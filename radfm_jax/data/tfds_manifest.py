@@ -1,0 +1,142 @@
+"""`radfm-jax publish`: a sample manifest as a TFDS ArrayRecord dataset (the `tfds` extra).
+
+    radfm-jax publish --data STORE --out DIR          # -> DIR/radfm_samples/1.0.0
+    path = publish_manifest('STORE', 'DIR')           # a store, its manifest.jsonl, or any JSONL
+    records = read_tfds_manifest(path, split='train')
+
+Each manifest row becomes one example `{'id': text, 'record': text}`, `record` being the row as
+JSON, so any keys a manifest carries survive unchanged and in order (shuffling is disabled).
+Splits are the rows' `split` field (default 'train'). The volumes stay in the TensorStore store
+that the rows' image ids point to: the dataset is the part to share, version and browse with TFDS
+tooling. Neither writing nor reading needs TensorFlow: reading goes through
+`builder.as_data_source(split)` (ArrayRecord, random access) into `grain.MapDataset.source`.
+`data.manifest` (training) may name such a directory instead of a JSONL file
+(`store.read_manifest`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import sys
+
+DATASET_NAME = 'radfm_samples'
+DATASET_VERSION = '1.0.0'
+
+
+def _tfds():
+  try:
+    import tensorflow_datasets as tfds
+  except ModuleNotFoundError as e:
+    raise ModuleNotFoundError('TFDS datasets need the `tfds` extra: pip install '
+                              '"radfm-jax[tfds]" (tensorflow-datasets, no TensorFlow)') from e
+  tfds.disable_progress_bar()
+  return tfds
+
+
+@functools.cache
+def _builder_class():
+  """The GeneratorBasedBuilder, defined once per process (TFDS registers builders by class)."""
+  tfds = _tfds()
+
+  class RadfmSamples(tfds.core.GeneratorBasedBuilder):
+    """RadFM training samples: one manifest row (JSON) per example."""
+    VERSION = tfds.core.Version(DATASET_VERSION)
+
+    def __init__(self, *, splits=None, **kwargs):
+      self._splits = splits
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, disable_shuffling=True,
+          description='RadFM samples (radfm-jax manifest rows as JSON; volumes in the store).',
+          features=tfds.features.FeaturesDict({'id': tfds.features.Text(),
+                                               'record': tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {name: self._generate_examples(rows) for name, rows in self._splits.items()}
+
+    def _generate_examples(self, rows):
+      for i, row in enumerate(rows):
+        yield i, {'id': str(row.get('id', i)), 'record': json.dumps(row)}
+
+  return RadfmSamples
+
+
+def _source_rows(data: str) -> list[dict]:
+  from radfm_jax.data.store import VolumeStore, read_manifest
+  if os.path.isdir(data):
+    store = VolumeStore(data)
+    if not os.path.isfile(store.manifest_path):
+      raise FileNotFoundError(f'{data}: not a store (no {os.path.basename(store.manifest_path)})')
+    return store.manifest()
+  return read_manifest(data)
+
+
+def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
+  """Writes the rows of `data` (a store directory, a manifest JSONL, or a list of row dicts) as
+  an ArrayRecord TFDS dataset under `out_dir`; returns its directory (out_dir/radfm_samples/1.0.0).
+  """
+  rows = _source_rows(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else list(data)
+  if not rows:
+    raise ValueError(f'{data}: no manifest rows to publish')
+  splits: dict[str, list[dict]] = {}
+  for n, row in enumerate(rows):
+    split = str(row.get('split', 'train'))
+    if not re.fullmatch(r'\w+', split):
+      raise ValueError(f'row {n} (id {row.get("id")!r}): split {split!r} is not a TFDS split name '
+                       '(letters, digits, underscore)')
+    splits.setdefault(split, []).append(row)
+  target = os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
+  if os.path.exists(target):
+    if not overwrite:
+      raise FileExistsError(f'{target} exists (publish with overwrite=True / --overwrite to '
+                            'replace it)')
+    shutil.rmtree(target)
+  tfds = _tfds()
+  builder = _builder_class()(splits=splits, data_dir=out_dir, file_format='array_record')
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  return os.fspath(builder.data_dir)
+
+
+def is_tfds_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, 'dataset_info.json'))
+
+
+def read_tfds_manifest(path: str, split: str | None = None) -> list[dict]:
+  """The manifest rows of a published dataset directory: one split, or all splits in order."""
+  if not is_tfds_dir(path):
+    raise FileNotFoundError(f'{path}: not a TFDS dataset directory (no dataset_info.json); '
+                            f'publish one with `radfm-jax publish`')
+  import grain
+  builder = _tfds().builder_from_directory(path)
+  names = list(builder.info.splits.keys())
+  if split is not None and split not in names:
+    raise ValueError(f'{path}: no split {split!r} (splits: {names})')
+  rows = []
+  for name in ([split] if split is not None else names):
+    source = builder.as_data_source(name)
+    rows.extend(grain.MapDataset.source(source).map(lambda e: json.loads(e['record'])))
+  return rows
+
+
+def add_arguments(parser):
+  parser.add_argument('--data', required=True,
+                      help='a store directory, its manifest.jsonl, or a manifest JSONL')
+  parser.add_argument('--out', required=True, help='TFDS data dir to write into')
+  parser.add_argument('--overwrite', action='store_true', help='replace an existing version')
+
+
+def run(args) -> int:
+  try:
+    path = publish_manifest(args.data, args.out, overwrite=args.overwrite)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f'radfm-jax publish: {e}', file=sys.stderr)
+    return 1
+  print(f'published {path}')
+  return 0

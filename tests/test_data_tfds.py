@@ -1,0 +1,89 @@
+"""TFDS ArrayRecord publishing of a manifest: lossless rows, splits, the training pipeline reading
+it through Grain with the same batches as from the JSONL, and clear errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import conftest_data as cd
+from radfm_jax import cli
+from radfm_jax.data import pipeline, tfds_manifest
+from radfm_jax.data.ingest import ingest
+from radfm_jax.data.store import VolumeStore, read_manifest
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+  d = tmp_path_factory.mktemp('tfds')
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(6):
+    cd.write_png(d / f'x{i}.png', rng.integers(0, 255, (40 + i, 36), dtype=np.uint8))
+    records.append({'id': f's{i}', 'task': 'vqa', 'question': f'What is in image {i}? é',
+                    'answer': f'Finding {i}.', 'split': 'val' if i % 3 == 0 else 'train',
+                    'extra': {'nested': [i, 'x']},
+                    'images': [{'path': f'x{i}.png', 'position': {'question': 0}}]})
+  ingest(cd.write_manifest(d / 'samples.jsonl', records), str(d / 'store'),
+         log=open(os.devnull, 'w'))
+  return VolumeStore(str(d / 'store'))
+
+
+def test_publish_keeps_every_row_and_split(store, tmp_path):
+  path = tfds_manifest.publish_manifest(store.root, str(tmp_path / 'tfds'))
+  assert path == str(tmp_path / 'tfds' / 'radfm_samples' / '1.0.0')
+  rows = store.manifest()
+  assert tfds_manifest.read_tfds_manifest(path, 'train') == [r for r in rows if r['split'] == 'train']
+  assert tfds_manifest.read_tfds_manifest(path, 'val') == [r for r in rows if r['split'] == 'val']
+  everything = tfds_manifest.read_tfds_manifest(path)
+  assert sorted(everything, key=lambda r: r['id']) == sorted(rows, key=lambda r: r['id'])
+  assert read_manifest(path, 'val') == tfds_manifest.read_tfds_manifest(path, 'val')
+  info = json.load(open(os.path.join(path, 'dataset_info.json')))
+  assert {s['name']: int(s['shardLengths'][0]) for s in info['splits']} == {'train': 4, 'val': 2}
+  # Publishing again refuses to overwrite silently, and replaces with overwrite=True.
+  with pytest.raises(FileExistsError, match='overwrite'):
+    tfds_manifest.publish_manifest(store.root, str(tmp_path / 'tfds'))
+  fewer = [r for r in rows if r['split'] == 'train']
+  tfds_manifest.publish_manifest(fewer, str(tmp_path / 'tfds'), overwrite=True)
+  assert tfds_manifest.read_tfds_manifest(path) == fewer
+
+
+def test_pipeline_reads_the_published_manifest(store, tmp_path):
+  path = tfds_manifest.publish_manifest(store.manifest_path, str(tmp_path / 'tfds'))
+  tok = tmp_path / 'tok.model'
+  tok.write_bytes(cd.spm_proto())
+  batches = {}
+  for name, manifest in (('jsonl', store.manifest_path), ('tfds', path)):
+    cfg = cd.data_config(store=store.root, tokenizer=str(tok), manifest=manifest)
+    ds = pipeline.make_dataset(cfg, cd.tiny_model(), split='train', seed=3, process_index=0,
+                               process_count=1, num_epochs=1)
+    batches[name] = list(ds)
+  assert len(batches['tfds']) == len(batches['jsonl']) > 0
+  assert sum(int(b['attention_mask'].any(1).sum()) for b in batches['tfds']) == 4
+  for a, b in zip(batches['jsonl'], batches['tfds']):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_errors_name_the_path_and_the_problem(store, tmp_path):
+  with pytest.raises(FileNotFoundError, match='not a TFDS dataset directory'):
+    tfds_manifest.read_tfds_manifest(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='no such file'):
+    read_manifest(str(tmp_path / 'missing.jsonl'))
+  bad = [dict(store.manifest()[0], split='val-2')]
+  with pytest.raises(ValueError, match="split 'val-2'"):
+    tfds_manifest.publish_manifest(bad, str(tmp_path / 'out'))
+  path = tfds_manifest.publish_manifest(store.root, str(tmp_path / 'ok'))
+  with pytest.raises(ValueError, match="no split 'test'"):
+    tfds_manifest.read_tfds_manifest(path, 'test')
+
+
+def test_cli_publish(store, tmp_path, capsys):
+  assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 0
+  path = capsys.readouterr().out.split()[-1]
+  assert tfds_manifest.read_tfds_manifest(path) == tfds_manifest.read_tfds_manifest(
+      tfds_manifest.publish_manifest(store.root, str(tmp_path / 'u')))
+  assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 1
+  assert 'exists' in capsys.readouterr().err
