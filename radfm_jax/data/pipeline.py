@@ -279,10 +279,7 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} outside [0, {process_count})')
   if records is None:
-    if data_cfg.manifest:
-      records = read_manifest(data_cfg.manifest, split)
-    else:
-      records = [r for r in store.manifest() if split is None or r.get('split', 'train') == split]
+    records = read_manifest(data_cfg.manifest or store.manifest_path, split)
   if not records:
     raise ValueError(f'no samples in {data_cfg.manifest or store.manifest_path} (split={split!r})')
   stats = stats if stats is not None else PipelineStats()

@@ -104,15 +104,11 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
   return os.fspath(builder.data_dir)
 
 
-def is_tfds_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, 'dataset_info.json'))
-
-
 def read_tfds_manifest(path: str, split: str | None = None) -> list[dict]:
   """The manifest rows of a published dataset directory: one split, or all splits in order."""
-  if not is_tfds_dir(path):
+  if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
     raise FileNotFoundError(f'{path}: not a TFDS dataset directory (no dataset_info.json); '
-                            f'publish one with `radfm-jax publish`')
+                            'publish one with `radfm-jax publish`')
   import grain
   builder = _tfds().builder_from_directory(path)
   names = list(builder.info.splits.keys())
