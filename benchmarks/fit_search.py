@@ -7,8 +7,8 @@
 Seeds the bracket from the JSON lines already in --json (same topology, attention, remat policy
 and text length): `lo` = the largest per-chip batch that compiled within HBM, `hi` = the smallest
 that was refused or over HBM. It then compiles downwards from hi - 1 (from --upper itself when no
-refusal is recorded) until one fits, each compile a fresh `radfm-jax aot` process that appends its report to
---json. Downwards because libtpu refuses an over-HBM program in seconds while a fit takes minutes
+refusal is recorded) until one fits, each compile a fresh `radfm-jax aot` process that appends its
+report to --json. Downwards because libtpu refuses an over-HBM program in seconds while a fit takes minutes
 (4-22 on a 2-core host), so the first fit found closes the bracket at the price of one long
 compile. Prints the bracket: largest fit, smallest refusal.
 """

@@ -34,7 +34,8 @@ def test_publish_keeps_every_row_and_split(store, tmp_path):
   path = tfds_manifest.publish_manifest(store.root, str(tmp_path / 'tfds'))
   assert path == str(tmp_path / 'tfds' / 'radfm_samples' / '1.0.0')
   rows = store.manifest()
-  assert tfds_manifest.read_tfds_manifest(path, 'train') == [r for r in rows if r['split'] == 'train']
+  train = [r for r in rows if r['split'] == 'train']
+  assert tfds_manifest.read_tfds_manifest(path, 'train') == train
   assert tfds_manifest.read_tfds_manifest(path, 'val') == [r for r in rows if r['split'] == 'val']
   everything = tfds_manifest.read_tfds_manifest(path)
   assert sorted(everything, key=lambda r: r['id']) == sorted(rows, key=lambda r: r['id'])

@@ -10,7 +10,6 @@ functions that `jax.jit` compiles once per shape.
 
 from __future__ import annotations
 
-
 import flax.struct
 import jax
 import jax.numpy as jnp

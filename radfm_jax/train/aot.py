@@ -228,5 +228,5 @@ def run(args) -> int:
   return 0 if all_fit else 1
 
 
-__all__ = ['accelerator_type', 'add_arguments', 'chip_count', 'batch_shapes', 'fit_check', 'format_report',
-           'run', 'set_tpu_env']
+__all__ = ['accelerator_type', 'add_arguments', 'batch_shapes', 'chip_count', 'fit_check',
+           'format_report', 'run', 'set_tpu_env']
