@@ -1,4 +1,4 @@
-"""Official-layout state dicts for the convert tests, built from the reference key list at tiny
+"""Official-layout state dicts for the convert tests, built from the official key list at tiny
 shapes (kept keys get the shapes our key map expects; dead-branch keys get small arbitrary ones)."""
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ import re
 
 import numpy as np
 
-TSV = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference',
-                   'radfm_state_dict_keys.tsv')
-if not os.path.exists(TSV):
-  TSV = '/work/shared/reference/radfm_state_dict_keys.tsv'
+# the official checkpoint's keys, shapes and dtypes (docs/original.md section 10), vendored as data
+TSV = os.path.join(os.path.dirname(__file__), 'data', 'radfm_state_dict_keys.tsv')
 
 _LAYER = (
     (re.compile(r'lang_model\.model\.layers\.(\d+)\.'), lambda c: c.llama.num_layers),
