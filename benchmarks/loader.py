@@ -9,7 +9,7 @@ VolumeStore, then on the same scans in one run times
   * pipeline: `make_dataset` batches (TensorStore read, same transforms, tokenization, collation)
     with `--threads` Grain read threads,
 and prints samples/s, MB/s of source voxels and the ratio; also the bare read (decode only) of
-both formats. Measured, not asserted (DESIGN.md section 8).
+both formats. Measured, not asserted.
 """
 
 from __future__ import annotations

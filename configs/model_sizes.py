@@ -1,7 +1,7 @@
 """Model sizes: `tiny` (tests), `small` (CPU demo), `bench` (CPU benchmark), `radfm_13b` (official).
 
 Each entry is a plain dict merged into the `model` section of the config. `radfm_13b` is exactly the
-official checkpoint (reference sections 2-6); the others shrink every width and depth but keep the
+official checkpoint (docs/original.md sections 2-6); the rest shrink widths and depths but keep the
 RadFM structure (patch layout, 32 latents, image-token id layout).
 """
 

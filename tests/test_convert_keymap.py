@@ -1,4 +1,4 @@
-"""The official RadFM key map against the reference key list, size inference, key checks, safety."""
+"""The official RadFM key map against the vendored key list, size inference, key checks, safety."""
 
 import dataclasses
 import os
@@ -16,7 +16,7 @@ from radfm_jax.convert import api, engine, infer, keymap  # noqa: E402
 
 
 class ShapeReader:
-  """Keys and shapes only (the real-size reference list; nothing is allocated)."""
+  """Keys and shapes only (the real-size official list; nothing is allocated)."""
 
   def __init__(self, shapes):
     self._shapes = shapes

@@ -1,5 +1,5 @@
-"""Golden tests from the reference (sections 2-5) and an independent numpy reference of the vision
-tower and Perceiver written from the spec (exact-erf GELU, LN eps 1e-5, keys from media+latents)."""
+"""Golden values from docs/original.md sections 2-5 and an independent numpy reference of the vision
+tower and Perceiver written from it (exact-erf GELU, LN eps 1e-5, keys from media+latents)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from radfm_jax.config import VisionConfig, model_config
 from radfm_jax.models.radfm import abstract_model, count_params, create_model, splice_image_tokens
 from radfm_jax.models.vit3d import ViT3D, patchify, position_rows
 
-# Reference section 2: input H x W x D -> rows used in the (row/col, depth) tables of the official
+# docs/original.md section 2: input H x W x D -> rows used in the (row/col, depth) tables of the
 # ViT (16 row/col entries, 128 depth entries).
 POSITION_TABLE = [
     ((512, 512, 4), list(range(16)), [127]),
@@ -85,7 +85,7 @@ def test_splice_gather_equals_one_hot_matmul():
 
 
 # ---------------------------------------------------------------------------------------------
-# numpy reference (from reference sections 2-4), run on the model's own weights
+# numpy reference (from docs/original.md sections 2-4), run on the model's own weights
 
 
 def _ln(x, scale, bias, eps=1e-5):

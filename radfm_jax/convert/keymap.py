@@ -77,7 +77,7 @@ def _layer_norm(ours: str, torch: str) -> list[Entry]:
 
 
 def vision_table() -> list[Entry]:
-  """`embedding_layer.vision_encoder` (vit_3d.ViT, reference section 2)."""
+  """`embedding_layer.vision_encoder` (vit_3d.ViT, docs/original.md section 2)."""
   t, b = 'embedding_layer.vision_encoder.', 'embedding_layer.vision_encoder.transformer.layers.{i}.'
   return [
       *_layer_norm('vision/patch_norm_in', t + 'to_patch_embedding.1'),
@@ -102,7 +102,7 @@ def vision_table() -> list[Entry]:
 
 
 def perceiver_table() -> list[Entry]:
-  """`embedding_layer.perceiver` (flamingo-pytorch PerceiverResampler, reference section 3)."""
+  """`embedding_layer.perceiver` (the flamingo-pytorch resampler, docs/original.md section 3)."""
   t, b = 'embedding_layer.perceiver.', 'embedding_layer.perceiver.layers.{i}.'
   return [
       _e('perceiver/latents', t + 'latents'),
@@ -120,7 +120,7 @@ def perceiver_table() -> list[Entry]:
 
 
 def radfm_table() -> list[Entry]:
-  """Every kept key of the official `MultiLLaMAForCausalLM.state_dict()` (reference section 10)."""
+  """Every kept key of the official RadFM state dict (docs/original.md section 10)."""
   return [
       *vision_table(),
       *perceiver_table(),
@@ -132,7 +132,7 @@ def radfm_table() -> list[Entry]:
   ]
 
 
-# Dead branches of the official checkpoint (reference section 9) and recomputable buffers: skipped
+# The checkpoint's dead branches (docs/original.md section 9) and recomputable buffers: skipped
 # when reading, never written. Anything else unknown is an error.
 RADFM_SKIP = (
     r'embedding_layer\.bert_model\..*',

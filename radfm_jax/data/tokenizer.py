@@ -6,7 +6,7 @@ For a base SentencePiece model of V pieces (V = 32000 for LLaMA):
     pad = 0 (<unk>)     bos = 1 (<s>)           eos = 2 (</s>)
 
 The special ids are computed, never added to the SentencePiece model, so any base model works.
-`encode` reproduces the transformers 4.28.1 slow `LlamaTokenizer` used by RadFM (reference 7):
+`encode` matches RadFM's slow `LlamaTokenizer` (transformers 4.28.1; docs/original.md section 7):
 special tokens are split out first, whitespace touching them is stripped, each remaining text
 chunk is encoded by SentencePiece on its own (so each gets the dummy-prefix '▁'), BOS is
 prepended and no EOS appended. `</image>Can you` -> `</image>`, `▁Can`, `▁you`.
@@ -121,7 +121,7 @@ class Tokenizer:
   # ---------------------------------------------------------------------------------------------
 
   def build_example(self, question: str, answer: str, max_length: int) -> dict[str, np.ndarray]:
-    """Training arrays for one sample, each [max_length] (reference 8 and 11.5).
+    """Training arrays for one sample, each [max_length] (docs/original.md sections 8, 11.5).
 
     tokens:         BOS + encode(question + ' ' + answer), truncated to max_length, pad 0; EOS
                     written at index n = (number of real tokens) when n < max_length.

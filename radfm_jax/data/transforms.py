@@ -4,8 +4,8 @@ Arrays here are [C, H, W, D] (the VolumeStore layout, C in {1, 3}); a prepared s
 [S, 3, H, W, D] float32 in [0, 1].
 
 Intensity policies (`DataConfig.intensity`):
-  * `radfm`       the original: min-max over **all images of the sample together** (reference
-                  11.1), grey replicated to 3 channels. One exception keeps 2D parity: when every
+  * `radfm`       the original: min-max over **all images of the sample together** (docs/original.md
+                  section 11.1), grey copied to 3 channels. One exception keeps 2D parity: if every
                   image of the sample is 8-bit (PNG/JPEG), the original's `ToTensor` divided by
                   255 instead, so that is done here too.
   * `ct_window`   CT images: clip to one HU window `ct_windows[0]` = (level, width), scale to
@@ -29,7 +29,7 @@ POLICIES = ('radfm', 'ct_window', 'ct_windows3', 'percentile')
 
 
 # ------------------------------------------------------------------------------------------------
-# Shape buckets (reference 11.2 / 11.3)
+# Shape buckets (docs/original.md sections 11.2, 11.3)
 
 
 def depth_bucket(depth: int, buckets: Sequence[int]) -> int:

@@ -2,7 +2,7 @@
 
 All functions take parallel lists of strings (one prediction and one reference per sample) and
 return scores in [0, 1] (BLEU is rescaled from sacrebleu's 0..100 so every metric shares a
-scale). The original RadFM repository computes none of these (reference spec section 12); the
+scale). The original RadFM repository computes none of these (docs/original.md section 12); the
 choices below are the common ones in the medical VQA literature and are documented so numbers
 can be compared:
 

@@ -1,4 +1,4 @@
-"""LLaMA decoder (reference section 6, HF transformers 4.28.1 semantics) with a KV cache.
+"""LLaMA decoder (docs/original.md section 6, HF transformers 4.28.1 semantics) with a KV cache.
 
 Pre-norm blocks, RMSNorm (eps 1e-6, statistics in fp32), rotate-half RoPE over the full head dim
 (HF weight layout: pairs (i, i + head_dim/2)), SwiGLU MLP, no biases, untied `lm_head`. Layers are

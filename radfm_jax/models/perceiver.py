@@ -1,4 +1,4 @@
-"""Perceiver resampler (reference section 3): 32 learned latents cross-attend to each image's tokens.
+"""Perceiver resampler (docs/original.md section 3): 32 learned latents cross-attend to each image.
 
 Keys and values come from concat(LN_media(media), LN_latents(latents)) along the token axis; the
 media tokens are re-normalised in every layer from the same ViT output and never updated. No biases

@@ -3,7 +3,7 @@
     model = RadFM(cfg.model, rngs=nnx.Rngs(0))
     logits = model(tokens, images, attention_mask=mask, image_mask=img_mask)   # [B, L, vocab]
 
-Token ids follow the RadFM layout (reference sections 5 and 7): ids < vocab are text, `vocab` and
+Token ids follow RadFM's layout (docs/original.md sections 5, 7): ids < vocab are text, `vocab` and
 `vocab + 1` are `<image>` / `</image>` (the two `figure_tokens` rows), and `vocab + 2 + k` is image
 token k of the sample, k = s * num_latents + j (image s, latent j).
 """

@@ -1,4 +1,4 @@
-"""3D ViT encoder (reference section 2): patchify, learned 3D position table, pre-norm blocks.
+"""3D ViT encoder (docs/original.md section 2): patchify, learned 3D positions, pre-norm blocks.
 
 No cls token, no pooling, no final norm: the output is every patch token after the last block.
 """
@@ -20,7 +20,7 @@ def position_rows(n: int, n_max: int) -> np.ndarray:
   """Rows of a learned position table used for a grid of `n` patches along one axis.
 
   The original samples the table with a stride that ends on the last row,
-  `(arange(n) + 1) * (n_max // n) - 1`, rather than taking a prefix (reference section 2).
+  `(arange(n) + 1) * (n_max // n) - 1`, rather than taking a prefix (docs/original.md section 2).
   """
   if n > n_max:
     raise ValueError(f'{n} patches along an axis exceed the position table ({n_max} rows): the '

@@ -5,7 +5,7 @@
     jitted = jit_train_step(step, state_shardings, mesh, rules)      # donates the state
     state, metrics = jitted(state, batch)
 
-Loss (reference section 8): labels are *not* pre-shifted; position t's logits predict label t+1
+Loss (docs/original.md section 8): labels are *not* pre-shifted; the logits at t predict label t+1
 (logits[:, :-1] vs labels[:, 1:]), labels == -100 are ignored.
   * `mean` (default): token-mean cross entropy over every valid label in the whole batch, exactly
     HF's `output.loss`, the value the original returns and trains on.

@@ -4,7 +4,7 @@ Global batch `i` is a pure function of (seed, i): every process builds the same 
 keeps its own rows, so a run over N processes sees exactly the batches of a 1-process run with an
 N-times larger per-host batch. The iterator state is `{'index': i}` (JSON), saved in checkpoints.
 
-Each sample follows the RadFM layout (reference sections 5, 7, 11.5): BOS, `<image>`, S*32 image
+Each sample has the RadFM layout (docs/original.md sections 5, 7, 11.5): BOS, `<image>`, S*32 image
 placeholder ids, `</image>`, a question, an answer, EOS (attention mask 0 there, as the pipeline
 writes it), pad 0. Labels are the ids on the answer and the EOS, -100 elsewhere; loss weights are
 1 or 3 on labelled positions (3 mimics the original's entity spans), 0 elsewhere.
