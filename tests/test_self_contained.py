@@ -63,6 +63,7 @@ def test_fresh_clone_passes_the_conversion_tests(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['radfm-jax']
 
   env = dict(os.environ, PYTHONPATH=clone)
+  env.pop('PYTEST_ADDOPTS', None)            # the outer run's options (e.g. -n) are not the clone's
   where = subprocess.run([sys.executable, '-c', 'import radfm_jax; print(radfm_jax.__file__)'],
                          cwd=clone, env=env, capture_output=True, text=True)
   assert where.returncode == 0, where.stderr
