@@ -32,7 +32,7 @@ import collections
 import dataclasses
 import math
 import threading
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np

@@ -268,5 +268,6 @@ def jit_eval_step(eval_fn, param_sh, mesh, rules) -> MeshStep:
 
 
 __all__ = ['TrainState', 'abstract_train_state', 'cross_entropy_loss', 'init_train_state',
-           'jit_eval_step', 'jit_train_step', 'loss_denominator', 'loss_terms', 'make_eval_step', 'make_grad_fn', 'make_train_step',
-           'split_microbatches', 'summarize', 'train_state_shardings']
+           'jit_eval_step', 'jit_train_step', 'loss_denominator', 'loss_terms', 'make_eval_step',
+           'make_grad_fn', 'make_train_step', 'split_microbatches', 'summarize',
+           'train_state_shardings']
