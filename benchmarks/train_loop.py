@@ -51,14 +51,14 @@ def main():
   flops = metrics_lib.batch_flops(cfg.model, first)
   tokens = first['tokens'].size
   t0 = time.perf_counter()
-  state, m = train_step(state, loop.global_batch(first, mesh))
+  state, m = train_step(state, loop.global_batch(first, mesh, rules))
   jax.block_until_ready(m['loss'])
   compile_s = time.perf_counter() - t0
   times = []
   for i in range(args.warmup + args.steps):
     start = time.perf_counter()
     host = next(data)                                   # host batch (numpy) ...
-    batch = loop.global_batch(host, mesh)               # ... -> device arrays
+    batch = loop.global_batch(host, mesh, rules)        # ... -> device arrays
     state, m = train_step(state, batch)
     loss = float(jax.device_get(m['loss']))             # metrics back on the host
     if i >= args.warmup:

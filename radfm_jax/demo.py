@@ -137,30 +137,17 @@ def train_tokenizer(out: str, records: list[dict], vocab_size: int) -> str:
   return path
 
 
-def _batch_for_generation(records, store, tokenizer, cfg, rows: int):
-  """Held-out records -> left-padded prompts + prepared images (padded to `rows` with copies)."""
-  import numpy as np
-  from radfm_jax.data import prompts, transforms
-  from radfm_jax.infer.generate import left_pad
-  prompt_ids, images, masks = [], [], []
+def _batch_for_generation(records, store, tokenizer, cfg, rows: int) -> dict:
+  """Held-out records -> the `generate_ids` arrays (batch.record_inputs rows, left-padded
+  prompts, `cfg.data.max_images` image slots), padded to `rows` with copies of the last record."""
+  from radfm_jax.data.batch import record_inputs
+  from radfm_jax.infer.text import collate_prompts
+  out = []
   for rec in records + [records[-1]] * (rows - len(records)):
-    q, _, n_img = prompts.format_sample(rec, cfg.model.perceiver.num_latents, cfg.data.max_images)
-    ims = rec['images'][:n_img]
-    arrays = [store.read(im['id']) for im in ims]
-    depths = [int(im['shape'][3]) for im in ims]
-    kind = '3d' if any(d > 1 for d in depths) else '2d'
-    bs = cfg.data.batch_size_3d if kind == '3d' else cfg.data.batch_size_2d
-    shape = transforms.sample_shape(depths, cfg.data, bs)
-    slots = np.zeros((cfg.data.max_images, 3) + tuple(shape), np.float32)
-    transforms.prepare_images(arrays, [im.get('modality', '') for im in ims], shape, cfg.data,
-                              out=slots)
-    mask = np.zeros(cfg.data.max_images, bool)
-    mask[:len(arrays)] = True
-    prompt_ids.append(tokenizer.encode(q))
-    images.append(slots)
-    masks.append(mask)
-  tokens, attention = left_pad(prompt_ids, multiple=64)
-  return tokens, attention, np.stack(images), np.stack(masks)
+    arrays = [store.read(im['id']) for im in rec['images'][:cfg.data.max_images]]
+    out.append(record_inputs(rec, arrays, tokenizer, cfg.data, generation=True,
+                             slots=cfg.data.max_images))
+  return collate_prompts(out)
 
 
 def answer_heldout(model, records, store, tokenizer, cfg, batch_rows: int = 16,
@@ -176,10 +163,11 @@ def answer_heldout(model, records, store, tokenizer, cfg, batch_rows: int = 16,
   for idx in groups.values():
     for start in range(0, len(idx), batch_rows):
       chunk = idx[start:start + batch_rows]
-      tokens, attention, images, image_mask = _batch_for_generation(
-          [records[i] for i in chunk], store, tokenizer, cfg, batch_rows)
-      out = generate_ids(model, tokens, attention, images, image_mask,
-                         max_new_tokens=max_new, stop_ids=tuple(cfg.generate.stop_ids))
+      batch = _batch_for_generation([records[i] for i in chunk], store, tokenizer, cfg,
+                                    batch_rows)
+      out = generate_ids(model, batch['tokens'], batch['attention_mask'], batch['images'],
+                         batch['image_mask'], max_new_tokens=max_new,
+                         stop_ids=tuple(cfg.generate.stop_ids))
       for i, seq in zip(chunk, out.sequences()):
         answers[i] = tokenizer.decode(seq).strip()
   return answers

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import conftest_data as cd
+from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import pipeline, transforms
 from radfm_jax.data.ingest import ingest
 from radfm_jax.data.store import VolumeStore
@@ -52,8 +53,8 @@ def test_batch_contract_and_buckets(store):
   plan = ds.plan.epoch(0)
   seen = []
   for batch, (key, rows) in zip(batches, plan):
-    assert set(batch) == set(pipeline.BATCH_KEYS)
-    assert {k: v.dtype.type for k, v in batch.items()} == DTYPES
+    assert set(batch) == set(batch_lib.KEYS)
+    assert {k: v.dtype.type for k, v in batch.items()} == DTYPES == batch_lib.DTYPES
     b = len(rows)
     assert b == (1 if key.kind == '3d' else 2)
     assert batch['images'].shape == (b, key.images, 3, key.height, key.width, key.depth)
@@ -125,7 +126,7 @@ def test_seeded_shuffle_is_deterministic(store):
 def _assert_same(xs, ys):
   assert len(xs) == len(ys)
   for x, y in zip(xs, ys):
-    assert set(x) == set(y) == set(pipeline.BATCH_KEYS)
+    assert set(x) == set(y) == set(batch_lib.KEYS)
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
 

@@ -11,7 +11,8 @@ import conftest_data as cd
 from radfm_jax import cli
 from radfm_jax.data import pipeline, tfds_manifest
 from radfm_jax.data.ingest import ingest
-from radfm_jax.data.store import VolumeStore, read_manifest
+from radfm_jax.data.manifest import read_manifest
+from radfm_jax.data.store import VolumeStore
 
 
 @pytest.fixture(scope='module')

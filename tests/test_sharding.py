@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from radfm_jax import sharding
 from radfm_jax.config import ConfigError, MeshConfig, model_config
+from radfm_jax.data import batch as batch_lib
 from radfm_jax.models.radfm import create_model
 
 AXES = lambda d, f, t: (('data', d), ('fsdp', f), ('tensor', t))
@@ -100,8 +101,8 @@ def test_sharded_loss_and_grads_equal_single_device(reference, shape, preset):
   assert gate.addressable_shards[0].data.shape == (
       gate.shape[0], gate.shape[1] // fsdp, gate.shape[2] // (tensor if preset == 'fsdp_tp' else 1))
 
-  batch_sharding = NamedSharding(mesh, P(('data', 'fsdp')))
-  sharded_batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+  batch_sh = batch_lib.batch_sharding(mesh, rules)            # act_batch: data x fsdp
+  sharded_batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
   assert sharded_batch['images'].addressable_shards[0].data.shape[0] == 8 // (shape[0] * fsdp)
   with sharding.use_mesh(mesh, rules):
     loss, grads = _loss_and_grads(model, sharded_batch)

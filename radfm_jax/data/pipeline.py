@@ -5,14 +5,9 @@
                       stats=stats)
     it = iter(ds); batch = next(it)          # it.get_state() / it.set_state(state) to resume
 
-Every batch is one dict with exactly these keys (the model and the train step take it unchanged):
-
-    images          float32 [B, S, 3, H, W, D]  values in [0, 1]; zeros where image_mask is False
-    image_mask      bool    [B, S]              True on real images
-    tokens          int32   [B, L]              BOS + text, EOS after the last real token, pad 0
-    attention_mask  int32   [B, L]              1 on real tokens (0 on the EOS and on padding)
-    labels          int32   [B, L]              -100 on question, pad and image ids
-    loss_weights    float32 [B, L]              1.0 where labels != -100
+Every batch is one dict with exactly the keys of the batch contract (data/batch.py: `KEYS`,
+images float32 [B, S, 3, H, W, D], image_mask bool [B, S], tokens / attention_mask / labels int32
+[B, L], loss_weights float32 [B, L]); each row is made by `batch.record_inputs`.
 
 B is the per-host batch size of the bucket (`batch_size_2d` for samples whose images are all 2D,
 `batch_size_3d` otherwise). A row can be *empty* (all-zero tokens, masks and weights): the last
@@ -37,16 +32,16 @@ import collections
 import dataclasses
 import math
 import threading
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
-from radfm_jax.data import prompts, transforms
-from radfm_jax.data.store import VolumeStore, read_manifest
-from radfm_jax.data.tokenizer import IGNORE, Tokenizer
+from radfm_jax.data import batch as batch_lib
+from radfm_jax.data.manifest import read_manifest
+from radfm_jax.data.store import VolumeStore
+from radfm_jax.data.tokenizer import Tokenizer
 
-BATCH_KEYS = ('images', 'image_mask', 'tokens', 'attention_mask', 'labels', 'loss_weights')
 _SKIPPED = '_skipped'   # carried from the workers to the main process, removed before yielding
 
 
@@ -73,20 +68,6 @@ class BucketKey:
   length: int      # L
 
 
-def _image_slots(n: int, max_images: int) -> int:
-  s = 1
-  while s < n:
-    s *= 2
-  return min(s, max_images)
-
-
-def _text_length(n: int, lengths: Sequence[int]) -> int:
-  for length in sorted(lengths):
-    if n <= length:
-      return length
-  return max(lengths)
-
-
 class BatchPlan:
   """Deterministic per-epoch batch lists; the same on every host, in every worker process."""
 
@@ -98,13 +79,14 @@ class BatchPlan:
     self.keys: list[BucketKey] = []
     self.texts: list[tuple[str, str]] = []
     for rec in records:
-      q, a, n_img = prompts.format_sample(rec, num_latents, data_cfg.max_images)
+      q, a, n_img = batch_lib.record_text(rec, num_latents, data_cfg.max_images)
       self.texts.append((q, a))
       depths = [int(im['shape'][3]) for im in rec.get('images', [])[:n_img]]
-      kind = '3d' if any(d > 1 for d in depths) else '2d'
-      h, w, d = transforms.sample_shape(depths, data_cfg, self.batch_size(kind))
-      length = _text_length(tokenizer.example_length(q, a), data_cfg.text_lengths)
-      self.keys.append(BucketKey(kind, h, w, d, _image_slots(max(n_img, 1), data_cfg.max_images),
+      kind = batch_lib.sample_kind(depths)
+      h, w, d = batch_lib.image_shape(depths, data_cfg)
+      length = batch_lib.text_length(tokenizer.example_length(q, a), data_cfg.text_lengths)
+      self.keys.append(BucketKey(kind, h, w, d,
+                                 batch_lib.image_slots(max(n_img, 1), data_cfg.max_images),
                                  length))
     self.buckets: dict[BucketKey, list[int]] = collections.defaultdict(list)
     for i, key in enumerate(self.keys):
@@ -124,7 +106,7 @@ class BatchPlan:
     self._lock = threading.Lock()
 
   def batch_size(self, kind: str) -> int:
-    return self.data_cfg.batch_size_3d if kind == '3d' else self.data_cfg.batch_size_2d
+    return batch_lib.kind_batch_size(kind, self.data_cfg)
 
   def epoch(self, epoch: int) -> list[tuple[BucketKey, list[int]]]:
     """This host's batches of `epoch`: (bucket, sample indices; -1 = empty row)."""
@@ -171,16 +153,9 @@ class BatchLoader:
   def __call__(self, index: int, _=None) -> dict[str, Any]:
     epoch, j = divmod(int(index), self.plan.num_batches)
     key, rows = self.plan.epoch(epoch)[j]
-    b, length = len(rows), key.length
-    batch = {
-        'images': np.zeros((b, key.images, 3, key.height, key.width, key.depth), np.float32),
-        'image_mask': np.zeros((b, key.images), bool),
-        'tokens': np.zeros((b, length), np.int32),
-        'attention_mask': np.zeros((b, length), np.int32),
-        'labels': np.full((b, length), IGNORE, np.int32),
-        'loss_weights': np.zeros((b, length), np.float32),
-        _SKIPPED: [],
-    }
+    batch = batch_lib.empty_batch(len(rows), key.images, (key.height, key.width, key.depth),
+                                  key.length)
+    batch[_SKIPPED] = []
     for r, sample in enumerate(rows):
       if sample < 0:
         continue
@@ -196,15 +171,10 @@ class BatchLoader:
         batch[_SKIPPED].append({'sample_id': rec.get('id', sample), 'scan_id': bad,
                                 'reason': reason})
         continue
-      if arrays:
-        transforms.prepare_images(arrays, [im.get('modality', '') for im in images],
-                                  (key.height, key.width, key.depth), self.data_cfg,
-                                  out=batch['images'][r])
-        batch['image_mask'][r, :len(arrays)] = True
-      q, a = self.plan.texts[sample]
-      ex = self.tokenizer.build_example(q, a, length)
-      for name in ('tokens', 'attention_mask', 'labels', 'loss_weights'):
-        batch[name][r] = ex[name]
+      batch_lib.record_inputs(rec, arrays, self.tokenizer, self.data_cfg,
+                              text=self.plan.texts[sample],
+                              shape=(key.height, key.width, key.depth), slots=key.images,
+                              length=key.length, out={k: batch[k][r] for k in batch_lib.KEYS})
     return batch
 
   def _readable(self, image: dict) -> bool:

@@ -104,20 +104,6 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def read_manifest(path: str, split: str | None = None) -> list[dict]:
-  """The sample rows of a manifest JSONL file or of a TFDS dataset directory written by
-  `radfm-jax publish` (tfds_manifest.py); with `split`, only that split's rows (a row without a
-  `split` field is 'train')."""
-  if os.path.isdir(path):
-    from radfm_jax.data.tfds_manifest import read_tfds_manifest
-    return read_tfds_manifest(path, split)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'manifest {path}: no such file (expected a JSONL file or a TFDS '
-                            'dataset directory)')
-  rows = read_jsonl(path)
-  return rows if split is None else [r for r in rows if r.get('split', 'train') == split]
-
-
 def write_jsonl(path: str, records: Iterable[dict]):
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:

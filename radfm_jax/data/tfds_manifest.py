@@ -11,7 +11,7 @@ that the rows' image ids point to: the dataset is the part to share, version and
 tooling. Neither writing nor reading needs TensorFlow: reading goes through
 `builder.as_data_source(split)` (ArrayRecord, random access) into `grain.MapDataset.source`.
 `data.manifest` (training) may name such a directory instead of a JSONL file
-(`store.read_manifest`).
+(`manifest.read_manifest`).
 """
 
 from __future__ import annotations
@@ -68,13 +68,17 @@ def _builder_class():
 
 
 def _source_rows(data: str) -> list[dict]:
-  from radfm_jax.data.store import VolumeStore, read_manifest
+  # The store's JSONL reader, not manifest.read_manifest: that one dispatches to this module.
+  from radfm_jax.data.store import VolumeStore, read_jsonl
   if os.path.isdir(data):
     store = VolumeStore(data)
     if not os.path.isfile(store.manifest_path):
       raise FileNotFoundError(f'{data}: not a store (no {os.path.basename(store.manifest_path)})')
     return store.manifest()
-  return read_manifest(data)
+  if not os.path.isfile(data):
+    raise FileNotFoundError(f'{data}: no such file (expected a store directory or a manifest '
+                            'JSONL)')
+  return read_jsonl(data)
 
 
 def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:

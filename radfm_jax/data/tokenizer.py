@@ -22,8 +22,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from radfm_jax.data.batch import IGNORE
+
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-IGNORE = -100
 _SPECIAL = re.compile(r'</image>|<image>|<image(\d+)>')
 
 

@@ -10,7 +10,7 @@ settings and tool versions). Python: `evaluate(model, tokenizer, samples, ...)`.
 
 Samples: a VolumeStore directory (its manifest.jsonl, scans read from the store) or a raw ingest
 manifest (image `path`s read with the ingest readers). The question is formatted exactly as for
-training (`prompts.format_sample`: templates, image blocks at their positions); images placed in
+training (`batch.record_text`: templates, image blocks at their positions); images placed in
 the answer are moved to the end of the question, since the answer is what is generated. The
 reference is the answer. `kind` is the record's `kind` if given, else 'closed' for yes/no tasks,
 records with options, and answers that are yes/no or one option letter; else 'open'.
@@ -94,16 +94,11 @@ def read_sample_images(sample: Sample) -> tuple[list, list[str], list[dict]]:
 
 def format_question(sample: Sample, entries: list[dict], num_latents: int,
                     max_images: int) -> tuple[str, str, int]:
-  """(question with image blocks, reference answer, images used)."""
-  from radfm_jax.data.prompts import format_sample
-  images = []
-  for entry in entries:
-    pos = dict(entry.get('position') or {'question': 0})
-    if 'answer' in pos:
-      pos = {'question': 1 << 30}                    # clamps to the end of the question
-    images.append({'position': pos})
-  record = dict(sample.record, images=images)
-  return format_sample(record, num_latents, max_images)
+  """(question with image blocks, reference answer, images used): the batch contract's generation
+  text (`batch.record_text`) of the record with `entries` (one per read array) as its images."""
+  from radfm_jax.data.batch import record_text
+  return record_text(dict(sample.record, images=entries), num_latents, max_images,
+                     generation=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ Each bare `<image>` marker in a prompt is replaced by the block of image i (in m
 `<image>` + `<image{n*i}>`..`<image{n*i+n-1}>` + `</image>` (n = model.cfg.perceiver.num_latents).
 A prompt without markers gets its images at the front (the original's position 0). A prompt that
 already holds full blocks (e.g. from `prompts.format_sample`) is used as is. Images are
-preprocessed deterministically with the data pipeline's own code (`transforms.prepare_images`:
-intensity policy + nearest resize to the RadFM shape bucket), then the batch is left-padded and
-decoded on device by `generate_ids`; the new tokens are decoded skipping special ids.
+preprocessed and tokenized by the batch contract's own code (`batch.encode_sample`: intensity
+policy + nearest resize to the RadFM shape bucket), then the batch is left-padded
+(`collate_prompts`) and decoded on device by `generate_ids`; the new tokens are decoded skipping
+special ids.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from radfm_jax.config import DataConfig, ModelConfig
+from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import prompts as prompts_lib
 from radfm_jax.data import transforms
 from radfm_jax.infer.generate import SamplingConfig, generate_ids, left_pad
@@ -115,21 +117,27 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
       raise ValueError(f'prompt {b}: {len(row)} images, the model and tokenizer take at most {limit}')
   n = model_cfg.perceiver.num_latents
   texts = [place_image_markers(p, len(row), n) for p, row in zip(prompts, scans)]
-  tokens, mask = left_pad([tokenizer.encode(t) for t in texts], multiple=multiple)
-  batch = {'tokens': tokens, 'attention_mask': mask, 'images': None, 'image_mask': None}
   slots = max(len(row) for row in scans)
-  if slots == 0:
-    return batch
-  depths = [x.shape[3] for row in scans for x in row]
-  shape = transforms.sample_shape(depths, data_cfg, len(prompts))
-  out = np.zeros((len(prompts), slots) + (3,) + tuple(shape), np.float32)
-  image_mask = np.zeros((len(prompts), slots), bool)
-  for b, row in enumerate(scans):
-    if row:
-      mods = list(modalities[b]) if modalities is not None else [''] * len(row)
-      transforms.prepare_images(row, mods, shape, data_cfg, out=out[b])
-      image_mask[b, :len(row)] = True
-  batch.update(images=out, image_mask=image_mask)
+  shape = transforms.sample_shape([x.shape[3] for row in scans for x in row], data_cfg,
+                                  len(prompts))
+  rows = []
+  for b, (prompt, row) in enumerate(zip(texts, scans)):
+    mods = list(modalities[b]) if modalities is not None else [''] * len(row)
+    rows.append(batch_lib.encode_sample(prompt, None, row, mods, tokenizer, data_cfg,
+                                        shape=shape, slots=slots))
+  return collate_prompts(rows, multiple)
+
+
+def collate_prompts(rows: Sequence[dict], multiple: int = 64) -> dict:
+  """Prompt rows (`batch.record_inputs(..., generation=True)` / `batch.encode_sample` without an
+  answer) -> the arrays `generate_ids` takes: tokens, attention_mask int32 [B, L] left padded to
+  a multiple of `multiple`; images float32 [B, S, 3, H, W, D] and image_mask bool [B, S], both
+  None when S == 0. Every row must have the same S and (H, W, D)."""
+  tokens, mask = left_pad([r['tokens'] for r in rows], multiple=multiple)
+  batch = {'tokens': tokens, 'attention_mask': mask, 'images': None, 'image_mask': None}
+  if rows[0]['images'].shape[0]:
+    batch.update(images=np.stack([r['images'] for r in rows]),
+                 image_mask=np.stack([r['image_mask'] for r in rows]))
   return batch
 
 

@@ -109,6 +109,7 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
   from jax.experimental import topologies
 
   from radfm_jax import sharding
+  from radfm_jax.data import batch as batch_lib
   from radfm_jax.train import loop
   from radfm_jax.train import metrics as metrics_lib
   from radfm_jax.train import step as step_lib
@@ -121,12 +122,14 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
   mesh = sharding.make_mesh(cfg.mesh, devices=devices)
   n = mesh.devices.size
   batch = batch or n
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  rules = sharding.rules_for(cfg.mesh)
+  shards = batch_lib.batch_shards(mesh, rules)
   if batch % shards:
-    raise ValueError(f'global batch {batch} does not split over data x fsdp = {shards} devices')
+    raise ValueError(f'global batch {batch} does not split over the {shards} devices of the '
+                     f'batch axes {batch_lib.batch_spec(rules)[0]}')
   mesh, rules, graphdef, tx, abs_state, shardings = loop.build(cfg, mesh)
   images_shape, length = batch_shapes(cfg, kind, batch, images_2d, text_len)
-  batch_abs = abstract_batch(images_shape, length, step_lib.batch_sharding(mesh))
+  batch_abs = abstract_batch(images_shape, length, batch_lib.batch_sharding(mesh, rules))
   step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings, mesh,
                                  rules)
   model_flops = metrics_lib.train_step_flops(cfg.model, batch, images_shape[1], images_shape[3:],

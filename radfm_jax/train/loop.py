@@ -34,6 +34,7 @@ from flax import nnx
 
 from radfm_jax import sharding
 from radfm_jax.config import Config, load_config
+from radfm_jax.data import batch as batch_lib
 from radfm_jax.models.radfm import RadFM, abstract_model
 from radfm_jax.train import metrics as metrics_lib
 from radfm_jax.train import optim
@@ -63,17 +64,18 @@ def make_data(cfg: Config, split: str = 'train'):
                             process_count=jax.process_count())
   from radfm_jax.data.pipeline import make_dataset
   from radfm_jax.data.tokenizer import Tokenizer
-  tokenizer = Tokenizer(cfg.data.tokenizer, max_images=cfg.model.max_images)
+  tokenizer = Tokenizer(cfg.data.tokenizer, max_images=cfg.model.max_images,
+                        num_latents=cfg.model.perceiver.num_latents)
   ds = make_dataset(cfg.data, cfg.model, cfg.data.store, tokenizer, seed=cfg.seed,
                     split=split, num_epochs=None if split == 'train' else 1)
   return iter(ds)
 
 
-def global_batch(batch: dict, mesh) -> dict:
-  """This host's rows -> global arrays sharded over the batch axes (data x fsdp)."""
-  sh = step_lib.batch_sharding(mesh)
+def global_batch(batch: dict, mesh, rules) -> dict:
+  """This host's rows -> global arrays, the batch axis sharded by the `act_batch` rule."""
+  sh = batch_lib.batch_sharding(mesh, rules)
   out = {}
-  for k in step_lib.BATCH_KEYS:
+  for k in batch_lib.KEYS:
     x = np.asarray(batch[k])
     out[k] = jax.make_array_from_process_local_data(sh, x)
   return out
@@ -190,7 +192,7 @@ def _jitted_steps(cfg: Config, mesh, rules, graphdef, tx, shardings):
   return _JITTED[key]
 
 
-def evaluate(eval_step, params, data, mesh, num_batches: int) -> dict:
+def evaluate(eval_step, params, data, mesh, rules, num_batches: int) -> dict:
   """Token-weighted mean of the eval metrics over `num_batches` batches (fewer if data ends)."""
   sums, tokens, seqs = {}, 0.0, 0
   for _ in range(num_batches):
@@ -198,7 +200,7 @@ def evaluate(eval_step, params, data, mesh, num_batches: int) -> dict:
       batch = next(data)
     except StopIteration:
       break
-    m = jax.device_get(eval_step(params, global_batch(batch, mesh)))
+    m = jax.device_get(eval_step(params, global_batch(batch, mesh, rules)))
     n = float(m['tokens'])
     for k in ('loss', 'token_accuracy'):
       sums[k] = sums.get(k, 0.0) + float(m[k]) * n
@@ -308,7 +310,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
         host_batch = next(data)
       except StopIteration:
         break
-      batch = global_batch(host_batch, mesh)
+      batch = global_batch(host_batch, mesh, rules)
       tokens = float(np.prod(batch['tokens'].shape))
       flops = metrics_lib.batch_flops(cfg.model, batch)
       state, m = train_step(state, batch)
@@ -331,7 +333,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
           eval_step = None
           eval_iter = None
         if eval_iter is not None:
-          result = evaluate(eval_step, state.params, eval_iter, mesh, t.eval_steps)
+          result = evaluate(eval_step, state.params, eval_iter, mesh, rules, t.eval_steps)
           if result:
             writer.write(step, 'eval', result)
         last_time = time.perf_counter()

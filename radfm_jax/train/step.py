@@ -40,11 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from radfm_jax import sharding
 from radfm_jax.config import Config
+from radfm_jax.data.batch import IGNORE, KEYS, batch_sharding
 from radfm_jax.train import optim
-
-IGNORE = -100
-BATCH_KEYS = ('images', 'image_mask', 'tokens', 'attention_mask', 'labels', 'loss_weights')
-BATCH_AXES = ('data', 'fsdp')
 
 
 @flax.struct.dataclass
@@ -140,7 +137,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
   kind, n_micro = cfg.train.loss, cfg.train.grad_accum
 
   def grad_fn(trainable, frozen, batch, rng):
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    batch = {k: batch[k] for k in KEYS}
     denominator = loss_denominator(batch['labels'], batch['loss_weights'], kind)
 
     def micro_loss(trainable, frozen, micro, key):
@@ -218,15 +215,6 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
 # Shardings and jit
 
 
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Leading (batch) dimension over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-
-
-def batch_shardings(mesh: jax.sharding.Mesh, batch: dict | None = None) -> dict:
-  return {k: batch_sharding(mesh) for k in (batch.keys() if batch is not None else BATCH_KEYS)}
-
-
 def train_state_shardings(state: TrainState, mesh, rules, tx, freeze=()) -> TrainState:
   """Shardings of a (concrete or abstract) TrainState: params from their logical names, moments
   from their params (`sharding.optimizer_shardings`), the step replicated."""
@@ -267,18 +255,19 @@ class MeshStep:
 
 def jit_train_step(step_fn, state_sh: TrainState, mesh, rules) -> MeshStep:
   replicated = NamedSharding(mesh, PartitionSpec())
-  fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh)),
+  fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh, rules)),
                out_shardings=(state_sh, replicated), donate_argnums=(0,))
   return MeshStep(fn, mesh, rules)
 
 
 def jit_eval_step(eval_fn, param_sh, mesh, rules) -> MeshStep:
   replicated = NamedSharding(mesh, PartitionSpec())
-  fn = jax.jit(eval_fn, in_shardings=(param_sh, batch_sharding(mesh)), out_shardings=replicated)
+  fn = jax.jit(eval_fn, in_shardings=(param_sh, batch_sharding(mesh, rules)),
+               out_shardings=replicated)
   return MeshStep(fn, mesh, rules)
 
 
-__all__ = ['TrainState', 'abstract_train_state', 'batch_sharding', 'batch_shardings',
-           'cross_entropy_loss', 'init_train_state', 'jit_eval_step', 'jit_train_step',
-           'loss_denominator', 'loss_terms', 'make_eval_step', 'make_grad_fn', 'make_train_step',
-           'split_microbatches', 'summarize', 'train_state_shardings']
+__all__ = ['TrainState', 'abstract_train_state', 'cross_entropy_loss', 'init_train_state',
+           'jit_eval_step', 'jit_train_step', 'loss_denominator', 'loss_terms', 'make_eval_step',
+           'make_grad_fn', 'make_train_step', 'split_microbatches', 'summarize',
+           'train_state_shardings']

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from radfm_jax.config import Config
+from radfm_jax.data.batch import IGNORE
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -58,7 +59,7 @@ class SyntheticBatches:
     b, s, length = self.global_batch, self.images, self.length
     images = rng.uniform(0.0, 1.0, (b, s, 3) + self.shape).astype(np.float32)
     tokens = np.zeros((b, length), np.int32)
-    labels = np.full((b, length), -100, np.int32)
+    labels = np.full((b, length), IGNORE, np.int32)
     attention = np.zeros((b, length), np.int32)
     weights = np.zeros((b, length), np.float32)
     image_ids = [self.vocab] + list(self.image_offset + np.arange(s * self.latents)) + [

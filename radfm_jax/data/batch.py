@@ -1,0 +1,206 @@
+"""THE batch contract: the keys, dtypes and shapes the model and the steps take, and the one way a
+manifest record becomes model inputs.
+
+A training / eval batch is one dict with exactly `KEYS`:
+
+    images          float32 [B, S, 3, H, W, D]  values in [0, 1]; zeros where image_mask is False
+    image_mask      bool    [B, S]              True on real images
+    tokens          int32   [B, L]              BOS + text, EOS after the last real token, pad 0
+    attention_mask  int32   [B, L]              1 on real tokens (0 on the EOS and on padding)
+    labels          int32   [B, L]              IGNORE (-100) on question, pad and image ids
+    loss_weights    float32 [B, L]              1.0 where labels != IGNORE
+
+B = rows, S = image slots, (H, W, D) = the RadFM shape bucket, L = text length. A generation batch
+holds the same images / image_mask and left-padded prompt tokens / attention_mask (no labels).
+
+    q, a, n = record_text(record, num_latents, max_images)          # text with image blocks
+    row = record_inputs(record, arrays, tokenizer, data_cfg)        # one row of the batch above
+    row = record_inputs(record, arrays, tokenizer, data_cfg, generation=True)   # a prompt row
+
+`record_inputs` is the record -> inputs function of the training pipeline (data/pipeline.py), the
+demo's held-out generation and the eval harness (through `record_text` + infer/text.py, whose
+free-text prompts go through the same `encode_sample`). The batch is sharded over its leading axis
+by the `act_batch` rule of the logical rule table (`batch_spec`), so the mesh preset decides it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from radfm_jax.data import prompts, transforms
+
+IGNORE = -100
+KEYS = ('images', 'image_mask', 'tokens', 'attention_mask', 'labels', 'loss_weights')
+TEXT_KEYS = ('tokens', 'attention_mask', 'labels', 'loss_weights')
+DTYPES = {'images': np.float32, 'image_mask': np.bool_, 'tokens': np.int32,
+          'attention_mask': np.int32, 'labels': np.int32, 'loss_weights': np.float32}
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding (imports JAX lazily: Grain worker processes import this module for the constants)
+
+
+def batch_spec(rules) -> 'jax.sharding.PartitionSpec':
+  """PartitionSpec of every batch array: the leading (batch) axis by the `act_batch` rule of
+  `rules` (a table of sharding.LOGICAL_RULES), the other axes replicated."""
+  from radfm_jax import sharding
+  return sharding.logical_to_spec(('act_batch',), rules)
+
+
+def batch_sharding(mesh, rules) -> 'jax.sharding.NamedSharding':
+  """NamedSharding of every batch array on `mesh` (see `batch_spec`)."""
+  from jax.sharding import NamedSharding
+  return NamedSharding(mesh, batch_spec(rules))
+
+
+def batch_shards(mesh, rules) -> int:
+  """How many ways the batch axis is split on `mesh` (global batches must be a multiple)."""
+  axes = batch_spec(rules)[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes
+
+
+def empty_batch(rows: int, slots: int, image_shape: Sequence[int], length: int) -> dict:
+  """A batch of `rows` empty rows (all-zero images, masks, tokens and weights; labels IGNORE):
+  images [rows, slots, 3, H, W, D], the text arrays [rows, length]."""
+  h, w, d = (int(v) for v in image_shape)
+  batch = {'images': np.zeros((rows, slots, 3, h, w, d), np.float32),
+           'image_mask': np.zeros((rows, slots), bool)}
+  for key in TEXT_KEYS:
+    batch[key] = np.zeros((rows, length), DTYPES[key])
+  batch['labels'][:] = IGNORE
+  return batch
+
+
+def sample_kind(depths: Sequence[int]) -> str:
+  """'3d' when any image has depth > 1 (batched `batch_size_3d` per host), else '2d'."""
+  return '3d' if any(int(d) > 1 for d in depths) else '2d'
+
+
+def kind_batch_size(kind: str, data_cfg) -> int:
+  return data_cfg.batch_size_3d if kind == '3d' else data_cfg.batch_size_2d
+
+
+def image_shape(depths: Sequence[int], data_cfg) -> tuple[int, int, int]:
+  """The (H, W, D) bucket of a sample whose images have `depths`, batched as its kind is."""
+  return transforms.sample_shape(depths, data_cfg, kind_batch_size(sample_kind(depths), data_cfg))
+
+
+def image_slots(n: int, max_images: int) -> int:
+  """S for a sample of n images: n rounded up to a power of two, at most max_images."""
+  s = 1
+  while s < n:
+    s *= 2
+  return min(s, max_images)
+
+
+def text_length(n: int, lengths: Sequence[int]) -> int:
+  """L for a text of n positions: the smallest of `lengths` holding it, else the largest."""
+  for length in sorted(lengths):
+    if n <= length:
+      return length
+  return max(lengths)
+
+
+# ------------------------------------------------------------------------------------------------
+# Record -> inputs
+
+
+def record_text(record: dict, num_latents: int, max_images: int,
+                generation: bool = False) -> tuple[str, str, int]:
+  """(question with image blocks, answer, images used) of a manifest record (prompts.format_sample).
+
+  With `generation` the answer is what the model writes, so an image the manifest places in the
+  answer moves to the end of the question instead (and the answer carries no image block).
+  """
+  if generation:
+    images = []
+    for entry in record.get('images', []):
+      pos = dict(entry.get('position') or {'question': 0})
+      if 'answer' in pos:
+        pos = {'question': 1 << 30}                    # clamps to the end of the question
+      images.append(dict(entry, position=pos))
+    record = dict(record, images=images)
+  return prompts.format_sample(record, num_latents, max_images)
+
+
+def encode_sample(question: str, answer: str | None, images: Sequence[np.ndarray],
+                  modalities: Sequence[str], tokenizer, data_cfg, *, shape: Sequence[int],
+                  slots: int, length: int | None = None, out: dict | None = None) -> dict:
+  """Formatted text + raw scans [C, h, w, d] -> one row of model inputs.
+
+  images float32 [S, 3, H, W, D] (transforms.prepare_images: intensity policy + resize to
+  `shape`; zero past the real images) and image_mask bool [S], then
+    * answer given: tokens, attention_mask, labels int32 [L] and loss_weights float32 [L] as
+      `Tokenizer.build_example(question, answer, length)`;
+    * answer None (a generation prompt): tokens int32 [n] = BOS + encode(question), unpadded,
+      and attention_mask int32 [n] of ones.
+  `out` (row views of a batch, e.g. `{k: batch[k][r]}`) is filled in place and returned.
+  """
+  if len(images) > slots:
+    raise ValueError(f'{len(images)} images do not fit {slots} image slots')
+  row = out if out is not None else {}
+  if 'images' not in row:
+    row['images'] = np.zeros((slots, 3) + tuple(int(v) for v in shape), np.float32)
+    row['image_mask'] = np.zeros(slots, bool)
+  if len(images):
+    transforms.prepare_images(list(images), list(modalities), shape, data_cfg, out=row['images'])
+    row['image_mask'][:len(images)] = True
+  if answer is None:
+    ids = np.asarray(tokenizer.encode(question), np.int32)
+    row['tokens'], row['attention_mask'] = ids, np.ones_like(ids)
+    return row
+  example = tokenizer.build_example(question, answer, length)
+  for key in TEXT_KEYS:
+    if out is not None:
+      row[key][...] = example[key]
+    else:
+      row[key] = example[key]
+  return row
+
+
+def record_inputs(record: dict, images: Sequence[np.ndarray], tokenizer, data_cfg, *,
+                  generation: bool = False, text: tuple[str, str] | None = None,
+                  modalities: Sequence[str] | None = None, shape: Sequence[int] | None = None,
+                  slots: int | None = None, length: int | None = None,
+                  out: dict | None = None) -> dict:
+  """A manifest record and its read scans -> one row of model inputs (see `encode_sample`).
+
+  images: the arrays [C, h, w, d] of the record's first n = min(len(images entries),
+  data_cfg.max_images) image entries, in manifest order. Defaults: the text from `record_text`
+  (`text` = a (question, answer) pair already made by it), modalities from the entries, shape
+  from the images' depths (`image_shape`), slots `image_slots(n)`, length the `text_lengths`
+  bucket of the example. The caller's batch bucket passes shape / slots / length explicitly.
+  """
+  entries = record.get('images', [])[:data_cfg.max_images]
+  if text is None:
+    question, answer, _ = record_text(record, tokenizer.num_latents, data_cfg.max_images,
+                                      generation)
+  else:
+    question, answer = text
+  if len(images) != len(entries):
+    raise ValueError(f'record {record.get("id")!r}: {len(images)} image arrays for '
+                     f'{len(entries)} manifest images')
+  if modalities is None:
+    modalities = [str(e.get('modality') or '') for e in entries]
+  if shape is None:
+    shape = image_shape([x.shape[3] for x in images], data_cfg)
+  if slots is None:
+    slots = image_slots(max(len(images), 1), data_cfg.max_images)
+  if generation:
+    answer = None
+  elif length is None:
+    length = text_length(tokenizer.example_length(question, answer), data_cfg.text_lengths)
+  return encode_sample(question, answer, images, modalities, tokenizer, data_cfg, shape=shape,
+                       slots=slots, length=length, out=out)
+
+
+__all__ = ['DTYPES', 'IGNORE', 'KEYS', 'TEXT_KEYS', 'batch_shards', 'batch_sharding',
+           'batch_spec', 'empty_batch', 'encode_sample', 'image_shape', 'image_slots',
+           'kind_batch_size', 'record_inputs', 'record_text', 'sample_kind', 'text_length']
