@@ -196,7 +196,8 @@ def test_cli_single_prompt(setup, capsys):
   root, _, model, _, tok = setup
   rc = main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
              '--image', str(root / 'a.nii.gz'), '--image', str(root / 'b.png'),
-             '--prompt', 'Compare <image> with <image>.', f'--config.generate.max_new_tokens={NEW}'])
+             '--prompt', 'Compare <image> with <image>.',
+             f'--config.generate.max_new_tokens={NEW}'])
   assert rc == 0
   printed = capsys.readouterr().out.strip()
   from radfm_jax.data.ingest import read_scan

@@ -129,8 +129,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / 'run')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
-  cmd = [sys.executable, '-m', 'radfm_jax.cli.main', 'train', '--config', SPEC, '--workdir', workdir,
-         '--no-progress'] + [f'--config.{o}' for o in OVERRIDES] + [
+  cmd = [sys.executable, '-m', 'radfm_jax.cli.main', 'train', '--config', SPEC,
+         '--workdir', workdir, '--no-progress'] + [f'--config.{o}' for o in OVERRIDES] + [
              '--config.train.steps=100000', '--config.train.checkpoint_every=0',
              '--config.train.tensorboard=False']
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -4,8 +4,9 @@
     for item, text, ids in generate_items(model, tok, data_cfg, items, sampling, batch_size=4):
       ...
 
-Input JSONL, one prompt per line (image paths relative to the file's folder):
-    {"id": "q1", "prompt": "... <image> ...", "images": ["scan.nii.gz", {"path": ..., "modality": "CT"}]}
+Input JSONL, one prompt per line (image paths relative to the file's folder; an image may also be
+{"path": ..., "modality": "CT"}):
+    {"id": "q1", "prompt": "Compare <image> with <image>.", "images": ["a.nii.gz", "b.png"]}
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training loop (`radfm-jax train --config configs/radfm.py:model=tiny,mesh=cpu --workdir DIR`).
+"""The training loop: `radfm-jax train --config configs/radfm.py:model=tiny,mesh=cpu --workdir DIR`.
 
     result = train(cfg, workdir)      # Python: same thing; `data=` takes any iterator of batch dicts
 
