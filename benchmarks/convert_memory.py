@@ -96,7 +96,7 @@ def _child(argv):
   elif what == 'gen':
     _gen(argv[1], argv[2], int(argv[3]))
   elif what in ('from-torch', 'to-torch'):
-    from radfm_jax.cli import main as cli_main
+    from radfm_jax.cli.main import main as cli_main
     extra = ['--llama-heads', '16'] if what == 'from-torch' else []
     cli_main(['convert', what, '--checkpoint', argv[1], '--out', argv[2], *extra])
   print(json.dumps({'peak_mib': _peak_mib(), 'seconds': time.time() - start}))

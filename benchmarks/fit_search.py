@@ -101,7 +101,7 @@ def main(argv=None) -> int:
   p.add_argument('--model', default='radfm_13b')
   p.add_argument('--attention', default='xla')
   p.add_argument('--remat', default='nothing_saveable')
-  p.add_argument('--text_len', type=int, default=2048)
+  p.add_argument('--text-len', type=int, default=2048)
   p.add_argument('--upper', type=int, default=None,
                  help='first per-chip batch assumed refused when --json records none')
   p.add_argument('--json', default=os.path.join(ROOT, 'benchmarks', 'fit_13b.jsonl'))
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     print(f'{args.preset} ({topology}, {chips} chips): fits at {lo}, refused at {hi}', flush=True)
   config = (f'configs/radfm.py:model={args.model},mesh={args.preset}')
   for per_chip in range(first, lo, -1):
-    cmd = [sys.executable, '-m', 'radfm_jax.cli', 'aot', '--config', config,
-           '--batch_2d', str(per_chip * chips), '--text_len', str(args.text_len),
+    cmd = [sys.executable, '-m', 'radfm_jax.cli.main', 'aot', '--config', config,
+           '--batch-2d', str(per_chip * chips), '--text-len', str(args.text_len),
            f'--config.model.attention={args.attention}',
            f'--config.model.remat_policy={args.remat}', '--json', args.json, *args.extra]
     print('$', ' '.join(cmd[2:]), flush=True)

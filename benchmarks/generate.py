@@ -8,8 +8,8 @@ Also printed: the weight-streaming floor of one decode step (decoder weight byte
 over this machine's measured matrix-vector bandwidth) and the tokens/s ceiling it implies at
 batch 1: a single-token step must read every decoder weight once.
 
-    .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer_loop scan]
-        [--cache_chunk 64]
+    .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer-loop scan]
+        [--cache-chunk 64]
 """
 
 import argparse
@@ -90,8 +90,8 @@ def main():
   parser.add_argument('--size', default='bench')
   parser.add_argument('--new', type=int, default=200)
   parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--layer_loop', default='auto', choices=('auto', 'scan', 'unrolled'))
-  parser.add_argument('--cache_chunk', type=int, default=64)
+  parser.add_argument('--layer-loop', default='auto', choices=('auto', 'scan', 'unrolled'))
+  parser.add_argument('--cache-chunk', type=int, default=64)
   args = parser.parse_args()
   cfg = model_config(args.size, compute_dtype=args.dtype, remat_policy='none')
   model = create_model(cfg, seed=0)

@@ -2,7 +2,7 @@
 step (forward, backward, accumulation, clipping, AdamW) -> metrics back on the host.
 
     python benchmarks/train_loop.py [--config configs/radfm.py:model=small,mesh=cpu] [--steps 5]
-        [--grad_accum 1] [--batch 4] [--length 256]
+        [--grad-accum 1] [--batch 4] [--length 256]
 
 Prints tokens/s, step time and MFU = analytic step FLOPs / step time over the dense-matmul FLOP/s
 of a 2048^3 fp32 matmul measured in the same run on the same device(s). A ratio, not an assert.
@@ -32,7 +32,7 @@ def main():
   parser.add_argument('--config', default='configs/radfm.py:model=small,mesh=cpu')
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--grad_accum', type=int, default=1)
+  parser.add_argument('--grad-accum', type=int, default=1)
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--length', type=int, default=256)
   parser.add_argument('--images', type=int, default=1)

@@ -53,7 +53,7 @@ if [[ "${SETUP:-0}" == 1 ]]; then
   SETUP_CMD="git pull --ff-only && .venv/bin/pip install -q -e '.[tpu]' && "
 fi
 REMOTE="cd $REPO_DIR && ${SETUP_CMD}export RADFM_DISTRIBUTED=1 LIBTPU_INIT_ARGS='$LIBTPU_ARGS' \
-  TF_CPP_MIN_LOG_LEVEL=1 && .venv/bin/radfm-jax train --no_progress$TRAIN_ARGS"
+  TF_CPP_MIN_LOG_LEVEL=1 && .venv/bin/radfm-jax train --no-progress$TRAIN_ARGS"
 
 run_on() {   # $1 = TPU VM (slice) name
   gcloud compute tpus tpu-vm ssh "$1" --zone="$ZONE" $PROJECT_FLAG --worker=all \

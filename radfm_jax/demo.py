@@ -1,7 +1,8 @@
-"""`radfm-jax demo`: build the embedded demo data, train `small` on CPU, evaluate, generate.
+"""The demo (`radfm-jax demo`): build the demo data, train `small` on CPU, evaluate, generate.
 
     radfm-jax demo                       # the full demo into demo_out/ (about 15 minutes on 2 cores)
     radfm-jax demo --quick --out /tmp/q  # tiny model, tiny data, a few steps (the end-to-end test)
+    summary = run_demo('/tmp/q', quick=True)   # Python: the same, returns the summary dict
 
 Steps (each prints one line; outputs in --out):
   1. data/       the demo dataset (radfm_jax.data.demo): augmented copies of real scans shipped in
@@ -240,37 +241,27 @@ def plot_losses(losses: dict, path: str, title: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI
+# The whole demo
 
 
-def add_arguments(parser):
-  parser.add_argument('--out', default='demo_out', help='output folder (default demo_out/)')
-  parser.add_argument('--config', default=None,
-                      help=f'experiment config (default {DEFAULT_CONFIG}; '
-                      f'{DEFAULT_CONFIG}:model=tiny with --quick)')
-  parser.add_argument('--steps', type=int, default=None, help='optimizer steps (train.steps)')
-  parser.add_argument('--time-budget', type=float, default=900.0,
-                      help='stop training after this many seconds (default 900; 0 = no limit)')
-  parser.add_argument('--quick', action='store_true',
-                      help='tiny model, tiny dataset, 20 steps: a one-minute smoke run')
-  parser.add_argument('--seed', type=int, default=0, help='data and model seed')
-  parser.add_argument('--rebuild', action='store_true', help='rebuild the dataset even if present')
-  parser.add_argument('--resume', action='store_true',
-                      help='continue from the checkpoint in OUT/train (default: train afresh)')
-  parser.add_argument('--no-progress', action='store_true', help='no progress bar')
-  from radfm_jax.train.loop import add_override_arguments
-  add_override_arguments(parser)
+def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
+             steps: int | None = None, time_budget: float = 900.0, quick: bool = False,
+             seed: int = 0, rebuild: bool = False, resume: bool = False,
+             progress: bool = True) -> dict:
+  """Steps 1-6 of the module doc; returns the summary (also in OUT/summary.json).
 
-
-def run(args) -> int:
+  config: experiment config spec (default DEFAULT_CONFIG, `:model=tiny` with quick); overrides:
+  'a.b=value' applied after the demo's own; steps: train.steps; time_budget: seconds of training
+  (0 = no limit); quick: tiny model, tiny dataset, 20 steps; resume: continue from OUT/train.
+  """
   t_start = time.perf_counter()
-  out = os.path.abspath(args.out)
+  out = os.path.abspath(out)
   os.makedirs(out, exist_ok=True)
   timings = {}
 
   # 1-2. data + ingest (no JAX needed yet)
   t = time.perf_counter()
-  data_dir, data_summary, rebuilt = build_data(out, args.quick, args.seed, args.rebuild)
+  data_dir, data_summary, rebuilt = build_data(out, quick, seed, rebuild)
   timings['build_data_s'] = time.perf_counter() - t
   t = time.perf_counter()
   store_dir, ingest_summary = ingest_data(out, data_dir, rebuilt)
@@ -279,15 +270,14 @@ def run(args) -> int:
   # 3. config + tokenizer
   from radfm_jax.config import load_config
   from radfm_jax.data.store import VolumeStore
-  from radfm_jax.train.loop import overrides_from_args
-  spec = args.config or (f'{DEFAULT_CONFIG}:model=tiny' if args.quick else DEFAULT_CONFIG)
-  overrides = [f'seed={args.seed}']
-  if args.quick:
+  spec = config or (f'{DEFAULT_CONFIG}:model=tiny' if quick else DEFAULT_CONFIG)
+  given, overrides = list(overrides), [f'seed={seed}']
+  if quick:
     overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',
                   'data.batch_size_2d=8', 'data.batch_size_3d=8', 'generate.max_new_tokens=12']
-  if args.steps:
-    overrides += [f'train.steps={args.steps}']
-  overrides += overrides_from_args(args)
+  if steps:
+    overrides += [f'train.steps={steps}']
+  overrides += given
   base_cfg = load_config(spec, overrides)
   store = VolumeStore(store_dir)
   records = store.manifest()
@@ -315,7 +305,7 @@ def run(args) -> int:
   tokenizer = Tokenizer(tok_path, max_images=cfg.model.max_images,
                         num_latents=cfg.model.perceiver.num_latents)
   workdir = os.path.join(out, 'train')
-  if not args.resume:
+  if not resume:
     shutil.rmtree(workdir, ignore_errors=True)
   ds = make_dataset(cfg.data, cfg.model, store, tokenizer, seed=cfg.seed, records=train_records)
   batches = iter(ds)
@@ -328,14 +318,14 @@ def run(args) -> int:
     batches = Curriculum(iter(first), batches, closed_steps)
     _log(f'steps 1-{closed_steps}: the {len(closed_records)} closed questions only; then all '
          f'{len(train_records)} train samples')
-  data = TimeBudget(batches, args.time_budget)
+  data = TimeBudget(batches, time_budget)
   mesh, rules, graphdef, tx, abs_state, _ = loop.build(cfg)
   n_params = count_params(abs_state.params)
   _log(f'training {cfg.model.size} ({n_params / 1e6:.1f}M parameters) for {cfg.train.steps} steps '
-       f'(batch {cfg.data.batch_size_3d}; time budget {args.time_budget:.0f} s) on '
+       f'(batch {cfg.data.batch_size_3d}; time budget {time_budget:.0f} s) on '
        f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
   t = time.perf_counter()
-  result = loop.train(cfg, workdir, data=data, progress=not args.no_progress)
+  result = loop.train(cfg, workdir, data=data, progress=progress)
   timings['train_s'] = time.perf_counter() - t
   losses = dict(result.losses)
   loss_first = float(np.mean([losses[s] for s in sorted(losses)[:10]])) if losses else math.nan
@@ -387,11 +377,11 @@ def run(args) -> int:
   }
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
-  _print_report(summary, out)
-  return 0
+  return summary
 
 
-def _print_report(s: dict, out: str):
+def report_text(s: dict, out: str) -> str:
+  """The human-readable report of a `run_demo` summary (what `radfm-jax demo` prints)."""
   m = s['metrics']
   lines = ['', '=== radfm-jax demo ===',
            f"model {s['model']} ({s['parameters'] / 1e6:.1f}M params), {s['steps']} steps in "
@@ -412,7 +402,7 @@ def _print_report(s: dict, out: str):
             f"  generated: {ex['prediction']}", f"  reference: {ex['reference']}", '',
             f'outputs: {out}/summary.json, loss_curve.png, predictions.jsonl, '
             f'train/checkpoints/']
-  print('\n'.join(lines), flush=True)
+  return '\n'.join(lines)
 
 
-__all__ = ['Curriculum', 'TimeBudget', 'add_arguments', 'answer_heldout', 'run', 'score']
+__all__ = ['Curriculum', 'TimeBudget', 'answer_heldout', 'report_text', 'run_demo', 'score']

@@ -30,7 +30,7 @@ def _run_aot(tmp_path, *args):
   out = tmp_path / 'report.jsonl'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m', 'radfm_jax.cli', 'aot', *args, '--json', str(out)],
+  proc = subprocess.run([sys.executable, '-m', 'radfm_jax.cli.main', 'aot', *args, '--json', str(out)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=560)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc, json.loads(out.read_text().splitlines()[0])
@@ -40,7 +40,7 @@ def _run_aot(tmp_path, *args):
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (tpu extra)')
 def test_aot_compiles_tiny_for_v5p_2x2x2(tmp_path):
   proc, report = _run_aot(tmp_path, '--config', 'configs/radfm.py:model=tiny,mesh=tpu_v5p_16',
-                          '--batch_2d', '8', '--text_len', '64')
+                          '--batch-2d', '8', '--text-len', '64')
   assert report['devices'] == 8 and report['device_kind'].startswith('TPU v5')
   assert report['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
   assert report['fits'] is True and report['kind'] == '2d'
@@ -70,7 +70,7 @@ def test_set_tpu_env_raises_libtpu_thread_stacks(monkeypatch):
 def test_aot_compiles_tiny_splash_for_v6e_2x4(tmp_path):
   """The splash kernel lowers through Mosaic for a v6e topology inside the sharded train step."""
   _, report = _run_aot(tmp_path, '--config', 'configs/radfm.py:model=tiny,mesh=tpu_v6e_8',
-                       '--config.model.attention=splash', '--batch_2d', '8', '--text_len', '128')
+                       '--config.model.attention=splash', '--batch-2d', '8', '--text-len', '128')
   assert report['device_kind'].startswith('TPU v6') and report['fits'] is True
   assert report['attention'] == 'splash'
 

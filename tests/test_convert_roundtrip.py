@@ -14,7 +14,7 @@ torch = pytest.importorskip('torch')
 sys.path.insert(0, os.path.dirname(__file__))
 
 from convert_fixtures import official_state_dict  # noqa: E402
-from radfm_jax.cli import main  # noqa: E402
+from radfm_jax.cli.main import main  # noqa: E402
 from radfm_jax.convert import api, engine, keymap  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 

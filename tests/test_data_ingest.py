@@ -147,7 +147,7 @@ def test_bad_inputs_are_rejected_reported_and_not_stored(tmp_path, capsys):
     ingest(manifest, str(tmp_path / 'store2'), strict=True, log=open(os.devnull, 'w'))
   # strict still stores what was readable, and the CLI turns the failure into exit code 1
   assert len(VolumeStore(str(tmp_path / 'store2'))) == 1
-  from radfm_jax import cli
+  from radfm_jax.cli import main as cli
   assert cli.main(['ingest', '--manifest', manifest, '--out', str(tmp_path / 'store3'),
                    '--strict']) == 1
   assert cli.main(['ingest', '--manifest', manifest, '--out', str(tmp_path / 'store3')]) == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import conftest_data as cd
-from radfm_jax import cli
+from radfm_jax.cli import main as cli
 from radfm_jax.data import pipeline, tfds_manifest
 from radfm_jax.data.ingest import ingest
 from radfm_jax.data.manifest import read_manifest

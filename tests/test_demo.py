@@ -102,7 +102,7 @@ def test_ingest_stores_every_scan(quick_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-  from radfm_jax import cli
+  from radfm_jax.cli import main as cli
   out = str(tmp_path / 'demo')
   assert cli.main(['demo', '--quick', '--out', out, '--no-progress']) == 0
   with open(os.path.join(out, 'summary.json')) as f:

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import conftest_data as cd  # noqa: E402
 from radfm_jax import api  # noqa: E402
-from radfm_jax.cli import main  # noqa: E402
+from radfm_jax.cli.main import main  # noqa: E402
 from radfm_jax.eval import harness, metrics  # noqa: E402
 from radfm_jax.infer import text  # noqa: E402
 
@@ -114,7 +114,8 @@ def test_cli_end_to_end(data, tmp_path):
   out = tmp_path / 'out'
   rc = main(['eval', '--checkpoint', str(tmp_path / 'ckpt'), '--data', str(data / 'store'),
              '--tokenizer', str(data / 'tok.model'), '--out', str(out), '--batch-size', '2',
-             '--max-new-tokens', '3', '--entities', 'none', '--limit', '2'])   # one batch: one compile
+             '--config.generate.max_new_tokens=3', '--entities', 'none',
+             '--limit', '2'])   # one batch: one compile
   assert rc == 0
   rows = [json.loads(line) for line in open(out / 'predictions.jsonl')]
   summary = json.load(open(out / 'summary.json'))

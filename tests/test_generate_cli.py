@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import conftest_data as cd  # noqa: E402
 from radfm_jax import api  # noqa: E402
-from radfm_jax.cli import main  # noqa: E402
+from radfm_jax.cli.main import main  # noqa: E402
 from radfm_jax.data import prompts, transforms  # noqa: E402
 from radfm_jax.infer import text  # noqa: E402
 from radfm_jax.infer.generate import generate_ids  # noqa: E402
@@ -196,7 +196,8 @@ def test_cli_single_prompt(setup, capsys):
   root, _, model, _, tok = setup
   rc = main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
              '--image', str(root / 'a.nii.gz'), '--image', str(root / 'b.png'),
-             '--prompt', 'Compare <image> with <image>.', '--max-new-tokens', str(NEW)])
+             '--prompt', 'Compare <image> with <image>.',
+             f'--config.generate.max_new_tokens={NEW}'])
   assert rc == 0
   printed = capsys.readouterr().out.strip()
   from radfm_jax.data.ingest import read_scan
@@ -214,7 +215,8 @@ def test_cli_file_mode(setup, tmp_path):
   cd.write_manifest(tmp_path / 'in.jsonl', items)
   rc = main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
              '--input', str(tmp_path / 'in.jsonl'), '--output', str(tmp_path / 'out.jsonl'),
-             '--batch-size', '2', '--max-new-tokens', str(NEW), '--stop-ids', '2,1'])
+             '--batch-size', '2', '--config.generate.max_new_tokens', str(NEW),
+             '--config.generate.stop_ids=[2, 1]'])
   assert rc == 0
   rows = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
   assert [r['id'] for r in rows] == ['q1', 'q2', 'q3']

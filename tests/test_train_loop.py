@@ -129,8 +129,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / 'run')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
-  cmd = [sys.executable, '-m', 'radfm_jax.cli', 'train', '--config', SPEC, '--workdir', workdir,
-         '--no_progress'] + [f'--config.{o}' for o in OVERRIDES] + [
+  cmd = [sys.executable, '-m', 'radfm_jax.cli.main', 'train', '--config', SPEC,
+         '--workdir', workdir, '--no-progress'] + [f'--config.{o}' for o in OVERRIDES] + [
              '--config.train.steps=100000', '--config.train.checkpoint_every=0',
              '--config.train.tensorboard=False']
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -162,15 +162,12 @@ def test_run_dirs(monkeypatch):
   assert loop.run_dirs('runs/r1') == (os.path.abspath('runs/r1'),) * 2
 
 
-def test_cli_overrides_and_flops(monkeypatch):
-  import argparse
-  argv = ['--config', SPEC, '--workdir', 'w', '--config.train.steps=7', '--config.train.freeze',
-          'vision', '--config.train.warmup_steps=0']
-  monkeypatch.setattr(sys, 'argv', ['radfm-jax', 'train'] + argv)
-  parser = argparse.ArgumentParser()
-  loop.add_arguments(parser)
-  overrides = loop.overrides_from_args(parser.parse_args(argv))
-  assert sorted(overrides) == ['train.freeze=vision', 'train.steps=7', 'train.warmup_steps=0']
+def test_cli_overrides_and_flops():
+  from radfm_jax.cli.main import parse
+  args = parse(['train', '--config', SPEC, '--workdir', 'w', '--config.train.steps=7',
+                '--config.train.freeze', 'vision', '--config.train.warmup_steps=0'])
+  overrides = args.overrides                       # in command-line order: applied in order
+  assert overrides == ['train.steps=7', 'train.freeze=vision', 'train.warmup_steps=0']
   cfg = load_config(SPEC, overrides)
   assert cfg.train.steps == 7 and cfg.train.freeze == ('vision',)
   # 13B decoder, one 2048-token sequence: 6 * N * tokens (N without the embedding table) plus

@@ -392,23 +392,3 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   if strict and report.rejects:
     raise IngestError(f'{len(report.rejects)} inputs rejected (see {store.rejects_path})')
   return report
-
-
-def add_arguments(parser):
-  parser.add_argument('--manifest', required=True, help='input samples JSONL')
-  parser.add_argument('--out', required=True, help='store directory to create or extend')
-  parser.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected')
-  parser.add_argument('--root', default=None, help='base folder for relative image paths '
-                      '(default: the manifest folder)')
-  parser.add_argument('--batch-size', type=int, default=16, help='scans per write transaction')
-  parser.add_argument('--workers', type=int, default=None, help='reader threads')
-
-
-def run(args) -> int:
-  try:
-    ingest(args.manifest, args.out, strict=args.strict, root=args.root,
-           batch_size=args.batch_size, workers=args.workers)
-  except IngestError as e:
-    print(f'radfm-jax ingest: {e}', file=sys.stderr)
-    return 1
-  return 0

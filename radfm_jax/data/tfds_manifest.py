@@ -1,4 +1,4 @@
-"""`radfm-jax publish`: a sample manifest as a TFDS ArrayRecord dataset (the `tfds` extra).
+"""A sample manifest as a TFDS ArrayRecord dataset (the `tfds` extra; `radfm-jax publish`).
 
     radfm-jax publish --data STORE --out DIR          # -> DIR/radfm_samples/1.0.0
     path = publish_manifest('STORE', 'DIR')           # a store, its manifest.jsonl, or any JSONL
@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import sys
 
 DATASET_NAME = 'radfm_samples'
 DATASET_VERSION = '1.0.0'
@@ -123,20 +122,3 @@ def read_tfds_manifest(path: str, split: str | None = None) -> list[dict]:
     source = builder.as_data_source(name)
     rows.extend(grain.MapDataset.source(source).map(lambda e: json.loads(e['record'])))
   return rows
-
-
-def add_arguments(parser):
-  parser.add_argument('--data', required=True,
-                      help='a store directory, its manifest.jsonl, or a manifest JSONL')
-  parser.add_argument('--out', required=True, help='TFDS data dir to write into')
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing version')
-
-
-def run(args) -> int:
-  try:
-    path = publish_manifest(args.data, args.out, overwrite=args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f'radfm-jax publish: {e}', file=sys.stderr)
-    return 1
-  print(f'published {path}')
-  return 0

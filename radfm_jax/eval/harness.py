@@ -1,4 +1,4 @@
-"""`radfm-jax eval`: generate for every sample of a manifest (or an ingested store) and score it.
+"""Evaluation: generate for every sample of a manifest (or an ingested store) and score it.
 
     radfm-jax eval --checkpoint ckpt/ --data STORE_or_manifest.jsonl --tokenizer tokenizer.model \\
         --out eval_out/ [--batch-size 4] [--limit 100] [--entities auto|none|scispacy|terms:FILE]
@@ -6,7 +6,8 @@
 Writes `OUT/predictions.jsonl` (id, question, reference, prediction, kind, task per sample, in
 input order) and `OUT/summary.json` (closed-ended accuracy, BLEU-1..4, ROUGE-1/2/L, token F1, the
 entity precision / recall when an extractor is available, overall and per task, with the sampling
-settings and tool versions). Python: `evaluate(model, tokenizer, samples, ...)`.
+settings and tool versions). Python: `evaluate(model, tokenizer, samples, sampling=GenerateConfig(),
+...)`; the command is `radfm-jax eval` (radfm_jax/cli/eval.py).
 
 Samples: a VolumeStore directory (its manifest.jsonl, scans read from the store) or a raw ingest
 manifest (image `path`s read with the ingest readers). The question is formatted exactly as for
@@ -180,8 +181,8 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
              batch_size: int = 1, seed: int = 0, extractor=None, extractor_reason: str = '',
              out_dir: str | None = None, info: dict | None = None) -> dict:
   """Generates, scores, and (with out_dir) writes predictions.jsonl + summary.json."""
-  from radfm_jax.infer.generate import SamplingConfig
-  sampling = sampling or SamplingConfig()
+  from radfm_jax.config import GenerateConfig
+  sampling = sampling or GenerateConfig()
   start = time.perf_counter()
   rows = generate_predictions(model, tokenizer, samples, sampling=sampling, data_cfg=data_cfg,
                               batch_size=batch_size, seed=seed)
@@ -203,52 +204,3 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
     with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2, sort_keys=True, default=str)
   return summary
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser):
-  from radfm_jax.infer.cli import add_sampling_arguments
-  parser.add_argument('--checkpoint', required=True,
-                      help='converted checkpoint, training workdir or step folder')
-  parser.add_argument('--step', type=int, default=None, help='training step (default: latest)')
-  parser.add_argument('--data', required=True, help='VolumeStore directory or manifest JSONL')
-  parser.add_argument('--tokenizer', default=None,
-                      help='SentencePiece tokenizer.model (default: found beside the checkpoint)')
-  parser.add_argument('--out', required=True, help='folder for predictions.jsonl, summary.json')
-  parser.add_argument('--batch-size', type=int, default=1)
-  parser.add_argument('--limit', type=int, default=None, help='first N samples only')
-  parser.add_argument('--entities', default='auto',
-                      help="entity extractor: auto (scispaCy if installed) | scispacy[:MODEL] | "
-                           "terms:FILE | none")
-  add_sampling_arguments(parser)
-
-
-def run(args) -> int:
-  from radfm_jax.infer.cli import load_for_inference, sampling_from_args
-  if args.batch_size < 1:
-    print('radfm-jax eval: --batch-size must be >= 1', file=sys.stderr)
-    return 2
-  try:
-    extractor, reason = entities_lib.get_extractor(args.entities)
-  except entities_lib.ExtractorUnavailable as e:
-    print(f'radfm-jax eval: {e}', file=sys.stderr)
-    return 2
-  if extractor is None and args.entities != 'none':
-    print(f'radfm-jax eval: UMLS entity metrics not computed: {reason}', file=sys.stderr)
-  samples = load_samples(args.data, args.limit)
-  if not samples:
-    print(f'radfm-jax eval: no samples in {args.data}', file=sys.stderr)
-    return 2
-  model, tokenizer, data_cfg = load_for_inference(args)
-  summary = evaluate(model, tokenizer, samples, sampling=sampling_from_args(args),
-                     data_cfg=data_cfg, batch_size=args.batch_size, seed=args.seed,
-                     extractor=extractor, extractor_reason=reason, out_dir=args.out,
-                     info={'checkpoint': os.path.abspath(args.checkpoint),
-                           'data': os.path.abspath(args.data)})
-  o = summary['overall']
-  print(json.dumps({k: o[k] for k in ('n', 'closed_accuracy', 'bleu4', 'rougeL', 'token_f1')}),
-        file=sys.stderr)
-  return 0

@@ -21,11 +21,11 @@ from typing import Sequence
 
 import numpy as np
 
-from radfm_jax.config import DataConfig, ModelConfig
+from radfm_jax.config import DataConfig, GenerateConfig, ModelConfig
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import prompts as prompts_lib
 from radfm_jax.data import transforms
-from radfm_jax.infer.generate import SamplingConfig, generate_ids, left_pad
+from radfm_jax.infer.generate import generate_ids, left_pad
 
 _MARKER = '<image>'
 _LATENT = re.compile(r'<image\d+>')
@@ -141,23 +141,23 @@ def collate_prompts(rows: Sequence[dict], multiple: int = 64) -> dict:
   return batch
 
 
-def _sampling(sampling: SamplingConfig | None, **overrides) -> SamplingConfig:
+def _sampling(sampling: GenerateConfig | None, **overrides) -> GenerateConfig:
   given = {k: v for k, v in overrides.items() if v is not None}
   if 'stop_ids' in given:
     given['stop_ids'] = tuple(int(i) for i in given['stop_ids'])
-  return dataclasses.replace(sampling or SamplingConfig(), **given)
+  return dataclasses.replace(sampling or GenerateConfig(), **given)
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str],
                    images: Sequence[Sequence] | None = None, *, max_new_tokens: int | None = None,
                    temperature: float | None = None, top_k: int | None = None,
                    top_p: float | None = None, stop_ids: Sequence[int] | None = None,
-                   sampling: SamplingConfig | None = None, data_cfg: DataConfig | None = None,
+                   sampling: GenerateConfig | None = None, data_cfg: DataConfig | None = None,
                    modalities: Sequence[Sequence[str]] | None = None, seed: int = 0,
                    return_ids: bool = False):
   """Generates one answer per prompt; images[b] is the list of scans of prompt b.
 
-  Sampling defaults are `SamplingConfig()` (greedy, 200 new tokens, stop on </s> or <s>); the
+  Sampling defaults are `GenerateConfig()` (greedy, 200 new tokens, stop on </s> or <s>); the
   keyword arguments override it. Returns a list of strings (and the new ids per row, stop id
   included, with return_ids).
   """

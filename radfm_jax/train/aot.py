@@ -1,7 +1,8 @@
 """Fit check: compile the full train step ahead of time for a TPU topology, from a CPU host.
 
-    radfm-jax aot --config configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128 [--batch_2d N]
-                  [--batch_3d N] [--json out.json] [--config.model.remat_policy=...]
+    radfm-jax aot --config configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128 [--batch-2d N]
+                  [--batch-3d N] [--json out.json] [--config.model.remat_policy=...]
+    report = fit_check(cfg, '2d', batch=8)       # Python, after set_tpu_env(cfg.mesh.topology)
 
 Needs libtpu (`pip install "libtpu==0.0.42.*"`, the `tpu` extra); no TPU. The command sets
 TPU_SKIP_MDS_QUERY=1, TPU_ACCELERATOR_TYPE (from the preset's topology) and
@@ -13,7 +14,7 @@ builds the mesh over them, the abstract TrainState (`abstract_model` + optimizer
 donated train step that `radfm-jax train` runs.
 
 Batches (global sizes; default one sample per chip): 2D = S images of
-data.image_size_2d^2 x 4 slices (--images_2d, default 4), 3D = 1 image of
+data.image_size_2d^2 x 4 slices (--images-2d, default 4), 3D = 1 image of
 data.image_size_3d_single^2 x max(data.depth_buckets); text = max(data.text_lengths) tokens.
 Reported per chip: argument / output / temp / alias bytes, the compiler's peak
 (`memory_analysis().peak_memory_in_bytes`), analytic FLOPs per step (model FLOPs and with the
@@ -23,10 +24,8 @@ RESOURCE_EXHAUSTED is a does-not-fit (its message says how much was needed).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 import time
 
 GIB = 1024 ** 3
@@ -189,47 +188,5 @@ def format_report(r: dict) -> str:
           f"(compiled in {r['compile_s']:.1f} s)")
 
 
-def add_arguments(parser):
-  from radfm_jax.train.loop import add_override_arguments
-  parser.add_argument('--config', required=True,
-                      help='configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128')
-  parser.add_argument('--batch_2d', type=int, default=None,
-                      help='global 2D batch (samples); default one per chip')
-  parser.add_argument('--batch_3d', type=int, default=None,
-                      help='global 3D batch (samples); default one per chip')
-  parser.add_argument('--images_2d', type=int, default=4, help='images per 2D sample')
-  parser.add_argument('--text_len', type=int, default=None,
-                      help='text length (default max data.text_lengths)')
-  parser.add_argument('--kinds', default=None,
-                      help="comma list of '2d','3d' (default: those given by --batch_*, else both)")
-  parser.add_argument('--json', default=None, help='append the reports as JSON lines here')
-  add_override_arguments(parser)
-
-
-def run(args) -> int:
-  from radfm_jax.config import load_config
-  from radfm_jax.train.loop import overrides_from_args
-  cfg = load_config(args.config, overrides_from_args(args))
-  if not cfg.mesh.topology:
-    print(f'radfm-jax aot: mesh preset {cfg.mesh.preset!r} names no TPU topology; use a tpu_* '
-          'preset', file=sys.stderr)
-    return 2
-  set_tpu_env(cfg.mesh.topology)
-  if args.kinds:
-    kinds = args.kinds.split(',')
-  else:
-    kinds = [k for k, b in (('2d', args.batch_2d), ('3d', args.batch_3d)) if b] or ['2d', '3d']
-  all_fit = True
-  for kind in kinds:
-    batch = args.batch_2d if kind == '2d' else args.batch_3d
-    report = fit_check(cfg, kind, batch, images_2d=args.images_2d, text_len=args.text_len)
-    print(format_report(report), flush=True)
-    all_fit &= report['fits']
-    if args.json:
-      with open(args.json, 'a') as f:
-        f.write(json.dumps(report) + '\n')
-  return 0 if all_fit else 1
-
-
-__all__ = ['accelerator_type', 'add_arguments', 'batch_shapes', 'chip_count', 'fit_check',
-           'format_report', 'run', 'set_tpu_env']
+__all__ = ['accelerator_type', 'batch_shapes', 'chip_count', 'fit_check', 'format_report',
+           'set_tpu_env']

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from radfm_jax import sharding
-from radfm_jax.config import Config, load_config
+from radfm_jax.config import Config
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.models.radfm import RadFM, abstract_model
 from radfm_jax.train import metrics as metrics_lib
@@ -355,51 +354,5 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
                      state=state)
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser):
-  parser.add_argument('--config', required=True,
-                      help='configs/radfm.py:model=<size>,mesh=<preset>')
-  parser.add_argument('--workdir', required=True, help='checkpoints, metrics and config go here')
-  parser.add_argument('--max_steps', type=int, default=None,
-                      help='stop after this many optimizer steps in total (default train.steps)')
-  parser.add_argument('--no_progress', action='store_true', help='no tqdm progress bar')
-  add_override_arguments(parser)
-
-
-def add_override_arguments(parser):
-  """Registers every `--config.a.b[=v]` on the command line as an override option."""
-  for token in sys.argv[1:]:
-    if token.startswith('--config.'):
-      name = token.split('=', 1)[0]
-      try:
-        parser.add_argument(name, dest='override:' + name[len('--config.'):], default=None)
-      except Exception:      # the same flag twice: argparse keeps the last value
-        pass
-
-
-def overrides_from_args(args) -> list[str]:
-  return [f'{k[len("override:"):]}={v}' for k, v in vars(args).items()
-          if k.startswith('override:') and v is not None]
-
-
-def run(args) -> int:
-  from radfm_jax import launch
-  launch.initialize()
-  cfg = load_config(args.config, overrides_from_args(args))
-  try:
-    result = train(cfg, args.workdir, max_steps=args.max_steps, progress=not args.no_progress)
-  except NonFiniteLossError as e:
-    print(f'radfm-jax train: {e}', file=sys.stderr)
-    return 3
-  if jax.process_index() == 0:
-    last = result.losses[max(result.losses)] if result.losses else math.nan
-    print(json.dumps({'status': result.status, 'step': result.step, 'last_loss': last,
-                      'checkpoint': result.last_checkpoint}))
-  return 0
-
-
-__all__ = ['NonFiniteLossError', 'TrainResult', 'add_arguments', 'build', 'evaluate',
-           'global_batch', 'init_params', 'init_state', 'run_dirs', 'make_data', 'run', 'train']
+__all__ = ['NonFiniteLossError', 'TrainResult', 'build', 'evaluate', 'global_batch', 'init_params',
+           'init_state', 'make_data', 'run_dirs', 'train']

@@ -1,0 +1,95 @@
+"""`radfm-jax convert {from-torch, to-torch, from-hf-llama}` (library: `radfm_jax.convert.api`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from radfm_jax.cli import flags
+
+EXAMPLE = """\
+radfm-jax convert from-torch --checkpoint pytorch_model.bin --out ckpt/ --dtype bfloat16
+radfm-jax convert from-torch --checkpoint pytorch_model.bin --out ckpt/ \\
+    --config configs/radfm.py:model=radfm_13b --config.model.llama.rope_theta=10000.0
+radfm-jax convert to-torch --checkpoint ckpt/ --out model.safetensors
+radfm-jax convert from-hf-llama --hf llama-13b-hf/ --config configs/radfm.py:model=radfm_13b \\
+    --out ckpt/"""
+
+
+def _direction(sub, name: str, help: str, example: str):
+  p = sub.add_parser(name, help=help, description=f'radfm-jax convert {name}: {help}.',
+                     formatter_class=flags.Formatter,
+                     epilog='example:\n  ' + example)
+  p.set_defaults(_parser=p, _takes_config=False)
+  return p
+
+
+def _common(p, config_help: str):
+  p.add_argument('--out', required=True, help='output checkpoint directory')
+  p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
+                 help='parameter dtype of the output (default: the config param_dtype)')
+  p.add_argument('--llama-heads', type=int, default=None,
+                 help='LLaMA head count (not recoverable from tensor shapes)')
+  flags.add_config_arguments(p, required=False, help=config_help, sections=('model',),
+                             note='Only the model section is used.')
+
+
+def add_parser(sub):
+  p = flags.add_command(
+      sub, 'convert', help='convert checkpoints: official PyTorch <-> Orbax, HF LLaMA',
+      description='Converts the official RadFM PyTorch checkpoint to an Orbax checkpoint and '
+      'back, or starts a model from HF LLaMA safetensors. See `radfm-jax convert DIRECTION '
+      '--help`.', example=EXAMPLE)
+  directions = p.add_subparsers(dest='direction', required=True, metavar='DIRECTION')
+
+  d = _direction(directions, 'from-torch', 'official RadFM checkpoint -> Orbax',
+                 'radfm-jax convert from-torch --checkpoint pytorch_model.bin --out ckpt/')
+  d.add_argument('--checkpoint', required=True, help='pytorch_model.bin or model.safetensors')
+  _common(d, 'optional config (configs/radfm.py:model=...); sizes are otherwise inferred from '
+             'the checkpoint, and a given config must agree with them')
+
+  d = _direction(directions, 'to-torch', 'Orbax checkpoint -> official state dict',
+                 'radfm-jax convert to-torch --checkpoint ckpt/ --out model.safetensors')
+  d.add_argument('--checkpoint', required=True, help='converted or trained checkpoint directory')
+  d.add_argument('--out', required=True, help='.bin (torch.save) or .safetensors file')
+  d.add_argument('--no-alias', action='store_true',
+                 help='omit embedding_layer.weight (a duplicate of the LLaMA input embedding)')
+
+  d = _direction(directions, 'from-hf-llama', 'HF LLaMA safetensors as the decoder of a new model',
+                 'radfm-jax convert from-hf-llama --hf llama-13b-hf/ '
+                 '--config configs/radfm.py:model=radfm_13b --out ckpt/')
+  d.add_argument('--hf', required=True, help='folder of HF safetensors shards (+ config.json)')
+  d.add_argument('--seed', type=int, default=0, help='seed of the fresh vision towers')
+  _common(d, 'config for the vision towers (configs/radfm.py:model=...)')
+  return p
+
+
+def _model_config(args):
+  if args.config is None:
+    if args.overrides:
+      args._parser.error(f'--config.{args.overrides[0]} needs --config FILE:ARG')
+    return None
+  from radfm_jax.config import load_config
+  return load_config(args.config, args.overrides).model
+
+
+def run(args: argparse.Namespace) -> int:
+  from radfm_jax.convert import api, engine
+  engine.limit_malloc_arenas()   # before TensorStore starts its threads
+  start = time.time()
+  if args.direction == 'from-torch':
+    cfg = api.from_torch(args.checkpoint, args.out, _model_config(args), dtype=args.dtype,
+                         llama_heads=args.llama_heads)
+  elif args.direction == 'from-hf-llama':
+    cfg = api.from_hf_llama(args.hf, args.out, _model_config(args), dtype=args.dtype,
+                            llama_heads=args.llama_heads, seed=args.seed)
+  else:
+    keys = api.to_torch(args.checkpoint, args.out, include_alias=not args.no_alias)
+    print(f'wrote {len(keys)} tensors to {args.out} in {time.time() - start:.1f}s')
+    return 0
+  l, v = cfg.llama, cfg.vision
+  print(f'wrote {args.out} in {time.time() - start:.1f}s: llama {l.num_layers}x{l.hidden_size} '
+        f'({l.num_heads} heads, vocab {l.vocab_size}), vision {v.depth}x{v.dim}, '
+        f'param_dtype {cfg.param_dtype}', file=sys.stdout)
+  return 0

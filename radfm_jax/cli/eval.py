@@ -1,0 +1,59 @@
+"""`radfm-jax eval`: score a checkpoint on a manifest (library: `radfm_jax.eval.harness`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from radfm_jax.cli import flags
+from radfm_jax.cli.generate import add_checkpoint_arguments, load
+
+EXAMPLE = """\
+radfm-jax eval --checkpoint runs/small --data store/ --out eval_out/ --batch-size 4 \\
+    --limit 100 --entities none --config.generate.max_new_tokens=64"""
+
+
+def add_parser(sub):
+  p = flags.add_command(
+      sub, 'eval', help='score a checkpoint on a manifest',
+      description='Generates an answer for every sample of a VolumeStore or manifest JSONL and '
+      'writes OUT/predictions.jsonl and OUT/summary.json (closed-ended accuracy, BLEU, ROUGE, '
+      'token F1, entity precision / recall when an extractor is available; overall and per '
+      'task). Decoding follows the config generate section.', example=EXAMPLE)
+  p.add_argument('--data', required=True, help='VolumeStore directory or manifest JSONL')
+  p.add_argument('--out', required=True, help='folder for predictions.jsonl, summary.json')
+  p.add_argument('--limit', type=int, default=None, help='first N samples only (default: all)')
+  p.add_argument('--entities', default='auto',
+                 help='entity extractor: auto (scispaCy if installed) | scispacy[:MODEL] | '
+                      'terms:FILE | none')
+  add_checkpoint_arguments(p)
+  return p
+
+
+def run(args) -> int:
+  from radfm_jax.eval import entities, harness
+  if args.batch_size < 1:
+    print('radfm-jax eval: --batch-size must be >= 1', file=sys.stderr)
+    return 2
+  try:
+    extractor, reason = entities.get_extractor(args.entities)
+  except entities.ExtractorUnavailable as e:
+    print(f'radfm-jax eval: {e}', file=sys.stderr)
+    return 2
+  if extractor is None and args.entities != 'none':
+    print(f'radfm-jax eval: UMLS entity metrics not computed: {reason}', file=sys.stderr)
+  samples = harness.load_samples(args.data, args.limit)
+  if not samples:
+    print(f'radfm-jax eval: no samples in {args.data}', file=sys.stderr)
+    return 2
+  model, tokenizer, data_cfg, sampling = load(args)
+  summary = harness.evaluate(model, tokenizer, samples, sampling=sampling, data_cfg=data_cfg,
+                             batch_size=args.batch_size, seed=args.seed, extractor=extractor,
+                             extractor_reason=reason, out_dir=args.out,
+                             info={'checkpoint': os.path.abspath(args.checkpoint),
+                                   'data': os.path.abspath(args.data)})
+  o = summary['overall']
+  print(json.dumps({k: o[k] for k in ('n', 'closed_accuracy', 'bleu4', 'rougeL', 'token_f1')}),
+        file=sys.stderr)
+  return 0

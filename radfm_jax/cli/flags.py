@@ -1,0 +1,103 @@
+"""What every command shares: the help formatter, `--config FILE:ARG` plus `--config.a.b=value`
+overrides (the ml_collections.config_flags convention, on argparse), and the help text listing
+the config's sections and fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import textwrap
+import typing
+
+OVERRIDE_PREFIX = '--config.'
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+  """Keeps the description / epilog line breaks and shows the default of every optional flag
+  whose help does not already say it (on/off switches are off by default)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ''
+    if (action.required or not action.option_strings or 'default' in text
+        or action.default is argparse.SUPPRESS or isinstance(action.default, bool)):
+      return text
+    return text + (' (default: %(default)s)' if action.default not in (None, []) else
+                   ' (default: none)')
+
+
+def add_command(sub, name: str, *, help: str, description: str, example: str):
+  """A subcommand parser with its description, defaults in --help and an example epilog."""
+  parser = sub.add_parser(name, help=help, description=textwrap.fill(description, 98),
+                          formatter_class=Formatter,
+                          epilog='example:\n' + textwrap.indent(example.strip('\n'), '  '))
+  parser.set_defaults(_parser=parser, _takes_config=False)
+  return parser
+
+
+def add_config_arguments(parser, *, required: bool, help: str, sections=None, note: str = ''):
+  """`--config FILE:ARG` and the `--config.a.b=value` overrides, listed in the epilog.
+
+  sections: the config sections the command reads (None: all).
+  """
+  parser.add_argument('--config', required=required, default=None, metavar='FILE:ARG', help=help)
+  parser.set_defaults(_takes_config=True)
+  parser.epilog = (parser.epilog or '') + '\n\n' + config_epilog(sections, note)
+
+
+def config_epilog(sections=None, note: str = '') -> str:
+  """The override syntax and the config's sections with their fields (from radfm_jax.config)."""
+  from radfm_jax import config as config_lib
+  lines = ['config overrides (repeatable, applied in order after --config FILE:ARG):',
+           '  --config.SECTION.FIELD=VALUE  or  --config.SECTION.FIELD VALUE',
+           '  VALUE is a Python literal (3, 1e-4, [1], True) or else a string.']
+  if note:
+    lines += textwrap.wrap(note, 98, initial_indent='  ', subsequent_indent='  ')
+  lines.append('config sections and fields:')
+  top = []
+
+  def walk(prefix: str, cls):
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+      if dataclasses.is_dataclass(hints[f.name]):
+        walk(f'{prefix}.{f.name}', hints[f.name])
+      else:
+        names.append(f.name)
+    lines.extend(textwrap.wrap(f'{prefix}: {", ".join(names)}', 98, initial_indent='  ',
+                               subsequent_indent='      '))
+
+  hints = typing.get_type_hints(config_lib.Config)
+  for f in dataclasses.fields(config_lib.Config):
+    if dataclasses.is_dataclass(hints[f.name]):
+      if sections is None or f.name in sections:
+        walk(f.name, hints[f.name])
+    elif f.name not in ('extra', 'source'):
+      top.append(f.name)
+  if sections is None and top:
+    lines.append(f'  (top level): {", ".join(top)}')
+  return '\n'.join(lines)
+
+
+def split_overrides(extras: list[str]) -> tuple[list[str], list[str]]:
+  """Tokens argparse did not know -> (['a.b=value', ...], tokens that are not overrides).
+
+  Accepts `--config.a.b=value` and `--config.a.b value` (the value is the next token).
+  """
+  overrides, rest = [], []
+  i = 0
+  while i < len(extras):
+    token = extras[i]
+    if token.startswith(OVERRIDE_PREFIX) and len(token) > len(OVERRIDE_PREFIX):
+      key, sep, value = token[len(OVERRIDE_PREFIX):].partition('=')
+      if not sep:
+        if i + 1 >= len(extras) or extras[i + 1].startswith(OVERRIDE_PREFIX):
+          rest.append(token + ' (no value)')
+          i += 1
+          continue
+        value = extras[i + 1]
+        i += 1
+      overrides.append(f'{key}={value}')
+    else:
+      rest.append(token)
+    i += 1
+  return overrides, rest

@@ -1,0 +1,100 @@
+"""`radfm-jax generate`: answers for scans and prompts from any checkpoint
+(library: `radfm_jax.infer.prompt_files`, `radfm_jax.infer.settings.generate_config`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from radfm_jax.cli import flags
+
+EXAMPLE = """\
+radfm-jax generate --checkpoint ckpt/ --tokenizer tokenizer.model \\
+    --image a.nii.gz --image b.png --prompt "Compare <image> with <image>. Any change?"
+radfm-jax generate --checkpoint runs/small --input prompts.jsonl --output answers.jsonl \\
+    --batch-size 4 --config.generate.max_new_tokens=64 --config.generate.stop_ids=[1]
+# each input line: {"id": "q1", "prompt": "... <image> ...", "images": ["scan.nii.gz", ...]}
+# (an image may also be {"path": ..., "modality": "CT"}); each output line adds "prediction\""""
+
+GENERATE_NOTE = ('The model comes from the checkpoint; only the generate section is read. It '
+                 "defaults to the checkpoint's training run's saved section, else the "
+                 'GenerateConfig defaults (greedy, 200 new tokens, stop_ids [2, 1]; [1] stops '
+                 "where the original does).")
+
+
+def add_checkpoint_arguments(p):
+  """The flags `generate` and `eval` share: checkpoint, tokenizer, preprocessing, config."""
+  p.add_argument('--checkpoint', required=True,
+                 help='converted checkpoint, training workdir or step folder')
+  p.add_argument('--step', type=int, default=None, help='training step (default: latest)')
+  p.add_argument('--tokenizer', default=None,
+                 help='SentencePiece tokenizer.model (default: found beside the checkpoint)')
+  p.add_argument('--batch-size', type=int, default=1,
+                 help='prompts per batch (batches are padded to it: one compiled program)')
+  p.add_argument('--seed', type=int, default=0, help='sampling seed (temperature > 0)')
+  p.add_argument('--intensity', default=None,
+                 help='intensity policy: radfm | ct_window | ct_windows3 | percentile '
+                      "(default: the training run's, else radfm)")
+  flags.add_config_arguments(p, required=False, sections=('generate',), note=GENERATE_NOTE,
+                             help='config whose generate section is used (default: see below)')
+
+
+def add_parser(sub):
+  p = flags.add_command(
+      sub, 'generate', help='generate answers for scans and prompts',
+      description='One prompt (--prompt with --image ...; the answer goes to stdout) or a JSONL '
+      'file of prompts (--input; JSONL out). Parameters are restored sharded over every device '
+      '(one fsdp mesh axis). Decoding follows the config generate section.', example=EXAMPLE)
+  p.add_argument('--prompt', help='prompt with one <image> marker per --image')
+  p.add_argument('--image', action='append', default=[], help='scan path (repeatable)')
+  p.add_argument('--modality', action='append', default=None,
+                 help='modality per --image (e.g. CT; matters for CT-window intensity)')
+  p.add_argument('--input', help='JSONL of {"id", "prompt", "images": [paths]}')
+  p.add_argument('--output', help='JSONL written in file mode (default: stdout)')
+  add_checkpoint_arguments(p)
+  return p
+
+
+def load(args):
+  """(model, tokenizer, data config, GenerateConfig) from the shared flags."""
+  from radfm_jax import api
+  from radfm_jax.infer.settings import generate_config
+  sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
+  model, tokenizer, data_cfg = api.load_for_generation(
+      args.checkpoint, args.tokenizer, step=args.step, intensity=args.intensity)
+  return model, tokenizer, data_cfg, sampling
+
+
+def run(args) -> int:
+  if (args.prompt is None) == (args.input is None):
+    print('radfm-jax generate: give either --prompt (with --image ...) or --input FILE',
+          file=sys.stderr)
+    return 2
+  if args.batch_size < 1:
+    print('radfm-jax generate: --batch-size must be >= 1', file=sys.stderr)
+    return 2
+  mods = args.modality or [''] * len(args.image)
+  if len(mods) != len(args.image):
+    print(f'radfm-jax generate: {len(mods)} --modality for {len(args.image)} --image',
+          file=sys.stderr)
+    return 2
+  from radfm_jax.infer.prompt_files import generate_items, read_prompts
+  if args.prompt is not None:
+    items = [{'id': '0', 'prompt': args.prompt, 'paths': list(args.image), 'modalities': mods}]
+  else:
+    items = read_prompts(args.input)
+  model, tokenizer, data_cfg, sampling = load(args)
+  out = open(args.output, 'w') if args.output else sys.stdout
+  try:
+    for it, text, row in generate_items(model, tokenizer, data_cfg, items, sampling,
+                                        args.batch_size, args.seed):
+      if args.input is None:
+        print(text, file=out)
+      else:
+        out.write(json.dumps({'id': it['id'], 'prompt': it['prompt'], 'images': it['paths'],
+                              'prediction': text, 'new_tokens': len(row)}) + '\n')
+        out.flush()
+  finally:
+    if out is not sys.stdout:
+      out.close()
+  return 0

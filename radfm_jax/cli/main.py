@@ -1,0 +1,53 @@
+"""`radfm-jax <command>`: the entry point ([project.scripts] in pyproject.toml).
+
+Every command module defines `add_parser(subparsers)` and `run(args) -> exit code` and imports
+the library only inside `run`, so `radfm-jax ingest` never imports the model. Exit codes: 0 done,
+1 the command's own failure (see its --help), 2 a bad flag or config value (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from radfm_jax.cli import flags
+
+COMMANDS = ('ingest', 'publish', 'train', 'generate', 'eval', 'convert', 'aot', 'demo')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  import radfm_jax
+  parser = argparse.ArgumentParser(prog='radfm-jax', description=__doc__.splitlines()[0])
+  parser.add_argument('--version', action='version', version=f'%(prog)s {radfm_jax.__version__}')
+  sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+  for name in COMMANDS:
+    module = importlib.import_module(f'radfm_jax.cli.{name}')
+    module.add_parser(sub).set_defaults(_run=module.run)
+  return parser
+
+
+def parse(argv=None) -> argparse.Namespace:
+  """argv -> Namespace with `overrides` (['a.b=value', ...]); exits 2 on a bad flag."""
+  args, extras = build_parser().parse_known_args(argv)
+  overrides, rest = flags.split_overrides(extras)
+  if rest:
+    args._parser.error(f'unrecognized arguments: {" ".join(rest)}')
+  if overrides and not args._takes_config:
+    args._parser.error(f'radfm-jax {args.command} takes no config; got --config.{overrides[0]}')
+  args.overrides = overrides
+  return args
+
+
+def main(argv=None) -> int:
+  from radfm_jax.config import ConfigError
+  args = parse(argv)
+  try:
+    return int(args._run(args) or 0)
+  except ConfigError as e:
+    print(f'radfm-jax {args.command}: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())
