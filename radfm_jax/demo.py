@@ -323,7 +323,7 @@ def run(args) -> int:
   from radfm_jax.data.tokenizer import Tokenizer
   from radfm_jax.models.radfm import count_params
   from radfm_jax.train import loop
-  from radfm_jax.train.checkpoint import Checkpointer
+  from radfm_jax.checkpoint import Checkpointer
   tokenizer = Tokenizer(tok_path, max_images=cfg.model.max_images,
                         num_latents=cfg.model.perceiver.num_latents)
   workdir = os.path.join(out, 'train')

@@ -1,9 +1,13 @@
-"""Training checkpoints: one async Orbax CheckpointManager holding, per step,
+"""Training checkpoints (layout "train_state"): one async Orbax CheckpointManager holding, per step,
 
-    state   TrainState {step, params (nnx.State), opt_state}      ocp.args.StandardSave
-    data    the data iterator's state: a Grain DatasetIterator via grain.checkpoint.CheckpointSave
-            (one JSON per process), any other iterator with get_state()/set_state() as JSON
-    config  the resolved config (JSON)
+    <step>/state    TrainState {step, params (nnx.State), opt_state}      ocp.args.StandardSave
+    <step>/data     the data iterator's state: a Grain DatasetIterator via
+                    grain.checkpoint.CheckpointSave (one JSON per process), any other iterator with
+                    get_state()/set_state() as JSON
+    <step>/config   the resolved config (JSON)
+
+and beside the steps `config.json`: the latest resolved config + {"layout": "train_state",
+"layout_version": 1} (`meta`), which `read.load` reads to find and restore the parameters.
 
 Restoring takes an *abstract* TrainState (ShapeDtypeStructs carrying the new run's shardings,
 `step.abstract_train_state`), so a checkpoint written on one mesh restores onto any other.
@@ -15,6 +19,8 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from radfm_jax.checkpoint import meta
 
 
 def _resolve(directory: str) -> str:
@@ -57,6 +63,17 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._record = None     # the config.json body last written by this process
+
+  def _write_record(self, config: dict | None):
+    """DIR/config.json: the layout record + the latest config (process 0 only; rewritten when the
+    config changes, and at least once so that the folder names its layout)."""
+    import jax
+    body = dict(config or {})
+    if jax.process_index() != 0 or body == self._record or (not body and self._record is not None):
+      return
+    meta.write_config(self.directory, meta.TRAIN_STATE, body)
+    self._record = body
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -72,7 +89,10 @@ class Checkpointer:
       items['data'] = data
     if config is not None:
       items['config'] = ocp.args.JsonSave(config)
-    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._write_record(config)
+    return saved
 
   def restore(self, step: int | None, abstract_state, data_iter=None):
     """Returns (state, config dict or None); restores the data iterator's position in place."""
@@ -99,8 +119,8 @@ class Checkpointer:
     self.manager.close()
 
 
-def read_config(directory: str, step: int | None = None) -> dict:
-  """The resolved config saved with a checkpoint (latest step by default)."""
+def read_step_config(directory: str, step: int | None = None) -> dict:
+  """The resolved config saved with one step of a Checkpointer folder (latest step by default)."""
   mngr = ocp.CheckpointManager(_resolve(directory))
   step = mngr.latest_step() if step is None else step
   out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -108,4 +128,4 @@ def read_config(directory: str, step: int | None = None) -> dict:
   return out['config']
 
 
-__all__ = ['Checkpointer', 'read_config']
+__all__ = ['Checkpointer', 'read_step_config']
