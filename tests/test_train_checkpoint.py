@@ -39,6 +39,13 @@ def test_grain_iterator_state_round_trips(tmp_path):
   # Beside the steps: config.json with the layout record (and the latest config).
   with open(tmp_path / 'ck' / 'config.json') as f:
     assert json.load(f) == {'name': 'test', 'layout': 'train_state', 'layout_version': 1}
+  # A resumed run (a new Checkpointer on the folder) rewrites it with its own config.
+  again = Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  again.save(6, state, config={'name': 'resumed'})
+  again.close()
+  with open(tmp_path / 'ck' / 'config.json') as f:
+    assert json.load(f) == {'name': 'resumed', 'layout': 'train_state', 'layout_version': 1}
+  assert read_step_config(str(tmp_path / 'ck'), 5) == {'name': 'test'}
   # One JSON per process for the iterator, written by grain.checkpoint.CheckpointSave.
   assert any(name.startswith('process_') for name in os.listdir(tmp_path / 'ck' / '5' / 'data'))
 

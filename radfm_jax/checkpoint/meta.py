@@ -59,7 +59,7 @@ def write_config(directory: str, layout: str, body: Mapping) -> str:
   text = json.dumps({**body, **layout_record(layout)}, indent=1, sort_keys=True, default=str)
   path, tmp = folder / CONFIG_FILE, folder / (CONFIG_FILE + '.tmp')
   tmp.write_text(text)
-  tmp.rename(path)
+  tmp.replace(path)
   return os.fspath(path)
 
 

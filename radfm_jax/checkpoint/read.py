@@ -1,7 +1,7 @@
 """Reading the parameters of either checkpoint layout, by the layout its config.json names.
 
     model, cfg = load('ckpt/')                       # a parameter-only checkpoint (`save`, convert)
-    model, cfg = load('workdir/', step=500)          # a training run (its checkpoints/, a step folder)
+    model, cfg = load('workdir/', step=500)          # a training run (or its checkpoints/, a step)
     leaf = LeafReader('ckpt/'); leaf('llama/layers/gate/kernel', 3)     # one layer as numpy
 
 `locate` turns a folder into the Orbax PyTree folder holding the parameters and the keys they sit
@@ -19,11 +19,9 @@ import numpy as np
 
 from radfm_jax.checkpoint import meta
 from radfm_jax.checkpoint.params import PARAMS_DIR
+from radfm_jax.checkpoint.train_state import STATE_ITEM
 from radfm_jax.config import ModelConfig
 from radfm_jax.convert.engine import flat_params, unflatten
-
-STATE_ITEM = 'state'   # the TrainState item of a step folder (train_state.Checkpointer)
-
 
 @dataclasses.dataclass(frozen=True)
 class Location:
@@ -62,7 +60,8 @@ def locate(directory: str, step: int | None = None) -> Location:
       raise FileNotFoundError(f'{tree}: missing; {path} names layout "params", which keeps the '
                               f'parameters in {PARAMS_DIR}/ beside it')
     return Location(path, layout, cfg, tree, (), (), None)
-  root = home if 'layout' in data else os.path.join(home, 'checkpoints')   # legacy: the workdir
+  # The previous release's config.json (no layout field) sat in the workdir, above checkpoints/.
+  root = home if 'layout' in data else os.path.join(home, 'checkpoints')
   steps = _steps(root)
   rel = os.path.relpath(meta.checkpoint_folder(directory), root).split(os.sep)
   if rel[0].isdigit():                      # a step folder (or a folder inside one)

@@ -16,11 +16,12 @@ Restoring takes an *abstract* TrainState (ShapeDtypeStructs carrying the new run
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import orbax.checkpoint as ocp
 
 from radfm_jax.checkpoint import meta
+
+STATE_ITEM = 'state'   # the TrainState item of each step folder
 
 
 def _resolve(directory: str) -> str:
@@ -83,7 +84,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iter=None, config: dict | None = None,
            force: bool = True) -> bool:
-    items = {'state': ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
     data = _data_save(data_iter)
     if data is not None:
       items['data'] = data
@@ -100,8 +101,8 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
     names = set(self.manager.item_metadata(step).keys()) if hasattr(
-        self.manager, 'item_metadata') else {'state', 'data', 'config'}
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+        self.manager, 'item_metadata') else {STATE_ITEM, 'data', 'config'}
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None and 'data' in names:
       items['data'] = _data_restore(data_iter)
     if 'config' in names:
@@ -109,7 +110,7 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iter is not None and 'data' in items and not _is_grain_iterator(data_iter):
       data_iter.set_state(out['data'])
-    return out['state'], (out['config'] if 'config' in items else None)
+    return out[STATE_ITEM], (out['config'] if 'config' in items else None)
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -3,7 +3,7 @@
     cfg = from_torch('pytorch_model.bin', 'ckpt/')               # official RadFM -> Orbax (+ config.json)
     to_torch('ckpt/', 'model.safetensors')                       # Orbax -> official key names
     cfg = from_hf_llama('llama-13b-hf/', 'ckpt/', model_config('radfm_13b'))   # HF LLaMA as the decoder
-    model, cfg = radfm_jax.checkpoint.load('ckpt/')              # onto the available devices
+    model, cfg = checkpoint.load('ckpt/')                        # radfm_jax.checkpoint: on devices
 
 Every converter streams. On the way in, one slab of rows of one tensor (`engine.BLOCK_BYTES`, 8 MiB)
 is converted and written at a time, and the pages read from a memory-mapped `.bin` are dropped
