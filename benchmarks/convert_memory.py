@@ -119,9 +119,10 @@ def _verify(src: str, ckpt: str):
   """Spot-checks the conversion: one layer of the gate kernel and the lm_head."""
   import numpy as np
 
-  from radfm_jax.convert import engine, store
-  cfg = store.read_config(ckpt)
-  leaf = store.LeafReader(ckpt, cfg)
+  from radfm_jax.checkpoint import LeafReader
+  from radfm_jax.convert import engine
+  leaf = LeafReader(ckpt)
+  cfg = leaf.cfg
   reader = engine.open_reader(src)
   gate = leaf('llama/layers/gate/kernel')
   last = cfg.llama.num_layers - 1

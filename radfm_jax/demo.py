@@ -301,7 +301,7 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
   from radfm_jax.data.tokenizer import Tokenizer
   from radfm_jax.models.radfm import count_params
   from radfm_jax.train import loop
-  from radfm_jax.train.checkpoint import Checkpointer
+  from radfm_jax.checkpoint import Checkpointer
   tokenizer = Tokenizer(tok_path, max_images=cfg.model.max_images,
                         num_latents=cfg.model.perceiver.num_latents)
   workdir = os.path.join(out, 'train')

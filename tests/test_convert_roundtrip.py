@@ -14,6 +14,7 @@ torch = pytest.importorskip('torch')
 sys.path.insert(0, os.path.dirname(__file__))
 
 from convert_fixtures import official_state_dict  # noqa: E402
+from radfm_jax import checkpoint  # noqa: E402
 from radfm_jax.cli.main import main  # noqa: E402
 from radfm_jax.convert import api, engine, keymap  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
@@ -33,7 +34,7 @@ def converted(tmp_path_factory, tiny_cfg):
 
 def test_restore_values_and_sharding(converted, tiny_cfg):
   root, sd = converted
-  model, cfg = api.load_checkpoint(str(root / 'ckpt'))
+  model, cfg = checkpoint.load(str(root / 'ckpt'))
   assert cfg == tiny_cfg
   # placed with the model's NamedShardings over every device (8 fake CPU devices in the tests)
   kernel = model.llama.layers.q.kernel[...]
@@ -66,7 +67,7 @@ def test_restore_values_and_sharding(converted, tiny_cfg):
 
 def test_restored_model_runs(converted, tiny_cfg):
   root, _ = converted
-  model, cfg = api.load_checkpoint(str(root / 'ckpt'))
+  model, cfg = checkpoint.load(str(root / 'ckpt'))
   tokens = jnp.array([[1, 5, cfg.llama.vocab_size, cfg.image_token_offset, 7]])
   images = jnp.ones((1, 1, 3, 32, 32, 8), jnp.float32) * 0.5
   logits = model(tokens, images)
@@ -104,7 +105,7 @@ def test_safetensors_input_and_bfloat16(tmp_path, tiny_cfg):
   cfg = api.from_torch(str(tmp_path / 'model.safetensors'), str(tmp_path / 'ck'), tiny_cfg,
                        dtype='bfloat16')
   assert cfg.param_dtype == 'bfloat16'
-  leaf = api.store.LeafReader(str(tmp_path / 'ck'), cfg)
+  leaf = checkpoint.LeafReader(str(tmp_path / 'ck'))
   gate = leaf('llama/layers/gate/kernel')
   assert gate.dtype == jnp.bfloat16
   want = sd['lang_model.model.layers.1.mlp.gate_proj.weight'].numpy().T.astype(jnp.bfloat16)
@@ -129,7 +130,7 @@ def test_from_hf_llama(tmp_path, tiny_cfg):
   rc = main(['convert', 'from-hf-llama', '--hf', str(tmp_path / 'hf'), '--config',
              'configs/radfm.py:model=tiny', '--out', str(tmp_path / 'ck'), '--seed', '5'])
   assert rc == 0
-  model, cfg = api.load_checkpoint(str(tmp_path / 'ck'))
+  model, cfg = checkpoint.load(str(tmp_path / 'ck'))
   l = cfg.llama
   assert (l.num_layers, l.num_heads, l.vocab_size, l.intermediate_size) == (3, 2, 300, 96)
   assert (l.rms_norm_eps, l.rope_theta, l.max_position_embeddings) == (1e-5, 5000.0, 256)
@@ -154,8 +155,8 @@ def test_small_slabs_write_the_same_checkpoint(converted, tmp_path, tiny_cfg):
   exactly the checkpoint of whole-tensor conversion, with one zarr chunk per slab."""
   root, _ = converted
   api.from_torch(str(root / 'pytorch_model.bin'), str(tmp_path / 'ck'), tiny_cfg, block_bytes=700)
-  whole = api.store.LeafReader(str(root / 'ckpt'), tiny_cfg)
-  slabs = api.store.LeafReader(str(tmp_path / 'ck'), tiny_cfg)
+  whole = checkpoint.LeafReader(str(root / 'ckpt'))
+  slabs = checkpoint.LeafReader(str(tmp_path / 'ck'))
   for path in whole.shapes():
     np.testing.assert_array_equal(slabs(path), whole(path), err_msg=path)
   with open(tmp_path / 'ck' / 'params' / 'llama.layers.q.kernel' / '.zarray') as f:
@@ -164,20 +165,18 @@ def test_small_slabs_write_the_same_checkpoint(converted, tmp_path, tiny_cfg):
     assert json.load(f)['chunks'] == [2, 64]                 # 2 rows of 256 bytes <= 700
 
 
-@pytest.mark.parametrize('layout', ['train_state', 'pure_dict'])
-def test_trained_style_checkpoint_exports(tmp_path, tiny_cfg, layout):
-  """Checkpoints saved by Orbax itself (OCDBT): the training layout (workdir/checkpoints/<step>/state
-  holding {step, params: nnx.State, ...}) and a {'model': pure dict} tree load and export."""
-  import orbax.checkpoint as ocp
+def test_trained_checkpoint_exports(tmp_path, tiny_cfg):
+  """A training checkpoint as the training Checkpointer writes it (Orbax's own OCDBT layout:
+  workdir/checkpoints/<step>/state holding {step, params: nnx.State, ...}) loads and exports."""
+  from radfm_jax.checkpoint.meta import config_to_dict
   model = create_model(tiny_cfg, seed=2)
-  if layout == 'train_state':
-    tree = {'step': np.int32(7), 'params': nnx.state(model, nnx.Param), 'opt_state': {}}
-  else:
-    tree = {'model': nnx.to_pure_dict(nnx.state(model, nnx.Param)), 'step': np.int32(7)}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(str(tmp_path / 'run' / 'checkpoints' / '7' / 'state'), tree)
-  api.store.write_config(str(tmp_path / 'run'), tiny_cfg)
-  leaf = api.store.LeafReader(str(tmp_path / 'run'), tiny_cfg)
+  tree = {'step': np.int32(7), 'params': nnx.state(model, nnx.Param), 'opt_state': {}}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'run' / 'checkpoints'), async_save=False)
+  ckpt.save(7, tree, config={'model': config_to_dict(tiny_cfg)})
+  ckpt.close()
+  with open(tmp_path / 'run' / 'checkpoints' / '7' / 'state' / '_METADATA') as f:
+    assert json.load(f)['use_ocdbt']
+  leaf = checkpoint.LeafReader(str(tmp_path / 'run'))
   assert leaf._tensorstore('llama/layers/gate/kernel') is not None     # sliced read, not restore
   np.testing.assert_array_equal(leaf('llama/layers/gate/kernel', 1),
                                 np.asarray(model.llama.layers.gate.kernel[...])[1])
@@ -188,6 +187,6 @@ def test_trained_style_checkpoint_exports(tmp_path, tiny_cfg, layout):
   want = engine.state_dict_of(model, keymap.radfm_table())
   for key, value in want.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
-  restored, cfg = api.load_checkpoint(str(tmp_path / 'run'))
+  restored, cfg = checkpoint.load(str(tmp_path / 'run'))
   np.testing.assert_array_equal(np.asarray(restored.perceiver.latents[...]),
                                 np.asarray(model.perceiver.latents[...]))

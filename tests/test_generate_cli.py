@@ -115,7 +115,8 @@ def test_tokenizer_model_mismatch_is_an_error():
 def test_save_load_converted_layout(setup):
   root, model, loaded, cfg, _ = setup
   assert cfg == model.cfg
-  assert api.checkpoint_layout(str(root / 'ckpt' / 'params')) == api.CONVERTED
+  with open(root / 'ckpt' / 'config.json') as f:
+    assert json.load(f)['layout'] == 'params'
   want, got = _params(model), _params(loaded)
   assert want.keys() == got.keys()
   for k in want:
@@ -127,7 +128,7 @@ def test_load_trained_layout(setup, tmp_path):
   """A TrainState saved by the training Checkpointer loads by workdir, checkpoints/ or step."""
   from radfm_jax.config import load_config
   from radfm_jax.train import optim
-  from radfm_jax.train.checkpoint import Checkpointer
+  from radfm_jax.checkpoint import Checkpointer
   from radfm_jax.train.step import init_train_state
   _, model, _, _, _ = setup
   run_cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', ['data.image_size_2d=32'])
@@ -139,7 +140,8 @@ def test_load_trained_layout(setup, tmp_path):
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump(run_cfg.to_dict(), f, default=str)
   step_dir = tmp_path / 'checkpoints' / '7'
-  assert api.checkpoint_layout(str(step_dir / 'state')) == api.TRAINED
+  with open(tmp_path / 'checkpoints' / 'config.json') as f:
+    assert json.load(f)['layout'] == 'train_state'
   want = _params(model)
   for where, step in ((tmp_path, None), (tmp_path / 'checkpoints', None), (tmp_path, 7),
                       (step_dir, None)):

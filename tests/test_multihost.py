@@ -77,7 +77,7 @@ def test_launch_detects_single_process(monkeypatch):
 def test_two_processes_match_one_process(tmp_path):
   from radfm_jax.config import load_config
   from radfm_jax.train import loop
-  from radfm_jax.train.checkpoint import Checkpointer
+  from radfm_jax.checkpoint import Checkpointer
 
   workdir = str(tmp_path / 'multi')
   coordinator = f'127.0.0.1:{_free_port()}'

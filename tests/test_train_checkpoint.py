@@ -1,5 +1,6 @@
 """Checkpointer with a Grain iterator, and the loop's data wiring to the Grain pipeline."""
 
+import json
 import os
 
 import grain
@@ -10,7 +11,7 @@ import numpy as np
 import conftest_data as cd
 from radfm_jax.config import load_config
 from radfm_jax.train import loop
-from radfm_jax.train.checkpoint import Checkpointer, read_config
+from radfm_jax.checkpoint import Checkpointer, read_step_config
 
 
 def _iterator():
@@ -34,7 +35,17 @@ def test_grain_iterator_state_round_trips(tmp_path):
   ckpt.close()
   assert [int(next(fresh)['x']) for _ in range(3)] == expected
   np.testing.assert_array_equal(np.asarray(restored['w']), np.arange(8.0))
-  assert config == {'name': 'test'} == read_config(str(tmp_path / 'ck'))
+  assert config == {'name': 'test'} == read_step_config(str(tmp_path / 'ck'))
+  # Beside the steps: config.json with the layout record (and the latest config).
+  with open(tmp_path / 'ck' / 'config.json') as f:
+    assert json.load(f) == {'name': 'test', 'layout': 'train_state', 'layout_version': 1}
+  # A resumed run (a new Checkpointer on the folder) rewrites it with its own config.
+  again = Checkpointer(str(tmp_path / 'ck'), async_save=False)
+  again.save(6, state, config={'name': 'resumed'})
+  again.close()
+  with open(tmp_path / 'ck' / 'config.json') as f:
+    assert json.load(f) == {'name': 'resumed', 'layout': 'train_state', 'layout_version': 1}
+  assert read_step_config(str(tmp_path / 'ck'), 5) == {'name': 'test'}
   # One JSON per process for the iterator, written by grain.checkpoint.CheckpointSave.
   assert any(name.startswith('process_') for name in os.listdir(tmp_path / 'ck' / '5' / 'data'))
 

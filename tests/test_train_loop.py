@@ -14,7 +14,7 @@ import pytest
 from radfm_jax import sharding
 from radfm_jax.config import load_config
 from radfm_jax.train import loop
-from radfm_jax.train.checkpoint import Checkpointer, read_config
+from radfm_jax.checkpoint import Checkpointer, read_step_config
 from radfm_jax.train.metrics import read_metrics, train_step_flops
 from radfm_jax.train.synthetic import SyntheticBatches
 
@@ -61,7 +61,11 @@ def test_resume_gives_the_uninterrupted_losses(full_run, tmp_path):
   assert {'token_accuracy', 'sequence_accuracy', 'grad_norm', 'learning_rate'} <= set(rows[0])
   events = os.listdir(os.path.join(full_dir, 'tensorboard'))
   assert any(name.startswith('events.out.tfevents') for name in events)
-  assert read_config(os.path.join(full_dir, 'checkpoints'))['train']['steps'] == 6
+  assert read_step_config(os.path.join(full_dir, 'checkpoints'))['train']['steps'] == 6
+  with open(os.path.join(full_dir, 'checkpoints', 'config.json')) as f:
+    record = json.load(f)
+  assert (record['layout'], record['train']['steps'], record['model']['size']) == (
+      'train_state', 6, 'tiny')
   with open(os.path.join(full_dir, 'config.json')) as f:
     assert json.load(f)['model']['size'] == 'tiny'
 

@@ -3,7 +3,7 @@
     cfg = from_torch('pytorch_model.bin', 'ckpt/')               # official RadFM -> Orbax (+ config.json)
     to_torch('ckpt/', 'model.safetensors')                       # Orbax -> official key names
     cfg = from_hf_llama('llama-13b-hf/', 'ckpt/', model_config('radfm_13b'))   # HF LLaMA as the decoder
-    model, cfg = load_checkpoint('ckpt/')                        # onto the available devices
+    model, cfg = checkpoint.load('ckpt/')                        # radfm_jax.checkpoint: on devices
 
 Every converter streams. On the way in, one slab of rows of one tensor (`engine.BLOCK_BYTES`, 8 MiB)
 is converted and written at a time, and the pages read from a memory-mapped `.bin` are dropped
@@ -24,9 +24,10 @@ from typing import Sequence
 
 import numpy as np
 
+from radfm_jax.checkpoint import params as params_ckpt
+from radfm_jax.checkpoint.read import LeafReader
 from radfm_jax.config import ModelConfig
-from radfm_jax.convert import engine, infer, keymap, store
-from radfm_jax.convert.store import load_checkpoint  # noqa: F401  (re-exported)
+from radfm_jax.convert import engine, infer, keymap
 
 
 def abstract_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -68,14 +69,15 @@ def from_torch(checkpoint: str, out: str, cfg: ModelConfig | None = None, *, dty
   _check_coverage(table, leaves)
   layers = engine.stacked_layers(table, shapes)
   engine.check_keys(table, reader, shapes, layers, skip=keymap.RADFM_SKIP, note=checkpoint)
-  writer = store.IncrementalWriter(os.path.join(out, store.PARAMS_DIR), leaves, stacked=set(layers),
-                                   plans=engine.split_plans(table, shapes, block_bytes))
+  writer = params_ckpt.IncrementalWriter(
+      os.path.join(out, params_ckpt.PARAMS_DIR), leaves, stacked=set(layers),
+      plans=engine.split_plans(table, shapes, block_bytes))
   dtypes = {p: d for p, (_, d) in leaves.items()}
   for path, i, region, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes,
                                                      block_bytes=block_bytes):
     writer.write(path, i, array, region)
   writer.close()
-  store.write_config(out, cfg, converted_from=os.path.abspath(checkpoint), format='official')
+  params_ckpt.write_config(out, cfg, converted_from=os.path.abspath(checkpoint), format='official')
   return cfg
 
 
@@ -101,8 +103,9 @@ def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtyp
   _check_coverage(table, leaves, extra=fresh_paths)
   layers = engine.stacked_layers(table, shapes)
   engine.check_keys(table, reader, shapes, layers, skip=keymap.LLAMA_SKIP, note=hf_dir)
-  writer = store.IncrementalWriter(os.path.join(out, store.PARAMS_DIR), leaves, stacked=set(layers),
-                                   plans=engine.split_plans(table, shapes))
+  writer = params_ckpt.IncrementalWriter(
+      os.path.join(out, params_ckpt.PARAMS_DIR), leaves, stacked=set(layers),
+      plans=engine.split_plans(table, shapes))
   dtypes = {p: d for p, (_, d) in leaves.items()}
   # The decoder is built last in RadFM.__init__, so a model with a 1-layer, tiny-vocab decoder draws
   # exactly the tower weights the full-size model would, at a fraction of the memory.
@@ -115,8 +118,8 @@ def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtyp
   for path, i, region, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes):
     writer.write(path, i, array, region)
   writer.close()
-  store.write_config(out, cfg, converted_from=os.path.abspath(hf_dir), format='hf_llama',
-                     fresh_towers_seed=seed)
+  params_ckpt.write_config(out, cfg, converted_from=os.path.abspath(hf_dir), format='hf_llama',
+                           fresh_towers_seed=seed)
   return cfg
 
 
@@ -196,8 +199,7 @@ def to_torch(checkpoint: str, out: str, *, include_alias: bool = True) -> list[s
   embed_tokens' storage in `.bin`), dead-branch keys and `inv_freq` buffers not. Returns the keys
   written. Both formats are streamed: one layer of one tensor in host memory at a time.
   """
-  cfg = store.read_config(checkpoint)
-  leaf = store.LeafReader(checkpoint, cfg)
+  leaf = LeafReader(checkpoint)
   shapes = leaf.shapes()
   dtypes = {p: np.dtype(v.dtype) for p, v in leaf.abstract.items()}
   table = keymap.radfm_table()

@@ -32,13 +32,13 @@ import numpy as np
 from flax import nnx
 
 from radfm_jax import sharding
+from radfm_jax.checkpoint import Checkpointer
 from radfm_jax.config import Config
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.models.radfm import RadFM, abstract_model
 from radfm_jax.train import metrics as metrics_lib
 from radfm_jax.train import optim
 from radfm_jax.train import step as step_lib
-from radfm_jax.train.checkpoint import Checkpointer
 from radfm_jax.train.synthetic import SyntheticBatches
 
 

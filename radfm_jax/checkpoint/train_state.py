@@ -1,9 +1,13 @@
-"""Training checkpoints: one async Orbax CheckpointManager holding, per step,
+"""Training checkpoints (layout "train_state"): one async Orbax CheckpointManager holding, per step,
 
-    state   TrainState {step, params (nnx.State), opt_state}      ocp.args.StandardSave
-    data    the data iterator's state: a Grain DatasetIterator via grain.checkpoint.CheckpointSave
-            (one JSON per process), any other iterator with get_state()/set_state() as JSON
-    config  the resolved config (JSON)
+    <step>/state    TrainState {step, params (nnx.State), opt_state}      ocp.args.StandardSave
+    <step>/data     the data iterator's state: a Grain DatasetIterator via
+                    grain.checkpoint.CheckpointSave (one JSON per process), any other iterator with
+                    get_state()/set_state() as JSON
+    <step>/config   the resolved config (JSON)
+
+and beside the steps `config.json`: the latest resolved config + {"layout": "train_state",
+"layout_version": 1} (`meta`), which `read.load` reads to find and restore the parameters.
 
 Restoring takes an *abstract* TrainState (ShapeDtypeStructs carrying the new run's shardings,
 `step.abstract_train_state`), so a checkpoint written on one mesh restores onto any other.
@@ -12,9 +16,12 @@ Restoring takes an *abstract* TrainState (ShapeDtypeStructs carrying the new run
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import orbax.checkpoint as ocp
+
+from radfm_jax.checkpoint import meta
+
+STATE_ITEM = 'state'   # the TrainState item of each step folder
 
 
 def _resolve(directory: str) -> str:
@@ -57,6 +64,17 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._record = None     # the config.json body last written by this process
+
+  def _write_record(self, config: dict | None):
+    """DIR/config.json: the layout record + the latest config (process 0 only; rewritten when the
+    config changes, and at least once so that the folder names its layout)."""
+    import jax
+    body = dict(config or {})
+    if jax.process_index() != 0 or body == self._record or (not body and self._record is not None):
+      return
+    meta.write_config(self.directory, meta.TRAIN_STATE, body)
+    self._record = body
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -66,13 +84,16 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iter=None, config: dict | None = None,
            force: bool = True) -> bool:
-    items = {'state': ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
     data = _data_save(data_iter)
     if data is not None:
       items['data'] = data
     if config is not None:
       items['config'] = ocp.args.JsonSave(config)
-    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._write_record(config)
+    return saved
 
   def restore(self, step: int | None, abstract_state, data_iter=None):
     """Returns (state, config dict or None); restores the data iterator's position in place."""
@@ -80,8 +101,8 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
     names = set(self.manager.item_metadata(step).keys()) if hasattr(
-        self.manager, 'item_metadata') else {'state', 'data', 'config'}
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+        self.manager, 'item_metadata') else {STATE_ITEM, 'data', 'config'}
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None and 'data' in names:
       items['data'] = _data_restore(data_iter)
     if 'config' in names:
@@ -89,7 +110,7 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iter is not None and 'data' in items and not _is_grain_iterator(data_iter):
       data_iter.set_state(out['data'])
-    return out['state'], (out['config'] if 'config' in items else None)
+    return out[STATE_ITEM], (out['config'] if 'config' in items else None)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -99,8 +120,8 @@ class Checkpointer:
     self.manager.close()
 
 
-def read_config(directory: str, step: int | None = None) -> dict:
-  """The resolved config saved with a checkpoint (latest step by default)."""
+def read_step_config(directory: str, step: int | None = None) -> dict:
+  """The resolved config saved with one step of a Checkpointer folder (latest step by default)."""
   mngr = ocp.CheckpointManager(_resolve(directory))
   step = mngr.latest_step() if step is None else step
   out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -108,4 +129,4 @@ def read_config(directory: str, step: int | None = None) -> dict:
   return out['config']
 
 
-__all__ = ['Checkpointer', 'read_config']
+__all__ = ['Checkpointer', 'read_step_config']

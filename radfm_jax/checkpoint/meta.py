@@ -1,0 +1,174 @@
+"""`config.json`, the file every checkpoint writer puts beside what it writes.
+
+    DIR/config.json                  {"layout": "params", "layout_version": 1, "model": {...}}
+    WORKDIR/checkpoints/config.json  {"layout": "train_state", "layout_version": 1,
+                                      "model": {...}, "data": {...}, "train": {...}, ...}
+
+`layout` says how the parameters are stored (see `read.locate`): "params" (`params.save`,
+`radfm-jax convert`: DIR/params/ is one Orbax tree of the parameter dict) or "train_state"
+(`train_state.Checkpointer`: numbered steps beside the file, each `<step>/state/` a TrainState).
+Readers look for the file in the given folder, then in its parents (a step folder finds its run's).
+
+Legacy (written before the layout field existed): a config.json with no `layout` is read as
+"params" if a `params/` folder sits beside it, as "train_state" if a `checkpoints/` folder does
+(the previous release's training workdir kept its config.json there), and is an error otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Mapping
+
+from radfm_jax.config import (DataConfig, LlamaConfig, ModelConfig, PerceiverConfig, VisionConfig,
+                              _validate_model)
+
+CONFIG_FILE = 'config.json'
+PARAMS, TRAIN_STATE = 'params', 'train_state'
+LAYOUTS = (PARAMS, TRAIN_STATE)
+LAYOUT_VERSION = 1
+
+
+def layout_record(layout: str) -> dict:
+  """The fields a writer adds to its config.json."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout {layout!r}: expected one of {LAYOUTS}')
+  return {'layout': layout, 'layout_version': LAYOUT_VERSION}
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: Mapping) -> ModelConfig:
+  d = dict(d)
+  cfg = ModelConfig(vision=VisionConfig(**d.pop('vision')),
+                    perceiver=PerceiverConfig(**d.pop('perceiver')),
+                    llama=LlamaConfig(**d.pop('llama')), **d)
+  _validate_model(cfg)
+  return cfg
+
+
+def write_config(directory: str, layout: str, body: Mapping) -> str:
+  """Writes DIR/config.json = body + the layout record (atomically: a reader never sees half a
+  file); returns its path. `directory` may be a URL (gs://...): written through etils.epath."""
+  from etils import epath
+  folder = epath.Path(directory)
+  folder.mkdir(parents=True, exist_ok=True)
+  text = json.dumps({**body, **layout_record(layout)}, indent=1, sort_keys=True, default=str)
+  path, tmp = folder / CONFIG_FILE, folder / (CONFIG_FILE + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(path)
+  return os.fspath(path)
+
+
+def checkpoint_folder(directory: str) -> str:
+  """A training workdir -> its `checkpoints/` folder (whose config.json carries the layout, where
+  the workdir's own config.json is the run's log copy); any other folder as it is."""
+  directory = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(directory, 'checkpoints')) and not os.path.isdir(
+      os.path.join(directory, 'params')):
+    return os.path.join(directory, 'checkpoints')
+  return directory
+
+
+def find_config(directory: str) -> str | None:
+  """The config.json of the checkpoint at `directory`: in its `checkpoint_folder` or the nearest
+  parent holding one (a step folder finds its run's); None when there is none anywhere."""
+  probe = checkpoint_folder(directory)
+  while True:
+    path = os.path.join(probe, CONFIG_FILE)
+    if os.path.isfile(path):
+      return path
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      return None
+    probe = parent
+
+
+def read_record(directory: str) -> tuple[str, dict, str]:
+  """(config.json path, its contents, layout) for the checkpoint at `directory`."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{directory}: no such checkpoint folder')
+  path = find_config(directory)
+  if path is None:
+    raise FileNotFoundError(f'{os.path.join(checkpoint_folder(directory), CONFIG_FILE)}: not found '
+                            f'(nor in any parent); a checkpoint folder holds a {CONFIG_FILE} with '
+                            f'"layout": one of {list(LAYOUTS)}')
+  with open(path) as f:
+    data = json.load(f)
+  layout = data.get('layout') if isinstance(data, dict) else None
+  if layout is None and isinstance(data, dict):
+    layout = _legacy_layout(os.path.dirname(path))
+    if layout is None:
+      raise ValueError(f'{path}: no "layout" field, and neither params/ nor checkpoints/ beside it '
+                       f'(expected "layout": one of {list(LAYOUTS)})')
+    return path, data, layout
+  if layout not in LAYOUTS:
+    raise ValueError(f'{path}: "layout" is {layout!r}, expected one of {list(LAYOUTS)}')
+  version = data.get('layout_version')
+  if version != LAYOUT_VERSION:
+    raise ValueError(f'{path}: "layout_version" is {version!r}, expected {LAYOUT_VERSION} '
+                     '(written by another radfm-jax release)')
+  return path, data, layout
+
+
+def _legacy_layout(folder: str) -> str | None:
+  """The previous release's layouts, told apart by the folders beside the config.json."""
+  if os.path.isdir(os.path.join(folder, 'params')):
+    return PARAMS
+  if os.path.isdir(os.path.join(folder, 'checkpoints')):
+    return TRAIN_STATE
+  return None
+
+
+def model_config_of(path: str, data: Mapping) -> ModelConfig:
+  """The ModelConfig in a config.json's `model` section (`path` names the file in errors)."""
+  if not isinstance(data.get('model'), Mapping):
+    raise ValueError(f'{path}: no "model" section (expected the ModelConfig the checkpoint was '
+                     'written with)')
+  return config_from_dict(data['model'])
+
+
+def read_model_config(directory: str) -> ModelConfig:
+  """The ModelConfig of the checkpoint at `directory` (any layout)."""
+  path, data, _ = read_record(directory)
+  return model_config_of(path, data)
+
+
+def read_data_config(directory: str) -> DataConfig | None:
+  """The DataConfig of the run that wrote a checkpoint (its config.json 'data' section: image sizes,
+  depth buckets, intensity policy), or None for a parameter-only checkpoint (which records none)."""
+  path = find_config(directory)
+  if path is None:
+    return None
+  with open(path) as f:
+    section = json.load(f).get('data')
+  if not isinstance(section, dict):
+    return None
+  fields = {f.name for f in dataclasses.fields(DataConfig)}
+
+  def tuples(v):
+    return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+  return DataConfig(**{k: tuples(v) for k, v in section.items() if k in fields})
+
+
+def find_tokenizer(directory: str) -> str | None:
+  """The tokenizer of a checkpoint: the run config's `data.tokenizer` if that file exists, else a
+  `tokenizer.model` in the checkpoint folder or any parent (the demo keeps it beside `train/`)."""
+  probe = checkpoint_folder(directory)
+  while True:
+    config = os.path.join(probe, CONFIG_FILE)
+    if os.path.exists(config):
+      with open(config) as f:
+        given = (json.load(f).get('data') or {}).get('tokenizer')
+      if given and os.path.isfile(given):
+        return given
+    candidate = os.path.join(probe, 'tokenizer.model')
+    if os.path.isfile(candidate):
+      return candidate
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      return None
+    probe = parent

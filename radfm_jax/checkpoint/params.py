@@ -1,0 +1,154 @@
+"""Parameter-only checkpoints (layout "params"), written one slice at a time.
+
+    DIR/config.json   {"layout": "params", "layout_version": 1, "model": {...}, + its origin}
+    DIR/params/       an Orbax PyTree checkpoint of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+
+`save(model, DIR)` writes one from a model in memory; `radfm-jax convert` streams one from a
+PyTorch checkpoint with `IncrementalWriter` + `write_config`. `read.load` / `read.LeafReader` read
+it.
+
+Bounded memory. Orbax saves whole leaves, and the stacked LLaMA leaves are large (13B: the
+[40, 5120, 13824] gate kernel is 11 GB in float32), so `IncrementalWriter` lets Orbax write the
+checkpoint's tree metadata for a skeleton of 1-element arrays (non-OCDBT, zarr v2: one TensorStore
+array per leaf), then re-creates each leaf's array at its real shape with the same dtype and
+compressor and fills it slice by slice (one layer of one tensor at a time) through TensorStore. The
+result is an ordinary Orbax checkpoint: `ocp.StandardCheckpointer().restore` / `read.load` read it
+as one tree, onto any mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from typing import Mapping
+
+import numpy as np
+
+from radfm_jax.checkpoint import meta
+from radfm_jax.config import ModelConfig
+from radfm_jax.convert.engine import flat_params, trim_memory, unflatten
+
+PARAMS_DIR = 'params'
+CHUNK_BYTES = 64 << 20   # zarr chunk target: restores read whole chunks, keep them modest
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
+  """Chunk shape: one layer per chunk for stacked leaves, then halve the largest dim to fit."""
+  chunks = list(shape)
+  if stacked and chunks:
+    chunks[0] = 1
+  while math.prod(chunks) * itemsize > CHUNK_BYTES:
+    j = int(np.argmax(chunks))
+    if chunks[j] == 1:
+      break
+    chunks[j] = (chunks[j] + 1) // 2
+  return [max(c, 1) for c in chunks]
+
+
+class IncrementalWriter:
+  """Writes an Orbax PyTree checkpoint leaf slice by leaf slice.
+
+      w = IncrementalWriter('out/params', {'llama/layers/q/kernel': ((L, E, H, D), np.float32)},
+                            stacked={'llama/layers/q/kernel'})
+      w.write('llama/layers/q/kernel', 3, layer3)   # index None writes the whole leaf
+      w.write('llama/embed_tokens', None, rows, (slice(0, 512),))   # a region of it
+      w.close()                                     # checks every element was written, then commits
+
+  `plans` (path -> (axis, block) of the per-layer leaf, from `engine.split_plans`) makes each zarr
+  chunk exactly one written block, so no chunk is ever read back, merged and recompressed.
+
+  Data goes to `<directory>.partial` and is renamed into place by `close`, so an interrupted
+  conversion never leaves a directory that looks like a checkpoint.
+  """
+
+  def __init__(self, directory: str, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+               stacked=(), plans: Mapping[str, tuple[int, int] | None] | None = None):
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    self.directory = os.path.abspath(directory)
+    self.tmp = self.directory + '.partial'
+    if os.path.exists(self.tmp):
+      shutil.rmtree(self.tmp)
+    self.leaves = {p: (tuple(s), np.dtype(d)) for p, (s, d) in leaves.items()}
+    skeleton = {p: np.zeros((1,) * len(s), d) for p, (s, d) in self.leaves.items()}
+    ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=False).save(
+        self.tmp, args=ocp.args.PyTreeSave(unflatten(skeleton)))
+    self.arrays, self.todo = {}, {}
+    for path, (shape, dtype) in self.leaves.items():
+      leaf_dir = os.path.join(self.tmp, '.'.join(path.split('/')))
+      meta_file = os.path.join(leaf_dir, '.zarray')
+      if not os.path.exists(meta_file):
+        raise RuntimeError(f'Orbax wrote no zarr array at {leaf_dir}: the on-disk layout this '
+                           'writer relies on (non-OCDBT zarr v2, one array per leaf) has changed')
+      with open(meta_file) as f:
+        zarray = json.load(f)
+      shutil.rmtree(leaf_dir)
+      spec = {'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': leaf_dir},
+              'metadata': {'shape': list(shape), 'dtype': zarray['dtype'],
+                           'compressor': zarray['compressor'],
+                           'fill_value': zarray['fill_value'],
+                           'chunks': self._chunk_shape(path, shape, dtype, path in stacked, plans),
+                           'order': 'C',
+                           'dimension_separator': zarray.get('dimension_separator', '.')}}
+      self.arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
+      self.todo[path] = math.prod(shape)    # elements still to write (blocks never overlap)
+
+  @staticmethod
+  def _chunk_shape(path, shape, dtype, stacked, plans):
+    plan = (plans or {}).get(path)
+    if plan is None:
+      return _chunks(shape, dtype.itemsize, stacked)
+    axis, block = plan
+    per_layer = list(shape[1:] if stacked else shape)
+    per_layer[axis] = block
+    return ([1] if stacked else []) + per_layer
+
+  def write(self, path: str, index: int | None, array: np.ndarray,
+            region: tuple[slice, ...] | None = None):
+    """Writes `array` at leaf[index][region] (index None: the leaf itself; region None: all)."""
+    shape, dtype = self.leaves[path]
+    target = self.arrays[path] if index is None else self.arrays[path][index]
+    if region is not None:
+      target = target[region]
+    if tuple(array.shape) != tuple(target.shape):
+      raise ValueError(f'{path}[{index}][{region}]: shape {array.shape}, expected {target.shape}')
+    target.write(np.asarray(array, dtype)).result()
+    self.todo[path] -= array.size
+    if array.nbytes > (8 << 20):
+      trim_memory()
+
+  def close(self):
+    unwritten = {p: n for p, n in self.todo.items() if n}
+    if unwritten:
+      raise RuntimeError(f'checkpoint incomplete, elements never written: {unwritten}')
+    self.arrays.clear()
+    if os.path.exists(self.directory):
+      shutil.rmtree(self.directory)
+    os.replace(self.tmp, self.directory)
+
+
+# ------------------------------------------------------------------------------------------------
+# The checkpoint around the tree
+
+
+def write_config(directory: str, cfg: ModelConfig, **info) -> str:
+  """DIR/config.json for the parameters in DIR/params/: the layout record, the model config and
+  `info` (where they came from). Written after the tree, so a config.json names a whole tree."""
+  return meta.write_config(directory, meta.PARAMS, {'model': meta.config_to_dict(cfg), **info})
+
+
+def save(model, directory: str, **info) -> str:
+  """Writes `model`'s parameters as a parameter-only checkpoint (`DIR/params/` + `DIR/config.json`)
+  with the converter's own writer, so `load` and `radfm-jax convert to-torch` read it back."""
+  from flax import nnx
+  flat = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  leaves = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()}
+  writer = IncrementalWriter(os.path.join(directory, PARAMS_DIR), leaves)
+  for path, value in flat.items():
+    writer.write(path, None, np.asarray(value))
+  writer.close()
+  write_config(directory, model.cfg, **info)
+  return os.path.abspath(directory)

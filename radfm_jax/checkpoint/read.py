@@ -1,0 +1,183 @@
+"""Reading the parameters of either checkpoint layout, by the layout its config.json names.
+
+    model, cfg = load('ckpt/')                       # a parameter-only checkpoint (`save`, convert)
+    model, cfg = load('workdir/', step=500)          # a training run (or its checkpoints/, a step)
+    leaf = LeafReader('ckpt/'); leaf('llama/layers/gate/kernel', 3)     # one layer as numpy
+
+`locate` turns a folder into the Orbax PyTree folder holding the parameters and the keys they sit
+under there; only those leaves are read (never a TrainState's optimizer moments), straight into
+their NamedShardings, so a checkpoint written on one mesh restores onto any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from radfm_jax.checkpoint import meta
+from radfm_jax.checkpoint.params import PARAMS_DIR
+from radfm_jax.checkpoint.train_state import STATE_ITEM
+from radfm_jax.config import ModelConfig
+from radfm_jax.convert.engine import flat_params, unflatten
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """Where a checkpoint's parameters are: `tree` (an Orbax PyTree folder) holds parameter `p`
+  (`llama/embed_tokens`, ...) at key path prefix + p + suffix. A TrainState nests the parameters
+  under 'params' and saves each nnx Variable as {'value': array}."""
+  config_path: str
+  layout: str
+  cfg: ModelConfig
+  tree: str
+  prefix: tuple[str, ...]
+  suffix: tuple[str, ...]
+  step: int | None
+
+
+def _steps(root: str) -> list[int]:
+  """The committed steps of a Checkpointer folder (Orbax renames a step into place when done)."""
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(n) for n in os.listdir(root)
+                if n.isdigit() and os.path.isdir(os.path.join(root, n, STATE_ITEM)))
+
+
+def locate(directory: str, step: int | None = None) -> Location:
+  """The parameters of the checkpoint at `directory`: a parameter-only checkpoint, a training
+  workdir, its checkpoints/ folder or one step folder; `step` picks a training step (default: the
+  folder's own step, else the latest)."""
+  path, data, layout = meta.read_record(directory)
+  cfg = meta.model_config_of(path, data)
+  home = os.path.dirname(path)
+  if layout == meta.PARAMS:
+    if step is not None:
+      raise ValueError(f'{path}: a parameter-only checkpoint (layout "params") has no step {step}')
+    tree = os.path.join(home, PARAMS_DIR)
+    if not os.path.isdir(tree):
+      raise FileNotFoundError(f'{tree}: missing; {path} names layout "params", which keeps the '
+                              f'parameters in {PARAMS_DIR}/ beside it')
+    return Location(path, layout, cfg, tree, (), (), None)
+  # The previous release's config.json (no layout field) sat in the workdir, above checkpoints/.
+  root = home if 'layout' in data else os.path.join(home, 'checkpoints')
+  steps = _steps(root)
+  rel = os.path.relpath(meta.checkpoint_folder(directory), root).split(os.sep)
+  if rel[0].isdigit():                      # a step folder (or a folder inside one)
+    if step is not None and step != int(rel[0]):
+      raise ValueError(f'{directory} is step {rel[0]}, but step={step} was asked for')
+    step = int(rel[0])
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f'{root}: no committed step (expected <step>/{STATE_ITEM}/ folders '
+                              f'beside {path})')
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'{root}: no step {step} (steps: {steps})')
+  tree = os.path.join(root, str(step), STATE_ITEM)
+  return Location(path, layout, cfg, tree, ('params',), ('value',), step)
+
+
+def _key(loc: Location, path: str) -> tuple[str, ...]:
+  return loc.prefix + tuple(path.split('/')) + loc.suffix
+
+
+def _restore(loc: Location, target: dict, as_numpy: bool) -> dict:
+  """Partial Orbax restore of the (nested) `target` of ShapeDtypeStructs; returns that structure."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  flat = flat_params(target)
+  item = unflatten({'/'.join(_key(loc, p)): v for p, v in flat.items()})
+
+  def args_for(sds):
+    if as_numpy:
+      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=sds.dtype)
+    return ocp.ArrayRestoreArgs(sharding=sds.sharding, global_shape=sds.shape, dtype=sds.dtype)
+
+  restore_args = jax.tree.map(args_for, item)
+  out = ocp.PyTreeCheckpointer().restore(loc.tree, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  out = flat_params(out)
+  return unflatten({p: out['/'.join(_key(loc, p))] for p in flat})
+
+
+class LeafReader:
+  """Reads parameters from a checkpoint (either layout) as numpy, one layer of one leaf at a time.
+
+      leaf = LeafReader('ckpt/'); leaf('llama/layers/gate/kernel', 3)   # [hidden, mlp]
+
+  Leaves are opened with TensorStore at the spec Orbax wrote them with (zarr or zarr3, plain files
+  or OCDBT, from the tree's `_METADATA`), which allows reading a slice; if that fails, the whole
+  leaf is restored through Orbax.
+  """
+
+  def __init__(self, directory: str, step: int | None = None):
+    from flax import nnx
+
+    from radfm_jax.models.radfm import abstract_model
+    self.location = locate(directory, step)
+    self.cfg = self.location.cfg
+    _, state = abstract_model(self.cfg)
+    self.abstract = flat_params(nnx.to_pure_dict(state))
+    with open(os.path.join(self.location.tree, '_METADATA')) as f:
+      tree_meta = json.load(f)
+    self._ocdbt = tree_meta.get('use_ocdbt', True)
+    self._zarr3 = tree_meta.get('use_zarr3', False)
+    self._open = {}
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {p: tuple(v.shape) for p, v in self.abstract.items()}
+
+  def _tensorstore(self, path: str):
+    import tensorstore as ts
+    if path not in self._open:
+      name, tree = '.'.join(_key(self.location, path)), self.location.tree
+      if self._ocdbt:
+        kv = {'driver': 'ocdbt', 'base': f'file://{tree}', 'path': name}
+      else:
+        kv = {'driver': 'file', 'path': os.path.join(tree, name)}
+      try:
+        self._open[path] = ts.open({'driver': 'zarr3' if self._zarr3 else 'zarr', 'kvstore': kv},
+                                   open=True, read=True).result()
+      except Exception:   # noqa: BLE001  (any layout we cannot open directly: use Orbax)
+        self._open[path] = None
+    return self._open[path]
+
+  def __call__(self, path: str, index: int | None = None) -> np.ndarray:
+    import jax
+    sds = self.abstract[path]
+    array = self._tensorstore(path)
+    if array is not None and tuple(array.shape) == tuple(sds.shape):
+      out = (array if index is None else array[index]).read().result()
+    else:
+      abstract = unflatten({path: jax.ShapeDtypeStruct(sds.shape, sds.dtype)})
+      out = flat_params(_restore(self.location, abstract, as_numpy=True))[path]
+      out = out if index is None else out[index]
+    return np.asarray(out).astype(sds.dtype, copy=False)
+
+
+def load(directory: str, *, step: int | None = None, mesh=None, rules=None):
+  """Any checkpoint -> (RadFM model, ModelConfig), parameters sharded over the devices.
+
+  directory: a parameter-only checkpoint, a training workdir, its `checkpoints/` folder or one step
+  folder (`locate`); step: a training step (default the latest). mesh: a `jax.sharding.Mesh` with
+  axes (data, fsdp, tensor), default one `fsdp` axis over every device; rules: logical rules
+  (default `LOGICAL_RULES['fsdp']`). Only parameters are read (never optimizer moments), straight
+  into their NamedShardings; nothing is initialised randomly first.
+  """
+  from flax import nnx
+
+  from radfm_jax import sharding
+  from radfm_jax.config import MeshConfig
+  from radfm_jax.models.radfm import abstract_model
+
+  loc = locate(directory, step)
+  if mesh is None:
+    mesh = sharding.make_mesh(MeshConfig())
+  rules = rules or sharding.LOGICAL_RULES['fsdp']
+  graphdef, state = abstract_model(loc.cfg, mesh, rules)
+  restored = _restore(loc, nnx.to_pure_dict(state), as_numpy=False)
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state), loc.cfg
