@@ -70,7 +70,8 @@ _ACCELERATOR = {'model': {'compute_dtype': 'bfloat16'}}
 
 
 def _accelerator(hbm_gib: float, topology: str = '', **mesh) -> dict:
-  return {**_ACCELERATOR, 'mesh': dict(hbm_gib=hbm_gib, topology=topology, **mesh)}
+  mesh = dict(hbm_gib=hbm_gib, **mesh, **({'topology': topology} if topology else {}))
+  return {**_ACCELERATOR, 'mesh': mesh}
 
 
 _H100_GIB = 79.6
