@@ -1,4 +1,4 @@
-"""The `radfm-jax demo` experiment: `configs/demo.py` (model `small`) or `configs/demo.py:model=tiny`.
+"""The `radfm-jax demo` experiment: `configs/demo.py` (model `small`) or `demo:model=tiny`.
 
 The main config (`radfm.py` beside this file) with the model size picked by `arg` and the demo's
 data and training settings: small images (2D 64 x 64 x 4, 3D 64 x 64 x 16: 16 / 64 ViT patches),

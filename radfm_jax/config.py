@@ -1,6 +1,6 @@
 """The config schema (frozen dataclasses: the ONLY defaults), loading, validation, mesh shapes.
 
-    cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', overrides=['model.llama.num_layers=4'])
+    cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', ['model.llama.num_layers=4'])
     cfg = load_config('radfm:model=tiny')     # the built-in experiment, from any directory
 
 An experiment file's `get_config(arg)` lists only what differs from the dataclass defaults; loading
@@ -18,7 +18,7 @@ import dataclasses
 import importlib.util
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -292,7 +292,8 @@ def _lay_over(base: ml_collections.ConfigDict, diff, prefix: str = ''):
 def with_defaults(diff) -> ml_collections.ConfigDict:
   """The full config: `diff` (a ConfigDict or dict listing only some fields) over `defaults()`."""
   if not _is_section(diff):
-    raise ConfigError(f'config: expected a ConfigDict or dict of sections, got {type(diff).__name__}')
+    raise ConfigError(f'config: expected a ConfigDict or dict of sections, '
+                      f'got {type(diff).__name__}')
   return _lay_over(defaults(), diff)
 
 
@@ -562,8 +563,8 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   raises `ConfigError` naming the field on any bad value."""
   cfg = with_defaults(cfg)
   m = cfg.model
-  model = _build(ModelConfig, {k: v for k, v in m.items() if k not in ('vision', 'perceiver', 'llama')},
-                 'model',
+  model = _build(ModelConfig,
+                 {k: v for k, v in m.items() if k not in ('vision', 'perceiver', 'llama')}, 'model',
                  vision=_build(VisionConfig, m.get('vision'), 'model.vision'),
                  perceiver=_build(PerceiverConfig, m.get('perceiver'), 'model.perceiver'),
                  llama=_build(LlamaConfig, m.get('llama'), 'model.llama'))
