@@ -224,17 +224,20 @@ _SCHEMA_FIELDS = ('model', 'mesh', 'data', 'generate', 'train', 'seed')
 # Loading
 
 
+def _plain(value):
+  """Tuples as lists, at every depth (the ConfigDict form of a dataclass value)."""
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  return value
+
+
 def defaults() -> ml_collections.ConfigDict:
-  """The full config holding every dataclass default (tuples as lists): the schema that experiment
-  files and overrides are laid over."""
-  def plain(value):
-    if isinstance(value, dict):
-      return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-      return [plain(v) for v in value]
-    return value
-  return ml_collections.ConfigDict(
-      {name: plain(dataclasses.asdict(Config()).get(name)) for name in _SCHEMA_FIELDS})
+  """The full config holding every dataclass default: the schema that experiment files and
+  overrides are laid over."""
+  full = dataclasses.asdict(Config())
+  return ml_collections.ConfigDict({name: _plain(full[name]) for name in _SCHEMA_FIELDS})
 
 
 def _is_section(value) -> bool:
@@ -244,27 +247,19 @@ def _is_section(value) -> bool:
 def _coerce(field: str, old, value, text: str | None = None):
   """`value` in the type of the field's current value `old` (an int for a float field becomes a
   float, a comma string or a scalar for a list field a list, an override's text for a string)."""
-  if isinstance(old, bool) or isinstance(value, bool):
-    if type(old) is not type(value):
-      _fail(field, value, f'a {type(old).__name__} like the default {old!r}')
-    return value
-  if isinstance(old, float) and isinstance(value, int):
-    return float(value)
   if isinstance(old, str) and not isinstance(value, str):
     if text is None:
       _fail(field, value, 'a string')
     return text
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
   if isinstance(old, list):
     if isinstance(value, str):
       return [_parse_value(v.strip()) for v in value.split(',') if v.strip()]
-    return [_plain_item(v) for v in value] if isinstance(value, (list, tuple)) else [value]
+    return _plain(value) if isinstance(value, (list, tuple)) else [value]
   if type(old) is not type(value):
-    _fail(field, value, f'a {type(old).__name__} like the default {old!r}')
+    _fail(field, value, f'a value of type {type(old).__name__} (the default is {old!r})')
   return value
-
-
-def _plain_item(value):
-  return [_plain_item(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _lay_over(base: ml_collections.ConfigDict, diff, prefix: str = ''):

@@ -117,7 +117,7 @@ def test_overrides_of_unlisted_fields_use_the_schema():
   assert isinstance(cfg.mesh.hbm_gib, float) and cfg.train.async_checkpoint is False
   with pytest.raises(ConfigError, match=r'no config field train\.stepz'):
     load_config(SPEC, ['train.stepz=3'])
-  with pytest.raises(ConfigError, match=r'train\.tensorboard=1: expected a bool'):
+  with pytest.raises(ConfigError, match=r'train\.tensorboard=1: expected a value of type bool'):
     load_config(SPEC, ['train.tensorboard=1'])
   with pytest.raises(ConfigError, match=r'model\.llama is a section'):
     load_config(SPEC, ['model.llama=3'])
@@ -130,7 +130,7 @@ def test_validate_accepts_a_partial_config_and_checks_names():
                                                                ('tensor', 1)))
   with pytest.raises(ConfigError, match=r'config field train\.stepz: no such field'):
     validate({'train': {'stepz': 9}})
-  with pytest.raises(ConfigError, match=r'config field model\.vision\.dim=.*expected a int'):
+  with pytest.raises(ConfigError, match=r'config field model\.vision\.dim=.*expected a value of type int'):
     validate({'model': {'vision': {'dim': 'wide'}}})
   with pytest.raises(ConfigError, match='config field nmae: no such field'):
     validate({'nmae': 'x'})
