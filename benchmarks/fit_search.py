@@ -95,7 +95,7 @@ def tables(records) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--preset', help='a tpu_* mesh preset of configs/hardware.py')
+  p.add_argument('--preset', help='a tpu_* hardware preset of radfm_jax/presets.py')
   p.add_argument('--table', action='store_true',
                  help='print the README tables of the JSON lines in --json and exit')
   p.add_argument('--model', default='radfm_13b')
@@ -108,8 +108,7 @@ def main(argv=None) -> int:
   p.add_argument('extra', nargs='*', help='more aot arguments, e.g. --config.model.x=y')
   args = p.parse_args(argv)
 
-  sys.path.insert(0, ROOT)
-  from configs.hardware import PRESETS
+  from radfm_jax.presets import HARDWARE
   records = []
   if os.path.exists(args.json):
     with open(args.json) as f:
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
     return 0
   if not args.preset:
     p.error('--preset is required (or --table)')
-  topology = PRESETS[args.preset]['topology']
+  topology = HARDWARE[args.preset].get('mesh', {}).get('topology', '')
   chips = aot.chip_count(topology)
   lo, hi = bracket(records, topology, args.attention, args.remat, args.text_len)
   if hi is None:

@@ -1,29 +1,28 @@
-"""The `radfm-jax demo` experiment: `configs/demo.py` (model `small`) or `configs/demo.py:model=tiny`.
+"""The `radfm-jax demo` experiment: `configs/demo.py` (model `small`) or `demo:model=tiny`.
 
-The main config (`configs/radfm.py`) with the model size picked by `arg` and the demo's data and
-training settings: small images (2D 64 x 64 x 4, 3D 64 x 64 x 16: 16 / 64 ViT patches), short texts
-(64 / 128 tokens), a 1024-piece tokenizer (the demo corpus holds ~150 distinct sentences; BPE tops out
-near 1300 pieces on it, so the 2048 of `small` cannot be trained), no dropout, no TensorBoard, one
-checkpoint at the end, and `demo.closed_first`: the fraction of the steps trained on closed questions
-only before the reports join (`radfm_jax.demo.Curriculum`). Everything can still be overridden with
-dotted flags (`demo.closed_first=0` trains on the full mix from step 0).
+The main config (`radfm.py` beside this file) with the model size picked by `arg` and the demo's
+data and training settings: small images (2D 64 x 64 x 4, 3D 64 x 64 x 16: 16 / 64 ViT patches),
+short texts (64 / 128 tokens), a 1024-piece tokenizer (the demo corpus holds ~150 distinct
+sentences; BPE tops out near 1300 pieces on it, so the 2048 of `small` cannot be trained), no
+dropout, no TensorBoard, one checkpoint at the end, and `demo.closed_first`: the fraction of the
+steps trained on closed questions only before the reports join (`radfm_jax.demo.Curriculum`).
+Everything can still be overridden with dotted flags (`demo.closed_first=0` trains on the full mix
+from step 0).
 """
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(__file__))
-import radfm  # noqa: E402
+from radfm_jax.config import import_config_file
+
+# The sibling file, so that a copied configs/ folder keeps demo on top of its own radfm.py.
+radfm = import_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'radfm.py'))
 
 
 def get_config(arg=''):
-  picks = dict(item.split('=', 1) for item in filter(None, (arg or '').split(',')))
-  picks.setdefault('model', 'small')
-  picks.setdefault('mesh', 'cpu')
+  picks = radfm.parse_arg(arg, {'model': 'small', 'mesh': 'cpu'})
   cfg = radfm.get_config(f"model={picks['model']},mesh={picks['mesh']}")
-  cfg.name = f"demo_{picks['model']}"
   cfg.model.vision.dropout = 0.0
   cfg.model.max_images = 8
   if picks['model'] == 'small':

@@ -1,9 +1,14 @@
-"""Load `configs/*.py:arg` files and validate them into frozen dataclasses before JAX is touched.
+"""The config schema (frozen dataclasses: the ONLY defaults), loading, validation, mesh shapes.
 
-    cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', overrides=['model.llama.num_layers=4'])
+    cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', ['model.llama.num_layers=4'])
+    cfg = load_config('radfm:model=tiny')     # the built-in experiment, from any directory
 
+An experiment file's `get_config(arg)` lists only what differs from the dataclass defaults; loading
+lays it over the full default ConfigDict (`defaults()`), then applies `a.b.c=value` overrides, so an
+override of a field the file does not list still works and an unknown field is still an error.
 `load_config` returns a validated `Config`; every error names the dotted field and the value it
 expected, so a bad flag fails on the host in milliseconds rather than deep inside a compile.
+Nothing here imports JAX (the mesh-shape arithmetic is plain Python; `sharding.py` builds meshes).
 """
 
 from __future__ import annotations
@@ -11,17 +16,24 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import math
 import os
 from typing import Any, Sequence
 
 import ml_collections
+
+from radfm_jax import presets
 
 REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 DTYPES = ('float32', 'bfloat16', 'float16')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 RULE_PRESETS = ('fsdp', 'fsdp_tp')
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The built-in experiments ship inside the package (radfm_jax/experiments/*.py), so a wheel
+# install resolves `radfm` / `configs/radfm.py` without a source tree; configs/ at the top of the
+# repository holds identical copies for users to copy and edit (tests/test_config.py keeps them
+# identical). A path that exists always wins over the built-in of the same name.
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'experiments')
 
 
 class ConfigError(ValueError):
@@ -111,8 +123,7 @@ class MeshConfig:
   ici: tuple[tuple[str, int], ...] = (('data', 1), ('fsdp', -1), ('tensor', 1))
   dcn: tuple[tuple[str, int], ...] = (('data', 1), ('fsdp', 1), ('tensor', 1))
   rules: str = 'fsdp'
-  preset: str = 'cpu'
-  platform: str = 'cpu'
+  preset: str = 'cpu'         # the hardware preset's name (radfm_jax/presets.py), for messages
   topology: str = ''
   hbm_gib: float = 0.0
 
@@ -189,31 +200,119 @@ FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc'
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """The validated config. Sections without a dataclass yet stay in `extra` (a locked ConfigDict)."""
-  model: ModelConfig
-  mesh: MeshConfig
-  data: DataConfig
-  generate: GenerateConfig
+  """The validated config. Sections without a dataclass (an experiment's own, e.g. `demo`) stay in
+  `extra` (a locked ConfigDict)."""
+  model: ModelConfig = ModelConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  generate: GenerateConfig = GenerateConfig()
   train: TrainConfig = TrainConfig()
-  name: str = 'radfm'
-  seed: int = 0
+  seed: int = 0            # parameter init, dropout and data-order keys
   extra: Any = None
   source: ml_collections.ConfigDict | None = dataclasses.field(default=None, compare=False)
 
   def to_dict(self) -> dict:
-    """The resolved config as plain JSON-able data (saved beside checkpoints)."""
+    """The full resolved config (every field, defaults included) as plain JSON-able data (saved
+    beside checkpoints)."""
     return self.source.to_dict() if self.source is not None else dataclasses.asdict(self)
+
+
+_SCHEMA_FIELDS = ('model', 'mesh', 'data', 'generate', 'train', 'seed')
 
 
 # ------------------------------------------------------------------------------------------------
 # Loading
 
 
-def _import_config_file(path: str):
-  if not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(PROJECT_ROOT, path)
-  if not os.path.exists(path):
-    raise ConfigError(f'config file {path!r} does not exist (expected e.g. configs/radfm.py)')
+def _plain(value):
+  """Tuples as lists, at every depth (the ConfigDict form of a dataclass value)."""
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The full config holding every dataclass default: the schema that experiment files and
+  overrides are laid over."""
+  full = dataclasses.asdict(Config())
+  return ml_collections.ConfigDict({name: _plain(full[name]) for name in _SCHEMA_FIELDS})
+
+
+def _is_section(value) -> bool:
+  return isinstance(value, (dict, ml_collections.ConfigDict))
+
+
+def _coerce(field: str, old, value, text: str | None = None):
+  """`value` in the type of the field's current value `old` (an int for a float field becomes a
+  float, a comma string or a scalar for a list field a list, an override's text for a string)."""
+  if isinstance(old, str) and not isinstance(value, str):
+    if text is None:
+      _fail(field, value, 'a string')
+    return text
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(old, list):
+    if isinstance(value, str):
+      return [_parse_value(v.strip()) for v in value.split(',') if v.strip()]
+    return _plain(value) if isinstance(value, (list, tuple)) else [value]
+  if type(old) is not type(value):
+    _fail(field, value, f'a value of type {type(old).__name__} (the default is {old!r})')
+  return value
+
+
+def _lay_over(base: ml_collections.ConfigDict, diff, prefix: str = ''):
+  """Writes `diff` (a partial config) into the full `base`, field by field, checking names and
+  coercing types. A top-level section outside the schema (an experiment's own, e.g. `demo`) is
+  taken as it is."""
+  for key, value in diff.items():
+    field = prefix + key
+    if key not in base:
+      if not prefix and key not in _SCHEMA_FIELDS and _is_section(value):
+        base[key] = ml_collections.ConfigDict(value)
+        continue
+      raise ConfigError(f'config field {field}: no such field (fields here: {sorted(base.keys())}'
+                        f"{'; a section of your own must be a dict' if not prefix else ''})")
+    old = base[key]
+    if isinstance(old, ml_collections.ConfigDict):
+      if not _is_section(value):
+        _fail(field, value, 'a section (dict) of fields')
+      _lay_over(old, value, field + '.')
+    else:
+      base[key] = _coerce(field, old, value)
+  return base
+
+
+def with_defaults(diff) -> ml_collections.ConfigDict:
+  """The full config: `diff` (a ConfigDict or dict listing only some fields) over `defaults()`."""
+  if not _is_section(diff):
+    raise ConfigError(f'config: expected a ConfigDict or dict of sections, '
+                      f'got {type(diff).__name__}')
+  return _lay_over(defaults(), diff)
+
+
+def builtin_experiments() -> list[str]:
+  """Names of the experiments shipped in the package (`radfm`, `demo`)."""
+  return sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR)
+                if f.endswith('.py') and not f.startswith('_'))
+
+
+def resolve_config_path(path: str) -> str:
+  """An existing file as given, else the built-in experiment of that name for `NAME`, `NAME.py`
+  or `configs/NAME.py` (only those: a typo in any other path must not load a built-in)."""
+  if os.path.isfile(path):
+    return path
+  head, name = os.path.split(path)
+  builtin = os.path.join(EXPERIMENTS_DIR, name.removesuffix('.py') + '.py')
+  if head in ('', 'configs') and name and os.path.isfile(builtin):
+    return builtin
+  raise ConfigError(f'config file {path!r} does not exist (expected a path to a get_config(arg) '
+                    f'file, or a built-in experiment: {", ".join(builtin_experiments())})')
+
+
+def import_config_file(path: str):
+  """The module of an experiment file (its own module name per path: files never share state)."""
   spec = importlib.util.spec_from_file_location(f'radfm_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -230,35 +329,35 @@ def _parse_value(text: str):
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]):
-  """Applies `a.b.c=value` overrides (value parsed as a Python literal, else a string)."""
+  """Applies `a.b.c=value` overrides to a full config (value parsed as a Python literal, else a
+  string, then coerced to the field's type)."""
   for item in overrides:
     key, sep, text = item.partition('=')
     if not sep:
       raise ConfigError(f'override {item!r}: expected dotted.field=value')
-    *parents, leaf = key.strip().lstrip('-').removeprefix('config.').split('.')
+    key = key.strip().lstrip('-').removeprefix('config.')
+    *parents, leaf = key.split('.')
     node = cfg
     for i, name in enumerate(parents):
-      if name not in node:
+      if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
         raise ConfigError(f"override {item!r}: no config section {'.'.join(parents[:i + 1])}")
       node = node[name]
     if leaf not in node:
-      raise ConfigError(f'override {item!r}: no config field {key.strip()} '
+      raise ConfigError(f'override {item!r}: no config field {key} '
                         f'(fields here: {sorted(node.keys())})')
-    value = _parse_value(text)
-    old = node[leaf]
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    if isinstance(old, str) and not isinstance(value, str):
-      value = text
-    node[leaf] = value
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+      raise ConfigError(f'override {item!r}: {key} is a section; set one of its fields '
+                        f'{sorted(node[leaf].keys())}')
+    node[leaf] = _coerce(key, node[leaf], _parse_value(text), text)
   return cfg
 
 
 def load_config_dict(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`path.py[:arg]` -> ConfigDict with overrides applied (not yet validated)."""
+  """`path.py[:arg]` (or a built-in `NAME[:arg]`) -> the full ConfigDict: the file's fields over
+  the defaults, overrides applied (not yet validated)."""
   path, _, arg = spec.partition(':')
-  cfg = _import_config_file(path).get_config(arg)
-  return apply_overrides(cfg, overrides)
+  diff = import_config_file(resolve_config_path(path)).get_config(arg)
+  return apply_overrides(with_defaults(diff), overrides)
 
 
 def load_config(spec: str, overrides: Sequence[str] = (), num_devices: int | None = None) -> Config:
@@ -340,14 +439,45 @@ def _validate_axes(field: str, axes):
     _fail(field, [list(a) for a in axes], 'at most one -1 (fill) size')
 
 
+def _fill(axes: Sequence[tuple[str, int]], total: int, field: str) -> dict[str, int]:
+  sizes = dict(axes)
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if -1 in sizes.values():
+    if total % known:
+      raise ConfigError(f'config field {field}={[list(a) for a in axes]!r}: expected sizes whose '
+                        f'product divides {total} devices (fixed part is {known})')
+    sizes = {a: (total // known if s == -1 else s) for a, s in sizes.items()}
+  if math.prod(sizes.values()) != total:
+    raise ConfigError(f'config field {field}={[list(a) for a in axes]!r}: expected sizes whose '
+                      f'product is {total}, got {math.prod(sizes.values())}')
+  return sizes
+
+
+def resolve_mesh_shape(ici, dcn, num_devices: int, num_slices: int | None = None):
+  """(ici sizes, dcn sizes) in `MESH_AXES` order, with -1 filled, for `num_devices` devices.
+
+  `num_slices` (number of slices / nodes) defaults to the product of the non-fill dcn sizes, or 1.
+  """
+  dcn_known = math.prod(s for _, s in dcn if s != -1)
+  if num_slices is None:
+    num_slices = dcn_known if -1 not in dict(dcn).values() else None
+  if num_slices is None:
+    raise ConfigError('config field mesh.dcn uses -1 but the number of slices is unknown')
+  if num_devices % num_slices:
+    raise ConfigError(f'config field mesh.dcn={[list(a) for a in dcn]!r}: expected a slice count '
+                      f'dividing {num_devices} devices, got {num_slices}')
+  dcn_sizes = _fill(dcn, num_slices, 'mesh.dcn')
+  ici_sizes = _fill(ici, num_devices // num_slices, 'mesh.ici')
+  return tuple(ici_sizes[a] for a in MESH_AXES), tuple(dcn_sizes[a] for a in MESH_AXES)
+
+
 def _validate_mesh(mesh: MeshConfig, num_devices: int | None):
   _validate_axes('mesh.ici', mesh.ici)
   _validate_axes('mesh.dcn', mesh.dcn)
   if mesh.rules not in RULE_PRESETS:
     _fail('mesh.rules', mesh.rules, f'one of {RULE_PRESETS}')
   if num_devices is not None:
-    from radfm_jax import sharding  # deferred: sharding imports jax
-    sharding.resolve_mesh_shape(mesh.ici, mesh.dcn, num_devices)
+    resolve_mesh_shape(mesh.ici, mesh.dcn, num_devices)
 
 
 def _validate_data(d: DataConfig, m: ModelConfig):
@@ -423,13 +553,13 @@ def _validate_train(t: TrainConfig):
     _fail('train.freeze', list(t.freeze), f'names from {sorted(FREEZE_GROUPS)}')
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> Config:
-  """ConfigDict -> frozen `Config`; raises `ConfigError` naming the field on any bad value."""
-  m = cfg.get('model')
-  if m is None:
-    raise ConfigError('config has no model section')
-  model = _build(ModelConfig, {k: v for k, v in m.items() if k not in ('vision', 'perceiver', 'llama')},
-                 'model',
+def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = None) -> Config:
+  """ConfigDict (all fields, or only those that differ from the defaults) -> frozen `Config`;
+  raises `ConfigError` naming the field on any bad value."""
+  cfg = with_defaults(cfg)
+  m = cfg.model
+  model = _build(ModelConfig,
+                 {k: v for k, v in m.items() if k not in ('vision', 'perceiver', 'llama')}, 'model',
                  vision=_build(VisionConfig, m.get('vision'), 'model.vision'),
                  perceiver=_build(PerceiverConfig, m.get('perceiver'), 'model.perceiver'),
                  llama=_build(LlamaConfig, m.get('llama'), 'model.llama'))
@@ -441,19 +571,17 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   generate = _build(GenerateConfig, cfg.get('generate'), 'generate')
   _validate_generate(generate)
   train = _build(TrainConfig, cfg.get('train'), 'train')
-  if isinstance(train.freeze, str):
-    train = dataclasses.replace(train, freeze=tuple(filter(None, train.freeze.split(','))))
   _validate_train(train)
-  known = {'model', 'mesh', 'data', 'generate', 'train', 'name', 'seed'}
-  extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in known})
+  extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in _SCHEMA_FIELDS})
   extra.lock()
-  return Config(model=model, mesh=mesh, data=data, generate=generate, train=train, name=cfg.get('name', 'radfm'),
-                seed=int(cfg.get('seed', 0)), extra=extra, source=cfg)
+  return Config(model=model, mesh=mesh, data=data, generate=generate, train=train,
+                seed=cfg.seed, extra=extra, source=cfg)
 
 
 def model_config(size: str = 'tiny', **overrides) -> ModelConfig:
-  """A validated ModelConfig for one size from `configs/model_sizes.py` (for notebooks and tests)."""
-  cfg = load_config_dict(f'configs/radfm.py:model={size}')
-  for key, value in overrides.items():
-    apply_overrides(cfg, [f'model.{key}={value!r}'])
+  """A validated ModelConfig for one size of `radfm_jax/presets.py` on the `cpu` preset (for
+  notebooks and tests); `overrides` name model fields, nested ones dotted:
+  `model_config('tiny', **{'llama.vocab_size': 1024}, compute_dtype='bfloat16')`."""
+  cfg = with_defaults(presets.select(model=size))
+  apply_overrides(cfg, [f'model.{key}={value!r}' for key, value in overrides.items()])
   return validate(cfg).model

@@ -18,7 +18,7 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
-from radfm_jax.config import MESH_AXES, ConfigError, MeshConfig
+from radfm_jax.config import MESH_AXES, MeshConfig, resolve_mesh_shape
 
 _BATCH = ('data', 'fsdp')
 
@@ -66,38 +66,6 @@ def rules_for(mesh_cfg: MeshConfig):
 
 # ------------------------------------------------------------------------------------------------
 # Mesh
-
-
-def _fill(axes: Sequence[tuple[str, int]], total: int, field: str) -> dict[str, int]:
-  sizes = dict(axes)
-  known = math.prod(s for s in sizes.values() if s != -1)
-  if -1 in sizes.values():
-    if total % known:
-      raise ConfigError(f'config field {field}={[list(a) for a in axes]!r}: expected sizes whose '
-                        f'product divides {total} devices (fixed part is {known})')
-    sizes = {a: (total // known if s == -1 else s) for a, s in sizes.items()}
-  if math.prod(sizes.values()) != total:
-    raise ConfigError(f'config field {field}={[list(a) for a in axes]!r}: expected sizes whose '
-                      f'product is {total}, got {math.prod(sizes.values())}')
-  return sizes
-
-
-def resolve_mesh_shape(ici, dcn, num_devices: int, num_slices: int | None = None):
-  """(ici sizes, dcn sizes) in `MESH_AXES` order, with -1 filled, for `num_devices` devices.
-
-  `num_slices` (number of slices / nodes) defaults to the product of the non-fill dcn sizes, or 1.
-  """
-  dcn_known = math.prod(s for _, s in dcn if s != -1)
-  if num_slices is None:
-    num_slices = dcn_known if -1 not in dict(dcn).values() else None
-  if num_slices is None:
-    raise ConfigError('config field mesh.dcn uses -1 but the number of slices is unknown')
-  if num_devices % num_slices:
-    raise ConfigError(f'config field mesh.dcn={[list(a) for a in dcn]!r}: expected a slice count '
-                      f'dividing {num_devices} devices, got {num_slices}')
-  dcn_sizes = _fill(dcn, num_slices, 'mesh.dcn')
-  ici_sizes = _fill(ici, num_devices // num_slices, 'mesh.ici')
-  return tuple(ici_sizes[a] for a in MESH_AXES), tuple(dcn_sizes[a] for a in MESH_AXES)
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

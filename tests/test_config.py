@@ -1,8 +1,16 @@
 """Config loading and validation: every bad value names its field and the expected value."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from radfm_jax.config import ConfigError, load_config, model_config
+from radfm_jax import presets
+from radfm_jax.config import (EXPERIMENTS_DIR, ConfigError, builtin_experiments, defaults,
+                              import_config_file, load_config, model_config, validate)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
 
@@ -73,3 +81,113 @@ def test_unknown_fields_and_args_are_rejected():
 
 def test_model_config_helper():
   assert model_config('tiny', compute_dtype='bfloat16').compute_dtype == 'bfloat16'
+
+
+def test_presets_list_only_differences_and_13b_is_the_defaults():
+  assert presets.MODEL_SIZES['radfm_13b'] == {}
+  assert validate({}).model == model_config('radfm_13b', remat_policy='nothing_saveable')
+  # No preset repeats a default: every listed value differs from the dataclass default.
+  full = defaults().to_dict()
+  def repeats(diff, base, prefix=''):
+    for key, value in diff.items():
+      if isinstance(value, dict):
+        yield from repeats(value, base[key], f'{prefix}{key}.')
+      elif value == base[key]:
+        yield prefix + key
+  for name, diff in {**presets.MODEL_SIZES, **presets.HARDWARE}.items():
+    assert list(repeats(diff, full)) == [], name
+
+
+def test_experiment_file_lists_only_what_differs():
+  diff = import_config_file('configs/radfm.py').get_config('model=tiny,mesh=cpu').to_dict()
+  assert diff['train'] == {} and diff['generate'] == {} and diff['mesh'] == {'preset': 'cpu'}
+  assert diff['model']['remat_policy'] == 'none' and 'compute_dtype' not in diff['model']
+  cfg = load_config(SPEC)
+  assert (cfg.train.steps, cfg.train.learning_rate, cfg.generate.stop_ids) == (1000, 1e-4, (2, 1))
+  assert (cfg.data.image_size_2d, cfg.data.image_size_3d_single) == (64, 32)
+  assert cfg.data.depth_buckets == (4, 8, 12, 16) and cfg.data.text_lengths == (256, 512, 1024)
+
+
+def test_overrides_of_unlisted_fields_use_the_schema():
+  cfg = load_config(SPEC, ['train.b2=0.95', 'train.steps=3', 'train.warmup_steps=0',
+                           'data.num_workers=2', 'train.freeze=vision,fc', 'mesh.hbm_gib=16',
+                           'train.async_checkpoint=False'])
+  assert (cfg.train.b2, cfg.train.steps, cfg.data.num_workers) == (0.95, 3, 2)
+  assert cfg.train.freeze == ('vision', 'fc') and cfg.mesh.hbm_gib == 16.0
+  assert isinstance(cfg.mesh.hbm_gib, float) and cfg.train.async_checkpoint is False
+  with pytest.raises(ConfigError, match=r'no config field train\.stepz'):
+    load_config(SPEC, ['train.stepz=3'])
+  with pytest.raises(ConfigError, match=r'train\.tensorboard=1: expected a value of type bool'):
+    load_config(SPEC, ['train.tensorboard=1'])
+  with pytest.raises(ConfigError, match=r'model\.llama is a section'):
+    load_config(SPEC, ['model.llama=3'])
+
+
+def test_validate_accepts_a_partial_config_and_checks_names():
+  cfg = validate({'model': {'llama': {'num_layers': 3}}, 'train': {'steps': 900}, 'seed': 4})
+  assert (cfg.model.llama.num_layers, cfg.model.llama.hidden_size) == (3, 5120)
+  assert (cfg.train.steps, cfg.seed, cfg.mesh.ici) == (900, 4, (('data', 1), ('fsdp', -1),
+                                                               ('tensor', 1)))
+  with pytest.raises(ConfigError, match=r'config field train\.stepz: no such field'):
+    validate({'train': {'stepz': 9}})
+  with pytest.raises(ConfigError, match=r'config field model\.vision\.dim=.*expected a value of type int'):
+    validate({'model': {'vision': {'dim': 'wide'}}})
+  with pytest.raises(ConfigError, match='config field nmae: no such field'):
+    validate({'nmae': 'x'})
+
+
+def test_saved_config_is_the_full_resolved_config():
+  saved = load_config('configs/demo.py:model=tiny', ['train.steps=70']).to_dict()
+  full = defaults().to_dict()
+  assert set(saved) == set(full) | {'demo'} and saved['demo'] == {'closed_first': 0.4}
+  for section in ('model', 'mesh', 'data', 'generate', 'train'):
+    assert set(saved[section]) == set(full[section]), section
+  assert saved['train']['steps'] == 70 and saved['train']['b1'] == 0.9
+  assert saved['model']['llama']['rope_theta'] == 10000.0
+  assert validate(saved) == load_config('configs/demo.py:model=tiny', ['train.steps=70'])
+
+
+def test_builtin_experiments_resolve_from_any_directory(tmp_path, monkeypatch):
+  here = load_config('configs/radfm.py:model=tiny,mesh=tpu_v5p_16')
+  monkeypatch.chdir(tmp_path)
+  assert load_config('configs/radfm.py:model=tiny,mesh=tpu_v5p_16') == here
+  assert load_config('radfm:model=tiny,mesh=tpu_v5p_16') == here
+  assert load_config('radfm.py:model=tiny,mesh=tpu_v5p_16') == here
+  demo = load_config('demo:model=tiny')
+  assert (demo.train.steps, demo.data.text_lengths) == (800, (80,))
+  assert demo.extra.demo.closed_first == 0.4
+  assert builtin_experiments() == ['demo', 'radfm']
+  with pytest.raises(ConfigError, match="'elsewhere/radfm.py' does not exist.*demo, radfm"):
+    load_config('elsewhere/radfm.py')
+  # A file that exists wins over the built-in of the same name.
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'radfm.py').write_text(
+      'def get_config(arg):\n  return {"train": {"steps": 5, "warmup_steps": 0}}\n')
+  mine = load_config('configs/radfm.py')
+  assert mine.train.steps == 5 and mine.model.size == 'radfm_13b'
+
+
+def test_user_configs_are_copies_of_the_builtin_experiments():
+  names = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py'))
+  assert names == [f'{n}.py' for n in builtin_experiments()]
+  for name in names:
+    with open(os.path.join(ROOT, 'configs', name)) as f, \
+         open(os.path.join(EXPERIMENTS_DIR, name)) as g:
+      assert f.read() == g.read(), f'configs/{name} differs from radfm_jax/experiments/{name}'
+
+
+def test_model_config_from_presets():
+  tiny = model_config('tiny', **{'llama.vocab_size': 1024})
+  assert (tiny.size, tiny.llama.vocab_size, tiny.llama.hidden_size, tiny.remat_policy) == (
+      'tiny', 1024, 64, 'none')
+  assert (tiny.vision.image_size, tiny.vision.frames, tiny.vision.patch_size) == (64, 16, 16)
+  with pytest.raises(ValueError, match="model='huge'"):
+    model_config('huge')
+
+
+def test_mesh_shape_arithmetic_needs_no_jax():
+  code = ('import sys; from radfm_jax.config import resolve_mesh_shape as r; '
+          "print(r([['data', 1], ['fsdp', 8], ['tensor', 1]], [['data', -1], ['fsdp', 1], "
+          "['tensor', 1]], 32, num_slices=4), 'jax' in sys.modules)")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '((1, 8, 1), (4, 1, 1)) False'

@@ -1,0 +1,55 @@
+"""The `radfm-jax demo` experiment: `configs/demo.py` (model `small`) or `demo:model=tiny`.
+
+The main config (`radfm.py` beside this file) with the model size picked by `arg` and the demo's
+data and training settings: small images (2D 64 x 64 x 4, 3D 64 x 64 x 16: 16 / 64 ViT patches),
+short texts (64 / 128 tokens), a 1024-piece tokenizer (the demo corpus holds ~150 distinct
+sentences; BPE tops out near 1300 pieces on it, so the 2048 of `small` cannot be trained), no
+dropout, no TensorBoard, one checkpoint at the end, and `demo.closed_first`: the fraction of the
+steps trained on closed questions only before the reports join (`radfm_jax.demo.Curriculum`).
+Everything can still be overridden with dotted flags (`demo.closed_first=0` trains on the full mix
+from step 0).
+"""
+
+import os
+
+import ml_collections
+
+from radfm_jax.config import import_config_file
+
+# The sibling file, so that a copied configs/ folder keeps demo on top of its own radfm.py.
+radfm = import_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'radfm.py'))
+
+
+def get_config(arg=''):
+  picks = radfm.parse_arg(arg, {'model': 'small', 'mesh': 'cpu'})
+  cfg = radfm.get_config(f"model={picks['model']},mesh={picks['mesh']}")
+  cfg.model.vision.dropout = 0.0
+  cfg.model.max_images = 8
+  if picks['model'] == 'small':
+    cfg.model.llama.vocab_size = 1024
+
+  cfg.data.image_size_2d = 64
+  cfg.data.image_size_3d_single = 64
+  cfg.data.depth_buckets = [16]            # 2D images are repeated to 16 slices: one shape
+  cfg.data.batch_size_2d = 8
+  cfg.data.batch_size_3d = 8
+  cfg.data.text_lengths = [80]             # longest demo text (a report) is 73 tokens
+  cfg.data.max_images = 1
+
+  cfg.generate.max_new_tokens = 48
+
+  cfg.train.steps = 800
+  cfg.train.learning_rate = 1e-3
+  cfg.train.warmup_steps = 30
+  cfg.train.min_lr_ratio = 0.05
+  cfg.train.weight_decay = 0.01
+  cfg.train.log_every = 10
+  cfg.train.checkpoint_every = 0
+  cfg.train.keep_checkpoints = 1
+  cfg.train.tensorboard = False
+
+  cfg.demo = ml_collections.ConfigDict()
+  # Fraction of train.steps that sees closed questions only (radfm_jax.demo.Curriculum): from
+  # step 0 on the full mix, the reports' text teaches the decoder to ignore the image tokens.
+  cfg.demo.closed_first = 0.4
+  return cfg
