@@ -31,8 +31,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 RULE_PRESETS = ('fsdp', 'fsdp_tp')
 # The built-in experiments ship inside the package (radfm_jax/experiments/*.py), so a wheel
 # install resolves `radfm` / `configs/radfm.py` without a source tree; configs/ at the top of the
-# repository holds identical copies for users to copy and edit (tests/test_config.py keeps them
-# identical). A path that exists always wins over the built-in of the same name.
+# repository links to them (symlinks: one source) for users to read, copy and edit. A path that exists always wins over the built-in of the same name.
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'experiments')
 
 

@@ -8,7 +8,7 @@ tower and context (2D / 3D image sizes, depth buckets up to its frames, text len
 positions), so every size validates as it stands.
 
 Sizes: `tiny` (tests), `small` (CPU demo), `bench` (CPU benchmark), `radfm_1b` (~1B parameters,
-accelerator MFU runs), `radfm_13b` (the official checkpoint, reference sections 2-6). The small
+accelerator MFU runs), `radfm_13b` (the official checkpoint, docs/original.md sections 2-6). The small
 ones shrink every width and depth but keep the RadFM structure (patch layout, 32 latents,
 image-token id layout).
 
