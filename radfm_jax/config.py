@@ -393,7 +393,8 @@ def _positive(prefix: str, obj, *names: str):
       _fail(f'{prefix}.{name}', value, 'a positive integer')
 
 
-def _validate_model(m: ModelConfig):
+def validate_model(m: ModelConfig):
+  """Raises ConfigError naming the first model field the model cannot use."""
   v, p, l = m.vision, m.perceiver, m.llama
   _positive('model.vision', v, 'image_size', 'frames', 'patch_size', 'frame_patch_size', 'channels',
             'dim', 'depth', 'heads', 'head_dim', 'mlp_dim')
@@ -552,17 +553,27 @@ def _validate_train(t: TrainConfig):
     _fail('train.freeze', list(t.freeze), f'names from {sorted(FREEZE_GROUPS)}')
 
 
-def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = None) -> Config:
-  """ConfigDict (all fields, or only those that differ from the defaults) -> frozen `Config`;
-  raises `ConfigError` naming the field on any bad value."""
-  cfg = with_defaults(cfg)
-  m = cfg.model
+def _build_model(m: ml_collections.ConfigDict) -> ModelConfig:
   model = _build(ModelConfig,
                  {k: v for k, v in m.items() if k not in ('vision', 'perceiver', 'llama')}, 'model',
                  vision=_build(VisionConfig, m.get('vision'), 'model.vision'),
                  perceiver=_build(PerceiverConfig, m.get('perceiver'), 'model.perceiver'),
                  llama=_build(LlamaConfig, m.get('llama'), 'model.llama'))
-  _validate_model(model)
+  validate_model(model)
+  return model
+
+
+def model_config_from_dict(section) -> ModelConfig:
+  """A `model` section alone (a dict as saved in a checkpoint's config.json; missing fields take
+  the defaults) -> validated ModelConfig. ConfigError names a bad or unknown field."""
+  return _build_model(with_defaults({'model': dict(section)}).model)
+
+
+def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = None) -> Config:
+  """ConfigDict (all fields, or only those that differ from the defaults) -> frozen `Config`;
+  raises `ConfigError` naming the field on any bad value."""
+  cfg = with_defaults(cfg)
+  model = _build_model(cfg.model)
   mesh = _build(MeshConfig, cfg.get('mesh'), 'mesh')
   _validate_mesh(mesh, num_devices)
   data = _build(DataConfig, cfg.get('data'), 'data')

@@ -21,8 +21,7 @@ import json
 import os
 from typing import Mapping
 
-from radfm_jax.config import (DataConfig, LlamaConfig, ModelConfig, PerceiverConfig, VisionConfig,
-                              _validate_model)
+from radfm_jax.config import DataConfig, ModelConfig, model_config_from_dict
 
 CONFIG_FILE = 'config.json'
 PARAMS, TRAIN_STATE = 'params', 'train_state'
@@ -39,15 +38,6 @@ def layout_record(layout: str) -> dict:
 
 def config_to_dict(cfg: ModelConfig) -> dict:
   return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: Mapping) -> ModelConfig:
-  d = dict(d)
-  cfg = ModelConfig(vision=VisionConfig(**d.pop('vision')),
-                    perceiver=PerceiverConfig(**d.pop('perceiver')),
-                    llama=LlamaConfig(**d.pop('llama')), **d)
-  _validate_model(cfg)
-  return cfg
 
 
 def write_config(directory: str, layout: str, body: Mapping) -> str:
@@ -128,7 +118,7 @@ def model_config_of(path: str, data: Mapping) -> ModelConfig:
   if not isinstance(data.get('model'), Mapping):
     raise ValueError(f'{path}: no "model" section (expected the ModelConfig the checkpoint was '
                      'written with)')
-  return config_from_dict(data['model'])
+  return model_config_from_dict(data['model'])
 
 
 def read_model_config(directory: str) -> ModelConfig:
@@ -137,21 +127,29 @@ def read_model_config(directory: str) -> ModelConfig:
   return model_config_of(path, data)
 
 
-def read_data_config(directory: str) -> DataConfig | None:
-  """The DataConfig of the run that wrote a checkpoint (its config.json 'data' section: image sizes,
-  depth buckets, intensity policy), or None for a parameter-only checkpoint (which records none)."""
+def read_section(directory: str, name: str, schema) -> dict:
+  """The fields of dataclass `schema` in the `name` section of the run config (config.json) of
+  the checkpoint at `directory`; {} when there is no such file or section (a parameter-only
+  checkpoint records only its model). Fields the schema no longer has are left out."""
   path = find_config(directory)
   if path is None:
-    return None
+    return {}
   with open(path) as f:
-    section = json.load(f).get('data')
+    section = json.load(f).get(name)
   if not isinstance(section, dict):
-    return None
-  fields = {f.name for f in dataclasses.fields(DataConfig)}
+    return {}
+  fields = {f.name for f in dataclasses.fields(schema)}
 
   def tuples(v):
     return tuple(tuples(x) for x in v) if isinstance(v, list) else v
-  return DataConfig(**{k: tuples(v) for k, v in section.items() if k in fields})
+  return {k: tuples(v) for k, v in section.items() if k in fields}
+
+
+def read_data_config(directory: str) -> DataConfig | None:
+  """The DataConfig of the run that wrote a checkpoint (image sizes, depth buckets, intensity
+  policy), or None for a parameter-only checkpoint (which records none)."""
+  section = read_section(directory, 'data', DataConfig)
+  return DataConfig(**section) if section else None
 
 
 def find_tokenizer(directory: str) -> str | None:

@@ -27,7 +27,7 @@ import dataclasses
 import math
 
 from radfm_jax.config import (ConfigError, LlamaConfig, ModelConfig, PerceiverConfig, VisionConfig,
-                              _validate_model)
+                              validate_model)
 from radfm_jax.convert import keymap
 
 VE = 'embedding_layer.vision_encoder.'
@@ -160,5 +160,5 @@ def infer_model_config(reader, given: ModelConfig | None = None, *, llama_heads:
   cfg = dataclasses.replace(base, vision=vision, perceiver=perceiver, llama=llama)
   if given is not None:
     check_against(given, cfg)
-  _validate_model(cfg)
+  validate_model(cfg)
   return cfg

@@ -12,32 +12,11 @@ only `generate.*` overrides apply. Values are validated by `load_config` (a bad 
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from typing import Sequence
 
-from radfm_jax.config import ConfigError, GenerateConfig, load_config
-
-BASE_SPEC = 'configs/radfm.py'   # carries the generate section through load_config's validation
-
-
-def saved_generate_section(directory: str) -> dict:
-  """The 'generate' section of the run config (config.json) in `directory` or its parents;
-  {} for a converted checkpoint or a run saved before the section existed."""
-  probe = os.path.abspath(directory)
-  while True:
-    path = os.path.join(probe, 'config.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        section = json.load(f).get('generate')
-      names = {f.name for f in dataclasses.fields(GenerateConfig)}
-      return {k: v for k, v in (section or {}).items() if k in names}
-    parent = os.path.dirname(probe)
-    if parent == probe:
-      return {}
-    probe = parent
-
+from radfm_jax.checkpoint import meta
+from radfm_jax.config import (ConfigError, GenerateConfig, apply_overrides, load_config, validate,
+                              with_defaults)
 
 def generate_config(checkpoint: str | None = None, spec: str | None = None,
                     overrides: Sequence[str] = ()) -> GenerateConfig:
@@ -48,7 +27,6 @@ def generate_config(checkpoint: str | None = None, spec: str | None = None,
   if other:
     raise ConfigError(f'override {other[0]!r}: without a config file only generate.* fields '
                       'apply (the model comes from the checkpoint)')
-  section = dataclasses.asdict(GenerateConfig())
-  section.update(saved_generate_section(checkpoint) if checkpoint else {})
-  base = [f'generate.{k}={v!r}' for k, v in section.items()]
-  return load_config(BASE_SPEC, base + list(overrides)).generate
+  saved = meta.read_section(checkpoint, 'generate', GenerateConfig) if checkpoint else {}
+  cfg = with_defaults({'generate': saved})
+  return validate(apply_overrides(cfg, overrides)).generate
