@@ -63,18 +63,22 @@ def checkpoint_folder(directory: str) -> str:
   return directory
 
 
+def _folders_up(directory: str):
+  """The checkpoint folder of `directory`, then each parent up to the root."""
+  probe = checkpoint_folder(directory)
+  while True:
+    yield probe
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      return
+    probe = parent
+
+
 def find_config(directory: str) -> str | None:
   """The config.json of the checkpoint at `directory`: in its `checkpoint_folder` or the nearest
   parent holding one (a step folder finds its run's); None when there is none anywhere."""
-  probe = checkpoint_folder(directory)
-  while True:
-    path = os.path.join(probe, CONFIG_FILE)
-    if os.path.isfile(path):
-      return path
-    parent = os.path.dirname(probe)
-    if parent == probe:
-      return None
-    probe = parent
+  paths = (os.path.join(folder, CONFIG_FILE) for folder in _folders_up(directory))
+  return next((path for path in paths if os.path.isfile(path)), None)
 
 
 def read_record(directory: str) -> tuple[str, dict, str]:
@@ -155,18 +159,14 @@ def read_data_config(directory: str) -> DataConfig | None:
 def find_tokenizer(directory: str) -> str | None:
   """The tokenizer of a checkpoint: the run config's `data.tokenizer` if that file exists, else a
   `tokenizer.model` in the checkpoint folder or any parent (the demo keeps it beside `train/`)."""
-  probe = checkpoint_folder(directory)
-  while True:
-    config = os.path.join(probe, CONFIG_FILE)
+  for folder in _folders_up(directory):
+    config = os.path.join(folder, CONFIG_FILE)
     if os.path.exists(config):
       with open(config) as f:
         given = (json.load(f).get('data') or {}).get('tokenizer')
       if given and os.path.isfile(given):
         return given
-    candidate = os.path.join(probe, 'tokenizer.model')
+    candidate = os.path.join(folder, 'tokenizer.model')
     if os.path.isfile(candidate):
       return candidate
-    parent = os.path.dirname(probe)
-    if parent == probe:
-      return None
-    probe = parent
+  return None
