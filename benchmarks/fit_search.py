@@ -2,7 +2,7 @@
 
     python benchmarks/fit_search.py --preset tpu_v5p_64 [--upper 40] [--model radfm_13b]
         [--attention xla] [--json benchmarks/fit_13b.jsonl] [-- extra aot overrides]
-    python benchmarks/fit_search.py --table     # the README's fit tables from --json
+    python benchmarks/fit_search.py --table     # the fit tables of docs/performance.md from --json
 
 Seeds the bracket from the JSON lines already in --json (same topology, attention, remat policy
 and text length): `lo` = the largest per-chip batch that compiled within HBM, `hi` = the smallest
@@ -57,7 +57,7 @@ def _result(r) -> str:
 
 
 def tables(records) -> str:
-  """The README's two fit tables (markdown) from the JSON lines: every compile, then per topology
+  """The two fit tables of docs/performance.md (markdown) from the JSON lines: every compile, then per topology
   and attention the largest per-chip batch that fit and the smallest refused."""
   lines = ['| topology | batch | attention | per-chip batch | compiler peak / chip | '
            'FLOPs / step (analytic) | compile | verdict |', '| --- ' * 8 + '|']
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--preset', help='a tpu_* hardware preset of radfm_jax/presets.py')
   p.add_argument('--table', action='store_true',
-                 help='print the README tables of the JSON lines in --json and exit')
+                 help='print the docs/performance.md tables of the JSON lines in --json and exit')
   p.add_argument('--model', default='radfm_13b')
   p.add_argument('--attention', default='xla')
   p.add_argument('--remat', default='nothing_saveable')

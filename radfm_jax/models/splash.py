@@ -3,7 +3,7 @@
 `model.attention = 'splash'` routes `layers.attention` here. It is a TPU-only kernel: it never
 materialises the [batch, heads, len, len] scores that XLA's attention builds in fp32 (40 x 2048^2 x
 4 bytes = 640 MiB per example and layer at 13B / text 2048), the memory that decides the 13B
-per-chip batch on a 31.25 GiB v6e chip (README, fit table).
+per-chip batch on a 31.25 GiB v6e chip (docs/performance.md, fit table).
 
 The kernel works on one example with heads first ([heads, len, head_dim]); it is vmapped over the
 batch and wrapped in `shard_map` over the context mesh, batch sharded like `act_batch` and heads
