@@ -212,3 +212,32 @@ def test_padding_images_are_never_referenced(tiny):
                                 np.asarray(model(jnp.asarray(tokens), noisy, image_mask=image_mask)))
   alone = model(jnp.asarray(tokens[1:]), images[1:, :1])                 # sample 1 with S = 1
   np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_eps_on_near_constant_patches(tiny):
+  """Air: near-constant patches (variance ~1e-5, that of the LayerNorm eps) make eps visible.
+  The vision tower's first LayerNorm sees such patches directly, the Perceiver's media and latent
+  norms see near-constant media and latents; uniform random images hide eps. Measured with eps
+  1e-6: encode_images moves by 4e-3, the Perceiver by 0.8 (the tolerance is 1e-4)."""
+  cfg, model, params = tiny
+  rng = np.random.default_rng(7)
+  images = (np.asarray([0.2, 0.7])[:, None, None, None, None, None]
+            + 1e-2 * rng.random((2, 1, 3, 64, 32, 12))).astype(np.float32)
+  got = np.asarray(model.encode_images(jnp.asarray(images)))
+  for i in range(2):
+    media = _vit_ref(params['vision'], images[i, 0].astype(np.float64), cfg.vision)
+    latents = _perceiver_ref(params['perceiver'], media, cfg.perceiver.depth)
+    want = latents @ params['fc']['kernel'] + params['fc']['bias']
+    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
+
+  dim = cfg.vision.dim
+  media = (0.3 + 1e-2 * rng.random((2, 24, dim))).astype(np.float32)
+  latents = (-0.4 + 1e-2 * rng.random((cfg.perceiver.num_latents, dim))).astype(np.float32)
+  graphdef, state = nnx.split(model.perceiver)
+  perceiver = nnx.merge(graphdef, state)
+  perceiver.latents.set_value(jnp.asarray(latents))
+  got = np.asarray(perceiver(jnp.asarray(media)))
+  ref_params = dict(params['perceiver'], latents=latents.astype(np.float64))
+  for i in range(2):
+    want = _perceiver_ref(ref_params, media[i].astype(np.float64), cfg.perceiver.depth)
+    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
