@@ -56,6 +56,31 @@ def test_cached_decode_matches_full_forward(model, layer_loop, cache_chunk):
 
 
 @pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
+@pytest.mark.parametrize('cache_chunk', [4, 0])
+@pytest.mark.parametrize('batched', [False, True])
+def test_decode_logits_match_full_forward_at_every_step(model, layer_loop, cache_chunk, batched):
+  """The logits of every decode step (the loop itself, `return_logits`) equal the uncached full
+  forward's over the prompt and the tokens generated so far: 14 steps, with chunks of 4 slots the
+  cache grows three times; batched, three prompts left-padded to one bucket. Tokens alone hide a
+  cache written one slot off in some of these."""
+  rng = np.random.default_rng(9)
+  prompts = [_prompt(rng, n, 0) for n in ((9, 2, 5) if batched else (9,))]
+  images = jnp.concatenate([_images(s, 1) for s in range(10, 10 + len(prompts))])
+  tokens, mask = left_pad(prompts) if batched else left_pad(prompts, length=len(prompts[0]))
+  steps = 14
+  out = generate_ids(model, tokens, mask, images, max_new_tokens=steps, stop_ids=(),
+                     layer_loop=layer_loop, cache_chunk=cache_chunk, return_logits=True)
+  assert out.logits.shape == (len(prompts), steps, model.cfg.llama.vocab_size)
+  full_tokens = np.concatenate([tokens, out.tokens], axis=1)
+  full_mask = np.concatenate([mask, np.ones_like(out.tokens)], axis=1)
+  positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+  full = np.asarray(model(jnp.asarray(full_tokens), images, attention_mask=jnp.asarray(full_mask),
+                          positions=jnp.asarray(positions)))
+  want = full[:, tokens.shape[1] - 1:tokens.shape[1] - 1 + steps]
+  np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
 def test_cached_logits_match_full_forward(model, layer_loop):
   """Prefill + one-token steps through the KV cache (stacked + scan, or per-layer + the re-laid
   DecodeView weights) give the full forward's logits at every position."""

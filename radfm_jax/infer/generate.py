@@ -50,9 +50,12 @@ class SamplingConfig:
 @dataclasses.dataclass
 class GenerateOutput:
   """tokens: int32 [batch, max_new_tokens] (PAD_ID after a row stops; the stop id is kept);
-  lengths: int32 [batch] new tokens per row, the stop id included."""
+  lengths: int32 [batch] new tokens per row, the stop id included; logits (with
+  `return_logits`): float32 [batch, max_new_tokens, vocab], those each new token was chosen from
+  (meaningless from `lengths` on)."""
   tokens: np.ndarray
   lengths: np.ndarray
+  logits: np.ndarray | None = None
 
   def sequences(self) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
@@ -125,11 +128,11 @@ def _resolve_layer_loop(layer_loop: str) -> str:
 
 
 def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_mask, images,
-                 image_mask, rng, *, sampling: SamplingConfig):
+                 image_mask, rng, *, sampling: SamplingConfig, return_logits: bool = False):
   """The jitted prefill + decode loop. view_graphdef / view_owned: the unrolled path's re-laid
   decoder (`decode_view_state`), None for the scanned path. Returns (tokens, lengths,
-  view_owned): the view's arrays are donated and handed back, so the loop can carry them without
-  a copy and the next call can reuse them."""
+  view_owned, logits [batch, max_new, vocab] or None): the view's arrays are donated and handed
+  back, so the loop can carry them without a copy and the next call can reuse them."""
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens.shape
   max_new = sampling.max_new_tokens
@@ -154,34 +157,37 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
   def cond(carry, end):
-    step, _, _, done, _, _, _, _ = carry
+    step, _, _, done, _, _, _, _, _ = carry
     return (step < end) & ~jnp.all(done)
 
   def body(carry):
-    step, cache, logits, done, last_pos, out, rng, decoder_state = carry
+    step, cache, logits, done, last_pos, out, rng, decoder_state, scores = carry
     step_decoder = decoder(decoder_state)
     rng, key = jax.random.split(rng)
     token = jnp.where(done, PAD_ID, choose_token(logits, key, sampling))
     out = out.at[:, step].set(token)
+    if scores is not None:
+      scores = scores.at[:, step].set(logits)
     done = done | jnp.isin(token, stop_ids)
     position = last_pos + 1
     step_logits, cache = step_decoder(step_decoder.embed(token[:, None]), position[:, None],
                                       jnp.ones((batch, 1), jnp.int32), cache)
-    return step + 1, cache, step_logits[:, -1], done, position, out, rng, decoder_state
+    return step + 1, cache, step_logits[:, -1], done, position, out, rng, decoder_state, scores
 
   out = jnp.full((batch, max_new), PAD_ID, jnp.int32)
   carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
-           positions[:, -1], out, rng, decoder_state)
+           positions[:, -1], out, rng, decoder_state,
+           jnp.zeros(out.shape + logits.shape[-1:]) if return_logits else None)
   for limit in limits:
     # Steps while the written slots fit `limit`: step s writes slot prompt_len + s.
     carry = carry[:1] + (carry[1].grow(limit),) + carry[2:]
     carry = jax.lax.while_loop(functools.partial(cond, end=min(limit - prompt_len, max_new)),
                                body, carry)
-  step, _, _, _, _, out, _, decoder_state = carry
+  step, _, _, _, _, out, _, decoder_state, scores = carry
   stopped = jnp.isin(out, stop_ids)
   first_stop = jnp.argmax(stopped, axis=1)
   lengths = jnp.where(stopped.any(axis=1), first_stop + 1, step)
-  return out, lengths, (decoder_state if unrolled else None)
+  return out, lengths, (decoder_state if unrolled else None), scores
 
 
 # XLA:CPU's default copy insertion cannot see that the cache update in the loop body comes after
@@ -191,11 +197,12 @@ _CPU_COMPILER_OPTIONS = {'xla_cpu_copy_insertion_use_region_analysis': True}
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_decode(graphdef, view_graphdef, sampling: SamplingConfig):
+def _compiled_decode(graphdef, view_graphdef, sampling: SamplingConfig, return_logits: bool):
   # One jitted function per (model structure, sampling); jax.jit then caches one executable per
   # input shape bucket.
   options = _CPU_COMPILER_OPTIONS if _on_cpu() else None
-  return jax.jit(functools.partial(_decode_loop, graphdef, view_graphdef, sampling=sampling),
+  return jax.jit(functools.partial(_decode_loop, graphdef, view_graphdef, sampling=sampling,
+                                   return_logits=return_logits),
                  donate_argnums=(1,), compiler_options=options)
 
 
@@ -269,13 +276,14 @@ def decode_view_state(llama, reuse: bool = True):
 
 def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
                  sampling: SamplingConfig | None = None, rng: jax.Array | None = None,
-                 reuse_decode_view: bool = True, **sampling_overrides) -> GenerateOutput:
+                 reuse_decode_view: bool = True, return_logits: bool = False,
+                 **sampling_overrides) -> GenerateOutput:
   """Generates for a left-padded batch.
 
   tokens, attention_mask: int32 [batch, prompt_len] (left padding); images: float32
   [batch, images, 3, H, W, D] or None; image_mask: bool [batch, images]. With the unrolled layer
   loop the re-laid decoder weights are kept for the next call unless `reuse_decode_view` is False
-  (see `_ViewCache`).
+  (see `_ViewCache`). `return_logits` also returns the logits of every step (`GenerateOutput`).
   """
   sampling = dataclasses.replace(sampling or SamplingConfig(), **sampling_overrides)
   sampling = dataclasses.replace(sampling, stop_ids=tuple(sampling.stop_ids),
@@ -295,8 +303,10 @@ def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
   view_graphdef = view_owned = None
   if sampling.layer_loop == 'unrolled':
     view_graphdef, view_owned = decode_view_state(model.llama, reuse=reuse_decode_view)
-  out, lengths, view_owned = _compiled_decode(graphdef, view_graphdef, sampling)(
+  out, lengths, view_owned, logits = _compiled_decode(graphdef, view_graphdef, sampling,
+                                                      return_logits)(
       state, view_owned, tokens, attention_mask, images, image_mask, rng)
   if view_graphdef is not None and reuse_decode_view:
     _VIEW_CACHE.store(model.llama, view_graphdef, view_owned)
-  return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths))
+  return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths),
+                        logits=None if logits is None else np.asarray(logits))
