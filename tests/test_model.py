@@ -241,3 +241,34 @@ def test_layer_norm_eps_on_near_constant_patches(tiny):
   for i in range(2):
     want = _perceiver_ref(ref_params, media[i].astype(np.float64), cfg.perceiver.depth)
     np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_scan_layers_false_runs_the_same_parameters(tiny):
+  """model.scan_layers=False loops over the same stacked parameters (one parameter tree, so
+  checkpoints are interchangeable) and gives the scanned model's logits and gradients."""
+  cfg, model, _ = tiny
+  looped = create_model(model_config('tiny', scan_layers=False), seed=1)
+  assert not looped.llama.scan_layers and not looped.vision.scan_layers
+  params, looped_params = (nnx.state(m, nnx.Param) for m in (model, looped))
+  assert jax.tree.structure(params) == jax.tree.structure(looped_params)
+  jax.tree.map(np.testing.assert_array_equal, params, looped_params)
+  tokens, _ = _tokens_for(cfg, [1, 1], length=48)
+  images = jax.random.uniform(jax.random.key(9), (2, 1, 3, 64, 32, 8))
+
+  def logits_and_grads(m):
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params, rest)(jnp.asarray(tokens), images)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), logits
+
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return logits, grads
+
+  logits, grads = logits_and_grads(model)
+  looped_logits, looped_grads = logits_and_grads(looped)
+  np.testing.assert_allclose(np.asarray(looped_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
+  for path, grad in jax.tree.leaves_with_path(grads):
+    assert np.abs(np.asarray(grad)).max() > 0, path    # every parameter gets a gradient
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-5), looped_grads, grads)
