@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 
 from common import gemv_bytes_per_second, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
+from radfm_jax.infer import cpu_decode  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
-from radfm_jax.models import layers  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 
 ORIGINAL_TOKENS_PER_S = 40.0
@@ -45,7 +45,8 @@ def prompts(cfg, batch, length=64, seed=0):
 
 def step_products_ms(cfg, rows: int) -> float:
   """Time of one decode step's matrix products alone: every decoder matrix ([out, in], as
-  llama.DecodeView holds them) times `rows` rows, the way Dense runs them at that row count."""
+  cpu_decode.DecodeView holds them) times `rows` rows, the way OutFirstDense runs them at that
+  row count."""
   llama = cfg.llama
   e, m = llama.hidden_size, llama.intermediate_size
   shapes = [(e, e)] * 4 + [(m, e)] * 2 + [(e, m)]
@@ -55,7 +56,7 @@ def step_products_ms(cfg, rows: int) -> float:
 
   @jax.jit
   def products(mats, x):
-    return [layers.out_first_product(w, x[:, :w.shape[1]]) for w in mats]
+    return [cpu_decode.out_first_product(w, x[:, :w.shape[1]]) for w in mats]
 
   x = jnp.ones((rows, max(e, m)), jnp.float32)
   return time_fn(products, mats, x) * 1e3

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from radfm_jax.config import model_config
+from radfm_jax.infer import cpu_decode
 from radfm_jax.infer import generate as generate_lib
 from radfm_jax.infer.generate import filter_logits, generate_ids, left_pad
 from radfm_jax.models import layers
@@ -56,6 +57,31 @@ def test_cached_decode_matches_full_forward(model, layer_loop, cache_chunk):
 
 
 @pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
+@pytest.mark.parametrize('cache_chunk', [4, 0])
+@pytest.mark.parametrize('batched', [False, True])
+def test_decode_logits_match_full_forward_at_every_step(model, layer_loop, cache_chunk, batched):
+  """The logits of every decode step (the loop itself, `return_logits`) equal the uncached full
+  forward's over the prompt and the tokens generated so far: 14 steps, with chunks of 4 slots the
+  cache grows three times; batched, three prompts left-padded to one bucket. Tokens alone hide a
+  cache written one slot off in some of these."""
+  rng = np.random.default_rng(9)
+  prompts = [_prompt(rng, n, 0) for n in ((9, 2, 5) if batched else (9,))]
+  images = jnp.concatenate([_images(s, 1) for s in range(10, 10 + len(prompts))])
+  tokens, mask = left_pad(prompts) if batched else left_pad(prompts, length=len(prompts[0]))
+  steps = 14
+  out = generate_ids(model, tokens, mask, images, max_new_tokens=steps, stop_ids=(),
+                     layer_loop=layer_loop, cache_chunk=cache_chunk, return_logits=True)
+  assert out.logits.shape == (len(prompts), steps, model.cfg.llama.vocab_size)
+  full_tokens = np.concatenate([tokens, out.tokens], axis=1)
+  full_mask = np.concatenate([mask, np.ones_like(out.tokens)], axis=1)
+  positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+  full = np.asarray(model(jnp.asarray(full_tokens), images, attention_mask=jnp.asarray(full_mask),
+                          positions=jnp.asarray(positions)))
+  want = full[:, tokens.shape[1] - 1:tokens.shape[1] - 1 + steps]
+  np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
 def test_cached_logits_match_full_forward(model, layer_loop):
   """Prefill + one-token steps through the KV cache (stacked + scan, or per-layer + the re-laid
   DecodeView weights) give the full forward's logits at every position."""
@@ -65,13 +91,14 @@ def test_cached_logits_match_full_forward(model, layer_loop):
   images = _images(2, 1)
   full = np.asarray(model(jnp.asarray([prompt + extra], jnp.int32), images))[0]
   unrolled = layer_loop == 'unrolled'
-  view = model.llama.decode_view() if unrolled else None
+  view = cpu_decode.DecodeView(model.llama) if unrolled else None
   if unrolled:   # kernels re-laid as [out, in] matrices, values unchanged
     q = view.layers[1].q
-    assert q.kernel_out_first and q.kernel.shape == (64, 64)
+    assert isinstance(q, cpu_decode.OutFirstDense) and q.kernel.shape == (64, 64)
     np.testing.assert_array_equal(np.asarray(q.kernel[...]).T.reshape(64, 4, 16),
                                   np.asarray(model.llama.layers.q.kernel[...][1]))
-  cache = KVCache.zeros(model.cfg.llama, 1, len(prompt) + len(extra), per_layer=unrolled)
+  cache_type = cpu_decode.PerLayerCache if unrolled else KVCache
+  cache = cache_type.zeros(model.cfg.llama, 1, len(prompt) + len(extra))
   n = len(prompt)
   decoder = view if unrolled else model.llama
   logits, cache = decoder(model.embed_inputs(jnp.asarray([prompt], jnp.int32), images),
@@ -85,8 +112,8 @@ def test_cached_logits_match_full_forward(model, layer_loop):
   assert int(cache.index) == len(prompt) + len(extra) - 1
 
 
-@pytest.mark.parametrize('rows', [1, 2, 8, layers.FEATURE_MAJOR_MAX_ROWS,
-                                  layers.FEATURE_MAJOR_MAX_ROWS + 1])
+@pytest.mark.parametrize('rows', [1, 2, 8, cpu_decode.FEATURE_MAJOR_MAX_ROWS,
+                                  cpu_decode.FEATURE_MAJOR_MAX_ROWS + 1])
 def test_out_first_kernel_products_equal_the_plain_product(rows):
   """A re-laid [out, in] kernel gives the [in, out] product at every row count: plain below 2
   and above FEATURE_MAJOR_MAX_ROWS rows, feature-major (kernel @ rows^T) in between."""
@@ -96,9 +123,9 @@ def test_out_first_kernel_products_equal_the_plain_product(rows):
   x = jax.random.normal(jax.random.key(1), (rows, 1, 48))
   want = np.asarray(dense(x, jnp.float32))
   kernel = np.asarray(dense.kernel[...])
-  dense.lay_out_first()
-  np.testing.assert_array_equal(np.asarray(dense.kernel[...]), kernel.reshape(48, 80).T)
-  got = np.asarray(dense(x, jnp.float32))
+  out_first = cpu_decode.OutFirstDense(dense)
+  np.testing.assert_array_equal(np.asarray(out_first.kernel[...]), kernel.reshape(48, 80).T)
+  got = np.asarray(out_first(x, jnp.float32))
   assert got.shape == (rows, 1, 4, 20)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -123,12 +150,12 @@ def test_decode_view_is_reused_until_the_weights_change():
   tokens, mask = left_pad([_prompt(rng, 6, 0), _prompt(rng, 3, 0)])
   images = jnp.concatenate([_images(7, 1), _images(8, 1)])
   kw = dict(max_new_tokens=6, stop_ids=(), layer_loop='unrolled')
-  generate_lib.clear_decode_view_cache()
+  cpu_decode.clear_decode_view_cache()
   first = generate_ids(model, tokens, mask, images, **kw).sequences()
-  kept = generate_lib._VIEW_CACHE.owned
+  kept = cpu_decode._VIEW_CACHE.owned
   assert kept is not None
-  _, hit = generate_lib.decode_view_state(model.llama)   # same arrays: the kept view
-  assert hit is kept and generate_lib._VIEW_CACHE.owned is None
+  _, hit = cpu_decode.decode_view_state(model.llama)   # same arrays: the kept view
+  assert hit is kept and cpu_decode._VIEW_CACHE.owned is None
   assert generate_ids(model, tokens, mask, images, **kw).sequences() == first   # rebuilt
   assert generate_ids(model, tokens, mask, images, **kw).sequences() == first   # reused
 
@@ -187,7 +214,7 @@ def test_cache_limits_and_grow():
   assert generate_lib.cache_limits(40, 12, 0) == [52]
   assert generate_lib.cache_limits(40, 12, 64) == [52]
   cfg = model_config('tiny').llama
-  cache = KVCache.zeros(cfg, 2, 6, per_layer=True)
+  cache = cpu_decode.PerLayerCache.zeros(cfg, 2, 6)
   cache = cache.replace(k=tuple(k + 1 for k in cache.k), v=tuple(v + 2 for v in cache.v),
                         mask=cache.mask.at[:, :3].set(True))
   grown = cache.grow(9)

@@ -212,3 +212,62 @@ def test_padding_images_are_never_referenced(tiny):
                                 np.asarray(model(jnp.asarray(tokens), noisy, image_mask=image_mask)))
   alone = model(jnp.asarray(tokens[1:]), images[1:, :1])                 # sample 1 with S = 1
   np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_eps_on_near_constant_patches(tiny):
+  """Air: near-constant patches (variance ~1e-5, that of the LayerNorm eps) make eps visible.
+  The vision tower's first LayerNorm sees such patches directly, the Perceiver's media and latent
+  norms see near-constant media and latents; uniform random images hide eps. Measured with eps
+  1e-6: encode_images moves by 4e-3, the Perceiver by 0.8 (the tolerance is 1e-4)."""
+  cfg, model, params = tiny
+  rng = np.random.default_rng(7)
+  images = (np.asarray([0.2, 0.7])[:, None, None, None, None, None]
+            + 1e-2 * rng.random((2, 1, 3, 64, 32, 12))).astype(np.float32)
+  got = np.asarray(model.encode_images(jnp.asarray(images)))
+  for i in range(2):
+    media = _vit_ref(params['vision'], images[i, 0].astype(np.float64), cfg.vision)
+    latents = _perceiver_ref(params['perceiver'], media, cfg.perceiver.depth)
+    want = latents @ params['fc']['kernel'] + params['fc']['bias']
+    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
+
+  dim = cfg.vision.dim
+  media = (0.3 + 1e-2 * rng.random((2, 24, dim))).astype(np.float32)
+  latents = (-0.4 + 1e-2 * rng.random((cfg.perceiver.num_latents, dim))).astype(np.float32)
+  perceiver = nnx.clone(model.perceiver)    # a copy: the fixture's model keeps its latents
+  perceiver.latents.set_value(jnp.asarray(latents))
+  got = np.asarray(perceiver(jnp.asarray(media)))
+  ref_params = dict(params['perceiver'], latents=latents.astype(np.float64))
+  for i in range(2):
+    want = _perceiver_ref(ref_params, media[i].astype(np.float64), cfg.perceiver.depth)
+    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_scan_layers_false_runs_the_same_parameters(tiny):
+  """model.scan_layers=False loops over the same stacked parameters (one parameter tree, so
+  checkpoints are interchangeable) and gives the scanned model's logits and gradients."""
+  cfg, model, _ = tiny
+  looped = create_model(model_config('tiny', scan_layers=False), seed=1)
+  assert not looped.llama.scan_layers and not looped.vision.scan_layers
+  params, looped_params = (nnx.state(m, nnx.Param) for m in (model, looped))
+  assert jax.tree.structure(params) == jax.tree.structure(looped_params)
+  jax.tree.map(np.testing.assert_array_equal, params, looped_params)
+  tokens, _ = _tokens_for(cfg, [1, 1], length=48)
+  images = jax.random.uniform(jax.random.key(9), (2, 1, 3, 64, 32, 8))
+
+  def logits_and_grads(m):
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def loss(params):
+      logits = nnx.merge(graphdef, params, rest)(jnp.asarray(tokens), images)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), logits
+
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return logits, grads
+
+  logits, grads = logits_and_grads(model)
+  looped_logits, looped_grads = logits_and_grads(looped)
+  np.testing.assert_allclose(np.asarray(looped_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
+  for path, grad in jax.tree.leaves_with_path(grads):
+    assert np.abs(np.asarray(grad)).max() > 0, path    # every parameter gets a gradient
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-5), looped_grads, grads)

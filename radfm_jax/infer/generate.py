@@ -9,13 +9,16 @@ device inside one `jax.jit` (a `lax.while_loop` that ends when every row has sto
 Positions are `cumsum(attention_mask) - 1`, as in HF `generate`; with no padding that is the
 original's `arange(L)`. Generation stops on any id in `stop_ids`: the default (2, 1) stops on
 `</s>` as well as the original's id 1 (a deliberate deviation; `stop_ids=(1,)` is exact parity).
+
+`layer_loop` picks how the decoder runs: 'scan' over the model's stacked layers and a stacked
+`KVCache` (accelerators), or 'unrolled' over `cpu_decode.DecodeView`, the decoder re-laid for
+XLA:CPU, and a `cpu_decode.PerLayerCache` ('auto' = unrolled on CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 from typing import Sequence
 
 import jax
@@ -23,36 +26,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from radfm_jax.models import llama as llama_lib
+from radfm_jax.config import GenerateConfig
+from radfm_jax.infer import cpu_decode
 from radfm_jax.models.llama import KVCache
 
 PAD_ID = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  max_new_tokens: int = 200
-  stop_ids: tuple[int, ...] = (2, 1)
-  temperature: float = 0.0      # 0 = greedy (the original decodes greedily)
-  top_k: int = 0                # 0 = no top-k filter
-  top_p: float = 1.0            # 1 = no nucleus filter
-  layer_loop: str = 'auto'      # 'scan' | 'unrolled' | 'auto' (= unrolled on CPU): config.py
-  cache_chunk: int = 64         # the KV cache grows by this many slots (0 = full length at once)
-
-  @classmethod
-  def from_config(cls, gen_cfg, **overrides) -> 'SamplingConfig':
-    fields = {f.name: getattr(gen_cfg, f.name) for f in dataclasses.fields(cls)}
-    fields.update(overrides)
-    fields['stop_ids'] = tuple(fields['stop_ids'])
-    return cls(**fields)
-
-
 @dataclasses.dataclass
 class GenerateOutput:
   """tokens: int32 [batch, max_new_tokens] (PAD_ID after a row stops; the stop id is kept);
-  lengths: int32 [batch] new tokens per row, the stop id included."""
+  lengths: int32 [batch] new tokens per row, the stop id included; logits (with
+  `return_logits`): float32 [batch, max_new_tokens, vocab], those each new token was chosen from
+  (meaningless from `lengths` on)."""
   tokens: np.ndarray
   lengths: np.ndarray
+  logits: np.ndarray | None = None
 
   def sequences(self) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
@@ -96,7 +85,7 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
   return logits
 
 
-def choose_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+def choose_token(logits: jax.Array, rng: jax.Array, sampling: GenerateConfig) -> jax.Array:
   """float32 [batch, vocab] -> int32 [batch]."""
   if sampling.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -125,11 +114,11 @@ def _resolve_layer_loop(layer_loop: str) -> str:
 
 
 def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_mask, images,
-                 image_mask, rng, *, sampling: SamplingConfig):
+                 image_mask, rng, *, sampling: GenerateConfig, return_logits: bool = False):
   """The jitted prefill + decode loop. view_graphdef / view_owned: the unrolled path's re-laid
   decoder (`decode_view_state`), None for the scanned path. Returns (tokens, lengths,
-  view_owned): the view's arrays are donated and handed back, so the loop can carry them without
-  a copy and the next call can reuse them."""
+  view_owned, logits [batch, max_new, vocab] or None): the view's arrays are donated and handed
+  back, so the loop can carry them without a copy and the next call can reuse them."""
   model = nnx.merge(graphdef, state)
   batch, prompt_len = tokens.shape
   max_new = sampling.max_new_tokens
@@ -137,147 +126,81 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
   positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
   unrolled = view_graphdef is not None
   limits = cache_limits(prompt_len, max_new, sampling.cache_chunk)
-  cache = KVCache.zeros(model.cfg.llama, batch, limits[0], cache_dtype, per_layer=unrolled)
+  cache_type = cpu_decode.PerLayerCache if unrolled else KVCache
+  cache = cache_type.zeros(model.cfg.llama, batch, limits[0], cache_dtype)
   embeds = model.embed_inputs(tokens, images, image_mask)
   # The loop carries the view's own arrays (donated, so in place) or the whole state.
   decoder_state = view_owned if unrolled else state
-  shared = llama_lib.decode_view_shared(model.llama) if unrolled else None
+  shared = cpu_decode.decode_view_shared(model.llama) if unrolled else None
 
   def decoder(decoder_state):
     # NNX variables are bound to the trace that made them, so the decoder is re-merged inside
     # the loop body from arrays.
     if unrolled:
-      return llama_lib.merge_decode_view(view_graphdef, decoder_state, shared)
+      return cpu_decode.merge_decode_view(view_graphdef, decoder_state, shared)
     return nnx.merge(graphdef, decoder_state).llama
 
   logits, cache = decoder(decoder_state)(embeds, positions, attention_mask, cache, last_only=True)
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
 
   def cond(carry, end):
-    step, _, _, done, _, _, _, _ = carry
+    step, _, _, done, _, _, _, _, _ = carry
     return (step < end) & ~jnp.all(done)
 
   def body(carry):
-    step, cache, logits, done, last_pos, out, rng, decoder_state = carry
+    step, cache, logits, done, last_pos, out, rng, decoder_state, scores = carry
     step_decoder = decoder(decoder_state)
     rng, key = jax.random.split(rng)
     token = jnp.where(done, PAD_ID, choose_token(logits, key, sampling))
     out = out.at[:, step].set(token)
+    if scores is not None:
+      scores = scores.at[:, step].set(logits)
     done = done | jnp.isin(token, stop_ids)
     position = last_pos + 1
     step_logits, cache = step_decoder(step_decoder.embed(token[:, None]), position[:, None],
                                       jnp.ones((batch, 1), jnp.int32), cache)
-    return step + 1, cache, step_logits[:, -1], done, position, out, rng, decoder_state
+    return step + 1, cache, step_logits[:, -1], done, position, out, rng, decoder_state, scores
 
   out = jnp.full((batch, max_new), PAD_ID, jnp.int32)
   carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
-           positions[:, -1], out, rng, decoder_state)
+           positions[:, -1], out, rng, decoder_state,
+           jnp.zeros(out.shape + logits.shape[-1:]) if return_logits else None)
   for limit in limits:
     # Steps while the written slots fit `limit`: step s writes slot prompt_len + s.
     carry = carry[:1] + (carry[1].grow(limit),) + carry[2:]
     carry = jax.lax.while_loop(functools.partial(cond, end=min(limit - prompt_len, max_new)),
                                body, carry)
-  step, _, _, _, _, out, _, decoder_state = carry
+  step, _, _, _, _, out, _, decoder_state, scores = carry
   stopped = jnp.isin(out, stop_ids)
   first_stop = jnp.argmax(stopped, axis=1)
   lengths = jnp.where(stopped.any(axis=1), first_stop + 1, step)
-  return out, lengths, (decoder_state if unrolled else None)
-
-
-# XLA:CPU's default copy insertion cannot see that the cache update in the loop body comes after
-# the attention that reads the old cache, and copies every layer's cache at every step; its
-# region analysis can.
-_CPU_COMPILER_OPTIONS = {'xla_cpu_copy_insertion_use_region_analysis': True}
+  return out, lengths, (decoder_state if unrolled else None), scores
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_decode(graphdef, view_graphdef, sampling: SamplingConfig):
+def _compiled_decode(graphdef, view_graphdef, sampling: GenerateConfig, return_logits: bool):
   # One jitted function per (model structure, sampling); jax.jit then caches one executable per
   # input shape bucket.
-  options = _CPU_COMPILER_OPTIONS if _on_cpu() else None
-  return jax.jit(functools.partial(_decode_loop, graphdef, view_graphdef, sampling=sampling),
+  options = cpu_decode.COMPILER_OPTIONS if _on_cpu() else None
+  return jax.jit(functools.partial(_decode_loop, graphdef, view_graphdef, sampling=sampling,
+                                   return_logits=return_logits),
                  donate_argnums=(1,), compiler_options=options)
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_view(llama_graphdef):
-  """(jitted llama state -> the DecodeView's own arrays, the view's graphdef)."""
-  graphdefs = []
-
-  def build(llama_state):
-    graphdef, owned = llama_lib.split_decode_view(
-        nnx.merge(llama_graphdef, llama_state).decode_view())
-    graphdefs.append(graphdef)
-    return owned
-
-  build_jit = jax.jit(build)
-  return build_jit, graphdefs
-
-
-class _ViewCache:
-  """The last DecodeView made, with weak references to the decoder arrays it was made from.
-
-  Re-laying the weights is a copy of the decoder (~0.1-0.2 s at the `bench` config, a fixed cost
-  of every call); a model whose weights have not changed since the last call (same arrays) reuses
-  it. New weights (a training step, a load) are new arrays, so the view is rebuilt. The view is
-  kept alive between calls: the decoder's memory twice, as during a call
-  (`generate_ids(..., reuse_decode_view=False)` or `clear_decode_view_cache()` frees it).
-  """
-
-  def __init__(self):
-    self.key = None
-    self.refs = ()
-    self.graphdef = None
-    self.owned = None
-
-  def lookup(self, llama_graphdef, leaves):
-    if (self.owned is not None and self.key == llama_graphdef and len(self.refs) == len(leaves)
-        and all(ref() is leaf for ref, leaf in zip(self.refs, leaves))):
-      owned, self.owned = self.owned, None     # donated to the decode call, handed back after
-      return self.graphdef, owned
-    return None
-
-  def store(self, llama, graphdef, owned):
-    llama_graphdef, llama_state = nnx.split(llama)
-    self.key, self.graphdef, self.owned = llama_graphdef, graphdef, owned
-    self.refs = tuple(weakref.ref(leaf) for leaf in jax.tree.leaves(llama_state))
-
-  def clear(self):
-    self.__init__()
-
-
-_VIEW_CACHE = _ViewCache()
-
-
-def clear_decode_view_cache():
-  """Frees the re-laid decoder weights kept for the next `generate_ids` call."""
-  _VIEW_CACHE.clear()
-
-
-def decode_view_state(llama, reuse: bool = True):
-  """(graphdef, own arrays) of `llama.decode_view()`, from the cache when the weights match."""
-  llama_graphdef, llama_state = nnx.split(llama)
-  leaves = jax.tree.leaves(llama_state)
-  if reuse:
-    hit = _VIEW_CACHE.lookup(llama_graphdef, leaves)
-    if hit is not None:
-      return hit
-  build, graphdefs = _compiled_view(llama_graphdef)
-  owned = build(llama_state)
-  return graphdefs[-1], owned
-
-
 def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
-                 sampling: SamplingConfig | None = None, rng: jax.Array | None = None,
-                 reuse_decode_view: bool = True, **sampling_overrides) -> GenerateOutput:
+                 sampling: GenerateConfig | None = None, rng: jax.Array | None = None,
+                 reuse_decode_view: bool = True, return_logits: bool = False,
+                 **sampling_overrides) -> GenerateOutput:
   """Generates for a left-padded batch.
 
   tokens, attention_mask: int32 [batch, prompt_len] (left padding); images: float32
   [batch, images, 3, H, W, D] or None; image_mask: bool [batch, images]. With the unrolled layer
   loop the re-laid decoder weights are kept for the next call unless `reuse_decode_view` is False
-  (see `_ViewCache`).
+  (`cpu_decode.decode_view_state`). `sampling` defaults to `GenerateConfig()`, its fields
+  overridden by `sampling_overrides`. `return_logits` also returns the logits of every step
+  (`GenerateOutput.logits`).
   """
-  sampling = dataclasses.replace(sampling or SamplingConfig(), **sampling_overrides)
+  sampling = dataclasses.replace(sampling or GenerateConfig(), **sampling_overrides)
   sampling = dataclasses.replace(sampling, stop_ids=tuple(sampling.stop_ids),
                                  layer_loop=_resolve_layer_loop(sampling.layer_loop))
   tokens = jnp.asarray(tokens, jnp.int32)
@@ -294,9 +217,12 @@ def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
   rng = jax.random.key(0) if rng is None else rng
   view_graphdef = view_owned = None
   if sampling.layer_loop == 'unrolled':
-    view_graphdef, view_owned = decode_view_state(model.llama, reuse=reuse_decode_view)
-  out, lengths, view_owned = _compiled_decode(graphdef, view_graphdef, sampling)(
+    view_graphdef, view_owned = cpu_decode.decode_view_state(model.llama,
+                                                             reuse=reuse_decode_view)
+  out, lengths, view_owned, logits = _compiled_decode(graphdef, view_graphdef, sampling,
+                                                      return_logits)(
       state, view_owned, tokens, attention_mask, images, image_mask, rng)
   if view_graphdef is not None and reuse_decode_view:
-    _VIEW_CACHE.store(model.llama, view_graphdef, view_owned)
-  return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths))
+    cpu_decode.keep_decode_view(model.llama, view_graphdef, view_owned)
+  return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths),
+                        logits=None if logits is None else np.asarray(logits))

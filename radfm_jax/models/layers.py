@@ -49,9 +49,7 @@ def cast(p: nnx.Param, dtype) -> jax.Array:
 class Dense(nnx.Module):
   """y = x . kernel (+ bias), contracting the last `len(in_shape)` dims of x.
 
-  kernel: [*in_shape, *out_shape] with logical names `in_axes + out_axes`. `kernel_out_first`
-  marks a kernel re-laid as a matrix [prod(out_shape), prod(in_shape)] for decoding
-  (llama.DecodeView): the product is the same, XLA:CPU just runs it faster at small batch.
+  kernel: [*in_shape, *out_shape] with logical names `in_axes + out_axes`; bias: [*out_shape].
   """
 
   def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias: bool, rngs: nnx.Rngs,
@@ -61,7 +59,6 @@ class Dense(nnx.Module):
     kernel_init = kernel_init or torch_linear_init(fan_in)
     self.n_in = len(in_shape)
     self.out_shape = out_shape
-    self.kernel_out_first = False
     self.kernel = param(rngs, kernel_init, in_shape + out_shape, tuple(in_axes) + tuple(out_axes),
                         param_dtype)
     if use_bias:
@@ -72,50 +69,12 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
     kernel = cast(self.kernel, dtype)
-    if self.kernel_out_first:
-      lead = x.shape[:x.ndim - self.n_in]
-      y = out_first_product(kernel, x.reshape(-1, kernel.shape[1]).astype(dtype))
-      y = y.reshape(lead + self.out_shape)
-    else:
-      y = jax.lax.dot_general(x.astype(dtype), kernel,
-                              (((tuple(range(x.ndim - self.n_in, x.ndim))),
-                                tuple(range(self.n_in))), ((), ())))
+    y = jax.lax.dot_general(x.astype(dtype), kernel,
+                            (((tuple(range(x.ndim - self.n_in, x.ndim))),
+                              tuple(range(self.n_in))), ((), ())))
     if self.bias is not None:
       y = y + cast(self.bias, dtype)
     return y
-
-  def lay_out_first(self):
-    """Re-lays the kernel in place as the matrix [prod(out_shape), prod(in_shape)]."""
-    kernel = self.kernel[...]
-    n_in = math.prod(kernel.shape[:self.n_in])
-    self.kernel.set_value(kernel.reshape(n_in, -1).T)
-    self.kernel_out_first = True
-
-
-# Up to this many rows (batch x new tokens), `kernel_out_first` products run feature-major.
-FEATURE_MAJOR_MAX_ROWS = 32
-
-
-def out_first_product(kernel: jax.Array, rows: jax.Array) -> jax.Array:
-  """kernel [out, in] x rows [n, in] -> [n, out]: a plain 2D product contracting both minor
-  dimensions (XLA:CPU would transpose, i.e. copy, a higher-rank kernel into [in, out] order
-  first), feature-major for 2..FEATURE_MAJOR_MAX_ROWS rows."""
-  if 1 < rows.shape[0] <= FEATURE_MAJOR_MAX_ROWS:
-    return feature_major_product(kernel, rows)
-  return jax.lax.dot_general(rows, kernel, (((1,), (1,)), ((), ())))
-
-
-def feature_major_product(kernel: jax.Array, rows: jax.Array) -> jax.Array:
-  """kernel [out, in] x rows [n, in] -> [n, out], computed as kernel @ rows^T.
-
-  A skinny product [n, in] x [in, out] (2 <= n <= 32: a batched decode step) runs at ~45 GFLOP/s
-  on XLA:CPU, its GEMM kernels being tiled for many rows; as [out, in] x [in, n] the long side is
-  the kernel's and the same product runs at 75-110 GFLOP/s (a batch-8 step of the `bench` decoder:
-  23 -> 14 ms of matmuls). The optimization barriers keep XLA's simplifier from folding the two
-  small transposes back into the dot's dimension numbers, which restores the slow form.
-  """
-  rows_t = jax.lax.optimization_barrier(rows.T)
-  return jax.lax.optimization_barrier(kernel @ rows_t).T
 
 
 class LayerNorm(nnx.Module):
@@ -191,7 +150,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
                      cache_v: jax.Array, cached_mask: jax.Array, new_mask: jax.Array) -> jax.Array:
-  """Attention of new tokens to a KV cache (llama.KVCache layout, no per-step transpose of it)
+  """Attention of new tokens to a KV cache (llama.LayerCache layout, no per-step transpose of it)
   and to each other; the new keys / values are not in the cache yet.
 
   q, k, v: the new tokens, [batch, len, heads, head_dim]; cache_k, cache_v: [batch, heads,
@@ -217,18 +176,30 @@ def layer_rngs(rng: jax.Array | None, num_layers: int):
   return None if rng is None else jax.random.split(rng, num_layers)
 
 
-def scan_layers(body, carry, layers, xs, *, remat_policy: str, length: int):
-  """Runs `body(carry, layer, x) -> (carry, y)` over stacked `layers` with nnx.scan (+ remat).
+def run_layers(body, carry, layers, xs, *, remat_policy: str, length: int, scan: bool = True):
+  """Runs `body(carry, layer, x) -> (carry, y)` over stacked `layers` (+ remat), returning
+  (carry, ys stacked on a leading layer axis).
 
   `layers` is a module whose parameters have a leading `layers` axis; `xs` is a pytree of per-layer
-  inputs (leading axis = layer), or None.
+  inputs (leading axis = layer), or None. With `scan` (config `model.scan_layers`) one `nnx.scan`
+  body is compiled for all layers; without, a Python loop runs each layer on its slice of the same
+  stacked parameters (larger programs, no per-step slicing of the weights inside a loop; the
+  parameter tree, hence checkpoints, are the same).
   """
   fn = body
   if remat_policy != 'none':
     fn = nnx.remat(fn, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-  scanned = nnx.scan(fn, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), length=length,
-                     transform_metadata={nnx.PARTITION_NAME: 'layers'})
-  return scanned(carry, layers, xs)
+  if scan:
+    scanned = nnx.scan(fn, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), length=length,
+                       transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    return scanned(carry, layers, xs)
+  graphdef, state = nnx.split(layers)
+  ys = []
+  for i in range(length):
+    layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+    carry, y = fn(carry, layer, jax.tree.map(lambda a, i=i: a[i], xs))
+    ys.append(y)
+  return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
 def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
@@ -243,4 +214,4 @@ def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
 
 
 __all__ = ['Dense', 'LayerNorm', 'RMSNorm', 'attention', 'constrain', 'dropout', 'gelu_exact',
-           'layer_rngs', 'param', 'scan_layers', 'stacked']
+           'layer_rngs', 'param', 'run_layers', 'stacked']

@@ -50,11 +50,13 @@ class PerceiverResampler(nnx.Module):
   """[images, tokens, vis_dim] -> [images, num_latents, vis_dim] (each image separately)."""
 
   def __init__(self, cfg: PerceiverConfig, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               compute_dtype=jnp.float32, remat_policy: str = 'none', attention_impl: str = 'xla'):
+               compute_dtype=jnp.float32, remat_policy: str = 'none', attention_impl: str = 'xla',
+               scan_layers: bool = True):
     self.cfg = cfg
     self.compute_dtype = compute_dtype
     self.remat_policy = remat_policy
     self.attention_impl = attention_impl
+    self.scan_layers = scan_layers
     self.latents = layers.param(rngs, jax.nn.initializers.normal(1.0), (cfg.num_latents, dim),
                                 ('latents', 'vis_embed'), param_dtype)
     self.layers = layers.stacked(
@@ -70,6 +72,7 @@ class PerceiverResampler(nnx.Module):
     def body(latents, layer, _):
       return layer(latents, media, dtype=dtype, attention_impl=self.attention_impl), None
 
-    latents, _ = layers.scan_layers(body, latents, self.layers, None,
-                                    remat_policy=self.remat_policy, length=self.cfg.depth)
+    latents, _ = layers.run_layers(body, latents, self.layers, None,
+                                   remat_policy=self.remat_policy, length=self.cfg.depth,
+                                   scan=self.scan_layers)
     return self.norm(latents, dtype)

@@ -50,7 +50,8 @@ class RadFM(nnx.Module):
     self.cfg = cfg
     param_dtype = jnp.dtype(cfg.param_dtype)
     common = dict(param_dtype=param_dtype, compute_dtype=jnp.dtype(cfg.compute_dtype),
-                  remat_policy=cfg.remat_policy, attention_impl=cfg.attention)
+                  remat_policy=cfg.remat_policy, attention_impl=cfg.attention,
+                  scan_layers=cfg.scan_layers)
     self.vision = ViT3D(cfg.vision, rngs=rngs, **common)
     self.perceiver = PerceiverResampler(cfg.perceiver, cfg.vision.dim, rngs=rngs, **common)
     self.fc = Dense((cfg.vision.dim,), (cfg.llama.hidden_size,), ('vis_proj',), ('embed',),

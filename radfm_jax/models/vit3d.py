@@ -69,11 +69,13 @@ class ViT3D(nnx.Module):
   """[images, channels, H, W, D] -> [images, (H/p)*(W/p)*(D/pf), vis_dim]."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               compute_dtype=jnp.float32, remat_policy: str = 'none', attention_impl: str = 'xla'):
+               compute_dtype=jnp.float32, remat_policy: str = 'none', attention_impl: str = 'xla',
+               scan_layers: bool = True):
     self.cfg = cfg
     self.compute_dtype = compute_dtype
     self.remat_policy = remat_policy
     self.attention_impl = attention_impl
+    self.scan_layers = scan_layers
     kw = dict(rngs=rngs, param_dtype=param_dtype)
     self.patch_norm_in = LayerNorm(cfg.patch_dim, 'vis_patch', **kw)
     self.patch_proj = Dense((cfg.patch_dim,), (cfg.dim,), ('vis_patch',), ('vis_embed',),
@@ -121,6 +123,7 @@ class ViT3D(nnx.Module):
       return block(x, key, dtype=dtype, dropout_rate=cfg.dropout,
                    attention_impl=self.attention_impl), None
 
-    x, _ = layers.scan_layers(body, x, self.blocks, layers.layer_rngs(layer_rng, cfg.depth),
-                              remat_policy=self.remat_policy, length=cfg.depth)
+    x, _ = layers.run_layers(body, x, self.blocks, layers.layer_rngs(layer_rng, cfg.depth),
+                             remat_policy=self.remat_policy, length=cfg.depth,
+                             scan=self.scan_layers)
     return x
