@@ -23,7 +23,6 @@ from radfm_jax.config import load_config  # noqa: E402
 from radfm_jax.models.radfm import count_params  # noqa: E402
 from radfm_jax.train import loop  # noqa: E402
 from radfm_jax.train import metrics as metrics_lib  # noqa: E402
-from radfm_jax.train import step as step_lib  # noqa: E402
 from radfm_jax.train.synthetic import SyntheticBatches  # noqa: E402
 
 

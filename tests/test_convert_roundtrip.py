@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from convert_fixtures import official_state_dict  # noqa: E402
 from radfm_jax import checkpoint  # noqa: E402
 from radfm_jax.cli.main import main  # noqa: E402
+from radfm_jax.checkpoint.tree import flat_params  # noqa: E402
 from radfm_jax.convert import api, engine, keymap  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 
@@ -56,8 +57,8 @@ def test_restore_values_and_sharding(converted, tiny_cfg):
   # the whole tree equals an in-memory load through the same table
   ref = create_model(tiny_cfg, seed=9)
   engine.load_state_dict(ref, keymap.radfm_table(), sd, skip=keymap.RADFM_SKIP)
-  got = engine.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  want = engine.flat_params(nnx.to_pure_dict(nnx.state(ref, nnx.Param)))
+  got = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  want = flat_params(nnx.to_pure_dict(nnx.state(ref, nnx.Param)))
   assert set(got) == set(want)
   for path in want:
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)

@@ -15,6 +15,11 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'radfm_jax')
 LAYERS_ABOVE_MODELS = ('data', 'train', 'infer', 'convert', 'eval', 'cli')
+# The layers of docs/architecture.md, bottom first: a top-level module or package of radfm_jax
+# may import only from layers below its own.
+LAYERS = (('presets',), ('config',), ('experiments', 'sharding'), ('models', 'data'),
+          ('checkpoint',), ('train', 'infer', 'convert'), ('eval', 'api', 'launch'), ('demo',),
+          ('cli',))
 
 
 def _modules() -> dict[str, str]:
@@ -95,6 +100,24 @@ def test_models_import_no_higher_layer():
          for target, line in GRAPH[m] if any(_in(target, p) for p in LAYERS_ABOVE_MODELS)]
   assert not bad, 'models/ must not import data/ train/ infer/ convert/ eval/ cli/:\n' + \
       '\n'.join(bad)
+
+
+def _layer(module: str) -> int | None:
+  parts = module.split('.')
+  top = parts[1] if len(parts) > 1 else None
+  return next((i for i, names in enumerate(LAYERS) if top in names), None)
+
+
+def test_every_import_points_down_the_layers():
+  tops = {m.split('.')[1] for m in MODULES if m.count('.') >= 1}
+  unplaced = sorted(tops - {name for names in LAYERS for name in names} - {'__main__'})
+  assert not unplaced, f'radfm_jax/{unplaced}: not placed in a layer (LAYERS, docs/architecture.md)'
+  bad = [f'{_where(m)}:{line} imports {target} (layer {_layer(target)} >= {_layer(m)})'
+         for m in MODULES if _layer(m) is not None
+         for target, line in GRAPH[m]
+         if _layer(target) is not None and _layer(target) >= _layer(m)
+         and target.split('.')[1] != m.split('.')[1]]
+  assert not bad, 'imports that point up or sideways between layers:\n' + '\n'.join(bad)
 
 
 def test_only_cli_imports_cli_and_parses_arguments():

@@ -1,7 +1,6 @@
 """Decoder parity: a random tiny HF `LlamaForCausalLM` loaded through the key map into our `Llama`
 gives the same logits (every position, padded ones included) and round-trips back bit-exactly."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

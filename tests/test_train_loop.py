@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from radfm_jax import sharding
 from radfm_jax.config import load_config
 from radfm_jax.train import loop
 from radfm_jax.checkpoint import Checkpointer, read_step_config

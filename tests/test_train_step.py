@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from radfm_jax.config import ConfigError, load_config
 from radfm_jax.models.radfm import abstract_model

@@ -28,7 +28,7 @@ import numpy as np
 
 from radfm_jax.checkpoint import meta
 from radfm_jax.config import ModelConfig
-from radfm_jax.convert.engine import flat_params, trim_memory, unflatten
+from radfm_jax.checkpoint.tree import flat_params, trim_memory, unflatten
 
 PARAMS_DIR = 'params'
 CHUNK_BYTES = 64 << 20   # zarr chunk target: restores read whole chunks, keep them modest

@@ -21,7 +21,7 @@ from radfm_jax.checkpoint import meta
 from radfm_jax.checkpoint.params import PARAMS_DIR
 from radfm_jax.checkpoint.train_state import STATE_ITEM
 from radfm_jax.config import ModelConfig
-from radfm_jax.convert.engine import flat_params, unflatten
+from radfm_jax.checkpoint.tree import flat_params, unflatten
 
 @dataclasses.dataclass(frozen=True)
 class Location:

@@ -75,8 +75,9 @@ def _model_config(args):
 
 
 def run(args: argparse.Namespace) -> int:
-  from radfm_jax.convert import api, engine
-  engine.limit_malloc_arenas()   # before TensorStore starts its threads
+  from radfm_jax.checkpoint import tree
+  from radfm_jax.convert import api
+  tree.limit_malloc_arenas()   # before TensorStore starts its threads
   start = time.time()
   if args.direction == 'from-torch':
     cfg = api.from_torch(args.checkpoint, args.out, _model_config(args), dtype=args.dtype,

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from radfm_jax.checkpoint import params as params_ckpt
+from radfm_jax.checkpoint import tree
 from radfm_jax.checkpoint.read import LeafReader
 from radfm_jax.config import ModelConfig
 from radfm_jax.convert import engine, infer, keymap
@@ -37,7 +38,7 @@ def abstract_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dty
   from radfm_jax.models.radfm import abstract_model
   _, state = abstract_model(cfg)
   return {p: (tuple(v.shape), np.dtype(v.dtype))
-          for p, v in engine.flat_params(nnx.to_pure_dict(state)).items()}
+          for p, v in tree.flat_params(nnx.to_pure_dict(state)).items()}
 
 
 def _check_coverage(table: Sequence[keymap.Entry], paths, extra=()):
@@ -111,7 +112,7 @@ def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtyp
   # exactly the tower weights the full-size model would, at a fraction of the memory.
   small = dataclasses.replace(cfg, llama=dataclasses.replace(
       cfg.llama, num_layers=1, vocab_size=8, intermediate_size=8))
-  fresh = engine.flat_params(nnx.to_pure_dict(nnx.state(create_model(small, seed=seed), nnx.Param)))
+  fresh = tree.flat_params(nnx.to_pure_dict(nnx.state(create_model(small, seed=seed), nnx.Param)))
   for path in fresh_paths:
     writer.write(path, None, np.asarray(fresh[path]).astype(dtypes[path]))
   del fresh

@@ -19,11 +19,11 @@ import json
 import mmap
 import os
 import struct
-import sys
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from radfm_jax.checkpoint import tree
 from radfm_jax.convert import keymap
 from radfm_jax.convert.keymap import Entry
 
@@ -137,7 +137,7 @@ class TorchReader(DictReader):
     ptr = view.__array_interface__['data'][0]
     start, end = ptr & ~(page - 1), (ptr + view.nbytes + page - 1) & ~(page - 1)
     if any(lo <= start and end <= hi for lo, hi in self._mapped):
-      _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+      tree.libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
 
 def _file_mappings(path: str) -> list[tuple[int, int]]:
@@ -154,37 +154,6 @@ def _file_mappings(path: str) -> list[tuple[int, int]]:
   except OSError:
     pass
   return ranges
-
-
-_LIBC = None
-
-
-def _libc():
-  global _LIBC
-  if _LIBC is None:
-    _LIBC = ctypes.CDLL(None, use_errno=True)
-    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-  return _LIBC
-
-
-def limit_malloc_arenas(arenas: int = 2):
-  """glibc gives each thread that allocates its own arena (up to 8 per core) and rarely returns
-  their freed blocks; TensorStore's encoder threads then keep tens of MB each. Measured on the
-  convert benchmark: peak RSS 880 -> 480 MiB. Process-wide, so only the CLI calls it."""
-  if sys.platform.startswith('linux'):
-    try:
-      _libc().mallopt(-8, arenas)   # M_ARENA_MAX
-    except (AttributeError, OSError):
-      pass
-
-
-def trim_memory():
-  """Returns freed heap pages to the OS (glibc), so the resident set follows what is live."""
-  if sys.platform.startswith('linux'):
-    try:
-      _libc().malloc_trim(0)
-    except (AttributeError, OSError):
-      pass
 
 
 _ST_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16',
@@ -344,35 +313,6 @@ def ours_to_torch(table: Sequence[Entry], get_leaf: Callable[[str, int | None], 
       yield entry.key(i), keymap.to_torch(entry, [get_leaf(p, i) for p in entry.ours])
 
 
-# ------------------------------------------------------------------------------------------------
-# Flat views of NNX parameter trees
-
-
-def flat_params(tree) -> dict[str, object]:
-  """Nested pure dict -> {'a/b/c': leaf}."""
-  out = {}
-
-  def walk(node, prefix):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        walk(v, f'{prefix}{k}/')
-    else:
-      out[prefix[:-1]] = node
-  walk(tree, '')
-  return out
-
-
-def unflatten(flat: Mapping[str, object]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
-
-
 def stacked_layers(table: Sequence[Entry], our_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
   """path -> layer count (leading axis) for every path of a stacked entry."""
   return {p: our_shapes[p][0] for e in table if e.stacked for p in e.ours}
@@ -388,7 +328,7 @@ def load_state_dict(module, table: Sequence[Entry], state_dict: Mapping, skip: S
   from flax import nnx
 
   state = nnx.state(module, nnx.Param)
-  flat = flat_params(nnx.to_pure_dict(state))
+  flat = tree.flat_params(nnx.to_pure_dict(state))
   shapes = {p: tuple(v.shape) for p, v in flat.items()}
   layers = stacked_layers(table, shapes)
   reader = DictReader(state_dict)
@@ -402,7 +342,7 @@ def load_state_dict(module, table: Sequence[Entry], state_dict: Mapping, skip: S
   missing = sorted(set(flat) - set(new))
   if missing:
     raise CheckpointMismatchError(note=f'the table leaves parameters unset: {missing}')
-  nnx.replace_by_pure_dict(state, unflatten({p: jnp.asarray(v) for p, v in new.items()}))
+  nnx.replace_by_pure_dict(state, tree.unflatten({p: jnp.asarray(v) for p, v in new.items()}))
   nnx.update(module, state)
   return module
 
@@ -410,7 +350,7 @@ def load_state_dict(module, table: Sequence[Entry], state_dict: Mapping, skip: S
 def state_dict_of(module, table: Sequence[Entry]) -> dict[str, np.ndarray]:
   """The inverse of `load_state_dict`: {torch key: ndarray} for an NNX module."""
   from flax import nnx
-  flat = flat_params(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+  flat = tree.flat_params(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
   layers = stacked_layers(table, {p: tuple(v.shape) for p, v in flat.items()})
   return dict(ours_to_torch(
       table, lambda p, i: np.asarray(flat[p] if i is None else flat[p][i]), layers))

@@ -42,14 +42,14 @@ DTYPES = {'images': np.float32, 'image_mask': np.bool_, 'tokens': np.int32,
 # Sharding (imports JAX lazily: Grain worker processes import this module for the constants)
 
 
-def batch_spec(rules) -> 'jax.sharding.PartitionSpec':
+def batch_spec(rules):
   """PartitionSpec of every batch array: the leading (batch) axis by the `act_batch` rule of
   `rules` (a table of sharding.LOGICAL_RULES), the other axes replicated."""
   from radfm_jax import sharding
   return sharding.logical_to_spec(('act_batch',), rules)
 
 
-def batch_sharding(mesh, rules) -> 'jax.sharding.NamedSharding':
+def batch_sharding(mesh, rules):
   """NamedSharding of every batch array on `mesh` (see `batch_spec`)."""
   from jax.sharding import NamedSharding
   return NamedSharding(mesh, batch_spec(rules))

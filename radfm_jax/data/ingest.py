@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import sys
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
