@@ -66,7 +66,7 @@ def test_wheel_install_loads_sizes_and_trains_from_an_empty_directory(tmp_path):
       'size': 'tiny', 'hidden': 64, 'vocab': 512, 'image': 64, 'remat': 'none'}
 
   out = _run([str(venv / 'bin' / 'radfm-jax'), 'train', '--config',
-              'configs/radfm.py:model=tiny,mesh=cpu', '--workdir', 'run', '--no_progress',
+              'configs/radfm.py:model=tiny,mesh=cpu', '--workdir', 'run', '--no-progress',
               '--config.train.steps=2', '--config.train.warmup_steps=0',
               '--config.train.log_every=1',
               '--config.data.batch_size_2d=8', '--config.train.synthetic_length=48'],
