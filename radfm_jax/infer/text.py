@@ -141,13 +141,6 @@ def collate_prompts(rows: Sequence[dict], multiple: int = 64) -> dict:
   return batch
 
 
-def _sampling(sampling: GenerateConfig | None, **overrides) -> GenerateConfig:
-  given = {k: v for k, v in overrides.items() if v is not None}
-  if 'stop_ids' in given:
-    given['stop_ids'] = tuple(int(i) for i in given['stop_ids'])
-  return dataclasses.replace(sampling or GenerateConfig(), **given)
-
-
 def generate_batch(model, tokenizer, prompts: Sequence[str],
                    images: Sequence[Sequence] | None = None, *, max_new_tokens: int | None = None,
                    temperature: float | None = None, top_k: int | None = None,
@@ -162,18 +155,19 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   included, with return_ids).
   """
   import jax
-  sampling = _sampling(sampling, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, stop_ids=stop_ids)
+  given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+               stop_ids=stop_ids)
   batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities)
   out = generate_ids(model, batch['tokens'], batch['attention_mask'], batch['images'],
-                     batch['image_mask'], sampling=sampling, rng=jax.random.key(seed))
+                     batch['image_mask'], sampling=sampling, rng=jax.random.key(seed),
+                     **{k: v for k, v in given.items() if v is not None})
   ids = out.sequences()
   texts = [tokenizer.decode(row).strip() for row in ids]
   return (texts, ids) if return_ids else texts
 
 
 def generate(model, tokenizer, prompt: str, images: Sequence | None = None, *,
-             max_new_tokens: int | None = 200, modalities: Sequence[str] | None = None,
+             max_new_tokens: int | None = None, modalities: Sequence[str] | None = None,
              **kwargs) -> str:
   """One prompt with its scans -> the generated text.
 
