@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from radfm_jax import presets
+from radfm_jax.errors import UserError
 
 REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
@@ -35,7 +36,7 @@ RULE_PRESETS = ('fsdp', 'fsdp_tp')
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'experiments')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config field holds a value the model, mesh or pipeline cannot use."""
 
 

@@ -2,7 +2,9 @@
 
 Every command module defines `add_parser(subparsers)` and `run(args) -> exit code` and imports
 the library only inside `run`, so `radfm-jax ingest` never imports the model. Exit codes: 0 done,
-1 the command's own failure (see its --help), 2 a bad flag or config value (one line on stderr).
+1 the command's own failure (see its --help), 2 a bad flag, config value or input file (one line
+on stderr: `radfm_jax.errors.UserError`; `--verbose` adds the traceback), 130 interrupted (Ctrl-C;
+a training run saves a checkpoint first).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
   import radfm_jax
   parser = argparse.ArgumentParser(prog='radfm-jax', description=__doc__.splitlines()[0])
   parser.add_argument('--version', action='version', version=f'%(prog)s {radfm_jax.__version__}')
+  parser.add_argument('--verbose', action='store_true',
+                      help='print the traceback of a bad-input error (default: one line)')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
   for name in COMMANDS:
     module = importlib.import_module(f'radfm_jax.cli.{name}')
@@ -40,13 +44,19 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-  from radfm_jax.config import ConfigError
+  from radfm_jax.errors import UserError
   args = parse(argv)
   try:
     return int(args._run(args) or 0)
-  except ConfigError as e:
+  except UserError as e:
+    if args.verbose:
+      import traceback
+      traceback.print_exc()
     print(f'radfm-jax {args.command}: {e}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f'radfm-jax {args.command}: interrupted', file=sys.stderr)
+    return 130
 
 
 if __name__ == '__main__':
