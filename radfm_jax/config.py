@@ -191,6 +191,24 @@ class TrainConfig:
   tensorboard: bool = True
   synthetic_images: int = 1            # synthetic source (data.store == ''): images per sample
   synthetic_length: int = 0            # synthetic text length; 0 = data.text_lengths[0]
+  # (regex, multiplier) pairs: a trainable parameter whose path ('vision/blocks/q/kernel') fully
+  # matches the first pattern trains at learning_rate * multiplier (train/optim.py)
+  lr_multipliers: tuple[tuple[str, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """How a run adapts the model (models/lora.py): `full` trains every parameter not in
+  train.freeze; `lora` trains Qwix LoRA adapters on the matmuls whose module path fully matches a
+  `targets` regex (base frozen); `qlora` also keeps those base kernels quantized (`quant`)."""
+  method: str = 'full'                 # 'full' | 'lora' | 'qlora'
+  rank: int = 8
+  alpha: float = 16.0                  # the adapters' output is scaled by alpha / rank
+  dropout: float = 0.0                 # on the adapters' input
+  targets: tuple[str, ...] = (r'llama/layers/(q|k|v|o|gate|up|down)',)
+  train_full: tuple[str, ...] = ()     # towers (train.freeze names) trained in full beside them
+  quant: str = 'int8'                  # qlora base kernels: 'int8' | 'int4'
+  init_from: str = ''                  # checkpoint whose weights start the run ('' = random)
 
 
 FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc',),
@@ -207,6 +225,7 @@ class Config:
   data: DataConfig = DataConfig()
   generate: GenerateConfig = GenerateConfig()
   train: TrainConfig = TrainConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
   seed: int = 0            # parameter init, dropout and data-order keys
   extra: Any = None
   source: ml_collections.ConfigDict | None = dataclasses.field(default=None, compare=False)
@@ -217,7 +236,7 @@ class Config:
     return self.source.to_dict() if self.source is not None else dataclasses.asdict(self)
 
 
-_SCHEMA_FIELDS = ('model', 'mesh', 'data', 'generate', 'train', 'seed')
+_SCHEMA_FIELDS = ('model', 'mesh', 'data', 'generate', 'train', 'finetune', 'seed')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -552,6 +571,37 @@ def _validate_train(t: TrainConfig):
   bad = [f for f in t.freeze if f not in FREEZE_GROUPS]
   if bad:
     _fail('train.freeze', list(t.freeze), f'names from {sorted(FREEZE_GROUPS)}')
+  for pair in t.lr_multipliers:
+    if (len(pair) != 2 or not isinstance(pair[0], str) or _bad_regex(pair[0])
+        or not isinstance(pair[1], (int, float)) or pair[1] <= 0):
+      _fail('train.lr_multipliers', t.lr_multipliers,
+            '(regex, multiplier > 0) pairs, e.g. [["vision/.*", 10.0]]')
+
+
+def _bad_regex(pattern: str) -> bool:
+  import re
+  try:
+    re.compile(pattern)
+  except re.error:
+    return True
+  return False
+
+
+def _validate_finetune(f: FinetuneConfig):
+  if f.method not in ('full', 'lora', 'qlora'):
+    _fail('finetune.method', f.method, "'full', 'lora' or 'qlora'")
+  _positive('finetune', f, 'rank')
+  if f.alpha <= 0:
+    _fail('finetune.alpha', f.alpha, 'a positive float')
+  if not 0.0 <= f.dropout < 1.0:
+    _fail('finetune.dropout', f.dropout, 'a probability in [0, 1)')
+  if f.method != 'full' and (not f.targets or any(_bad_regex(p) for p in f.targets)):
+    _fail('finetune.targets', list(f.targets), 'regexes of module paths (e.g. llama/layers/q)')
+  bad = [n for n in f.train_full if n not in FREEZE_GROUPS]
+  if bad:
+    _fail('finetune.train_full', list(f.train_full), f'names from {sorted(FREEZE_GROUPS)}')
+  if f.quant not in ('int8', 'int4'):
+    _fail('finetune.quant', f.quant, "'int8' or 'int4'")
 
 
 def _build_model(m: ml_collections.ConfigDict) -> ModelConfig:
@@ -583,10 +633,12 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   _validate_generate(generate)
   train = _build(TrainConfig, cfg.get('train'), 'train')
   _validate_train(train)
+  finetune = _build(FinetuneConfig, cfg.get('finetune'), 'finetune')
+  _validate_finetune(finetune)
   extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in _SCHEMA_FIELDS})
   extra.lock()
   return Config(model=model, mesh=mesh, data=data, generate=generate, train=train,
-                seed=cfg.seed, extra=extra, source=cfg)
+                finetune=finetune, seed=cfg.seed, extra=extra, source=cfg)
 
 
 def model_config(size: str = 'tiny', **overrides) -> ModelConfig:

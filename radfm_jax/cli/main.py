@@ -15,7 +15,7 @@ import sys
 
 from radfm_jax.cli import flags
 
-COMMANDS = ('ingest', 'publish', 'train', 'generate', 'eval', 'convert', 'aot', 'demo')
+COMMANDS = ('ingest', 'publish', 'train', 'generate', 'eval', 'convert', 'merge', 'aot', 'demo')
 
 
 def build_parser() -> argparse.ArgumentParser:
