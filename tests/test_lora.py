@@ -5,7 +5,6 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -118,7 +117,7 @@ def test_sharded_equals_single_device(tmp_path):
   assert eight.state.params['llama']['layers']['q']['kernel_lora_a'][...].sharding.num_devices == 8
   got, want = _flat(eight.state.params), _flat(single.state.params)
   adapters = [k for k in got if k.endswith(('_lora_a', '_lora_b'))]
-  assert len(adapters) == 28
+  assert len(adapters) == 14                  # 7 decoder projections x (a, b)
   for key in adapters:
     # Adam divides by sqrt(v): where a gradient is ~0, reduction-order differences of ~1e-7
     # move single entries by ~1e-4 of the tensor's scale; compare against that scale.

@@ -65,9 +65,10 @@ def set_qwix_rngs(model: nnx.Module, cfg: ModelConfig, key: jax.Array | None,
 
 
 def example_inputs(cfg: ModelConfig):
-  """The smallest (tokens, images) that run every matmul of the model once."""
+  """Small (tokens, images) that run every matmul of the model once (128 tokens: the splash
+  kernel's block)."""
   v = cfg.vision
-  return (jnp.zeros((1, 4), jnp.int32),
+  return (jnp.zeros((1, 128), jnp.int32),
           jnp.zeros((1, 1, v.channels, v.patch_size, v.patch_size, v.frame_patch_size),
                     jnp.float32))
 
