@@ -87,6 +87,7 @@ def _train(cfg, workdir, batch, steps=None, mesh=None):
                     mesh=mesh, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['lora', 'qlora'])
 def test_training_moves_only_adapters(tmp_path, method):
   cfg = _cfg(method)
@@ -108,6 +109,7 @@ def test_training_moves_only_adapters(tmp_path, method):
   assert lora_a[...].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path):
   cfg = _cfg('lora')
   batch, _ = _inputs(cfg)
@@ -127,6 +129,7 @@ def test_sharded_equals_single_device(tmp_path):
                              [single.losses[s] for s in (1, 2, 3)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_exact_resume_qlora(tmp_path):
   cfg = _cfg('qlora')
   batch, _ = _inputs(cfg)
@@ -142,6 +145,7 @@ def test_exact_resume_qlora(tmp_path):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['lora', 'qlora'])
 def test_merge_logits_and_export(tmp_path, method):
   cfg = _cfg(method, "finetune.targets=['llama/layers/(q|k|v|o|gate|up|down)', 'fc']")
