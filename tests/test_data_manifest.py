@@ -75,6 +75,9 @@ BAD = [
     (['{"image": []}'], 'input',
      'line 1 field image: unknown field (did you mean images?); expected a known field, or a '
      'field of your own whose name is not a near-miss of one'),
+    (['{"question": "Q?", "path": "a.png"}'], 'input',
+     'line 1 field path: a field of an image entry; expected it inside "images": '
+     '[{"path": ...}]'),
     (['{"question": 3}'], 'input', 'line 1 field question: got 3; expected string'),
     (['{"split": "val-2"}'], 'input',
      'line 1 field split: got "val-2"; expected string of letters, digits, _'),

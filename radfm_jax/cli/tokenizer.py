@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import textwrap
 
 from radfm_jax.cli import flags
 
@@ -21,16 +20,14 @@ def add_parser(sub):
       'read. See `radfm-jax tokenizer train --help`; to use the original LLaMA tokenizer.model '
       'instead, see docs/data.md.', example=EXAMPLE)
   actions = p.add_subparsers(dest='action', required=True, metavar='ACTION')
-  t = actions.add_parser(
-      'train', help='train a tokenizer on the texts of a manifest or a text file',
-      formatter_class=flags.Formatter, epilog='example:\n  ' + EXAMPLE.replace('\n', '\n  '),
-      description=textwrap.fill('radfm-jax tokenizer train: trains a SentencePiece BPE model with LLaMA\'s '
-      'conventions (<unk> 0, <s> 1, </s> 2, byte fallback, digits split) on every question and '
-      'answer of a manifest as the model sees them (template questions rendered, no image '
-      'blocks) plus the task templates, or on the lines of a text file. The image tokens are not '
-      'pieces of the model: for V pieces, <image> = V, </image> = V+1, <imageK> = V+2+K, so '
-      'train with model.llama.vocab_size = V.', 98))
-  t.set_defaults(_parser=t, _takes_config=False)
+  t = flags.add_command(
+      actions, 'train', help='train a tokenizer on the texts of a manifest or a text file',
+      description='radfm-jax tokenizer train: trains a SentencePiece BPE model with LLaMA\'s '
+      'conventions (<unk> 0, <s> 1, </s> 2, byte fallback, digits split, no normalisation) on '
+      'every question and answer of a manifest as the model sees them (template questions '
+      'rendered, no image blocks) plus the task templates, or on the lines of a text file. The '
+      'image tokens are not pieces of the model: for V pieces, <image> = V, </image> = V+1, '
+      '<imageK> = V+2+K, so train with model.llama.vocab_size = V.', example=EXAMPLE)
   source = t.add_mutually_exclusive_group(required=True)
   source.add_argument('--manifest', help='samples JSONL (an ingest input or a store '
                       'manifest); this or --text')

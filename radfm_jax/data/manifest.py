@@ -15,7 +15,8 @@ written by ingest, read by training) names it by the stored scan `id` and its `s
 Unknown fields. An image entry takes only the fields of `IMAGE_FIELDS`. A sample may carry fields
 of its own (kept unchanged through ingest and publish, usable by task templates): that is the
 extension point. A name that is a near-miss of a known field (`qestion`, `image`, `Answer`) is an
-error with a did-you-mean, since it would otherwise be silently ignored.
+error with a did-you-mean, and so is an image field (`path`, `position`, ...) outside `images`,
+since either would otherwise be silently ignored.
 
 Errors are `InputError`s, one line: `samples.jsonl line 3 field images[1].position: got
 {"questin": 4}; expected {"question": N} or {"answer": N}, N an integer >= 0`.
@@ -211,6 +212,9 @@ def validate_record(record, form: str | None = None) -> None:
     raise FieldError(None, f'got {_shown(record)}; expected a JSON object {{"question": ...}}')
   for key, value in record.items():
     field = _SAMPLE.get(key)
+    if field is None and key in _IMAGE:            # e.g. "path" next to "question"
+      raise FieldError(key, f'a field of an image entry; expected it inside "images": '
+                       f'[{{"{key}": ...}}]')
     if field is None:
       near = _unknown(key, _SAMPLE)
       if near is not None:
@@ -300,9 +304,9 @@ def schema_help(width: int = 98) -> str:
     default = f.default if f.default.startswith('required') else f'default {f.default}'
     text = f'{f.name} ({f.type}; {default}): {f.meaning}'
     lines += textwrap.wrap(text, width, initial_indent='  ', subsequent_indent='      ')
-  lines += textwrap.wrap('Other sample fields are kept unchanged (a name close to a known one is '
-                         'an error: did you mean ...?).', width, initial_indent='  ',
-                         subsequent_indent='  ')
+  lines += textwrap.wrap('Other sample fields are yours, kept unchanged; a name close to a known '
+                         'one (did you mean ...?) or an image field outside images is an error.',
+                         width, initial_indent='  ', subsequent_indent='  ')
   return '\n'.join(lines)
 
 
