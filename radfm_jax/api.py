@@ -35,7 +35,9 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
                      'the SentencePiece model it was trained with (--tokenizer)')
   model, cfg = load(directory, step=step, mesh=mesh)
   tok = Tokenizer(tokenizer, max_images=cfg.max_images, num_latents=cfg.perceiver.num_latents,
-                  source='--tokenizer' if given else 'tokenizer')
+                  source='--tokenizer' if given else 'tokenizer',
+                  expected='expected the SentencePiece tokenizer.model the checkpoint was '
+                  'trained with')
   check_tokenizer(tok, cfg)
   base = read_data_config(directory) or DataConfig()
   if intensity:

@@ -87,6 +87,12 @@ def test_train_from_text_file_and_its_errors(tmp_path):
   assert err.startswith('radfm-jax tokenizer: vocab size 5000 is too large for this corpus '
                         '(SentencePiece makes at most ')
   assert not (tmp_path / 'big.model').exists()
+  too_small = _cli('tokenizer', 'train', '--text', str(text), '--out', str(tmp_path / 's.model'),
+                   '--vocab-size', '100')
+  assert too_small.returncode == 2 and too_small.stderr.startswith(
+      'radfm-jax tokenizer: vocab size 100 is too small for this corpus (its characters and the '
+      '256 byte pieces need 2'), too_small.stderr
+  assert len(too_small.stderr.splitlines()) == 1
   missing = _cli('tokenizer', 'train', '--text', str(tmp_path / 'nope.txt'), '--out', str(out),
                  '--overwrite')
   assert missing.returncode == 2 and missing.stderr == (

@@ -117,7 +117,8 @@ IMAGE_FIELDS = (
           'scan id in the store; entries with the same id share one stored scan',
           lambda v: _str(v) and v != ''),
     Field('images[].modality', 'string', '"" (DICOM: its Modality tag)',
-          'e.g. "CT", "MRI", "X-ray"; "CT" selects the CT intensity windows (data.intensity)',
+          'e.g. "CT", "MRI", "X-ray"; under a CT intensity policy (data.intensity) "CT" images '
+          'get the CT windows, the others min-max scaling',
           _str),
     Field('images[].position', '{"question": N} or {"answer": N}, N an integer >= 0',
           '{"question": 0}', 'which text the image\'s tokens go in, and where: after its first N-1 '

@@ -38,19 +38,19 @@ class Tokenizer:
   """`Tokenizer('tokenizer.model')` or `Tokenizer(model_proto_bytes)`; picklable.
 
   `source` names where a path came from in the InputError of a missing, empty or unreadable one
-  (e.g. 'config field data.tokenizer', '--tokenizer').
+  (e.g. 'config field data.tokenizer', '--tokenizer'); `expected` ends that message.
   """
 
   def __init__(self, model_path_or_proto: str | bytes | os.PathLike, max_images: int = 100,
-               num_latents: int = 32, *, source: str = 'tokenizer'):
+               num_latents: int = 32, *, source: str = 'tokenizer', expected: str = MAKE_ONE):
     if isinstance(model_path_or_proto, (bytes, bytearray)):
       proto = bytes(model_path_or_proto)
     else:
       path = os.fspath(model_path_or_proto)
       if not path:
-        raise InputError(f'{source} is empty; {MAKE_ONE}')
+        raise InputError(f'{source} is empty; {expected}')
       if not os.path.isfile(path):
-        raise InputError(f'{source}={path}: no such file; {MAKE_ONE}')
+        raise InputError(f'{source}={path}: no such file; {expected}')
       with open(path, 'rb') as f:
         proto = f.read()
     self._proto = proto
@@ -60,7 +60,7 @@ class Tokenizer:
       name = source if isinstance(model_path_or_proto, (bytes, bytearray)) else \
           f'{source}={os.fspath(model_path_or_proto)}'
       raise InputError(f'{name}: not a SentencePiece model (does not parse as a ModelProto); '
-                       f'{MAKE_ONE}') from None
+                       f'{expected}') from None
     self.max_images = max_images
     self.num_latents = num_latents
     self.vocab_size = self.sp.get_piece_size()       # V: first id past the SentencePiece pieces
@@ -196,6 +196,11 @@ def train_sentencepiece(lines: Iterable[str], out_path: str | None = None, vocab
       raise InputError(f'vocab size {high[1]} is too large for this corpus (SentencePiece makes '
                        f'at most {high[2]} pieces of it); expected a vocab size <= {high[2]}, '
                        'with model.llama.vocab_size the same, or more text') from None
+    low = re.search(r'Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)', str(e))
+    if low:
+      raise InputError(f'vocab size {low[1]} is too small for this corpus (its characters and the '
+                       f'256 byte pieces need {low[2]}); expected a vocab size >= {low[2]}, with '
+                       'model.llama.vocab_size the same') from None
     if 'sentences_.empty()' in str(e):
       raise InputError('no text to train a tokenizer on; expected non-empty lines') from None
     raise
