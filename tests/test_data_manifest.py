@@ -60,6 +60,9 @@ BAD = [
     ([json.dumps({'id': 'x', 'images': [{'id': 's', 'position': {'question': 0}}]})], 'store',
      'line 1 field images[0].shape: missing; expected list of 4 integers >= 1 (a store manifest '
      'names each scan by id and shape, as ingest writes them)'),
+    ([json.dumps({'id': 'x', 'images': [{'id': 's', 'shape': [1, 2, 2, 1], 'frame': 0}]})],
+     'store', 'line 1 field images[0].frame: not read from a store manifest; expected one of id, '
+     'modality, position, shape'),
     ([json.dumps({'id': 'x', 'images': [{'id': 's', 'shape': [1, 0, 2, 1]}]})], 'store',
      'line 1 field images[0].shape: got [1, 0, 2, 1]; expected list of 4 integers >= 1'),
     ([json.dumps({'id': 'x', 'images': ['a.png']})], 'input',

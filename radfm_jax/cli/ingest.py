@@ -22,7 +22,7 @@ def add_parser(sub):
       'Every manifest line is checked first (a bad one: exit code 2, naming file, line and '
       'field). Exit code 1 with --strict when anything was rejected.', example=EXAMPLE)
   p.epilog += '\n\n' + schema_help()
-  p.add_argument('--manifest', required=True, help='input samples JSONL')
+  p.add_argument('--manifest', required=True, help='input samples JSONL (fields below)')
   p.add_argument('--out', required=True, help='store directory to create or extend')
   p.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected')
   p.add_argument('--root', default=None, help='base folder for relative image paths '

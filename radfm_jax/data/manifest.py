@@ -181,7 +181,8 @@ def _template_fields(task: str, yes_no: bool) -> list[str]:
 
 
 def validate_image(entry, i: int, form: str | None) -> None:
-  """Checks images[i] of a record; `form` None: 'input' if the entry has a path, else 'store'."""
+  """Checks images[i] of a record; `form` None: 'store' for an entry with a shape and no path,
+  else 'input'."""
   label = f'images[{i}]'
   if not isinstance(entry, dict):
     raise FieldError(label, f'got {_shown(entry)}; expected an object {{"path": ...}}')
@@ -191,7 +192,8 @@ def validate_image(entry, i: int, form: str | None) -> None:
     if key not in allowed:
       near = _unknown(key, allowed)
       hint = f' (did you mean {near}?)' if near and near != key else ''
-      what = (f'not read from an {form} manifest' if key in _IMAGE else 'unknown field')
+      what = ('not read from ' + ('an input' if form == 'input' else 'a store') + ' manifest'
+              if key in _IMAGE else 'unknown field')
       raise FieldError(f'{label}.{key}', f'{what}{hint}; expected one of {", ".join(allowed)}')
     _check(_IMAGE[key], f'{label}.{key}', value)
   required = ('path',) if form == 'input' else ('id', 'shape')
