@@ -131,10 +131,9 @@ def ingest_data(out: str, data_dir: str, rebuilt: bool) -> tuple[str, dict]:
 
 
 def train_tokenizer(out: str, records: list[dict], vocab_size: int) -> str:
-  from radfm_jax.data import demo as demo_data
-  from radfm_jax.data.tokenizer import train_sentencepiece
+  from radfm_jax.data.tokenizer import corpus_lines, train_sentencepiece
   path = os.path.join(out, 'tokenizer.model')
-  train_sentencepiece(demo_data.corpus_lines(records), path, vocab_size=vocab_size)
+  train_sentencepiece(corpus_lines(records), path, vocab_size=vocab_size)
   return path
 
 

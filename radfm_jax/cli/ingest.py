@@ -8,16 +8,21 @@ from radfm_jax.cli import flags
 
 EXAMPLE = """\
 radfm-jax ingest --manifest samples.jsonl --out store/ --workers 8
-# each line: {"id": ..., "question": ..., "answer": ..., "images": [{"path": "scan.nii.gz"}]}"""
+# a line of samples.jsonl:
+# {"id": "s1", "question": "Is there a lesion?", "answer": "Yes.",
+#  "images": [{"path": "scans/ct1.nii.gz", "modality": "CT", "position": {"question": 0}}]}"""
 
 
 def add_parser(sub):
+  from radfm_jax.data.manifest import schema_help
   p = flags.add_command(
       sub, 'ingest', help='read scans (NIfTI, DICOM, PNG/JPEG, .npy) into a VolumeStore',
       description='Reads every scan of a samples manifest (NIfTI, DICOM series, PNG/JPEG, .npy) '
       'into a VolumeStore (Zarr volumes + manifest.jsonl); unreadable inputs go to rejects.jsonl. '
-      'Exit code 1 with --strict when anything was rejected.', example=EXAMPLE)
-  p.add_argument('--manifest', required=True, help='input samples JSONL')
+      'Every manifest line is checked first (a bad one: exit code 2, naming file, line and '
+      'field). Exit code 1 with --strict when anything was rejected.', example=EXAMPLE)
+  p.epilog += '\n\n' + schema_help()
+  p.add_argument('--manifest', required=True, help='input samples JSONL (fields below)')
   p.add_argument('--out', required=True, help='store directory to create or extend')
   p.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected')
   p.add_argument('--root', default=None, help='base folder for relative image paths '

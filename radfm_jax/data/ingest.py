@@ -3,7 +3,8 @@
     radfm-jax ingest --manifest samples.jsonl --out STORE [--strict]
     report = ingest('samples.jsonl', 'STORE')            # or a list of record dicts
 
-Input manifest (JSONL, one training sample per line):
+Input manifest (JSONL, one training sample per line; every field: docs/data.md and
+data/manifest.py, which validates each line before anything is read):
 
     {"id": "s1", "task": "vqa", "question": "What is shown?", "answer": "A nodule.",
      "images": [{"path": "ct/case1.nii.gz", "position": {"question": 0}, "modality": "CT"}]}
@@ -41,7 +42,7 @@ from typing import Iterable
 
 import numpy as np
 
-from radfm_jax.data.store import VolumeStore, write_jsonl, read_jsonl
+from radfm_jax.data.store import VolumeStore, write_jsonl
 
 
 class IngestError(RuntimeError):
@@ -284,9 +285,12 @@ def scan_id_for(path: str, entry: dict) -> str:
 
 
 def _load_records(manifest) -> tuple[list[dict], str]:
+  """Validated input records (data/manifest.py: an InputError names file, line and field) and the
+  folder relative image paths start from."""
+  from radfm_jax.data.manifest import read_records, validate_records
   if isinstance(manifest, (str, os.PathLike)):
-    return read_jsonl(os.fspath(manifest)), os.path.dirname(os.path.abspath(manifest))
-  return list(manifest), os.getcwd()
+    return read_records(manifest, form='input'), os.path.dirname(os.path.abspath(manifest))
+  return validate_records(manifest, form='input'), os.getcwd()
 
 
 def _expand_ids(scan_id: str, n: int) -> list[str]:

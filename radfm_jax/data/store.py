@@ -38,6 +38,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import tensorstore as ts
 
+from radfm_jax.errors import InputError, where
+
 AXES = 'CHWD'
 _STORABLE = {np.dtype(t) for t in ('uint8', 'int8', 'uint16', 'int16', 'int32', 'uint32', 'float32')}
 
@@ -97,11 +99,39 @@ def _array_spec(kvstore: dict, scan_id: str, shape, dtype: np.dtype, attributes:
   }
 
 
+_JSON_TYPES = {list: 'array', str: 'string', int: 'number', float: 'number', bool: 'boolean',
+               type(None): 'null'}
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+  """(line number, object) for every non-blank line of a JSONL file; line numbers are 1-based and
+  count blank lines too (what an editor shows). A line that is not one UTF-8 JSON object is an
+  InputError naming the file and line."""
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        text = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise InputError(f'{where(path, n)}: not UTF-8 text ({e.reason}, column {e.start + 1}); '
+                         'expected a UTF-8 JSONL file') from None
+      if not text.strip():
+        continue
+      try:
+        value = json.loads(text.rstrip('\r\n'))   # so the column is the one on this line
+      except json.JSONDecodeError as e:
+        raise InputError(f'{where(path, n)}: not valid JSON ({e.msg}, column {e.colno}); '
+                         'expected one JSON object per line') from None
+      if not isinstance(value, dict):
+        raise InputError(f'{where(path, n)}: got a JSON {_JSON_TYPES.get(type(value), "value")}; '
+                         'expected one JSON object per line')
+      yield n, value
+
+
 def read_jsonl(path: str) -> list[dict]:
+  """The objects of a JSONL file ([] when it does not exist); errors name the file and line."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [value for _, value in iter_jsonl(path)]
 
 
 def write_jsonl(path: str, records: Iterable[dict]):

@@ -61,7 +61,8 @@ def _kind(record: dict) -> str:
 
 def load_samples(data: str, limit: int | None = None) -> list[Sample]:
   """A store directory (or its manifest.jsonl) or a raw manifest -> samples."""
-  from radfm_jax.data.store import VolumeStore, read_jsonl
+  from radfm_jax.data.manifest import read_records
+  from radfm_jax.data.store import VolumeStore
   path = os.path.abspath(data)
   if os.path.isfile(path) and os.path.isdir(os.path.join(os.path.dirname(path), 'volumes')):
     path = os.path.dirname(path)                     # STORE/manifest.jsonl -> the store
@@ -70,7 +71,7 @@ def load_samples(data: str, limit: int | None = None) -> list[Sample]:
     records = source.manifest()
   else:
     source = os.path.dirname(path)
-    records = read_jsonl(path)
+    records = read_records(path, form='input')      # checked line by line (data/manifest.py)
   records = records[:limit] if limit else records
   return [Sample(i, r, _kind(r), str(r.get('task') or ''), source) for i, r in enumerate(records)]
 

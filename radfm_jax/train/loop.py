@@ -64,7 +64,8 @@ def make_data(cfg: Config, split: str = 'train'):
   from radfm_jax.data.pipeline import make_dataset
   from radfm_jax.data.tokenizer import Tokenizer
   tokenizer = Tokenizer(cfg.data.tokenizer, max_images=cfg.model.max_images,
-                        num_latents=cfg.model.perceiver.num_latents)
+                        num_latents=cfg.model.perceiver.num_latents,
+                        source='config field data.tokenizer')
   ds = make_dataset(cfg.data, cfg.model, cfg.data.store, tokenizer, seed=cfg.seed,
                     split=split, num_epochs=None if split == 'train' else 1)
   return iter(ds)

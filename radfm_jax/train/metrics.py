@@ -97,11 +97,8 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  from radfm_jax.data.store import read_jsonl      # [] when absent; errors name file and line
+  rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   return [r for r in rows if split is None or r['split'] == split]
 
 
