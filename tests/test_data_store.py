@@ -23,11 +23,11 @@ def test_round_trip_keeps_values_dtype_and_attributes(tmp_path):
   assert again.read('ct').dtype == np.int16 and again.read('rgb').dtype == np.uint8
   np.testing.assert_allclose(again.read('f64'), f64.astype(np.float32))
   assert again.read('f64').dtype == np.float32
-  assert again.info('ct') == {'id': 'ct', 'shape': [1, 70, 40, 9], 'dtype': 'int16',
-                              'attributes': {'spacing': [0.5, 0.5, 2.0], 'modality': 'CT',
+  assert again.info('ct') == {'id': 'ct', 'key': 'scans/ct/', 'version': 0,
+                              'shape': [1, 70, 40, 9], 'dtype': 'int16', 'attributes': {'spacing': [0.5, 0.5, 2.0], 'modality': 'CT',
                                              'axes': 'CHWD'}}
   assert again.attributes('ct') == again.info('ct')['attributes']
-  assert sorted(again.stored_ids()) == ['ct', 'f64', 'rgb']
+  assert list(again.stored_keys()) == ['scans/ct/', 'scans/f64/', 'scans/rgb/']
   assert len(again) == 3 and 'ct' in again and 'nope' not in again
 
 
@@ -49,14 +49,18 @@ def test_shard_is_a_multiple_of_the_inner_chunk(shape):
   assert inner[1] <= 64 and inner[3] <= 32
 
 
-def test_rewrite_overwrites_and_wrong_rank_is_refused(tmp_path):
+def test_rewrite_goes_to_a_new_key_and_wrong_rank_is_refused(tmp_path):
   store = VolumeStore(str(tmp_path / 's'))
   store.write_batch([('a', np.zeros((1, 4, 4, 4), np.int16) + 1, {})])
   store.write_batch([('a', np.zeros((1, 4, 4, 2), np.int16) + 2, {})])
   assert store.read('a').shape == (1, 4, 4, 2) and store.read('a').max() == 2
+  again = VolumeStore(str(tmp_path / 's'))           # the last index line of an id wins
+  assert again.key('a') == 'scans/a.v1/' and again.info('a')['version'] == 1
+  np.testing.assert_array_equal(again.read('a'), np.zeros((1, 4, 4, 2), np.int16) + 2)
+  assert len(open(again.scans_path).read().splitlines()) == 2      # appended, not rewritten
   with pytest.raises(TypeError, match='expected \\[C, H, W, D\\]'):
     store.write_batch([('b', np.zeros((4, 4, 4)), {})])
-  assert 'b' not in store and list(store.stored_ids()) == ['a']
+  assert 'b' not in store and list(store.stored_keys()) == ['scans/a.v1/', 'scans/a/']
 
 
 def test_pickle_sends_only_the_path(tmp_path):
