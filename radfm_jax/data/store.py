@@ -4,7 +4,7 @@ On-disk layout of a store directory `STORE/`:
 
     STORE/volumes/        OCDBT database (a handful of files however many scans); a scan is the
                           zarr3 array at the `key` of its index row (`scans/<id>/`, a rewritten
-                          scan `scans/<id>.v<N>/`).
+                          scan `scans/<id>@v<N>/`; the id percent-encoded).
     STORE/scans.jsonl     the index, append-only: one line per stored scan version (id, key,
                           version, shape, dtype, attributes); the last line of an id wins. No array
                           read is needed to plan batches.
@@ -57,12 +57,13 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import tensorstore as ts
 
-from radfm_jax.errors import UserError, where
+from radfm_jax.errors import InputError, UserError, where
 
 AXES = 'CHWD'
 _STORABLE = {np.dtype(t) for t in ('uint8', 'int8', 'uint16', 'int16', 'int32', 'uint32', 'float32')}
@@ -208,7 +209,7 @@ def read_index(path: str) -> dict[str, dict]:
       row = json.loads(line)
       index[row['id']] = row
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f'{where(path, n)}: not a store index row ({type(e).__name__}: {e}); '
+      raise InputError(f'{where(path, n)}: not a store index row ({type(e).__name__}: {e}); '
                        'expected {"id": ..., "key": ..., "shape": ...}') from None
   return index
 
@@ -355,11 +356,13 @@ class VolumeStore:
     return self.index()[scan_id].get('key', f'scans/{scan_id}/')
 
   def _new_key(self, scan_id: str) -> tuple[str, int]:
+    # The id percent-encoded: an id holding '/' cannot reach into another scan's keys.
+    name = urllib.parse.quote(scan_id, safe='')
     row = self.index().get(scan_id)
     if row is None:
-      return f'scans/{scan_id}/', 0
+      return f'scans/{name}/', 0
     version = row.get('version', 0) + 1
-    return f'scans/{scan_id}.v{version}/', version
+    return f'scans/{name}@v{version}/', version   # '@' is never in a quoted id
 
   def _append_index(self, rows: list[dict]):
     """Appends rows in one write and fsyncs; first cuts off a torn last line of a killed writer."""
