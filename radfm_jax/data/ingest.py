@@ -63,7 +63,7 @@ import json
 import math
 import os
 import sys
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -491,7 +491,7 @@ def source_digest(path: str) -> str:
   return h.hexdigest()
 
 
-def _load_records(manifest) -> tuple[list[tuple[int, dict]], str, callable]:
+def _load_records(manifest) -> tuple[list[tuple[int, dict]], str, Callable]:
   """([(line, record)], base folder of relative paths, place(line, field) -> 'FILE line N field F').
 
   A manifest path that does not exist or a line that is not a JSON object is an InputError here,
@@ -624,8 +624,8 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
     old_rows = store.manifest()
     old_at = {str(r.get('id')): i for i, r in enumerate(old_rows)}
     _check_samples(records, base, index, old_rows, old_at, place, replace, store.manifest_path)
-    resolved = _store_scans(store, entries, report, batch_size, workers, log, replace,
-                            max_scan_bytes, progress)
+    resolved = _store_scans(store, entries, report, batch_size, workers, log, max_scan_bytes,
+                            progress)
     rows = _merge_samples(records, base, resolved, old_rows, old_at, store.index(), report)
     kill_point('before-manifest')
     write_jsonl(store.manifest_path, rows)
@@ -677,12 +677,12 @@ def _check_samples(records, base, index, old_rows, old_at, place, replace, manif
 
 
 def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestReport,
-                 batch_size: int, workers: int | None, log, replace: bool, max_scan_bytes: int,
+                 batch_size: int, workers: int | None, log, max_scan_bytes: int,
                  progress: bool) -> dict[str, list[str] | None]:
   """Reads and stores every entry whose content is not stored yet; entry id -> stored ids (None:
   rejected). `batch_size` scans are read at a time (threads: gzip/zstd/pydicom release the GIL)
   and written in one transaction: memory stays bounded by one batch of decoded volumes."""
-  from tqdm.auto import tqdm
+  from tqdm import tqdm
   index = store.index()
 
   def load(sid):

@@ -301,28 +301,26 @@ class VolumeStore:
       os.close(fd)
 
   def _acquire(self, fd: int, timeout: float | None, log):
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      return
-    except BlockingIOError:
-      pass
-    holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another writer'
-    waited = f'after {timeout:g} s' if timeout is not None else ''
-    if timeout is not None and timeout <= 0:
-      raise StoreLocked(f'{self.root}: locked by another writer ({holder}); expected no other '
-                        'ingest into this store (wait for it, or pass a --lock-timeout)')
-    print(f'store {self.root} is locked by another writer ({holder}); waiting for it',
-          file=log or sys.stderr, flush=True)
+    """Takes the lock on `fd`: at once, else after saying who holds it and waiting (polling, so
+    that `timeout` can end the wait)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    said = False
     while True:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return
       except BlockingIOError:
-        if deadline is not None and time.monotonic() > deadline:
-          raise StoreLocked(f'{self.root}: still locked by another writer ({holder}) {waited}; '
-                            'expected no other ingest into this store') from None
-        time.sleep(0.1)
+        pass
+      holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'pid unknown'
+      if deadline is not None and time.monotonic() >= deadline:
+        raise StoreLocked(f'{self.root}: still locked by another writer ({holder}) after '
+                          f'{timeout:g} s; expected no other ingest into this store (or a longer '
+                          '--lock-timeout)') from None
+      if not said:
+        print(f'store {self.root} is locked by another writer ({holder}); waiting for it',
+              file=log or sys.stderr, flush=True)
+        said = True
+      time.sleep(0.1)
 
   # ---------------------------------------------------------------------------------------------
   # Index
