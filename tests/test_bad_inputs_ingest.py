@@ -528,3 +528,20 @@ def test_progress_bar_counts_scans_and_rejects(tmp_path):
   r = _cli('ingest', '--manifest', m, '--out', str(tmp_path / 's2'), '--no-progress')
   assert r.returncode == 0 and '%|' not in r.stderr and '2/2' not in r.stderr
   assert f'rejected {tmp_path}/c.npy: constant volume' in r.stderr
+
+
+def test_a_store_that_refuses_writes_rejects_each_scan_and_the_run_ends(tmp_path):
+  """A real write fault (the database folder replaced by a file): the batch is retried scan by
+  scan, each scan is a reject naming the store error, and the run still writes its reports."""
+  np.save(tmp_path / 'a.npy', np.arange(6, dtype=np.int16).reshape(2, 3))
+  np.save(tmp_path / 'b.npy', np.arange(6, dtype=np.int16).reshape(3, 2))
+  m = cd.write_manifest(tmp_path / 'm.jsonl', [_sample('a', 'a.npy'), _sample('b', 'b.npy')])
+  os.makedirs(tmp_path / 'store')
+  _write(str(tmp_path / 'store'), 'volumes', b'not a folder')
+  report = ingest(m, str(tmp_path / 'store'), log=QUIET)
+  assert report.stored == [] and report.dropped_samples == 2
+  rejects = [r for r in VolumeStore(str(tmp_path / 'store')).rejects() if 'scan_id' in r]
+  assert [os.path.basename(r['path']) for r in rejects] == ['a.npy', 'b.npy']
+  assert all(r['reason'].startswith('store write failed: ') for r in rejects), rejects
+  assert VolumeStore(str(tmp_path / 'store')).manifest() == [] and len(VolumeStore(
+      str(tmp_path / 'store'))) == 0
