@@ -468,7 +468,9 @@ def test_second_writer_waits_for_the_lock_or_fails_clearly(filled):
     p = subprocess.Popen([sys.executable, '-m', 'radfm_jax.cli', 'ingest', '--manifest', m,
                           '--out', store_dir, '--no-progress'], env=env, stderr=subprocess.PIPE,
                          text=True)
-    line = p.stderr.readline()                                # blocks until it says it waits
+    line = ''
+    while 'waiting' not in line and p.poll() is None:       # blocks until it says it waits
+      line = p.stderr.readline()
     assert f'store {store_dir} is locked by another writer (pid {os.getpid()}' in line
     assert 'waiting' in line and p.poll() is None
     assert [r['id'] for r in VolumeStore(store_dir).manifest()] == ['s0', 's1']
