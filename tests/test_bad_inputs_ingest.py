@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import conftest_data as cd
-from radfm_jax.data.ingest import DEFAULT_MAX_SCAN_BYTES, RejectedScan, ingest, read_scan
+from radfm_jax.data.ingest import ingest
+from radfm_jax.data.readers import DEFAULT_MAX_SCAN_BYTES, RejectedScan, read_scan
 from radfm_jax.data.store import StoreLocked, VolumeStore, to_storable
 from radfm_jax.errors import InputError
 
@@ -480,7 +481,7 @@ def test_second_writer_waits_for_the_lock_or_fails_clearly(filled):
 
 MEMORY_PROBE = r'''
 import os, resource, sys
-from radfm_jax.data.ingest import read_scan, RejectedScan
+from radfm_jax.data.readers import read_scan, RejectedScan
 vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20), resource.RLIM_INFINITY))
 for path in sys.argv[1:]:

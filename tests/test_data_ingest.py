@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import conftest_data as cd
-from radfm_jax.data.ingest import IngestError, ingest, read_scan
+from radfm_jax.data.ingest import IngestError, ingest
+from radfm_jax.data.readers import read_scan
 from radfm_jax.data.store import VolumeStore
 
 
