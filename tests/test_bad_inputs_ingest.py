@@ -284,6 +284,10 @@ ERRORS = [
                                             _sample('x', 'b.npy')),
      "{m} line 3 field id: sample id 'x' is already the id of {m} line 1; expected unique sample "
      'ids'),
+    ('default_id_collides', lambda t: _line(t, 'dflt.jsonl', _sample('1', 'a.npy'),
+                                            {'images': [{'path': 'b.npy'}]}),
+     "{m} line 2 field id: sample id '1' (its default id: the record number) is already the id of "
+     '{m} line 1; expected unique sample ids'),
     ('scan_id_names_two_files', lambda t: _line(
         t, 'two.jsonl', {'id': 'p', 'images': [{'path': 'a.npy', 'id': 'scan'}]},
         {'id': 'q', 'images': [{'path': 'b.npy', 'id': 'scan'}]}),

@@ -165,12 +165,13 @@ def _collect(records, base, place) -> dict[str, _Entry]:
   are InputErrors naming both lines."""
   entries: dict[str, _Entry] = {}
   sample_lines: dict[str, int] = {}
-  for n, rec in records:
-    if 'id' in rec:
-      first = sample_lines.setdefault(str(rec['id']), n)
-      if first != n:
-        raise InputError(f'{place(n, "id")}: sample id {rec["id"]!r} is already the id of '
-                         f'{place(first)}; expected unique sample ids')
+  for i, (n, rec) in enumerate(records):
+    row_id = str(rec.get('id', i))           # the default id: the record number
+    first = sample_lines.setdefault(row_id, n)
+    if first != n:
+      how = '' if 'id' in rec else ' (its default id: the record number)'
+      raise InputError(f'{place(n, "id")}: sample id {row_id!r}{how} is already the id of '
+                       f'{place(first)}; expected unique sample ids')
     images = rec.get('images', [])
     if not isinstance(images, list):
       raise InputError(f'{place(n, "images")}: got {images!r}; expected a list of image objects')
