@@ -226,7 +226,7 @@ class VolumeStore:
     self.root = os.path.abspath(root)
     self._local = None
     self._index: dict[str, dict] | None = None
-    self._lock_fd: int | None = None
+    self._thread_lock = threading.RLock()
     self._lock_depth = 0
 
   # Grain worker processes receive a pickled copy: send only the path, reopen there.
@@ -275,30 +275,32 @@ class VolumeStore:
   @contextlib.contextmanager
   def lock(self, timeout: float | None = None, log=None):
     """Holds the store's OS file lock (`fcntl.flock` on STORE/.lock) for the block; re-entrant
-    within this object. A second writer (another process or another VolumeStore object) waits,
+    within this object and thread. A second writer (another process or another VolumeStore object) waits,
     printing once who holds the lock, or raises StoreLocked after `timeout` seconds. The index is
     re-read after the lock is taken, so a writer always extends what the last one committed."""
-    if self._lock_depth:
-      self._lock_depth += 1
+    with self._thread_lock:             # threads sharing this object take turns too
+      if self._lock_depth:
+        self._lock_depth += 1
+        try:
+          yield self
+        finally:
+          self._lock_depth -= 1
+        return
+      os.makedirs(self.root, exist_ok=True)
+      fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
-        yield self
+        self._acquire(fd, timeout, log)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(),
+                  0)
+        self._lock_depth, self._index = 1, None
+        try:
+          yield self
+        finally:
+          self._lock_depth, self._index = 0, None
+          fcntl.flock(fd, fcntl.LOCK_UN)
       finally:
-        self._lock_depth -= 1
-      return
-    os.makedirs(self.root, exist_ok=True)
-    fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      self._acquire(fd, timeout, log)
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
-      self._lock_fd, self._lock_depth, self._index = fd, 1, None
-      try:
-        yield self
-      finally:
-        self._lock_fd, self._lock_depth, self._index = None, 0, None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-      os.close(fd)
+        os.close(fd)
 
   def _acquire(self, fd: int, timeout: float | None, log):
     """Takes the lock on `fd`: at once, else after saying who holds it and waiting (polling, so
