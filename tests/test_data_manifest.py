@@ -230,7 +230,7 @@ def test_store_jsonl_readers_report_file_and_line(tmp_path):
     f.write('{"id": "a", "shape": [1, 2, 2, 1]}\n\n{"id": "b", "shape": [1, 2\n')
   with pytest.raises(InputError) as e:
     store.index()
-  assert str(e.value).startswith(f'{store.scans_path} line 3: not valid JSON (')
+  assert str(e.value).startswith(f'{store.scans_path} line 3: not a store index row (')
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "split": "train"}\nnan\n')
   with pytest.raises(InputError, match=r'metrics.jsonl line 2: not valid JSON'):
     read_metrics(str(tmp_path))

@@ -250,7 +250,8 @@ def check_records(records: Iterable[tuple[int, Any]], place: Callable[[int, str 
       raise InputError(f'{place(line, e.field)}: {e.problem}') from None
     key = str(record['id']) if 'id' in record else str(len(out))     # ingest's default id
     if key in seen:
-      raise InputError(f'{place(line, "id")}: {_shown(key)} is already used '
+      how = '' if 'id' in record else ' (its default id: the record number, from 0)'
+      raise InputError(f'{place(line, "id")}: {_shown(key)}{how} is already used '
                        f'({place(seen[key], None)}); expected a unique id')
     seen[key] = line
     for i, entry in enumerate(record.get('images', [])):

@@ -78,7 +78,7 @@ def load_samples(data: str, limit: int | None = None) -> list[Sample]:
 
 def read_sample_images(sample: Sample) -> tuple[list, list[str], list[dict]]:
   """(arrays [C, H, W, D], modalities, manifest image entries, one per array)."""
-  from radfm_jax.data.ingest import read_scan
+  from radfm_jax.data.readers import read_scan
   from radfm_jax.data.store import VolumeStore
   arrays, mods, entries = [], [], []
   for entry in sample.record.get('images', []):

@@ -42,7 +42,7 @@ def read_prompts(path: str) -> list[dict]:
 
 def read_images(paths, modalities):
   """Paths -> arrays [C, H, W, D] (ingest readers) and their modalities (given or from the file)."""
-  from radfm_jax.data.ingest import read_scan
+  from radfm_jax.data.readers import read_scan
   arrays, mods = [], []
   for path, given in zip(paths, modalities):
     array, attrs = read_scan(path, {'modality': given} if given else None)[0]

@@ -67,9 +67,9 @@ def place_image_markers(prompt: str, num_images: int, num_latents: int = 32) -> 
 
 def as_chw_d(image) -> np.ndarray:
   """A scan as [C, H, W, D]: accepts [H, W] (2D), [H, W, D] (volume) or [C, H, W, D] (C in 1, 3);
-  a path is read with `ingest.read_scan` (NIfTI, DICOM, PNG/JPEG, .npy; first image)."""
+  a path is read with `readers.read_scan` (NIfTI, DICOM, PNG/JPEG, .npy; first image)."""
   if isinstance(image, (str, bytes)) or hasattr(image, '__fspath__'):
-    from radfm_jax.data.ingest import read_scan
+    from radfm_jax.data.readers import read_scan
     return read_scan(str(image))[0][0]
   x = np.asarray(image)
   if x.ndim == 2:
