@@ -129,7 +129,16 @@ ROWS = [
       'generate.max_new_tokens=200 exceeds the model\'s 1024 positions']),
     ('generate:intensity', GEN + ['--prompt', 'x', '--intensity', 'hu'],
      ["argument --intensity: invalid choice: 'hu'"]),
+    ('generate:no-such-step', GEN + ['--prompt', 'x', '--step', '7'],
+     ['radfm-jax generate: --checkpoint {root}/ckpt: ', 'has no step 7']),
+    ('generate:wrong-tokenizer', ['generate', '--checkpoint', '{root}/ckpt', '--tokenizer',
+                                  '{root}/tok300.model', '--prompt', 'x'],
+     ['tokenizer has 300 SentencePiece pieces but the model vocabulary is 512']),
+    ('generate:batch-size', GEN + ['--prompt', 'x', '--batch-size', '0'],
+     ['radfm-jax generate: --batch-size 0: expected >= 1']),
     # --- eval
+    ('eval:limit', EVAL + ['--data', '{root}/samples.jsonl', '--limit', '-1'],
+     ['radfm-jax eval: --limit -1: expected a number of samples >= 1']),
     ('eval:missing-data', EVAL + ['--data', '{root}/nope.jsonl'],
      ['{root}/nope.jsonl: no such store directory or manifest file']),
     ('eval:no-such-split', EVAL + ['--data', '{root}/samples.jsonl', '--split', 'test'],
@@ -161,6 +170,7 @@ def root(tmp_path_factory):
   r = tmp_path_factory.mktemp('bad_inputs')
   api.save(create_model(cd.tiny_model(), seed=0), str(r / 'ckpt'))
   (r / 'tok.model').write_bytes(cd.spm_proto())
+  (r / 'tok300.model').write_bytes(cd.spm_proto(300))
   cd.write_png(r / 'a.png', (np.random.default_rng(0).random((24, 20)) * 255).astype(np.uint8))
   (r / 'junk.nii.gz').write_bytes(b'not a nifti at all')
   ok = {'id': 'q1', 'prompt': 'Is there a nodule?'}

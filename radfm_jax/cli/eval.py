@@ -44,9 +44,11 @@ def add_parser(sub):
 
 def run(args) -> int:
   from radfm_jax.eval import entities, harness
+  from radfm_jax.errors import UserError
   if args.batch_size < 1:
-    print('radfm-jax eval: --batch-size must be >= 1', file=sys.stderr)
-    return 2
+    raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
+  if args.limit is not None and args.limit < 1:
+    raise UserError(f'--limit {args.limit}: expected a number of samples >= 1 (or no --limit)')
   try:
     extractor, reason = entities.get_extractor(args.entities)
   except entities.ExtractorUnavailable as e:

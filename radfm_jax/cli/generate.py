@@ -73,8 +73,11 @@ def load(args):
                      'was trained with)')
   if not os.path.isfile(tokenizer):
     raise InputError(f'--tokenizer {tokenizer}: no such file')
-  model, tokenizer, data_cfg = api.load_for_generation(
-      args.checkpoint, tokenizer, step=args.step, intensity=args.intensity)
+  try:
+    model, tokenizer, data_cfg = api.load_for_generation(
+        args.checkpoint, tokenizer, step=args.step, intensity=args.intensity)
+  except (FileNotFoundError, ValueError) as e:   # no such step, missing files, wrong tokenizer
+    raise InputError(f'--checkpoint {args.checkpoint}: {e}') from e
   return model, tokenizer, data_cfg, sampling
 
 
@@ -84,8 +87,8 @@ def run(args) -> int:
           file=sys.stderr)
     return 2
   if args.batch_size < 1:
-    print('radfm-jax generate: --batch-size must be >= 1', file=sys.stderr)
-    return 2
+    from radfm_jax.errors import UserError
+    raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
   mods = args.modality or [''] * len(args.image)
   if len(mods) != len(args.image):
     print(f'radfm-jax generate: {len(mods)} --modality for {len(args.image)} --image',

@@ -10,7 +10,9 @@ settings and tool versions). Python: `evaluate(model, tokenizer, samples, sampli
 ...)`; the command is `radfm-jax eval` (radfm_jax/cli/eval.py).
 
 Samples: a VolumeStore directory (its manifest.jsonl, scans read from the store) or a raw ingest
-manifest (image `path`s read with the ingest readers). The question is formatted exactly as for
+manifest (image `path`s read with the ingest readers), of one split (`load_samples(split=...)`;
+the command scores `--split eval` unless told otherwise). A sample whose scan cannot be read is
+skipped and counted (summary 'skipped' / 'skipped_samples'), as training does. The question is formatted exactly as for
 training (`batch.record_text`: templates, image blocks at their positions); images placed in
 the answer are moved to the end of the question, since the answer is what is generated. The
 reference is the answer. `kind` is the record's `kind` if given, else 'closed' for yes/no tasks,
