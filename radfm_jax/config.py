@@ -577,7 +577,9 @@ def _validate_data(d: DataConfig, m: ModelConfig):
                    lambda x: 0 < x <= positions)
 
 
-def _validate_generate(g: GenerateConfig):
+def validate_generate(g: GenerateConfig):
+  """Raises ConfigError naming the first generate field decoding cannot use (also for a
+  GenerateConfig built in Python, e.g. with `dataclasses.replace`)."""
   _positive('generate', g, 'max_new_tokens')
   if any(not _is_int(i) or i < 0 for i in g.stop_ids):
     _fail('generate.stop_ids', list(g.stop_ids), 'token ids (integers >= 0); [] = never stop early')
@@ -638,7 +640,7 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   data = _build(DataConfig, cfg.get('data'), 'data')
   _validate_data(data, model)
   generate = _build(GenerateConfig, cfg.get('generate'), 'generate')
-  _validate_generate(generate)
+  validate_generate(generate)
   train = _build(TrainConfig, cfg.get('train'), 'train')
   _validate_train(train)
   if not _is_int(cfg.seed) or cfg.seed < 0:

@@ -286,3 +286,17 @@ def test_eval_split_and_unreadable_scans(root, tmp_path, capsys):
   assert summary['skipped'] == 1 and summary['skipped_samples'][0]['sample_id'] == 'gone'
   assert 'file not found' in summary['skipped_samples'][0]['reason']
   assert 'skipped 1 of 1 samples' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('kwargs, field', [
+    ({'max_new_tokens': 0}, 'generate.max_new_tokens=0: expected a positive integer'),
+    ({'temperature': float('nan')}, 'generate.temperature=nan: expected a finite value >= 0'),
+    ({'top_p': 0.0}, r'generate.top_p=0.0: expected a value in \(0, 1\]'),
+    ({'top_k': -1}, 'generate.top_k=-1: expected an integer >= 0'),
+])
+def test_python_sampling_arguments_are_validated(kwargs, field):
+  """`generate_batch`'s keyword overrides get the config's checks before the model is touched
+  (model=None: nothing of it is used)."""
+  from radfm_jax.infer import text
+  with pytest.raises(ConfigError, match=field):
+    text.generate_batch(None, cd.tokenizer(), ['Is there a nodule?'], **kwargs)

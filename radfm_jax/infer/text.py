@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from radfm_jax.config import DataConfig, GenerateConfig, ModelConfig
+from radfm_jax.config import DataConfig, GenerateConfig, ModelConfig, validate_generate
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import prompts as prompts_lib
 from radfm_jax.data import transforms
@@ -185,13 +185,15 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   import jax
   given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                stop_ids=stop_ids)
+  sampling = dataclasses.replace(sampling or GenerateConfig(),
+                                 **{k: v for k, v in given.items() if v is not None})
+  validate_generate(sampling)              # before anything is prepared or compiled
   batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities)
-  new = max_new_tokens or (sampling or GenerateConfig()).max_new_tokens
   for b, n in enumerate(np.asarray(batch['attention_mask']).sum(axis=1)):
-    check_prompt_fits(int(n), model.cfg, new, names[b] if names else f'prompt {b}')
+    check_prompt_fits(int(n), model.cfg, sampling.max_new_tokens,
+                      names[b] if names else f'prompt {b}')
   out = generate_ids(model, batch['tokens'], batch['attention_mask'], batch['images'],
-                     batch['image_mask'], sampling=sampling, rng=jax.random.key(seed),
-                     **{k: v for k, v in given.items() if v is not None})
+                     batch['image_mask'], sampling=sampling, rng=jax.random.key(seed))
   ids = out.sequences()
   texts = [tokenizer.decode(row).strip() for row in ids]
   return (texts, ids) if return_ids else texts
