@@ -73,10 +73,10 @@ print(source, cfg.size, 'vocab', cfg.llama.vocab_size, 'image buckets',
       data_cfg.image_size_2d, data_cfg.depth_buckets)"""),
     ('md', """## 2. A scan
 
-nibabel ships a small anatomical MRI (`anatomical.nii`). `read_scan` is the ingest reader: it
+nibabel ships a small anatomical MRI (`anatomical.nii`). `read_scan` is the ingest reader (radfm_jax.data.readers): it
 reorients to RAS and returns `[C, H, W, D]` plus attributes (spacing, modality, ...)."""),
     ('code', """import nibabel.testing
-from radfm_jax.data.ingest import read_scan
+from radfm_jax.data.readers import read_scan
 
 scan, attrs = read_scan(os.path.join(nibabel.testing.data_path, 'anatomical.nii'))[0]
 print(scan.shape, scan.dtype, attrs['spacing'], attrs['orientation'])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -52,7 +53,8 @@ def add_parser(sub):
   d = _direction(directions, 'to-torch', 'Orbax checkpoint -> official state dict',
                  'radfm-jax convert to-torch --checkpoint ckpt/ --out model.safetensors')
   d.add_argument('--checkpoint', required=True, help='converted or trained checkpoint directory')
-  d.add_argument('--out', required=True, help='.bin (torch.save) or .safetensors file')
+  d.add_argument('--out', required=True,
+                 help='.bin (torch.save) or .safetensors file (its folder is created)')
   d.add_argument('--no-alias', action='store_true',
                  help='omit embedding_layer.weight (a duplicate of the LLaMA input embedding)')
 
@@ -77,6 +79,11 @@ def _model_config(args):
 def run(args: argparse.Namespace) -> int:
   from radfm_jax.checkpoint import tree
   from radfm_jax.convert import api
+  from radfm_jax.errors import InputError
+  flag, source = (('--hf', args.hf) if args.direction == 'from-hf-llama'
+                  else ('--checkpoint', args.checkpoint))
+  if not os.path.exists(source):
+    raise InputError(f'{flag} {source}: no such file or directory')
   tree.limit_malloc_arenas()   # before TensorStore starts its threads
   start = time.time()
   if args.direction == 'from-torch':
@@ -86,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = api.from_hf_llama(args.hf, args.out, _model_config(args), dtype=args.dtype,
                             llama_heads=args.llama_heads, seed=args.seed)
   else:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     keys = api.to_torch(args.checkpoint, args.out, include_alias=not args.no_alias)
     print(f'wrote {len(keys)} tensors to {args.out} in {time.time() - start:.1f}s')
     return 0

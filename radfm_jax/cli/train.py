@@ -30,11 +30,14 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-  from radfm_jax.config import load_config
+  from radfm_jax.config import check_batch_axes, load_config
   cfg = load_config(args.config, args.overrides)     # a bad value fails before JAX starts
   from radfm_jax import launch
   launch.initialize()
   import jax
+  # Before the model is built: the synthetic source batches data.batch_size_2d only.
+  check_batch_axes(cfg, jax.device_count(), jax.process_count(),
+                   ('2d', '3d') if cfg.data.store else ('2d',))
 
   from radfm_jax.train.loop import NonFiniteLossError, train
   try:
