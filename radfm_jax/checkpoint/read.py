@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from radfm_jax.checkpoint import meta
+from radfm_jax.checkpoint.cast import checked_cast
 from radfm_jax.checkpoint.params import PARAMS_DIR
 from radfm_jax.checkpoint.train_state import STATE_ITEM
 from radfm_jax.config import ModelConfig
@@ -155,7 +156,7 @@ class LeafReader:
       abstract = unflatten({path: jax.ShapeDtypeStruct(sds.shape, sds.dtype)})
       out = flat_params(_restore(self.location, abstract, as_numpy=True))[path]
       out = out if index is None else out[index]
-    return np.asarray(out).astype(sds.dtype, copy=False)
+    return checked_cast(np.asarray(out), sds.dtype, f'{self.location.tree} parameter {path}')
 
 
 def load(directory: str, *, step: int | None = None, mesh=None, rules=None):
