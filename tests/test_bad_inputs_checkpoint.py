@@ -247,3 +247,20 @@ def test_cli_no_fallback_and_fallback(run, tmp_path, capsys):
   assert summary['step'] == 4 and summary['checkpoint'] == 4
   assert summary['last_loss'] == run[1].losses[4]
   assert sorted(os.listdir(root)) == ['2', '4', '4.corrupt', 'config.json']
+
+
+@pytest.mark.slow
+def test_load_names_the_corrupt_file(run, tmp_path):
+  """`checkpoint.load` / `LeafReader` (generate, eval, to-torch) on a corrupt latest step: one
+  line naming the file, no fallback (they read the step they are asked for)."""
+  from radfm_jax import checkpoint
+  root = _copy(run, tmp_path)
+  bad = truncate('state/_METADATA')(os.path.join(root, '4'))
+  for read in (checkpoint.load, checkpoint.LeafReader):
+    with pytest.raises(CheckpointRestoreError) as err:
+      read(root)
+    assert bad in str(err.value) and '\n' not in str(err.value), str(err.value)
+  model, _ = checkpoint.load(root, step=2)          # the intact step still loads
+  pristine, _ = checkpoint.load(os.path.join(run[0], 'checkpoints'), step=2)
+  np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]),
+                                np.asarray(pristine.fc.kernel[...]))

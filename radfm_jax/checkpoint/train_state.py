@@ -205,14 +205,15 @@ def _broken_json(step_dir: str) -> tuple[str, str] | None:
   return None
 
 
-def describe_failure(step_dir: str, step: int, error: BaseException) -> str:
+def describe_failure(step_dir: str, step: int | None, error: BaseException) -> str:
   """One line: which file of the step failed and why. A JSON file that does not parse is named
   from the folder itself; otherwise the first message in the exception chain that names a path
-  (TensorStore's do: the OCDBT file and the array key); otherwise the step folder."""
+  (TensorStore's do: the OCDBT file and the array key); otherwise the step folder. `step` None:
+  a parameter-only checkpoint (`step_dir` is its folder)."""
   broken = _broken_json(step_dir)
   if broken is not None:
     path, reason = broken
-    return f'checkpoint step {step}: {path}: does not parse ({reason})'
+    return f'{_name(step)}: {path}: does not parse ({reason})'
   chain, e = [], error
   while e is not None and len(chain) < 8:
     chain.append(' '.join(str(e).split()))
@@ -220,7 +221,11 @@ def describe_failure(step_dir: str, step: int, error: BaseException) -> str:
   named = [m for m in chain if step_dir in m or 'local file' in m]
   reason = named[-1] if named else f'{type(error).__name__}: {chain[0]}'
   reason = reason.split(' [tensorstore_spec')[0][:400]   # the spec dump adds nothing to read
-  return f'checkpoint step {step}: {step_dir}: does not restore ({reason})'
+  return f'{_name(step)}: {step_dir}: does not restore ({reason})'
+
+
+def _name(step: int | None) -> str:
+  return 'checkpoint' if step is None else f'checkpoint step {step}'
 
 
 def read_step_config(directory: str, step: int | None = None) -> dict:
