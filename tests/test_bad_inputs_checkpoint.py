@@ -167,8 +167,9 @@ def test_corrupt_latest_step(fault, outcome, names, run, tmp_path):
   if outcome == FALLBACK:
     assert len(lines) == 2, lines
     assert lines[0].startswith('checkpoint step 4: ') and names in lines[0], lines
-    assert f'moving it to {root}/4.corrupt' in lines[0]
-    assert lines[1] == f'restored checkpoint step 2 of {root} instead (the newest intact step)'
+    assert lines[0].endswith('; trying the previous step'), lines
+    assert lines[1] == (f'restored checkpoint step 2 of {root} instead (the newest intact step); '
+                        f'moved step 4 to {root}/4.corrupt')
     assert sorted(os.listdir(root)) == ['2', '4.corrupt', 'config.json']   # kept, not deleted
     assert ckpt.all_steps() == [2]
   else:
@@ -178,7 +179,8 @@ def test_corrupt_latest_step(fault, outcome, names, run, tmp_path):
 
 @pytest.mark.slow
 def test_no_step_restores(run, tmp_path):
-  """Every step corrupt: an error listing each, never a silent fresh start."""
+  """Every step corrupt: an error listing each, never a silent fresh start, and nothing moved
+  (a config that matches no step fails them all the same way)."""
   root = _copy(run, tmp_path)
   for step in ('2', '4'):
     truncate('state/_METADATA')(os.path.join(root, step))
@@ -188,8 +190,9 @@ def test_no_step_restores(run, tmp_path):
   ckpt.close()
   message = str(err.value)
   assert message.startswith(f'no checkpoint step in {root} restores: ') and '\n' not in message
-  assert f'{root}/4.corrupt' not in message
-  assert 'checkpoint step 4: ' in message and 'checkpoint step 2: ' in message
+  assert f'checkpoint step 4: {root}/4/state/_METADATA: does not parse' in message
+  assert f'checkpoint step 2: {root}/2/state/_METADATA: does not parse' in message
+  assert sorted(os.listdir(root)) == ['2', '4', 'config.json']     # nothing moved
 
 
 def test_grain_iterator_state_file(tmp_path):

@@ -13,8 +13,8 @@ Restoring takes an *abstract* TrainState (ShapeDtypeStructs carrying the new run
 `step.abstract_train_state`), so a checkpoint written on one mesh restores onto any other.
 
 Resuming (`restore_latest`) falls back: a step that fails to restore (a truncated or corrupt file)
-is reported in one line (file, step, reason), moved aside to `<step>.corrupt` (kept, not deleted;
-the run will write that step number again) and the newest intact step is restored instead;
+is reported in one line (file, step, reason) and the newest intact step is restored instead (the
+failed one then moved aside to `<step>.corrupt`: kept, not deleted; the run writes that step again);
 `fallback=False` (`radfm-jax train --no-fallback`) makes that line a `CheckpointRestoreError`.
 Not detected: bytes garbled inside an array's data file whose length stays right restore as other
 values (Orbax's zarr chunks carry no checksum).
@@ -133,10 +133,12 @@ class Checkpointer:
   def restore_latest(self, abstract_state, data_iter=None, *, fallback: bool = True, log=None):
     """Restores the newest step that restores: (step, state, config) or None when there is no
     step. A step that fails is reported through `log` (default: a line on stderr) as
-    `describe_failure` words it and moved aside to `<step>.corrupt`, and the next older step is
-    tried, unless `fallback` is False: then the first failure raises `CheckpointRestoreError`.
-    If no step restores, `CheckpointRestoreError` lists every failure (never a silent fresh
-    start). The data iterator ends at the restored step's position."""
+    `describe_failure` words it, and the next older step is tried, unless `fallback` is False: then
+    the first failure raises `CheckpointRestoreError`. Once an older step restores, the failed
+    newer ones are moved aside to `<step>.corrupt` (kept; the run will write those step numbers
+    again). If no step restores, nothing is moved (a config that no longer matches any step fails
+    them all) and `CheckpointRestoreError` lists every failure: never a silent fresh start. The
+    data iterator ends at the restored step's position."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     failures = []
     for step in sorted(self.all_steps(), reverse=True):
@@ -147,15 +149,17 @@ class Checkpointer:
         if not fallback:
           raise CheckpointRestoreError(
               f'{line} (--no-fallback: not falling back to an older step)') from e
-        failures.append(line)
-        log(f'{line}; moving it to {self._quarantine(step)} and trying the previous step')
+        failures.append((step, line))
+        log(f'{line}; trying the previous step')
         continue
       if failures:
-        log(f'restored checkpoint step {step} of {self.directory} instead (the newest intact step)')
+        moved = ', '.join(f'step {bad} to {self._quarantine(bad)}' for bad, _ in failures)
+        log(f'restored checkpoint step {step} of {self.directory} instead (the newest intact '
+            f'step); moved {moved}')
       return step, state, config
     if failures:
       raise CheckpointRestoreError(f'no checkpoint step in {self.directory} restores: '
-                                   + ' | '.join(failures))
+                                   + ' | '.join(line for _, line in failures))
     return None
 
   def _quarantine(self, step: int) -> str:
