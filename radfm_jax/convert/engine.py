@@ -566,7 +566,11 @@ def state_dict_of(module, table: Sequence[Entry]) -> dict[str, np.ndarray]:
 
 
 def read_json(path: str) -> dict | None:
-  if os.path.exists(path):
+  """The JSON object in `path` (an HF config.json), None if there is no such file."""
+  if not os.path.exists(path):
+    return None
+  try:
     with open(path) as f:
       return json.load(f)
-  return None
+  except ValueError as e:
+    raise InputError(f'{path}: not valid JSON ({_one_line(e)})') from None
