@@ -287,6 +287,15 @@ def bin_missing(tmp, state):
   return str(tmp / 'nothing_here.bin')
 
 
+def hf_config_not_json(tmp, state):
+  """from-hf-llama: a valid shard beside a truncated config.json."""
+  folder = tmp / 'hf'
+  folder.mkdir()
+  write_safetensors(folder / 'model.safetensors', {'model.norm.weight': state[NORM]})
+  (folder / 'config.json').write_text('{"hidden_size": 64, "num_attention_')
+  return str(folder / 'config.json')
+
+
 def bin_bfloat16(tmp, state):
   return bin_save(tmp, {k: v.to(torch.bfloat16) for k, v in _torch_state(state).items()})
 
@@ -304,6 +313,7 @@ class Case:
   says: str | tuple = ''     # phrase(s) the message must hold ('' with a check: a success)
   flags: tuple = ()
   check: Callable | None = None   # success: (leaf reader, state) -> None
+  direction: str = 'from-torch'   # or 'from-hf-llama' (the path's folder is --hf)
 
 
 def _norm_f64_scaled(leaf, state):
@@ -375,6 +385,8 @@ CASES = [
     Case('bin_not_a_checkpoint', bin_not_a_checkpoint, None, 'not a zip-format torch checkpoint'),
     Case('bin_missing', bin_missing, None, 'not found'),
     Case('bin_malicious', bin_malicious, None, 'refused to unpickle'),
+    Case('hf_config_not_json', hf_config_not_json, None, 'not valid JSON',
+         direction='from-hf-llama'),
 ]
 
 
@@ -383,7 +395,9 @@ def test_bad_checkpoint(case, state, tmp_path, capsys):
   built = case.build(tmp_path, state)
   path, key = built if isinstance(built, tuple) else (built, case.key)
   out = tmp_path / 'ckpt'
-  rc = main(['convert', 'from-torch', '--checkpoint', path, '--out', str(out),
+  source = (['--checkpoint', path] if case.direction == 'from-torch' else
+            ['--hf', os.path.dirname(path)])
+  rc = main(['convert', case.direction, *source, '--out', str(out),
              '--config', 'configs/radfm.py:model=tiny', *case.flags])
   err = capsys.readouterr().err
   if case.check is not None:       # a success: the values read back
