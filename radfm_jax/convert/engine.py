@@ -176,10 +176,8 @@ class TorchReader(DictReader):
   def _check_storages(self, path: str):
     """Each tensor's storage lies exactly on one `data/<n>` record of the archive."""
     import torch
-    bases = {lo - offset for lo, _, offset in self._mapped}
-    if len(bases) != 1:
-      return   # not mapped once (non-Linux): torch's own checks only
-    (base,) = bases
+    if not self._mapped:
+      return   # no /proc/self/maps (non-Linux): torch's own checks only
     records = zip_records(path)
     for key, value in self._tensors.items():
       if not isinstance(value, torch.Tensor):
@@ -187,7 +185,10 @@ class TorchReader(DictReader):
       storage = value.untyped_storage()
       if storage.nbytes() == 0:
         continue
-      offset = storage.data_ptr() - base
+      ptr = storage.data_ptr()
+      offset = next((ptr - lo + off for lo, hi, off in self._mapped if lo <= ptr < hi), None)
+      if offset is None:
+        continue   # not in this file's mapping (torch copied it): nothing to compare against
       size = records.get(offset)
       if size != storage.nbytes():
         raise InputError(
