@@ -9,6 +9,12 @@ Readers hand out one tensor at a time as numpy: `.bin` files through
 `torch.load(mmap=True, weights_only=True)` (the zip archive stays on disk; only the tensor being
 converted is paged in, and its pages are dropped once it is written), safetensors by positioned
 reads at the offsets of the file's JSON header. Nothing here unpickles arbitrary code.
+
+Nothing is trusted: each reader validates its file when opened (`SafetensorsReader`,
+`TorchReader` say which checks are the library's and which ours), `check_keys` checks keys,
+shapes, dtypes (`ACCEPTED_DTYPES`, others only with `cast`) and that no two read keys share bytes
+before anything is written, and every value is range-checked as it is cast. Every failure is an
+`InputError` naming the file and the key.
 """
 
 from __future__ import annotations
