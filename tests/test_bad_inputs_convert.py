@@ -414,3 +414,48 @@ def test_bad_checkpoint(case, state, tmp_path, capsys):
   assert not out.exists() or not any(out.iterdir()), list(out.iterdir())   # nothing half-written
   if case.name == 'bin_malicious':
     assert not os.path.exists(_Evil.marker)                 # the payload never ran
+
+
+# ------------------------------------------------------------------------------------------------
+# The checked cast itself (checkpoint/cast.py), every kind of narrowing
+
+
+def _bf16():
+  import ml_dtypes
+  return ml_dtypes.bfloat16
+
+
+CAST_CASES = [
+    # (id, source array, target dtype, expected: the values read back, or the phrase of the error)
+    ('f64_beyond_f32', np.array([1.0, -1e39]), np.float32, 'beyond the range of float32'),
+    ('f32_beyond_f16', np.array([65504.0, 7e4], np.float32), np.float16,
+     'beyond the range of float16'),
+    ('f32_beyond_bf16', np.array([3.4e38], np.float32), _bf16, 'beyond the range of bfloat16'),
+    ('i64_beyond_f16', np.array([70000], np.int64), np.float16, 'beyond the range of float16'),
+    ('i64_beyond_i32', np.array([2 ** 40], np.int64), np.int32, 'does not fit int32'),
+    ('u64_beyond_i64', np.array([2 ** 63], np.uint64), np.int64, 'does not fit int64'),
+    ('f64_fraction_to_i32', np.array([1.5]), np.int32, 'does not fit int32'),
+    ('complex_imaginary', np.array([1 + 2j], np.complex64), np.float32, 'imaginary part'),
+    ('int_to_bool', np.array([0, 2]), np.bool_, 'does not fit bool'),
+    ('f64_in_range', np.array([1e30, -2.5]), np.float32, np.array([1e30, -2.5], np.float32)),
+    ('inf_nan_kept', np.array([np.inf, np.nan]), np.float16, np.array([np.inf, np.nan], np.float16)),
+    ('complex_real', np.array([3 + 0j]), np.float32, np.array([3.0], np.float32)),
+    ('bool_to_f32', np.array([True, False]), np.float32, np.array([1.0, 0.0], np.float32)),
+    ('f32_rounds_to_bf16', np.array([1.001], np.float32), _bf16, np.array([1.0], np.float32)),
+]
+
+
+@pytest.mark.parametrize('source,target,expected', [c[1:] for c in CAST_CASES],
+                         ids=[c[0] for c in CAST_CASES])
+def test_checked_cast(source, target, expected):
+  from radfm_jax.checkpoint.cast import checked_cast
+  from radfm_jax.errors import InputError
+  target = target() if target is _bf16 else target
+  if isinstance(expected, str):
+    with pytest.raises(InputError) as err:
+      checked_cast(source, target, 'model.bin key k')
+    assert str(err.value).startswith('model.bin key k: ') and expected in str(err.value)
+  else:
+    out = checked_cast(source, target, 'model.bin key k')
+    assert out.dtype == np.dtype(target)
+    np.testing.assert_array_equal(out.astype(np.float32), expected.astype(np.float32))
