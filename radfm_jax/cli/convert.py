@@ -32,6 +32,10 @@ def _common(p, config_help: str):
                  help='parameter dtype of the output (default: the config param_dtype)')
   p.add_argument('--llama-heads', type=int, default=None,
                  help='LLaMA head count (not recoverable from tensor shapes)')
+  p.add_argument('--cast', action='store_true',
+                 help='also accept tensors that are not float16/bfloat16/float32/float64 (int, '
+                 'bool, complex), cast to the parameter dtype; every value is checked either way '
+                 '(beyond the dtype range or an imaginary part is an error naming the key)')
   flags.add_config_arguments(p, required=False, help=config_help, sections=('model',),
                              note='Only the model section is used.')
 
@@ -88,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
   start = time.time()
   if args.direction == 'from-torch':
     cfg = api.from_torch(args.checkpoint, args.out, _model_config(args), dtype=args.dtype,
-                         llama_heads=args.llama_heads)
+                         llama_heads=args.llama_heads, cast=args.cast)
   elif args.direction == 'from-hf-llama':
     cfg = api.from_hf_llama(args.hf, args.out, _model_config(args), dtype=args.dtype,
-                            llama_heads=args.llama_heads, seed=args.seed)
+                            llama_heads=args.llama_heads, seed=args.seed, cast=args.cast)
   else:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     keys = api.to_torch(args.checkpoint, args.out, include_alias=not args.no_alias)

@@ -24,6 +24,9 @@ def add_parser(sub):
   p.add_argument('--max-steps', type=int, default=None,
                  help='stop after this many optimizer steps in total (default: train.steps)')
   p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
+  p.add_argument('--no-fallback', action='store_true',
+                 help='if the latest checkpoint does not restore, stop with its file and reason '
+                 '(exit 2) instead of resuming from the newest intact one')
   flags.add_config_arguments(p, required=True, help='experiment config, e.g. '
                              'configs/radfm.py:model=<size>,mesh=<preset>')
   return p
@@ -41,7 +44,8 @@ def run(args) -> int:
 
   from radfm_jax.train.loop import NonFiniteLossError, train
   try:
-    result = train(cfg, args.workdir, max_steps=args.max_steps, progress=not args.no_progress)
+    result = train(cfg, args.workdir, max_steps=args.max_steps, progress=not args.no_progress,
+                   fallback=not args.no_fallback)
   except NonFiniteLossError as e:
     print(f'radfm-jax train: {e}', file=sys.stderr)
     return 3

@@ -226,8 +226,10 @@ def run_dirs(workdir: str) -> tuple[str, str]:
 
 
 def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: int | None = None,
-          mesh=None, progress: bool = True, on_step=None) -> TrainResult:
-  """Trains (or resumes) until `train.steps` (or `max_steps` optimizer steps in total)."""
+          mesh=None, progress: bool = True, on_step=None, fallback: bool = True) -> TrainResult:
+  """Trains (or resumes) until `train.steps` (or `max_steps` optimizer steps in total). A latest
+  checkpoint that does not restore is reported and the newest intact one used, unless `fallback`
+  is False (`Checkpointer.restore_latest`)."""
   t = cfg.train
   workdir, logdir = run_dirs(workdir)
   is_main = jax.process_index() == 0
@@ -236,9 +238,10 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
   ckpt = Checkpointer(workdir.rstrip('/') + '/checkpoints', max_to_keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
   config_dict = cfg.to_dict()
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, _ = ckpt.restore(latest, abs_state, data)
+  restored = ckpt.restore_latest(abs_state, data, fallback=fallback)   # newest intact step
+  latest = restored[0] if restored is not None else None
+  if restored is not None:
+    state = restored[1]
   else:
     state = init_state(cfg, mesh, rules, tx, shardings)
   if is_main:
