@@ -383,7 +383,7 @@ CASES = [
     Case('bin_short_record', bin_short_record, NORM, 'does not match the archive record'),
     Case('bin_truncated', bin_truncated, None, 'not a readable torch checkpoint'),
     Case('bin_not_a_checkpoint', bin_not_a_checkpoint, None, 'not a zip-format torch checkpoint'),
-    Case('bin_missing', bin_missing, None, 'not found'),
+    Case('bin_missing', bin_missing, None, 'no such file'),
     Case('bin_malicious', bin_malicious, None, 'refused to unpickle'),
     Case('hf_config_not_json', hf_config_not_json, None, 'not valid JSON',
          direction='from-hf-llama'),
@@ -417,7 +417,7 @@ def test_bad_checkpoint(case, state, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# The checked cast itself (checkpoint/cast.py), every kind of narrowing
+# The checked cast itself (radfm_jax/casting.py), every kind of narrowing
 
 
 def _bf16():
@@ -448,7 +448,7 @@ CAST_CASES = [
 @pytest.mark.parametrize('source,target,expected', [c[1:] for c in CAST_CASES],
                          ids=[c[0] for c in CAST_CASES])
 def test_checked_cast(source, target, expected):
-  from radfm_jax.checkpoint.cast import checked_cast
+  from radfm_jax.casting import checked_cast
   from radfm_jax.errors import InputError
   target = target() if target is _bf16 else target
   if isinstance(expected, str):

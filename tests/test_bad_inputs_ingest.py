@@ -121,11 +121,11 @@ BIG_INT = np.array([[[1, 2], [3, 5_000_000_000]]], np.int64)
 # (row id, builder(d) -> file name, expected reason: substrings, all of which must appear)
 REJECTS = [
     ('int64_beyond_int32', lambda d: _npy(d, 'i64.npy', BIG_INT),
-     ['int64 values 1..5000000000 do not fit the stored dtype int32']),
+     ['voxels: value 5000000000 (int64) does not fit int32']),
     ('uint64_beyond_uint32', lambda d: _npy(d, 'u64.npy', BIG_INT.astype(np.uint64)),
-     ['uint64 values 1..5000000000 do not fit the stored dtype uint32']),
+     ['voxels: value 5000000000 (uint64) does not fit uint32']),
     ('float64_beyond_float32', lambda d: _npy(d, 'f64.npy', np.array([[1.0, 1e300]])),
-     ['float64 magnitude 1e+300 does not fit the stored dtype float32', 'inf']),
+     ['voxels: value 1e+300 (float64) is beyond the range of float32 (largest 3.40282e+38)']),
     ('nan_voxel', lambda d: _npy(d, 'nan.npy', np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)),
      ['1 NaN/inf values']),
     ('inf_voxel', lambda d: _npy(d, 'inf.npy', np.array([[1.0, np.inf], [2.0, 3.0]])),
@@ -226,7 +226,7 @@ def test_to_storable_refuses_what_does_not_fit():
   assert to_storable(np.array([2**31 - 1], np.int64)).dtype == np.int32
   for bad in (np.array([2**31], np.int64), np.array([2**32], np.uint64),
               np.array([3.5e38])):
-    with pytest.raises(ValueError, match='does not fit|do not fit'):
+    with pytest.raises(InputError, match='does not fit|beyond the range'):
       to_storable(bad)
 
 

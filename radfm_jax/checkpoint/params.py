@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 
 from radfm_jax.checkpoint import meta
-from radfm_jax.checkpoint.cast import checked_cast
+from radfm_jax.casting import checked_cast
 from radfm_jax.config import ModelConfig
 from radfm_jax.checkpoint.tree import flat_params, trim_memory, unflatten
 

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from radfm_jax.checkpoint import meta
-from radfm_jax.checkpoint.cast import checked_cast
+from radfm_jax.casting import checked_cast
 from radfm_jax.checkpoint.params import PARAMS_DIR
 from radfm_jax.checkpoint.train_state import STATE_ITEM, CheckpointRestoreError, describe_failure
 from radfm_jax.config import ModelConfig

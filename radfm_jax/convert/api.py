@@ -26,7 +26,7 @@ import numpy as np
 
 from radfm_jax.checkpoint import params as params_ckpt
 from radfm_jax.checkpoint import tree
-from radfm_jax.checkpoint.cast import checked_cast
+from radfm_jax.casting import checked_cast
 from radfm_jax.checkpoint.read import LeafReader
 from radfm_jax.config import ModelConfig
 from radfm_jax.convert import engine, infer, keymap

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from radfm_jax.checkpoint import cast as cast_lib
+from radfm_jax import casting as cast_lib
 from radfm_jax.checkpoint import tree
 from radfm_jax.convert import keymap
 from radfm_jax.convert.keymap import Entry
@@ -433,7 +433,7 @@ def check_keys(table: Sequence[Entry], reader, our_shapes: dict[str, tuple[int, 
 
 def check_dtypes(reader, keys: Sequence[str], cast: bool = False):
   """Every key has a dtype of `ACCEPTED_DTYPES`, or `cast` is set (then each value is checked as
-  it is cast: `checkpoint.cast.checked_cast`). An `InputError` names the first other key and
+  it is cast: `casting.checked_cast`). An `InputError` names the first other key and
   counts the rest."""
   bad = [(k, reader.dtype(k)) for k in keys]
   bad = [(k, d) for k, d in bad if d.name not in ACCEPTED_DTYPES]

@@ -63,6 +63,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import tensorstore as ts
 
+from radfm_jax.casting import checked_cast
 from radfm_jax.errors import InputError, UserError, where
 
 AXES = 'CHWD'
@@ -83,24 +84,11 @@ def storable_dtype(dtype) -> np.dtype:
   raise ValueError(f'unsupported array dtype {dtype}')
 
 
-def to_storable(array: np.ndarray) -> np.ndarray:
-  """`array` in its storable dtype, or ValueError when a value does not fit (never a wrap or an
-  inf): int64 / uint64 beyond int32 / uint32, float64 beyond the float32 range."""
-  dtype = storable_dtype(array.dtype)
-  if dtype == array.dtype:
-    return array
-  if array.size and dtype.kind in 'iu' and array.dtype.kind in 'iu':
-    lo, hi, info = array.min(), array.max(), np.iinfo(dtype)
-    if lo < info.min or hi > info.max:
-      raise ValueError(f'{array.dtype} values {lo}..{hi} do not fit the stored dtype {dtype} '
-                       f'(range {info.min}..{info.max})')
-  if array.size and dtype.kind == 'f' and array.dtype.itemsize > dtype.itemsize:
-    finite = array[np.isfinite(array)]
-    big = np.abs(finite).max() if finite.size else 0.0
-    if big > np.finfo(dtype).max:
-      raise ValueError(f'{array.dtype} magnitude {big:.6g} does not fit the stored dtype {dtype} '
-                       f'(max {float(np.finfo(dtype).max):.6g}; it would become inf)')
-  return array.astype(dtype)
+def to_storable(array: np.ndarray, where: str = 'voxels') -> np.ndarray:
+  """`array` in its storable dtype (`storable_dtype`) through `casting.checked_cast`: a value that
+  does not fit (int64 / uint64 beyond int32 / uint32, float64 beyond the float32 range) is an
+  InputError naming `where`, never a wrap or an inf."""
+  return checked_cast(array, storable_dtype(array.dtype), where)
 
 
 def chunk_layout(shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
@@ -422,7 +410,7 @@ class VolumeStore:
     """Writes [(scan id, array [C, H, W, D], attributes)] in one atomic transaction, then indexes
     them (data first, index last; under `lock()`). An id already in the index gets a new key, so
     the indexed array is never touched until its new row is appended. Values that do not fit the
-    stored dtype raise ValueError (`to_storable`) before anything is written.
+    stored dtype raise InputError (`to_storable`) before anything is written.
     """
     if not items:
       return []

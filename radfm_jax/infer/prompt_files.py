@@ -100,7 +100,12 @@ def read_images(paths, modalities, labels=None):
     try:
       array, attrs = read_scan(path, {'modality': given} if given else None)[0]
     except Exception as e:     # RejectedScan, a reader's own error, OSError: the file's fault
-      raise InputError(f'{label}: cannot read image {path}: {e}') from e
+      reason = str(e)
+      if isinstance(e, InputError) and reason.startswith(f'{path}: '):
+        if label == where(path):
+          raise                  # the reader's message already names the file
+        reason = reason[len(f'{path}: '):]
+      raise InputError(f'{label}: cannot read image {path}: {reason}') from e
     arrays.append(array)
     mods.append(given or attrs.get('modality', ''))
   return arrays, mods

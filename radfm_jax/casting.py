@@ -1,4 +1,5 @@
-"""Checked casts on the way into (or out of) a checkpoint (DESIGN section 10: nothing narrowed).
+"""Checked casts on the way into a store or a checkpoint, or out of one (DESIGN section 10:
+nothing narrowed).
 
     array = checked_cast(array, np.float16, where='model.bin key lm_head.weight')
 
