@@ -19,7 +19,7 @@ from radfm_jax.train.synthetic import SyntheticBatches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
-OVERRIDES = ['data.batch_size_2d=8', 'train.synthetic_length=48', 'train.steps=6',
+OVERRIDES = ['data.store=synthetic', 'data.batch_size_2d=8', 'train.synthetic_length=48', 'train.steps=6',
              'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=2',
              'train.log_every=1', 'train.async_checkpoint=True']
 

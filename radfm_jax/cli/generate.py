@@ -59,6 +59,8 @@ def load(args):
   """(model, tokenizer, data config, GenerateConfig) from the shared flags."""
   from radfm_jax import api
   from radfm_jax.infer.settings import generate_config
+  from radfm_jax.train import compile_cache
+  compile_cache.enable()        # before the first compile ($RADFM_COMPILATION_CACHE=off: none)
   sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
   model, tokenizer, data_cfg = api.load_for_generation(
       args.checkpoint, args.tokenizer, step=args.step, intensity=args.intensity)
