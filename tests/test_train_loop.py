@@ -53,7 +53,8 @@ def test_resume_gives_the_uninterrupted_losses(full_run, tmp_path):
     assert second.losses[s] == full.losses[s], (s, second.losses[s], full.losses[s])
   for a, b in zip(_numpy(second.state), full_state):
     np.testing.assert_array_equal(a, b)
-  # Outputs: metrics (JSONL), TensorBoard events, config with the checkpoint and beside it.
+  # Outputs: metrics (JSONL), TensorBoard events, the config with the checkpoint and in the run's
+  # one config.json (checkpoints/config.json: no second copy in the workdir), the loss curve.
   rows = read_metrics(full_dir, 'train')
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
   assert rows[-1]['loss'] == full.losses[6] and rows[-1]['tokens_per_s'] > 0
@@ -63,10 +64,10 @@ def test_resume_gives_the_uninterrupted_losses(full_run, tmp_path):
   assert read_step_config(os.path.join(full_dir, 'checkpoints'))['train']['steps'] == 6
   with open(os.path.join(full_dir, 'checkpoints', 'config.json')) as f:
     record = json.load(f)
-  assert (record['layout'], record['train']['steps'], record['model']['size']) == (
-      'train_state', 6, 'tiny')
-  with open(os.path.join(full_dir, 'config.json')) as f:
-    assert json.load(f)['model']['size'] == 'tiny'
+  assert (record['layout'], record['train']['steps'], record['model']['size'],
+          record['data']['store']) == ('train_state', 6, 'tiny', 'synthetic')
+  assert sorted(os.listdir(full_dir)) == ['checkpoints', 'loss_curve.png', 'metrics.jsonl',
+                                          'tensorboard']
 
 
 def test_checkpoint_restores_onto_another_mesh(full_run):

@@ -272,8 +272,9 @@ def evaluate(eval_step, params, data, mesh, rules, num_batches: int) -> dict:
 
 def run_dirs(workdir: str) -> tuple[str, str]:
   """(checkpoint root, local log dir). A URL workdir (gs://...) keeps the checkpoints there (Orbax
-  writes to GCS) and the JSONL / TensorBoard / config.json logs in $RADFM_LOGDIR/<run name>
-  (default /tmp/radfm_logs), since appending to objects in GCS is not possible."""
+  writes to GCS; its config.json and tokenizer.model too) and the JSONL / TensorBoard logs and
+  loss_curve.png in $RADFM_LOGDIR/<run name> (default /tmp/radfm_logs), since appending to
+  objects in GCS is not possible."""
   if '://' in workdir:
     name = workdir.rstrip('/').rsplit('/', 1)[-1]
     return workdir, os.path.join(os.environ.get('RADFM_LOGDIR', '/tmp/radfm_logs'), name)
@@ -299,8 +300,9 @@ class _Say:
 
 @contextlib.contextmanager
 def _quiet_orbax():
-  """Orbax logs, at WARNING, every item of a step it was not asked to restore and the sharding
-  choices it made: normal on a resume, but they read like failures. Errors still show."""
+  """A resume restores every item with explicit args, yet Orbax logs (absl, WARNING) 'Item "state"
+  was found in the checkpoint, but could not be restored' twice per item: it reads like failure,
+  so WARNINGs are hidden for the call. Errors still show."""
   import logging
 
   from absl import logging as absl_logging
