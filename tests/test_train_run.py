@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import optax
 import pytest
 
@@ -231,7 +230,11 @@ def test_rerun_and_resume_compile_nothing_twice(tmp_path, xdg):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, xdg):
+@pytest.mark.parametrize('sig, code, status', [(signal.SIGINT, 130, 'interrupted'),
+                                               (signal.SIGTERM, 0, 'preempted')])
+def test_a_signal_saves_a_checkpoint_at_the_current_step(tmp_path, xdg, sig, code, status):
+  """Ctrl-C: checkpoint, status 'interrupted', exit 130; SIGTERM (preemption): checkpoint, status
+  'preempted', exit 0 (a scheduler's requeue is not an error)."""
   run = tmp_path / 'run'
   proc = subprocess.Popen(
       [sys.executable, '-m', 'radfm_jax.cli.main', 'train', '--config', SPEC, '--workdir',
@@ -240,40 +243,25 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, xdg):
   try:
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
-      if len(read_metrics(str(run), 'train')) >= 2:
+      if len(read_metrics(str(run), 'train')) >= 3:
         break
       time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=200)
   finally:
     if proc.poll() is None:
       proc.kill()
       proc.communicate()
-  assert proc.returncode == 130, err[-3000:]
+  assert proc.returncode == code, err[-3000:]
   summary = json.loads(out.strip().splitlines()[-1])
-  assert summary['status'] == 'interrupted' and summary['step'] >= 2
+  assert summary['status'] == status and summary['step'] >= 3
   assert summary['checkpoint'] == summary['step']
-  assert (f'radfm-jax train: signal SIGINT received; checkpoint saved at step {summary["step"]} '
-          f'in {run / "checkpoints"}') in err
+  assert (f'radfm-jax train: signal {sig.name} received; checkpoint saved at step '
+          f'{summary["step"]} in {run / "checkpoints"}') in err
   ckpt = Checkpointer(str(run / 'checkpoints'))
   assert ckpt.latest_step() == summary['step']
   ckpt.close()
-
-
-def _store(folder):
-  """Two PNG scans ingested into a VolumeStore, and the tokenizer (relative paths in folder)."""
-  from radfm_jax.data.ingest import ingest
-  rng = np.random.default_rng(0)
-  records = []
-  for i in range(2):
-    cd.write_png(folder / f'x{i}.png', rng.integers(0, 255, (40, 36), dtype=np.uint8))
-    records.append({'id': f's{i}', 'task': 'vqa', 'question': f'What is in image {i}?',
-                    'answer': 'A nodule.', 'split': 'train',
-                    'images': [{'path': f'x{i}.png', 'position': {'question': 0}}]})
-  manifest = cd.write_manifest(folder / 'samples.jsonl', records)
-  ingest(manifest, str(folder / 'store'), log=open(os.devnull, 'w'))
-  (folder / 'tok.model').write_bytes(cd.spm_proto())
 
 
 @pytest.mark.slow
@@ -281,13 +269,18 @@ def test_run_directory_works_from_any_directory(tmp_path, xdg):
   a, b = tmp_path / 'a', tmp_path / 'b'
   a.mkdir()
   b.mkdir()
-  _store(a)
+  cd.png_store(a, 2)
   env = _env(xdg)
-  got = _summary(_cli(['train', '--config', SPEC, '--workdir', 'run', '--no-progress'] + _flags(
+  trained = _cli(['train', '--config', SPEC, '--workdir', 'run', '--no-progress'] + _flags(
       'data.store=store', 'data.tokenizer=tok.model', 'data.text_lengths=[128]',
-      'train.steps=1'), cwd=a, env=env))
+      'train.steps=1'), cwd=a, env=env)
+  got = _summary(trained)
   assert (got['status'], got['step']) == ('done', 1)
   run = a / 'run'
+  assert (f'radfm-jax train: data: {a / "store" / "manifest.jsonl"}: samples train 2; the train '
+          'split in 1 shape bucket(s): 2d 64x64x4 x 1 image(s), text 128: 2 samples\n'
+          f'radfm-jax train: tokenizer: tok.model (kept in the run as {run / "tokenizer.model"})'
+          '\n') in trained.stderr
   assert (run / 'tokenizer.model').read_bytes() == (a / 'tok.model').read_bytes()
   with open(run / 'checkpoints' / 'config.json') as f:
     data = json.load(f)['data']

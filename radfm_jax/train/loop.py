@@ -110,11 +110,11 @@ def open_data(cfg: Config, split: str = 'train') -> tuple[object, str]:
   ds = make_dataset(cfg.data, cfg.model, volumes, tokenizer, seed=cfg.seed, records=records,
                     num_epochs=None if split == 'train' else 1)
   buckets = sorted(ds.plan.buckets.items(), key=lambda kv: dataclasses.astuple(kv[0]))
-  shown = ', '.join(f'{k.kind} {k.height}x{k.width}x{k.depth} x{k.images} text {k.length} '
-                    f'({len(v)})' for k, v in buckets)
+  shown = '; '.join(f'{k.kind} {k.height}x{k.width}x{k.depth} x {k.images} image(s), text '
+                    f'{k.length}: {len(v)} samples' for k, v in buckets)
   counts = ', '.join(f'{name} {n}' for name, n in sorted(splits.items()))
-  return iter(ds), (f'{manifest}: samples {counts}; {split} split in {len(buckets)} shape '
-                    f'bucket(s) (kind HxWxD x images, text length (samples)): {shown}')
+  return iter(ds), (f'{manifest}: samples {counts}; the {split} split in {len(buckets)} shape '
+                    f'bucket(s): {shown}')
 
 
 def _bucket(batch: dict) -> str:
