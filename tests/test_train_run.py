@@ -231,7 +231,8 @@ def test_rerun_and_resume_compile_nothing_twice(tmp_path, xdg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('sig, code, status', [(signal.SIGINT, 130, 'interrupted'),
-                                               (signal.SIGTERM, 0, 'preempted')])
+                                               (signal.SIGTERM, 0, 'preempted')],
+                         ids=['SIGINT', 'SIGTERM'])
 def test_a_signal_saves_a_checkpoint_at_the_current_step(tmp_path, xdg, sig, code, status):
   """Ctrl-C: checkpoint, status 'interrupted', exit 130; SIGTERM (preemption): checkpoint, status
   'preempted', exit 0 (a scheduler's requeue is not an error)."""

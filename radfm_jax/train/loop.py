@@ -136,9 +136,10 @@ def global_batch(batch: dict, mesh, rules) -> dict:
 class _StopFlag:
   """Set by SIGTERM / SIGINT; the loop saves and returns at the next step boundary."""
 
-  def __init__(self):
+  def __init__(self, say=None):
     self.signal = None
     self._old = {}
+    self._say = say
 
   def install(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,6 +151,9 @@ class _StopFlag:
   def _handle(self, signum, _frame):
     if self.signal == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt       # a second Ctrl-C: stop now, without the checkpoint
+    if self.signal is None and self._say is not None:
+      self._say(f'{signal.Signals(signum).name}: saving a checkpoint after this step'
+                + (' (Ctrl-C again: stop without it)' if signum == signal.SIGINT else ''))
     self.signal = signum
 
   def restore(self):
@@ -396,7 +400,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
 
   step = int(jax.device_get(state.step))
   losses, last_saved = {}, latest
-  stop = _StopFlag()
+  stop = _StopFlag(say)
   stop.install()
   bar = None
   if is_main:
