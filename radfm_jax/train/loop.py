@@ -1,4 +1,5 @@
-"""The training loop: `radfm-jax train --config configs/radfm.py:model=tiny,mesh=cpu --workdir DIR`.
+"""The training loop behind `radfm-jax train --config radfm:model=tiny --workdir DIR
+--config.data.store=STORE --config.data.tokenizer=TOK` (or `--config.data.store=synthetic`).
 
     result = train(cfg, workdir)      # Python: same thing; `data=` takes any iterator of batch dicts
 
