@@ -31,8 +31,10 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
   given = tokenizer
   tokenizer = tokenizer or find_tokenizer(directory)
   if tokenizer is None:
-    raise InputError(f'{directory}: no tokenizer.model found beside the checkpoint; expected '
-                     'the SentencePiece model it was trained with (--tokenizer)')
+    raise InputError(f'{directory}: no tokenizer found (neither the data.tokenizer of its '
+                     'config.json nor a tokenizer.model beside it or above it); pass the '
+                     'SentencePiece model it was trained with: --tokenizer PATH (Python: '
+                     'tokenizer=PATH)')
   model, cfg = load(directory, step=step, mesh=mesh)
   tok = Tokenizer(tokenizer, max_images=cfg.max_images, num_latents=cfg.perceiver.num_latents,
                   source='--tokenizer' if given else 'tokenizer',

@@ -129,8 +129,15 @@ class MeshConfig:
   hbm_gib: float = 0.0
 
 
+# `data.store=synthetic`: train on deterministic random batches built from the config shapes
+# (radfm_jax/train/synthetic.py; tests, benchmarks, throughput runs) instead of a VolumeStore.
+SYNTHETIC_STORE = 'synthetic'
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  # The VolumeStore folder written by `radfm-jax ingest` (a folder literally named `synthetic` is
+  # written `./synthetic`), or 'synthetic' for random batches; training needs one of the two.
   store: str = ''
   manifest: str = ''
   tokenizer: str = ''
@@ -171,8 +178,11 @@ class GenerateConfig:
 class TrainConfig:
   """Optimizer, schedule, loss, freezing, logging and checkpoint cadence (radfm_jax/train)."""
   steps: int = 1000                    # total optimizer steps (the schedule's length)
-  learning_rate: float = 1e-4          # peak, reached after `warmup_steps`
-  warmup_steps: int = 100              # linear warmup from 0
+  learning_rate: float = 1e-4          # peak, reached after the warmup
+  # Linear warmup from 0 over this many steps; -1 = min(100, steps // 10): 100 for the radfm
+  # experiment's 1000 steps and any run of 1000+ steps, a tenth of a shorter run (`warmup`).
+  # An explicit value is used as given and must be < steps.
+  warmup_steps: int = -1
   min_lr_ratio: float = 0.1            # cosine decays to learning_rate * min_lr_ratio at `steps`
   b1: float = 0.9
   b2: float = 0.999
@@ -190,8 +200,14 @@ class TrainConfig:
   async_checkpoint: bool = True
   peak_tflops: float = 0.0             # per device, for MFU; 0 = look up the device kind
   tensorboard: bool = True
-  synthetic_images: int = 1            # synthetic source (data.store == ''): images per sample
+  synthetic_images: int = 1            # data.store='synthetic': images per sample
   synthetic_length: int = 0            # synthetic text length; 0 = data.text_lengths[0]
+
+
+  @property
+  def warmup(self) -> int:
+    """The warmup steps the schedule uses (`warmup_steps`, or its automatic value for -1)."""
+    return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.steps // 10)
 
 
 FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc',),
@@ -510,6 +526,14 @@ def resolve_mesh_shape(ici, dcn, num_devices: int, num_slices: int | None = None
   return tuple(ici_sizes[a] for a in MESH_AXES), tuple(dcn_sizes[a] for a in MESH_AXES)
 
 
+def check_data_store(cfg: Config) -> None:
+  """Training needs a data source by name: a store folder or `data.store=synthetic`."""
+  if not cfg.data.store:
+    raise ConfigError(f'config field data.store is empty: expected the VolumeStore folder '
+                      f'written by `radfm-jax ingest` (--config.data.store=STORE), or '
+                      f'--config.data.store={SYNTHETIC_STORE} to train on random batches')
+
+
 def check_batch_axes(cfg: Config, num_devices: int, num_processes: int = 1,
                      kinds: Sequence[str] = ('2d', '3d')):
   """Raises ConfigError naming `data.batch_size_<kind>` when the global batch of that kind (per
@@ -595,8 +619,9 @@ def validate_generate(g: GenerateConfig):
 def _validate_train(t: TrainConfig):
   _positive('train', t, 'steps', 'grad_accum', 'log_every', 'eval_steps', 'keep_checkpoints')
   _finite('train.learning_rate', t.learning_rate, 'a finite value > 0', lambda x: x > 0)
-  if not 0 <= t.warmup_steps < t.steps:
-    _fail('train.warmup_steps', t.warmup_steps, f'0 <= warmup_steps < train.steps={t.steps}')
+  if t.warmup_steps != -1 and not 0 <= t.warmup_steps < t.steps:
+    _fail('train.warmup_steps', t.warmup_steps,
+          f'0 <= warmup_steps < train.steps={t.steps}, or -1 (automatic: min(100, steps // 10))')
   _finite('train.min_lr_ratio', t.min_lr_ratio, 'a value in [0, 1]', lambda x: 0 <= x <= 1)
   for name in ('b1', 'b2'):
     _finite(f'train.{name}', getattr(t, name), 'a value in [0, 1)', lambda x: 0 <= x < 1)

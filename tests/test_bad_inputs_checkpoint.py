@@ -23,7 +23,8 @@ from radfm_jax.config import load_config
 from radfm_jax.train import loop
 
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
-OVERRIDES = ['data.batch_size_2d=8', 'train.synthetic_length=48', 'train.steps=4',
+OVERRIDES = ['data.store=synthetic', 'data.batch_size_2d=8', 'train.synthetic_length=48',
+             'train.steps=4',
              'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=2',
              'train.log_every=1', 'train.async_checkpoint=False', 'train.tensorboard=False']
 
@@ -239,8 +240,10 @@ def test_cli_no_fallback_and_fallback(run, tmp_path, capsys):
   argv += [f'--config.{o}' for o in OVERRIDES]
   rc = main(argv + ['--no-fallback'])
   err = capsys.readouterr().err.strip().splitlines()
-  assert rc == 2 and len(err) == 1, err
-  assert err[0].startswith('radfm-jax train: checkpoint step 4: ' + bad), err
+  # the start-up summary, then the error as the one last line (no traceback)
+  assert rc == 2 and not any('Traceback' in line for line in err), err
+  assert err[-1].startswith('radfm-jax train: checkpoint step 4: ' + bad), err
+  assert sum('checkpoint step 4' in line for line in err) == 1, err
   rc = main(argv)
   captured = capsys.readouterr()
   assert rc == 0, captured.err

@@ -96,7 +96,7 @@ ROWS = [
     ('generate:missing-checkpoint', ['generate', '--checkpoint', '{root}/nope', '--prompt', 'x'],
      ['--checkpoint {root}/nope: no such checkpoint directory']),
     ('generate:no-tokenizer', ['generate', '--checkpoint', '{root}/ckpt', '--prompt', 'x'],
-     ['no tokenizer.model beside the checkpoint', 'pass --tokenizer PATH']),
+     ['{root}/ckpt: no tokenizer found', '--tokenizer PATH']),
     ('generate:missing-tokenizer', ['generate', '--checkpoint', '{root}/ckpt', '--tokenizer',
                                     '{root}/nope.model', '--prompt', 'x'],
      ['--tokenizer {root}/nope.model: no such file']),

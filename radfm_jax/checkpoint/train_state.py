@@ -224,7 +224,9 @@ def describe_failure(step_dir: str, step: int | None, error: BaseException) -> s
     e = e.__cause__ or e.__context__
   named = [m for m in chain if step_dir in m or 'local file' in m]
   reason = named[-1] if named else f'{type(error).__name__}: {chain[0]}'
-  reason = reason.split(' [tensorstore_spec')[0][:400]   # the spec dump adds nothing to read
+  reason = reason.split(' [tensorstore_spec')[0]        # the spec dump adds nothing to read
+  # paths inside the step folder relative to it (the line names the folder once), then bounded
+  reason = reason.replace(step_dir.rstrip('/') + '/', '')[:500]
   return f'{_name(step)}: {step_dir}: does not restore ({reason})'
 
 

@@ -65,17 +65,16 @@ def load(args):
   from radfm_jax.infer.settings import generate_config
   if not os.path.exists(args.checkpoint):
     raise InputError(f'--checkpoint {args.checkpoint}: no such checkpoint directory')
+  from radfm_jax.train import compile_cache
+  compile_cache.enable()        # before the first compile ($RADFM_COMPILATION_CACHE=off: none)
   sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
-  tokenizer = args.tokenizer or api.find_tokenizer(args.checkpoint)
-  if tokenizer is None:
-    raise InputError(f'--checkpoint {args.checkpoint}: no tokenizer.model beside the checkpoint '
-                     'or in its run config; pass --tokenizer PATH (the SentencePiece model it '
-                     'was trained with)')
-  if not os.path.isfile(tokenizer):
-    raise InputError(f'--tokenizer {tokenizer}: no such file')
-  try:
+  if args.tokenizer and not os.path.isfile(args.tokenizer):
+    raise InputError(f'--tokenizer {args.tokenizer}: no such file')
+  try:       # no tokenizer given or found: load_for_generation names --tokenizer
     model, tokenizer, data_cfg = api.load_for_generation(
-        args.checkpoint, tokenizer, step=args.step, intensity=args.intensity)
+        args.checkpoint, args.tokenizer, step=args.step, intensity=args.intensity)
+  except InputError:
+    raise                                          # names its file already
   except (FileNotFoundError, ValueError) as e:   # no such step, missing files, wrong tokenizer
     raise InputError(f'--checkpoint {args.checkpoint}: {e}') from e
   return model, tokenizer, data_cfg, sampling
