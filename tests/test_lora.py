@@ -12,15 +12,17 @@ from radfm_jax import checkpoint, sharding
 from radfm_jax.cli.main import main
 from radfm_jax.config import ConfigError, MeshConfig, load_config
 from radfm_jax.convert import engine, keymap
+from radfm_jax.errors import InputError
 from radfm_jax.models import lora
 from radfm_jax.models.radfm import create_model
 from radfm_jax.train import loop, optim
 from radfm_jax.train import step as step_lib
 from radfm_jax.train.synthetic import SyntheticBatches
 
-OVERRIDES = ['train.steps=8', 'train.warmup_steps=0', 'train.learning_rate=2e-2',
-             'train.checkpoint_every=0', 'train.tensorboard=False', 'train.async_checkpoint=False',
-             'model.vision.dropout=0.0', 'data.batch_size_2d=8', 'finetune.rank=4']
+OVERRIDES = ['data.store=synthetic', 'train.steps=8', 'train.warmup_steps=0',
+             'train.learning_rate=2e-2', 'train.checkpoint_every=0', 'train.tensorboard=False',
+             'train.async_checkpoint=False', 'model.vision.dropout=0.0', 'data.batch_size_2d=8',
+             'finetune.rank=4']
 
 
 def _cfg(method='lora', *extra):
@@ -89,13 +91,21 @@ def _train(cfg, workdir, batch, steps=None, mesh=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('method', ['lora', 'qlora'])
-def test_training_moves_only_adapters(tmp_path, method):
+def test_training_moves_only_adapters(tmp_path, capsys, method):
   cfg = _cfg(method)
   mesh, rules, _, tx, _, shardings = loop.build(cfg)
   before = _flat(loop.init_state(cfg, mesh, rules, tx, shardings).params)
   batch, _ = _inputs(cfg)
   result = _train(cfg, tmp_path, batch)
   after = _flat(result.state.params)
+  # The start-up summary counts the adapters as what trains (8,704 values for tiny at rank 4).
+  adapters = sum(v.size for k, v in after.items() if k.endswith(('_lora_a', '_lora_b')))
+  assert adapters == lora.adapter_count(result.state.params) == 8704
+  summary = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith('radfm-jax train: model tiny: ')]
+  assert len(summary) == 1 and (
+      f'parameters ({adapters / 1e6:.2f}M trainable: {adapters:,} in {method} adapters of rank 4)'
+      in summary[0]), summary
   assert set(before) == set(after)
   moved = {k for k in before if not np.array_equal(before[k], after[k])}
   assert moved and all(k.endswith(('_lora_a', '_lora_b')) for k in moved), sorted(moved)[:5]
@@ -174,7 +184,7 @@ def test_merge_logits_and_export(tmp_path, method):
   for key, value in expected.items():
     np.testing.assert_allclose(back[key], value, atol=1e-6, err_msg=key)
   # A LoRA run is never exported as its bare base weights.
-  with pytest.raises(ValueError, match='radfm-jax merge --checkpoint'):
+  with pytest.raises(InputError, match='radfm-jax merge --checkpoint'):
     checkpoint.LeafReader(str(tmp_path / 'run'))
 
 

@@ -28,15 +28,24 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+  import os
+
   from radfm_jax import checkpoint
   from radfm_jax.checkpoint.read import finetune_of
   from radfm_jax.errors import InputError
+  if not os.path.exists(args.checkpoint):
+    raise InputError(f'--checkpoint {args.checkpoint}: no such checkpoint directory')
   method = finetune_of(args.checkpoint).method
   if method == 'full':
     raise InputError(f'{args.checkpoint}: finetune.method is full (no adapters to merge); '
                      'expected a LoRA / QLoRA training run')
   start = time.time()
-  model, _ = checkpoint.load(args.checkpoint, step=args.step)
+  try:
+    model, _ = checkpoint.load(args.checkpoint, step=args.step)
+  except InputError:
+    raise                                          # names its file already
+  except (FileNotFoundError, ValueError) as e:   # no such step, missing files
+    raise InputError(f'--checkpoint {args.checkpoint}: {e}') from e
   checkpoint.save(model, args.out, merged_from=args.checkpoint, finetune=method)
   print(f'wrote {args.out} ({method} adapters folded in) in {time.time() - start:.1f}s',
         file=sys.stdout)

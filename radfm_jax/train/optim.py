@@ -1,6 +1,6 @@
 """Optax chains, learning-rate schedule, weight-decay and freeze masks.
 
-    trainable, frozen = split_trainable(params, cfg.train.freeze)
+    trainable, frozen = split_trainable(params, trainable_spec(cfg))
     tx = make_optimizer(cfg.train, trainable)
     opt_state = tx.init(trainable)
 
@@ -20,14 +20,15 @@ LoRA / QLoRA (`finetune.method`, models/lora.py): only the adapters (`*_lora_a`,
 the towers named in `finetune.train_full` train (minus `train.freeze`); `trainable_spec(cfg)` is
 what `split_trainable` takes for either kind of run.
 
-Schedule: linear warmup 0 -> learning_rate over `warmup_steps`, then cosine decay to
-learning_rate * min_lr_ratio at `steps`.
+Schedule: linear warmup 0 -> learning_rate over `TrainConfig.warmup` steps (`warmup_steps`, or
+min(100, steps // 10) when it is -1), then cosine decay to learning_rate * min_lr_ratio at `steps`.
 
 Weight-decay mask (`decay_mask`): decay applies to matmul kernels only, i.e. every parameter named
-`kernel` (q/k/v/o, MLPs, the patch projection, fc, lm_head) and the LoRA adapters of kernels. No decay on norm scales, biases,
-embedding / lookup tables (`llama.embed_tokens`, `figure_tokens`), the ViT position tables
-(`pos_row/col/dep`) or the Perceiver `latents` - the usual GPT/LLaMA practice. Decided by name, not
-by rank, because stacked layers give every parameter an extra leading `layers` axis.
+`kernel` (q/k/v/o, MLPs, the patch projection, fc, lm_head) and the LoRA adapters of kernels. No
+decay on norm scales, biases, embedding / lookup tables (`llama.embed_tokens`, `figure_tokens`),
+the ViT position tables (`pos_row/col/dep`) or the Perceiver `latents` - the usual GPT/LLaMA
+practice. Decided by name, not by rank, because stacked layers give every parameter an extra
+leading `layers` axis.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def lr_labels(multipliers, params) -> object:
 
 def make_schedule(t: TrainConfig) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup,
       decay_steps=t.steps, end_value=t.learning_rate * t.min_lr_ratio)
 
 
