@@ -304,3 +304,17 @@ def test_python_sampling_arguments_are_validated(kwargs, field):
   from radfm_jax.infer import text
   with pytest.raises(ConfigError, match=field):
     text.generate_batch(None, cd.tokenizer(), ['Is there a nodule?'], **kwargs)
+
+
+def test_verbose_adds_the_traceback_to_the_one_line(capsys):
+  """A bad-input error is one line; `radfm-jax --verbose` prints the traceback above that line."""
+  from radfm_jax.cli.main import main
+  argv = ['train', '--config', SPEC, '--workdir', 'unused', '--config.train.learning_rate=-1']
+  assert main(argv) == 2
+  quiet = capsys.readouterr().err.strip().splitlines()
+  assert len(quiet) == 1 and quiet[0].startswith(
+      'radfm-jax train: config field train.learning_rate=-1')
+  assert main(['--verbose'] + argv) == 2
+  loud = capsys.readouterr().err.strip().splitlines()
+  assert loud[0] == 'Traceback (most recent call last):' and loud[-1] == quiet[0]
+  assert any('ConfigError' in line for line in loud[:-1])
