@@ -44,7 +44,8 @@ from flax import nnx
 
 from radfm_jax import sharding
 from radfm_jax.checkpoint import Checkpointer
-from radfm_jax.config import SYNTHETIC_STORE, Config, ConfigError, check_data_store
+from radfm_jax.config import (SYNTHETIC_STORE, Config, ConfigError, check_batch_axes,
+                              check_data_store)
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.errors import InputError
 from radfm_jax.models import lora
@@ -75,12 +76,19 @@ def make_data(cfg: Config, split: str = 'train'):
   return open_data(cfg, split)[0]
 
 
-def open_data(cfg: Config, split: str = 'train') -> tuple[object, str]:
+def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None
+              ) -> tuple[object, str]:
   """(this host's iterator of batch dicts for `split`, a one-line description: source, samples
-  per split, shape buckets)."""
+  per split, shape buckets).
+
+  Checks, before any model is built: a data source named (`check_data_store`), and the batch size
+  of every kind the split holds (2D / 3D; synthetic: 2D) dividing over the mesh's batch axes of
+  `num_devices` (default: all) devices (`check_batch_axes`: a ConfigError naming the fields)."""
   store = cfg.data.store
   check_data_store(cfg)                       # empty: a ConfigError naming data.store
+  num_devices = num_devices or jax.device_count()
   if store == SYNTHETIC_STORE:
+    check_batch_axes(cfg, num_devices, jax.process_count(), ('2d',))
     seed = cfg.seed if split == 'train' else cfg.seed + 7919
     data = SyntheticBatches(cfg, seed=seed, process_index=jax.process_index(),
                             process_count=jax.process_count())
@@ -112,6 +120,7 @@ def open_data(cfg: Config, split: str = 'train') -> tuple[object, str]:
   ds = make_dataset(cfg.data, cfg.model, volumes, tokenizer, seed=cfg.seed, records=records,
                     num_epochs=None if split == 'train' else 1)
   buckets = sorted(ds.plan.buckets.items(), key=lambda kv: dataclasses.astuple(kv[0]))
+  check_batch_axes(cfg, num_devices, jax.process_count(), sorted({k.kind for k, _ in buckets}))
   shown = '; '.join(f'{k.kind} {k.height}x{k.width}x{k.depth} x {k.images} image(s), text '
                     f'{k.length}: {len(v)} samples' for k, v in buckets)
   counts = ', '.join(f'{name} {n}' for name, n in sorted(splits.items()))
@@ -394,7 +403,9 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
   if data is not None:
     data_text = f'{type(data).__name__} given by the caller'
   else:
-    data, data_text = open_data(cfg, 'train')       # an empty data.store fails here
+    # an empty data.store, or a batch that does not split over the mesh: a ConfigError here,
+    # before the model is built
+    data, data_text = open_data(cfg, 'train', mesh.devices.size if mesh is not None else None)
   ckpt_dir = workdir.rstrip('/') + '/checkpoints'
   tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
       is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
