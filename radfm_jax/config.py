@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 from typing import Any, Sequence
 
 import ml_collections
@@ -202,12 +203,29 @@ class TrainConfig:
   tensorboard: bool = True
   synthetic_images: int = 1            # data.store='synthetic': images per sample
   synthetic_length: int = 0            # synthetic text length; 0 = data.text_lengths[0]
-
+  # (regex, multiplier) pairs: a trainable parameter whose path ('vision/blocks/q/kernel') fully
+  # matches the first pattern trains at learning_rate * multiplier (train/optim.py)
+  lr_multipliers: tuple[tuple[str, float], ...] = ()
 
   @property
   def warmup(self) -> int:
     """The warmup steps the schedule uses (`warmup_steps`, or its automatic value for -1)."""
     return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.steps // 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """How a run adapts the model (models/lora.py): `full` trains every parameter not in
+  train.freeze; `lora` trains Qwix LoRA adapters on the matmuls whose module path fully matches a
+  `targets` regex (base frozen); `qlora` also keeps those base kernels quantized (`quant`)."""
+  method: str = 'full'                 # 'full' | 'lora' | 'qlora'
+  rank: int = 8
+  alpha: float = 16.0                  # the adapters' output is scaled by alpha / rank
+  dropout: float = 0.0                 # on the adapters' input
+  targets: tuple[str, ...] = (r'llama/layers/(q|k|v|o|gate|up|down)',)
+  train_full: tuple[str, ...] = ()     # towers (train.freeze names) trained in full beside them
+  quant: str = 'int8'                  # qlora base kernels: 'int8' | 'int4'
+  init_from: str = ''                  # checkpoint whose weights start the run ('' = random)
 
 
 FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc',),
@@ -224,6 +242,7 @@ class Config:
   data: DataConfig = DataConfig()
   generate: GenerateConfig = GenerateConfig()
   train: TrainConfig = TrainConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
   seed: int = 0            # parameter init, dropout and data-order keys
   extra: Any = None
   source: ml_collections.ConfigDict | None = dataclasses.field(default=None, compare=False)
@@ -234,7 +253,7 @@ class Config:
     return self.source.to_dict() if self.source is not None else dataclasses.asdict(self)
 
 
-_SCHEMA_FIELDS = ('model', 'mesh', 'data', 'generate', 'train', 'seed')
+_SCHEMA_FIELDS = ('model', 'mesh', 'data', 'generate', 'train', 'finetune', 'seed')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,7 +392,13 @@ def load_config_dict(spec: str, overrides: Sequence[str] = ()) -> ml_collections
   """`path.py[:arg]` (or a built-in `NAME[:arg]`) -> the full ConfigDict: the file's fields over
   the defaults, overrides applied (not yet validated)."""
   path, _, arg = spec.partition(':')
-  diff = import_config_file(resolve_config_path(path)).get_config(arg)
+  module = import_config_file(resolve_config_path(path))
+  try:
+    diff = module.get_config(arg)
+  except ConfigError:
+    raise
+  except ValueError as e:     # the file's own check of ARG (e.g. presets.select: model=<size>)
+    raise ConfigError(f'--config {spec}: {e}') from e
   return apply_overrides(with_defaults(diff), overrides)
 
 
@@ -637,6 +662,40 @@ def _validate_train(t: TrainConfig):
   bad = [f for f in t.freeze if f not in FREEZE_GROUPS]
   if bad:
     _fail('train.freeze', list(t.freeze), f'names from {sorted(FREEZE_GROUPS)}')
+  for pair in t.lr_multipliers:
+    if not (isinstance(pair, tuple) and len(pair) == 2 and _regex(pair[0]) and _real(pair[1])
+            and pair[1] > 0):
+      _fail('train.lr_multipliers', [list(p) if isinstance(p, tuple) else p
+                                     for p in t.lr_multipliers],
+            '(regex, multiplier) pairs with a finite multiplier > 0, e.g. [["vision/.*", 10.0]]')
+
+
+def _regex(pattern) -> bool:
+  """A string that compiles as a Python regular expression."""
+  if not isinstance(pattern, str):
+    return False
+  try:
+    re.compile(pattern)
+  except re.error:
+    return False
+  return True
+
+
+def _validate_finetune(f: FinetuneConfig):
+  if f.method not in ('full', 'lora', 'qlora'):
+    _fail('finetune.method', f.method, "'full', 'lora' or 'qlora'")
+  _positive('finetune', f, 'rank')
+  _finite('finetune.alpha', f.alpha, 'a finite value > 0', lambda x: x > 0)
+  _finite('finetune.dropout', f.dropout, 'a probability in [0, 1)', lambda x: 0 <= x < 1)
+  if not all(_regex(p) for p in f.targets) or (f.method != 'full' and not f.targets):
+    _fail('finetune.targets', list(f.targets), 'regexes of module paths (e.g. llama/layers/q)')
+  bad = [n for n in f.train_full if n not in FREEZE_GROUPS]
+  if bad:
+    _fail('finetune.train_full', list(f.train_full), f'names from {sorted(FREEZE_GROUPS)}')
+  if f.quant not in ('int8', 'int4'):
+    _fail('finetune.quant', f.quant, "'int8' or 'int4'")
+  if not isinstance(f.init_from, str):
+    _fail('finetune.init_from', f.init_from, "a checkpoint folder, or '' for random weights")
 
 
 def _build_model(m: ml_collections.ConfigDict) -> ModelConfig:
@@ -668,12 +727,14 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   validate_generate(generate)
   train = _build(TrainConfig, cfg.get('train'), 'train')
   _validate_train(train)
+  finetune = _build(FinetuneConfig, cfg.get('finetune'), 'finetune')
+  _validate_finetune(finetune)
   if not _is_int(cfg.seed) or cfg.seed < 0:
     _fail('seed', cfg.seed, 'an integer >= 0')
   extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in _SCHEMA_FIELDS})
   extra.lock()
   return Config(model=model, mesh=mesh, data=data, generate=generate, train=train,
-                seed=cfg.seed, extra=extra, source=cfg)
+                finetune=finetune, seed=cfg.seed, extra=extra, source=cfg)
 
 
 def model_config(size: str = 'tiny', **overrides) -> ModelConfig:

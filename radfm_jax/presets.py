@@ -77,6 +77,7 @@ def _accelerator(hbm_gib: float, topology: str = '', **mesh) -> dict:
 _H100_GIB = 79.6
 _V5P_GIB = 95.74
 _V6E_GIB = 31.25
+_V5E_GIB = 15.75
 
 HARDWARE = {
     # One host, whatever devices it has (8 fake CPU devices in tests); no rematerialisation.
@@ -90,13 +91,26 @@ HARDWARE = {
     'tpu_v5p_16': _accelerator(_V5P_GIB, 'v5p:2x2x2'),
     'tpu_v5p_64': _accelerator(_V5P_GIB, 'v5p:4x4x2'),
     'tpu_v5p_128': _accelerator(_V5P_GIB, 'v5p:4x4x4'),
+    # Single chips (LoRA / QLoRA fine-tuning, `radfm-jax aot`): one device, the fsdp axis of 1.
+    'tpu_v5e_1': _accelerator(_V5E_GIB, 'v5e:1x1'),
+    'tpu_v5e_8': _accelerator(_V5E_GIB, 'v5e:2x4'),
+    'tpu_v6e_1': _accelerator(_V6E_GIB, 'v6e:1x1'),
     'tpu_v6e_8': _accelerator(_V6E_GIB, 'v6e:2x4'),
     'tpu_v6e_16': _accelerator(_V6E_GIB, 'v6e:4x4'),
     'tpu_v6e_64': _accelerator(_V6E_GIB, 'v6e:8x8'),
     'tpu_v6e_256': _accelerator(_V6E_GIB, 'v6e:16x16'),
 }
 
-SECTIONS = ('model', 'mesh', 'data', 'generate', 'train')
+# Fine-tuning methods (models/lora.py): adapters on the decoder's attention and MLP projections,
+# everything else frozen; `qlora` keeps those frozen kernels in int8 (finetune.quant=int4 halves
+# them again).
+FINETUNE = {
+    'full': {},
+    'lora': {'finetune': {'method': 'lora'}, 'train': {'learning_rate': 2e-4}},
+    'qlora': {'finetune': {'method': 'qlora', 'quant': 'int8'}, 'train': {'learning_rate': 2e-4}},
+}
+
+SECTIONS = ('model', 'mesh', 'data', 'generate', 'train', 'finetune')
 
 
 def merge(base: dict, diff: dict) -> dict:
@@ -110,15 +124,17 @@ def merge(base: dict, diff: dict) -> dict:
   return out
 
 
-def select(model: str = 'tiny', mesh: str = 'cpu') -> dict:
-  """The fields one model size on one hardware preset changes, with every section present (empty
-  when nothing differs, so an experiment file can set `cfg.model.vision.x` on any size) and the
-  picks recorded in `model.size` and `mesh.preset`."""
+def select(model: str = 'tiny', mesh: str = 'cpu', finetune: str = 'full') -> dict:
+  """The fields one model size on one hardware preset (with one fine-tuning method) changes,
+  with every section present (empty when nothing differs, so an experiment file can set
+  `cfg.model.vision.x` on any size) and the picks recorded in `model.size` and `mesh.preset`."""
   if model not in MODEL_SIZES:
     raise ValueError(f'config arg model={model!r}: expected one of {sorted(MODEL_SIZES)}')
   if mesh not in HARDWARE:
     raise ValueError(f'config arg mesh={mesh!r}: expected one of {sorted(HARDWARE)}')
+  if finetune not in FINETUNE:
+    raise ValueError(f'config arg finetune={finetune!r}: expected one of {sorted(FINETUNE)}')
   skeleton = {s: {} for s in SECTIONS}
   skeleton['model'] = {'vision': {}, 'perceiver': {}, 'llama': {}, 'size': model}
   skeleton['mesh'] = {'preset': mesh}
-  return merge(merge(skeleton, MODEL_SIZES[model]), HARDWARE[mesh])
+  return merge(merge(merge(skeleton, MODEL_SIZES[model]), HARDWARE[mesh]), FINETUNE[finetune])

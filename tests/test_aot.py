@@ -79,3 +79,15 @@ def test_needed_bytes_from_libtpu_refusal():
   message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
              'temporaries (31.49G) exceeds available HBM (31.25G).')
   assert aot._needed_bytes(message) == 31.49 * 2 ** 30
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (tpu extra)')
+def test_aot_compiles_tiny_qlora_for_one_v6e_chip(tmp_path):
+  """A single-chip topology (libtpu's default host bounds do not divide 1x1) and the QLoRA step."""
+  proc, report = _run_aot(tmp_path, '--config', 'radfm:model=tiny,mesh=tpu_v6e_1,finetune=qlora',
+                          '--batch-2d', '1', '--text-len', '128', '--kinds', '2d')
+  assert report['devices'] == 1 and report['device_kind'] == 'TPU v6 lite'
+  assert (report['finetune'], report['quant'], report['topology']) == ('qlora', 'int8', 'v6e:1x1')
+  assert report['fits'] is True and 0 < report['peak_bytes'] < 31.25 * 2 ** 30
+  assert 'qlora int8' in proc.stdout and 'FITS' in proc.stdout

@@ -75,6 +75,21 @@ ROWS = [
     _config('generate.top_k', '-1'),
     _config('generate.stop_ids', '[-1]'),
     _config('generate.cache_chunk', '-1'),
+    _config('finetune.method', 'dora'),
+    _config('finetune.rank', '0'),
+    _config('finetune.alpha', '1e999'),               # inf
+    _config('finetune.dropout', '1.0'),
+    _config('finetune.quant', 'int3'),
+    _config('finetune.targets', "['llama/(q']"),
+    _config('train.lr_multipliers', "[['vision/.*', 1e999]]"),
+    _config('train.lr_multipliers', "[['vision/(', 2.0]]"),
+    ('config:arg-finetune', ['train', '--config', 'radfm:model=tiny,finetune=dora', '--workdir',
+                             '{root}/run'],
+     ["radfm-jax train: --config radfm:model=tiny,finetune=dora: config arg finetune='dora': "
+      "expected one of ['full', 'lora', 'qlora']"]),
+    ('config:arg-model', ['train', '--config', 'radfm:model=tinyy', '--workdir', '{root}/run'],
+     ["config arg model='tinyy': expected one of ['bench', 'radfm_13b', 'radfm_1b', 'small', "
+      "'tiny']"]),
     ('config:unknown-field', TRAIN + ['--config.data.batch_size=4'],
      ['no config field data.batch_size']),
     # --- the global batch against the mesh (8 devices: fsdp=8), before the model is built
@@ -148,6 +163,11 @@ ROWS = [
      ["{root}/samples.jsonl: no samples in split 'test' (splits here: {{'eval': 1, 'train': 2}})"]),
     ('eval:top-k', EVAL + ['--data', '{root}/samples.jsonl', '--config.generate.top_k=-2'],
      ['radfm-jax eval: config field generate.top_k=-2']),
+    # --- merge
+    ('merge:missing-checkpoint', ['merge', '--checkpoint', '{root}/nope', '--out', '{root}/m'],
+     ['radfm-jax merge: --checkpoint {root}/nope: no such checkpoint directory']),
+    ('merge:not-a-lora-run', ['merge', '--checkpoint', '{root}/ckpt', '--out', '{root}/m'],
+     ['radfm-jax merge: {root}/ckpt: finetune.method is full (no adapters to merge)']),
     # --- convert
     ('convert:missing-checkpoint', ['convert', 'to-torch', '--checkpoint', '{root}/nope',
                                     '--out', '{root}/t/model.bin'],

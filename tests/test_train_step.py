@@ -94,7 +94,7 @@ def test_loss_shift_uses_next_label():
 
 
 def _flat(tree) -> dict:
-  return {'.'.join(optim._path_names(p)): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {'.'.join(optim.path_names(p)): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def test_decay_mask_and_schedule():

@@ -22,6 +22,7 @@ from radfm_jax.casting import checked_cast
 from radfm_jax.checkpoint.params import PARAMS_DIR
 from radfm_jax.checkpoint.train_state import STATE_ITEM, CheckpointRestoreError, describe_failure
 from radfm_jax.config import ModelConfig
+from radfm_jax.errors import InputError
 from radfm_jax.checkpoint.tree import flat_params, unflatten
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,12 @@ class LeafReader:
 
     from radfm_jax.models.radfm import abstract_model
     self.location = locate(directory, step)
+    method = finetune_of(directory).method
+    if method != 'full':
+      # Its base kernels alone are not the trained model (and may be quantized).
+      raise InputError(f'{self.location.config_path}: a {method} run; expected a plain model: '
+                       f'fold its adapters into the base first: radfm-jax merge --checkpoint '
+                       f'{directory} --out MERGED')
     self.cfg = self.location.cfg
     _, state = abstract_model(self.cfg)
     self.abstract = flat_params(nnx.to_pure_dict(state))
@@ -168,6 +175,13 @@ class LeafReader:
     return checked_cast(np.asarray(out), sds.dtype, f'{self.location.tree} parameter {path}')
 
 
+def finetune_of(directory: str):
+  """The FinetuneConfig a checkpoint was trained with (method `full` when none is recorded)."""
+  from radfm_jax.checkpoint.meta import read_section
+  from radfm_jax.config import FinetuneConfig
+  return FinetuneConfig(**read_section(directory, 'finetune', FinetuneConfig))
+
+
 def load(directory: str, *, step: int | None = None, mesh=None, rules=None):
   """Any checkpoint -> (RadFM model, ModelConfig), parameters sharded over the devices.
 
@@ -175,19 +189,29 @@ def load(directory: str, *, step: int | None = None, mesh=None, rules=None):
   folder (`locate`); step: a training step (default the latest). mesh: a `jax.sharding.Mesh` with
   axes (data, fsdp, tensor), default one `fsdp` axis over every device; rules: logical rules
   (default `LOGICAL_RULES['fsdp']`). Only parameters are read (never optimizer moments), straight
-  into their NamedShardings; nothing is initialised randomly first.
+  into their NamedShardings; nothing is initialised randomly first. A LoRA / QLoRA run
+  (`finetune.method` in its config.json) comes back with its adapters folded into the base
+  (`models.lora.merge`): a plain model.
   """
   from flax import nnx
 
   from radfm_jax import sharding
   from radfm_jax.config import MeshConfig
-  from radfm_jax.models.radfm import abstract_model
+  from radfm_jax.models import lora
 
   loc = locate(directory, step)
   if mesh is None:
     mesh = sharding.make_mesh(MeshConfig())
   rules = rules or sharding.LOGICAL_RULES['fsdp']
-  graphdef, state = abstract_model(loc.cfg, mesh, rules)
+  ft = finetune_of(directory) if loc.layout != meta.PARAMS else None
+  if ft is None or ft.method == 'full':
+    from radfm_jax.config import FinetuneConfig
+    ft = FinetuneConfig()
+  graphdef, state = lora.abstract_model(loc.cfg, ft, mesh, rules)
   restored = _restore(loc, nnx.to_pure_dict(state), as_numpy=False)
   nnx.replace_by_pure_dict(state, restored)
-  return nnx.merge(graphdef, state), loc.cfg
+  model = nnx.merge(graphdef, state)
+  if ft.method != 'full':
+    with sharding.use_mesh(mesh, rules):
+      model = lora.merge(model, ft)
+  return model, loc.cfg

@@ -15,7 +15,7 @@ import sys
 
 from radfm_jax.cli import flags
 
-COMMANDS = ('ingest', 'tokenizer', 'publish', 'train', 'generate', 'eval', 'convert', 'aot', 'demo')
+COMMANDS = ('ingest', 'tokenizer', 'publish', 'train', 'generate', 'eval', 'convert', 'merge', 'aot', 'demo')
 
 
 class _TopFormatter(argparse.HelpFormatter):

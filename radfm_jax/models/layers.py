@@ -13,6 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
 
 from radfm_jax.sharding import constrain
 
@@ -68,8 +69,10 @@ class Dense(nnx.Module):
       self.bias = None
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
-    kernel = cast(self.kernel, dtype)
-    y = jax.lax.dot_general(x.astype(dtype), kernel,
+    # flax's promote_dtype rather than .astype: Qwix (LoRA / QLoRA / PTQ, models/lora.py)
+    # intercepts it and leaves a quantized kernel (WithAux) as it is; for arrays it is astype.
+    x, kernel = promote_dtype((x, self.kernel[...]), dtype=dtype)
+    y = jax.lax.dot_general(x, kernel,
                             (((tuple(range(x.ndim - self.n_in, x.ndim))),
                               tuple(range(self.n_in))), ((), ())))
     if self.bias is not None:

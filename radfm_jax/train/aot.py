@@ -116,8 +116,10 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
   if devices is None:
     if not cfg.mesh.topology:
       raise ValueError(f'mesh preset {cfg.mesh.preset!r} has no mesh.topology: pick a tpu_* preset')
-    devices = topologies.get_topology_desc(platform='tpu',
-                                           topology_name=cfg.mesh.topology).devices
+    # A single chip is its own host (libtpu's default host bounds, 2x2x1, would not divide it).
+    bounds = {'chips_per_host_bounds': [1, 1, 1]} if chip_count(cfg.mesh.topology) == 1 else {}
+    devices = topologies.get_topology_desc(platform='tpu', topology_name=cfg.mesh.topology,
+                                           **bounds).devices
   mesh = sharding.make_mesh(cfg.mesh, devices=devices)
   n = mesh.devices.size
   batch = batch or n
@@ -141,6 +143,9 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
             'text_len': length, 'remat_policy': cfg.model.remat_policy,
             'attention': cfg.model.attention,
             'compute_dtype': cfg.model.compute_dtype, 'param_dtype': cfg.model.param_dtype,
+            'finetune': cfg.finetune.method, 'lora_rank': cfg.finetune.rank,
+            'quant': cfg.finetune.quant if cfg.finetune.method == 'qlora' else None,
+            'train_full': list(cfg.finetune.train_full), 'freeze': list(cfg.train.freeze),
             'hbm_gib': cfg.mesh.hbm_gib, 'flops_per_step': model_flops,
             'flops_per_step_with_remat': hw_flops, 'flops_per_chip': model_flops / n}
   start = time.perf_counter()
@@ -174,7 +179,8 @@ def format_report(r: dict) -> str:
           f"{r['rules']}) {r['kind']} batch {r['global_batch']} "
           f"({r['per_chip_batch']:g}/chip), images {r['images_shape'][1:]}, text {r['text_len']}, "
           f"remat {r['remat_policy']}, {r.get('attention', 'xla')} attention, "
-          f"{r['compute_dtype']} compute")
+          f"{r['compute_dtype']} compute, {r['param_dtype']} parameters, "
+          f"{r.get('finetune', 'full')}{' ' + r['quant'] if r.get('quant') else ''}")
   flops = (f"  FLOPs/step {r['flops_per_step']:.3e} (with remat recompute "
            f"{r['flops_per_step_with_remat']:.3e}); per chip {r['flops_per_chip']:.3e}")
   if 'error' in r:

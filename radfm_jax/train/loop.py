@@ -48,7 +48,8 @@ from radfm_jax.config import (SYNTHETIC_STORE, Config, ConfigError, check_batch_
                               check_data_store)
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.errors import InputError
-from radfm_jax.models.radfm import RadFM, abstract_model
+from radfm_jax.models import lora
+from radfm_jax.models.radfm import RadFM
 from radfm_jax.train import compile_cache
 from radfm_jax.train import metrics as metrics_lib
 from radfm_jax.train import optim
@@ -203,11 +204,11 @@ def build(cfg: Config, mesh=None):
 
 def _build(cfg: Config, mesh):
   rules = sharding.rules_for(cfg.mesh)
-  graphdef, abs_params = abstract_model(cfg.model, mesh, rules)
-  abs_trainable, _ = optim.split_trainable(abs_params, cfg.train.freeze)
+  graphdef, abs_params = lora.abstract_model(cfg.model, cfg.finetune, mesh, rules)
+  abs_trainable, _ = optim.split_trainable(abs_params, optim.trainable_spec(cfg))
   tx = optim.make_optimizer(cfg.train, abs_trainable)
   abs_state = step_lib.abstract_train_state((graphdef, abs_params), tx, mesh, rules,
-                                            cfg.train.freeze)
+                                            optim.trainable_spec(cfg))
   shardings = jax.tree.map(lambda a: a.sharding, abs_state)
   return mesh, rules, graphdef, tx, abs_state, shardings
 
@@ -225,20 +226,36 @@ def init_params(model_cfg, seed: int = 0, mesh=None, rules=None, param_shardings
     return jax.jit(make, out_shardings=param_shardings)()
 
 
+def base_params(cfg: Config, mesh, rules):
+  """The parameters of `finetune.init_from` (any checkpoint `checkpoint.load` reads), sharded, in
+  `model.param_dtype`; ConfigError when its architecture differs from `cfg.model`'s."""
+  from radfm_jax.checkpoint import load
+  model, base_cfg = load(cfg.finetune.init_from, mesh=mesh, rules=rules)
+  for part in ('vision', 'perceiver', 'llama'):
+    if getattr(base_cfg, part) != getattr(cfg.model, part):
+      raise ConfigError(f'config field finetune.init_from={cfg.finetune.init_from!r}: its '
+                        f'model.{part} is {getattr(base_cfg, part)}, expected the run\'s '
+                        f'{getattr(cfg.model, part)}')
+  dtype = np.dtype(cfg.model.param_dtype)
+  return jax.tree.map(lambda x: x.astype(dtype), nnx.state(model))
+
+
 _INIT: dict = {}
 
 
 def init_state(cfg: Config, mesh, rules, tx, shardings):
-  """A fresh TrainState (random parameters from cfg.seed, zero optimizer state), sharded."""
+  """A fresh TrainState (parameters: random from cfg.seed, or `finetune.init_from`'s, with the
+  run's adapters; zero optimizer state), sharded."""
   key = _cache_key(cfg, mesh)
   if key not in _INIT:
-    def make():
-      params = nnx.split(RadFM(cfg.model, rngs=nnx.Rngs(cfg.seed)))[1]
-      return step_lib.init_train_state(params, tx, cfg.train.freeze)
+    def make(base):
+      params = nnx.split(lora.build(cfg.model, cfg.finetune, cfg.seed, base))[1]
+      return step_lib.init_train_state(params, tx, optim.trainable_spec(cfg))
     _INIT.clear()
     _INIT[key] = jax.jit(make, out_shardings=shardings)
+  base = base_params(cfg, mesh, rules) if cfg.finetune.init_from else None
   with sharding.use_mesh(mesh, rules):
-    return _INIT[key]()
+    return _INIT[key](base)
 
 
 _JITTED: dict = {}
@@ -335,9 +352,11 @@ def _summary(say, cfg: Config, mesh, abs_state, data_text: str, tokenizer: str |
              workdir: str, logdir: str, step: int, total: int):
   from radfm_jax.models.radfm import count_params
   n = count_params(abs_state.params)
-  trainable = count_params(optim.split_trainable(abs_state.params, cfg.train.freeze)[0])
-  m = cfg.model
-  say(f'model {m.size}: {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), '
+  trainable = count_params(optim.split_trainable(abs_state.params, optim.trainable_spec(cfg))[0])
+  ft, m = cfg.finetune, cfg.model
+  adapters = ('' if ft.method == 'full' else f': {lora.adapter_count(abs_state.params):,} in '
+              f'{ft.method} adapters of rank {ft.rank}')
+  say(f'model {m.size}: {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable{adapters}), '
       f'{m.param_dtype} parameters, {m.compute_dtype} compute')
   devices = mesh.devices.flat[0]
   shape = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
@@ -551,5 +570,6 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
                      state=state)
 
 
-__all__ = ['NonFiniteLossError', 'TrainResult', 'build', 'evaluate', 'global_batch', 'init_params',
-           'init_state', 'make_data', 'open_data', 'plot_loss_curve', 'run_dirs', 'train']
+__all__ = ['NonFiniteLossError', 'TrainResult', 'base_params', 'build', 'evaluate', 'global_batch',
+           'init_params', 'init_state', 'make_data', 'open_data', 'plot_loss_curve', 'run_dirs',
+           'train']

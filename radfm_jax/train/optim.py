@@ -1,6 +1,6 @@
 """Optax chains, learning-rate schedule, weight-decay and freeze masks.
 
-    trainable, frozen = split_trainable(params, cfg.train.freeze)
+    trainable, frozen = split_trainable(params, trainable_spec(cfg))
     tx = make_optimizer(cfg.train, trainable)
     opt_state = tx.init(trainable)
 
@@ -10,26 +10,38 @@ backward pass) nor optimizer moments (no memory spent on them), and they are bit
 by a step.
 
 Chain: clip_by_global_norm(max_grad_norm) -> AdamW(schedule, b1, b2, eps, weight_decay, mask).
+Per-module learning rates (`train.lr_multipliers`, (regex, multiplier) pairs): the AdamW update of
+a parameter whose path (`vision/blocks/q/kernel`) fully matches a pattern (first match wins) is
+scaled by its multiplier (`optax.multi_transform` over `optax.scale`, after AdamW), which is
+exactly AdamW at learning_rate * multiplier (its weight decay is scaled by the learning rate too);
+the moments are those of one AdamW, so the optimizer state does not change shape.
+
+LoRA / QLoRA (`finetune.method`, models/lora.py): only the adapters (`*_lora_a`, `*_lora_b`) and
+the towers named in `finetune.train_full` train (minus `train.freeze`); `trainable_spec(cfg)` is
+what `split_trainable` takes for either kind of run.
+
 Schedule: linear warmup 0 -> learning_rate over `TrainConfig.warmup` steps (`warmup_steps`, or
-min(100, steps // 10) when it is -1), then cosine decay to
-learning_rate * min_lr_ratio at `steps`.
+min(100, steps // 10) when it is -1), then cosine decay to learning_rate * min_lr_ratio at `steps`.
 
 Weight-decay mask (`decay_mask`): decay applies to matmul kernels only, i.e. every parameter named
-`kernel` (q/k/v/o, MLPs, the patch projection, fc, lm_head). No decay on norm scales, biases,
-embedding / lookup tables (`llama.embed_tokens`, `figure_tokens`), the ViT position tables
-(`pos_row/col/dep`) or the Perceiver `latents` - the usual GPT/LLaMA practice. Decided by name, not
-by rank, because stacked layers give every parameter an extra leading `layers` axis.
+`kernel` (q/k/v/o, MLPs, the patch projection, fc, lm_head) and the LoRA adapters of kernels. No
+decay on norm scales, biases, embedding / lookup tables (`llama.embed_tokens`, `figure_tokens`),
+the ViT position tables (`pos_row/col/dep`) or the Perceiver `latents` - the usual GPT/LLaMA
+practice. Decided by name, not by rank, because stacked layers give every parameter an extra
+leading `layers` axis.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import jax
 import optax
 from flax import nnx
 
-from radfm_jax.config import FREEZE_GROUPS, TrainConfig
+from radfm_jax.config import FREEZE_GROUPS, Config, TrainConfig
+from radfm_jax.models.lora import ADAPTER_SUFFIXES, path_names, trainable_filter as lora_filter
 
 
 def frozen_prefixes(freeze: Sequence[str]) -> tuple[str, ...]:
@@ -51,28 +63,42 @@ def trainable_filter(freeze: Sequence[str]):
   return is_trainable
 
 
-def split_trainable(params: nnx.State, freeze: Sequence[str]) -> tuple[nnx.State, nnx.State]:
-  """(trainable, frozen) parts of a parameter State; `nnx.merge_state(t, f)` puts them back."""
-  return nnx.split_state(params, trainable_filter(freeze), ...)
+def trainable_spec(cfg: Config):
+  """What trains in a run, as `split_trainable` takes it: the `train.freeze` names for a `full`
+  run, else a filter selecting the LoRA adapters and the `finetune.train_full` towers (minus
+  `train.freeze`)."""
+  if cfg.finetune.method == 'full':
+    return tuple(cfg.train.freeze)
+  adapters_or_full = lora_filter(cfg.finetune)
+  not_frozen = trainable_filter(cfg.train.freeze)
+  return lambda path, value: adapters_or_full(path, value) and not_frozen(path, value)
+
+
+def split_trainable(params: nnx.State, freeze) -> tuple[nnx.State, nnx.State]:
+  """(trainable, frozen) parts of a parameter State; `nnx.merge_state(t, f)` puts them back.
+  `freeze`: `train.freeze` names, or a filter from `trainable_spec`."""
+  return nnx.split_state(params, freeze if callable(freeze) else trainable_filter(freeze), ...)
 
 
 def merge_params(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
   return nnx.merge_state(trainable, frozen)
 
 
-def _path_names(path) -> list[str]:
-  names = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-  return [n for n in names if n != 'value']
-
-
 def decay_mask(params) -> object:
-  """Tree of bools like `params`: True on matmul kernels (see the module docstring)."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] == 'kernel', params)
+  """Tree of bools like `params`: True on matmul kernels and their adapters (module docstring)."""
+  kernels = ('kernel',) + tuple('kernel' + s for s in ADAPTER_SUFFIXES)
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_names(p)[-1] in kernels, params)
+
+
+def lr_labels(multipliers, params) -> object:
+  """Tree of labels like `params`: 'g<i>' for the first (pattern, multiplier) pair whose pattern
+  fully matches the parameter's path, 'base' where none does."""
+  compiled = [re.compile(pattern) for pattern, _ in multipliers]
+
+  def label(path, _):
+    name = '/'.join(path_names(path))
+    return next((f'g{i}' for i, c in enumerate(compiled) if c.fullmatch(name)), 'base')
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_schedule(t: TrainConfig) -> optax.Schedule:
@@ -88,8 +114,12 @@ def make_optimizer(t: TrainConfig, trainable_params) -> optax.GradientTransforma
     parts.append(optax.clip_by_global_norm(t.max_grad_norm))
   parts.append(optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
                            weight_decay=t.weight_decay, mask=decay_mask(trainable_params)))
+  if t.lr_multipliers:
+    scales = {f'g{i}': optax.scale(float(m)) for i, (_, m) in enumerate(t.lr_multipliers)}
+    parts.append(optax.multi_transform({'base': optax.identity(), **scales},
+                                       lr_labels(t.lr_multipliers, trainable_params)))
   return optax.chain(*parts)
 
 
-__all__ = ['decay_mask', 'frozen_prefixes', 'make_optimizer', 'make_schedule', 'merge_params',
-           'split_trainable', 'trainable_filter']
+__all__ = ['decay_mask', 'frozen_prefixes', 'lr_labels', 'make_optimizer', 'make_schedule',
+           'merge_params', 'split_trainable', 'trainable_filter', 'trainable_spec']

@@ -11,8 +11,9 @@ so `generate --checkpoint WORKDIR` works from any directory, and after the run f
 
 Resuming: the config in a workdir that already holds checkpoints must equal the requested one
 except in `RESUMABLE` fields, which may change between a run and its resume (length, logging,
-checkpoint cadence, paths, the mesh: a checkpoint restores onto any mesh); any other difference
-fails before Orbax is touched, naming every field that differs.
+checkpoint cadence, paths (`finetune.init_from` is read only by a fresh start), the mesh: a
+checkpoint restores onto any mesh); any other difference fails before Orbax is touched, naming
+every field that differs.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ TOKENIZER_FILE = 'tokenizer.model'
 # Dotted fields (or whole sections, ending in '.') a resumed run may change.
 RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_steps',
              'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoint',
-             'train.peak_tflops', 'train.tensorboard', 'data.store', 'data.manifest',
-             'data.tokenizer', 'data.num_workers', 'mesh.', 'generate.')
+             'train.peak_tflops', 'train.tensorboard', 'finetune.init_from', 'data.store',
+             'data.manifest', 'data.tokenizer', 'data.num_workers', 'mesh.', 'generate.')
 # The record's own fields (meta.layout_record), not config fields.
 _RECORD = ('layout', 'layout_version')
 
@@ -148,6 +149,9 @@ def record(cfg: Config, tokenizer_copy: str | None) -> dict:
   if tokenizer_copy:
     data['tokenizer'] = tokenizer_copy
   out['data'] = data
+  init_from = out.get('finetune', {}).get('init_from') or ''
+  if init_from and not _is_url(init_from):        # read only by a fresh start, never on resume
+    out['finetune'] = dict(out['finetune'], init_from=os.path.abspath(init_from))
   return out
 
 

@@ -1,6 +1,6 @@
 """Loss, metrics and the jitted train / eval steps (functional: split -> value_and_grad -> merge).
 
-    state = init_train_state(params, tx, cfg.train.freeze)         # or restore from a checkpoint
+    state = init_train_state(params, tx, optim.trainable_spec(cfg))   # or restore a checkpoint
     step = make_train_step(graphdef, tx, cfg)                        # pure (state, batch) -> ...
     jitted = jit_train_step(step, state_shardings, mesh, rules)      # donates the state
     state, metrics = jitted(state, batch)
@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from radfm_jax import sharding
 from radfm_jax.config import Config
 from radfm_jax.data.batch import IGNORE, KEYS, batch_sharding
+from radfm_jax.models import lora
 from radfm_jax.train import optim
 
 
@@ -125,8 +126,10 @@ def split_microbatches(batch: dict, n: int) -> dict:
   return {k: split(v) for k, v in batch.items()}
 
 
-def _forward(graphdef, params, batch, rng):
+def _forward(graphdef, params, batch, rng, adapter_dropout: bool = False):
   model = nnx.merge(graphdef, params)
+  if adapter_dropout and rng is not None:     # Qwix draws the LoRA dropout masks from these
+    lora.set_qwix_rngs(model, model.cfg, jax.random.fold_in(rng, 1), stream='dropout')
   return model(batch['tokens'], batch['images'], attention_mask=batch['attention_mask'],
                image_mask=batch['image_mask'], rng=rng)
 
@@ -135,6 +138,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
   """`(trainable, frozen, batch, rng) -> (grads, terms, denominator)`: the gradient of the batch's
   loss w.r.t. the trainable parameters, accumulated over `train.grad_accum` microbatches."""
   kind, n_micro = cfg.train.loss, cfg.train.grad_accum
+  adapter_dropout = cfg.finetune.method != 'full' and cfg.finetune.dropout > 0
 
   def grad_fn(trainable, frozen, batch, rng):
     batch = {k: batch[k] for k in KEYS}
@@ -145,7 +149,8 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
       # which NNX requires inside the model's nnx.scan; stop_gradient documents that no gradient
       # flows into them (they are not differentiated anyway).
       frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
-      logits = _forward(graphdef, optim.merge_params(trainable, frozen), micro, key)
+      logits = _forward(graphdef, optim.merge_params(trainable, frozen), micro, key,
+                        adapter_dropout)
       terms = loss_terms(logits, micro['labels'], micro['loss_weights'], kind)
       return terms['numerator'] / denominator, terms
 
@@ -175,10 +180,11 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config,
                     schedule: optax.Schedule | None = None) -> Callable:
   """Pure `(state, batch) -> (state, metrics)`; dropout keys derive from (cfg.seed, step)."""
-  freeze = cfg.train.freeze
+  freeze = optim.trainable_spec(cfg)
   schedule = schedule or optim.make_schedule(cfg.train)
   base_key = jax.random.key(cfg.seed)
-  use_dropout = cfg.model.vision.dropout > 0
+  use_dropout = cfg.model.vision.dropout > 0 or (cfg.finetune.method != 'full'
+                                                 and cfg.finetune.dropout > 0)
   grad_fn = make_grad_fn(graphdef, cfg)
 
   def step_fn(state: TrainState, batch: dict):
