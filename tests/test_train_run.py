@@ -17,6 +17,8 @@ import time
 import optax
 import pytest
 
+from radfm_jax.errors import InputError
+
 import conftest_data as cd
 from radfm_jax.checkpoint import Checkpointer
 from radfm_jax.config import ConfigError, load_config
@@ -82,8 +84,8 @@ def test_synthetic_data_only_when_named(tmp_path, capsys):
   assert isinstance(data, SyntheticBatches) and data.get_state() == {'index': 0}
   assert text.endswith('one bucket images 2x1x3x64x64x4, text 48')
   # A real store without a tokenizer names the field, not `FileNotFoundError: ''`.
-  with pytest.raises(ConfigError, match=r"^config field data.tokenizer='': expected the "
-                     r'SentencePiece tokenizer.model .*\(--config.data.tokenizer=PATH\)$'):
+  with pytest.raises(InputError, match=r'^config field data.tokenizer is empty; expected a '
+                     r'SentencePiece tokenizer.model: train one with `radfm-jax tokenizer train'):
     loop.make_data(load_config(SPEC, [f'data.store={tmp_path}']))
 
 

@@ -99,11 +99,7 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None
   from radfm_jax.data.pipeline import make_dataset
   from radfm_jax.data.store import VolumeStore
   from radfm_jax.data.tokenizer import Tokenizer
-  if not cfg.data.tokenizer or ('://' not in cfg.data.tokenizer
-                                and not os.path.isfile(cfg.data.tokenizer)):
-    raise ConfigError(f'config field data.tokenizer={cfg.data.tokenizer!r}: expected the '
-                      f'SentencePiece tokenizer.model the store is tokenized with '
-                      f'(--config.data.tokenizer=PATH)')
+  # an empty, missing or unreadable data.tokenizer: Tokenizer's InputError names the field
   tokenizer = Tokenizer(cfg.data.tokenizer, max_images=cfg.model.max_images,
                         num_latents=cfg.model.perceiver.num_latents,
                         source='config field data.tokenizer')
