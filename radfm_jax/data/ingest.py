@@ -89,11 +89,10 @@ def _load_records(manifest) -> tuple[list[tuple[int, dict]], str, Callable]:
   Every record is validated against the manifest schema (data/manifest.py: unique sample ids, each
   field's type) before the store is touched; a missing manifest is an InputError here too. A list
   of records is numbered 1, 2, ... ('manifest record N')."""
-  from radfm_jax.data.manifest import check_records
+  from radfm_jax.data.manifest import check_records, record_place
   from radfm_jax.data.store import iter_jsonl
   if not isinstance(manifest, (str, os.PathLike)):
-    def place(n, field=None):
-      return f'manifest record {n}' + (f' field {field}' if field else '')
+    place = record_place
     numbered, base = list(enumerate(manifest, 1)), os.getcwd()
   else:
     path = os.fspath(manifest)

@@ -275,12 +275,15 @@ def read_records(path: str, form: str | None = 'store') -> list[dict]:
   return check_records(iter_jsonl(path), lambda line, field: where(path, line, field), form)
 
 
+def record_place(n: int, field: str | None = None) -> str:
+  """Where an in-memory record is, for messages: 'manifest record N [field F]' (N from 1)."""
+  return f'manifest record {n}' + (f' field {field}' if field else '')
+
+
 def validate_records(records: Iterable[dict], form: str | None = 'input') -> list[dict]:
   """In-memory records (e.g. passed to `ingest`), validated; errors say `manifest record N`
   (1-based)."""
-  def place(n, field):
-    return f'manifest record {n}' + (f' field {field}' if field else '')
-  return check_records(enumerate(records, 1), place, form)
+  return check_records(enumerate(records, 1), record_place, form)
 
 
 def read_manifest(path: str, split: str | None = None) -> list[dict]:
