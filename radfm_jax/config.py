@@ -147,6 +147,9 @@ class DataConfig:
   drop_unreadable: bool = True
   ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0))
   percentiles: tuple[float, float] = (0.5, 99.5)
+  # Read each scan's cached image tokens (`radfm-jax cache-images`, data/image_cache.py) instead of
+  # its volume and skip the vision tower; needs the tower frozen and a deterministic image path.
+  image_cache: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +199,11 @@ class TrainConfig:
 FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc',),
                  'figure_tokens': ('figure_tokens',), 'llama': ('llama',),
                  'vision_tower': ('vision', 'perceiver', 'fc'), 'decoder': ('llama',)}
+
+
+# Fields that make the image path random while training: cached image tokens (data.image_cache)
+# are exact only when each holds this value (a random augmentation field belongs here too).
+IMAGE_CACHE_DETERMINISTIC = {'model.vision.dropout': 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,6 +562,27 @@ def _validate_train(t: TrainConfig):
     _fail('train.freeze', list(t.freeze), f'names from {sorted(FREEZE_GROUPS)}')
 
 
+def _validate_image_cache(d: DataConfig, m: ModelConfig, t: TrainConfig):
+  """data.image_cache trains on tokens the frozen vision tower made once: refused unless that
+  tower is frozen and its path is deterministic (data/image_cache.py: exactness)."""
+  if not d.image_cache:
+    return
+  frozen = {name for group in t.freeze for name in FREEZE_GROUPS[group]}
+  missing = [n for n in FREEZE_GROUPS['vision_tower'] if n not in frozen]
+  if missing:
+    _fail('train.freeze', list(t.freeze), f'the vision tower frozen (add {missing} or '
+          "'vision_tower') when data.image_cache=True")
+  sections = {'model': m, 'data': d, 'train': t}
+  for field, value in IMAGE_CACHE_DETERMINISTIC.items():
+    head, *rest = field.split('.')
+    now = sections[head]
+    for name in rest:
+      now = getattr(now, name)
+    if now != value:
+      _fail(field, now, f'{value!r} when data.image_cache=True (cached image tokens are exact '
+            'only for a deterministic image path)')
+
+
 def _build_model(m: ml_collections.ConfigDict) -> ModelConfig:
   model = _build(ModelConfig,
                  {k: v for k, v in m.items() if k not in ('vision', 'perceiver', 'llama')}, 'model',
@@ -583,6 +612,7 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   _validate_generate(generate)
   train = _build(TrainConfig, cfg.get('train'), 'train')
   _validate_train(train)
+  _validate_image_cache(data, model, train)
   extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in _SCHEMA_FIELDS})
   extra.lock()
   return Config(model=model, mesh=mesh, data=data, generate=generate, train=train,

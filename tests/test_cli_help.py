@@ -9,7 +9,7 @@ import radfm_jax
 from radfm_jax.cli import flags
 from radfm_jax.cli.main import COMMANDS, build_parser, parse
 
-CONFIG_COMMANDS = {'train', 'generate', 'eval', 'aot', 'demo', 'convert from-torch',
+CONFIG_COMMANDS = {'train', 'cache-images', 'generate', 'eval', 'aot', 'demo', 'convert from-torch',
                    'convert from-hf-llama'}
 
 

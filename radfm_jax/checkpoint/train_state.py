@@ -112,6 +112,16 @@ class Checkpointer:
       data_iter.set_state(out['data'])
     return out[STATE_ITEM], (out['config'] if 'config' in items else None)
 
+  def restore_data(self, step: int, data_iter):
+    """Restores only the data iterator's position of `step` (in place; no-op when not saved)."""
+    names = set(self.manager.item_metadata(step).keys()) if hasattr(
+        self.manager, 'item_metadata') else {'data'}
+    if 'data' not in names:
+      return
+    out = self.manager.restore(step, args=ocp.args.Composite(data=_data_restore(data_iter)))
+    if not _is_grain_iterator(data_iter):
+      data_iter.set_state(out['data'])
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -15,7 +15,8 @@ import sys
 
 from radfm_jax.cli import flags
 
-COMMANDS = ('ingest', 'publish', 'train', 'generate', 'eval', 'convert', 'aot', 'demo')
+COMMANDS = ('ingest', 'publish', 'train', 'cache-images', 'generate', 'eval', 'convert', 'aot',
+            'demo')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='print the traceback of a bad-input error (default: one line)')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
   for name in COMMANDS:
-    module = importlib.import_module(f'radfm_jax.cli.{name}')
+    module = importlib.import_module(f'radfm_jax.cli.{name.replace("-", "_")}')
     module.add_parser(sub).set_defaults(_run=module.run)
   return parser
 

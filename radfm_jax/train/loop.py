@@ -55,8 +55,9 @@ class TrainResult:
   state: object = None               # the final TrainState (device arrays)
 
 
-def make_data(cfg: Config, split: str = 'train'):
-  """This host's iterator of batch dicts for `split` ('train' or 'eval')."""
+def make_data(cfg: Config, split: str = 'train', image_cache=None):
+  """This host's iterator of batch dicts for `split` ('train' or 'eval'); `image_cache` (an
+  ImageTokenCache, with data.image_cache): batches of cached image tokens."""
   if not cfg.data.store:
     seed = cfg.seed if split == 'train' else cfg.seed + 7919
     return SyntheticBatches(cfg, seed=seed, process_index=jax.process_index(),
@@ -66,7 +67,8 @@ def make_data(cfg: Config, split: str = 'train'):
   tokenizer = Tokenizer(cfg.data.tokenizer, max_images=cfg.model.max_images,
                         num_latents=cfg.model.perceiver.num_latents)
   ds = make_dataset(cfg.data, cfg.model, cfg.data.store, tokenizer, seed=cfg.seed,
-                    split=split, num_epochs=None if split == 'train' else 1)
+                    split=split, num_epochs=None if split == 'train' else 1,
+                    image_cache=image_cache)
   return iter(ds)
 
 
@@ -74,7 +76,7 @@ def global_batch(batch: dict, mesh, rules) -> dict:
   """This host's rows -> global arrays, the batch axis sharded by the `act_batch` rule."""
   sh = batch_lib.batch_sharding(mesh, rules)
   out = {}
-  for k in batch_lib.KEYS:
+  for k in batch_lib.keys('image_tokens' in batch):
     x = np.asarray(batch[k])
     out[k] = jax.make_array_from_process_local_data(sh, x)
   return out
@@ -231,15 +233,30 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
   workdir, logdir = run_dirs(workdir)
   is_main = jax.process_index() == 0
   mesh, rules, graphdef, tx, abs_state, shardings = build(cfg, mesh)
-  data = data if data is not None else make_data(cfg, 'train')
   ckpt = Checkpointer(workdir.rstrip('/') + '/checkpoints', max_to_keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
   config_dict = cfg.to_dict()
   latest = ckpt.latest_step()
-  if latest is not None:
-    state, _ = ckpt.restore(latest, abs_state, data)
+  image_cache = None
+  if cfg.data.image_cache:
+    # The cache belongs to the frozen vision tower's weights: know them before opening the data.
+    from radfm_jax.train.image_cache import open_for_run
+    if latest is not None:
+      state, _ = ckpt.restore(latest, abs_state)
+    else:
+      state = init_state(cfg, mesh, rules, tx, shardings)
+    source = f'run {workdir} ' + (f'step {latest}' if latest is not None else
+                                  f'initialised from seed {cfg.seed}')
+    image_cache = open_for_run(cfg, state.params, source)
+    data = data if data is not None else make_data(cfg, 'train', image_cache)
+    if latest is not None:
+      ckpt.restore_data(latest, data)
   else:
-    state = init_state(cfg, mesh, rules, tx, shardings)
+    data = data if data is not None else make_data(cfg, 'train')
+    if latest is not None:
+      state, _ = ckpt.restore(latest, abs_state, data)
+    else:
+      state = init_state(cfg, mesh, rules, tx, shardings)
   if is_main:
     os.makedirs(logdir, exist_ok=True)
     with open(os.path.join(logdir, 'config.json'), 'w') as f:
@@ -326,7 +343,8 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
           handle(pending)
           pending = None
         try:
-          eval_iter = eval_data if eval_data is not None else make_data(cfg, 'eval')
+          eval_iter = eval_data if eval_data is not None else make_data(cfg, 'eval',
+                                                                        image_cache)
         except ValueError as e:      # e.g. the manifest has no 'eval' split
           print(f'radfm-jax train: periodic eval disabled: {e}', file=sys.stderr)
           eval_step = None

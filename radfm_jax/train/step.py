@@ -40,7 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from radfm_jax import sharding
 from radfm_jax.config import Config
-from radfm_jax.data.batch import IGNORE, KEYS, batch_sharding
+from radfm_jax.data.batch import IGNORE, batch_sharding
+from radfm_jax.data.batch import keys as batch_keys
 from radfm_jax.train import optim
 
 
@@ -127,8 +128,8 @@ def split_microbatches(batch: dict, n: int) -> dict:
 
 def _forward(graphdef, params, batch, rng):
   model = nnx.merge(graphdef, params)
-  return model(batch['tokens'], batch['images'], attention_mask=batch['attention_mask'],
-               image_mask=batch['image_mask'], rng=rng)
+  return model(batch['tokens'], batch.get('images'), attention_mask=batch['attention_mask'],
+               image_mask=batch['image_mask'], rng=rng, image_tokens=batch.get('image_tokens'))
 
 
 def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
@@ -137,7 +138,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
   kind, n_micro = cfg.train.loss, cfg.train.grad_accum
 
   def grad_fn(trainable, frozen, batch, rng):
-    batch = {k: batch[k] for k in KEYS}
+    batch = {k: batch[k] for k in batch_keys(cfg.data.image_cache)}
     denominator = loss_denominator(batch['labels'], batch['loss_weights'], kind)
 
     def micro_loss(trainable, frozen, micro, key):
