@@ -51,6 +51,8 @@ def add_parser(sub):
                  help='modality per --image (e.g. CT; matters for CT-window intensity)')
   p.add_argument('--input', help='JSONL of {"id", "prompt", "images": [paths]}')
   p.add_argument('--output', help='JSONL written in file mode (default: stdout)')
+  p.add_argument('--quantize', choices=('int8',), default=None,
+                 help='Qwix post-training weight quantization (radfm_jax.infer.quantize)')
   add_checkpoint_arguments(p)
   return p
 
@@ -62,6 +64,9 @@ def load(args):
   sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
   model, tokenizer, data_cfg = api.load_for_generation(
       args.checkpoint, args.tokenizer, step=args.step, intensity=args.intensity)
+  if getattr(args, 'quantize', None):
+    from radfm_jax.infer.quantize import quantize
+    model = quantize(model, args.quantize)
   return model, tokenizer, data_cfg, sampling
 
 

@@ -42,8 +42,21 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str 
   return nnx.Param(value, out_sharding=tuple(axes))
 
 
+def value(p: nnx.Param) -> jax.Array:
+  """The parameter's array. A kernel that Qwix post-training quantization replaced
+  (infer/quantize.py: a WithAux(QArray) of int8 values + scales) is dequantized here, at its use,
+  so the stored weights stay int8 and every path (scan, unrolled decode) computes with the same
+  values (in the scales' dtype)."""
+  if hasattr(p, 'how'):
+    import qwix
+    is_var = lambda x: isinstance(x, nnx.Variable)   # noqa: E731
+    return qwix.dequantize(jax.tree.map(lambda x: x[...] if is_var(x) else x, p.array,
+                                        is_leaf=is_var))
+  return p[...]
+
+
 def cast(p: nnx.Param, dtype) -> jax.Array:
-  return p[...].astype(dtype)
+  return value(p).astype(dtype)
 
 
 class Dense(nnx.Module):
@@ -214,4 +227,4 @@ def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
 
 
 __all__ = ['Dense', 'LayerNorm', 'RMSNorm', 'attention', 'constrain', 'dropout', 'gelu_exact',
-           'layer_rngs', 'param', 'run_layers', 'stacked']
+           'layer_rngs', 'param', 'run_layers', 'stacked', 'value']
