@@ -77,6 +77,7 @@ def _accelerator(hbm_gib: float, topology: str = '', **mesh) -> dict:
 _H100_GIB = 79.6
 _V5P_GIB = 95.74
 _V6E_GIB = 31.25
+_V5E_GIB = 15.75      # v5e: 16 GiB HBM per chip, 15.75 GiB usable (libtpu's limit)
 
 HARDWARE = {
     # One host, whatever devices it has (8 fake CPU devices in tests); no rematerialisation.
@@ -90,6 +91,9 @@ HARDWARE = {
     'tpu_v5p_16': _accelerator(_V5P_GIB, 'v5p:2x2x2'),
     'tpu_v5p_64': _accelerator(_V5P_GIB, 'v5p:4x4x2'),
     'tpu_v5p_128': _accelerator(_V5P_GIB, 'v5p:4x4x4'),
+    'tpu_v5e_1': _accelerator(_V5E_GIB, 'v5e:1x1'),
+    'tpu_v5e_8': _accelerator(_V5E_GIB, 'v5e:2x4'),
+    'tpu_v6e_1': _accelerator(_V6E_GIB, 'v6e:1x1'),
     'tpu_v6e_8': _accelerator(_V6E_GIB, 'v6e:2x4'),
     'tpu_v6e_16': _accelerator(_V6E_GIB, 'v6e:4x4'),
     'tpu_v6e_64': _accelerator(_V6E_GIB, 'v6e:8x8'),

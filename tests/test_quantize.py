@@ -5,11 +5,9 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import conftest_data as cd
 from radfm_jax import api

@@ -90,8 +90,9 @@ def empty_batch(rows: int, slots: int, image_shape: Sequence[int], length: int,
     batch = {'images': np.zeros((rows, slots, 3, h, w, d), np.float32)}
   else:
     n, e, dtype = token_shape
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-    batch = {'image_tokens': np.zeros((rows, slots * n, e), np.dtype(dtype))}
+    import ml_dtypes                        # bfloat16 for numpy
+    batch = {'image_tokens': np.zeros((rows, slots * n, e),
+                                      np.dtype(getattr(ml_dtypes, dtype, dtype)))}
   batch['image_mask'] = np.zeros((rows, slots), bool)
   for key in TEXT_KEYS:
     batch[key] = np.zeros((rows, length), DTYPES[key])
