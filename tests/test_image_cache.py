@@ -3,6 +3,7 @@ made by other weights is refused naming both; the exactness conditions are enfor
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,37 +57,51 @@ def _cli(*argv):
 
 
 @pytest.fixture(scope='module')
-def cached(store, tmp_path_factory):
-  """(uncached losses, cached losses, the cached run's workdir, cache-images' JSON line)."""
-  store_dir, tok = store
-  plain = loop.train(load_config(SPEC, _overrides(store_dir, tok)),
-                     str(tmp_path_factory.mktemp('plain')), progress=False)
-  run = str(tmp_path_factory.mktemp('cached'))
-  first = loop.train(load_config(SPEC, _overrides(store_dir, tok)), run, max_steps=0,
-                     progress=False)
+def run0(store, tmp_path_factory):
+  """A frozen-vision run saved at step 0 (what `cache-images` reads) and its cache, made in
+  process: (workdir, cache-images' stats)."""
+  from radfm_jax.train.image_cache import cache_images
+  run = str(tmp_path_factory.mktemp('run0'))
+  first = loop.train(load_config(SPEC, _overrides(*store)), run, max_steps=0, progress=False)
   assert first.last_checkpoint == 0
+  return run, cache_images(run, store[0], progress=False)
+
+
+@pytest.mark.slow
+def test_cached_run_has_the_uncached_losses_exactly(store, run0, tmp_path):
+  """3 steps reading volumes vs 3 steps, from the same step-0 checkpoint, reading the tokens
+  `radfm-jax cache-images` (a CLI subprocess) wrote: the same losses, bit for bit."""
+  store_dir, tok = str(tmp_path / 'store'), store[1]
+  shutil.copytree(store[0], store_dir)          # the cache of run0 stays as the other tests expect
+  plain = loop.train(load_config(SPEC, _overrides(store_dir, tok)), str(tmp_path / 'plain'),
+                     progress=False)
+  run = str(tmp_path / 'cached')
+  shutil.copytree(run0[0], run)
   out = _cli('cache-images', '--checkpoint', run, '--data', store_dir, '--no-progress')
   assert out.returncode == 0, out.stderr
   stats = json.loads(out.stdout.strip().splitlines()[-1])
-  result = loop.train(load_config(SPEC, _overrides(store_dir, tok, 'data.image_cache=True')), run,
-                      progress=False)
-  return plain.losses, result.losses, run, stats
-
-
-def test_cached_run_has_the_uncached_losses_exactly(cached, store):
-  plain, losses, run, stats = cached
-  assert sorted(plain) == sorted(losses) == [1, 2, 3]
-  assert [losses[s] for s in (1, 2, 3)] == [plain[s] for s in (1, 2, 3)]
+  assert stats['fingerprint'] == run0[1]['fingerprint']        # the same weights, another folder
   assert stats['scans'] == 10 and stats['samples'] == 8 and stats['bytes'] > 0
-  # Keyed by checkpoint identity, then scan: one [32, 64] array per scan, the checkpoint named.
+  cached = loop.train(load_config(SPEC, _overrides(store_dir, tok, 'data.image_cache=True')), run,
+                      progress=False)
+  assert sorted(plain.losses) == sorted(cached.losses) == [1, 2, 3]
+  assert [cached.losses[s] for s in (1, 2, 3)] == [plain.losses[s] for s in (1, 2, 3)]
+
+
+def test_cache_is_keyed_by_checkpoint_and_scan(store, run0):
+  run, stats = run0
+  assert stats['scans'] == 10 and stats['samples'] == 8
+  assert os.path.isdir(os.path.join(store[0], 'image_tokens', stats['fingerprint']))
   cache = ImageTokenCache.open(store[0], stats['fingerprint'], source='test')
   assert cache.meta['checkpoint'] == run and len(cache.meta['scans']) == 10
-  tokens = cache.read('v2_1')
+  tokens = cache.read('v2_1')                  # the second scan of a two-scan sample
   assert tokens.shape == (32, 64) and tokens.dtype == np.float32 and np.abs(tokens).sum() > 0
+  assert not np.array_equal(tokens, cache.read('v2_0'))
 
 
-def test_stale_cache_is_refused_naming_both(cached, store, tmp_path):
-  _, _, run, stats = cached
+@pytest.mark.slow
+def test_stale_cache_is_refused_naming_both(store, run0, tmp_path):
+  run, stats = run0
   cfg = load_config(SPEC, _overrides(*store, 'data.image_cache=True', 'seed=1'))
   with pytest.raises(ConfigError) as e:
     loop.train(cfg, str(tmp_path / 'other'), progress=False)
@@ -96,12 +111,16 @@ def test_stale_cache_is_refused_naming_both(cached, store, tmp_path):
   assert f'run {tmp_path / "other"} initialised from seed 1' in message
 
 
-def test_a_changed_preparation_field_or_unknown_scan_is_refused(cached, store):
-  _, _, _, stats = cached
+def test_a_changed_preparation_field_or_unknown_scan_is_refused(store, run0):
+  _, stats = run0
   cfg = load_config(SPEC, _overrides(*store, 'data.image_cache=True', 'data.intensity=percentile'))
   with pytest.raises(ConfigError, match=r"config field data.intensity='percentile': the "
                      r"image-token cache .*\.json was made with 'radfm'"):
     ImageTokenCache.open(store[0], stats['fingerprint'], source='x', data_cfg=cfg.data)
+  with pytest.raises(ConfigError, match=r"the image-token cache in .*image_tokens was made by "
+                     r"checkpoint .* \(vision fingerprint [0-9a-f]{16}\), not by this run's "
+                     r"vision tower \(run R, vision fingerprint 0123\)"):
+    ImageTokenCache.open(store[0], '0123', source='run R')
   cache = ImageTokenCache.open(store[0], stats['fingerprint'], source='x')
   with pytest.raises(InputError, match="scan 'nope' is not in the image-token cache"):
     cache.read('nope')
@@ -121,12 +140,12 @@ def test_random_image_path_or_unfrozen_tower_is_refused():
                        'model.vision.dropout=0.0'])
 
 
-def test_scan_prepared_differently_in_two_samples_is_refused(cached, tmp_path):
+def test_scan_prepared_differently_in_two_samples_is_refused(run0, tmp_path):
   """`radfm` intensity scales a sample's images together: a scan shared by two samples with
   different companions has two prepared forms and no single cached token."""
   from radfm_jax.data.ingest import ingest
   from radfm_jax.train.image_cache import cache_images
-  _, _, run, _ = cached
+  run, _ = run0
   rng = np.random.default_rng(1)
   for name, scale in (('a', 1.0), ('b', 50.0), ('c', 0.1)):
     np.save(tmp_path / f'{name}.npy', (rng.normal(0, 100, (20, 20, 8)) * scale).astype(np.float32))

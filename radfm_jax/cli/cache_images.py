@@ -32,18 +32,19 @@ def add_parser(sub):
   p.add_argument('--step', type=int, default=None, help='training step (default: the latest)')
   p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
   flags.add_config_arguments(p, required=False,
-                             help="the data settings the training run will use (default: the "
-                                  "checkpoint's own run config)")
+                             help="the data and mesh settings of the training run (default: the "
+                                  "checkpoint's own data section, one fsdp axis over every device)")
   return p
 
 
 def run(args) -> int:
-  data_cfg = None
+  data_cfg = mesh_cfg = None
   if args.config:
     from radfm_jax.config import load_config
-    data_cfg = load_config(args.config, args.overrides).data
+    cfg = load_config(args.config, args.overrides)
+    data_cfg, mesh_cfg = cfg.data, cfg.mesh
   from radfm_jax.train.image_cache import cache_images
-  stats = cache_images(args.checkpoint, args.data, data_cfg=data_cfg, step=args.step,
-                       progress=not args.no_progress)
+  stats = cache_images(args.checkpoint, args.data, data_cfg=data_cfg, mesh_cfg=mesh_cfg,
+                       step=args.step, progress=not args.no_progress)
   print(json.dumps(stats))
   return 0

@@ -31,7 +31,11 @@ pipeline, and any future augmentation field must join `config.IMAGE_CACHE_DETERM
 (2) the same preparation: the data fields in `PREP_FIELDS` equal the cache's (checked at open),
 each scan resized to the same (H, W, D) (checked per read), and every sample preparing a scan the
 same way (checked while caching: `radfm` intensity scales a sample's images together, so a scan
-shared by samples with different companions cannot be cached).
+shared by samples with different companions cannot be cached); (3) bit-exactness also needs the
+encoder run on the training step's per-device shapes: `train.image_cache.cache_images` encodes in
+the pipeline's buckets and batch sizes, sharded over the run's mesh (`--config`), since XLA may
+sum a matmul in another order for another number of rows (a 1-ulp loss difference when it did
+not). A different mesh or batch size at training time stays within rounding, not bit-exact.
 """
 
 from __future__ import annotations
