@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 GIB = 1024 ** 3
 
@@ -99,5 +100,23 @@ def memory_report(compiled, hbm_gib: float) -> dict:
   return report
 
 
+def compile_report(compile_fn, hbm_gib: float) -> dict:
+  """Runs `compile_fn()` (lower + compile of one program) and reports: `compile_s` and the
+  `memory_report`, or, when libtpu refuses with RESOURCE_EXHAUSTED, fits=False with the error and
+  the bytes it says were needed. Any other compile error propagates."""
+  start = time.perf_counter()
+  try:
+    compiled = compile_fn()
+  except Exception as e:   # libtpu: RESOURCE_EXHAUSTED = does not fit
+    text = str(e)
+    if 'RESOURCE_EXHAUSTED' not in text and 'memory' not in text.lower():
+      raise
+    return {'compile_s': time.perf_counter() - start, 'fits': False, 'error': text[:2000],
+            'needed_bytes': needed_bytes(text)}
+  report = {'compile_s': time.perf_counter() - start}
+  report.update(memory_report(compiled, hbm_gib))
+  return report
+
+
 __all__ = ['COMPILE_THREAD_STACK_BYTES', 'GIB', 'accelerator_type', 'batch_shapes', 'chip_count',
-           'memory_report', 'needed_bytes', 'set_tpu_env', 'topology_devices']
+           'compile_report', 'memory_report', 'needed_bytes', 'set_tpu_env', 'topology_devices']

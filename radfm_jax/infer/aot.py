@@ -10,15 +10,14 @@ layer loop used on accelerators) on the abstract model: the parameters as ShapeD
 their shardings (`abstract_model`, or `infer.quantize.abstract_quantized` with int8 kernels;
 nothing is allocated). The context is `context` tokens: a prompt of `context - max_new` tokens
 (with the images' 32-token blocks inside it) and `max_new` generated ones. Reports the compiler's
-per-chip bytes (`train.aot.memory_report`) against `mesh.hbm_gib`.
+per-chip bytes (`tpu.compile_report`) against `mesh.hbm_gib`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
-from radfm_jax.tpu import batch_shapes, memory_report, needed_bytes, topology_devices
+from radfm_jax.tpu import batch_shapes, compile_report, topology_devices
 
 
 def abstract_generate_model(cfg, mesh, rules, quantize: str | None = None):
@@ -75,19 +74,8 @@ def generate_fit_check(cfg, *, quantize: str | None = None, batch: int = 1, kind
             'max_new_tokens': max_new, 'context': context, 'cache_chunk': sampling.cache_chunk,
             'param_bytes_total': int(param_bytes), 'hbm_gib': cfg.mesh.hbm_gib}
   fn = gen._compiled_decode(graphdef, None, sampling, False)
-  start = time.perf_counter()
-  try:
-    with sharding.use_mesh(mesh, rules):
-      compiled = fn.lower(*args).compile()
-  except Exception as e:   # libtpu: RESOURCE_EXHAUSTED = does not fit
-    text = str(e)
-    if 'RESOURCE_EXHAUSTED' not in text and 'memory' not in text.lower():
-      raise
-    report.update(compile_s=time.perf_counter() - start, fits=False, error=text[:2000],
-                  needed_bytes=needed_bytes(text))
-    return report
-  report['compile_s'] = time.perf_counter() - start
-  report.update(memory_report(compiled, cfg.mesh.hbm_gib))
+  with sharding.use_mesh(mesh, rules):
+    report.update(compile_report(lambda: fn.lower(*args).compile(), cfg.mesh.hbm_gib))
   return report
 
 

@@ -24,10 +24,8 @@ RESOURCE_EXHAUSTED is a does-not-fit (its message says how much was needed).
 
 from __future__ import annotations
 
-import time
-
-from radfm_jax.tpu import (COMPILE_THREAD_STACK_BYTES, GIB, accelerator_type,
-                           batch_shapes, chip_count, memory_report, needed_bytes, set_tpu_env,
+from radfm_jax.tpu import (COMPILE_THREAD_STACK_BYTES, GIB, accelerator_type, batch_shapes,
+                           chip_count, compile_report, memory_report, needed_bytes, set_tpu_env,
                            topology_devices)
 
 def abstract_batch(images_shape, length, sharding):
@@ -78,18 +76,8 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
             'compute_dtype': cfg.model.compute_dtype, 'param_dtype': cfg.model.param_dtype,
             'hbm_gib': cfg.mesh.hbm_gib, 'flops_per_step': model_flops,
             'flops_per_step_with_remat': hw_flops, 'flops_per_chip': model_flops / n}
-  start = time.perf_counter()
-  try:
-    compiled = step.lower(abs_state, batch_abs).compile()
-  except Exception as e:   # libtpu: RESOURCE_EXHAUSTED = does not fit
-    text = str(e)
-    if 'RESOURCE_EXHAUSTED' not in text and 'memory' not in text.lower():
-      raise
-    report.update(compile_s=time.perf_counter() - start, fits=False, error=text[:2000],
-                  needed_bytes=needed_bytes(text))
-    return report
-  report['compile_s'] = time.perf_counter() - start
-  report.update(memory_report(compiled, cfg.mesh.hbm_gib))
+  report.update(compile_report(lambda: step.lower(abs_state, batch_abs).compile(),
+                               cfg.mesh.hbm_gib))
   return report
 
 
@@ -114,5 +102,5 @@ def format_report(r: dict) -> str:
 
 
 __all__ = ['COMPILE_THREAD_STACK_BYTES', 'GIB', 'abstract_batch', 'accelerator_type', 'batch_shapes',
-           'chip_count', 'fit_check', 'format_report', 'memory_report', 'needed_bytes',
+           'chip_count', 'compile_report', 'fit_check', 'format_report', 'memory_report', 'needed_bytes',
            'set_tpu_env', 'topology_devices']
