@@ -16,7 +16,6 @@ compile. Prints the bracket: largest fit, smallest refusal.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -108,11 +107,9 @@ def main(argv=None) -> int:
   p.add_argument('extra', nargs='*', help='more aot arguments, e.g. --config.model.x=y')
   args = p.parse_args(argv)
 
+  from radfm_jax.data.store import read_jsonl     # [] when absent; errors name file and line
   from radfm_jax.presets import HARDWARE
-  records = []
-  if os.path.exists(args.json):
-    with open(args.json) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+  records = read_jsonl(args.json)
   if args.table:
     print(tables(records))
     return 0

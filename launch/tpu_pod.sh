@@ -4,7 +4,8 @@
 # from the TPU metadata (radfm_jax.launch.initialize: RADFM_DISTRIBUTED=1 -> auto-detect).
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE -- --config configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128 \
-#       --workdir gs://BUCKET/runs/r1 [--config.train.steps=20000 ...]
+#       --workdir gs://BUCKET/runs/r1 --config.data.store=STORE --config.data.tokenizer=TOK \
+#       [--config.train.steps=20000 ...]       # --config.data.store=synthetic: a throughput run
 #
 # Environment:
 #   PROJECT       gcloud project (default: gcloud's configured one)

@@ -1,6 +1,9 @@
-"""Writes notebooks/quickstart.ipynb (outputs cleared): `python notebooks/build_quickstart.py`.
+"""Writes notebooks/quickstart.ipynb: `python notebooks/build_quickstart.py [--execute]`.
 
 The notebook is generated so it is always valid nbformat; edit the cells here, not in Jupyter.
+The committed notebook carries the outputs of a real run (`--execute`, with RADFM_CHECKPOINT set
+to a `radfm-jax demo` run), so GitHub shows a scan, a loss curve and the answers; the tests check
+that its cells are these and execute it again.
 Environment variables it reads: RADFM_CHECKPOINT (a checkpoint or training workdir; 'none' forces
 the random tiny model), RADFM_TOKENIZER, RADFM_NOTEBOOK_OUT (where results.json and the figure go).
 """
@@ -71,12 +74,29 @@ else:
   source = 'random'
 print(source, cfg.size, 'vocab', cfg.llama.vocab_size, 'image buckets',
       data_cfg.image_size_2d, data_cfg.depth_buckets)"""),
-    ('md', """## 2. A scan
+    ('md', """## 2. How it trained
 
-nibabel ships a small anatomical MRI (`anatomical.nii`). `read_scan` is the ingest reader: it
+A training run keeps its metrics in `metrics.jsonl` (and TensorBoard events, and `loss_curve.png`);
+`radfm_jax.train.metrics.read_metrics` reads them back."""),
+    ('code', """from radfm_jax.train.metrics import read_metrics
+
+rows = read_metrics(ckpt, 'train') if ckpt is not None else []
+if rows:
+  steps, losses = [r['step'] for r in rows], [r['loss'] for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 3))
+  ax.plot(steps, losses)
+  ax.set(xlabel='step', ylabel='training loss', yscale='log', title=f'{cfg.size}: {len(rows)} logged steps')
+  fig.savefig(os.path.join(OUT, 'loss_curve.png'))
+  plt.show()
+  print(f'loss {losses[0]:.3f} (step {steps[0]}) -> {losses[-1]:.3f} (step {steps[-1]})')
+else:
+  print('no training run here: `radfm-jax demo` or `radfm-jax train` makes one')"""),
+    ('md', """## 3. A scan
+
+nibabel ships a small anatomical MRI (`anatomical.nii`). `read_scan` is the ingest reader (radfm_jax.data.readers): it
 reorients to RAS and returns `[C, H, W, D]` plus attributes (spacing, modality, ...)."""),
     ('code', """import nibabel.testing
-from radfm_jax.data.ingest import read_scan
+from radfm_jax.data.readers import read_scan
 
 scan, attrs = read_scan(os.path.join(nibabel.testing.data_path, 'anatomical.nii'))[0]
 print(scan.shape, scan.dtype, attrs['spacing'], attrs['orientation'])
@@ -90,7 +110,7 @@ for ax, (name, image) in zip(axes, [('sagittal', vol[vol.shape[0] // 2]),
   ax.axis('off')
 fig.savefig(os.path.join(OUT, 'slices.png'))
 plt.show()"""),
-    ('md', """## 3. Ask
+    ('md', """## 4. Ask
 
 Each `<image>` in the prompt is replaced by that image's 32 latent tokens; without a marker the
 images go first. The scan is normalised and resized to a RadFM shape bucket by the data pipeline's
@@ -108,7 +128,7 @@ answers = api.generate_batch(model, tok, questions, [[scan], [scan]], max_new_to
                              data_cfg=data_cfg)
 for q, a in zip(questions, answers):
   print(q, '->', repr(a))"""),
-    ('md', """## 4. Score
+    ('md', """## 5. Score
 
 `radfm_jax.eval.metrics`: closed-ended accuracy (normalised exact match), BLEU-1..4, ROUGE-1/2/L and
 token F1; `radfm-jax eval` runs this over a whole manifest and writes per-sample predictions."""),
@@ -135,7 +155,21 @@ def build() -> nbformat.NotebookNode:
   return nb
 
 
+def execute(path: str, cwd: str) -> None:
+  """Runs the notebook at `path` top to bottom in this interpreter's kernel and saves its outputs."""
+  import nbclient
+  nb = nbformat.read(path, as_version=4)
+  nbclient.NotebookClient(nb, timeout=1200, kernel_name='python3',
+                          resources={'metadata': {'path': cwd}}).execute()
+  nbformat.write(nb, path)
+
+
 if __name__ == '__main__':
+  import sys
   path = os.path.join(HERE, 'quickstart.ipynb')
   nbformat.write(build(), path)
   print('wrote', path)
+  if '--execute' in sys.argv[1:]:      # both notebooks, with the outputs of this run
+    for name in ('quickstart.ipynb', 'convert.ipynb'):
+      execute(os.path.join(HERE, name), os.path.dirname(HERE))
+      print('executed', name)

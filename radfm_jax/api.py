@@ -26,13 +26,20 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
 
   from radfm_jax.config import DataConfig
   from radfm_jax.data.tokenizer import Tokenizer
+  from radfm_jax.errors import InputError
   from radfm_jax.infer.text import check_tokenizer, data_config_for
+  given = tokenizer
   tokenizer = tokenizer or find_tokenizer(directory)
   if tokenizer is None:
-    raise FileNotFoundError(f'{directory}: no tokenizer.model found beside the checkpoint; pass '
-                            'the SentencePiece model the checkpoint was trained with')
+    raise InputError(f'{directory}: no tokenizer found (neither the data.tokenizer of its '
+                     'config.json nor a tokenizer.model beside it or above it); pass the '
+                     'SentencePiece model it was trained with: --tokenizer PATH (Python: '
+                     'tokenizer=PATH)')
   model, cfg = load(directory, step=step, mesh=mesh)
-  tok = Tokenizer(tokenizer, max_images=cfg.max_images, num_latents=cfg.perceiver.num_latents)
+  tok = Tokenizer(tokenizer, max_images=cfg.max_images, num_latents=cfg.perceiver.num_latents,
+                  source='--tokenizer' if given else 'tokenizer',
+                  expected='expected the SentencePiece tokenizer.model the checkpoint was '
+                  'trained with')
   check_tokenizer(tok, cfg)
   base = read_data_config(directory) or DataConfig()
   if intensity:

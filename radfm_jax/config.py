@@ -29,6 +29,7 @@ REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 DTYPES = ('float32', 'bfloat16', 'float16')
 MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')     # the mesh axes the batch dimension is sharded over (act_batch)
 RULE_PRESETS = ('fsdp', 'fsdp_tp')
 # The built-in experiments ship inside the package (radfm_jax/experiments/*.py), so a wheel
 # install resolves `radfm` / `configs/radfm.py` without a source tree; configs/ at the top of the
@@ -128,8 +129,15 @@ class MeshConfig:
   hbm_gib: float = 0.0
 
 
+# `data.store=synthetic`: train on deterministic random batches built from the config shapes
+# (radfm_jax/train/synthetic.py; tests, benchmarks, throughput runs) instead of a VolumeStore.
+SYNTHETIC_STORE = 'synthetic'
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  # The VolumeStore folder written by `radfm-jax ingest` (a folder literally named `synthetic` is
+  # written `./synthetic`), or 'synthetic' for random batches; training needs one of the two.
   store: str = ''
   manifest: str = ''
   tokenizer: str = ''
@@ -173,8 +181,11 @@ class GenerateConfig:
 class TrainConfig:
   """Optimizer, schedule, loss, freezing, logging and checkpoint cadence (radfm_jax/train)."""
   steps: int = 1000                    # total optimizer steps (the schedule's length)
-  learning_rate: float = 1e-4          # peak, reached after `warmup_steps`
-  warmup_steps: int = 100              # linear warmup from 0
+  learning_rate: float = 1e-4          # peak, reached after the warmup
+  # Linear warmup from 0 over this many steps; -1 = min(100, steps // 10): 100 for the radfm
+  # experiment's 1000 steps and any run of 1000+ steps, a tenth of a shorter run (`warmup`).
+  # An explicit value is used as given and must be < steps.
+  warmup_steps: int = -1
   min_lr_ratio: float = 0.1            # cosine decays to learning_rate * min_lr_ratio at `steps`
   b1: float = 0.9
   b2: float = 0.999
@@ -192,8 +203,14 @@ class TrainConfig:
   async_checkpoint: bool = True
   peak_tflops: float = 0.0             # per device, for MFU; 0 = look up the device kind
   tensorboard: bool = True
-  synthetic_images: int = 1            # synthetic source (data.store == ''): images per sample
+  synthetic_images: int = 1            # data.store='synthetic': images per sample
   synthetic_length: int = 0            # synthetic text length; 0 = data.text_lengths[0]
+
+
+  @property
+  def warmup(self) -> int:
+    """The warmup steps the schedule uses (`warmup_steps`, or its automatic value for -1)."""
+    return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.steps // 10)
 
 
 FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc',),
@@ -395,11 +412,46 @@ def _build(cls, section: ml_collections.ConfigDict | dict, prefix: str, **nested
   return cls(**kwargs)
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive(prefix: str, obj, *names: str):
   for name in names:
     value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not _is_int(value) or value <= 0:
       _fail(f'{prefix}.{name}', value, 'a positive integer')
+
+
+def _non_negative(prefix: str, obj, *names: str, note: str = ''):
+  for name in names:
+    value = getattr(obj, name)
+    if not _is_int(value) or value < 0:
+      _fail(f'{prefix}.{name}', value, 'an integer >= 0' + note)
+
+
+def _real(x) -> bool:
+  """A finite int or float (not a bool, NaN or inf)."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _finite(field: str, value, expected: str, ok=lambda x: True):
+  """A finite number for which `ok` holds."""
+  if not _real(value) or not ok(value):
+    _fail(field, value, expected)
+
+
+def _bool(prefix: str, obj, *names: str):
+  for name in names:
+    if not isinstance(getattr(obj, name), bool):
+      _fail(f'{prefix}.{name}', getattr(obj, name), 'True or False')
+
+
+def _increasing_ints(field: str, values, expected: str, ok=lambda x: True):
+  """A non-empty, strictly increasing list of integers for which `ok` holds."""
+  if (not values or any(not _is_int(v) or not ok(v) for v in values)
+      or any(a >= b for a, b in zip(values, values[1:]))):
+    _fail(field, list(values), f'a non-empty increasing list of {expected}')
 
 
 def validate_model(m: ModelConfig):
@@ -415,11 +467,12 @@ def validate_model(m: ModelConfig):
           f'a multiple of model.vision.frame_patch_size={v.frame_patch_size}')
   if v.dim % 3:
     _fail('model.vision.dim', v.dim, 'a multiple of 3 (the 3D position table splits it in row/col/depth)')
-  if not 0.0 <= v.dropout < 1.0:
-    _fail('model.vision.dropout', v.dropout, 'a probability in [0, 1)')
+  _finite('model.vision.dropout', v.dropout, 'a probability in [0, 1)', lambda x: 0 <= x < 1)
   _positive('model.perceiver', p, 'depth', 'heads', 'head_dim', 'num_latents', 'ff_mult')
   _positive('model.llama', l, 'vocab_size', 'hidden_size', 'intermediate_size', 'num_layers',
             'num_heads', 'max_position_embeddings')
+  _finite('model.llama.rms_norm_eps', l.rms_norm_eps, 'a finite value > 0', lambda x: x > 0)
+  _finite('model.llama.rope_theta', l.rope_theta, 'a finite value > 0', lambda x: x > 0)
   if l.hidden_size % l.num_heads:
     _fail('model.llama.num_heads', l.num_heads,
           f'a divisor of model.llama.hidden_size={l.hidden_size}')
@@ -435,6 +488,7 @@ def validate_model(m: ModelConfig):
   if m.attention not in ('xla', 'cudnn', 'splash'):
     _fail('model.attention', m.attention, "'xla', 'cudnn' or 'splash' (TPU)")
   _positive('model', m, 'max_images')
+  _bool('model', m, 'scan_layers')
 
 
 def _validate_axes(field: str, axes):
@@ -480,11 +534,43 @@ def resolve_mesh_shape(ici, dcn, num_devices: int, num_slices: int | None = None
   return tuple(ici_sizes[a] for a in MESH_AXES), tuple(dcn_sizes[a] for a in MESH_AXES)
 
 
+def check_data_store(cfg: Config) -> None:
+  """Training needs a data source by name: a store folder or `data.store=synthetic`."""
+  if not cfg.data.store:
+    raise ConfigError(f'config field data.store is empty: expected the VolumeStore folder '
+                      f'written by `radfm-jax ingest` (--config.data.store=STORE), or '
+                      f'--config.data.store={SYNTHETIC_STORE} to train on random batches')
+
+
+def check_batch_axes(cfg: Config, num_devices: int, num_processes: int = 1,
+                     kinds: Sequence[str] = ('2d', '3d')):
+  """Raises ConfigError naming `data.batch_size_<kind>` when the global batch of that kind (per
+  process size x `num_processes`) does not split into `train.grad_accum` microbatches that divide
+  evenly over the mesh's batch axes (`BATCH_AXES`, ici x dcn) for `num_devices` devices. Plain
+  arithmetic: run it before the model is built (JAX would fail at the first step's compile)."""
+  ici, dcn = resolve_mesh_shape(cfg.mesh.ici, cfg.mesh.dcn, num_devices)
+  sizes = {a: i * d for a, i, d in zip(MESH_AXES, ici, dcn)}
+  ways = math.prod(sizes[a] for a in BATCH_AXES)
+  need = ways * cfg.train.grad_accum
+  step = need // math.gcd(need, num_processes)        # per-process batch sizes that work
+  for kind in kinds:
+    name = f'batch_size_{kind}'
+    size = getattr(cfg.data, name)
+    if size * num_processes % need:
+      shape = ', '.join(f'{a}={sizes[a]}' for a in MESH_AXES)
+      _fail(f'data.{name}', size,
+            f'a multiple of {step}: the global batch ({size} x {num_processes} process(es)) '
+            f'must split into train.grad_accum={cfg.train.grad_accum} microbatch(es) over the '
+            f'mesh batch axes {" x ".join(BATCH_AXES)} = {ways} (mesh {shape} on {num_devices} '
+            f'devices, preset {cfg.mesh.preset!r})')
+
+
 def _validate_mesh(mesh: MeshConfig, num_devices: int | None):
   _validate_axes('mesh.ici', mesh.ici)
   _validate_axes('mesh.dcn', mesh.dcn)
   if mesh.rules not in RULE_PRESETS:
     _fail('mesh.rules', mesh.rules, f'one of {RULE_PRESETS}')
+  _finite('mesh.hbm_gib', mesh.hbm_gib, 'a finite value >= 0 (0 = unknown)', lambda x: x >= 0)
   if num_devices is not None:
     resolve_mesh_shape(mesh.ici, mesh.dcn, num_devices)
 
@@ -500,61 +586,60 @@ def _validate_data(d: DataConfig, m: ModelConfig):
     if size % v.patch_size or size > v.image_size or size <= 0:
       _fail(f'data.{name}', size, f'a positive multiple of model.vision.patch_size={v.patch_size} '
             f'no larger than model.vision.image_size={v.image_size}')
-  for depth in d.depth_buckets:
-    if depth % v.frame_patch_size or depth > v.frames or depth <= 0:
-      _fail('data.depth_buckets', list(d.depth_buckets),
-            f'positive multiples of model.vision.frame_patch_size={v.frame_patch_size} '
-            f'no larger than model.vision.frames={v.frames}')
-  if list(d.depth_buckets) != sorted(d.depth_buckets):
-    _fail('data.depth_buckets', list(d.depth_buckets), 'an increasing list')
+  _increasing_ints('data.depth_buckets', d.depth_buckets,
+                   f'positive multiples of model.vision.frame_patch_size={v.frame_patch_size} '
+                   f'no larger than model.vision.frames={v.frames}',
+                   lambda x: 0 < x <= v.frames and x % v.frame_patch_size == 0)
   _positive('data', d, 'batch_size_2d', 'batch_size_3d', 'max_images')
+  _non_negative('data', d, 'num_workers', note=' (0 = threads only)')
+  _bool('data', d, 'shuffle', 'drop_unreadable')
   if d.max_images > m.max_images:
     _fail('data.max_images', d.max_images, f'at most model.max_images={m.max_images}')
-  if not d.ct_windows or any(len(w) != 2 or w[1] <= 0 for w in d.ct_windows):
+  if not d.ct_windows or any(len(w) != 2 or not all(_real(x) for x in w) or w[1] <= 0
+                             for w in d.ct_windows):
     _fail('data.ct_windows', d.ct_windows, '(level, width) pairs with width > 0')
   if d.intensity == 'ct_windows3' and len(d.ct_windows) < 3:
     _fail('data.ct_windows', d.ct_windows, "three (level, width) windows for intensity='ct_windows3'")
-  if len(d.percentiles) != 2 or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100:
+  if (len(d.percentiles) != 2 or not all(_real(x) for x in d.percentiles)
+      or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100):
     _fail('data.percentiles', d.percentiles, '(low, high) with 0 <= low < high <= 100')
-  for length in d.text_lengths:
-    if length <= 0 or length > m.llama.max_position_embeddings:
-      _fail('data.text_lengths', list(d.text_lengths),
-            f'lengths in [1, model.llama.max_position_embeddings={m.llama.max_position_embeddings}]')
+  positions = m.llama.max_position_embeddings
+  _increasing_ints('data.text_lengths', d.text_lengths,
+                   f'lengths in [1, model.llama.max_position_embeddings={positions}]',
+                   lambda x: 0 < x <= positions)
 
 
-def _validate_generate(g: GenerateConfig):
-  if g.max_new_tokens <= 0:
-    _fail('generate.max_new_tokens', g.max_new_tokens, 'a positive integer')
-  if g.temperature < 0:
-    _fail('generate.temperature', g.temperature, '>= 0 (0 means greedy)')
-  if g.top_k < 0:
-    _fail('generate.top_k', g.top_k, '>= 0 (0 means no top-k filter)')
-  if not 0 < g.top_p <= 1:
-    _fail('generate.top_p', g.top_p, 'a value in (0, 1]')
+def validate_generate(g: GenerateConfig):
+  """Raises ConfigError naming the first generate field decoding cannot use (also for a
+  GenerateConfig built in Python, e.g. with `dataclasses.replace`)."""
+  _positive('generate', g, 'max_new_tokens')
+  if any(not _is_int(i) or i < 0 for i in g.stop_ids):
+    _fail('generate.stop_ids', list(g.stop_ids), 'token ids (integers >= 0); [] = never stop early')
+  _finite('generate.temperature', g.temperature, 'a finite value >= 0 (0 means greedy)',
+          lambda x: x >= 0)
+  _non_negative('generate', g, 'top_k', note=' (0 means no top-k filter)')
+  _finite('generate.top_p', g.top_p, 'a value in (0, 1]', lambda x: 0 < x <= 1)
   if g.layer_loop not in ('auto', 'scan', 'unrolled'):
     _fail('generate.layer_loop', g.layer_loop, "one of 'auto', 'scan', 'unrolled'")
-  if not isinstance(g.cache_chunk, int) or g.cache_chunk < 0:
-    _fail('generate.cache_chunk', g.cache_chunk, 'an integer >= 0 (0 = no chunks)')
+  _non_negative('generate', g, 'cache_chunk', note=' (0 = no chunks)')
 
 
 def _validate_train(t: TrainConfig):
   _positive('train', t, 'steps', 'grad_accum', 'log_every', 'eval_steps', 'keep_checkpoints')
-  if t.learning_rate <= 0:
-    _fail('train.learning_rate', t.learning_rate, 'a positive float')
-  if not 0 <= t.warmup_steps < t.steps:
-    _fail('train.warmup_steps', t.warmup_steps, f'0 <= warmup_steps < train.steps={t.steps}')
-  if not 0 <= t.min_lr_ratio <= 1:
-    _fail('train.min_lr_ratio', t.min_lr_ratio, 'a value in [0, 1]')
+  _finite('train.learning_rate', t.learning_rate, 'a finite value > 0', lambda x: x > 0)
+  if t.warmup_steps != -1 and not 0 <= t.warmup_steps < t.steps:
+    _fail('train.warmup_steps', t.warmup_steps,
+          f'0 <= warmup_steps < train.steps={t.steps}, or -1 (automatic: min(100, steps // 10))')
+  _finite('train.min_lr_ratio', t.min_lr_ratio, 'a value in [0, 1]', lambda x: 0 <= x <= 1)
   for name in ('b1', 'b2'):
-    if not 0 <= getattr(t, name) < 1:
-      _fail(f'train.{name}', getattr(t, name), 'a value in [0, 1)')
-  for name in ('eps', 'weight_decay', 'max_grad_norm', 'peak_tflops'):
-    if getattr(t, name) < 0:
-      _fail(f'train.{name}', getattr(t, name), '>= 0')
-  for name in ('eval_every', 'checkpoint_every', 'synthetic_length'):
-    if getattr(t, name) < 0:
-      _fail(f'train.{name}', getattr(t, name), '>= 0 (0 = off / default)')
+    _finite(f'train.{name}', getattr(t, name), 'a value in [0, 1)', lambda x: 0 <= x < 1)
+  _finite('train.eps', t.eps, 'a finite value > 0 (Adam divides by it)', lambda x: x > 0)
+  for name in ('weight_decay', 'max_grad_norm', 'peak_tflops'):
+    _finite(f'train.{name}', getattr(t, name), 'a finite value >= 0', lambda x: x >= 0)
+  _non_negative('train', t, 'eval_every', 'checkpoint_every', 'synthetic_length',
+                note=' (0 = off / default)')
   _positive('train', t, 'synthetic_images')
+  _bool('train', t, 'async_checkpoint', 'tensorboard')
   if t.loss not in ('mean', 'weighted'):
     _fail('train.loss', t.loss, "'mean' (token-mean CE, the original's loss) or 'weighted'")
   bad = [f for f in t.freeze if f not in FREEZE_GROUPS]
@@ -567,6 +652,9 @@ def _validate_image_cache(d: DataConfig, m: ModelConfig, t: TrainConfig):
   tower is frozen and its path is deterministic (data/image_cache.py: exactness)."""
   if not d.image_cache:
     return
+  if d.store == SYNTHETIC_STORE:
+    _fail('data.image_cache', True, f'False with data.store={SYNTHETIC_STORE} (random batches '
+          'have no scans whose image tokens could be cached)')
   frozen = {name for group in t.freeze for name in FREEZE_GROUPS[group]}
   missing = [n for n in FREEZE_GROUPS['vision_tower'] if n not in frozen]
   if missing:
@@ -609,10 +697,12 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   data = _build(DataConfig, cfg.get('data'), 'data')
   _validate_data(data, model)
   generate = _build(GenerateConfig, cfg.get('generate'), 'generate')
-  _validate_generate(generate)
+  validate_generate(generate)
   train = _build(TrainConfig, cfg.get('train'), 'train')
   _validate_train(train)
   _validate_image_cache(data, model, train)
+  if not _is_int(cfg.seed) or cfg.seed < 0:
+    _fail('seed', cfg.seed, 'an integer >= 0')
   extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in _SCHEMA_FIELDS})
   extra.lock()
   return Config(model=model, mesh=mesh, data=data, generate=generate, train=train,

@@ -131,10 +131,9 @@ def ingest_data(out: str, data_dir: str, rebuilt: bool) -> tuple[str, dict]:
 
 
 def train_tokenizer(out: str, records: list[dict], vocab_size: int) -> str:
-  from radfm_jax.data import demo as demo_data
-  from radfm_jax.data.tokenizer import train_sentencepiece
+  from radfm_jax.data.tokenizer import corpus_lines, train_sentencepiece
   path = os.path.join(out, 'tokenizer.model')
-  train_sentencepiece(demo_data.corpus_lines(records), path, vocab_size=vocab_size)
+  train_sentencepiece(corpus_lines(records), path, vocab_size=vocab_size)
   return path
 
 
@@ -214,30 +213,6 @@ def score(records: list[dict], answers: list[str]) -> dict:
   if opens:
     out['rouge_l'] = rouge_l([a for _, a in opens], [r['answer'] for r, _ in opens])
   return out
-
-
-def plot_losses(losses: dict, path: str, title: str):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  steps = sorted(losses)
-  values = [losses[s] for s in steps]
-  smooth, ema = [], None
-  for v in values:
-    ema = v if ema is None else 0.9 * ema + 0.1 * v
-    smooth.append(ema)
-  fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot(steps, values, alpha=0.35, label='train loss (per step)')
-  ax.plot(steps, smooth, label='EMA 0.9')
-  ax.set_xlabel('step')
-  ax.set_ylabel('token-mean cross-entropy')
-  ax.set_yscale('log')
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,11 +328,12 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
                           'reference': rec['answer'], 'prediction': ans}) + '\n')
 
   # 6. outputs
+  from radfm_jax.train.metrics import plot_losses
   try:
     plot_losses(losses, os.path.join(out, 'loss_curve.png'),
                 f'radfm-jax demo: {cfg.model.size}, {result.step} steps')
-  except ImportError as e:  # matplotlib comes with the `demo` extra
-    _log(f'no loss_curve.png ({e}); pip install "radfm-jax[demo]"')
+  except ImportError as e:  # matplotlib is a dependency; a broken install may lack it
+    _log(f'no loss_curve.png ({e}); pip install matplotlib')
   example = next((i for i, r in enumerate(heldout)
                   if r['family'] == 'phantom' and r['task'] == 'report' and r['label']['lesion']),
                  0)

@@ -18,9 +18,9 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
-from radfm_jax.config import MESH_AXES, MeshConfig, resolve_mesh_shape
+from radfm_jax.config import BATCH_AXES, MESH_AXES, MeshConfig, resolve_mesh_shape
 
-_BATCH = ('data', 'fsdp')
+_BATCH = BATCH_AXES
 
 # Logical axis -> mesh axes. Parameters are sharded over `fsdp` on one dimension each (ZeRO-3
 # style); activations over the batch. Norm scales and the small position tables stay replicated.

@@ -119,3 +119,25 @@ def write_manifest(path, records):
     for r in records:
       f.write(json.dumps(r) + '\n')
   return str(path)
+
+
+def png_store(folder, n: int = 4):
+  """`n` random 40 x 36 PNG scans (folder/x{i}.png), one VQA question each (split 'train'), in
+  folder/samples.jsonl ingested into the VolumeStore folder/store, and the test tokenizer in
+  folder/tok.model. Returns the store path."""
+  import os
+
+  import numpy as np
+  from radfm_jax.data.ingest import ingest
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(n):
+    write_png(folder / f'x{i}.png', rng.integers(0, 255, (40, 36), dtype=np.uint8))
+    records.append({'id': f's{i}', 'task': 'vqa', 'question': f'What is in image {i}?',
+                    'answer': 'A nodule.', 'split': 'train',
+                    'images': [{'path': f'x{i}.png', 'position': {'question': 0}}]})
+  manifest = write_manifest(folder / 'samples.jsonl', records)
+  with open(os.devnull, 'w') as log:
+    ingest(manifest, str(folder / 'store'), log=log)
+  (folder / 'tok.model').write_bytes(spm_proto())
+  return str(folder / 'store')

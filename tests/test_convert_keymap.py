@@ -16,16 +16,26 @@ from radfm_jax.convert import api, engine, infer, keymap  # noqa: E402
 
 
 class ShapeReader:
-  """Keys and shapes only (the real-size official list; nothing is allocated)."""
+  """Keys, shapes and dtypes only (the real-size official list; nothing is allocated)."""
 
-  def __init__(self, shapes):
+  def __init__(self, shapes, dtypes=None):
     self._shapes = shapes
+    self._dtypes = dtypes or {}
 
   def keys(self):
     return list(self._shapes)
 
   def shape(self, key):
     return self._shapes[key]
+
+  def dtype(self, key):
+    return np.dtype(self._dtypes.get(key, 'float32'))
+
+  def extent(self, key):
+    return None
+
+  def where(self, key):
+    return f'official key list key {key}'
 
 
 @pytest.fixture(scope='module')
@@ -44,8 +54,13 @@ def test_table_covers_official_13b_exactly(official):
   assert len(kept) == 403 - 40 + 141 + 69 + 2 + 1 + 1   # LLM minus inv_freq, ViT, perceiver, fc...
   skipped = set(official) - set(kept)
   assert len(skipped) == 40 + 200 + 74 + 9 + 4 + 2 + 2
-  engine.check_keys(table, ShapeReader(official), shapes, engine.stacked_layers(table, shapes),
-                    skip=keymap.RADFM_SKIP)
+  # with the official dtypes: float32 everywhere but the two int64 buffers of the dead branch
+  dtypes = {k: d for k, _, d in official_keys()}
+  assert sorted(k for k, d in dtypes.items() if d != 'float32') == [
+      'embedding_layer.bert_model.embeddings.position_ids',
+      'embedding_layer.output_upscaling.1.num_batches_tracked']
+  engine.check_keys(table, ShapeReader(official, dtypes), shapes,
+                    engine.stacked_layers(table, shapes), skip=keymap.RADFM_SKIP)
   # every parameter of the model is reached by exactly one entry
   covered = [p for e in table if e.kind != 'alias' for p in e.ours]
   assert sorted(covered) == sorted(shapes)

@@ -79,7 +79,7 @@ def test_restored_model_runs(converted, tiny_cfg):
 @pytest.mark.parametrize('suffix', ['bin', 'safetensors'])
 def test_to_torch_bit_exact(converted, suffix):
   root, sd = converted
-  out = root / f'back.{suffix}'
+  out = root / f'new_{suffix}' / 'sub' / f'back.{suffix}'      # folders that do not exist yet
   assert main(['convert', 'to-torch', '--checkpoint', str(root / 'ckpt'), '--out', str(out)]) == 0
   if suffix == 'bin':
     back = torch.load(out, weights_only=True)

@@ -1,5 +1,6 @@
 """VolumeStore: zarr3 sharded arrays in OCDBT, round trips, layout rules, pickling."""
 
+import json
 import os
 import pickle
 
@@ -23,11 +24,11 @@ def test_round_trip_keeps_values_dtype_and_attributes(tmp_path):
   assert again.read('ct').dtype == np.int16 and again.read('rgb').dtype == np.uint8
   np.testing.assert_allclose(again.read('f64'), f64.astype(np.float32))
   assert again.read('f64').dtype == np.float32
-  assert again.info('ct') == {'id': 'ct', 'shape': [1, 70, 40, 9], 'dtype': 'int16',
-                              'attributes': {'spacing': [0.5, 0.5, 2.0], 'modality': 'CT',
+  assert again.info('ct') == {'id': 'ct', 'key': 'scans/ct/', 'version': 0,
+                              'shape': [1, 70, 40, 9], 'dtype': 'int16', 'attributes': {'spacing': [0.5, 0.5, 2.0], 'modality': 'CT',
                                              'axes': 'CHWD'}}
   assert again.attributes('ct') == again.info('ct')['attributes']
-  assert sorted(again.stored_ids()) == ['ct', 'f64', 'rgb']
+  assert list(again.stored_keys()) == ['scans/ct/', 'scans/f64/', 'scans/rgb/']
   assert len(again) == 3 and 'ct' in again and 'nope' not in again
 
 
@@ -49,14 +50,18 @@ def test_shard_is_a_multiple_of_the_inner_chunk(shape):
   assert inner[1] <= 64 and inner[3] <= 32
 
 
-def test_rewrite_overwrites_and_wrong_rank_is_refused(tmp_path):
+def test_rewrite_goes_to_a_new_key_and_wrong_rank_is_refused(tmp_path):
   store = VolumeStore(str(tmp_path / 's'))
   store.write_batch([('a', np.zeros((1, 4, 4, 4), np.int16) + 1, {})])
   store.write_batch([('a', np.zeros((1, 4, 4, 2), np.int16) + 2, {})])
   assert store.read('a').shape == (1, 4, 4, 2) and store.read('a').max() == 2
+  again = VolumeStore(str(tmp_path / 's'))           # the last index line of an id wins
+  assert again.key('a') == 'scans/a@v1/' and again.info('a')['version'] == 1
+  np.testing.assert_array_equal(again.read('a'), np.zeros((1, 4, 4, 2), np.int16) + 2)
+  assert len(open(again.scans_path).read().splitlines()) == 2      # appended, not rewritten
   with pytest.raises(TypeError, match='expected \\[C, H, W, D\\]'):
     store.write_batch([('b', np.zeros((4, 4, 4)), {})])
-  assert 'b' not in store and list(store.stored_ids()) == ['a']
+  assert 'b' not in store and list(store.stored_keys()) == ['scans/a/', 'scans/a@v1/']
 
 
 def test_pickle_sends_only_the_path(tmp_path):
@@ -73,3 +78,37 @@ def test_storable_dtype():
   assert storable_dtype(np.bool_) == np.uint8
   assert storable_dtype(np.int16) == np.int16
   assert storable_dtype(np.int64) == np.int32
+
+
+def test_ids_cannot_reach_into_other_keys(tmp_path):
+  store = VolumeStore(str(tmp_path / 's'))
+  one = np.arange(8, dtype=np.int16).reshape(1, 2, 2, 2)
+  ids = ['a', 'a/c/0/0/0', 'a@v1', '..', 'a.v1']
+  store.write_batch([(sid, one + k, {}) for k, sid in enumerate(ids)])
+  store.write_batch([('a', one * 10, {})])                  # the rewrite of 'a' takes a new key
+  again = VolumeStore(str(tmp_path / 's'))
+  for k, sid in enumerate(ids[1:], 1):
+    np.testing.assert_array_equal(again.read(sid), one + k)
+  np.testing.assert_array_equal(again.read('a'), one * 10)
+  assert again.key('a/c/0/0/0') == 'scans/a%2Fc%2F0%2F0%2F0/' and again.key('a') == 'scans/a@v1/'
+  assert again.key('a@v1') == 'scans/a%40v1/'
+
+
+def test_to_storable_checks_the_range_and_index_ignores_a_torn_last_line(tmp_path):
+  from radfm_jax.data.store import to_storable
+  np.testing.assert_array_equal(to_storable(np.array([-2**31, 2**31 - 1])), [-2**31, 2**31 - 1])
+  with pytest.raises(ValueError, match=r'voxels: value 2147483648 \(int64\) does not fit int32'):
+    to_storable(np.array([0, 2**31]))
+  store = VolumeStore(str(tmp_path / 's'))
+  store.write_batch([('a', np.arange(8, dtype=np.int16).reshape(1, 2, 2, 2), {})])
+  with open(store.scans_path, 'a') as f:
+    f.write('{"id": "b", "key": "sca')                      # a writer killed mid-line
+  assert list(VolumeStore(store.root).index()) == ['a']
+  store = VolumeStore(store.root)
+  store.write_batch([('c', np.arange(8, dtype=np.int16).reshape(1, 2, 2, 2) * 2, {})])
+  lines = open(store.scans_path).read().splitlines()
+  assert [json.loads(line)['id'] for line in lines] == ['a', 'c']    # the torn line cut off
+  with open(store.scans_path, 'a') as f:
+    f.write('not json\n{"id": "d"}\n')
+  with pytest.raises(ValueError, match=f'{store.scans_path} line 3: not a store index row'):
+    VolumeStore(store.root).index()

@@ -13,6 +13,7 @@ from radfm_jax.data import pipeline, tfds_manifest
 from radfm_jax.data.ingest import ingest
 from radfm_jax.data.manifest import read_manifest
 from radfm_jax.data.store import VolumeStore
+from radfm_jax.errors import InputError
 
 
 @pytest.fixture(scope='module')
@@ -72,7 +73,7 @@ def test_pipeline_reads_the_published_manifest(store, tmp_path):
 def test_errors_name_the_path_and_the_problem(store, tmp_path):
   with pytest.raises(FileNotFoundError, match='not a TFDS dataset directory'):
     tfds_manifest.read_tfds_manifest(str(tmp_path))
-  with pytest.raises(FileNotFoundError, match='no such file'):
+  with pytest.raises(InputError, match='missing.jsonl: no such file'):
     read_manifest(str(tmp_path / 'missing.jsonl'))
   bad = [dict(store.manifest()[0], split='val-2')]
   with pytest.raises(ValueError, match="split 'val-2'"):

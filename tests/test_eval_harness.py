@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import conftest_data as cd  # noqa: E402
 from radfm_jax import api  # noqa: E402
 from radfm_jax.cli.main import main  # noqa: E402
+from radfm_jax.errors import InputError  # noqa: E402
 from radfm_jax.eval import harness, metrics  # noqa: E402
 from radfm_jax.infer import text  # noqa: E402
 
@@ -19,13 +20,13 @@ from radfm_jax.infer import text  # noqa: E402
 pytestmark = pytest.mark.xdist_group('eval_harness')
 
 RECORDS = [
-    {'id': 'a', 'task': 'vqa', 'question': 'Is there a nodule?', 'answer': 'Yes',
+    {'id': 'a', 'task': 'vqa', 'question': 'Is there a nodule?', 'answer': 'Yes', 'split': 'eval',
      'images': [{'path': 'ct.nii.gz', 'position': {'question': 0}, 'modality': 'CT'}]},
     {'id': 'b', 'task': 'report', 'question': 'Describe the scan.',
-     'answer': 'A nodule in the left lung.',
+     'answer': 'A nodule in the left lung.', 'split': 'eval',
      'images': [{'path': 'ct.nii.gz', 'position': {'answer': 3}}]},
     {'id': 'c', 'task': 'vqa', 'question': 'Which option? A) CT B) MRI', 'answer': 'B',
-     'images': [{'path': 'x.png', 'position': {'question': 26}},
+     'split': 'train', 'images': [{'path': 'x.png', 'position': {'question': 26}},
                 {'path': 'ct.nii.gz', 'position': {'question': 0}}]},
     {'id': 'd', 'task': 'vqa', 'question': 'Any free fluid?', 'answer': 'free fluid in abdomen',
      'kind': 'open', 'images': []},
@@ -55,6 +56,11 @@ def test_load_samples_kinds_and_sources(data):
   assert [s.record['id'] for s in store] == ['a', 'b', 'c', 'd']
   assert type(via_manifest[0].source) is type(store[0].source)
   assert len(harness.load_samples(str(data / 'manifest.jsonl'), limit=2)) == 2
+  assert [s.record['id'] for s in harness.load_samples(str(data / 'store'), split='train')] == [
+      'c', 'd']                                           # a row without `split` is 'train'
+  with pytest.raises(InputError, match=r"no samples in split 'test' \(splits here: "
+                     r"\{'eval': 2, 'train': 2\}\); choose one with --split NAME"):
+    harness.load_samples(str(data / 'manifest.jsonl'), split='test')
   # The same pixels either way; the image in the answer moves to the end of the question.
   a_raw, m_raw, e_raw = harness.read_sample_images(raw[2])
   a_st, m_st, e_st = harness.read_sample_images(store[2])
@@ -109,13 +115,14 @@ def test_evaluate_values_with_known_predictions(data, monkeypatch, tmp_path):
 
 
 def test_cli_end_to_end(data, tmp_path):
+  """The default split is 'eval' (rows a, b): c ('train') and d (no split: 'train') are left out."""
   from radfm_jax.models.radfm import create_model
   api.save(create_model(cd.tiny_model(), seed=0), str(tmp_path / 'ckpt'))
   out = tmp_path / 'out'
   rc = main(['eval', '--checkpoint', str(tmp_path / 'ckpt'), '--data', str(data / 'store'),
              '--tokenizer', str(data / 'tok.model'), '--out', str(out), '--batch-size', '2',
              '--config.generate.max_new_tokens=3', '--entities', 'none',
-             '--limit', '2'])   # one batch: one compile
+             '--no-progress'])   # one batch: one compile
   assert rc == 0
   rows = [json.loads(line) for line in open(out / 'predictions.jsonl')]
   summary = json.load(open(out / 'summary.json'))
@@ -128,4 +135,5 @@ def test_cli_end_to_end(data, tmp_path):
   assert summary['entities'] == {'computed': False,
                                  'reason': 'entity metrics not requested (--entities none)'}
   assert summary['sampling']['max_new_tokens'] == 3 and summary['n_samples'] == 2
+  assert (summary['split'], summary['skipped'], summary['skipped_samples']) == ('eval', 0, [])
   assert summary['timing']['samples_per_s'] > 0

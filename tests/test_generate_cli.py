@@ -202,7 +202,7 @@ def test_cli_single_prompt(setup, capsys):
              f'--config.generate.max_new_tokens={NEW}'])
   assert rc == 0
   printed = capsys.readouterr().out.strip()
-  from radfm_jax.data.ingest import read_scan
+  from radfm_jax.data.readers import read_scan
   scans = [read_scan(str(root / n))[0][0] for n in ('a.nii.gz', 'b.png')]
   want = api.generate(model, tok, 'Compare <image> with <image>.', scans, max_new_tokens=NEW)
   assert printed == want
@@ -224,7 +224,7 @@ def test_cli_file_mode(setup, tmp_path):
   assert [r['id'] for r in rows] == ['q1', 'q2', 'q3']
   assert all(isinstance(r['prediction'], str) and 1 <= r['new_tokens'] <= NEW for r in rows)
   # Row 3 is batch 2 padded with itself: same as generating it in a batch of two copies.
-  from radfm_jax.data.ingest import read_scan
+  from radfm_jax.data.readers import read_scan
   vol = read_scan(str(root / 'a.nii.gz'))[0][0]
   want = text.generate_batch(model, tok, [items[2]['prompt']] * 2, [[vol], [vol]],
                              modalities=[['CT'], ['CT']], max_new_tokens=NEW)

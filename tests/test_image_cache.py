@@ -13,6 +13,7 @@ import pytest
 import conftest_data as cd
 from radfm_jax.config import ConfigError, load_config
 from radfm_jax.data.image_cache import ImageTokenCache
+from radfm_jax.data.store import VolumeStore
 from radfm_jax.errors import InputError
 from radfm_jax.train import loop
 
@@ -127,6 +128,14 @@ def test_a_changed_preparation_field_or_unknown_scan_is_refused(store, run0):
   with pytest.raises(InputError, match=r"scan 'v0_0' was cached resized to \[64, 64, 4\], this "
                      r"batch resizes it to \[32, 32, 4\]"):
     cache.read('v0_0', (32, 32, 4))
+  # A scan re-ingested with other content gets a new store key: its cached tokens are refused.
+  key = VolumeStore(store[0]).key('v0_0')
+  assert cache.meta['keys']['v0_0'] == key == 'scans/v0_0/'
+  assert cache.read('v0_0', (64, 64, 4), key=key).shape == (32, 64)
+  with pytest.raises(InputError, match=r"scan 'v0_0' changed in the store since its image tokens "
+                     r"were cached \(store key scans/v0_0@v1/, cached from scans/v0_0/\); run "
+                     r"`radfm-jax cache-images` again"):
+    cache.read('v0_0', (64, 64, 4), key='scans/v0_0@v1/')
 
 
 def test_random_image_path_or_unfrozen_tower_is_refused():

@@ -16,8 +16,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
-OVERRIDES = ['train.synthetic_length=48', 'train.steps=3', 'train.warmup_steps=1',
-             'train.learning_rate=1e-3', 'train.checkpoint_every=0', 'train.tensorboard=False']
+OVERRIDES = ['data.store=synthetic', 'train.synthetic_length=48', 'train.steps=3',
+             'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=0', 'train.tensorboard=False']
 GLOBAL_BATCH = 8
 
 

@@ -51,20 +51,9 @@ def test_grain_iterator_state_round_trips(tmp_path):
 
 
 def test_make_data_uses_the_grain_pipeline(tmp_path):
-  from radfm_jax.data.ingest import ingest
-  rng = np.random.default_rng(0)
-  records = []
-  for i in range(4):
-    cd.write_png(tmp_path / f'x{i}.png', rng.integers(0, 255, (40, 36), dtype=np.uint8))
-    records.append({'id': f's{i}', 'task': 'vqa', 'question': f'What is in image {i}?',
-                    'answer': 'A nodule.', 'split': 'train',
-                    'images': [{'path': f'x{i}.png', 'position': {'question': 0}}]})
-  manifest = cd.write_manifest(tmp_path / 'samples.jsonl', records)
-  ingest(manifest, str(tmp_path / 'store'), log=open(os.devnull, 'w'))
-  tok = tmp_path / 'tok.model'
-  tok.write_bytes(cd.spm_proto())
+  store = cd.png_store(tmp_path)
   cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', [
-      f'data.store={tmp_path / "store"}', f'data.tokenizer={tok}', 'data.batch_size_2d=2',
+      f'data.store={store}', f'data.tokenizer={tmp_path / "tok.model"}', 'data.batch_size_2d=2',
       'data.text_lengths=[128]'])
   data = loop.make_data(cfg)
   assert isinstance(data, grain.DatasetIterator)

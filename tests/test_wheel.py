@@ -69,7 +69,8 @@ def test_wheel_install_loads_sizes_and_trains_from_an_empty_directory(tmp_path):
               'configs/radfm.py:model=tiny,mesh=cpu', '--workdir', 'run', '--no-progress',
               '--config.train.steps=2', '--config.train.warmup_steps=0',
               '--config.train.log_every=1',
-              '--config.data.batch_size_2d=8', '--config.train.synthetic_length=48'],
+              '--config.data.store=synthetic', '--config.data.batch_size_2d=8',
+              '--config.train.synthetic_length=48'],
              cwd=empty, env=env)
   summary = json.loads(out.strip().splitlines()[-1])
   assert (summary['status'], summary['step'], summary['checkpoint']) == ('done', 2, 2)
@@ -79,7 +80,7 @@ def test_wheel_install_loads_sizes_and_trains_from_an_empty_directory(tmp_path):
   rows = read_metrics(str(workdir), 'train')
   assert [r['step'] for r in rows] == [1, 2] and all(math.isfinite(r['loss']) for r in rows)
   assert rows[-1]['loss'] == summary['last_loss']
-  with open(workdir / 'config.json') as f:
+  with open(workdir / 'checkpoints' / 'config.json') as f:
     saved = json.load(f)
   assert saved['train']['steps'] == 2 and saved['train']['b2'] == 0.999    # full, resolved
   assert saved['model']['size'] == 'tiny' and saved['mesh']['preset'] == 'cpu'

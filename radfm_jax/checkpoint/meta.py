@@ -54,8 +54,9 @@ def write_config(directory: str, layout: str, body: Mapping) -> str:
 
 
 def checkpoint_folder(directory: str) -> str:
-  """A training workdir -> its `checkpoints/` folder (whose config.json carries the layout, where
-  the workdir's own config.json is the run's log copy); any other folder as it is."""
+  """A training workdir -> its `checkpoints/` folder (whose config.json is the run's config
+  record, with the layout; runs of earlier releases also kept a log copy in the workdir); any other
+  folder as it is."""
   directory = os.path.abspath(directory)
   if os.path.isdir(os.path.join(directory, 'checkpoints')) and not os.path.isdir(
       os.path.join(directory, 'params')):

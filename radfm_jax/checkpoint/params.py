@@ -27,6 +27,7 @@ from typing import Mapping
 import numpy as np
 
 from radfm_jax.checkpoint import meta
+from radfm_jax.casting import checked_cast
 from radfm_jax.config import ModelConfig
 from radfm_jax.checkpoint.tree import flat_params, trim_memory, unflatten
 
@@ -55,12 +56,14 @@ class IncrementalWriter:
       w.write('llama/layers/q/kernel', 3, layer3)   # index None writes the whole leaf
       w.write('llama/embed_tokens', None, rows, (slice(0, 512),))   # a region of it
       w.close()                                     # checks every element was written, then commits
+      with IncrementalWriter(...) as w: ...         # close on success; on an error, abort
 
   `plans` (path -> (axis, block) of the per-layer leaf, from `engine.split_plans`) makes each zarr
   chunk exactly one written block, so no chunk is ever read back, merged and recompressed.
 
   Data goes to `<directory>.partial` and is renamed into place by `close`, so an interrupted
-  conversion never leaves a directory that looks like a checkpoint.
+  conversion never leaves a directory that looks like a checkpoint; `abort` (an error inside the
+  `with` block) removes it. Every value is cast to its leaf's dtype with `checked_cast`.
   """
 
   def __init__(self, directory: str, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
@@ -115,10 +118,24 @@ class IncrementalWriter:
       target = target[region]
     if tuple(array.shape) != tuple(target.shape):
       raise ValueError(f'{path}[{index}][{region}]: shape {array.shape}, expected {target.shape}')
-    target.write(np.asarray(array, dtype)).result()
+    target.write(checked_cast(array, dtype, f'parameter {path}')).result()
     self.todo[path] -= array.size
     if array.nbytes > (8 << 20):
       trim_memory()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, value, traceback):
+    if kind is None:
+      self.close()
+    else:
+      self.abort()
+
+  def abort(self):
+    """Drops what was written (the `.partial` folder); an existing checkpoint stays as it was."""
+    self.arrays.clear()
+    shutil.rmtree(self.tmp, ignore_errors=True)
 
   def close(self):
     unwritten = {p: n for p, n in self.todo.items() if n}

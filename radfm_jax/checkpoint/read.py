@@ -18,8 +18,9 @@ import os
 import numpy as np
 
 from radfm_jax.checkpoint import meta
+from radfm_jax.casting import checked_cast
 from radfm_jax.checkpoint.params import PARAMS_DIR
-from radfm_jax.checkpoint.train_state import STATE_ITEM
+from radfm_jax.checkpoint.train_state import STATE_ITEM, CheckpointRestoreError, describe_failure
 from radfm_jax.config import ModelConfig
 from radfm_jax.checkpoint.tree import flat_params, unflatten
 
@@ -97,8 +98,12 @@ def _restore(loc: Location, target: dict, as_numpy: bool) -> dict:
     return ocp.ArrayRestoreArgs(sharding=sds.sharding, global_shape=sds.shape, dtype=sds.dtype)
 
   restore_args = jax.tree.map(args_for, item)
-  out = ocp.PyTreeCheckpointer().restore(loc.tree, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))
+  try:
+    out = ocp.PyTreeCheckpointer().restore(loc.tree, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:   # noqa: BLE001  (Orbax / TensorStore / JSON: a corrupt or truncated file)
+    folder = loc.tree if loc.step is None else os.path.dirname(loc.tree)
+    raise CheckpointRestoreError(describe_failure(folder, loc.step, e)) from e
   out = flat_params(out)
   return unflatten({p: out['/'.join(_key(loc, p))] for p in flat})
 
@@ -121,8 +126,13 @@ class LeafReader:
     self.cfg = self.location.cfg
     _, state = abstract_model(self.cfg)
     self.abstract = flat_params(nnx.to_pure_dict(state))
-    with open(os.path.join(self.location.tree, '_METADATA')) as f:
-      tree_meta = json.load(f)
+    meta_path = os.path.join(self.location.tree, '_METADATA')
+    try:
+      with open(meta_path) as f:
+        tree_meta = json.load(f)
+    except (OSError, ValueError) as e:
+      raise CheckpointRestoreError(f'{meta_path}: cannot read the checkpoint tree\'s metadata '
+                                   f'({" ".join(str(e).split())})') from None
     self._ocdbt = tree_meta.get('use_ocdbt', True)
     self._zarr3 = tree_meta.get('use_zarr3', False)
     self._open = {}
@@ -155,7 +165,7 @@ class LeafReader:
       abstract = unflatten({path: jax.ShapeDtypeStruct(sds.shape, sds.dtype)})
       out = flat_params(_restore(self.location, abstract, as_numpy=True))[path]
       out = out if index is None else out[index]
-    return np.asarray(out).astype(sds.dtype, copy=False)
+    return checked_cast(np.asarray(out), sds.dtype, f'{self.location.tree} parameter {path}')
 
 
 def load(directory: str, *, step: int | None = None, mesh=None, rules=None):

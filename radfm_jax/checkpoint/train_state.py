@@ -11,15 +11,30 @@ and beside the steps `config.json`: the latest resolved config + {"layout": "tra
 
 Restoring takes an *abstract* TrainState (ShapeDtypeStructs carrying the new run's shardings,
 `step.abstract_train_state`), so a checkpoint written on one mesh restores onto any other.
+
+Resuming (`restore_latest`) falls back: a step that fails to restore (a truncated or corrupt file)
+is reported in one line (file, step, reason) and the newest intact step is restored instead (the
+failed one then moved aside to `<step>.corrupt`: kept, not deleted; the run writes that step again);
+`fallback=False` (`radfm-jax train --no-fallback`) makes that line a `CheckpointRestoreError`.
+Not detected: bytes garbled inside an array's data file whose length stays right restore as other
+values (Orbax's zarr chunks carry no checksum).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
 
 import orbax.checkpoint as ocp
 
 from radfm_jax.checkpoint import meta
+from radfm_jax.errors import InputError
+
+
+class CheckpointRestoreError(InputError):
+  """A training checkpoint step does not restore (and no fallback was allowed or possible)."""
 
 STATE_ITEM = 'state'   # the TrainState item of each step folder
 
@@ -112,15 +127,73 @@ class Checkpointer:
       data_iter.set_state(out['data'])
     return out[STATE_ITEM], (out['config'] if 'config' in items else None)
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def restore_latest(self, abstract_state, data_iter=None, *, fallback: bool = True, log=None):
+    """Restores the newest step that restores: (step, state, config) or None when there is no
+    step. A step that fails is reported through `log` (default: a line on stderr) as
+    `describe_failure` words it, and the next older step is tried, unless `fallback` is False: then
+    the first failure raises `CheckpointRestoreError`. Once an older step restores, the failed
+    newer ones are moved aside to `<step>.corrupt` (kept; the run will write those step numbers
+    again). If no step restores, nothing is moved (a config that no longer matches any step fails
+    them all) and `CheckpointRestoreError` lists every failure: never a silent fresh start. The
+    data iterator ends at the restored step's position."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, config = self.restore(step, abstract_state, data_iter)
+      except Exception as e:   # noqa: BLE001  (Orbax, TensorStore, JSON, grain: any of them)
+        line = describe_failure(self.step_dir(step), step, e)
+        if not fallback:
+          raise CheckpointRestoreError(
+              f'{line} (--no-fallback: not falling back to an older step)') from e
+        failures.append((step, line))
+        log(f'{line}; trying the previous step')
+        continue
+      if failures:
+        moved = ', '.join(f'step {bad} to {self._quarantine(bad)}' for bad, _ in failures)
+        log(f'restored checkpoint step {step} of {self.directory} instead (the newest intact '
+            f'step); moved {moved}')
+      return step, state, config
+    if failures:
+      raise CheckpointRestoreError(f'no checkpoint step in {self.directory} restores: '
+                                   + ' | '.join(line for _, line in failures))
+    return None
+
   def restore_data(self, step: int, data_iter):
-    """Restores only the data iterator's position of `step` (in place; no-op when not saved)."""
+    """Restores only the data iterator's position of `step` (in place; no-op when not saved): for
+    a run whose data can only be built once the state is restored (`restore_latest(abstract_state,
+    None)` first; the image-token cache is keyed by the restored vision weights). A data item that
+    does not restore is a `CheckpointRestoreError` naming the step and file."""
     names = set(self.manager.item_metadata(step).keys()) if hasattr(
         self.manager, 'item_metadata') else {'data'}
     if 'data' not in names:
       return
-    out = self.manager.restore(step, args=ocp.args.Composite(data=_data_restore(data_iter)))
-    if not _is_grain_iterator(data_iter):
-      data_iter.set_state(out['data'])
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(data=_data_restore(data_iter)))
+      if not _is_grain_iterator(data_iter):
+        data_iter.set_state(out['data'])
+    except Exception as e:   # noqa: BLE001  (Orbax, JSON, grain: any of them)
+      raise CheckpointRestoreError(describe_failure(self.step_dir(step), step, e)) from e
+
+  def _quarantine(self, step: int) -> str:
+    """Renames a step folder that does not restore to `<step>.corrupt` (Orbax ignores it; the run
+    may write that step again) and tells the manager. Process 0 renames; all wait for it."""
+    import jax
+    src = self.step_dir(step)
+    dst = src + '.corrupt'
+    if jax.process_index() == 0:
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f'{src}.corrupt{n}', n + 1
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'radfm_quarantine_{step}')
+    self.manager.reload()
+    return dst
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -128,6 +201,53 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+_JSON_FILES = re.compile(r'(^|/)(_METADATA|_CHECKPOINT_METADATA|metadata|_sharding|'
+                         r'array_metadatas/process_\d+|[^/]+\.json)$')
+
+
+def _broken_json(step_dir: str) -> tuple[str, str] | None:
+  """(path, error) of the first JSON file of a step folder that does not parse: the metadata
+  Orbax writes, the config and the data iterator's state (JsonSave `data/metadata`, grain's
+  `data/process_*.json`), whose own errors name no file."""
+  for root, dirs, files in os.walk(step_dir):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      if not _JSON_FILES.search(os.path.relpath(path, step_dir)):
+        continue
+      try:
+        with open(path) as f:
+          json.load(f)
+      except (ValueError, UnicodeDecodeError) as e:
+        return path, ' '.join(str(e).split())
+  return None
+
+
+def describe_failure(step_dir: str, step: int | None, error: BaseException) -> str:
+  """One line: which file of the step failed and why. A JSON file that does not parse is named
+  from the folder itself; otherwise the first message in the exception chain that names a path
+  (TensorStore's do: the OCDBT file and the array key); otherwise the step folder. `step` None:
+  a parameter-only checkpoint (`step_dir` is its folder)."""
+  broken = _broken_json(step_dir)
+  if broken is not None:
+    path, reason = broken
+    return f'{_name(step)}: {path}: does not parse ({reason})'
+  chain, e = [], error
+  while e is not None and len(chain) < 8:
+    chain.append(' '.join(str(e).split()))
+    e = e.__cause__ or e.__context__
+  named = [m for m in chain if step_dir in m or 'local file' in m]
+  reason = named[-1] if named else f'{type(error).__name__}: {chain[0]}'
+  reason = reason.split(' [tensorstore_spec')[0]        # the spec dump adds nothing to read
+  # paths inside the step folder relative to it (the line names the folder once), then bounded
+  reason = reason.replace(step_dir.rstrip('/') + '/', '')[:500]
+  return f'{_name(step)}: {step_dir}: does not restore ({reason})'
+
+
+def _name(step: int | None) -> str:
+  return 'checkpoint' if step is None else f'checkpoint step {step}'
 
 
 def read_step_config(directory: str, step: int | None = None) -> dict:
@@ -139,4 +259,4 @@ def read_step_config(directory: str, step: int | None = None) -> dict:
   return out['config']
 
 
-__all__ = ['Checkpointer', 'read_step_config']
+__all__ = ['CheckpointRestoreError', 'Checkpointer', 'describe_failure', 'read_step_config']

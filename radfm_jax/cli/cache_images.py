@@ -11,7 +11,8 @@ EXAMPLE = """\
 radfm-jax cache-images --checkpoint run --data store/
 # the whole flow: a frozen, dropout-free vision tower; step 0 saved; cached; then trained on tokens
 radfm-jax train --config configs/radfm.py:model=small --config.train.freeze="['vision_tower']" \\
-    --config.model.vision.dropout=0.0 --config.data.store=store/ --workdir run --max-steps 0
+    --config.model.vision.dropout=0.0 --config.data.store=store/ \\
+    --config.data.tokenizer=tokenizer.model --workdir run --max-steps 0
 radfm-jax cache-images --checkpoint run --data store/
 radfm-jax train ... --workdir run --config.data.image_cache=True     # reads tokens, no ViT"""
 

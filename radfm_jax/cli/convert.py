@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -31,6 +32,10 @@ def _common(p, config_help: str):
                  help='parameter dtype of the output (default: the config param_dtype)')
   p.add_argument('--llama-heads', type=int, default=None,
                  help='LLaMA head count (not recoverable from tensor shapes)')
+  p.add_argument('--cast', action='store_true',
+                 help='also accept tensors that are not float16/bfloat16/float32/float64 (int, '
+                 'bool, complex), cast to the parameter dtype; every value is checked either way '
+                 '(beyond the dtype range or an imaginary part is an error naming the key)')
   flags.add_config_arguments(p, required=False, help=config_help, sections=('model',),
                              note='Only the model section is used.')
 
@@ -52,7 +57,8 @@ def add_parser(sub):
   d = _direction(directions, 'to-torch', 'Orbax checkpoint -> official state dict',
                  'radfm-jax convert to-torch --checkpoint ckpt/ --out model.safetensors')
   d.add_argument('--checkpoint', required=True, help='converted or trained checkpoint directory')
-  d.add_argument('--out', required=True, help='.bin (torch.save) or .safetensors file')
+  d.add_argument('--out', required=True,
+                 help='.bin (torch.save) or .safetensors file (its folder is created)')
   d.add_argument('--no-alias', action='store_true',
                  help='omit embedding_layer.weight (a duplicate of the LLaMA input embedding)')
 
@@ -77,15 +83,21 @@ def _model_config(args):
 def run(args: argparse.Namespace) -> int:
   from radfm_jax.checkpoint import tree
   from radfm_jax.convert import api
+  from radfm_jax.errors import InputError
+  flag, source = (('--hf', args.hf) if args.direction == 'from-hf-llama'
+                  else ('--checkpoint', args.checkpoint))
+  if not os.path.exists(source):
+    raise InputError(f'{flag} {source}: no such file or directory')
   tree.limit_malloc_arenas()   # before TensorStore starts its threads
   start = time.time()
   if args.direction == 'from-torch':
     cfg = api.from_torch(args.checkpoint, args.out, _model_config(args), dtype=args.dtype,
-                         llama_heads=args.llama_heads)
+                         llama_heads=args.llama_heads, cast=args.cast)
   elif args.direction == 'from-hf-llama':
     cfg = api.from_hf_llama(args.hf, args.out, _model_config(args), dtype=args.dtype,
-                            llama_heads=args.llama_heads, seed=args.seed)
+                            llama_heads=args.llama_heads, seed=args.seed, cast=args.cast)
   else:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     keys = api.to_torch(args.checkpoint, args.out, include_alias=not args.no_alias)
     print(f'wrote {len(keys)} tensors to {args.out} in {time.time() - start:.1f}s')
     return 0

@@ -36,6 +36,8 @@ def add_parser(sub):
 
 def run(args) -> int:
   from radfm_jax.demo import report_text, run_demo
+  from radfm_jax.train import compile_cache
+  compile_cache.enable()        # before the first compile ($RADFM_COMPILATION_CACHE=off: none)
   summary = run_demo(args.out, config=args.config, overrides=args.overrides, steps=args.steps,
                      time_budget=args.time_budget, quick=args.quick, seed=args.seed,
                      rebuild=args.rebuild, resume=args.resume, progress=not args.no_progress)

@@ -11,7 +11,11 @@ from radfm_jax.cli.generate import add_checkpoint_arguments, load
 
 EXAMPLE = """\
 radfm-jax eval --checkpoint runs/small --data store/ --out eval_out/ --batch-size 4 \\
-    --limit 100 --entities none --config.generate.max_new_tokens=64"""
+    --limit 100 --entities none --config.generate.max_new_tokens=64
+radfm-jax eval --checkpoint runs/small --data samples.jsonl --split heldout --out eval_out/"""
+
+SPLIT_ALL = 'all'
+DEFAULT_SPLIT = 'eval'    # the split training's periodic eval reads (train/loop.py make_data)
 
 
 def add_parser(sub):
@@ -20,8 +24,15 @@ def add_parser(sub):
       description='Generates an answer for every sample of a VolumeStore or manifest JSONL and '
       'writes OUT/predictions.jsonl and OUT/summary.json (closed-ended accuracy, BLEU, ROUGE, '
       'token F1, entity precision / recall when an extractor is available; overall and per '
-      'task). Decoding follows the config generate section.', example=EXAMPLE)
+      'task). Decoding follows the config generate section. Only one split is scored (--split). '
+      'A sample whose scan cannot be read is skipped and counted (summary.json "skipped", '
+      '"skipped_samples"), as in training; with data.drop_unreadable=False in the training run '
+      'it is an error; exit code 1 when every sample is skipped.', example=EXAMPLE)
   p.add_argument('--data', required=True, help='VolumeStore directory or manifest JSONL')
+  p.add_argument('--split', default=DEFAULT_SPLIT,
+                 help="the manifest rows whose `split` field is this (a row without one is "
+                      f"'train'); the default is the split training evaluates on; "
+                      f"'{SPLIT_ALL}' scores every row (default: {DEFAULT_SPLIT})")
   p.add_argument('--out', required=True, help='folder for predictions.jsonl, summary.json')
   p.add_argument('--limit', type=int, default=None, help='first N samples only (default: all)')
   p.add_argument('--entities', default='auto',
@@ -33,9 +44,11 @@ def add_parser(sub):
 
 def run(args) -> int:
   from radfm_jax.eval import entities, harness
+  from radfm_jax.errors import UserError
   if args.batch_size < 1:
-    print('radfm-jax eval: --batch-size must be >= 1', file=sys.stderr)
-    return 2
+    raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
+  if args.limit is not None and args.limit < 1:
+    raise UserError(f'--limit {args.limit}: expected a number of samples >= 1 (or no --limit)')
   try:
     extractor, reason = entities.get_extractor(args.entities)
   except entities.ExtractorUnavailable as e:
@@ -43,7 +56,8 @@ def run(args) -> int:
     return 2
   if extractor is None and args.entities != 'none':
     print(f'radfm-jax eval: UMLS entity metrics not computed: {reason}', file=sys.stderr)
-  samples = harness.load_samples(args.data, args.limit)
+  split = None if args.split == SPLIT_ALL else args.split
+  samples = harness.load_samples(args.data, args.limit, split)
   if not samples:
     print(f'radfm-jax eval: no samples in {args.data}', file=sys.stderr)
     return 2
@@ -51,9 +65,17 @@ def run(args) -> int:
   summary = harness.evaluate(model, tokenizer, samples, sampling=sampling, data_cfg=data_cfg,
                              batch_size=args.batch_size, seed=args.seed, extractor=extractor,
                              extractor_reason=reason, out_dir=args.out,
+                             progress=not args.no_progress,
                              info={'checkpoint': os.path.abspath(args.checkpoint),
-                                   'data': os.path.abspath(args.data)})
+                                   'data': os.path.abspath(args.data), 'split': args.split})
+  if summary['skipped']:
+    print(f'radfm-jax eval: skipped {summary["skipped"]} of {len(samples)} samples with an '
+          f'unreadable scan (listed in {os.path.join(args.out, "summary.json")})',
+          file=sys.stderr)
+  if summary['skipped'] == len(samples):
+    return 1
   o = summary['overall']
-  print(json.dumps({k: o[k] for k in ('n', 'closed_accuracy', 'bleu4', 'rougeL', 'token_f1')}),
-        file=sys.stderr)
+  print(json.dumps({'split': args.split, 'skipped': summary['skipped'],
+                    **{k: o[k] for k in ('n', 'closed_accuracy', 'bleu4', 'rougeL',
+                                         'token_f1')}}), file=sys.stderr)
   return 0

@@ -32,9 +32,10 @@ def add_checkpoint_arguments(p):
   p.add_argument('--batch-size', type=int, default=1,
                  help='prompts per batch (batches are padded to it: one compiled program)')
   p.add_argument('--seed', type=int, default=0, help='sampling seed (temperature > 0)')
+  p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar on stderr')
   p.add_argument('--intensity', default=None,
-                 help='intensity policy: radfm | ct_window | ct_windows3 | percentile '
-                      "(default: the training run's, else radfm)")
+                 choices=('radfm', 'ct_window', 'ct_windows3', 'percentile'),
+                 help="intensity policy (default: the training run's, else radfm)")
   flags.add_config_arguments(p, required=False, sections=('generate',), note=GENERATE_NOTE,
                              help='config whose generate section is used (default: see below)')
 
@@ -59,11 +60,25 @@ def add_parser(sub):
 
 def load(args):
   """(model, tokenizer, data config, GenerateConfig) from the shared flags."""
+  import os
+
   from radfm_jax import api
+  from radfm_jax.errors import InputError
   from radfm_jax.infer.settings import generate_config
+  if not os.path.exists(args.checkpoint):
+    raise InputError(f'--checkpoint {args.checkpoint}: no such checkpoint directory')
+  from radfm_jax.train import compile_cache
+  compile_cache.enable()        # before the first compile ($RADFM_COMPILATION_CACHE=off: none)
   sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
-  model, tokenizer, data_cfg = api.load_for_generation(
-      args.checkpoint, args.tokenizer, step=args.step, intensity=args.intensity)
+  if args.tokenizer and not os.path.isfile(args.tokenizer):
+    raise InputError(f'--tokenizer {args.tokenizer}: no such file')
+  try:       # no tokenizer given or found: load_for_generation names --tokenizer
+    model, tokenizer, data_cfg = api.load_for_generation(
+        args.checkpoint, args.tokenizer, step=args.step, intensity=args.intensity)
+  except InputError:
+    raise                                          # names its file already
+  except (FileNotFoundError, ValueError) as e:   # no such step, missing files, wrong tokenizer
+    raise InputError(f'--checkpoint {args.checkpoint}: {e}') from e
   if getattr(args, 'quantize', None):
     from radfm_jax.infer.quantize import quantize
     model = quantize(model, args.quantize)
@@ -76,23 +91,29 @@ def run(args) -> int:
           file=sys.stderr)
     return 2
   if args.batch_size < 1:
-    print('radfm-jax generate: --batch-size must be >= 1', file=sys.stderr)
-    return 2
+    from radfm_jax.errors import UserError
+    raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
   mods = args.modality or [''] * len(args.image)
   if len(mods) != len(args.image):
     print(f'radfm-jax generate: {len(mods)} --modality for {len(args.image)} --image',
           file=sys.stderr)
     return 2
-  from radfm_jax.infer.prompt_files import generate_items, read_prompts
+  from radfm_jax.infer.prompt_files import check_paths, generate_items, make_item, read_prompts
   if args.prompt is not None:
-    items = [{'id': '0', 'prompt': args.prompt, 'paths': list(args.image), 'modalities': mods}]
+    items = [make_item('0', args.prompt, args.image, mods, '--prompt',
+                       [f'--image #{i + 1}' for i in range(len(args.image))])]
   else:
     items = read_prompts(args.input)
+  check_paths(items)             # before the model is loaded
   model, tokenizer, data_cfg, sampling = load(args)
+  if args.output:
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
   out = open(args.output, 'w') if args.output else sys.stdout
   try:
     for it, text, row in generate_items(model, tokenizer, data_cfg, items, sampling,
-                                        args.batch_size, args.seed):
+                                        args.batch_size, args.seed,
+                                        progress=not args.no_progress):
       if args.input is None:
         print(text, file=out)
       else:

@@ -2,28 +2,62 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 
 from radfm_jax.cli import flags
 
 EXAMPLE = """\
 radfm-jax ingest --manifest samples.jsonl --out store/ --workers 8
-# each line: {"id": ..., "question": ..., "answer": ..., "images": [{"path": "scan.nii.gz"}]}"""
+# a line of samples.jsonl:
+# {"id": "s1", "question": "Is there a lesion?", "answer": "Yes.",
+#  "images": [{"path": "scans/ct1.nii.gz", "modality": "CT", "position": {"question": 0}}]}
+radfm-jax ingest --manifest more.jsonl --out store/        # extends store/ (same ids: same content)"""
+
+_UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
+
+
+def byte_size(text: str) -> int:
+  """'2G', '512M', '1.5G', '4096' -> bytes (binary units; a trailing 'B'/'iB' is allowed)."""
+  m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*', text, re.IGNORECASE)
+  if not m or float(m.group(1)) <= 0:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a positive size such as 2G, 512M or '
+                                     '1048576')
+  return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def add_parser(sub):
+  from radfm_jax.data.manifest import schema_help
   p = flags.add_command(
       sub, 'ingest', help='read scans (NIfTI, DICOM, PNG/JPEG, .npy) into a VolumeStore',
       description='Reads every scan of a samples manifest (NIfTI, DICOM series, PNG/JPEG, .npy) '
-      'into a VolumeStore (Zarr volumes + manifest.jsonl); unreadable inputs go to rejects.jsonl. '
-      'Exit code 1 with --strict when anything was rejected.', example=EXAMPLE)
-  p.add_argument('--manifest', required=True, help='input samples JSONL')
+      'into a VolumeStore (Zarr volumes + manifest.jsonl); unreadable inputs go to rejects.jsonl, '
+      'recorded repairs (spacing) to warnings.jsonl. The store is extended, never replaced: the '
+      'samples are merged into its manifest, scans whose files are unchanged (sha256) are '
+      'skipped, changed files are read again. One ingest writes a store at a time (a second one '
+      'waits for the lock). A missing manifest, duplicate sample ids, a scan id naming two files '
+      'or a sample id the store holds with other content stop before anything is written (exit '
+      '2). Exit code 1 with --strict when anything was rejected.', example=EXAMPLE)
+  p.add_argument('--manifest', required=True, help='input samples JSONL (fields below)')
+  p.epilog += '\n\n' + schema_help()
   p.add_argument('--out', required=True, help='store directory to create or extend')
   p.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected')
+  p.add_argument('--replace', action='store_true',
+                 help='a sample id (or scan id) the store holds with other content is replaced '
+                 'instead of being an error')
   p.add_argument('--root', default=None, help='base folder for relative image paths '
                  '(default: the manifest folder)')
   p.add_argument('--batch-size', type=int, default=16, help='scans per write transaction')
   p.add_argument('--workers', type=int, default=None, help='reader threads (default: automatic)')
+  p.add_argument('--max-scan-bytes', type=byte_size, default='2G', metavar='SIZE',
+                 help='largest decoded scan (e.g. 512M, 4G); checked from the header before '
+                 'anything is allocated, and a compressed file cannot claim more than DEFLATE '
+                 'can expand (default: 2G)')
+  p.add_argument('--lock-timeout', type=float, default=None, metavar='SECONDS',
+                 help='give up after waiting this long for another ingest into the same store '
+                 '(default: wait until it ends)')
+  p.add_argument('--no-progress', action='store_true', help='no progress bar')
   return p
 
 
@@ -31,7 +65,9 @@ def run(args) -> int:
   from radfm_jax.data.ingest import IngestError, ingest
   try:
     ingest(args.manifest, args.out, strict=args.strict, root=args.root,
-           batch_size=args.batch_size, workers=args.workers)
+           batch_size=args.batch_size, workers=args.workers, replace=args.replace,
+           max_scan_bytes=args.max_scan_bytes, progress=not args.no_progress,
+           lock_timeout=args.lock_timeout)
   except IngestError as e:
     print(f'radfm-jax ingest: {e}', file=sys.stderr)
     return 1

@@ -15,13 +15,24 @@ import sys
 
 from radfm_jax.cli import flags
 
-COMMANDS = ('ingest', 'publish', 'train', 'cache-images', 'generate', 'eval', 'convert', 'aot',
-            'demo')
+COMMANDS = ('ingest', 'tokenizer', 'publish', 'train', 'cache-images', 'generate', 'eval', 'convert',
+            'aot', 'demo')
+
+
+class _TopFormatter(argparse.HelpFormatter):
+  """argparse measures the command names at the subparsers' indent but prints them 2 columns
+  further in, so a name of 9+ letters ('tokenizer', 'cache-images') would push its help to the next line."""
+
+  def add_argument(self, action):
+    super().add_argument(action)
+    if isinstance(action, argparse._SubParsersAction):
+      self._action_max_length += 2
 
 
 def build_parser() -> argparse.ArgumentParser:
   import radfm_jax
-  parser = argparse.ArgumentParser(prog='radfm-jax', description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog='radfm-jax', description=__doc__.splitlines()[0],
+                                   formatter_class=_TopFormatter)
   parser.add_argument('--version', action='version', version=f'%(prog)s {radfm_jax.__version__}')
   parser.add_argument('--verbose', action='store_true',
                       help='print the traceback of a bad-input error (default: one line)')

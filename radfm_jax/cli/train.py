@@ -10,40 +10,70 @@ from radfm_jax.cli import flags
 
 EXAMPLE = """\
 radfm-jax train --config configs/radfm.py:model=small,mesh=cpu --workdir runs/small \\
-    --config.train.steps=2000 --config.data.store=store/ --config.data.tokenizer=tokenizer.model"""
+    --config.train.steps=2000 --config.data.store=store/ --config.data.tokenizer=tokenizer.model
+radfm-jax train --config radfm:model=tiny --workdir /tmp/smoke --config.data.store=synthetic \\
+    --config.train.steps=20           # random batches: a smoke test / throughput run
+# the metrics in TensorBoard (pip install "radfm-jax[tensorboard]"):
+tensorboard --logdir runs/small/tensorboard"""
+
+DESCRIPTION = (
+    'Trains (or resumes from the latest checkpoint in --workdir) until train.steps. Data: '
+    'data.store names the VolumeStore written by `radfm-jax ingest` (with data.tokenizer), or is '
+    '"synthetic" for random batches; it has no default. Writes in --workdir: checkpoints/ (with '
+    'config.json: the run\'s config, absolute paths), tokenizer.model (a copy, so `generate` / '
+    '`eval --checkpoint WORKDIR` work from anywhere), metrics.jsonl, tensorboard/ (view with '
+    '`tensorboard --logdir WORKDIR/tensorboard` after `pip install "radfm-jax[tensorboard]"`) '
+    'and loss_curve.png; prints a start-up summary, a line per compiled batch shape and a '
+    'progress bar on stderr and one JSON summary line on stdout. Resuming needs the same config '
+    'except train.steps, logging / eval / checkpoint cadence, data paths, the mesh and the '
+    'generate section. Compiled programs are kept in a persistent cache '
+    '($RADFM_COMPILATION_CACHE: a folder, or "off"; default $XDG_CACHE_HOME/radfm-jax/jax or '
+    '~/.cache/radfm-jax/jax), so a rerun or a resume compiles nothing twice. Exit codes: 0 done '
+    'or preempted (SIGTERM: checkpoint saved, status "preempted"); 130 Ctrl-C (checkpoint saved, '
+    'status "interrupted"; a second Ctrl-C stops without saving); 2 a bad flag or config value; '
+    '3 a non-finite loss (the last good checkpoint stays intact).')
 
 
 def add_parser(sub):
   p = flags.add_command(
       sub, 'train', help='train or fine-tune from a config',
-      description='Trains (or resumes from the latest checkpoint in --workdir) until train.steps. '
-      'Writes checkpoints/, config.json, metrics.jsonl and tensorboard/ in --workdir and prints '
-      'one JSON summary line. SIGTERM / SIGINT save a checkpoint and exit 0; a non-finite loss '
-      'exits 3 (the last good checkpoint stays intact).', example=EXAMPLE)
+      description=DESCRIPTION, example=EXAMPLE)
   p.add_argument('--workdir', required=True, help='checkpoints, metrics and config go here')
   p.add_argument('--max-steps', type=int, default=None,
                  help='stop after this many optimizer steps in total (default: train.steps)')
-  p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
+  p.add_argument('--no-progress', action='store_true',
+                 help='no progress bar (it is shown only when stderr is a terminal)')
+  p.add_argument('--no-fallback', action='store_true',
+                 help='if the latest checkpoint does not restore, stop with its file and reason '
+                 '(exit 2) instead of resuming from the newest intact one')
   flags.add_config_arguments(p, required=True, help='experiment config, e.g. '
                              'configs/radfm.py:model=<size>,mesh=<preset>')
   return p
 
 
 def run(args) -> int:
-  from radfm_jax.config import load_config
+  from radfm_jax.config import SYNTHETIC_STORE, check_batch_axes, check_data_store, load_config
   cfg = load_config(args.config, args.overrides)     # a bad value fails before JAX starts
+  check_data_store(cfg)
   from radfm_jax import launch
+  from radfm_jax.train import compile_cache
   launch.initialize()
+  compile_cache.enable()                              # before the first compile
   import jax
+  # Before the model is built: the synthetic source batches data.batch_size_2d only.
+  check_batch_axes(cfg, jax.device_count(), jax.process_count(),
+                   ('2d',) if cfg.data.store == SYNTHETIC_STORE else ('2d', '3d'))
 
   from radfm_jax.train.loop import NonFiniteLossError, train
   try:
-    result = train(cfg, args.workdir, max_steps=args.max_steps, progress=not args.no_progress)
+    result = train(cfg, args.workdir, max_steps=args.max_steps, progress=not args.no_progress,
+                   fallback=not args.no_fallback)
   except NonFiniteLossError as e:
     print(f'radfm-jax train: {e}', file=sys.stderr)
     return 3
   if jax.process_index() == 0:
     last = result.losses[max(result.losses)] if result.losses else math.nan
     print(json.dumps({'status': result.status, 'step': result.step, 'last_loss': last,
-                      'checkpoint': result.last_checkpoint}))
-  return 0
+                      'checkpoint': result.last_checkpoint,
+                      'compilation_cache': compile_cache.counts()}), flush=True)
+  return 130 if result.status == 'interrupted' else 0

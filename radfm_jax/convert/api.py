@@ -26,6 +26,7 @@ import numpy as np
 
 from radfm_jax.checkpoint import params as params_ckpt
 from radfm_jax.checkpoint import tree
+from radfm_jax.casting import checked_cast
 from radfm_jax.checkpoint.read import LeafReader
 from radfm_jax.config import ModelConfig
 from radfm_jax.convert import engine, infer, keymap
@@ -54,12 +55,15 @@ def _with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
 
 
 def from_torch(checkpoint: str, out: str, cfg: ModelConfig | None = None, *, dtype: str | None = None,
-               llama_heads: int | None = None,
+               llama_heads: int | None = None, cast: bool = False,
                block_bytes: int = engine.BLOCK_BYTES) -> ModelConfig:
   """Official RadFM `pytorch_model.bin` / `.safetensors` -> Orbax checkpoint in `out`.
 
-  Sizes are inferred from the checkpoint (see `infer`); a given `cfg` must agree with them. Keys are
-  checked before anything is written (dead-branch keys skipped, anything else unknown is an error).
+  Sizes are inferred from the checkpoint (see `infer`); a given `cfg` must agree with them. Keys,
+  shapes, dtypes and shared bytes are checked before anything is written (dead-branch keys
+  skipped, anything else unknown is an error; a tensor that is not float16 / bfloat16 / float32 /
+  float64 is refused unless `cast`). Every value is checked as it is cast to the parameter dtype:
+  one beyond its range is an `InputError` naming the key, and nothing is left in `out`.
   Tensors move in slabs of about `block_bytes`.
   """
   reader = engine.open_reader(checkpoint)
@@ -69,25 +73,27 @@ def from_torch(checkpoint: str, out: str, cfg: ModelConfig | None = None, *, dty
   table = keymap.radfm_table()
   _check_coverage(table, leaves)
   layers = engine.stacked_layers(table, shapes)
-  engine.check_keys(table, reader, shapes, layers, skip=keymap.RADFM_SKIP, note=checkpoint)
+  engine.check_keys(table, reader, shapes, layers, skip=keymap.RADFM_SKIP, note=checkpoint,
+                    cast=cast)
   writer = params_ckpt.IncrementalWriter(
       os.path.join(out, params_ckpt.PARAMS_DIR), leaves, stacked=set(layers),
       plans=engine.split_plans(table, shapes, block_bytes))
   dtypes = {p: d for p, (_, d) in leaves.items()}
-  for path, i, region, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes,
-                                                     block_bytes=block_bytes):
-    writer.write(path, i, array, region)
-  writer.close()
+  with writer:
+    for path, i, region, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes,
+                                                       block_bytes=block_bytes):
+      writer.write(path, i, array, region)
   params_ckpt.write_config(out, cfg, converted_from=os.path.abspath(checkpoint), format='official')
   return cfg
 
 
 def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtype: str | None = None,
-                  llama_heads: int | None = None, seed: int = 0) -> ModelConfig:
+                  llama_heads: int | None = None, seed: int = 0, cast: bool = False) -> ModelConfig:
   """HF `LlamaForCausalLM` safetensors shards as the decoder of a new RadFM; the vision towers, fc
   and figure tokens are freshly initialised (as `create_model(cfg, seed=seed)` would make them).
 
-  The decoder sizes come from the shards (+ their config.json); the rest from `cfg`.
+  The decoder sizes come from the shards (+ their config.json); the rest from `cfg`. The same
+  checks as `from_torch` (dtypes, shared bytes, every cast).
   """
   from flax import nnx
 
@@ -103,7 +109,7 @@ def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtyp
   fresh_paths = [p for p in leaves if not p.startswith('llama/')]
   _check_coverage(table, leaves, extra=fresh_paths)
   layers = engine.stacked_layers(table, shapes)
-  engine.check_keys(table, reader, shapes, layers, skip=keymap.LLAMA_SKIP, note=hf_dir)
+  engine.check_keys(table, reader, shapes, layers, skip=keymap.LLAMA_SKIP, note=hf_dir, cast=cast)
   writer = params_ckpt.IncrementalWriter(
       os.path.join(out, params_ckpt.PARAMS_DIR), leaves, stacked=set(layers),
       plans=engine.split_plans(table, shapes))
@@ -113,12 +119,12 @@ def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtyp
   small = dataclasses.replace(cfg, llama=dataclasses.replace(
       cfg.llama, num_layers=1, vocab_size=8, intermediate_size=8))
   fresh = tree.flat_params(nnx.to_pure_dict(nnx.state(create_model(small, seed=seed), nnx.Param)))
-  for path in fresh_paths:
-    writer.write(path, None, np.asarray(fresh[path]).astype(dtypes[path]))
-  del fresh
-  for path, i, region, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes):
-    writer.write(path, i, array, region)
-  writer.close()
+  with writer:
+    for path in fresh_paths:
+      writer.write(path, None, np.asarray(fresh[path]))
+    del fresh
+    for path, i, region, array in engine.torch_to_ours(table, reader, shapes, layers, dtypes):
+      writer.write(path, i, array, region)
   params_ckpt.write_config(out, cfg, converted_from=os.path.abspath(hf_dir), format='hf_llama',
                            fresh_towers_seed=seed)
   return cfg
@@ -151,7 +157,7 @@ def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dt
     for (key, (shape, dtype)), (key2, array) in zip(header.items(), tensors, strict=True):
       if key != key2 or tuple(array.shape) != tuple(shape):
         raise RuntimeError(f'stream out of order: {key2} {array.shape} where {key} {shape} expected')
-      f.write(np.ascontiguousarray(array, dtype).tobytes())
+      f.write(np.ascontiguousarray(checked_cast(array, dtype, f'{path} key {key}')).tobytes())
   os.replace(tmp, path)
 
 
@@ -181,15 +187,12 @@ def _write_torch_bin(path: str, header: dict[str, tuple[tuple[int, ...], np.dtyp
         zip(header.items(), tensors, strict=True)):
       if key != key2 or tuple(array.shape) != tuple(shape):
         raise RuntimeError(f'stream out of order: {key2} {array.shape} where {key} {shape} expected')
-      data = np.ascontiguousarray(array, dtype).tobytes()
+      data = np.ascontiguousarray(checked_cast(array, dtype, f'{path} key {key}')).tobytes()
       record = records[f'data/{number}']
       if record.file_size != len(data) or record.compress_type != zipfile.ZIP_STORED:
         raise RuntimeError(f'{path}: torch.save laid out storage {number} ({key}) as '
                            f'{record.file_size} bytes, {len(data)} expected')
-      f.seek(record.header_offset)
-      local = f.read(30)   # zip local file header: name and extra-field lengths at bytes 26..29
-      name_len, extra_len = struct.unpack('<HH', local[26:30])
-      f.seek(record.header_offset + 30 + name_len + extra_len)
+      f.seek(engine.zip_data_offset(f, record))
       f.write(data)
   os.replace(tmp, path)
 

@@ -432,19 +432,6 @@ def _count(records, key) -> dict:
   return dict(sorted(out.items()))
 
 
-def corpus_lines(records: Iterable[dict]) -> list[str]:
-  """Texts for the demo tokenizer: every question and answer, plus every template wording."""
-  lines = []
-  for r in records:
-    lines += [str(r.get('question', '')), str(r.get('answer', ''))]
-  for task in prompts.TASKS:
-    t = prompts.load_templates(task)
-    for key in ('questions', 'yes_no_questions'):
-      lines += [q.replace('{', '').replace('}', '') for q in t.get(key, [])]
-    lines.append(t.get('description', ''))
-  return [line for line in lines if line.strip()]
-
-
 __all__ = ['BODY_PARTS', 'DemoSizes', 'MODALITIES', 'PhantomLabel', 'REAL_SOURCES', 'RealSource',
-           'available_sources', 'augment_real', 'build_demo_dataset', 'corpus_lines',
+           'available_sources', 'augment_real', 'build_demo_dataset',
            'make_phantom', 'read_source']

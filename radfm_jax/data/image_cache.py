@@ -15,7 +15,8 @@ On disk (keyed by checkpoint identity, then scan):
 
     STORE/image_tokens/<fingerprint>.json   checkpoint, fingerprint, dtype, sizes, the data fields
                                             the image path depends on, and per scan the (H, W, D)
-                                            it was resized to
+                                            it was resized to and the store key of the scan
+                                            version it was made from (`keys`)
     STORE/image_tokens/<fingerprint>/       OCDBT kvstore; scan <id> is the zarr3 array
                                             `tokens/<id>/` [num_latents, embed]
 
@@ -29,7 +30,9 @@ is deterministic. That means (1) no randomness in the vision forward: `model.vis
 (config validation refuses `data.image_cache` otherwise; no random augmentation exists in the
 pipeline, and any future augmentation field must join `config.IMAGE_CACHE_DETERMINISTIC`),
 (2) the same preparation: the data fields in `PREP_FIELDS` equal the cache's (checked at open),
-each scan resized to the same (H, W, D) (checked per read), and every sample preparing a scan the
+each scan resized to the same (H, W, D) and still the version the tokens were made from (a
+re-ingested, changed scan has a new store key: data/store.py; both checked per read), and every
+sample preparing a scan the
 same way (checked while caching: `radfm` intensity scales a sample's images together, so a scan
 shared by samples with different companions cannot be cached); (3) bit-exactness also needs the
 encoder run on the training step's per-device shapes: `train.image_cache.cache_images` encodes in
@@ -182,9 +185,11 @@ class ImageTokenCache:
 
   # ---------------------------------------------------------------------------------------------
 
-  def write(self, items: dict[str, tuple[np.ndarray, tuple[int, int, int]]]):
+  def write(self, items: dict[str, tuple[np.ndarray, tuple[int, int, int]]],
+            keys: dict[str, str] | None = None):
     """{scan id: (tokens [num_latents, embed], resized (H, W, D))} in one transaction, then the
-    metadata (written last, atomically: a crash leaves the previous metadata)."""
+    metadata (written last, atomically: a crash leaves the previous metadata). `keys`: {scan id:
+    the store key (VolumeStore.key) of the scan version the tokens were made from}."""
     if not items:
       return
     os.makedirs(self.directory, exist_ok=True)
@@ -202,14 +207,17 @@ class ImageTokenCache:
     txn.commit_async().result()
     for scan_id, (_, hwd) in items.items():
       self.meta['scans'][scan_id] = [int(v) for v in hwd]
+      if keys is not None:
+        self.meta.setdefault('keys', {})[scan_id] = keys[scan_id]
     path = self.meta_path(self.root, self.fingerprint)
     with open(path + '.tmp', 'w') as f:
       json.dump(self.meta, f)
     os.replace(path + '.tmp', path)
 
-  def read(self, scan_id: str, hwd=None) -> np.ndarray:
+  def read(self, scan_id: str, hwd=None, key: str | None = None) -> np.ndarray:
     """[num_latents, embed] tokens of `scan_id`; `hwd`, when given, must be the (H, W, D) the scan
-    was cached at (InputError otherwise, as for a scan not in the cache)."""
+    was cached at, and `key` the store key of the version it was cached from (InputError
+    otherwise, as for a scan not in the cache)."""
     cached = self.meta['scans'].get(scan_id)
     where = self.meta_path(self.root, self.fingerprint)
     if cached is None:
@@ -218,6 +226,11 @@ class ImageTokenCache:
     if hwd is not None and list(cached) != [int(v) for v in hwd]:
       raise InputError(f'{where}: scan {scan_id!r} was cached resized to {cached}, this batch '
                        f'resizes it to {[int(v) for v in hwd]}')
+    made_from = self.meta.get('keys', {}).get(scan_id)
+    if key is not None and made_from != key:
+      raise InputError(f'{where}: scan {scan_id!r} changed in the store since its image tokens '
+                       f'were cached (store key {key}, cached from {made_from}); run '
+                       f'`radfm-jax cache-images` again')
     return ts.open(_spec(self.kvstore, scan_id), open=True,
                    context=self._context()).result().read().result()
 

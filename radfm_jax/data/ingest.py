@@ -1,9 +1,10 @@
-"""`radfm-jax ingest`: scans (NIfTI, DICOM, PNG/JPEG, .npy) + a sample manifest -> a VolumeStore.
+"""`radfm-jax ingest`: scans (readers.py) + a sample manifest -> a VolumeStore (store.py).
 
-    radfm-jax ingest --manifest samples.jsonl --out STORE [--strict]
+    radfm-jax ingest --manifest samples.jsonl --out STORE [--strict] [--replace]
     report = ingest('samples.jsonl', 'STORE')            # or a list of record dicts
 
-Input manifest (JSONL, one training sample per line):
+Input manifest (JSONL, one training sample per line; every field: docs/data.md and
+data/manifest.py, which validates each line before anything is read):
 
     {"id": "s1", "task": "vqa", "question": "What is shown?", "answer": "A nodule.",
      "images": [{"path": "ct/case1.nii.gz", "position": {"question": 0}, "modality": "CT"}]}
@@ -13,20 +14,23 @@ optional `id` (scan id; default a hash of path/frame/index), `modality`, `frame`
 a 4D NIfTI), `index` (which image of a 5D RadFM case .npy [S, C, H, W, D]; without it all S
 images are used, each at the entry's position). Other sample keys pass through unchanged.
 
-Reading rules (stored layout [C, H, W, D], see store.py):
-  * NIfTI: reoriented to RAS with `nib.as_closest_canonical`; 4D: trailing singleton axes are
-    squeezed, a real time/echo axis needs `frame`, otherwise the scan is rejected (no silent
-    averaging or first-frame pick). Rank > 4 after squeezing is rejected.
-  * DICOM: a file or a folder holding one series; slices are sorted by position along the slice
-    normal (ImagePositionPatient), else InstanceNumber; RescaleSlope/Intercept applied (stored
-    int16 when the result is integral and fits, e.g. CT HU); volumes with orientation tags are
-    reoriented LPS -> RAS like NIfTI; a file without them (X-ray) is a 2D image.
-  * PNG/JPEG: Pillow; grayscale stays 1 channel (16-bit kept), everything else becomes RGB.
-  * .npy: [H, W] / [H, W, D] / [C, H, W, D] (C in 1, 3) / [S, C, H, W, D]; other ranks rejected.
-A scan is rejected (path, reason -> rejects.jsonl and stderr) when it cannot be read, has a
-wrong rank, is empty, holds any NaN/inf, or is constant. A sample with any rejected image is left
-out of the output manifest (its text may refer to the missing image). Nothing of a rejected scan
-reaches the store: arrays are validated in memory before the write transaction.
+The store is a database (store.py holds its guarantees). Ingest takes the store's lock (a second
+ingest waits, saying so) and merges:
+  * Before anything is touched: a manifest that does not exist, two samples with one id, or one
+    scan id naming two files are errors naming both lines; a sample id already in the store with
+    other content (text fields, or its images' scan ids / positions) is an error unless
+    `replace`; so is a scan id the store holds for another file.
+  * A scan is identified by its id and its content (sha256 of the file, or of a DICOM folder's
+    files, kept as the `source_sha256` attribute): a stored scan whose file is unchanged is
+    skipped, a changed file is read again and its new version replaces the old one in the index
+    (the samples naming it get its new shape).
+  * The new samples extend STORE/manifest.jsonl (same id and content: kept once; `replace`:
+    replaced in place); rejects.jsonl and warnings.jsonl describe this run.
+Rejected scans (readers.py says when) go to rejects.jsonl and stderr with path and reason; a
+sample with any rejected image is left out of the manifest. One bad scan never stops the run: a
+batch the store refuses is written again scan by scan and only the failing scan is rejected.
+Readers run in `workers` threads, `batch_size` scans at a time, so peak memory is about
+min(workers, batch_size) x max_scan_bytes at worst.
 """
 
 from __future__ import annotations
@@ -37,239 +41,35 @@ import hashlib
 import json
 import os
 import sys
-from typing import Iterable
+from typing import Callable, Iterable
 
-import numpy as np
-
-from radfm_jax.data.store import VolumeStore, write_jsonl, read_jsonl
+from radfm_jax.data.readers import (DEFAULT_MAX_SCAN_BYTES, RejectedScan, read_scan,
+                                    source_digest)
+from radfm_jax.data.store import VolumeStore, kill_point, write_jsonl
+from radfm_jax.errors import InputError, where
 
 
 class IngestError(RuntimeError):
   """Raised by `ingest(..., strict=True)` when any input was rejected."""
 
 
-class RejectedScan(ValueError):
-  """An input that cannot become a stored scan; the message is the reason."""
-
-
 @dataclasses.dataclass
 class IngestReport:
   stored: list[str] = dataclasses.field(default_factory=list)     # scan ids written this run
+  updated: list[str] = dataclasses.field(default_factory=list)    # of those: new content, old id
   skipped: list[str] = dataclasses.field(default_factory=list)    # already in the store
   rejects: list[dict] = dataclasses.field(default_factory=list)   # {'path', 'reason', ...}
-  samples: int = 0                                                # manifest records written
+  warnings: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'warning', ...}
+  samples: int = 0                                                # samples of this manifest kept
   dropped_samples: int = 0
+  replaced_samples: int = 0                                       # with `replace`
+  manifest_rows: int = 0                                          # rows in the store manifest
 
   def summary(self) -> str:
-    return (f'{len(self.stored)} scans stored, {len(self.skipped)} already stored, '
-            f'{len(self.rejects)} rejected; {self.samples} samples in manifest, '
-            f'{self.dropped_samples} dropped')
-
-
-# ------------------------------------------------------------------------------------------------
-# Readers: path -> list of (array [C, H, W, D], attributes)
-
-
-def _validate(array: np.ndarray) -> np.ndarray:
-  if array.ndim != 4:
-    raise RejectedScan(f'wrong rank: shape {array.shape}')
-  if array.size == 0:
-    raise RejectedScan(f'empty array: shape {array.shape}')
-  if array.dtype.kind == 'f':
-    finite = np.isfinite(array)
-    if not finite.any():
-      raise RejectedScan('all values are NaN/inf')
-    if not finite.all():
-      raise RejectedScan(f'{int((~finite).sum())} NaN/inf values')
-  elif array.dtype.kind not in 'iub':
-    raise RejectedScan(f'unsupported dtype {array.dtype}')
-  if array.min() == array.max():
-    raise RejectedScan(f'constant volume (every value {array.flat[0]!r})')
-  return array
-
-
-def read_nifti(path: str, frame: int | None = None) -> tuple[np.ndarray, dict]:
-  import nibabel as nib
-  try:
-    img = nib.load(path)
-  except Exception as e:  # nibabel raises many types for non-NIfTI content
-    raise RejectedScan(f'not a readable NIfTI: {type(e).__name__}: {e}') from e
-  source_axcodes = ''.join(nib.orientations.aff2axcodes(img.affine))
-  img = nib.as_closest_canonical(img)
-  try:
-    data = np.asanyarray(img.dataobj)
-  except Exception as e:  # truncated gzip: EOFError / zlib.error; short file: OSError
-    raise RejectedScan(f'cannot read voxel data: {type(e).__name__}: {e}') from e
-  source_dtype = str(img.get_data_dtype())
-  zooms = [float(z) for z in img.header.get_zooms()[:3]]
-  while data.ndim > 3 and data.shape[-1] == 1:
-    data = data[..., 0]
-  if data.ndim == 4:
-    if frame is None:
-      raise RejectedScan(f'4D volume with {data.shape[3]} frames; set "frame" to pick one')
-    if not 0 <= frame < data.shape[3]:
-      raise RejectedScan(f'frame {frame} outside 0..{data.shape[3] - 1}')
-    data = data[..., frame]
-  if data.ndim == 2:
-    data = data[:, :, None]
-  if data.ndim != 3:
-    raise RejectedScan(f'wrong rank: NIfTI data shape {data.shape}')
-  zooms = (zooms + [1.0] * 3)[:3]
-  attrs = {'spacing': zooms, 'orientation': 'RAS', 'source_orientation': source_axcodes,
-           'source_dtype': source_dtype}
-  return data[None], attrs
-
-
-def _rescale(ds, pixels: np.ndarray) -> np.ndarray:
-  slope = float(getattr(ds, 'RescaleSlope', 1) or 1)
-  intercept = float(getattr(ds, 'RescaleIntercept', 0) or 0)
-  if slope == 1 and intercept == 0:
-    return pixels
-  out = pixels.astype(np.float64) * slope + intercept
-  if slope == int(slope) and intercept == int(intercept):
-    lo, hi = out.min(), out.max()
-    if lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max:
-      return out.astype(np.int16)  # CT: integral HU fit int16 exactly
-  return out.astype(np.float32)
-
-
-def _dicom_to_ras(volume: np.ndarray, slices: list, positions) -> tuple[np.ndarray, list, str]:
-  """[rows, cols, slices] in the DICOM patient frame (LPS) -> RAS axis order, spacing, codes."""
-  import nibabel as nib
-  iop = np.asarray(slices[0].ImageOrientationPatient, float)
-  x_dir, y_dir = iop[:3], iop[3:]     # x_dir: along a row (column index), y_dir: down rows
-  row_sp, col_sp = (float(v) for v in slices[0].PixelSpacing)
-  if len(slices) > 1:
-    step = (np.asarray(positions[-1]) - np.asarray(positions[0])) / (len(slices) - 1)
-  else:
-    step = np.cross(x_dir, y_dir) * float(getattr(slices[0], 'SliceThickness', 1) or 1)
-  affine = np.eye(4)
-  affine[:3, 0], affine[:3, 1], affine[:3, 2] = y_dir * row_sp, x_dir * col_sp, step
-  affine[:2] *= -1                     # LPS -> RAS
-  spacing = [row_sp, col_sp, float(np.linalg.norm(step))]
-  source = ''.join(nib.orientations.aff2axcodes(affine))
-  ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                         nib.orientations.axcodes2ornt('RAS'))
-  out = nib.orientations.apply_orientation(volume, ornt)
-  ras_spacing = [0.0] * 3
-  for axis, (new_axis, _) in enumerate(ornt):
-    ras_spacing[int(new_axis)] = spacing[axis]
-  return np.ascontiguousarray(out), ras_spacing, source
-
-
-def read_dicom(path: str) -> tuple[np.ndarray, dict]:
-  import pydicom
-  files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith('.')]
-           if os.path.isdir(path) else [path])
-  if not files:
-    raise RejectedScan('empty DICOM folder')
-  slices = []
-  for f in files:
-    try:
-      ds = pydicom.dcmread(f)
-      pixels = ds.pixel_array
-    except Exception as e:
-      raise RejectedScan(f'unreadable DICOM {os.path.basename(f)}: {type(e).__name__}: {e}') from e
-    slices.append((ds, pixels))
-  series = {getattr(ds, 'SeriesInstanceUID', None) for ds, _ in slices}
-  if len(series) > 1:
-    raise RejectedScan(f'folder holds {len(series)} series; give one folder per series')
-  ds0, px0 = slices[0]
-  modality = str(getattr(ds0, 'Modality', '') or '')
-  attrs = {'modality': modality, 'source_dtype': str(px0.dtype)}
-  samples_per_pixel = int(getattr(ds0, 'SamplesPerPixel', 1) or 1)
-  if len(slices) == 1 and (samples_per_pixel == 3 or px0.ndim == 3):
-    # Colour image [rows, cols, 3] or a multi-frame volume [frames, rows, cols].
-    if samples_per_pixel == 3:
-      array = np.moveaxis(px0[..., :3] if px0.ndim == 3 else px0[0], -1, 0)[..., None]
-    else:
-      array = np.moveaxis(_rescale(ds0, px0), 0, -1)[None]
-    return array, attrs
-  if any(p.shape != px0.shape or p.ndim != 2 for _, p in slices):
-    raise RejectedScan('slices differ in shape or are not 2D')
-  has_geometry = all(hasattr(ds, 'ImagePositionPatient') and hasattr(ds, 'ImageOrientationPatient')
-                     for ds, _ in slices)
-  if has_geometry:
-    iop = np.asarray(ds0.ImageOrientationPatient, float)
-    normal = np.cross(iop[:3], iop[3:])
-    slices.sort(key=lambda s: float(np.dot(normal, np.asarray(s[0].ImagePositionPatient, float))))
-  else:
-    slices.sort(key=lambda s: int(getattr(s[0], 'InstanceNumber', 0) or 0))
-  volume = np.stack([_rescale(ds, p) for ds, p in slices], axis=-1)   # [rows, cols, slices]
-  if has_geometry and hasattr(ds0, 'PixelSpacing'):
-    positions = [np.asarray(ds.ImagePositionPatient, float) for ds, _ in slices]
-    volume, spacing, source = _dicom_to_ras(volume, [ds for ds, _ in slices], positions)
-    attrs.update(spacing=spacing, orientation='RAS', source_orientation=source)
-  elif hasattr(ds0, 'PixelSpacing'):
-    attrs['spacing'] = [float(v) for v in ds0.PixelSpacing] + [1.0]
-  return volume[None], attrs
-
-
-def read_image(path: str) -> tuple[np.ndarray, dict]:
-  from PIL import Image
-  try:
-    with Image.open(path) as img:
-      img.load()
-      mode = img.mode
-      if mode in ('L', 'I;16', 'I;16B', 'I'):
-        array = np.asarray(img)[None]
-      else:
-        array = np.moveaxis(np.asarray(img.convert('RGB')), -1, 0)
-  except Exception as e:
-    raise RejectedScan(f'not a readable image: {type(e).__name__}: {e}') from e
-  return array[..., None], {'source_dtype': str(array.dtype), 'image_mode': mode}
-
-
-def read_npy(path: str, index: int | None = None) -> list[tuple[np.ndarray, dict]]:
-  try:
-    data = np.load(path, allow_pickle=False)
-  except Exception as e:
-    raise RejectedScan(f'not a readable .npy: {type(e).__name__}: {e}') from e
-  attrs = {'source_dtype': str(data.dtype)}
-  if data.ndim == 2:
-    return [(data[None, :, :, None], attrs)]
-  if data.ndim == 3:
-    return [(data[None], attrs)]
-  if data.ndim == 4 and data.shape[0] in (1, 3):
-    return [(data, attrs)]
-  if data.ndim == 5 and data.shape[1] in (1, 3):
-    picks = range(data.shape[0]) if index is None else [index]
-    if index is not None and not 0 <= index < data.shape[0]:
-      raise RejectedScan(f'index {index} outside 0..{data.shape[0] - 1}')
-    return [(data[s], dict(attrs, case_index=s)) for s in picks]
-  raise RejectedScan(f'wrong rank/shape for a RadFM array: {data.shape} (expected [H,W], '
-                     '[H,W,D], [C,H,W,D] or [S,C,H,W,D] with C in 1, 3)')
-
-
-def read_scan(path: str, entry: dict | None = None) -> list[tuple[np.ndarray, dict]]:
-  """One manifest image entry -> validated [(array [C, H, W, D], attributes)]."""
-  entry = entry or {}
-  if not os.path.exists(path):
-    raise RejectedScan('file not found')
-  lower = path.lower()
-  if lower.endswith(('.nii', '.nii.gz')):
-    out = [read_nifti(path, entry.get('frame'))]
-  elif lower.endswith('.npy'):
-    out = read_npy(path, entry.get('index'))
-  elif lower.endswith(('.png', '.jpg', '.jpeg')):
-    out = [read_image(path)]
-  elif os.path.isdir(path) or lower.endswith(('.dcm', '.dicom')):
-    out = [read_dicom(path)]
-  else:
-    raise RejectedScan('unsupported file type (expected .nii[.gz], .dcm or a DICOM folder, '
-                       '.png, .jpg/.jpeg, .npy)')
-  result = []
-  for array, attrs in out:
-    attrs = dict(attrs, source=os.path.abspath(path))
-    if entry.get('modality'):
-      attrs['modality'] = entry['modality']
-    attrs.setdefault('modality', '')
-    attrs.setdefault('spacing', [1.0, 1.0, 1.0])
-    # Without patient geometry: 'image' = H pixel rows, W columns (PNG/JPEG, X-ray DICOM);
-    # 'as_stored' = a .npy taken as given.
-    attrs.setdefault('orientation', 'as_stored' if lower.endswith('.npy') else 'image')
-    result.append((_validate(array), attrs))
-  return result
+    return (f'{len(self.stored)} scans stored ({len(self.updated)} changed on disk), '
+            f'{len(self.skipped)} already stored, {len(self.rejects)} rejected, '
+            f'{len(self.warnings)} repaired; {self.samples} samples kept, {self.dropped_samples} '
+            f'dropped, {self.replaced_samples} replaced; {self.manifest_rows} samples in the store')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,112 +83,298 @@ def scan_id_for(path: str, entry: dict) -> str:
   return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def _load_records(manifest) -> tuple[list[dict], str]:
-  if isinstance(manifest, (str, os.PathLike)):
-    return read_jsonl(os.fspath(manifest)), os.path.dirname(os.path.abspath(manifest))
-  return list(manifest), os.getcwd()
+def _load_records(manifest) -> tuple[list[tuple[int, dict]], str, Callable]:
+  """([(line, record)], base folder of relative paths, place(line, field) -> 'FILE line N field F').
+
+  Every record is validated against the manifest schema (data/manifest.py: unique sample ids, each
+  field's type) before the store is touched; a missing manifest is an InputError here too. A list
+  of records is numbered 1, 2, ... ('manifest record N')."""
+  from radfm_jax.data.manifest import check_records
+  from radfm_jax.data.store import iter_jsonl
+  if not isinstance(manifest, (str, os.PathLike)):
+    def place(n, field=None):
+      return f'manifest record {n}' + (f' field {field}' if field else '')
+    numbered, base = list(enumerate(manifest, 1)), os.getcwd()
+  else:
+    path = os.fspath(manifest)
+    if not os.path.isfile(path):
+      raise InputError(f'{where(path)}: manifest not found; expected a JSONL file, one sample per '
+                       'line (nothing was written)')
+    def place(n, field=None):
+      return where(path, n, field)
+    numbered, base = list(iter_jsonl(path)), os.path.dirname(os.path.abspath(path))
+  check_records(numbered, place, form='input')
+  return numbered, base, place
 
 
 def _expand_ids(scan_id: str, n: int) -> list[str]:
   return [scan_id] if n == 1 else [f'{scan_id}_{s}' for s in range(n)]
 
 
+def _stored_ids(index: dict, sid: str) -> list[str]:
+  """The ids under which entry id `sid` is stored ([sid], or sid_0, sid_1, ... of a 5D case)."""
+  if sid in index:
+    return [sid]
+  ids = []
+  while f'{sid}_{len(ids)}' in index:
+    ids.append(f'{sid}_{len(ids)}')
+  return ids
+
+
+def _sample_row(rec: dict, n: int, images: list[dict]) -> dict:
+  out = {k: v for k, v in rec.items() if k != 'images'}
+  out.setdefault('id', str(n))
+  out.setdefault('question', '')
+  out.setdefault('answer', '')
+  out.setdefault('task', '')
+  out['images'] = images
+  return out
+
+
+def _difference(old: dict, new: dict) -> str | None:
+  """The first field in which two sample rows differ (images: by scan id and position), or None."""
+  for key in sorted(set(old) | set(new)):
+    if key == 'images':
+      a = [(im.get('id'), im.get('position')) for im in old.get('images', [])]
+      b = [(im.get('id'), im.get('position')) for im in new.get('images', [])]
+      if a != b:
+        return 'images'
+    elif old.get(key) != new.get(key):
+      return key
+  return None
+
+
+@dataclasses.dataclass
+class _Entry:
+  sid: str                 # scan id of the entry (5D cases are stored as sid_0, sid_1, ...)
+  path: str                # absolute path
+  entry: dict              # the manifest image entry
+  place: str               # where it was first named ('FILE line N field images[k]')
+
+  @property
+  def source_key(self) -> list:
+    return [self.path, self.entry.get('frame'), self.entry.get('index')]
+
+
+def _collect(records, base, place) -> dict[str, _Entry]:
+  """Unique image entries in first-seen order; a scan id (given, or the hash of path, frame and
+  index) naming two files is an InputError naming both lines. (Duplicate sample ids were refused
+  by the schema check of `_load_records`.)"""
+  entries: dict[str, _Entry] = {}
+  for n, rec in records:
+    images = rec.get('images', [])
+    if not isinstance(images, list):
+      raise InputError(f'{place(n, "images")}: got {images!r}; expected a list of image objects')
+    for k, entry in enumerate(images):
+      if not isinstance(entry, dict) or not isinstance(entry.get('path'), str):
+        raise InputError(f'{place(n, f"images[{k}].path")}: missing; expected the scan\'s file')
+      path = os.path.abspath(os.path.join(base, entry['path']))
+      e = _Entry(scan_id_for(path, entry), path, entry, place(n, f'images[{k}]'))
+      seen = entries.setdefault(e.sid, e)
+      if seen.source_key != e.source_key:
+        raise InputError(f'{place(n, f"images[{k}].id")}: scan id {e.sid!r} names {e.path} '
+                         f'(frame {e.entry.get("frame")}, index {e.entry.get("index")}) but '
+                         f'{seen.place} names {seen.path} (frame {seen.entry.get("frame")}, index '
+                         f'{seen.entry.get("index")}) with it; expected one file per scan id')
+  return entries
+
+
 def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
            root: str | None = None, batch_size: int = 16, workers: int | None = None,
-           log=None) -> IngestReport:
-  """Reads every image of every sample once into `out_dir` and writes the sample manifest.
+           log=None, replace: bool = False, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
+           progress: bool = False, lock_timeout: float | None = None) -> IngestReport:
+  """Reads every image of every sample into the store `out_dir` and merges the samples into its
+  manifest (module docstring: the rules; store.py: the guarantees).
 
   Returns an IngestReport; with `strict`, raises IngestError after writing everything that was
-  readable (rejects.jsonl lists all failures, so one run shows every problem). Progress goes to
-  `log` (default: sys.stderr as it is at call time, not at import).
+  readable (rejects.jsonl lists all failures, so one run shows every problem). Bad manifests and
+  conflicts with the store raise InputError before anything is written. `replace`: a sample id
+  (or a scan id) the store holds with other content is replaced instead of refused.
+  `progress`: a tqdm bar (scans done / total, rejects) on `log`. Messages go to `log` (default:
+  sys.stderr as it is at call time, not at import). `lock_timeout`: seconds to wait for another
+  writer (None: wait as long as it takes).
   """
   log = log or sys.stderr
-  records, base = _load_records(manifest)
-  base = root or base
+  records, base, place = _load_records(manifest)
+  base = os.path.abspath(root) if root else base
+  entries = _collect(records, base, place)
   store = VolumeStore(out_dir)
-  os.makedirs(store.root, exist_ok=True)
   report = IngestReport()
-
-  # Unique image entries in first-seen order (several samples may share one scan).
-  entries: dict[str, tuple[str, dict]] = {}
-  for rec in records:
-    for entry in rec.get('images', []):
-      path = os.path.join(base, entry['path'])
-      entries.setdefault(scan_id_for(path, entry), (path, entry))
-
-  resolved: dict[str, list[str] | None] = {}   # entry id -> stored scan ids, None if rejected
-  todo = []
-  for sid, (path, entry) in entries.items():
-    existing = [sid] if sid in store else []
-    while f'{sid}_{len(existing)}' in store:   # a 5D case .npy expanded to sid_0, sid_1, ...
-      existing.append(f'{sid}_{len(existing)}')
-    if existing:
-      resolved[sid] = existing
-      report.skipped.extend(existing)
-    else:
-      todo.append(sid)
-
-  def load(sid):
-    path, entry = entries[sid]
-    try:
-      return sid, read_scan(path, entry), None
-    except RejectedScan as e:
-      return sid, None, str(e)
-    except Exception as e:  # any reader bug still must not stop the run
-      return sid, None, f'{type(e).__name__}: {e}'
-
-  pending: list[tuple[str, np.ndarray, dict]] = []
-
-  def flush():
-    if pending:
-      report.stored.extend(r['id'] for r in store.write_batch(pending))
-      pending.clear()
-
-  # Read `batch_size` scans at a time (threads: gzip/zstd/pydicom release the GIL), write them in
-  # one transaction, then read the next: memory stays bounded by one batch of decoded volumes.
-  with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-    for start in range(0, len(todo), batch_size):
-      for sid, scans, reason in pool.map(load, todo[start:start + batch_size]):
-        path = entries[sid][0]
-        if reason is not None:
-          resolved[sid] = None
-          report.rejects.append({'path': path, 'scan_id': sid, 'reason': reason})
-          print(f'ingest: rejected {path}: {reason}', file=log)
-          continue
-        ids = _expand_ids(sid, len(scans))
-        resolved[sid] = ids
-        pending.extend((i, a, attrs) for i, (a, attrs) in zip(ids, scans))
-      flush()
-
-  index = store.index()
-  samples = []
-  for n, rec in enumerate(records):
-    images, bad = [], None
-    for entry in rec.get('images', []):
-      path = os.path.join(base, entry['path'])
-      ids = resolved[scan_id_for(path, entry)]
-      if ids is None:
-        bad = path
-        break
-      for i in ids:
-        images.append({'id': i, 'position': entry.get('position', {'question': 0}),
-                       'shape': index[i]['shape'], 'modality': index[i]['attributes']['modality']})
-    if bad is not None:
-      report.dropped_samples += 1
-      report.rejects.append({'path': bad, 'sample_id': rec.get('id', n),
-                             'reason': 'sample dropped: one of its images was rejected'})
-      continue
-    out = {k: v for k, v in rec.items() if k != 'images'}
-    out.setdefault('id', str(n))
-    out.setdefault('question', '')
-    out.setdefault('answer', '')
-    out.setdefault('task', '')
-    out['images'] = images
-    samples.append(out)
-  write_jsonl(store.manifest_path, samples)
-  write_jsonl(store.rejects_path, report.rejects)
-  report.samples = len(samples)
+  with store.lock(lock_timeout, log):
+    index = store.index()
+    _check_scan_ids(entries, index, replace)
+    old_rows = store.manifest()
+    old_at = {str(r.get('id')): i for i, r in enumerate(old_rows)}
+    _check_samples(records, base, index, old_rows, old_at, place, replace, store.manifest_path)
+    resolved = _store_scans(store, entries, report, batch_size, workers, log, max_scan_bytes,
+                            progress)
+    rows = _merge_samples(records, base, resolved, old_rows, old_at, store.index(), report)
+    kill_point('before-manifest')
+    write_jsonl(store.manifest_path, rows)
+    write_jsonl(store.rejects_path, report.rejects)
+    write_jsonl(store.warnings_path, report.warnings)
+  report.manifest_rows = len(rows)
   print(f'ingest: {report.summary()} -> {store.root}', file=log)
   if strict and report.rejects:
     raise IngestError(f'{len(report.rejects)} inputs rejected (see {store.rejects_path})')
   return report
+
+
+def _check_scan_ids(entries: dict[str, _Entry], index: dict, replace: bool):
+  """A scan id the store holds for another file is an error unless `replace`."""
+  if replace:
+    return
+  for e in entries.values():
+    for i in _stored_ids(index, e.sid):
+      key = index[i]['attributes'].get('source_key')
+      if key is not None and key != e.source_key:
+        raise InputError(f'{e.place}.id: scan id {e.sid!r} names {e.path} but the store holds it '
+                         f'for {key[0]} (frame {key[1]}, index {key[2]}); expected the same file, '
+                         'another id, or --replace')
+
+
+def _sids(rec: dict, base: str) -> list[str]:
+  """The entry scan ids of a record's images, in order."""
+  return [scan_id_for(os.path.abspath(os.path.join(base, e['path'])), e)
+          for e in rec.get('images', [])]
+
+
+def _check_samples(records, base, index, old_rows, old_at, place, replace, manifest_path):
+  """A sample id the store holds with other content (text fields, image scan ids or positions)
+  is an error unless `replace`. A scan whose file changed keeps its id: not a conflict."""
+  if replace:
+    return
+  for i, (n, rec) in enumerate(records):
+    row_id = str(rec.get('id', i))
+    if row_id not in old_at:
+      continue
+    images = [{'id': j, 'position': entry.get('position', {'question': 0})}
+              for entry, sid in zip(rec.get('images', []), _sids(rec, base))
+              for j in (_stored_ids(index, sid) or [sid])]
+    field = _difference(old_rows[old_at[row_id]], _sample_row(rec, i, images))
+    if field is not None:
+      raise InputError(f'{place(n, field)}: sample id {row_id!r} is already in the store '
+                       f'({manifest_path}) with another {field}; expected the same sample, another '
+                       'id, or --replace to replace it')
+
+
+def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestReport,
+                 batch_size: int, workers: int | None, log, max_scan_bytes: int,
+                 progress: bool) -> dict[str, list[str] | None]:
+  """Reads and stores every entry whose content is not stored yet; entry id -> stored ids (None:
+  rejected). `batch_size` scans are read at a time (threads: gzip/zstd/pydicom release the GIL)
+  and written in one transaction: memory stays bounded by one batch of decoded volumes."""
+  from tqdm import tqdm
+  index = store.index()
+
+  def load(sid):
+    e = entries[sid]
+    try:
+      digest = source_digest(e.path) if os.path.exists(e.path) else None
+      have = _stored_ids(index, sid)
+      if digest and have and all(index[i]['attributes'].get('source_sha256') == digest
+                                 and index[i]['attributes'].get('source_key') in (None, e.source_key)
+                                 for i in have):
+        return sid, 'same', have
+      scans = read_scan(e.path, e.entry, max_scan_bytes)
+      for _, attrs in scans:
+        attrs.update(source_sha256=digest, source_key=e.source_key)
+      return sid, 'read', scans
+    except RejectedScan as err:
+      return sid, 'reject', err.reason
+    except Exception as err:  # any reader bug still must not stop the run
+      return sid, 'reject', f'{type(err).__name__}: {err}'
+
+  resolved: dict[str, list[str] | None] = {}
+  bar = tqdm(total=len(entries), desc='ingest', unit='scan', file=log, disable=not progress,
+             dynamic_ncols=True)
+  todo = list(entries)
+  with bar, concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    for start in range(0, len(todo), batch_size):
+      pending = []
+      for sid, kind, value in pool.map(load, todo[start:start + batch_size]):
+        if kind == 'same':
+          resolved[sid] = value
+          report.skipped.extend(value)
+        elif kind == 'reject':
+          _reject(report, resolved, entries[sid], value, log, bar)
+        else:
+          ids = _expand_ids(sid, len(value))
+          pending.append((sid, [(i, a, attrs) for i, (a, attrs) in zip(ids, value)]))
+      _write(store, pending, report, resolved, entries, log, bar)
+      bar.update(min(batch_size, len(todo) - start))
+      bar.set_postfix(rejected=len(report.rejects), refresh=False)
+  return resolved
+
+
+def _reject(report, resolved, e: _Entry, reason: str, log, bar):
+  resolved[e.sid] = None
+  report.rejects.append({'path': e.path, 'scan_id': e.sid, 'reason': reason})
+  bar.write(f'ingest: rejected {e.path}: {reason}', file=log)
+
+
+def _write(store, pending, report, resolved, entries, log, bar):
+  """Writes one batch [(entry id, [(scan id, array, attrs)])] in one transaction; if the store
+  refuses it, each entry is written alone so that only the failing one is rejected."""
+  if not pending:
+    return
+  before = set(store.index())
+  try:
+    store.write_batch([item for _, scans in pending for item in scans])
+    done = pending
+  except Exception:  # retried one entry at a time below, which names the failing scan
+    done = []
+    for sid, scans in pending:
+      try:
+        store.write_batch(scans)
+        done.append((sid, scans))
+      except Exception as err:
+        _reject(report, resolved, entries[sid], f'store write failed: {type(err).__name__}: '
+                f'{err}', log, bar)
+  for sid, scans in done:
+    ids = [i for i, _, _ in scans]
+    resolved[sid] = ids
+    report.stored.extend(ids)
+    report.updated.extend(i for i in ids if i in before)
+    for i, _, attrs in scans:
+      if 'spacing_repaired' in attrs:
+        warning = (f'spacing repaired: header pixdim {attrs["spacing_repaired"]} -> spacing '
+                   f'{attrs["spacing"]} mm (nibabel replaces 0 by 1 and negatives by their '
+                   'absolute value)')
+        report.warnings.append({'path': entries[sid].path, 'scan_id': i, 'warning': warning})
+        bar.write(f'ingest: repaired {entries[sid].path}: {warning}', file=log)
+
+
+def _merge_samples(records, base, resolved, old_rows, old_at, index, report) -> list[dict]:
+  """The store manifest after this run: the old rows in order (a sample of this manifest with the
+  same id replaces its row), then the new samples; every image's shape and modality from the
+  index (a changed file may have changed them)."""
+  rows = list(old_rows)
+  for i, (n, rec) in enumerate(records):
+    images, bad = [], None
+    for entry, sid in zip(rec.get('images', []), _sids(rec, base)):
+      ids = resolved.get(sid)
+      if ids is None:
+        bad = os.path.abspath(os.path.join(base, entry['path']))
+        break
+      images += [{'id': j, 'position': entry.get('position', {'question': 0})} for j in ids]
+    if bad is not None:
+      report.dropped_samples += 1
+      report.rejects.append({'path': bad, 'sample_id': rec.get('id', i),
+                             'reason': 'sample dropped: one of its images was rejected'})
+      continue
+    row = _sample_row(rec, i, images)
+    report.samples += 1
+    at = old_at.get(str(row['id']))
+    if at is None:
+      old_at[str(row['id'])] = len(rows)
+      rows.append(row)
+    else:
+      report.replaced_samples += _difference(rows[at], row) is not None
+      rows[at] = row
+  for row in rows:
+    for im in row.get('images', []):
+      if im.get('id') in index:
+        info = index[im['id']]
+        im.update(shape=info['shape'], modality=info['attributes'].get('modality', ''))
+  return rows

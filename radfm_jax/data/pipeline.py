@@ -167,7 +167,8 @@ class BatchLoader:
       rec = self.records[sample]
       images = rec.get('images', [])[:self.data_cfg.max_images]
       if self.image_cache is not None:       # tokens instead of volumes (a missing one: an error)
-        tokens = [self.image_cache.read(im['id'], hwd) for im in images]
+        tokens = [self.image_cache.read(im['id'], hwd, key=self.store.key(im['id']))
+                  for im in images]
         batch_lib.record_inputs(rec, [None] * len(images), self.tokenizer, self.data_cfg,
                                 text=self.plan.texts[sample], shape=hwd, slots=key.images,
                                 length=key.length, out={k: batch[k][r] for k in self.keys},
@@ -247,11 +248,10 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   if isinstance(store, str):
     store = VolumeStore(store)
   tokenizer = tokenizer if tokenizer is not None else data_cfg.tokenizer
-  if not tokenizer:
-    raise ValueError('make_dataset: no tokenizer given and data.tokenizer is empty')
-  if isinstance(tokenizer, str):
+  if isinstance(tokenizer, str):          # '' or a missing file: an InputError naming the field
     tokenizer = Tokenizer(tokenizer, max_images=model_cfg.max_images,
-                          num_latents=model_cfg.perceiver.num_latents)
+                          num_latents=model_cfg.perceiver.num_latents,
+                          source='config field data.tokenizer')
   if tokenizer.vocab_size != model_cfg.llama.vocab_size:
     raise ValueError(f'tokenizer has {tokenizer.vocab_size} pieces but model.llama.vocab_size is '
                      f'{model_cfg.llama.vocab_size}: the image ids would not match the model')

@@ -5,8 +5,9 @@ Image i of a sample is written in text as
     <image><image{n*i}><image{n*i+1}>...<image{n*i+n-1}></image>        (n = perceiver latents)
 
 and inserted before character index max(pos - 1, 0) of the question or the answer, as the manifest
-says: `{"question": pos}` or `{"answer": pos}` (docs/original.md section 11.5; pos = 0 is the front
-and pos = len(text) lands before the last character). Image numbering is the manifest order, so
+says: `{"question": pos}` or `{"answer": pos}` (docs/data.md, with examples; the original's rule,
+docs/original.md section 11.5: pos = 0 is the front, pos = len(text) lands before the last
+character, larger is the end). Image numbering is the manifest order, so
 the tokens of image i always select `images[b, i]` in the model, whatever the text order; blocks
 inserted at the same character keep manifest order.
 """

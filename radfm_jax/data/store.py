@@ -2,12 +2,29 @@
 
 On-disk layout of a store directory `STORE/`:
 
-    STORE/volumes/        OCDBT database (a handful of files however many scans); scan `<id>` is
-                          the zarr3 array at path `scans/<id>/` inside it.
-    STORE/scans.jsonl     one line per stored scan: id, shape, dtype, attributes (no array reads
-                          are needed to plan batches).
-    STORE/manifest.jsonl  one line per training sample (written by `ingest`).
+    STORE/volumes/        OCDBT database (a handful of files however many scans); a scan is the
+                          zarr3 array at the `key` of its index row (`scans/<id>/`, a rewritten
+                          scan `scans/<id>@v<N>/`; the id percent-encoded).
+    STORE/scans.jsonl     the index, append-only: one line per stored scan version (id, key,
+                          version, shape, dtype, attributes); the last line of an id wins. No array
+                          read is needed to plan batches.
+    STORE/manifest.jsonl  one line per training sample (written by `ingest`, merged run after run).
     STORE/rejects.jsonl   one line per rejected input of the last ingest run: path, reason.
+    STORE/warnings.jsonl  one line per recorded repair of the last ingest run (e.g. spacing).
+    STORE/.lock           the writers' lock (`fcntl.flock`): one writer at a time.
+
+Store guarantees (DESIGN section 10):
+  * Data first, index last: a batch of arrays is written in one *atomic* OCDBT transaction, then
+    its rows are appended to scans.jsonl in one write and fsynced. A scan is in the store iff its
+    row is in the index, and an indexed array is always complete: after a kill -9 at any moment
+    the index holds exactly the fully written scans (a torn last index line is ignored on read and
+    cut off by the next writer; an array committed but not yet indexed is invisible and is
+    rewritten by the next run).
+  * A rewrite never touches the indexed array: it goes to a new key and the index line switches
+    to it (the old bytes stay in the database, unreferenced).
+  * One writer at a time: `write_batch` and `ingest` hold `lock()`, an OS file lock on
+    STORE/.lock; a second writer waits (saying who holds it) or fails after `timeout`.
+  * No narrowing: `to_storable` refuses values that do not fit the stored dtype.
 
 Stored axis layout is **[C, H, W, D]** (channels first, depth last, as RadFM's vision input):
   * NIfTI / DICOM volumes are reoriented to RAS first, then H = array axis 0 (x; the index grows towards
@@ -17,10 +34,12 @@ Stored axis layout is **[C, H, W, D]** (channels first, depth last, as RadFM's v
     D = 1; C = 1 for grayscale, 3 for colour.
   * .npy arrays are taken as already in RadFM layout ([H, W], [H, W, D], [C, H, W, D]).
 Values keep the source's integer type where that is lossless (int16 CT in HU, uint8 images);
-float64 is stored as float32. Attributes of every array (zarr `attributes`, copied in
+int64 / uint64 are stored as int32 / uint32 and float64 as float32 when every value fits (else
+`to_storable` refuses: no wrap, no inf). Attributes of every array (zarr `attributes`, copied in
 scans.jsonl): axes 'CHWD', spacing [H, W, D] in mm (1.0 when unknown), orientation ('RAS';
 'image' for 2D pixel rows/columns; 'as_stored' for .npy), source_orientation (axis codes before
-reorientation), modality, source (absolute path) and source_dtype.
+reorientation), modality, source (absolute path), source_sha256, source_dtype and, when a repair
+was made, spacing_repaired.
 
 Every array uses one shard (`sharding_indexed`) holding blosc-zstd inner chunks; the shard shape
 is rounded up to a multiple of the inner chunk (TensorStore rejects anything else), while the
@@ -29,14 +48,23 @@ array shape stays the true ragged shape.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import signal
+import sys
 import threading
+import time
+import urllib.parse
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import tensorstore as ts
+
+from radfm_jax.casting import checked_cast
+from radfm_jax.errors import InputError, UserError, where
 
 AXES = 'CHWD'
 _STORABLE = {np.dtype(t) for t in ('uint8', 'int8', 'uint16', 'int16', 'int32', 'uint32', 'float32')}
@@ -56,6 +84,13 @@ def storable_dtype(dtype) -> np.dtype:
   raise ValueError(f'unsupported array dtype {dtype}')
 
 
+def to_storable(array: np.ndarray, where: str = 'voxels') -> np.ndarray:
+  """`array` in its storable dtype (`storable_dtype`) through `casting.checked_cast`: a value that
+  does not fit (int64 / uint64 beyond int32 / uint32, float64 beyond the float32 range) is an
+  InputError naming `where`, never a wrap or an inf."""
+  return checked_cast(array, storable_dtype(array.dtype), where)
+
+
 def chunk_layout(shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
   """(inner chunk, shard shape) for a [C, H, W, D] array.
 
@@ -68,12 +103,12 @@ def chunk_layout(shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
   return inner, shard
 
 
-def _array_spec(kvstore: dict, scan_id: str, shape, dtype: np.dtype, attributes: dict) -> dict:
+def _array_spec(kvstore: dict, key: str, shape, dtype: np.dtype, attributes: dict) -> dict:
   inner, shard = chunk_layout(tuple(shape))
   return {
       'driver': 'zarr3',
       'kvstore': kvstore,
-      'path': f'scans/{scan_id}/',
+      'path': key,
       'metadata': {
           'shape': list(shape),
           'data_type': dtype.name,
@@ -97,11 +132,39 @@ def _array_spec(kvstore: dict, scan_id: str, shape, dtype: np.dtype, attributes:
   }
 
 
+_JSON_TYPES = {list: 'array', str: 'string', int: 'number', float: 'number', bool: 'boolean',
+               type(None): 'null'}
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+  """(line number, object) for every non-blank line of a JSONL file; line numbers are 1-based and
+  count blank lines too (what an editor shows). A line that is not one UTF-8 JSON object is an
+  InputError naming the file and line."""
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        text = raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise InputError(f'{where(path, n)}: not UTF-8 text ({e.reason}, column {e.start + 1}); '
+                         'expected a UTF-8 JSONL file') from None
+      if not text.strip():
+        continue
+      try:
+        value = json.loads(text.rstrip('\r\n'))   # so the column is the one on this line
+      except json.JSONDecodeError as e:
+        raise InputError(f'{where(path, n)}: not valid JSON ({e.msg}, column {e.colno}); '
+                         'expected one JSON object per line') from None
+      if not isinstance(value, dict):
+        raise InputError(f'{where(path, n)}: got a JSON {_JSON_TYPES.get(type(value), "value")}; '
+                         'expected one JSON object per line')
+      yield n, value
+
+
 def read_jsonl(path: str) -> list[dict]:
+  """The objects of a JSONL file ([] when it does not exist); errors name the file and line."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [value for _, value in iter_jsonl(path)]
 
 
 def write_jsonl(path: str, records: Iterable[dict]):
@@ -109,7 +172,62 @@ def write_jsonl(path: str, records: Iterable[dict]):
   with open(tmp, 'w') as f:
     for r in records:
       f.write(json.dumps(r) + '\n')
-  os.replace(tmp, path)  # atomic: a crash never leaves a half-written index
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
+
+
+CRASH_ENV = 'RADFM_JAX_CRASH_AT'
+
+
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> bool:
+  """Fault injection for the kill tests: `RADFM_JAX_CRASH_AT=<name>[:N]` kills this process with
+  SIGKILL the N-th time (default 1st) it reaches the point `name`, as a real kill -9 would (nothing
+  flushed). Returns whether the point is armed for this hit (`index-torn` writes half a line
+  first)."""
+  spec = os.environ.get(CRASH_ENV)
+  if not spec:
+    return False
+  target, _, count = spec.partition(':')
+  if target != name:
+    return False
+  _crash_hits[name] = _crash_hits.get(name, 0) + 1
+  return _crash_hits[name] == int(count or 1)
+
+
+def kill_point(name: str):
+  """SIGKILLs this process when `crash_point(name)` is armed for this hit."""
+  if crash_point(name):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StoreLocked(UserError):
+  """Another writer holds the store's lock and `timeout` ran out."""
+
+
+def read_index(path: str) -> dict[str, dict]:
+  """scans.jsonl -> {scan id: its last row}. A last line without its newline is a write torn by a
+  kill and is ignored (`VolumeStore` cuts it off before the next append); any other bad line is an
+  error naming the file and line."""
+  if not os.path.exists(path):
+    return {}
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  lines.pop()                       # b'' after the final newline, or a torn last line
+  index = {}
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      index[row['id']] = row
+    except (ValueError, KeyError, TypeError) as e:
+      raise InputError(f'{where(path, n)}: not a store index row ({type(e).__name__}: {e}); '
+                       'expected {"id": ..., "key": ..., "shape": ...}') from None
+  return index
 
 
 class VolumeStore:
@@ -124,6 +242,8 @@ class VolumeStore:
     self.root = os.path.abspath(root)
     self._local = None
     self._index: dict[str, dict] | None = None
+    self._thread_lock = threading.RLock()
+    self._lock_depth = 0
 
   # Grain worker processes receive a pickled copy: send only the path, reopen there.
   def __getstate__(self):
@@ -148,6 +268,14 @@ class VolumeStore:
   def rejects_path(self) -> str:
     return os.path.join(self.root, 'rejects.jsonl')
 
+  @property
+  def warnings_path(self) -> str:
+    return os.path.join(self.root, 'warnings.jsonl')
+
+  @property
+  def lock_path(self) -> str:
+    return os.path.join(self.root, '.lock')
+
   def _context(self) -> ts.Context:
     # One context per thread-local: shares the OCDBT cache among reads; tensorstore's own chunk
     # cache stays off since each scan is read once per epoch.
@@ -158,12 +286,67 @@ class VolumeStore:
     return self._local.ctx
 
   # ---------------------------------------------------------------------------------------------
+  # The writers' lock
+
+  @contextlib.contextmanager
+  def lock(self, timeout: float | None = None, log=None):
+    """Holds the store's OS file lock (`fcntl.flock` on STORE/.lock) for the block; re-entrant
+    within this object and thread. A second writer (another process or another VolumeStore object) waits,
+    printing once who holds the lock, or raises StoreLocked after `timeout` seconds. The index is
+    re-read after the lock is taken, so a writer always extends what the last one committed."""
+    with self._thread_lock:             # threads sharing this object take turns too
+      if self._lock_depth:
+        self._lock_depth += 1
+        try:
+          yield self
+        finally:
+          self._lock_depth -= 1
+        return
+      os.makedirs(self.root, exist_ok=True)
+      fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        self._acquire(fd, timeout, log)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(),
+                  0)
+        self._lock_depth, self._index = 1, None
+        try:
+          yield self
+        finally:
+          self._lock_depth, self._index = 0, None
+          fcntl.flock(fd, fcntl.LOCK_UN)
+      finally:
+        os.close(fd)
+
+  def _acquire(self, fd: int, timeout: float | None, log):
+    """Takes the lock on `fd`: at once, else after saying who holds it and waiting (polling, so
+    that `timeout` can end the wait)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    said = False
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+      except BlockingIOError:
+        pass
+      holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'pid unknown'
+      if deadline is not None and time.monotonic() >= deadline:
+        raise StoreLocked(f'{self.root}: still locked by another writer ({holder}) after '
+                          f'{timeout:g} s; expected no other ingest into this store (or a longer '
+                          '--lock-timeout)') from None
+      if not said:
+        print(f'store {self.root} is locked by another writer ({holder}); waiting for it',
+              file=log or sys.stderr, flush=True)
+        said = True
+      time.sleep(0.1)
+
+  # ---------------------------------------------------------------------------------------------
   # Index
 
   def index(self) -> dict[str, dict]:
-    """scan id -> {'id', 'shape', 'dtype', 'attributes'} from scans.jsonl (cached)."""
+    """scan id -> {'id', 'key', 'version', 'shape', 'dtype', 'attributes'} (cached; `read_index`)."""
     if self._index is None:
-      self._index = {r['id']: r for r in read_jsonl(self.scans_path)}
+      self._index = read_index(self.scans_path)
     return self._index
 
   def __contains__(self, scan_id: str) -> bool:
@@ -181,48 +364,94 @@ class VolumeStore:
   def rejects(self) -> list[dict]:
     return read_jsonl(self.rejects_path)
 
+  def warnings(self) -> list[dict]:
+    return read_jsonl(self.warnings_path)
+
+  def key(self, scan_id: str) -> str:
+    """The array's key in the database (rows written before keys existed: `scans/<id>/`)."""
+    return self.index()[scan_id].get('key', f'scans/{scan_id}/')
+
+  def _new_key(self, scan_id: str) -> tuple[str, int]:
+    # The id percent-encoded: an id holding '/' cannot reach into another scan's keys.
+    name = urllib.parse.quote(scan_id, safe='')
+    row = self.index().get(scan_id)
+    if row is None:
+      return f'scans/{name}/', 0
+    version = row.get('version', 0) + 1
+    return f'scans/{name}@v{version}/', version   # '@' is never in a quoted id
+
+  def _append_index(self, rows: list[dict]):
+    """Appends rows in one write and fsyncs; first cuts off a torn last line of a killed writer."""
+    data = ''.join(json.dumps(r, allow_nan=False) + '\n' for r in rows).encode()
+    with open(self.scans_path, 'ab+') as f:
+      size = f.seek(0, os.SEEK_END)
+      if size:
+        start = max(0, size - (1 << 20))      # index rows are a few hundred bytes
+        f.seek(start)
+        tail = f.read()
+        if not tail.endswith(b'\n'):
+          cut = tail.rfind(b'\n')
+          if cut < 0 and start:
+            raise ValueError(f'{self.scans_path}: last line longer than 1 MiB; expected index rows')
+          f.truncate(start + cut + 1)
+          f.seek(0, os.SEEK_END)
+      if crash_point('index-torn'):      # a write torn by a kill: half a line, then death
+        f.write(data[:-20])             # rows are longer than 20 bytes: the last one is torn
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+
   # ---------------------------------------------------------------------------------------------
   # Writing
 
   def write_batch(self, items: list[tuple[str, np.ndarray, dict]]) -> list[dict]:
-    """Writes [(scan id, array [C, H, W, D], attributes)] in one transaction, then indexes them.
-
-    The arrays become visible only when the transaction commits, so an interrupted batch leaves
-    no partial array; an id already present is overwritten, which makes a re-run after a crash
-    between commit and index update idempotent.
+    """Writes [(scan id, array [C, H, W, D], attributes)] in one atomic transaction, then indexes
+    them (data first, index last; under `lock()`). An id already in the index gets a new key, so
+    the indexed array is never touched until its new row is appended. Values that do not fit the
+    stored dtype raise InputError (`to_storable`) before anything is written.
     """
     if not items:
       return []
-    os.makedirs(self.root, exist_ok=True)
-    try:
-      rows = self._write_transaction(items, overwrite=False)
-    except ValueError as e:
-      if 'already exists' not in str(e) and 'ALREADY_EXISTS' not in str(e):
-        raise
-      # An id already in the database (a re-run after a crash between commit and index update,
-      # or a deliberate rewrite): redo the batch replacing old arrays. Kept off the normal path
-      # because `delete_existing` makes OCDBT write one data file per array.
-      rows = self._write_transaction(items, overwrite=True)
-    index = self.index()
-    for row in rows:
-      index[row['id']] = row
-    write_jsonl(self.scans_path, index.values())
+    with self.lock():
+      plan = []
+      for scan_id, array, attributes in items:
+        if array.ndim != 4:
+          raise TypeError(f'scan {scan_id}: expected [C, H, W, D], got shape {array.shape}')
+        try:
+          stored = to_storable(array)
+        except ValueError as e:
+          raise ValueError(f'scan {scan_id}: {e}') from None
+        key, version = self._new_key(scan_id)
+        plan.append((scan_id, key, version, stored, dict(attributes, axes=AXES)))
+      try:
+        rows = self._write_transaction(plan, overwrite=False)
+      except ValueError as e:
+        if 'already exists' not in str(e) and 'ALREADY_EXISTS' not in str(e):
+          raise
+        # A key already in the database but not in the index (a run killed between commit and
+        # index append): nothing refers to it, so it is replaced. Kept off the normal path
+        # because `delete_existing` makes OCDBT write one data file per array.
+        rows = self._write_transaction(plan, overwrite=True)
+      kill_point('after-data')
+      self._append_index(rows)
+      index = self.index()
+      for row in rows:
+        index[row['id']] = row
+      kill_point('after-index')
     return rows
 
-  def _write_transaction(self, items, overwrite: bool) -> list[dict]:
-    txn = ts.Transaction()
+  def _write_transaction(self, plan, overwrite: bool) -> list[dict]:
+    txn = ts.Transaction(atomic=True)      # the whole batch commits, or none of it
     futures, rows = [], []
-    for scan_id, array, attributes in items:
-      if array.ndim != 4:
-        raise TypeError(f'scan {scan_id}: expected [C, H, W, D], got shape {array.shape}')
-      dtype = storable_dtype(array.dtype)
-      attrs = dict(attributes, axes=AXES)
-      spec = _array_spec(self.kvstore, scan_id, array.shape, dtype, attrs)
+    for scan_id, key, version, array, attrs in plan:
+      spec = _array_spec(self.kvstore, key, array.shape, array.dtype, attrs)
       arr = ts.open(spec, create=True, delete_existing=overwrite, context=self._context(),
                     transaction=txn).result()
-      futures.append(arr.write(np.ascontiguousarray(array, dtype=dtype)))
-      rows.append({'id': scan_id, 'shape': list(array.shape), 'dtype': dtype.name,
-                   'attributes': attrs})
+      futures.append(arr.write(np.ascontiguousarray(array)))
+      rows.append({'id': scan_id, 'key': key, 'version': version, 'shape': list(array.shape),
+                   'dtype': array.dtype.name, 'attributes': attrs})
     for f in futures:
       f.result()
     txn.commit_async().result()
@@ -232,7 +461,7 @@ class VolumeStore:
   # Reading
 
   def open(self, scan_id: str) -> ts.TensorStore:
-    return ts.open({'driver': 'zarr3', 'kvstore': self.kvstore, 'path': f'scans/{scan_id}/'},
+    return ts.open({'driver': 'zarr3', 'kvstore': self.kvstore, 'path': self.key(scan_id)},
                    open=True, context=self._context()).result()
 
   def read(self, scan_id: str) -> np.ndarray:
@@ -243,12 +472,13 @@ class VolumeStore:
     """Attributes as stored in the zarr metadata (the index holds the same copy)."""
     return dict(self.open(scan_id).spec().to_json()['metadata'].get('attributes', {}))
 
-  def stored_ids(self) -> Iterator[str]:
-    """Ids of arrays physically present in the OCDBT store (lists keys; for checks, not training)."""
+  def stored_keys(self) -> Iterator[str]:
+    """Keys of arrays physically present in the OCDBT database, indexed or not (lists keys; for
+    checks, not training)."""
     kv = ts.KvStore.open(self.kvstore, context=self._context()).result()
     seen = set()
     for key in kv.list().result():
       parts = key.decode().split('/')
       if len(parts) >= 3 and parts[0] == 'scans' and parts[2] == 'zarr.json':
-        seen.add(parts[1])
+        seen.add(f'scans/{parts[1]}/')
     return iter(sorted(seen))

@@ -22,24 +22,45 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from radfm_jax.data import prompts
 from radfm_jax.data.batch import IGNORE
+from radfm_jax.errors import InputError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _SPECIAL = re.compile(r'</image>|<image>|<image(\d+)>')
 
 
+MAKE_ONE = ('expected a SentencePiece tokenizer.model: train one with `radfm-jax tokenizer train '
+            '--manifest samples.jsonl --out tokenizer.model` or use LLaMA\'s (docs/data.md)')
+
+
 class Tokenizer:
-  """`Tokenizer('tokenizer.model')` or `Tokenizer(model_proto_bytes)`; picklable."""
+  """`Tokenizer('tokenizer.model')` or `Tokenizer(model_proto_bytes)`; picklable.
+
+  `source` names where a path came from in the InputError of a missing, empty or unreadable one
+  (e.g. 'config field data.tokenizer', '--tokenizer'); `expected` ends that message.
+  """
 
   def __init__(self, model_path_or_proto: str | bytes | os.PathLike, max_images: int = 100,
-               num_latents: int = 32):
+               num_latents: int = 32, *, source: str = 'tokenizer', expected: str = MAKE_ONE):
     if isinstance(model_path_or_proto, (bytes, bytearray)):
       proto = bytes(model_path_or_proto)
     else:
-      with open(model_path_or_proto, 'rb') as f:
+      path = os.fspath(model_path_or_proto)
+      if not path:
+        raise InputError(f'{source} is empty; {expected}')
+      if not os.path.isfile(path):
+        raise InputError(f'{source}={path}: no such file; {expected}')
+      with open(path, 'rb') as f:
         proto = f.read()
     self._proto = proto
-    self.sp = spm.SentencePieceProcessor(model_proto=proto)
+    try:
+      self.sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError:             # sentencepiece: "INTERNAL: ... ParseFromArray ..."
+      name = source if isinstance(model_path_or_proto, (bytes, bytearray)) else \
+          f'{source}={os.fspath(model_path_or_proto)}'
+      raise InputError(f'{name}: not a SentencePiece model (does not parse as a ModelProto); '
+                       f'{expected}') from None
     self.max_images = max_images
     self.num_latents = num_latents
     self.vocab_size = self.sp.get_piece_size()       # V: first id past the SentencePiece pieces
@@ -155,21 +176,58 @@ def train_sentencepiece(lines: Iterable[str], out_path: str | None = None, vocab
                         model_type: str = 'bpe') -> bytes:
   """Trains a small SentencePiece model with LLaMA's conventions; returns (and writes) the proto.
 
-  unk 0, bos 1, eos 2, no pad piece (pad shares id 0 as in RadFM), byte fallback, digits split.
+  unk 0, bos 1, eos 2, no pad piece (pad shares id 0 as in RadFM), byte fallback, digits split,
+  and no normalisation (LLaMA's `identity` rule, spaces kept): text decodes to exactly what was
+  encoded, where SentencePiece's default NFKC would turn e.g. 'µm' into 'μm'.
   The image symbols are not added: the Tokenizer computes their ids past the vocabulary. vocab_size
   must exceed 256 (byte pieces) + 3 + the distinct characters of the corpus.
   """
   buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
-      model_type=model_type, byte_fallback=True, split_digits=True, character_coverage=1.0,
-      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+        model_type=model_type, byte_fallback=True, split_digits=True, character_coverage=1.0,
+        normalization_rule_name='identity', remove_extra_whitespaces=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
+  except RuntimeError as e:
+    # SentencePiece words the limits in its own message; keep its figure, drop the C++ location.
+    high = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', str(e))
+    if high:
+      raise InputError(f'vocab size {high[1]} is too large for this corpus (SentencePiece makes '
+                       f'at most {high[2]} pieces of it); expected a vocab size <= {high[2]}, '
+                       'with model.llama.vocab_size the same, or more text') from None
+    low = re.search(r'Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)', str(e))
+    if low:
+      raise InputError(f'vocab size {low[1]} is too small for this corpus (its characters and the '
+                       f'256 byte pieces need {low[2]}); expected a vocab size >= {low[2]}, with '
+                       'model.llama.vocab_size the same') from None
+    if 'sentences_.empty()' in str(e):
+      raise InputError('no text to train a tokenizer on; expected non-empty lines') from None
+    raise
   proto = buf.getvalue()
   if out_path:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, 'wb') as f:
       f.write(proto)
   return proto
+
+
+def corpus_lines(records: Iterable[dict]) -> list[str]:
+  """Texts to train a tokenizer on: each manifest record's question and answer as the model sees
+  them (`prompts.format_sample` without the image blocks: an empty question from the task's
+  templates, a report answer from its findings), then every template wording and task
+  description, so questions rendered for other samples are covered too. Empty texts are left out.
+  """
+  lines = []
+  for r in records:
+    question, answer, _ = prompts.format_sample(dict(r, images=[]))
+    lines += [question, answer]
+  for task in prompts.TASKS:
+    t = prompts.load_templates(task)
+    for key in ('questions', 'yes_no_questions'):
+      lines += [q.replace('{', '').replace('}', '') for q in t.get(key, [])]
+    lines.append(t.get('description', ''))
+  return [line for line in lines if line.strip()]
 
 
 def image_ids(tokenizer: Tokenizer, image_index: int) -> Sequence[int]:

@@ -10,7 +10,9 @@ settings and tool versions). Python: `evaluate(model, tokenizer, samples, sampli
 ...)`; the command is `radfm-jax eval` (radfm_jax/cli/eval.py).
 
 Samples: a VolumeStore directory (its manifest.jsonl, scans read from the store) or a raw ingest
-manifest (image `path`s read with the ingest readers). The question is formatted exactly as for
+manifest (image `path`s read with the ingest readers), of one split (`load_samples(split=...)`;
+the command scores `--split eval` unless told otherwise). A sample whose scan cannot be read is
+skipped and counted (summary 'skipped' / 'skipped_samples'), as training does. The question is formatted exactly as for
 training (`batch.record_text`: templates, image blocks at their positions); images placed in
 the answer are moved to the end of the question, since the answer is what is generated. The
 reference is the answer. `kind` is the record's `kind` if given, else 'closed' for yes/no tasks,
@@ -19,12 +21,13 @@ records with options, and answers that are yes/no or one option letter; else 'op
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
-import sys
 import time
 
+from radfm_jax.errors import InputError
 from radfm_jax.eval import entities as entities_lib
 from radfm_jax.eval import metrics as metrics_lib
 
@@ -59,34 +62,67 @@ def _kind(record: dict) -> str:
   return 'closed' if metrics_lib.is_closed(str(record.get('answer', ''))) else 'open'
 
 
-def load_samples(data: str, limit: int | None = None) -> list[Sample]:
-  """A store directory (or its manifest.jsonl) or a raw manifest -> samples."""
-  from radfm_jax.data.store import VolumeStore, read_jsonl
+def load_samples(data: str, limit: int | None = None, split: str | None = None) -> list[Sample]:
+  """A store directory (or its manifest.jsonl) or a raw manifest -> samples of `split` (None:
+  every row; a row without a `split` field is 'train', as for training). InputError when `data`
+  does not exist or the split has no rows (naming the splits there are)."""
+  from radfm_jax.data.manifest import read_records
+  from radfm_jax.data.store import VolumeStore
   path = os.path.abspath(data)
+  if not os.path.exists(path):
+    raise InputError(f'{data}: no such store directory or manifest file')
   if os.path.isfile(path) and os.path.isdir(os.path.join(os.path.dirname(path), 'volumes')):
     path = os.path.dirname(path)                     # STORE/manifest.jsonl -> the store
   if os.path.isdir(path):
     source = VolumeStore(path)
-    records = source.manifest()
+    manifest = source.manifest_path
   else:
-    source = os.path.dirname(path)
-    records = read_jsonl(path)
+    source, manifest = os.path.dirname(path), path
+  # the store's own manifest (store form), or a raw one (input form: images by path)
+  records = read_records(manifest, form='store' if isinstance(source, VolumeStore) else 'input')
+  if split is not None:
+    chosen = [r for r in records if str(r.get('split', 'train')) == split]
+    if not chosen:
+      present = collections.Counter(str(r.get('split', 'train')) for r in records)
+      raise InputError(f'{manifest}: no samples in split {split!r} (splits here: '
+                       f'{dict(sorted(present.items())) or "none, the manifest is empty"}); '
+                       'choose one with --split NAME, or --split all')
+    records = chosen
   records = records[:limit] if limit else records
   return [Sample(i, r, _kind(r), str(r.get('task') or ''), source) for i, r in enumerate(records)]
 
 
+class UnreadableScan(InputError):
+  """A sample's scan could not be read: `scan` (store id or path), `reason`."""
+
+  def __init__(self, scan: str, error: Exception):
+    self.scan = scan
+    # a TensorStore error repeats its whole spec: keep the message to one readable line
+    self.reason = f'{type(error).__name__}: {error}'.split(' [tensorstore_spec=')[0]
+    super().__init__(f'scan {scan}: {self.reason}')
+
+
 def read_sample_images(sample: Sample) -> tuple[list, list[str], list[dict]]:
-  """(arrays [C, H, W, D], modalities, manifest image entries, one per array)."""
-  from radfm_jax.data.ingest import read_scan
+  """(arrays [C, H, W, D], modalities, manifest image entries, one per array); UnreadableScan
+  naming the first scan that cannot be read."""
+  from radfm_jax.data.readers import read_scan
   from radfm_jax.data.store import VolumeStore
   arrays, mods, entries = [], [], []
   for entry in sample.record.get('images', []):
     if isinstance(sample.source, VolumeStore):
-      arrays.append(sample.source.read(entry['id']))
+      try:
+        arrays.append(sample.source.read(entry['id']))
+      except Exception as e:     # missing id, damaged chunk: whatever TensorStore raises
+        raise UnreadableScan(str(entry.get('id')), e) from e
       mods.append(str(entry.get('modality') or ''))
       entries.append(entry)
       continue
-    for array, attrs in read_scan(os.path.join(sample.source, entry['path']), entry):
+    path = os.path.join(sample.source, str(entry.get('path')))
+    try:
+      read = read_scan(path, entry)
+    except Exception as e:       # RejectedScan, a reader's own error, OSError
+      raise UnreadableScan(path, e) from e
+    for array, attrs in read:
       arrays.append(array)                            # a 5D case .npy gives several images
       mods.append(str(attrs.get('modality') or ''))
       entries.append(entry)
@@ -121,35 +157,63 @@ def versions(extra: tuple[str, ...] = ()) -> dict:
 
 
 def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, data_cfg,
-                         batch_size: int = 1, seed: int = 0, log=None) -> list[dict]:
-  """One row per sample (input order): id, question, reference, prediction, kind, task."""
+                         batch_size: int = 1, seed: int = 0, progress: bool = True,
+                         skipped: list | None = None) -> list[dict]:
+  """One row per sample whose scans could be read (input order): id, question, reference,
+  prediction, kind, task.
+
+  A sample with an unreadable scan is skipped and appended to `skipped` ({'sample_id',
+  'scan_id', 'reason'}, as training's `PipelineStats.skipped`), unless `data_cfg.drop_unreadable`
+  is False: then it is an InputError naming the sample. A tqdm bar on stderr counts samples
+  unless `progress` is False.
+  """
+  from tqdm import tqdm
+
   from radfm_jax.infer.text import generate_batch
   cfg = model.cfg
   max_images = min(cfg.max_images, tokenizer.max_images)
+  drop = data_cfg is None or data_cfg.drop_unreadable
+  skipped = skipped if skipped is not None else []
   # Samples with the same image count batch together (fewer padded image slots and programs).
   order = sorted(samples, key=lambda s: len(s.record.get('images', [])))
   rows: dict[int, dict] = {}
-  start = time.perf_counter()
-  for first in range(0, len(order), batch_size):
-    chunk = order[first:first + batch_size]
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))   # one program per shape
-    prompts, images, mods, refs = [], [], [], []
-    for s in padded:
-      arrays, modalities, entries = read_sample_images(s)
-      question, answer, n = format_question(s, entries, cfg.perceiver.num_latents, max_images)
-      prompts.append(question)
-      images.append(arrays[:n])
-      mods.append(modalities[:n])
-      refs.append(answer)
-    texts = generate_batch(model, tokenizer, prompts, images, modalities=mods, sampling=sampling,
-                           data_cfg=data_cfg, seed=seed + first)
-    for s, question, ref, text in zip(chunk, prompts, refs, texts):
+  pending: list[tuple] = []       # (sample, question, reference, arrays, modalities)
+
+  def flush(bar):
+    padded = pending + [pending[-1]] * (batch_size - len(pending))   # one program per shape
+    texts = generate_batch(model, tokenizer, [p[1] for p in padded], [p[3] for p in padded],
+                           modalities=[p[4] for p in padded], sampling=sampling,
+                           data_cfg=data_cfg, seed=seed + done[0],
+                           names=[f'sample {p[0].record.get("id", p[0].index)!r}' for p in padded])
+    for (s, question, ref, _, _), text in zip(pending, texts):
       rows[s.index] = {'id': s.record.get('id', str(s.index)), 'question': _plain(question),
                        'reference': ref, 'prediction': text, 'kind': s.kind, 'task': s.task}
-    done = min(first + batch_size, len(order))
-    print(f'eval: {done}/{len(order)} samples ({done / (time.perf_counter() - start):.2f}/s)',
-          file=log or sys.stderr)
-  return [rows[s.index] for s in samples]
+    done[0] += len(pending)
+    bar.update(len(pending))
+    pending.clear()
+
+  done = [0]
+  with tqdm(total=len(order), desc='eval', unit='sample', disable=not progress,
+            dynamic_ncols=True) as bar:
+    for s in order:
+      try:
+        arrays, modalities, entries = read_sample_images(s)
+      except UnreadableScan as e:    # as in training (data/pipeline.py): count it, go on
+        if not drop:
+          raise InputError(f'sample {s.record.get("id", s.index)!r}: {e} '
+                           '(data.drop_unreadable=False)') from e
+        skipped.append({'sample_id': s.record.get('id', str(s.index)), 'scan_id': e.scan,
+                        'reason': e.reason})
+        bar.update(1)
+        bar.set_postfix(skipped=len(skipped))
+        continue
+      question, answer, n = format_question(s, entries, cfg.perceiver.num_latents, max_images)
+      pending.append((s, question, answer, arrays[:n], modalities[:n]))
+      if len(pending) == batch_size:
+        flush(bar)
+    if pending:
+      flush(bar)
+  return [rows[s.index] for s in samples if s.index in rows]
 
 
 def _plain(question: str) -> str:
@@ -179,15 +243,22 @@ def score(rows: list[dict], extractor=None, extractor_reason: str = '') -> dict:
 
 def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg=None,
              batch_size: int = 1, seed: int = 0, extractor=None, extractor_reason: str = '',
-             out_dir: str | None = None, info: dict | None = None) -> dict:
-  """Generates, scores, and (with out_dir) writes predictions.jsonl + summary.json."""
+             out_dir: str | None = None, info: dict | None = None,
+             progress: bool = True) -> dict:
+  """Generates, scores, and (with out_dir) writes predictions.jsonl + summary.json.
+
+  summary['skipped'] counts the samples left out for an unreadable scan and
+  summary['skipped_samples'] lists them (see `generate_predictions`)."""
   from radfm_jax.config import GenerateConfig
   sampling = sampling or GenerateConfig()
   start = time.perf_counter()
+  skipped: list[dict] = []
   rows = generate_predictions(model, tokenizer, samples, sampling=sampling, data_cfg=data_cfg,
-                              batch_size=batch_size, seed=seed)
+                              batch_size=batch_size, seed=seed, progress=progress,
+                              skipped=skipped)
   seconds = time.perf_counter() - start
-  summary = {'n_samples': len(rows), **(info or {}),
+  summary = {'n_samples': len(rows), 'skipped': len(skipped), 'skipped_samples': skipped,
+             **(info or {}),
              'sampling': dataclasses.asdict(sampling), 'batch_size': batch_size,
              **score(rows, extractor, extractor_reason),
              'metric_notes': METRIC_NOTES,

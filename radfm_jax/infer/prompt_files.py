@@ -1,76 +1,139 @@
 """Prompts from files and paths: what `radfm-jax generate` runs, as functions.
 
     items = read_prompts('prompts.jsonl')
+    check_items(items, tok, model.cfg, sampling)          # every prompt, before generating any
     for item, text, ids in generate_items(model, tok, data_cfg, items, sampling, batch_size=4):
       ...
 
 Input JSONL, one prompt per line (image paths relative to the file's folder; an image may also be
 {"path": ..., "modality": "CT"}):
     {"id": "q1", "prompt": "Compare <image> with <image>.", "images": ["a.nii.gz", "b.png"]}
+
+An item is {'id', 'prompt', 'paths', 'modalities', 'where', 'labels'}: `where` names the prompt in
+messages ('prompts.jsonl line 3', '--prompt') and `labels[i]` its image i ('prompts.jsonl line 3
+field images[0]', '--image'). Every problem with an input is an `InputError` naming them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-import time
+
+from radfm_jax.errors import InputError, where
 
 
-def _image_entry(entry, base: str) -> tuple[str, str]:
+def _image_entry(entry, base: str, label: str) -> tuple[str, str]:
   if isinstance(entry, dict):
+    if not isinstance(entry.get('path'), str) or not entry['path']:
+      raise InputError(f'{label}.path: expected a file path, got {entry.get("path")!r}')
     return os.path.join(base, entry['path']), str(entry.get('modality') or '')
-  return os.path.join(base, str(entry)), ''
+  if not isinstance(entry, str) or not entry:
+    raise InputError(f'{label}: expected a file path or {{"path": ..., "modality": ...}}, '
+                     f'got {entry!r}')
+  return os.path.join(base, entry), ''
+
+
+def make_item(item_id: str, prompt: str, paths, modalities, place: str, labels) -> dict:
+  return {'id': item_id, 'prompt': prompt, 'paths': list(paths), 'modalities': list(modalities),
+          'where': place, 'labels': list(labels)}
 
 
 def read_prompts(path: str) -> list[dict]:
-  """Input JSONL -> [{'id', 'prompt', 'paths', 'modalities'}] (paths resolved)."""
+  """Input JSONL -> items (paths resolved against the file's folder). InputError names the file,
+  line and field of a line that is not a JSON object with a string "prompt" and a list "images"."""
+  if not os.path.isfile(path):
+    raise InputError(f'prompts file {path}: no such file (expected JSONL, one '
+                     '{"id", "prompt", "images"} object per line)')
   base = os.path.dirname(os.path.abspath(path))
   items = []
   with open(path) as f:
-    for n, line in enumerate(f):
+    for n, line in enumerate(f, 1):
       if not line.strip():
         continue
-      rec = json.loads(line)
-      if 'prompt' not in rec:
-        raise ValueError(f'{path}:{n + 1}: no "prompt" field')
-      entries = [_image_entry(e, base) for e in rec.get('images', [])]
-      items.append({'id': rec.get('id', str(n)), 'prompt': rec['prompt'],
-                    'paths': [p for p, _ in entries], 'modalities': [m for _, m in entries]})
+      place = where(path, n)
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise InputError(f'{place}: not JSON ({e.msg} at column {e.colno})') from None
+      if not isinstance(rec, dict):
+        raise InputError(f'{place}: expected a JSON object, got {type(rec).__name__}')
+      if not isinstance(rec.get('prompt'), str):
+        raise InputError(f'{where(path, n, "prompt")}: expected a string, got '
+                         f'{rec.get("prompt")!r}')
+      images = rec.get('images', [])
+      if not isinstance(images, list):
+        raise InputError(f'{where(path, n, "images")}: expected a list, got {images!r}')
+      labels = [where(path, n, f'images[{i}]') for i in range(len(images))]
+      entries = [_image_entry(e, base, label) for e, label in zip(images, labels)]
+      items.append(make_item(str(rec.get('id', n)), rec['prompt'], [p for p, _ in entries],
+                             [m for _, m in entries], place, labels))
   return items
 
 
-def read_images(paths, modalities):
-  """Paths -> arrays [C, H, W, D] (ingest readers) and their modalities (given or from the file)."""
-  from radfm_jax.data.ingest import read_scan
+def check_paths(items):
+  """InputError naming the first image (label and path) that does not exist (nothing is read:
+  run it before loading a model)."""
+  for it in items:
+    for path, label in zip(it['paths'], it['labels']):
+      if not os.path.exists(path):
+        raise InputError(f'{label}: image file not found: {path}')
+
+
+def check_items(items, tokenizer, model_cfg, sampling=None):
+  """Every item's images exist (`check_paths`), its `<image>` markers match them and its tokens
+  plus `sampling.max_new_tokens` fit the model's positions; InputError naming the first that does
+  not. Cheap (no image is read), so a long prompts file fails before anything is generated."""
+  from radfm_jax.infer.text import prompt_token_count
+  check_paths(items)
+  for it in items:
+    prompt_token_count(tokenizer, it['prompt'], len(it['paths']), model_cfg, sampling,
+                       it['where'])
+
+
+def read_images(paths, modalities, labels=None):
+  """Paths -> arrays [C, H, W, D] (ingest readers) and their modalities (given or from the file);
+  an unreadable image is an InputError naming its label and path."""
+  from radfm_jax.data.readers import read_scan
   arrays, mods = [], []
-  for path, given in zip(paths, modalities):
-    array, attrs = read_scan(path, {'modality': given} if given else None)[0]
+  labels = labels or [where(p) for p in paths]
+  for path, given, label in zip(paths, modalities, labels):
+    try:
+      array, attrs = read_scan(path, {'modality': given} if given else None)[0]
+    except Exception as e:     # RejectedScan, a reader's own error, OSError: the file's fault
+      reason = str(e)
+      if isinstance(e, InputError) and reason.startswith(f'{path}: '):
+        if label == where(path):
+          raise                  # the reader's message already names the file
+        reason = reason[len(f'{path}: '):]
+      raise InputError(f'{label}: cannot read image {path}: {reason}') from e
     arrays.append(array)
     mods.append(given or attrs.get('modality', ''))
   return arrays, mods
 
 
 def generate_items(model, tokenizer, data_cfg, items, sampling, batch_size: int, seed: int = 0,
-                   log=None):
-  """Yields (item, prediction, new ids) for items {'prompt', 'paths', 'modalities'} in order.
+                   progress: bool = True):
+  """Yields (item, prediction, new ids) for items (see the module doc) in order, after
+  `check_items`; a tqdm bar on stderr counts prompts unless `progress` is False.
 
   sampling: a `GenerateConfig`. Every batch is padded to `batch_size` (one compiled program per
   prompt bucket for the whole run); batch i samples with seed `seed + i * batch_size`.
   """
+  from tqdm import tqdm
+
   from radfm_jax.infer.text import generate_batch
-  start, done = time.perf_counter(), 0
-  for first in range(0, len(items), batch_size):
-    chunk = items[first:first + batch_size]
-    # Pad the last batch by repeating its final item: one compiled program for the whole run.
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    loaded = [read_images(it['paths'], it['modalities']) for it in padded]
-    texts, ids = generate_batch(model, tokenizer, [it['prompt'] for it in padded],
-                                [a for a, _ in loaded], modalities=[m for _, m in loaded],
-                                sampling=sampling, data_cfg=data_cfg, seed=seed + first,
-                                return_ids=True)
-    for it, text, row in zip(chunk, texts, ids):
-      yield it, text, row
-    done += len(chunk)
-    rate = done / (time.perf_counter() - start)
-    print(f'generate: {done}/{len(items)} ({rate:.2f} samples/s)', file=log or sys.stderr)
+  check_items(items, tokenizer, model.cfg, sampling)
+  with tqdm(total=len(items), desc='generate', unit='prompt', disable=not progress,
+            dynamic_ncols=True) as bar:
+    for first in range(0, len(items), batch_size):
+      chunk = items[first:first + batch_size]
+      # Pad the last batch by repeating its final item: one compiled program for the whole run.
+      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+      loaded = [read_images(it['paths'], it['modalities'], it['labels']) for it in padded]
+      texts, ids = generate_batch(model, tokenizer, [it['prompt'] for it in padded],
+                                  [a for a, _ in loaded], modalities=[m for _, m in loaded],
+                                  sampling=sampling, data_cfg=data_cfg, seed=seed + first,
+                                  names=[it['where'] for it in padded], return_ids=True)
+      for it, text, row in zip(chunk, texts, ids):
+        yield it, text, row
+      bar.update(len(chunk))

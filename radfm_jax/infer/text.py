@@ -21,10 +21,11 @@ from typing import Sequence
 
 import numpy as np
 
-from radfm_jax.config import DataConfig, GenerateConfig, ModelConfig
+from radfm_jax.config import DataConfig, GenerateConfig, ModelConfig, validate_generate
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import prompts as prompts_lib
 from radfm_jax.data import transforms
+from radfm_jax.errors import InputError
 from radfm_jax.infer.generate import generate_ids, left_pad
 
 _MARKER = '<image>'
@@ -65,11 +66,37 @@ def place_image_markers(prompt: str, num_images: int, num_latents: int = 32) -> 
   return ''.join(out)
 
 
+def check_prompt_fits(num_tokens: int, model_cfg: ModelConfig, max_new_tokens: int, name: str):
+  """InputError naming the prompt `name` when its tokens plus the new ones need more positions
+  than the model has (`model.llama.max_position_embeddings`): decoding past them would run on
+  positions the model never saw, silently."""
+  limit = model_cfg.llama.max_position_embeddings
+  if num_tokens + max_new_tokens > limit:
+    raise InputError(f'{name}: prompt of {num_tokens} tokens (image blocks included) + '
+                     f'generate.max_new_tokens={max_new_tokens} exceeds the model\'s '
+                     f'{limit} positions (model.llama.max_position_embeddings): shorten the prompt '
+                     'or lower generate.max_new_tokens')
+
+
+def prompt_token_count(tokenizer, prompt: str, num_images: int, model_cfg: ModelConfig,
+                       sampling: GenerateConfig | None = None, name: str = 'prompt') -> int:
+  """Tokens of `prompt` with its image blocks placed, as `prepare_batch` encodes it; InputError
+  naming `name` when the markers do not match `num_images` or it does not fit
+  (`check_prompt_fits` with `sampling.max_new_tokens`)."""
+  try:
+    text = place_image_markers(prompt, num_images, model_cfg.perceiver.num_latents)
+  except ValueError as e:
+    raise InputError(f'{name}: {e}') from None
+  n = len(tokenizer.encode(text))
+  check_prompt_fits(n, model_cfg, (sampling or GenerateConfig()).max_new_tokens, name)
+  return n
+
+
 def as_chw_d(image) -> np.ndarray:
   """A scan as [C, H, W, D]: accepts [H, W] (2D), [H, W, D] (volume) or [C, H, W, D] (C in 1, 3);
-  a path is read with `ingest.read_scan` (NIfTI, DICOM, PNG/JPEG, .npy; first image)."""
+  a path is read with `readers.read_scan` (NIfTI, DICOM, PNG/JPEG, .npy; first image)."""
   if isinstance(image, (str, bytes)) or hasattr(image, '__fspath__'):
-    from radfm_jax.data.ingest import read_scan
+    from radfm_jax.data.readers import read_scan
     return read_scan(str(image))[0][0]
   x = np.asarray(image)
   if x.ndim == 2:
@@ -147,20 +174,26 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
                    top_p: float | None = None, stop_ids: Sequence[int] | None = None,
                    sampling: GenerateConfig | None = None, data_cfg: DataConfig | None = None,
                    modalities: Sequence[Sequence[str]] | None = None, seed: int = 0,
-                   return_ids: bool = False):
+                   names: Sequence[str] | None = None, return_ids: bool = False):
   """Generates one answer per prompt; images[b] is the list of scans of prompt b.
 
   Sampling defaults are `GenerateConfig()` (greedy, 200 new tokens, stop on </s> or <s>); the
-  keyword arguments override it. Returns a list of strings (and the new ids per row, stop id
-  included, with return_ids).
+  keyword arguments override it. A prompt whose tokens plus the new ones exceed the model's
+  positions is an InputError naming it (`names[b]`, default 'prompt b'). Returns a list of
+  strings (and the new ids per row, stop id included, with return_ids).
   """
   import jax
   given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                stop_ids=stop_ids)
+  sampling = dataclasses.replace(sampling or GenerateConfig(),
+                                 **{k: v for k, v in given.items() if v is not None})
+  validate_generate(sampling)              # before anything is prepared or compiled
   batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities)
+  for b, n in enumerate(np.asarray(batch['attention_mask']).sum(axis=1)):
+    check_prompt_fits(int(n), model.cfg, sampling.max_new_tokens,
+                      names[b] if names else f'prompt {b}')
   out = generate_ids(model, batch['tokens'], batch['attention_mask'], batch['images'],
-                     batch['image_mask'], sampling=sampling, rng=jax.random.key(seed),
-                     **{k: v for k, v in given.items() if v is not None})
+                     batch['image_mask'], sampling=sampling, rng=jax.random.key(seed))
   ids = out.sequences()
   texts = [tokenizer.decode(row).strip() for row in ids]
   return (texts, ids) if return_ids else texts

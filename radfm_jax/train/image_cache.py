@@ -122,7 +122,8 @@ def cache_images(checkpoint_dir: str, store_dir: str, *, data_cfg=None, mesh_cfg
                                      == 0 else None)
       with sharding.use_mesh(mesh, rules):
         tokens = np.asarray(jax.device_get(encode(model, put(images), put(mask))))
-      cache.write({scan: (tokens[r, s * n:(s + 1) * n], hwd) for r, s, scan in fresh})
+      cache.write({scan: (tokens[r, s * n:(s + 1) * n], hwd) for r, s, scan in fresh},
+                  keys={scan: store.key(scan) for _, _, scan in fresh})
   if bar is not None:
     bar.close()
   return {'fingerprint': fp, 'scans': len(made), 'samples': len(records),

@@ -1,25 +1,39 @@
-"""The training loop: `radfm-jax train --config configs/radfm.py:model=tiny,mesh=cpu --workdir DIR`.
+"""The training loop behind `radfm-jax train --config radfm:model=tiny --workdir DIR
+--config.data.store=STORE --config.data.tokenizer=TOK` (or `--config.data.store=synthetic`).
 
     result = train(cfg, workdir)      # Python: same thing; `data=` takes any iterator of batch dicts
 
 Per step: this host's batch (numpy) -> global arrays (`jax.make_array_from_process_local_data`)
 -> the jitted, donated train step. Metrics are read one step late (the host never waits for the
 step it just dispatched) except before a checkpoint, where the step's loss is checked first.
-Outputs in `workdir`: checkpoints/ (async Orbax: state, data-iterator state, config), config.json,
-metrics.jsonl, tensorboard/ (event files). A run restarts from the latest checkpoint in `workdir`.
-A gs:// workdir holds the checkpoints; the logs then go to $RADFM_LOGDIR/<run name> (`run_dirs`).
+Outputs in `workdir` (`rundir.py`): checkpoints/ (async Orbax: state, data-iterator state, config;
+checkpoints/config.json, the run's one config record, absolute paths), tokenizer.model (a copy),
+metrics.jsonl, tensorboard/ (event files), loss_curve.png (at the end of each call). A run
+restarts from the latest checkpoint in `workdir`, which must hold the same config
+(`rundir.RESUMABLE` lists what may change). A gs:// workdir holds the checkpoints; the logs then
+go to $RADFM_LOGDIR/<run name> (`run_dirs`).
 
-Stops: `train.steps` reached (or `max_steps`), SIGTERM / SIGINT (saves a checkpoint at the current
-step, then returns normally: exit code 0), a non-finite loss (`NonFiniteLossError`: nothing is
+What it prints (process 0, stderr): a start-up summary (parameters, devices and mesh, samples per
+split, shape buckets, tokenizer, workdir), "compiling train step for bucket ..." before each new
+batch shape (the compile time is kept out of the progress bar's rate and ETA and out of
+tokens_per_s), "resumed from step N (data position restored)", a tqdm bar (loss, step/s).
+
+Stops: `train.steps` reached (or `max_steps`); SIGINT (Ctrl-C: status 'interrupted') or SIGTERM
+(preemption: status 'preempted') save a checkpoint at the current step, then return (a second
+Ctrl-C raises KeyboardInterrupt at once); a non-finite loss (`NonFiniteLossError`: nothing is
 saved after the last good checkpoint, which stays intact).
 
-Data: `cfg.data.store == ''` -> `SyntheticBatches` (deterministic random batches from the config
-shapes); otherwise the Grain pipeline `radfm_jax.data.pipeline.make_dataset` over
-`cfg.data.store` with the tokenizer `cfg.data.tokenizer`.
+Data: `data.store='synthetic'` -> `SyntheticBatches` (deterministic random batches from the config
+shapes); a store folder -> the Grain pipeline `radfm_jax.data.pipeline.make_dataset` over it with
+the tokenizer `data.tokenizer`; an empty `data.store` is a ConfigError. With `data.image_cache`
+the state is restored first, then the store's image-token cache of its frozen vision tower is
+opened (`train/image_cache.open_for_run`), then the pipeline over it, then the data position
+(`Checkpointer.restore_data`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,11 +47,14 @@ from flax import nnx
 
 from radfm_jax import sharding
 from radfm_jax.checkpoint import Checkpointer
-from radfm_jax.config import Config
+from radfm_jax.config import SYNTHETIC_STORE, Config, ConfigError, check_data_store
 from radfm_jax.data import batch as batch_lib
+from radfm_jax.errors import InputError
 from radfm_jax.models.radfm import RadFM, abstract_model
+from radfm_jax.train import compile_cache
 from radfm_jax.train import metrics as metrics_lib
 from radfm_jax.train import optim
+from radfm_jax.train import rundir
 from radfm_jax.train import step as step_lib
 from radfm_jax.train.synthetic import SyntheticBatches
 
@@ -50,26 +67,69 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
   step: int                          # optimizer steps done (state.step) when the run returned
   losses: dict                       # {step: train loss} of the steps run in this call
-  status: str                        # 'done' | 'preempted'
+  status: str                        # 'done' | 'interrupted' (SIGINT) | 'preempted' (SIGTERM)
   last_checkpoint: int | None
   state: object = None               # the final TrainState (device arrays)
 
 
 def make_data(cfg: Config, split: str = 'train', image_cache=None):
-  """This host's iterator of batch dicts for `split` ('train' or 'eval'); `image_cache` (an
-  ImageTokenCache, with data.image_cache): batches of cached image tokens."""
-  if not cfg.data.store:
+  """This host's iterator of batch dicts for `split` ('train' or 'eval'); `image_cache`: see
+  `open_data`."""
+  return open_data(cfg, split, image_cache)[0]
+
+
+def open_data(cfg: Config, split: str = 'train', image_cache=None) -> tuple[object, str]:
+  """(this host's iterator of batch dicts for `split`, a one-line description: source, samples
+  per split, shape buckets). `image_cache` (an ImageTokenCache, with data.image_cache): batches
+  carry each scan's cached image tokens (`image_tokens`) instead of its volume."""
+  store = cfg.data.store
+  check_data_store(cfg)                       # empty: a ConfigError naming data.store
+  if store == SYNTHETIC_STORE:
     seed = cfg.seed if split == 'train' else cfg.seed + 7919
-    return SyntheticBatches(cfg, seed=seed, process_index=jax.process_index(),
+    data = SyntheticBatches(cfg, seed=seed, process_index=jax.process_index(),
                             process_count=jax.process_count())
+    first = data.make_global(0)
+    return data, (f'synthetic (data.store={SYNTHETIC_STORE}): random batches, one bucket '
+                  f'{_bucket(first)}')
+  from radfm_jax.data.manifest import read_manifest
   from radfm_jax.data.pipeline import make_dataset
+  from radfm_jax.data.store import VolumeStore
   from radfm_jax.data.tokenizer import Tokenizer
+  if not cfg.data.tokenizer or ('://' not in cfg.data.tokenizer
+                                and not os.path.isfile(cfg.data.tokenizer)):
+    raise ConfigError(f'config field data.tokenizer={cfg.data.tokenizer!r}: expected the '
+                      f'SentencePiece tokenizer.model the store is tokenized with '
+                      f'(--config.data.tokenizer=PATH)')
   tokenizer = Tokenizer(cfg.data.tokenizer, max_images=cfg.model.max_images,
-                        num_latents=cfg.model.perceiver.num_latents)
-  ds = make_dataset(cfg.data, cfg.model, cfg.data.store, tokenizer, seed=cfg.seed,
-                    split=split, num_epochs=None if split == 'train' else 1,
-                    image_cache=image_cache)
-  return iter(ds)
+                        num_latents=cfg.model.perceiver.num_latents,
+                        source='config field data.tokenizer')
+  volumes = VolumeStore(store)
+  manifest = cfg.data.manifest or volumes.manifest_path
+  rows = read_manifest(manifest)
+  splits: dict[str, int] = {}
+  for row in rows:
+    splits[row.get('split', 'train')] = splits.get(row.get('split', 'train'), 0) + 1
+  records = [r for r in rows if r.get('split', 'train') == split]
+  if not records:
+    raise InputError(f'{manifest}: no samples in split {split!r} (splits here: {splits or "none"}); '
+                     'expected samples with "split": "' + split + '" (docs/data.md)')
+  ds = make_dataset(cfg.data, cfg.model, volumes, tokenizer, seed=cfg.seed, records=records,
+                    num_epochs=None if split == 'train' else 1, image_cache=image_cache)
+  buckets = sorted(ds.plan.buckets.items(), key=lambda kv: dataclasses.astuple(kv[0]))
+  shown = '; '.join(f'{k.kind} {k.height}x{k.width}x{k.depth} x {k.images} image(s), text '
+                    f'{k.length}: {len(v)} samples' for k, v in buckets)
+  counts = ', '.join(f'{name} {n}' for name, n in sorted(splits.items()))
+  cached = '' if image_cache is None else f'; image tokens from {image_cache.directory}'
+  return iter(ds), (f'{manifest}: samples {counts}; the {split} split in {len(buckets)} shape '
+                    f'bucket(s): {shown}{cached}')
+
+
+def _bucket(batch: dict) -> str:
+  """'images 8x1x3x64x64x4, text 48' (or 'image_tokens 8x32x64, ...' from the image-token
+  cache): the shapes one compiled step serves."""
+  key = 'image_tokens' if 'image_tokens' in batch else 'images'
+  return (f'{key} {"x".join(map(str, batch[key].shape))}, '
+          f'text {batch["tokens"].shape[1]}')
 
 
 def global_batch(batch: dict, mesh, rules) -> dict:
@@ -85,9 +145,10 @@ def global_batch(batch: dict, mesh, rules) -> dict:
 class _StopFlag:
   """Set by SIGTERM / SIGINT; the loop saves and returns at the next step boundary."""
 
-  def __init__(self):
+  def __init__(self, say=None):
     self.signal = None
     self._old = {}
+    self._say = say
 
   def install(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,6 +158,11 @@ class _StopFlag:
         pass
 
   def _handle(self, signum, _frame):
+    if self.signal == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt       # a second Ctrl-C: stop now, without the checkpoint
+    if self.signal is None and self._say is not None:
+      self._say(f'{signal.Signals(signum).name}: saving a checkpoint after this step'
+                + (' (Ctrl-C again: stop without it)' if signum == signal.SIGINT else ''))
     self.signal = signum
 
   def restore(self):
@@ -175,6 +241,7 @@ def init_state(cfg: Config, mesh, rules, tx, shardings):
 
 
 _JITTED: dict = {}
+_COMPILED: set = set()        # (step kind, batch shapes) compiled by the cached jitted steps
 
 
 def _jitted_steps(cfg: Config, mesh, rules, graphdef, tx, shardings):
@@ -189,6 +256,7 @@ def _jitted_steps(cfg: Config, mesh, rules, graphdef, tx, shardings):
       eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef, cfg),
                                          shardings.params, mesh, rules)
     _JITTED.clear()           # keep one entry: compiled executables hold device memory
+    _COMPILED.clear()
     _JITTED[key] = (train_step, eval_step)
   return _JITTED[key]
 
@@ -217,8 +285,9 @@ def evaluate(eval_step, params, data, mesh, rules, num_batches: int) -> dict:
 
 def run_dirs(workdir: str) -> tuple[str, str]:
   """(checkpoint root, local log dir). A URL workdir (gs://...) keeps the checkpoints there (Orbax
-  writes to GCS) and the JSONL / TensorBoard / config.json logs in $RADFM_LOGDIR/<run name>
-  (default /tmp/radfm_logs), since appending to objects in GCS is not possible."""
+  writes to GCS; its config.json and tokenizer.model too) and the JSONL / TensorBoard logs and
+  loss_curve.png in $RADFM_LOGDIR/<run name> (default /tmp/radfm_logs), since appending to
+  objects in GCS is not possible."""
   if '://' in workdir:
     name = workdir.rstrip('/').rsplit('/', 1)[-1]
     return workdir, os.path.join(os.environ.get('RADFM_LOGDIR', '/tmp/radfm_logs'), name)
@@ -226,58 +295,178 @@ def run_dirs(workdir: str) -> tuple[str, str]:
   return workdir, workdir
 
 
+class _Say:
+  """Prints `radfm-jax train: ...` lines to stderr on process 0, above the progress bar."""
+
+  def __init__(self, enabled: bool):
+    self.enabled, self.bar = enabled, None
+
+  def __call__(self, msg: str):
+    if not self.enabled:
+      return
+    line = f'radfm-jax train: {msg}'
+    if self.bar is not None:
+      self.bar.write(line, file=sys.stderr)
+    else:
+      print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """A resume restores every item with explicit args, yet Orbax logs (absl, WARNING) 'Item "state"
+  was found in the checkpoint, but could not be restored' twice per item: it reads like failure,
+  so WARNINGs are hidden for the call. Errors still show."""
+  import logging
+
+  from absl import logging as absl_logging
+  old_absl, logger = absl_logging.get_verbosity(), logging.getLogger('absl')
+  old_level = logger.level
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(old_absl)
+    logger.setLevel(old_level)
+
+
+def _summary(say, cfg: Config, mesh, abs_state, data_text: str, tokenizer: str | None,
+             workdir: str, logdir: str, step: int, total: int):
+  from radfm_jax.models.radfm import count_params
+  n = count_params(abs_state.params)
+  trainable = count_params(optim.split_trainable(abs_state.params, cfg.train.freeze)[0])
+  m = cfg.model
+  say(f'model {m.size}: {n / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), '
+      f'{m.param_dtype} parameters, {m.compute_dtype} compute')
+  devices = mesh.devices.flat[0]
+  shape = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
+  say(f'{mesh.devices.size} {devices.platform} device(s) ({devices.device_kind}) over '
+      f'{jax.process_count()} process(es); mesh {shape}, rules {cfg.mesh.rules}')
+  say(f'data: {data_text}')
+  if tokenizer:
+    say(f'tokenizer: {cfg.data.tokenizer} (kept in the run as {tokenizer})')
+  cache = compile_cache.directory()
+  say(f'workdir {workdir}: checkpoints/, metrics.jsonl'
+      + (f', tensorboard/ (view: tensorboard --logdir {logdir}/tensorboard)'
+         if cfg.train.tensorboard else '') + ', loss_curve.png'
+      + (f' (logs in {logdir})' if logdir != workdir else '')
+      + f'; compilation cache: {cache or "off"}')
+  say(f'steps {step} -> {total} of train.steps={cfg.train.steps} (warmup {cfg.train.warmup}, '
+      f'learning rate {cfg.train.learning_rate:g}), a checkpoint every '
+      f'{cfg.train.checkpoint_every or "(end only)"} steps')
+
+
+def plot_loss_curve(logdir: str, title: str) -> str | None:
+  """LOGDIR/loss_curve.png from the train rows of LOGDIR/metrics.jsonl (every call of a resumed
+  run; the latest row of a step wins); None when there is nothing to plot."""
+  losses = {r['step']: r['loss'] for r in metrics_lib.read_metrics(logdir, 'train')}
+  if not losses:
+    return None
+  path = os.path.join(logdir, 'loss_curve.png')
+  metrics_lib.plot_losses(losses, path, title)
+  return path
+
+
 def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: int | None = None,
-          mesh=None, progress: bool = True, on_step=None) -> TrainResult:
-  """Trains (or resumes) until `train.steps` (or `max_steps` optimizer steps in total)."""
+          mesh=None, progress: bool = True, on_step=None, verbose: bool = True,
+          fallback: bool = True) -> TrainResult:
+  """Trains (or resumes) until `train.steps` (or `max_steps` optimizer steps in total).
+
+  progress: the tqdm bar (shown only on a terminal); verbose: the start-up summary, compile and
+  resume lines (stderr, process 0); fallback: a latest checkpoint that does not restore is
+  reported and the newest intact one used (`Checkpointer.restore_latest`), else an InputError."""
   t = cfg.train
+  given_workdir = workdir
   workdir, logdir = run_dirs(workdir)
   is_main = jax.process_index() == 0
+  say = _Say(is_main and verbose)
+  if data is not None:
+    data_text = f'{type(data).__name__} given by the caller'
+  elif cfg.data.image_cache:
+    check_data_store(cfg)             # the data opens once the vision tower's weights are known
+  else:
+    data, data_text = open_data(cfg, 'train')       # an empty data.store fails here
+  ckpt_dir = workdir.rstrip('/') + '/checkpoints'
+  tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
+      is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
+  config_dict = rundir.record(cfg, tokenizer)
+  rundir.check_same_run(config_dict, ckpt_dir, given_workdir)   # before Orbax reads a shape
   mesh, rules, graphdef, tx, abs_state, shardings = build(cfg, mesh)
-  ckpt = Checkpointer(workdir.rstrip('/') + '/checkpoints', max_to_keep=t.keep_checkpoints,
-                      async_save=t.async_checkpoint)
-  config_dict = cfg.to_dict()
-  latest = ckpt.latest_step()
+  ckpt = Checkpointer(ckpt_dir, max_to_keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+  if is_main:
+    rundir.write_record(ckpt.directory, config_dict)
+  total = t.steps if max_steps is None else min(t.steps, max_steps)
   image_cache = None
   if cfg.data.image_cache:
-    # The cache belongs to the frozen vision tower's weights: know them before opening the data.
+    # The cache belongs to the frozen vision tower's weights: restore (or initialise) the state
+    # first, then open the cache of its tower, then the data over it, then the data's position.
     from radfm_jax.train.image_cache import open_for_run
-    if latest is not None:
-      state, _ = ckpt.restore(latest, abs_state)
-    else:
-      state = init_state(cfg, mesh, rules, tx, shardings)
+    with _quiet_orbax():
+      restored = ckpt.restore_latest(abs_state, None, fallback=fallback,
+                                     log=say if say.enabled else None)
+    latest = restored[0] if restored is not None else None
+    state = restored[1] if restored is not None else init_state(cfg, mesh, rules, tx, shardings)
     source = f'run {workdir} ' + (f'step {latest}' if latest is not None else
                                   f'initialised from seed {cfg.seed}')
     image_cache = open_for_run(cfg, state.params, source)
-    data = data if data is not None else make_data(cfg, 'train', image_cache)
+    if data is None:
+      data, data_text = open_data(cfg, 'train', image_cache)
+    _summary(say, cfg, mesh, abs_state, data_text, tokenizer, workdir, logdir, latest or 0,
+             total)
     if latest is not None:
-      ckpt.restore_data(latest, data)
+      with _quiet_orbax():
+        ckpt.restore_data(latest, data)
   else:
-    data = data if data is not None else make_data(cfg, 'train')
-    if latest is not None:
-      state, _ = ckpt.restore(latest, abs_state, data)
-    else:
-      state = init_state(cfg, mesh, rules, tx, shardings)
-  if is_main:
-    os.makedirs(logdir, exist_ok=True)
-    with open(os.path.join(logdir, 'config.json'), 'w') as f:
-      json.dump(config_dict, f, indent=1, default=str)
+    _summary(say, cfg, mesh, abs_state, data_text, tokenizer, workdir, logdir,
+             ckpt.latest_step() or 0, total)
+    with _quiet_orbax():
+      restored = ckpt.restore_latest(abs_state, data, fallback=fallback,
+                                     log=say if say.enabled else None)   # newest intact step
+    latest = restored[0] if restored is not None else None
+    state = restored[1] if restored is not None else init_state(cfg, mesh, rules, tx, shardings)
+  if restored is not None:
+    say(f'resumed from step {latest} (' + ('data position restored)' if hasattr(
+        data, 'get_state') else 'data position not restored: the iterator has no get_state)'))
   writer = metrics_lib.MetricWriter(logdir, tensorboard=t.tensorboard, enabled=is_main)
   train_step, eval_step = _jitted_steps(cfg, mesh, rules, graphdef, tx, shardings)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0], t.peak_tflops)
   num_devices = mesh.devices.size
 
   step = int(jax.device_get(state.step))
-  total = t.steps if max_steps is None else min(t.steps, max_steps)
   losses, last_saved = {}, latest
-  stop = _StopFlag()
+  stop = _StopFlag(say)
   stop.install()
   bar = None
-  if progress and is_main:
+  if is_main:
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, desc='train', dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, initial=step, desc='train', unit='step', dynamic_ncols=True,
+               file=sys.stderr, disable=None if progress else True)   # None: only on a TTY
+    say.bar = bar
 
-  pending = None              # (step number, metrics on device, tokens, flops, dispatch time)
+  pending = None              # (step number, metrics on device, tokens, flops)
   last_time = time.perf_counter()
+
+  def run_step(kind: str, fn, *args):
+    """fn(*args), announcing the compile of a new batch shape and keeping its time out of the
+    step rates (jit compiles synchronously in the call; the run itself is dispatched async)."""
+    nonlocal last_time
+    batch = args[-1]
+    key = (kind, tuple((k, batch[k].shape) for k in sorted(batch)))
+    if key in _COMPILED:
+      return fn(*args)
+    say(f'compiling {kind} step for bucket {_bucket(batch)} ...')
+    hits = compile_cache.counts()['hits']
+    start = time.perf_counter()
+    out = fn(*args)
+    spent = time.perf_counter() - start
+    _COMPILED.add(key)
+    loaded = compile_cache.counts()['hits'] > hits
+    say(f'{kind} step for bucket {_bucket(batch)} '
+        f'{"loaded from the compilation cache" if loaded else "compiled"} in {spent:.1f} s')
+    last_time += spent
+    if bar is not None:
+      bar.unpause()             # the bar's rate and ETA restart after the compile
+    return out
 
   def handle(p):
     nonlocal last_time
@@ -320,7 +509,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
   try:
     while step < total:
       if stop.is_set():
-        status = 'preempted'
+        status = 'interrupted' if stop.signal == signal.SIGINT else 'preempted'
         break
       try:
         host_batch = next(data)
@@ -329,7 +518,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
       batch = global_batch(host_batch, mesh, rules)
       tokens = float(np.prod(batch['tokens'].shape))
       flops = metrics_lib.batch_flops(cfg.model, batch)
-      state, m = train_step(state, batch)
+      state, m = run_step('train', train_step, state, batch)
       step += 1
       if pending is not None:
         handle(pending)
@@ -346,11 +535,12 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
           eval_iter = eval_data if eval_data is not None else make_data(cfg, 'eval',
                                                                         image_cache)
         except ValueError as e:      # e.g. the manifest has no 'eval' split
-          print(f'radfm-jax train: periodic eval disabled: {e}', file=sys.stderr)
+          say(f'periodic eval disabled: {e}')
           eval_step = None
           eval_iter = None
         if eval_iter is not None:
-          result = evaluate(eval_step, state.params, eval_iter, mesh, rules, t.eval_steps)
+          result = evaluate(lambda p, b: run_step('eval', eval_step, p, b), state.params,
+                            eval_iter, mesh, rules, t.eval_steps)
           if result:
             writer.write(step, 'eval', result)
         last_time = time.perf_counter()
@@ -363,14 +553,22 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
     stop.restore()
     if bar is not None:
       bar.close()
+      say.bar = None
     writer.close()
     ckpt.close()
-  if status == 'preempted' and is_main:
-    print(f'radfm-jax train: signal {stop.signal} received; checkpoint saved at step {step} in '
-          f'{ckpt.directory}', file=sys.stderr)
+  if status != 'done':
+    say(f'signal {signal.Signals(stop.signal).name if stop.signal else "(another host)"} '
+        f'received; checkpoint saved at step {step} in {ckpt.directory}')
+  if is_main:
+    try:
+      path = plot_loss_curve(logdir, f'radfm-jax train: {cfg.model.size}, step {step}')
+      if path:
+        say(f'loss curve: {path}')
+    except ImportError as e:
+      say(f'no loss_curve.png ({e}); pip install matplotlib')
   return TrainResult(step=step, losses=losses, status=status, last_checkpoint=last_saved,
                      state=state)
 
 
 __all__ = ['NonFiniteLossError', 'TrainResult', 'build', 'evaluate', 'global_batch', 'init_params',
-           'init_state', 'make_data', 'run_dirs', 'train']
+           'init_state', 'make_data', 'open_data', 'plot_loss_curve', 'run_dirs', 'train']

@@ -1,4 +1,5 @@
-"""Training FLOPs (for MFU), device peak FLOP/s and metric writers (JSONL + TensorBoard).
+"""Training FLOPs (for MFU), device peak FLOP/s, metric writers (JSONL + TensorBoard), the loss
+curve (matplotlib).
 
 FLOPs are analytic (`radfm_jax.models.flops`: every matmul of the ViT, Perceiver, fc and LLaMA,
 full attention included, 2 per multiply-add); a training step is 3x the forward (forward +
@@ -98,14 +99,36 @@ class MetricWriter:
       self.tb.close()
 
 
+def plot_losses(losses: dict, path: str, title: str):
+  """A PNG of {step: loss} (per-step values and their 0.9 EMA, log scale) at `path`; used for
+  the training workdir's loss_curve.png and the demo's. Drawn on a bare `Figure` (no pyplot), so
+  a notebook's matplotlib backend is left alone."""
+  from matplotlib.figure import Figure
+  steps = sorted(losses)
+  values = [losses[s] for s in steps]
+  smooth, ema = [], None
+  for v in values:
+    ema = v if ema is None else 0.9 * ema + 0.1 * v
+    smooth.append(ema)
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
+  ax.plot(steps, values, alpha=0.35, label='train loss (logged steps)')
+  ax.plot(steps, smooth, label='EMA 0.9')
+  ax.set_xlabel('step')
+  ax.set_ylabel('token-mean cross-entropy')
+  ax.set_yscale('log')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  from radfm_jax.data.store import read_jsonl      # [] when absent; errors name file and line
+  rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   return [r for r in rows if split is None or r['split'] == split]
 
 
-__all__ = ['MetricWriter', 'PEAK_FLOPS', 'batch_flops', 'peak_flops_per_device', 'read_metrics',
-           'train_step_flops']
+__all__ = ['MetricWriter', 'PEAK_FLOPS', 'batch_flops', 'peak_flops_per_device', 'plot_losses',
+           'read_metrics', 'train_step_flops']

@@ -10,7 +10,8 @@ backward pass) nor optimizer moments (no memory spent on them), and they are bit
 by a step.
 
 Chain: clip_by_global_norm(max_grad_norm) -> AdamW(schedule, b1, b2, eps, weight_decay, mask).
-Schedule: linear warmup 0 -> learning_rate over `warmup_steps`, then cosine decay to
+Schedule: linear warmup 0 -> learning_rate over `TrainConfig.warmup` steps (`warmup_steps`, or
+min(100, steps // 10) when it is -1), then cosine decay to
 learning_rate * min_lr_ratio at `steps`.
 
 Weight-decay mask (`decay_mask`): decay applies to matmul kernels only, i.e. every parameter named
@@ -76,7 +77,7 @@ def decay_mask(params) -> object:
 
 def make_schedule(t: TrainConfig) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup,
       decay_steps=t.steps, end_value=t.learning_rate * t.min_lr_ratio)
 
 

@@ -1,4 +1,4 @@
-"""Synthetic RadFM batches for tests and benchmarks (`cfg.data.store == ''`).
+"""Synthetic RadFM batches for tests and benchmarks (`data.store=synthetic`).
 
 Global batch `i` is a pure function of (seed, i): every process builds the same global batch and
 keeps its own rows, so a run over N processes sees exactly the batches of a 1-process run with an

@@ -1,0 +1,432 @@
+"""Scan readers: a file (NIfTI, DICOM file or series folder, PNG/JPEG, .npy) -> validated arrays
+[C, H, W, D] in their storable dtype plus attributes. Used by `ingest` and, for raw files, by
+`generate` / `eval`, so every guard below protects all of them.
+
+    [(array, attrs)] = read_scan('ct.nii.gz', {'modality': 'CT'})   # RejectedScan otherwise
+
+Bounded memory from headers. Before any voxel is read, the bytes the header claims (NIfTI
+dim/datatype, DICOM Rows x Columns x frames x samples x bits, PNG/JPEG size x bands, .npy header)
+are checked: an uncompressed file must hold them, a .nii.gz / PNG cannot claim more than DEFLATE
+can expand (1032x its size), and no scan may need more than `max_bytes` (default 2 GiB, `ingest
+--max-scan-bytes`). A 1 KB file claiming 1.6 GB is a reject naming the file; nothing large is
+allocated.
+
+Reading rules (stored layout [C, H, W, D], see store.py):
+  * NIfTI: reoriented to RAS with `nib.as_closest_canonical`; 4D: trailing singleton axes are
+    squeezed, a real time/echo axis needs `frame`, otherwise the scan is rejected (no silent
+    averaging or first-frame pick). Rank > 4 after squeezing is rejected. Spacing is the column
+    norms of the RAS affine. A non-finite or singular affine is a reject. A zero or negative
+    pixdim, which nibabel replaces on load (0 by 1, a negative by its absolute value) when the
+    geometry comes from pixdim (no sform), is a recorded repair: attribute `spacing_repaired`
+    (the header's values as text) and a line in STORE/warnings.jsonl.
+  * DICOM: a file or a folder holding one series; slices are sorted by position along the slice
+    normal (ImagePositionPatient), else InstanceNumber; RescaleSlope/Intercept applied (int16
+    when the result is integral and fits, e.g. CT HU, else float32 when it fits); volumes with
+    orientation tags are reoriented LPS -> RAS like NIfTI; a file without them (X-ray) is a 2D
+    image. Zero / negative / NaN PixelSpacing, or two slices at one position: reject.
+  * PNG/JPEG: Pillow; grayscale stays 1 channel (16-bit kept), everything else becomes RGB.
+  * .npy: [H, W] / [H, W, D] / [C, H, W, D] (C in 1, 3) / [S, C, H, W, D]; other ranks rejected;
+    never unpickled.
+A scan is rejected (RejectedScan, an InputError: `path: reason`) when it cannot be read, has a
+wrong rank, is empty, holds any NaN/inf voxel (no repair: a NaN has no right value), is
+constant, holds values its stored dtype cannot hold (int64 beyond int32, float64 beyond float32:
+no wrap, no inf), or has spacing that is not finite and positive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+
+from radfm_jax.data.store import to_storable
+from radfm_jax.errors import InputError
+
+DEFAULT_MAX_SCAN_BYTES = 2 << 30
+# DEFLATE (gzip, PNG) cannot expand data more than ~1032x (a 258-byte match costs >= 2 bits), so a
+# compressed file cannot hold more than this many times its size, whatever its header says.
+_DEFLATE_MAX_RATIO = 1032
+
+
+class RejectedScan(InputError):
+  """An input that cannot become a stored scan. `reason` says why; `path` (set by `read_scan`)
+  names the file, and the message is `path: reason`."""
+
+  def __init__(self, reason: str, path: str | None = None):
+    super().__init__(f'{path}: {reason}' if path else reason)
+    self.reason, self.path = reason, path
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers: path -> list of (array [C, H, W, D], attributes)
+
+
+def _check_size(what: str, memory: int, max_bytes: int, payload: int | None = None,
+                file_bytes: int | None = None, compressed_bytes: int | None = None):
+  """Header sizes against the file, before anything is allocated. `payload`: the bytes the header
+  says the file stores; `file_bytes`: what an uncompressed file holds for them; `compressed_bytes`:
+  the size of a DEFLATE-compressed file; `memory`: what decoding allocates."""
+  if payload is not None and file_bytes is not None and payload > file_bytes:
+    raise RejectedScan(f'{what}: the header claims {payload:,} bytes of pixel data but the file '
+                       f'holds {max(file_bytes, 0):,}; expected a complete file')
+  if (payload is not None and compressed_bytes is not None
+      and payload > compressed_bytes * _DEFLATE_MAX_RATIO + (1 << 16)):
+    raise RejectedScan(f'{what}: the header claims {payload:,} bytes from {compressed_bytes:,} '
+                       f'compressed bytes, more than DEFLATE can expand (x{_DEFLATE_MAX_RATIO}); '
+                       'expected a header that matches the data')
+  if memory > max_bytes:
+    raise RejectedScan(f'{what}: needs {memory:,} bytes in memory, over the limit of '
+                       f'{max_bytes:,} (max_scan_bytes / --max-scan-bytes); expected a smaller '
+                       'scan or a higher limit')
+
+
+def _validate(array: np.ndarray) -> np.ndarray:
+  """Checked array in its storable dtype (store.to_storable), or RejectedScan."""
+  if array.ndim != 4:
+    raise RejectedScan(f'wrong rank: shape {array.shape}')
+  if array.size == 0:
+    raise RejectedScan(f'empty array: shape {array.shape}')
+  if array.dtype.kind == 'f':
+    finite = np.isfinite(array)
+    if not finite.any():
+      raise RejectedScan('all values are NaN/inf')
+    if not finite.all():
+      raise RejectedScan(f'{int((~finite).sum())} NaN/inf values; expected finite voxels')
+  elif array.dtype.kind not in 'iub':
+    raise RejectedScan(f'unsupported dtype {array.dtype}')
+  try:
+    array = to_storable(array)
+  except ValueError as e:
+    raise RejectedScan(str(e)) from None
+  if array.min() == array.max():
+    raise RejectedScan(f'constant volume (every value {array.flat[0]!r})')
+  return array
+
+
+def _check_spacing(spacing) -> list[float]:
+  values = [float(v) for v in spacing]
+  if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+    raise RejectedScan(f'spacing {values} mm is not finite and positive; expected a header with '
+                       'real voxel sizes')
+  return values
+
+
+def _nifti_pixdim_repair(path: str, img) -> list[str] | None:
+  """The header's own pixdim[1:4] (as text) when nibabel repaired them on load (0 -> 1, negative
+  -> absolute value) and the geometry comes from them (no sform); else None."""
+  import nibabel as nib
+  header = img.header
+  if int(header['sform_code']) > 0:
+    return None                      # the sform is the geometry; pixdim is not used
+  with nib.openers.ImageOpener(path) as f:
+    raw = type(header).from_fileobj(f, check=False)['pixdim'][1:4]
+  ndim = min(3, len(img.shape))
+  if all(float(v) > 0 for v in raw[:ndim]):
+    return None
+  return [repr(float(v)) for v in raw]
+
+
+def read_nifti(path: str, frame: int | None = None,
+               max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
+  import nibabel as nib
+  try:
+    img = nib.load(path)             # the header only: voxels are read below, after the checks
+  except Exception as e:  # nibabel raises many types for non-NIfTI content
+    raise RejectedScan(f'not a readable NIfTI: {type(e).__name__}: {e}') from e
+  dtype = np.dtype(img.get_data_dtype())
+  voxels = math.prod(int(n) for n in img.shape)
+  scaled = not (img.dataobj.slope == 1 and img.dataobj.inter == 0)
+  size = os.path.getsize(path)
+  what = f'NIfTI shape {list(img.shape)} {dtype}'
+  memory = voxels * (8 if scaled else dtype.itemsize)
+  if path.lower().endswith('.gz'):
+    _check_size(what, memory, max_bytes, voxels * dtype.itemsize, compressed_bytes=size)
+  else:
+    _check_size(what, memory, max_bytes, voxels * dtype.itemsize,
+                file_bytes=size - int(img.dataobj.offset))
+  if not np.isfinite(img.affine).all():
+    raise RejectedScan(f'affine {img.affine[:3].tolist()} is not finite (NaN pixdim or '
+                       'sform/qform); expected real voxel geometry')
+  repaired = _nifti_pixdim_repair(path, img)
+  source_axcodes = ''.join(str(c) for c in nib.orientations.aff2axcodes(img.affine))
+  try:
+    img = nib.as_closest_canonical(img)
+  except Exception as e:  # a singular affine cannot be reoriented
+    raise RejectedScan(f'affine cannot be reoriented to RAS ({type(e).__name__}: {e}); '
+                       'expected an invertible sform/qform') from e
+  try:
+    data = np.asanyarray(img.dataobj)
+  except Exception as e:  # truncated gzip: EOFError / zlib.error; short file: OSError
+    raise RejectedScan(f'cannot read voxel data: {type(e).__name__}: {e}') from e
+  source_dtype = str(dtype)
+  spacing = _check_spacing(np.linalg.norm(img.affine[:3, :3], axis=0))
+  while data.ndim > 3 and data.shape[-1] == 1:
+    data = data[..., 0]
+  if data.ndim == 4:
+    if frame is None:
+      raise RejectedScan(f'4D volume with {data.shape[3]} frames; set "frame" to pick one')
+    if not 0 <= frame < data.shape[3]:
+      raise RejectedScan(f'frame {frame} outside 0..{data.shape[3] - 1}')
+    data = data[..., frame]
+  if data.ndim == 2:
+    data = data[:, :, None]
+  if data.ndim != 3:
+    raise RejectedScan(f'wrong rank: NIfTI data shape {data.shape}')
+  attrs = {'spacing': spacing, 'orientation': 'RAS', 'source_orientation': source_axcodes,
+           'source_dtype': source_dtype}
+  if repaired is not None:
+    attrs['spacing_repaired'] = repaired
+  return data[None], attrs
+
+
+def _rescale(ds, pixels: np.ndarray) -> np.ndarray:
+  slope = float(getattr(ds, 'RescaleSlope', 1) or 1)
+  intercept = float(getattr(ds, 'RescaleIntercept', 0) or 0)
+  if slope == 1 and intercept == 0:
+    return pixels
+  out = pixels.astype(np.float64) * slope + intercept
+  if slope == int(slope) and intercept == int(intercept):
+    lo, hi = out.min(), out.max()
+    if lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max:
+      return out.astype(np.int16)  # CT: integral HU fit int16 exactly
+  try:
+    return to_storable(out)        # float32 when every value fits, never inf
+  except ValueError as e:
+    raise RejectedScan(f'RescaleSlope {slope:g} / RescaleIntercept {intercept:g}: {e}') from None
+
+
+def _dicom_pixel_bytes(ds, name: str, max_bytes: int) -> int:
+  """Checks one DICOM file's pixel header against its pixel data (before `pixel_array`
+  allocates); returns the bytes decoding it needs."""
+  rows, cols = int(getattr(ds, 'Rows', 0) or 0), int(getattr(ds, 'Columns', 0) or 0)
+  frames = int(getattr(ds, 'NumberOfFrames', 1) or 1)
+  samples = int(getattr(ds, 'SamplesPerPixel', 1) or 1)
+  bits = int(getattr(ds, 'BitsAllocated', 8) or 8)
+  pixels = rows * cols * frames * samples
+  memory = pixels * max(1, -(-bits // 8))
+  payload, file_bytes = None, None
+  meta = getattr(ds, 'file_meta', None)
+  syntax = getattr(meta, 'TransferSyntaxUID', None) if meta is not None else None
+  if 'PixelData' in ds and (syntax is None or not syntax.is_compressed):
+    payload, file_bytes = -(-pixels * bits // 8), len(ds.PixelData)
+  _check_size(f'DICOM {name} ({rows} x {cols} x {frames} frames x {samples} samples, {bits} '
+              'bits)', memory, max_bytes, payload, file_bytes=file_bytes)
+  return memory
+
+
+def _dicom_to_ras(volume: np.ndarray, slices: list, positions) -> tuple[np.ndarray, list, str]:
+  """[rows, cols, slices] in the DICOM patient frame (LPS) -> RAS axis order, spacing, codes."""
+  import nibabel as nib
+  iop = np.asarray(slices[0].ImageOrientationPatient, float)
+  x_dir, y_dir = iop[:3], iop[3:]     # x_dir: along a row (column index), y_dir: down rows
+  row_sp, col_sp = (float(v) for v in slices[0].PixelSpacing)
+  if len(slices) > 1:
+    step = (np.asarray(positions[-1]) - np.asarray(positions[0])) / (len(slices) - 1)
+  else:
+    step = np.cross(x_dir, y_dir) * float(getattr(slices[0], 'SliceThickness', 1) or 1)
+  affine = np.eye(4)
+  affine[:3, 0], affine[:3, 1], affine[:3, 2] = y_dir * row_sp, x_dir * col_sp, step
+  affine[:2] *= -1                     # LPS -> RAS
+  spacing = _check_spacing([row_sp, col_sp, float(np.linalg.norm(step))])   # before orienting
+  source = ''.join(nib.orientations.aff2axcodes(affine))
+  ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                         nib.orientations.axcodes2ornt('RAS'))
+  out = nib.orientations.apply_orientation(volume, ornt)
+  ras_spacing = [0.0] * 3
+  for axis, (new_axis, _) in enumerate(ornt):
+    ras_spacing[int(new_axis)] = spacing[axis]
+  return np.ascontiguousarray(out), ras_spacing, source
+
+
+def dicom_files(path: str) -> list[str]:
+  """The files of a DICOM input: the file itself, or a folder's non-hidden files in name order."""
+  if not os.path.isdir(path):
+    return [path]
+  return [os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith('.')]
+
+
+def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
+  import pydicom
+  files = dicom_files(path)
+  if not files:
+    raise RejectedScan('empty DICOM folder')
+  slices, memory = [], 0
+  for f in files:
+    try:
+      ds = pydicom.dcmread(f)          # holds at most the file's bytes
+    except Exception as e:
+      raise RejectedScan(f'unreadable DICOM {os.path.basename(f)}: {type(e).__name__}: {e}') from e
+    # The whole series must fit: each file's header is checked before its pixels are decoded.
+    memory += _dicom_pixel_bytes(ds, os.path.basename(f), max_bytes - memory)
+    try:
+      pixels = ds.pixel_array
+    except Exception as e:
+      raise RejectedScan(f'unreadable DICOM {os.path.basename(f)}: {type(e).__name__}: {e}') from e
+    slices.append((ds, pixels))
+  series = {getattr(ds, 'SeriesInstanceUID', None) for ds, _ in slices}
+  if len(series) > 1:
+    raise RejectedScan(f'folder holds {len(series)} series; give one folder per series')
+  ds0, px0 = slices[0]
+  modality = str(getattr(ds0, 'Modality', '') or '')
+  attrs = {'modality': modality, 'source_dtype': str(px0.dtype)}
+  samples_per_pixel = int(getattr(ds0, 'SamplesPerPixel', 1) or 1)
+  if len(slices) == 1 and (samples_per_pixel == 3 or px0.ndim == 3):
+    # Colour image [rows, cols, 3] or a multi-frame volume [frames, rows, cols].
+    if samples_per_pixel == 3:
+      array = np.moveaxis(px0[..., :3] if px0.ndim == 3 else px0[0], -1, 0)[..., None]
+    else:
+      array = np.moveaxis(_rescale(ds0, px0), 0, -1)[None]
+    return array, attrs
+  if any(p.shape != px0.shape or p.ndim != 2 for _, p in slices):
+    raise RejectedScan('slices differ in shape or are not 2D')
+  has_geometry = all(hasattr(ds, 'ImagePositionPatient') and hasattr(ds, 'ImageOrientationPatient')
+                     for ds, _ in slices)
+  if has_geometry:
+    iop = np.asarray(ds0.ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    slices.sort(key=lambda s: float(np.dot(normal, np.asarray(s[0].ImagePositionPatient, float))))
+    along = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds, _ in slices]
+    if any(b - a == 0 for a, b in zip(along, along[1:])) or not np.isfinite(along).all():
+      raise RejectedScan('two slices at one position (or a non-finite ImagePositionPatient); '
+                         'expected one slice per position, one series per folder')
+  else:
+    slices.sort(key=lambda s: int(getattr(s[0], 'InstanceNumber', 0) or 0))
+  volume = np.stack([_rescale(ds, p) for ds, p in slices], axis=-1)   # [rows, cols, slices]
+  if has_geometry and hasattr(ds0, 'PixelSpacing'):
+    positions = [np.asarray(ds.ImagePositionPatient, float) for ds, _ in slices]
+    volume, spacing, source = _dicom_to_ras(volume, [ds for ds, _ in slices], positions)
+    attrs.update(spacing=spacing, orientation='RAS', source_orientation=source)
+  elif hasattr(ds0, 'PixelSpacing'):
+    attrs['spacing'] = [float(v) for v in ds0.PixelSpacing] + [1.0]
+  return volume[None], attrs
+
+
+_PIL_BYTES = {'I;16': 2, 'I;16B': 2, 'I;16L': 2, 'I': 4, 'F': 4}
+_PIL_GRAY = ('L', 'I;16', 'I;16B', 'I')
+
+
+def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
+  from PIL import Image
+  try:
+    with Image.open(path) as img:    # reads the header only
+      mode, (width, height) = img.mode, img.size
+      bands = 1 if mode in _PIL_GRAY else 3
+      memory = width * height * max(bands, len(img.getbands())) * _PIL_BYTES.get(mode, 1)
+      png = img.format == 'PNG'
+      _check_size(f'{img.format} {width} x {height} {mode}', memory, max_bytes,
+                  payload=memory if png else None,
+                  compressed_bytes=os.path.getsize(path) if png else None)
+      img.load()
+      if mode in _PIL_GRAY:
+        array = np.asarray(img)[None]
+      else:
+        array = np.moveaxis(np.asarray(img.convert('RGB')), -1, 0)
+  except RejectedScan:
+    raise
+  except Image.DecompressionBombError as e:   # Pillow's own header check, at open
+    raise RejectedScan(f'the image header claims too many pixels ({e}); expected an image '
+                       'within the limit') from None
+  except Exception as e:
+    raise RejectedScan(f'not a readable image: {type(e).__name__}: {e}') from e
+  return array[..., None], {'source_dtype': str(array.dtype), 'image_mode': mode}
+
+
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+  """(shape, dtype, data offset) from a .npy header, reading nothing else."""
+  fmt = np.lib.format
+  with open(path, 'rb') as f:
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return tuple(shape), np.dtype(dtype), f.tell()
+
+
+def read_npy(path: str, index: int | None = None,
+             max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> list[tuple[np.ndarray, dict]]:
+  try:
+    shape, dtype, offset = _npy_header(path)
+  except Exception as e:
+    raise RejectedScan(f'not a readable .npy: {type(e).__name__}: {e}') from e
+  if dtype.hasobject:
+    raise RejectedScan(f'.npy of Python objects ({dtype}) is not read (pickle); expected numbers')
+  payload = math.prod(shape) * dtype.itemsize
+  _check_size(f'.npy shape {list(shape)} {dtype}', payload, max_bytes, payload,
+              file_bytes=os.path.getsize(path) - offset)
+  try:
+    data = np.load(path, allow_pickle=False)
+  except Exception as e:
+    raise RejectedScan(f'not a readable .npy: {type(e).__name__}: {e}') from e
+  attrs = {'source_dtype': str(data.dtype)}
+  if data.ndim == 2:
+    return [(data[None, :, :, None], attrs)]
+  if data.ndim == 3:
+    return [(data[None], attrs)]
+  if data.ndim == 4 and data.shape[0] in (1, 3):
+    return [(data, attrs)]
+  if data.ndim == 5 and data.shape[1] in (1, 3):
+    picks = range(data.shape[0]) if index is None else [index]
+    if index is not None and not 0 <= index < data.shape[0]:
+      raise RejectedScan(f'index {index} outside 0..{data.shape[0] - 1}')
+    return [(data[s], dict(attrs, case_index=s)) for s in picks]
+  raise RejectedScan(f'wrong rank/shape for a RadFM array: {data.shape} (expected [H,W], '
+                     '[H,W,D], [C,H,W,D] or [S,C,H,W,D] with C in 1, 3)')
+
+
+def read_scan(path: str, entry: dict | None = None,
+              max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> list[tuple[np.ndarray, dict]]:
+  """One manifest image entry -> validated [(array [C, H, W, D] in its storable dtype,
+  attributes)]; RejectedScan (an InputError, `path: reason`) otherwise. Used by ingest and by
+  generate / eval for raw files, so the header-size guard (`max_bytes`) protects all of them."""
+  try:
+    return _read_scan(path, entry or {}, max_bytes)
+  except RejectedScan as e:
+    raise RejectedScan(e.reason, path) from None
+
+
+def _read_scan(path: str, entry: dict, max_bytes: int) -> list[tuple[np.ndarray, dict]]:
+  if not os.path.exists(path):
+    raise RejectedScan('file not found')
+  lower = path.lower()
+  if lower.endswith(('.nii', '.nii.gz')):
+    out = [read_nifti(path, entry.get('frame'), max_bytes)]
+  elif lower.endswith('.npy'):
+    out = read_npy(path, entry.get('index'), max_bytes)
+  elif lower.endswith(('.png', '.jpg', '.jpeg')):
+    out = [read_image(path, max_bytes)]
+  elif os.path.isdir(path) or lower.endswith(('.dcm', '.dicom')):
+    out = [read_dicom(path, max_bytes)]
+  else:
+    raise RejectedScan('unsupported file type (expected .nii[.gz], .dcm or a DICOM folder, '
+                       '.png, .jpg/.jpeg, .npy)')
+  result = []
+  for array, attrs in out:
+    attrs = dict(attrs, source=os.path.abspath(path))
+    if entry.get('modality'):
+      attrs['modality'] = entry['modality']
+    attrs.setdefault('modality', '')
+    attrs['spacing'] = _check_spacing(attrs.get('spacing', [1.0, 1.0, 1.0]))
+    # Without patient geometry: 'image' = H pixel rows, W columns (PNG/JPEG, X-ray DICOM);
+    # 'as_stored' = a .npy taken as given.
+    attrs.setdefault('orientation', 'as_stored' if lower.endswith('.npy') else 'image')
+    try:
+      json.dumps(attrs, allow_nan=False)
+    except (TypeError, ValueError) as e:
+      raise RejectedScan(f'attributes cannot be stored ({e}): {attrs}') from None
+    result.append((_validate(array), attrs))
+  return result
+
+
+def source_digest(path: str) -> str:
+  """sha256 of a scan's bytes (a DICOM folder: of its files' names and bytes, in name order): the
+  content part of a scan's identity, so a file changed at the same path is read again."""
+  h = hashlib.sha256()
+  for f in dicom_files(path) if os.path.isdir(path) else [path]:
+    if os.path.isdir(path):
+      h.update(os.path.basename(f).encode() + b'\0')
+    with open(f, 'rb') as fh:
+      while chunk := fh.read(1 << 20):
+        h.update(chunk)
+  return h.hexdigest()

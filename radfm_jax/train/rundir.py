@@ -1,0 +1,163 @@
+"""The training workdir as a self-contained run: its one config record, its tokenizer, and the
+check that a resumed run is the run that workdir holds.
+
+    WORKDIR/checkpoints/config.json   the run's resolved config + {"layout": "train_state", ...}:
+                                      the one config file of a run (`radfm-jax generate / eval
+                                      --checkpoint WORKDIR` read it); paths in it are absolute
+    WORKDIR/tokenizer.model           a copy of the tokenizer the run trained with
+
+so `generate --checkpoint WORKDIR` works from any directory, and after the run folder is moved
+(`checkpoint.find_tokenizer` falls back to the tokenizer.model beside the checkpoints).
+
+Resuming: the config in a workdir that already holds checkpoints must equal the requested one
+except in `RESUMABLE` fields, which may change between a run and its resume (length, logging,
+checkpoint cadence, paths, the mesh: a checkpoint restores onto any mesh; reading cached image
+tokens); any other difference fails before Orbax is touched, naming every field that differs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from radfm_jax.checkpoint import meta
+from radfm_jax.config import SYNTHETIC_STORE, Config, ConfigError
+
+TOKENIZER_FILE = 'tokenizer.model'
+# Dotted fields (or whole sections, ending in '.') a resumed run may change.
+RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_steps',
+             'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoint',
+             'train.peak_tflops', 'train.tensorboard', 'data.store', 'data.manifest',
+             'data.tokenizer', 'data.num_workers', 'data.image_cache', 'mesh.', 'generate.')
+# (data.image_cache: the same batches, the frozen tower's image tokens read from the store's cache
+# instead of computed; the usual flow saves step 0 uncached, runs cache-images, then resumes.)
+# The record's own fields (meta.layout_record), not config fields.
+_RECORD = ('layout', 'layout_version')
+
+
+def _path(path) -> str:
+  return os.fspath(path)
+
+
+def _is_url(path: str) -> bool:
+  return '://' in path
+
+
+def _epath(path: str):
+  from etils import epath
+  return epath.Path(path)
+
+
+def _flat(tree, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _resumable(field: str) -> bool:
+  return any(field == r or (r.endswith('.') and field.startswith(r)) for r in RESUMABLE)
+
+
+def has_checkpoints(ckpt_dir: str) -> bool:
+  """Whether `ckpt_dir` holds a finished step folder (named by its step number)."""
+  folder = _epath(ckpt_dir)
+  return folder.is_dir() and any(p.name.isdigit() and p.is_dir() for p in folder.iterdir())
+
+
+def saved_config(ckpt_dir: str) -> dict | None:
+  """The config record of the run in `ckpt_dir` (its config.json), None when there is none."""
+  path = _epath(ckpt_dir) / meta.CONFIG_FILE
+  if not path.exists():
+    return None
+  import json
+  return json.loads(path.read_text())
+
+
+def config_differences(saved: dict, wanted: dict) -> list[tuple[str, object, object]]:
+  """[(field, saved value, wanted value)] for every field that differs and may not change on
+  resume. A field only one side has (a field added or removed by a radfm-jax release) is
+  skipped."""
+  a, b = _flat(saved), _flat(wanted)
+  out = []
+  for field in sorted(set(a) & set(b)):
+    if field in _RECORD or _resumable(field):
+      continue
+    if _normal(a[field]) != _normal(b[field]):
+      out.append((field, a[field], b[field]))
+  return out
+
+
+def _normal(value):
+  """Tuples and lists compare equal (JSON keeps lists)."""
+  if isinstance(value, (list, tuple)):
+    return [_normal(v) for v in value]
+  return value
+
+
+def check_same_run(cfg_dict: dict, ckpt_dir: str, workdir: str):
+  """ConfigError naming each differing field when `ckpt_dir` holds checkpoints of a run whose
+  config differs from `cfg_dict` outside `RESUMABLE`."""
+  if not has_checkpoints(ckpt_dir):
+    return
+  saved = saved_config(ckpt_dir)
+  if saved is None:
+    return
+  diffs = config_differences(saved, cfg_dict)
+  if diffs:
+    listed = '; '.join(f'{f}={old!r}, you asked for {new!r}' for f, old, new in diffs)
+    free = ', '.join(r + '*' if r.endswith('.') else r for r in RESUMABLE)
+    raise ConfigError(f'workdir {workdir} holds a run with {listed}; use another --workdir or '
+                      f'the same config (may change on resume: {free})')
+
+
+def keep_tokenizer(cfg: Config, workdir: str) -> str | None:
+  """Copies the run's tokenizer (`data.tokenizer`) to WORKDIR/tokenizer.model (process 0 calls
+  it) and returns the copy's path; a workdir that already holds a different tokenizer is a
+  ConfigError. None when the run has no tokenizer (synthetic data)."""
+  given = cfg.data.tokenizer
+  if not given:
+    return None
+  if not _epath(given).is_file():
+    raise ConfigError(f'config field data.tokenizer={given!r}: no such file (expected the '
+                      'SentencePiece tokenizer.model the data is tokenized with)')
+  target = _epath(workdir) / TOKENIZER_FILE
+  data = _epath(given).read_bytes()
+  if target.exists():
+    if target.read_bytes() != data:
+      raise ConfigError(f'config field data.tokenizer={given!r}: differs from the tokenizer this '
+                        f'run trained with ({_path(target)}); use another --workdir or that '
+                        'tokenizer')
+    return _path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / (TOKENIZER_FILE + '.tmp')
+  tmp.write_bytes(data)
+  tmp.replace(target)
+  return _path(target)
+
+
+def record(cfg: Config, tokenizer_copy: str | None) -> dict:
+  """The config to save with the run: `cfg.to_dict()` with absolute data paths and the tokenizer
+  copy in the workdir as `data.tokenizer`."""
+  out = cfg.to_dict()
+  data = dict(out['data'])
+  for name in ('store', 'manifest'):
+    value = data.get(name) or ''
+    if value and value != SYNTHETIC_STORE and not _is_url(value):
+      data[name] = os.path.abspath(value)
+  if tokenizer_copy:
+    data['tokenizer'] = tokenizer_copy
+  out['data'] = data
+  return out
+
+
+def write_record(ckpt_dir: str, config: dict):
+  """WORKDIR/checkpoints/config.json (the layout record + the config), written at the start of a
+  run so the folder names its config before the first checkpoint lands."""
+  meta.write_config(ckpt_dir, meta.TRAIN_STATE, config)
+
+
+__all__ = ['RESUMABLE', 'TOKENIZER_FILE', 'check_same_run', 'config_differences',
+           'has_checkpoints', 'keep_tokenizer', 'record', 'saved_config', 'write_record']

@@ -1,0 +1,303 @@
+"""Bad input at the door: a table of bad flags, config values and input files for `radfm-jax`,
+each with its outcome — exit code 2 and ONE stderr line `radfm-jax CMD: ...` naming the exact
+field / file / line (and the limit or what was expected) — checked before any model is built or
+anything is generated. Most rows run in-process (`cli.main.main(argv)`), a few as real
+subprocesses. Then the correct results next to them: batch sizes the mesh takes, `eval --split`,
+unreadable scans skipped and counted by `eval`."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import conftest_data as cd  # noqa: E402
+from radfm_jax.cli.main import main  # noqa: E402
+from radfm_jax.config import ConfigError, check_batch_axes, load_config  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group('bad_inputs_cli')
+
+SPEC = 'radfm:model=tiny,mesh=cpu'
+TRAIN = ['train', '--config', SPEC, '--workdir', '{root}/run', '--no-progress']
+GEN = ['generate', '--checkpoint', '{root}/ckpt', '--tokenizer', '{root}/tok.model',
+       '--no-progress']
+EVAL = ['eval', '--checkpoint', '{root}/ckpt', '--tokenizer', '{root}/tok.model',
+        '--out', '{root}/eval_out', '--entities', 'none', '--no-progress']
+LONG = 'nodule ' * 1100            # > the 1024 positions of `tiny` in any tokenization
+MEDIUM = 'nodule ' * 900           # fits alone; not with the default 200 new tokens
+
+
+def _config(field: str, value: str):
+  """A config row: `train --config.FIELD=VALUE` -> exit 2 naming `config field FIELD=`."""
+  return (f'config:{field}={value}', TRAIN + [f'--config.{field}={value}'],
+          [f'radfm-jax train: config field {field}='])
+
+
+# (id, argv with {root} for the fixture folder, substrings the one stderr line must hold)
+ROWS = [
+    # --- config: empty lists, negative counts, non-finite / non-positive floats, ranges, types
+    _config('data.text_lengths', '[]'),
+    _config('data.text_lengths', '[512, 256]'),
+    _config('data.text_lengths', '[4096]'),
+    _config('data.depth_buckets', '[]'),
+    _config('data.num_workers', '-1'),
+    _config('data.batch_size_2d', '0'),
+    _config('data.max_images', '0'),
+    _config('data.shuffle', '1'),
+    _config('data.ct_windows', '[[40, 0]]'),
+    _config('data.ct_windows', '[]'),
+    _config('data.percentiles', '[99.5, 0.5]'),
+    _config('train.learning_rate', '0'),
+    _config('train.learning_rate', '-1e-4'),
+    _config('train.learning_rate', '1e999'),          # inf
+    _config('train.eps', '0'),
+    _config('train.b1', '1.0'),
+    _config('train.weight_decay', '-0.1'),
+    _config('train.max_grad_norm', '1e999'),
+    _config('train.grad_accum', '0'),
+    _config('train.eval_every', '-1'),
+    _config('model.llama.rope_theta', '0'),
+    _config('model.llama.rms_norm_eps', '-1e-6'),
+    _config('model.vision.dropout', '1.0'),
+    _config('mesh.hbm_gib', '-1'),
+    _config('seed', '-1'),
+    _config('generate.max_new_tokens', '0'),
+    _config('generate.max_new_tokens', '-5'),
+    _config('generate.temperature', '-1'),
+    _config('generate.temperature', '1e999'),
+    _config('generate.top_p', '0'),
+    _config('generate.top_p', '1.5'),
+    _config('generate.top_k', '-1'),
+    _config('generate.stop_ids', '[-1]'),
+    _config('generate.cache_chunk', '-1'),
+    ('config:unknown-field', TRAIN + ['--config.data.batch_size=4'],
+     ['no config field data.batch_size']),
+    # --- the global batch against the mesh (8 devices: fsdp=8), before the model is built
+    ('batch:2d-not-divisible', TRAIN + ['--config.data.batch_size_2d=3'],
+     ['config field data.batch_size_2d=3: expected a multiple of 8', 'data x fsdp = 8',
+      'mesh data=1, fsdp=8, tensor=1 on 8 devices']),
+    ('batch:grad-accum', TRAIN + ['--config.data.batch_size_2d=8', '--config.train.grad_accum=2'],
+     ['config field data.batch_size_2d=8: expected a multiple of 16', 'train.grad_accum=2']),
+    ('batch:3d-with-store', TRAIN + ['--config.data.batch_size_2d=8',
+                                     '--config.data.store={root}/store'],
+     ['config field data.batch_size_3d=1: expected a multiple of 8']),
+    # --- generate: the same config validation, flags, files, lines, limits
+    ('generate:max-new-tokens', GEN + ['--prompt', 'x', '--config.generate.max_new_tokens=0'],
+     ['radfm-jax generate: config field generate.max_new_tokens=0: expected a positive integer']),
+    ('generate:temperature', GEN + ['--prompt', 'x', '--config.generate.temperature=-1.0'],
+     ['config field generate.temperature=-1.0']),
+    ('generate:top-p', GEN + ['--prompt', 'x', '--config.generate.top_p=0'],
+     ['config field generate.top_p=0']),
+    ('generate:missing-checkpoint', ['generate', '--checkpoint', '{root}/nope', '--prompt', 'x'],
+     ['--checkpoint {root}/nope: no such checkpoint directory']),
+    ('generate:no-tokenizer', ['generate', '--checkpoint', '{root}/ckpt', '--prompt', 'x'],
+     ['{root}/ckpt: no tokenizer found', '--tokenizer PATH']),
+    ('generate:missing-tokenizer', ['generate', '--checkpoint', '{root}/ckpt', '--tokenizer',
+                                    '{root}/nope.model', '--prompt', 'x'],
+     ['--tokenizer {root}/nope.model: no such file']),
+    ('generate:missing-image', GEN + ['--prompt', '<image>', '--image', '{root}/nope.nii.gz'],
+     ['--image #1: image file not found: {root}/nope.nii.gz']),
+    ('generate:unreadable-image', GEN + ['--prompt', '<image>', '--image', '{root}/junk.nii.gz'],
+     ['--image #1: cannot read image {root}/junk.nii.gz']),
+    ('generate:no-prompts-file', GEN + ['--input', '{root}/nope.jsonl'],
+     ['prompts file {root}/nope.jsonl: no such file']),
+    ('generate:bad-json-line', GEN + ['--input', '{root}/bad_json.jsonl'],
+     ['{root}/bad_json.jsonl line 3: not JSON']),
+    ('generate:not-an-object', GEN + ['--input', '{root}/list.jsonl'],
+     ['{root}/list.jsonl line 1: expected a JSON object, got list']),
+    ('generate:no-prompt-field', GEN + ['--input', '{root}/no_prompt.jsonl'],
+     ['{root}/no_prompt.jsonl line 2 field prompt: expected a string, got None']),
+    ('generate:images-not-list', GEN + ['--input', '{root}/images_str.jsonl'],
+     ["{root}/images_str.jsonl line 1 field images: expected a list, got 'a.png'"]),
+    ('generate:image-without-path', GEN + ['--input', '{root}/image_dict.jsonl'],
+     ['{root}/image_dict.jsonl line 1 field images[1].path: expected a file path']),
+    ('generate:missing-image-line', GEN + ['--input', '{root}/missing_img.jsonl'],
+     ['{root}/missing_img.jsonl line 2 field images[0]: image file not found: '
+      '{root}/missing.nii.gz']),
+    ('generate:marker-count', GEN + ['--input', '{root}/markers.jsonl'],
+     ['{root}/markers.jsonl line 1: prompt has 2 <image> markers but 1 images were given']),
+    ('generate:prompt-too-long-line', GEN + ['--input', '{root}/long.jsonl'],
+     ['{root}/long.jsonl line 2: prompt of {long} tokens', 'exceeds the model\'s 1024 positions '
+      '(model.llama.max_position_embeddings)']),
+    ('generate:prompt-plus-new-tokens', GEN + ['--prompt', MEDIUM],
+     ['--prompt: prompt of {medium} tokens (image blocks included) + '
+      'generate.max_new_tokens=200 exceeds the model\'s 1024 positions']),
+    ('generate:intensity', GEN + ['--prompt', 'x', '--intensity', 'hu'],
+     ["argument --intensity: invalid choice: 'hu'"]),
+    ('generate:no-such-step', GEN + ['--prompt', 'x', '--step', '7'],
+     ['radfm-jax generate: --checkpoint {root}/ckpt: ', 'has no step 7']),
+    ('generate:wrong-tokenizer', ['generate', '--checkpoint', '{root}/ckpt', '--tokenizer',
+                                  '{root}/tok300.model', '--prompt', 'x'],
+     ['tokenizer has 300 SentencePiece pieces but the model vocabulary is 512']),
+    ('generate:batch-size', GEN + ['--prompt', 'x', '--batch-size', '0'],
+     ['radfm-jax generate: --batch-size 0: expected >= 1']),
+    # --- eval
+    ('eval:limit', EVAL + ['--data', '{root}/samples.jsonl', '--limit', '-1'],
+     ['radfm-jax eval: --limit -1: expected a number of samples >= 1']),
+    ('eval:missing-data', EVAL + ['--data', '{root}/nope.jsonl'],
+     ['{root}/nope.jsonl: no such store directory or manifest file']),
+    ('eval:no-such-split', EVAL + ['--data', '{root}/samples.jsonl', '--split', 'test'],
+     ["{root}/samples.jsonl: no samples in split 'test' (splits here: {{'eval': 1, 'train': 2}})"]),
+    ('eval:top-k', EVAL + ['--data', '{root}/samples.jsonl', '--config.generate.top_k=-2'],
+     ['radfm-jax eval: config field generate.top_k=-2']),
+    # --- convert
+    ('convert:missing-checkpoint', ['convert', 'to-torch', '--checkpoint', '{root}/nope',
+                                    '--out', '{root}/t/model.bin'],
+     ['radfm-jax convert: --checkpoint {root}/nope: no such file or directory']),
+    ('convert:missing-hf', ['convert', 'from-hf-llama', '--hf', '{root}/nope', '--out',
+                            '{root}/hf_out'],
+     ['--hf {root}/nope: no such file or directory']),
+]
+SUBPROCESS = {'config:data.text_lengths=[]', 'batch:2d-not-divisible', 'generate:bad-json-line',
+              'generate:prompt-too-long-line'}
+
+
+def _jsonl(path, lines):
+  path.write_text(''.join((line if isinstance(line, str) else json.dumps(line)) + '\n'
+                          for line in lines))
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+  """A tiny random checkpoint, its tokenizer, a PNG, a junk NIfTI and the bad prompt files."""
+  from radfm_jax import api
+  from radfm_jax.models.radfm import create_model
+  r = tmp_path_factory.mktemp('bad_inputs')
+  api.save(create_model(cd.tiny_model(), seed=0), str(r / 'ckpt'))
+  (r / 'tok.model').write_bytes(cd.spm_proto())
+  (r / 'tok300.model').write_bytes(cd.spm_proto(300))
+  cd.write_png(r / 'a.png', (np.random.default_rng(0).random((24, 20)) * 255).astype(np.uint8))
+  (r / 'junk.nii.gz').write_bytes(b'not a nifti at all')
+  ok = {'id': 'q1', 'prompt': 'Is there a nodule?'}
+  _jsonl(r / 'bad_json.jsonl', [ok, '', '{"prompt": "x", '])     # line 2 blank, line 3 cut
+  _jsonl(r / 'list.jsonl', ['["prompt"]'])
+  _jsonl(r / 'no_prompt.jsonl', [ok, {'id': 'q2', 'images': []}])
+  _jsonl(r / 'images_str.jsonl', [{'prompt': 'x', 'images': 'a.png'}])
+  _jsonl(r / 'image_dict.jsonl', [{'prompt': 'x', 'images': ['a.png', {'modality': 'CT'}]}])
+  _jsonl(r / 'missing_img.jsonl', [ok, {'prompt': '<image>', 'images': ['missing.nii.gz']}])
+  _jsonl(r / 'markers.jsonl', [{'prompt': '<image> vs <image>', 'images': ['a.png']}])
+  _jsonl(r / 'long.jsonl', [ok, {'prompt': LONG}])
+  records = [{'id': f's{i}', 'question': 'Is there a nodule?', 'answer': 'No', 'split': split,
+              'images': [{'path': 'a.png'}]}
+             for i, split in enumerate(['train', 'eval', 'train'])]
+  cd.write_manifest(r / 'samples.jsonl', records)
+  return r
+
+
+def _expand(text: str, root) -> str:
+  tok = cd.tokenizer()
+  return text.format(root=root, long=len(tok.encode(LONG)), medium=len(tok.encode(MEDIUM)))
+
+
+def _check(rc: int, err: str, expected, root):
+  lines = err.strip().splitlines()
+  assert rc == 2, err
+  if not expected[0].startswith('argument '):           # argparse: usage line + error line
+    assert len(lines) == 1, err
+    assert lines[0].startswith('radfm-jax '), err
+  for want in expected:
+    assert _expand(want, root) in err, (want, err)
+
+
+@pytest.mark.parametrize('row_id, argv, expected', ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_row(root, capsys, row_id, argv, expected):
+  argv = [_expand(a, root) for a in argv]
+  if row_id in SUBPROCESS:
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get('PYTHONPATH', ''),
+               JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    proc = subprocess.run([sys.executable, '-m', 'radfm_jax.cli', *argv], capture_output=True,
+                          text=True, env=env, timeout=300)
+    rc, err = proc.returncode, proc.stderr
+    assert proc.stdout == ''
+  else:
+    try:
+      rc = main(argv)
+    except SystemExit as e:                             # argparse errors
+      rc = e.code
+    err = capsys.readouterr().err
+  _check(rc, err, expected, root)
+  assert not (root / 'run').exists() and not (root / 'eval_out').exists()   # nothing written
+  assert not (root / 't').exists()
+
+
+def test_batch_check_is_before_the_model(root, capsys):
+  """The indivisible batch fails in well under the 30-40 s a compile took to fail."""
+  start = time.perf_counter()
+  assert main([_expand(a, root) for a in TRAIN] + ['--config.data.batch_size_2d=3']) == 2
+  assert time.perf_counter() - start < 5
+  capsys.readouterr()
+
+
+def test_batch_sizes_the_mesh_takes():
+  """Correct results: sizes that divide over the batch axes pass; processes multiply the batch."""
+  cfg = load_config(SPEC, ['data.batch_size_2d=8', 'data.batch_size_3d=8'])
+  assert check_batch_axes(cfg, 8) is None
+  assert check_batch_axes(cfg, 4) is None and check_batch_axes(cfg, 1) is None
+  # 8 devices in 8 processes: one row per process is a global batch of 8.
+  one = load_config(SPEC, ['data.batch_size_2d=1', 'data.batch_size_3d=1'])
+  assert check_batch_axes(one, 8, num_processes=8) is None
+  with pytest.raises(ConfigError, match=r'data.batch_size_2d=1: expected a multiple of 2'):
+    check_batch_axes(one, 8, num_processes=4)
+  # tensor axis does not split the batch: data=2 x fsdp=2 x tensor=2 needs multiples of 4.
+  tp = load_config(SPEC, ["mesh.ici=[['data', 2], ['fsdp', 2], ['tensor', 2]]",
+                          'data.batch_size_2d=4', 'data.batch_size_3d=4'])
+  assert check_batch_axes(tp, 8) is None
+  # only the kinds asked for (the synthetic source batches 2D only)
+  assert check_batch_axes(load_config(SPEC, ['data.batch_size_2d=8']), 8, kinds=('2d',)) is None
+
+
+def test_eval_split_and_unreadable_scans(root, tmp_path, capsys):
+  """`eval --split train` scores only the two 'train' rows; the one whose scan is junk is
+  skipped, counted in summary.json and on stderr, and the other is scored."""
+  records = [{'id': 'good', 'question': 'Is there a nodule?', 'answer': 'No', 'split': 'train',
+              'images': [{'path': str(root / 'a.png')}]},
+             {'id': 'bad', 'question': 'Is there a nodule?', 'answer': 'Yes', 'split': 'train',
+              'images': [{'path': str(root / 'junk.nii.gz')}]},
+             {'id': 'gone', 'question': 'Any fluid?', 'answer': 'No', 'split': 'eval',
+              'images': [{'path': str(root / 'nope.png')}]}]
+  cd.write_manifest(tmp_path / 'samples.jsonl', records)
+  out = tmp_path / 'out'
+  rc = main(['eval', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
+             '--data', str(tmp_path / 'samples.jsonl'), '--split', 'train', '--out', str(out),
+             '--entities', 'none', '--no-progress', '--config.generate.max_new_tokens=2'])
+  err = capsys.readouterr().err
+  assert rc == 0, err
+  rows = [json.loads(line) for line in open(out / 'predictions.jsonl')]
+  assert [r['id'] for r in rows] == ['good']
+  summary = json.load(open(out / 'summary.json'))
+  assert summary['split'] == 'train' and summary['n_samples'] == 1 and summary['skipped'] == 1
+  [skip] = summary['skipped_samples']
+  assert skip['sample_id'] == 'bad' and skip['scan_id'] == str(root / 'junk.nii.gz')
+  assert skip['reason'] == (f'RejectedScan: {root / "junk.nii.gz"}: not a readable NIfTI: '
+                            f'ImageFileError: File '
+                            f'{root / "junk.nii.gz"} is not a gzip file')
+  assert f'skipped 1 of 2 samples with an unreadable scan (listed in {out}/summary.json)' in err
+  assert json.loads(err.strip().splitlines()[-1])['skipped'] == 1
+  # Every sample of a split unreadable: the summary is written and the exit code is 1.
+  rc = main(['eval', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
+             '--data', str(tmp_path / 'samples.jsonl'), '--split', 'eval', '--out',
+             str(tmp_path / 'out2'), '--entities', 'none', '--no-progress'])
+  assert rc == 1
+  summary = json.load(open(tmp_path / 'out2' / 'summary.json'))
+  assert summary['skipped'] == 1 and summary['skipped_samples'][0]['sample_id'] == 'gone'
+  assert 'file not found' in summary['skipped_samples'][0]['reason']
+  assert 'skipped 1 of 1 samples' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('kwargs, field', [
+    ({'max_new_tokens': 0}, 'generate.max_new_tokens=0: expected a positive integer'),
+    ({'temperature': float('nan')}, 'generate.temperature=nan: expected a finite value >= 0'),
+    ({'top_p': 0.0}, r'generate.top_p=0.0: expected a value in \(0, 1\]'),
+    ({'top_k': -1}, 'generate.top_k=-1: expected an integer >= 0'),
+])
+def test_python_sampling_arguments_are_validated(kwargs, field):
+  """`generate_batch`'s keyword overrides get the config's checks before the model is touched
+  (model=None: nothing of it is used)."""
+  from radfm_jax.infer import text
+  with pytest.raises(ConfigError, match=field):
+    text.generate_batch(None, cd.tokenizer(), ['Is there a nodule?'], **kwargs)

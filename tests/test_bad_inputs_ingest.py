@@ -1,0 +1,553 @@
+"""Ingest under bad input and faults (issue 13: the store is a database; no narrowing; headers do
+not decide memory). Every row of the tables builds its own tiny input and states the outcome: a
+reject / error naming the file, line and field, or the correct stored result read back and compared.
+Then the store-integrity tests with real subprocesses: kill -9 at many points, two concurrent
+ingests, a second writer waiting for the lock, bounded memory under RLIMIT_AS, the progress bar.
+"""
+
+import gzip
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+import conftest_data as cd
+from radfm_jax.data.ingest import ingest
+from radfm_jax.data.readers import DEFAULT_MAX_SCAN_BYTES, RejectedScan, read_scan
+from radfm_jax.data.store import StoreLocked, VolumeStore, to_storable
+from radfm_jax.errors import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET = open(os.devnull, 'w')
+pytestmark = pytest.mark.filterwarnings('ignore::PIL.Image.DecompressionBombWarning')
+HUGE = (1000, 1000, 800)                 # int16: 1.6 GB claimed by a header of a tiny file
+
+
+def _sample(sid, *paths, **fields):
+  return dict({'id': sid, 'question': 'What is shown?', 'answer': 'A nodule.',
+               'images': [{'path': p} for p in paths]}, **fields)
+
+
+def _cli(*args, env=None, **kw):
+  """The real `radfm-jax` in a subprocess (PYTHONPATH: this checkout)."""
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', **(env or {}))
+  return subprocess.run([sys.executable, '-m', 'radfm_jax.cli', *args], capture_output=True,
+                        text=True, env=env, timeout=120, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders of bad scans (each writes into `d` and returns the file name)
+
+
+def _nifti_bytes(data, sform=True, pixdim=None, srow_x=None):
+  """An uncompressed NIfTI-1 with raw header fields patched after nibabel wrote it."""
+  import nibabel as nib
+  img = nib.Nifti1Image(data, cd.ras_affine((1.0, 1.0, 2.0)))
+  raw = bytearray(img.to_bytes())
+  if not sform:
+    struct.pack_into('<hh', raw, 252, 1, 0)           # qform_code 1, sform_code 0: from pixdim
+  if pixdim is not None:
+    struct.pack_into('<3f', raw, 80, *pixdim)
+  if srow_x is not None:
+    struct.pack_into('<4f', raw, 280, *srow_x)
+  return bytes(raw)
+
+
+def _write(d, name, data: bytes):
+  with open(os.path.join(d, name), 'wb') as f:
+    f.write(data)
+  return name
+
+
+def _huge_nifti_header():
+  import nibabel as nib
+  h = nib.Nifti1Header()
+  h.set_data_shape(HUGE)
+  h.set_data_dtype(np.int16)
+  return h.binaryblock + b'\0' * 4 + b'\1' * 600          # ~1 KB: header, extension gap, a little
+
+
+def _npy(d, name, array):
+  np.save(os.path.join(d, name), array)
+  return name
+
+
+def _huge_npy(d):
+  header = {'descr': '<i2', 'fortran_order': False, 'shape': HUGE}
+  text = repr(header).encode().ljust(117) + b'\n'
+  return _write(d, 'huge.npy', b'\x93NUMPY\x01\x00' + struct.pack('<H', len(text)) + text
+                + b'\0' * 512)
+
+
+def _huge_png(d, side=60000):
+  raw = bytearray(open(cd.write_png(os.path.join(d, 'small.png'),
+                                    np.arange(64, dtype=np.uint8).reshape(8, 8)), 'rb').read())
+  struct.pack_into('>II', raw, 16, side, side)            # IHDR width / height
+  struct.pack_into('>I', raw, 29, zlib.crc32(bytes(raw[12:29])))
+  return _write(d, f'huge{side}.png', bytes(raw))
+
+
+def _dicom(d, name, **tags):
+  """One axial CT slice series folder; `tags` edit the first file (e.g. Rows=60000)."""
+  import pydicom
+  folder = cd.write_dicom_series(os.path.join(d, name), cd.ct_volume((6, 5, 3)).astype(np.uint16),
+                                 shuffle_files=False)
+  first = os.path.join(folder, 'slice_000.dcm')
+  ds = pydicom.dcmread(first)
+  for k, v in tags.items():
+    setattr(ds, k, v)
+  ds.save_as(first)
+  return name
+
+
+def _dicom_duplicate_position(d):
+  import pydicom
+  name = _dicom(d, 'dup')
+  second = pydicom.dcmread(os.path.join(d, name, 'slice_001.dcm'))
+  second.ImagePositionPatient = [0.0, 0.0, 0.0]           # the position of slice_000
+  second.save_as(os.path.join(d, name, 'slice_001.dcm'))
+  return name
+
+
+BIG_INT = np.array([[[1, 2], [3, 5_000_000_000]]], np.int64)
+
+# (row id, builder(d) -> file name, expected reason: substrings, all of which must appear)
+REJECTS = [
+    ('int64_beyond_int32', lambda d: _npy(d, 'i64.npy', BIG_INT),
+     ['voxels: value 5000000000 (int64) does not fit int32']),
+    ('uint64_beyond_uint32', lambda d: _npy(d, 'u64.npy', BIG_INT.astype(np.uint64)),
+     ['voxels: value 5000000000 (uint64) does not fit uint32']),
+    ('float64_beyond_float32', lambda d: _npy(d, 'f64.npy', np.array([[1.0, 1e300]])),
+     ['voxels: value 1e+300 (float64) is beyond the range of float32 (largest 3.40282e+38)']),
+    ('nan_voxel', lambda d: _npy(d, 'nan.npy', np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)),
+     ['1 NaN/inf values']),
+    ('inf_voxel', lambda d: _npy(d, 'inf.npy', np.array([[1.0, np.inf], [2.0, 3.0]])),
+     ['1 NaN/inf values']),
+    ('nifti_nan_pixdim', lambda d: _write(d, 'nanpix.nii', _nifti_bytes(
+        cd.ct_volume((4, 4, 3)), sform=False, pixdim=(np.nan, 1.0, 2.0))),
+     ['affine', 'is not finite']),
+    ('nifti_nan_sform', lambda d: _write(d, 'nansform.nii', _nifti_bytes(
+        cd.ct_volume((4, 4, 3)), srow_x=(np.nan, 0, 0, 0))), ['affine', 'is not finite']),
+    ('nifti_singular_sform', lambda d: _write(d, 'zerosform.nii', _nifti_bytes(
+        cd.ct_volume((4, 4, 3)), srow_x=(0, 0, 0, 0))), ['cannot be reoriented to RAS']),
+    ('dicom_zero_pixel_spacing', lambda d: _dicom(d, 'zerosp', PixelSpacing=[0.0, 0.7]),
+     ['spacing', 'is not finite and positive']),
+    ('dicom_negative_pixel_spacing', lambda d: _dicom(d, 'negsp', PixelSpacing=[-0.8, 0.7]),
+     ['spacing', 'is not finite and positive']),
+    ('dicom_duplicate_positions', _dicom_duplicate_position, ['two slices at one position']),
+    ('nii_gz_claims_1_6_gb', lambda d: _write(d, 'huge.nii.gz', gzip.compress(_huge_nifti_header())),
+     ['NIfTI shape [1000, 1000, 800] int16', 'claims 1,600,000,000 bytes', 'DEFLATE']),
+    ('nii_claims_1_6_gb', lambda d: _write(d, 'huge.nii', _huge_nifti_header()),
+     ['claims 1,600,000,000 bytes of pixel data but the file holds 952']),
+    ('npy_claims_1_6_gb', _huge_npy, ['.npy shape [1000, 1000, 800] int16',
+                                      'claims 1,600,000,000 bytes of pixel data but the file holds 512']),
+    ('png_claims_100_mb', lambda d: _huge_png(d, 10000),     # under Pillow's own limit
+     ['PNG 10000 x 10000 L: the header claims 100,000,000 bytes from', 'DEFLATE']),
+    ('png_claims_3_6_gb', _huge_png, ['header claims too many pixels', '3600000000 pixels']),
+    ('dicom_claims_7_2_gb', lambda d: _dicom(d, 'bigdcm', Rows=60000, Columns=60000),
+     ['DICOM slice_000.dcm (60000 x 60000', 'claims 7,200,000,000 bytes', 'holds 60']),
+    ('truncated_nifti', lambda d: _write(d, 'trunc.nii', _nifti_bytes(
+        cd.ct_volume((8, 8, 4)))[:400]),
+     ['NIfTI shape [8, 8, 4] int16: the header claims 512 bytes of pixel data but the file holds 48']),
+]
+
+
+@pytest.mark.parametrize('name,build,reasons', REJECTS, ids=[r[0] for r in REJECTS])
+def test_bad_scan_is_a_reject_naming_the_file_and_the_batch_goes_on(tmp_path, name, build,
+                                                                     reasons):
+  d = str(tmp_path)
+  bad = build(d)
+  good_vol = cd.ct_volume((6, 5, 4))
+  cd.write_nifti(tmp_path / 'good.nii.gz', good_vol)
+  records = [_sample('good0', 'good.nii.gz'), _sample('bad', bad), _sample('good1', 'good.nii.gz')]
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', records)
+  report = ingest(manifest, str(tmp_path / 'store'), log=QUIET, batch_size=2)
+  store = VolumeStore(str(tmp_path / 'store'))
+  (reject,) = [r for r in store.rejects() if 'scan_id' in r]
+  assert reject['path'] == os.path.join(d, bad)
+  for text in reasons:
+    assert text in reject['reason'], reject['reason']
+  assert [r['id'] for r in store.manifest()] == ['good0', 'good1'] and report.dropped_samples == 1
+  (sid,) = report.stored                                      # the rest of the batch is stored
+  np.testing.assert_array_equal(store.read(sid)[0], good_vol)
+  assert list(store.stored_keys()) == [store.key(sid)]        # nothing of the bad scan
+  with pytest.raises(RejectedScan) as e:                      # generate / eval read the same way
+    read_scan(os.path.join(d, bad))
+  assert str(e.value).startswith(os.path.join(d, bad) + ': ') and isinstance(e.value, InputError)
+
+
+# (row id, builder(d) -> file name, the array expected in the store, its dtype, spacing_repaired)
+STORED = [
+    ('int64_within_int32', lambda d: _npy(d, 'i64ok.npy', np.array([[-7, 2**31 - 1]], np.int64)),
+     np.array([[-7, 2**31 - 1]])[None, :, :, None], 'int32', None),
+    ('uint64_within_uint32', lambda d: _npy(d, 'u64ok.npy', np.array([[0, 2**32 - 1]], np.uint64)),
+     np.array([[0, 2**32 - 1]])[None, :, :, None], 'uint32', None),
+    ('float64_within_float32', lambda d: _npy(d, 'f64ok.npy', np.array([[-3e38, 0.5, 3e38]])),
+     np.array([[-3e38, 0.5, 3e38]], np.float32)[None, :, :, None], 'float32', None),
+    ('nifti_zero_pixdim_repaired', lambda d: _write(d, 'zeropix.nii', _nifti_bytes(
+        np.arange(48, dtype=np.int16).reshape(4, 4, 3), sform=False, pixdim=(0.0, 1.0, 2.0))),
+     np.arange(48).reshape(1, 4, 4, 3), 'int16', ['0.0', '1.0', '2.0']),
+    ('nifti_negative_pixdim_repaired', lambda d: _write(d, 'negpix.nii', _nifti_bytes(
+        np.arange(48, dtype=np.int16).reshape(4, 4, 3), sform=False, pixdim=(-3.0, 1.0, 2.0))),
+     np.arange(48).reshape(1, 4, 4, 3), 'int16', ['-3.0', '1.0', '2.0']),
+]
+
+
+@pytest.mark.parametrize('name,build,expected,dtype,repaired', STORED, ids=[r[0] for r in STORED])
+def test_value_that_fits_is_stored_exactly_and_repairs_are_recorded(tmp_path, name, build,
+                                                                    expected, dtype, repaired):
+  path = build(str(tmp_path))
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', [_sample('s', path)])
+  report = ingest(manifest, str(tmp_path / 'store'), log=QUIET)
+  store = VolumeStore(str(tmp_path / 'store'))
+  (sid,) = report.stored
+  got = store.read(sid)
+  assert got.dtype == np.dtype(dtype)
+  np.testing.assert_array_equal(got, expected.astype(dtype))
+  attrs = store.attributes(sid)
+  assert attrs.get('spacing_repaired') == repaired and store.info(sid)['attributes'] == attrs
+  if repaired:
+    assert attrs['spacing'] == [abs(float(repaired[0])) or 1.0, 1.0, 2.0]
+    (warning,) = store.warnings()
+    assert warning['path'] == str(tmp_path / path) and warning['scan_id'] == sid
+    assert f'header pixdim {repaired}' in warning['warning'] and report.warnings == [warning]
+  else:
+    assert store.warnings() == []
+
+
+def test_to_storable_refuses_what_does_not_fit():
+  assert to_storable(np.array([2**31 - 1], np.int64)).dtype == np.int32
+  for bad in (np.array([2**31], np.int64), np.array([2**32], np.uint64),
+              np.array([3.5e38])):
+    with pytest.raises(InputError, match='does not fit|beyond the range'):
+      to_storable(bad)
+
+
+def test_max_scan_bytes_limits_every_format(tmp_path):
+  vol = cd.ct_volume((16, 16, 8))                           # 4 KiB of int16
+  path = cd.write_nifti(tmp_path / 'a.nii.gz', vol)
+  with pytest.raises(RejectedScan, match=r'needs 4,096 bytes in memory, over the limit of 1,000'):
+    read_scan(path, max_bytes=1000)
+  (arr, _), = read_scan(path, max_bytes=4096)
+  np.testing.assert_array_equal(arr[0], vol)
+  from radfm_jax.cli.ingest import byte_size
+  assert byte_size('2G') == DEFAULT_MAX_SCAN_BYTES and byte_size('512M') == 512 << 20
+  r = _cli('ingest', '--manifest', cd.write_manifest(tmp_path / 'm.jsonl', [_sample('s', 'a.nii.gz')]),
+           '--out', str(tmp_path / 'st'), '--max-scan-bytes', '1K', '--no-progress')
+  assert r.returncode == 0 and f'rejected {path}: NIfTI shape [16, 16, 8] int16: needs 4,096 bytes' \
+      in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The store as a database: errors before anything is touched, merges, content identity
+
+
+def _store_files(store_dir):
+  out = {}
+  for dirpath, _, files in os.walk(store_dir):
+    for f in files:
+      if f != '.lock':
+        p = os.path.join(dirpath, f)
+        out[os.path.relpath(p, store_dir)] = open(p, 'rb').read()
+  return out
+
+
+@pytest.fixture
+def filled(tmp_path):
+  """A store holding samples s0 (a.npy), s1 (b.npy); returns (tmp_path, store dir)."""
+  np.save(tmp_path / 'a.npy', np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+  np.save(tmp_path / 'b.npy', np.arange(24, dtype=np.int16).reshape(4, 3, 2) * 3)
+  m = cd.write_manifest(tmp_path / 'first.jsonl',
+                        [_sample('s0', 'a.npy'), _sample('s1', 'b.npy')])
+  ingest(m, str(tmp_path / 'store'), log=QUIET)
+  return tmp_path, str(tmp_path / 'store')
+
+
+def _line(tmp, name, *lines):
+  with open(tmp / name, 'w') as f:
+    f.write(''.join(json.dumps(x) + '\n' if not isinstance(x, str) else x + '\n' for x in lines))
+  return str(tmp / name)
+
+
+# (row id, builder(tmp) -> manifest path, the one-line error, formatted with {m} = manifest path)
+ERRORS = [
+    ('manifest_missing', lambda t: str(t / 'misspelled.jsonl'),
+     '{m}: manifest not found; expected a JSONL file, one sample per line (nothing was written)'),
+    ('duplicate_sample_id', lambda t: _line(t, 'dup.jsonl', _sample('x', 'a.npy'), '',
+                                            _sample('x', 'b.npy')),
+     '{m} line 3 field id: "x" is already used ({m} line 1); expected a unique id'),
+    ('default_id_collides', lambda t: _line(t, 'dflt.jsonl', _sample('1', 'a.npy'),
+                                            {'images': [{'path': 'b.npy'}]}),
+     '{m} line 2 field id: "1" (its default id: the record number, from 0) is already used '
+     '({m} line 1); expected a unique id'),
+    ('scan_id_names_two_files', lambda t: _line(
+        t, 'two.jsonl', {'id': 'p', 'images': [{'path': 'a.npy', 'id': 'scan'}]},
+        {'id': 'q', 'images': [{'path': 'b.npy', 'id': 'scan'}]}),
+     '{m} line 2 field images[0].id: "scan" already names "a.npy" ({m} line 1); expected one id '
+     'per scan (path, frame, index)'),
+    ('sample_id_in_store_with_other_answer', lambda t: _line(
+        t, 'other.jsonl', _sample('s1', 'b.npy', answer='Two nodules.')),
+     "{m} line 1 field answer: sample id 's1' is already in the store ({t}/store/manifest.jsonl) "
+     'with another answer; expected the same sample, another id, or --replace to replace it'),
+    ('sample_id_in_store_with_other_image', lambda t: _line(t, 'img.jsonl', _sample('s1', 'a.npy')),
+     "{m} line 1 field images: sample id 's1' is already in the store"),
+    ('bad_json_line', lambda t: _line(t, 'json.jsonl', _sample('n', 'a.npy'), '{"id": "m",'),
+     '{m} line 2: not valid JSON'),
+    ('image_without_path', lambda t: _line(t, 'nopath.jsonl', {'id': 'n', 'images': [{'id': 'z'}]}),
+     '{m} line 1 field images[0].path: missing; expected string (an input manifest names each '
+     'scan by its path)'),
+]
+
+
+@pytest.mark.parametrize('name,build,message', ERRORS, ids=[r[0] for r in ERRORS])
+def test_bad_manifest_is_an_error_before_anything_is_touched(filled, name, build, message):
+  tmp, store_dir = filled
+  before = _store_files(store_dir)
+  manifest = build(tmp)
+  expected = message.format(m=manifest, t=tmp)
+  with pytest.raises(InputError) as e:
+    ingest(manifest, store_dir, log=QUIET)
+  assert str(e.value).startswith(expected), str(e.value)
+  r = _cli('ingest', '--manifest', manifest, '--out', store_dir)
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+      f'radfm-jax ingest: {expected}'), r.stderr
+  assert _store_files(store_dir) == before                  # nothing touched, byte for byte
+
+
+def test_scan_id_held_for_another_file_is_an_error_unless_replace(filled):
+  tmp, store_dir = filled
+  m1 = _line(tmp, 'u1.jsonl', {'id': 'u', 'images': [{'path': 'a.npy', 'id': 'mine'}]})
+  ingest(m1, store_dir, log=QUIET)
+  m2 = _line(tmp, 'u2.jsonl', {'id': 'v', 'images': [{'path': 'b.npy', 'id': 'mine'}]})
+  with pytest.raises(InputError, match=f"^{m2} line 1 field images\\[0\\].id: scan id 'mine' names "
+                     f"{tmp}/b.npy but the store holds it for {tmp}/a.npy"):
+    ingest(m2, store_dir, log=QUIET)
+  ingest(m2, store_dir, log=QUIET, replace=True)
+  store = VolumeStore(store_dir)
+  np.testing.assert_array_equal(store.read('mine')[0], np.load(tmp / 'b.npy'))
+  assert store.info('mine')['attributes']['source'] == str(tmp / 'b.npy')
+
+
+def test_second_manifest_extends_and_same_manifest_twice_changes_nothing(filled):
+  tmp, store_dir = filled
+  store = VolumeStore(store_dir)
+  first_rows = store.manifest()
+  np.save(tmp / 'c.npy', np.arange(8, dtype=np.uint8).reshape(2, 4))
+  m2 = cd.write_manifest(tmp / 'second.jsonl', [_sample('s2', 'c.npy'), _sample('s0', 'a.npy')])
+  report = ingest(m2, store_dir, log=QUIET)
+  assert report.skipped == [first_rows[0]['images'][0]['id']] and len(report.stored) == 1
+  rows = VolumeStore(store_dir).manifest()
+  assert [r['id'] for r in rows] == ['s0', 's1', 's2'] and rows[:2] == first_rows
+  again = ingest(m2, store_dir, log=QUIET)
+  assert again.stored == [] and VolumeStore(store_dir).manifest() == rows
+  assert report.manifest_rows == 3 and again.replaced_samples == 0
+
+
+def test_changed_file_at_the_same_path_is_read_again(filled):
+  tmp, store_dir = filled
+  old = VolumeStore(store_dir).manifest()[0]['images'][0]
+  new = (np.arange(30, dtype=np.int16) * 7).reshape(5, 6)      # new content and shape
+  np.save(tmp / 'a.npy', new)
+  report = ingest(str(tmp / 'first.jsonl'), store_dir, log=QUIET)
+  assert report.stored == [old['id']] and report.updated == [old['id']]
+  store = VolumeStore(store_dir)
+  np.testing.assert_array_equal(store.read(old['id']), new[None, :, :, None])
+  row = store.manifest()[0]['images'][0]
+  assert row['id'] == old['id'] and row['shape'] == [1, 5, 6, 1] != old['shape']
+  import hashlib
+  assert store.info(old['id'])['attributes']['source_sha256'] == hashlib.sha256(
+      open(tmp / 'a.npy', 'rb').read()).hexdigest()
+
+
+def test_replace_replaces_a_sample_in_place(filled):
+  tmp, store_dir = filled
+  m = _line(tmp, 'other.jsonl', _sample('s0', 'a.npy', answer='Changed.'))
+  report = ingest(m, store_dir, log=QUIET, replace=True)
+  rows = VolumeStore(store_dir).manifest()
+  assert [r['id'] for r in rows] == ['s0', 's1'] and rows[0]['answer'] == 'Changed.'
+  assert report.replaced_samples == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults: kill -9, concurrency, the lock, memory
+
+
+def _kill_inputs(tmp_path, n=8, offset=0):
+  """n tiny distinct .npy scans and a manifest of one sample each."""
+  rng = np.random.default_rng(offset)
+  records = []
+  for i in range(offset, offset + n):
+    np.save(tmp_path / f'v{i}.npy', rng.integers(-500, 500, (6, 5, 3 + i % 3)).astype(np.int16))
+    records.append(_sample(f's{i}', f'v{i}.npy'))
+  return cd.write_manifest(tmp_path / f'm{offset}.jsonl', records)
+
+
+def _verify(store_dir, tmp_path):
+  """Every indexed array equals its source file; every manifest image is indexed. -> sample ids."""
+  store = VolumeStore(store_dir)
+  for sid, row in store.index().items():
+    np.testing.assert_array_equal(store.read(sid)[0], np.load(row['attributes']['source']),
+                                  err_msg=sid)
+    assert list(store.read(sid).shape) == row['shape']
+  rows = store.manifest()
+  assert all(im['id'] in store for r in rows for im in r['images'])
+  return [r['id'] for r in rows]
+
+
+def test_kill_9_at_any_moment_leaves_exactly_the_complete_scans(tmp_path):
+  manifest = _kill_inputs(tmp_path, 12)
+  store_dir = str(tmp_path / 'store')
+  args = ('ingest', '--manifest', manifest, '--out', store_dir, '--batch-size', '2',
+          '--no-progress')
+  kills = 0
+  # Deterministic points: after a batch's data commit (before its index line), half an index line
+  # written, after an index append, before the manifest; then timed SIGKILLs.
+  # 12 scans in batches of 2 (s0 s1 | s2 s3 | ...); each run goes on from what the last one left.
+  for point, indexed in (('after-data:1', 0), ('index-torn:1', 1), ('after-index:2', 4),
+                         ('after-data:2', 6), ('index-torn:1', 7), ('before-manifest', 12)):
+    r = _cli(*args, env={'RADFM_JAX_CRASH_AT': point})
+    assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
+    kills += 1
+    assert _verify(store_dir, tmp_path) == []                 # no manifest before the end
+    assert len(VolumeStore(store_dir)) == indexed
+    if point == 'index-torn:1':
+      assert not open(os.path.join(store_dir, 'scans.jsonl'), 'rb').read().endswith(b'\n')
+  done = _cli(*args)
+  assert done.returncode == 0, done.stderr
+  assert _verify(store_dir, tmp_path) == [f's{i}' for i in range(12)]
+  # Timed kills of fresh ingests at increasing delays (startup, reading, commit, index, manifest).
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  for k, delay in enumerate((0.6, 1.0, 1.4, 1.8, 2.2, 2.6, 3.0)):
+    store_k = str(tmp_path / f'timed{k}')
+    p = subprocess.Popen([sys.executable, '-m', 'radfm_jax.cli', 'ingest', '--manifest', manifest,
+                          '--out', store_k, '--batch-size', '1', '--no-progress'], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if os.path.isdir(store_k):
+      _verify(store_k, tmp_path)
+    kills += 1
+    if k % 3 == 2:                     # and the rerun completes the store
+      assert _cli('ingest', '--manifest', manifest, '--out', store_k, '--no-progress'
+                  ).returncode == 0
+      assert _verify(store_k, tmp_path) == [f's{i}' for i in range(12)]
+  assert kills == 13
+
+
+def test_two_concurrent_ingests_lose_no_rows(tmp_path):
+  m1, m2 = _kill_inputs(tmp_path, 6, 0), _kill_inputs(tmp_path, 6, 100)
+  store_dir = str(tmp_path / 'store')
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen([sys.executable, '-m', 'radfm_jax.cli', 'ingest', '--manifest', m,
+                             '--out', store_dir, '--batch-size', '1', '--no-progress'], env=env,
+                            stderr=subprocess.PIPE, text=True) for m in (m1, m2)]
+  errs = [p.communicate(timeout=120)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs
+  ids = _verify(store_dir, tmp_path)
+  assert sorted(ids) == sorted([f's{i}' for i in range(6)] + [f's{i}' for i in range(100, 106)])
+  assert len(VolumeStore(store_dir)) == 12
+
+
+def test_second_writer_waits_for_the_lock_or_fails_clearly(filled):
+  tmp, store_dir = filled
+  np.save(tmp / 'c.npy', np.arange(8, dtype=np.uint8).reshape(2, 4))
+  m = cd.write_manifest(tmp / 'more.jsonl', [_sample('s2', 'c.npy')])
+  holder = VolumeStore(store_dir)
+  with holder.lock():
+    r = _cli('ingest', '--manifest', m, '--out', store_dir, '--lock-timeout', '0.5')
+    assert r.returncode == 2 and f'radfm-jax ingest: {store_dir}: still locked by another writer ' \
+        f'(pid {os.getpid()} since' in r.stderr, r.stderr
+    with pytest.raises(StoreLocked, match='still locked by another writer .pid .* after 0 s'):
+      with VolumeStore(store_dir).lock(timeout=0):            # another object in this process
+        pass
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+    p = subprocess.Popen([sys.executable, '-m', 'radfm_jax.cli', 'ingest', '--manifest', m,
+                          '--out', store_dir, '--no-progress'], env=env, stderr=subprocess.PIPE,
+                         text=True)
+    line = ''
+    while 'waiting' not in line and p.poll() is None:       # blocks until it says it waits
+      line = p.stderr.readline()
+    assert f'store {store_dir} is locked by another writer (pid {os.getpid()}' in line
+    assert 'waiting' in line and p.poll() is None
+    assert [r['id'] for r in VolumeStore(store_dir).manifest()] == ['s0', 's1']
+  assert p.wait(timeout=60) == 0, p.stderr.read()
+  assert [r['id'] for r in VolumeStore(store_dir).manifest()] == ['s0', 's1', 's2']
+
+
+MEMORY_PROBE = r'''
+import os, resource, sys
+from radfm_jax.data.readers import read_scan, RejectedScan
+vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize')][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (300 << 20), resource.RLIM_INFINITY))
+for path in sys.argv[1:]:
+  try:
+    read_scan(path)
+    print('READ', path)
+  except RejectedScan as e:
+    print('REJECTED', e)
+  except MemoryError as e:
+    print('MEMORYERROR', path)
+'''
+
+
+def test_header_lies_are_refused_under_a_300_mb_address_space_limit(tmp_path):
+  d = str(tmp_path)
+  files = [_write(d, 'huge.nii.gz', gzip.compress(_huge_nifti_header())),
+           _write(d, 'huge.nii', _huge_nifti_header()), _huge_npy(d), _huge_png(d),
+           _dicom(d, 'bigdcm', Rows=60000, Columns=60000)]
+  paths = [os.path.join(d, f) for f in files]
+  assert all(os.path.getsize(p) < 4096 for p in paths[:4])
+  env = dict(os.environ, PYTHONPATH=REPO, OPENBLAS_NUM_THREADS='1', OMP_NUM_THREADS='1')
+  r = subprocess.run([sys.executable, '-c', MEMORY_PROBE, *paths], capture_output=True, text=True,
+                     env=env, timeout=120)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert len(lines) == len(paths) and all(line.startswith('REJECTED ') for line in lines), lines
+  for line, path in zip(lines, paths):
+    assert line.startswith(f'REJECTED {path}: ') and 'claims' in line, line
+
+
+def test_generate_reads_images_through_the_same_guard(tmp_path):
+  from radfm_jax.infer.prompt_files import read_images
+  path = os.path.join(str(tmp_path), _write(str(tmp_path), 'huge.nii.gz',
+                                            gzip.compress(_huge_nifti_header())))
+  with pytest.raises(InputError, match=f'^{path}: NIfTI shape \\[1000, 1000, 800\\] int16: the '
+                     'header claims 1,600,000,000 bytes'):
+    read_images([path], [None])
+
+
+def test_progress_bar_counts_scans_and_rejects(tmp_path):
+  np.save(tmp_path / 'a.npy', np.arange(6, dtype=np.int16).reshape(2, 3))
+  np.save(tmp_path / 'c.npy', np.zeros((2, 3), np.int16))           # constant: a reject
+  m = cd.write_manifest(tmp_path / 'm.jsonl', [_sample('a', 'a.npy'), _sample('c', 'c.npy')])
+  r = _cli('ingest', '--manifest', m, '--out', str(tmp_path / 's'))
+  assert r.returncode == 0 and 'ingest: 100%' in r.stderr and '2/2' in r.stderr
+  assert 'rejected=1' in r.stderr, r.stderr
+  r = _cli('ingest', '--manifest', m, '--out', str(tmp_path / 's2'), '--no-progress')
+  assert r.returncode == 0 and '%|' not in r.stderr and '2/2' not in r.stderr
+  assert f'rejected {tmp_path}/c.npy: constant volume' in r.stderr
+
+
+def test_a_store_that_refuses_writes_rejects_each_scan_and_the_run_ends(tmp_path):
+  """A real write fault (the database folder replaced by a file): the batch is retried scan by
+  scan, each scan is a reject naming the store error, and the run still writes its reports."""
+  np.save(tmp_path / 'a.npy', np.arange(6, dtype=np.int16).reshape(2, 3))
+  np.save(tmp_path / 'b.npy', np.arange(6, dtype=np.int16).reshape(3, 2))
+  m = cd.write_manifest(tmp_path / 'm.jsonl', [_sample('a', 'a.npy'), _sample('b', 'b.npy')])
+  os.makedirs(tmp_path / 'store')
+  _write(str(tmp_path / 'store'), 'volumes', b'not a folder')
+  report = ingest(m, str(tmp_path / 'store'), log=QUIET)
+  assert report.stored == [] and report.dropped_samples == 2
+  rejects = [r for r in VolumeStore(str(tmp_path / 'store')).rejects() if 'scan_id' in r]
+  assert [os.path.basename(r['path']) for r in rejects] == ['a.npy', 'b.npy']
+  assert all(r['reason'].startswith('store write failed: ') for r in rejects), rejects
+  assert VolumeStore(str(tmp_path / 'store')).manifest() == [] and len(VolumeStore(
+      str(tmp_path / 'store'))) == 0
