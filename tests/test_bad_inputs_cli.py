@@ -78,14 +78,17 @@ ROWS = [
     ('config:unknown-field', TRAIN + ['--config.data.batch_size=4'],
      ['no config field data.batch_size']),
     # --- the global batch against the mesh (8 devices: fsdp=8), before the model is built
-    ('batch:2d-not-divisible', TRAIN + ['--config.data.batch_size_2d=3'],
+    ('batch:2d-not-divisible', TRAIN + ['--config.data.store=synthetic',
+                                        '--config.data.batch_size_2d=3'],
      ['config field data.batch_size_2d=3: expected a multiple of 8', 'data x fsdp = 8',
       'mesh data=1, fsdp=8, tensor=1 on 8 devices']),
-    ('batch:grad-accum', TRAIN + ['--config.data.batch_size_2d=8', '--config.train.grad_accum=2'],
+    ('batch:grad-accum', TRAIN + ['--config.data.store=synthetic', '--config.data.batch_size_2d=8',
+                                  '--config.train.grad_accum=2'],
      ['config field data.batch_size_2d=8: expected a multiple of 16', 'train.grad_accum=2']),
-    ('batch:3d-with-store', TRAIN + ['--config.data.batch_size_2d=8',
-                                     '--config.data.store={root}/store'],
-     ['config field data.batch_size_3d=1: expected a multiple of 8']),
+    ('train:no-store-folder', TRAIN + ['--config.data.batch_size_2d=8',
+                                       '--config.data.store={root}/store',
+                                       '--config.data.tokenizer={root}/tok.model'],
+     ['manifest {root}/store/manifest.jsonl: no such file']),
     # --- generate: the same config validation, flags, files, lines, limits
     ('generate:max-new-tokens', GEN + ['--prompt', 'x', '--config.generate.max_new_tokens=0'],
      ['radfm-jax generate: config field generate.max_new_tokens=0: expected a positive integer']),
@@ -301,3 +304,17 @@ def test_python_sampling_arguments_are_validated(kwargs, field):
   from radfm_jax.infer import text
   with pytest.raises(ConfigError, match=field):
     text.generate_batch(None, cd.tokenizer(), ['Is there a nodule?'], **kwargs)
+
+
+def test_verbose_adds_the_traceback_to_the_one_line(capsys):
+  """A bad-input error is one line; `radfm-jax --verbose` prints the traceback above that line."""
+  from radfm_jax.cli.main import main
+  argv = ['train', '--config', SPEC, '--workdir', 'unused', '--config.train.learning_rate=-1']
+  assert main(argv) == 2
+  quiet = capsys.readouterr().err.strip().splitlines()
+  assert len(quiet) == 1 and quiet[0].startswith(
+      'radfm-jax train: config field train.learning_rate=-1')
+  assert main(['--verbose'] + argv) == 2
+  loud = capsys.readouterr().err.strip().splitlines()
+  assert loud[0] == 'Traceback (most recent call last):' and loud[-1] == quiet[0]
+  assert any('ConfigError' in line for line in loud[:-1])

@@ -61,8 +61,10 @@ def _cleared(nb):
 
 
 def _outputs(cell, mime: str) -> list:
-  return [o for o in cell.get('outputs', []) if mime in o.get('data', {})
-          or (mime == 'text/plain' and o.get('name') == 'stdout')]
+  """The cell's outputs of one kind: 'image/png' (a figure) or 'stdout' (printed text)."""
+  if mime == 'stdout':
+    return [o for o in cell.get('outputs', []) if o.get('name') == 'stdout']
+  return [o for o in cell.get('outputs', []) if mime in o.get('data', {})]
 
 
 def test_notebooks_are_built_and_carry_the_outputs_of_a_run():
@@ -81,10 +83,10 @@ def test_notebooks_are_built_and_carry_the_outputs_of_a_run():
   loss_cell = next(c for c in code if 'read_metrics' in c.source)
   scan_cell = next(c for c in code if 'sagittal' in c.source)
   assert _outputs(loss_cell, 'image/png') and _outputs(scan_cell, 'image/png')
-  printed = ''.join(o['text'] for c in code for o in _outputs(c, 'text/plain'))
+  printed = ''.join(o['text'] for c in code for o in _outputs(c, 'stdout'))
   assert 'checkpoint' in printed and 'loss ' in printed      # a trained run, not the random model
   answer_cell = next(c for c in code if 'api.generate(' in c.source)
-  assert _outputs(answer_cell, 'text/plain')
+  assert _outputs(answer_cell, 'stdout')
   convert = nbformat.read(os.path.join(NOTEBOOKS, 'convert.ipynb'), as_version=4)
   assert 'round trip exact for' in ''.join(
       o.get('text', '') for c in convert.cells if c.cell_type == 'code' for o in c.outputs)

@@ -3,6 +3,8 @@ folder, and prints what the README says it does."""
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -35,8 +37,14 @@ def test_readme_model_block_runs(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_readme_scans_to_answer_block_runs(tmp_path, monkeypatch, capsys):
-  lines = _run(_blocks()[1], tmp_path, monkeypatch, capsys)
+def test_readme_scans_to_answer_block_runs(tmp_path):
+  # In a fresh interpreter with one CPU device, as a user runs it (the suite has 8 fake devices).
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, '-c', _blocks()[1]], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().split('\n')
   losses = [line for line in lines if line.startswith('loss ')]
   assert len(losses) == 1, lines
   first, last = (float(x) for x in losses[0].split()[1::2])

@@ -77,7 +77,8 @@ def test_synthetic_data_only_when_named(tmp_path, capsys):
   assert code == 2
   assert capsys.readouterr().err.strip().splitlines() == [NO_STORE]
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')     # failed before any output
-  data, text = loop.open_data(load_config(SPEC, SMALL + ['data.store=synthetic']))
+  data, text = loop.open_data(load_config(SPEC, SMALL + ['data.store=synthetic']), 'train',
+                              num_devices=1)      # SMALL's batch of 2 on one device
   assert isinstance(data, SyntheticBatches) and data.get_state() == {'index': 0}
   assert text.endswith('one bucket images 2x1x3x64x64x4, text 48')
   # A real store without a tokenizer names the field, not `FileNotFoundError: ''`.

@@ -60,9 +60,10 @@ def run(args) -> int:
   launch.initialize()
   compile_cache.enable()                              # before the first compile
   import jax
-  # Before the model is built: the synthetic source batches data.batch_size_2d only.
-  check_batch_axes(cfg, jax.device_count(), jax.process_count(),
-                   ('2d',) if cfg.data.store == SYNTHETIC_STORE else ('2d', '3d'))
+  if cfg.data.store == SYNTHETIC_STORE:
+    # Before the heavy imports; a store's batch kinds are checked when its manifest is read
+    # (train.loop.open_data), still before the model is built.
+    check_batch_axes(cfg, jax.device_count(), jax.process_count(), ('2d',))
 
   from radfm_jax.train.loop import NonFiniteLossError, train
   try:

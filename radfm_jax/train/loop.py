@@ -47,7 +47,8 @@ from flax import nnx
 
 from radfm_jax import sharding
 from radfm_jax.checkpoint import Checkpointer
-from radfm_jax.config import SYNTHETIC_STORE, Config, ConfigError, check_data_store
+from radfm_jax.config import (SYNTHETIC_STORE, Config, ConfigError, check_batch_axes,
+                              check_data_store)
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.errors import InputError
 from radfm_jax.models.radfm import RadFM, abstract_model
@@ -75,16 +76,23 @@ class TrainResult:
 def make_data(cfg: Config, split: str = 'train', image_cache=None):
   """This host's iterator of batch dicts for `split` ('train' or 'eval'); `image_cache`: see
   `open_data`."""
-  return open_data(cfg, split, image_cache)[0]
+  return open_data(cfg, split, image_cache=image_cache)[0]
 
 
-def open_data(cfg: Config, split: str = 'train', image_cache=None) -> tuple[object, str]:
+def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None, *,
+              image_cache=None) -> tuple[object, str]:
   """(this host's iterator of batch dicts for `split`, a one-line description: source, samples
   per split, shape buckets). `image_cache` (an ImageTokenCache, with data.image_cache): batches
-  carry each scan's cached image tokens (`image_tokens`) instead of its volume."""
+  carry each scan's cached image tokens (`image_tokens`) instead of its volume.
+
+  Checks, before any model is built: a data source named (`check_data_store`), and the batch size
+  of every kind the split holds (2D / 3D; synthetic: 2D) dividing over the mesh's batch axes of
+  `num_devices` (default: all) devices (`check_batch_axes`: a ConfigError naming the fields)."""
   store = cfg.data.store
   check_data_store(cfg)                       # empty: a ConfigError naming data.store
+  num_devices = num_devices or jax.device_count()
   if store == SYNTHETIC_STORE:
+    check_batch_axes(cfg, num_devices, jax.process_count(), ('2d',))
     seed = cfg.seed if split == 'train' else cfg.seed + 7919
     data = SyntheticBatches(cfg, seed=seed, process_index=jax.process_index(),
                             process_count=jax.process_count())
@@ -116,6 +124,7 @@ def open_data(cfg: Config, split: str = 'train', image_cache=None) -> tuple[obje
   ds = make_dataset(cfg.data, cfg.model, volumes, tokenizer, seed=cfg.seed, records=records,
                     num_epochs=None if split == 'train' else 1, image_cache=image_cache)
   buckets = sorted(ds.plan.buckets.items(), key=lambda kv: dataclasses.astuple(kv[0]))
+  check_batch_axes(cfg, num_devices, jax.process_count(), sorted({k.kind for k, _ in buckets}))
   shown = '; '.join(f'{k.kind} {k.height}x{k.width}x{k.depth} x {k.images} image(s), text '
                     f'{k.length}: {len(v)} samples' for k, v in buckets)
   counts = ', '.join(f'{name} {n}' for name, n in sorted(splits.items()))
@@ -385,7 +394,9 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
   elif cfg.data.image_cache:
     check_data_store(cfg)             # the data opens once the vision tower's weights are known
   else:
-    data, data_text = open_data(cfg, 'train')       # an empty data.store fails here
+    # an empty data.store, or a batch that does not split over the mesh: a ConfigError here,
+    # before the model is built
+    data, data_text = open_data(cfg, 'train', mesh.devices.size if mesh is not None else None)
   ckpt_dir = workdir.rstrip('/') + '/checkpoints'
   tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
       is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
@@ -410,7 +421,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
                                   f'initialised from seed {cfg.seed}')
     image_cache = open_for_run(cfg, state.params, source)
     if data is None:
-      data, data_text = open_data(cfg, 'train', image_cache)
+      data, data_text = open_data(cfg, 'train', mesh.devices.size, image_cache=image_cache)
     _summary(say, cfg, mesh, abs_state, data_text, tokenizer, workdir, logdir, latest or 0,
              total)
     if latest is not None:
