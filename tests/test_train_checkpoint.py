@@ -53,12 +53,12 @@ def test_grain_iterator_state_round_trips(tmp_path):
 def test_make_data_uses_the_grain_pipeline(tmp_path):
   store = cd.png_store(tmp_path)
   cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', [
-      f'data.store={store}', f'data.tokenizer={tmp_path / "tok.model"}', 'data.batch_size_2d=2',
+      f'data.store={store}', f'data.tokenizer={tmp_path / "tok.model"}', 'data.batch_size_2d=8',
       'data.text_lengths=[128]'])
   data = loop.make_data(cfg)
   assert isinstance(data, grain.DatasetIterator)
   batch = next(data)
   assert set(batch) >= {'images', 'image_mask', 'tokens', 'attention_mask', 'labels',
                         'loss_weights'}
-  assert batch['tokens'].shape == (2, 128) and batch['images'].shape[:3] == (2, 1, 3)
+  assert batch['tokens'].shape == (8, 128) and batch['images'].shape[:3] == (8, 1, 3)   # 8 devices
   assert (batch['labels'] != -100).any()
