@@ -40,3 +40,15 @@ def gemv_bytes_per_second(rows: int = 8192, cols: int = 2048, count: int = 8,
 
   seconds = time_fn(stream, mats, x, repeats=repeats)
   return count * rows * cols * 4 / seconds
+
+
+def machine() -> str:
+  """`lscpu`'s model name and the SIMD flags that matter to XLA:CPU (one line)."""
+  import subprocess
+  info = {}
+  for line in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines():
+    key, _, value = line.partition(':')
+    info[key.strip()] = value.strip()
+  flags = sorted(f for f in info.get('Flags', '').split()
+                 if f.startswith(('avx', 'fma', 'amx', 'sse4')))
+  return f"{info.get('Model name', '?')}; {info.get('CPU(s)', '?')} CPUs; flags {' '.join(flags)}"

@@ -156,6 +156,9 @@ class DataConfig:
   drop_unreadable: bool = True
   ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0))
   percentiles: tuple[float, float] = (0.5, 99.5)
+  # Read each scan's cached image tokens (`radfm-jax cache-images`, data/image_cache.py) instead of
+  # its volume and skip the vision tower; needs the tower frozen and a deterministic image path.
+  image_cache: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +234,11 @@ class FinetuneConfig:
 FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc',),
                  'figure_tokens': ('figure_tokens',), 'llama': ('llama',),
                  'vision_tower': ('vision', 'perceiver', 'fc'), 'decoder': ('llama',)}
+
+
+# Fields that make the image path random while training: cached image tokens (data.image_cache)
+# are exact only when each holds this value (a random augmentation field belongs here too).
+IMAGE_CACHE_DETERMINISTIC = {'model.vision.dropout': 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -698,6 +706,30 @@ def _validate_finetune(f: FinetuneConfig):
     _fail('finetune.init_from', f.init_from, "a checkpoint folder, or '' for random weights")
 
 
+def _validate_image_cache(d: DataConfig, m: ModelConfig, t: TrainConfig):
+  """data.image_cache trains on tokens the frozen vision tower made once: refused unless that
+  tower is frozen and its path is deterministic (data/image_cache.py: exactness)."""
+  if not d.image_cache:
+    return
+  if d.store == SYNTHETIC_STORE:
+    _fail('data.image_cache', True, f'False with data.store={SYNTHETIC_STORE} (random batches '
+          'have no scans whose image tokens could be cached)')
+  frozen = {name for group in t.freeze for name in FREEZE_GROUPS[group]}
+  missing = [n for n in FREEZE_GROUPS['vision_tower'] if n not in frozen]
+  if missing:
+    _fail('train.freeze', list(t.freeze), f'the vision tower frozen (add {missing} or '
+          "'vision_tower') when data.image_cache=True")
+  sections = {'model': m, 'data': d, 'train': t}
+  for field, value in IMAGE_CACHE_DETERMINISTIC.items():
+    head, *rest = field.split('.')
+    now = sections[head]
+    for name in rest:
+      now = getattr(now, name)
+    if now != value:
+      _fail(field, now, f'{value!r} when data.image_cache=True (cached image tokens are exact '
+            'only for a deterministic image path)')
+
+
 def _build_model(m: ml_collections.ConfigDict) -> ModelConfig:
   model = _build(ModelConfig,
                  {k: v for k, v in m.items() if k not in ('vision', 'perceiver', 'llama')}, 'model',
@@ -729,6 +761,7 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   _validate_train(train)
   finetune = _build(FinetuneConfig, cfg.get('finetune'), 'finetune')
   _validate_finetune(finetune)
+  _validate_image_cache(data, model, train)
   if not _is_int(cfg.seed) or cfg.seed < 0:
     _fail('seed', cfg.seed, 'an integer >= 0')
   extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in _SCHEMA_FIELDS})

@@ -77,7 +77,7 @@ def _accelerator(hbm_gib: float, topology: str = '', **mesh) -> dict:
 _H100_GIB = 79.6
 _V5P_GIB = 95.74
 _V6E_GIB = 31.25
-_V5E_GIB = 15.75
+_V5E_GIB = 15.75      # v5e: 16 GiB HBM per chip, 15.75 GiB usable (libtpu's limit)
 
 HARDWARE = {
     # One host, whatever devices it has (8 fake CPU devices in tests); no rematerialisation.

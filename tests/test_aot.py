@@ -27,6 +27,7 @@ def test_accelerator_type_and_batch_shapes():
 def _run_aot(tmp_path, *args):
   """`radfm-jax aot *args` in a subprocess (the TPU_* variables and libtpu flags must be set
   before JAX is imported); returns (process, first JSON report)."""
+  tmp_path.mkdir(parents=True, exist_ok=True)
   out = tmp_path / 'report.jsonl'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
@@ -78,7 +79,7 @@ def test_aot_compiles_tiny_splash_for_v6e_2x4(tmp_path):
 def test_needed_bytes_from_libtpu_refusal():
   message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
              'temporaries (31.49G) exceeds available HBM (31.25G).')
-  assert aot._needed_bytes(message) == 31.49 * 2 ** 30
+  assert aot.needed_bytes(message) == 31.49 * 2 ** 30
 
 
 @pytest.mark.slow
@@ -91,3 +92,20 @@ def test_aot_compiles_tiny_qlora_for_one_v6e_chip(tmp_path):
   assert (report['finetune'], report['quant'], report['topology']) == ('qlora', 'int8', 'v6e:1x1')
   assert report['fits'] is True and 0 < report['peak_bytes'] < 31.25 * 2 ** 30
   assert 'qlora int8' in proc.stdout and 'FITS' in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (tpu extra)')
+def test_aot_generate_compiles_tiny_int8_for_one_v5e_chip(tmp_path):
+  """`aot --generate` lowers prefill + decode for a single chip (v5e:1x1); with --quantize int8
+  the program's parameter arguments are the int8 kernels (about a third of the fp32 bytes)."""
+  common = ['--generate', '--config', 'configs/radfm.py:model=tiny,mesh=tpu_v5e_1',
+            '--context', '256', '--max-new', '64']
+  proc, q8 = _run_aot(tmp_path / 'q8', *common, '--quantize', 'int8')
+  _, full = _run_aot(tmp_path / 'full', *common)
+  assert (q8['devices'], q8['topology'], q8['program']) == (1, 'v5e:1x1', 'generate')
+  assert q8['device_kind'].startswith('TPU v5') and q8['fits'] is True and 'FITS' in proc.stdout
+  assert (q8['quantize'], full['quantize']) == ('int8', 'none')
+  assert (q8['prompt_len'], q8['max_new_tokens']) == (192, 64)
+  assert q8['param_bytes_total'] < 0.4 * full['param_bytes_total']
+  assert q8['argument_bytes'] < full['argument_bytes'] and 0 < q8['peak_bytes'] < 15.75 * 2 ** 30

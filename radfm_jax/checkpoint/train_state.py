@@ -162,6 +162,22 @@ class Checkpointer:
                                    + ' | '.join(line for _, line in failures))
     return None
 
+  def restore_data(self, step: int, data_iter):
+    """Restores only the data iterator's position of `step` (in place; no-op when not saved): for
+    a run whose data can only be built once the state is restored (`restore_latest(abstract_state,
+    None)` first; the image-token cache is keyed by the restored vision weights). A data item that
+    does not restore is a `CheckpointRestoreError` naming the step and file."""
+    names = set(self.manager.item_metadata(step).keys()) if hasattr(
+        self.manager, 'item_metadata') else {'data'}
+    if 'data' not in names:
+      return
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(data=_data_restore(data_iter)))
+      if not _is_grain_iterator(data_iter):
+        data_iter.set_state(out['data'])
+    except Exception as e:   # noqa: BLE001  (Orbax, JSON, grain: any of them)
+      raise CheckpointRestoreError(describe_failure(self.step_dir(step), step, e)) from e
+
   def _quarantine(self, step: int) -> str:
     """Renames a step folder that does not restore to `<step>.corrupt` (Orbax ignores it; the run
     may write that step again) and tells the manager. Process 0 renames; all wait for it."""

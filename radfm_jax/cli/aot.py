@@ -1,5 +1,6 @@
-"""`radfm-jax aot`: compile the train step ahead of time for a TPU topology, from a CPU host
-(library: `radfm_jax.train.aot.fit_check`)."""
+"""`radfm-jax aot`: compile the train step (or, with --generate, prefill + decode) ahead of time
+for a TPU topology, from a CPU host (library: `radfm_jax.train.aot.fit_check`,
+`radfm_jax.infer.aot.generate_fit_check`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from radfm_jax.cli import flags
 
 EXAMPLE = """\
 radfm-jax aot --config configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_8 --batch-2d 4 \\
-    --config.model.remat_policy=full --json fit.jsonl"""
+    --config.model.remat_policy=full --json fit.jsonl
+radfm-jax aot --generate --quantize int8 --config configs/radfm.py:model=radfm_13b,mesh=tpu_v5e_1 \\
+    --config.model.param_dtype=bfloat16 --json benchmarks/generate_fit_13b.jsonl"""
 
 
 def add_parser(sub):
@@ -19,7 +22,9 @@ def add_parser(sub):
       description="Lowers and compiles the jitted train step for the mesh preset's TPU topology "
       'on this host (needs libtpu, no TPU) and reports per-chip memory and FLOPs. Exit code 0 '
       'when every batch kind fits in mesh.hbm_gib, 1 when one does not, 2 for a preset without '
-      'a TPU topology.', example=EXAMPLE)
+      'a TPU topology. --generate compiles what `radfm-jax generate` runs (prefill + KV-cache '
+      'decode, --context tokens in all) instead, --quantize int8 with Qwix int8 weights.',
+      example=EXAMPLE)
   p.add_argument('--batch-2d', type=int, default=None,
                  help='global 2D batch (samples; default one per chip)')
   p.add_argument('--batch-3d', type=int, default=None,
@@ -30,6 +35,14 @@ def add_parser(sub):
   p.add_argument('--kinds', default=None,
                  help="comma list of '2d','3d' (default: those given by --batch-*, else both)")
   p.add_argument('--json', default=None, help='append the reports as JSON lines here')
+  p.add_argument('--generate', action='store_true',
+                 help='compile prefill + decode (radfm-jax generate) instead of the train step '
+                      '(radfm_jax.infer.aot); batch from --batch-2d / --batch-3d (default 1)')
+  p.add_argument('--quantize', choices=('int8',), default=None,
+                 help='with --generate: Qwix int8 weights (as generate --quantize)')
+  p.add_argument('--context', type=int, default=2048,
+                 help='with --generate: prompt + new tokens')
+  p.add_argument('--max-new', type=int, default=256, help='with --generate: new tokens')
   flags.add_config_arguments(p, required=True,
                              help='experiment config with a tpu_* mesh preset, e.g. '
                                   'configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128')
@@ -45,6 +58,11 @@ def run(args) -> int:
     return 2
   from radfm_jax.train import aot
   aot.set_tpu_env(cfg.mesh.topology)      # before JAX is imported
+  if args.generate:
+    return _generate(cfg, args)
+  if args.quantize:
+    print('radfm-jax aot: --quantize needs --generate', file=sys.stderr)
+    return 2
   if args.kinds:
     kinds = args.kinds.split(',')
   else:
@@ -59,3 +77,17 @@ def run(args) -> int:
       with open(args.json, 'a') as f:
         f.write(json.dumps(report) + '\n')
   return 0 if all_fit else 1
+
+
+def _generate(cfg, args) -> int:
+  from radfm_jax.infer.aot import format_generate_report, generate_fit_check
+  kind = args.kinds or ('3d' if args.batch_3d and not args.batch_2d else '2d')
+  batch = (args.batch_3d if kind == '3d' else args.batch_2d) or 1
+  report = generate_fit_check(cfg, quantize=args.quantize, batch=batch, kind=kind,
+                              images_2d=args.images_2d, context=args.context,
+                              max_new=args.max_new)
+  print(format_generate_report(report), flush=True)
+  if args.json:
+    with open(args.json, 'a') as f:
+      f.write(json.dumps(report) + '\n')
+  return 0 if report['fits'] else 1

@@ -52,6 +52,8 @@ def add_parser(sub):
                  help='modality per --image (e.g. CT; matters for CT-window intensity)')
   p.add_argument('--input', help='JSONL of {"id", "prompt", "images": [paths]}')
   p.add_argument('--output', help='JSONL written in file mode (default: stdout)')
+  p.add_argument('--quantize', choices=('int8',), default=None,
+                 help='Qwix post-training weight quantization (radfm_jax.infer.quantize)')
   add_checkpoint_arguments(p)
   return p
 
@@ -77,6 +79,9 @@ def load(args):
     raise                                          # names its file already
   except (FileNotFoundError, ValueError) as e:   # no such step, missing files, wrong tokenizer
     raise InputError(f'--checkpoint {args.checkpoint}: {e}') from e
+  if getattr(args, 'quantize', None):
+    from radfm_jax.infer.quantize import quantize
+    model = quantize(model, args.quantize)
   return model, tokenizer, data_cfg, sampling
 
 

@@ -15,12 +15,13 @@ import sys
 
 from radfm_jax.cli import flags
 
-COMMANDS = ('ingest', 'tokenizer', 'publish', 'train', 'generate', 'eval', 'convert', 'merge', 'aot', 'demo')
+COMMANDS = ('ingest', 'tokenizer', 'publish', 'train', 'cache-images', 'generate', 'eval', 'convert',
+            'merge', 'aot', 'demo')
 
 
 class _TopFormatter(argparse.HelpFormatter):
   """argparse measures the command names at the subparsers' indent but prints them 2 columns
-  further in, so a name of 9+ letters ('tokenizer') would push its help to the next line."""
+  further in, so a name of 9+ letters ('tokenizer', 'cache-images') would push its help to the next line."""
 
   def add_argument(self, action):
     super().add_argument(action)
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='print the traceback of a bad-input error (default: one line)')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
   for name in COMMANDS:
-    module = importlib.import_module(f'radfm_jax.cli.{name}')
+    module = importlib.import_module(f'radfm_jax.cli.{name.replace("-", "_")}')
     module.add_parser(sub).set_defaults(_run=module.run)
   return parser
 

@@ -10,6 +10,14 @@ A training / eval batch is one dict with exactly `KEYS`:
     labels          int32   [B, L]              IGNORE (-100) on question, pad and image ids
     loss_weights    float32 [B, L]              1.0 where labels != IGNORE
 
+With `data.image_cache` (data/image_cache.py) the batch holds, instead of `images`,
+
+    image_tokens    float   [B, S*N, E]         the vision path's output (N = 32 latents, E = the
+                                                decoder width; image s = rows [s*N, (s+1)*N)),
+                                                zeros on padding images; dtype model.compute_dtype
+
+and the model skips the vision tower (`keys(image_cache)` is the key tuple of either kind).
+
 B = rows, S = image slots, (H, W, D) = the RadFM shape bucket, L = text length. A generation batch
 holds the same images / image_mask and left-padded prompt tokens / attention_mask (no labels).
 
@@ -34,6 +42,12 @@ from radfm_jax.data import prompts, transforms
 IGNORE = -100
 KEYS = ('images', 'image_mask', 'tokens', 'attention_mask', 'labels', 'loss_weights')
 TEXT_KEYS = ('tokens', 'attention_mask', 'labels', 'loss_weights')
+CACHED_KEYS = ('image_tokens', 'image_mask') + TEXT_KEYS
+
+
+def keys(image_cache: bool = False) -> tuple[str, ...]:
+  """The keys of a batch: `CACHED_KEYS` when it carries cached image tokens, else `KEYS`."""
+  return CACHED_KEYS if image_cache else KEYS
 DTYPES = {'images': np.float32, 'image_mask': np.bool_, 'tokens': np.int32,
           'attention_mask': np.int32, 'labels': np.int32, 'loss_weights': np.float32}
 
@@ -66,12 +80,20 @@ def batch_shards(mesh, rules) -> int:
 # Shapes
 
 
-def empty_batch(rows: int, slots: int, image_shape: Sequence[int], length: int) -> dict:
+def empty_batch(rows: int, slots: int, image_shape: Sequence[int], length: int,
+                token_shape: tuple[int, int, str] | None = None) -> dict:
   """A batch of `rows` empty rows (all-zero images, masks, tokens and weights; labels IGNORE):
-  images [rows, slots, 3, H, W, D], the text arrays [rows, length]."""
+  images [rows, slots, 3, H, W, D], the text arrays [rows, length]. With `token_shape` =
+  (latents N, embed E, dtype): image_tokens [rows, slots * N, E] instead of images."""
   h, w, d = (int(v) for v in image_shape)
-  batch = {'images': np.zeros((rows, slots, 3, h, w, d), np.float32),
-           'image_mask': np.zeros((rows, slots), bool)}
+  if token_shape is None:
+    batch = {'images': np.zeros((rows, slots, 3, h, w, d), np.float32)}
+  else:
+    n, e, dtype = token_shape
+    import ml_dtypes                        # bfloat16 for numpy
+    batch = {'image_tokens': np.zeros((rows, slots * n, e),
+                                      np.dtype(getattr(ml_dtypes, dtype, dtype)))}
+  batch['image_mask'] = np.zeros((rows, slots), bool)
   for key in TEXT_KEYS:
     batch[key] = np.zeros((rows, length), DTYPES[key])
   batch['labels'][:] = IGNORE
@@ -132,8 +154,12 @@ def record_text(record: dict, num_latents: int, max_images: int,
 
 def encode_sample(question: str, answer: str | None, images: Sequence[np.ndarray],
                   modalities: Sequence[str], tokenizer, data_cfg, *, shape: Sequence[int],
-                  slots: int, length: int | None = None, out: dict | None = None) -> dict:
+                  slots: int, length: int | None = None, out: dict | None = None,
+                  image_tokens: Sequence[np.ndarray] | None = None) -> dict:
   """Formatted text + raw scans [C, h, w, d] -> one row of model inputs.
+
+  With `image_tokens` (one cached [N, E] array per image, `images` then the same count of
+  anything, unread) the row gets image_tokens [S*N, E] instead of images.
 
   images float32 [S, 3, H, W, D] (transforms.prepare_images: intensity policy + resize to
   `shape`; zero past the real images) and image_mask bool [S], then
@@ -146,12 +172,22 @@ def encode_sample(question: str, answer: str | None, images: Sequence[np.ndarray
   if len(images) > slots:
     raise ValueError(f'{len(images)} images do not fit {slots} image slots')
   row = out if out is not None else {}
-  if 'images' not in row:
-    row['images'] = np.zeros((slots, 3) + tuple(int(v) for v in shape), np.float32)
-    row['image_mask'] = np.zeros(slots, bool)
-  if len(images):
-    transforms.prepare_images(list(images), list(modalities), shape, data_cfg, out=row['images'])
-    row['image_mask'][:len(images)] = True
+  if image_tokens is not None:                 # cached: tokens [N, E] per image, no volumes
+    n = image_tokens[0].shape[0] if len(image_tokens) else 0
+    if 'image_tokens' not in row:
+      e = image_tokens[0].shape[1]
+      row['image_tokens'] = np.zeros((slots * n, e), image_tokens[0].dtype)
+      row['image_mask'] = np.zeros(slots, bool)
+    for s, tokens in enumerate(image_tokens):
+      row['image_tokens'][s * n:(s + 1) * n] = tokens
+    row['image_mask'][:len(image_tokens)] = True
+  else:
+    if 'images' not in row:
+      row['images'] = np.zeros((slots, 3) + tuple(int(v) for v in shape), np.float32)
+      row['image_mask'] = np.zeros(slots, bool)
+    if len(images):
+      transforms.prepare_images(list(images), list(modalities), shape, data_cfg, out=row['images'])
+      row['image_mask'][:len(images)] = True
   if answer is None:
     ids = np.asarray(tokenizer.encode(question), np.int32)
     row['tokens'], row['attention_mask'] = ids, np.ones_like(ids)
@@ -169,8 +205,9 @@ def record_inputs(record: dict, images: Sequence[np.ndarray], tokenizer, data_cf
                   generation: bool = False, text: tuple[str, str] | None = None,
                   modalities: Sequence[str] | None = None, shape: Sequence[int] | None = None,
                   slots: int | None = None, length: int | None = None,
-                  out: dict | None = None) -> dict:
-  """A manifest record and its read scans -> one row of model inputs (see `encode_sample`).
+                  out: dict | None = None, image_tokens: Sequence[np.ndarray] | None = None) -> dict:
+  """A manifest record and its read scans -> one row of model inputs (see `encode_sample`;
+  `image_tokens`: the cached tokens of those images, data/image_cache.py).
 
   images: the arrays [C, h, w, d] of the record's first n = min(len(images entries),
   data_cfg.max_images) image entries, in manifest order. Defaults: the text from `record_text`
@@ -198,9 +235,9 @@ def record_inputs(record: dict, images: Sequence[np.ndarray], tokenizer, data_cf
   elif length is None:
     length = text_length(tokenizer.example_length(question, answer), data_cfg.text_lengths)
   return encode_sample(question, answer, images, modalities, tokenizer, data_cfg, shape=shape,
-                       slots=slots, length=length, out=out)
+                       slots=slots, length=length, out=out, image_tokens=image_tokens)
 
 
-__all__ = ['DTYPES', 'IGNORE', 'KEYS', 'TEXT_KEYS', 'batch_shards', 'batch_sharding',
+__all__ = ['CACHED_KEYS', 'DTYPES', 'IGNORE', 'KEYS', 'TEXT_KEYS', 'keys', 'batch_shards', 'batch_sharding',
            'batch_spec', 'empty_batch', 'encode_sample', 'image_shape', 'image_slots',
            'kind_batch_size', 'record_inputs', 'record_text', 'sample_kind', 'text_length']

@@ -38,6 +38,7 @@ import grain
 import numpy as np
 
 from radfm_jax.data import batch as batch_lib
+from radfm_jax.data.image_cache import ImageTokenCache
 from radfm_jax.data.manifest import read_manifest
 from radfm_jax.data.store import VolumeStore
 from radfm_jax.data.tokenizer import Tokenizer
@@ -140,9 +141,13 @@ class BatchLoader:
   """Global batch index -> batch dict (runs in Grain threads / worker processes; picklable)."""
 
   def __init__(self, plan: BatchPlan, records: list[dict], store: VolumeStore,
-               tokenizer: Tokenizer, data_cfg):
+               tokenizer: Tokenizer, data_cfg, image_cache: ImageTokenCache | None = None):
     self.plan, self.records, self.store = plan, records, store
     self.tokenizer, self.data_cfg = tokenizer, data_cfg
+    self.image_cache = image_cache
+    self.keys = batch_lib.keys(image_cache is not None)
+    self.token_shape = None if image_cache is None else (
+        image_cache.meta['num_latents'], image_cache.meta['embed'], image_cache.meta['dtype'])
 
   def _read(self, image: dict) -> np.ndarray:
     array = self.store.read(image['id'])
@@ -153,14 +158,22 @@ class BatchLoader:
   def __call__(self, index: int, _=None) -> dict[str, Any]:
     epoch, j = divmod(int(index), self.plan.num_batches)
     key, rows = self.plan.epoch(epoch)[j]
-    batch = batch_lib.empty_batch(len(rows), key.images, (key.height, key.width, key.depth),
-                                  key.length)
+    hwd = (key.height, key.width, key.depth)
+    batch = batch_lib.empty_batch(len(rows), key.images, hwd, key.length, self.token_shape)
     batch[_SKIPPED] = []
     for r, sample in enumerate(rows):
       if sample < 0:
         continue
       rec = self.records[sample]
       images = rec.get('images', [])[:self.data_cfg.max_images]
+      if self.image_cache is not None:       # tokens instead of volumes (a missing one: an error)
+        tokens = [self.image_cache.read(im['id'], hwd, key=self.store.key(im['id']))
+                  for im in images]
+        batch_lib.record_inputs(rec, [None] * len(images), self.tokenizer, self.data_cfg,
+                                text=self.plan.texts[sample], shape=hwd, slots=key.images,
+                                length=key.length, out={k: batch[k][r] for k in self.keys},
+                                image_tokens=tokens)
+        continue
       try:
         arrays = [self._read(im) for im in images]
       except Exception as e:  # unreadable at train time: count it, leave the row empty
@@ -173,8 +186,8 @@ class BatchLoader:
         continue
       batch_lib.record_inputs(rec, arrays, self.tokenizer, self.data_cfg,
                               text=self.plan.texts[sample],
-                              shape=(key.height, key.width, key.depth), slots=key.images,
-                              length=key.length, out={k: batch[k][r] for k in batch_lib.KEYS})
+                              shape=hwd, slots=key.images,
+                              length=key.length, out={k: batch[k][r] for k in self.keys})
     return batch
 
   def _readable(self, image: dict) -> bool:
@@ -214,12 +227,16 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
                  seed: int = 0, split: str | None = None, process_index: int | None = None,
                  process_count: int | None = None, num_epochs: int | None = None,
                  stats: PipelineStats | None = None, num_threads: int = 2,
-                 prefetch: int = 2, records: list[dict] | None = None) -> grain.IterDataset:
+                 prefetch: int = 2, records: list[dict] | None = None,
+                 image_cache: ImageTokenCache | None = None) -> grain.IterDataset:
   """The training IterDataset over `store`'s manifest (records with `split`, if given).
 
   `store` / `tokenizer` default to `data_cfg.store` / `data_cfg.tokenizer` (paths), the manifest to
   `data_cfg.manifest` when set (a JSONL file or a TFDS dataset directory from `radfm-jax
   publish`), else STORE/manifest.jsonl; `records` overrides both.
+
+  `image_cache` (data/image_cache.py; with `data_cfg.image_cache`): batches carry each image's
+  cached tokens (`image_tokens`) instead of its volume, which is never read.
 
   `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
   `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
@@ -253,7 +270,7 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
     raise ValueError(f'no samples in {data_cfg.manifest or store.manifest_path} (split={split!r})')
   stats = stats if stats is not None else PipelineStats()
   plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count)
-  loader = BatchLoader(plan, records, store, tokenizer, data_cfg)
+  loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache)
   ds = grain.MapDataset.range(plan.num_batches).repeat(num_epochs).map_with_index(loader)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                prefetch_buffer_size=prefetch))

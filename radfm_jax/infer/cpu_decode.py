@@ -27,7 +27,7 @@ from flax import nnx
 
 from radfm_jax.config import LlamaConfig
 from radfm_jax.models import llama as llama_lib
-from radfm_jax.models.layers import Dense, cast, constrain
+from radfm_jax.models.layers import Dense, cast, constrain, value
 from radfm_jax.models.llama import LayerCache, Llama
 
 # XLA:CPU's default copy insertion cannot see that the cache update in the loop body comes after
@@ -66,7 +66,7 @@ class OutFirstDense(nnx.Module):
   product (`out_first_product`), the values unchanged."""
 
   def __init__(self, dense: Dense):
-    kernel = dense.kernel[...]
+    kernel = value(dense.kernel)            # dequantized when int8 (infer/quantize.py)
     n_in = math.prod(kernel.shape[:dense.n_in])
     self.n_in, self.out_shape = dense.n_in, dense.out_shape
     self.kernel = nnx.Param(kernel.reshape(n_in, -1).T)

@@ -43,8 +43,21 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str 
   return nnx.Param(value, out_sharding=tuple(axes))
 
 
+def value(p: nnx.Param) -> jax.Array:
+  """The parameter's array. A kernel that Qwix post-training quantization replaced
+  (infer/quantize.py: a WithAux(QArray) of int8 values + scales) is dequantized here, at its use,
+  so the stored weights stay int8 and every path (scan, unrolled decode) computes with the same
+  values (in the scales' dtype)."""
+  if hasattr(p, 'how'):
+    import qwix
+    is_var = lambda x: isinstance(x, nnx.Variable)   # noqa: E731
+    return qwix.dequantize(jax.tree.map(lambda x: x[...] if is_var(x) else x, p.array,
+                                        is_leaf=is_var))
+  return p[...]
+
+
 def cast(p: nnx.Param, dtype) -> jax.Array:
-  return p[...].astype(dtype)
+  return value(p).astype(dtype)
 
 
 class Dense(nnx.Module):
@@ -69,9 +82,14 @@ class Dense(nnx.Module):
       self.bias = None
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
-    # flax's promote_dtype rather than .astype: Qwix (LoRA / QLoRA / PTQ, models/lora.py)
-    # intercepts it and leaves a quantized kernel (WithAux) as it is; for arrays it is astype.
-    x, kernel = promote_dtype((x, self.kernel[...]), dtype=dtype)
+    if getattr(self, 'dequantize_at_use', False):
+      # post-training quantized (infer/quantize.py): int8 kept, dequantized here (`value`), so
+      # paths outside the model's __call__ (the decoder in generation) compute the same values
+      x, kernel = x.astype(dtype), cast(self.kernel, dtype)
+    else:
+      # flax's promote_dtype rather than .astype: Qwix (LoRA / QLoRA, models/lora.py) intercepts
+      # it inside the model's __call__ and leaves a quantized base kernel (WithAux) as it is.
+      x, kernel = promote_dtype((x, self.kernel[...]), dtype=dtype)
     y = jax.lax.dot_general(x, kernel,
                             (((tuple(range(x.ndim - self.n_in, x.ndim))),
                               tuple(range(self.n_in))), ((), ())))
@@ -217,4 +235,4 @@ def stacked(make_layer, num_layers: int, rngs: nnx.Rngs):
 
 
 __all__ = ['Dense', 'LayerNorm', 'RMSNorm', 'attention', 'constrain', 'dropout', 'gelu_exact',
-           'layer_rngs', 'param', 'run_layers', 'stacked']
+           'layer_rngs', 'param', 'run_layers', 'stacked', 'value']

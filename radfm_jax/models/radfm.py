@@ -85,9 +85,14 @@ class RadFM(nnx.Module):
     return constrain(tokens, ('act_batch', 'act_len', 'act_embed'))
 
   def embed_inputs(self, tokens: jax.Array, images: jax.Array | None,
-                   image_mask: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
-    """[batch, len] RadFM ids (+ images) -> [batch, len, embed] decoder inputs."""
-    if images is None or images.shape[1] == 0:
+                   image_mask: jax.Array | None = None, rng: jax.Array | None = None,
+                   image_tokens: jax.Array | None = None) -> jax.Array:
+    """[batch, len] RadFM ids (+ images, or their `encode_images` output `image_tokens`
+    [batch, images * latents, embed] made earlier, e.g. read from the image-token cache) ->
+    [batch, len, embed] decoder inputs."""
+    if image_tokens is not None:
+      image_tokens = image_tokens.astype(self.compute_dtype)
+    elif images is None or images.shape[1] == 0:
       image_tokens = jnp.zeros((tokens.shape[0], 1, self.cfg.llama.hidden_size), self.compute_dtype)
     else:
       image_tokens = self.encode_images(images, image_mask, rng)
@@ -97,17 +102,19 @@ class RadFM(nnx.Module):
 
   def __call__(self, tokens: jax.Array, images: jax.Array | None,
                attention_mask: jax.Array | None = None, image_mask: jax.Array | None = None, *,
-               positions: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, rng: jax.Array | None = None,
+               image_tokens: jax.Array | None = None) -> jax.Array:
     """tokens: int [batch, len]; images: float [batch, images, 3, H, W, D];
     attention_mask: [batch, len] (1 = real token, default all ones); image_mask: bool
     [batch, images]; positions: default arange(len), as the original's plain forward; rng: dropout
-    key (training) or None (eval). Returns float32 logits [batch, len, vocab]."""
+    key (training) or None (eval); image_tokens: `encode_images` output made earlier (then
+    images is ignored and the vision tower skipped). Returns float32 logits [batch, len, vocab]."""
     batch, length = tokens.shape
     if attention_mask is None:
       attention_mask = jnp.ones((batch, length), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    embeds = self.embed_inputs(tokens, images, image_mask, rng)
+    embeds = self.embed_inputs(tokens, images, image_mask, rng, image_tokens)
     logits, _ = self.llama(embeds, positions, attention_mask)
     return logits
 

@@ -24,63 +24,9 @@ RESOURCE_EXHAUSTED is a does-not-fit (its message says how much was needed).
 
 from __future__ import annotations
 
-import os
-import re
-import time
-
-GIB = 1024 ** 3
-
-# TPU_ACCELERATOR_TYPE counts TensorCores on v4 / v5p (2 per chip) and chips on v5e / v6e.
-_CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5': 2, 'v5e': 1, 'v5litepod': 1, 'v6e': 1}
-
-
-def chip_count(topology: str) -> int:
-  """'v5p:4x4x4' -> 64 chips."""
-  chips = 1
-  for d in topology.partition(':')[2].split('x'):
-    chips *= int(d)
-  return chips
-
-
-def accelerator_type(topology: str) -> str:
-  """'v5p:4x4x4' -> 'v5p-128'; 'v6e:4x4' -> 'v6e-16'."""
-  gen = topology.partition(':')[0]
-  return f'{gen}-{chip_count(topology) * _CORES_PER_CHIP.get(gen, 1)}'
-
-
-# Stack size for libtpu's compiler threads (see set_tpu_env); only reserved, not committed.
-COMPILE_THREAD_STACK_BYTES = 16 * 2 ** 20
-_STACK_FLAGS = ('fibers_default_thread_stack_size', 'default_thread_stack_size',
-                'xla_internal_thread_stack_size_bytes')
-
-
-def set_tpu_env(topology: str):
-  """TPU_* variables and libtpu flags for compiling without a TPU; set before JAX loads libtpu."""
-  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', accelerator_type(topology))
-  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-  # Compiling needs no TPU: let several fit checks (or a test beside a sweep) load libtpu at once
-  # instead of failing on /tmp/libtpu_lockfile.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  # libtpu 0.0.42.1 costs the 13B matmuls for v6e (SpatialMajorConvolution window configs) with a
-  # recursion that overflows the default stack of its fiber threads: SIGSEGV on v6e:4x4 (gdb: fault
-  # at the stack pointer in CalculateClassicWindowCost). `ulimit -s` and a big-stack Python thread
-  # do not reach those threads; these libtpu flags do (the v6e:4x4 compile then succeeds). Users'
-  # own LIBTPU_INIT_ARGS are kept, and win on a repeated flag.
-  args = os.environ.get('LIBTPU_INIT_ARGS', '')
-  extra = [f'--{flag}={COMPILE_THREAD_STACK_BYTES}' for flag in _STACK_FLAGS
-           if f'--{flag}=' not in args]
-  os.environ['LIBTPU_INIT_ARGS'] = ' '.join(extra + ([args] if args else []))
-
-
-def batch_shapes(cfg, kind: str, batch: int, images_2d: int = 4, text_len: int | None = None):
-  """(images shape, text length) of a global batch of `kind` '2d' or '3d'."""
-  d = cfg.data
-  length = text_len or max(d.text_lengths)
-  if kind == '2d':
-    return (batch, images_2d, 3, d.image_size_2d, d.image_size_2d, 4), length
-  return (batch, 1, 3, d.image_size_3d_single, d.image_size_3d_single, max(d.depth_buckets)), length
-
+from radfm_jax.tpu import (COMPILE_THREAD_STACK_BYTES, GIB, accelerator_type, batch_shapes,
+                           chip_count, compile_report, memory_report, needed_bytes, set_tpu_env,
+                           topology_devices)
 
 def abstract_batch(images_shape, length, sharding):
   import jax
@@ -92,21 +38,9 @@ def abstract_batch(images_shape, length, sharding):
           'labels': sds((b, length), jnp.int32), 'loss_weights': sds((b, length), jnp.float32)}
 
 
-def _needed_bytes(message: str) -> float | None:
-  m = (re.search(r'[Uu]sed\s+([\d.]+)([KMGT])\b', message)
-       or re.search(r'([\d.]+)([KMGT])i?B? of [\d.]+[KMGT]i?B? hbm', message)
-       # libtpu 0.0.42: "... required for HLO temporaries (31.49G) exceeds available HBM (31.25G)"
-       or re.search(r'required for [^(]*\(([\d.]+)([KMGT])\)', message))
-  if not m:
-    return None
-  return float(m.group(1)) * {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}[m.group(2)]
-
-
 def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
               text_len: int | None = None, devices=None) -> dict:
   """Compiles the train step for one batch kind on the config's TPU topology; returns a report."""
-  from jax.experimental import topologies
-
   from radfm_jax import sharding
   from radfm_jax.data import batch as batch_lib
   from radfm_jax.train import loop
@@ -116,10 +50,7 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
   if devices is None:
     if not cfg.mesh.topology:
       raise ValueError(f'mesh preset {cfg.mesh.preset!r} has no mesh.topology: pick a tpu_* preset')
-    # A single chip is its own host (libtpu's default host bounds, 2x2x1, would not divide it).
-    bounds = {'chips_per_host_bounds': [1, 1, 1]} if chip_count(cfg.mesh.topology) == 1 else {}
-    devices = topologies.get_topology_desc(platform='tpu', topology_name=cfg.mesh.topology,
-                                           **bounds).devices
+    devices = topology_devices(cfg.mesh.topology)
   mesh = sharding.make_mesh(cfg.mesh, devices=devices)
   n = mesh.devices.size
   batch = batch or n
@@ -148,28 +79,8 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
             'train_full': list(cfg.finetune.train_full), 'freeze': list(cfg.train.freeze),
             'hbm_gib': cfg.mesh.hbm_gib, 'flops_per_step': model_flops,
             'flops_per_step_with_remat': hw_flops, 'flops_per_chip': model_flops / n}
-  start = time.perf_counter()
-  try:
-    compiled = step.lower(abs_state, batch_abs).compile()
-  except Exception as e:   # libtpu: RESOURCE_EXHAUSTED = does not fit
-    text = str(e)
-    if 'RESOURCE_EXHAUSTED' not in text and 'memory' not in text.lower():
-      raise
-    report.update(compile_s=time.perf_counter() - start, fits=False, error=text[:2000],
-                  needed_bytes=_needed_bytes(text))
-    return report
-  report['compile_s'] = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  fields = {'argument_bytes': 'argument_size_in_bytes', 'output_bytes': 'output_size_in_bytes',
-            'temp_bytes': 'temp_size_in_bytes', 'alias_bytes': 'alias_size_in_bytes',
-            'code_bytes': 'generated_code_size_in_bytes', 'peak_bytes': 'peak_memory_in_bytes'}
-  for key, attr in fields.items():
-    report[key] = int(getattr(mem, attr, 0) or 0) if mem is not None else 0
-  total = report['argument_bytes'] + report['output_bytes'] + report['temp_bytes'] - report[
-      'alias_bytes']
-  report['sum_bytes'] = total
-  peak = report['peak_bytes'] or total
-  report['fits'] = bool(cfg.mesh.hbm_gib <= 0 or peak <= cfg.mesh.hbm_gib * GIB)
+  report.update(compile_report(lambda: step.lower(abs_state, batch_abs).compile(),
+                               cfg.mesh.hbm_gib))
   return report
 
 
@@ -194,5 +105,6 @@ def format_report(r: dict) -> str:
           f"(compiled in {r['compile_s']:.1f} s)")
 
 
-__all__ = ['accelerator_type', 'batch_shapes', 'chip_count', 'fit_check', 'format_report',
-           'set_tpu_env']
+__all__ = ['COMPILE_THREAD_STACK_BYTES', 'GIB', 'abstract_batch', 'accelerator_type', 'batch_shapes',
+           'chip_count', 'compile_report', 'fit_check', 'format_report', 'memory_report', 'needed_bytes',
+           'set_tpu_env', 'topology_devices']

@@ -25,7 +25,10 @@ saved after the last good checkpoint, which stays intact).
 
 Data: `data.store='synthetic'` -> `SyntheticBatches` (deterministic random batches from the config
 shapes); a store folder -> the Grain pipeline `radfm_jax.data.pipeline.make_dataset` over it with
-the tokenizer `data.tokenizer`; an empty `data.store` is a ConfigError.
+the tokenizer `data.tokenizer`; an empty `data.store` is a ConfigError. With `data.image_cache`
+the state is restored first, then the store's image-token cache of its frozen vision tower is
+opened (`train/image_cache.open_for_run`), then the pipeline over it, then the data position
+(`Checkpointer.restore_data`).
 """
 
 from __future__ import annotations
@@ -71,15 +74,17 @@ class TrainResult:
   state: object = None               # the final TrainState (device arrays)
 
 
-def make_data(cfg: Config, split: str = 'train'):
-  """This host's iterator of batch dicts for `split` ('train' or 'eval')."""
-  return open_data(cfg, split)[0]
+def make_data(cfg: Config, split: str = 'train', image_cache=None):
+  """This host's iterator of batch dicts for `split` ('train' or 'eval'); `image_cache`: see
+  `open_data`."""
+  return open_data(cfg, split, image_cache=image_cache)[0]
 
 
-def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None
-              ) -> tuple[object, str]:
+def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None, *,
+              image_cache=None) -> tuple[object, str]:
   """(this host's iterator of batch dicts for `split`, a one-line description: source, samples
-  per split, shape buckets).
+  per split, shape buckets). `image_cache` (an ImageTokenCache, with data.image_cache): batches
+  carry each scan's cached image tokens (`image_tokens`) instead of its volume.
 
   Checks, before any model is built: a data source named (`check_data_store`), and the batch size
   of every kind the split holds (2D / 3D; synthetic: 2D) dividing over the mesh's batch axes of
@@ -114,19 +119,22 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None
     raise InputError(f'{manifest}: no samples in split {split!r} (splits here: {splits or "none"}); '
                      'expected samples with "split": "' + split + '" (docs/data.md)')
   ds = make_dataset(cfg.data, cfg.model, volumes, tokenizer, seed=cfg.seed, records=records,
-                    num_epochs=None if split == 'train' else 1)
+                    num_epochs=None if split == 'train' else 1, image_cache=image_cache)
   buckets = sorted(ds.plan.buckets.items(), key=lambda kv: dataclasses.astuple(kv[0]))
   check_batch_axes(cfg, num_devices, jax.process_count(), sorted({k.kind for k, _ in buckets}))
   shown = '; '.join(f'{k.kind} {k.height}x{k.width}x{k.depth} x {k.images} image(s), text '
                     f'{k.length}: {len(v)} samples' for k, v in buckets)
   counts = ', '.join(f'{name} {n}' for name, n in sorted(splits.items()))
+  cached = '' if image_cache is None else f'; image tokens from {image_cache.directory}'
   return iter(ds), (f'{manifest}: samples {counts}; the {split} split in {len(buckets)} shape '
-                    f'bucket(s): {shown}')
+                    f'bucket(s): {shown}{cached}')
 
 
 def _bucket(batch: dict) -> str:
-  """'images 8x1x3x64x64x4, text 48': the shapes one compiled step serves."""
-  return (f'images {"x".join(map(str, batch["images"].shape))}, '
+  """'images 8x1x3x64x64x4, text 48' (or 'image_tokens 8x32x64, ...' from the image-token
+  cache): the shapes one compiled step serves."""
+  key = 'image_tokens' if 'image_tokens' in batch else 'images'
+  return (f'{key} {"x".join(map(str, batch[key].shape))}, '
           f'text {batch["tokens"].shape[1]}')
 
 
@@ -134,7 +142,7 @@ def global_batch(batch: dict, mesh, rules) -> dict:
   """This host's rows -> global arrays, the batch axis sharded by the `act_batch` rule."""
   sh = batch_lib.batch_sharding(mesh, rules)
   out = {}
-  for k in batch_lib.KEYS:
+  for k in batch_lib.keys('image_tokens' in batch):
     x = np.asarray(batch[k])
     out[k] = jax.make_array_from_process_local_data(sh, x)
   return out
@@ -398,6 +406,8 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
   say = _Say(is_main and verbose)
   if data is not None:
     data_text = f'{type(data).__name__} given by the caller'
+  elif cfg.data.image_cache:
+    check_data_store(cfg)             # the data opens once the vision tower's weights are known
   else:
     # an empty data.store, or a batch that does not split over the mesh: a ConfigError here,
     # before the model is built
@@ -412,18 +422,37 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
   if is_main:
     rundir.write_record(ckpt.directory, config_dict)
   total = t.steps if max_steps is None else min(t.steps, max_steps)
-  _summary(say, cfg, mesh, abs_state, data_text, tokenizer, workdir, logdir,
-           ckpt.latest_step() or 0, total)
-  with _quiet_orbax():
-    restored = ckpt.restore_latest(abs_state, data, fallback=fallback,
-                                   log=say if say.enabled else None)   # newest intact step
-  latest = restored[0] if restored is not None else None
+  image_cache = None
+  if cfg.data.image_cache:
+    # The cache belongs to the frozen vision tower's weights: restore (or initialise) the state
+    # first, then open the cache of its tower, then the data over it, then the data's position.
+    from radfm_jax.train.image_cache import open_for_run
+    with _quiet_orbax():
+      restored = ckpt.restore_latest(abs_state, None, fallback=fallback,
+                                     log=say if say.enabled else None)
+    latest = restored[0] if restored is not None else None
+    state = restored[1] if restored is not None else init_state(cfg, mesh, rules, tx, shardings)
+    source = f'run {workdir} ' + (f'step {latest}' if latest is not None else
+                                  f'initialised from seed {cfg.seed}')
+    image_cache = open_for_run(cfg, state.params, source)
+    if data is None:
+      data, data_text = open_data(cfg, 'train', mesh.devices.size, image_cache=image_cache)
+    _summary(say, cfg, mesh, abs_state, data_text, tokenizer, workdir, logdir, latest or 0,
+             total)
+    if latest is not None:
+      with _quiet_orbax():
+        ckpt.restore_data(latest, data)
+  else:
+    _summary(say, cfg, mesh, abs_state, data_text, tokenizer, workdir, logdir,
+             ckpt.latest_step() or 0, total)
+    with _quiet_orbax():
+      restored = ckpt.restore_latest(abs_state, data, fallback=fallback,
+                                     log=say if say.enabled else None)   # newest intact step
+    latest = restored[0] if restored is not None else None
+    state = restored[1] if restored is not None else init_state(cfg, mesh, rules, tx, shardings)
   if restored is not None:
-    state = restored[1]
     say(f'resumed from step {latest} (' + ('data position restored)' if hasattr(
         data, 'get_state') else 'data position not restored: the iterator has no get_state)'))
-  else:
-    state = init_state(cfg, mesh, rules, tx, shardings)
   writer = metrics_lib.MetricWriter(logdir, tensorboard=t.tensorboard, enabled=is_main)
   train_step, eval_step = _jitted_steps(cfg, mesh, rules, graphdef, tx, shardings)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0], t.peak_tflops)
@@ -529,7 +558,8 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
           handle(pending)
           pending = None
         try:
-          eval_iter = eval_data if eval_data is not None else make_data(cfg, 'eval')
+          eval_iter = eval_data if eval_data is not None else make_data(cfg, 'eval',
+                                                                        image_cache)
         except ValueError as e:      # e.g. the manifest has no 'eval' split
           say(f'periodic eval disabled: {e}')
           eval_step = None

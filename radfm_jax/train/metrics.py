@@ -32,6 +32,8 @@ def train_step_flops(m: ModelConfig, batch: int, images: int, image_shape: Seque
 
 def batch_flops(m: ModelConfig, batch: dict, with_remat: bool = False) -> float:
   """train_step_flops for a (global) batch dict with images [B, S, C, H, W, D], tokens [B, L]."""
+  if 'images' not in batch:        # cached image tokens: the vision tower does not run
+    return train_step_flops(m, batch['image_mask'].shape[0], 0, (1, 1, 1), batch['tokens'].shape[1], with_remat)
   b, s = batch['images'].shape[:2]
   return train_step_flops(m, b, s, batch['images'].shape[3:6], batch['tokens'].shape[1],
                           with_remat)

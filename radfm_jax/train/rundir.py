@@ -12,8 +12,8 @@ so `generate --checkpoint WORKDIR` works from any directory, and after the run f
 Resuming: the config in a workdir that already holds checkpoints must equal the requested one
 except in `RESUMABLE` fields, which may change between a run and its resume (length, logging,
 checkpoint cadence, paths (`finetune.init_from` is read only by a fresh start), the mesh: a
-checkpoint restores onto any mesh); any other difference fails before Orbax is touched, naming
-every field that differs.
+checkpoint restores onto any mesh; reading cached image tokens); any other difference fails before
+Orbax is touched, naming every field that differs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ TOKENIZER_FILE = 'tokenizer.model'
 RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_steps',
              'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoint',
              'train.peak_tflops', 'train.tensorboard', 'finetune.init_from', 'data.store',
-             'data.manifest', 'data.tokenizer', 'data.num_workers', 'mesh.', 'generate.')
+             'data.manifest', 'data.tokenizer', 'data.num_workers', 'data.image_cache', 'mesh.',
+             'generate.')
+# (data.image_cache: the same batches, the frozen tower's image tokens read from the store's cache
+# instead of computed; the usual flow saves step 0 uncached, runs cache-images, then resumes.)
 # The record's own fields (meta.layout_record), not config fields.
 _RECORD = ('layout', 'layout_version')
 

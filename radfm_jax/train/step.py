@@ -40,7 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from radfm_jax import sharding
 from radfm_jax.config import Config
-from radfm_jax.data.batch import IGNORE, KEYS, batch_sharding
+from radfm_jax.data.batch import IGNORE, batch_sharding
+from radfm_jax.data.batch import keys as batch_keys
 from radfm_jax.models import lora
 from radfm_jax.train import optim
 
@@ -130,8 +131,8 @@ def _forward(graphdef, params, batch, rng, adapter_dropout: bool = False):
   model = nnx.merge(graphdef, params)
   if adapter_dropout and rng is not None:     # Qwix draws the LoRA dropout masks from these
     lora.set_qwix_rngs(model, model.cfg, jax.random.fold_in(rng, 1), stream='dropout')
-  return model(batch['tokens'], batch['images'], attention_mask=batch['attention_mask'],
-               image_mask=batch['image_mask'], rng=rng)
+  return model(batch['tokens'], batch.get('images'), attention_mask=batch['attention_mask'],
+               image_mask=batch['image_mask'], rng=rng, image_tokens=batch.get('image_tokens'))
 
 
 def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
@@ -141,7 +142,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
   adapter_dropout = cfg.finetune.method != 'full' and cfg.finetune.dropout > 0
 
   def grad_fn(trainable, frozen, batch, rng):
-    batch = {k: batch[k] for k in KEYS}
+    batch = {k: batch[k] for k in batch_keys(cfg.data.image_cache)}
     denominator = loss_denominator(batch['labels'], batch['loss_weights'], kind)
 
     def micro_loss(trainable, frozen, micro, key):

@@ -1,0 +1,90 @@
+"""Post-training weight quantization for inference, with Qwix (`radfm-jax generate --quantize`).
+
+    qmodel = quantize(model, 'int8')        # a copy: every matmul kernel int8 + per-channel scales
+    quantized_kernels(qmodel)               # {'llama/layers/q/kernel': dtype('int8'), ...}
+
+`qwix.quantize_model(model, qwix.PtqProvider(rules), tokens, images)` runs the model once on a
+small dummy input; each `jax.lax.dot_general` whose right operand is a parameter (every `Dense`
+kernel: the ViT, Perceiver, fc, decoder projections and lm_head) has that parameter replaced by a
+Qwix `QArray` (symmetric int8 values, one float scale per output channel, axes chosen by Qwix from
+the dimension numbers). This works through the scanned layers (`nnx.scan`): the stacked kernels
+get stacked int8 values and scales. The token embedding, norms, position tables, latents and
+biases stay in their dtype (gathers and adds, no matmul; < 3% of the 13B bytes).
+
+Weight-only: activations are not quantized. `layers.cast` dequantizes a kernel at its use
+(int8 * scale, then the compute dtype), so both decode layer loops (scan, unrolled) and the
+prefill run the same arithmetic, and XLA fuses the dequantization into the consumer; the stored
+weights, and therefore the HBM they occupy, are int8.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from radfm_jax.models.layers import Dense
+
+MODES = ('int8',)
+
+
+def _rules(mode: str):
+  import qwix
+  if mode not in MODES:
+    raise ValueError(f'quantize={mode!r}: expected one of {list(MODES)}')
+  return [qwix.QuantizationRule(module_path='.*', weight_qtype=mode)]
+
+
+def dummy_inputs(model_cfg):
+  """(tokens int32 [1, 8], images float32 [1, 1, 3, p, p, f]): the smallest input that runs every
+  matmul once (one patch of the vision tower)."""
+  v = model_cfg.vision
+  return (jnp.zeros((1, 8), jnp.int32),
+          jnp.zeros((1, 1, v.channels, v.patch_size, v.patch_size, v.frame_patch_size),
+                    jnp.float32))
+
+
+def quantize(model, mode: str = 'int8'):
+  """A quantized copy of `model` (the original is unchanged); see the module docstring."""
+  import qwix
+  provider = qwix.PtqProvider(_rules(mode))
+  tokens, images = dummy_inputs(model.cfg)
+  out = qwix.quantize_model(model, provider, tokens, images)
+  # Generation calls the decoder outside the model's __call__, where Qwix intercepts nothing:
+  # every Dense dequantizes its int8 kernel at use (layers.Dense, layers.value).
+  for _, module in nnx.iter_modules(out):
+    if isinstance(module, Dense):
+      module.dequantize_at_use = True
+  return out
+
+
+def abstract_quantized(model_cfg, mode: str = 'int8'):
+  """(graphdef, abstract state) of the quantized model without allocating anything (for
+  ahead-of-time compiles): the quantization traced on abstract weights."""
+  from radfm_jax.models.radfm import RadFM
+
+  def make():
+    with nnx.use_eager_sharding(False):
+      return quantize(RadFM(model_cfg, rngs=nnx.Rngs(0)), mode)
+  return nnx.split(nnx.eval_shape(make))
+
+
+def quantized_kernels(model) -> dict[str, np.dtype]:
+  """'path/to/kernel' -> dtype of its stored values, for every quantized kernel."""
+  out = {}
+  for path, leaf in nnx.to_flat_state(nnx.state(model)):
+    keys = [str(k) for k in path]
+    if keys[-1] == 'qvalue':
+      out['/'.join(keys[:keys.index('array')])] = np.dtype(leaf[...].dtype)
+  return out
+
+
+def weight_bytes(model) -> int:
+  """Bytes of every parameter array as stored (int8 values count one byte)."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(nnx.state(model)))
+
+
+__all__ = ['MODES', 'abstract_quantized', 'dummy_inputs', 'quantize', 'quantized_kernels',
+           'weight_bytes']

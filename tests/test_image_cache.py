@@ -1,0 +1,171 @@
+"""Image-token cache: a cached run's losses equal the uncached frozen-vision run's exactly; a cache
+made by other weights is refused naming both; the exactness conditions are enforced."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import conftest_data as cd
+from radfm_jax.config import ConfigError, load_config
+from radfm_jax.data.image_cache import ImageTokenCache
+from radfm_jax.data.store import VolumeStore
+from radfm_jax.errors import InputError
+from radfm_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
+
+
+def _overrides(store, tok, *extra):
+  return [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
+          'data.batch_size_3d=8', 'data.text_lengths=[128]', 'data.max_images=2',
+          "train.freeze=['vision_tower']", 'model.vision.dropout=0.0', 'train.steps=3',
+          'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=0',
+          'train.async_checkpoint=False', 'train.tensorboard=False'] + list(extra)
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+  """8 samples of 3D scans (.npy, depths 6-12; two samples hold two scans) + a tokenizer."""
+  from radfm_jax.data.ingest import ingest
+  root = tmp_path_factory.mktemp('cache')
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(8):
+    images = []
+    for j in range(2 if i in (2, 5) else 1):
+      np.save(root / f'v{i}_{j}.npy', rng.normal(0, 100, (40, 36, 6 + i % 4 * 2)).astype(np.float32))
+      images.append({'path': f'v{i}_{j}.npy', 'id': f'v{i}_{j}', 'position': {'question': 0}})
+    records.append({'id': f's{i}', 'task': 'vqa', 'question': f'What is in scan {i}?',
+                    'answer': 'A nodule.' if i % 2 else 'Normal.', 'split': 'train',
+                    'images': images})
+  ingest(cd.write_manifest(root / 'samples.jsonl', records), str(root / 'store'),
+         log=open(os.devnull, 'w'))
+  tok = root / 'tok.model'
+  tok.write_bytes(cd.spm_proto())
+  return str(root / 'store'), str(tok)
+
+
+def _cli(*argv):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, '-m', 'radfm_jax.cli', *argv], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def run0(store, tmp_path_factory):
+  """A frozen-vision run saved at step 0 (what `cache-images` reads) and its cache, made in
+  process: (workdir, cache-images' stats)."""
+  from radfm_jax.train.image_cache import cache_images
+  run = str(tmp_path_factory.mktemp('run0'))
+  first = loop.train(load_config(SPEC, _overrides(*store)), run, max_steps=0, progress=False)
+  assert first.last_checkpoint == 0
+  return run, cache_images(run, store[0], progress=False)
+
+
+@pytest.mark.slow
+def test_cached_run_has_the_uncached_losses_exactly(store, run0, tmp_path):
+  """3 steps reading volumes vs 3 steps, from the same step-0 checkpoint, reading the tokens
+  `radfm-jax cache-images` (a CLI subprocess) wrote: the same losses, bit for bit."""
+  store_dir, tok = str(tmp_path / 'store'), store[1]
+  shutil.copytree(store[0], store_dir)          # the cache of run0 stays as the other tests expect
+  plain = loop.train(load_config(SPEC, _overrides(store_dir, tok)), str(tmp_path / 'plain'),
+                     progress=False)
+  run = str(tmp_path / 'cached')
+  shutil.copytree(run0[0], run)
+  out = _cli('cache-images', '--checkpoint', run, '--data', store_dir, '--no-progress')
+  assert out.returncode == 0, out.stderr
+  stats = json.loads(out.stdout.strip().splitlines()[-1])
+  assert stats['fingerprint'] == run0[1]['fingerprint']        # the same weights, another folder
+  assert stats['scans'] == 10 and stats['samples'] == 8 and stats['bytes'] > 0
+  cached = loop.train(load_config(SPEC, _overrides(store_dir, tok, 'data.image_cache=True')), run,
+                      progress=False)
+  assert sorted(plain.losses) == sorted(cached.losses) == [1, 2, 3]
+  assert [cached.losses[s] for s in (1, 2, 3)] == [plain.losses[s] for s in (1, 2, 3)]
+
+
+def test_cache_is_keyed_by_checkpoint_and_scan(store, run0):
+  run, stats = run0
+  assert stats['scans'] == 10 and stats['samples'] == 8
+  assert os.path.isdir(os.path.join(store[0], 'image_tokens', stats['fingerprint']))
+  cache = ImageTokenCache.open(store[0], stats['fingerprint'], source='test')
+  assert cache.meta['checkpoint'] == run and len(cache.meta['scans']) == 10
+  tokens = cache.read('v2_1')                  # the second scan of a two-scan sample
+  assert tokens.shape == (32, 64) and tokens.dtype == np.float32 and np.abs(tokens).sum() > 0
+  assert not np.array_equal(tokens, cache.read('v2_0'))
+
+
+@pytest.mark.slow
+def test_stale_cache_is_refused_naming_both(store, run0, tmp_path):
+  run, stats = run0
+  cfg = load_config(SPEC, _overrides(*store, 'data.image_cache=True', 'seed=1'))
+  with pytest.raises(ConfigError) as e:
+    loop.train(cfg, str(tmp_path / 'other'), progress=False)
+  message = str(e.value)
+  assert '\n' not in message
+  assert f'checkpoint {run} (vision fingerprint {stats["fingerprint"]})' in message
+  assert f'run {tmp_path / "other"} initialised from seed 1' in message
+
+
+def test_a_changed_preparation_field_or_unknown_scan_is_refused(store, run0):
+  _, stats = run0
+  cfg = load_config(SPEC, _overrides(*store, 'data.image_cache=True', 'data.intensity=percentile'))
+  with pytest.raises(ConfigError, match=r"config field data.intensity='percentile': the "
+                     r"image-token cache .*\.json was made with 'radfm'"):
+    ImageTokenCache.open(store[0], stats['fingerprint'], source='x', data_cfg=cfg.data)
+  with pytest.raises(ConfigError, match=r"the image-token cache in .*image_tokens was made by "
+                     r"checkpoint .* \(vision fingerprint [0-9a-f]{16}\), not by this run's "
+                     r"vision tower \(run R, vision fingerprint 0123\)"):
+    ImageTokenCache.open(store[0], '0123', source='run R')
+  cache = ImageTokenCache.open(store[0], stats['fingerprint'], source='x')
+  with pytest.raises(InputError, match="scan 'nope' is not in the image-token cache"):
+    cache.read('nope')
+  with pytest.raises(InputError, match=r"scan 'v0_0' was cached resized to \[64, 64, 4\], this "
+                     r"batch resizes it to \[32, 32, 4\]"):
+    cache.read('v0_0', (32, 32, 4))
+  # A scan re-ingested with other content gets a new store key: its cached tokens are refused.
+  key = VolumeStore(store[0]).key('v0_0')
+  assert cache.meta['keys']['v0_0'] == key == 'scans/v0_0/'
+  assert cache.read('v0_0', (64, 64, 4), key=key).shape == (32, 64)
+  with pytest.raises(InputError, match=r"scan 'v0_0' changed in the store since its image tokens "
+                     r"were cached \(store key scans/v0_0@v1/, cached from scans/v0_0/\); run "
+                     r"`radfm-jax cache-images` again"):
+    cache.read('v0_0', (64, 64, 4), key='scans/v0_0@v1/')
+
+
+def test_random_image_path_or_unfrozen_tower_is_refused():
+  base = ['data.image_cache=True', "train.freeze=['vision_tower']"]
+  with pytest.raises(ConfigError, match=r"config field model.vision.dropout=0.1: expected 0.0 "
+                     r"when data.image_cache=True"):
+    load_config(SPEC, base)
+  with pytest.raises(ConfigError, match=r"config field train.freeze=\['vision', 'fc'\]: expected "
+                     r"the vision tower frozen \(add \['perceiver'\]"):
+    load_config(SPEC, ['data.image_cache=True', "train.freeze=['vision','fc']",
+                       'model.vision.dropout=0.0'])
+
+
+def test_scan_prepared_differently_in_two_samples_is_refused(run0, tmp_path):
+  """`radfm` intensity scales a sample's images together: a scan shared by two samples with
+  different companions has two prepared forms and no single cached token."""
+  from radfm_jax.data.ingest import ingest
+  from radfm_jax.train.image_cache import cache_images
+  run, _ = run0
+  rng = np.random.default_rng(1)
+  for name, scale in (('a', 1.0), ('b', 50.0), ('c', 0.1)):
+    np.save(tmp_path / f'{name}.npy', (rng.normal(0, 100, (20, 20, 8)) * scale).astype(np.float32))
+  records = [{'id': 'one', 'question': 'q?', 'answer': 'a', 'images': [
+                 {'path': 'a.npy', 'id': 'a', 'position': {'question': 0}},
+                 {'path': 'b.npy', 'id': 'b', 'position': {'question': 0}}]},
+             {'id': 'two', 'question': 'q?', 'answer': 'a', 'images': [
+                 {'path': 'a.npy', 'id': 'a', 'position': {'question': 0}},
+                 {'path': 'c.npy', 'id': 'c', 'position': {'question': 0}}]}]
+  ingest(cd.write_manifest(tmp_path / 'm.jsonl', records), str(tmp_path / 'store'),
+         log=open(os.devnull, 'w'))
+  with pytest.raises(InputError, match=r"scan 'a' is prepared differently in samples 'one' and "
+                     r"'two' \(data.intensity='radfm'"):
+    cache_images(run, str(tmp_path / 'store'), progress=False)
