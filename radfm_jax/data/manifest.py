@@ -83,6 +83,9 @@ SAMPLE_FIELDS = (
     Field('task', 'string', '""',
           f'task family: one of {", ".join(TASKS)} renders an empty question from templates; '
           'any value groups the eval scores', _str),
+    Field('dataset', 'string', '""',
+          'the dataset the sample comes from (recipes set it): groups eval scores and picks the '
+          'training mixture\'s weight', _str),
     Field('split', 'string of letters, digits, _', '"train"',
           'which split the sample belongs to: training reads "train", periodic eval "eval", '
           '`radfm-jax publish` makes one TFDS split per value', _split_name),
