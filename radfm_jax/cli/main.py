@@ -15,7 +15,7 @@ import sys
 
 from radfm_jax.cli import flags
 
-COMMANDS = ('ingest', 'tokenizer', 'publish', 'train', 'cache-images', 'generate', 'eval', 'convert',
+COMMANDS = ('ingest', 'recipes', 'tokenizer', 'publish', 'train', 'cache-images', 'generate', 'eval', 'convert',
             'merge', 'aot', 'demo')
 
 
