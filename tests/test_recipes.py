@@ -132,6 +132,16 @@ def test_table_names_every_dataset_of_the_issue():
   assert recipes.original_size('medpix_single', 11, 'test') == 11
 
 
+def test_docs_describe_every_recipe():
+  doc = open(os.path.join(REPO, 'docs', 'data.md')).read()
+  section = doc.split("## Recipes: RadFM's own data", 1)[1].split('\n## ', 1)[0]
+  headings = [line for line in section.splitlines() if line.startswith('### ')]
+  named = {n.strip(' ,') for h in headings for n in h[4:].split(' (')[0].split(', ')}
+  assert named == set(recipes.RECIPES)
+  for r in recipes.RECIPES.values():     # its files appear in the section
+    assert all(f'`{f}`' in section for f in (r.train, r.test) if f), r.name
+
+
 # ------------------------------------------------------------------------------------------------
 # Records, family by family
 
@@ -372,7 +382,8 @@ def test_cli_recipe_radfm_ingests_a_folder(tmp_path, folder):
   assert r.returncode == 0, r.stderr
   found = [line for line in r.stderr.splitlines() if line.startswith('recipes: found under')]
   assert found == [f'recipes: found under {d}: mimic_caption_test.csv (mimic_caption), '
-                   'chestxray_balance_test.csv (chestxray_yes_no), mammo_test.csv (mammo_diagnosis), '
+                   'chestxray_balance_test.csv (chestxray_yes_no), '
+                   'mammo_test.csv (mammo_diagnosis), '
                    'filtered_case_report_test.csv (case_report), vqarad_test.csv (vqa_rad), '
                    'radiology_vqa_test.csv (radio_vqa), radio_modality_test.csv (radio_modality), '
                    'radiology_article_npy_test.json (radio_caption), '

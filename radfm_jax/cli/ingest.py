@@ -14,8 +14,8 @@ radfm-jax ingest --manifest samples.jsonl --out store/ --workers 8
 # {"id": "s1", "question": "Is there a lesion?", "answer": "Yes.",
 #  "images": [{"path": "scans/ct1.nii.gz", "modality": "CT", "position": {"question": 0}}]}
 radfm-jax ingest --manifest more.jsonl --out store/        # extends store/ (same ids: same content)
-radfm-jax ingest --recipe vqa_rad --source data_csv/vqarad_test.csv --image-root images/ --out store/
-radfm-jax ingest --recipe radfm --source data_csv/ --image-root images/ --out store/   # every file"""
+radfm-jax ingest --recipe vqa_rad --source csv/vqarad_test.csv --image-root images/ --out store/
+radfm-jax ingest --recipe radfm --source csv/ --image-root images/ --out store/   # every file"""
 
 _UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 

@@ -45,6 +45,6 @@ def run(args) -> int:
     print(lines[0])
     for line in lines[1:]:
       print(textwrap.fill(line, 98, initial_indent='    ', subsequent_indent='      '))
-  print(f'{ALL}: every recipe above, from a folder holding the files under these names '
-        '(--source FOLDER); [column]: optional')
+  print(textwrap.fill(f'{ALL}: every recipe above, from a folder holding the files under these '
+                      'names (--source FOLDER). [column]: optional.', 98))
   return 0

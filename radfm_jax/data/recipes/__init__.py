@@ -277,5 +277,6 @@ def ingest_recipe(name: str, source: str, image_root: str, out: str, split: str 
           f'{len(res.records) - kept} samples dropped by ingest, {kept} samples ingested',
           file=log)
   if strict and report.rejects:
-    raise IngestError(f'{len(report.rejects)} inputs rejected (see {os.path.join(out, "rejects.jsonl")})')
+    where_listed = os.path.join(out, 'rejects.jsonl')
+    raise IngestError(f'{len(report.rejects)} inputs rejected (see {where_listed})')
   return results, report

@@ -317,8 +317,8 @@ def _modality_set(ctx: Ctx) -> list[str]:
   data = ctx.side_file('modality_set.json', 'the RadFM modality list {"modality": [...]} beside '
                        'the split file (the "no" questions name one of them)')
   if not isinstance(data, dict) or not isinstance(data.get('modality'), list):
-    raise InputError(f'{os.path.join(os.path.dirname(os.path.abspath(ctx.source)), "modality_set.json")}: '
-                     'expected {"modality": [names]}')
+    path = os.path.join(os.path.dirname(os.path.abspath(ctx.source)), 'modality_set.json')
+    raise InputError(f'{path}: got {json.dumps(data)[:60]}; expected {{"modality": [names]}}')
   return [str(m) for m in data['modality']]
 
 
