@@ -288,7 +288,7 @@ def test_bad_split_files(tmp_path, folder):
   with pytest.raises(InputError, match=r"recipe 'vqa' : unknown|recipe 'vqa': unknown"):
     recipes.records('vqa', str(tmp_path / 'vqarad_test.csv'), img)
   (tmp_path / 'radiology_article_npy_test.json').write_text('{"a": 1}')
-  with pytest.raises(InputError, match='got a JSON dict; expected a list of objects'):
+  with pytest.raises(InputError, match='got a JSON object; expected a list of objects'):
     recipes.records('radio_caption', str(tmp_path / 'radiology_article_npy_test.json'), img)
   _csv(tmp_path / 'radio_modality_test.csv', ['image_path', 'answer'], ['ct1.nii.gz', 'CT'] )
   with pytest.raises(InputError, match=r'modality_set\.json: not found; expected the RadFM '

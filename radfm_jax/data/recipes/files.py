@@ -103,6 +103,7 @@ def _csv_rows(path: str, columns) -> list[Row]:
 
 
 def _json_rows(path: str, columns) -> list[Row]:
+  from radfm_jax.data.store import JSON_TYPES    # here: `recipes list` loads no TensorStore
   try:
     with _open_text(path) as f:
       data = json.load(f)
@@ -112,8 +113,8 @@ def _json_rows(path: str, columns) -> list[Row]:
     raise InputError(f'{where(path, e.lineno)}: not valid JSON ({e.msg}, column {e.colno}); '
                      'expected a list of objects') from None
   if not isinstance(data, list):
-    raise InputError(f'{path}: got a JSON {type(data).__name__}; expected a list of objects, one '
-                     'per sample')
+    raise InputError(f'{path}: got a JSON {JSON_TYPES.get(type(data), "value")}; expected a list '
+                     'of objects, one per sample')
   objects = [item for item in data if isinstance(item, dict)]
   for name in columns:
     if objects and not any(name in item for item in objects):
