@@ -285,8 +285,10 @@ def test_bad_split_files(tmp_path, folder):
                      r'vqa_rad \(train: vqarad_train\.csv, test: vqarad_test\.csv\); expected one '
                      r'of them, or --split train\|test'):
     recipes.records('vqa_rad', str(tmp_path / 'mine.csv'), img)
-  with pytest.raises(InputError, match=r"recipe 'vqa' : unknown|recipe 'vqa': unknown"):
+  with pytest.raises(InputError) as e:
     recipes.records('vqa', str(tmp_path / 'vqarad_test.csv'), img)
+  assert str(e.value) == (f"recipe 'vqa': unknown; expected one of {', '.join(recipes.RECIPES)} "
+                          'or radfm (radfm-jax recipes list)')
   (tmp_path / 'radiology_article_npy_test.json').write_text('{"a": 1}')
   with pytest.raises(InputError, match='got a JSON object; expected a list of objects'):
     recipes.records('radio_caption', str(tmp_path / 'radiology_article_npy_test.json'), img)
@@ -397,6 +399,22 @@ def test_cli_recipe_radfm_ingests_a_folder(tmp_path, folder):
   assert counts == {'chestxray_yes_no': 2, 'mammo_diagnosis': 1, 'mimic_caption': 1,
                     'case_report': 1, 'vqa_rad': 1, 'radio_vqa': 1, 'radio_modality': 4,
                     'radio_caption': 4, 'radio_features': 4}
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--recipe', 'vqa_rad', '--out', 's'], '--recipe needs --source FILE'),
+    (['--recipe', 'vqa_rad', '--source', 'f.csv', '--root', 'r', '--out', 's'],
+     'takes --image-root, not --root'),
+    (['--manifest', 'm.jsonl', '--split', 'test', '--out', 's'],
+     '--split goes with --recipe, not --manifest'),
+    (['--manifest', 'm.jsonl', '--recipe', 'vqa_rad', '--out', 's'],
+     'argument --recipe: not allowed with argument --manifest')])
+def test_cli_recipe_flag_errors(argv, message, capsys):
+  from radfm_jax.cli.main import main
+  with pytest.raises(SystemExit) as e:
+    main(['ingest', *argv])
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
 
 
 def test_cli_reports_bad_inputs(tmp_path, folder):
