@@ -261,6 +261,18 @@ def test_radiopaedia_3d_records(folder):
       assert r['answer'] == 'CT' and r['question'] in prompt_file('modality')['caption_prompt']
 
 
+def test_image_root_per_recipe(tmp_path, folder):
+  d, img = folder
+  qa = str(d / 'MedPix_questions_train.csv')
+  (res,) = recipes.collect('medpix_qa', qa, {'': str(tmp_path), 'medpix_qa': str(img)},
+                           log=open(os.devnull, 'w'))
+  assert [im['path'] for r in res.records for im in r['images']] == [
+      str(img / 'm1.png'), str(img / 'm2.png')]
+  with pytest.raises(InputError, match=r'^recipe medpix_qa: no image root; expected --image-root '
+                     r'DIR \(for every recipe\) or --image-root medpix_qa=DIR$'):
+    recipes.collect('medpix_qa', qa, {'vqa_rad': str(img)}, log=open(os.devnull, 'w'))
+
+
 def test_records_are_deterministic_by_seed(folder):
   name, file = 'medpix_single', 'MedPix_single_train.csv'
   assert _records(folder, name, file).records == _records(folder, name, file).records
@@ -379,8 +391,11 @@ def test_cli_recipe_radfm_ingests_a_folder(tmp_path, folder):
   d, img = folder
   (d / 'notes.txt').write_text('not a split file')
   store = str(tmp_path / 'store')
-  r = _cli('ingest', '--recipe', 'radfm', '--source', str(d), '--image-root', str(img), '--out',
-           store, '--no-progress', '--split', 'test')
+  other = tmp_path / 'vqarad_images'                 # a root of its own for one recipe
+  other.mkdir()
+  _png(other / 'vq.png', 40)
+  r = _cli('ingest', '--recipe', 'radfm', '--source', str(d), '--image-root', str(img),
+           '--image-root', f'vqa_rad={other}', '--out', store, '--no-progress', '--split', 'test')
   assert r.returncode == 0, r.stderr
   found = [line for line in r.stderr.splitlines() if line.startswith('recipes: found under')]
   assert found == [f'recipes: found under {d}: mimic_caption_test.csv (mimic_caption), '
@@ -396,6 +411,9 @@ def test_cli_recipe_radfm_ingests_a_folder(tmp_path, folder):
   for row in rows:
     counts[row['dataset']] = counts.get(row['dataset'], 0) + 1
     assert row['split'] == 'test'
+  (vq,) = [row for row in rows if row['dataset'] == 'vqa_rad']
+  np.testing.assert_array_equal(VolumeStore(store).read(vq['images'][0]['id'])[0, :, :, 0],
+                                np.arange(64).reshape(8, 8) * 3 + 40)
   assert counts == {'chestxray_yes_no': 2, 'mammo_diagnosis': 1, 'mimic_caption': 1,
                     'case_report': 1, 'vqa_rad': 1, 'radio_vqa': 1, 'radio_modality': 4,
                     'radio_caption': 4, 'radio_features': 4}
@@ -408,7 +426,9 @@ def test_cli_recipe_radfm_ingests_a_folder(tmp_path, folder):
     (['--manifest', 'm.jsonl', '--split', 'test', '--out', 's'],
      '--split goes with --recipe, not --manifest'),
     (['--manifest', 'm.jsonl', '--recipe', 'vqa_rad', '--out', 's'],
-     'argument --recipe: not allowed with argument --manifest')])
+     'argument --recipe: not allowed with argument --manifest'),
+    (['--recipe', 'radfm', '--source', '.', '--image-root', 'medpixx=a', '--out', 's'],
+     '--image-root medpixx=a: medpixx is no recipe; expected NAME=DIR')])
 def test_cli_recipe_flag_errors(argv, message, capsys):
   from radfm_jax.cli.main import main
   with pytest.raises(SystemExit) as e:

@@ -49,9 +49,10 @@ def add_parser(sub):
   p.add_argument('--source', metavar='FILE|FOLDER', default=None,
                  help='--recipe: the split file (CSV / JSON), or with --recipe radfm the folder '
                  'holding them under their original names (searched recursively)')
-  p.add_argument('--image-root', metavar='DIR', default=None,
+  p.add_argument('--image-root', metavar='[NAME=]DIR', action='append', default=None,
                  help='--recipe: where the paths the split files name start (an absolute path is '
-                 'used as is); default: the folder of --source')
+                 'used as is); NAME=DIR for recipe NAME only (repeatable, e.g. '
+                 'medpix_single=MedPix/images); default: the folder of --source')
   p.add_argument('--split', choices=('train', 'test'), default=None,
                  help='--recipe: the split to tag the records with (default: from the file name: '
                  'the original\'s train or test file; required for another name)')
@@ -94,9 +95,16 @@ def run(args) -> int:
   try:
     if args.recipe:
       from radfm_jax.data.recipes import ingest_recipe
+      from radfm_jax.data.recipes import RECIPES
       source = args.source
-      root = args.image_root or (source if os.path.isdir(source) else os.path.dirname(source))
-      ingest_recipe(args.recipe, source, root or '.', args.out, args.split, args.seed, **options)
+      roots = {'': (source if os.path.isdir(source) else os.path.dirname(source)) or '.'}
+      for value in args.image_root or ():
+        name, eq, folder = value.partition('=')
+        if eq and name.isidentifier() and name not in RECIPES:
+          args._parser.error(f'--image-root {value}: {name} is no recipe; expected NAME=DIR with '
+                             'NAME from `radfm-jax recipes list`, or DIR')
+        roots.update({name: folder} if eq and name in RECIPES else {'': value})
+      ingest_recipe(args.recipe, source, roots, args.out, args.split, args.seed, **options)
     else:
       ingest(args.manifest, args.out, root=args.root, **options)
   except IngestError as e:

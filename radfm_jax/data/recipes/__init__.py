@@ -227,11 +227,29 @@ def find_files(folder: str, split: str | None = None) -> tuple[list[tuple[str, s
   return found, missing
 
 
-def collect(name: str, source: str, image_root: str, split: str | None = None, seed: int = 0,
-            log=None) -> list[RecipeResult]:
+def image_roots(roots: str | dict[str, str]) -> Callable[[str], str]:
+  """recipe name -> its image root, from one folder for all or {'': default, NAME: folder}
+  (the original keeps MedPix images, PMC figures and subfigures in folders of their own)."""
+  if isinstance(roots, str):
+    return lambda name: roots
+  for name in roots:
+    if name:
+      recipe(name)
+  def root(name: str) -> str:
+    if name not in roots and '' not in roots:
+      raise InputError(f'recipe {name}: no image root; expected --image-root DIR (for every '
+                       f'recipe) or --image-root {name}=DIR')
+    return roots.get(name, roots.get(''))
+  return root
+
+
+def collect(name: str, source: str, image_root: str | dict[str, str], split: str | None = None,
+            seed: int = 0, log=None) -> list[RecipeResult]:
   """Recipe `name` on file `source`, or with name 'radfm' every recipe whose original file is in
-  folder `source`; prints what was found, missing and rejected to `log`."""
+  folder `source`; prints what was found, missing and rejected to `log`. `image_root`: one folder,
+  or {'': default, NAME: folder} (`image_roots`)."""
   log = log or sys.stderr
+  root_of = image_roots(image_root)
   if name == ALL:
     found, missing = find_files(source, split)
     print(f'recipes: found under {source}: '
@@ -247,7 +265,7 @@ def collect(name: str, source: str, image_root: str, split: str | None = None, s
     jobs = [(name, split, source)]
   results = []
   for n, s, path in jobs:
-    res = records(n, path, image_root, s, seed)
+    res = records(n, path, root_of(n), s, seed)
     for reject in res.rejects[:MAX_PRINTED]:
       print(f'recipes: rejected {reject["reason"]}', file=log)
     if len(res.rejects) > MAX_PRINTED:
@@ -258,7 +276,8 @@ def collect(name: str, source: str, image_root: str, split: str | None = None, s
   return results
 
 
-def ingest_recipe(name: str, source: str, image_root: str, out: str, split: str | None = None,
+def ingest_recipe(name: str, source: str, image_root: str | dict[str, str], out: str,
+                  split: str | None = None,
                   seed: int = 0, log=None, **ingest_options):
   """`collect` then one ingest of all the records into `out` (ingest.py: locking, merging,
   scan rejects); returns (results, IngestReport). The rows rejected here are listed in
