@@ -281,6 +281,30 @@ def test_records_are_deterministic_by_seed(folder):
                                                                               file).records]
 
 
+def test_every_family_ingests_and_becomes_model_inputs(tmp_path, folder):
+  """All the fixture's files (both splits) through ingest_recipe('radfm') into a real store, then
+  every stored sample through the one record -> model inputs function of training."""
+  import conftest_data as cd
+  from radfm_jax.data.batch import record_inputs
+  d, img = folder
+  results, report = recipes.ingest_recipe('radfm', str(d), str(img), str(tmp_path / 'store'),
+                                          log=open(os.devnull, 'w'))
+  assert (report.rejects, report.dropped_samples) == ([], 0)
+  assert {r.name for r in results} == set(recipes.RECIPES) - {
+      'pcxr_yes_no', 'mammo_yes_no', 'spinexr_yes_no', 'chestxray_diagnosis', 'pcxr_diagnosis',
+      'spinexr_diagnosis', 'pmc_vqa', 'slake'}
+  store = VolumeStore(str(tmp_path / 'store'))
+  rows = store.manifest()
+  assert len(rows) == sum(len(r.records) for r in results) == report.samples
+  tok, cfg = cd.tokenizer(), cd.data_config()
+  for row in rows:
+    images = [store.read(im['id']) for im in row['images'][:cfg.max_images]]
+    out = record_inputs(row, images, tok, cfg)
+    blocks = int((out['tokens'] == tok.image_start_id).sum())
+    assert blocks == len(images) >= 1, row['id']
+    assert out['image_mask'].sum() == len(images), row['id']
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad inputs: one line naming file, line and column; rows counted as rejects
 
