@@ -443,6 +443,17 @@ def test_cli_recipe_radfm_ingests_a_folder(tmp_path, folder):
                     'radio_caption': 4, 'radio_features': 4}
 
 
+def test_radfm_folder_with_a_file_twice(tmp_path):
+  for sub in ('a', 'b'):
+    (tmp_path / sub).mkdir()
+    _csv(tmp_path / sub / 'vqarad_test.csv', ['img_root_dir', 'Figure_path', 'Question', 'Answer'])
+  with pytest.raises(InputError) as e:
+    recipes.find_files(str(tmp_path))
+  assert str(e.value) == (f'{tmp_path}: vqarad_test.csv found more than once ({tmp_path}/a/'
+                          f'vqarad_test.csv, {tmp_path}/b/vqarad_test.csv); expected one file per '
+                          'original name (give the folder that holds the one you mean)')
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--recipe', 'vqa_rad', '--out', 's'], '--recipe needs --source FILE'),
     (['--recipe', 'vqa_rad', '--source', 'f.csv', '--root', 'r', '--out', 's'],

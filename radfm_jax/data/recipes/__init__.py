@@ -210,10 +210,16 @@ def find_files(folder: str, split: str | None = None) -> tuple[list[tuple[str, s
   if not os.path.isdir(folder):
     raise InputError(f'{folder}: not a folder; expected the folder holding the original RadFM '
                      'split files (RadFM_data_csv)')
-  where_is: dict[str, str] = {}
+  where_is: dict[str, list[str]] = {}
   for top, _, names in sorted(os.walk(folder)):
     for n in sorted(names):
-      where_is.setdefault(n, os.path.join(top, n))
+      where_is.setdefault(n, []).append(os.path.join(top, n))
+  wanted = {f for r in RECIPES.values() for f in (r.train, r.test) if f}
+  twice = [paths for n, paths in where_is.items() if n in wanted and len(paths) > 1]
+  if twice:
+    raise InputError(f'{folder}: {os.path.basename(twice[0][0])} found more than once '
+                     f'({", ".join(twice[0])}); expected one file per original name (give the '
+                     'folder that holds the one you mean)')
   found, missing = [], []
   for r in RECIPES.values():
     for s in (split,) if split else SPLITS:
@@ -221,7 +227,7 @@ def find_files(folder: str, split: str | None = None) -> tuple[list[tuple[str, s
       if name is None:
         continue
       if name in where_is:
-        found.append((r.name, s, where_is[name]))
+        found.append((r.name, s, where_is[name][0]))
       else:
         missing.append((r.name, name))
   return found, missing
