@@ -228,6 +228,26 @@ def test_case_report_pmcoa_and_paper_records(folder):
   assert _at(p) == [('PMC9_F3.jpg', None, {'answer': 7})]        # where the figure is cited
 
 
+def test_paper_window(tmp_path, folder):
+  """A paper of 120 sentences, a figure cited by sentence 70: a window of 50 sentences starting
+  at random or 10 before the citation (p = 0.5); the figure where it is cited."""
+  img = folder[1]
+  (tmp_path / 'PMC9.json').write_text(json.dumps(
+      [{'text': f'S{i}. ', 'img_ref': ['F3'] if i == 70 else []} for i in range(120)]))
+  _csv(tmp_path / 'paper_train.csv', ['PMC_path'], [str(tmp_path / 'PMC9.json')])
+  starts = set()
+  for seed in range(10):
+    (p,) = recipes.records('paper_inline', str(tmp_path / 'paper_train.csv'), str(img),
+                           seed=seed).records
+    start = int(p['answer'].split('.')[0][1:])
+    assert p['answer'] == ''.join(f'S{i}. ' for i in range(start, start + 50))
+    starts.add(start)
+    cited = start <= 70 < start + 50
+    assert _at(p) == ([('PMC9_F3.jpg', None, {'answer': len(''.join(
+        f'S{i}. ' for i in range(start, 70)))})] if cited else [])
+  assert 60 in starts and len(starts) >= 3
+
+
 def test_radiopaedia_3d_records(folder):
   (v,) = _records(folder, 'radio_vqa', 'radiology_vqa_test.csv').records
   assert (v['question'], v['answer']) == ('Where is the mass?', 'In the liver.')

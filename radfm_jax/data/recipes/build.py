@@ -246,8 +246,9 @@ def paper_inline(row: Row, ctx: Ctx, window: int = 50, max_images: int = 3) -> S
   name = rel.rsplit('/', 2)[-1].split('.')[0]
   n = len(sentences)
   if n > window:
-    starts = sorted({min(max(i - 10, 0), n - window) for i, s in enumerate(sentences)
-                     if s['img_ref']})
+    # one entry per citing sentence, as in the original (a start cited twice is drawn twice as
+    # often)
+    starts = [min(max(i - 10, 0), n - window) for i, s in enumerate(sentences) if s['img_ref']]
     if ctx.rng.random() >= 0.5 or not starts:
       start = ctx.rng.randint(0, n - window)
     else:
