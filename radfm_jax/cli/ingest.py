@@ -13,7 +13,9 @@ radfm-jax ingest --manifest samples.jsonl --out store/ --workers 8
 # a line of samples.jsonl:
 # {"id": "s1", "question": "Is there a lesion?", "answer": "Yes.",
 #  "images": [{"path": "scans/ct1.nii.gz", "modality": "CT", "position": {"question": 0}}]}
-radfm-jax ingest --manifest more.jsonl --out store/        # extends store/ (same ids: same content)"""
+radfm-jax ingest --manifest more.jsonl --out store/        # extends store/ (same ids: same content)
+radfm-jax ingest --recipe vqa_rad --source csv/vqarad_test.csv --image-root images/ --out store/
+radfm-jax ingest --recipe radfm --source csv/ --image-root images/ --out store/   # every file"""
 
 _UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 
@@ -39,7 +41,24 @@ def add_parser(sub):
       'waits for the lock). A missing manifest, duplicate sample ids, a scan id naming two files '
       'or a sample id the store holds with other content stop before anything is written (exit '
       '2). Exit code 1 with --strict when anything was rejected.', example=EXAMPLE)
-  p.add_argument('--manifest', required=True, help='input samples JSONL (fields below)')
+  what = p.add_mutually_exclusive_group(required=True)
+  what.add_argument('--manifest', help='input samples JSONL (fields below)')
+  what.add_argument('--recipe', metavar='NAME',
+                    help='an original RadFM split file instead of a manifest: a recipe name of '
+                    '`radfm-jax recipes list`, or radfm for every recipe (with --source FOLDER)')
+  p.add_argument('--source', metavar='FILE|FOLDER', default=None,
+                 help='--recipe: the split file (CSV / JSON), or with --recipe radfm the folder '
+                 'holding them under their original names (searched recursively)')
+  p.add_argument('--image-root', metavar='[NAME=]DIR', action='append', default=None,
+                 help='--recipe: where the paths the split files name start (an absolute path is '
+                 'used as is); NAME=DIR for recipe NAME only (repeatable, e.g. '
+                 'medpix_single=MedPix/images); default: the folder of --source')
+  p.add_argument('--split', choices=('train', 'test'), default=None,
+                 help='--recipe: the split to tag the records with (default: from the file name: '
+                 'the original\'s train or test file; required for another name)')
+  p.add_argument('--seed', type=int, default=0,
+                 help='--recipe: seed of the prompt and placement choices (row n of recipe R uses '
+                 'random.Random("SEED/R/SPLIT/n"))')
   p.epilog += '\n\n' + schema_help()
   p.add_argument('--out', required=True, help='store directory to create or extend')
   p.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected')
@@ -62,12 +81,32 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+  import os
   from radfm_jax.data.ingest import IngestError, ingest
+  options = dict(strict=args.strict, batch_size=args.batch_size, workers=args.workers,
+                 replace=args.replace, max_scan_bytes=args.max_scan_bytes,
+                 progress=not args.no_progress, lock_timeout=args.lock_timeout)
+  recipe_flags = [f for f in ('source', 'image_root', 'split') if getattr(args, f) is not None]
+  if args.manifest and recipe_flags:
+    args._parser.error(f'--{recipe_flags[0].replace("_", "-")} goes with --recipe, not --manifest')
+  if args.recipe and (args.source is None or args.root is not None):
+    args._parser.error('--recipe needs --source FILE (or FOLDER with --recipe radfm) and takes '
+                       '--image-root, not --root')
   try:
-    ingest(args.manifest, args.out, strict=args.strict, root=args.root,
-           batch_size=args.batch_size, workers=args.workers, replace=args.replace,
-           max_scan_bytes=args.max_scan_bytes, progress=not args.no_progress,
-           lock_timeout=args.lock_timeout)
+    if args.recipe:
+      from radfm_jax.data.recipes import ingest_recipe
+      from radfm_jax.data.recipes import RECIPES
+      source = args.source
+      roots = {'': (source if os.path.isdir(source) else os.path.dirname(source)) or '.'}
+      for value in args.image_root or ():
+        name, eq, folder = value.partition('=')
+        if eq and name.isidentifier() and name not in RECIPES:
+          args._parser.error(f'--image-root {value}: {name} is no recipe; expected NAME=DIR with '
+                             'NAME from `radfm-jax recipes list`, or DIR')
+        roots.update({name: folder} if eq and name in RECIPES else {'': value})
+      ingest_recipe(args.recipe, source, roots, args.out, args.split, args.seed, **options)
+    else:
+      ingest(args.manifest, args.out, root=args.root, **options)
   except IngestError as e:
     print(f'radfm-jax ingest: {e}', file=sys.stderr)
     return 1

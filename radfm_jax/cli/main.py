@@ -15,8 +15,8 @@ import sys
 
 from radfm_jax.cli import flags
 
-COMMANDS = ('ingest', 'tokenizer', 'publish', 'train', 'cache-images', 'generate', 'eval', 'convert',
-            'merge', 'aot', 'demo')
+COMMANDS = ('ingest', 'recipes', 'tokenizer', 'publish', 'train', 'cache-images', 'generate', 'eval',
+            'convert', 'merge', 'aot', 'demo')
 
 
 class _TopFormatter(argparse.HelpFormatter):

@@ -181,7 +181,8 @@ def _collect(records, base, place) -> dict[str, _Entry]:
 def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
            root: str | None = None, batch_size: int = 16, workers: int | None = None,
            log=None, replace: bool = False, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
-           progress: bool = False, lock_timeout: float | None = None) -> IngestReport:
+           progress: bool = False, lock_timeout: float | None = None,
+           rejects: Iterable[dict] = ()) -> IngestReport:
   """Reads every image of every sample into the store `out_dir` and merges the samples into its
   manifest (module docstring: the rules; store.py: the guarantees).
 
@@ -191,14 +192,15 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   (or a scan id) the store holds with other content is replaced instead of refused.
   `progress`: a tqdm bar (scans done / total, rejects) on `log`. Messages go to `log` (default:
   sys.stderr as it is at call time, not at import). `lock_timeout`: seconds to wait for another
-  writer (None: wait as long as it takes).
+  writer (None: wait as long as it takes). `rejects`: inputs a caller already refused (e.g. the
+  split-file rows a recipe could not use), listed first in rejects.jsonl and counted with the rest.
   """
   log = log or sys.stderr
   records, base, place = _load_records(manifest)
   base = os.path.abspath(root) if root else base
   entries = _collect(records, base, place)
   store = VolumeStore(out_dir)
-  report = IngestReport()
+  report = IngestReport(rejects=list(rejects))
   with store.lock(lock_timeout, log):
     index = store.index()
     _check_scan_ids(entries, index, replace)

@@ -334,8 +334,9 @@ def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
   return array[..., None], {'source_dtype': str(array.dtype), 'image_mode': mode}
 
 
-def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
-  """(shape, dtype, data offset) from a .npy header, reading nothing else."""
+def npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+  """(shape, dtype, data offset) from a .npy header, reading nothing else (also what recipes use
+  to count the images of a RadFM case [S, C, H, W, D] without loading it)."""
   fmt = np.lib.format
   with open(path, 'rb') as f:
     version = fmt.read_magic(f)
@@ -347,7 +348,7 @@ def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
 def read_npy(path: str, index: int | None = None,
              max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> list[tuple[np.ndarray, dict]]:
   try:
-    shape, dtype, offset = _npy_header(path)
+    shape, dtype, offset = npy_header(path)
   except Exception as e:
     raise RejectedScan(f'not a readable .npy: {type(e).__name__}: {e}') from e
   if dtype.hasobject:

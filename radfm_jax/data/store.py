@@ -132,8 +132,8 @@ def _array_spec(kvstore: dict, key: str, shape, dtype: np.dtype, attributes: dic
   }
 
 
-_JSON_TYPES = {list: 'array', str: 'string', int: 'number', float: 'number', bool: 'boolean',
-               type(None): 'null'}
+JSON_TYPES = {dict: 'object', list: 'array', str: 'string', int: 'number', float: 'number',
+              bool: 'boolean', type(None): 'null'}
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
@@ -155,7 +155,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
         raise InputError(f'{where(path, n)}: not valid JSON ({e.msg}, column {e.colno}); '
                          'expected one JSON object per line') from None
       if not isinstance(value, dict):
-        raise InputError(f'{where(path, n)}: got a JSON {_JSON_TYPES.get(type(value), "value")}; '
+        raise InputError(f'{where(path, n)}: got a JSON {JSON_TYPES.get(type(value), "value")}; '
                          'expected one JSON object per line')
       yield n, value
 

@@ -1,0 +1,149 @@
+"""Reading the original RadFM's split files: CSV (what its datasets read with pandas) and JSON (a
+list of objects), row by row, each row knowing where it is for messages.
+
+    rows = read_rows('vqarad_test.csv', columns=('Figure_path', 'Question', ...))
+
+A whole-file problem (no such file, not UTF-8, broken quoting, a required column absent from the
+header, a JSON file that is not a list of objects) is an `InputError` naming the file (and the
+line or column). A row-level problem is a `RowError` the recipe turns into a counted reject.
+
+Row numbering. `Row.n` counts data rows from 0 in file order, blank lines skipped, as pandas'
+`iloc` index does; it names the record (`NAME-SPLIT-n`) and seeds the row's prompt choices. A CSV
+row's place is `FILE line L` (L: its first physical line, the header being line 1); a JSON item's
+is `FILE [n]`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+from radfm_jax.errors import InputError, where
+
+
+class RowError(Exception):
+  """One row cannot become a record: `field` (a column / key, or None for the whole row) and
+  what is wrong with it, worded as 'got ...; expected ...'."""
+
+  def __init__(self, field: str | None, problem: str):
+    super().__init__(problem)
+    self.field, self.problem = field, problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  path: str                     # the split file
+  n: int                        # data row index from 0
+  line: int | None              # CSV: first line of the row; JSON: None
+  values: dict                  # column / key -> value (CSV: strings)
+
+  def place(self, field: str | None = None) -> str:
+    if self.line is not None:
+      return where(self.path, self.line, field)
+    return f'{self.path} [{self.n}]' + (f' field {field}' if field else '')
+
+  def text(self, field: str, empty_ok: bool = False) -> str:
+    """The cell as text; an absent or empty required cell (pandas: NaN) is a RowError."""
+    value = self.values.get(field)
+    if value is None or value == '':
+      if empty_ok:
+        return ''
+      raise RowError(field, 'empty; expected a value')
+    if not isinstance(value, str):
+      raise RowError(field, f'got {json.dumps(value)[:60]}; expected a string')
+    return value
+
+
+def _open_text(path: str):
+  if not os.path.isfile(path):
+    raise InputError(f'{path}: split file not found; expected the original RadFM file of this '
+                     'recipe (radfm-jax recipes list names them)')
+  return open(path, encoding='utf-8-sig', newline='')
+
+
+def read_rows(path: str, columns: tuple[str, ...]) -> list[Row]:
+  """Every row of a CSV or JSON split file; `columns` must all be there (InputError naming the
+  first one missing)."""
+  if path.lower().endswith('.json'):
+    return _json_rows(path, columns)
+  return _csv_rows(path, columns)
+
+
+def _csv_rows(path: str, columns) -> list[Row]:
+  rows = []
+  try:
+    with _open_text(path) as f:
+      reader = csv.reader(f)
+      header = next(reader, None)
+      if header is None:
+        raise InputError(f'{where(path, 1)}: empty file; expected a header line naming the columns '
+                         f'{", ".join(columns)}')
+      for name in columns:
+        if name not in header:
+          raise InputError(f'{where(path, 1, name)}: no such column; expected the columns '
+                           f'{", ".join(columns)} (found {", ".join(header)})')
+      last = reader.line_num
+      for cells in reader:
+        start, last = last + 1, reader.line_num
+        if not cells:                  # a blank line (pandas skips them too)
+          continue
+        values = dict(zip(header, cells))
+        if len(cells) != len(header):
+          values = {'__malformed__': f'{len(cells)} cells; expected {len(header)}, one per '
+                    'column of the header'}
+        rows.append(Row(path, len(rows), start, values))
+  except UnicodeDecodeError as e:
+    raise InputError(f'{path}: not UTF-8 text ({e}); expected a CSV file') from None
+  except csv.Error as e:
+    raise InputError(f'{where(path, reader.line_num)}: not valid CSV ({e}); expected the '
+                     'original\'s comma-separated format') from None
+  return rows
+
+
+def _json_rows(path: str, columns) -> list[Row]:
+  from radfm_jax.data.store import JSON_TYPES    # here: `recipes list` loads no TensorStore
+  try:
+    with _open_text(path) as f:
+      data = json.load(f)
+  except UnicodeDecodeError as e:
+    raise InputError(f'{path}: not UTF-8 text ({e}); expected a JSON file') from None
+  except json.JSONDecodeError as e:
+    raise InputError(f'{where(path, e.lineno)}: not valid JSON ({e.msg}, column {e.colno}); '
+                     'expected a list of objects') from None
+  if not isinstance(data, list):
+    raise InputError(f'{path}: got a JSON {JSON_TYPES.get(type(data), "value")}; expected a list '
+                     'of objects, one per sample')
+  objects = [item for item in data if isinstance(item, dict)]
+  for name in columns:
+    if objects and not any(name in item for item in objects):
+      raise InputError(f'{path} field {name}: in no item; expected every item to hold the keys '
+                       f'{", ".join(columns)}')
+  rows = []
+  for n, item in enumerate(data):
+    values = item if isinstance(item, dict) else {
+        '__malformed__': f'got {json.dumps(item)[:60]}; expected an object'}
+    rows.append(Row(path, n, None, values))
+  return rows
+
+
+def check_row(row: Row, columns) -> None:
+  """A row cut short or longer than the header, a non-object JSON item, or a missing key:
+  RowError."""
+  if '__malformed__' in row.values:
+    raise RowError(None, 'malformed row: ' + row.values['__malformed__'])
+  for name in columns:
+    if name not in row.values:
+      raise RowError(name, 'missing; expected a value')
+
+
+def read_json_file(path: str, what: str):
+  """A side file of a recipe (e.g. modality_set.json), parsed; InputError naming it."""
+  try:
+    with _open_text(path) as f:
+      return json.load(f)
+  except InputError:
+    raise InputError(f'{path}: not found; expected {what}') from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f'{path}: not valid JSON ({e}); expected {what}') from None
