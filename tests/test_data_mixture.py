@@ -124,6 +124,18 @@ def test_the_mixture_mixes_datasets_within_a_batch(store):
   assert all(plan.datasets[r] != 'c' for _, rows in plan.epoch(0) for r in rows if r >= 0)
 
 
+def test_hosts_agree_on_every_batch_under_mixing(store):
+  plans = [pipeline.make_dataset(cd.data_config(), cd.tiny_model(), store, cd.tokenizer(), seed=2,
+                                 process_index=p, process_count=2,
+                                 mixture={'a': 2.0, 'b': 1.0, 'c': 1.0}).plan for p in range(2)]
+  assert plans[0].num_batches == plans[1].num_batches
+  drawn = collections.Counter()
+  for (k0, r0), (k1, r1) in zip(plans[0].epoch(0), plans[1].epoch(0)):
+    assert k0 == k1                            # the same bucket on both hosts at every step
+    drawn.update(plans[0].datasets[r] for r in r0 + r1 if r >= 0)
+  assert drawn == {'a': 8, 'b': 4, 'c': 4}      # the epoch's draws, split between the hosts
+
+
 def test_mixture_is_deterministic_and_resumes_exactly(store):
   mixture = {'a': 2.0, 'b': 1.0, 'c': 1.0}
   order = [tuple(rows) for _, rows in _make(store, mixture, seed=5).plan.epoch(1)]
@@ -171,22 +183,26 @@ def test_mixture_config_field():
 
 
 def test_training_writes_the_drawn_shares(store, tmp_path, capfd):
-  """A tiny run on the 2D datasets (one bucket, batch 8 over 8 devices): every logged row's
+  """A tiny run on the 2D datasets (one bucket, batch 4 on one device): every logged row's
   drawn/<dataset> equals the samples of that step's batch in the plan, share/<dataset> their
   running fraction, and the end line prints them beside the targets."""
+  import jax
+
+  from radfm_jax import sharding
   from radfm_jax.train import loop
   from radfm_jax.train.metrics import read_metrics
   manifest = cd.write_manifest(tmp_path / 'm.jsonl', [r for r in store.manifest()
                                                       if r['dataset'] != 'c'])
   tok = tmp_path / 'tok.model'
   tok.write_bytes(cd.spm_proto())
-  steps = 4
+  steps = 6
   cfg = load_config('radfm:model=tiny', [
       f'data.store={store.root}', f'data.manifest={manifest}', f'data.tokenizer={tok}',
-      'data.batch_size_2d=8', 'data.text_lengths=[128]', "data.mixture={'a': 3, 'b': 1}",
+      'data.batch_size_2d=4', 'data.text_lengths=[128]', "data.mixture={'a': 3, 'b': 1}",
       f'train.steps={steps}', 'train.log_every=1', 'train.tensorboard=False',
       'train.checkpoint_every=0', 'train.async_checkpoint=False'])
-  result = loop.train(cfg, str(tmp_path / 'run'), progress=False)
+  one = sharding.make_mesh(cfg.mesh, jax.devices()[:1])       # one device: a cheaper compile
+  result = loop.train(cfg, str(tmp_path / 'run'), progress=False, mesh=one)
   assert result.step == steps
   plan = pipeline.make_dataset(
       cfg.data, cfg.model, store, cd.tokenizer(), seed=cfg.seed, process_index=0,
@@ -202,6 +218,7 @@ def test_training_writes_the_drawn_shares(store, tmp_path, capfd):
     assert {k: r[f'drawn/{k}'] for k in ('a', 'b')} == {k: want[k] for k in ('a', 'b')}
     assert r['share/a'] == total['a'] / sum(total.values())
   assert total == {'a': 18, 'b': 6}                            # 2 epochs of 12: exactly 3:1
+  assert plan.num_batches == 3                                 # 12 draws by 4: no empty rows
   err = capfd.readouterr().err
   assert 'mixture (data.mixture): a 4 weight 3 -> 75.0%, b 8 weight 1 -> 25.0%' in err
   assert ('samples drawn per dataset (this call): a 18 (75.0%, target 75.0%), '
