@@ -163,6 +163,38 @@ def test_without_an_extractor_the_rest_is_still_scored(scored):
           ) in with_terms.splitlines()
 
 
+def test_cli_scores_a_predictions_file_again(scored, tmp_path, capsys):
+  """`eval --recipe radbench --predictions FILE`: no model, the same hand-computed numbers, the
+  tables on stdout; --checkpoint beside it is refused."""
+  from radfm_jax.cli.main import main
+  path = tmp_path / 'predictions.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in scored))
+  (tmp_path / 'terms.txt').write_text('\n'.join(TERMS) + '\n')
+  out = tmp_path / 'again'
+  rc = main(['eval', '--recipe', 'radbench', '--predictions', str(path), '--out', str(out),
+             '--entities', f'terms:{tmp_path / "terms.txt"}'])
+  assert rc == 0
+  summary = json.load(open(out / 'summary.json'))
+  assert (summary['recipe'], summary['n_samples']) == ('radbench', 11)
+  assert summary['predictions'] == str(path)
+  for name, want in WANT_DATASET.items():
+    _check(summary['per_dataset'][name], want)
+  for name, want in WANT_TASK.items():
+    _check(summary['per_task'][name], want)
+  _check(summary['overall'], WANT_ALL)
+  _check(summary['entities'], ENTITIES)
+  assert capsys.readouterr().out.strip() == radbench.markdown(summary)
+  rc = main(['eval', '--predictions', str(path), '--out', str(out), '--checkpoint', 'ckpt'])
+  assert rc == 2
+  assert capsys.readouterr().err.strip() == (
+      'radfm-jax eval: --predictions scores a predictions file again: expected no --checkpoint '
+      'and no --data (those generate new predictions)')
+  assert main(['eval', '--data', 'store', '--out', str(out)]) == 2
+  assert capsys.readouterr().err.strip() == (
+      'radfm-jax eval: --checkpoint is missing: expected --checkpoint CKPT --data STORE (to '
+      'generate), or --predictions FILE (to score an earlier eval again)')
+
+
 def test_read_predictions_names_a_bad_line(tmp_path):
   path = tmp_path / 'predictions.jsonl'
   path.write_text('{"reference": "a", "prediction": "b", "kind": "open", "task": "vqa"}\n'

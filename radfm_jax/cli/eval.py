@@ -36,7 +36,11 @@ def add_parser(sub):
   p.add_argument('--recipe', choices=(radbench.NAME,), default=None,
                  help=f'{radbench.NAME}: RadFM\'s benchmark over the recipes\' test splits '
                       f'(default split {radbench.SPLIT})')
-  p.add_argument('--data', required=True, help='VolumeStore directory or manifest JSONL')
+  p.add_argument('--data', default=None,
+                 help='VolumeStore directory or manifest JSONL (required unless --predictions)')
+  p.add_argument('--predictions', default=None,
+                 help='score this predictions.jsonl of an earlier eval again instead of '
+                      'generating (no --checkpoint, --data): another --entities, --recipe')
   p.add_argument('--split', default=None,
                  help="the manifest rows whose `split` field is this (a row without one is "
                       f"'train'); the default is the split training evaluates on; "
@@ -47,7 +51,7 @@ def add_parser(sub):
   p.add_argument('--entities', default='auto',
                  help='entity extractor: auto (scispaCy if installed) | scispacy[:MODEL] | '
                       'terms:FILE | none')
-  add_checkpoint_arguments(p)
+  add_checkpoint_arguments(p, checkpoint_help=' (required unless --predictions)')
   return p
 
 
@@ -58,6 +62,13 @@ def run(args) -> int:
     raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
   if args.limit is not None and args.limit < 1:
     raise UserError(f'--limit {args.limit}: expected a number of samples >= 1 (or no --limit)')
+  if args.predictions and (args.checkpoint or args.data):
+    raise UserError('--predictions scores a predictions file again: expected no --checkpoint '
+                    'and no --data (those generate new predictions)')
+  if not args.predictions and not (args.checkpoint and args.data):
+    raise UserError(f'--{"checkpoint" if not args.checkpoint else "data"} is missing: expected '
+                    '--checkpoint CKPT --data STORE (to generate), or --predictions FILE (to '
+                    'score an earlier eval again)')
   try:
     extractor, reason = entities.get_extractor(args.entities)
   except entities.ExtractorUnavailable as e:
@@ -68,6 +79,11 @@ def run(args) -> int:
     what = ('UMLS entity precision / recall (rationale diagnosis) not computed, the other '
             'metrics are' if bench else 'UMLS entity metrics not computed')
     print(f'radfm-jax eval: {what}: {reason}', file=sys.stderr)
+  scorer = radbench.score if bench else None
+  if args.predictions:
+    summary = harness.rescore(args.predictions, extractor=extractor, extractor_reason=reason,
+                              scorer=scorer, out_dir=args.out)
+    return _report(args, summary, bench)
   args.split = args.split or (radbench.SPLIT if bench else DEFAULT_SPLIT)
   split = None if args.split == SPLIT_ALL else args.split
   samples = harness.load_samples(args.data, args.limit, split)
@@ -79,7 +95,7 @@ def run(args) -> int:
                              batch_size=args.batch_size, seed=args.seed, extractor=extractor,
                              extractor_reason=reason, out_dir=args.out,
                              progress=not args.no_progress,
-                             scorer=radbench.score if bench else None,
+                             scorer=scorer,
                              info={'checkpoint': os.path.abspath(args.checkpoint),
                                    'data': os.path.abspath(args.data), 'split': args.split})
   if summary['skipped']:
@@ -88,8 +104,13 @@ def run(args) -> int:
           file=sys.stderr)
   if summary['skipped'] == len(samples):
     return 1
+  return _report(args, summary, bench)
+
+
+def _report(args, summary: dict, bench: bool) -> int:
+  """The closing lines: the main numbers as JSON (stderr), the RadBench tables (stdout)."""
   o = summary['overall']
-  print(json.dumps({'split': args.split, 'skipped': summary['skipped'],
+  print(json.dumps({'split': args.split, 'skipped': summary.get('skipped', 0),
                     **{k: o[k] for k in ('n', 'closed_accuracy', 'bleu4', 'rougeL',
                                          'token_f1')}}), file=sys.stderr)
   if bench:

@@ -324,6 +324,25 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
     with open(os.path.join(out_dir, 'predictions.jsonl'), 'w') as f:
       for row in rows:
         f.write(json.dumps(row) + '\n')
-    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2, sort_keys=True, default=str)
+    _write_summary(out_dir, summary)
   return summary
+
+
+def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', scorer=None,
+            out_dir: str | None = None, info: dict | None = None) -> dict:
+  """Scores a predictions.jsonl again, without a model (`read_predictions`, then `scorer`,
+  default `score`); with out_dir writes OUT/summary.json (the predictions file is left as it is)."""
+  rows = read_predictions(predictions)
+  summary = {'n_samples': len(rows), 'predictions': os.path.abspath(predictions), **(info or {}),
+             **(scorer or score)(rows, extractor, extractor_reason),
+             'metric_notes': METRIC_NOTES,
+             'versions': versions(('scispacy', 'spacy') if extractor is not None else ())}
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    _write_summary(out_dir, summary)
+  return summary
+
+
+def _write_summary(out_dir: str, summary: dict):
+  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2, sort_keys=True, default=str)
