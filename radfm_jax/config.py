@@ -159,6 +159,12 @@ class DataConfig:
   # Read each scan's cached image tokens (`radfm-jax cache-images`, data/image_cache.py) instead of
   # its volume and skip the vision tower; needs the tower frozen and a deterministic image path.
   image_cache: bool = False
+  # The training mixture: (dataset, weight) pairs over the manifest's `dataset` field (a record
+  # without one is dataset 'default'); each epoch of the train split draws len(split) samples,
+  # dataset d's share w_d / sum(w) (data/pipeline.py: BatchPlan). Empty = proportional to size,
+  # every sample once per epoch (the original's concatenated datasets). Overrides take a mapping:
+  # --config.data.mixture="{'vqa_rad': 2, 'slake': 1}". A weight of 0 leaves a dataset out.
+  mixture: tuple[tuple[str, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +304,8 @@ def _coerce(field: str, old, value, text: str | None = None):
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if isinstance(old, list):
+    if _is_section(value):             # a mapping for a pair-list field: its (key, value) pairs
+      return [[k, _plain(v)] for k, v in value.items()]
     if isinstance(value, str):
       return [_parse_value(v.strip()) for v in value.split(',') if v.strip()]
     return _plain(value) if isinstance(value, (list, tuple)) else [value]
@@ -628,10 +636,27 @@ def _validate_data(d: DataConfig, m: ModelConfig):
   if (len(d.percentiles) != 2 or not all(_real(x) for x in d.percentiles)
       or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100):
     _fail('data.percentiles', d.percentiles, '(low, high) with 0 <= low < high <= 100')
+  _validate_mixture(d.mixture)
   positions = m.llama.max_position_embeddings
   _increasing_ints('data.text_lengths', d.text_lengths,
                    f'lengths in [1, model.llama.max_position_embeddings={positions}]',
                    lambda x: 0 < x <= positions)
+
+
+def _validate_mixture(mixture):
+  shown = {p[0]: p[1] for p in mixture if isinstance(p, tuple) and len(p) == 2}
+  if len(shown) != len(mixture) or not all(
+      isinstance(name, str) and name and _real(w) and w >= 0 for name, w in shown.items()):
+    _fail('data.mixture', [list(p) if isinstance(p, tuple) else p for p in mixture],
+          "a mapping dataset -> weight (a finite number >= 0), each dataset once, e.g. "
+          "{'vqa_rad': 2.0, 'slake': 1.0}; empty = proportional to size")
+  if mixture and not any(w > 0 for w in shown.values()):
+    _fail('data.mixture', shown, 'at least one weight > 0')
+
+
+def mixture_weights(d: DataConfig) -> dict[str, float] | None:
+  """data.mixture as {dataset: weight}, or None when empty (proportional to size)."""
+  return {name: float(w) for name, w in d.mixture} or None
 
 
 def validate_generate(g: GenerateConfig):

@@ -96,7 +96,8 @@ def test_evaluate_values_with_known_predictions(data, monkeypatch, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'predictions.jsonl')]
   assert [r['id'] for r in rows] == ['a', 'b', 'c', 'd']                  # input order kept
   assert rows[0] == {'id': 'a', 'question': '<image>Is there a nodule?', 'reference': 'Yes',
-                     'prediction': 'yes, there is', 'kind': 'closed', 'task': 'vqa'}
+                     'prediction': 'yes, there is', 'kind': 'closed', 'task': 'vqa',
+                     'dataset': 'default'}
   assert sorted(len(x) for batch, _ in seen for x in [batch]) == [2, 2]  # two batches of 2
   o = summary['overall']
   assert (o['n'], o['n_closed'], o['n_open']) == (4, 2, 2)
@@ -127,7 +128,7 @@ def test_cli_end_to_end(data, tmp_path):
   rows = [json.loads(line) for line in open(out / 'predictions.jsonl')]
   summary = json.load(open(out / 'summary.json'))
   assert [r['id'] for r in rows] == ['a', 'b']
-  assert set(rows[0]) == {'id', 'question', 'reference', 'prediction', 'kind', 'task'}
+  assert set(rows[0]) == {'id', 'question', 'reference', 'prediction', 'kind', 'task', 'dataset'}
   want = metrics.compute_metrics([r['prediction'] for r in rows], [r['reference'] for r in rows],
                                  [r['kind'] for r in rows], [r['task'] for r in rows])
   for key in ('closed_accuracy', 'bleu1', 'rougeL', 'token_f1'):

@@ -283,7 +283,8 @@ def test_run_directory_works_from_any_directory(tmp_path, xdg):
   assert (got['status'], got['step']) == ('done', 1)
   run = a / 'run'
   assert (f'radfm-jax train: data: {a / "store" / "manifest.jsonl"}: samples train 2; the train '
-          'split in 1 shape bucket(s): 2d 64x64x4 x 1 image(s), text 128: 2 samples\n'
+          'split in 1 shape bucket(s): 2d 64x64x4 x 1 image(s), text 128: 2 samples; mixture '
+          'proportional to size (data.mixture empty): default 2 (100.0%)\n'
           f'radfm-jax train: tokenizer: tok.model (kept in the run as {run / "tokenizer.model"})'
           '\n') in trained.stderr
   assert (run / 'tokenizer.model').read_bytes() == (a / 'tok.model').read_bytes()

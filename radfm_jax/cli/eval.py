@@ -8,11 +8,13 @@ import sys
 
 from radfm_jax.cli import flags
 from radfm_jax.cli.generate import add_checkpoint_arguments, load
+from radfm_jax.eval import radbench    # its names only (no JAX): --help stays light
 
 EXAMPLE = """\
 radfm-jax eval --checkpoint runs/small --data store/ --out eval_out/ --batch-size 4 \\
     --limit 100 --entities none --config.generate.max_new_tokens=64
-radfm-jax eval --checkpoint runs/small --data samples.jsonl --split heldout --out eval_out/"""
+radfm-jax eval --checkpoint runs/small --data samples.jsonl --split heldout --out eval_out/
+radfm-jax eval --recipe radbench --checkpoint runs/small --data store/ --out radbench_out/"""
 
 SPLIT_ALL = 'all'
 DEFAULT_SPLIT = 'eval'    # the split training's periodic eval reads (train/loop.py make_data)
@@ -27,18 +29,29 @@ def add_parser(sub):
       'task). Decoding follows the config generate section. Only one split is scored (--split). '
       'A sample whose scan cannot be read is skipped and counted (summary.json "skipped", '
       '"skipped_samples"), as in training; with data.drop_unreadable=False in the training run '
-      'it is an error; exit code 1 when every sample is skipped.', example=EXAMPLE)
-  p.add_argument('--data', required=True, help='VolumeStore directory or manifest JSONL')
-  p.add_argument('--split', default=DEFAULT_SPLIT,
+      'it is an error; exit code 1 when every sample is skipped. --recipe radbench: the test '
+      'split, each sample scored by its task (closed: accuracy; open: BLEU-1..4, ROUGE-L, token '
+      'F1; rationale: UMLS entity precision / recall), tables per dataset and per task in '
+      'summary.json and as Markdown on stdout (docs/eval.md).', example=EXAMPLE)
+  p.add_argument('--recipe', choices=(radbench.NAME,), default=None,
+                 help=f'{radbench.NAME}: RadFM\'s benchmark over the recipes\' test splits '
+                      f'(default split {radbench.SPLIT})')
+  p.add_argument('--data', default=None,
+                 help='VolumeStore directory or manifest JSONL (required unless --predictions)')
+  p.add_argument('--predictions', default=None,
+                 help='score this predictions.jsonl of an earlier eval again instead of '
+                      'generating (no --checkpoint, --data): another --entities, --recipe')
+  p.add_argument('--split', default=None,
                  help="the manifest rows whose `split` field is this (a row without one is "
                       f"'train'); the default is the split training evaluates on; "
-                      f"'{SPLIT_ALL}' scores every row (default: {DEFAULT_SPLIT})")
+                      f"'{SPLIT_ALL}' scores every row (default: {DEFAULT_SPLIT}; "
+                      f"{radbench.SPLIT} with --recipe {radbench.NAME})")
   p.add_argument('--out', required=True, help='folder for predictions.jsonl, summary.json')
   p.add_argument('--limit', type=int, default=None, help='first N samples only (default: all)')
   p.add_argument('--entities', default='auto',
                  help='entity extractor: auto (scispaCy if installed) | scispacy[:MODEL] | '
                       'terms:FILE | none')
-  add_checkpoint_arguments(p)
+  add_checkpoint_arguments(p, checkpoint_help=' (required unless --predictions)')
   return p
 
 
@@ -49,13 +62,29 @@ def run(args) -> int:
     raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
   if args.limit is not None and args.limit < 1:
     raise UserError(f'--limit {args.limit}: expected a number of samples >= 1 (or no --limit)')
+  if args.predictions and (args.checkpoint or args.data):
+    raise UserError('--predictions scores a predictions file again: expected no --checkpoint '
+                    'and no --data (those generate new predictions)')
+  if not args.predictions and not (args.checkpoint and args.data):
+    raise UserError(f'--{"checkpoint" if not args.checkpoint else "data"} is missing: expected '
+                    '--checkpoint CKPT --data STORE (to generate), or --predictions FILE (to '
+                    'score an earlier eval again)')
   try:
     extractor, reason = entities.get_extractor(args.entities)
   except entities.ExtractorUnavailable as e:
     print(f'radfm-jax eval: {e}', file=sys.stderr)
     return 2
+  bench = args.recipe == radbench.NAME
   if extractor is None and args.entities != 'none':
-    print(f'radfm-jax eval: UMLS entity metrics not computed: {reason}', file=sys.stderr)
+    what = ('UMLS entity precision / recall (rationale diagnosis) not computed, the other '
+            'metrics are' if bench else 'UMLS entity metrics not computed')
+    print(f'radfm-jax eval: {what}: {reason}', file=sys.stderr)
+  scorer = radbench.score if bench else None
+  if args.predictions:
+    summary = harness.rescore(args.predictions, extractor=extractor, extractor_reason=reason,
+                              scorer=scorer, out_dir=args.out)
+    return _report(args, summary, bench)
+  args.split = args.split or (radbench.SPLIT if bench else DEFAULT_SPLIT)
   split = None if args.split == SPLIT_ALL else args.split
   samples = harness.load_samples(args.data, args.limit, split)
   if not samples:
@@ -66,6 +95,7 @@ def run(args) -> int:
                              batch_size=args.batch_size, seed=args.seed, extractor=extractor,
                              extractor_reason=reason, out_dir=args.out,
                              progress=not args.no_progress,
+                             scorer=scorer,
                              info={'checkpoint': os.path.abspath(args.checkpoint),
                                    'data': os.path.abspath(args.data), 'split': args.split})
   if summary['skipped']:
@@ -74,8 +104,15 @@ def run(args) -> int:
           file=sys.stderr)
   if summary['skipped'] == len(samples):
     return 1
+  return _report(args, summary, bench)
+
+
+def _report(args, summary: dict, bench: bool) -> int:
+  """The closing lines: the main numbers as JSON (stderr), the RadBench tables (stdout)."""
   o = summary['overall']
-  print(json.dumps({'split': args.split, 'skipped': summary['skipped'],
+  print(json.dumps({'split': args.split, 'skipped': summary.get('skipped', 0),
                     **{k: o[k] for k in ('n', 'closed_accuracy', 'bleu4', 'rougeL',
                                          'token_f1')}}), file=sys.stderr)
+  if bench:
+    print(radbench.markdown(summary))
   return 0

@@ -22,10 +22,11 @@ GENERATE_NOTE = ('The model comes from the checkpoint; only the generate section
                  "where the original does).")
 
 
-def add_checkpoint_arguments(p):
-  """The flags `generate` and `eval` share: checkpoint, tokenizer, preprocessing, config."""
-  p.add_argument('--checkpoint', required=True,
-                 help='converted checkpoint, training workdir or step folder')
+def add_checkpoint_arguments(p, checkpoint_help: str = ''):
+  """The flags `generate` and `eval` share: checkpoint, tokenizer, preprocessing, config.
+  `checkpoint_help` (eval): --checkpoint is optional, and this says when it is needed."""
+  p.add_argument('--checkpoint', required=not checkpoint_help,
+                 help='converted checkpoint, training workdir or step folder' + checkpoint_help)
   p.add_argument('--step', type=int, default=None, help='training step (default: latest)')
   p.add_argument('--tokenizer', default=None,
                  help='SentencePiece tokenizer.model (default: found beside the checkpoint)')

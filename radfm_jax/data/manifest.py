@@ -37,6 +37,13 @@ from radfm_jax.data.prompts import TASKS, load_templates
 from radfm_jax.errors import InputError, where
 
 FORMS = ('input', 'store')
+# The dataset of a record without a `dataset` field: its name in data.mixture and eval tables.
+DEFAULT_DATASET = 'default'
+
+
+def dataset_of(record: dict) -> str:
+  """The record's `dataset` (recipes set it), or DEFAULT_DATASET."""
+  return str(record.get('dataset') or DEFAULT_DATASET)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,20 @@ cut into *global* batches of B * process_count, the global batch order is shuffl
 takes rows [p*B, (p+1)*B) of each: hosts read disjoint samples yet always agree on the bucket,
 so `jax.make_array_from_process_local_data` can assemble the global batch. The dataset is a
 `MapDataset` over global batch indices, so Grain's iterator state (one integer) resumes exactly.
+
+Mixture (`mixture=`, from `data.mixture` for the train split). Default (None): every sample once
+per epoch, so each dataset (the records' `dataset` field) is drawn in proportion to its size, as
+the original's concatenated datasets are. With weights {dataset: w}, an epoch still draws N =
+len(records) samples: dataset d gets n_d = N * w_d / sum(w) of them and spreads them over its
+shape buckets in proportion to its samples there (both rounded by largest remainder, so n_d is
+exact to one sample and every epoch has the same number of batches per bucket); each (dataset,
+bucket) pool is drawn as successive seeded permutations (no sample twice before every sample of
+the pool once; `shuffle=False`: in order, from a rotating start). The drawn samples of a bucket
+are shuffled together and cut into batches as above, so a batch mixes datasets but never 2D and
+3D. Why not `grain.MapDataset.mix`: it interleaves one flat element stream, while batches here
+are cut per shape bucket; sampling indices in the plan keeps a fixed number of batches per epoch
+and Grain's one-integer state. `PipelineStats.datasets` counts the samples actually yielded per
+dataset; `BatchPlan.targets` holds the intended shares.
 """
 
 from __future__ import annotations
@@ -39,11 +53,12 @@ import numpy as np
 
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data.image_cache import ImageTokenCache
-from radfm_jax.data.manifest import read_manifest
+from radfm_jax.data.manifest import dataset_of, read_manifest
 from radfm_jax.data.store import VolumeStore
 from radfm_jax.data.tokenizer import Tokenizer
 
 _SKIPPED = '_skipped'   # carried from the workers to the main process, removed before yielding
+_DATASETS = '_datasets'   # the dataset of each filled row (likewise)
 
 
 @dataclasses.dataclass
@@ -53,10 +68,16 @@ class PipelineStats:
   samples: int = 0
   empty_rows: int = 0
   skipped: list[dict] = dataclasses.field(default_factory=list)   # {'sample_id','scan_id','reason'}
+  datasets: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   def as_dict(self) -> dict:
     return {'batches': self.batches, 'samples': self.samples, 'empty_rows': self.empty_rows,
-            'skipped': len(self.skipped)}
+            'skipped': len(self.skipped), 'datasets': dict(sorted(self.datasets.items()))}
+
+  def shares(self) -> dict[str, float]:
+    """{dataset: fraction of the samples yielded so far}."""
+    total = sum(self.datasets.values())
+    return {k: n / total for k, n in sorted(self.datasets.items())} if total else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +94,8 @@ class BatchPlan:
   """Deterministic per-epoch batch lists; the same on every host, in every worker process."""
 
   def __init__(self, records: list[dict], data_cfg, tokenizer: Tokenizer, num_latents: int,
-               seed: int, process_index: int, process_count: int):
+               seed: int, process_index: int, process_count: int,
+               mixture: dict[str, float] | None = None):
     self.data_cfg = data_cfg
     self.seed = seed
     self.process_index, self.process_count = process_index, process_count
@@ -92,8 +114,16 @@ class BatchPlan:
     self.buckets: dict[BucketKey, list[int]] = collections.defaultdict(list)
     for i, key in enumerate(self.keys):
       self.buckets[key].append(i)
-    self.num_batches = sum(math.ceil(len(v) / (self.batch_size(k.kind) * process_count))
-                           for k, v in self.buckets.items())
+    self.datasets = [dataset_of(rec) for rec in records]
+    self.sizes = collections.Counter(self.datasets)
+    self.mixture = mixture or None
+    # draws per epoch of each bucket's datasets: {bucket: {dataset: n}} (None: every sample once)
+    self.quota = None if self.mixture is None else self._quotas(self.mixture)
+    per_dataset = (self.sizes if self.quota is None else
+                   {d: sum(q.get(d, 0) for q in self.quota.values()) for d in self.sizes})
+    self.targets = {d: per_dataset[d] / len(records) for d in sorted(self.sizes)}  # intended
+    self.num_batches = sum(math.ceil(self._draws(k) / (self.batch_size(k.kind) * process_count))
+                           for k in self.buckets)
     self._cache: collections.OrderedDict[int, list] = collections.OrderedDict()
     self._lock = threading.Lock()
 
@@ -109,6 +139,66 @@ class BatchPlan:
   def batch_size(self, kind: str) -> int:
     return batch_lib.kind_batch_size(kind, self.data_cfg)
 
+  def _quotas(self, mixture: dict[str, float]) -> dict:
+    """{bucket: {dataset: draws per epoch}}; a ConfigError for a weight the split cannot use."""
+    from radfm_jax.config import ConfigError
+    here = ', '.join(f'{d} ({n})' for d, n in sorted(self.sizes.items()))
+    for name in mixture:
+      if name not in self.sizes:
+        raise ConfigError(f'config field data.mixture: dataset {name!r} has no samples in this '
+                          f'split; expected datasets of the split: {here}')
+    for name in sorted(self.sizes):
+      if name not in mixture:
+        raise ConfigError(f'config field data.mixture: no weight for dataset {name!r} '
+                          f'({self.sizes[name]} samples); expected a weight for every dataset '
+                          f'of the split ({here}; 0 leaves one out)')
+    names = sorted(self.sizes)
+    per_dataset = dict(zip(names, largest_remainder(len(self.datasets),
+                                                    [mixture[d] for d in names])))
+    cells: dict = collections.defaultdict(list)          # (dataset, bucket) -> sample indices
+    for i, (d, key) in enumerate(zip(self.datasets, self.keys)):
+      cells[d, key].append(i)
+    quota: dict = {k: {} for k in self.buckets}
+    for d in names:
+      keys = sorted((k for dd, k in cells if dd == d), key=dataclasses.astuple)
+      for key, n in zip(keys, largest_remainder(per_dataset[d],
+                                                [len(cells[d, k]) for k in keys])):
+        quota[key][d] = n
+    self._cells = {c: np.asarray(v) for c, v in cells.items()}
+    return quota
+
+  def _draws(self, key: BucketKey) -> int:
+    """Samples drawn from bucket `key` per epoch."""
+    return len(self.buckets[key]) if self.quota is None else sum(self.quota[key].values())
+
+  def _bucket_samples(self, key: BucketKey, rng, epoch: int) -> np.ndarray:
+    """This epoch's samples of one bucket, in batch order."""
+    shuffle = self.data_cfg.shuffle
+    if self.quota is None:
+      idx = np.asarray(self.buckets[key])
+      return rng.permutation(idx) if shuffle else idx
+    parts = []
+    for d in sorted(self.quota[key]):
+      pool, n = self._cells[d, key], self.quota[key][d]
+      if n == 0:
+        continue
+      if shuffle:     # successive permutations: each sample once before any twice
+        passes = np.concatenate([rng.permutation(pool) for _ in range(-(-n // len(pool)))])
+        parts.append(passes[:n])
+      else:           # in order, from a start that moves on each epoch
+        parts.append(pool[(epoch * n + np.arange(n)) % len(pool)])
+    idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return rng.permutation(idx) if shuffle else idx
+
+  def describe(self) -> str:
+    """One line: each dataset's samples and intended share (and weight)."""
+    if self.mixture is None:
+      parts = [f'{d} {self.sizes[d]} ({self.targets[d]:.1%})' for d in sorted(self.sizes)]
+      return 'mixture proportional to size (data.mixture empty): ' + ', '.join(parts)
+    parts = [f'{d} {self.sizes[d]} weight {self.mixture[d]:g} -> {self.targets[d]:.1%}'
+             for d in sorted(self.sizes)]
+    return 'mixture (data.mixture): ' + ', '.join(parts)
+
   def epoch(self, epoch: int) -> list[tuple[BucketKey, list[int]]]:
     """This host's batches of `epoch`: (bucket, sample indices; -1 = empty row)."""
     with self._lock:
@@ -118,9 +208,7 @@ class BatchPlan:
     shuffle = self.data_cfg.shuffle
     global_batches = []
     for key in sorted(self.buckets, key=dataclasses.astuple):
-      idx = np.asarray(self.buckets[key])
-      if shuffle:
-        idx = rng.permutation(idx)
+      idx = self._bucket_samples(key, rng, epoch)
       bs = self.batch_size(key.kind)
       g = bs * self.process_count
       padded = np.full(math.ceil(len(idx) / g) * g, -1)
@@ -161,6 +249,7 @@ class BatchLoader:
     hwd = (key.height, key.width, key.depth)
     batch = batch_lib.empty_batch(len(rows), key.images, hwd, key.length, self.token_shape)
     batch[_SKIPPED] = []
+    batch[_DATASETS] = []
     for r, sample in enumerate(rows):
       if sample < 0:
         continue
@@ -173,6 +262,7 @@ class BatchLoader:
                                 text=self.plan.texts[sample], shape=hwd, slots=key.images,
                                 length=key.length, out={k: batch[k][r] for k in self.keys},
                                 image_tokens=tokens)
+        batch[_DATASETS].append(self.plan.datasets[sample])
         continue
       try:
         arrays = [self._read(im) for im in images]
@@ -188,6 +278,7 @@ class BatchLoader:
                               text=self.plan.texts[sample],
                               shape=hwd, slots=key.images,
                               length=key.length, out={k: batch[k][r] for k in self.keys})
+      batch[_DATASETS].append(self.plan.datasets[sample])
     return batch
 
   def _readable(self, image: dict) -> bool:
@@ -207,11 +298,23 @@ class _StatsSink:
   def __call__(self, batch: dict) -> dict:
     skipped = batch.pop(_SKIPPED, [])
     self.stats.skipped.extend(skipped)
+    self.stats.datasets.update(batch.pop(_DATASETS, []))
     self.stats.batches += 1
     real = int(batch['attention_mask'].any(axis=1).sum())
     self.stats.samples += real
     self.stats.empty_rows += batch['tokens'].shape[0] - real
     return batch
+
+
+def largest_remainder(total: int, weights: list[float]) -> list[int]:
+  """`total` split in proportion to `weights` (sum > 0) into integers summing to `total`: the
+  floors of the exact quotas, one more for the largest remainders (ties: the earlier weight)."""
+  s = float(sum(weights))
+  exact = [total * w / s for w in weights]
+  out = [math.floor(x) for x in exact]
+  for i in sorted(range(len(out)), key=lambda i: (out[i] - exact[i], i))[:total - sum(out)]:
+    out[i] += 1
+  return out
 
 
 def _mark_flags_parsed():
@@ -228,7 +331,8 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
                  process_count: int | None = None, num_epochs: int | None = None,
                  stats: PipelineStats | None = None, num_threads: int = 2,
                  prefetch: int = 2, records: list[dict] | None = None,
-                 image_cache: ImageTokenCache | None = None) -> grain.IterDataset:
+                 image_cache: ImageTokenCache | None = None,
+                 mixture: dict[str, float] | None = None) -> grain.IterDataset:
   """The training IterDataset over `store`'s manifest (records with `split`, if given).
 
   `store` / `tokenizer` default to `data_cfg.store` / `data_cfg.tokenizer` (paths), the manifest to
@@ -237,6 +341,10 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
 
   `image_cache` (data/image_cache.py; with `data_cfg.image_cache`): batches carry each image's
   cached tokens (`image_tokens`) instead of its volume, which is never read.
+
+  `mixture` ({dataset: weight}; `config.mixture_weights(data_cfg)` for training): each epoch draws
+  the datasets in these proportions (module doc); None: every sample once per epoch. A weight for
+  a dataset the records lack, or a dataset without a weight, is a ConfigError naming it.
 
   `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
   `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
@@ -269,7 +377,8 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   if not records:
     raise ValueError(f'no samples in {data_cfg.manifest or store.manifest_path} (split={split!r})')
   stats = stats if stats is not None else PipelineStats()
-  plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count)
+  plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count,
+                   mixture)
   loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache)
   ds = grain.MapDataset.range(plan.num_batches).repeat(num_epochs).map_with_index(loader)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

@@ -141,8 +141,13 @@ def entity_scores(predictions: Sequence[str], references: Sequence[str],
   """Macro and micro entity precision / recall / F1 (see module doc); NaN-free: None if undefined."""
   if len(predictions) != len(references):
     raise ValueError(f'{len(predictions)} predictions but {len(references)} references')
-  pred_sets = extractor.extract_many(predictions)
-  ref_sets = extractor.extract_many(references)
+  return set_scores(extractor.extract_many(predictions), extractor.extract_many(references),
+                    extractor.name)
+
+
+def set_scores(pred_sets: Sequence[set], ref_sets: Sequence[set], name: str) -> dict:
+  """`entity_scores` of entity sets already extracted (one prediction and one reference set per
+  sample), so several groupings of the same samples extract each text once."""
   precisions, recalls = [], []
   hit = n_pred = n_ref = 0
   for p, r in zip(pred_sets, ref_sets):
@@ -162,7 +167,7 @@ def entity_scores(predictions: Sequence[str], references: Sequence[str],
   precision, recall = mean(precisions), mean(recalls)
   micro_p = hit / n_pred if n_pred else None
   micro_r = hit / n_ref if n_ref else None
-  return {'extractor': extractor.name, 'precision': precision, 'recall': recall,
+  return {'extractor': name, 'precision': precision, 'recall': recall,
           'f1': f1(precision, recall), 'micro_precision': micro_p, 'micro_recall': micro_r,
           'micro_f1': f1(micro_p, micro_r), 'n_with_pred_entities': len(precisions),
           'n_with_ref_entities': len(recalls)}

@@ -3,10 +3,11 @@
     radfm-jax eval --checkpoint ckpt/ --data STORE_or_manifest.jsonl --tokenizer tokenizer.model \\
         --out eval_out/ [--batch-size 4] [--limit 100] [--entities auto|none|scispacy|terms:FILE]
 
-Writes `OUT/predictions.jsonl` (id, question, reference, prediction, kind, task per sample, in
-input order) and `OUT/summary.json` (closed-ended accuracy, BLEU-1..4, ROUGE-1/2/L, token F1, the
-entity precision / recall when an extractor is available, overall and per task, with the sampling
-settings and tool versions). Python: `evaluate(model, tokenizer, samples, sampling=GenerateConfig(),
+Writes `OUT/predictions.jsonl` (id, question, reference, prediction, kind, task, dataset per
+sample, in input order) and `OUT/summary.json` (closed-ended accuracy, BLEU-1..4, ROUGE-1/2/L,
+token F1, the entity precision / recall when an extractor is available, overall, per task and per
+dataset, with the sampling settings and tool versions). Scoring (`score`) takes prediction rows
+only, so a predictions.jsonl can be scored again without a model (`read_predictions`). Python: `evaluate(model, tokenizer, samples, sampling=GenerateConfig(),
 ...)`; the command is `radfm-jax eval` (radfm_jax/cli/eval.py).
 
 Samples: a VolumeStore directory (its manifest.jsonl, scans read from the store) or a raw ingest
@@ -15,8 +16,9 @@ the command scores `--split eval` unless told otherwise). A sample whose scan ca
 skipped and counted (summary 'skipped' / 'skipped_samples'), as training does. The question is formatted exactly as for
 training (`batch.record_text`: templates, image blocks at their positions); images placed in
 the answer are moved to the end of the question, since the answer is what is generated. The
-reference is the answer. `kind` is the record's `kind` if given, else 'closed' for yes/no tasks,
-records with options, and answers that are yes/no or one option letter; else 'open'.
+reference is the answer. `kind` is the record's `kind` if given, else 'closed' for the tasks of
+`CLOSED_TASKS` (modality, yes/no diagnosis), yes/no records, records with options, and answers
+that are yes/no or one option letter; else 'open'.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import json
 import os
 import time
 
-from radfm_jax.errors import InputError
+from radfm_jax.data.manifest import dataset_of
+from radfm_jax.errors import InputError, where
 from radfm_jax.eval import entities as entities_lib
 from radfm_jax.eval import metrics as metrics_lib
 
@@ -38,6 +41,8 @@ METRIC_NOTES = {
     'token_f1': 'mean per-sample SQuAD-style token F1, open samples',
     'entities': 'macro entity precision / recall over samples with entities (see eval/entities.py)',
 }
+# Tasks scored as closed questions unless a record's `kind` says otherwise.
+CLOSED_TASKS = ('modality', 'diagnosis_yes_no')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,12 +56,13 @@ class Sample:
   kind: str
   task: str
   source: object             # VolumeStore, or the raw manifest's folder (str)
+  dataset: str = 'default'   # the record's `dataset` (manifest.dataset_of)
 
 
 def _kind(record: dict) -> str:
   if record.get('kind') in ('closed', 'open'):
     return record['kind']
-  if record.get('task') == 'diagnosis_yes_no' or record.get('yes_no') or record.get('options') \
+  if record.get('task') in CLOSED_TASKS or record.get('yes_no') or record.get('options') \
       or record.get('choices'):
     return 'closed'
   return 'closed' if metrics_lib.is_closed(str(record.get('answer', ''))) else 'open'
@@ -89,7 +95,8 @@ def load_samples(data: str, limit: int | None = None, split: str | None = None) 
                        'choose one with --split NAME, or --split all')
     records = chosen
   records = records[:limit] if limit else records
-  return [Sample(i, r, _kind(r), str(r.get('task') or ''), source) for i, r in enumerate(records)]
+  return [Sample(i, r, _kind(r), str(r.get('task') or ''), source, dataset_of(r))
+          for i, r in enumerate(records)]
 
 
 class UnreadableScan(InputError):
@@ -160,7 +167,7 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
                          batch_size: int = 1, seed: int = 0, progress: bool = True,
                          skipped: list | None = None) -> list[dict]:
   """One row per sample whose scans could be read (input order): id, question, reference,
-  prediction, kind, task.
+  prediction, kind, task, dataset.
 
   A sample with an unreadable scan is skipped and appended to `skipped` ({'sample_id',
   'scan_id', 'reason'}, as training's `PipelineStats.skipped`), unless `data_cfg.drop_unreadable`
@@ -186,8 +193,7 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
                            data_cfg=data_cfg, seed=seed + done[0],
                            names=[f'sample {p[0].record.get("id", p[0].index)!r}' for p in padded])
     for (s, question, ref, _, _), text in zip(pending, texts):
-      rows[s.index] = {'id': s.record.get('id', str(s.index)), 'question': _plain(question),
-                       'reference': ref, 'prediction': text, 'kind': s.kind, 'task': s.task}
+      rows[s.index] = prediction_row(s, question, ref, text)
     done[0] += len(pending)
     bar.update(len(pending))
     pending.clear()
@@ -216,36 +222,82 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
   return [rows[s.index] for s in samples if s.index in rows]
 
 
+def prediction_row(sample: Sample, question: str, reference: str, prediction: str) -> dict:
+  """One line of predictions.jsonl: what `score` reads (reference, prediction, kind, task,
+  dataset) with the sample's id and its question (image blocks as `<image>`)."""
+  return {'id': sample.record.get('id', str(sample.index)), 'question': _plain(question),
+          'reference': reference, 'prediction': prediction, 'kind': sample.kind,
+          'task': sample.task, 'dataset': sample.dataset}
+
+
 def _plain(question: str) -> str:
   """The question with image blocks shown as one `<image>` marker each."""
   import re
   return re.sub(r'<image>(?:<image\d+>)*</image>', '<image>', question)
 
 
-def score(rows: list[dict], extractor=None, extractor_reason: str = '') -> dict:
-  """Metrics of prediction rows, overall and per task (+ entity scores or why they are absent)."""
+def score(rows: list[dict], extractor=None, extractor_reason: str = '',
+          entity_tasks: tuple[str, ...] | None = None) -> dict:
+  """Metrics of prediction rows (id, reference, prediction, kind, task[, dataset]): overall, per
+  task and per dataset (a row without a dataset: 'default'), each a `metrics.compute_metrics`
+  dict, plus entity scores or why they are absent. `entity_tasks`: the tasks whose samples the
+  entity scores cover (None: every sample); a table row holding none of them gets
+  `entities: None`."""
   preds = [r['prediction'] for r in rows]
   refs = [r['reference'] for r in rows]
   kinds = [r['kind'] for r in rows]
   tasks = [r['task'] or 'default' for r in rows]
+  datasets = [dataset_of(r) for r in rows]
   overall = metrics_lib.compute_metrics(preds, refs, kinds, tasks)
   per_task = overall.pop('per_task')
+  per_dataset = {}
+  for name in sorted(set(datasets)):
+    idx = [i for i, d in enumerate(datasets) if d == name]
+    per_dataset[name] = metrics_lib.compute_metrics([preds[i] for i in idx],
+                                                    [refs[i] for i in idx],
+                                                    [kinds[i] for i in idx])
   if extractor is None:
     umls = {'computed': False, 'reason': extractor_reason or 'no entity extractor'}
   else:
-    umls = {'computed': True, **entities_lib.entity_scores(preds, refs, extractor)}
-    for task, m in per_task.items():
-      idx = [i for i, t in enumerate(tasks) if t == task]
-      m['entities'] = entities_lib.entity_scores([preds[i] for i in idx], [refs[i] for i in idx],
-                                                 extractor)
-  return {'overall': overall, 'per_task': per_task, 'entities': umls}
+    covered = [i for i, t in enumerate(tasks) if entity_tasks is None or t in entity_tasks]
+    pred_sets = dict(zip(covered, extractor.extract_many([preds[i] for i in covered])))
+    ref_sets = dict(zip(covered, extractor.extract_many([refs[i] for i in covered])))
+
+    def scores(idx):
+      return entities_lib.set_scores([pred_sets[i] for i in idx], [ref_sets[i] for i in idx],
+                                     extractor.name) if idx else None
+    umls = {'computed': True, 'tasks': list(entity_tasks) if entity_tasks is not None else 'all',
+            **(scores(covered) or {'extractor': extractor.name, 'n_samples': 0})}
+    for table, keys in ((per_task, tasks), (per_dataset, datasets)):
+      for name, m in table.items():
+        m['entities'] = scores([i for i in covered if keys[i] == name])
+  return {'overall': overall, 'per_task': per_task, 'per_dataset': per_dataset, 'entities': umls}
+
+
+def read_predictions(path: str) -> list[dict]:
+  """The rows of a predictions.jsonl written by `evaluate` (InputError naming the file and line
+  of a row without the fields `score` reads)."""
+  from radfm_jax.data.store import iter_jsonl
+  if not os.path.isfile(path):
+    raise InputError(f'{path}: no such predictions file (expected OUT/predictions.jsonl of '
+                     '`radfm-jax eval`)')
+  rows = []
+  for line, row in iter_jsonl(path):
+    for field in ('reference', 'prediction', 'kind', 'task'):
+      if not isinstance(row.get(field), str):
+        raise InputError(f'{where(path, line, field)}: missing or not a string; expected the '
+                         'rows `radfm-jax eval` writes')
+    rows.append(row)
+  return rows
 
 
 def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg=None,
              batch_size: int = 1, seed: int = 0, extractor=None, extractor_reason: str = '',
              out_dir: str | None = None, info: dict | None = None,
-             progress: bool = True) -> dict:
-  """Generates, scores, and (with out_dir) writes predictions.jsonl + summary.json.
+             progress: bool = True, scorer=None) -> dict:
+  """Generates, scores (`scorer(rows, extractor, extractor_reason)`, default `score`;
+  `radbench.score` for the RadBench recipe), and (with out_dir) writes predictions.jsonl +
+  summary.json.
 
   summary['skipped'] counts the samples left out for an unreadable scan and
   summary['skipped_samples'] lists them (see `generate_predictions`)."""
@@ -260,7 +312,7 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
   summary = {'n_samples': len(rows), 'skipped': len(skipped), 'skipped_samples': skipped,
              **(info or {}),
              'sampling': dataclasses.asdict(sampling), 'batch_size': batch_size,
-             **score(rows, extractor, extractor_reason),
+             **(scorer or score)(rows, extractor, extractor_reason),
              'metric_notes': METRIC_NOTES,
              'versions': versions(('scispacy', 'spacy') if extractor is not None else ()),
              'timing': {'generate_seconds': seconds,
@@ -272,6 +324,25 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
     with open(os.path.join(out_dir, 'predictions.jsonl'), 'w') as f:
       for row in rows:
         f.write(json.dumps(row) + '\n')
-    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2, sort_keys=True, default=str)
+    _write_summary(out_dir, summary)
   return summary
+
+
+def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', scorer=None,
+            out_dir: str | None = None, info: dict | None = None) -> dict:
+  """Scores a predictions.jsonl again, without a model (`read_predictions`, then `scorer`,
+  default `score`); with out_dir writes OUT/summary.json (the predictions file is left as it is)."""
+  rows = read_predictions(predictions)
+  summary = {'n_samples': len(rows), 'predictions': os.path.abspath(predictions), **(info or {}),
+             **(scorer or score)(rows, extractor, extractor_reason),
+             'metric_notes': METRIC_NOTES,
+             'versions': versions(('scispacy', 'spacy') if extractor is not None else ())}
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    _write_summary(out_dir, summary)
+  return summary
+
+
+def _write_summary(out_dir: str, summary: dict):
+  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2, sort_keys=True, default=str)

@@ -8,7 +8,8 @@ Per step: this host's batch (numpy) -> global arrays (`jax.make_array_from_proce
 step it just dispatched) except before a checkpoint, where the step's loss is checked first.
 Outputs in `workdir` (`rundir.py`): checkpoints/ (async Orbax: state, data-iterator state, config;
 checkpoints/config.json, the run's one config record, absolute paths), tokenizer.model (a copy),
-metrics.jsonl, tensorboard/ (event files), loss_curve.png (at the end of each call). A run
+metrics.jsonl (the train rows also hold the data mixture: `share/<dataset>`, `drawn/<dataset>`,
+`mixture_metrics`), tensorboard/ (event files), loss_curve.png (at the end of each call). A run
 restarts from the latest checkpoint in `workdir`, which must hold the same config
 (`rundir.RESUMABLE` lists what may change). A gs:// workdir holds the checkpoints; the logs then
 go to $RADFM_LOGDIR/<run name> (`run_dirs`).
@@ -48,7 +49,7 @@ from flax import nnx
 from radfm_jax import sharding
 from radfm_jax.checkpoint import Checkpointer
 from radfm_jax.config import (SYNTHETIC_STORE, Config, ConfigError, check_batch_axes,
-                              check_data_store)
+                              check_data_store, mixture_weights)
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.errors import InputError
 from radfm_jax.models import lora
@@ -118,16 +119,22 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None,
   if not records:
     raise InputError(f'{manifest}: no samples in split {split!r} (splits here: {splits or "none"}); '
                      'expected samples with "split": "' + split + '" (docs/data.md)')
+  # the training mixture (data.mixture) weighs the train split; any other split is read once
   ds = make_dataset(cfg.data, cfg.model, volumes, tokenizer, seed=cfg.seed, records=records,
-                    num_epochs=None if split == 'train' else 1, image_cache=image_cache)
+                    num_epochs=None if split == 'train' else 1, image_cache=image_cache,
+                    mixture=mixture_weights(cfg.data) if split == 'train' else None)
   buckets = sorted(ds.plan.buckets.items(), key=lambda kv: dataclasses.astuple(kv[0]))
   check_batch_axes(cfg, num_devices, jax.process_count(), sorted({k.kind for k, _ in buckets}))
   shown = '; '.join(f'{k.kind} {k.height}x{k.width}x{k.depth} x {k.images} image(s), text '
                     f'{k.length}: {len(v)} samples' for k, v in buckets)
   counts = ', '.join(f'{name} {n}' for name, n in sorted(splits.items()))
   cached = '' if image_cache is None else f'; image tokens from {image_cache.directory}'
-  return iter(ds), (f'{manifest}: samples {counts}; the {split} split in {len(buckets)} shape '
-                    f'bucket(s): {shown}{cached}')
+  mix = f'; {ds.plan.describe()}' if split == 'train' else ''
+  it = iter(ds)
+  it.stats = ds.stats          # the loop reports the datasets' shares of the drawn samples
+  it.targets = ds.plan.targets
+  return it, (f'{manifest}: samples {counts}; the {split} split in {len(buckets)} shape '
+              f'bucket(s): {shown}{cached}{mix}')
 
 
 def _bucket(batch: dict) -> str:
@@ -305,6 +312,20 @@ def evaluate(eval_step, params, data, mesh, rules, num_batches: int) -> dict:
           'sequence_accuracy': sums['sequence_accuracy'] / seqs, 'tokens': tokens}
 
 
+def mixture_metrics(counts: dict, previous: dict) -> dict:
+  """The training metrics of the data mixture from {dataset: samples drawn so far in this call}
+  (`PipelineStats.datasets` after a step) and the same at the previous logged row:
+  `share/<dataset>` (the dataset's fraction of every sample drawn in this call) and
+  `drawn/<dataset>` (samples drawn since the previous logged row: summed over the rows of
+  metrics.jsonl they count a resumed run's samples too)."""
+  total = sum(counts.values())
+  out = {}
+  for d in sorted(counts):
+    out[f'share/{d}'] = counts[d] / total if total else 0.0
+    out[f'drawn/{d}'] = counts[d] - previous.get(d, 0)
+  return out
+
+
 def run_dirs(workdir: str) -> tuple[str, str]:
   """(checkpoint root, local log dir). A URL workdir (gs://...) keeps the checkpoints there (Orbax
   writes to GCS; its config.json and tokenizer.model too) and the JSONL / TensorBoard logs and
@@ -469,7 +490,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
                file=sys.stderr, disable=None if progress else True)   # None: only on a TTY
     say.bar = bar
 
-  pending = None              # (step number, metrics on device, tokens, flops)
+  pending = None      # (step number, metrics on device, tokens, flops, samples per dataset)
   last_time = time.perf_counter()
 
   def run_step(kind: str, fn, *args):
@@ -494,9 +515,12 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
       bar.unpause()             # the bar's rate and ETA restart after the compile
     return out
 
+  stats = getattr(data, 'stats', None)        # the Grain pipeline's PipelineStats
+  logged_counts: dict = {}                    # samples per dataset drawn at the last logged row
+
   def handle(p):
-    nonlocal last_time
-    number, m, tokens, flops = p
+    nonlocal last_time, logged_counts
+    number, m, tokens, flops, counts = p
     m = jax.device_get(m)
     now = time.perf_counter()
     dt, last_time = now - last_time, now
@@ -522,6 +546,9 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
       bar.set_postfix(post, refresh=False)
       bar.update(1)
     if number % t.log_every == 0 or number == total:
+      if counts is not None:
+        values.update(mixture_metrics(counts, logged_counts))
+        logged_counts = counts
       writer.write(number, 'train', values)
 
   def save(number):
@@ -548,7 +575,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
       step += 1
       if pending is not None:
         handle(pending)
-      pending = (step, m, tokens, flops)
+      pending = (step, m, tokens, flops, None if stats is None else dict(stats.datasets))
       if t.checkpoint_every and step % t.checkpoint_every == 0:
         handle(pending)
         pending = None
@@ -582,6 +609,12 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
       say.bar = None
     writer.close()
     ckpt.close()
+  if stats is not None and sum(stats.datasets.values()):
+    shares = stats.shares()
+    targets = getattr(data, 'targets', {})
+    say('samples drawn per dataset (this call): ' + ', '.join(
+        f'{d} {stats.datasets[d]} ({shares[d]:.1%}' + (f', target {targets[d]:.1%})' if d in targets
+                                                      else ')') for d in shares))
   if status != 'done':
     say(f'signal {signal.Signals(stop.signal).name if stop.signal else "(another host)"} '
         f'received; checkpoint saved at step {step} in {ckpt.directory}')
@@ -597,5 +630,5 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
 
 
 __all__ = ['NonFiniteLossError', 'TrainResult', 'base_params', 'build', 'evaluate', 'global_batch',
-           'init_params', 'init_state', 'make_data', 'open_data', 'plot_loss_curve', 'run_dirs',
+           'init_params', 'init_state', 'make_data', 'mixture_metrics', 'open_data', 'plot_loss_curve', 'run_dirs',
            'train']
