@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 
@@ -13,7 +14,9 @@ radfm-jax ingest --manifest samples.jsonl --out store/ --workers 8
 # a line of samples.jsonl:
 # {"id": "s1", "question": "Is there a lesion?", "answer": "Yes.",
 #  "images": [{"path": "scans/ct1.nii.gz", "modality": "CT", "position": {"question": 0}}]}
-radfm-jax ingest --manifest more.jsonl --out store/        # extends store/ (same ids: same content)"""
+radfm-jax ingest --manifest more.jsonl --out store/        # extends store/ (same ids: same content)
+radfm-jax ingest --runner beam --manifest samples.jsonl --out store/ -- \
+    --direct_running_mode=multi_processing --direct_num_workers=4   # Beam options after --"""
 
 _UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 
@@ -58,11 +61,23 @@ def add_parser(sub):
                  help='give up after waiting this long for another ingest into the same store '
                  '(default: wait until it ends)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p.add_argument('--runner', choices=('local', 'beam'), default='local',
+                 help='local: this process (reader threads); beam: an Apache Beam pipeline that '
+                 'writes the scans into shards of the store, one worker per shard, Beam options '
+                 'after -- (DirectRunner by default; docs/data.md "Ingest at scale")')
+  p.add_argument('beam_args', nargs='*', metavar='-- BEAM_OPTION',
+                 help='Beam pipeline options for --runner beam (e.g. --runner=DataflowRunner '
+                 '--project=P --region=R --temp_location=gs://B/tmp)')
   return p
 
 
 def run(args) -> int:
   from radfm_jax.data.ingest import IngestError, ingest
+  if args.beam_args and args.runner != 'beam':
+    args._parser.error(f'Beam options ({" ".join(args.beam_args)}) need --runner beam')
+  if args.runner == 'beam':
+    from radfm_jax.data.beam_ingest import ingest_beam
+    ingest = functools.partial(ingest_beam, beam_args=args.beam_args)
   try:
     ingest(args.manifest, args.out, strict=args.strict, root=args.root,
            batch_size=args.batch_size, workers=args.workers, replace=args.replace,
