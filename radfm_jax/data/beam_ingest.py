@@ -5,7 +5,7 @@
     report = ingest_beam('samples.jsonl', 'STORE', ['--runner=DataflowRunner', ...])
 
 The pipeline is `Create(shard tasks) | Reshuffle | Map(ShardTask.run)`: each element is one shard
-(`scans_per_shard` scans of the manifest, in order), the Reshuffle spreads them over the workers,
+(up to `scans_per_shard` scans of the manifest, in order; shards.plan), the Reshuffle spreads them over the workers,
 and each worker reads its scans with ingest's readers into its own shard database. The driver
 (this process) holds the store's lock throughout, checks the manifest before the pipeline starts
 and writes the index and manifest after it finished and every shard wrote its result (shards.py).
@@ -55,7 +55,7 @@ def run_on_beam(beam_args: list[str]):
   return run_tasks
 
 
-def ingest_beam(manifest, out_dir: str, beam_args: list[str] = (), scans_per_shard: int = 256,
+def ingest_beam(manifest, out_dir: str, beam_args: list[str] = (), scans_per_shard: int | None = None,
                 **kwargs):
   """`ingest` (same arguments, same report and store rules) with the scans read and stored by a
   Beam pipeline into new shards of `out_dir` (module docstring)."""

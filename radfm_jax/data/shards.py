@@ -115,10 +115,12 @@ def next_run(root: str) -> int:
   return max(runs, default=0) + 1
 
 
-def plan(store: VolumeStore, entries: dict[str, _Entry], scans_per_shard: int, batch_size: int,
-         workers: int | None, max_scan_bytes: int) -> list[ShardTask]:
-  """The shards of one run: entries in manifest order, `scans_per_shard` to a shard."""
+def plan(store: VolumeStore, entries: dict[str, _Entry], scans_per_shard: int | None,
+         batch_size: int, workers: int | None, max_scan_bytes: int) -> list[ShardTask]:
+  """The shards of one run: entries in manifest order, `scans_per_shard` to a shard (None: 256,
+  fewer when that makes under 64 shards, so that small jobs still spread over the workers)."""
   run, index, order = next_run(store.root), store.index(), list(entries.values())
+  scans_per_shard = scans_per_shard or min(256, max(1, -(-len(order) // 64)))
   tasks = []
   for k, start in enumerate(range(0, len(order), scans_per_shard)):
     chunk = order[start:start + scans_per_shard]
@@ -178,7 +180,7 @@ def run_in_process(tasks: list[ShardTask]):
 
 
 def store_scans_sharded(run_tasks: Callable[[list[ShardTask]], None] = run_in_process,
-                        scans_per_shard: int = 256) -> Callable:
+                        scans_per_shard: int | None = None) -> Callable:
   """An `ingest(store_scans=...)` writer that stores the scans into new shards through
   `run_tasks` (module docstring), then indexes them."""
 
