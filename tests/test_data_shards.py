@@ -216,3 +216,112 @@ def test_beam_multiprocess_ingest_is_the_single_process_store(stores, tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'ingest: 9 scans in 9 shards (run0001-00000 .. run0001-00008)' in run.stderr
   assert_same_store(VolumeStore(str(root / 'single')), VolumeStore(str(out)))
+
+
+# ------------------------------------------------------------------------------------------------
+# One pipeline over shards: what reads a store reads a sharded one the same
+
+SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
+
+
+def _overrides(store, tok, *extra):
+  return [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
+          'data.batch_size_3d=8', 'data.text_lengths=[128]', 'data.max_images=2',
+          "train.freeze=['vision_tower']", 'model.vision.dropout=0.0', 'train.steps=3',
+          'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=0',
+          'train.async_checkpoint=False', 'train.tensorboard=False'] + list(extra)
+
+
+@pytest.fixture(scope='module')
+def volumes(tmp_path_factory):
+  """8 samples of 3D scans (.npy; two samples hold two) and 4 of PNGs, ingested in one process
+  and into shards of 3 scans; the test tokenizer. (single store, sharded store, tokenizer)."""
+  root = tmp_path_factory.mktemp('volumes')
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(8):
+    paths = []
+    for j in range(2 if i in (2, 5) else 1):
+      np.save(root / f'v{i}_{j}.npy', rng.normal(0, 100, (40, 36, 6 + i % 4 * 2)).astype(np.float32))
+      paths.append(f'v{i}_{j}.npy')
+    records.append(_sample(f's{i}', *paths, answer='A nodule.' if i % 2 else 'Normal.'))
+  for i in range(4):
+    cd.write_png(root / f'x{i}.png', rng.integers(0, 255, (40, 36), dtype=np.uint8))
+    records.append(_sample(f'p{i}', f'x{i}.png', split='heldout' if i == 3 else 'train'))
+  manifest = cd.write_manifest(root / 'samples.jsonl', records)
+  ingest(manifest, str(root / 'single'), log=QUIET)
+  ingest(manifest, str(root / 'sharded'), log=QUIET,
+         store_scans=store_scans_sharded(scans_per_shard=3))
+  (root / 'tok.model').write_bytes(cd.spm_proto())
+  return str(root / 'single'), str(root / 'sharded'), str(root / 'tok.model')
+
+
+def test_grain_eval_and_demo_read_a_sharded_store_as_a_single_one(volumes):
+  from radfm_jax.config import load_config
+  from radfm_jax.data import pipeline
+  from radfm_jax.data.tokenizer import Tokenizer
+  from radfm_jax.demo import _batch_for_generation
+  from radfm_jax.eval.harness import load_samples, read_sample_images
+  single, sharded, tok = volumes
+  assert len({VolumeStore(sharded).info(i)['db'] for i in VolumeStore(sharded).index()}) == 5
+  cfg = load_config(SPEC, _overrides(single, tok))
+  batches = []
+  for store in (single, sharded):
+    ds = pipeline.make_dataset(cfg.data, cfg.model, store, tok, seed=3, split='train',
+                               process_index=0, process_count=1, num_epochs=1)
+    batches.append(list(ds))
+  assert len(batches[0]) == len(batches[1]) >= 2
+  for a, b in zip(*batches):
+    assert sorted(a) == sorted(b) and 'images' in a
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  samples = [load_samples(s, split=None) for s in (single, sharded)]
+  assert [s.record for s in samples[0]] == [s.record for s in samples[1]] and len(samples[0]) == 12
+  for a, b in zip(*samples):
+    (xa, ma, ea), (xb, mb, eb) = read_sample_images(a), read_sample_images(b)
+    assert (ma, ea) == (mb, eb) and [x.tobytes() for x in xa] == [x.tobytes() for x in xb]
+  tokenizer = Tokenizer(tok, max_images=cfg.model.max_images,
+                        num_latents=cfg.model.perceiver.num_latents)
+  records = VolumeStore(single).manifest()[-4:]
+  demo = [_batch_for_generation(records, VolumeStore(s), tokenizer, cfg, 4)
+          for s in (single, sharded)]
+  assert sorted(demo[0]) == sorted(demo[1])
+  for key in demo[0]:
+    np.testing.assert_array_equal(demo[0][key], demo[1][key])
+
+
+@pytest.mark.slow
+def test_training_and_the_image_cache_on_a_sharded_store(volumes, tmp_path):
+  """3 training steps from the same seed on the single and the sharded store: the same losses,
+  bit for bit; the image-token cache of one step-0 checkpoint over each store holds the same
+  tokens, and 3 cached steps on the sharded store give the cached losses of the single store."""
+  import shutil
+  from radfm_jax.config import load_config
+  from radfm_jax.data.image_cache import ImageTokenCache
+  from radfm_jax.train import loop
+  from radfm_jax.train.image_cache import cache_images
+  single, sharded, tok = volumes
+  losses = []
+  for name, store in (('single', single), ('sharded', sharded)):
+    run = loop.train(load_config(SPEC, _overrides(store, tok)), str(tmp_path / name),
+                     progress=False)
+    assert sorted(run.losses) == [1, 2, 3]
+    losses.append([run.losses[s] for s in (1, 2, 3)])
+  assert losses[0] == losses[1]
+  run0 = str(tmp_path / 'run0')
+  loop.train(load_config(SPEC, _overrides(single, tok)), run0, max_steps=0, progress=False)
+  stats = [cache_images(run0, s, progress=False) for s in (single, sharded)]
+  assert stats[0]['fingerprint'] == stats[1]['fingerprint'] and stats[0]['scans'] == 14
+  caches = [ImageTokenCache.caches(s)[stats[0]['fingerprint']] for s in (single, sharded)]
+  assert caches[0]['scans'] == caches[1]['scans']
+  for scan in caches[0]['scans']:
+    a, b = (ImageTokenCache(s, c).read(scan) for s, c in zip((single, sharded), caches))
+    assert a.tobytes() == b.tobytes(), scan
+  cached = []
+  for name, store in (('single', single), ('sharded', sharded)):
+    run = str(tmp_path / f'cached_{name}')
+    shutil.copytree(run0, run)
+    result = loop.train(load_config(SPEC, _overrides(store, tok, 'data.image_cache=True')), run,
+                        progress=False)
+    cached.append([result.losses[s] for s in (1, 2, 3)])
+  assert cached[0] == cached[1]
