@@ -266,15 +266,16 @@ def test_grain_eval_and_demo_read_a_sharded_store_as_a_single_one(volumes):
   assert len({VolumeStore(sharded).info(i)['db'] for i in VolumeStore(sharded).index()}) == 5
   cfg = load_config(SPEC, _overrides(single, tok))
   batches = []
-  for store in (single, sharded):
+  for store in (single, sharded, f'file://{sharded}'):        # the last: through kvstore URLs
     ds = pipeline.make_dataset(cfg.data, cfg.model, store, tok, seed=3, split='train',
                                process_index=0, process_count=1, num_epochs=1)
     batches.append(list(ds))
-  assert len(batches[0]) == len(batches[1]) >= 2
-  for a, b in zip(*batches):
-    assert sorted(a) == sorted(b) and 'images' in a
+  assert len(batches[0]) == len(batches[1]) == len(batches[2]) >= 2
+  for a, b, c in zip(*batches):
+    assert sorted(a) == sorted(b) == sorted(c) and 'images' in a
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+      np.testing.assert_array_equal(a[key], c[key])
   samples = [load_samples(s, split=None) for s in (single, sharded)]
   assert [s.record for s in samples[0]] == [s.record for s in samples[1]] and len(samples[0]) == 12
   for a, b in zip(*samples):
