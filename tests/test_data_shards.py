@@ -105,7 +105,8 @@ def test_interrupted_run_indexes_nothing_and_the_next_run_completes(stores, tmp_
     tasks[0].run()
 
   with pytest.raises(IncompleteShards, match=r'2 of 3 shards did not finish \(run0001-00001, '
-                     r'run0001-00002\); nothing was indexed'):
+                     r'run0001-00002\) and nothing was indexed; expected every worker to write '
+                     r'its shard under the store, at a path all workers see'):
     ingest(manifest, out, log=QUIET, store_scans=store_scans_sharded(first_shard_only, 3))
   assert sorted(os.listdir(out)) == ['.lock', 'shards']          # no index, no manifest
   assert len(read_index(os.path.join(out, 'shards', 'run0001-00000', 'scans.jsonl'))) == 3

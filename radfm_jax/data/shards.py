@@ -36,12 +36,13 @@ from typing import Callable
 from radfm_jax.data.ingest import (IngestReport, _Entry, _store_scans, _stored_ids,
                                    repair_warning)
 from radfm_jax.data.store import VolumeStore, read_index
+from radfm_jax.errors import UserError
 
 SHARDS = 'shards'
 RESULT = 'result.json'
 
 
-class IncompleteShards(RuntimeError):
+class IncompleteShards(UserError):
   """A sharded ingest ended with shards that wrote no result: nothing was indexed."""
 
 
@@ -88,16 +89,19 @@ class ShardTask:
 
   def run(self) -> str:
     """Stores the shard's scans (ingest's own readers, checks and rejects: `_store_scans`), then
-    writes result.json (resolved ids, rejects, skipped scans): the shard is done. Returns the
+    writes result.json (resolved ids, rejects, skipped scans, seconds taken): the shard is done. Returns the
     name."""
     import io
+    import time
+    start = time.perf_counter()
     shard = ShardStore(self.path, self.parent)
     report = IngestReport()
     entries = {e.sid: e for e in self.entries}
     with shard.lock():
       resolved = _store_scans(shard, entries, report, self.batch_size, self.workers, io.StringIO(),
                               self.max_scan_bytes, False)
-    result = {'resolved': resolved, 'rejects': report.rejects, 'skipped': report.skipped}
+    result = {'resolved': resolved, 'rejects': report.rejects, 'skipped': report.skipped,
+              'seconds': time.perf_counter() - start}      # the worker's busy time (benchmarks)
     tmp = os.path.join(self.path, RESULT + '.tmp')
     with open(tmp, 'w') as f:
       json.dump(result, f)
@@ -139,8 +143,9 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
   missing = [t.name for t in tasks if not os.path.isfile(os.path.join(t.path, RESULT))]
   if missing:
     raise IncompleteShards(f'{store.root}: {len(missing)} of {len(tasks)} shards did not finish '
-                           f'({", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}); '
-                           'nothing was indexed, run the ingest again')
+                           f'({", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}) and '
+                           'nothing was indexed; expected every worker to write its shard under '
+                           'the store, at a path all workers see (run the ingest again)')
   before = store.index()
   resolved, rows, order = {}, [], {sid: n for n, sid in enumerate(entries)}
   for task in tasks:
