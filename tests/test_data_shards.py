@@ -12,8 +12,7 @@ import pytest
 
 import conftest_data as cd
 from radfm_jax.data.ingest import ingest
-from radfm_jax.data.shards import (IncompleteShards, ShardStore, plan, run_in_process,
-                                   store_scans_sharded)
+from radfm_jax.data.shards import IncompleteShards, ShardStore, plan, store_scans_sharded
 from radfm_jax.data.store import VolumeStore, read_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,14 +222,7 @@ def test_beam_multiprocess_ingest_is_the_single_process_store(stores, tmp_path):
 # One pipeline over shards: what reads a store reads a sharded one the same
 
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
-
-
-def _overrides(store, tok, *extra):
-  return [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
-          'data.batch_size_3d=8', 'data.text_lengths=[128]', 'data.max_images=2',
-          "train.freeze=['vision_tower']", 'model.vision.dropout=0.0', 'train.steps=3',
-          'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=0',
-          'train.async_checkpoint=False', 'train.tensorboard=False'] + list(extra)
+_overrides = cd.frozen_vision_overrides
 
 
 @pytest.fixture(scope='module')
@@ -239,13 +231,7 @@ def volumes(tmp_path_factory):
   and into shards of 3 scans; the test tokenizer. (single store, sharded store, tokenizer)."""
   root = tmp_path_factory.mktemp('volumes')
   rng = np.random.default_rng(0)
-  records = []
-  for i in range(8):
-    paths = []
-    for j in range(2 if i in (2, 5) else 1):
-      np.save(root / f'v{i}_{j}.npy', rng.normal(0, 100, (40, 36, 6 + i % 4 * 2)).astype(np.float32))
-      paths.append(f'v{i}_{j}.npy')
-    records.append(_sample(f's{i}', *paths, answer='A nodule.' if i % 2 else 'Normal.'))
+  records = cd.volume_records(root, rng)
   for i in range(4):
     cd.write_png(root / f'x{i}.png', rng.integers(0, 255, (40, 36), dtype=np.uint8))
     records.append(_sample(f'p{i}', f'x{i}.png', split='heldout' if i == 3 else 'train'))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import re
 import sys
 
@@ -75,14 +74,15 @@ def run(args) -> int:
   from radfm_jax.data.ingest import IngestError, ingest
   if args.beam_args and args.runner != 'beam':
     args._parser.error(f'Beam options ({" ".join(args.beam_args)}) need --runner beam')
+  store_scans = None                 # local: ingest's own writer
   if args.runner == 'beam':
-    from radfm_jax.data.beam_ingest import ingest_beam
-    ingest = functools.partial(ingest_beam, beam_args=args.beam_args)
+    from radfm_jax.data.beam_ingest import beam_store_scans
+    store_scans = beam_store_scans(args.beam_args)
   try:
     ingest(args.manifest, args.out, strict=args.strict, root=args.root,
            batch_size=args.batch_size, workers=args.workers, replace=args.replace,
            max_scan_bytes=args.max_scan_bytes, progress=not args.no_progress,
-           lock_timeout=args.lock_timeout)
+           lock_timeout=args.lock_timeout, store_scans=store_scans)
   except IngestError as e:
     print(f'radfm-jax ingest: {e}', file=sys.stderr)
     return 1

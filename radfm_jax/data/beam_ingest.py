@@ -55,10 +55,16 @@ def run_on_beam(beam_args: list[str]):
   return run_tasks
 
 
+def beam_store_scans(beam_args: list[str] = (), scans_per_shard: int | None = None):
+  """The `ingest(store_scans=...)` writer of a Beam pipeline with `beam_args` (BeamMissing at
+  once, before any store is touched, when Apache Beam is not installed)."""
+  _beam()
+  return store_scans_sharded(run_on_beam(beam_args), scans_per_shard)
+
+
 def ingest_beam(manifest, out_dir: str, beam_args: list[str] = (), scans_per_shard: int | None = None,
                 **kwargs):
   """`ingest` (same arguments, same report and store rules) with the scans read and stored by a
   Beam pipeline into new shards of `out_dir` (module docstring)."""
-  _beam()               # before the store is touched: a clear error when Beam is missing
-  return ingest(manifest, out_dir, store_scans=store_scans_sharded(run_on_beam(beam_args),
-                                                                   scans_per_shard), **kwargs)
+  return ingest(manifest, out_dir, store_scans=beam_store_scans(beam_args, scans_per_shard),
+                **kwargs)
