@@ -281,9 +281,7 @@ def test_grain_eval_and_demo_read_a_sharded_store_as_a_single_one(volumes):
 @pytest.mark.slow
 def test_training_and_the_image_cache_on_a_sharded_store(volumes, tmp_path):
   """3 training steps from the same seed on the single and the sharded store: the same losses,
-  bit for bit; the image-token cache of one step-0 checkpoint over each store holds the same
-  tokens, and 3 cached steps on the sharded store give the cached losses of the single store."""
-  import shutil
+  bit for bit; `cache-images` of the trained tower over each store: the same tokens per scan."""
   from radfm_jax.config import load_config
   from radfm_jax.data.image_cache import ImageTokenCache
   from radfm_jax.train import loop
@@ -296,20 +294,10 @@ def test_training_and_the_image_cache_on_a_sharded_store(volumes, tmp_path):
     assert sorted(run.losses) == [1, 2, 3]
     losses.append([run.losses[s] for s in (1, 2, 3)])
   assert losses[0] == losses[1]
-  run0 = str(tmp_path / 'run0')
-  loop.train(load_config(SPEC, _overrides(single, tok)), run0, max_steps=0, progress=False)
-  stats = [cache_images(run0, s, progress=False) for s in (single, sharded)]
+  stats = [cache_images(str(tmp_path / 'single'), s, progress=False) for s in (single, sharded)]
   assert stats[0]['fingerprint'] == stats[1]['fingerprint'] and stats[0]['scans'] == 14
   caches = [ImageTokenCache.caches(s)[stats[0]['fingerprint']] for s in (single, sharded)]
-  assert caches[0]['scans'] == caches[1]['scans']
+  assert caches[0]['scans'] == caches[1]['scans'] and len(caches[0]['scans']) == 14
   for scan in caches[0]['scans']:
     a, b = (ImageTokenCache(s, c).read(scan) for s, c in zip((single, sharded), caches))
     assert a.tobytes() == b.tobytes(), scan
-  cached = []
-  for name, store in (('single', single), ('sharded', sharded)):
-    run = str(tmp_path / f'cached_{name}')
-    shutil.copytree(run0, run)
-    result = loop.train(load_config(SPEC, _overrides(store, tok, 'data.image_cache=True')), run,
-                        progress=False)
-    cached.append([result.losses[s] for s in (1, 2, 3)])
-  assert cached[0] == cached[1]
