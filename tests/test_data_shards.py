@@ -204,6 +204,20 @@ def test_cli_beam_without_apache_beam_or_options_without_beam(stores, tmp_path):
       'radfm-jax ingest: error: Beam options (--direct_num_workers=2) need --runner beam\n')
 
 
+def test_beam_pipeline_in_process_is_the_single_process_store(stores, tmp_path):
+  """The Beam pipeline itself (Create | Reshuffle | Map over the shard tasks) on the DirectRunner
+  in this process: the same store as single-process ingest."""
+  from radfm_jax.data.beam_ingest import ingest_beam
+  root, manifest, single, _ = stores
+  report = ingest_beam(manifest, str(tmp_path / 'beam'), ['--direct_running_mode=in_memory'],
+                       scans_per_shard=4, log=QUIET)
+  assert report.summary() == single.summary()
+  store = VolumeStore(str(tmp_path / 'beam'))
+  assert sorted(os.listdir(tmp_path / 'beam' / 'shards')) == ['run0001-00000', 'run0001-00001',
+                                                              'run0001-00002']
+  assert_same_store(VolumeStore(str(root / 'single')), store)
+
+
 @pytest.mark.slow
 def test_beam_multiprocess_ingest_is_the_single_process_store(stores, tmp_path):
   """`radfm-jax ingest --runner beam` on the DirectRunner with 2 worker processes: the same store
