@@ -9,12 +9,15 @@ A sharded store is a VolumeStore (store.py) whose index rows may name a shard:
     STORE/shards/<run>-<k>/scans.jsonl   the shard's own index (data first, index last, as any
                                          VolumeStore), then result.json once the shard is done
 
-Why one database per shard: an OCDBT database takes concurrent writers only through a
-coordinator server (TensorStore's `ocdbt_coordinator`, a process every writer reaches); without
-one, two processes committing to one database may lose each other's manifest updates. A shard
-has one writer, so a worker needs nothing but the filesystem, and a retried worker (Beam re-runs
-a failed bundle) finds its shard's committed scans in the shard index and skips them (same
-sha256, as for any re-ingest).
+Why one database per shard: several processes may commit to one OCDBT database, but every commit
+then goes through its one manifest by optimistic concurrency (a conditional write, retried when
+another writer got there first), or through a coordinator server (`ocdbt_coordinator`: one more
+service every worker must reach); with hundreds of workers committing batches, that one manifest
+is the bottleneck, and the per-store lock and appended index of store.py assume one writer
+anyway. A shard has one writer, so a worker needs nothing but the filesystem and contends with
+nobody, and a retried worker (Beam re-runs a failed bundle) finds its shard's committed scans in
+the shard index and skips them (same sha256, as for any re-ingest). (Shared-database writing was
+not tried here.)
 
 `store_scans_sharded(run_tasks)` is ingest's scan writer (`ingest(store_scans=...)`): it splits
 the entries into `ShardTask`s of `scans_per_shard` scans in manifest order, hands them to
@@ -122,7 +125,8 @@ def next_run(root: str) -> int:
 def plan(store: VolumeStore, entries: dict[str, _Entry], scans_per_shard: int | None,
          batch_size: int, workers: int | None, max_scan_bytes: int) -> list[ShardTask]:
   """The shards of one run: entries in manifest order, `scans_per_shard` to a shard (None: 256,
-  fewer when that makes under 64 shards, so that small jobs still spread over the workers)."""
+  or for fewer than 16k scans about 64 shards, so that small jobs still spread over the
+  workers)."""
   run, index, order = next_run(store.root), store.index(), list(entries.values())
   scans_per_shard = scans_per_shard or min(256, max(1, -(-len(order) // 64)))
   tasks = []
