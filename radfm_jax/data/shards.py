@@ -151,12 +151,12 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
                            'nothing was indexed; expected every worker to write its shard under '
                            'the store, at a path all workers see (run the ingest again)')
   before = store.index()
-  resolved, rows, order = {}, [], {sid: n for n, sid in enumerate(entries)}
+  resolved, rows, rejects, order = {}, [], [], {sid: n for n, sid in enumerate(entries)}
   for task in tasks:
     with open(os.path.join(task.path, RESULT)) as f:
       result = json.load(f)
     resolved.update(result['resolved'])
-    report.rejects.extend(result['rejects'])
+    rejects.extend(result['rejects'])
     own = ShardStore(task.path).own_rows()
     report.skipped.extend(i for i in result['skipped'] if i not in own)
     by_id = {}
@@ -171,8 +171,9 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
       warning = repair_warning(by_id[i].path, i, row['attributes']) if i in by_id else None
       if warning:
         report.warnings.append(warning)
-  report.rejects.sort(key=lambda r: order.get(r['scan_id'], len(order)))
-  for r in report.rejects:
+  rejects.sort(key=lambda r: order[r['scan_id']])            # as one process meets them
+  report.rejects.extend(rejects)                   # after any the caller listed already
+  for r in rejects:
     print(f'ingest: rejected {r["path"]}: {r["reason"]}', file=log)
   if rows:
     store._append_index(rows)
