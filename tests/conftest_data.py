@@ -141,3 +141,29 @@ def png_store(folder, n: int = 4):
     ingest(manifest, str(folder / 'store'), log=log)
   (folder / 'tok.model').write_bytes(spm_proto())
   return str(folder / 'store')
+
+
+def volume_records(folder, rng) -> list[dict]:
+  """8 samples of random 3D float32 scans saved as folder/v{i}_{j}.npy (40 x 36 x depth 6-12; two
+  samples hold two scans), one VQA question each, split 'train'."""
+  import numpy as np
+  records = []
+  for i in range(8):
+    images = []
+    for j in range(2 if i in (2, 5) else 1):
+      np.save(folder / f'v{i}_{j}.npy', rng.normal(0, 100, (40, 36, 6 + i % 4 * 2)).astype(np.float32))
+      images.append({'path': f'v{i}_{j}.npy', 'id': f'v{i}_{j}', 'position': {'question': 0}})
+    records.append({'id': f's{i}', 'task': 'vqa', 'question': f'What is in scan {i}?',
+                    'answer': 'A nodule.' if i % 2 else 'Normal.', 'split': 'train',
+                    'images': images})
+  return records
+
+
+def frozen_vision_overrides(store, tok, *extra) -> list[str]:
+  """Config overrides of a 3-step `tiny` run on `store` with a frozen, dropout-free vision tower
+  (what the image-token cache needs)."""
+  return [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
+          'data.batch_size_3d=8', 'data.text_lengths=[128]', 'data.max_images=2',
+          "train.freeze=['vision_tower']", 'model.vision.dropout=0.0', 'train.steps=3',
+          'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=0',
+          'train.async_checkpoint=False', 'train.tensorboard=False'] + list(extra)

@@ -21,12 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
 
 
-def _overrides(store, tok, *extra):
-  return [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
-          'data.batch_size_3d=8', 'data.text_lengths=[128]', 'data.max_images=2',
-          "train.freeze=['vision_tower']", 'model.vision.dropout=0.0', 'train.steps=3',
-          'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=0',
-          'train.async_checkpoint=False', 'train.tensorboard=False'] + list(extra)
+_overrides = cd.frozen_vision_overrides
 
 
 @pytest.fixture(scope='module')
@@ -34,16 +29,7 @@ def store(tmp_path_factory):
   """8 samples of 3D scans (.npy, depths 6-12; two samples hold two scans) + a tokenizer."""
   from radfm_jax.data.ingest import ingest
   root = tmp_path_factory.mktemp('cache')
-  rng = np.random.default_rng(0)
-  records = []
-  for i in range(8):
-    images = []
-    for j in range(2 if i in (2, 5) else 1):
-      np.save(root / f'v{i}_{j}.npy', rng.normal(0, 100, (40, 36, 6 + i % 4 * 2)).astype(np.float32))
-      images.append({'path': f'v{i}_{j}.npy', 'id': f'v{i}_{j}', 'position': {'question': 0}})
-    records.append({'id': f's{i}', 'task': 'vqa', 'question': f'What is in scan {i}?',
-                    'answer': 'A nodule.' if i % 2 else 'Normal.', 'split': 'train',
-                    'images': images})
+  records = cd.volume_records(root, np.random.default_rng(0))
   ingest(cd.write_manifest(root / 'samples.jsonl', records), str(root / 'store'),
          log=open(os.devnull, 'w'))
   tok = root / 'tok.model'

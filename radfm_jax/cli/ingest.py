@@ -15,7 +15,9 @@ radfm-jax ingest --manifest samples.jsonl --out store/ --workers 8
 #  "images": [{"path": "scans/ct1.nii.gz", "modality": "CT", "position": {"question": 0}}]}
 radfm-jax ingest --manifest more.jsonl --out store/        # extends store/ (same ids: same content)
 radfm-jax ingest --recipe vqa_rad --source csv/vqarad_test.csv --image-root images/ --out store/
-radfm-jax ingest --recipe radfm --source csv/ --image-root images/ --out store/   # every file"""
+radfm-jax ingest --recipe radfm --source csv/ --image-root images/ --out store/   # every file
+radfm-jax ingest --runner beam --manifest samples.jsonl --out store/ -- \
+    --direct_running_mode=multi_processing --direct_num_workers=4   # Beam options after --"""
 
 _UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 
@@ -77,15 +79,28 @@ def add_parser(sub):
                  help='give up after waiting this long for another ingest into the same store '
                  '(default: wait until it ends)')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
+  p.add_argument('--runner', choices=('local', 'beam'), default='local',
+                 help='local: this process (reader threads); beam: an Apache Beam pipeline that '
+                 'writes the scans into shards of the store, one worker per shard, Beam options '
+                 'after -- (DirectRunner by default; docs/data.md "Ingest at scale")')
+  p.add_argument('beam_args', nargs='*', metavar='-- BEAM_OPTION',
+                 help='Beam pipeline options for --runner beam (e.g. --runner=DataflowRunner '
+                 '--project=P --region=R --temp_location=gs://B/tmp)')
   return p
 
 
 def run(args) -> int:
   import os
   from radfm_jax.data.ingest import IngestError, ingest
+  if args.beam_args and args.runner != 'beam':
+    args._parser.error(f'Beam options ({" ".join(args.beam_args)}) need --runner beam')
+  store_scans = None                 # local: ingest's own writer
+  if args.runner == 'beam':
+    from radfm_jax.data.beam_ingest import beam_store_scans
+    store_scans = beam_store_scans(args.beam_args)
   options = dict(strict=args.strict, batch_size=args.batch_size, workers=args.workers,
                  replace=args.replace, max_scan_bytes=args.max_scan_bytes,
-                 progress=not args.no_progress, lock_timeout=args.lock_timeout)
+                 progress=not args.no_progress, lock_timeout=args.lock_timeout, store_scans=store_scans)
   recipe_flags = [f for f in ('source', 'image_root', 'split') if getattr(args, f) is not None]
   if args.manifest and recipe_flags:
     args._parser.error(f'--{recipe_flags[0].replace("_", "-")} goes with --recipe, not --manifest')

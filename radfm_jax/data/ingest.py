@@ -182,7 +182,8 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
            root: str | None = None, batch_size: int = 16, workers: int | None = None,
            log=None, replace: bool = False, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
            progress: bool = False, lock_timeout: float | None = None,
-           rejects: Iterable[dict] = ()) -> IngestReport:
+           rejects: Iterable[dict] = (),
+           store_scans: Callable | None = None) -> IngestReport:
   """Reads every image of every sample into the store `out_dir` and merges the samples into its
   manifest (module docstring: the rules; store.py: the guarantees).
 
@@ -194,6 +195,8 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   sys.stderr as it is at call time, not at import). `lock_timeout`: seconds to wait for another
   writer (None: wait as long as it takes). `rejects`: inputs a caller already refused (e.g. the
   split-file rows a recipe could not use), listed first in rejects.jsonl and counted with the rest.
+  `store_scans`: what reads and stores the scans, with `_store_scans`'s signature and result
+  (default: `_store_scans`, in this process; data/shards.py: into shard databases, e.g. on Beam).
   """
   log = log or sys.stderr
   records, base, place = _load_records(manifest)
@@ -207,8 +210,8 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
     old_rows = store.manifest()
     old_at = {str(r.get('id')): i for i, r in enumerate(old_rows)}
     _check_samples(records, base, index, old_rows, old_at, place, replace, store.manifest_path)
-    resolved = _store_scans(store, entries, report, batch_size, workers, log, max_scan_bytes,
-                            progress)
+    resolved = (store_scans or _store_scans)(store, entries, report, batch_size, workers, log,
+                                             max_scan_bytes, progress)
     rows = _merge_samples(records, base, resolved, old_rows, old_at, store.index(), report)
     kill_point('before-manifest')
     write_jsonl(store.manifest_path, rows)
@@ -338,12 +341,20 @@ def _write(store, pending, report, resolved, entries, log, bar):
     report.stored.extend(ids)
     report.updated.extend(i for i in ids if i in before)
     for i, _, attrs in scans:
-      if 'spacing_repaired' in attrs:
-        warning = (f'spacing repaired: header pixdim {attrs["spacing_repaired"]} -> spacing '
-                   f'{attrs["spacing"]} mm (nibabel replaces 0 by 1 and negatives by their '
-                   'absolute value)')
-        report.warnings.append({'path': entries[sid].path, 'scan_id': i, 'warning': warning})
-        bar.write(f'ingest: repaired {entries[sid].path}: {warning}', file=log)
+      warning = repair_warning(entries[sid].path, i, attrs)
+      if warning:
+        report.warnings.append(warning)
+        bar.write(f'ingest: repaired {entries[sid].path}: {warning["warning"]}', file=log)
+
+
+def repair_warning(path: str, scan_id: str, attrs: dict) -> dict | None:
+  """The warnings.jsonl row of a stored scan whose reader made a repair (None: none made)."""
+  if 'spacing_repaired' not in attrs:
+    return None
+  warning = (f'spacing repaired: header pixdim {attrs["spacing_repaired"]} -> spacing '
+             f'{attrs["spacing"]} mm (nibabel replaces 0 by 1 and negatives by their absolute '
+             'value)')
+  return {'path': path, 'scan_id': scan_id, 'warning': warning}
 
 
 def _merge_samples(records, base, resolved, old_rows, old_at, index, report) -> list[dict]:

@@ -278,9 +278,9 @@ def check_records(records: Iterable[tuple[int, Any]], place: Callable[[int, str 
 
 def read_records(path: str, form: str | None = 'store') -> list[dict]:
   """Every record of a manifest JSONL file, validated (see `validate_record` for `form`)."""
-  from radfm_jax.data.store import iter_jsonl     # here: --help imports this module, not TensorStore
+  from radfm_jax.data.store import exists, is_url, iter_jsonl   # here: --help imports no TensorStore
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not (exists(path) if is_url(path) else os.path.isfile(path)):
     raise InputError(f'manifest {path}: no such file (expected a JSONL file, one sample per line)')
   return check_records(iter_jsonl(path), lambda line, field: where(path, line, field), form)
 
@@ -300,10 +300,11 @@ def read_manifest(path: str, split: str | None = None) -> list[dict]:
   """The sample rows of a store-form manifest JSONL file or of a TFDS dataset directory written by
   `radfm-jax publish` (tfds_manifest.py); with `split`, only that split's rows (a row without a
   `split` field is 'train')."""
-  if os.path.isdir(path):
+  from radfm_jax.data.store import exists, is_url   # here: --help imports no TensorStore
+  if not is_url(path) and os.path.isdir(path):
     from radfm_jax.data.tfds_manifest import read_tfds_manifest
     return read_tfds_manifest(path, split)
-  if not os.path.isfile(path):
+  if not (exists(path) if is_url(path) else os.path.isfile(path)):
     raise InputError(f'manifest {path}: no such file (expected a JSONL file or a TFDS '
                      'dataset directory)')
   rows = read_records(path, form='store')

@@ -12,6 +12,9 @@ On-disk layout of a store directory `STORE/`:
     STORE/rejects.jsonl   one line per rejected input of the last ingest run: path, reason.
     STORE/warnings.jsonl  one line per recorded repair of the last ingest run (e.g. spacing).
     STORE/.lock           the writers' lock (`fcntl.flock`): one writer at a time.
+    STORE/shards/<name>/  a sharded store (`ingest --runner beam`, data/shards.py): one more OCDBT
+                          database per shard at `volumes/` under it; an index row with `db`
+                          ('shards/<name>') names its array in that database.
 
 Store guarantees (DESIGN section 10):
   * Data first, index last: a batch of arrays is written in one *atomic* OCDBT transaction, then
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -132,6 +136,42 @@ def _array_spec(kvstore: dict, key: str, shape, dtype: np.dtype, attributes: dic
   }
 
 
+def is_url(path) -> bool:
+  """Whether `path` is a kvstore URL (`gs://bucket/store`, `s3://...`, `file:///...`)."""
+  return isinstance(path, str) and '://' in path
+
+
+def database(root: str, db: str | None = None) -> dict:
+  """The OCDBT kvstore spec of a store's database: `ROOT/volumes/`, or `ROOT/<db>/volumes/` for
+  a shard; `root` a local folder or a kvstore URL (TensorStore parses `gs://...` into its gcs
+  driver)."""
+  base = root if is_url(root) else f'file://{root}'
+  return {'driver': 'ocdbt', 'base': f'{base}/{db + "/" if db else ""}volumes/'}
+
+
+def _url_value(path: str) -> bytes | None:
+  """The bytes of the object at a kvstore URL (None when there is none)."""
+  folder, name = path.rsplit('/', 1)
+  result = ts.KvStore.open(folder + '/').result().read(name).result()
+  return result.value if result.state == 'value' else None
+
+
+def exists(path: str) -> bool:
+  """Whether the file (local path or kvstore URL) exists."""
+  return _url_value(path) is not None if is_url(path) else os.path.exists(path)
+
+
+def open_bytes(path: str):
+  """A binary reader of a local file or of the object at a kvstore URL (read whole: the index
+  and manifests are small next to the arrays)."""
+  if not is_url(path):
+    return open(path, 'rb')
+  value = _url_value(path)
+  if value is None:
+    raise FileNotFoundError(path)
+  return io.BytesIO(value)
+
+
 JSON_TYPES = {dict: 'object', list: 'array', str: 'string', int: 'number', float: 'number',
               bool: 'boolean', type(None): 'null'}
 
@@ -140,7 +180,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
   """(line number, object) for every non-blank line of a JSONL file; line numbers are 1-based and
   count blank lines too (what an editor shows). A line that is not one UTF-8 JSON object is an
   InputError naming the file and line."""
-  with open(path, 'rb') as f:
+  with open_bytes(path) as f:
     for n, raw in enumerate(f, 1):
       try:
         text = raw.decode('utf-8')
@@ -162,7 +202,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
 
 def read_jsonl(path: str) -> list[dict]:
   """The objects of a JSONL file ([] when it does not exist); errors name the file and line."""
-  if not os.path.exists(path):
+  if not exists(path):
     return []
   return [value for _, value in iter_jsonl(path)]
 
@@ -212,9 +252,9 @@ def read_index(path: str) -> dict[str, dict]:
   """scans.jsonl -> {scan id: its last row}. A last line without its newline is a write torn by a
   kill and is ignored (`VolumeStore` cuts it off before the next append); any other bad line is an
   error naming the file and line."""
-  if not os.path.exists(path):
+  if not exists(path):
     return {}
-  with open(path, 'rb') as f:
+  with open_bytes(path) as f:
     lines = f.read().split(b'\n')
   lines.pop()                       # b'' after the final newline, or a torn last line
   index = {}
@@ -239,7 +279,9 @@ class VolumeStore:
   """
 
   def __init__(self, root: str):
-    self.root = os.path.abspath(root)
+    # A URL (gs://bucket/store, s3://..., file:///...) is any TensorStore kvstore the arrays live
+    # on; a plain path is a local folder.
+    self.root = root.rstrip('/') if is_url(root) else os.path.abspath(root)
     self._local = None
     self._index: dict[str, dict] | None = None
     self._thread_lock = threading.RLock()
@@ -254,7 +296,13 @@ class VolumeStore:
 
   @property
   def kvstore(self) -> dict:
-    return {'driver': 'ocdbt', 'base': f'file://{self.root}/volumes/'}
+    """The OCDBT database of arrays written by single-process ingest (`STORE/volumes/`)."""
+    return database(self.root)
+
+  def database(self, scan_id: str) -> dict:
+    """The kvstore spec of the database holding `scan_id` (its index row's `db`, a shard of a
+    sharded store, else `volumes/`)."""
+    return database(self.root, self.index()[scan_id].get('db'))
 
   @property
   def manifest_path(self) -> str:
@@ -368,8 +416,12 @@ class VolumeStore:
     return read_jsonl(self.warnings_path)
 
   def key(self, scan_id: str) -> str:
-    """The array's key in the database (rows written before keys existed: `scans/<id>/`)."""
-    return self.index()[scan_id].get('key', f'scans/{scan_id}/')
+    """The identity of the stored array: its key in the database (rows written before keys
+    existed: `scans/<id>/`), after its shard's `db` when it has one ('shards/<name>/scans/<id>/'),
+    so that no two stored arrays share one."""
+    row = self.index()[scan_id]
+    key = row.get('key', f'scans/{scan_id}/')
+    return f"{row['db']}/{key}" if row.get('db') else key
 
   def _new_key(self, scan_id: str) -> tuple[str, int]:
     # The id percent-encoded: an id holding '/' cannot reach into another scan's keys.
@@ -461,7 +513,9 @@ class VolumeStore:
   # Reading
 
   def open(self, scan_id: str) -> ts.TensorStore:
-    return ts.open({'driver': 'zarr3', 'kvstore': self.kvstore, 'path': self.key(scan_id)},
+    row = self.index()[scan_id]
+    return ts.open({'driver': 'zarr3', 'kvstore': self.database(scan_id),
+                    'path': row.get('key', f'scans/{scan_id}/')},
                    open=True, context=self._context()).result()
 
   def read(self, scan_id: str) -> np.ndarray:
