@@ -52,6 +52,7 @@ import grain
 import numpy as np
 
 from radfm_jax.data import batch as batch_lib
+from radfm_jax.data import transforms
 from radfm_jax.data.image_cache import ImageTokenCache
 from radfm_jax.data.manifest import dataset_of, read_manifest
 from radfm_jax.data.store import VolumeStore
@@ -88,6 +89,8 @@ class BucketKey:
   depth: int
   images: int      # S
   length: int      # L
+  # data.host_dtype='stored', 3D: (carrier dtype, channels) of the host images (else None).
+  carrier: tuple[str, int] | None = None
 
 
 class BatchPlan:
@@ -95,7 +98,10 @@ class BatchPlan:
 
   def __init__(self, records: list[dict], data_cfg, tokenizer: Tokenizer, num_latents: int,
                seed: int, process_index: int, process_count: int,
-               mixture: dict[str, float] | None = None):
+               mixture: dict[str, float] | None = None, dtypes: dict[str, str] | None = None):
+    """`dtypes` ({scan id: stored dtype}, from the store's index): with it, 3D samples carry
+    their stored voxels (data.host_dtype='stored'), bucketed by carrier (dtype, channels) too, so
+    every host derives the same batch dtype from the manifest alone."""
     self.data_cfg = data_cfg
     self.seed = seed
     self.process_index, self.process_count = process_index, process_count
@@ -108,9 +114,15 @@ class BatchPlan:
       kind = batch_lib.sample_kind(depths)
       h, w, d = batch_lib.image_shape(depths, data_cfg)
       length = batch_lib.text_length(tokenizer.example_length(q, a), data_cfg.text_lengths)
+      carrier = None
+      if dtypes is not None and kind == '3d':
+        used = rec['images'][:n_img]
+        carrier = (transforms.carrier_dtype([dtypes[im['id']] for im in used],
+                                            data_cfg.resize).name,
+                   max(int(im['shape'][0]) for im in used))
       self.keys.append(BucketKey(kind, h, w, d,
                                  batch_lib.image_slots(max(n_img, 1), data_cfg.max_images),
-                                 length))
+                                 length, carrier))
     self.buckets: dict[BucketKey, list[int]] = collections.defaultdict(list)
     for i, key in enumerate(self.keys):
       self.buckets[key].append(i)
@@ -234,6 +246,7 @@ class BatchLoader:
     self.tokenizer, self.data_cfg = tokenizer, data_cfg
     self.image_cache = image_cache
     self.keys = batch_lib.keys(image_cache is not None)
+    self.stored_keys = self.keys + ('image_maps',)     # a stored-voxel bucket's row views
     self.token_shape = None if image_cache is None else (
         image_cache.meta['num_latents'], image_cache.meta['embed'], image_cache.meta['dtype'])
 
@@ -247,7 +260,9 @@ class BatchLoader:
     epoch, j = divmod(int(index), self.plan.num_batches)
     key, rows = self.plan.epoch(epoch)[j]
     hwd = (key.height, key.width, key.depth)
-    batch = batch_lib.empty_batch(len(rows), key.images, hwd, key.length, self.token_shape)
+    batch = batch_lib.empty_batch(len(rows), key.images, hwd, key.length, self.token_shape,
+                                  key.carrier)
+    row_keys = self.keys if key.carrier is None else self.stored_keys
     batch[_SKIPPED] = []
     batch[_DATASETS] = []
     for r, sample in enumerate(rows):
@@ -277,7 +292,7 @@ class BatchLoader:
       batch_lib.record_inputs(rec, arrays, self.tokenizer, self.data_cfg,
                               text=self.plan.texts[sample],
                               shape=hwd, slots=key.images,
-                              length=key.length, out={k: batch[k][r] for k in self.keys})
+                              length=key.length, out={k: batch[k][r] for k in row_keys})
       batch[_DATASETS].append(self.plan.datasets[sample])
     return batch
 
@@ -346,6 +361,9 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   the datasets in these proportions (module doc); None: every sample once per epoch. A weight for
   a dataset the records lack, or a dataset without a weight, is a ConfigError naming it.
 
+  `data_cfg.host_dtype='stored'`: 3D batches carry the resized stored voxels + `image_maps`
+  (data/batch.py); `batch.device_inputs` makes the model's images of them on the device.
+
   `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
   `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
   unless given. The returned dataset has `.stats` (the PipelineStats) and `.plan` attributes.
@@ -377,8 +395,12 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   if not records:
     raise ValueError(f'no samples in {data_cfg.manifest or store.manifest_path} (split={split!r})')
   stats = stats if stats is not None else PipelineStats()
+  dtypes = None
+  if getattr(data_cfg, 'host_dtype', 'float32') == 'stored' and image_cache is None:
+    dtypes = {im['id']: store.info(im['id'])['dtype']
+              for rec in records for im in rec.get('images', [])}
   plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count,
-                   mixture)
+                   mixture, dtypes)
   loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache)
   ds = grain.MapDataset.range(plan.num_batches).repeat(num_epochs).map_with_index(loader)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
