@@ -27,20 +27,17 @@ def store(tmp_path_factory):
     records.append({'id': f'2d{i}', 'task': 'vqa', 'question': f'What is in image {i}?',
                     'answer': f'Finding {i}.',
                     'images': [{'path': f'x{i}.png', 'position': {'question': 0}}]})
-  for i in range(5):       # CT int16, different depths; two samples with two scans
-    cd.write_nifti(d / f'ct{i}.nii.gz', cd.ct_volume((20, 18, 6 + 3 * i), seed=i))
-    images = [{'path': f'ct{i}.nii.gz', 'position': {'question': 0}, 'modality': 'CT'}]
-    if i % 2:
-      images.append({'path': f'ct{i - 1}.nii.gz', 'position': {'question': 0}, 'modality': 'CT'})
-    records.append({'id': f'ct{i}', 'task': 'report', 'question': '', 'findings': f'Lesion {i}.',
+  # CT int16 of different depths (two samples with two scans), MR float32 (carried as float32).
+  scans = [(f'ct{i}', 'CT', cd.ct_volume((20, 18, 6 + 3 * i), seed=i)) for i in range(5)]
+  scans += [(f'mr{i}', 'MR', (rng.random((16, 14, 9)) * 900).astype(np.float32))
+            for i in range(2)]
+  for i, (name, modality, volume) in enumerate(scans):
+    cd.write_nifti(d / f'{name}.nii.gz', volume)
+    images = [{'path': f'{name}.nii.gz', 'position': {'question': 0}, 'modality': modality}]
+    if modality == 'CT' and i % 2:
+      images.append(dict(images[0], path=f'ct{i - 1}.nii.gz'))
+    records.append({'id': name, 'task': 'report', 'question': '', 'findings': f'Lesion {i}.',
                     'impression': 'Stable.', 'images': images})
-  for i in range(2):       # MR float32: carried as float32
-    mr = (rng.random((16, 14, 9)) * 900).astype(np.float32)
-    cd.write_nifti(d / f'mr{i}.nii.gz', mr)
-    records.append({'id': f'mr{i}', 'task': 'report', 'question': '', 'findings': f'Normal {i}.',
-                    'impression': 'Normal.',
-                    'images': [{'path': f'mr{i}.nii.gz', 'position': {'question': 0},
-                                'modality': 'MR'}]})
   manifest = cd.write_manifest(d / 'samples.jsonl', records)
   ingest(manifest, str(d / 'store'), log=open(os.devnull, 'w'))
   return VolumeStore(str(d / 'store'))
