@@ -29,8 +29,9 @@ def store(tmp_path_factory):
                     'images': [{'path': f'x{i}.png', 'position': {'question': 0}}]})
   # CT int16 of different depths (two samples with two scans), MR float32 (carried as float32).
   scans = [(f'ct{i}', 'CT', cd.ct_volume((20, 18, 6 + 3 * i), seed=i)) for i in range(5)]
-  scans += [(f'mr{i}', 'MR', (rng.random((16, 14, 9)) * 900).astype(np.float32))
-            for i in range(2)]
+  # MR of depth 9 (a bucket of its own) and 6 (shares ct0's bucket: a mixed bucket).
+  scans += [(f'mr{i}', 'MR', (rng.random((16, 14, d)) * 900).astype(np.float32))
+            for i, d in enumerate((9, 6))]
   for i, (name, modality, volume) in enumerate(scans):
     cd.write_nifti(d / f'{name}.nii.gz', volume)
     images = [{'path': f'{name}.nii.gz', 'position': {'question': 0}, 'modality': modality}]
@@ -43,17 +44,24 @@ def store(tmp_path_factory):
   return VolumeStore(str(d / 'store'))
 
 
-def _batches(store, **cfg):
+def _batches(store, plan=False, **cfg):
   ds = pipeline.make_dataset(cd.data_config(batch_size_3d=2, **cfg), cd.tiny_model(), store,
                              cd.tokenizer(), seed=3, process_index=0, process_count=1,
                              num_epochs=1)
-  return list(ds)
+  return (list(ds), ds.plan) if plan else list(ds)
 
 
 @pytest.mark.parametrize('policy', ['radfm', 'ct_windows3', 'percentile'])
 def test_stored_host_batches_give_the_same_model_input_on_device(store, policy):
   host = _batches(store, intensity=policy)
-  stored = _batches(store, intensity=policy, host_dtype='stored')
+  stored, plan = _batches(store, plan=True, intensity=policy, host_dtype='stored')
+  # The same batches, rows and order as the float32 mode: the carrier never splits a bucket; a
+  # bucket mixing int16 CT and float32 MR carries float32.
+  assert [b['tokens'].tobytes() for b in host] == [b['tokens'].tobytes() for b in stored]
+  carrier = {k.carrier for k in plan.buckets}
+  assert plan.keys[3].carrier == plan.keys[9].carrier == ('float32', 1)      # ct0 with mr1
+  assert plan.keys[4].carrier == ('int16', 1) and plan.keys[0].carrier is None
+  assert carrier == {None, ('int16', 1), ('float32', 1)}
   # Stored mode buckets 3D samples by carrier too (CT int16 and MR float32 never share a
   # batch), so compare per sample id: the rows' tokens identify them.
   def rows(batches, expand):
@@ -74,7 +82,7 @@ def test_stored_host_batches_give_the_same_model_input_on_device(store, policy):
   assert all(b['images'].dtype == np.float32 and b['images'].shape[2] == 3
              for b in stored if 'image_maps' not in b)
   want, got = rows(host, False), rows(stored, True)
-  assert len(want) == 10 and set(got) == set(want)
+  assert len(want) == 10 and set(got) == set(want)      # 3 PNG + 5 CT + 2 MR samples
   for key, row in want.items():
     for k in batch_lib.KEYS:
       a, b = row[k], got[key][k]
@@ -101,3 +109,31 @@ def test_host_dtype_is_validated():
   cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', ['data.host_dtype=stored'])
   assert cfg.data.host_dtype == 'stored'
   assert dataclasses.replace(cfg.data, host_dtype='float32') != cfg.data
+
+
+def test_train_loop_global_batch_expands_stored_batches(store):
+  """The train loop's host -> device step (loop.global_batch, batch axis sharded on a 2-device
+  mesh) gives the float32 images of the host path from a stored batch, sharding kept."""
+  from radfm_jax import sharding
+  from radfm_jax.train.loop import global_batch
+  if jax.device_count() < 2:
+    pytest.skip('needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count)')
+  cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', [])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])
+  rules = sharding.rules_for(cfg.mesh)
+  host = {b['tokens'].tobytes(): b for b in _batches(store, intensity='ct_windows3')}
+  stored = [b for b in _batches(store, intensity='ct_windows3', host_dtype='stored')
+            if b['images'].dtype == np.int16 and b['images'].shape[0] == 2]
+  assert stored
+  for b in stored:
+    out = global_batch(b, mesh, rules)
+    assert set(out) == set(batch_lib.KEYS)
+    assert out['images'].sharding.spec == out['tokens'].sharding.spec
+    images = np.asarray(out['images'])
+    for r in range(2):
+      if not b['attention_mask'][r].any():
+        assert not images[r].any()                       # an empty row stays all zeros
+        continue
+      want = next(h['images'][i] for h in host.values() for i in range(h['tokens'].shape[0])
+                  if h['tokens'][i].tobytes() == b['tokens'][r].tobytes())
+      assert want.tobytes() == images[r].tobytes()

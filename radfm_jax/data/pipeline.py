@@ -89,7 +89,8 @@ class BucketKey:
   depth: int
   images: int      # S
   length: int      # L
-  # data.host_dtype='stored', 3D: (carrier dtype, channels) of the host images (else None).
+  # data.host_dtype='stored', 3D: (carrier dtype, channels) of the bucket's host images, from all
+  # its scans (else None); it never splits a bucket.
   carrier: tuple[str, int] | None = None
 
 
@@ -99,9 +100,8 @@ class BatchPlan:
   def __init__(self, records: list[dict], data_cfg, tokenizer: Tokenizer, num_latents: int,
                seed: int, process_index: int, process_count: int,
                mixture: dict[str, float] | None = None, dtypes: dict[str, str] | None = None):
-    """`dtypes` ({scan id: stored dtype}, from the store's index): with it, 3D samples carry
-    their stored voxels (data.host_dtype='stored'), bucketed by carrier (dtype, channels) too, so
-    every host derives the same batch dtype from the manifest alone."""
+    """`dtypes` ({scan id: stored dtype}, from the store's index): with it, 3D batches carry
+    their stored voxels (data.host_dtype='stored') in their bucket's carrier (dtype, channels)."""
     self.data_cfg = data_cfg
     self.seed = seed
     self.process_index, self.process_count = process_index, process_count
@@ -114,15 +114,11 @@ class BatchPlan:
       kind = batch_lib.sample_kind(depths)
       h, w, d = batch_lib.image_shape(depths, data_cfg)
       length = batch_lib.text_length(tokenizer.example_length(q, a), data_cfg.text_lengths)
-      carrier = None
-      if dtypes is not None and kind == '3d':
-        used = rec['images'][:n_img]
-        carrier = (transforms.carrier_dtype([dtypes[im['id']] for im in used],
-                                            data_cfg.resize).name,
-                   max(int(im['shape'][0]) for im in used))
       self.keys.append(BucketKey(kind, h, w, d,
                                  batch_lib.image_slots(max(n_img, 1), data_cfg.max_images),
-                                 length, carrier))
+                                 length))
+    if dtypes is not None:
+      self.keys = self._with_carriers(records, dtypes)
     self.buckets: dict[BucketKey, list[int]] = collections.defaultdict(list)
     for i, key in enumerate(self.keys):
       self.buckets[key].append(i)
@@ -138,6 +134,23 @@ class BatchPlan:
                            for k in self.buckets)
     self._cache: collections.OrderedDict[int, list] = collections.OrderedDict()
     self._lock = threading.Lock()
+
+  def _with_carriers(self, records, dtypes) -> list[BucketKey]:
+    """The 3D keys with the carrier of their bucket: the dtype holding every stored dtype of the
+    bucket's scans and their largest channel count (from the manifest and the store index, so
+    every host agrees), leaving the bucketing itself unchanged."""
+    found = collections.defaultdict(lambda: (set(), 1))
+    for rec, key in zip(records, self.keys):
+      if key.kind == '3d':
+        names, channels = found[key]
+        for im in rec['images'][:self.data_cfg.max_images]:
+          names.add(dtypes[im['id']])
+          channels = max(channels, int(im['shape'][0]))
+        found[key] = (names, channels)
+    carriers = {k: (transforms.carrier_dtype(sorted(n), self.data_cfg.resize).name, c)
+                for k, (n, c) in found.items()}
+    return [dataclasses.replace(k, carrier=carriers[k]) if k in carriers else k
+            for k in self.keys]
 
   # Worker processes get a pickled copy: drop the lock and the epoch cache, rebuild them there.
   def __getstate__(self):
