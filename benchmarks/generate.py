@@ -9,12 +9,17 @@ over this machine's measured matrix-vector bandwidth) and the tokens/s ceiling i
 batch 1: a single-token step must read every decoder weight once.
 
     .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer-loop scan]
-        [--cache-chunk 64]
+        [--cache-chunk 64] [--profile]
+
+--profile adds where one decode step's time goes: XLA:CPU traces of a 1-token and a
+`--profile-tokens`-token call, parsed per HLO op (benchmarks/xla_profile.py), summed per category,
+their difference over the extra steps.
 """
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -23,7 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import gemv_bytes_per_second, time_fn  # noqa: E402
+import xla_profile  # noqa: E402
+from common import gemv_bytes_per_second, machine, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.infer import cpu_decode  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
@@ -41,6 +47,13 @@ def prompts(cfg, batch, length=64, seed=0):
     text = rng.integers(3, vocab, length - len(block) - 1).tolist()
     out.append([1] + block + text)
   return out
+
+
+def bench_images(cfg, batch):
+  """[batch, 1, 3, 256, 256, 16] (smaller configs: their vision tower's own size)."""
+  side = min(256, cfg.vision.image_size)
+  shape = (batch, 1, 3, side, side, min(16, cfg.vision.frames))
+  return np.random.default_rng(1).random(shape, np.float32)
 
 
 def step_products_ms(cfg, rows: int) -> float:
@@ -77,13 +90,42 @@ def timed(model, tokens, mask, images, **kw):
 
 def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk):
   tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
-  images = np.random.default_rng(1).random((batch, 1, 3, 256, 256, 16), np.float32)
+  images = bench_images(cfg, batch)
   # No early stop: exactly `new_tokens` per row.
   kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk)
   seconds = timed(model, tokens, mask, images, max_new_tokens=new_tokens, **kw)
   # One new token: the fixed cost of a call (images to device, image encoding, prefill).
   fixed = timed(model, tokens, mask, images, max_new_tokens=1, **kw)
   return batch * new_tokens / seconds, seconds, fixed
+
+
+def profile_step(model, cfg, batch, new_tokens, layer_loop, cache_chunk, dump_dir, repeats=3):
+  """Per-category seconds of one decode step: (the `new_tokens` call - the 1-token call) /
+  (new_tokens - 1), each call traced `repeats` times and each category's fastest call kept (the
+  fixed cost, image encoder and prefill, is most of a short call, and its noise would swamp the
+  steps'); each op categorised from its own module's HLO dump. Also returns both calls'
+  per-category totals and the wall time per step."""
+  tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
+  images = bench_images(cfg, batch)
+  kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk)
+  totals, walls = [], []
+  for new in (1, new_tokens):
+    generate_ids(model, tokens, mask, images, max_new_tokens=new, **kw)     # compile
+    best, wall = None, float('inf')
+    for _ in range(repeats):
+      with tempfile.TemporaryDirectory() as trace:
+        with jax.profiler.trace(trace):
+          start = time.perf_counter()
+          generate_ids(model, tokens, mask, images, max_new_tokens=new, **kw)
+          wall = min(wall, time.perf_counter() - start)
+        cats = xla_profile.by_category(xla_profile.self_times(trace, 'decode_loop'),
+                                       xla_profile.hlo_from_dump(dump_dir))
+      best = cats if best is None else {k: min(best[k], v) for k, v in cats.items()}
+    totals.append(best)
+    walls.append(wall)
+  steps = new_tokens - 1
+  per_step = {k: (totals[1][k] - totals[0][k]) / steps for k in totals[0]}
+  return per_step, (walls[1] - walls[0]) / steps, totals
 
 
 def main():
@@ -93,7 +135,17 @@ def main():
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--layer-loop', default='auto', choices=('auto', 'scan', 'unrolled'))
   parser.add_argument('--cache-chunk', type=int, default=64)
+  parser.add_argument('--profile', action='store_true',
+                      help='also print where one decode step goes (XLA:CPU trace per HLO op)')
+  parser.add_argument('--profile-tokens', type=int, default=65)
   args = parser.parse_args()
+  dump = tempfile.TemporaryDirectory() if args.profile else None
+  if dump:
+    # The optimised HLO of the decode program names each traced op's opcodes; XLA reads the
+    # flags when the backend starts (below, at the first device use).
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                               + xla_profile.dump_flags(dump.name, '.*decode_loop.*'))
+  print(f'machine: {machine()}; load average {os.getloadavg()[0]:.1f}')
   cfg = model_config(args.size, compute_dtype=args.dtype, remat_policy='none')
   model = create_model(cfg, seed=0)
   print(f'config {args.size}, compute {args.dtype}, layer loop {args.layer_loop}, {args.new} new '
@@ -114,6 +166,14 @@ def main():
           f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1; fixed cost '
           f'{fixed * 1e3:.0f} ms (a 1-token call), then {step_ms:.1f} ms per step, of which '
           f'the matrix products alone take {products:.1f} ms')
+    if dump:
+      cats, wall, totals = profile_step(model, cfg, batch, args.profile_tokens, args.layer_loop,
+                                        args.cache_chunk, dump.name)
+      print(xla_profile.report(cats, wall, f'decode step at batch {batch}'))
+      print('  (whole calls, ms: ' + ', '.join(
+          f'{k} {totals[0][k] * 1e3:.0f} -> {totals[1][k] * 1e3:.0f}' for k in totals[0]
+          if totals[1][k]) + f' for 1 -> {args.profile_tokens} new tokens; a negative step '
+          'figure is noise)')
 
 
 if __name__ == '__main__':

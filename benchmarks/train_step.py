@@ -4,12 +4,17 @@ Prints model FLOPs per step (analytic), achieved FLOP/s, the FLOP/s of a 2048^3 
 measured in the same run, and their ratio (goal >= 0.6); then the cost of the gather splice
 against the original's one-hot matmul at the official sizes.
 
-    .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5]
+    .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
+
+--profile adds where the step's time goes: an XLA:CPU trace of the step parsed per HLO op and
+summed per category (matmul/conv, elementwise, reductions/norms, softmax, copies/transposes,
+collectives, loop control; benchmarks/xla_profile.py).
 """
 
 import argparse
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -18,7 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import matmul_flops_per_second, time_fn  # noqa: E402
+import xla_profile  # noqa: E402
+from common import machine, matmul_flops_per_second, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.models.flops import batch_flops, one_hot_splice_flops  # noqa: E402
 from radfm_jax.models.radfm import create_model, splice_image_tokens  # noqa: E402
@@ -80,10 +86,15 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--size', default='bench')
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--profile', action='store_true',
+                      help='also print where the step time goes (XLA:CPU trace per HLO op)')
   args = parser.parse_args()
+  print(f'machine: {machine()}; load average {os.getloadavg()[0]:.1f}')
 
   cfg = model_config(args.size, remat_policy='none', compute_dtype='float32')
-  batch = make_batch(cfg)
+  # The bench image (256x256x16); smaller configs get their vision tower's own size.
+  side = min(256, cfg.vision.image_size)
+  batch = make_batch(cfg, shape=(side, side, min(16, cfg.vision.frames)))
   model = create_model(cfg, seed=0)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
@@ -93,13 +104,19 @@ def main():
   flops = batch_flops(cfg, batch).train_step
   matmul = matmul_flops_per_second()
   achieved = flops / seconds
-  print(f'config: {args.size}  batch 2 x (1 image 3x256x256x16, 256 tokens)  devices: '
+  image = 'x'.join(map(str, batch['images'].shape[2:]))
+  print(f'config: {args.size}  batch 2 x (1 image {image}, 256 tokens)  devices: '
         f'{jax.devices()[0].platform} x{jax.device_count()}')
   print(f'model FLOPs / step        {flops / 1e9:10.1f} GFLOP')
   print(f'step time                 {seconds * 1e3:10.1f} ms')
   print(f'achieved                  {achieved / 1e9:10.1f} GFLOP/s')
   print(f'2048^3 fp32 matmul        {matmul / 1e9:10.1f} GFLOP/s')
   print(f'ratio (goal >= 0.6)       {achieved / matmul:10.2f}')
+  if args.profile:
+    with tempfile.TemporaryDirectory() as trace:
+      times, wall, hlo = xla_profile.profile(step, (params, graphdef, rest, batch, rng), trace,
+                                             steps=max(1, min(3, args.repeats)))
+    print(xla_profile.report(xla_profile.by_category(times, hlo), wall, 'step', times, hlo))
 
   t_gather, t_onehot, onehot_flops = splice_comparison(args.repeats)
   print(f'splice at official sizes (512 tokens, 1 image): gather {t_gather * 1e3:.2f} ms, one-hot '

@@ -165,6 +165,11 @@ class DataConfig:
   # every sample once per epoch (the original's concatenated datasets). Overrides take a mapping:
   # --config.data.mixture="{'vqa_rad': 2, 'slake': 1}". A weight of 0 leaves a dataset out.
   mixture: tuple[tuple[str, float], ...] = ()
+  # What a 3D batch's `images` hold on the host. 'float32': the model input itself (3 channels,
+  # [0, 1]). 'stored': the resized voxels in the stored dtype (int16 CT: 1/6 of the bytes) plus
+  # each image's intensity map; the device applies the map and repeats to 3 channels
+  # (data/batch.py: device_inputs), bit-identical to 'float32' (tests/test_data_host_dtype.py).
+  host_dtype: str = 'float32'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -614,6 +619,8 @@ def _validate_data(d: DataConfig, m: ModelConfig):
     _fail('data.intensity', d.intensity, "'radfm', 'ct_window', 'ct_windows3' or 'percentile'")
   if d.resize not in ('nearest', 'trilinear'):
     _fail('data.resize', d.resize, "'nearest' or 'trilinear'")
+  if d.host_dtype not in ('float32', 'stored'):
+    _fail('data.host_dtype', d.host_dtype, "'float32' or 'stored'")
   for name in ('image_size_2d', 'image_size_3d_single'):
     size = getattr(d, name)
     if size % v.patch_size or size > v.image_size or size <= 0:

@@ -18,6 +18,15 @@ With `data.image_cache` (data/image_cache.py) the batch holds, instead of `image
 
 and the model skips the vision tower (`keys(image_cache)` is the key tuple of either kind).
 
+With `data.host_dtype='stored'` a 3D batch leaves the host as
+
+    images          uint8 / int16 / float32 [B, S, C, H, W, D]   the resized stored voxels
+    image_maps      float32 [B, S, 3, 4]        per output channel (source channel, low, scale,
+                                                clip): transforms.map_coefficients
+
+and `device_inputs` (on the device, after the transfer) turns it into the float32 `images`
+above, bit for bit what the host would have written (`host_keys(batch)`: the keys to transfer).
+
 B = rows, S = image slots, (H, W, D) = the RadFM shape bucket, L = text length. A generation batch
 holds the same images / image_mask and left-padded prompt tokens / attention_mask (no labels).
 
@@ -48,6 +57,39 @@ CACHED_KEYS = ('image_tokens', 'image_mask') + TEXT_KEYS
 def keys(image_cache: bool = False) -> tuple[str, ...]:
   """The keys of a batch: `CACHED_KEYS` when it carries cached image tokens, else `KEYS`."""
   return CACHED_KEYS if image_cache else KEYS
+
+
+def host_keys(batch: dict) -> tuple[str, ...]:
+  """The keys a host batch sends to the device: `keys(...)`, plus `image_maps` when its images
+  are stored voxels (data.host_dtype='stored'; `device_inputs` applies them there)."""
+  return keys('image_tokens' in batch) + (('image_maps',) if 'image_maps' in batch else ())
+
+
+def _expand(images, maps):
+  import jax.numpy as jnp
+  src = maps[..., 0].astype(jnp.int32)[..., None, None, None]        # [B, S, 3, 1, 1, 1]
+  lo, scale, clip = (maps[..., i][..., None, None, None] for i in (1, 2, 3))
+  x = jnp.take_along_axis(images, src, axis=2).astype(jnp.float32)  # [B, S, 3, H, W, D]
+  y = (x - lo) * scale
+  return jnp.where(clip > 0, jnp.clip(y, 0.0, 1.0), y)
+
+
+_EXPAND = None
+
+
+def device_inputs(batch: dict) -> dict:
+  """A batch on the device -> the model's inputs: stored voxels + `image_maps` become float32
+  images [B, S, 3, H, W, D] in [0, 1] (transforms.map_coefficients: (x - low) * scale, clipped
+  where the policy clips; the batch-axis sharding is kept); any other batch is returned as is."""
+  if 'image_maps' not in batch:
+    return batch
+  global _EXPAND
+  if _EXPAND is None:
+    import jax
+    _EXPAND = jax.jit(_expand)
+  out = {k: v for k, v in batch.items() if k != 'image_maps'}
+  out['images'] = _EXPAND(batch['images'], batch['image_maps'])
+  return out
 DTYPES = {'images': np.float32, 'image_mask': np.bool_, 'tokens': np.int32,
           'attention_mask': np.int32, 'labels': np.int32, 'loss_weights': np.float32}
 
@@ -81,12 +123,18 @@ def batch_shards(mesh, rules) -> int:
 
 
 def empty_batch(rows: int, slots: int, image_shape: Sequence[int], length: int,
-                token_shape: tuple[int, int, str] | None = None) -> dict:
+                token_shape: tuple[int, int, str] | None = None,
+                carrier: tuple[str, int] | None = None) -> dict:
   """A batch of `rows` empty rows (all-zero images, masks, tokens and weights; labels IGNORE):
   images [rows, slots, 3, H, W, D], the text arrays [rows, length]. With `token_shape` =
-  (latents N, embed E, dtype): image_tokens [rows, slots * N, E] instead of images."""
+  (latents N, embed E, dtype): image_tokens [rows, slots * N, E] instead of images. With
+  `carrier` = (dtype, channels C) (data.host_dtype='stored'): images [rows, slots, C, H, W, D] in
+  that dtype and image_maps [rows, slots, 3, 4] (zero maps: empty slots become zeros)."""
   h, w, d = (int(v) for v in image_shape)
-  if token_shape is None:
+  if carrier is not None:
+    batch = {'images': np.zeros((rows, slots, carrier[1], h, w, d), np.dtype(carrier[0])),
+             'image_maps': np.zeros((rows, slots, 3, 4), np.float32)}
+  elif token_shape is None:
     batch = {'images': np.zeros((rows, slots, 3, h, w, d), np.float32)}
   else:
     n, e, dtype = token_shape
@@ -185,7 +233,11 @@ def encode_sample(question: str, answer: str | None, images: Sequence[np.ndarray
     if 'images' not in row:
       row['images'] = np.zeros((slots, 3) + tuple(int(v) for v in shape), np.float32)
       row['image_mask'] = np.zeros(slots, bool)
-    if len(images):
+    if len(images) and 'image_maps' in row:      # stored voxels; the device maps them
+      transforms.prepare_stored(list(images), list(modalities), shape, data_cfg,
+                                out=row['images'], maps=row['image_maps'])
+      row['image_mask'][:len(images)] = True
+    elif len(images):
       transforms.prepare_images(list(images), list(modalities), shape, data_cfg, out=row['images'])
       row['image_mask'][:len(images)] = True
   if answer is None:
@@ -239,5 +291,5 @@ def record_inputs(record: dict, images: Sequence[np.ndarray], tokenizer, data_cf
 
 
 __all__ = ['CACHED_KEYS', 'DTYPES', 'IGNORE', 'KEYS', 'TEXT_KEYS', 'keys', 'batch_shards', 'batch_sharding',
-           'batch_spec', 'empty_batch', 'encode_sample', 'image_shape', 'image_slots',
+           'batch_spec', 'device_inputs', 'empty_batch', 'host_keys', 'encode_sample', 'image_shape', 'image_slots',
            'kind_batch_size', 'record_inputs', 'record_text', 'sample_kind', 'text_length']

@@ -52,6 +52,7 @@ import grain
 import numpy as np
 
 from radfm_jax.data import batch as batch_lib
+from radfm_jax.data import transforms
 from radfm_jax.data.image_cache import ImageTokenCache
 from radfm_jax.data.manifest import dataset_of, read_manifest
 from radfm_jax.data.store import VolumeStore
@@ -88,6 +89,9 @@ class BucketKey:
   depth: int
   images: int      # S
   length: int      # L
+  # data.host_dtype='stored', 3D: (carrier dtype, channels) of the bucket's host images, from all
+  # its scans (else None); it never splits a bucket.
+  carrier: tuple[str, int] | None = None
 
 
 class BatchPlan:
@@ -95,7 +99,9 @@ class BatchPlan:
 
   def __init__(self, records: list[dict], data_cfg, tokenizer: Tokenizer, num_latents: int,
                seed: int, process_index: int, process_count: int,
-               mixture: dict[str, float] | None = None):
+               mixture: dict[str, float] | None = None, dtypes: dict[str, str] | None = None):
+    """`dtypes` ({scan id: stored dtype}, from the store's index): with it, 3D batches carry
+    their stored voxels (data.host_dtype='stored') in their bucket's carrier (dtype, channels)."""
     self.data_cfg = data_cfg
     self.seed = seed
     self.process_index, self.process_count = process_index, process_count
@@ -111,6 +117,8 @@ class BatchPlan:
       self.keys.append(BucketKey(kind, h, w, d,
                                  batch_lib.image_slots(max(n_img, 1), data_cfg.max_images),
                                  length))
+    if dtypes is not None:
+      self.keys = self._with_carriers(records, dtypes)
     self.buckets: dict[BucketKey, list[int]] = collections.defaultdict(list)
     for i, key in enumerate(self.keys):
       self.buckets[key].append(i)
@@ -126,6 +134,23 @@ class BatchPlan:
                            for k in self.buckets)
     self._cache: collections.OrderedDict[int, list] = collections.OrderedDict()
     self._lock = threading.Lock()
+
+  def _with_carriers(self, records, dtypes) -> list[BucketKey]:
+    """The 3D keys with the carrier of their bucket: the dtype holding every stored dtype of the
+    bucket's scans and their largest channel count (from the manifest and the store index, so
+    every host agrees), leaving the bucketing itself unchanged."""
+    found = collections.defaultdict(lambda: (set(), 1))
+    for rec, key in zip(records, self.keys):
+      if key.kind == '3d':
+        names, channels = found[key]
+        for im in rec['images'][:self.data_cfg.max_images]:
+          names.add(dtypes[im['id']])
+          channels = max(channels, int(im['shape'][0]))
+        found[key] = (names, channels)
+    carriers = {k: (transforms.carrier_dtype(sorted(n), self.data_cfg.resize).name, c)
+                for k, (n, c) in found.items()}
+    return [dataclasses.replace(k, carrier=carriers[k]) if k in carriers else k
+            for k in self.keys]
 
   # Worker processes get a pickled copy: drop the lock and the epoch cache, rebuild them there.
   def __getstate__(self):
@@ -234,6 +259,7 @@ class BatchLoader:
     self.tokenizer, self.data_cfg = tokenizer, data_cfg
     self.image_cache = image_cache
     self.keys = batch_lib.keys(image_cache is not None)
+    self.stored_keys = self.keys + ('image_maps',)     # a stored-voxel bucket's row views
     self.token_shape = None if image_cache is None else (
         image_cache.meta['num_latents'], image_cache.meta['embed'], image_cache.meta['dtype'])
 
@@ -247,7 +273,9 @@ class BatchLoader:
     epoch, j = divmod(int(index), self.plan.num_batches)
     key, rows = self.plan.epoch(epoch)[j]
     hwd = (key.height, key.width, key.depth)
-    batch = batch_lib.empty_batch(len(rows), key.images, hwd, key.length, self.token_shape)
+    batch = batch_lib.empty_batch(len(rows), key.images, hwd, key.length, self.token_shape,
+                                  key.carrier)
+    row_keys = self.keys if key.carrier is None else self.stored_keys
     batch[_SKIPPED] = []
     batch[_DATASETS] = []
     for r, sample in enumerate(rows):
@@ -277,7 +305,7 @@ class BatchLoader:
       batch_lib.record_inputs(rec, arrays, self.tokenizer, self.data_cfg,
                               text=self.plan.texts[sample],
                               shape=hwd, slots=key.images,
-                              length=key.length, out={k: batch[k][r] for k in self.keys})
+                              length=key.length, out={k: batch[k][r] for k in row_keys})
       batch[_DATASETS].append(self.plan.datasets[sample])
     return batch
 
@@ -346,6 +374,9 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   the datasets in these proportions (module doc); None: every sample once per epoch. A weight for
   a dataset the records lack, or a dataset without a weight, is a ConfigError naming it.
 
+  `data_cfg.host_dtype='stored'`: 3D batches carry the resized stored voxels + `image_maps`
+  (data/batch.py); `batch.device_inputs` makes the model's images of them on the device.
+
   `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
   `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
   unless given. The returned dataset has `.stats` (the PipelineStats) and `.plan` attributes.
@@ -377,8 +408,12 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   if not records:
     raise ValueError(f'no samples in {data_cfg.manifest or store.manifest_path} (split={split!r})')
   stats = stats if stats is not None else PipelineStats()
+  dtypes = None
+  if getattr(data_cfg, 'host_dtype', 'float32') == 'stored' and image_cache is None:
+    dtypes = {im['id']: store.info(im['id'])['dtype']
+              for rec in records for im in rec.get('images', [])}
   plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count,
-                   mixture)
+                   mixture, dtypes)
   loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache)
   ds = grain.MapDataset.range(plan.num_batches).repeat(num_epochs).map_with_index(loader)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

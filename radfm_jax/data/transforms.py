@@ -177,17 +177,24 @@ def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy
   return maps
 
 
+def map_coefficients(chan_map) -> list[tuple[int, np.float32, np.float32, bool]]:
+  """A channel map (`channel_maps`) as the float32 numbers applied: (source, low, scale, clip)
+  per output channel, output = (float32(x[source]) - low) * scale (then clipped to [0, 1]).
+  The host (`apply_map`) and the device (data/batch.py: `device_inputs`) both use these."""
+  return [(int(src), np.float32(lo), np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0),
+           bool(clip)) for src, lo, hi, clip in chan_map]
+
+
 def apply_map(x: np.ndarray, chan_map, out: np.ndarray):
   """Writes the 3 mapped channels of x [C, H, W, D] into out [3, H, W, D] (float32)."""
   cache = {}
-  for c, (src, lo, hi, clip) in enumerate(chan_map):
-    key = (src, lo, hi, clip)
+  for c, (src, lo, scale, clip) in enumerate(map_coefficients(chan_map)):
+    key = (src, lo, scale, clip)
     if key in cache:                         # grey -> RGB: compute once, copy twice
       out[c] = out[cache[key]]
       continue
     cache[key] = c
-    scale = np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0)
-    np.subtract(x[src], np.float32(lo), out=out[c], dtype=np.float32, casting='unsafe')
+    np.subtract(x[src], lo, out=out[c], dtype=np.float32, casting='unsafe')
     np.multiply(out[c], scale, out=out[c])
     if clip:
       np.clip(out[c], 0.0, 1.0, out=out[c])
@@ -209,3 +216,36 @@ def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
   for s, (x, chan_map) in enumerate(zip(images, maps)):
     apply_map(resize(x, (h, w, d), data_cfg.resize), chan_map, out[s])
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Stored-dtype host batches (data.host_dtype='stored')
+
+
+def carrier_dtype(dtypes: Sequence[str], resize_mode: str = 'nearest') -> np.dtype:
+  """The smallest dtype holding every stored dtype in `dtypes` exactly, as the host carries the
+  resized voxels: uint8, int16, else float32 (also for `trilinear`, whose output is float32).
+  float32 is exact for any source: the host path casts to float32 before mapping too."""
+  names = {np.dtype(d).name for d in dtypes}
+  if resize_mode != 'nearest':
+    return np.dtype(np.float32)
+  if names <= {'uint8'}:
+    return np.dtype(np.uint8)
+  if names <= {'uint8', 'int8', 'int16'}:
+    return np.dtype(np.int16)
+  return np.dtype(np.float32)
+
+
+def prepare_stored(images: Sequence[np.ndarray], modalities: Sequence[str],
+                   shape: Sequence[int], data_cfg, out: np.ndarray, maps: np.ndarray):
+  """Raw scans [C, h, w, d] -> the resized voxels in `out` [>=S, C', H, W, D] (the carrier
+  dtype, C' >= every C) and the intensity maps in `maps` [>=S, 3, 4] float32 (source, low,
+  scale, clip per output channel, `map_coefficients`): `prepare_images` without the mapping,
+  which the device applies (data/batch.py: `device_inputs`)."""
+  chan_maps = channel_maps(images, modalities, data_cfg.intensity,
+                           getattr(data_cfg, 'ct_windows', ((40.0, 400.0),)),
+                           getattr(data_cfg, 'percentiles', (0.5, 99.5)))
+  for s, (x, chan_map) in enumerate(zip(images, chan_maps)):
+    x = resize(x, tuple(int(v) for v in shape), data_cfg.resize)
+    out[s, :x.shape[0]] = x
+    maps[s] = [(src, lo, scale, clip) for src, lo, scale, clip in map_coefficients(chan_map)]

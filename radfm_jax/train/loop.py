@@ -146,13 +146,14 @@ def _bucket(batch: dict) -> str:
 
 
 def global_batch(batch: dict, mesh, rules) -> dict:
-  """This host's rows -> global arrays, the batch axis sharded by the `act_batch` rule."""
+  """This host's rows -> global arrays, the batch axis sharded by the `act_batch` rule (stored
+  voxels, data.host_dtype='stored', become the model's float32 images there)."""
   sh = batch_lib.batch_sharding(mesh, rules)
   out = {}
-  for k in batch_lib.keys('image_tokens' in batch):
+  for k in batch_lib.host_keys(batch):
     x = np.asarray(batch[k])
     out[k] = jax.make_array_from_process_local_data(sh, x)
-  return out
+  return batch_lib.device_inputs(out)
 
 
 class _StopFlag:

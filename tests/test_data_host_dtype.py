@@ -1,0 +1,139 @@
+"""data.host_dtype='stored': 3D batches leave the host as stored voxels + intensity maps, and
+`batch.device_inputs` makes of them, on the device, exactly (bit for bit) the images the
+'float32' host path writes, on a real tiny store, for every intensity policy."""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import conftest_data as cd
+from radfm_jax.config import ConfigError, load_config
+from radfm_jax.data import batch as batch_lib
+from radfm_jax.data import pipeline
+from radfm_jax.data.ingest import ingest
+from radfm_jax.data.store import VolumeStore
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+  d = tmp_path_factory.mktemp('hostdtype')
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(3):       # 2D samples: stay float32 on the host in both modes
+    cd.write_png(d / f'x{i}.png', rng.integers(0, 255, (40, 36), dtype=np.uint8))
+    records.append({'id': f'2d{i}', 'task': 'vqa', 'question': f'What is in image {i}?',
+                    'answer': f'Finding {i}.',
+                    'images': [{'path': f'x{i}.png', 'position': {'question': 0}}]})
+  # CT int16 of different depths (two samples with two scans), MR float32 (carried as float32).
+  scans = [(f'ct{i}', 'CT', cd.ct_volume((20, 18, 6 + 3 * i), seed=i)) for i in range(5)]
+  # MR of depth 9 (a bucket of its own) and 6 (shares ct0's bucket: a mixed bucket).
+  scans += [(f'mr{i}', 'MR', (rng.random((16, 14, d)) * 900).astype(np.float32))
+            for i, d in enumerate((9, 6))]
+  for i, (name, modality, volume) in enumerate(scans):
+    cd.write_nifti(d / f'{name}.nii.gz', volume)
+    images = [{'path': f'{name}.nii.gz', 'position': {'question': 0}, 'modality': modality}]
+    if modality == 'CT' and i % 2:
+      images.append(dict(images[0], path=f'ct{i - 1}.nii.gz'))
+    records.append({'id': name, 'task': 'report', 'question': '', 'findings': f'Lesion {i}.',
+                    'impression': 'Stable.', 'images': images})
+  manifest = cd.write_manifest(d / 'samples.jsonl', records)
+  ingest(manifest, str(d / 'store'), log=open(os.devnull, 'w'))
+  return VolumeStore(str(d / 'store'))
+
+
+def _batches(store, plan=False, **cfg):
+  ds = pipeline.make_dataset(cd.data_config(batch_size_3d=2, **cfg), cd.tiny_model(), store,
+                             cd.tokenizer(), seed=3, process_index=0, process_count=1,
+                             num_epochs=1)
+  return (list(ds), ds.plan) if plan else list(ds)
+
+
+@pytest.mark.parametrize('policy', ['radfm', 'ct_windows3', 'percentile'])
+def test_stored_host_batches_give_the_same_model_input_on_device(store, policy):
+  host = _batches(store, intensity=policy)
+  stored, plan = _batches(store, plan=True, intensity=policy, host_dtype='stored')
+  # The same batches, rows and order as the float32 mode: the carrier never splits a bucket; a
+  # bucket mixing int16 CT and float32 MR carries float32.
+  assert [b['tokens'].tobytes() for b in host] == [b['tokens'].tobytes() for b in stored]
+  carrier = {k.carrier for k in plan.buckets}
+  assert plan.keys[3].carrier == plan.keys[9].carrier == ('float32', 1)      # ct0 with mr1
+  assert plan.keys[4].carrier == ('int16', 1) and plan.keys[0].carrier is None
+  assert carrier == {None, ('int16', 1), ('float32', 1)}
+  # Stored mode buckets 3D samples by carrier too (CT int16 and MR float32 never share a
+  # batch), so compare per sample id: the rows' tokens identify them.
+  def rows(batches, expand):
+    out = {}
+    for b in batches:
+      if expand:
+        assert set(b) == set(batch_lib.host_keys(b))
+        b = {k: np.asarray(v) for k, v in
+             batch_lib.device_inputs({k: jax.numpy.asarray(v) for k, v in b.items()}).items()}
+      assert set(b) == set(batch_lib.KEYS) and b['images'].dtype == np.float32
+      for r in range(b['tokens'].shape[0]):
+        if b['attention_mask'][r].any():
+          out[b['tokens'][r].tobytes()] = {k: v[r] for k, v in b.items()}
+    return out
+
+  carriers = {(str(b['images'].dtype), b['images'].shape[2]) for b in stored if 'image_maps' in b}
+  assert carriers == {('int16', 1), ('float32', 1)}        # CT and MR; 2D batches unchanged
+  assert all(b['images'].dtype == np.float32 and b['images'].shape[2] == 3
+             for b in stored if 'image_maps' not in b)
+  want, got = rows(host, False), rows(stored, True)
+  assert len(want) == 10 and set(got) == set(want)      # 3 PNG + 5 CT + 2 MR samples
+  for key, row in want.items():
+    for k in batch_lib.KEYS:
+      a, b = row[k], got[key][k]
+      assert a.shape == b.shape and a.dtype == b.dtype, k
+      assert a.tobytes() == b.tobytes(), (k, float(np.abs(a.astype(float) - b).max()))
+  # Not trivially zero: the CT rows carry real intensities in [0, 1].
+  ct = [r['images'] for r in want.values() if r['images'].shape[-1] > 4]
+  assert max(float(x.max()) for x in ct) > 0.5
+
+
+def test_stored_mode_shrinks_the_host_batch(store):
+  host = {b['tokens'].tobytes(): b for b in _batches(store)}
+  stored = [b for b in _batches(store, host_dtype='stored') if 'image_maps' in b]
+  ct = [b for b in stored if b['images'].dtype == np.int16]
+  assert ct and all(b['images'].nbytes * 6 == b['images'].size * 3 * 4 for b in ct)
+  assert len(host) > 0
+
+
+def test_host_dtype_is_validated():
+  with pytest.raises(ConfigError) as e:
+    load_config('configs/radfm.py:model=tiny,mesh=cpu', ['data.host_dtype=int16'])
+  assert str(e.value) == ("config field data.host_dtype='int16': expected 'float32' or "
+                          "'stored'")
+  cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', ['data.host_dtype=stored'])
+  assert cfg.data.host_dtype == 'stored'
+  assert dataclasses.replace(cfg.data, host_dtype='float32') != cfg.data
+
+
+def test_train_loop_global_batch_expands_stored_batches(store):
+  """The train loop's host -> device step (loop.global_batch, batch axis sharded on a 2-device
+  mesh) gives the float32 images of the host path from a stored batch, sharding kept."""
+  from radfm_jax import sharding
+  from radfm_jax.train.loop import global_batch
+  if jax.device_count() < 2:
+    pytest.skip('needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count)')
+  cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', [])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])
+  rules = sharding.rules_for(cfg.mesh)
+  host = {b['tokens'].tobytes(): b for b in _batches(store, intensity='ct_windows3')}
+  stored = [b for b in _batches(store, intensity='ct_windows3', host_dtype='stored')
+            if b['images'].dtype == np.int16 and b['images'].shape[0] == 2]
+  assert stored
+  for b in stored:
+    out = global_batch(b, mesh, rules)
+    assert set(out) == set(batch_lib.KEYS)
+    assert out['images'].sharding.spec == out['tokens'].sharding.spec
+    images = np.asarray(out['images'])
+    for r in range(2):
+      if not b['attention_mask'][r].any():
+        assert not images[r].any()                       # an empty row stays all zeros
+        continue
+      want = next(h['images'][i] for h in host.values() for i in range(h['tokens'].shape[0])
+                  if h['tokens'][i].tobytes() == b['tokens'][r].tobytes())
+      assert want.tobytes() == images[r].tobytes()
