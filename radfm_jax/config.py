@@ -60,6 +60,12 @@ class VisionConfig:
   head_dim: int = 64
   mlp_dim: int = 2048
   dropout: float = 0.1
+  # eps of the LayerNorm over each raw patch (the first op on the pixels). 1e-5 is the original's
+  # (torch default): it normalises every patch to unit variance, so a flat patch's noise (variance
+  # ~1e-5..1e-3 in [0, 1] images) becomes a full-size random pattern. A larger eps (1e-2) leaves
+  # such patches near zero while patches with real contrast are still normalised
+  # (radfm_jax/eval/vision.py measures the effect).
+  patch_norm_eps: float = 1e-5
 
   @property
   def patch_dim(self) -> int:
@@ -79,6 +85,11 @@ class PerceiverConfig:
   head_dim: int = 64
   num_latents: int = 32
   ff_mult: int = 4
+  # Initialisation only (not the forward): std of the learned latents. 1.0 is the original's
+  # randn; a small value (0.02, as the DeepMind Perceiver) makes the image-dependent attention
+  # output, not the scan-independent latent itself, dominate the resampler's output from step 0
+  # (the from-scratch demo's vision path collapses otherwise: radfm_jax/eval/vision.py).
+  latent_init_std: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,7 +517,10 @@ def validate_model(m: ModelConfig):
   if v.dim % 3:
     _fail('model.vision.dim', v.dim, 'a multiple of 3 (the 3D position table splits it in row/col/depth)')
   _finite('model.vision.dropout', v.dropout, 'a probability in [0, 1)', lambda x: 0 <= x < 1)
+  _finite('model.vision.patch_norm_eps', v.patch_norm_eps, 'a finite value > 0', lambda x: x > 0)
   _positive('model.perceiver', p, 'depth', 'heads', 'head_dim', 'num_latents', 'ff_mult')
+  _finite('model.perceiver.latent_init_std', p.latent_init_std, 'a finite value > 0',
+          lambda x: x > 0)
   _positive('model.llama', l, 'vocab_size', 'hidden_size', 'intermediate_size', 'num_layers',
             'num_heads', 'max_position_embeddings')
   _finite('model.llama.rms_norm_eps', l.rms_norm_eps, 'a finite value > 0', lambda x: x > 0)

@@ -94,6 +94,29 @@ class Curriculum:
     self.then.set_state(state['then'])
 
 
+class TowerLog:
+  """The train loop's `on_step` callback keeping the per-tower `grad_norm/<module>` and
+  `update_ratio/<module>` metrics (radfm_jax/train/step.py); `summary()` gives each one's mean
+  over the first and the last `window` steps."""
+
+  def __init__(self, window: int = 10):
+    self.window = window
+    self.rows: list[dict] = []
+
+  def __call__(self, step: int, values: dict):
+    self.rows.append({k: v for k, v in values.items()
+                      if k.startswith(('grad_norm/', 'update_ratio/'))})
+
+  def summary(self) -> dict:
+    out: dict = {}
+    for part, rows in (('first', self.rows[:self.window]), ('last', self.rows[-self.window:])):
+      for key in sorted({k for r in rows for k in r}):
+        metric, tower = key.split('/', 1)
+        values = [r[key] for r in rows if key in r]
+        out.setdefault(tower, {})[f'{metric}_{part}'] = sum(values) / len(values)
+    return out
+
+
 def _log(msg: str):
   print(f'[demo] {msg}', file=sys.stderr, flush=True)
 
@@ -219,6 +242,95 @@ def score(records: list[dict], answers: list[str]) -> dict:
 # The whole demo
 
 
+@dataclasses.dataclass
+class DemoSetup:
+  """Steps 1-3 done: the config (store and tokenizer set), the store, the manifest split."""
+  cfg: object
+  store: object
+  tokenizer_path: str
+  train: list
+  heldout: list
+  data_summary: dict
+  ingest_summary: dict
+  timings: dict
+
+
+def setup(out: str, *, config: str | None = None, overrides=(), steps: int | None = None,
+          quick: bool = False, seed: int = 0, rebuild: bool = False) -> DemoSetup:
+  """Steps 1-3 of the module doc (data, ingest, tokenizer) and the config (`run_demo`'s
+  arguments); the data is reused when OUT/data was built with the same sizes and seed."""
+  timings = {}
+  t = time.perf_counter()
+  data_dir, data_summary, rebuilt = build_data(out, quick, seed, rebuild)
+  timings['build_data_s'] = time.perf_counter() - t
+  t = time.perf_counter()
+  store_dir, ingest_summary = ingest_data(out, data_dir, rebuilt)
+  timings['ingest_s'] = time.perf_counter() - t
+
+  from radfm_jax.config import load_config, load_config_dict
+  from radfm_jax.data.store import VolumeStore
+  spec = config or (f'{DEFAULT_CONFIG}:model=tiny' if quick else DEFAULT_CONFIG)
+  given, overrides = list(overrides), [f'seed={seed}']
+  if quick:
+    overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',
+                  'data.batch_size_2d=8', 'data.batch_size_3d=8', 'generate.max_new_tokens=12']
+  if steps:
+    overrides += [f'train.steps={steps}']
+  overrides += given
+  raw = load_config_dict(spec, overrides)
+  if raw.train.warmup_steps >= raw.train.steps:      # e.g. --steps 20 under the demo's 30
+    overrides += [f'train.warmup_steps={max(raw.train.steps // 10, 0)}']
+  base_cfg = load_config(spec, overrides)
+  store = VolumeStore(store_dir)
+  records = store.manifest()
+  t = time.perf_counter()
+  tok_path = train_tokenizer(out, records, base_cfg.model.llama.vocab_size)
+  timings['tokenizer_s'] = time.perf_counter() - t
+  cfg = load_config(spec, overrides + [f'data.store={store_dir}', f'data.tokenizer={tok_path}'])
+  return DemoSetup(cfg, store, tok_path, [r for r in records if r['split'] == 'train'],
+                   [r for r in records if r['split'] == 'heldout'], data_summary,
+                   ingest_summary, timings)
+
+
+def training_batches(cfg, store, tokenizer, train_records: list[dict], log=_log):
+  """The demo's endless training iterator: the Grain pipeline over `train_records`, behind the
+  closed-questions-first phase (`Curriculum`, `demo.closed_first` of the steps) when set."""
+  from radfm_jax.data.pipeline import make_dataset
+  batches = iter(make_dataset(cfg.data, cfg.model, store, tokenizer, seed=cfg.seed,
+                              records=train_records))
+  demo_cfg = cfg.extra.get('demo') if cfg.extra is not None else None
+  closed_steps = int(round(cfg.train.steps * float(demo_cfg.closed_first))) if demo_cfg else 0
+  closed_records = [r for r in train_records if r.get('kind') == 'closed']
+  if closed_steps and closed_records:
+    first = make_dataset(cfg.data, cfg.model, store, tokenizer, seed=cfg.seed,
+                         records=closed_records)
+    batches = Curriculum(iter(first), batches, closed_steps)
+    log(f'steps 1-{closed_steps}: the {len(closed_records)} closed questions only; then all '
+        f'{len(train_records)} train samples')
+  return batches
+
+
+def vision_probes(store, heldout: list[dict], data_cfg) -> dict:
+  """Probe sets (radfm_jax.eval.vision) of the held-out scans, one per family: `real` (one probe
+  per scan, labelled with its modality, body part where known, and source) and `phantom`
+  (labelled lesion yes/no and side)."""
+  from radfm_jax.eval.vision import probe_set
+  out = {}
+  for family, keys in (('real', ('modality', 'body_part', 'source')),
+                       ('phantom', ('lesion', 'side'))):
+    by_image: dict = {}
+    for rec in heldout:
+      if rec['family'] != family:
+        continue
+      image_id = rec['images'][0]['id']
+      merged = by_image.setdefault(image_id, dict(rec, label={}))
+      label = dict(rec.get('label') or {}, source=rec.get('source'))
+      merged['label'].update({k: v for k, v in label.items() if k in keys})
+    if by_image:
+      out[family] = probe_set(store, list(by_image.values()), data_cfg)
+  return out
+
+
 def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
              steps: int | None = None, time_budget: float = 900.0, quick: bool = False,
              seed: int = 0, rebuild: bool = False, resume: bool = False,
@@ -232,39 +344,11 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
   t_start = time.perf_counter()
   out = os.path.abspath(out)
   os.makedirs(out, exist_ok=True)
-  timings = {}
-
-  # 1-2. data + ingest (no JAX needed yet)
-  t = time.perf_counter()
-  data_dir, data_summary, rebuilt = build_data(out, quick, seed, rebuild)
-  timings['build_data_s'] = time.perf_counter() - t
-  t = time.perf_counter()
-  store_dir, ingest_summary = ingest_data(out, data_dir, rebuilt)
-  timings['ingest_s'] = time.perf_counter() - t
-
-  # 3. config + tokenizer
-  from radfm_jax.config import load_config
-  from radfm_jax.data.store import VolumeStore
-  spec = config or (f'{DEFAULT_CONFIG}:model=tiny' if quick else DEFAULT_CONFIG)
-  given, overrides = list(overrides), [f'seed={seed}']
-  if quick:
-    overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',
-                  'data.batch_size_2d=8', 'data.batch_size_3d=8', 'generate.max_new_tokens=12']
-  if steps:
-    overrides += [f'train.steps={steps}']
-  overrides += given
-  base_cfg = load_config(spec, overrides)
-  store = VolumeStore(store_dir)
-  records = store.manifest()
-  t = time.perf_counter()
-  tok_path = train_tokenizer(out, records, base_cfg.model.llama.vocab_size)
-  timings['tokenizer_s'] = time.perf_counter() - t
-  cfg = load_config(spec, overrides + [f'data.store={store_dir}', f'data.tokenizer={tok_path}'])
-  if cfg.train.warmup_steps >= cfg.train.steps:
-    cfg = load_config(spec, overrides + [f'data.store={store_dir}', f'data.tokenizer={tok_path}',
-                                         f'train.warmup_steps={max(cfg.train.steps // 10, 0)}'])
-  train_records = [r for r in records if r['split'] == 'train']
-  heldout = [r for r in records if r['split'] == 'heldout']
+  run = setup(out, config=config, overrides=overrides, steps=steps, quick=quick, seed=seed,
+              rebuild=rebuild)
+  cfg, store, tok_path, timings = run.cfg, run.store, run.tokenizer_path, run.timings
+  train_records, heldout = run.train, run.heldout
+  data_summary, ingest_summary = run.data_summary, run.ingest_summary
   _log(f'{len(train_records)} train / {len(heldout)} held-out samples; tokenizer '
        f'{cfg.model.llama.vocab_size} pieces; model {cfg.model.size}')
 
@@ -272,7 +356,6 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
   import jax
   import numpy as np
   from flax import nnx
-  from radfm_jax.data.pipeline import make_dataset
   from radfm_jax.data.tokenizer import Tokenizer
   from radfm_jax.models.radfm import count_params
   from radfm_jax.train import loop
@@ -282,25 +365,15 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
   workdir = os.path.join(out, 'train')
   if not resume:
     shutil.rmtree(workdir, ignore_errors=True)
-  ds = make_dataset(cfg.data, cfg.model, store, tokenizer, seed=cfg.seed, records=train_records)
-  batches = iter(ds)
-  demo_cfg = cfg.extra.get('demo') if cfg.extra is not None else None
-  closed_steps = int(round(cfg.train.steps * float(demo_cfg.closed_first))) if demo_cfg else 0
-  closed_records = [r for r in train_records if r.get('kind') == 'closed']
-  if closed_steps and closed_records:
-    first = make_dataset(cfg.data, cfg.model, store, tokenizer, seed=cfg.seed,
-                         records=closed_records)
-    batches = Curriculum(iter(first), batches, closed_steps)
-    _log(f'steps 1-{closed_steps}: the {len(closed_records)} closed questions only; then all '
-         f'{len(train_records)} train samples')
-  data = TimeBudget(batches, time_budget)
+  data = TimeBudget(training_batches(cfg, store, tokenizer, train_records), time_budget)
   mesh, rules, graphdef, tx, abs_state, _ = loop.build(cfg)
   n_params = count_params(abs_state.params)
   _log(f'training {cfg.model.size} ({n_params / 1e6:.1f}M parameters) for {cfg.train.steps} steps '
        f'(batch {cfg.data.batch_size_3d}; time budget {time_budget:.0f} s) on '
        f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
   t = time.perf_counter()
-  result = loop.train(cfg, workdir, data=data, progress=progress)
+  towers = TowerLog()
+  result = loop.train(cfg, workdir, data=data, progress=progress, on_step=towers)
   timings['train_s'] = time.perf_counter() - t
   losses = dict(result.losses)
   loss_first = float(np.mean([losses[s] for s in sorted(losses)[:10]])) if losses else math.nan
@@ -321,6 +394,12 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
   answers = answer_heldout(model, heldout, store, tokenizer, cfg)
   metrics = score(heldout, answers)
   timings['eval_s'] = time.perf_counter() - t
+  t = time.perf_counter()
+  from radfm_jax.eval.vision import vision_report
+  vision = {family: vision_report(model, probe)
+            for family, probe in vision_probes(store, heldout, cfg.data).items()}
+  vision['towers'] = towers.summary()
+  timings['vision_report_s'] = time.perf_counter() - t
   with open(os.path.join(out, 'predictions.jsonl'), 'w') as f:
     for rec, ans in zip(heldout, answers):
       f.write(json.dumps({'id': rec['id'], 'family': rec['family'], 'task': rec['task'],
@@ -347,7 +426,7 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
       'dataset': {'splits': data_summary['splits'], 'by_task': data_summary['by_task'],
                   'sources': [s['name'] for s in data_summary['sources']],
                   'missing_sources': data_summary['missing_sources']},
-      'ingest': ingest_summary, 'metrics': metrics, 'timings': timings,
+      'ingest': ingest_summary, 'metrics': metrics, 'vision': vision, 'timings': timings,
       'example': {'id': rec['id'], 'question': rec['question'], 'reference': rec['answer'],
                   'prediction': answers[example]},
   }
@@ -373,6 +452,15 @@ def report_text(s: dict, out: str) -> str:
                    f"(chance {v['chance']:.3f})")
   for key, v in m['open'].items():
     lines.append(f"held-out {key}: n={v['n']} ROUGE-L {v['rouge_l']:.3f}")
+  vision = s.get('vision') or {}
+  for family in ('real', 'phantom'):
+    v = vision.get(family)
+    if v:
+      sep = ', '.join(f"{k} {r['accuracy']:.2f} (majority {r['majority']:.2f})"
+                      for k, r in v['separability'].items())
+      lines.append(f"image tokens, {family} scans (n={v['n']}): spread across scans "
+                   f"{v['spread']['across']:.3f} / within a scan {v['spread']['within']:.3f}; "
+                   f"1-NN {sep}")
   ex = s['example']
   lines += ['', f"held-out scan {ex['id']}:", f"  Q: {ex['question']}",
             f"  generated: {ex['prediction']}", f"  reference: {ex['reference']}", '',
@@ -381,4 +469,5 @@ def report_text(s: dict, out: str) -> str:
   return '\n'.join(lines)
 
 
-__all__ = ['Curriculum', 'TimeBudget', 'answer_heldout', 'report_text', 'run_demo', 'score']
+__all__ = ['Curriculum', 'DemoSetup', 'TimeBudget', 'TowerLog', 'setup', 'training_batches',
+           'vision_probes', 'answer_heldout', 'report_text', 'run_demo', 'score']

@@ -119,6 +119,20 @@ def test_quick_demo_end_to_end(tmp_path):
   for v in m['closed'].values():
     assert 0.0 <= v['accuracy'] <= 1.0 and v['n'] > 0
   assert 0.0 <= m['rouge_l'] <= 1.0
+  # The vision diagnostics: one probe per held-out scan (quick: one copy of each real source, 16
+  # phantoms); each real source appears once, so 1-NN by source can never be right.
+  v = s['vision']
+  n_sources = len(s['dataset']['sources'])
+  assert v['real']['n'] == n_sources and v['phantom']['n'] == 16
+  assert v['real']['separability']['source'] == {'n': n_sources, 'accuracy': 0.0,
+                                                 'majority': 1 / n_sources}
+  assert set(v['phantom']['separability']) == {'lesion', 'side'}
+  for family in ('real', 'phantom'):
+    spread = v[family]['spread']
+    assert spread['across'] > 0 and spread['ratio'] == pytest.approx(
+        spread['across'] / spread['within'])
+  assert set(v['towers']) == {'vision', 'perceiver', 'fc', 'figure_tokens', 'llama'}
+  assert all(t['grad_norm_first'] > 0 and t['update_ratio_last'] > 0 for t in v['towers'].values())
   preds = read_jsonl(os.path.join(out, 'predictions.jsonl'))
   assert len(preds) == s['dataset']['splits']['heldout']
 

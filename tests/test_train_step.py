@@ -172,6 +172,23 @@ def test_freeze_vision_tower_keeps_it_unchanged():
   # No optimizer moments are kept for frozen parameters.
   mu_paths = {name.split('.')[0] for name in _flat(state.opt_state[1][0].mu)}
   assert mu_paths == {'llama', 'figure_tokens'}
+  # Per-tower metrics: only the training towers, and their gradient norms add up (in squares) to
+  # the global one.
+  towers = {k.split('/')[1] for k in metrics if k.startswith('grad_norm/')}
+  assert towers == {'llama', 'figure_tokens'}
+  np.testing.assert_allclose(
+      sum(float(metrics[f'grad_norm/{t}']) ** 2 for t in towers), float(metrics['grad_norm']) ** 2,
+      rtol=1e-5)
+  assert all(0 < float(metrics[f'update_ratio/{t}']) < 1 for t in towers)
+
+
+def test_tower_norms_by_top_level_module():
+  tree = {'vision': {'a': jnp.full((2, 2), 3.0), 'b': jnp.ones((1,))},
+          'fc': {'kernel': jnp.array([[3.0, 4.0]])}}
+  norms = step_lib.tower_norms(tree)
+  assert set(norms) == {'vision', 'fc'}
+  np.testing.assert_allclose(float(norms['vision']), np.sqrt(4 * 9 + 1))
+  np.testing.assert_allclose(float(norms['fc']), 5.0)
 
 
 def test_freeze_decoder_and_bf16_compute():

@@ -57,7 +57,8 @@ class PerceiverResampler(nnx.Module):
     self.remat_policy = remat_policy
     self.attention_impl = attention_impl
     self.scan_layers = scan_layers
-    self.latents = layers.param(rngs, jax.nn.initializers.normal(1.0), (cfg.num_latents, dim),
+    self.latents = layers.param(rngs, jax.nn.initializers.normal(cfg.latent_init_std),
+                                (cfg.num_latents, dim),
                                 ('latents', 'vis_embed'), param_dtype)
     self.layers = layers.stacked(
         lambda r: PerceiverLayer(cfg, dim, rngs=r, param_dtype=param_dtype), cfg.depth, rngs)

@@ -77,7 +77,7 @@ class ViT3D(nnx.Module):
     self.attention_impl = attention_impl
     self.scan_layers = scan_layers
     kw = dict(rngs=rngs, param_dtype=param_dtype)
-    self.patch_norm_in = LayerNorm(cfg.patch_dim, 'vis_patch', **kw)
+    self.patch_norm_in = LayerNorm(cfg.patch_dim, 'vis_patch', eps=cfg.patch_norm_eps, **kw)
     self.patch_proj = Dense((cfg.patch_dim,), (cfg.dim,), ('vis_patch',), ('vis_embed',),
                             use_bias=True, **kw)
     self.patch_norm_out = LayerNorm(cfg.dim, 'vis_embed', **kw)

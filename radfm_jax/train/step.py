@@ -15,7 +15,11 @@ Loss (docs/original.md section 8): labels are *not* pre-shifted; the logits at t
 Metrics: loss, token accuracy (argmax == label over valid labels), sequence accuracy (the
 original's "accuracy": fraction of samples whose argmax is right at *every* valid label; rows with
 no valid label - the pipeline's empty padding rows - are not counted), grad norm (global L2 of
-the trainable gradients before clipping), learning rate, valid-token count.
+the trainable gradients before clipping), learning rate, valid-token count, and per top-level
+module (`vision`, `perceiver`, `fc`, `figure_tokens`, `llama`, those that train) `grad_norm/<module>`
+(its share of that gradient) and `update_ratio/<module>` (L2 norm of the step's parameter update
+over the module's parameter norm: how fast each tower moves; a tower whose ratio sits far below the
+others' is barely training - see radfm_jax/eval/vision.py for the vision path's health).
 
 Gradient accumulation is a `lax.scan` over `train.grad_accum` microbatches inside the step (not
 `optax.MultiSteps`): every microbatch contributes grad(sum of its token losses) and the sum is
@@ -103,6 +107,16 @@ def cross_entropy_loss(logits, labels, loss_weights=None, kind: str = 'mean') ->
   """The scalar training loss for one batch (see the module docstring)."""
   terms = loss_terms(logits, labels, loss_weights, kind)
   return terms['numerator'] / loss_denominator(labels, loss_weights, kind)
+
+
+def tower_norms(tree) -> dict[str, jax.Array]:
+  """L2 norm per top-level module ('vision', 'perceiver', 'fc', 'figure_tokens', 'llama') of a
+  parameter-shaped tree: parameters, gradients or updates."""
+  sums: dict = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = lora.path_names(path)[0]
+    sums[name] = sums.get(name, 0.0) + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+  return {name: jnp.sqrt(v) for name, v in sums.items()}
 
 
 def summarize(terms: dict, denominator) -> dict[str, jax.Array]:
@@ -193,9 +207,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     rng = jax.random.fold_in(base_key, state.step) if use_dropout else None
     grads, terms, denominator = grad_fn(trainable, frozen, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
     metrics = summarize(terms, denominator)
     metrics['grad_norm'] = optax.tree.norm(grads)
+    param_norms = tower_norms(trainable)
+    update_norms = tower_norms(updates)
+    for name, norm in tower_norms(grads).items():
+      metrics[f'grad_norm/{name}'] = norm
+      metrics[f'update_ratio/{name}'] = update_norms[name] / jnp.maximum(param_norms[name], 1e-12)
+    trainable = optax.apply_updates(trainable, updates)
     metrics['learning_rate'] = schedule(state.step)
     metrics['params_finite'] = jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trainable)])).astype(jnp.float32)
@@ -277,4 +296,4 @@ def jit_eval_step(eval_fn, param_sh, mesh, rules) -> MeshStep:
 __all__ = ['TrainState', 'abstract_train_state', 'cross_entropy_loss', 'init_train_state',
            'jit_eval_step', 'jit_train_step', 'loss_denominator', 'loss_terms', 'make_eval_step',
            'make_grad_fn', 'make_train_step', 'split_microbatches', 'summarize',
-           'train_state_shardings']
+           'tower_norms', 'train_state_shardings']
