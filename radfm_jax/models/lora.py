@@ -83,6 +83,8 @@ def add_adapters(model: radfm.RadFM, ft: FinetuneConfig, seed: int = 0) -> radfm
   adapted = qwix.apply_lora_to_model(model, prov, skip_nnx_init=True, rngs=nnx.Rngs(seed))
   set_qwix_rngs(adapted, cfg, jax.random.key(seed))
   adapted.set_attributes(scan_layers=True, raise_if_not_found=False)
+  if ft.method == 'qlora':    # Qwix quantizes the kernel as the dot sees it (layers.Dense)
+    adapted.set_attributes(flat_matmul=False, raise_if_not_found=False)
   adapted(*example_inputs(cfg))
   adapted.set_attributes(scan_layers=cfg.scan_layers, raise_if_not_found=False)
   set_qwix_rngs(adapted, cfg, None)
