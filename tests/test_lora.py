@@ -238,3 +238,17 @@ def test_lr_multipliers_with_lora_train_full():
   tx = optim.make_optimizer(cfg.train, trainable)
   step_lib.abstract_train_state((graphdef, abstract), tx, sharding.make_mesh(cfg.mesh),
                                 sharding.rules_for(cfg.mesh), optim.trainable_spec(cfg))
+
+
+def test_adapters_build_with_splash_on_the_mesh():
+  """The adapters' first call runs with XLA attention: the splash kernel shards its batch over
+  the 8-device mesh, which the one example row does not divide (this failed before); the model
+  then runs with the configured splash attention."""
+  cfg = _cfg('lora', 'model.attention=splash')
+  mesh = sharding.make_mesh(cfg.mesh)
+  assert mesh.devices.size == 8
+  graphdef, abstract = lora.abstract_model(cfg.model, cfg.finetune, mesh,
+                                           sharding.rules_for(cfg.mesh))
+  model = nnx.merge(graphdef, abstract)
+  assert model.llama.layers.attention_impl == 'splash'
+  assert model.llama.layers.q.flat_matmul and model.llama.layers.q.kernel_lora_a.shape == (2, 64, 4)
