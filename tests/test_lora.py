@@ -150,7 +150,7 @@ def test_training_moves_only_adapters(runs, method):
 
 @pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path):
-  cfg = _cfg('lora', TARGETS)             # the shared run's config: its compiled step is reused
+  cfg = _cfg('lora')
   batch, _ = _inputs(cfg)
   eight = _train(cfg, tmp_path / 'eight', batch, steps=3)
   one = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
@@ -158,7 +158,7 @@ def test_sharded_equals_single_device(tmp_path):
   assert eight.state.params['llama']['layers']['q']['kernel_lora_a'][...].sharding.num_devices == 8
   got, want = _flat(eight.state.params), _flat(single.state.params)
   adapters = [k for k in got if k.endswith(('_lora_a', '_lora_b'))]
-  assert len(adapters) == 16                  # 7 decoder projections and fc x (a, b)
+  assert len(adapters) == 14                  # 7 decoder projections x (a, b)
   for key in adapters:
     # Adam divides by sqrt(v): where a gradient is ~0, reduction-order differences of ~1e-7
     # move single entries by ~1e-4 of the tensor's scale; compare against that scale.
