@@ -1,5 +1,7 @@
 """LoRA / QLoRA through Qwix on `tiny` (scanned layers), merge, export, per-module learning rates."""
 
+import contextlib
+import io
 import itertools
 
 import jax
@@ -89,23 +91,49 @@ def _train(cfg, workdir, batch, steps=None, mesh=None):
                     mesh=mesh, progress=False)
 
 
+# Adapters on the decoder's projections and on fc (a kernel outside the stacked layers).
+TARGETS = "finetune.targets=['llama/layers/(q|k|v|o|gate|up|down)', 'fc']"
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """`runs(method)`: one 8-step run of `method` on one fixed batch (8 devices), trained once and
+  shared by the tests below: a dict with cfg, batch, inputs, the initial and final parameters,
+  the losses, the run's stderr and workdir."""
+  done = {}
+
+  def get(method):
+    if method not in done:
+      cfg = _cfg(method, TARGETS)
+      mesh, rules, _, tx, _, shardings = loop.build(cfg)
+      before = _flat(loop.init_state(cfg, mesh, rules, tx, shardings).params)
+      batch, inputs = _inputs(cfg)
+      workdir = tmp_path_factory.mktemp(method)
+      err = io.StringIO()
+      with contextlib.redirect_stderr(err):
+        result = _train(cfg, workdir, batch)
+      done[method] = dict(cfg=cfg, batch=batch, inputs=inputs, before=before, result=result,
+                          stderr=err.getvalue(), workdir=workdir)
+    return done[method]
+  return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('method', ['lora', 'qlora'])
-def test_training_moves_only_adapters(tmp_path, capsys, method):
-  cfg = _cfg(method)
-  mesh, rules, _, tx, _, shardings = loop.build(cfg)
-  before = _flat(loop.init_state(cfg, mesh, rules, tx, shardings).params)
-  batch, _ = _inputs(cfg)
-  result = _train(cfg, tmp_path, batch)
+def test_training_moves_only_adapters(runs, method):
+  run = runs(method)
+  result = run['result']
   after = _flat(result.state.params)
-  # The start-up summary counts the adapters as what trains (8,704 values for tiny at rank 4).
+  # The start-up summary counts the adapters as what trains (9,152 values for tiny at rank 4:
+  # 8,704 on the decoder, 448 on fc).
   adapters = sum(v.size for k, v in after.items() if k.endswith(('_lora_a', '_lora_b')))
-  assert adapters == lora.adapter_count(result.state.params) == 8704
-  summary = [line for line in capsys.readouterr().err.splitlines()
+  assert adapters == lora.adapter_count(result.state.params) == 9152
+  summary = [line for line in run['stderr'].splitlines()
              if line.startswith('radfm-jax train: model tiny: ')]
   assert len(summary) == 1 and (
       f'parameters ({adapters / 1e6:.2f}M trainable: {adapters:,} in {method} adapters of rank 4)'
       in summary[0]), summary
+  before = run['before']
   assert set(before) == set(after)
   moved = {k for k in before if not np.array_equal(before[k], after[k])}
   assert moved and all(k.endswith(('_lora_a', '_lora_b')) for k in moved), sorted(moved)[:5]
@@ -113,6 +141,7 @@ def test_training_moves_only_adapters(tmp_path, capsys, method):
   if method == 'qlora':
     assert after['llama/layers/q/kernel/array/qvalue'].dtype == np.int8
   losses = [result.losses[s] for s in sorted(result.losses)]
+  assert sorted(result.losses) == list(range(1, 9))
   assert losses[-1] < losses[0] - 0.04, losses           # a fixed batch: the adapters fit it
   # Adapters (and their Adam moments) are sharded like their kernels on the 8-device mesh.
   lora_a = result.state.params['llama']['layers']['gate']['kernel_lora_a']
@@ -140,37 +169,40 @@ def test_sharded_equals_single_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_exact_resume_qlora(tmp_path):
-  cfg = _cfg('qlora')
-  batch, _ = _inputs(cfg)
-  straight = _train(cfg, tmp_path / 'straight', batch, steps=4)
+def test_exact_resume_qlora(runs, tmp_path):
+  """2 steps, then a fresh process state (compiled steps and initial states forgotten) resumes to
+  step 8: the losses of steps 3-8 and every parameter equal the shared straight 8-step run's."""
+  straight = runs('qlora')
+  cfg, batch = straight['cfg'], straight['batch']
   _train(cfg, tmp_path / 'resumed', batch, steps=2)
   loop._JITTED.clear()
   loop._INIT.clear()
-  resumed = _train(cfg, tmp_path / 'resumed', batch, steps=4)
-  assert sorted(resumed.losses) == [3, 4]
-  assert [resumed.losses[s] for s in (3, 4)] == [straight.losses[s] for s in (3, 4)]
-  got, want = _flat(resumed.state.params), _flat(straight.state.params)
+  resumed = _train(cfg, tmp_path / 'resumed', batch)
+  assert sorted(resumed.losses) == list(range(3, 9))
+  assert [resumed.losses[s] for s in range(3, 9)] == [
+      straight['result'].losses[s] for s in range(3, 9)]
+  got, want = _flat(resumed.state.params), _flat(straight['result'].state.params)
+  assert set(got) == set(want)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('method', ['lora', 'qlora'])
-def test_merge_logits_and_export(tmp_path, method):
-  cfg = _cfg(method, "finetune.targets=['llama/layers/(q|k|v|o|gate|up|down)', 'fc']")
-  batch, inputs = _inputs(cfg)
-  result = _train(cfg, tmp_path / 'run', batch, steps=4)
+def test_merge_logits_and_export(runs, tmp_path, method):
+  run = runs(method)
+  cfg, batch, inputs = run['cfg'], run['batch'], run['inputs']
   graphdef = loop.build(cfg)[2]
-  adapted = nnx.merge(graphdef, jax.device_get(result.state.params))
+  adapted = nnx.merge(graphdef, jax.device_get(run['result'].state.params))
   merged = lora.merge(adapted, cfg.finetune)
   assert not any(k.endswith(('_lora_a', '_lora_b')) for k in _flat(nnx.state(merged)))
   want = adapted(*inputs, attention_mask=batch['attention_mask'], image_mask=batch['image_mask'])
   got = merged(*inputs, attention_mask=batch['attention_mask'], image_mask=batch['image_mask'])
   assert np.abs(np.asarray(adapted.llama.layers.q.kernel_lora_b[...])).max() > 0   # trained
+  assert np.abs(np.asarray(adapted.fc.kernel_lora_b[...])).max() > 0
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   # The CLI: merge the run, then export the official keys.
-  assert main(['merge', '--checkpoint', str(tmp_path / 'run'), '--out', str(tmp_path / 'm')]) == 0
+  assert main(['merge', '--checkpoint', str(run['workdir']), '--out', str(tmp_path / 'm')]) == 0
   loaded, _ = checkpoint.load(str(tmp_path / 'm'))
   np.testing.assert_allclose(np.asarray(loaded(*inputs, attention_mask=batch['attention_mask'],
                                                image_mask=batch['image_mask'])),
@@ -185,7 +217,7 @@ def test_merge_logits_and_export(tmp_path, method):
     np.testing.assert_allclose(back[key], value, atol=1e-6, err_msg=key)
   # A LoRA run is never exported as its bare base weights.
   with pytest.raises(InputError, match='radfm-jax merge --checkpoint'):
-    checkpoint.LeafReader(str(tmp_path / 'run'))
+    checkpoint.LeafReader(str(run['workdir']))
 
 
 def test_merge_refuses_a_full_run(tmp_path, capsys):
@@ -238,3 +270,17 @@ def test_lr_multipliers_with_lora_train_full():
   tx = optim.make_optimizer(cfg.train, trainable)
   step_lib.abstract_train_state((graphdef, abstract), tx, sharding.make_mesh(cfg.mesh),
                                 sharding.rules_for(cfg.mesh), optim.trainable_spec(cfg))
+
+
+def test_adapters_build_with_splash_on_the_mesh():
+  """The adapters' first call runs with XLA attention: the splash kernel shards its batch over
+  the 8-device mesh, which the one example row does not divide (this failed before); the model
+  then runs with the configured splash attention."""
+  cfg = _cfg('lora', 'model.attention=splash')
+  mesh = sharding.make_mesh(cfg.mesh)
+  assert mesh.devices.size == 8
+  graphdef, abstract = lora.abstract_model(cfg.model, cfg.finetune, mesh,
+                                           sharding.rules_for(cfg.mesh))
+  model = nnx.merge(graphdef, abstract)
+  assert model.llama.layers.attention_impl == 'splash'
+  assert model.llama.layers.q.flat_matmul and model.llama.layers.q.kernel_lora_a.shape == (2, 64, 4)

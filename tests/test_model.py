@@ -242,17 +242,49 @@ def test_layer_norm_eps_on_near_constant_patches(tiny):
     np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
 
 
+def _scan_lengths_and_dots(jaxpr) -> tuple[list[int], int]:
+  """(the `length` of every scan, number of dot_generals) in a jaxpr and its sub-jaxprs."""
+  lengths, dots = [], 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'scan':
+      lengths.append(eqn.params['length'])
+    dots += eqn.primitive.name == 'dot_general'
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          more, n = _scan_lengths_and_dots(sub)
+          lengths, dots = lengths + more, dots + n
+  return lengths, dots
+
+
 def test_scan_layers_false_runs_the_same_parameters(tiny):
   """model.scan_layers=False loops over the same stacked parameters (one parameter tree, so
-  checkpoints are interchangeable) and gives the scanned model's logits and gradients."""
+  checkpoints are interchangeable) and gives the scanned model's logits and gradients; the
+  programs differ: one scan per tower (vision, Perceiver, decoder) vs none, every layer's
+  matmuls written out."""
   cfg, model, _ = tiny
   looped = create_model(model_config('tiny', scan_layers=False), seed=1)
   assert not looped.llama.scan_layers and not looped.vision.scan_layers
+  assert not looped.perceiver.scan_layers
+  tokens, _ = _tokens_for(cfg, [1, 1], length=48)
+  images = jax.random.uniform(jax.random.key(9), (2, 1, 3, 64, 32, 8))
+
+  def program(m):
+    graphdef, state = nnx.split(m)
+    forward = lambda state: nnx.merge(graphdef, state)(jnp.asarray(tokens), images)   # noqa: E731
+    return _scan_lengths_and_dots(jax.make_jaxpr(forward)(state).jaxpr)
+
+  (scans, scanned_dots), (no_scans, looped_dots) = program(model), program(looped)
+  assert sorted(scans) == sorted([cfg.vision.depth, cfg.perceiver.depth, cfg.llama.num_layers])
+  assert no_scans == []
+  # Each tower's layer body once vs once per layer (2 layers per tower in tiny), beside the 3
+  # matmuls outside the towers' layers (patch projection, fc, lm_head).
+  assert {cfg.vision.depth, cfg.perceiver.depth, cfg.llama.num_layers} == {2}
+  assert looped_dots == 3 + 2 * (scanned_dots - 3)
   params, looped_params = (nnx.state(m, nnx.Param) for m in (model, looped))
   assert jax.tree.structure(params) == jax.tree.structure(looped_params)
   jax.tree.map(np.testing.assert_array_equal, params, looped_params)
-  tokens, _ = _tokens_for(cfg, [1, 1], length=48)
-  images = jax.random.uniform(jax.random.key(9), (2, 1, 3, 64, 32, 8))
 
   def logits_and_grads(m):
     graphdef, params, rest = nnx.split(m, nnx.Param, ...)

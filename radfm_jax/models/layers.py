@@ -64,6 +64,16 @@ class Dense(nnx.Module):
   """y = x . kernel (+ bias), contracting the last `len(in_shape)` dims of x.
 
   kernel: [*in_shape, *out_shape] with logical names `in_axes + out_axes`; bias: [*out_shape].
+
+  The product is one 2D matmul [.., prod(in_shape)] x [prod(in_shape), prod(out_shape)] (both
+  reshapes are free in the row-major layout the parameters are stored in), the same sums as the
+  multi-dimensional dot_general. Why: given the attention kernels as [embed, heads, head_dim],
+  the TPU compiler lays a layer's slice out with `embed` minor; for a stacked (scanned) kernel
+  that is not gathered per layer (one chip, no FSDP) the layout reaches the whole stack, which is
+  then copied once, transposed: 3 x 1.95 GiB for the 13B q/k/v, the difference between LoRA on
+  one v6e chip refused (31.83 GiB) and fitting (26.12 GiB), docs/performance.md.
+  `flat_matmul=False` keeps the multi-dimensional form: QLoRA (models/lora.py) sets it, since
+  Qwix quantizes the kernel it finds in the dot and keeps its logical axes, one per dimension.
   """
 
   def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias: bool, rngs: nnx.Rngs,
@@ -73,6 +83,7 @@ class Dense(nnx.Module):
     kernel_init = kernel_init or torch_linear_init(fan_in)
     self.n_in = len(in_shape)
     self.out_shape = out_shape
+    self.flat_matmul = True
     self.kernel = param(rngs, kernel_init, in_shape + out_shape, tuple(in_axes) + tuple(out_axes),
                         param_dtype)
     if use_bias:
@@ -90,9 +101,16 @@ class Dense(nnx.Module):
       # flax's promote_dtype rather than .astype: Qwix (LoRA / QLoRA, models/lora.py) intercepts
       # it inside the model's __call__ and leaves a quantized base kernel (WithAux) as it is.
       x, kernel = promote_dtype((x, self.kernel[...]), dtype=dtype)
-    y = jax.lax.dot_general(x, kernel,
-                            (((tuple(range(x.ndim - self.n_in, x.ndim))),
-                              tuple(range(self.n_in))), ((), ())))
+    batch_shape = x.shape[:x.ndim - self.n_in]
+    if self.flat_matmul:
+      in_size = math.prod(kernel.shape[:self.n_in])
+      y = jax.lax.dot_general(x.reshape(batch_shape + (in_size,)),
+                              kernel.reshape(in_size, math.prod(self.out_shape)),
+                              (((len(batch_shape),), (0,)), ((), ())))
+      y = y.reshape(batch_shape + self.out_shape)
+    else:
+      y = jax.lax.dot_general(x, kernel, ((tuple(range(len(batch_shape), x.ndim)),
+                                           tuple(range(self.n_in))), ((), ())))
     if self.bias is not None:
       y = y + cast(self.bias, dtype)
     return y

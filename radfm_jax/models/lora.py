@@ -17,7 +17,8 @@ stacked tower its scalar key would be scanned over the `layers` axis (`IndexErro
 `jax.lax.scan`). `add_adapters` therefore gives the modules of each stacked tower an Rngs split
 over that tower's layers (`nnx.split_rngs`) and removes every Rngs once the adapters exist. The
 first call runs with `scan_layers=True` (the Python loop of `layers.run_layers` works on per-layer
-copies, where new Variables would be lost); afterwards both modes run the adapted model.
+copies, where new Variables would be lost) and XLA attention (splash needs a batch its mesh
+divides); afterwards the model runs as configured.
 """
 
 from __future__ import annotations
@@ -82,9 +83,14 @@ def add_adapters(model: radfm.RadFM, ft: FinetuneConfig, seed: int = 0) -> radfm
   prov = provider(ft)
   adapted = qwix.apply_lora_to_model(model, prov, skip_nnx_init=True, rngs=nnx.Rngs(seed))
   set_qwix_rngs(adapted, cfg, jax.random.key(seed))
-  adapted.set_attributes(scan_layers=True, raise_if_not_found=False)
+  # The first call creates the adapters: scanned layers, and XLA attention (the splash kernel
+  # shards its batch over the mesh, which one example row does not divide).
+  adapted.set_attributes(scan_layers=True, attention_impl='xla', raise_if_not_found=False)
+  if ft.method == 'qlora':    # Qwix quantizes the kernel as the dot sees it (layers.Dense)
+    adapted.set_attributes(flat_matmul=False, raise_if_not_found=False)
   adapted(*example_inputs(cfg))
-  adapted.set_attributes(scan_layers=cfg.scan_layers, raise_if_not_found=False)
+  adapted.set_attributes(scan_layers=cfg.scan_layers, attention_impl=cfg.attention,
+                         raise_if_not_found=False)
   set_qwix_rngs(adapted, cfg, None)
   unused = prov.get_unused_rules()
   if unused:
