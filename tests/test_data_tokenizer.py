@@ -2,6 +2,7 @@
 
 import pickle
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -37,15 +38,33 @@ def test_special_id_layout(tok):
   assert all(i < v for i in tok.encode('<image007>'))
 
 
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    out.append((n & 0x7f) | (0x80 if n > 0x7f else 0))
+    n >>= 7
+    if not n:
+      return bytes(out)
+
+
+def _filler_pieces(first: int, last: int) -> bytes:
+  """Serialized `ModelProto.pieces` entries (field 1) for ids first..last-1: piece, score -1e9,
+  type NORMAL. Written as wire bytes, which a parser appends to the repeated field in order,
+  because importing `sentencepiece_model_pb2` fails when the installed protobuf runtime is older
+  than the gencode sentencepiece ships (apache-beam, in the test extra, pins protobuf < 7)."""
+  out = bytearray()
+  for i in range(first, last):
+    name = f'\u2581filler{i + 1}'.encode()
+    sub = (b'\x0a' + _varint(len(name)) + name + b'\x15' + struct.pack('<f', -1e9)
+           + b'\x18' + _varint(1))
+    out += b'\x0a' + _varint(len(sub)) + sub
+  return bytes(out)
+
+
 def test_llama_sized_vocab_layout(tok):
   # Grow the test model to LLaMA's 32000 pieces (unused filler pieces): ids are exactly RadFM's.
-  from sentencepiece import sentencepiece_model_pb2 as pb
-  m = pb.ModelProto()
-  m.ParseFromString(cd.spm_proto())
-  while len(m.pieces) < 32000:
-    piece = m.pieces.add()
-    piece.piece, piece.score, piece.type = f'▁filler{len(m.pieces)}', -1e9, 1
-  t = Tokenizer(m.SerializeToString(), max_images=100)
+  proto = cd.spm_proto() + _filler_pieces(tok.vocab_size, 32000)
+  t = Tokenizer(proto, max_images=100)
   assert t.vocab_size == 32000 and len(t) == 35202
   assert t.encode('<image></image><image0><image3199>', add_bos=False) == [32000, 32001, 32002, 35201]
   assert t.encode('</image>Can you') == [1, 32001] + tok.sp.encode('Can you')

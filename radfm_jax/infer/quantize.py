@@ -50,7 +50,15 @@ def quantize(model, mode: str = 'int8'):
   import qwix
   provider = qwix.PtqProvider(_rules(mode))
   tokens, images = dummy_inputs(model.cfg)
-  out = qwix.quantize_model(model, provider, tokens, images)
+  # Qwix quantizes the kernel as the dot sees it and keeps its logical axes, one per dimension:
+  # the multi-dimensional dot (layers.Dense.flat_matmul=False), as QLoRA does; the original model
+  # gets its own setting back.
+  model.set_attributes(flat_matmul=False, raise_if_not_found=False)
+  try:
+    out = qwix.quantize_model(model, provider, tokens, images)
+  finally:
+    model.set_attributes(flat_matmul=True, raise_if_not_found=False)
+  out.set_attributes(flat_matmul=False, raise_if_not_found=False)
   # Generation calls the decoder outside the model's __call__, where Qwix intercepts nothing:
   # every Dense dequantizes its int8 kernel at use (layers.Dense, layers.value).
   for _, module in nnx.iter_modules(out):
