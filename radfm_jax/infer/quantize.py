@@ -53,17 +53,20 @@ def quantize(model, mode: str = 'int8'):
   # Qwix quantizes the kernel as the dot sees it and keeps its logical axes, one per dimension:
   # the multi-dimensional dot (layers.Dense.flat_matmul=False), as QLoRA does; the original model
   # gets its own setting back.
-  model.set_attributes(flat_matmul=False, raise_if_not_found=False)
+  dense = [m for _, m in nnx.iter_modules(model) if isinstance(m, Dense)]
+  before = [m.flat_matmul for m in dense]
+  for m in dense:
+    m.flat_matmul = False
   try:
     out = qwix.quantize_model(model, provider, tokens, images)
   finally:
-    model.set_attributes(flat_matmul=True, raise_if_not_found=False)
-  out.set_attributes(flat_matmul=False, raise_if_not_found=False)
+    for m, flat in zip(dense, before):
+      m.flat_matmul = flat
   # Generation calls the decoder outside the model's __call__, where Qwix intercepts nothing:
   # every Dense dequantizes its int8 kernel at use (layers.Dense, layers.value).
   for _, module in nnx.iter_modules(out):
     if isinstance(module, Dense):
-      module.dequantize_at_use = True
+      module.dequantize_at_use, module.flat_matmul = True, False
   return out
 
 

@@ -208,10 +208,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     grads, terms, denominator = grad_fn(trainable, frozen, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     metrics = summarize(terms, denominator)
-    metrics['grad_norm'] = optax.tree.norm(grads)
     param_norms = tower_norms(trainable)
     update_norms = tower_norms(updates)
-    for name, norm in tower_norms(grads).items():
+    grad_norms = tower_norms(grads)
+    # the global norm from the towers' (one pass over the gradients, not two)
+    metrics['grad_norm'] = jnp.sqrt(sum(jnp.square(n) for n in grad_norms.values()))
+    for name, norm in grad_norms.items():
       metrics[f'grad_norm/{name}'] = norm
       metrics[f'update_ratio/{name}'] = update_norms[name] / jnp.maximum(param_norms[name], 1e-12)
     trainable = optax.apply_updates(trainable, updates)
