@@ -29,10 +29,6 @@ def get_config(arg=''):
   # noise is not blown up to unit variance (docs/performance.md: lesion yes/no 1.000 vs 0.912 in
   # the same reduced run).
   cfg.model.vision.patch_norm_eps = 1e-2
-  # The patch LayerNorm's eps (model.vision.patch_norm_eps; the original's is 1e-5): flat patches'
-  # noise is not blown up to unit variance (docs/performance.md: lesion yes/no 1.000 vs 0.912 in
-  # the same reduced run).
-  cfg.model.vision.patch_norm_eps = 1e-2
   cfg.model.max_images = 8
   if picks['model'] == 'small':
     cfg.model.llama.vocab_size = 1024
