@@ -124,7 +124,7 @@ def compile_device_step(data_cfg, model, store, tok) -> float:
   import jax
   start = time.perf_counter()
   ds = pipeline.make_dataset(data_cfg, model, store, tok, seed=0, process_index=0,
-                             process_count=1, num_epochs=1)
+                             process_count=1, num_epochs=1, log=open(os.devnull, 'w'))
   for key in ds.plan.buckets:
     if key.carrier is not None:
       empty = batch_lib.empty_batch(1, key.images, (key.height, key.width, key.depth),

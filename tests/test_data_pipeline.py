@@ -46,15 +46,6 @@ def _make(store, seed=0, process_index=0, process_count=1, num_epochs=1, **cfg):
                                process_count=process_count, num_epochs=num_epochs)
 
 
-def _model_inputs(batch):
-  """A host batch as the model takes it: through the one device-side step
-  (`batch.device_inputs`: data.host_dtype='stored' 3D batches carry stored voxels + maps)."""
-  import jax.numpy as jnp
-  assert set(batch) == set(batch_lib.host_keys(batch))
-  on_device = batch_lib.device_inputs({k: jnp.asarray(v) for k, v in batch.items()})
-  return {k: np.asarray(v) for k, v in on_device.items()}
-
-
 def test_batch_contract_and_buckets(store):
   ds = _make(store)
   batches = list(ds)
@@ -64,7 +55,7 @@ def test_batch_contract_and_buckets(store):
   # the default host_dtype='stored': 3D batches leave the host as int16 voxels + maps
   assert {str(b['images'].dtype) for b in batches if 'image_maps' in b} == {'int16'}
   for batch, (key, rows) in zip(batches, plan):
-    batch = _model_inputs(batch)
+    batch = cd.model_inputs(batch)
     assert set(batch) == set(batch_lib.KEYS)
     assert {k: v.dtype.type for k, v in batch.items()} == DTYPES == batch_lib.DTYPES
     b = len(rows)
@@ -104,7 +95,7 @@ def test_batch_contract_and_buckets(store):
 
 def test_image_values_match_the_transforms(store):
   ds = _make(store, seed=1)
-  (key, rows), batch = ds.plan.epoch(0)[0], _model_inputs(next(iter(ds)))
+  (key, rows), batch = ds.plan.epoch(0)[0], cd.model_inputs(next(iter(ds)))
   rec = store.manifest()[rows[0]]
   arrays = [store.read(im['id']) for im in rec['images']]
   want = transforms.prepare_images(arrays, [im['modality'] for im in rec['images']],

@@ -6,8 +6,9 @@ On-disk layout of a store directory `STORE/`:
                           zarr3 array at the `key` of its index row (`scans/<id>/`, a rewritten
                           scan `scans/<id>@v<N>/`; the id percent-encoded).
     STORE/scans.jsonl     the index, append-only: one line per stored scan version (id, key,
-                          version, shape, dtype, attributes); the last line of an id wins. No array
-                          read is needed to plan batches.
+                          version, shape, dtype, attributes; `copies`: its training-resolution
+                          copies, arrays under `copies/` in volumes/, data/train_copies.py); the
+                          last line of an id wins. No array read is needed to plan batches.
     STORE/manifest.jsonl  one line per training sample (written by `ingest`, merged run after run).
     STORE/rejects.jsonl   one line per rejected input of the last ingest run: path, reason.
     STORE/warnings.jsonl  one line per recorded repair of the last ingest run (e.g. spacing).
