@@ -206,3 +206,27 @@ def test_train_copies_is_a_checked_bool():
   assert 'data.train_copies' in str(e.value)
   cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', [])
   assert cfg.data.train_copies is True and cfg.data.host_dtype == 'stored'
+
+
+def test_sharded_store_gets_copies_in_its_main_database(tmp_path):
+  """A store written in shards (the `--runner beam` writer, run in this process): the copies of
+  the shard rows go to the store's own volumes/, named after the shard's array, and read back
+  to the same inputs."""
+  from radfm_jax.data.shards import store_scans_sharded
+  d = tmp_path
+  cd.write_nifti(d / 'ct0.nii.gz', _ct0())
+  cd.write_nifti(d / 'ct1.nii.gz', cd.ct_volume((40, 36, 23), seed=1))
+  manifest = cd.write_manifest(d / 'samples.jsonl', [_sample('s0', 'ct0'), _sample('s1', 'ct1')])
+  root = str(d / 'store')
+  report = ingest(manifest, root, log=QUIET, train_resolution=SIZE,
+                  store_scans=store_scans_sharded(scans_per_shard=1))
+  assert (report.copies, report.copies_current) == (2, 0)
+  vs = VolumeStore(root)
+  for sid in ('ct0', 'ct1'):
+    (entry,) = vs.info(sid)['copies']
+    assert vs.key(sid).startswith('shards/') and entry['of'] == vs.key(sid)
+    assert entry['key'].startswith('copies/shards%2F')
+  full, _, _ = _run(root, train_copies=False)
+  fast, reads, log = _run(root)
+  _same(full, fast)
+  assert (reads, log) == (set(), [])
