@@ -23,8 +23,8 @@ Every timed loader starts cold (unless --warm): the page cache of every source f
 store file is evicted first (`vmtouch -e` if installed, else fsync + posix_fadvise(DONTNEED) per
 file; the line says which). The pipeline timings include building the dataset and its threads.
 On a shared machine compare figures within one run only: the load average is printed. The
-default run took ~12 minutes on a loaded 2-core machine (writing the volumes ~5, ingest ~2);
-`--volumes 6` gives a quick look.
+default run took 7-15 minutes on a loaded 2-core machine (writing the volumes 2.5-6.5, ingest
+1.3-4, the copies 0.5-1); `--volumes 6` gives a quick look.
 """
 
 from __future__ import annotations
