@@ -4,8 +4,10 @@
         [--out-size 256] [--threads 2] [--warm]
 
 Writes `--volumes` CT-like int16 .nii.gz volumes of size x size x D (D spread over `--depths`;
-the defaults are the issue's 24 volumes of 512x512x40..158), ingests them into a VolumeStore
-(the one-off ingest cost is printed), then on the same scans, in one run, times each loader
+the defaults are the issue's 24 volumes of 512x512x40..158), ingests them into a VolumeStore,
+then adds training-resolution copies at `--out-size` (`ingest --train-resolution`, the same
+ingest run again: the unchanged scans are skipped; the one-off cost of each step and the store
+size before and after are printed), then on the same scans, in one run, times each loader
 producing RadFM 3D model inputs [1, 1, 3, out, out, D'] (D' = the depth bucket, <= 64):
   * plain nibabel, 1 process: per file `nib.load` -> RAS -> voxels -> the same transforms
     (RadFM min-max, nearest resize to the bucket) -> float32;
@@ -13,13 +15,16 @@ producing RadFM 3D model inputs [1, 1, 3, out, out, D'] (D' = the depth bucket, 
   * the pipeline, data.host_dtype='float32': `make_dataset` (TensorStore read, transforms,
     tokenization, collation) with `--threads` Grain threads, each batch put on the device;
   * the pipeline, data.host_dtype='stored': int16 voxels on the host, `batch.device_inputs`
-    maps and repeats to 3 channels on the device (the time includes that step).
+    maps and repeats to 3 channels on the device (the time includes that step);
+    these two with data.train_copies=False (the full 512x512xD scans are read);
+  * the pipeline, host 'stored', reading the training-resolution copies (the defaults): only
+    the D' slices of out x out kept, the same model inputs bit for bit.
 Every timed loader starts cold (unless --warm): the page cache of every source file and every
 store file is evicted first (`vmtouch -e` if installed, else fsync + posix_fadvise(DONTNEED) per
 file; the line says which). The pipeline timings include building the dataset and its threads.
 On a shared machine compare figures within one run only: the load average is printed. The
-default run took ~12 minutes on a loaded 2-core machine (writing the volumes ~5, ingest ~2);
-`--volumes 6` gives a quick look.
+default run took 7-15 minutes on a loaded 2-core machine (writing the volumes 2.5-6.5, ingest
+1.3-4, the copies 0.5-1); `--volumes 6` gives a quick look.
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ def compile_device_step(data_cfg, model, store, tok) -> float:
   import jax
   start = time.perf_counter()
   ds = pipeline.make_dataset(data_cfg, model, store, tok, seed=0, process_index=0,
-                             process_count=1, num_epochs=1)
+                             process_count=1, num_epochs=1, log=open(os.devnull, 'w'))
   for key in ds.plan.buckets:
     if key.carrier is not None:
       empty = batch_lib.empty_batch(1, key.images, (key.height, key.width, key.depth),
@@ -135,7 +140,8 @@ def run_pipeline(data_cfg, model, store, tok, threads, count):
   import jax
   start = time.perf_counter()
   ds = pipeline.make_dataset(data_cfg, model, store, tok, seed=0, process_index=0,
-                             process_count=1, num_epochs=1, num_threads=threads)
+                             process_count=1, num_epochs=1, num_threads=threads,
+                             log=open(os.devnull, 'w'))
   n, first = 0, None
   for batch in ds:
     on_device = batch_lib.device_inputs(
@@ -183,10 +189,20 @@ def main():
     t = time.perf_counter()
     ingest(records, store_dir, log=open(os.devnull, 'w'))
     t_ingest = time.perf_counter() - t
-    store = VolumeStore(store_dir)
+    store_mb = disk(store_dir)
     print(f'one-off ingest: {t_ingest:.1f} s ({args.volumes / t_ingest:.2f} volumes/s, '
-          f'{raw_mb / t_ingest:.0f} MiB/s of voxels; load {load:.1f}); store {disk(store_dir):.0f} '
+          f'{raw_mb / t_ingest:.0f} MiB/s of voxels; load {load:.1f}); store {store_mb:.0f} '
           f'MiB on disk')
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    report = ingest(records, store_dir, log=open(os.devnull, 'w'),
+                    train_resolution=args.out_size)
+    t_copies = time.perf_counter() - t
+    print(f'+ training-resolution copies (ingest --train-resolution {args.out_size} on the same '
+          f'manifest): {report.copies} made in {t_copies:.1f} s (load {load:.1f}); store '
+          f'{disk(store_dir):.0f} MiB on disk (+{disk(store_dir) - store_mb:.0f} MiB); ingest '
+          f'with copies {t_ingest + t_copies:.1f} s in all')
+    store = VolumeStore(store_dir)
 
     data_cfg = DataConfig(image_size_2d=args.out_size, image_size_3d_single=args.out_size,
                           depth_buckets=tuple(range(4, 65, 4)), batch_size_3d=1,
@@ -212,33 +228,35 @@ def main():
                                                    initargs=(data_cfg,)) as pool:
       results.append(timed('plain nibabel, 2 workers',
                            lambda: pool.map(baseline_sample, paths, chunksize=1)))
-    for mode in ('float32', 'stored'):
-      cfg = dataclasses.replace(data_cfg, host_dtype=mode)
-      if mode == 'stored':
+    for mode, copies in (('float32', False), ('stored', False), ('stored', True)):
+      cfg = dataclasses.replace(data_cfg, host_dtype=mode, train_copies=copies)
+      if mode == 'stored' and not copies:
         print(f'device step compiled for every bucket in {compile_device_step(cfg, model, store, tok):.1f} s '
               '(not timed: once per bucket shape, like the train step)')
-      results.append(timed(f"grain+tensorstore, host {mode}",
-                           lambda: run_pipeline(cfg, model, store, tok, args.threads,
-                                                args.volumes)))
+      name = f"grain+tensorstore, host {mode}{', copies' if copies else ''}"
+      results.append(timed(name, lambda: run_pipeline(cfg, model, store, tok, args.threads,
+                                                      args.volumes)))
 
     # Same model input from every path, for the pipeline's first sample.
     firsts = [res[3][2] for res in results[2:]]           # (tokens, images) per mode
-    same_modes = (np.array_equal(firsts[0][0], firsts[1][0])
-                  and firsts[0][1].tobytes() == firsts[1][1].tobytes())
+    same_modes = all(np.array_equal(firsts[0][0], f[0]) and firsts[0][1].tobytes() == f[1].tobytes()
+                     for f in firsts[1:])
     match = any(np.array_equal(firsts[0][1], x) for x in results[0][3])
     print(f'{args.volumes} samples -> [1, 1, 3, {args.out_size}, {args.out_size}, D<=64] float32; '
           f'{cold}; threads={args.threads}; pipeline first sample == a plain-loader sample: '
-          f'{match}; host float32 == host stored (after the device step): {same_modes}')
+          f'{match}; every pipeline mode gives the same first model input (after the device '
+          f'step): {same_modes}')
     base_rate = args.volumes / results[0][1]
     two_rate = args.volumes / results[1][1]
     for name, seconds, load, out in results:
       rate = args.volumes / seconds
       extra = f' (host batch dtype {out[3]})' if name.startswith('grain') else ''
-      print(f'  {name:<34} {rate:7.2f} samples/s {raw_mb / seconds:8.0f} MiB/s voxels  '
+      print(f'  {name:<40} {rate:7.2f} samples/s {raw_mb / seconds:8.0f} MiB/s voxels  '
             f'{rate / base_rate:5.1f}x 1-process  {rate / two_rate:5.1f}x 2-worker  '
             f'(load {load:.1f}){extra}')
     print('goal: pipeline >= 10x the 1-process plain loader and >= 5x the 2-worker one; compare '
-          'only within this run (shared machine)')
+          f'only within this run (shared machine: {machine()}; uptime: '
+          f'{subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()})')
 
 
 if __name__ == '__main__':

@@ -180,7 +180,12 @@ class DataConfig:
   # [0, 1]). 'stored': the resized voxels in the stored dtype (int16 CT: 1/6 of the bytes) plus
   # each image's intensity map; the device applies the map and repeats to 3 channels
   # (data/batch.py: device_inputs), bit-identical to 'float32' (tests/test_data_host_dtype.py).
-  host_dtype: str = 'float32'
+  host_dtype: str = 'stored'
+  # Read a 3D scan's training-resolution copy (`radfm-jax ingest --train-resolution N`,
+  # data/train_copies.py) instead of the full scan when its batch is N x N in-plane: the same
+  # model inputs bit for bit from fewer voxels. Copies that do not apply are never read (a line
+  # says why: another size, stale, data.resize='trilinear', data.intensity='percentile').
+  train_copies: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,7 +651,7 @@ def _validate_data(d: DataConfig, m: ModelConfig):
                    lambda x: 0 < x <= v.frames and x % v.frame_patch_size == 0)
   _positive('data', d, 'batch_size_2d', 'batch_size_3d', 'max_images')
   _non_negative('data', d, 'num_workers', note=' (0 = threads only)')
-  _bool('data', d, 'shuffle', 'drop_unreadable')
+  _bool('data', d, 'shuffle', 'drop_unreadable', 'train_copies')
   if d.max_images > m.max_images:
     _fail('data.max_images', d.max_images, f'at most model.max_images={m.max_images}')
   if not d.ct_windows or any(len(w) != 2 or not all(_real(x) for x in w) or w[1] <= 0

@@ -44,6 +44,16 @@ def data_config(**overrides) -> DataConfig:
   return DataConfig(**base)
 
 
+def model_inputs(batch: dict) -> dict:
+  """A pipeline batch as the model takes it, in numpy: through the one device-side step
+  (`batch.device_inputs`; data.host_dtype='stored' 3D batches carry stored voxels + maps)."""
+  import jax.numpy as jnp
+  from radfm_jax.data import batch as batch_lib
+  assert set(batch) == set(batch_lib.host_keys(batch))
+  on_device = batch_lib.device_inputs({k: jnp.asarray(v) for k, v in batch.items()})
+  return {k: np.asarray(v) for k, v in on_device.items()}
+
+
 def ras_affine(spacing=(1.0, 1.0, 2.0), flip_xy=False):
   aff = np.diag(list(spacing) + [1.0])
   if flip_xy:

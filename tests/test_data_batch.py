@@ -110,8 +110,9 @@ def test_pipeline_generation_and_eval_batches_agree(store):
     assert gen['images'].shape[1] == data_cfg.max_images      # the demo's slot count
     n = len(rec['images'])
     # Training: the pipeline's batch over this one record (row 0 real, the others empty).
-    train = next(iter(pipeline.make_dataset(data_cfg, model_cfg, vs, tok, records=[rec],
-                                            process_index=0, process_count=1, num_epochs=1)))
+    train = cd.model_inputs(next(iter(pipeline.make_dataset(
+        data_cfg, model_cfg, vs, tok, records=[rec], process_index=0, process_count=1,
+        num_epochs=1))))
     # Eval: the harness's question + the text-level batch generation takes.
     sample = samples[rid]
     arrays, mods, entries = harness.read_sample_images(sample)

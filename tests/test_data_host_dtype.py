@@ -53,7 +53,7 @@ def _batches(store, plan=False, **cfg):
 
 @pytest.mark.parametrize('policy', ['radfm', 'ct_windows3', 'percentile'])
 def test_stored_host_batches_give_the_same_model_input_on_device(store, policy):
-  host = _batches(store, intensity=policy)
+  host = _batches(store, intensity=policy, host_dtype='float32')
   stored, plan = _batches(store, plan=True, intensity=policy, host_dtype='stored')
   # The same batches, rows and order as the float32 mode: the carrier never splits a bucket; a
   # bucket mixing int16 CT and float32 MR carries float32.
@@ -94,7 +94,7 @@ def test_stored_host_batches_give_the_same_model_input_on_device(store, policy):
 
 
 def test_stored_mode_shrinks_the_host_batch(store):
-  host = {b['tokens'].tobytes(): b for b in _batches(store)}
+  host = {b['tokens'].tobytes(): b for b in _batches(store, host_dtype='float32')}
   stored = [b for b in _batches(store, host_dtype='stored') if 'image_maps' in b]
   ct = [b for b in stored if b['images'].dtype == np.int16]
   assert ct and all(b['images'].nbytes * 6 == b['images'].size * 3 * 4 for b in ct)
@@ -121,7 +121,8 @@ def test_train_loop_global_batch_expands_stored_batches(store):
   cfg = load_config('configs/radfm.py:model=tiny,mesh=cpu', [])
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])
   rules = sharding.rules_for(cfg.mesh)
-  host = {b['tokens'].tobytes(): b for b in _batches(store, intensity='ct_windows3')}
+  host = {b['tokens'].tobytes(): b for b in _batches(store, intensity='ct_windows3',
+                                                    host_dtype='float32')}
   stored = [b for b in _batches(store, intensity='ct_windows3', host_dtype='stored')
             if b['images'].dtype == np.int16 and b['images'].shape[0] == 2]
   assert stored

@@ -52,7 +52,10 @@ def test_batch_contract_and_buckets(store):
   assert len(batches) == ds.plan.num_batches
   plan = ds.plan.epoch(0)
   seen = []
+  # the default host_dtype='stored': 3D batches leave the host as int16 voxels + maps
+  assert {str(b['images'].dtype) for b in batches if 'image_maps' in b} == {'int16'}
   for batch, (key, rows) in zip(batches, plan):
+    batch = cd.model_inputs(batch)
     assert set(batch) == set(batch_lib.KEYS)
     assert {k: v.dtype.type for k, v in batch.items()} == DTYPES == batch_lib.DTYPES
     b = len(rows)
@@ -92,7 +95,7 @@ def test_batch_contract_and_buckets(store):
 
 def test_image_values_match_the_transforms(store):
   ds = _make(store, seed=1)
-  (key, rows), batch = ds.plan.epoch(0)[0], next(iter(ds))
+  (key, rows), batch = ds.plan.epoch(0)[0], cd.model_inputs(next(iter(ds)))
   rec = store.manifest()[rows[0]]
   arrays = [store.read(im['id']) for im in rec['images']]
   want = transforms.prepare_images(arrays, [im['modality'] for im in rec['images']],
@@ -126,7 +129,7 @@ def test_seeded_shuffle_is_deterministic(store):
 def _assert_same(xs, ys):
   assert len(xs) == len(ys)
   for x, y in zip(xs, ys):
-    assert set(x) == set(y) == set(batch_lib.KEYS)
+    assert set(x) == set(y) == set(batch_lib.host_keys(x))
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
 

@@ -78,6 +78,12 @@ def add_parser(sub):
   p.add_argument('--lock-timeout', type=float, default=None, metavar='SECONDS',
                  help='give up after waiting this long for another ingest into the same store '
                  '(default: wait until it ends)')
+  p.add_argument('--train-resolution', type=int, default=None, metavar='N',
+                 help='also keep every 3D scan larger than N x N in-plane as a copy resized to '
+                 'N x N (nearest, full depth, stored dtype) that training reads instead when its '
+                 '3D batches are N x N (data.image_size_3d_single, 256 in RadFM): the same model '
+                 'inputs from ~(H*W)/(N*N) fewer voxels; the full scan stays the source '
+                 '(docs/data.md "Training-resolution copies")')
   p.add_argument('--no-progress', action='store_true', help='no progress bar')
   p.add_argument('--runner', choices=('local', 'beam'), default='local',
                  help='local: this process (reader threads); beam: an Apache Beam pipeline that '
@@ -100,7 +106,8 @@ def run(args) -> int:
     store_scans = beam_store_scans(args.beam_args)
   options = dict(strict=args.strict, batch_size=args.batch_size, workers=args.workers,
                  replace=args.replace, max_scan_bytes=args.max_scan_bytes,
-                 progress=not args.no_progress, lock_timeout=args.lock_timeout, store_scans=store_scans)
+                 progress=not args.no_progress, lock_timeout=args.lock_timeout, store_scans=store_scans,
+                 train_resolution=args.train_resolution)
   recipe_flags = [f for f in ('source', 'image_root', 'split') if getattr(args, f) is not None]
   if args.manifest and recipe_flags:
     args._parser.error(f'--{recipe_flags[0].replace("_", "-")} goes with --recipe, not --manifest')

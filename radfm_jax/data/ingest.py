@@ -64,12 +64,19 @@ class IngestReport:
   dropped_samples: int = 0
   replaced_samples: int = 0                                       # with `replace`
   manifest_rows: int = 0                                          # rows in the store manifest
+  train_resolution: int | None = None                             # copies made at this size:
+  copies: int = 0                                                 # written this run
+  copies_current: int = 0                                         # already there
 
   def summary(self) -> str:
+    copies = ('' if self.train_resolution is None else
+              f'; {self.copies} training-resolution copies made at {self.train_resolution}x'
+              f'{self.train_resolution} ({self.copies_current} already current)')
     return (f'{len(self.stored)} scans stored ({len(self.updated)} changed on disk), '
             f'{len(self.skipped)} already stored, {len(self.rejects)} rejected, '
             f'{len(self.warnings)} repaired; {self.samples} samples kept, {self.dropped_samples} '
-            f'dropped, {self.replaced_samples} replaced; {self.manifest_rows} samples in the store')
+            f'dropped, {self.replaced_samples} replaced; {self.manifest_rows} samples in the '
+            f'store{copies}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,7 +190,8 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
            log=None, replace: bool = False, max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES,
            progress: bool = False, lock_timeout: float | None = None,
            rejects: Iterable[dict] = (),
-           store_scans: Callable | None = None) -> IngestReport:
+           store_scans: Callable | None = None,
+           train_resolution: int | None = None) -> IngestReport:
   """Reads every image of every sample into the store `out_dir` and merges the samples into its
   manifest (module docstring: the rules; store.py: the guarantees).
 
@@ -197,13 +205,19 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   split-file rows a recipe could not use), listed first in rejects.jsonl and counted with the rest.
   `store_scans`: what reads and stores the scans, with `_store_scans`'s signature and result
   (default: `_store_scans`, in this process; data/shards.py: into shard databases, e.g. on Beam).
+  `train_resolution` (N): every 3D scan of the manifest larger than N x N in-plane also gets a
+  training-resolution copy [C, N, N, D] (data/train_copies.py), which training reads when its
+  3D batches are N x N (data.image_size_3d_single), with bit-identical model inputs.
   """
   log = log or sys.stderr
   records, base, place = _load_records(manifest)
   base = os.path.abspath(root) if root else base
   entries = _collect(records, base, place)
   store = VolumeStore(out_dir)
-  report = IngestReport(rejects=list(rejects))
+  report = IngestReport(rejects=list(rejects), train_resolution=train_resolution)
+  if train_resolution is not None and int(train_resolution) < 1:
+    raise InputError(f'--train-resolution {train_resolution}: expected a positive in-plane size '
+                     '(e.g. 256, data.image_size_3d_single)')
   with store.lock(lock_timeout, log):
     index = store.index()
     _check_scan_ids(entries, index, replace)
@@ -212,6 +226,12 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
     _check_samples(records, base, index, old_rows, old_at, place, replace, store.manifest_path)
     resolved = (store_scans or _store_scans)(store, entries, report, batch_size, workers, log,
                                              max_scan_bytes, progress)
+    if train_resolution is not None:
+      from radfm_jax.data import train_copies
+      ids = [i for v in resolved.values() if v for i in v]
+      report.copies, report.copies_current = train_copies.make(
+          store, ids, int(train_resolution), batch_size, workers or os.cpu_count() or 1, log,
+          progress)
     rows = _merge_samples(records, base, resolved, old_rows, old_at, store.index(), report)
     kill_point('before-manifest')
     write_jsonl(store.manifest_path, rows)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import sys
 import threading
 from typing import Any
 
@@ -52,7 +53,7 @@ import grain
 import numpy as np
 
 from radfm_jax.data import batch as batch_lib
-from radfm_jax.data import transforms
+from radfm_jax.data import train_copies, transforms
 from radfm_jax.data.image_cache import ImageTokenCache
 from radfm_jax.data.manifest import dataset_of, read_manifest
 from radfm_jax.data.store import VolumeStore
@@ -144,7 +145,8 @@ class BatchPlan:
       if key.kind == '3d':
         names, channels = found[key]
         for im in rec['images'][:self.data_cfg.max_images]:
-          names.add(dtypes[im['id']])
+          if im['id'] in dtypes:               # a scan not stored: its row stays empty
+            names.add(dtypes[im['id']])
           channels = max(channels, int(im['shape'][0]))
         found[key] = (names, channels)
     carriers = {k: (transforms.carrier_dtype(sorted(n), self.data_cfg.resize).name, c)
@@ -254,8 +256,12 @@ class BatchLoader:
   """Global batch index -> batch dict (runs in Grain threads / worker processes; picklable)."""
 
   def __init__(self, plan: BatchPlan, records: list[dict], store: VolumeStore,
-               tokenizer: Tokenizer, data_cfg, image_cache: ImageTokenCache | None = None):
+               tokenizer: Tokenizer, data_cfg, image_cache: ImageTokenCache | None = None,
+               copies: list[list[dict | None]] | None = None):
+    """`copies` (train_copies.choose): per record, per image, the training-resolution copy to
+    read instead of the full scan (None: the scan)."""
     self.plan, self.records, self.store = plan, records, store
+    self.copies = copies
     self.tokenizer, self.data_cfg = tokenizer, data_cfg
     self.image_cache = image_cache
     self.keys = batch_lib.keys(image_cache is not None)
@@ -263,7 +269,15 @@ class BatchLoader:
     self.token_shape = None if image_cache is None else (
         image_cache.meta['num_latents'], image_cache.meta['embed'], image_cache.meta['dtype'])
 
-  def _read(self, image: dict) -> np.ndarray:
+  def _read(self, image: dict, copy: dict | None = None, depth: int = 0) -> np.ndarray:
+    """The scan [C, H, W, D], or with `copy` its slices of the depth bucket `depth` [C, h, w,
+    depth]: transforms.resize(scan, (h, w, depth)) bit for bit (data/train_copies.py)."""
+    if copy is not None:
+      c, _, _, d = (int(v) for v in image['shape'])
+      if [copy['shape'][0], copy['shape'][3]] != [c, d]:
+        raise ValueError(f'training-resolution copy shape {copy["shape"]} != manifest '
+                         f'{image["shape"]} in channels or depth')
+      return self.store.read_copy(copy, transforms.nearest_indices(d, depth))
     array = self.store.read(image['id'])
     if list(array.shape) != list(image['shape']):
       raise ValueError(f'stored shape {list(array.shape)} != manifest {image["shape"]}')
@@ -292,26 +306,30 @@ class BatchLoader:
                                 image_tokens=tokens)
         batch[_DATASETS].append(self.plan.datasets[sample])
         continue
+      copies = self.copies[sample] if self.copies is not None else [None] * len(images)
       try:
-        arrays = [self._read(im) for im in images]
+        arrays = [self._read(im, c, key.depth) for im, c in zip(images, copies)]
       except Exception as e:  # unreadable at train time: count it, leave the row empty
         if not self.data_cfg.drop_unreadable:
           raise
-        bad = next((im['id'] for im in images if not self._readable(im)), None)
+        bad = next((im['id'] for im, c in zip(images, copies)
+                    if not self._readable(im, c, key.depth)), None)
         reason = f'{type(e).__name__}: {e}'.split(' [tensorstore_spec=')[0]   # drop the spec dump
         batch[_SKIPPED].append({'sample_id': rec.get('id', sample), 'scan_id': bad,
                                 'reason': reason})
         continue
+      ranges = ([None if c is None else (c['min'], c['max']) for c in copies]
+                if any(c is not None for c in copies) else None)
       batch_lib.record_inputs(rec, arrays, self.tokenizer, self.data_cfg,
                               text=self.plan.texts[sample],
-                              shape=hwd, slots=key.images,
+                              shape=hwd, slots=key.images, ranges=ranges,
                               length=key.length, out={k: batch[k][r] for k in row_keys})
       batch[_DATASETS].append(self.plan.datasets[sample])
     return batch
 
-  def _readable(self, image: dict) -> bool:
+  def _readable(self, image: dict, copy: dict | None, depth: int) -> bool:
     try:
-      self._read(image)
+      self._read(image, copy, depth)
       return True
     except Exception:
       return False
@@ -360,7 +378,7 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
                  stats: PipelineStats | None = None, num_threads: int = 2,
                  prefetch: int = 2, records: list[dict] | None = None,
                  image_cache: ImageTokenCache | None = None,
-                 mixture: dict[str, float] | None = None) -> grain.IterDataset:
+                 mixture: dict[str, float] | None = None, log=None) -> grain.IterDataset:
   """The training IterDataset over `store`'s manifest (records with `split`, if given).
 
   `store` / `tokenizer` default to `data_cfg.store` / `data_cfg.tokenizer` (paths), the manifest to
@@ -376,6 +394,11 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
 
   `data_cfg.host_dtype='stored'`: 3D batches carry the resized stored voxels + `image_maps`
   (data/batch.py); `batch.device_inputs` makes the model's images of them on the device.
+
+  Training-resolution copies (`ingest --train-resolution`, data/train_copies.py; with
+  `data_cfg.train_copies`): an image whose batch has a current copy's in-plane size is read
+  from that copy (the same inputs bit for bit); a line on `log` (default stderr) says why any
+  copy the store holds is not read.
 
   `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
   `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
@@ -411,10 +434,14 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   dtypes = None
   if getattr(data_cfg, 'host_dtype', 'float32') == 'stored' and image_cache is None:
     dtypes = {im['id']: store.info(im['id'])['dtype']
-              for rec in records for im in rec.get('images', [])}
+              for rec in records for im in rec.get('images', []) if im['id'] in store}
   plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count,
                    mixture, dtypes)
-  loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache)
+  copies, notes = (None, []) if image_cache is not None else train_copies.choose(
+      store, records, plan.keys, data_cfg)
+  for note in notes:
+    print(note, file=log or sys.stderr, flush=True)
+  loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache, copies)
   ds = grain.MapDataset.range(plan.num_batches).repeat(num_epochs).map_with_index(loader)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                prefetch_buffer_size=prefetch))

@@ -6,8 +6,9 @@ On-disk layout of a store directory `STORE/`:
                           zarr3 array at the `key` of its index row (`scans/<id>/`, a rewritten
                           scan `scans/<id>@v<N>/`; the id percent-encoded).
     STORE/scans.jsonl     the index, append-only: one line per stored scan version (id, key,
-                          version, shape, dtype, attributes); the last line of an id wins. No array
-                          read is needed to plan batches.
+                          version, shape, dtype, attributes; `copies`: its training-resolution
+                          copies, arrays under `copies/` in volumes/, data/train_copies.py); the
+                          last line of an id wins. No array read is needed to plan batches.
     STORE/manifest.jsonl  one line per training sample (written by `ingest`, merged run after run).
     STORE/rejects.jsonl   one line per rejected input of the last ingest run: path, reason.
     STORE/warnings.jsonl  one line per recorded repair of the last ingest run (e.g. spacing).
@@ -107,8 +108,15 @@ def chunk_layout(shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
   return inner, shard
 
 
-def _array_spec(kvstore: dict, key: str, shape, dtype: np.dtype, attributes: dict) -> dict:
-  inner, shard = chunk_layout(tuple(shape))
+def slice_layout(shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
+  """(inner chunk, shard shape) of a training-resolution copy [C, h, w, D]: one inner chunk per
+  channel and slice (256 x 256 int16: 128 KiB), so a reader takes only the slices it keeps."""
+  return [1, shape[1], shape[2], 1], list(shape)
+
+
+def _array_spec(kvstore: dict, key: str, shape, dtype: np.dtype, attributes: dict,
+                layout=chunk_layout) -> dict:
+  inner, shard = layout(tuple(shape))
   return {
       'driver': 'zarr3',
       'kvstore': kvstore,
@@ -477,15 +485,10 @@ class VolumeStore:
           raise ValueError(f'scan {scan_id}: {e}') from None
         key, version = self._new_key(scan_id)
         plan.append((scan_id, key, version, stored, dict(attributes, axes=AXES)))
-      try:
-        rows = self._write_transaction(plan, overwrite=False)
-      except ValueError as e:
-        if 'already exists' not in str(e) and 'ALREADY_EXISTS' not in str(e):
-          raise
-        # A key already in the database but not in the index (a run killed between commit and
-        # index append): nothing refers to it, so it is replaced. Kept off the normal path
-        # because `delete_existing` makes OCDBT write one data file per array.
-        rows = self._write_transaction(plan, overwrite=True)
+      self._commit([(key, array, attrs, chunk_layout) for _, key, _, array, attrs in plan])
+      rows = [{'id': scan_id, 'key': key, 'version': version, 'shape': list(array.shape),
+               'dtype': array.dtype.name, 'attributes': attrs}
+              for scan_id, key, version, array, attrs in plan]
       kill_point('after-data')
       self._append_index(rows)
       index = self.index()
@@ -494,19 +497,54 @@ class VolumeStore:
       kill_point('after-index')
     return rows
 
-  def _write_transaction(self, plan, overwrite: bool) -> list[dict]:
+  def _commit(self, writes):
+    """Writes [(key, array, attributes, layout)] into `volumes/` in one atomic transaction."""
+    try:
+      self._write_transaction(writes, overwrite=False)
+    except ValueError as e:
+      if 'already exists' not in str(e) and 'ALREADY_EXISTS' not in str(e):
+        raise
+      # A key already in the database but not in the index (a run killed between commit and
+      # index append): nothing refers to it, so it is replaced. Kept off the normal path
+      # because `delete_existing` makes OCDBT write one data file per array.
+      self._write_transaction(writes, overwrite=True)
+
+  def _write_transaction(self, writes, overwrite: bool):
     txn = ts.Transaction(atomic=True)      # the whole batch commits, or none of it
-    futures, rows = [], []
-    for scan_id, key, version, array, attrs in plan:
-      spec = _array_spec(self.kvstore, key, array.shape, array.dtype, attrs)
+    futures = []
+    for key, array, attrs, layout in writes:
+      spec = _array_spec(self.kvstore, key, array.shape, array.dtype, attrs, layout)
       arr = ts.open(spec, create=True, delete_existing=overwrite, context=self._context(),
                     transaction=txn).result()
       futures.append(arr.write(np.ascontiguousarray(array)))
-      rows.append({'id': scan_id, 'key': key, 'version': version, 'shape': list(array.shape),
-                   'dtype': array.dtype.name, 'attributes': attrs})
     for f in futures:
       f.result()
     txn.commit_async().result()
+
+  def write_copies(self, items: list[tuple[str, np.ndarray, dict]]) -> list[dict]:
+    """Writes training-resolution copies [(scan id, array [C, h, w, D], entry)] in one atomic
+    transaction (data/train_copies.py makes them), then appends each scan's index row again with
+    the entry added to its `copies` (replacing one of the same in-plane size); under `lock()`.
+    The copy goes to `copies/<the scan's key, quoted>/<h>x<w>/` of `volumes/`; `entry` gets `key`,
+    `shape`, `dtype` and `of` (the scan's `key()`: a copy made from another version is stale).
+    The scan's own array and key are untouched."""
+    if not items:
+      return []
+    with self.lock():
+      index = self.index()
+      writes, rows = [], []
+      for scan_id, array, entry in items:
+        row, of = index[scan_id], self.key(scan_id)
+        # named after the scan's array (unique per stored version, shards included)
+        key = f'copies/{urllib.parse.quote(of, safe="")}/{array.shape[1]}x{array.shape[2]}/'
+        entry = dict(entry, key=key, shape=list(array.shape), dtype=array.dtype.name, of=of)
+        writes.append((key, array, {'copy_of': entry['of']}, slice_layout))
+        kept = [c for c in row.get('copies', []) if c['shape'][1:3] != entry['shape'][1:3]]
+        rows.append(dict(row, copies=kept + [entry]))
+      self._commit(writes)
+      self._append_index(rows)
+      for row in rows:
+        index[row['id']] = row
     return rows
 
   # ---------------------------------------------------------------------------------------------
@@ -521,6 +559,17 @@ class VolumeStore:
   def read(self, scan_id: str) -> np.ndarray:
     """The stored array [C, H, W, D] in its stored dtype."""
     return self.open(scan_id).read().result()
+
+  def read_copy(self, entry: dict, depth: np.ndarray | None = None) -> np.ndarray:
+    """A training-resolution copy (an entry of an index row's `copies`) [C, h, w, D], or only
+    its slices `depth` (indices along D, repeats allowed) [C, h, w, len(depth)]: one chunk per
+    slice, so only those are read."""
+    arr = ts.open({'driver': 'zarr3', 'kvstore': self.kvstore, 'path': entry['key']},
+                  open=True, context=self._context()).result()
+    if depth is None:
+      return arr.read().result()
+    keep, where_ = np.unique(np.asarray(depth), return_inverse=True)
+    return np.take(arr[:, :, :, keep].read().result(), where_.reshape(-1), axis=3)
 
   def attributes(self, scan_id: str) -> dict[str, Any]:
     """Attributes as stored in the zarr metadata (the index holds the same copy)."""

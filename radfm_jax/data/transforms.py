@@ -134,32 +134,44 @@ def _subsample(x: np.ndarray, limit: int = 1 << 20) -> np.ndarray:
   return flat[::step]
 
 
+def value_range(x: np.ndarray) -> tuple[float, float]:
+  """(min, max) of a scan as Python floats (exact for every stored dtype): the statistics of the
+  min-max policies, also kept with a training-resolution copy (data/train_copies.py)."""
+  return float(x.min()), float(x.max())
+
+
 def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy: str,
-                 ct_windows=((40.0, 400.0),), percentiles=(0.5, 99.5)):
+                 ct_windows=((40.0, 400.0),), percentiles=(0.5, 99.5), ranges=None):
   """Per image, the 3 output channels as (source channel, low, high, clip).
 
   output channel = (x[source] - low) / (high - low), clipped to [0, 1] when `clip`.
+  `ranges` (one (min, max) or None per image): the full-resolution scan's `value_range` for an
+  image given already resized (a training-resolution copy, whose own min / max can differ);
+  None: computed from the image. The `percentile` policy takes none (it needs the full scan).
   """
   if policy not in POLICIES:
     raise ValueError(f'intensity policy {policy!r}: expected one of {POLICIES}')
+  ranges = list(ranges) if ranges is not None else [None] * len(images)
+  if policy == 'percentile' and any(r is not None for r in ranges):
+    raise ValueError('the percentile policy needs the full-resolution scans, not value ranges')
 
   def gray_or_rgb(x, lo, hi, clip):
     return [(c if x.shape[0] == 3 else 0, lo, hi, clip) for c in range(3)]
 
-  def minmax(x):
-    return gray_or_rgb(x, float(x.min()), float(x.max()), False)
+  def minmax(x, r):
+    return gray_or_rgb(x, *(r if r is not None else value_range(x)), False)
 
   maps = []
   if policy == 'radfm':
     if images and all(x.dtype == np.uint8 for x in images):
       lo, hi = 0.0, 255.0                    # ToTensor parity for 8-bit 2D images
     elif images:
-      lo = min(float(x.min()) for x in images)
-      hi = max(float(x.max()) for x in images)
+      found = [r if r is not None else value_range(x) for x, r in zip(images, ranges)]
+      lo, hi = min(r[0] for r in found), max(r[1] for r in found)
     for x in images:
       maps.append(gray_or_rgb(x, lo, hi, False))
     return maps
-  for x, modality in zip(images, modalities):
+  for x, modality, r in zip(images, modalities, ranges):
     if policy in ('ct_window', 'ct_windows3') and _is_ct(modality):
       windows = [ct_windows[0]] * 3 if policy == 'ct_window' else list(ct_windows[:3])
       if len(windows) < 3:
@@ -173,7 +185,7 @@ def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy
         chans.append((src, float(lo), float(hi), True))
       maps.append(chans)
     else:
-      maps.append(minmax(x))
+      maps.append(minmax(x, r))
   return maps
 
 
@@ -200,19 +212,24 @@ def apply_map(x: np.ndarray, chan_map, out: np.ndarray):
       np.clip(out[c], 0.0, 1.0, out=out[c])
 
 
+def _policy_maps(images, modalities, data_cfg, ranges):
+  return channel_maps(images, modalities, data_cfg.intensity,
+                      getattr(data_cfg, 'ct_windows', ((40.0, 400.0),)),
+                      getattr(data_cfg, 'percentiles', (0.5, 99.5)), ranges)
+
+
 def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
-                   shape: Sequence[int], data_cfg, out: np.ndarray | None = None) -> np.ndarray:
+                   shape: Sequence[int], data_cfg, out: np.ndarray | None = None,
+                   ranges=None) -> np.ndarray:
   """Raw scans [C, h, w, d] (one per image) -> [S, 3, H, W, D] float32 in [0, 1].
 
   `out` (if given) is a preallocated [>=S, 3, H, W, D] buffer filled in place, so the collator
-  writes each image straight into the batch.
+  writes each image straight into the batch. `ranges`: see `channel_maps`.
   """
   h, w, d = (int(v) for v in shape)
   if out is None:
     out = np.zeros((len(images), 3, h, w, d), np.float32)
-  maps = channel_maps(images, modalities, data_cfg.intensity,
-                      getattr(data_cfg, 'ct_windows', ((40.0, 400.0),)),
-                      getattr(data_cfg, 'percentiles', (0.5, 99.5)))
+  maps = _policy_maps(images, modalities, data_cfg, ranges)
   for s, (x, chan_map) in enumerate(zip(images, maps)):
     apply_map(resize(x, (h, w, d), data_cfg.resize), chan_map, out[s])
   return out
@@ -237,14 +254,13 @@ def carrier_dtype(dtypes: Sequence[str], resize_mode: str = 'nearest') -> np.dty
 
 
 def prepare_stored(images: Sequence[np.ndarray], modalities: Sequence[str],
-                   shape: Sequence[int], data_cfg, out: np.ndarray, maps: np.ndarray):
+                   shape: Sequence[int], data_cfg, out: np.ndarray, maps: np.ndarray,
+                   ranges=None):
   """Raw scans [C, h, w, d] -> the resized voxels in `out` [>=S, C', H, W, D] (the carrier
   dtype, C' >= every C) and the intensity maps in `maps` [>=S, 3, 4] float32 (source, low,
   scale, clip per output channel, `map_coefficients`): `prepare_images` without the mapping,
-  which the device applies (data/batch.py: `device_inputs`)."""
-  chan_maps = channel_maps(images, modalities, data_cfg.intensity,
-                           getattr(data_cfg, 'ct_windows', ((40.0, 400.0),)),
-                           getattr(data_cfg, 'percentiles', (0.5, 99.5)))
+  which the device applies (data/batch.py: `device_inputs`). `ranges`: see `channel_maps`."""
+  chan_maps = _policy_maps(images, modalities, data_cfg, ranges)
   for s, (x, chan_map) in enumerate(zip(images, chan_maps)):
     x = resize(x, tuple(int(v) for v in shape), data_cfg.resize)
     out[s, :x.shape[0]] = x
