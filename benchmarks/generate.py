@@ -9,7 +9,11 @@ over this machine's measured matrix-vector bandwidth) and the tokens/s ceiling i
 batch 1: a single-token step must read every decoder weight once.
 
     .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer-loop scan]
-        [--cache-chunk 64] [--profile]
+        [--cache-chunk 64] [--profile] [--quantize int8]
+
+--quantize int8 runs the same batches a second time with Qwix int8 weights
+(radfm_jax/infer/quantize.py, as `radfm-jax generate --quantize int8`), so fp32 and int8 are
+compared in one run.
 
 --profile adds where one decode step's time goes: XLA:CPU traces of a 1-token and a
 `--profile-tokens`-token call, parsed per HLO op (benchmarks/xla_profile.py), summed per category,
@@ -33,6 +37,7 @@ from common import gemv_bytes_per_second, machine, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.infer import cpu_decode  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
+from radfm_jax.infer.quantize import quantize  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 
 ORIGINAL_TOKENS_PER_S = 40.0
@@ -138,6 +143,8 @@ def main():
   parser.add_argument('--profile', action='store_true',
                       help='also print where one decode step goes (XLA:CPU trace per HLO op)')
   parser.add_argument('--profile-tokens', type=int, default=65)
+  parser.add_argument('--quantize', choices=('int8',), default=None,
+                      help='also time the same batches with int8 weights (after the fp32 ones)')
   args = parser.parse_args()
   dump = tempfile.TemporaryDirectory() if args.profile else None
   if dump:
@@ -158,22 +165,31 @@ def main():
   print(f'decoder weights read per step {weight_bytes / 2**20:.0f} MiB (fp32); matrix-vector '
         f'bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor_ms:.1f} ms/step, ceiling '
         f'{1e3 / floor_ms:.0f} tokens/s at batch 1')
-  for batch in (1, 8):
-    rate, seconds, fixed = run(model, cfg, batch, args.new, args.layer_loop, args.cache_chunk)
-    step_ms = (seconds - fixed) / (args.new - 1) * 1e3
-    products = step_products_ms(cfg, batch)
-    print(f'batch {batch}: {rate:8.1f} new tokens/s ({seconds:.2f} s incl. prefill)  '
-          f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1; fixed cost '
-          f'{fixed * 1e3:.0f} ms (a 1-token call), then {step_ms:.1f} ms per step, of which '
-          f'the matrix products alone take {products:.1f} ms')
-    if dump:
-      cats, wall, totals = profile_step(model, cfg, batch, args.profile_tokens, args.layer_loop,
-                                        args.cache_chunk, dump.name)
-      print(xla_profile.report(cats, wall, f'decode step at batch {batch}'))
-      print('  (whole calls, ms: ' + ', '.join(
-          f'{k} {totals[0][k] * 1e3:.0f} -> {totals[1][k] * 1e3:.0f}' for k in totals[0]
-          if totals[1][k]) + f' for 1 -> {args.profile_tokens} new tokens; a negative step '
-          'figure is noise)')
+  models = [(args.dtype, model)]
+  if args.quantize:
+    models.append((f'{args.quantize} weights', quantize(model, args.quantize)))
+  for label, m in models:
+    steps = {}
+    for batch in (1, 8):
+      rate, seconds, fixed = run(m, cfg, batch, args.new, args.layer_loop, args.cache_chunk)
+      step_ms = (seconds - fixed) / (args.new - 1) * 1e3
+      products = step_products_ms(cfg, batch)
+      steps[batch] = step_ms
+      print(f'{label}, batch {batch}: {rate:8.1f} new tokens/s ({seconds:.2f} s incl. prefill)  '
+            f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1; fixed cost '
+            f'{fixed * 1e3:.0f} ms (a 1-token call), then {step_ms:.1f} ms per step '
+            f'({step_ms / floor_ms:.2f}x the floor), of which the matrix products alone take '
+            f'{products:.1f} ms; load average {os.getloadavg()[0]:.1f}')
+      if dump:
+        cats, wall, totals = profile_step(m, cfg, batch, args.profile_tokens, args.layer_loop,
+                                          args.cache_chunk, dump.name)
+        print(xla_profile.report(cats, wall, f'decode step at batch {batch}'))
+        print('  (whole calls, ms: ' + ', '.join(
+            f'{k} {totals[0][k] * 1e3:.0f} -> {totals[1][k] * 1e3:.0f}' for k in totals[0]
+            if totals[1][k]) + f' for 1 -> {args.profile_tokens} new tokens; a negative step '
+            'figure is noise)')
+    print(f'{label}: batch-8 step / batch-1 step {steps[8] / steps[1]:.2f}x (goal <= 1.4); '
+          f'batch-1 step / floor {steps[1] / floor_ms:.2f}x (goal <= 1.3)')
 
 
 if __name__ == '__main__':

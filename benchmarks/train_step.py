@@ -1,20 +1,25 @@
-"""Forward + backward (training mode, fp32) of the `bench` model on this machine.
+"""Forward + backward (training mode) of the `bench` model on this machine, as the train loop
+computes it: the model config of the `cpu` preset (radfm_jax/presets.py) and the training loss
+(`train.step.cross_entropy_loss`).
 
 Prints model FLOPs per step (analytic), achieved FLOP/s, the FLOP/s of a 2048^3 fp32 matmul
-measured in the same run, and their ratio (goal >= 0.6); then the cost of the gather splice
-against the original's one-hot matmul at the official sizes.
+measured in the same run, and their ratio (goal >= 0.6), for each `--dtypes` compute dtype (fp32
+and bf16 by default, timed interleaved so both see the same machine load); then the cost of the
+gather splice against the original's one-hot matmul at the official sizes.
 
     .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
+        [--dtypes float32,bfloat16]
 
 --profile adds where the step's time goes: an XLA:CPU trace of the step parsed per HLO op and
 summed per category (matmul/conv, elementwise, reductions/norms, softmax, copies/transposes,
-collectives, loop control; benchmarks/xla_profile.py).
+collectives, loop control; benchmarks/xla_profile.py), for the first of `--dtypes`.
 """
 
 import argparse
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -28,6 +33,7 @@ from common import machine, matmul_flops_per_second, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.models.flops import batch_flops, one_hot_splice_flops  # noqa: E402
 from radfm_jax.models.radfm import create_model, splice_image_tokens  # noqa: E402
+from radfm_jax.train.step import cross_entropy_loss  # noqa: E402
 
 
 def make_batch(cfg, batch=2, images=1, shape=(256, 256, 16), length=256, seed=0):
@@ -51,11 +57,7 @@ def loss_fn(params, graphdef, rest, batch, rng):
   model = nnx.merge(graphdef, params, rest)
   logits = model(batch['tokens'], batch['images'], batch['attention_mask'], batch['image_mask'],
                  rng=rng)
-  labels = batch['labels'][:, 1:]
-  valid = labels != -100
-  logp = jax.nn.log_softmax(logits[:, :-1])
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], -1)[..., 0]
-  return jnp.sum(nll * valid) / jnp.sum(valid)
+  return cross_entropy_loss(logits, batch['labels'])
 
 
 def splice_comparison(repeats):
@@ -86,35 +88,50 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--size', default='bench')
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--dtypes', default='float32,bfloat16',
+                      help='compute dtypes (model.compute_dtype) to time, interleaved, in one run')
   parser.add_argument('--profile', action='store_true',
                       help='also print where the step time goes (XLA:CPU trace per HLO op)')
   args = parser.parse_args()
   print(f'machine: {machine()}; load average {os.getloadavg()[0]:.1f}')
 
-  cfg = model_config(args.size, remat_policy='none', compute_dtype='float32')
-  # The bench image (256x256x16); smaller configs get their vision tower's own size.
-  side = min(256, cfg.vision.image_size)
-  batch = make_batch(cfg, shape=(side, side, min(16, cfg.vision.frames)))
-  model = create_model(cfg, seed=0)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
-  rng = jax.random.key(0)
-  seconds = time_fn(lambda p, b: step(p, graphdef, rest, b, rng), params, batch,
-                    repeats=args.repeats)
-  flops = batch_flops(cfg, batch).train_step
-  matmul = matmul_flops_per_second()
-  achieved = flops / seconds
+  steps = {}
+  for dtype in args.dtypes.split(','):
+    cfg = model_config(args.size, compute_dtype=dtype)
+    # The bench image (256x256x16); smaller configs get their vision tower's own size.
+    side = min(256, cfg.vision.image_size)
+    batch = make_batch(cfg, shape=(side, side, min(16, cfg.vision.frames)))
+    graphdef, params, rest = nnx.split(create_model(cfg, seed=0), nnx.Param, ...)
+    step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+    args_ = (params, graphdef, rest, batch, jax.random.key(0))
+    start = time.perf_counter()
+    loss = float(jax.block_until_ready(step(*args_))[0])
+    print(f'compute {dtype}: remat {cfg.remat_policy}, scan_layers {cfg.scan_layers}, compile + '
+          f'first step {time.perf_counter() - start:.1f} s, loss {loss:.6f}')
+    steps[dtype] = (step, args_, cfg)
+  # Interleaved: the matmul reference and each dtype's step once per round, best of the rounds,
+  # so a burst of load from other users hits every figure alike.
+  best = dict.fromkeys(steps, float('inf'))
+  matmul = 0.0
+  for _ in range(args.repeats):
+    matmul = max(matmul, matmul_flops_per_second(repeats=2))
+    for dtype, (step, args_, _) in steps.items():
+      best[dtype] = min(best[dtype], time_fn(step, *args_, repeats=1, warmup=0))
   image = 'x'.join(map(str, batch['images'].shape[2:]))
+  flops = batch_flops(cfg, batch).train_step
   print(f'config: {args.size}  batch 2 x (1 image {image}, 256 tokens)  devices: '
-        f'{jax.devices()[0].platform} x{jax.device_count()}')
+        f'{jax.devices()[0].platform} x{jax.device_count()}; load average '
+        f'{os.getloadavg()[0]:.1f}')
   print(f'model FLOPs / step        {flops / 1e9:10.1f} GFLOP')
-  print(f'step time                 {seconds * 1e3:10.1f} ms')
-  print(f'achieved                  {achieved / 1e9:10.1f} GFLOP/s')
   print(f'2048^3 fp32 matmul        {matmul / 1e9:10.1f} GFLOP/s')
-  print(f'ratio (goal >= 0.6)       {achieved / matmul:10.2f}')
+  for dtype, seconds in best.items():
+    achieved = flops / seconds
+    print(f'{dtype:<9} step time       {seconds * 1e3:10.1f} ms   {achieved / 1e9:7.1f} GFLOP/s   '
+          f'ratio to the fp32 matmul {achieved / matmul:.2f} (goal >= 0.6)')
   if args.profile:
+    step, args_, _ = next(iter(steps.values()))
     with tempfile.TemporaryDirectory() as trace:
-      times, wall, hlo = xla_profile.profile(step, (params, graphdef, rest, batch, rng), trace,
+      times, wall, hlo = xla_profile.profile(step, args_, trace,
                                              steps=max(1, min(3, args.repeats)))
     print(xla_profile.report(xla_profile.by_category(times, hlo), wall, 'step', times, hlo))
 
