@@ -21,6 +21,9 @@ from radfm_jax.train import loop, optim
 from radfm_jax.train import step as step_lib
 from radfm_jax.train.synthetic import SyntheticBatches
 
+# One worker: the module's two shared trainings (`runs`) and their compiled steps are made once.
+pytestmark = pytest.mark.xdist_group('lora')
+
 OVERRIDES = ['data.store=synthetic', 'train.steps=8', 'train.warmup_steps=0',
              'train.learning_rate=2e-2', 'train.checkpoint_every=0', 'train.tensorboard=False',
              'train.async_checkpoint=False', 'model.vision.dropout=0.0', 'data.batch_size_2d=8',
@@ -149,6 +152,25 @@ def test_training_moves_only_adapters(runs, method):
 
 
 @pytest.mark.slow
+def test_exact_resume_qlora(runs, tmp_path):
+  """2 steps, then a fresh process state (compiled steps and initial states forgotten) resumes to
+  step 8: the losses of steps 3-8 and every parameter equal the shared straight 8-step run's."""
+  straight = runs('qlora')
+  cfg, batch = straight['cfg'], straight['batch']
+  _train(cfg, tmp_path / 'resumed', batch, steps=2)
+  loop._JITTED.clear()
+  loop._INIT.clear()
+  resumed = _train(cfg, tmp_path / 'resumed', batch)
+  assert sorted(resumed.losses) == list(range(3, 9))
+  assert [resumed.losses[s] for s in range(3, 9)] == [
+      straight['result'].losses[s] for s in range(3, 9)]
+  got, want = _flat(resumed.state.params), _flat(straight['result'].state.params)
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path):
   cfg = _cfg('lora')
   batch, _ = _inputs(cfg)
@@ -166,25 +188,6 @@ def test_sharded_equals_single_device(tmp_path):
     assert scale > 0 and np.abs(got[key] - want[key]).max() <= 2e-3 * scale, key
   np.testing.assert_allclose([eight.losses[s] for s in (1, 2, 3)],
                              [single.losses[s] for s in (1, 2, 3)], rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_exact_resume_qlora(runs, tmp_path):
-  """2 steps, then a fresh process state (compiled steps and initial states forgotten) resumes to
-  step 8: the losses of steps 3-8 and every parameter equal the shared straight 8-step run's."""
-  straight = runs('qlora')
-  cfg, batch = straight['cfg'], straight['batch']
-  _train(cfg, tmp_path / 'resumed', batch, steps=2)
-  loop._JITTED.clear()
-  loop._INIT.clear()
-  resumed = _train(cfg, tmp_path / 'resumed', batch)
-  assert sorted(resumed.losses) == list(range(3, 9))
-  assert [resumed.losses[s] for s in range(3, 9)] == [
-      straight['result'].losses[s] for s in range(3, 9)]
-  got, want = _flat(resumed.state.params), _flat(straight['result'].state.params)
-  assert set(got) == set(want)
-  for key in want:
-    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 @pytest.mark.slow
@@ -223,7 +226,7 @@ def test_merge_logits_and_export(runs, tmp_path, method):
 def test_merge_refuses_a_full_run(tmp_path, capsys):
   cfg = load_config('radfm:model=tiny', OVERRIDES)
   batch, _ = _inputs(cfg)
-  _train(cfg, tmp_path / 'full', batch, steps=1)
+  _train(cfg, tmp_path / 'full', batch, steps=0)       # its step-0 checkpoint: no step compiled
   assert main(['merge', '--checkpoint', str(tmp_path / 'full'), '--out', str(tmp_path / 'm')]) == 2
   assert 'finetune.method is full (no adapters to merge)' in capsys.readouterr().err
 

@@ -14,6 +14,9 @@ from radfm_jax.checkpoint import Checkpointer, read_step_config
 from radfm_jax.train.metrics import read_metrics, train_step_flops
 from radfm_jax.train.synthetic import SyntheticBatches
 
+# One worker: the 6-step run (`full_run`) and its compiled step are made once and reused.
+pytestmark = pytest.mark.xdist_group('train_loop')
+
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
 OVERRIDES = ['data.store=synthetic', 'data.batch_size_2d=8', 'train.synthetic_length=48',
              'train.steps=6', 'train.warmup_steps=1', 'train.learning_rate=1e-3',

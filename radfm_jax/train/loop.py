@@ -198,8 +198,15 @@ def _finite(x) -> bool:
 _BUILT: dict = {}
 
 
+# Where the data lives (folder and file names): the model, optimizer and steps never read them, so
+# the same run over another copy of the data (a sharded store, a URL) reuses the compiled steps.
+_DATA_LOCATION = ('store', 'manifest', 'tokenizer')
+
+
 def _cache_key(cfg: Config, mesh) -> tuple:
-  return (json.dumps(cfg.to_dict(), sort_keys=True, default=str), tuple(mesh.shape.items()),
+  fields = cfg.to_dict()
+  fields['data'] = {k: v for k, v in fields['data'].items() if k not in _DATA_LOCATION}
+  return (json.dumps(fields, sort_keys=True, default=str), tuple(mesh.shape.items()),
           tuple(d.id for d in mesh.devices.flat))
 
 
