@@ -127,6 +127,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(full_run, tmp_
   assert resumed.losses[5] == full.losses[5] and resumed.losses[6] == full.losses[6]
 
 
+def test_another_copy_of_the_data_reuses_the_built_run():
+  """Where the data lives (store, manifest, tokenizer) is not part of what the loop caches per
+  config (built state, initial state, compiled steps): a run over a sharded copy of a store or a
+  URL to it compiles nothing again; any other field still builds anew."""
+  here = loop.build(_cfg('data.store=/a/store', 'data.tokenizer=/a/tok.model'))
+  there = loop.build(_cfg('data.store=gs://b/store', 'data.manifest=/b/m.jsonl',
+                          'data.tokenizer=/b/tok.model'))
+  assert there is here
+  assert loop.build(_cfg('data.store=/a/store', 'data.image_cache=True',
+                         "train.freeze=['vision_tower']", 'model.vision.dropout=0.0')) is not here
+
+
 def test_run_dirs(monkeypatch):
   monkeypatch.setenv('RADFM_LOGDIR', '/tmp/logs')
   assert loop.run_dirs('gs://bucket/runs/r1/') == ('gs://bucket/runs/r1/', '/tmp/logs/r1')

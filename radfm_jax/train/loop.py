@@ -283,7 +283,8 @@ _COMPILED: set = set()        # (step kind, batch shapes) compiled by the cached
 
 def _jitted_steps(cfg: Config, mesh, rules, graphdef, tx, shardings):
   """The jitted (train, eval) steps, reused by later `train` calls in this process with the same
-  config and devices (a resumed run in the same process does not compile again)."""
+  config and devices (a resumed run in the same process does not compile again, nor the same run
+  over another copy of its data: `_cache_key` leaves out where the data lives)."""
   key = _cache_key(cfg, mesh)
   if key not in _JITTED:
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings,
