@@ -58,9 +58,11 @@ def test_presets_and_fields():
 
 
 def test_unmatched_target_is_a_config_error():
+  """Raised where a run builds its model (`loop.build`: the abstract adapted model, traced, no
+  eager initialisation)."""
   cfg = _cfg('lora', "finetune.targets=['llama/layers/qq']")
   with pytest.raises(ConfigError, match=r"pattern 'llama/layers/qq' matches no matmul"):
-    lora.add_adapters(create_model(cfg.model), cfg.finetune)
+    lora.abstract_model(cfg.model, cfg.finetune)
 
 
 @pytest.mark.parametrize('method,quant', [('lora', None), ('qlora', 'int8'), ('qlora', 'int4')])
@@ -237,8 +239,12 @@ def test_lr_multipliers_scale_the_updates():
                                          'train.max_grad_norm=0.0', 'train.weight_decay=0.1'])
   plain = load_config('radfm:model=tiny', ['train.warmup_steps=0', 'train.max_grad_norm=0.0',
                                            'train.weight_decay=0.1'])
-  params = nnx.state(create_model(cfg.model), nnx.Param)
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01) * jnp.sign(p + 0.5), params)
+  # The model's parameter tree (traced, not initialised op by op) filled with random values:
+  # what the multipliers scale does not depend on the values.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(a.dtype),
+                        nnx.state(nnx.eval_shape(lambda: create_model(cfg.model)), nnx.Param))
+  grads = jax.tree.map(lambda p: np.float32(0.01) * np.sign(p + 0.5), params)
   labels = _flat(optim.lr_labels(cfg.train.lr_multipliers, params))
   assert labels['vision/blocks/q/kernel'] == 'g0' and labels['perceiver/latents'] == 'g1'
   assert labels['llama/layers/q/kernel'] == 'base' and labels['fc/kernel'] == 'base'
@@ -248,11 +254,12 @@ def test_lr_multipliers_scale_the_updates():
   moments = jax.tree.map(np.shape, state[0][0].mu)
   assert moments == jax.tree.map(np.shape, tx_plain.init(params)[0][0].mu)
   assert set(state[1].inner_states) == {'base', 'g0', 'g1'}
+  update, update_plain = jax.jit(tx.update), jax.jit(tx_plain.update)    # not op by op
   for _ in range(2):
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
   plain_state = tx_plain.init(params)
   for _ in range(2):
-    plain_updates, plain_state = tx_plain.update(grads, plain_state, params)
+    plain_updates, plain_state = update_plain(grads, plain_state, params)
   got, want = _flat(updates), _flat(plain_updates)
   for key in got:
     scale = 10.0 if key.startswith(('vision/', 'perceiver/')) else 1.0
