@@ -22,6 +22,9 @@ from radfm_jax.cli.main import main
 from radfm_jax.config import load_config
 from radfm_jax.train import loop
 
+# One worker: the module's real training run (`run`) is made once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group('bad_inputs_checkpoint')
+
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
 OVERRIDES = ['data.store=synthetic', 'data.batch_size_2d=8', 'train.synthetic_length=48',
              'train.steps=4',

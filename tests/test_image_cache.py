@@ -18,6 +18,10 @@ from radfm_jax.errors import InputError
 from radfm_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One worker: the step-0 run and its cache (`run0`) are made once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group('image_cache')
+
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
 
 

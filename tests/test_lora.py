@@ -21,6 +21,9 @@ from radfm_jax.train import loop, optim
 from radfm_jax.train import step as step_lib
 from radfm_jax.train.synthetic import SyntheticBatches
 
+# One worker: the module's two shared trainings (`runs`) and their compiled steps are made once.
+pytestmark = pytest.mark.xdist_group('lora')
+
 OVERRIDES = ['data.store=synthetic', 'train.steps=8', 'train.warmup_steps=0',
              'train.learning_rate=2e-2', 'train.checkpoint_every=0', 'train.tensorboard=False',
              'train.async_checkpoint=False', 'model.vision.dropout=0.0', 'data.batch_size_2d=8',
@@ -55,9 +58,11 @@ def test_presets_and_fields():
 
 
 def test_unmatched_target_is_a_config_error():
+  """Raised where a run builds its model (`loop.build`: the abstract adapted model, traced, no
+  eager initialisation)."""
   cfg = _cfg('lora', "finetune.targets=['llama/layers/qq']")
   with pytest.raises(ConfigError, match=r"pattern 'llama/layers/qq' matches no matmul"):
-    lora.add_adapters(create_model(cfg.model), cfg.finetune)
+    lora.abstract_model(cfg.model, cfg.finetune)
 
 
 @pytest.mark.parametrize('method,quant', [('lora', None), ('qlora', 'int8'), ('qlora', 'int4')])
@@ -149,6 +154,25 @@ def test_training_moves_only_adapters(runs, method):
 
 
 @pytest.mark.slow
+def test_exact_resume_qlora(runs, tmp_path):
+  """2 steps, then a fresh process state (compiled steps and initial states forgotten) resumes to
+  step 8: the losses of steps 3-8 and every parameter equal the shared straight 8-step run's."""
+  straight = runs('qlora')
+  cfg, batch = straight['cfg'], straight['batch']
+  _train(cfg, tmp_path / 'resumed', batch, steps=2)
+  loop._JITTED.clear()
+  loop._INIT.clear()
+  resumed = _train(cfg, tmp_path / 'resumed', batch)
+  assert sorted(resumed.losses) == list(range(3, 9))
+  assert [resumed.losses[s] for s in range(3, 9)] == [
+      straight['result'].losses[s] for s in range(3, 9)]
+  got, want = _flat(resumed.state.params), _flat(straight['result'].state.params)
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.slow
 def test_sharded_equals_single_device(tmp_path):
   cfg = _cfg('lora')
   batch, _ = _inputs(cfg)
@@ -166,25 +190,6 @@ def test_sharded_equals_single_device(tmp_path):
     assert scale > 0 and np.abs(got[key] - want[key]).max() <= 2e-3 * scale, key
   np.testing.assert_allclose([eight.losses[s] for s in (1, 2, 3)],
                              [single.losses[s] for s in (1, 2, 3)], rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_exact_resume_qlora(runs, tmp_path):
-  """2 steps, then a fresh process state (compiled steps and initial states forgotten) resumes to
-  step 8: the losses of steps 3-8 and every parameter equal the shared straight 8-step run's."""
-  straight = runs('qlora')
-  cfg, batch = straight['cfg'], straight['batch']
-  _train(cfg, tmp_path / 'resumed', batch, steps=2)
-  loop._JITTED.clear()
-  loop._INIT.clear()
-  resumed = _train(cfg, tmp_path / 'resumed', batch)
-  assert sorted(resumed.losses) == list(range(3, 9))
-  assert [resumed.losses[s] for s in range(3, 9)] == [
-      straight['result'].losses[s] for s in range(3, 9)]
-  got, want = _flat(resumed.state.params), _flat(straight['result'].state.params)
-  assert set(got) == set(want)
-  for key in want:
-    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 @pytest.mark.slow
@@ -223,7 +228,7 @@ def test_merge_logits_and_export(runs, tmp_path, method):
 def test_merge_refuses_a_full_run(tmp_path, capsys):
   cfg = load_config('radfm:model=tiny', OVERRIDES)
   batch, _ = _inputs(cfg)
-  _train(cfg, tmp_path / 'full', batch, steps=1)
+  _train(cfg, tmp_path / 'full', batch, steps=0)       # its step-0 checkpoint: no step compiled
   assert main(['merge', '--checkpoint', str(tmp_path / 'full'), '--out', str(tmp_path / 'm')]) == 2
   assert 'finetune.method is full (no adapters to merge)' in capsys.readouterr().err
 
@@ -234,8 +239,12 @@ def test_lr_multipliers_scale_the_updates():
                                          'train.max_grad_norm=0.0', 'train.weight_decay=0.1'])
   plain = load_config('radfm:model=tiny', ['train.warmup_steps=0', 'train.max_grad_norm=0.0',
                                            'train.weight_decay=0.1'])
-  params = nnx.state(create_model(cfg.model), nnx.Param)
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01) * jnp.sign(p + 0.5), params)
+  # The model's parameter tree (traced, not initialised op by op) filled with random values:
+  # what the multipliers scale does not depend on the values.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(a.dtype),
+                        nnx.state(nnx.eval_shape(lambda: create_model(cfg.model)), nnx.Param))
+  grads = jax.tree.map(lambda p: np.float32(0.01) * np.sign(p + 0.5), params)
   labels = _flat(optim.lr_labels(cfg.train.lr_multipliers, params))
   assert labels['vision/blocks/q/kernel'] == 'g0' and labels['perceiver/latents'] == 'g1'
   assert labels['llama/layers/q/kernel'] == 'base' and labels['fc/kernel'] == 'base'
@@ -245,11 +254,12 @@ def test_lr_multipliers_scale_the_updates():
   moments = jax.tree.map(np.shape, state[0][0].mu)
   assert moments == jax.tree.map(np.shape, tx_plain.init(params)[0][0].mu)
   assert set(state[1].inner_states) == {'base', 'g0', 'g1'}
+  update, update_plain = jax.jit(tx.update), jax.jit(tx_plain.update)    # not op by op
   for _ in range(2):
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
   plain_state = tx_plain.init(params)
   for _ in range(2):
-    plain_updates, plain_state = tx_plain.update(grads, plain_state, params)
+    plain_updates, plain_state = update_plain(grads, plain_state, params)
   got, want = _flat(updates), _flat(plain_updates)
   for key in got:
     scale = 10.0 if key.startswith(('vision/', 'perceiver/')) else 1.0

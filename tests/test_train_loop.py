@@ -14,6 +14,9 @@ from radfm_jax.checkpoint import Checkpointer, read_step_config
 from radfm_jax.train.metrics import read_metrics, train_step_flops
 from radfm_jax.train.synthetic import SyntheticBatches
 
+# One worker: the 6-step run (`full_run`) and its compiled step are made once and reused.
+pytestmark = pytest.mark.xdist_group('train_loop')
+
 SPEC = 'configs/radfm.py:model=tiny,mesh=cpu'
 OVERRIDES = ['data.store=synthetic', 'data.batch_size_2d=8', 'train.synthetic_length=48',
              'train.steps=6', 'train.warmup_steps=1', 'train.learning_rate=1e-3',
@@ -122,6 +125,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(full_run, tmp_
   # The good checkpoint resumes like the clean run.
   resumed = loop.train(cfg, str(tmp_path), progress=False)
   assert resumed.losses[5] == full.losses[5] and resumed.losses[6] == full.losses[6]
+
+
+def test_another_copy_of_the_data_reuses_the_built_run():
+  """Where the data lives (store, manifest, tokenizer) is not part of what the loop caches per
+  config (built state, initial state, compiled steps): a run over a sharded copy of a store or a
+  URL to it compiles nothing again; any other field still builds anew."""
+  here = loop.build(_cfg('data.store=/a/store', 'data.tokenizer=/a/tok.model'))
+  there = loop.build(_cfg('data.store=gs://b/store', 'data.manifest=/b/m.jsonl',
+                          'data.tokenizer=/b/tok.model'))
+  assert there is here
+  assert loop.build(_cfg('data.store=/a/store', 'data.image_cache=True',
+                         "train.freeze=['vision_tower']", 'model.vision.dropout=0.0')) is not here
 
 
 def test_run_dirs(monkeypatch):

@@ -26,6 +26,10 @@ from radfm_jax.train import loop, optim, rundir
 from radfm_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One worker: the CLI runs share one compilation cache folder (`xdg`) and find it warm.
+pytestmark = pytest.mark.xdist_group('train_run')
+
 SPEC = 'radfm:model=tiny'
 SMALL = ['data.batch_size_2d=2', 'train.synthetic_length=48', 'train.log_every=1',
          'train.tensorboard=False']

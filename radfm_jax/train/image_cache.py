@@ -54,6 +54,13 @@ def open_for_run(cfg, params: nnx.State, source: str) -> ImageTokenCache:
                               data_cfg=cfg.data, model_cfg=cfg.model)
 
 
+@nnx.jit
+def _encode(model, images, mask):
+  """[B, S, C, H, W, D] images, [B, S] mask -> [B, S * num_latents, embed] tokens. One jitted
+  function for every call: another store (or call) with the same model reuses compiled buckets."""
+  return model.encode_images(images, mask)          # no rng: no dropout
+
+
 def cache_images(checkpoint_dir: str, store_dir: str, *, data_cfg=None, mesh_cfg=None,
                  step: int | None = None, progress: bool = True) -> dict:
   """Writes the image tokens of every scan in `store_dir`'s manifest made by the checkpoint's
@@ -86,10 +93,6 @@ def cache_images(checkpoint_dir: str, store_dir: str, *, data_cfg=None, mesh_cfg
   n = model_cfg.perceiver.num_latents
   shards = batch_lib.batch_shards(mesh, rules)
 
-  @nnx.jit
-  def encode(model, images, mask):
-    return model.encode_images(images, mask)          # no rng: no dropout
-
   # The pipeline's buckets (data/pipeline.py BatchPlan), from the manifest's shapes alone.
   buckets: dict[tuple, list[dict]] = {}
   for rec in records:
@@ -121,7 +124,7 @@ def cache_images(checkpoint_dir: str, store_dir: str, *, data_cfg=None, mesh_cfg
       put = lambda x: jax.device_put(x, batch_lib.batch_sharding(mesh, rules) if rows % shards  # noqa: E731
                                      == 0 else None)
       with sharding.use_mesh(mesh, rules):
-        tokens = np.asarray(jax.device_get(encode(model, put(images), put(mask))))
+        tokens = np.asarray(jax.device_get(_encode(model, put(images), put(mask))))
       cache.write({scan: (tokens[r, s * n:(s + 1) * n], hwd) for r, s, scan in fresh},
                   keys={scan: store.key(scan) for _, _, scan in fresh})
   if bar is not None:

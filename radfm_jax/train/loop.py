@@ -198,8 +198,15 @@ def _finite(x) -> bool:
 _BUILT: dict = {}
 
 
+# Where the data lives (folder and file names): the model, optimizer and steps never read them, so
+# the same run over another copy of the data (a sharded store, a URL) reuses the compiled steps.
+_DATA_LOCATION = ('store', 'manifest', 'tokenizer')
+
+
 def _cache_key(cfg: Config, mesh) -> tuple:
-  return (json.dumps(cfg.to_dict(), sort_keys=True, default=str), tuple(mesh.shape.items()),
+  fields = cfg.to_dict()
+  fields['data'] = {k: v for k, v in fields['data'].items() if k not in _DATA_LOCATION}
+  return (json.dumps(fields, sort_keys=True, default=str), tuple(mesh.shape.items()),
           tuple(d.id for d in mesh.devices.flat))
 
 
@@ -276,7 +283,8 @@ _COMPILED: set = set()        # (step kind, batch shapes) compiled by the cached
 
 def _jitted_steps(cfg: Config, mesh, rules, graphdef, tx, shardings):
   """The jitted (train, eval) steps, reused by later `train` calls in this process with the same
-  config and devices (a resumed run in the same process does not compile again)."""
+  config and devices (a resumed run in the same process does not compile again, nor the same run
+  over another copy of its data: `_cache_key` leaves out where the data lives)."""
   key = _cache_key(cfg, mesh)
   if key not in _JITTED:
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings,
