@@ -236,6 +236,10 @@ class TrainConfig:
   # (regex, multiplier) pairs: a trainable parameter whose path ('vision/blocks/q/kernel') fully
   # matches the first pattern trains at learning_rate * multiplier (train/optim.py)
   lr_multipliers: tuple[tuple[str, float], ...] = ()
+  # (regex, steps) pairs: a trainable parameter whose path fully matches the first pattern is not
+  # updated for the first `steps` steps, then warms up over `warmup` steps to the run's schedule
+  # (a warm-up phase of the other towers, e.g. [["llama/layers/.*", 200]]; train/optim.py)
+  lr_delays: tuple[tuple[str, int], ...] = ()
 
   @property
   def warmup(self) -> int:
@@ -727,6 +731,12 @@ def _validate_train(t: TrainConfig):
       _fail('train.lr_multipliers', [list(p) if isinstance(p, tuple) else p
                                      for p in t.lr_multipliers],
             '(regex, multiplier) pairs with a finite multiplier > 0, e.g. [["vision/.*", 10.0]]')
+  for pair in t.lr_delays:
+    if not (isinstance(pair, tuple) and len(pair) == 2 and _regex(pair[0]) and _is_int(pair[1])
+            and pair[1] >= 0):
+      _fail('train.lr_delays', [list(p) if isinstance(p, tuple) else p for p in t.lr_delays],
+            '(regex, steps) pairs with an integer number of steps >= 0, e.g. '
+            '[["llama/layers/.*", 200]]')
 
 
 def _regex(pattern) -> bool:

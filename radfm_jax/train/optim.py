@@ -15,6 +15,11 @@ a parameter whose path (`vision/blocks/q/kernel`) fully matches a pattern (first
 scaled by its multiplier (`optax.multi_transform` over `optax.scale`, after AdamW), which is
 exactly AdamW at learning_rate * multiplier (its weight decay is scaled by the learning rate too);
 the moments are those of one AdamW, so the optimizer state does not change shape.
+Delayed modules (`train.lr_delays`, (regex, steps) pairs, same matching): the update of a matching
+parameter is scaled by 0 for its first `steps` updates, then by a linear ramp reaching 1 after
+`warmup` more (`optax.scale_by_schedule` after AdamW, so weight decay waits too). Its AdamW
+moments accumulate from step 0, so it starts from warm moments. This is a warm-up phase of the
+other towers, e.g. the image path trained while the decoder's layers hold still.
 
 LoRA / QLoRA (`finetune.method`, models/lora.py): only the adapters (`*_lora_a`, `*_lora_b`) and
 the towers named in `finetune.train_full` train (minus `train.freeze`); `trainable_spec(cfg)` is
@@ -37,6 +42,7 @@ import re
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -118,8 +124,21 @@ def make_optimizer(t: TrainConfig, trainable_params) -> optax.GradientTransforma
     scales = {f'g{i}': optax.scale(float(m)) for i, (_, m) in enumerate(t.lr_multipliers)}
     parts.append(optax.multi_transform({'base': optax.identity(), **scales},
                                        lr_labels(t.lr_multipliers, trainable_params)))
+  if t.lr_delays:
+    delays = {f'g{i}': optax.scale_by_schedule(delay_ramp(int(n), t.warmup))
+              for i, (_, n) in enumerate(t.lr_delays)}
+    parts.append(optax.multi_transform({'base': optax.identity(), **delays},
+                                       lr_labels(t.lr_delays, trainable_params)))
   return optax.chain(*parts)
 
 
-__all__ = ['decay_mask', 'frozen_prefixes', 'lr_labels', 'make_optimizer', 'make_schedule',
+def delay_ramp(delay: int, warmup: int) -> optax.Schedule:
+  """Update count -> factor: 0 for the first `delay` updates, then a linear ramp reaching 1 after
+  `warmup` more (at once when warmup is 0)."""
+  def factor(count):
+    return jnp.clip((count - delay + 1) / max(warmup, 1), 0.0, 1.0)
+  return factor
+
+
+__all__ = ['decay_mask', 'delay_ramp', 'frozen_prefixes', 'lr_labels', 'make_optimizer', 'make_schedule',
            'merge_params', 'split_trainable', 'trainable_filter', 'trainable_spec']
