@@ -280,6 +280,10 @@ def setup(out: str, *, config: str | None = None, overrides=(), steps: int | Non
   raw = load_config_dict(spec, overrides)
   if raw.train.warmup_steps >= raw.train.steps:      # e.g. --steps 20 under the demo's 30
     overrides += [f'train.warmup_steps={max(raw.train.steps // 10, 0)}']
+  demo_cfg = raw.get('demo')
+  delay = float(demo_cfg.get('decoder_delay', 0.0)) if demo_cfg is not None else 0.0
+  if delay > 0 and not raw.train.lr_delays:           # a fraction of the steps, as closed_first
+    overrides += [f"train.lr_delays=[['llama/layers/.*', {int(round(raw.train.steps * delay))}]]"]
   base_cfg = load_config(spec, overrides)
   store = VolumeStore(store_dir)
   records = store.manifest()

@@ -113,6 +113,8 @@ def test_quick_demo_end_to_end(tmp_path):
   for name in ('loss_curve.png', 'predictions.jsonl', 'tokenizer.model', 'train/metrics.jsonl'):
     assert os.path.getsize(os.path.join(out, name)) > 0
   assert os.path.isdir(s['checkpoint'])
+  with open(os.path.join(out, 'train', 'checkpoints', 'config.json')) as f:  # 0.25 of 20 steps
+    assert json.load(f)['train']['lr_delays'] == [['llama/layers/.*', 5]]
   m = s['metrics']
   assert m['closed']['phantom/diagnosis_yes_no:yes/no']['chance'] == 0.5
   assert m['closed']['real/modality:CT/MRI/X-ray/ultrasound']['chance'] == 0.25
