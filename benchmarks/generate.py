@@ -9,11 +9,11 @@ over this machine's measured matrix-vector bandwidth) and the tokens/s ceiling i
 batch 1: a single-token step must read every decoder weight once.
 
     .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer-loop scan]
-        [--cache-chunk 64] [--profile] [--quantize int8]
+        [--cache-chunk 64] [--profile] [--quantize int8|w8a8]
 
---quantize int8 runs the same batches a second time with Qwix int8 weights
-(radfm_jax/infer/quantize.py, as `radfm-jax generate --quantize int8`), so fp32 and int8 are
-compared in one run.
+--quantize int8 (or w8a8) runs the same batches a second time with Qwix int8 weights (w8a8: and
+int8 activations; radfm_jax/infer/quantize.py, as `radfm-jax generate --quantize ...`), so fp32
+and int8 are compared in one run, each against its own floor (the int8 weights' bytes).
 
 --profile adds where one decode step's time goes: XLA:CPU traces of a 1-token and a
 `--profile-tokens`-token call, parsed per HLO op (benchmarks/xla_profile.py), summed per category,
@@ -37,7 +37,8 @@ from common import gemv_bytes_per_second, machine, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.infer import cpu_decode  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
-from radfm_jax.infer.quantize import quantize  # noqa: E402
+from radfm_jax.infer.quantize import MODES, quantize  # noqa: E402
+from radfm_jax.models.layers import int8_rows_product  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 
 ORIGINAL_TOKENS_PER_S = 40.0
@@ -61,19 +62,24 @@ def bench_images(cfg, batch):
   return np.random.default_rng(1).random(shape, np.float32)
 
 
-def step_products_ms(cfg, rows: int) -> float:
+def step_products_ms(cfg, rows: int, int8: bool = False) -> float:
   """Time of one decode step's matrix products alone: every decoder matrix ([out, in], as
   cpu_decode.DecodeView holds them) times `rows` rows, the way OutFirstDense runs them at that
-  row count."""
+  row count (`int8`: as it runs them for quantize='w8a8', rows quantized on the fly)."""
   llama = cfg.llama
   e, m = llama.hidden_size, llama.intermediate_size
   shapes = [(e, e)] * 4 + [(m, e)] * 2 + [(e, m)]
   key = jax.random.key(0)
   mats = [jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
           for i, shape in enumerate(shapes * llama.num_layers + [(llama.vocab_size, e)])]
+  if int8:
+    import qwix
+    mats = [qwix.quantize(w, 'int8', channelwise_axes=(0,)) for w in mats]
 
   @jax.jit
   def products(mats, x):
+    if int8:
+      return [int8_rows_product(x[:, :w.qvalue.shape[1]], w, kernel_first=True) for w in mats]
     return [cpu_decode.out_first_product(w, x[:, :w.shape[1]]) for w in mats]
 
   x = jnp.ones((rows, max(e, m)), jnp.float32)
@@ -143,8 +149,8 @@ def main():
   parser.add_argument('--profile', action='store_true',
                       help='also print where one decode step goes (XLA:CPU trace per HLO op)')
   parser.add_argument('--profile-tokens', type=int, default=65)
-  parser.add_argument('--quantize', choices=('int8',), default=None,
-                      help='also time the same batches with int8 weights (after the fp32 ones)')
+  parser.add_argument('--quantize', choices=MODES, default=None,
+                      help='also time the same batches quantized (after the fp32 ones)')
   args = parser.parse_args()
   dump = tempfile.TemporaryDirectory() if args.profile else None
   if dump:
@@ -159,21 +165,40 @@ def main():
         f'tokens, greedy, {jax.devices()[0].platform} x{jax.device_count()}')
   llama = cfg.llama
   per_layer = 4 * llama.hidden_size ** 2 + 3 * llama.hidden_size * llama.intermediate_size
-  weight_bytes = 4 * (llama.num_layers * per_layer + llama.hidden_size * llama.vocab_size)
+  weights = llama.num_layers * per_layer + llama.hidden_size * llama.vocab_size
   bandwidth = gemv_bytes_per_second()
-  floor_ms = weight_bytes / bandwidth * 1e3
-  print(f'decoder weights read per step {weight_bytes / 2**20:.0f} MiB (fp32); matrix-vector '
-        f'bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floor_ms:.1f} ms/step, ceiling '
-        f'{1e3 / floor_ms:.0f} tokens/s at batch 1')
+  floors = {}
+  # The bytes a decode step must read: every decoder weight once, fp32 (4 bytes) or int8 (1 byte
+  # and one fp32 scale per output channel).
+  for mode, weight_bytes in (('fp32', 4 * weights), ('int8', weights + 4 * (
+      llama.num_layers * (4 * llama.hidden_size + 3 * llama.intermediate_size)
+      + llama.vocab_size))):
+    floors[mode] = weight_bytes / bandwidth * 1e3
+    print(f'decoder weights read per step {weight_bytes / 2**20:.0f} MiB ({mode}); matrix-vector '
+          f'bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floors[mode]:.1f} ms/step, ceiling '
+          f'{1e3 / floors[mode]:.0f} tokens/s at batch 1')
+    if args.quantize != 'w8a8':      # weight-only int8: the decode view holds fp32 weights
+      break
+  # A batch-8 step also reads the KV cache: [batch, heads, slots, head_dim] k and v per layer,
+  # fp32, at the mean number of slots over the run (the cache grows by --cache-chunk).
+  prompt_len = 64
+  slots = np.mean([-(-(prompt_len + t + 1) // args.cache_chunk) * args.cache_chunk
+                   for t in range(args.new)])
+  kv_bytes = 8 * 2 * llama.num_layers * llama.hidden_size * slots * 4
+  print(f'batch 8 also reads the KV cache: {kv_bytes / 2**20:.0f} MiB per step at the mean '
+        f'{slots:.0f} slots ({kv_bytes / bandwidth * 1e3:.1f} ms at that bandwidth; batch 1: '
+        f'{kv_bytes / 8 / bandwidth * 1e3:.1f} ms)')
   models = [(args.dtype, model)]
   if args.quantize:
     models.append((f'{args.quantize} weights', quantize(model, args.quantize)))
   for label, m in models:
     steps = {}
+    int8 = label != args.dtype and args.quantize == 'w8a8'
+    floor_ms = floors['int8' if int8 else 'fp32']
     for batch in (1, 8):
       rate, seconds, fixed = run(m, cfg, batch, args.new, args.layer_loop, args.cache_chunk)
       step_ms = (seconds - fixed) / (args.new - 1) * 1e3
-      products = step_products_ms(cfg, batch)
+      products = step_products_ms(cfg, batch, int8=int8)
       steps[batch] = step_ms
       print(f'{label}, batch {batch}: {rate:8.1f} new tokens/s ({seconds:.2f} s incl. prefill)  '
             f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1; fixed cost '

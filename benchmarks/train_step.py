@@ -8,7 +8,7 @@ and bf16 by default, timed interleaved so both see the same machine load); then 
 gather splice against the original's one-hot matmul at the official sizes.
 
     .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
-        [--dtypes float32,bfloat16]
+        [--dtypes float32,bfloat16,float32:unrolled]
 
 --profile adds where the step's time goes: an XLA:CPU trace of the step parsed per HLO op and
 summed per category (matmul/conv, elementwise, reductions/norms, softmax, copies/transposes,
@@ -89,15 +89,18 @@ def main():
   parser.add_argument('--size', default='bench')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--dtypes', default='float32,bfloat16',
-                      help='compute dtypes (model.compute_dtype) to time, interleaved, in one run')
+                      help='compute dtypes (model.compute_dtype) to time, interleaved, in one run; '
+                           'DTYPE:unrolled also times that dtype with model.scan_layers=False')
   parser.add_argument('--profile', action='store_true',
                       help='also print where the step time goes (XLA:CPU trace per HLO op)')
   args = parser.parse_args()
   print(f'machine: {machine()}; load average {os.getloadavg()[0]:.1f}')
 
   steps = {}
-  for dtype in args.dtypes.split(','):
-    cfg = model_config(args.size, compute_dtype=dtype)
+  for variant in args.dtypes.split(','):
+    dtype, _, layout = variant.partition(':')
+    overrides = {'scan_layers': False} if layout == 'unrolled' else {}
+    cfg = model_config(args.size, compute_dtype=dtype, **overrides)
     # The bench image (256x256x16); smaller configs get their vision tower's own size.
     side = min(256, cfg.vision.image_size)
     batch = make_batch(cfg, shape=(side, side, min(16, cfg.vision.frames)))
@@ -108,7 +111,7 @@ def main():
     loss = float(jax.block_until_ready(step(*args_))[0])
     print(f'compute {dtype}: remat {cfg.remat_policy}, scan_layers {cfg.scan_layers}, compile + '
           f'first step {time.perf_counter() - start:.1f} s, loss {loss:.6f}')
-    steps[dtype] = (step, args_, cfg)
+    steps[variant] = (step, args_, cfg)
   # Interleaved: the matmul reference and each dtype's step once per round, best of the rounds,
   # so a burst of load from other users hits every figure alike.
   best = dict.fromkeys(steps, float('inf'))
@@ -126,7 +129,7 @@ def main():
   print(f'2048^3 fp32 matmul        {matmul / 1e9:10.1f} GFLOP/s')
   for dtype, seconds in best.items():
     achieved = flops / seconds
-    print(f'{dtype:<9} step time       {seconds * 1e3:10.1f} ms   {achieved / 1e9:7.1f} GFLOP/s   '
+    print(f'{dtype:<16} step time {seconds * 1e3:10.1f} ms   {achieved / 1e9:7.1f} GFLOP/s   '
           f'ratio to the fp32 matmul {achieved / matmul:.2f} (goal >= 0.6)')
   if args.profile:
     step, args_, _ = next(iter(steps.values()))

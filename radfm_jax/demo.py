@@ -380,6 +380,11 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
   result = loop.train(cfg, workdir, data=data, progress=progress, on_step=towers)
   timings['train_s'] = time.perf_counter() - t
   losses = dict(result.losses)
+  if not losses:
+    # --resume of a finished run trains no step: the losses its earlier calls logged (one per
+    # train.log_every steps) rather than nan
+    from radfm_jax.train.metrics import read_metrics
+    losses = {r['step']: r['loss'] for r in read_metrics(workdir, 'train') if 'loss' in r}
   loss_first = float(np.mean([losses[s] for s in sorted(losses)[:10]])) if losses else math.nan
   loss_last = float(np.mean([losses[s] for s in sorted(losses)[-10:]])) if losses else math.nan
   _log(f'trained {result.step} steps in {timings["train_s"]:.0f} s '

@@ -145,7 +145,7 @@ def test_saved_config_is_the_full_resolved_config():
   saved = load_config('configs/demo.py:model=tiny', ['train.steps=70']).to_dict()
   full = defaults().to_dict()
   assert set(saved) == set(full) | {'demo'} and saved['demo'] == {'closed_first': 0.4,
-                                                              'decoder_delay': 0.25}
+                                                              'decoder_delay': 0.5}
   for section in ('model', 'mesh', 'data', 'generate', 'train'):
     assert set(saved[section]) == set(full[section]), section
   assert saved['train']['steps'] == 70 and saved['train']['b1'] == 0.9

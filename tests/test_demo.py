@@ -113,8 +113,8 @@ def test_quick_demo_end_to_end(tmp_path):
   for name in ('loss_curve.png', 'predictions.jsonl', 'tokenizer.model', 'train/metrics.jsonl'):
     assert os.path.getsize(os.path.join(out, name)) > 0
   assert os.path.isdir(s['checkpoint'])
-  with open(os.path.join(out, 'train', 'checkpoints', 'config.json')) as f:  # 0.25 of 20 steps
-    assert json.load(f)['train']['lr_delays'] == [['llama/layers/.*', 5]]
+  with open(os.path.join(out, 'train', 'checkpoints', 'config.json')) as f:  # 0.5 of 20 steps
+    assert json.load(f)['train']['lr_delays'] == [['llama/layers/.*', 10]]
   m = s['metrics']
   assert m['closed']['phantom/diagnosis_yes_no:yes/no']['chance'] == 0.5
   assert m['closed']['real/modality:CT/MRI/X-ray/ultrasound']['chance'] == 0.25
@@ -137,6 +137,15 @@ def test_quick_demo_end_to_end(tmp_path):
   assert all(t['grad_norm_first'] > 0 and t['update_ratio_last'] > 0 for t in v['towers'].values())
   preds = read_jsonl(os.path.join(out, 'predictions.jsonl'))
   assert len(preds) == s['dataset']['splits']['heldout']
+  # --resume of the finished run trains no step and reports the losses it logged, not nan.
+  assert cli.main(['demo', '--quick', '--out', out, '--no-progress', '--resume']) == 0
+  with open(os.path.join(out, 'summary.json')) as f:
+    again = json.load(f)
+  logged = [r['loss'] for r in read_jsonl(os.path.join(out, 'train', 'metrics.jsonl'))
+            if r['split'] == 'train' and 'loss' in r]
+  assert again['steps'] == 20 and len(logged) >= 2
+  assert again['loss_first10'] == pytest.approx(np.mean(logged[:10]))
+  assert again['loss_last10'] == pytest.approx(np.mean(logged[-10:]))
 
 
 def test_curriculum_switches_source_and_resumes():

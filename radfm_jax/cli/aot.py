@@ -8,6 +8,7 @@ import json
 import sys
 
 from radfm_jax.cli import flags
+from radfm_jax.infer import QUANTIZE_MODES
 
 EXAMPLE = """\
 radfm-jax aot --config configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_8 --batch-2d 4 \\
@@ -38,8 +39,9 @@ def add_parser(sub):
   p.add_argument('--generate', action='store_true',
                  help='compile prefill + decode (radfm-jax generate) instead of the train step '
                       '(radfm_jax.infer.aot); batch from --batch-2d / --batch-3d (default 1)')
-  p.add_argument('--quantize', choices=('int8',), default=None,
-                 help='with --generate: Qwix int8 weights (as generate --quantize)')
+  p.add_argument('--quantize', choices=QUANTIZE_MODES, default=None,
+                 help='with --generate: Qwix int8 weights, w8a8 also int8 activations (as '
+                      'generate --quantize)')
   p.add_argument('--context', type=int, default=2048,
                  help='with --generate: prompt + new tokens')
   p.add_argument('--max-new', type=int, default=256, help='with --generate: new tokens')

@@ -7,6 +7,7 @@ import json
 import sys
 
 from radfm_jax.cli import flags
+from radfm_jax.infer import QUANTIZE_MODES
 
 EXAMPLE = """\
 radfm-jax generate --checkpoint ckpt/ --tokenizer tokenizer.model \\
@@ -53,8 +54,9 @@ def add_parser(sub):
                  help='modality per --image (e.g. CT; matters for CT-window intensity)')
   p.add_argument('--input', help='JSONL of {"id", "prompt", "images": [paths]}')
   p.add_argument('--output', help='JSONL written in file mode (default: stdout)')
-  p.add_argument('--quantize', choices=('int8',), default=None,
-                 help='Qwix post-training weight quantization (radfm_jax.infer.quantize)')
+  p.add_argument('--quantize', choices=QUANTIZE_MODES, default=None,
+                 help='Qwix post-training quantization (radfm_jax.infer.quantize): int8 weights, '
+                      'or w8a8: int8 weights and int8 activations (fastest on CPU)')
   add_checkpoint_arguments(p)
   return p
 

@@ -27,7 +27,8 @@ from flax import nnx
 
 from radfm_jax.config import LlamaConfig
 from radfm_jax.models import llama as llama_lib
-from radfm_jax.models.layers import Dense, cast, constrain, value
+from radfm_jax.models.layers import (Dense, cast, constrain, int8_kernel, int8_rows_product,
+                                     value)
 from radfm_jax.models.llama import LayerCache, Llama
 
 # XLA:CPU's default copy insertion cannot see that the cache update in the loop body comes after
@@ -66,17 +67,30 @@ class OutFirstDense(nnx.Module):
   product (`out_first_product`), the values unchanged."""
 
   def __init__(self, dense: Dense):
+    self.n_in, self.out_shape = dense.n_in, dense.out_shape
+    self.bias = dense.bias
+    self.int8_activations = getattr(dense, 'int8_activations', False)
+    if self.int8_activations:
+      # quantize='w8a8': the int8 values [out, in] and their scales [out, 1], kept int8
+      q = int8_kernel(dense.kernel, dense.n_in)
+      self.qvalue, self.scale = nnx.Param(q.qvalue.T), nnx.Param(q.scale.T)
+      return
     kernel = value(dense.kernel)            # dequantized when int8 (infer/quantize.py)
     n_in = math.prod(kernel.shape[:dense.n_in])
-    self.n_in, self.out_shape = dense.n_in, dense.out_shape
     self.kernel = nnx.Param(kernel.reshape(n_in, -1).T)
-    self.bias = dense.bias
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
     """x: [..., *in_shape] -> [..., *out_shape], as `Dense`."""
-    kernel = cast(self.kernel, dtype)
     lead = x.shape[:x.ndim - self.n_in]
-    y = out_first_product(kernel, x.reshape(-1, kernel.shape[1]).astype(dtype))
+    if self.int8_activations:
+      import qwix
+      kernel = qwix.QArray(qvalue=self.qvalue[...], scale=self.scale[...], zero_point=None,
+                           qtype='int8')
+      y = int8_rows_product(x.reshape(-1, kernel.qvalue.shape[1]), kernel, kernel_first=True)
+      y = y.astype(dtype)
+    else:
+      kernel = cast(self.kernel, dtype)
+      y = out_first_product(kernel, x.reshape(-1, kernel.shape[1]).astype(dtype))
     y = y.reshape(lead + self.out_shape)
     if self.bias is not None:
       y = y + cast(self.bias, dtype)

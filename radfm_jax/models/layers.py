@@ -60,6 +60,39 @@ def cast(p: nnx.Param, dtype) -> jax.Array:
   return value(p).astype(dtype)
 
 
+def int8_kernel(p: nnx.Param, n_in: int):
+  """A Qwix-quantized kernel [*in_shape, *out_shape] (infer/quantize.py) as a 2D `qwix.QArray`
+  [in, out]: its int8 values and its one scale per output channel, [1, out]."""
+  import qwix
+  is_var = lambda x: isinstance(x, nnx.Variable)   # noqa: E731
+  q = jax.tree.map(lambda x: x[...] if is_var(x) else x, p.array, is_leaf=is_var)
+  in_size = math.prod(q.qvalue.shape[:n_in])
+  return qwix.QArray(qvalue=q.qvalue.reshape(in_size, -1), scale=q.scale.reshape(1, -1),
+                     zero_point=None, qtype=q.qtype)
+
+
+def int8_rows_product(rows: jax.Array, kernel, *, kernel_first: bool = False) -> jax.Array:
+  """rows [n, in] (float) x an int8 kernel -> [n, out] float32: `quantize='w8a8'`.
+
+  Each row is quantized on the fly to symmetric int8 with its own absmax scale (a token's
+  activations, `qwix.quantize` per row), the product runs int8 x int8 -> int32 and is dequantized
+  at the output by both scales (`qwix.dot_general`'s fast path). kernel: a `qwix.QArray` [in, out]
+  (`int8_kernel`), or [out, in] with `kernel_first` (the decode view's layout, whose product
+  kernel @ rows^T XLA:CPU runs fastest for few rows). A single row is computed as two equal rows:
+  XLA:CPU has no fast int8 matrix-vector product (~40x slower than two rows, benchmarks/generate.py).
+  """
+  import qwix
+  n = rows.shape[0]
+  if n == 1:
+    rows = jnp.concatenate([rows, rows])
+  q = qwix.quantize(rows.astype(jnp.float32), 'int8', channelwise_axes=(0,))
+  if kernel_first:
+    y = qwix.dot_general(kernel, q, (((1,), (1,)), ((), ()))).T
+  else:
+    y = qwix.dot_general(q, kernel, (((1,), (0,)), ((), ())))
+  return y[:n]
+
+
 class Dense(nnx.Module):
   """y = x . kernel (+ bias), contracting the last `len(in_shape)` dims of x.
 
@@ -93,6 +126,13 @@ class Dense(nnx.Module):
       self.bias = None
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
+    if getattr(self, 'int8_activations', False):
+      # `quantize='w8a8'` (infer/quantize.py): int8 activations x int8 kernel, int32 sums
+      batch_shape = x.shape[:x.ndim - self.n_in]
+      kernel = int8_kernel(self.kernel, self.n_in)
+      y = int8_rows_product(x.reshape(-1, kernel.qvalue.shape[0]), kernel)
+      y = y.astype(dtype).reshape(batch_shape + self.out_shape)
+      return y if self.bias is None else y + cast(self.bias, dtype)
     if getattr(self, 'dequantize_at_use', False):
       # post-training quantized (infer/quantize.py): int8 kept, dequantized here (`value`), so
       # paths outside the model's __call__ (the decoder in generation) compute the same values
