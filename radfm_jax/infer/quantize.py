@@ -23,8 +23,8 @@ and both scales are applied to the output (Qwix's `quantize` and fast `dot_gener
 quantized in our `Dense` rather than by a Qwix activation rule, since generation runs the decoder
 outside the model's `__call__`, where Qwix intercepts nothing). A deviation from the original's
 numerics (logits ~1% from fp32 at the test config, against ~0.8% for 'int8'), chosen for speed:
-XLA:CPU runs the int8 products on the CPU's int8 dot units, a decode step at ~4x the fp32 rate
-(docs/performance.md).
+XLA:CPU compiles the int8 products to YNNPACK fusions, and a `bench` decode step runs at ~4x the
+fp32 rate (docs/performance.md).
 """
 
 from __future__ import annotations
