@@ -98,7 +98,8 @@ def test_aot_compiles_tiny_qlora_for_one_v6e_chip(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (tpu extra)')
 def test_aot_generate_compiles_tiny_int8_for_one_v5e_chip(tmp_path):
   """`aot --generate` lowers prefill + decode for a single chip (v5e:1x1); with --quantize int8
-  the program's parameter arguments are the int8 kernels (about a third of the fp32 bytes)."""
+  (or w8a8) the program's parameter arguments are the int8 kernels (about a third of the fp32
+  bytes)."""
   common = ['--generate', '--config', 'configs/radfm.py:model=tiny,mesh=tpu_v5e_1',
             '--context', '256', '--max-new', '64']
   proc, q8 = _run_aot(tmp_path / 'q8', *common, '--quantize', 'int8')
@@ -109,3 +110,7 @@ def test_aot_generate_compiles_tiny_int8_for_one_v5e_chip(tmp_path):
   assert (q8['prompt_len'], q8['max_new_tokens']) == (192, 64)
   assert q8['param_bytes_total'] < 0.4 * full['param_bytes_total']
   assert q8['argument_bytes'] < full['argument_bytes'] and 0 < q8['peak_bytes'] < 15.75 * 2 ** 30
+  # w8a8: the same int8 parameters, activations quantized in the program.
+  _, w8 = _run_aot(tmp_path / 'w8', *common, '--quantize', 'w8a8')
+  assert w8['quantize'] == 'w8a8' and w8['fits'] is True
+  assert w8['param_bytes_total'] == q8['param_bytes_total']
