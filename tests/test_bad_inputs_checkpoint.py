@@ -137,9 +137,15 @@ CASES = [
     C('checkpoint_metadata_truncated', truncate('_CHECKPOINT_METADATA'), INTACT, None),
     C('sharding_file_truncated', truncate('state/_sharding'), INTACT, None),
     C('commit_marker_deleted', delete('commit_success.txt'), INTACT, None),
+    # Known limit, so an expected failure, but only of one kind: Orbax zarr chunks carry no
+    # checksum, so garbled bytes of the right length usually restore as other values (the
+    # restore raises nothing: pytest.raises fails, DID NOT RAISE). When the flipped bytes land on
+    # a compressed chunk's framing (it depends on the file's layout, which varies between runs),
+    # the restore fails and the case must then pass as every other corruption does; any other
+    # error is a real failure.
     C('array_data_garbled', garble_array_data, FALLBACK, 'local file', marks=pytest.mark.xfail(
-        strict=True, reason='not detected: Orbax zarr chunks carry no checksum, so garbled '
-        'bytes of the right length restore as other values')),
+        strict=False, raises=pytest.fail.Exception, reason='usually not detected: Orbax zarr '
+        'chunks carry no checksum, so garbled bytes of the right length restore as other values')),
 ]
 
 
