@@ -50,10 +50,14 @@ def value(p: nnx.Param) -> jax.Array:
   values (in the scales' dtype)."""
   if hasattr(p, 'how'):
     import qwix
-    is_var = lambda x: isinstance(x, nnx.Variable)   # noqa: E731
-    return qwix.dequantize(jax.tree.map(lambda x: x[...] if is_var(x) else x, p.array,
-                                        is_leaf=is_var))
+    return qwix.dequantize(_qarray(p))
   return p[...]
+
+
+def _qarray(p: nnx.Param):
+  """The Qwix `QArray` of a quantized kernel, its values and scales as plain arrays."""
+  is_var = lambda x: isinstance(x, nnx.Variable)   # noqa: E731
+  return jax.tree.map(lambda x: x[...] if is_var(x) else x, p.array, is_leaf=is_var)
 
 
 def cast(p: nnx.Param, dtype) -> jax.Array:
@@ -64,8 +68,7 @@ def int8_kernel(p: nnx.Param, n_in: int):
   """A Qwix-quantized kernel [*in_shape, *out_shape] (infer/quantize.py) as a 2D `qwix.QArray`
   [in, out]: its int8 values and its one scale per output channel, [1, out]."""
   import qwix
-  is_var = lambda x: isinstance(x, nnx.Variable)   # noqa: E731
-  q = jax.tree.map(lambda x: x[...] if is_var(x) else x, p.array, is_leaf=is_var)
+  q = _qarray(p)
   in_size = math.prod(q.qvalue.shape[:n_in])
   return qwix.QArray(qvalue=q.qvalue.reshape(in_size, -1), scale=q.scale.reshape(1, -1),
                      zero_point=None, qtype=q.qtype)
@@ -79,7 +82,8 @@ def int8_rows_product(rows: jax.Array, kernel, *, kernel_first: bool = False) ->
   at the output by both scales (`qwix.dot_general`'s fast path). kernel: a `qwix.QArray` [in, out]
   (`int8_kernel`), or [out, in] with `kernel_first` (the decode view's layout, whose product
   kernel @ rows^T XLA:CPU runs fastest for few rows). A single row is computed as two equal rows:
-  XLA:CPU has no fast int8 matrix-vector product (~40x slower than two rows, benchmarks/generate.py).
+  XLA:CPU has no fast int8 matrix-vector product (~110 ms against 2.5-3.2 ms for 2-8 rows at the
+  `bench` decoder, docs/performance.md).
   """
   import qwix
   n = rows.shape[0]
