@@ -66,6 +66,13 @@ class VisionConfig:
   # such patches near zero while patches with real contrast are still normalised
   # (radfm_jax/eval/vision.py measures the effect).
   patch_norm_eps: float = 1e-5
+  # Initialisation only (not the forward): the (row, col, depth) position tables start
+  # uniform(0, pos_init_scale). 1.0 is the original's uniform(0, 1). The tables are added to
+  # LayerNormed patch features (unit variance per feature), so at 1.0 a patch's position is a
+  # small part of its token; a from-scratch model then needs hundreds of steps before it can tell
+  # where a finding is (left from right), while it learns whether there is one at once. A larger
+  # scale (3) makes position readable from step 0 (docs/performance.md, benchmarks/vision_learnability.py).
+  pos_init_scale: float = 1.0
 
   @property
   def patch_dim(self) -> int:
@@ -527,6 +534,7 @@ def validate_model(m: ModelConfig):
     _fail('model.vision.dim', v.dim, 'a multiple of 3 (the 3D position table splits it in row/col/depth)')
   _finite('model.vision.dropout', v.dropout, 'a probability in [0, 1)', lambda x: 0 <= x < 1)
   _finite('model.vision.patch_norm_eps', v.patch_norm_eps, 'a finite value > 0', lambda x: x > 0)
+  _finite('model.vision.pos_init_scale', v.pos_init_scale, 'a finite value > 0', lambda x: x > 0)
   _positive('model.perceiver', p, 'depth', 'heads', 'head_dim', 'num_latents', 'ff_mult')
   _finite('model.perceiver.latent_init_std', p.latent_init_std, 'a finite value > 0',
           lambda x: x > 0)

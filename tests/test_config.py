@@ -22,8 +22,9 @@ def test_presets_load_and_13b_sizes_are_official():
   assert (v.dim, v.depth, v.heads, v.head_dim, v.mlp_dim, v.patch_dim) == (768, 12, 8, 64, 2048, 12288)
   assert v.pos_rows == (16, 16, 128)
   assert (p.depth, p.heads, p.head_dim, p.num_latents, p.ff_mult) == (6, 8, 64, 32, 4)
-  # the demo's vision recipe switches default to the original (torch LayerNorm eps, randn latents)
-  assert (v.patch_norm_eps, p.latent_init_std) == (1e-5, 1.0)
+  # the demo's vision recipe switches default to the original (torch LayerNorm eps, randn latents,
+  # uniform(0, 1) position tables)
+  assert (v.patch_norm_eps, p.latent_init_std, v.pos_init_scale) == (1e-5, 1.0, 1.0)
   assert (l.hidden_size, l.intermediate_size, l.num_layers, l.num_heads, l.head_dim,
           l.vocab_size) == (5120, 13824, 40, 40, 128, 32000)
   assert (l.rms_norm_eps, l.rope_theta) == (1e-6, 10000.0)
@@ -57,6 +58,7 @@ def test_overrides_are_typed():
     ('model.vision.patch_norm_eps=0', 'model.vision.patch_norm_eps=0', 'finite value > 0'),
     ('model.perceiver.latent_init_std=-1', 'model.perceiver.latent_init_std=-1',
      'finite value > 0'),
+    ('model.vision.pos_init_scale=0', 'model.vision.pos_init_scale=0', 'finite value > 0'),
 ])
 def test_bad_values_name_field_and_expectation(override, field, expected):
   with pytest.raises(ConfigError) as err:

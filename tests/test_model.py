@@ -47,6 +47,22 @@ def test_position_embedding_uses_strided_rows_in_hwd_order():
     position_rows(17, 16)
 
 
+def test_position_tables_start_uniform_over_pos_init_scale():
+  """uniform(0, 1) by default (the original's init); model.vision.pos_init_scale=s draws the same
+  tables times s, and the rest of the tower is unchanged."""
+  def tower(scale):
+    cfg = VisionConfig(dim=12, depth=1, heads=2, head_dim=4, mlp_dim=8, pos_init_scale=scale)
+    with nnx.use_eager_sharding(False):
+      return ViT3D(cfg, rngs=nnx.Rngs(0))
+  base, wide = tower(1.0), tower(3.0)
+  for name in ('pos_row', 'pos_col', 'pos_dep'):
+    a, b = np.asarray(getattr(base, name)[...]), np.asarray(getattr(wide, name)[...])
+    assert 0.0 <= a.min() and a.max() < 1.0 and a.std() > 0.2
+    np.testing.assert_allclose(b, 3.0 * a, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(base.patch_proj.kernel[...]),
+                                np.asarray(wide.patch_proj.kernel[...]))
+
+
 def test_patch_flatten_order_is_p1_p2_pf_c():
   c, h, w, d, p, pf = 3, 64, 32, 8, 16, 4
   code = np.arange(c * h * w * d, dtype=np.int64).reshape(c, h, w, d)

@@ -82,10 +82,11 @@ class ViT3D(nnx.Module):
                             use_bias=True, **kw)
     self.patch_norm_out = LayerNorm(cfg.dim, 'vis_embed', **kw)
     rows, cols, deps = cfg.pos_rows
-    uniform01 = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype)  # nn.Embedding init in the original
-    self.pos_row = layers.param(rngs, uniform01, (rows, cfg.dim // 3), ('vis_pos', None), param_dtype)
-    self.pos_col = layers.param(rngs, uniform01, (cols, cfg.dim // 3), ('vis_pos', None), param_dtype)
-    self.pos_dep = layers.param(rngs, uniform01, (deps, cfg.dim // 3), ('vis_pos', None), param_dtype)
+    # uniform(0, 1) in the original (model.vision.pos_init_scale widens it for from-scratch runs)
+    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, 0.0, cfg.pos_init_scale)
+    self.pos_row = layers.param(rngs, uniform, (rows, cfg.dim // 3), ('vis_pos', None), param_dtype)
+    self.pos_col = layers.param(rngs, uniform, (cols, cfg.dim // 3), ('vis_pos', None), param_dtype)
+    self.pos_dep = layers.param(rngs, uniform, (deps, cfg.dim // 3), ('vis_pos', None), param_dtype)
     self.blocks = layers.stacked(lambda r: VisionBlock(cfg, rngs=r, param_dtype=param_dtype),
                                  cfg.depth, rngs)
 
