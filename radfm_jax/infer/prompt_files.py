@@ -16,7 +16,6 @@ field images[0]', '--image'). Every problem with an input is an `InputError` nam
 
 from __future__ import annotations
 
-import json
 import os
 
 from radfm_jax.errors import InputError, where
@@ -44,29 +43,20 @@ def read_prompts(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise InputError(f'prompts file {path}: no such file (expected JSONL, one '
                      '{"id", "prompt", "images"} object per line)')
+  from radfm_jax.data.store import iter_jsonl   # here: `generate --help` imports no TensorStore
   base = os.path.dirname(os.path.abspath(path))
   items = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      place = where(path, n)
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise InputError(f'{place}: not JSON ({e.msg} at column {e.colno})') from None
-      if not isinstance(rec, dict):
-        raise InputError(f'{place}: expected a JSON object, got {type(rec).__name__}')
-      if not isinstance(rec.get('prompt'), str):
-        raise InputError(f'{where(path, n, "prompt")}: expected a string, got '
-                         f'{rec.get("prompt")!r}')
-      images = rec.get('images', [])
-      if not isinstance(images, list):
-        raise InputError(f'{where(path, n, "images")}: expected a list, got {images!r}')
-      labels = [where(path, n, f'images[{i}]') for i in range(len(images))]
-      entries = [_image_entry(e, base, label) for e, label in zip(images, labels)]
-      items.append(make_item(str(rec.get('id', n)), rec['prompt'], [p for p, _ in entries],
-                             [m for _, m in entries], place, labels))
+  for n, rec in iter_jsonl(path):                # InputError on a line that is not one object
+    if not isinstance(rec.get('prompt'), str):
+      raise InputError(f'{where(path, n, "prompt")}: expected a string, got '
+                       f'{rec.get("prompt")!r}')
+    images = rec.get('images', [])
+    if not isinstance(images, list):
+      raise InputError(f'{where(path, n, "images")}: expected a list, got {images!r}')
+    labels = [where(path, n, f'images[{i}]') for i in range(len(images))]
+    entries = [_image_entry(e, base, label) for e, label in zip(images, labels)]
+    items.append(make_item(str(rec.get('id', n)), rec['prompt'], [p for p, _ in entries],
+                           [m for _, m in entries], where(path, n), labels))
   return items
 
 
