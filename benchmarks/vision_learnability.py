@@ -51,7 +51,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', default='/tmp/vision_learnability')
   parser.add_argument('--task', choices=('source', 'side'), default='source',
-                      help="source: which real scan (and its modality); side: the phantom lesion's side")
+                      help="source: which real scan (and its modality); side: the phantom "
+                      "lesion's side")
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--every', type=int, default=50)
   parser.add_argument('--batch', type=int, default=8)

@@ -71,7 +71,8 @@ class VisionConfig:
   # LayerNormed patch features (unit variance per feature), so at 1.0 a patch's position is a
   # small part of its token; a from-scratch model then needs hundreds of steps before it can tell
   # where a finding is (left from right), while it learns whether there is one at once. A larger
-  # scale (3) makes position readable from step 0 (docs/performance.md, benchmarks/vision_learnability.py).
+  # scale (3) makes position readable from step 0 (docs/performance.md,
+  # benchmarks/vision_learnability.py --task side).
   pos_init_scale: float = 1.0
 
   @property

@@ -83,7 +83,8 @@ class ViT3D(nnx.Module):
     self.patch_norm_out = LayerNorm(cfg.dim, 'vis_embed', **kw)
     rows, cols, deps = cfg.pos_rows
     # uniform(0, 1) in the original (model.vision.pos_init_scale widens it for from-scratch runs)
-    uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, 0.0, cfg.pos_init_scale)
+    def uniform(key, shape, dtype):
+      return jax.random.uniform(key, shape, dtype, 0.0, cfg.pos_init_scale)
     self.pos_row = layers.param(rngs, uniform, (rows, cfg.dim // 3), ('vis_pos', None), param_dtype)
     self.pos_col = layers.param(rngs, uniform, (cols, cfg.dim // 3), ('vis_pos', None), param_dtype)
     self.pos_dep = layers.param(rngs, uniform, (deps, cfg.dim // 3), ('vis_pos', None), param_dtype)
