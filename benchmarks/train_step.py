@@ -1,14 +1,22 @@
 """Forward + backward (training mode) of the `bench` model on this machine, as the train loop
-computes it: the model config of the `cpu` preset (radfm_jax/presets.py) and the training loss
-(`train.step.cross_entropy_loss`).
+computes it: the model config and the XLA compiler options (`mesh.xla_options`) of the `cpu`
+preset (radfm_jax/presets.py) and the training loss (`train.step.cross_entropy_loss`).
 
 Prints model FLOPs per step (analytic), achieved FLOP/s, the FLOP/s of a 2048^3 fp32 matmul
-measured in the same run, and their ratio (goal >= 0.6), for each `--dtypes` compute dtype (fp32
-and bf16 by default, timed interleaved so both see the same machine load); then the cost of the
-gather splice against the original's one-hot matmul at the official sizes.
+measured in the same run, and their ratio (goal >= 0.6), for each `--dtypes` variant (by default
+fp32, fp32 compiled with `--xla-options`, and bf16, timed interleaved so all see the same machine
+load); then the cost of the gather splice against the original's one-hot matmul at the official
+sizes.
 
     .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
-        [--dtypes float32,bfloat16,float32:unrolled]
+        [--dtypes float32,bfloat16,float32:unrolled,float32:xla] [--xla-options JSON]
+        [--demo-step]
+
+--xla-options: the XLA compiler options a `:xla` variant is compiled with (by default YNNPACK's
+elementwise fusions beside its dots, the lever measured for the `cpu` preset); the other variants
+use the preset's own `mesh.xla_options`. --demo-step also times the training loop's whole step
+(AdamW and metrics included) of `configs/demo.py` on its batch shape, with the preset's options
+and with --xla-options, interleaved: what `make demo` would gain or lose.
 
 --profile adds where the step's time goes: an XLA:CPU trace of the step parsed per HLO op and
 summed per category (matmul/conv, elementwise, reductions/norms, softmax, copies/transposes,
@@ -16,6 +24,7 @@ collectives, loop control; benchmarks/xla_profile.py), for the first of `--dtype
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -30,10 +39,18 @@ from flax import nnx  # noqa: E402
 
 import xla_profile  # noqa: E402
 from common import machine, matmul_flops_per_second, time_fn  # noqa: E402
+from radfm_jax import presets  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.models.flops import batch_flops, one_hot_splice_flops  # noqa: E402
 from radfm_jax.models.radfm import create_model, splice_image_tokens  # noqa: E402
 from radfm_jax.train.step import cross_entropy_loss  # noqa: E402
+
+
+# The XLA options the `cpu` hardware preset compiles the train step with (mesh.xla_options), and
+# the lever `--xla-options` measures by default: XLA:CPU's elementwise fusions given to YNNPACK.
+CPU_XLA_OPTIONS = presets.HARDWARE['cpu'].get('mesh', {}).get('xla_options', [])
+YNN_ELTWISE = {'xla_cpu_experimental_ynn_fusion_type':
+               'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE'}
 
 
 def make_batch(cfg, batch=2, images=1, shape=(256, 256, 16), length=256, seed=0):
@@ -84,13 +101,55 @@ def splice_comparison(repeats):
   return t_gather, t_onehot, step_flops
 
 
+def demo_step_comparison(xla_options, repeats):
+  """The training loop's whole step (train/step.py: forward, backward, AdamW, metrics) of
+  configs/demo.py on its batch (8 x one 3x64x64x16 image + 80 tokens, synthetic values), compiled
+  with the `cpu` preset's options and with `xla_options`, timed interleaved (best of 3 per
+  round)."""
+  from radfm_jax.config import load_config
+  from radfm_jax.train import loop
+  from radfm_jax.train import step as step_lib
+  from radfm_jax.train.synthetic import SyntheticBatches
+  runs = {}
+  for name, options in (('preset options', dict(CPU_XLA_OPTIONS)), ('--xla-options', xla_options)):
+    cfg = load_config('configs/demo.py', ['data.store=synthetic',
+                                           f'mesh.xla_options={list(map(list, options.items()))}'])
+    mesh, rules, graphdef, tx, _, shardings = loop.build(cfg)
+    state = loop.init_state(cfg, mesh, rules, tx, shardings)
+    batch = loop.global_batch(next(iter(SyntheticBatches(cfg))), mesh, rules)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings, mesh,
+                                 rules, cfg.mesh.xla_options)
+    state, metrics = fn(state, batch)
+    print(f'demo step, {name} {options or "(none)"}: first loss {float(metrics["loss"]):.6f}')
+    runs[name] = [fn, state, batch]
+  best = dict.fromkeys(runs, float('inf'))
+  for _ in range(repeats):
+    for name, run in runs.items():
+      fn, state, batch = run
+      for _ in range(3):
+        start = time.perf_counter()
+        state, _ = fn(state, batch)
+        jax.block_until_ready(state)
+        best[name] = min(best[name], time.perf_counter() - start)
+      run[1] = state
+  base = best['preset options']
+  for name, seconds in best.items():
+    print(f'demo step ({name}) {seconds * 1e3:8.1f} ms  ({seconds / base - 1:+.1%} vs the preset)')
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--size', default='bench')
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--dtypes', default='float32,bfloat16',
+  parser.add_argument('--dtypes', default='float32,float32:xla,bfloat16',
                       help='compute dtypes (model.compute_dtype) to time, interleaved, in one run; '
-                           'DTYPE:unrolled also times that dtype with model.scan_layers=False')
+                           'DTYPE:unrolled times that dtype with model.scan_layers=False, '
+                           'DTYPE:xla compiled with --xla-options')
+  parser.add_argument('--xla-options', type=json.loads, default=YNN_ELTWISE,
+                      help='JSON object of XLA compiler options for the :xla variants')
+  parser.add_argument('--demo-step', action='store_true',
+                      help="also time the loop's whole train step of configs/demo.py with the "
+                           'preset options and with --xla-options')
   parser.add_argument('--profile', action='store_true',
                       help='also print where the step time goes (XLA:CPU trace per HLO op)')
   args = parser.parse_args()
@@ -98,18 +157,21 @@ def main():
 
   steps = {}
   for variant in args.dtypes.split(','):
-    dtype, _, layout = variant.partition(':')
-    overrides = {'scan_layers': False} if layout == 'unrolled' else {}
+    dtype, *flags = variant.split(':')
+    overrides = {'scan_layers': False} if 'unrolled' in flags else {}
+    options = args.xla_options if 'xla' in flags else dict(CPU_XLA_OPTIONS)
     cfg = model_config(args.size, compute_dtype=dtype, **overrides)
     # The bench image (256x256x16); smaller configs get their vision tower's own size.
     side = min(256, cfg.vision.image_size)
     batch = make_batch(cfg, shape=(side, side, min(16, cfg.vision.frames)))
     graphdef, params, rest = nnx.split(create_model(cfg, seed=0), nnx.Param, ...)
-    step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+    step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1,
+                   compiler_options=options or None)
     args_ = (params, graphdef, rest, batch, jax.random.key(0))
     start = time.perf_counter()
     loss = float(jax.block_until_ready(step(*args_))[0])
-    print(f'compute {dtype}: remat {cfg.remat_policy}, scan_layers {cfg.scan_layers}, compile + '
+    print(f'{variant}: remat {cfg.remat_policy}, scan_layers {cfg.scan_layers}, xla options '
+          f'{options or "none"}, compile + '
           f'first step {time.perf_counter() - start:.1f} s, loss {loss:.6f}')
     steps[variant] = (step, args_, cfg)
   # Interleaved: the matmul reference and each dtype's step once per round, best of the rounds,
@@ -129,7 +191,7 @@ def main():
   print(f'2048^3 fp32 matmul        {matmul / 1e9:10.1f} GFLOP/s')
   for dtype, seconds in best.items():
     achieved = flops / seconds
-    print(f'{dtype:<16} step time {seconds * 1e3:10.1f} ms   {achieved / 1e9:7.1f} GFLOP/s   '
+    print(f'{dtype:<24} step time {seconds * 1e3:10.1f} ms   {achieved / 1e9:7.1f} GFLOP/s   '
           f'ratio to the fp32 matmul {achieved / matmul:.2f} (goal >= 0.6)')
   if args.profile:
     step, args_, _ = next(iter(steps.values()))
@@ -137,6 +199,9 @@ def main():
       times, wall, hlo = xla_profile.profile(step, args_, trace,
                                              steps=max(1, min(3, args.repeats)))
     print(xla_profile.report(xla_profile.by_category(times, hlo), wall, 'step', times, hlo))
+
+  if args.demo_step:
+    demo_step_comparison(args.xla_options, args.repeats)
 
   t_gather, t_onehot, onehot_flops = splice_comparison(args.repeats)
   print(f'splice at official sizes (512 tokens, 1 image): gather {t_gather * 1e3:.2f} ms, one-hot '

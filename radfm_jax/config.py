@@ -147,6 +147,11 @@ class MeshConfig:
   preset: str = 'cpu'         # the hardware preset's name (radfm_jax/presets.py), for messages
   topology: str = ''
   hbm_gib: float = 0.0
+  # XLA compiler options of this hardware's train and eval steps, as (name, value) pairs passed to
+  # `jax.jit(compiler_options=...)`: the platform's fusion and threading choices (presets.py), e.g.
+  # [["xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"]]. XLA checks
+  # the names and values when the step compiles (train/step.py names a bad one).
+  xla_options: tuple[tuple[str, Any], ...] = ()
 
 
 # `data.store=synthetic`: train on deterministic random batches built from the config shapes
@@ -641,6 +646,14 @@ def _validate_mesh(mesh: MeshConfig, num_devices: int | None):
   if mesh.rules not in RULE_PRESETS:
     _fail('mesh.rules', mesh.rules, f'one of {RULE_PRESETS}')
   _finite('mesh.hbm_gib', mesh.hbm_gib, 'a finite value >= 0 (0 = unknown)', lambda x: x >= 0)
+  names = [p[0] for p in mesh.xla_options if isinstance(p, tuple) and len(p) == 2]
+  if (len(names) != len(mesh.xla_options)
+      or not all(isinstance(n, str) and re.fullmatch(r'xla_\w+', n) for n in names)
+      or len(set(names)) != len(names)
+      or not all(isinstance(v, (str, bool, int, float)) for _, v in mesh.xla_options)):
+    _fail('mesh.xla_options', [list(p) if isinstance(p, tuple) else p for p in mesh.xla_options],
+          '(name, value) pairs of distinct XLA options (xla_...) with a string, bool or number '
+          'value, e.g. [["xla_cpu_prefer_vector_width", 512]]')
   if num_devices is not None:
     resolve_mesh_shape(mesh.ici, mesh.dcn, num_devices)
 

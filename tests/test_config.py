@@ -59,6 +59,10 @@ def test_overrides_are_typed():
     ('model.perceiver.latent_init_std=-1', 'model.perceiver.latent_init_std=-1',
      'finite value > 0'),
     ('model.vision.pos_init_scale=0', 'model.vision.pos_init_scale=0', 'finite value > 0'),
+    ("mesh.xla_options=[['cpu_prefer_vector_width', 512]]", 'mesh.xla_options=',
+     'pairs of distinct XLA options (xla_...)'),
+    ("mesh.xla_options=[['xla_cpu_prefer_vector_width', [512]]]", 'mesh.xla_options=',
+     'a string, bool or number value'),
 ])
 def test_bad_values_name_field_and_expectation(override, field, expected):
   with pytest.raises(ConfigError) as err:
@@ -103,6 +107,18 @@ def test_presets_list_only_differences_and_13b_is_the_defaults():
         yield prefix + key
   for name, diff in {**presets.MODEL_SIZES, **presets.HARDWARE}.items():
     assert list(repeats(diff, full)) == [], name
+
+
+def test_xla_options_are_a_hardware_field():
+  """The XLA compiler options are the hardware preset's to choose (`mesh.xla_options`); every
+  preset keeps XLA's own (none measured better on its platform: docs/performance.md), and a
+  mapping on the command line is taken as (name, value) pairs in its order."""
+  for preset in presets.HARDWARE:
+    assert load_config(f'configs/radfm.py:model=tiny,mesh={preset}').mesh.xla_options == ()
+  cfg = load_config(SPEC, ['mesh.xla_options={"xla_cpu_prefer_vector_width": 512, '
+                           '"xla_cpu_enable_fast_min_max": False}'])
+  assert cfg.mesh.xla_options == (('xla_cpu_prefer_vector_width', 512),
+                                  ('xla_cpu_enable_fast_min_max', False))
 
 
 def test_experiment_file_lists_only_what_differs():

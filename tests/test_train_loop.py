@@ -3,6 +3,7 @@ runs of test_train_run.py)."""
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -162,3 +163,38 @@ def test_cli_overrides_and_flops():
   attention = l.num_layers * 2 * 2 * 2048 ** 2 * l.hidden_size
   flops = train_step_flops(m, 1, 0, (32, 32, 4), 2048)
   np.testing.assert_allclose(flops, 3 * (2 * dense * 2048 + attention), rtol=1e-9)
+
+
+def test_mesh_xla_options_compile_into_the_step(tmp_path):
+  """`mesh.xla_options` are the compiler options of the train step as the loop and `aot` build
+  it: handing the elementwise fusions to YNNPACK too adds YNNPACK fusions to the compiled step,
+  turning YNNPACK's fusions off leaves none, and an option XLA does not know fails the run as one
+  ConfigError naming the field and the option, before any step."""
+  from radfm_jax.config import ConfigError
+  from radfm_jax.data.batch import batch_sharding
+  from radfm_jax.tpu import batch_shapes
+  from radfm_jax.train import step as step_lib
+  from radfm_jax.train.aot import abstract_batch
+
+  def ynn_fusions(*extra):
+    cfg = _cfg(*extra)
+    mesh, rules, graphdef, tx, abs_state, shardings = loop.build(cfg)
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings, mesh,
+                                   rules, cfg.mesh.xla_options)
+    images, length = batch_shapes(cfg, '2d', 8, 1, 48)
+    batch = abstract_batch(images, length, batch_sharding(mesh, rules))
+    text = step.lower(abs_state, batch).compile().as_text()
+    return len(re.findall(r'^\s*(?:ROOT )?%ynn_fusion[.\d]* = ', text, re.M))
+
+  eltwise = ynn_fusions("mesh.xla_options=[['xla_cpu_experimental_ynn_fusion_type', "
+                        "'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE']]")
+  assert eltwise > ynn_fusions() > 0
+  assert ynn_fusions("mesh.xla_options=[['xla_cpu_experimental_ynn_fusion_type', "
+                     "'LIBRARY_FUSION_TYPE_INVALID']]") == 0
+  bad = _cfg("mesh.xla_options=[['xla_cpu_no_such_option', True]]")
+  with pytest.raises(ConfigError) as err:
+    loop.train(bad, str(tmp_path), progress=False, verbose=False)
+  message = str(err.value)
+  assert message.startswith('config field mesh.xla_options: XLA refused it')
+  assert "No such compile option: 'xla_cpu_no_such_option'" in message and '\n' not in message
+  assert read_metrics(str(tmp_path)) == []

@@ -63,7 +63,7 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
   images_shape, length = batch_shapes(cfg, kind, batch, images_2d, text_len)
   batch_abs = abstract_batch(images_shape, length, batch_lib.batch_sharding(mesh, rules))
   step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings, mesh,
-                                 rules)
+                                 rules, cfg.mesh.xla_options)
   model_flops = metrics_lib.train_step_flops(cfg.model, batch, images_shape[1], images_shape[3:],
                                              length)
   hw_flops = metrics_lib.train_step_flops(cfg.model, batch, images_shape[1], images_shape[3:],

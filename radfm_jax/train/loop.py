@@ -288,11 +288,11 @@ def _jitted_steps(cfg: Config, mesh, rules, graphdef, tx, shardings):
   key = _cache_key(cfg, mesh)
   if key not in _JITTED:
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings,
-                                         mesh, rules)
+                                         mesh, rules, cfg.mesh.xla_options)
     eval_step = None
     if cfg.train.eval_every:
       eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef, cfg),
-                                         shardings.params, mesh, rules)
+                                         shardings.params, mesh, rules, cfg.mesh.xla_options)
     _JITTED.clear()           # keep one entry: compiled executables hold device memory
     _COMPILED.clear()
     _JITTED[key] = (train_step, eval_step)

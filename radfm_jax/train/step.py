@@ -2,7 +2,8 @@
 
     state = init_train_state(params, tx, optim.trainable_spec(cfg))   # or restore a checkpoint
     step = make_train_step(graphdef, tx, cfg)                        # pure (state, batch) -> ...
-    jitted = jit_train_step(step, state_shardings, mesh, rules)      # donates the state
+    jitted = jit_train_step(step, state_shardings, mesh, rules,      # donates the state
+                            cfg.mesh.xla_options)              # the hardware's XLA options
     state, metrics = jitted(state, batch)
 
 Loss (docs/original.md section 8): labels are *not* pre-shifted; the logits at t predict label t+1
@@ -32,6 +33,7 @@ stays sharded the same way in every microbatch (no data movement).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -43,7 +45,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from radfm_jax import sharding
-from radfm_jax.config import Config
+from radfm_jax.config import Config, ConfigError
 from radfm_jax.data.batch import IGNORE, batch_sharding
 from radfm_jax.data.batch import keys as batch_keys
 from radfm_jax.models import lora
@@ -273,25 +275,59 @@ class MeshStep:
   rules: Any
 
   def __call__(self, *args):
-    with sharding.use_mesh(self.mesh, self.rules):
+    with sharding.use_mesh(self.mesh, self.rules), _named_option_errors():
       return self.fn(*args)
 
   def lower(self, *args):
     with sharding.use_mesh(self.mesh, self.rules):
-      return self.fn.lower(*args)
+      return _Lowered(self.fn.lower(*args))
 
 
-def jit_train_step(step_fn, state_sh: TrainState, mesh, rules) -> MeshStep:
+@dataclasses.dataclass
+class _Lowered:
+  """`jax.stages.Lowered` whose `compile()` names a bad `mesh.xla_options` entry in one line."""
+  lowered: Any
+
+  def compile(self, *args, **kwargs):
+    with _named_option_errors():
+      return self.lowered.compile(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self.lowered, name)
+
+
+@contextlib.contextmanager
+def _named_option_errors():
+  """Turns XLA's refusal of a compiler option ('No such compile option: ...', 'While setting
+  option ..., ... is not a valid ... value') into a ConfigError naming `mesh.xla_options`: only
+  the backend that compiles knows its options, so this is where a bad one shows."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as error:
+    text = str(error)
+    if 'compile option' not in text and 'While setting option' not in text:
+      raise
+    message = text.split('\n')[0].removeprefix('INVALID_ARGUMENT: ')
+    raise ConfigError(f'config field mesh.xla_options: XLA refused it ({message}); expected '
+                      'options the compiling backend knows') from None
+
+
+def _jit(fn, xla_options, **kwargs):
+  return jax.jit(fn, compiler_options=dict(xla_options) or None, **kwargs)
+
+
+def jit_train_step(step_fn, state_sh: TrainState, mesh, rules, xla_options=()) -> MeshStep:
+  """`xla_options`: the hardware's (name, value) compiler options (`mesh.xla_options`)."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  fn = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh, rules)),
-               out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  fn = _jit(step_fn, xla_options, in_shardings=(state_sh, batch_sharding(mesh, rules)),
+            out_shardings=(state_sh, replicated), donate_argnums=(0,))
   return MeshStep(fn, mesh, rules)
 
 
-def jit_eval_step(eval_fn, param_sh, mesh, rules) -> MeshStep:
+def jit_eval_step(eval_fn, param_sh, mesh, rules, xla_options=()) -> MeshStep:
   replicated = NamedSharding(mesh, PartitionSpec())
-  fn = jax.jit(eval_fn, in_shardings=(param_sh, batch_sharding(mesh, rules)),
-               out_shardings=replicated)
+  fn = _jit(eval_fn, xla_options, in_shardings=(param_sh, batch_sharding(mesh, rules)),
+            out_shardings=replicated)
   return MeshStep(fn, mesh, rules)
 
 
