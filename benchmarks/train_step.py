@@ -5,8 +5,8 @@ preset (radfm_jax/presets.py) and the training loss (`train.step.cross_entropy_l
 Prints model FLOPs per step (analytic), achieved FLOP/s, the FLOP/s of a 2048^3 fp32 matmul
 measured in the same run, and their ratio (goal >= 0.6), for each `--dtypes` variant (by default
 fp32, fp32 compiled with `--xla-options`, and bf16, timed interleaved so all see the same machine
-load); then the cost of the gather splice against the original's one-hot matmul at the official
-sizes.
+load), with its page faults and kernel CPU time per step; then the cost of the gather splice
+against the original's one-hot matmul at the official sizes.
 
     .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
         [--dtypes float32,bfloat16,float32:unrolled,float32:xla] [--xla-options JSON]
@@ -26,6 +26,7 @@ collectives, loop control; benchmarks/xla_profile.py), for the first of `--dtype
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -177,11 +178,17 @@ def main():
   # Interleaved: the matmul reference and each dtype's step once per round, best of the rounds,
   # so a burst of load from other users hits every figure alike.
   best = dict.fromkeys(steps, float('inf'))
+  # Per step: minor page faults (the buffers XLA:CPU's allocator maps afresh) and kernel CPU time.
+  faults = {variant: [] for variant in steps}
   matmul = 0.0
   for _ in range(args.repeats):
     matmul = max(matmul, matmul_flops_per_second(repeats=2))
     for dtype, (step, args_, _) in steps.items():
+      before = resource.getrusage(resource.RUSAGE_SELF)
       best[dtype] = min(best[dtype], time_fn(step, *args_, repeats=1, warmup=0))
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      faults[dtype].append(((after.ru_minflt - before.ru_minflt) * resource.getpagesize(),
+                            after.ru_stime - before.ru_stime))
   image = 'x'.join(map(str, batch['images'].shape[2:]))
   flops = batch_flops(cfg, batch).train_step
   print(f'config: {args.size}  batch 2 x (1 image {image}, 256 tokens)  devices: '
@@ -193,6 +200,9 @@ def main():
     achieved = flops / seconds
     print(f'{dtype:<24} step time {seconds * 1e3:10.1f} ms   {achieved / 1e9:7.1f} GFLOP/s   '
           f'ratio to the fp32 matmul {achieved / matmul:.2f} (goal >= 0.6)')
+    paged, kernel = min(faults[dtype])
+    print(f'{"":<24} page faults {paged / 1e6:.0f} MB / step, kernel CPU time '
+          f'{kernel * 1e3:.0f} ms / step (the fewest of the rounds)')
   if args.profile:
     step, args_, _ = next(iter(steps.values()))
     with tempfile.TemporaryDirectory() as trace:
