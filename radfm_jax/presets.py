@@ -82,7 +82,7 @@ _V5E_GIB = 15.75      # v5e: 16 GiB HBM per chip, 15.75 GiB usable (libtpu's lim
 HARDWARE = {
     # One host, whatever devices it has (8 fake CPU devices in tests); no rematerialisation.
     # XLA:CPU's own fusion and threading (no mesh.xla_options): handing its elementwise fusions to
-    # YNNPACK too made the `bench` forward + backward 2-9% faster but the demo's whole step 3%
+    # YNNPACK too made the `bench` forward + backward 2-9% faster but the demo's whole step 3-9%
     # slower (docs/performance.md, "Compiler options per platform").
     'cpu': {'model': {'remat_policy': 'none'}},
     'gpu_h100x8': _accelerator(_H100_GIB),
