@@ -27,7 +27,7 @@ demo: setup
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(VENV)/bin/radfm-jax demo
 
 bench: setup
-	$(PY) benchmarks/train_step.py
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,7 @@
 """Forward + backward (training mode) of the `bench` model on this machine, as the train loop
-computes it: the model config and the XLA compiler options (`mesh.xla_options`) of the `cpu`
-preset (radfm_jax/presets.py) and the training loss (`train.step.cross_entropy_loss`).
+computes it: the model config, the XLA compiler options (`mesh.xla_options`) and the host
+allocator (`mesh.host_allocator`) of the `cpu` preset (radfm_jax/presets.py) and the training loss
+(`train.step.cross_entropy_loss`).
 
 Prints model FLOPs per step (analytic), achieved FLOP/s, the FLOP/s of a 2048^3 fp32 matmul
 measured in the same run, and their ratio (goal >= 0.6), for each `--dtypes` variant (by default
@@ -10,7 +11,12 @@ against the original's one-hot matmul at the official sizes.
 
     .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
         [--dtypes float32,bfloat16,float32:unrolled,float32:xla] [--xla-options JSON]
-        [--demo-step]
+        [--demo-step] [--host-allocator keep|system]
+
+The process runs with the `cpu` preset's host allocator (`mesh.host_allocator`, by default 'keep':
+XLA's freed buffers stay mapped for the next step; radfm_jax/hostmem.py), as `radfm-jax train`
+does: the script restarts itself with its glibc settings. `--host-allocator system` measures
+glibc's defaults (each step faults its buffers in afresh).
 
 --xla-options: the XLA compiler options a `:xla` variant is compiled with (by default YNNPACK's
 elementwise fusions beside its dots, the lever measured for the `cpu` preset); the other variants
@@ -40,16 +46,14 @@ from flax import nnx  # noqa: E402
 
 import xla_profile  # noqa: E402
 from common import machine, matmul_flops_per_second, time_fn  # noqa: E402
-from radfm_jax import presets  # noqa: E402
-from radfm_jax.config import model_config  # noqa: E402
+from radfm_jax import hostmem  # noqa: E402
+from radfm_jax.config import load_config, model_config  # noqa: E402
 from radfm_jax.models.flops import batch_flops, one_hot_splice_flops  # noqa: E402
 from radfm_jax.models.radfm import create_model, splice_image_tokens  # noqa: E402
 from radfm_jax.train.step import cross_entropy_loss  # noqa: E402
 
 
-# The XLA options the `cpu` hardware preset compiles the train step with (mesh.xla_options), and
-# the lever `--xla-options` measures by default: XLA:CPU's elementwise fusions given to YNNPACK.
-CPU_XLA_OPTIONS = presets.HARDWARE['cpu'].get('mesh', {}).get('xla_options', [])
+# The lever `--xla-options` measures by default: XLA:CPU's elementwise fusions given to YNNPACK.
 YNN_ELTWISE = {'xla_cpu_experimental_ynn_fusion_type':
                'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE'}
 
@@ -105,21 +109,19 @@ def splice_comparison(repeats):
 def demo_step_comparison(xla_options, repeats):
   """The training loop's whole step (train/step.py: forward, backward, AdamW, metrics) of
   configs/demo.py on its batch (8 x one 3x64x64x16 image + 80 tokens, synthetic values), compiled
-  with the `cpu` preset's options and with `xla_options`, timed interleaved (best of 3 per
-  round)."""
-  from radfm_jax.config import load_config
+  as the loop compiles it (`loop._jitted_steps`) with the `cpu` preset's options and with
+  `xla_options`, timed interleaved (best of 3 per round)."""
   from radfm_jax.train import loop
-  from radfm_jax.train import step as step_lib
   from radfm_jax.train.synthetic import SyntheticBatches
   runs = {}
-  for name, options in (('preset options', dict(CPU_XLA_OPTIONS)), ('--xla-options', xla_options)):
-    cfg = load_config('configs/demo.py', ['data.store=synthetic',
-                                           f'mesh.xla_options={list(map(list, options.items()))}'])
+  for name, options in (('preset options', None), ('--xla-options', xla_options)):
+    cfg = load_config('configs/demo.py', ['data.store=synthetic'] + (
+        [] if options is None else [f'mesh.xla_options={list(map(list, options.items()))}']))
+    options = dict(cfg.mesh.xla_options)
     mesh, rules, graphdef, tx, _, shardings = loop.build(cfg)
     state = loop.init_state(cfg, mesh, rules, tx, shardings)
     batch = loop.global_batch(next(iter(SyntheticBatches(cfg))), mesh, rules)
-    fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, cfg), shardings, mesh,
-                                 rules, cfg.mesh.xla_options)
+    fn, _ = loop._jitted_steps(cfg, mesh, rules, graphdef, tx, shardings)
     state, metrics = fn(state, batch)
     print(f'demo step, {name} {options or "(none)"}: first loss {float(metrics["loss"]):.6f}')
     runs[name] = [fn, state, batch]
@@ -151,17 +153,27 @@ def main():
   parser.add_argument('--demo-step', action='store_true',
                       help="also time the loop's whole train step of configs/demo.py with the "
                            'preset options and with --xla-options')
+  parser.add_argument('--host-allocator', default=None, choices=sorted(hostmem.POLICIES),
+                      help="glibc's policy for the step's buffers (radfm_jax/hostmem.py; default: "
+                           "the `cpu` preset's mesh.host_allocator); the script restarts with it")
   parser.add_argument('--profile', action='store_true',
                       help='also print where the step time goes (XLA:CPU trace per HLO op)')
   args = parser.parse_args()
+  allocator = (args.host_allocator
+               or load_config(f'radfm:model={args.size},mesh=cpu').mesh.host_allocator)
+  hostmem.restart_with(allocator)       # the train loop's process gets it from `radfm-jax train`
   print(f'machine: {machine()}; load average {os.getloadavg()[0]:.1f}')
+  print(hostmem.describe(allocator))
 
   steps = {}
   for variant in args.dtypes.split(','):
     dtype, *flags = variant.split(':')
-    overrides = {'scan_layers': False} if 'unrolled' in flags else {}
-    options = args.xla_options if 'xla' in flags else dict(CPU_XLA_OPTIONS)
-    cfg = model_config(args.size, compute_dtype=dtype, **overrides)
+    # The model and compiler options of the `cpu` hardware preset, as `radfm-jax train` gets them.
+    preset = load_config(f'radfm:model={args.size},mesh=cpu',
+                         [f'model.compute_dtype={dtype!r}'] +
+                         (['model.scan_layers=False'] if 'unrolled' in flags else []))
+    options = args.xla_options if 'xla' in flags else dict(preset.mesh.xla_options)
+    cfg = preset.model
     # The bench image (256x256x16); smaller configs get their vision tower's own size.
     side = min(256, cfg.vision.image_size)
     batch = make_batch(cfg, shape=(side, side, min(16, cfg.vision.frames)))

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from radfm_jax import presets
+from radfm_jax import hostmem, presets
 from radfm_jax.errors import UserError
 
 REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'dots_saveable',
@@ -152,6 +152,9 @@ class MeshConfig:
   # [["xla_cpu_experimental_ynn_fusion_type", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"]]. XLA checks
   # the names and values when the step compiles (train/step.py names a bad one).
   xla_options: tuple[tuple[str, Any], ...] = ()
+  # How glibc's malloc serves the host's buffers ('system', 'hugepages' or 'keep':
+  # radfm_jax/hostmem.py); `radfm-jax train` / `demo` restart with its settings before JAX starts.
+  host_allocator: str = 'system'
 
 
 # `data.store=synthetic`: train on deterministic random batches built from the config shapes
@@ -654,6 +657,8 @@ def _validate_mesh(mesh: MeshConfig, num_devices: int | None):
     _fail('mesh.xla_options', [list(p) if isinstance(p, tuple) else p for p in mesh.xla_options],
           '(name, value) pairs of distinct XLA options (xla_...) with a string, bool or number '
           'value, e.g. [["xla_cpu_prefer_vector_width", 512]]')
+  if mesh.host_allocator not in hostmem.POLICIES:
+    _fail('mesh.host_allocator', mesh.host_allocator, f'one of {tuple(hostmem.POLICIES)}')
   if num_devices is not None:
     resolve_mesh_shape(mesh.ici, mesh.dcn, num_devices)
 

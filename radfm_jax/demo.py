@@ -255,6 +255,18 @@ class DemoSetup:
   timings: dict
 
 
+def config_spec(config: str | None, quick: bool) -> str:
+  """The experiment `run_demo` trains: `config`, else configs/demo.py (`model=tiny` if quick)."""
+  return config or (f'{DEFAULT_CONFIG}:model=tiny' if quick else DEFAULT_CONFIG)
+
+
+def host_allocator(config: str | None, overrides=(), quick: bool = False) -> str:
+  """`mesh.host_allocator` of the demo's experiment, read before the demo builds anything (the
+  command restarts with it; the full config is validated in `setup`)."""
+  from radfm_jax.config import load_config_dict
+  return load_config_dict(config_spec(config, quick), overrides).mesh.host_allocator
+
+
 def setup(out: str, *, config: str | None = None, overrides=(), steps: int | None = None,
           quick: bool = False, seed: int = 0, rebuild: bool = False) -> DemoSetup:
   """Steps 1-3 of the module doc (data, ingest, tokenizer) and the config (`run_demo`'s
@@ -269,7 +281,7 @@ def setup(out: str, *, config: str | None = None, overrides=(), steps: int | Non
 
   from radfm_jax.config import load_config, load_config_dict
   from radfm_jax.data.store import VolumeStore
-  spec = config or (f'{DEFAULT_CONFIG}:model=tiny' if quick else DEFAULT_CONFIG)
+  spec = config_spec(config, quick)
   given, overrides = list(overrides), [f'seed={seed}']
   if quick:
     overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',

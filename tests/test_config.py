@@ -63,6 +63,8 @@ def test_overrides_are_typed():
      'pairs of distinct XLA options (xla_...)'),
     ("mesh.xla_options=[['xla_cpu_prefer_vector_width', [512]]]", 'mesh.xla_options=',
      'a string, bool or number value'),
+    ('mesh.host_allocator=jemalloc', "mesh.host_allocator='jemalloc'",
+     "one of ('system', 'hugepages', 'keep')"),
 ])
 def test_bad_values_name_field_and_expectation(override, field, expected):
   with pytest.raises(ConfigError) as err:
@@ -121,9 +123,22 @@ def test_xla_options_are_a_hardware_field():
                                   ('xla_cpu_enable_fast_min_max', False))
 
 
+def test_host_allocator_is_a_hardware_field():
+  """Only the `cpu` preset changes glibc's handling of XLA's buffers (huge pages:
+  `mesh.host_allocator='hugepages'`, radfm_jax/hostmem.py); the accelerator presets, and the
+  defaults, leave glibc's own."""
+  for preset in presets.HARDWARE:
+    cfg = load_config(f'configs/radfm.py:model=tiny,mesh={preset}')
+    assert cfg.mesh.host_allocator == ('hugepages' if preset == 'cpu' else 'system'), preset
+  assert validate({}).mesh.host_allocator == 'system'
+  assert load_config('configs/demo.py').mesh.host_allocator == 'hugepages'
+  assert load_config(SPEC, ['mesh.host_allocator=keep']).mesh.host_allocator == 'keep'
+
+
 def test_experiment_file_lists_only_what_differs():
   diff = import_config_file('configs/radfm.py').get_config('model=tiny,mesh=cpu').to_dict()
-  assert diff['train'] == {} and diff['generate'] == {} and diff['mesh'] == {'preset': 'cpu'}
+  assert diff['train'] == {} and diff['generate'] == {}
+  assert diff['mesh'] == {'preset': 'cpu', 'host_allocator': 'hugepages'}
   assert diff['model']['remat_policy'] == 'none' and 'compute_dtype' not in diff['model']
   cfg = load_config(SPEC)
   assert (cfg.train.steps, cfg.train.learning_rate, cfg.generate.stop_ids) == (1000, 1e-4, (2, 1))

@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS_ABOVE_MODELS = ('data', 'train', 'infer', 'convert', 'eval', 'cli')
 # The layers of docs/architecture.md, bottom first: a top-level module or package of radfm_jax
 # may import only from layers below its own.
-LAYERS = (('errors',), ('presets', 'casting'), ('config',), ('experiments', 'sharding', 'tpu'),
+LAYERS = (('errors',), ('presets', 'casting', 'hostmem'), ('config',), ('experiments', 'sharding', 'tpu'),
           ('models', 'data'),
           ('checkpoint',), ('train', 'infer', 'convert'), ('eval', 'api', 'launch'), ('demo',),
           ('cli',))

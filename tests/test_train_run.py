@@ -17,6 +17,7 @@ import time
 import optax
 import pytest
 
+from radfm_jax import hostmem
 from radfm_jax.errors import InputError
 
 import conftest_data as cd
@@ -192,17 +193,20 @@ def test_rerun_and_resume_compile_nothing_twice(tmp_path, xdg):
                       r'trainable\), float32 parameters, float32 compute', lines[0]), lines
   assert lines[1].startswith('radfm-jax train: 1 cpu device(s) ') and lines[1].endswith(
       'over 1 process(es); mesh data=1 fsdp=1 tensor=1, rules fsdp')
-  assert lines[2] == ('radfm-jax train: data: synthetic (data.store=synthetic): random batches, '
+  # The `cpu` preset's host allocator: the command restarted itself with its settings.
+  assert lines[2] == 'radfm-jax train: ' + hostmem.describe('hugepages', {
+      'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'})
+  assert lines[3] == ('radfm-jax train: data: synthetic (data.store=synthetic): random batches, '
                       'one bucket images 2x1x3x64x64x4, text 48')
-  assert lines[3] == (f'radfm-jax train: workdir {run}: checkpoints/, metrics.jsonl, '
+  assert lines[4] == (f'radfm-jax train: workdir {run}: checkpoints/, metrics.jsonl, '
                       f'loss_curve.png; compilation cache: {cache}')
-  assert lines[4] == ('radfm-jax train: steps 0 -> 2 of train.steps=100000 (warmup 100, '
+  assert lines[5] == ('radfm-jax train: steps 0 -> 2 of train.steps=100000 (warmup 100, '
                       'learning rate 0.0001), a checkpoint every 2 steps')
-  assert lines[5] == ('radfm-jax train: compiling train step for bucket images 2x1x3x64x64x4, '
+  assert lines[6] == ('radfm-jax train: compiling train step for bucket images 2x1x3x64x64x4, '
                       'text 48 ...')
   assert re.fullmatch(r'radfm-jax train: train step for bucket images 2x1x3x64x64x4, text 48 '
-                      r'compiled in \d+\.\d s', lines[6]), lines
-  assert lines[7] == f'radfm-jax train: loss curve: {run / "loss_curve.png"}'
+                      r'compiled in \d+\.\d s', lines[7]), lines
+  assert lines[8] == f'radfm-jax train: loss curve: {run / "loss_curve.png"}'
   # The resume: its own line, no Orbax warnings, nothing compiled, nothing added to the cache.
   second = _cli(args + ['--max-steps', '4'], env=env)
   got = _summary(second)

@@ -58,6 +58,9 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   from radfm_jax.errors import UserError
   args = parse(argv)
+  # Run as the program (not `main(argv)` from Python): a command may restart itself with its
+  # host allocator's settings (radfm_jax/hostmem.py).
+  args._program = argv is None
   try:
     return int(args._run(args) or 0)
   except UserError as e:

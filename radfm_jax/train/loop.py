@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from radfm_jax import sharding
+from radfm_jax import hostmem, sharding
 from radfm_jax.checkpoint import Checkpointer
 from radfm_jax.config import (SYNTHETIC_STORE, Config, ConfigError, check_batch_axes,
                               check_data_store, mixture_weights)
@@ -396,6 +396,8 @@ def _summary(say, cfg: Config, mesh, abs_state, data_text: str, tokenizer: str |
   shape = ' '.join(f'{k}={v}' for k, v in mesh.shape.items())
   say(f'{mesh.devices.size} {devices.platform} device(s) ({devices.device_kind}) over '
       f'{jax.process_count()} process(es); mesh {shape}, rules {cfg.mesh.rules}')
+  if devices.platform == 'cpu':
+    say(hostmem.describe(cfg.mesh.host_allocator))
   say(f'data: {data_text}')
   if tokenizer:
     say(f'tokenizer: {cfg.data.tokenizer} (kept in the run as {tokenizer})')
