@@ -80,6 +80,15 @@ def transparent_hugepages() -> str | None:
   return found.group(1) if found else None
 
 
+def glibc_version() -> tuple[int, int] | None:
+  """(major, minor) of the C library this process runs on, None if it is not glibc."""
+  try:
+    found = re.fullmatch(r'glibc (\d+)\.(\d+).*', os.confstr('CS_GNU_LIBC_VERSION') or '')
+  except (ValueError, OSError, AttributeError):
+    return None
+  return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def restart_with(policy: str):
   """Replace this process (`os.execve`: same pid, same arguments, same stdio) by one started with
   `policy`'s variables, when some are missing; returns only if none are (or not on Linux, or
@@ -90,12 +99,17 @@ def restart_with(policy: str):
   env = {**os.environ, **add, _RESTARTED: policy}
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  try:
+    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  except OSError:
+    return            # runs on with glibc's defaults; the loop's `describe` line says so
 
 
-def describe(policy: str, environ=None, thp: str | None = None) -> str:
+def describe(policy: str, environ=None, thp: str | None = None,
+             glibc: tuple[int, int] | None = None) -> str:
   """One line for the run's log: what this process's allocator got against what the config
-  asked for (`thp`: the host's transparent huge page mode, read when not given)."""
+  asked for (`thp`: the host's transparent huge page mode, `glibc`: the C library's version; both
+  read when not given)."""
   environ = os.environ if environ is None else environ
   want = environment(policy)
   head = f"host allocator: mesh.host_allocator='{policy}'"
@@ -110,7 +124,11 @@ def describe(policy: str, environ=None, thp: str | None = None) -> str:
             f'{" ".join(f"{k}={v}" for k, v in want.items())})')
   line = f"{head} ({' '.join(f'{k}={environ.get(k)}' for k in want)})"
   if policy == 'hugepages':
-    thp = thp or transparent_hugepages()
-    line += (f'; no effect: transparent huge pages are {thp} on this host' if thp == 'never'
-             else f'; transparent huge pages: {thp or "unknown"}')
+    thp, glibc = thp or transparent_hugepages(), glibc or glibc_version()
+    if glibc is not None and glibc < (2, 35):
+      line += f'; no effect: glibc {glibc[0]}.{glibc[1]} has no glibc.malloc.hugetlb (>= 2.35)'
+    elif thp == 'never':
+      line += f'; no effect: transparent huge pages are {thp} on this host'
+    else:
+      line += f'; transparent huge pages: {thp or "unknown"}'
   return line
