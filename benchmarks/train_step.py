@@ -11,12 +11,12 @@ against the original's one-hot matmul at the official sizes.
 
     .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
         [--dtypes float32,bfloat16,float32:unrolled,float32:xla] [--xla-options JSON]
-        [--demo-step] [--host-allocator keep|system]
+        [--demo-step] [--host-allocator system|hugepages|keep]
 
-The process runs with the `cpu` preset's host allocator (`mesh.host_allocator`, by default 'keep':
-XLA's freed buffers stay mapped for the next step; radfm_jax/hostmem.py), as `radfm-jax train`
-does: the script restarts itself with its glibc settings. `--host-allocator system` measures
-glibc's defaults (each step faults its buffers in afresh).
+The process runs with the `cpu` preset's host allocator (`mesh.host_allocator`, 'hugepages': glibc
+gives XLA's buffers transparent huge pages; radfm_jax/hostmem.py), as `radfm-jax train` does: the
+script restarts itself with its glibc settings. `--host-allocator system` measures glibc's
+defaults (each step faults its buffers in afresh, 4 KiB at a time).
 
 --xla-options: the XLA compiler options a `:xla` variant is compiled with (by default YNNPACK's
 elementwise fusions beside its dots, the lever measured for the `cpu` preset); the other variants
@@ -159,8 +159,8 @@ def main():
   parser.add_argument('--profile', action='store_true',
                       help='also print where the step time goes (XLA:CPU trace per HLO op)')
   args = parser.parse_args()
-  allocator = (args.host_allocator
-               or load_config(f'radfm:model={args.size},mesh=cpu').mesh.host_allocator)
+  spec = f'radfm:model={args.size},mesh=cpu'    # the `cpu` hardware preset, as `radfm-jax train`
+  allocator = args.host_allocator or load_config(spec).mesh.host_allocator
   hostmem.restart_with(allocator)       # the train loop's process gets it from `radfm-jax train`
   print(f'machine: {machine()}; load average {os.getloadavg()[0]:.1f}')
   print(hostmem.describe(allocator))
@@ -169,8 +169,7 @@ def main():
   for variant in args.dtypes.split(','):
     dtype, *flags = variant.split(':')
     # The model and compiler options of the `cpu` hardware preset, as `radfm-jax train` gets them.
-    preset = load_config(f'radfm:model={args.size},mesh=cpu',
-                         [f'model.compute_dtype={dtype!r}'] +
+    preset = load_config(spec, [f'model.compute_dtype={dtype!r}'] +
                          (['model.scan_layers=False'] if 'unrolled' in flags else []))
     options = args.xla_options if 'xla' in flags else dict(preset.mesh.xla_options)
     cfg = preset.model

@@ -179,7 +179,7 @@ def _ynn_fusions(hlo: str) -> tuple[int, int]:
 def test_mesh_xla_options_compile_into_the_step(tmp_path):
   """`mesh.xla_options` are the compiler options of the train step as the loop and `aot` build
   it: with YNNPACK given the elementwise fusions too the compiled step holds elementwise YNNPACK
-  fusions (XLA's default gives YNNPACK only dots), with YNNPACK's fusions off it holds none, and
+  fusions (XLA's defaults give YNNPACK none of those), with YNNPACK's fusions off it holds none, and
   an option XLA does not know fails the run as one ConfigError naming the field and the option,
   before any step."""
   from radfm_jax.config import ConfigError

@@ -36,9 +36,7 @@ def add_parser(sub):
 
 def run(args) -> int:
   from radfm_jax.demo import host_allocator, report_text, run_demo
-  if args._program:
-    from radfm_jax import hostmem
-    hostmem.restart_with(host_allocator(args.config, args.overrides, args.quick))
+  flags.restart_with_allocator(args, host_allocator(args.config, args.overrides, args.quick))
   from radfm_jax.train import compile_cache
   compile_cache.enable()        # before the first compile ($RADFM_COMPILATION_CACHE=off: none)
   summary = run_demo(args.out, config=args.config, overrides=args.overrides, steps=args.steps,

@@ -101,3 +101,12 @@ def split_overrides(extras: list[str]) -> tuple[list[str], list[str]]:
       rest.append(token)
     i += 1
   return overrides, rest
+
+
+def restart_with_allocator(args, policy: str):
+  """Restart this process once with `policy`'s glibc settings (`mesh.host_allocator`,
+  radfm_jax/hostmem.py) when it runs as the `radfm-jax` program; never under `main(argv)` called
+  from Python (a test, a notebook), whose process is not ours to replace."""
+  if args._program:
+    from radfm_jax import hostmem
+    hostmem.restart_with(policy)

@@ -55,9 +55,7 @@ def run(args) -> int:
   from radfm_jax.config import SYNTHETIC_STORE, check_batch_axes, check_data_store, load_config
   cfg = load_config(args.config, args.overrides)     # a bad value fails before JAX starts
   check_data_store(cfg)
-  if args._program:
-    from radfm_jax import hostmem
-    hostmem.restart_with(cfg.mesh.host_allocator)   # returns unless the process must restart
+  flags.restart_with_allocator(args, cfg.mesh.host_allocator)   # before JAX starts
   from radfm_jax import launch
   from radfm_jax.train import compile_cache
   launch.initialize()
