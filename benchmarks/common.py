@@ -27,19 +27,27 @@ def matmul_flops_per_second(n: int = 2048, dtype=jnp.float32, repeats: int = 5) 
   return 2 * n ** 3 / seconds
 
 
-def gemv_bytes_per_second(rows: int = 8192, cols: int = 2048, count: int = 8,
-                          repeats: int = 5) -> float:
+class GemvBandwidth:
   """Bytes/s at which one jitted program streams `count` fp32 [rows, cols] matrices through
-  matrix-vector products: the floor of a memory-bound decode step is its weight bytes over this."""
-  mats = [jax.random.normal(jax.random.key(i), (rows, cols), jnp.float32) for i in range(count)]
-  x = jnp.ones((cols,), jnp.float32)
+  matrix-vector products: the floor of a memory-bound decode step is its weight bytes over this.
 
-  @jax.jit
-  def stream(mats, x):
-    return sum(m @ x for m in mats)
+  Made once (the matrices, the compiled program), called as often as wanted: a benchmark can
+  re-measure between its timed calls, so that its floor and its steps see the same host."""
 
-  seconds = time_fn(stream, mats, x, repeats=repeats)
-  return count * rows * cols * 4 / seconds
+  def __init__(self, rows: int = 8192, cols: int = 2048, count: int = 8):
+    self.mats = [jax.random.normal(jax.random.key(i), (rows, cols), jnp.float32)
+                 for i in range(count)]
+    self.x = jnp.ones((cols,), jnp.float32)
+    self.bytes = count * rows * cols * 4
+    self.stream = jax.jit(lambda mats, x: sum(m @ x for m in mats))
+
+  def __call__(self, repeats: int = 5) -> float:
+    return self.bytes / time_fn(self.stream, self.mats, self.x, repeats=repeats)
+
+
+def gemv_bytes_per_second(repeats: int = 5, **shape) -> float:
+  """One `GemvBandwidth` measurement."""
+  return GemvBandwidth(**shape)(repeats)
 
 
 def machine() -> str:

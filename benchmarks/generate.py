@@ -6,7 +6,10 @@ cannot batch. Goals: >= 2x that at batch 1, >= 10x aggregate at batch 8.
 
 Also printed: the weight-streaming floor of one decode step (decoder weight bytes read per token
 over this machine's measured matrix-vector bandwidth) and the tokens/s ceiling it implies at
-batch 1: a single-token step must read every decoder weight once.
+batch 1: a single-token step must read every decoder weight once. The bandwidth is measured at the
+start and again before every timed call; each batch's steps are set against the floor at the best
+bandwidth measured between its own calls, so a host whose memory traffic drifts during the run
+(other tenants) moves the floor and the steps together.
 
     .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer-loop scan]
         [--cache-chunk 64] [--profile] [--quantize int8|w8a8]
@@ -33,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import xla_profile  # noqa: E402
-from common import gemv_bytes_per_second, machine, time_fn  # noqa: E402
+from common import GemvBandwidth, machine, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.infer import cpu_decode  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
@@ -86,12 +89,14 @@ def step_products_ms(cfg, rows: int, int8: bool = False) -> float:
   return time_fn(products, mats, x) * 1e3
 
 
-def timed(model, tokens, mask, images, **kw):
+def timed(model, tokens, mask, images, bandwidth, samples, **kw):
   """Best of three calls after a compiling one (seconds): on this shared 2-core machine single
-  runs vary by up to ~8%."""
+  runs vary by up to ~8%. Before each call the matrix-vector bandwidth is measured again
+  (`bandwidth`, a `GemvBandwidth`) and appended to `samples`."""
   generate_ids(model, tokens, mask, images, **kw)
   best = float('inf')
   for _ in range(3):
+    samples.append(bandwidth(repeats=2))
     start = time.perf_counter()
     out = generate_ids(model, tokens, mask, images, **kw)
     best = min(best, time.perf_counter() - start)
@@ -99,15 +104,18 @@ def timed(model, tokens, mask, images, **kw):
   return best
 
 
-def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk):
+def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk, bandwidth):
+  """(new tokens/s, seconds of the full call, seconds of a 1-token call, the best matrix-vector
+  bandwidth measured between those calls)."""
   tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
   images = bench_images(cfg, batch)
   # No early stop: exactly `new_tokens` per row.
   kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk)
-  seconds = timed(model, tokens, mask, images, max_new_tokens=new_tokens, **kw)
+  samples = []
+  seconds = timed(model, tokens, mask, images, bandwidth, samples, max_new_tokens=new_tokens, **kw)
   # One new token: the fixed cost of a call (images to device, image encoding, prefill).
-  fixed = timed(model, tokens, mask, images, max_new_tokens=1, **kw)
-  return batch * new_tokens / seconds, seconds, fixed
+  fixed = timed(model, tokens, mask, images, bandwidth, samples, max_new_tokens=1, **kw)
+  return batch * new_tokens / seconds, seconds, fixed, max(samples)
 
 
 def profile_step(model, cfg, batch, new_tokens, layer_loop, cache_chunk, dump_dir, repeats=3):
@@ -166,17 +174,18 @@ def main():
   llama = cfg.llama
   per_layer = 4 * llama.hidden_size ** 2 + 3 * llama.hidden_size * llama.intermediate_size
   weights = llama.num_layers * per_layer + llama.hidden_size * llama.vocab_size
-  bandwidth = gemv_bytes_per_second()
-  floors = {}
+  measure = GemvBandwidth()
+  bandwidth = measure()
   # The bytes a decode step must read: every decoder weight once, fp32 (4 bytes) or int8 (1 byte
   # and one fp32 scale per output channel).
-  for mode, weight_bytes in (('fp32', 4 * weights), ('int8', weights + 4 * (
+  step_bytes = {'fp32': 4 * weights, 'int8': weights + 4 * (
       llama.num_layers * (4 * llama.hidden_size + 3 * llama.intermediate_size)
-      + llama.vocab_size))):
-    floors[mode] = weight_bytes / bandwidth * 1e3
+      + llama.vocab_size)}
+  for mode, weight_bytes in step_bytes.items():
+    floor = weight_bytes / bandwidth * 1e3
     print(f'decoder weights read per step {weight_bytes / 2**20:.0f} MiB ({mode}); matrix-vector '
-          f'bandwidth {bandwidth / 1e9:.1f} GB/s -> floor {floors[mode]:.1f} ms/step, ceiling '
-          f'{1e3 / floors[mode]:.0f} tokens/s at batch 1')
+          f'bandwidth at the start {bandwidth / 1e9:.1f} GB/s -> floor {floor:.1f} ms/step, '
+          f'ceiling {1e3 / floor:.0f} tokens/s at batch 1 (re-measured between the timed calls)')
     if args.quantize != 'w8a8':      # weight-only int8: the decode view holds fp32 weights
       break
   # A batch-8 step also reads the KV cache: [batch, heads, slots, head_dim] k and v per layer,
@@ -192,19 +201,21 @@ def main():
   if args.quantize:
     models.append((f'{args.quantize} weights', quantize(model, args.quantize)))
   for label, m in models:
-    steps = {}
+    steps, floors = {}, {}
     int8 = label != args.dtype and args.quantize == 'w8a8'
-    floor_ms = floors['int8' if int8 else 'fp32']
+    weight_bytes = step_bytes['int8' if int8 else 'fp32']
     for batch in (1, 8):
-      rate, seconds, fixed = run(m, cfg, batch, args.new, args.layer_loop, args.cache_chunk)
+      rate, seconds, fixed, bandwidth = run(m, cfg, batch, args.new, args.layer_loop,
+                                            args.cache_chunk, measure)
       step_ms = (seconds - fixed) / (args.new - 1) * 1e3
       products = step_products_ms(cfg, batch, int8=int8)
-      steps[batch] = step_ms
+      steps[batch], floors[batch] = step_ms, weight_bytes / bandwidth * 1e3
       print(f'{label}, batch {batch}: {rate:8.1f} new tokens/s ({seconds:.2f} s incl. prefill)  '
             f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1; fixed cost '
             f'{fixed * 1e3:.0f} ms (a 1-token call), then {step_ms:.1f} ms per step '
-            f'({step_ms / floor_ms:.2f}x the floor), of which the matrix products alone take '
-            f'{products:.1f} ms; load average {os.getloadavg()[0]:.1f}')
+            f'({step_ms / floors[batch]:.2f}x the floor of {floors[batch]:.1f} ms at the '
+            f'{bandwidth / 1e9:.1f} GB/s measured between these calls), of which the matrix '
+            f'products alone take {products:.1f} ms; load average {os.getloadavg()[0]:.1f}')
       if dump:
         cats, wall, totals = profile_step(m, cfg, batch, args.profile_tokens, args.layer_loop,
                                           args.cache_chunk, dump.name)
@@ -214,7 +225,7 @@ def main():
             if totals[1][k]) + f' for 1 -> {args.profile_tokens} new tokens; a negative step '
             'figure is noise)')
     print(f'{label}: batch-8 step / batch-1 step {steps[8] / steps[1]:.2f}x (goal <= 1.4); '
-          f'batch-1 step / floor {steps[1] / floor_ms:.2f}x (goal <= 1.3)')
+          f'batch-1 step / floor {steps[1] / floors[1]:.2f}x (goal <= 1.3)')
 
 
 if __name__ == '__main__':
