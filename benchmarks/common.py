@@ -45,11 +45,6 @@ class GemvBandwidth:
     return self.bytes / time_fn(self.stream, self.mats, self.x, repeats=repeats)
 
 
-def gemv_bytes_per_second(repeats: int = 5, **shape) -> float:
-  """One `GemvBandwidth` measurement."""
-  return GemvBandwidth(**shape)(repeats)
-
-
 def machine() -> str:
   """`lscpu`'s model name and the SIMD flags that matter to XLA:CPU (one line)."""
   import subprocess

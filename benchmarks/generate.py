@@ -89,14 +89,14 @@ def step_products_ms(cfg, rows: int, int8: bool = False) -> float:
   return time_fn(products, mats, x) * 1e3
 
 
-def timed(model, tokens, mask, images, bandwidth, samples, **kw):
+def timed(model, tokens, mask, images, measure, samples, **kw):
   """Best of three calls after a compiling one (seconds): on this shared 2-core machine single
   runs vary by up to ~8%. Before each call the matrix-vector bandwidth is measured again
-  (`bandwidth`, a `GemvBandwidth`) and appended to `samples`."""
+  (`measure`, a `GemvBandwidth`) and appended to `samples`."""
   generate_ids(model, tokens, mask, images, **kw)
   best = float('inf')
   for _ in range(3):
-    samples.append(bandwidth(repeats=2))
+    samples.append(measure(repeats=2))
     start = time.perf_counter()
     out = generate_ids(model, tokens, mask, images, **kw)
     best = min(best, time.perf_counter() - start)
@@ -104,7 +104,7 @@ def timed(model, tokens, mask, images, bandwidth, samples, **kw):
   return best
 
 
-def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk, bandwidth):
+def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk, measure):
   """(new tokens/s, seconds of the full call, seconds of a 1-token call, the best matrix-vector
   bandwidth measured between those calls)."""
   tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
@@ -112,9 +112,9 @@ def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk, bandwidth):
   # No early stop: exactly `new_tokens` per row.
   kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk)
   samples = []
-  seconds = timed(model, tokens, mask, images, bandwidth, samples, max_new_tokens=new_tokens, **kw)
+  seconds = timed(model, tokens, mask, images, measure, samples, max_new_tokens=new_tokens, **kw)
   # One new token: the fixed cost of a call (images to device, image encoding, prefill).
-  fixed = timed(model, tokens, mask, images, bandwidth, samples, max_new_tokens=1, **kw)
+  fixed = timed(model, tokens, mask, images, measure, samples, max_new_tokens=1, **kw)
   return batch * new_tokens / seconds, seconds, fixed, max(samples)
 
 
@@ -205,16 +205,16 @@ def main():
     int8 = label != args.dtype and args.quantize == 'w8a8'
     weight_bytes = step_bytes['int8' if int8 else 'fp32']
     for batch in (1, 8):
-      rate, seconds, fixed, bandwidth = run(m, cfg, batch, args.new, args.layer_loop,
-                                            args.cache_chunk, measure)
+      rate, seconds, fixed, between = run(m, cfg, batch, args.new, args.layer_loop,
+                                          args.cache_chunk, measure)
       step_ms = (seconds - fixed) / (args.new - 1) * 1e3
       products = step_products_ms(cfg, batch, int8=int8)
-      steps[batch], floors[batch] = step_ms, weight_bytes / bandwidth * 1e3
+      steps[batch], floors[batch] = step_ms, weight_bytes / between * 1e3
       print(f'{label}, batch {batch}: {rate:8.1f} new tokens/s ({seconds:.2f} s incl. prefill)  '
             f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1; fixed cost '
             f'{fixed * 1e3:.0f} ms (a 1-token call), then {step_ms:.1f} ms per step '
             f'({step_ms / floors[batch]:.2f}x the floor of {floors[batch]:.1f} ms at the '
-            f'{bandwidth / 1e9:.1f} GB/s measured between these calls), of which the matrix '
+            f'{between / 1e9:.1f} GB/s measured between these calls), of which the matrix '
             f'products alone take {products:.1f} ms; load average {os.getloadavg()[0]:.1f}')
       if dump:
         cats, wall, totals = profile_step(m, cfg, batch, args.profile_tokens, args.layer_loop,
