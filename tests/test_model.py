@@ -309,7 +309,8 @@ def test_scan_layers_false_runs_the_same_parameters(tiny):
       logits = nnx.merge(graphdef, params, rest)(jnp.asarray(tokens), images)
       return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), logits
 
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    # Jitted: one program per model (op-by-op, the two towers' scans and loops took ~2 min).
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return logits, grads
 
   logits, grads = logits_and_grads(model)
