@@ -1,6 +1,7 @@
-"""Shared builders for the data tests: tiny scans of every input kind, a tokenizer, configs.
+"""Shared builders for the tests: tiny scans of every input kind, a tokenizer, configs, and a
+jitted forward.
 
-Imported by tests/test_data_*.py (pytest puts tests/ on sys.path); nothing here downloads.
+Imported by the tests (pytest puts tests/ on sys.path); nothing here downloads.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def tokenizer(max_images: int = 100, num_latents: int = 32):
 
 def tiny_model():
   return model_config('tiny')
+
+
+def jitted_forward(model):
+  """`model(tokens, images)` as one jitted program, for references that call the full forward
+  (op by op, every operation of the towers is dispatched and compiled on its own)."""
+  import jax
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda state, tokens, images: nnx.merge(graphdef, state)(tokens, images))
+  return lambda tokens, images: fn(state, tokens, images)
 
 
 def data_config(**overrides) -> DataConfig:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import conftest_data as cd
 from radfm_jax.config import model_config
 from radfm_jax.infer import cpu_decode
 from radfm_jax.infer import generate as generate_lib
@@ -37,18 +38,17 @@ def _full_forward_greedy(model, prompt, images, steps):
   token: one jitted program over a buffer of the prompt + `steps` slots, the slots not yet
   written held at 0 (causal attention keeps them out of every earlier position's logits; were
   it to leak, the cached decode compared against this would disagree)."""
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens, images))
+  forward = cd.jitted_forward(model)
   tokens = np.zeros((1, len(prompt) + steps), np.int32)
   tokens[0, :len(prompt)] = prompt
   for n in range(len(prompt), len(prompt) + steps):
-    tokens[0, n] = int(jnp.argmax(forward(state, jnp.asarray(tokens))[0, n - 1]))
+    tokens[0, n] = int(jnp.argmax(forward(jnp.asarray(tokens), images)[0, n - 1]))
   return [int(t) for t in tokens[0, len(prompt):]]
 
 
 @pytest.fixture(scope='module')
 def greedy_case(model):
-  """A 44-token prompt with one image and the 12 tokens the uncached full forward picks after
+  """A 45-token prompt with one image and the 12 tokens the uncached full forward picks after
   it: the reference every decode loop below must reproduce (computed once for all of them)."""
   rng = np.random.default_rng(0)
   prompt = _prompt(rng, 10, 0)

@@ -309,7 +309,7 @@ def test_scan_layers_false_runs_the_same_parameters(tiny):
       logits = nnx.merge(graphdef, params, rest)(jnp.asarray(tokens), images)
       return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), logits
 
-    # Jitted: one program per model (op-by-op, the two towers' scans and loops took ~2 min).
+    # Jitted: one program per model (op by op this test took 57 s alone on 2 cores, 24 s jitted).
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return logits, grads
 

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import conftest_data as cd
 from radfm_jax import api
@@ -43,13 +42,6 @@ def _inputs():
   return tokens, images
 
 
-def _logits(model, tokens, images):
-  """The full forward's logits, as one jitted program (op by op, a quantized model's forward
-  takes ~10 s on 2 cores)."""
-  graphdef, state = nnx.split(model)
-  return np.asarray(jax.jit(lambda state: nnx.merge(graphdef, state)(tokens, images))(state))
-
-
 def _both_decode_loops(model, tokens, images):
   """4 greedy tokens and their logits from each decode layer loop (scan, unrolled)."""
   mask = jnp.ones_like(tokens)
@@ -78,7 +70,7 @@ def test_int8_logits_are_close_to_full_precision(models):
   error must stay under 3%; int4 (16x coarser) would be ~30%."""
   model, qmodel = models
   tokens, images = _inputs()
-  full, q8 = _logits(model, tokens, images), _logits(qmodel, tokens, images)
+  full, q8 = (np.asarray(cd.jitted_forward(m)(tokens, images)) for m in (model, qmodel))
   rel = np.linalg.norm(q8 - full) / np.linalg.norm(full)
   assert 1e-4 < rel < 0.03, rel          # > 1e-4: the weights really changed
   # Both decode layer loops run the dequantized weights, with the same greedy tokens.
@@ -121,7 +113,7 @@ def test_w8a8_quantizes_activations_and_both_decode_loops_agree(models):
   w8 = quant.quantize(model, 'w8a8')
   assert quant.quantized_kernels(w8) == quant.quantized_kernels(q8)      # the same int8 weights
   tokens, images = _inputs()
-  full, a8, w = (_logits(m, tokens, images) for m in (model, q8, w8))
+  full, a8, w = (np.asarray(cd.jitted_forward(m)(tokens, images)) for m in (model, q8, w8))
   rel = np.linalg.norm(w - full) / np.linalg.norm(full)
   assert 1e-4 < rel < 0.03, rel
   # The activations really are rounded: w8a8 is not the weight-only model.
