@@ -3,6 +3,7 @@ it through Grain with the same batches as from the JSONL, and clear errors."""
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -32,7 +33,11 @@ def store(tmp_path_factory):
   return VolumeStore(str(d / 'store'))
 
 
-def test_publish_keeps_every_row_and_split(store, tmp_path):
+def test_publish_keeps_every_row_and_split(store, tmp_path, monkeypatch):
+  # Nothing is left in the temporary folder (TFDS's GCS lookup, skipped, would leave one folder).
+  temp = tmp_path / 'temp'
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp))
   path = tfds_manifest.publish_manifest(store.root, str(tmp_path / 'tfds'))
   assert path == str(tmp_path / 'tfds' / 'radfm_samples' / '1.0.0')
   rows = store.manifest()
@@ -50,6 +55,7 @@ def test_publish_keeps_every_row_and_split(store, tmp_path):
   fewer = [r for r in rows if r['split'] == 'train']
   tfds_manifest.publish_manifest(fewer, str(tmp_path / 'tfds'), overwrite=True)
   assert tfds_manifest.read_tfds_manifest(path) == fewer
+  assert list(temp.iterdir()) == []
 
 
 def test_pipeline_reads_the_published_manifest(store, tmp_path):

@@ -41,6 +41,15 @@ def _builder_class():
   """The GeneratorBasedBuilder, defined once per process (TFDS registers builders by class)."""
   tfds = _tfds()
 
+  class LocalInfo(tfds.core.DatasetInfo):
+    """The dataset's info, never looked up in TFDS's GCS bucket: these datasets exist only where
+    they are published. TFDS's own lookup, run by every builder of a dataset not yet prepared,
+    makes an empty temporary folder it never removes (one left in /tmp per publish), even with
+    GCS access disabled, as it is by default."""
+
+    def initialize_from_bucket(self) -> None:
+      pass
+
   class RadfmSamples(tfds.core.GeneratorBasedBuilder):
     """RadFM training samples: one manifest row (JSON) per example."""
     VERSION = tfds.core.Version(DATASET_VERSION)
@@ -50,7 +59,7 @@ def _builder_class():
       super().__init__(**kwargs)
 
     def _info(self):
-      return tfds.core.DatasetInfo(
+      return LocalInfo(
           builder=self, disable_shuffling=True,
           description='RadFM samples (radfm-jax manifest rows as JSON; volumes in the store).',
           features=tfds.features.FeaturesDict({'id': tfds.features.Text(),
