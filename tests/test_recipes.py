@@ -513,6 +513,9 @@ def test_cli_reports_bad_inputs(tmp_path, folder):
   assert f'recipes: rejected {line}\n' in r.stderr
   assert 'recipes: mimic_caption test: 2 rows, 1 rows rejected, 0 samples dropped by ingest, 1 ' \
       'samples ingested' in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      f'radfm-jax ingest: 0 scans rejected, 0 samples dropped, 1 input rows refused (see '
+      f'{store}/rejects.jsonl)')
   rejects = [json.loads(x) for x in open(store / 'rejects.jsonl')]
   assert [x['reason'] for x in rejects] == [line]
   assert [row['id'] for row in VolumeStore(str(store)).manifest()] == ['mimic_caption-test-0']

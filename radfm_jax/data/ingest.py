@@ -68,12 +68,24 @@ class IngestReport:
   copies: int = 0                                                 # written this run
   copies_current: int = 0                                         # already there
 
+  @property
+  def rejected_scans(self) -> int:
+    """Scans that could not be stored (`rejects` also lists each sample dropped for them)."""
+    return sum('scan_id' in r for r in self.rejects)
+
+  def rejected_text(self) -> str:
+    """What `rejects` holds, counted by kind: scans, samples dropped for them, and inputs the
+    caller refused before ingest (`ingest(rejects=...)`, e.g. a recipe's unusable rows)."""
+    refused = len(self.rejects) - self.rejected_scans - self.dropped_samples
+    return (f'{self.rejected_scans} scans rejected, {self.dropped_samples} samples dropped'
+            + (f', {refused} input rows refused' if refused else ''))
+
   def summary(self) -> str:
     copies = ('' if self.train_resolution is None else
               f'; {self.copies} training-resolution copies made at {self.train_resolution}x'
               f'{self.train_resolution} ({self.copies_current} already current)')
     return (f'{len(self.stored)} scans stored ({len(self.updated)} changed on disk), '
-            f'{len(self.skipped)} already stored, {len(self.rejects)} rejected, '
+            f'{len(self.skipped)} already stored, {self.rejected_scans} rejected, '
             f'{len(self.warnings)} repaired; {self.samples} samples kept, {self.dropped_samples} '
             f'dropped, {self.replaced_samples} replaced; {self.manifest_rows} samples in the '
             f'store{copies}')
@@ -240,7 +252,7 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   report.manifest_rows = len(rows)
   print(f'ingest: {report.summary()} -> {store.root}', file=log)
   if strict and report.rejects:
-    raise IngestError(f'{len(report.rejects)} inputs rejected (see {store.rejects_path})')
+    raise IngestError(f'{report.rejected_text()} (see {store.rejects_path})')
   return report
 
 

@@ -303,5 +303,5 @@ def ingest_recipe(name: str, source: str, image_root: str | dict[str, str], out:
           file=log)
   if strict and report.rejects:
     where_listed = os.path.join(out, 'rejects.jsonl')
-    raise IngestError(f'{len(report.rejects)} inputs rejected (see {where_listed})')
+    raise IngestError(f'{report.rejected_text()} (see {where_listed})')
   return results, report
