@@ -112,8 +112,12 @@ def test_quickstart_runs(kernel_env, monkeypatch):
   assert (out / 'slices.png').stat().st_size > 1000
 
 
-def test_convert_notebook_runs(kernel_env):
+def test_convert_notebook_runs(kernel_env, monkeypatch):
   pytest.importorskip('torch')
   pytest.importorskip('safetensors')
+  temp = kernel_env / 'temp'        # the kernel's temporary folder: the notebook leaves it empty
+  temp.mkdir()
+  monkeypatch.setenv('TMPDIR', str(temp))
   nb = _execute('convert.ipynb')
   assert 'round trip exact for' in _stdout(nb)
+  assert list(temp.iterdir()) == []
