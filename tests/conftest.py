@@ -5,7 +5,19 @@ import os
 import shutil
 import tempfile
 
+from conftest_data import XLA_TEST_OPTIONS  # noqa: E402  (no JAX import: before JAX starts)
+
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# XLA:CPU compiles with LLVM at -O0 in the suite (XLA_TEST_OPTIONS; the commands the tests start
+# get it from conftest_data.xla_flags): compiling is most of the suite's time, and this roughly
+# halves it (test_train_step.py + test_sharding.py: 217 -> 119 s on 2 cores). The HLO passes and
+# fusions are XLA's usual ones (the compiled HLO of a tiny train step is the same text); only the
+# machine code differs, so a value may move by an ulp (that step's loss is bit-identical, its
+# gradients within 4.5e-8). One program run twice still gives the same bits; two programs of the
+# same math (a product over 1 row and over n rows) are compared with tolerances. Benchmarks, the
+# demo and every command a user runs keep XLA's defaults.
+if XLA_TEST_OPTIONS and XLA_TEST_OPTIONS not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' ' + XLA_TEST_OPTIONS
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests compile the same program more than once: a run and its resume, a cached and an
 # uncached run of one config, the commands the tests start as subprocesses. A `tiny` train step

@@ -14,6 +14,16 @@ import numpy as np
 
 from radfm_jax.config import DataConfig, model_config
 
+# XLA options of every JAX process of the suite, the commands it starts included (conftest.py says
+# why); RADFM_TEST_XLA_OPTIONS='' runs the suite with XLA's defaults.
+XLA_TEST_OPTIONS = os.environ.get('RADFM_TEST_XLA_OPTIONS', '--xla_backend_optimization_level=0')
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of a command the tests start: `devices` fake CPU devices, the suite's options."""
+  return f'--xla_force_host_platform_device_count={devices} {XLA_TEST_OPTIONS}'.strip()
+
+
 CORPUS = [
     'What is the modality of this scan?', 'The image shows a nodule in the left lung.',
     'Is there evidence of pneumonia?', 'Yes', 'No', 'Findings: normal chest. Impression: none.',

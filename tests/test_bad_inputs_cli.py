@@ -233,7 +233,7 @@ def test_bad_input_row(root, capsys, row_id, argv, expected):
   argv = [_expand(a, root) for a in argv]
   if row_id in SUBPROCESS:
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get('PYTHONPATH', ''),
-               JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+               JAX_PLATFORMS='cpu', XLA_FLAGS=cd.xla_flags(8))
     proc = subprocess.run([sys.executable, '-m', 'radfm_jax.cli', *argv], capture_output=True,
                           text=True, env=env, timeout=300)
     rc, err = proc.returncode, proc.stderr
@@ -257,7 +257,7 @@ def test_batch_check_is_before_the_model(root):
   code = ('import sys; from radfm_jax.cli.main import main; rc = main(%r); '
           'print(rc, "radfm_jax.train.loop" in sys.modules, "radfm_jax.models.radfm" in sys.modules)'
           % (argv,))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=cd.xla_flags(8),
              PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                         timeout=300)

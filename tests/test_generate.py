@@ -152,7 +152,9 @@ def test_last_only_logits_are_the_last_position(model):
   full, _ = model.llama(*args)
   last, _ = model.llama(*args, last_only=True)
   assert last.shape == (1, 1, full.shape[-1])
-  np.testing.assert_array_equal(np.asarray(last), np.asarray(full[:, -1:]))
+  # The head over one row and over all rows are two products: equal up to rounding (XLA's
+  # kernels may round a [1, e] product differently from an [n, e] one).
+  np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-6, atol=1e-7)
 
 
 def test_decode_view_is_reused_until_the_weights_change():

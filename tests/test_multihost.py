@@ -50,6 +50,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import conftest_data as cd  # noqa: E402
+
 
 def _free_port() -> int:
   with socket.socket() as s:
@@ -81,7 +83,7 @@ def test_two_processes_match_one_process(tmp_path):
 
   workdir = str(tmp_path / 'multi')
   coordinator = f'127.0.0.1:{_free_port()}'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=cd.xla_flags(4),
              JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   procs, outs = [], []
   try:

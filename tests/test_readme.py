@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import conftest_data as cd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,7 +41,7 @@ def test_readme_model_block_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_readme_scans_to_answer_block_runs(tmp_path):
   # In a fresh interpreter with one CPU device, as a user runs it (the suite has 8 fake devices).
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=cd.xla_flags(1),
              PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, '-c', _blocks()[1]], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=900)

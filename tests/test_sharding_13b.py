@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+import conftest_data as cd
+
 SCRIPT = textwrap.dedent('''
     import json
     import jax, optax
@@ -42,7 +44,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_radfm_13b_sharding_on_64_devices():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=64',
+  env = dict(os.environ, XLA_FLAGS=cd.xla_flags(64),
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True,
                         timeout=600)

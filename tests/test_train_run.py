@@ -50,7 +50,7 @@ def _cli(args, cwd=ROOT, env=None, **kwargs):
 def _env(xdg):
   """One CPU device, ROOT importable from any cwd, the default cache location under `xdg`."""
   env = {k: v for k, v in os.environ.items() if k != 'RADFM_COMPILATION_CACHE'}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=cd.xla_flags(1),
              XDG_CACHE_HOME=str(xdg), PYTHONPATH=ROOT)
   return env
 

@@ -11,6 +11,8 @@ import sysconfig
 
 import pytest
 
+import conftest_data as cd
+
 from radfm_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +54,7 @@ def test_wheel_install_loads_sizes_and_trains_from_an_empty_directory(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=cd.xla_flags(8))
 
   probe = ('import json, sys, radfm_jax; from radfm_jax.config import model_config; '
            "m = model_config('tiny'); print(json.dumps({'file': radfm_jax.__file__, "
