@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from conftest_data import XLA_TEST_OPTIONS  # noqa: E402  (no JAX import: before JAX starts)
+from conftest_data import XLA_TEST_OPTIONS  # imports no JAX: the flags below still apply
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # XLA:CPU compiles with LLVM at -O0 in the suite (XLA_TEST_OPTIONS; the commands the tests start

@@ -145,7 +145,8 @@ def test_bad_inputs_are_rejected_reported_and_not_stored(tmp_path, capsys):
   assert len(report.stored) == 1
   assert list(store.stored_keys()) == [store.key(i) for i in report.stored]   # no partial arrays
   assert [r['id'] for r in store.manifest()] == ['good'] and report.dropped_samples == len(bad)
-  with pytest.raises(IngestError, match=f'^{len(bad)} scans rejected, {len(bad)} samples dropped \\(see '):
+  expected = f'^{len(bad)} scans rejected, {len(bad)} samples dropped \\(see '
+  with pytest.raises(IngestError, match=expected):
     ingest(manifest, str(tmp_path / 'store2'), strict=True, log=open(os.devnull, 'w'))
   # strict still stores what was readable, and the CLI turns the failure into exit code 1
   assert len(VolumeStore(str(tmp_path / 'store2'))) == 1
