@@ -19,6 +19,16 @@ def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
   return best
 
 
+def rotated(names, round_index: int) -> list:
+  """`names` in the order a round of an interleaved comparison times them: rotated by one place
+  per round, so that every variant runs in every slot. Identical programs timed in three fixed
+  slots of one process came out up to 3% apart by slot (docs/performance.md), which a fixed
+  order would credit to the variants."""
+  names = list(names)
+  k = round_index % len(names) if names else 0
+  return names[k:] + names[:k]
+
+
 def matmul_flops_per_second(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
   """FLOP/s of one n x n x n matmul on the default device (the roofline for MFU ratios)."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)

@@ -6,8 +6,9 @@ allocator (`mesh.host_allocator`) of the `cpu` preset (radfm_jax/presets.py) and
 Prints model FLOPs per step (analytic), achieved FLOP/s, the FLOP/s of a 2048^3 fp32 matmul
 measured in the same run, and their ratio (goal >= 0.6), for each `--dtypes` variant (by default
 fp32, fp32 compiled with `--xla-options`, and bf16, timed interleaved so all see the same machine
-load), with its page faults and kernel CPU time per step; then the cost of the gather splice
-against the original's one-hot matmul at the official sizes.
+load, their order rotated per round so none keeps the same slot), with its page faults and kernel
+CPU time per step; then the cost of the gather splice against the original's one-hot matmul at the
+official sizes.
 
     .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
         [--dtypes float32,bfloat16,float32:unrolled,float32:xla] [--xla-options JSON]
@@ -22,7 +23,8 @@ defaults (each step faults its buffers in afresh, 4 KiB at a time).
 elementwise fusions beside its dots, the lever measured for the `cpu` preset); the other variants
 use the preset's own `mesh.xla_options`. --demo-step also times the training loop's whole step
 (AdamW and metrics included) of `configs/demo.py` on its batch shape, with the preset's options
-and with --xla-options, interleaved: what `make demo` would gain or lose.
+and with --xla-options, interleaved: what `make demo` would gain or lose; and that step's AdamW
+update alone, both ways.
 
 --profile adds where the step's time goes: an XLA:CPU trace of the step parsed per HLO op and
 summed per category (matmul/conv, elementwise, reductions/norms, softmax, copies/transposes,
@@ -45,7 +47,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import xla_profile  # noqa: E402
-from common import machine, matmul_flops_per_second, time_fn  # noqa: E402
+from common import machine, matmul_flops_per_second, rotated, time_fn  # noqa: E402
 from radfm_jax import hostmem  # noqa: E402
 from radfm_jax.config import load_config, model_config  # noqa: E402
 from radfm_jax.models.flops import batch_flops, one_hot_splice_flops  # noqa: E402
@@ -110,10 +112,13 @@ def demo_step_comparison(xla_options, repeats):
   """The training loop's whole step (train/step.py: forward, backward, AdamW, metrics) of
   configs/demo.py on its batch (8 x one 3x64x64x16 image + 80 tokens, synthetic values), compiled
   as the loop compiles it (`loop._jitted_steps`) with the `cpu` preset's options and with
-  `xla_options`, timed interleaved (best of 3 per round)."""
-  from radfm_jax.train import loop
+  `xla_options`, timed interleaved (best of 3 per round); and its optimizer update alone (the
+  loop's AdamW on the trainable parameters, no metrics) compiled both ways, which is where the
+  options have cost the demo's step (docs/performance.md)."""
+  import optax
+  from radfm_jax.train import loop, optim
   from radfm_jax.train.synthetic import SyntheticBatches
-  runs = {}
+  runs, updates = {}, {}
   for name, options in (('preset options', None), ('--xla-options', xla_options)):
     cfg = load_config('configs/demo.py', ['data.store=synthetic'] + (
         [] if options is None else [f'mesh.xla_options={list(map(list, options.items()))}']))
@@ -121,13 +126,23 @@ def demo_step_comparison(xla_options, repeats):
     mesh, rules, graphdef, tx, _, shardings = loop.build(cfg)
     state = loop.init_state(cfg, mesh, rules, tx, shardings)
     batch = loop.global_batch(next(iter(SyntheticBatches(cfg))), mesh, rules)
+    trainable, _ = optim.split_trainable(state.params, optim.trainable_spec(cfg))
+    trainable = jax.tree.map(jnp.copy, trainable)        # the step below donates the state's
+    update_args = (trainable, tx.init(trainable), jax.tree.map(lambda x: x * 1e-3, trainable))
+
+    def update(params, opt_state, grads, tx=tx):
+      deltas, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, deltas), opt_state
+
+    updates[name] = (jax.jit(update, compiler_options=options or None), update_args)
     fn, _ = loop._jitted_steps(cfg, mesh, rules, graphdef, tx, shardings)
     state, metrics = fn(state, batch)
     print(f'demo step, {name} {options or "(none)"}: first loss {float(metrics["loss"]):.6f}')
     runs[name] = [fn, state, batch]
   best = dict.fromkeys(runs, float('inf'))
-  for _ in range(repeats):
-    for name, run in runs.items():
+  for round_index in range(repeats):
+    for name in rotated(runs, round_index):
+      run = runs[name]
       fn, state, batch = run
       for _ in range(3):
         start = time.perf_counter()
@@ -135,9 +150,17 @@ def demo_step_comparison(xla_options, repeats):
         jax.block_until_ready(state)
         best[name] = min(best[name], time.perf_counter() - start)
       run[1] = state
-  base = best['preset options']
+  alone = {name: float('inf') for name in updates}
+  for round_index in range(repeats):
+    for name in rotated(updates, round_index):
+      fn, update_args = updates[name]
+      alone[name] = min(alone[name], time_fn(fn, *update_args, repeats=3))
+  count = sum(x.size for x in jax.tree.leaves(updates['preset options'][1][0]))
   for name, seconds in best.items():
-    print(f'demo step ({name}) {seconds * 1e3:8.1f} ms  ({seconds / base - 1:+.1%} vs the preset)')
+    print(f'demo step ({name}) {seconds * 1e3:8.1f} ms  '
+          f'({seconds / best["preset options"] - 1:+.1%} vs the preset); its AdamW update alone '
+          f'({count / 1e6:.1f}M parameters) {alone[name] * 1e3:6.1f} ms '
+          f'({alone[name] / alone["preset options"] - 1:+.1%})')
 
 
 def main():
@@ -186,15 +209,16 @@ def main():
           f'{options or "none"}, compile + '
           f'first step {time.perf_counter() - start:.1f} s, loss {loss:.6f}')
     steps[variant] = (step, args_, cfg)
-  # Interleaved: the matmul reference and each dtype's step once per round, best of the rounds,
-  # so a burst of load from other users hits every figure alike.
+  # Interleaved: the matmul reference and each dtype's step once per round (the steps' order
+  # rotated per round), best of the rounds, so a burst of load hits every figure alike.
   best = dict.fromkeys(steps, float('inf'))
   # Per step: minor page faults (the buffers XLA:CPU's allocator maps afresh) and kernel CPU time.
   faults = {variant: [] for variant in steps}
   matmul = 0.0
-  for _ in range(args.repeats):
+  for round_index in range(args.repeats):
     matmul = max(matmul, matmul_flops_per_second(repeats=2))
-    for dtype, (step, args_, _) in steps.items():
+    for dtype in rotated(steps, round_index):
+      step, args_, _ = steps[dtype]
       before = resource.getrusage(resource.RUSAGE_SELF)
       best[dtype] = min(best[dtype], time_fn(step, *args_, repeats=1, warmup=0))
       after = resource.getrusage(resource.RUSAGE_SELF)

@@ -82,10 +82,11 @@ _V5E_GIB = 15.75      # v5e: 16 GiB HBM per chip, 15.75 GiB usable (libtpu's lim
 HARDWARE = {
     # One host, whatever devices it has (8 fake CPU devices in tests); no rematerialisation.
     # XLA:CPU's own fusion and threading (no mesh.xla_options): handing its elementwise fusions to
-    # YNNPACK too made the `bench` forward + backward 2-9% faster but the demo's whole step 3-9%
-    # slower (docs/performance.md, "Compiler options per platform"). glibc gives XLA's buffers
-    # transparent huge pages (radfm_jax/hostmem.py): 512x fewer page faults per step, the `bench`
-    # step 1-12% faster, the demo's 9-27% (docs/performance.md, "The host allocator").
+    # YNNPACK too made the `bench` forward + backward 0-9% faster but the demo's whole step 3-9%
+    # slower, its AdamW update 44-88% slower (docs/performance.md, "Compiler options per
+    # platform" and the AVX2 sessions). glibc gives XLA's buffers transparent huge pages
+    # (radfm_jax/hostmem.py): 512x fewer page faults per step, the `bench` step 1-12% faster, the
+    # demo's 9-27% (docs/performance.md, "The host allocator").
     'cpu': {'model': {'remat_policy': 'none'}, 'mesh': {'host_allocator': 'hugepages'}},
     'gpu_h100x8': _accelerator(_H100_GIB),
     # Several 8-GPU nodes: FSDP inside the node (NVLink), data parallel across nodes.

@@ -1,5 +1,6 @@
 """benchmarks/xla_profile.py: the per-op XLA:CPU profile of a real `tiny` train step sums to about
-the step's wall time, and every traced op is found in the compiled HLO and categorised."""
+the step's wall time, and every traced op is found in the compiled HLO and categorised; the
+benchmarks' interleaved comparisons put every variant in every slot."""
 
 import os
 import sys
@@ -11,6 +12,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
 
 import xla_profile  # noqa: E402
+from common import rotated  # noqa: E402
 from train_step import loss_fn, make_batch  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
@@ -55,3 +57,14 @@ def test_categories_from_compiled_hlo():
   assert xla_profile.category({'while'}) == 'loop control'
   assert xla_profile.category({'all-reduce', 'add'}) == 'collectives'
   assert xla_profile.category(None) == 'other'
+
+
+def test_interleaved_rounds_rotate_the_variants():
+  names = ['float32', 'float32:xla', 'bfloat16']
+  rounds = [rotated(names, r) for r in range(6)]
+  assert rounds[0] == names and rounds[1] == ['float32:xla', 'bfloat16', 'float32']
+  assert rounds[3] == names                               # period: the number of variants
+  for slot in range(len(names)):                          # each variant once in each slot
+    assert sorted(r[slot] for r in rounds[:3]) == sorted(names)
+  assert rotated({'a': 1, 'b': 2}, 1) == ['b', 'a']       # a dict's keys, as the scripts pass
+  assert rotated([], 4) == []
