@@ -1,8 +1,15 @@
 """Generation speed at the `bench` config: 64-token prompt + one 3x256x256x16 image, 200 new
 tokens, greedy, at batch 1 and batch 8 (new tokens/s, prefill included, compile excluded).
 
-For scale: the original PyTorch RadFM generates about 40 tokens/s at batch 1 on this machine and
-cannot batch. Goals: >= 2x that at batch 1, >= 10x aggregate at batch 8.
+For scale, the original's decoder is timed in the same run (`--original`, on when torch and
+transformers are installed: `pip install -e ".[test]"`): the original RadFM generates with HF
+transformers' `LlamaForCausalLM.generate(inputs_embeds=...)`, greedy, batch 1 (it passes no
+attention mask, so it cannot batch; docs/original.md). The script builds that model at the same
+sizes with the same weights (our decoder written out through the checkpoint key map), feeds it the
+same spliced prompt embeddings (our vision tower's tokens; the original's own vision encoding is
+not timed, which favours it) and times its decode as ours, in torch's eager attention as the
+original's transformers 4.28 ran it, on this machine's threads. Goals: >= 2x its tokens/s at batch
+1, >= 10x its batch-1 tokens/s in aggregate at batch 8. Its greedy ids are compared with ours.
 
 Also printed: the weight-streaming floor of one decode step (decoder weight bytes read per token
 over this machine's measured matrix-vector bandwidth) and the tokens/s ceiling it implies at
@@ -12,7 +19,7 @@ bandwidth measured between its own calls, so a host whose memory traffic drifts 
 (other tenants) moves the floor and the steps together.
 
     .venv/bin/python benchmarks/generate.py [--size bench] [--new 200] [--layer-loop scan]
-        [--cache-chunk 64] [--profile] [--quantize int8|w8a8]
+        [--cache-chunk 64] [--profile] [--quantize int8|w8a8] [--no-original]
 
 --quantize int8 (or w8a8) runs the same batches a second time with Qwix int8 weights (w8a8: and
 int8 activations; radfm_jax/infer/quantize.py, as `radfm-jax generate --quantize ...`), so fp32
@@ -24,6 +31,7 @@ their difference over the extra steps.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -44,7 +52,6 @@ from radfm_jax.infer.quantize import MODES, quantize  # noqa: E402
 from radfm_jax.models.layers import int8_rows_product  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 
-ORIGINAL_TOKENS_PER_S = 40.0
 
 
 def prompts(cfg, batch, length=64, seed=0):
@@ -118,6 +125,62 @@ def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk, measure):
   return batch * new_tokens / seconds, seconds, fixed, max(samples)
 
 
+def original_decoder(model):
+  """The original's decoder for `model` (a RadFM): HF transformers' `LlamaForCausalLM` of the same
+  sizes, eager attention, fp32, holding `model.llama`'s weights (written out through the
+  checkpoint key map, as `radfm-jax convert to-torch` writes them)."""
+  import torch
+  import transformers
+  from radfm_jax.convert import engine, keymap
+  llama = model.cfg.llama
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=llama.vocab_size, hidden_size=llama.hidden_size,
+      intermediate_size=llama.intermediate_size, num_hidden_layers=llama.num_layers,
+      num_attention_heads=llama.num_heads, num_key_value_heads=llama.num_heads,
+      rms_norm_eps=llama.rms_norm_eps, rope_theta=llama.rope_theta,
+      max_position_embeddings=llama.max_position_embeddings, tie_word_embeddings=False,
+      attn_implementation='eager', bos_token_id=0, eos_token_id=1, pad_token_id=0)).eval()
+  weights = engine.state_dict_of(model.llama, keymap.llama_table(ours='', torch=''))
+  missing, unexpected = hf.load_state_dict(
+      {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=False)
+  assert not unexpected and not [k for k in missing if 'rotary' not in k], (missing, unexpected)
+  return hf
+
+
+def original_generate(hf, embeds, new_tokens, **kw):
+  """Greedy ids of the original's `generate(inputs_embeds=...)` (no early stop), as HF's output
+  (`kw`: more `generate` arguments, e.g. output_logits)."""
+  import torch
+  with torch.no_grad():
+    return hf.generate(inputs_embeds=torch.from_numpy(np.array(embeds)),
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), **kw)
+
+
+def original_run(model, cfg, new_tokens):
+  """The original's decoder on this machine (module docstring): (new tokens/s of a `new_tokens`
+  call, seconds of that call, of a 1-token call, its greedy ids [new_tokens], a description)."""
+  import torch
+  import transformers
+  hf = original_decoder(model)
+  tokens = np.asarray(prompts(cfg, 1))
+  embeds = model.embed_inputs(jnp.asarray(tokens, jnp.int32),      # eager: once, not timed
+                              jnp.asarray(bench_images(cfg, 1)))
+  times = {}
+  for new in (new_tokens, 1):
+    original_generate(hf, embeds, new)
+    best = float('inf')
+    for _ in range(3):
+      start = time.perf_counter()
+      ids = original_generate(hf, embeds, new)
+      best = min(best, time.perf_counter() - start)
+    times[new] = (best, ids)
+  seconds, ids = times[new_tokens]
+  about = (f'HF transformers {transformers.__version__} LlamaForCausalLM, torch '
+           f'{torch.__version__}, eager attention, fp32, {torch.get_num_threads()} threads')
+  return new_tokens / seconds, seconds, times[1][0], ids[0, -new_tokens:].numpy(), about
+
+
 def profile_step(model, cfg, batch, new_tokens, layer_loop, cache_chunk, dump_dir, repeats=3):
   """Per-category seconds of one decode step: (the `new_tokens` call - the 1-token call) /
   (new_tokens - 1), each call traced `repeats` times and each category's fastest call kept (the
@@ -157,6 +220,8 @@ def main():
   parser.add_argument('--profile', action='store_true',
                       help='also print where one decode step goes (XLA:CPU trace per HLO op)')
   parser.add_argument('--profile-tokens', type=int, default=65)
+  parser.add_argument('--no-original', dest='original', action='store_false',
+                      help="do not time the original's decoder (HF transformers, torch)")
   parser.add_argument('--quantize', choices=MODES, default=None,
                       help='also time the same batches quantized (after the fp32 ones)')
   args = parser.parse_args()
@@ -197,6 +262,23 @@ def main():
   print(f'batch 8 also reads the KV cache: {kv_bytes / 2**20:.0f} MiB per step at the mean '
         f'{slots:.0f} slots ({kv_bytes / bandwidth * 1e3:.1f} ms at that bandwidth; batch 1: '
         f'{kv_bytes / 8 / bandwidth * 1e3:.1f} ms)')
+  original = None
+  if args.original:
+    if not all(importlib.util.find_spec(m) for m in ('torch', 'transformers')):
+      print('the original is not timed: it needs torch and transformers (pip install -e ".[test]")')
+    else:
+      rate, seconds, fixed, original_ids, about = original_run(model, cfg, args.new)
+      original = (rate, original_ids)
+      ours = generate_ids(model, *left_pad(prompts(cfg, 1), multiple=64), bench_images(cfg, 1),
+                          max_new_tokens=args.new, stop_ids=(), layer_loop=args.layer_loop,
+                          cache_chunk=args.cache_chunk).tokens[0]
+      same = np.asarray(ours) == original_ids
+      agree = int(np.argmin(same)) if not same.all() else len(same)
+      print(f'the original decoder ({about}), batch 1: {rate:.1f} new tokens/s ({seconds:.2f} s '
+            f'incl. its prefill); fixed cost {fixed * 1e3:.0f} ms, then '
+            f'{(seconds - fixed) / (args.new - 1) * 1e3:.1f} ms per step; greedy ids equal to '
+            f"ours for the first {agree} of {args.new} (the model's random weights make near "
+            'ties)')
   models = [(args.dtype, model)]
   if args.quantize:
     models.append((f'{args.quantize} weights', quantize(model, args.quantize)))
@@ -210,8 +292,10 @@ def main():
       step_ms = (seconds - fixed) / (args.new - 1) * 1e3
       products = step_products_ms(cfg, batch, int8=int8)
       steps[batch], floors[batch] = step_ms, weight_bytes / between * 1e3
+      versus = (f'{rate / original[0]:5.1f}x the original at batch 1 (goal >= '
+                f'{2 if batch == 1 else 10}x); ' if original else '')
       print(f'{label}, batch {batch}: {rate:8.1f} new tokens/s ({seconds:.2f} s incl. prefill)  '
-            f'{rate / ORIGINAL_TOKENS_PER_S:5.1f}x the original at batch 1; fixed cost '
+            f'{versus}fixed cost '
             f'{fixed * 1e3:.0f} ms (a 1-token call), then {step_ms:.1f} ms per step '
             f'({step_ms / floors[batch]:.2f}x the floor of {floors[batch]:.1f} ms at the '
             f'{between / 1e9:.1f} GB/s measured between these calls), of which the matrix '

@@ -24,6 +24,19 @@ def xla_flags(devices: int) -> str:
   return f'--xla_force_host_platform_device_count={devices} {XLA_TEST_OPTIONS}'.strip()
 
 
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+
+
+def import_benchmark(name: str):
+  """benchmarks/NAME.py as a module, for tests of what a benchmark builds or measures with (the
+  scripts import their siblings, so their folder goes on sys.path)."""
+  import importlib
+  import sys
+  if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
+  return importlib.import_module(name)
+
+
 CORPUS = [
     'What is the modality of this scan?', 'The image shows a nodule in the left lung.',
     'Is there evidence of pneumonia?', 'Yes', 'No', 'Findings: normal chest. Impression: none.',

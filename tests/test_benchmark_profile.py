@@ -2,29 +2,26 @@
 the step's wall time, and every traced op is found in the compiled HLO and categorised; the
 benchmarks' interleaved comparisons put every variant in every slot."""
 
-import os
-import sys
-
 import jax
 import pytest
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+import conftest_data as cd
+from radfm_jax.config import model_config
+from radfm_jax.models.radfm import create_model
 
-import xla_profile  # noqa: E402
-from common import rotated  # noqa: E402
-from train_step import loss_fn, make_batch  # noqa: E402
-from radfm_jax.config import model_config  # noqa: E402
-from radfm_jax.models.radfm import create_model  # noqa: E402
+xla_profile = cd.import_benchmark('xla_profile')
+rotated = cd.import_benchmark('common').rotated
+train_step = cd.import_benchmark('train_step')
 
 
 @pytest.mark.slow                     # ~45 s: compiles and traces a real tiny train step
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the XLA:CPU trace format')
 def test_profile_of_tiny_train_step_sums_to_the_step(tmp_path):
   cfg = model_config('tiny', remat_policy='none', compute_dtype='float32')
-  batch = make_batch(cfg, shape=(64, 64, 16), length=64)
+  batch = train_step.make_batch(cfg, shape=(64, 64, 16), length=64)
   graphdef, params, rest = nnx.split(create_model(cfg, seed=0), nnx.Param, ...)
-  step = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+  step = jax.jit(jax.value_and_grad(train_step.loss_fn), static_argnums=1)
   args = (params, graphdef, rest, batch, jax.random.key(0))
   times, wall, hlo = xla_profile.profile(step, args, str(tmp_path), steps=3)
   cats = xla_profile.by_category(times, hlo)

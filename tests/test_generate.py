@@ -70,6 +70,28 @@ def test_cached_decode_matches_full_forward(model, greedy_case, layer_loop, cach
 
 
 @pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
+def test_greedy_decode_matches_the_originals_hf_generate(model, greedy_case, layer_loop):
+  """The original generates with HF transformers' `LlamaForCausalLM.generate(inputs_embeds=...)`
+  (docs/original.md): that decoder, built with our weights by benchmarks/generate.py (whose
+  "x the original" figures it times), fed our spliced prompt, picks the same 12 greedy tokens
+  from the same logits as our decode loop."""
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  bench = cd.import_benchmark('generate')
+  prompt, images, want = greedy_case
+  tokens, mask = left_pad([prompt], length=len(prompt))
+  ours = generate_ids(model, tokens, mask, images, max_new_tokens=len(want), stop_ids=(),
+                      layer_loop=layer_loop, return_logits=True)
+  embeds = model.embed_inputs(jnp.asarray(tokens), jnp.asarray(images))
+  hf = bench.original_generate(bench.original_decoder(model), embeds, len(want),
+                               output_logits=True, return_dict_in_generate=True)
+  assert hf.sequences[0, -len(want):].tolist() == ours.sequences()[0] == want
+  hf_logits = np.stack([step[0].numpy() for step in hf.logits])      # [steps, vocab]
+  assert np.abs(hf_logits).max() > 0.1
+  np.testing.assert_allclose(ours.logits[0], hf_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('layer_loop', ['scan', 'unrolled'])
 @pytest.mark.parametrize('cache_chunk', [4, 0])
 @pytest.mark.parametrize('batched', [False, True])
 def test_decode_logits_match_full_forward_at_every_step(model, layer_loop, cache_chunk, batched):
