@@ -53,7 +53,6 @@ from radfm_jax.models.layers import int8_rows_product  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 
 
-
 def prompts(cfg, batch, length=64, seed=0):
   rng = np.random.default_rng(seed)
   vocab = cfg.llama.vocab_size
@@ -97,9 +96,9 @@ def step_products_ms(cfg, rows: int, int8: bool = False) -> float:
 
 
 def timed(model, tokens, mask, images, measure, samples, **kw):
-  """Best of three calls after a compiling one (seconds): on this shared 2-core machine single
-  runs vary by up to ~8%. Before each call the matrix-vector bandwidth is measured again
-  (`measure`, a `GemvBandwidth`) and appended to `samples`."""
+  """Best of three calls after a compiling one (seconds), and the last call's new tokens: on this
+  shared 2-core machine single runs vary by up to ~8%. Before each call the matrix-vector
+  bandwidth is measured again (`measure`, a `GemvBandwidth`) and appended to `samples`."""
   generate_ids(model, tokens, mask, images, **kw)
   best = float('inf')
   for _ in range(3):
@@ -108,21 +107,22 @@ def timed(model, tokens, mask, images, measure, samples, **kw):
     out = generate_ids(model, tokens, mask, images, **kw)
     best = min(best, time.perf_counter() - start)
   assert out.tokens.shape == (tokens.shape[0], kw['max_new_tokens'])
-  return best
+  return best, out.tokens
 
 
 def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk, measure):
   """(new tokens/s, seconds of the full call, seconds of a 1-token call, the best matrix-vector
-  bandwidth measured between those calls)."""
+  bandwidth measured between those calls, the full call's new tokens [batch, new_tokens])."""
   tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
   images = bench_images(cfg, batch)
   # No early stop: exactly `new_tokens` per row.
   kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk)
   samples = []
-  seconds = timed(model, tokens, mask, images, measure, samples, max_new_tokens=new_tokens, **kw)
+  seconds, new = timed(model, tokens, mask, images, measure, samples, max_new_tokens=new_tokens,
+                       **kw)
   # One new token: the fixed cost of a call (images to device, image encoding, prefill).
-  fixed = timed(model, tokens, mask, images, measure, samples, max_new_tokens=1, **kw)
-  return batch * new_tokens / seconds, seconds, fixed, max(samples)
+  fixed, _ = timed(model, tokens, mask, images, measure, samples, max_new_tokens=1, **kw)
+  return batch * new_tokens / seconds, seconds, fixed, max(samples), new
 
 
 def original_decoder(model):
@@ -269,16 +269,9 @@ def main():
     else:
       rate, seconds, fixed, original_ids, about = original_run(model, cfg, args.new)
       original = (rate, original_ids)
-      ours = generate_ids(model, *left_pad(prompts(cfg, 1), multiple=64), bench_images(cfg, 1),
-                          max_new_tokens=args.new, stop_ids=(), layer_loop=args.layer_loop,
-                          cache_chunk=args.cache_chunk).tokens[0]
-      same = np.asarray(ours) == original_ids
-      agree = int(np.argmin(same)) if not same.all() else len(same)
       print(f'the original decoder ({about}), batch 1: {rate:.1f} new tokens/s ({seconds:.2f} s '
             f'incl. its prefill); fixed cost {fixed * 1e3:.0f} ms, then '
-            f'{(seconds - fixed) / (args.new - 1) * 1e3:.1f} ms per step; greedy ids equal to '
-            f"ours for the first {agree} of {args.new} (the model's random weights make near "
-            'ties)')
+            f'{(seconds - fixed) / (args.new - 1) * 1e3:.1f} ms per step')
   models = [(args.dtype, model)]
   if args.quantize:
     models.append((f'{args.quantize} weights', quantize(model, args.quantize)))
@@ -287,8 +280,8 @@ def main():
     int8 = label != args.dtype and args.quantize == 'w8a8'
     weight_bytes = step_bytes['int8' if int8 else 'fp32']
     for batch in (1, 8):
-      rate, seconds, fixed, between = run(m, cfg, batch, args.new, args.layer_loop,
-                                          args.cache_chunk, measure)
+      rate, seconds, fixed, between, new = run(m, cfg, batch, args.new, args.layer_loop,
+                                               args.cache_chunk, measure)
       step_ms = (seconds - fixed) / (args.new - 1) * 1e3
       products = step_products_ms(cfg, batch, int8=int8)
       steps[batch], floors[batch] = step_ms, weight_bytes / between * 1e3
@@ -300,6 +293,11 @@ def main():
             f'({step_ms / floors[batch]:.2f}x the floor of {floors[batch]:.1f} ms at the '
             f'{between / 1e9:.1f} GB/s measured between these calls), of which the matrix '
             f'products alone take {products:.1f} ms; load average {os.getloadavg()[0]:.1f}')
+      if original and batch == 1:
+        same = np.asarray(new[0]) == original[1]
+        agree = len(same) if same.all() else int(np.argmin(same))
+        print(f"{label}, batch 1: greedy ids equal to the original's for the first {agree} of "
+              f"{args.new} (the model's random weights make near ties)")
       if dump:
         cats, wall, totals = profile_step(m, cfg, batch, args.profile_tokens, args.layer_loop,
                                           args.cache_chunk, dump.name)

@@ -7,8 +7,10 @@ Imported by the tests (pytest puts tests/ on sys.path); nothing here downloads.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -30,8 +32,6 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def import_benchmark(name: str):
   """benchmarks/NAME.py as a module, for tests of what a benchmark builds or measures with (the
   scripts import their siblings, so their folder goes on sys.path)."""
-  import importlib
-  import sys
   if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
   return importlib.import_module(name)
