@@ -5,13 +5,15 @@ allocator (`mesh.host_allocator`) of the `cpu` preset (radfm_jax/presets.py) and
 
 Prints model FLOPs per step (analytic), achieved FLOP/s, the FLOP/s of a 2048^3 fp32 matmul
 measured in the same run, and their ratio (goal >= 0.6), for each `--dtypes` variant (by default
-fp32, fp32 compiled with `--xla-options`, and bf16, timed interleaved so all see the same machine
-load, their order rotated per round so none keeps the same slot), with its page faults and kernel
-CPU time per step; then the cost of the gather splice against the original's one-hot matmul at the
-official sizes.
+fp32, fp32 with JAX's own backward of the dense projections (`model.dense_backward='autodiff'`,
+the lever the preset's 'transposed' is measured against), fp32 compiled with `--xla-options`, and
+bf16, timed interleaved so all see the same machine load, their order rotated per round so none
+keeps the same slot), with its page faults and kernel CPU time per step; then the cost of the
+gather splice against the original's one-hot matmul at the official sizes.
 
     .venv/bin/python benchmarks/train_step.py [--size bench] [--repeats 5] [--profile]
-        [--dtypes float32,bfloat16,float32:unrolled,float32:xla] [--xla-options JSON]
+        [--dtypes float32,bfloat16,float32:unrolled,float32:autodiff,float32:xla]
+        [--xla-options JSON]
         [--demo-step] [--host-allocator system|hugepages|keep]
 
 The process runs with the `cpu` preset's host allocator (`mesh.host_allocator`, 'hugepages': glibc
@@ -167,10 +169,11 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--size', default='bench')
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--dtypes', default='float32,float32:xla,bfloat16',
+  parser.add_argument('--dtypes', default='float32,float32:autodiff,float32:xla,bfloat16',
                       help='compute dtypes (model.compute_dtype) to time, interleaved, in one run; '
                            'DTYPE:unrolled times that dtype with model.scan_layers=False, '
-                           'DTYPE:xla compiled with --xla-options')
+                           "DTYPE:autodiff with model.dense_backward='autodiff' (the preset's "
+                           "is 'transposed'), DTYPE:xla compiled with --xla-options")
   parser.add_argument('--xla-options', type=json.loads, default=YNN_ELTWISE,
                       help='JSON object of XLA compiler options for the :xla variants')
   parser.add_argument('--demo-step', action='store_true',
@@ -193,7 +196,8 @@ def main():
     dtype, *flags = variant.split(':')
     # The model and compiler options of the `cpu` hardware preset, as `radfm-jax train` gets them.
     preset = load_config(spec, [f'model.compute_dtype={dtype!r}'] +
-                         (['model.scan_layers=False'] if 'unrolled' in flags else []))
+                         (['model.scan_layers=False'] if 'unrolled' in flags else []) +
+                         (["model.dense_backward='autodiff'"] if 'autodiff' in flags else []))
     options = args.xla_options if 'xla' in flags else dict(preset.mesh.xla_options)
     cfg = preset.model
     # The bench image (256x256x16); smaller configs get their vision tower's own size.
@@ -205,7 +209,8 @@ def main():
     args_ = (params, graphdef, rest, batch, jax.random.key(0))
     start = time.perf_counter()
     loss = float(jax.block_until_ready(step(*args_))[0])
-    print(f'{variant}: remat {cfg.remat_policy}, scan_layers {cfg.scan_layers}, xla options '
+    print(f'{variant}: remat {cfg.remat_policy}, scan_layers {cfg.scan_layers}, dense backward '
+          f'{cfg.dense_backward}, xla options '
           f'{options or "none"}, compile + '
           f'first step {time.perf_counter() - start:.1f} s, loss {loss:.6f}')
     steps[variant] = (step, args_, cfg)

@@ -29,6 +29,7 @@ from radfm_jax.errors import UserError
 REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 DTYPES = ('float32', 'bfloat16', 'float16')
+DENSE_BACKWARDS = ('autodiff', 'transposed')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')     # the mesh axes the batch dimension is sharded over (act_batch)
 RULE_PRESETS = ('fsdp', 'fsdp_tp')
@@ -128,6 +129,13 @@ class ModelConfig:
   remat_policy: str = 'nothing_saveable'
   scan_layers: bool = True
   attention: str = 'xla'
+  # How the backward pass of every dense projection (layers.Dense) runs: 'autodiff' (JAX's own
+  # transpose rule: accelerators), or 'transposed': the kernel gradient's product reads the input
+  # written out transposed first, so XLA:CPU runs it as a plain row-major YNNPACK dot
+  # (layers.transposed_backward_product; the `cpu` preset: the same values to float rounding,
+  # docs/performance.md). LoRA / QLoRA models keep 'autodiff': Qwix adds their adapters inside the
+  # product.
+  dense_backward: str = 'autodiff'
 
   @property
   def num_figure_tokens(self) -> int:
@@ -565,6 +573,8 @@ def validate_model(m: ModelConfig):
     _fail('model.remat_policy', m.remat_policy, f'one of {REMAT_POLICIES}')
   if m.attention not in ('xla', 'cudnn', 'splash'):
     _fail('model.attention', m.attention, "'xla', 'cudnn' or 'splash' (TPU)")
+  if m.dense_backward not in DENSE_BACKWARDS:
+    _fail('model.dense_backward', m.dense_backward, f'one of {DENSE_BACKWARDS}')
   _positive('model', m, 'max_images')
   _bool('model', m, 'scan_layers')
 

@@ -87,7 +87,11 @@ HARDWARE = {
     # platform" and the AVX2 sessions). glibc gives XLA's buffers transparent huge pages
     # (radfm_jax/hostmem.py): 512x fewer page faults per step, the `bench` step 1-12% faster, the
     # demo's 9-27% (docs/performance.md, "The host allocator").
-    'cpu': {'model': {'remat_policy': 'none'}, 'mesh': {'host_allocator': 'hugepages'}},
+    # The dense projections' kernel gradients from their inputs written out transposed
+    # (`model.dense_backward`, layers.transposed_backward_product): the `bench` forward + backward
+    # 12-18% faster on an AVX2 EPYC (docs/performance.md).
+    'cpu': {'model': {'remat_policy': 'none', 'dense_backward': 'transposed'},
+            'mesh': {'host_allocator': 'hugepages'}},
     'gpu_h100x8': _accelerator(_H100_GIB),
     # Several 8-GPU nodes: FSDP inside the node (NVLink), data parallel across nodes.
     'gpu_h100_multinode': _accelerator(

@@ -48,6 +48,7 @@ def test_overrides_are_typed():
     ('model.vision.dim=50', 'model.vision.dim=50', 'multiple of 3'),
     ('model.remat_policy=bogus', 'model.remat_policy=', 'one of'),
     ('model.compute_dtype=int8', 'model.compute_dtype=', 'one of'),
+    ('model.dense_backward=fast', 'model.dense_backward=', "one of ('autodiff', 'transposed')"),
     ('mesh.rules=zero3', 'mesh.rules=', "one of ('fsdp', 'fsdp_tp')"),
     ('data.depth_buckets=[4,6]', 'data.depth_buckets=', 'multiples of model.vision.frame_patch_size=4'),
     ('data.image_size_2d=40', 'data.image_size_2d=40', 'multiple of model.vision.patch_size=16'),
@@ -98,7 +99,8 @@ def test_model_config_helper():
 
 def test_presets_list_only_differences_and_13b_is_the_defaults():
   assert presets.MODEL_SIZES['radfm_13b'] == {}
-  assert validate({}).model == model_config('radfm_13b', remat_policy='nothing_saveable')
+  assert validate({}).model == model_config('radfm_13b', remat_policy='nothing_saveable',
+                                            dense_backward='autodiff')
   # No preset repeats a default: every listed value differs from the dataclass default.
   full = defaults().to_dict()
   def repeats(diff, base, prefix=''):

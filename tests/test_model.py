@@ -274,6 +274,19 @@ def _scan_lengths_and_dots(jaxpr) -> tuple[list[int], int]:
   return lengths, dots
 
 
+def _logits_and_grads(model, tokens, images):
+  """(logits, gradients of every parameter) of a small loss on `model`'s logits."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params, rest)(jnp.asarray(tokens), images)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), logits
+
+  # Jitted: one program per model (op by op the scan test took 57 s alone on 2 cores, 24 s jitted).
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
 def test_scan_layers_false_runs_the_same_parameters(tiny):
   """model.scan_layers=False loops over the same stacked parameters (one parameter tree, so
   checkpoints are interchangeable) and gives the scanned model's logits and gradients; the
@@ -302,21 +315,82 @@ def test_scan_layers_false_runs_the_same_parameters(tiny):
   assert jax.tree.structure(params) == jax.tree.structure(looped_params)
   jax.tree.map(np.testing.assert_array_equal, params, looped_params)
 
-  def logits_and_grads(m):
-    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-
-    def loss(params):
-      logits = nnx.merge(graphdef, params, rest)(jnp.asarray(tokens), images)
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), logits
-
-    # Jitted: one program per model (op by op this test took 57 s alone on 2 cores, 24 s jitted).
-    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    return logits, grads
-
-  logits, grads = logits_and_grads(model)
-  looped_logits, looped_grads = logits_and_grads(looped)
+  logits, grads = _logits_and_grads(model, tokens, images)
+  looped_logits, looped_grads = _logits_and_grads(looped, tokens, images)
   np.testing.assert_allclose(np.asarray(looped_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
   for path, grad in jax.tree.leaves_with_path(grads):
     assert np.abs(np.asarray(grad)).max() > 0, path    # every parameter gets a gradient
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                                        atol=1e-5), looped_grads, grads)
+
+
+def _count_primitives(jaxpr, name: str) -> int:
+  """How many equations of primitive `name` a jaxpr and its sub-jaxprs hold."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, 'jaxpr', sub)
+        sub = getattr(sub, 'jaxpr', sub)           # a custom_vjp's fun_jaxpr is a ClosedJaxpr
+        if hasattr(sub, 'eqns'):
+          count += _count_primitives(sub, name)
+  return count
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_transposed_backward_product_gives_autodiffs_gradients(remat):
+  """layers.transposed_backward_product: the forward is the plain product bit for bit, the input
+  and kernel gradients those of JAX's own transpose rule (to float rounding), also rematerialised;
+  its backward writes the input out transposed for the kernel gradient (one optimization
+  barrier)."""
+  from radfm_jax.models.layers import _flat_product, transposed_backward_product
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (2, 5, 48))
+  kernel = jax.random.normal(keys[1], (48, 40))
+  cotangent = jax.random.normal(keys[2], (2, 5, 40))
+
+  def grads(product):
+    product = jax.checkpoint(product) if remat else product
+    out, vjp = jax.vjp(product, x, kernel)
+    return out, *vjp(cotangent)
+
+  (out, dx, dkernel), (want_out, want_dx, want_dkernel) = (
+      jax.jit(grads, static_argnums=0)(p) for p in (transposed_backward_product, _flat_product))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want_out))
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(want_dx), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dkernel), np.asarray(want_dkernel), rtol=1e-5, atol=1e-5)
+  # against float64 numpy: dx = dy . kernel^T, dkernel = x^T . dy over all rows
+  x64, k64, dy64 = (np.asarray(a, np.float64) for a in (x, kernel, cotangent))
+  np.testing.assert_allclose(np.asarray(dx), dy64 @ k64.T, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dkernel),
+                             x64.reshape(-1, 48).T @ dy64.reshape(-1, 40), rtol=1e-4, atol=1e-4)
+  jaxpr = jax.make_jaxpr(grads, static_argnums=0)(transposed_backward_product).jaxpr
+  assert _count_primitives(jaxpr, 'optimization_barrier') == 1
+  plain = jax.make_jaxpr(grads, static_argnums=0)(_flat_product).jaxpr
+  assert _count_primitives(plain, 'optimization_barrier') == 0
+
+
+def test_dense_backward_transposed_gives_the_same_training_gradients(tiny):
+  """model.dense_backward='transposed' (the `cpu` preset) against 'autodiff': set on every Dense
+  of the model, the same logits bit for bit and the same gradients for every parameter (to float
+  rounding); LoRA models keep 'autodiff' (tests/test_lora.py trains their adapters)."""
+  cfg, model, _ = tiny
+  assert cfg.dense_backward == 'transposed'
+  plain = create_model(model_config('tiny', dense_backward='autodiff'), seed=1)
+  from radfm_jax.models.layers import Dense
+
+  def settings(m):
+    return {d.dense_backward for _, d in nnx.iter_modules(m) if isinstance(d, Dense)}
+
+  assert settings(model) == {'transposed'} and settings(plain) == {'autodiff'}
+  tokens, _ = _tokens_for(cfg, [1, 1], length=48)
+  images = jax.random.uniform(jax.random.key(9), (2, 1, 3, 64, 32, 8))
+
+  logits, grads = _logits_and_grads(model, tokens, images)
+  plain_logits, plain_grads = _logits_and_grads(plain, tokens, images)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain_logits))
+  for path, grad in jax.tree.leaves_with_path(grads):
+    assert np.abs(np.asarray(grad)).max() > 0, path
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-6), grads, plain_grads)

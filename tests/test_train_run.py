@@ -139,10 +139,12 @@ def test_workdir_holding_another_config_fails_naming_the_fields(tmp_path, capsys
       f'radfm-jax train: workdir {tmp_path / "a"} holds a run with model.llama.hidden_size=64, '
       'you asked for 128; train.learning_rate=0.0001, you asked for 0.001; use another '
       '--workdir or the same config (may change on resume: train.steps, ')
-  assert line.endswith('data.num_workers, data.image_cache, mesh.*, generate.*)')
+  assert line.endswith('data.num_workers, data.image_cache, mesh.*, generate.*, '
+                       'model.dense_backward)')
   # What may change on resume passes the check (and then reaches the empty step: Orbax's error).
   resumed = load_config(SPEC, base + ['train.steps=50', 'train.log_every=5', 'mesh.rules=fsdp_tp',
-                                      'generate.max_new_tokens=3'])
+                                      'generate.max_new_tokens=3',
+                                      "model.dense_backward='autodiff'"])
   rundir.check_same_run(rundir.record(resumed, None), str(tmp_path / 'a' / 'checkpoints'), 'a')
   assert rundir.config_differences({'model': {'size': 'tiny', 'old_field': 1}},
                                    {'model': {'size': 'tiny', 'new_field': 2}}) == []

@@ -97,6 +97,44 @@ def int8_rows_product(rows: jax.Array, kernel, *, kernel_first: bool = False) ->
   return y[:n]
 
 
+@jax.custom_vjp
+def transposed_backward_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [.., in] . kernel [in, out] -> [.., out], the product `Dense` computes, whose backward
+  writes the input out transposed for the kernel gradient (`model.dense_backward =
+  'transposed'`, the `cpu` preset).
+
+  Why: JAX's transpose rule gives the kernel gradient as x^T . dy, a contraction over the rows,
+  the major dimension of both operands. XLA:CPU runs it as an Eigen dot for which it first writes
+  dy transposed, [out, rows], fused into the elementwise op that produced dy (the SiLU-gate
+  backward of a decoder layer, say): a strided write, and the dot's own operand order the slow
+  one. With x^T written out first (a copy of the layer input, [in, rows], optimization barrier so
+  that XLA's simplifier cannot fold it back into the dot's dimension numbers) the product is a
+  plain row-major one that XLA hands to YNNPACK: the `bench` step 12-18% faster on an AVX2 EPYC
+  (docs/performance.md). The input gradient dy . kernel^T stays as JAX writes it: writing the
+  kernel out transposed too (a copy of every kernel per step) gained nothing on the whole step.
+  """
+  return _flat_product(x, kernel)
+
+
+def _flat_product(x, kernel):
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _transposed_backward_fwd(x, kernel):
+  return _flat_product(x, kernel), (x, kernel)
+
+
+def _transposed_backward_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  rows = x.reshape(-1, x.shape[-1])
+  dkernel = jax.lax.optimization_barrier(rows.T) @ dy.reshape(-1, dy.shape[-1])
+  return dx, dkernel
+
+
+transposed_backward_product.defvjp(_transposed_backward_fwd, _transposed_backward_bwd)
+
+
 class Dense(nnx.Module):
   """y = x . kernel (+ bias), contracting the last `len(in_shape)` dims of x.
 
@@ -111,6 +149,8 @@ class Dense(nnx.Module):
   one v6e chip refused (31.83 GiB) and fitting (26.12 GiB), docs/performance.md.
   `flat_matmul=False` keeps the multi-dimensional form: QLoRA (models/lora.py) sets it, since
   Qwix quantizes the kernel it finds in the dot and keeps its logical axes, one per dimension.
+  `dense_backward` (config `model.dense_backward`, set on every Dense by `RadFM`): 'transposed'
+  computes the flat product as `transposed_backward_product`.
   """
 
   def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias: bool, rngs: nnx.Rngs,
@@ -121,6 +161,7 @@ class Dense(nnx.Module):
     self.n_in = len(in_shape)
     self.out_shape = out_shape
     self.flat_matmul = True
+    self.dense_backward = 'autodiff'
     self.kernel = param(rngs, kernel_init, in_shape + out_shape, tuple(in_axes) + tuple(out_axes),
                         param_dtype)
     if use_bias:
@@ -148,9 +189,10 @@ class Dense(nnx.Module):
     batch_shape = x.shape[:x.ndim - self.n_in]
     if self.flat_matmul:
       in_size = math.prod(kernel.shape[:self.n_in])
-      y = jax.lax.dot_general(x.reshape(batch_shape + (in_size,)),
-                              kernel.reshape(in_size, math.prod(self.out_shape)),
-                              (((len(batch_shape),), (0,)), ((), ())))
+      product = (transposed_backward_product if self.dense_backward == 'transposed'
+                 else _flat_product)
+      y = product(x.reshape(batch_shape + (in_size,)),
+                  kernel.reshape(in_size, math.prod(self.out_shape)))
       y = y.reshape(batch_shape + self.out_shape)
     else:
       y = jax.lax.dot_general(x, kernel, ((tuple(range(len(batch_shape), x.ndim)),

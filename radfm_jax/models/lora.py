@@ -85,7 +85,10 @@ def add_adapters(model: radfm.RadFM, ft: FinetuneConfig, seed: int = 0) -> radfm
   set_qwix_rngs(adapted, cfg, jax.random.key(seed))
   # The first call creates the adapters: scanned layers, and XLA attention (the splash kernel
   # shards its batch over the mesh, which one example row does not divide).
-  adapted.set_attributes(scan_layers=True, attention_impl='xla', raise_if_not_found=False)
+  # Qwix adds the adapters inside the product, which the custom backward of
+  # `model.dense_backward='transposed'` would hide from autodiff: adapted models keep JAX's own.
+  adapted.set_attributes(scan_layers=True, attention_impl='xla', dense_backward='autodiff',
+                         raise_if_not_found=False)
   if ft.method == 'qlora':    # Qwix quantizes the kernel as the dot sees it (layers.Dense)
     adapted.set_attributes(flat_matmul=False, raise_if_not_found=False)
   adapted(*example_inputs(cfg))

@@ -60,6 +60,7 @@ class RadFM(nnx.Module):
                                       (cfg.num_figure_tokens, cfg.llama.hidden_size),
                                       (None, 'embed'), param_dtype)
     self.llama = Llama(cfg.llama, rngs=rngs, **common)
+    self.set_attributes(dense_backward=cfg.dense_backward)
 
   @property
   def compute_dtype(self):

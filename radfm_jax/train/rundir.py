@@ -29,7 +29,9 @@ RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_s
              'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoint',
              'train.peak_tflops', 'train.tensorboard', 'finetune.init_from', 'data.store',
              'data.manifest', 'data.tokenizer', 'data.num_workers', 'data.image_cache', 'mesh.',
-             'generate.')
+             'generate.', 'model.dense_backward')
+# (model.dense_backward: the same gradients to float rounding, a choice of the hardware as the mesh
+# is; a CPU run from before the `cpu` preset set it resumes.)
 # (data.image_cache: the same batches, the frozen tower's image tokens read from the store's cache
 # instead of computed; the usual flow saves step 0 uncached, runs cache-images, then resumes.)
 # The record's own fields (meta.layout_record), not config fields.
