@@ -89,7 +89,7 @@ HARDWARE = {
     # demo's 9-27% (docs/performance.md, "The host allocator").
     # The dense projections' kernel gradients from their inputs written out transposed
     # (`model.dense_backward`, layers.transposed_backward_product): the `bench` forward + backward
-    # 12-18% faster on an AVX2 EPYC (docs/performance.md).
+    # 10-23% faster on an AVX2 EPYC, the demo's whole step 10% (docs/performance.md).
     'cpu': {'model': {'remat_policy': 'none', 'dense_backward': 'transposed'},
             'mesh': {'host_allocator': 'hugepages'}},
     'gpu_h100x8': _accelerator(_H100_GIB),

@@ -109,8 +109,8 @@ def transposed_backward_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
   backward of a decoder layer, say): a strided write, and the dot's own operand order the slow
   one. With x^T written out first (a copy of the layer input, [in, rows], optimization barrier so
   that XLA's simplifier cannot fold it back into the dot's dimension numbers) the product is a
-  plain row-major one that XLA hands to YNNPACK: the `bench` step 12-18% faster on an AVX2 EPYC
-  (docs/performance.md). The input gradient dy . kernel^T stays as JAX writes it: writing the
+  plain row-major one that XLA hands to YNNPACK: the `bench` step 10-23% faster on an AVX2 EPYC
+  (three runs of benchmarks/train_step.py, docs/performance.md). The input gradient dy . kernel^T stays as JAX writes it: writing the
   kernel out transposed too (a copy of every kernel per step) gained nothing on the whole step.
   """
   return _flat_product(x, kernel)
