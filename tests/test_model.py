@@ -258,20 +258,22 @@ def test_layer_norm_eps_on_near_constant_patches(tiny):
     np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4)
 
 
-def _scan_lengths_and_dots(jaxpr) -> tuple[list[int], int]:
-  """(the `length` of every scan, number of dot_generals) in a jaxpr and its sub-jaxprs."""
-  lengths, dots = [], 0
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of its sub-jaxprs (scan bodies, custom_vjp functions, ...)."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'scan':
-      lengths.append(eqn.params['length'])
-    dots += eqn.primitive.name == 'dot_general'
+    yield eqn
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else [value]:
-        sub = getattr(sub, 'jaxpr', sub)
+        sub = getattr(sub, 'jaxpr', sub)           # a ClosedJaxpr's Jaxpr
         if hasattr(sub, 'eqns'):
-          more, n = _scan_lengths_and_dots(sub)
-          lengths, dots = lengths + more, dots + n
-  return lengths, dots
+          yield from _eqns(sub)
+
+
+def _scan_lengths_and_dots(jaxpr) -> tuple[list[int], int]:
+  """(the `length` of every scan, number of dot_generals) in a jaxpr and its sub-jaxprs."""
+  eqns = list(_eqns(jaxpr))
+  return ([e.params['length'] for e in eqns if e.primitive.name == 'scan'],
+          sum(e.primitive.name == 'dot_general' for e in eqns))
 
 
 def _logits_and_grads(model, tokens, images):
@@ -326,16 +328,7 @@ def test_scan_layers_false_runs_the_same_parameters(tiny):
 
 def _count_primitives(jaxpr, name: str) -> int:
   """How many equations of primitive `name` a jaxpr and its sub-jaxprs hold."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == name
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        sub = getattr(sub, 'jaxpr', sub)
-        sub = getattr(sub, 'jaxpr', sub)           # a custom_vjp's fun_jaxpr is a ClosedJaxpr
-        if hasattr(sub, 'eqns'):
-          count += _count_primitives(sub, name)
-  return count
+  return sum(e.primitive.name == name for e in _eqns(jaxpr))
 
 
 @pytest.mark.parametrize('remat', [False, True])
