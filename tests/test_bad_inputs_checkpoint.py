@@ -279,3 +279,31 @@ def test_load_names_the_corrupt_file(run, tmp_path):
   pristine, _ = checkpoint.load(os.path.join(run[0], 'checkpoints'), step=2)
   np.testing.assert_array_equal(np.asarray(model.fc.kernel[...]),
                                 np.asarray(pristine.fc.kernel[...]))
+
+
+@pytest.mark.slow
+def test_program_says_one_line_for_cut_array_data(run, tmp_path):
+  """`radfm-jax generate` (the program) on a step whose array data files are cut short: exit 2 and
+  exactly one stderr line. Orbax aborts the restore at the first failing read; the reads still
+  in flight and the abandoned tasks used to print their tracebacks around that line (hundreds of
+  lines, 'Event loop is closed', 'Task exception was never retrieved')."""
+  import subprocess
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  import conftest_data as cd
+  root = _copy(run, tmp_path)
+  cut = glob.glob(os.path.join(root, '4', 'state', 'd', '*'))
+  assert cut
+  for path in cut:
+    with open(path, 'r+b') as f:
+      f.truncate(10)
+  tok = tmp_path / 'tok.model'
+  tok.write_bytes(cd.spm_proto())
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.getcwd())
+  proc = subprocess.run([sys.executable, '-m', 'radfm_jax.cli', 'generate', '--checkpoint', root,
+                         '--tokenizer', str(tok), '--prompt', 'x'],
+                        capture_output=True, text=True, env=env, timeout=300)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[:3000]
+  assert lines[0].startswith(f'radfm-jax generate: checkpoint step 4: {root}/4: does not '
+                             'restore ('), lines[0]

@@ -7,6 +7,7 @@ unreadable scans skipped and counted by `eval`."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -138,6 +139,9 @@ ROWS = [
     ('generate:missing-image-line', GEN + ['--input', '{root}/missing_img.jsonl'],
      ['{root}/missing_img.jsonl line 2 field images[0]: image file not found: '
       '{root}/missing.nii.gz']),
+    ('generate:field-typo', GEN + ['--input', '{root}/typo.jsonl'],
+     ['{root}/typo.jsonl line 2 field image: unknown field (did you mean images?); expected id, '
+      'prompt, images']),
     ('generate:marker-count', GEN + ['--input', '{root}/markers.jsonl'],
      ['{root}/markers.jsonl line 1: prompt has 2 <image> markers but 1 images were given']),
     ('generate:prompt-too-long-line', GEN + ['--input', '{root}/long.jsonl'],
@@ -164,11 +168,20 @@ ROWS = [
      ["{root}/samples.jsonl: no samples in split 'test' (splits here: {{'eval': 1, 'train': 2}})"]),
     ('eval:top-k', EVAL + ['--data', '{root}/samples.jsonl', '--config.generate.top_k=-2'],
      ['radfm-jax eval: config field generate.top_k=-2']),
+    ('generate:config-not-json', ['generate', '--checkpoint', '{root}/cut', '--prompt', 'x'],
+     ['radfm-jax generate: {root}/cut/config.json: not valid JSON (', 'expected the run record']),
     # --- merge
+    ('merge:empty-folder', ['merge', '--checkpoint', '{root}/empty', '--out', '{root}/m'],
+     ['radfm-jax merge: {root}/empty: not a checkpoint ({root}/empty/config.json: not found']),
     ('merge:missing-checkpoint', ['merge', '--checkpoint', '{root}/nope', '--out', '{root}/m'],
      ['radfm-jax merge: --checkpoint {root}/nope: no such checkpoint directory']),
     ('merge:not-a-lora-run', ['merge', '--checkpoint', '{root}/ckpt', '--out', '{root}/m'],
      ['radfm-jax merge: {root}/ckpt: finetune.method is full (no adapters to merge)']),
+    # --- cache-images
+    ('cache-images:missing-checkpoint', ['cache-images', '--checkpoint', '{root}/nope', '--data',
+                                         '{root}/store'],
+     ['radfm-jax cache-images: {root}/nope: not a checkpoint ({root}/nope: no such checkpoint '
+      'folder)']),
     # --- convert
     ('convert:missing-checkpoint', ['convert', 'to-torch', '--checkpoint', '{root}/nope',
                                     '--out', '{root}/t/model.bin'],
@@ -205,11 +218,15 @@ def root(tmp_path_factory):
   _jsonl(r / 'image_dict.jsonl', [{'prompt': 'x', 'images': ['a.png', {'modality': 'CT'}]}])
   _jsonl(r / 'missing_img.jsonl', [ok, {'prompt': '<image>', 'images': ['missing.nii.gz']}])
   _jsonl(r / 'markers.jsonl', [{'prompt': '<image> vs <image>', 'images': ['a.png']}])
+  _jsonl(r / 'typo.jsonl', [ok, {'prompt': '<image>', 'image': ['a.png'], 'note': 'mine'}])
   _jsonl(r / 'long.jsonl', [ok, {'prompt': LONG}])
   records = [{'id': f's{i}', 'question': 'Is there a nodule?', 'answer': 'No', 'split': split,
               'images': [{'path': 'a.png'}]}
              for i, split in enumerate(['train', 'eval', 'train'])]
   cd.write_manifest(r / 'samples.jsonl', records)
+  (r / 'empty').mkdir()
+  shutil.copytree(r / 'ckpt', r / 'cut')                # its config.json cut short
+  (r / 'cut' / 'config.json').write_bytes((r / 'ckpt' / 'config.json').read_bytes()[:40])
   return r
 
 

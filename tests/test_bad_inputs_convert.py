@@ -197,6 +197,19 @@ def bin_int64(tmp, state):
   return bin_save(tmp, _torch_state(state, **{FC_BIAS: torch.arange(state[FC_BIAS].size)}))
 
 
+def bin_nested(tmp, state):
+  """The state dict one level down (`torch.save({'model': sd})`): every key missing, 'model'
+  unexpected, in one line that lists the first keys and counts the rest."""
+  return bin_save(tmp, {'model': _torch_state(state)})
+
+
+def bin_wrong_shape(tmp, state):
+  """One tensor with a row too many: the given config names that key, not a config field."""
+  patch = 'embedding_layer.vision_encoder.to_patch_embedding.2.weight'
+  grown = np.concatenate([state[patch], state[patch][:1]])
+  return bin_save(tmp, _torch_state(state, **{patch: torch.from_numpy(grown)})), patch
+
+
 def bin_bool(tmp, state):
   mask = torch.arange(state[FC_BIAS].size) % 3 == 0
   return bin_save(tmp, _torch_state(state, **{FC_BIAS: mask}))
@@ -384,6 +397,9 @@ CASES = [
     Case('bin_truncated', bin_truncated, None, 'not a readable torch checkpoint'),
     Case('bin_not_a_checkpoint', bin_not_a_checkpoint, None, 'not a zip-format torch checkpoint'),
     Case('bin_missing', bin_missing, None, 'no such file'),
+    Case('bin_nested', bin_nested, "unexpected keys (1): ['model']",
+         ('missing keys (', 'more')),
+    Case('bin_wrong_shape', bin_wrong_shape, None, 'wrong shapes (key, found, expected)'),
     Case('bin_malicious', bin_malicious, None, 'refused to unpickle'),
     Case('hf_config_not_json', hf_config_not_json, None, 'not valid JSON',
          direction='from-hf-llama'),
@@ -459,3 +475,70 @@ def test_checked_cast(source, target, expected):
     out = checked_cast(source, target, 'model.bin key k')
     assert out.dtype == np.dtype(target)
     np.testing.assert_array_equal(out.astype(np.float32), expected.astype(np.float32))
+
+
+def test_nested_state_dict_without_a_config(state, tmp_path, capsys):
+  """Sizes inferred from the keys (no --config): a state dict that is not the official layout is
+  one line naming the first key looked for and what the file holds, not a KeyError."""
+  path = bin_nested(tmp_path, state)
+  rc = main(['convert', 'from-torch', '--checkpoint', path, '--out', str(tmp_path / 'ckpt')])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1, err
+  assert err[0] == (
+      f"radfm-jax convert: {path} (it holds 1 keys, e.g. ['model']; expected the official RadFM "
+      "state dict: keys 'embedding_layer.*' and 'lang_model.*' at the top level): checkpoint does "
+      "not match the key map; missing keys (1): "
+      "['embedding_layer.vision_encoder.to_patch_embedding.2.weight']")
+  assert not (tmp_path / 'ckpt').exists()
+
+
+def test_out_paths(state, tmp_path, capsys):
+  """`--out` is a new path, or (with --overwrite) what the command writes: a parameter-only
+  checkpoint folder for from-torch, a file for to-torch. A file, a training run or another folder
+  is refused before anything is read, and nothing there changes; a failed export leaves no
+  `.partial` file."""
+  model = write_safetensors(tmp_path / 'model.safetensors', state)
+  tiny = ['--config', 'configs/radfm.py:model=tiny']
+
+  def convert(*argv):
+    rc = main(['convert', *argv])
+    return rc, capsys.readouterr().err.strip()
+
+  ckpt = tmp_path / 'ckpt'
+  assert convert('from-torch', '--checkpoint', model, '--out', str(ckpt), *tiny)[0] == 0
+  config = (ckpt / 'config.json').read_bytes()
+  assert convert('from-torch', '--checkpoint', model, '--out', str(ckpt), *tiny) == (
+      2, f'radfm-jax convert: --out {ckpt}: a checkpoint exists there; expected a new folder (or '
+      '--overwrite to replace it)')
+  assert (ckpt / 'config.json').read_bytes() == config
+  assert convert('from-torch', '--checkpoint', model, '--out', str(ckpt), *tiny,
+                 '--overwrite')[0] == 0
+  _all_equal(checkpoint.LeafReader(str(ckpt)), state)
+  run = tmp_path / 'run'                        # a training run's folder, or any other
+  (run / 'checkpoints').mkdir(parents=True)
+  (run / 'metrics.jsonl').write_text('{}\n')
+  for out in (run, tmp_path / 'model.safetensors'):
+    rc, err = convert('from-torch', '--checkpoint', model, '--out', str(out), *tiny, '--overwrite')
+    assert rc == 2 and err.startswith(f'radfm-jax convert: --out {out}: '), err
+  assert sorted(os.listdir(run)) == ['checkpoints', 'metrics.jsonl']
+  # to-torch: a file, never a folder; an existing file only with --overwrite
+  exported = tmp_path / 'exported.safetensors'
+  exported.write_bytes(b'precious')
+  assert convert('to-torch', '--checkpoint', str(ckpt), '--out', str(exported)) == (
+      2, f'radfm-jax convert: --out {exported}: exists; expected a new file (or --overwrite to '
+      'replace it)')
+  assert exported.read_bytes() == b'precious'
+  assert convert('to-torch', '--checkpoint', str(ckpt), '--out', str(run), '--overwrite') == (
+      2, f'radfm-jax convert: --out {run}: is a folder; expected a file path (.bin or '
+      '.safetensors)')
+  assert convert('to-torch', '--checkpoint', str(ckpt), '--out', str(exported),
+                 '--overwrite')[0] == 0
+  from safetensors.numpy import load_file
+  np.testing.assert_array_equal(load_file(str(exported))[NORM], state[NORM])
+  # an export that fails half-way leaves neither the file nor its .partial
+  from radfm_jax.convert import api
+  bad = tmp_path / 'bad.bin'
+  with pytest.raises(Exception):
+    api._write_torch_bin(str(bad), {NORM: (state[NORM].shape, np.dtype('float32'))}, {},
+                         iter([(FC_BIAS, state[FC_BIAS])]))
+  assert not bad.exists() and not (tmp_path / 'bad.bin.partial').exists()

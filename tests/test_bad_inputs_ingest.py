@@ -551,3 +551,104 @@ def test_a_store_that_refuses_writes_rejects_each_scan_and_the_run_ends(tmp_path
   assert all(r['reason'].startswith('store write failed: ') for r in rejects), rejects
   assert VolumeStore(str(tmp_path / 'store')).manifest() == [] and len(VolumeStore(
       str(tmp_path / 'store'))) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Options, --out, and `frame` / `index` where they pick nothing
+
+
+def _two_scans(tmp_path):
+  np.save(tmp_path / 'a.npy', np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+  np.save(tmp_path / 'b.npy', np.arange(24, dtype=np.int16).reshape(4, 3, 2) * 3)
+  return cd.write_manifest(tmp_path / 'm.jsonl', [_sample('s0', 'a.npy'), _sample('s1', 'b.npy')])
+
+
+@pytest.mark.parametrize('flag,value,expected', [
+    ('--batch-size', '0', 'a positive integer'),        # was: range() step 0, a traceback
+    ('--batch-size', '-1', 'a positive integer'),       # was: exit 0, every sample dropped
+    ('--workers', '-3', 'a positive integer'),          # was: ThreadPoolExecutor's traceback
+    ('--workers', 'two', 'a positive integer'),
+    ('--lock-timeout', 'nan', 'a number of seconds >= 0'),   # was: waits forever
+    ('--lock-timeout', '-1', 'a number of seconds >= 0')])
+def test_bad_option_is_a_usage_error_before_the_store_exists(tmp_path, capsys, flag, value,
+                                                             expected):
+  from radfm_jax.cli.main import main
+  manifest, out = _two_scans(tmp_path), tmp_path / 'store'
+  with pytest.raises(SystemExit) as e:
+    main(['ingest', '--manifest', manifest, '--out', str(out), '--no-progress', flag, value])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"radfm-jax ingest: error: argument {flag}: '{value}': expected {expected}")
+  assert not out.exists()                                   # no store, no lock file
+
+
+def test_library_options_are_checked_before_the_store_and_batch_size_1_keeps_all(tmp_path):
+  manifest, out = _two_scans(tmp_path), tmp_path / 'store'
+  for options, message in [
+      ({'batch_size': 0}, '--batch-size 0: expected a positive integer (scans per write '
+       'transaction)'),
+      ({'batch_size': -1}, '--batch-size -1: expected a positive integer'),
+      ({'workers': 0}, '--workers 0: expected a positive integer (reader threads)'),
+      ({'train_resolution': 0}, '--train-resolution 0: expected a positive in-plane size'),
+      ({'lock_timeout': float('nan')}, '--lock-timeout nan: expected a number of seconds >= 0')]:
+    with pytest.raises(InputError) as e:
+      ingest(manifest, str(out), log=QUIET, **options)
+    assert str(e.value).startswith(message), str(e.value)
+    assert not out.exists()
+  report = ingest(manifest, str(out), log=QUIET, batch_size=1, workers=1)
+  assert (len(report.stored), report.samples, report.dropped_samples) == (2, 2, 0)
+
+
+def test_out_that_is_a_file_is_one_line_and_the_file_is_untouched(tmp_path, capsys):
+  from radfm_jax.cli.main import main
+  manifest = _two_scans(tmp_path)
+  before = open(manifest, 'rb').read()
+  expected = (f'{manifest}: exists and is not a directory; expected a store directory to extend, '
+              'or a new path to create one at')
+  with pytest.raises(InputError) as e:
+    ingest(manifest, manifest, log=QUIET)
+  assert str(e.value) == expected
+  assert main(['ingest', '--manifest', manifest, '--out', manifest, '--no-progress']) == 2
+  assert capsys.readouterr().err == f'radfm-jax ingest: {expected}\n'
+  assert open(manifest, 'rb').read() == before
+
+
+def test_frame_or_index_that_picks_nothing_is_a_reject_naming_the_field(tmp_path):
+  """`frame` picks a volume of a 4D NIfTI, `index` an image of a 5D .npy stack; elsewhere a scan
+  is one volume / one image, which only 0 names (README: `'frame': 0` on a 3D NIfTI). Any other
+  value was silently ignored (the whole scan stored): now the scan's reject reason."""
+  vol = cd.ct_volume((6, 5, 4))
+  cd.write_nifti(tmp_path / 'v3.nii.gz', vol)
+  cd.write_nifti(tmp_path / 'v4.nii.gz', np.stack([vol, vol + 1, vol + 2], -1))
+  np.save(tmp_path / 'v.npy', vol)
+  np.save(tmp_path / 'case.npy', np.stack([vol[None], vol[None] + 5]))      # [2, 1, 6, 5, 4]
+  cd.write_png(tmp_path / 'p.png', (np.arange(20).reshape(4, 5) * 9).astype(np.uint8))
+  bad = [('v3.nii.gz', {'frame': 5}, 'field frame: got 5; expected no value or 0 (NIfTI shape '
+          '[6, 5, 4] is one volume; frame picks one of a 4D NIfTI)'),
+         ('v3.nii.gz', {'index': 3}, 'field index: got 3; expected no value or 0 (a NIfTI is one '
+          'image; index picks one of a 5D .npy stack [S, C, H, W, D])'),
+         ('v4.nii.gz', {'frame': 3}, 'field frame: got 3; expected 0..2 (the 4D volume has 3 '
+          'frames)'),
+         ('v.npy', {'frame': 2}, 'field frame: got 2; expected no value or 0 (a .npy is one '
+          'volume; frame picks one of a 4D NIfTI)'),
+         ('v.npy', {'index': 7}, 'field index: got 7; expected no value or 0 (.npy shape [6, 5, '
+          '4] is one image; index picks one of a 5D stack [S, C, H, W, D])'),
+         ('case.npy', {'index': 2}, 'field index: got 2; expected 0..1 (the [S, C, H, W, D] stack '
+          '[2, 1, 6, 5, 4] holds 2 images)'),
+         ('p.png', {'frame': 1}, 'field frame: got 1; expected no value or 0 (a PNG/JPEG image '
+          'is one volume; frame picks one of a 4D NIfTI)')]
+  good = [('v3.nii.gz', {'frame': 0}, vol), ('v.npy', {'frame': 0, 'index': 0}, vol),
+          ('v4.nii.gz', {'frame': 2}, vol + 2), ('case.npy', {'index': 1}, vol + 5)]
+  records = [{'id': f'{kind}{i}', 'question': 'Q?', 'images': [dict(path=p, **picks)]}
+             for kind, rows in (('bad', bad), ('good', good)) for i, (p, picks, _) in
+             enumerate(rows)]
+  report = ingest(cd.write_manifest(tmp_path / 'm.jsonl', records), str(tmp_path / 'store'),
+                  log=QUIET)
+  assert [r['reason'] for r in report.rejects if 'scan_id' in r] == [why for _, _, why in bad]
+  assert report.dropped_samples == len(bad)
+  store = VolumeStore(str(tmp_path / 'store'))
+  rows = {r['id']: r for r in store.manifest()}
+  assert sorted(rows) == [f'good{i}' for i in range(len(good))]
+  for i, (_, _, want) in enumerate(good):
+    (image,) = rows[f'good{i}']['images']
+    np.testing.assert_array_equal(store.read(image['id'])[0], want)

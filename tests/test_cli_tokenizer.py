@@ -140,3 +140,29 @@ def test_tokenizer_class_errors(tmp_path):
                           f'ModelProto); {MAKE_ONE}')
   with pytest.raises(InputError, match='^tokenizer is empty; expected a SentencePiece'):
     Tokenizer('')
+
+
+def test_text_not_utf8_and_bad_out_are_one_line_exit_2(tmp_path, capsys):
+  """--text with bytes that are not UTF-8 names the file and line, as --manifest does (before: a
+  UnicodeDecodeError traceback); a --text folder, and an --out that is a folder or lies under a
+  file, are one line too, before any training (before: a traceback after training)."""
+  from radfm_jax.cli.main import main
+  text = tmp_path / 'latin1.txt'
+  text.write_bytes(b'hello\ncaf\xe9\n')
+  proc = _cli('tokenizer', 'train', '--text', str(text), '--out', str(tmp_path / 't.model'),
+              '--vocab-size', '64')
+  assert proc.returncode == 2 and proc.stderr == (
+      f'radfm-jax tokenizer: --text {text} line 2: not UTF-8 text (invalid continuation byte, '
+      'column 4); expected a UTF-8 text file, one sentence per line\n'), proc.stderr
+  good = tmp_path / 'good.txt'
+  good.write_text('The liver is normal.\n' * 20)
+  expected = 'expected the path of the tokenizer.model file to write'
+  for argv, line in (
+      (['--text', str(tmp_path), '--out', str(tmp_path / 't.model')],
+       f'--text {tmp_path}: a folder; expected a UTF-8 text file, one sentence per line'),
+      (['--text', str(good), '--out', str(tmp_path), '--overwrite'],
+       f'--out {tmp_path}: a folder; {expected}'),
+      (['--text', str(good), '--out', str(good / 't.model')],
+       f'--out {good / "t.model"}: {good} is not a directory; {expected}')):
+    assert main(['tokenizer', 'train', '--vocab-size', '300'] + argv) == 2
+    assert capsys.readouterr().err == f'radfm-jax tokenizer: {line}\n'

@@ -51,8 +51,22 @@ BAD = [
     ([_img(shape=[1, 2, 2, 1])], 'input',
      'line 1 field images[0].shape: not read from an input manifest; expected one of path, id, '
      'modality, position, frame, index'),
-    ([_img(frame=-1)], 'input', 'line 1 field images[0].frame: got -1; expected integer >= 0'),
-    ([_img(index='2')], 'input', 'line 1 field images[0].index: got "2"; expected integer >= 0'),
+    ([_img(frame=-1)], 'input',
+     'line 1 field images[0].frame: got -1; expected integer >= 0 and < 2^31'),
+    ([_img(index='2')], 'input',
+     'line 1 field images[0].index: got "2"; expected integer >= 0 and < 2^31'),
+    # a frame / index past any real count is the schema's error, not an overflow in the store
+    ([_img(frame=10**30)], 'input', 'line 1 field images[0].frame: got '
+     '1000000000000000000000000000000; expected integer >= 0 and < 2^31'),
+    ([_img(index=2**31)], 'input',
+     'line 1 field images[0].index: got 2147483648; expected integer >= 0 and < 2^31'),
+    # json keeps the last of two equal keys: a repeated one is an error naming it, at any depth
+    ([OK, '{"question": "x", "answer": "y", "answer": "z", "images": [{"path": "a.png"}]}'],
+     'input', 'line 2 field answer: the key appears twice in one object; expected each key once '
+     '(JSON would keep only the last value)'),
+    (['{"question": "x", "images": [{"path": "a.png"}, {"path": "b.png", "path": "c.png"}]}'],
+     'input', 'line 1 field images[1].path: the key appears twice in one object; expected each '
+     'key once (JSON would keep only the last value)'),
     ([_img(path='')], 'input', 'line 1 field images[0].path: got ""; expected string'),
     ([json.dumps({'id': 'x', 'images': [{'modality': 'CT'}]})], 'input',
      'line 1 field images[0].path: missing; expected string (an input manifest names each scan '
@@ -219,7 +233,8 @@ def test_ingest_validates_before_reading_and_names_the_line(tmp_path, capsys):
   assert rc == 2 and err == f'radfm-jax ingest: {e.value}\n'
   with pytest.raises(InputError) as e:
     ingest([json.loads(OK), {'id': 'b', 'images': [{'path': 'a.png', 'frame': 1.5}]}], str(store))
-  assert str(e.value) == 'manifest record 2 field images[0].frame: got 1.5; expected integer >= 0'
+  assert str(e.value) == ('manifest record 2 field images[0].frame: got 1.5; expected integer '
+                          '>= 0 and < 2^31')
 
 
 def test_store_jsonl_readers_report_file_and_line(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import conftest_data as cd
+from radfm_jax.config import ConfigError
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import pipeline, transforms
 from radfm_jax.data.ingest import ingest
@@ -182,9 +183,13 @@ def test_unreadable_scan_is_skipped_and_counted(store):
 def test_vocab_mismatch_is_refused(store):
   model = cd.tiny_model()
   model = dataclasses.replace(model, llama=dataclasses.replace(model.llama, vocab_size=1000))
-  with pytest.raises(ValueError, match='vocab_size'):
+  with pytest.raises(ConfigError) as err:
     pipeline.make_dataset(cd.data_config(), model, store, cd.tokenizer(), process_index=0,
                           process_count=1)
+  pieces = cd.tokenizer().vocab_size
+  assert str(err.value) == (
+      f'config field model.llama.vocab_size=1000: the tokenizer has {pieces} pieces; expected the '
+      f'same number (--config.model.llama.vocab_size={pieces})')
 
 
 def test_paths_from_the_config_and_split_filter(store, tmp_path):

@@ -52,6 +52,44 @@ def test_get_extractor_specs(tmp_path):
     E.get_extractor('bogus')
 
 
+def test_bad_specs_and_term_files_name_the_flag_file_and_line(tmp_path):
+  """An unknown --entities value and a term file that is missing, a folder, not UTF-8, holds an
+  id without a term, gives a term two ids or holds no term: InputError, one line naming them."""
+  from radfm_jax.errors import InputError
+  specs = "'auto', 'scispacy[:MODEL]', 'terms:FILE' or 'none'"
+  for spec in ('bogus', 'scispacyx'):
+    with pytest.raises(InputError) as e:
+      E.get_extractor(spec, source='--entities')
+    assert str(e.value) == f'--entities {spec}: unknown extractor; expected {specs}'
+  with pytest.raises(InputError, match=r'^--entities scispacy:: no model after the colon'):
+    E.get_extractor('scispacy:', source='--entities')
+  expected = f'expected {E.TERMS_FILE}'
+  with pytest.raises(InputError) as e:
+    E.get_extractor(f'terms:{tmp_path / "missing.txt"}', source='--entities')
+  assert str(e.value) == f'--entities terms:{tmp_path / "missing.txt"}: no such file; {expected}'
+  with pytest.raises(InputError) as e:
+    E.get_extractor(f'terms:{tmp_path}', source='--entities')
+  assert str(e.value) == f'--entities terms:{tmp_path}: a folder; {expected}'
+  bad = tmp_path / 'latin1.txt'
+  bad.write_bytes(b'nodule\ncaf\xe9\n')
+  with pytest.raises(InputError) as e:
+    E.TermListExtractor.from_file(str(bad))
+  assert str(e.value) == (f'{bad} line 2: not UTF-8 text (invalid continuation byte, column 4); '
+                          f'{expected}')
+  path = tmp_path / 't.txt'
+  for text, message in (
+      ('nodule\n\tC1\n', f'{path} line 2: no term before the tab; expected term<TAB>id'),
+      ('nodule\tN1\nmass\nNodule\tN2\n', f"{path} line 3: term 'Nodule' already has id 'N1' "
+       f"({path} line 1); expected one id per term"),
+      ('# only a comment\n\n', f'{path}: no terms; {expected}')):
+    path.write_text(text)
+    with pytest.raises(InputError) as e:
+      E.TermListExtractor.from_file(str(path))
+    assert str(e.value) == message
+  path.write_text('nodule\tN1\nNodule\tN1\r\n')        # the same id twice: no conflict
+  assert E.TermListExtractor.from_file(str(path)).extract('a nodule') == {'N1'}
+
+
 @pytest.mark.skipif(importlib.util.find_spec('scispacy') is not None, reason='scispaCy installed')
 def test_scispacy_missing_is_explained():
   ex, reason = E.get_extractor('auto')

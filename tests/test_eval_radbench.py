@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -202,7 +203,100 @@ def test_read_predictions_names_a_bad_line(tmp_path):
   from radfm_jax.errors import InputError
   with pytest.raises(InputError) as e:
     harness.read_predictions(str(path))
-  assert str(e.value).startswith(f'{path} line 2 field prediction: missing or not a string')
+  assert str(e.value) == (f'{path} line 2 field prediction: got 3; expected string (the '
+                          'generated answer)')
+
+
+def test_read_predictions_checks_every_field(tmp_path):
+  """Each field of a row (kind's value, every type, a misspelled name, a missing one), a repeated
+  id and an empty file: InputError naming the file, line and field, instead of a ValueError from
+  deep in scoring or a row silently scored under the wrong group."""
+  from radfm_jax.errors import InputError
+  good = {'id': 'a', 'question': 'q', 'prediction': 'yes', 'reference': 'yes', 'kind': 'closed',
+          'task': '', 'dataset': 'd'}
+  path = tmp_path / 'predictions.jsonl'
+  rows = 'expected the rows `radfm-jax eval` writes to OUT/predictions.jsonl'
+  for change, message in (
+      ({'kind': 'clsed'}, 'line 2 field kind: got "clsed"; expected "closed" or "open"'),
+      ({'id': ['a']}, 'line 2 field id: got ["a"]; expected string or integer'),
+      ({'question': None}, 'line 2 field question: got null; expected string'),
+      ({'reference': 1}, 'line 2 field reference: got 1; expected string (the reference answer)'),
+      ({'task': False}, 'line 2 field task: got false; expected string ("" for none)'),
+      ({'dataset': 7}, 'line 2 field dataset: got 7; expected string'),
+      ({'kind': None}, 'line 2 field kind: got null; expected "closed" or "open"'),
+      ({'datset': 'd'}, f'line 2 field datset: unknown field (did you mean dataset?); {rows}'),
+      ({'id': 'a'}, f'line 2 field id: "a" is already used ({path} line 1); expected one row '
+       'per sample')):
+    path.write_text(json.dumps(good) + '\n' + json.dumps(dict(good, **change)) + '\n')
+    with pytest.raises(InputError) as e:
+      harness.read_predictions(str(path))
+    assert str(e.value) == f'{path} {message}', change
+  path.write_text(json.dumps({k: v for k, v in good.items() if k != 'kind'}) + '\n')
+  with pytest.raises(InputError) as e:
+    harness.read_predictions(str(path))
+  assert str(e.value) == (f'{path} line 1 field kind: missing; expected "closed" or "open", as '
+                          'in the rows `radfm-jax eval` writes to OUT/predictions.jsonl')
+  path.write_text('\n')
+  with pytest.raises(InputError) as e:
+    harness.read_predictions(str(path))
+  assert str(e.value) == f'{path}: no rows; {rows}, one per sample'
+  # a repeated key: JSON would keep the last value (the shared reader, store.iter_jsonl, refuses)
+  path.write_text(json.dumps(good)[:-1] + ', "kind": "open"}\n')
+  twice = re.escape(f'{path} line 1 field kind: the key appears twice')
+  with pytest.raises(InputError, match=f'^{twice}'):
+    harness.read_predictions(str(path))
+  path.write_text(json.dumps(good) + '\n' + json.dumps(dict(good, id=2)) + '\n')
+  assert [r['id'] for r in harness.read_predictions(str(path))] == ['a', 2]  # ids as ingest's
+
+
+def test_cli_bad_inputs_are_one_line_exit_2(tmp_path, capsys):
+  """`radfm-jax eval` on a bad --entities value or term file, a predictions row of an unknown
+  kind, an --out that cannot be a folder, and --limit / --split with --predictions: exit 2 and
+  one line naming the flag, file, line or field (before: tracebacks, exit 1)."""
+  from radfm_jax.cli.main import main
+  from radfm_jax.eval.entities import TERMS_FILE
+  good = {'id': 'a', 'prediction': 'yes', 'reference': 'yes', 'kind': 'closed', 'task': '',
+          'dataset': 'd'}
+  preds = tmp_path / 'predictions.jsonl'
+  preds.write_text(json.dumps(good) + '\n')
+  (tmp_path / 'a_file').write_text('x')
+  (tmp_path / 'taken' / 'summary.json').mkdir(parents=True)
+  out = str(tmp_path / 'out')
+
+  def fails(argv, line):
+    assert main(['eval'] + argv) == 2
+    err = capsys.readouterr().err
+    assert err == f'radfm-jax eval: {line}\n', err
+
+  base = ['--predictions', str(preds), '--out', out]
+  fails(base + ['--entities', 'bogus'], "--entities bogus: unknown extractor; expected 'auto', "
+        "'scispacy[:MODEL]', 'terms:FILE' or 'none'")
+  fails(base + ['--entities', 'terms:/missing.txt'],
+        f'--entities terms:/missing.txt: no such file; expected {TERMS_FILE}')
+  fails(base + ['--entities', f'terms:{tmp_path}'],
+        f'--entities terms:{tmp_path}: a folder; expected {TERMS_FILE}')
+  preds.write_text(json.dumps(good) + '\n' + json.dumps(dict(good, id='b', kind='clsed')) + '\n')
+  fails(base + ['--entities', 'none'],
+        f'{preds} line 2 field kind: got "clsed"; expected "closed" or "open"')
+  preds.write_text(json.dumps(good) + '\n')
+  for name in ('a_file', 'a_file/sub'):
+    fails(['--predictions', str(preds), '--out', str(tmp_path / name), '--entities', 'none'],
+          f'--out {tmp_path / name}: '
+          + ('exists and is not a directory' if name == 'a_file' else
+             f'{tmp_path / "a_file"} is not a directory')
+          + '; expected a folder (new or existing) for summary.json')
+  fails(['--predictions', str(preds), '--out', str(tmp_path / 'taken'), '--entities', 'none'],
+        f'--out {tmp_path / "taken"}: {tmp_path / "taken" / "summary.json"} is a folder; '
+        'expected it to be a file (eval writes its summary.json there) or absent')
+  # generating: --out is checked before the checkpoint is even looked for
+  fails(['--checkpoint', str(tmp_path / 'no_ckpt'), '--data', str(tmp_path / 'no_store'),
+         '--out', str(tmp_path / 'a_file'), '--entities', 'none'],
+        f'--out {tmp_path / "a_file"}: exists and is not a directory; expected a folder (new or '
+        'existing) for predictions.jsonl and summary.json')
+  fails(base + ['--limit', '3'], '--limit picks the samples to generate: expected no --split '
+        'and no --limit with --predictions (every row of the file is scored)')
+  assert main(['eval'] + base + ['--entities', 'none']) == 0        # the same file, good flags
+  assert json.load(open(os.path.join(out, 'summary.json')))['n_samples'] == 1
 
 
 def test_cli_radbench_end_to_end(tmp_path, capsys):

@@ -236,3 +236,61 @@ def test_cli_argument_errors(setup, capsys):
   assert main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer',
                str(root / 'tok.model')]) == 2
   assert 'either --prompt' in capsys.readouterr().err
+
+
+def test_cli_file_mode_honours_frame_and_index(setup, tmp_path):
+  """An image object's `frame` / `index` pick the volume / stack image the ingest reader picks
+  (not image 0), and the output echoes the image objects as given."""
+  root, _, model, _, tok = setup
+  vol = cd.ct_volume((12, 10, 6), seed=4)
+  cd.write_nifti(tmp_path / 'perf.nii.gz', np.stack([vol, vol[::-1] * 2, vol + 300], -1))
+  case = np.random.default_rng(5).normal(size=(3, 1, 12, 10, 6)).astype(np.float32)
+  np.save(tmp_path / 'case.npy', case)
+  images = [[{'path': 'perf.nii.gz', 'frame': 1}], [{'path': 'case.npy', 'index': 2}]]
+  items = [{'id': f'q{i}', 'prompt': 'Is there a nodule? <image>', 'images': im}
+           for i, im in enumerate(images)]
+  cd.write_manifest(tmp_path / 'in.jsonl', items)
+  rc = main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
+             '--input', str(tmp_path / 'in.jsonl'), '--output', str(tmp_path / 'out.jsonl'),
+             '--batch-size', '2', '--no-progress', f'--config.generate.max_new_tokens={NEW}'])
+  assert rc == 0
+  rows = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
+  assert [r['images'] for r in rows] == images                # as given, not resolved paths
+  from radfm_jax.data.readers import read_scan
+  picked = [read_scan(str(tmp_path / 'perf.nii.gz'), {'frame': 1})[0][0], case[2]]
+  np.testing.assert_array_equal(picked[0][0], (vol[::-1] * 2))
+  want = text.generate_batch(model, tok, [it['prompt'] for it in items], [[p] for p in picked],
+                             max_new_tokens=NEW)
+  assert [r['prediction'] for r in rows] == want
+
+
+def test_a_stack_of_several_images_is_never_cut_to_its_first(tmp_path, capsys):
+  """A 5D .npy stack [S, C, H, W, D] holds S images and `<image>` takes one: without `index` it
+  is an error naming the file, the count and how to pick one (before the model is loaded), in
+  the CLI and the Python API alike; an image field the reader would not use is an error too."""
+  case = np.random.default_rng(6).normal(size=(2, 1, 8, 8, 4)).astype(np.float32)
+  path = str(tmp_path / 'case.npy')
+  np.save(path, case)
+  flags = ['generate', '--checkpoint', str(tmp_path / 'no-such-ckpt'), '--no-progress']
+  assert main(flags + ['--image', path, '--prompt', 'x <image>']) == 2
+  assert capsys.readouterr().err == (
+      f'radfm-jax generate: --image #1: cannot use image {path}: holds 2 images (a 5D stack '
+      '[S, C, H, W, D]); expected one image per <image>: pick it with "index" (0..1) in its '
+      'image entry ({"path": ..., "index": N} in a generate --input prompts file)\n')
+  lines = [{'id': 'a', 'prompt': 'x', 'images': [{'path': 'case.npy', 'index': 1}]},
+           {'id': 'b', 'prompt': 'x', 'images': ['case.npy']}]
+  cd.write_manifest(tmp_path / 'in.jsonl', lines)
+  assert main(flags + ['--input', str(tmp_path / 'in.jsonl')]) == 2
+  assert capsys.readouterr().err.startswith(
+      f'radfm-jax generate: {tmp_path}/in.jsonl line 2 field images[0]: cannot use image '
+      f'{path}: holds 2 images')
+  with pytest.raises(ValueError, match=f'^{path}: holds 2 images'):
+    text.as_chw_d(path)
+  for entry, message in [({'path': 'case.npy', 'slice': 1},
+                          'field images[0].slice: unknown field; expected one of path, modality, '
+                          'frame, index'),
+                         ({'path': 'case.npy', 'index': -1},
+                          'field images[0].index: got -1; expected integer >= 0 and < 2^31')]:
+    cd.write_manifest(tmp_path / 'bad.jsonl', [{'id': 'a', 'prompt': 'x', 'images': [entry]}])
+    assert main(flags + ['--input', str(tmp_path / 'bad.jsonl')]) == 2
+    assert capsys.readouterr().err == f'radfm-jax generate: {tmp_path}/bad.jsonl line 1 {message}\n'

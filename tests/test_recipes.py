@@ -337,6 +337,7 @@ def test_bad_split_files(tmp_path, folder):
   assert str(e.value) == (f'{tmp_path}/vqarad_test.csv line 1 field Answer: no such column; '
                           'expected the columns img_root_dir, Figure_path, Question, Answer '
                           '(found img_root_dir, Figure_path, Question)')
+  (tmp_path / 'mine.csv').write_text('img_root_dir,Figure_path,Question,Answer\n')
   with pytest.raises(InputError, match=r'mine\.csv: not one of the original file names of recipe '
                      r'vqa_rad \(train: vqarad_train\.csv, test: vqarad_test\.csv\); expected one '
                      r'of them, or --split train\|test'):
@@ -353,6 +354,57 @@ def test_bad_split_files(tmp_path, folder):
                      'modality list'):
     for seed in range(8):      # a "no" question needs the list
       recipes.records('radio_modality', str(tmp_path / 'radio_modality_test.csv'), img, seed=seed)
+
+
+def test_split_file_that_does_not_exist_is_said_so_whatever_its_name(tmp_path, folder):
+  img = str(folder[1])
+  for name in ('vqarad_test.csv', 'nope.csv'):     # was, for nope.csv: not one of the names
+    with pytest.raises(InputError) as e:
+      recipes.records('vqa_rad', str(tmp_path / name), img)
+    assert str(e.value) == (f'{tmp_path}/{name}: split file not found; expected the original '
+                            'RadFM file of this recipe (radfm-jax recipes list names them)')
+  with pytest.raises(InputError, match=f'^{tmp_path}: a folder; expected the split file'):
+    recipes.records('vqa_rad', str(tmp_path), img)
+
+
+def test_csv_header_naming_a_column_twice_is_an_error(tmp_path, folder):
+  """Which of two Answer cells a row's answer comes from would be a guess (it was the last)."""
+  path = tmp_path / 'vqarad_test.csv'
+  path.write_text('img_root_dir,Figure_path,Question,Answer,Answer\n,vq.png,Q?,A1,A2\n')
+  with pytest.raises(InputError) as e:
+    recipes.records('vqa_rad', str(path), str(folder[1]))
+  assert str(e.value) == (f'{path} line 1 field Answer: column named twice in the header; '
+                          "expected each column once (which one a row's value comes from would "
+                          'be a guess)')
+
+
+def test_csv_quote_never_closed_names_its_line_and_quoted_newlines_still_read(tmp_path, folder):
+  """An unclosed quote swallowed every row after it, uncounted (exit 0): now an error naming the
+  line where the quoted field opens. A quoted field that holds line breaks is one cell, and the
+  rows after it keep their line numbers."""
+  from radfm_jax.cli.main import main
+  img, path = str(folder[1]), tmp_path / 'vqarad_test.csv'
+  header = 'img_root_dir,Figure_path,Question,Answer\n'
+  expected = (f'{path} line 4: not valid CSV (a quoted field opens here and is never closed, so '
+              'every line after it would be read as its text); expected a closing quote (a quote '
+              'inside a quoted field is written "")')
+  path.write_text(header + ',vq.png,"Line one\nline two?",yes\n'
+                  ',vq.png,"Is there, a lesion?,yes\n,vq.png,Q,A\n')
+  with pytest.raises(InputError) as e:
+    recipes.records('vqa_rad', str(path), img)
+  assert str(e.value) == expected
+  assert main(['ingest', '--recipe', 'vqa_rad', '--source', str(path), '--image-root', img,
+               '--out', str(tmp_path / 'store'), '--no-progress']) == 2
+  assert not (tmp_path / 'store').exists()
+  path.write_text(header + ',vq.png,"Is there, a lesion?,yes\n,vq.png,"Q",A\n')
+  with pytest.raises(InputError, match=f'^{path} line 3: not valid CSV \\(\',\' expected after'):
+    recipes.records('vqa_rad', str(path), img)   # closed by the next row's quote: strict stops
+  path.write_text(header + ',vq.png,"Line one\r\nline ""two""?",yes\n\n,vq.png,Q2,A2\n')
+  res = recipes.records('vqa_rad', str(path), img)
+  assert [(r['question'], r['answer'], r['source']) for r in res.records] == [
+      ('Line one\r\nline "two"?', 'yes', 'vqarad_test.csv line 2'),
+      ('Q2', 'A2', 'vqarad_test.csv line 5')]
+  assert res.rejects == []
 
 
 def test_bad_rows_are_counted_rejects(tmp_path, folder):

@@ -214,3 +214,46 @@ def test_mesh_xla_options_compile_into_the_step(tmp_path):
   assert message.startswith('config field mesh.xla_options: XLA refused it')
   assert "No such compile option: 'xla_cpu_no_such_option'" in message and '\n' not in message
   assert read_metrics(str(tmp_path)) == []
+
+
+def test_unreadable_samples_are_said_listed_and_counted(tmp_path, capsys):
+  """A sample whose scan the store cannot give (`data.drop_unreadable`, the default) becomes an
+  empty row, and training says so: a line per skipped sample on stderr, every one in
+  skipped.jsonl, the count in metrics.jsonl and in the TrainResult. Nothing is dropped silently."""
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  import conftest_data as cd
+  from radfm_jax.data.ingest import ingest
+  from radfm_jax.data.store import VolumeStore
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(8):              # one shape: one bucket, one batch of 8, one compile
+    np.save(tmp_path / f'v{i}.npy', rng.normal(0, 100, (40, 36, 8)).astype(np.float32))
+    records.append({'id': f's{i}', 'question': f'What is in scan {i}?', 'answer': 'Normal.',
+                    'split': 'train', 'images': [{'path': f'v{i}.npy', 'id': f'v{i}'}]})
+  ingest(cd.write_manifest(tmp_path / 'samples.jsonl', records), str(tmp_path / 'store'),
+         log=open(os.devnull, 'w'))
+  rows = VolumeStore(str(tmp_path / 'store')).manifest()
+  gone = dict(rows[0], id='gone', images=[dict(rows[0]['images'][0], id='no_such_scan')])
+  manifest = tmp_path / 'with_gone.jsonl'
+  manifest.write_text(''.join(json.dumps(r) + '\n' for r in rows[1:] + [gone]))
+  tok = tmp_path / 'tok.model'
+  tok.write_bytes(cd.spm_proto())
+  overrides = cd.frozen_vision_overrides(tmp_path / 'store', tok, f'data.manifest={manifest}',
+                                         'train.steps=2', 'train.log_every=1')
+  result = loop.train(load_config(SPEC, overrides), str(tmp_path / 'run'), progress=False)
+  err = capsys.readouterr().err
+  assert result.step == 2, err
+  # 8 samples, one batch of 8 per step: 'gone' is skipped at each of the 2 steps
+  assert [s['sample_id'] for s in result.skipped] == ['gone', 'gone']
+  assert result.skipped[0]['scan_id'] == 'no_such_scan' and result.skipped[0]['reason']
+  listed = [json.loads(line) for line in open(tmp_path / 'run' / 'skipped.jsonl')]
+  assert listed == result.skipped
+  assert err.count("radfm-jax train: skipped sample 'gone': scan 'no_such_scan' could not be "
+                   "read (") == 2, err
+  assert (f'2 samples skipped for an unreadable scan (their rows left empty), listed in '
+          f'{tmp_path / "run" / "skipped.jsonl"}') in err
+  counts = [row['skipped_samples'] for row in read_metrics(str(tmp_path / 'run'))
+            if 'skipped_samples' in row]
+  # the pipeline reads ahead of the step, so a row counts what it has skipped by then
+  assert len(counts) == 2 and counts == sorted(counts) and counts[-1] == 2

@@ -22,11 +22,32 @@ import os
 from typing import Mapping
 
 from radfm_jax.config import DataConfig, ModelConfig, model_config_from_dict
+from radfm_jax.errors import InputError
 
 CONFIG_FILE = 'config.json'
 PARAMS, TRAIN_STATE = 'params', 'train_state'
 LAYOUTS = (PARAMS, TRAIN_STATE)
 LAYOUT_VERSION = 1
+
+
+def read_json(path: str) -> dict:
+  """The JSON object in `path` (a config.json): `parse_json` of its bytes."""
+  with open(path, 'rb') as f:
+    return parse_json(f.read(), path)
+
+
+def parse_json(raw: bytes, path: str) -> dict:
+  """The JSON object in `raw`, read from `path`; bytes that are not one (a file cut short by a
+  full disk, edited by hand) are an InputError naming the file, whoever reads it."""
+  try:
+    data = json.loads(raw)
+  except (ValueError, UnicodeDecodeError) as e:      # JSONDecodeError is a ValueError
+    raise InputError(f'{path}: not valid JSON ({e}); expected the run record radfm-jax writes '
+                     'beside a checkpoint') from e
+  if not isinstance(data, dict):
+    raise InputError(f'{path}: a JSON {type(data).__name__}, expected an object (the run record '
+                     'radfm-jax writes beside a checkpoint)')
+  return data
 
 
 def layout_record(layout: str) -> dict:
@@ -91,10 +112,9 @@ def read_record(directory: str) -> tuple[str, dict, str]:
     raise FileNotFoundError(f'{os.path.join(checkpoint_folder(directory), CONFIG_FILE)}: not found '
                             f'(nor in any parent); a checkpoint folder holds a {CONFIG_FILE} with '
                             f'"layout": one of {list(LAYOUTS)}')
-  with open(path) as f:
-    data = json.load(f)
-  layout = data.get('layout') if isinstance(data, dict) else None
-  if layout is None and isinstance(data, dict):
+  data = read_json(path)
+  layout = data.get('layout')
+  if layout is None:
     layout = _legacy_layout(os.path.dirname(path))
     if layout is None:
       raise ValueError(f'{path}: no "layout" field, and neither params/ nor checkpoints/ beside it '
@@ -107,6 +127,17 @@ def read_record(directory: str) -> tuple[str, dict, str]:
     raise ValueError(f'{path}: "layout_version" is {version!r}, expected {LAYOUT_VERSION} '
                      '(written by another radfm-jax release)')
   return path, data, layout
+
+
+def checked_record(directory: str) -> tuple[str, dict, str]:
+  """`read_record`, its errors as one InputError naming `directory`: for a command to check that
+  it was given a checkpoint at all before reading its sections (which default when missing)."""
+  try:
+    return read_record(directory)
+  except InputError:
+    raise
+  except (FileNotFoundError, ValueError) as e:
+    raise InputError(f'{directory}: not a checkpoint ({e})') from e
 
 
 def _legacy_layout(folder: str) -> str | None:
@@ -139,8 +170,7 @@ def read_section(directory: str, name: str, schema) -> dict:
   path = find_config(directory)
   if path is None:
     return {}
-  with open(path) as f:
-    section = json.load(f).get(name)
+  section = read_json(path).get(name)
   if not isinstance(section, dict):
     return {}
   fields = {f.name for f in dataclasses.fields(schema)}
@@ -163,8 +193,7 @@ def find_tokenizer(directory: str) -> str | None:
   for folder in _folders_up(directory):
     config = os.path.join(folder, CONFIG_FILE)
     if os.path.exists(config):
-      with open(config) as f:
-        given = (json.load(f).get('data') or {}).get('tokenizer')
+      given = (read_json(config).get('data') or {}).get('tokenizer')
       if given and os.path.isfile(given):
         return given
     candidate = os.path.join(folder, 'tokenizer.model')

@@ -27,7 +27,9 @@ def _direction(sub, name: str, help: str, example: str):
 
 
 def _common(p, config_help: str):
-  p.add_argument('--out', required=True, help='output checkpoint directory')
+  p.add_argument('--out', required=True, help='output checkpoint directory (new, or with '
+                 '--overwrite a parameter-only checkpoint to replace)')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing --out checkpoint')
   p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
                  help='parameter dtype of the output (default: the config param_dtype)')
   p.add_argument('--llama-heads', type=int, default=None,
@@ -59,6 +61,7 @@ def add_parser(sub):
   d.add_argument('--checkpoint', required=True, help='converted or trained checkpoint directory')
   d.add_argument('--out', required=True,
                  help='.bin (torch.save) or .safetensors file (its folder is created)')
+  d.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
   d.add_argument('--no-alias', action='store_true',
                  help='omit embedding_layer.weight (a duplicate of the LLaMA input embedding)')
 
@@ -88,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
                   else ('--checkpoint', args.checkpoint))
   if not os.path.exists(source):
     raise InputError(f'{flag} {source}: no such file or directory')
+  if args.direction == 'to-torch':
+    flags.check_output_file(args.out, args.overwrite)
+  else:
+    flags.check_output_folder(args.out, args.overwrite)
   tree.limit_malloc_arenas()   # before TensorStore starts its threads
   start = time.time()
   if args.direction == 'from-torch':

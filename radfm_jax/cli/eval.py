@@ -69,8 +69,15 @@ def run(args) -> int:
     raise UserError(f'--{"checkpoint" if not args.checkpoint else "data"} is missing: expected '
                     '--checkpoint CKPT --data STORE (to generate), or --predictions FILE (to '
                     'score an earlier eval again)')
+  if args.predictions and (args.split or args.limit):
+    raise UserError(f'--{"split" if args.split else "limit"} picks the samples to generate: '
+                    'expected no --split and no --limit with --predictions (every row of the '
+                    'file is scored)')
+  # before any work: a bad --out would otherwise fail after every sample is generated
+  harness.check_out_dir(args.out, '--out',
+                        ('summary.json',) if args.predictions else harness.OUTPUTS)
   try:
-    extractor, reason = entities.get_extractor(args.entities)
+    extractor, reason = entities.get_extractor(args.entities, source='--entities')
   except entities.ExtractorUnavailable as e:
     print(f'radfm-jax eval: {e}', file=sys.stderr)
     return 2

@@ -25,6 +25,41 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
                    ' (default: none)')
 
 
+def check_output_folder(out: str, overwrite: bool):
+  """`--out` of a command that writes a parameter-only checkpoint (convert, merge): a new path, or
+  with `--overwrite` an empty folder or a parameter-only checkpoint (whose params/ and config.json
+  are replaced). Never a file, a training run or any other folder: writing into one would mix
+  the new parameters with what is there."""
+  import os
+
+  from radfm_jax.checkpoint import meta
+  from radfm_jax.errors import InputError
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise InputError(f'--out {out}: is a file; expected a new checkpoint folder')
+  own = os.path.join(out, meta.CONFIG_FILE)
+  empty = not os.listdir(out)
+  if not empty and not (os.path.isfile(own) and meta.checked_record(out)[2] == meta.PARAMS):
+    raise InputError(f'--out {out}: a folder that is not a parameter-only checkpoint; expected a '
+                     'new checkpoint folder')
+  if not overwrite and not empty:
+    raise InputError(f'--out {out}: a checkpoint exists there; expected a new folder (or '
+                     '--overwrite to replace it)')
+
+
+def check_output_file(out: str, overwrite: bool):
+  """`--out` of a command that writes one file (convert to-torch): a new path, or with
+  `--overwrite` an existing file; never a folder."""
+  import os
+
+  from radfm_jax.errors import InputError
+  if os.path.isdir(out):
+    raise InputError(f'--out {out}: is a folder; expected a file path (.bin or .safetensors)')
+  if os.path.exists(out) and not overwrite:
+    raise InputError(f'--out {out}: exists; expected a new file (or --overwrite to replace it)')
+
+
 def add_command(sub, name: str, *, help: str, description: str, example: str):
   """A subcommand parser with its description, defaults in --help and an example epilog."""
   parser = sub.add_parser(name, help=help, description=textwrap.fill(description, 98),

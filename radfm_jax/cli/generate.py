@@ -15,7 +15,8 @@ radfm-jax generate --checkpoint ckpt/ --tokenizer tokenizer.model \\
 radfm-jax generate --checkpoint runs/small --input prompts.jsonl --output answers.jsonl \\
     --batch-size 4 --config.generate.max_new_tokens=64 --config.generate.stop_ids=[1]
 # each input line: {"id": "q1", "prompt": "... <image> ...", "images": ["scan.nii.gz", ...]}
-# (an image may also be {"path": ..., "modality": "CT"}); each output line adds "prediction\""""
+# (an image may also be {"path": ..., "modality": "CT", "frame": N, "index": N}: frame picks a
+#  volume of a 4D NIfTI, index an image of a 5D .npy stack); each output line adds "prediction\""""
 
 GENERATE_NOTE = ('The model comes from the checkpoint; only the generate section is read. It '
                  "defaults to the checkpoint's training run's saved section, else the "
@@ -49,10 +50,13 @@ def add_parser(sub):
       'file of prompts (--input; JSONL out). Parameters are restored sharded over every device '
       '(one fsdp mesh axis). Decoding follows the config generate section.', example=EXAMPLE)
   p.add_argument('--prompt', help='prompt with one <image> marker per --image')
-  p.add_argument('--image', action='append', default=[], help='scan path (repeatable)')
+  p.add_argument('--image', action='append', default=[],
+                 help='scan path (repeatable), one image each: a 5D .npy stack of several images '
+                 'is an error (pick one with "index" in an --input file)')
   p.add_argument('--modality', action='append', default=None,
                  help='modality per --image (e.g. CT; matters for CT-window intensity)')
-  p.add_argument('--input', help='JSONL of {"id", "prompt", "images": [paths]}')
+  p.add_argument('--input', help='JSONL of {"id", "prompt", "images": [paths]} (an image may be '
+                 '{"path", "modality", "frame", "index"}, as in an ingest manifest)')
   p.add_argument('--output', help='JSONL written in file mode (default: stdout)')
   p.add_argument('--quantize', choices=QUANTIZE_MODES, default=None,
                  help='Qwix post-training quantization (radfm_jax.infer.quantize): int8 weights, '
@@ -120,7 +124,7 @@ def run(args) -> int:
       if args.input is None:
         print(text, file=out)
       else:
-        out.write(json.dumps({'id': it['id'], 'prompt': it['prompt'], 'images': it['paths'],
+        out.write(json.dumps({'id': it['id'], 'prompt': it['prompt'], 'images': it['images'],
                               'prediction': text, 'new_tokens': len(row)}) + '\n')
         out.flush()
   finally:

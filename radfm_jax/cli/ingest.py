@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 
@@ -29,6 +30,30 @@ def byte_size(text: str) -> int:
     raise argparse.ArgumentTypeError(f'{text!r}: expected a positive size such as 2G, 512M or '
                                      '1048576')
   return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def positive_int(text: str) -> int:
+  """'16' -> 16; anything but an integer >= 1 is a usage error (exit 2) as the flags are parsed,
+  before the store is touched: --batch-size 0 or -1 would otherwise stop the run or skip every
+  scan."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a positive integer')
+  return value
+
+
+def seconds(text: str) -> float:
+  """'30', '0.5' -> seconds; a negative, infinite or NaN value is a usage error."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not (math.isfinite(value) and value >= 0):
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a number of seconds >= 0')
+  return value
 
 
 def add_parser(sub):
@@ -69,16 +94,17 @@ def add_parser(sub):
                  'instead of being an error')
   p.add_argument('--root', default=None, help='base folder for relative image paths '
                  '(default: the manifest folder)')
-  p.add_argument('--batch-size', type=int, default=16, help='scans per write transaction')
-  p.add_argument('--workers', type=int, default=None, help='reader threads (default: automatic)')
+  p.add_argument('--batch-size', type=positive_int, default=16, help='scans per write transaction')
+  p.add_argument('--workers', type=positive_int, default=None,
+                 help='reader threads (default: automatic)')
   p.add_argument('--max-scan-bytes', type=byte_size, default='2G', metavar='SIZE',
                  help='largest decoded scan (e.g. 512M, 4G); checked from the header before '
                  'anything is allocated, and a compressed file cannot claim more than DEFLATE '
                  'can expand (default: 2G)')
-  p.add_argument('--lock-timeout', type=float, default=None, metavar='SECONDS',
+  p.add_argument('--lock-timeout', type=seconds, default=None, metavar='SECONDS',
                  help='give up after waiting this long for another ingest into the same store '
                  '(default: wait until it ends)')
-  p.add_argument('--train-resolution', type=int, default=None, metavar='N',
+  p.add_argument('--train-resolution', type=int, default=None, metavar='N',   # checked by ingest
                  help='also keep every 3D scan larger than N x N in-plane as a copy resized to '
                  'N x N (nearest, full depth, stored dtype) that training reads instead when its '
                  '3D batches are N x N (data.image_size_3d_single, 256 in RadFM): the same model '

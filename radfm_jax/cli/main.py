@@ -55,12 +55,39 @@ def parse(argv=None) -> argparse.Namespace:
   return args
 
 
+def _quiet_abandoned_tasks():
+  """After the one line of a UserError the program exits, and the tasks and coroutines an
+  aborted Orbax / TensorStore read left behind are garbage-collected: asyncio logs each as 'Task
+  exception was never retrieved', Python each coroutine as 'Exception ignored in', with the same
+  failure in full (hundreds of lines for one corrupt checkpoint file). The line has said it;
+  `--verbose` keeps them. Only for the program: `main(argv)` called from Python changes no
+  process-wide hook."""
+  import logging
+  logging.getLogger('asyncio').disabled = True
+  sys.unraisablehook = lambda unraisable: None
+
+
+def _closed_loop_filter(hook):
+  """sys.unraisablehook without one known echo: when an Orbax restore fails on a corrupt file,
+  asyncio closes its event loop while TensorStore reads are still in flight, and each read that
+  completes later reports 'RuntimeError: Event loop is closed' with its traceback from a
+  TensorStore thread (as an unraisable exception), around the one line that names the file."""
+  def filtered(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return
+    hook(unraisable)
+  return filtered
+
+
 def main(argv=None) -> int:
   from radfm_jax.errors import UserError
   args = parse(argv)
   # Run as the program (not `main(argv)` from Python): a command may restart itself with its
   # host allocator's settings (radfm_jax/hostmem.py).
   args._program = argv is None
+  if args._program and not args.verbose:
+    sys.unraisablehook = _closed_loop_filter(sys.unraisablehook)
   try:
     return int(args._run(args) or 0)
   except UserError as e:
@@ -68,6 +95,8 @@ def main(argv=None) -> int:
       import traceback
       traceback.print_exc()
     print(f'radfm-jax {args.command}: {e}', file=sys.stderr)
+    if args._program and not args.verbose:      # the process ends here
+      _quiet_abandoned_tasks()
     return 2
   except KeyboardInterrupt:
     print(f'radfm-jax {args.command}: interrupted', file=sys.stderr)

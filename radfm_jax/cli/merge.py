@@ -23,7 +23,9 @@ def add_parser(sub):
       'further training (finetune.init_from) read like any converted model.', example=EXAMPLE)
   p.add_argument('--checkpoint', required=True, help='a LoRA / QLoRA training workdir or step')
   p.add_argument('--step', type=int, default=None, help='training step (default: the latest)')
-  p.add_argument('--out', required=True, help='output checkpoint directory')
+  p.add_argument('--out', required=True, help='output checkpoint directory (new, or with '
+                 '--overwrite a parameter-only checkpoint to replace)')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing --out checkpoint')
   return p
 
 
@@ -31,10 +33,13 @@ def run(args) -> int:
   import os
 
   from radfm_jax import checkpoint
+  from radfm_jax.checkpoint import meta
   from radfm_jax.checkpoint.read import finetune_of
   from radfm_jax.errors import InputError
   if not os.path.exists(args.checkpoint):
     raise InputError(f'--checkpoint {args.checkpoint}: no such checkpoint directory')
+  meta.checked_record(args.checkpoint)       # a checkpoint at all, before its finetune section
+  flags.check_output_folder(args.out, args.overwrite)
   method = finetune_of(args.checkpoint).method
   if method == 'full':
     raise InputError(f'{args.checkpoint}: finetune.method is full (no adapters to merge); '

@@ -46,14 +46,27 @@ def _lines(args) -> list[str]:
     from radfm_jax.data.manifest import read_records
     from radfm_jax.data.tokenizer import corpus_lines
     return corpus_lines(read_records(args.manifest, form=None))
-  if not os.path.isfile(args.text):
-    raise InputError(f'--text {args.text}: no such file; expected a UTF-8 text file, one '
-                     'sentence per line')
-  with open(args.text, encoding='utf-8') as f:
-    lines = [line.rstrip('\n') for line in f if line.strip()]
+  from radfm_jax.data.tokenizer import text_lines
+  lines = [line for _, line in text_lines(
+      args.text, 'expected a UTF-8 text file, one sentence per line', name=f'--text {args.text}')
+      if line.strip()]
   if not lines:
     raise InputError(f'--text {args.text}: no text; expected one sentence per line')
   return lines
+
+
+def _check_out(out: str):
+  """--out must be a file path whose nearest existing folder is a folder: checked before
+  training, which would otherwise fail only when it writes the model."""
+  from radfm_jax.errors import InputError
+  expected = 'expected the path of the tokenizer.model file to write'
+  if os.path.isdir(out):
+    raise InputError(f'--out {out}: a folder; {expected}')
+  parent = os.path.dirname(os.path.abspath(out))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise InputError(f'--out {out}: {parent} is not a directory; {expected}')
 
 
 def run(args) -> int:
@@ -61,6 +74,7 @@ def run(args) -> int:
   from radfm_jax.errors import InputError
   if args.vocab_size < 1:
     raise InputError(f'--vocab-size {args.vocab_size}: expected a positive integer')
+  _check_out(args.out)
   if os.path.exists(args.out) and not args.overwrite:
     raise InputError(f'--out {args.out}: exists; expected a new file (or --overwrite to replace '
                      'it; a run trained with it needs the same file)')

@@ -15,6 +15,7 @@ written first with unallocated placeholder storages, then each tensor's bytes ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -50,6 +51,17 @@ def _check_coverage(table: Sequence[keymap.Entry], paths, extra=()):
         f'entries without a parameter {sorted(covered - set(paths))}'))
 
 
+def _check_keys(table, reader, leaves, checkpoint: str, cast: bool) -> dict[str, int]:
+  """`engine.check_keys` of the official checkpoint `reader` against the parameters `leaves` of a
+  config; returns the stacked layers' counts."""
+  shapes = {p: s for p, (s, _) in leaves.items()}
+  _check_coverage(table, leaves)
+  layers = engine.stacked_layers(table, shapes)
+  engine.check_keys(table, reader, shapes, layers, skip=keymap.RADFM_SKIP, note=checkpoint,
+                    cast=cast)
+  return layers
+
+
 def _with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
   return cfg if dtype is None else dataclasses.replace(cfg, param_dtype=dtype)
 
@@ -67,14 +79,22 @@ def from_torch(checkpoint: str, out: str, cfg: ModelConfig | None = None, *, dty
   Tensors move in slabs of about `block_bytes`.
   """
   reader = engine.open_reader(checkpoint)
-  cfg = _with_dtype(infer.infer_model_config(reader, cfg, llama_heads=llama_heads), dtype)
+  table = keymap.radfm_table()
+  if cfg is not None:
+    # A given config first: a key the checkpoint lacks or a tensor of another shape is then named
+    # (the sizes inferred below would only say which config field disagrees).
+    _check_keys(table, reader, abstract_shapes(cfg), checkpoint, cast)
+  try:
+    inferred = infer.infer_model_config(reader, cfg, llama_heads=llama_heads)
+  except KeyError as e:            # a key the sizes are read from: not an official state dict
+    keys = sorted(reader.keys())
+    raise engine.CheckpointMismatchError(missing=[e.args[0]], note=(
+        f'{checkpoint} (it holds {len(keys)} keys, e.g. {keys[:3]}; expected the official '
+        "RadFM state dict: keys 'embedding_layer.*' and 'lang_model.*' at the top level)")) from None
+  cfg = _with_dtype(inferred, dtype)
   leaves = abstract_shapes(cfg)
   shapes = {p: s for p, (s, _) in leaves.items()}
-  table = keymap.radfm_table()
-  _check_coverage(table, leaves)
-  layers = engine.stacked_layers(table, shapes)
-  engine.check_keys(table, reader, shapes, layers, skip=keymap.RADFM_SKIP, note=checkpoint,
-                    cast=cast)
+  layers = _check_keys(table, reader, leaves, checkpoint, cast)
   writer = params_ckpt.IncrementalWriter(
       os.path.join(out, params_ckpt.PARAMS_DIR), leaves, stacked=set(layers),
       plans=engine.split_plans(table, shapes, block_bytes))
@@ -138,6 +158,20 @@ _ST_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16', 'float64':
               'int64': 'I64', 'int32': 'I32'}
 
 
+@contextlib.contextmanager
+def _partial(path: str):
+  """Yields `path + '.partial'` to write, renamed to `path` when the block succeeds and removed
+  when it fails: a failed or interrupted export leaves nothing, an existing `path` stays."""
+  tmp = path + '.partial'
+  try:
+    yield tmp
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  os.replace(tmp, path)
+
+
 def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dtype]], tensors):
   """Streams a safetensors file: the header is known up front (shapes from the key map), then the
   tensors are appended in the same order as they arrive."""
@@ -150,15 +184,13 @@ def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dt
   meta['__metadata__'] = {'format': 'pt'}
   blob = json.dumps(meta, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)
-  tmp = path + '.partial'
-  with open(tmp, 'wb') as f:
+  with _partial(path) as tmp, open(tmp, 'wb') as f:
     f.write(struct.pack('<Q', len(blob)))
     f.write(blob)
     for (key, (shape, dtype)), (key2, array) in zip(header.items(), tensors, strict=True):
       if key != key2 or tuple(array.shape) != tuple(shape):
         raise RuntimeError(f'stream out of order: {key2} {array.shape} where {key} {shape} expected')
       f.write(np.ascontiguousarray(checked_cast(array, dtype, f'{path} key {key}')).tobytes())
-  os.replace(tmp, path)
 
 
 def _write_torch_bin(path: str, header: dict[str, tuple[tuple[int, ...], np.dtype]],
@@ -176,25 +208,25 @@ def _write_torch_bin(path: str, header: dict[str, tuple[tuple[int, ...], np.dtyp
                   for key, (shape, dtype) in header.items()}
   for alias, target in aliases.items():
     placeholders[alias] = placeholders[target]
-  tmp = path + '.partial'
-  with torch.serialization.skip_data():
-    torch.save(placeholders, tmp)
-  del placeholders
-  with zipfile.ZipFile(tmp) as archive:
-    records = {info.filename.split('/', 1)[1]: info for info in archive.infolist()}
-  with open(tmp, 'r+b') as f:
-    for number, ((key, (shape, dtype)), (key2, array)) in enumerate(
-        zip(header.items(), tensors, strict=True)):
-      if key != key2 or tuple(array.shape) != tuple(shape):
-        raise RuntimeError(f'stream out of order: {key2} {array.shape} where {key} {shape} expected')
-      data = np.ascontiguousarray(checked_cast(array, dtype, f'{path} key {key}')).tobytes()
-      record = records[f'data/{number}']
-      if record.file_size != len(data) or record.compress_type != zipfile.ZIP_STORED:
-        raise RuntimeError(f'{path}: torch.save laid out storage {number} ({key}) as '
-                           f'{record.file_size} bytes, {len(data)} expected')
-      f.seek(engine.zip_data_offset(f, record))
-      f.write(data)
-  os.replace(tmp, path)
+  with _partial(path) as tmp:
+    with torch.serialization.skip_data():
+      torch.save(placeholders, tmp)
+    del placeholders
+    with zipfile.ZipFile(tmp) as archive:
+      records = {info.filename.split('/', 1)[1]: info for info in archive.infolist()}
+    with open(tmp, 'r+b') as f:
+      for number, ((key, (shape, dtype)), (key2, array)) in enumerate(
+          zip(header.items(), tensors, strict=True)):
+        if key != key2 or tuple(array.shape) != tuple(shape):
+          raise RuntimeError(f'stream out of order: {key2} {array.shape} where {key} {shape} '
+                             'expected')
+        data = np.ascontiguousarray(checked_cast(array, dtype, f'{path} key {key}')).tobytes()
+        record = records[f'data/{number}']
+        if record.file_size != len(data) or record.compress_type != zipfile.ZIP_STORED:
+          raise RuntimeError(f'{path}: torch.save laid out storage {number} ({key}) as '
+                             f'{record.file_size} bytes, {len(data)} expected')
+        f.seek(engine.zip_data_offset(f, record))
+        f.write(data)
 
 
 def to_torch(checkpoint: str, out: str, *, include_alias: bool = True) -> list[str]:

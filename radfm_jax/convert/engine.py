@@ -37,6 +37,13 @@ from radfm_jax.convert.keymap import Entry
 from radfm_jax.errors import InputError
 
 
+def _listed(keys: list[str], shown: int = 20) -> str:
+  """The first `shown` keys, and how many more (a state dict nested one level down misses all
+  ~900 keys: the line stays readable; the exception keeps every key in `.missing`)."""
+  more = f' ... and {len(keys) - shown} more' if len(keys) > shown else ''
+  return f'{keys[:shown]}{more}'
+
+
 class CheckpointMismatchError(InputError):
   """The checkpoint's keys do not match the key map: lists every missing, unexpected and
   wrong-shaped key (one line: the CLI prints it as is)."""
@@ -47,9 +54,9 @@ class CheckpointMismatchError(InputError):
     self.wrong_shape = sorted(wrong_shape)   # (key, found, expected)
     parts = [f'{note + ": " if note else ""}checkpoint does not match the key map']
     if self.missing:
-      parts.append(f'missing keys ({len(self.missing)}): {self.missing}')
+      parts.append(f'missing keys ({len(self.missing)}): {_listed(self.missing)}')
     if self.unexpected:
-      parts.append(f'unexpected keys ({len(self.unexpected)}): {self.unexpected}')
+      parts.append(f'unexpected keys ({len(self.unexpected)}): {_listed(self.unexpected)}')
     if self.wrong_shape:
       parts.append('wrong shapes (key, found, expected): ' + ', '.join(
           f'({k}, {tuple(f)}, {tuple(e)})' for k, f, e in self.wrong_shape))

@@ -146,7 +146,7 @@ def check_against(given: ModelConfig, inferred: ModelConfig, sections=('vision',
       if a != b:
         diffs.append(f'model.{section}.{name}: config {a}, checkpoint {b}')
   if diffs:
-    raise ConfigError('the config does not match the checkpoint shapes:\n  ' + '\n  '.join(diffs))
+    raise ConfigError('the config does not match the checkpoint shapes: ' + '; '.join(diffs))
 
 
 def infer_model_config(reader, given: ModelConfig | None = None, *, llama_heads: int | None = None,

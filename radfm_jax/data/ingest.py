@@ -39,6 +39,8 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 import os
 import sys
 from typing import Callable, Iterable
@@ -222,14 +224,12 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   3D batches are N x N (data.image_size_3d_single), with bit-identical model inputs.
   """
   log = log or sys.stderr
+  _check_options(batch_size, workers, train_resolution, lock_timeout)
   records, base, place = _load_records(manifest)
   base = os.path.abspath(root) if root else base
   entries = _collect(records, base, place)
   store = VolumeStore(out_dir)
   report = IngestReport(rejects=list(rejects), train_resolution=train_resolution)
-  if train_resolution is not None and int(train_resolution) < 1:
-    raise InputError(f'--train-resolution {train_resolution}: expected a positive in-plane size '
-                     '(e.g. 256, data.image_size_3d_single)')
   with store.lock(lock_timeout, log):
     index = store.index()
     _check_scan_ids(entries, index, replace)
@@ -254,6 +254,28 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   if strict and report.rejects:
     raise IngestError(f'{report.rejected_text()} (see {store.rejects_path})')
   return report
+
+
+def _positive_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_options(batch_size, workers, train_resolution, lock_timeout):
+  """The options, before the store is touched (a bad one must not leave a new store directory
+  with only its lock file): batch_size 0 would stop the run and a negative one would skip every
+  scan (range() with that step), so each must be a positive integer; workers, train_resolution
+  too unless None; lock_timeout a finite number >= 0 or None. The CLI checks them as it parses
+  the flags (cli/ingest.py); this is the library's own check."""
+  for flag, value, what in (('--batch-size', batch_size, 'a positive integer (scans per write '
+                             'transaction)'),
+                            ('--workers', workers, 'a positive integer (reader threads)'),
+                            ('--train-resolution', train_resolution, 'a positive in-plane size '
+                             '(e.g. 256, data.image_size_3d_single)')):
+    if (value is not None or flag == '--batch-size') and not _positive_int(value):
+      raise InputError(f'{flag} {value!r}: expected {what}')
+  if lock_timeout is not None and not (isinstance(lock_timeout, numbers.Real)
+                                       and math.isfinite(lock_timeout) and lock_timeout >= 0):
+    raise InputError(f'--lock-timeout {lock_timeout!r}: expected a number of seconds >= 0')
 
 
 def _check_scan_ids(entries: dict[str, _Entry], index: dict, replace: bool):

@@ -65,6 +65,16 @@ def _int(v, low=0):
   return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
+# The largest `frame` / `index`: far above any real count (a NIfTI-1 dimension is an int16), and
+# it keeps the value an int32 wherever it goes (the scan's source_key attribute, TensorStore's
+# JSON), so a huge one is a schema error here rather than an overflow in the store write.
+MAX_PICK = 2**31 - 1
+
+
+def _pick(v):
+  return _int(v) and v <= MAX_PICK
+
+
 def _str_list(v):
   return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -135,11 +145,13 @@ IMAGE_FIELDS = (
           'characters (0 and 1: at the front; len(text): before the last character, e.g. a final '
           '"?"; more: at the end)',
           _position),
-    Field('images[].frame', 'integer >= 0', 'none',
-          'which volume of a 4D NIfTI (time or echo axis); required for one with > 1 frames',
-          _int, forms=('input',)),
-    Field('images[].index', 'integer >= 0', 'all images',
-          'which image of a 5D RadFM case .npy [S, C, H, W, D]', _int, forms=('input',)),
+    Field('images[].frame', 'integer >= 0 and < 2^31', 'none',
+          'which volume of a 4D NIfTI (time or echo axis); required for one with > 1 frames; any '
+          'other scan is one volume, so only 0 (any other value: the scan is rejected)',
+          _pick, forms=('input',)),
+    Field('images[].index', 'integer >= 0 and < 2^31', 'all images',
+          'which image of a 5D RadFM case .npy [S, C, H, W, D]; any other scan is one image, so '
+          'only 0 (any other value: the scan is rejected)', _pick, forms=('input',)),
     Field('images[].shape', 'list of 4 integers >= 1', 'required (store form)',
           'stored shape [C, H, W, D], written by ingest',
           lambda v: isinstance(v, list) and len(v) == 4 and all(_int(x, 1) for x in v),
@@ -176,6 +188,12 @@ def _unknown(name: str, known: Iterable[str]) -> str | None:
 def _check(field: Field, label: str, value):
   if not field.check(value):
     raise FieldError(label, f'got {_shown(value)}; expected {field.type}')
+
+
+def check_image_field(key: str, value) -> None:
+  """FieldError (field `key`) unless `value` fits the image field `key` of IMAGE_FIELDS: for files
+  that take some of the image fields (a `generate` prompts file: path, modality, frame, index)."""
+  _check(_IMAGE[key], key, value)
 
 
 def _template_fields(task: str, yes_no: bool) -> list[str]:

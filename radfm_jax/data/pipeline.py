@@ -52,6 +52,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from radfm_jax.config import ConfigError
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import train_copies, transforms
 from radfm_jax.data.image_cache import ImageTokenCache
@@ -410,17 +411,23 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   if isinstance(store, str):
     store = VolumeStore(store)
   tokenizer = tokenizer if tokenizer is not None else data_cfg.tokenizer
+  tokenizer_name = (f'the tokenizer data.tokenizer={tokenizer}' if isinstance(tokenizer, str)
+                    else 'the tokenizer')
   if isinstance(tokenizer, str):          # '' or a missing file: an InputError naming the field
     tokenizer = Tokenizer(tokenizer, max_images=model_cfg.max_images,
                           num_latents=model_cfg.perceiver.num_latents,
                           source='config field data.tokenizer')
+  # The image-marker ids sit right after the tokenizer's pieces (docs/architecture.md), so a
+  # model of another vocabulary would read them as other words: a config mistake, told as one.
   if tokenizer.vocab_size != model_cfg.llama.vocab_size:
-    raise ValueError(f'tokenizer has {tokenizer.vocab_size} pieces but model.llama.vocab_size is '
-                     f'{model_cfg.llama.vocab_size}: the image ids would not match the model')
+    raise ConfigError(f'config field model.llama.vocab_size={model_cfg.llama.vocab_size}: '
+                      f'{tokenizer_name} has {tokenizer.vocab_size} pieces; expected the same '
+                      f'number (--config.model.llama.vocab_size={tokenizer.vocab_size})')
   num_latents = model_cfg.perceiver.num_latents
   if tokenizer.num_latents != num_latents:
-    raise ValueError(f'tokenizer num_latents={tokenizer.num_latents} != model '
-                     f'perceiver.num_latents={num_latents}')
+    raise ConfigError(f'config field model.perceiver.num_latents={num_latents}: '
+                      f'{tokenizer_name} writes {tokenizer.num_latents} image tokens per image; '
+                      'expected the same')
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()

@@ -3,6 +3,7 @@
 `generate` / `eval`, so every guard below protects all of them.
 
     [(array, attrs)] = read_scan('ct.nii.gz', {'modality': 'CT'})   # RejectedScan otherwise
+    array, attrs = read_one('case.npy', {'index': 1})   # generate: one image per <image>
 
 Bounded memory from headers. Before any voxel is read, the bytes the header claims (NIfTI
 dim/datatype, DICOM Rows x Columns x frames x samples x bits, PNG/JPEG size x bands, .npy header)
@@ -27,6 +28,9 @@ Reading rules (stored layout [C, H, W, D], see store.py):
   * PNG/JPEG: Pillow; grayscale stays 1 channel (16-bit kept), everything else becomes RGB.
   * .npy: [H, W] / [H, W, D] / [C, H, W, D] (C in 1, 3) / [S, C, H, W, D]; other ranks rejected;
     never unpickled.
+  * `frame` (which volume of a 4D NIfTI) and `index` (which image of a 5D .npy stack) pick along
+    an axis; a scan without that axis is one frame / one image, so only 0 names it there. Any
+    other value is a reject naming the field (`_check_pick`), never ignored.
 A scan is rejected (RejectedScan, an InputError: `path: reason`) when it cannot be read, has a
 wrong rank, is empty, holds any NaN/inf voxel (no repair: a NaN has no right value), is
 constant, holds values its stored dtype cannot hold (int64 beyond int32, float64 beyond float32:
@@ -129,6 +133,15 @@ def _nifti_pixdim_repair(path: str, img) -> list[str] | None:
   return [repr(float(v)) for v in raw]
 
 
+def _check_pick(field: str, value: int | None, count: int, holds: str):
+  """`frame` / `index` of an image entry against the `count` frames / images the scan holds
+  (`holds` says what they are). A scan without that axis holds one, which 0 names; any other
+  value would pick nothing there, so it is a reject rather than ignored."""
+  if value is not None and not 0 <= value < count:
+    allowed = 'no value or 0' if count == 1 else f'0..{count - 1}'
+    raise RejectedScan(f'field {field}: got {value}; expected {allowed} ({holds})')
+
+
 def read_nifti(path: str, frame: int | None = None,
                max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   import nibabel as nib
@@ -136,6 +149,15 @@ def read_nifti(path: str, frame: int | None = None,
     img = nib.load(path)             # the header only: voxels are read below, after the checks
   except Exception as e:  # nibabel raises many types for non-NIfTI content
     raise RejectedScan(f'not a readable NIfTI: {type(e).__name__}: {e}') from e
+  shape = list(img.shape)
+  while len(shape) > 3 and shape[-1] == 1:      # what is squeezed below
+    shape.pop()
+  if len(shape) == 4 and frame is None:
+    raise RejectedScan(f'4D volume with {shape[3]} frames; set "frame" to pick one')
+  if len(shape) <= 4:                            # a larger rank is rejected below
+    _check_pick('frame', frame, shape[3] if len(shape) == 4 else 1,
+                f'the 4D volume has {shape[3]} frames' if len(shape) == 4 else
+                f'NIfTI shape {list(img.shape)} is one volume; frame picks one of a 4D NIfTI')
   dtype = np.dtype(img.get_data_dtype())
   voxels = math.prod(int(n) for n in img.shape)
   scaled = not (img.dataobj.slope == 1 and img.dataobj.inter == 0)
@@ -165,11 +187,7 @@ def read_nifti(path: str, frame: int | None = None,
   spacing = _check_spacing(np.linalg.norm(img.affine[:3, :3], axis=0))
   while data.ndim > 3 and data.shape[-1] == 1:
     data = data[..., 0]
-  if data.ndim == 4:
-    if frame is None:
-      raise RejectedScan(f'4D volume with {data.shape[3]} frames; set "frame" to pick one')
-    if not 0 <= frame < data.shape[3]:
-      raise RejectedScan(f'frame {frame} outside 0..{data.shape[3] - 1}')
+  if data.ndim == 4:                   # `frame` was checked against the header's shape above
     data = data[..., frame]
   if data.ndim == 2:
     data = data[:, :, None]
@@ -361,17 +379,20 @@ def read_npy(path: str, index: int | None = None,
   except Exception as e:
     raise RejectedScan(f'not a readable .npy: {type(e).__name__}: {e}') from e
   attrs = {'source_dtype': str(data.dtype)}
+  if data.ndim == 5 and data.shape[1] in (1, 3):
+    _check_pick('index', index, data.shape[0],
+                f'the [S, C, H, W, D] stack {list(data.shape)} holds {data.shape[0]} images')
+    picks = range(data.shape[0]) if index is None else [index]
+    return [(data[s], dict(attrs, case_index=s)) for s in picks]
+  if data.ndim in (2, 3) or (data.ndim == 4 and data.shape[0] in (1, 3)):
+    _check_pick('index', index, 1, f'.npy shape {list(data.shape)} is one image; index picks one '
+                'of a 5D stack [S, C, H, W, D]')
   if data.ndim == 2:
     return [(data[None, :, :, None], attrs)]
   if data.ndim == 3:
     return [(data[None], attrs)]
   if data.ndim == 4 and data.shape[0] in (1, 3):
     return [(data, attrs)]
-  if data.ndim == 5 and data.shape[1] in (1, 3):
-    picks = range(data.shape[0]) if index is None else [index]
-    if index is not None and not 0 <= index < data.shape[0]:
-      raise RejectedScan(f'index {index} outside 0..{data.shape[0] - 1}')
-    return [(data[s], dict(attrs, case_index=s)) for s in picks]
   raise RejectedScan(f'wrong rank/shape for a RadFM array: {data.shape} (expected [H,W], '
                      '[H,W,D], [C,H,W,D] or [S,C,H,W,D] with C in 1, 3)')
 
@@ -387,17 +408,58 @@ def read_scan(path: str, entry: dict | None = None,
     raise RejectedScan(e.reason, path) from None
 
 
+def _several(count: int, path: str | None = None) -> RejectedScan:
+  return RejectedScan(f'holds {count} images (a 5D stack [S, C, H, W, D]); expected one image '
+                      f'per <image>: pick it with "index" (0..{count - 1}) in its image entry '
+                      '({"path": ..., "index": N} in a generate --input prompts file)', path)
+
+
+def check_one_image(path: str, entry: dict | None = None):
+  """From the header only: RejectedScan when `path` is a 5D .npy stack of several images and
+  `entry` picks none with `index`. For what takes one array per `<image>` (generate), before a
+  model is loaded; `read_one` makes sure at read time. An unreadable header passes: reading it
+  rejects it with its own reason."""
+  if not path.lower().endswith('.npy') or (entry or {}).get('index') is not None:
+    return
+  try:
+    shape = npy_header(path)[0]
+  except Exception:  # numpy raises several types for a bad header
+    return
+  if len(shape) == 5 and shape[0] > 1:
+    raise _several(shape[0], path)
+
+
+def read_one(path: str, entry: dict | None = None,
+             max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
+  """`read_scan` for one image: a 5D stack read without `index` (several images) is a
+  RejectedScan saying how many it holds and how to pick one, never its first image alone."""
+  scans = read_scan(path, entry, max_bytes)
+  if len(scans) > 1:
+    raise _several(len(scans), path)
+  return scans[0]
+
+
 def _read_scan(path: str, entry: dict, max_bytes: int) -> list[tuple[np.ndarray, dict]]:
   if not os.path.exists(path):
     raise RejectedScan('file not found')
   lower = path.lower()
+  frame, index = entry.get('frame'), entry.get('index')
+  # Each field picks along an axis only some formats have (_check_pick); the others hold one.
+  one_image = 'is one image; index picks one of a 5D .npy stack [S, C, H, W, D]'
+  one_volume = 'is one volume; frame picks one of a 4D NIfTI'
   if lower.endswith(('.nii', '.nii.gz')):
-    out = [read_nifti(path, entry.get('frame'), max_bytes)]
+    _check_pick('index', index, 1, f'a NIfTI {one_image}')
+    out = [read_nifti(path, frame, max_bytes)]
   elif lower.endswith('.npy'):
-    out = read_npy(path, entry.get('index'), max_bytes)
+    _check_pick('frame', frame, 1, f'a .npy {one_volume}')
+    out = read_npy(path, index, max_bytes)
   elif lower.endswith(('.png', '.jpg', '.jpeg')):
+    _check_pick('frame', frame, 1, f'a PNG/JPEG image {one_volume}')
+    _check_pick('index', index, 1, f'a PNG/JPEG image {one_image}')
     out = [read_image(path, max_bytes)]
   elif os.path.isdir(path) or lower.endswith(('.dcm', '.dicom')):
+    _check_pick('frame', frame, 1, f'a DICOM scan {one_volume}')
+    _check_pick('index', index, 1, f'a DICOM scan {one_image}')
     out = [read_dicom(path, max_bytes)]
   else:
     raise RejectedScan('unsupported file type (expected .nii[.gz], .dcm or a DICOM folder, '

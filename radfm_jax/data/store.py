@@ -184,10 +184,64 @@ JSON_TYPES = {dict: 'object', list: 'array', str: 'string', int: 'number', float
               bool: 'boolean', type(None): 'null'}
 
 
+class DuplicateKey(ValueError):
+  """A JSON object names `key` twice (`unique_keys`)."""
+
+  def __init__(self, key: str):
+    super().__init__(f'key {json.dumps(key, ensure_ascii=False)} appears twice in one object')
+    self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+  """`object_pairs_hook` of the JSON readers of user files: json keeps the last of two equal keys,
+  silently dropping the first value, so a repeated key is a DuplicateKey instead."""
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise DuplicateKey(key)
+    out[key] = value
+  return out
+
+
+class _Repeated(dict):
+  """A parsed object that names `key` twice (`duplicate_field`)."""
+  key: str | None = None
+
+
+def duplicate_field(text: str) -> str | None:
+  """Where the first repeated key of a JSON text is, as a field name ('answer',
+  'images[0].path'), or None. Parsed again keeping every object, on the error path only: the hook
+  that refuses a repeat sees one object, not where it sits."""
+  def keep(pairs):
+    out = _Repeated()
+    for key, value in pairs:
+      if key in out and out.key is None:
+        out.key = key
+      out[key] = value
+    return out
+
+  def find(value, field: str) -> str | None:
+    if isinstance(value, _Repeated) and value.key is not None:
+      return f'{field}.{value.key}' if field else value.key
+    if isinstance(value, dict):
+      children = [(f'{field}.{k}' if field else k, v) for k, v in value.items()]
+    elif isinstance(value, list):
+      children = [(f'{field}[{i}]', v) for i, v in enumerate(value)]
+    else:
+      return None
+    for name, child in children:
+      found = find(child, name)
+      if found is not None:
+        return found
+    return None
+
+  return find(json.loads(text, object_pairs_hook=keep), '')
+
+
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
   """(line number, object) for every non-blank line of a JSONL file; line numbers are 1-based and
-  count blank lines too (what an editor shows). A line that is not one UTF-8 JSON object is an
-  InputError naming the file and line."""
+  count blank lines too (what an editor shows). A line that is not one UTF-8 JSON object, or
+  whose objects name a key twice, is an InputError naming the file and line (and the key)."""
   with open_bytes(path) as f:
     for n, raw in enumerate(f, 1):
       try:
@@ -198,10 +252,15 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
       if not text.strip():
         continue
       try:
-        value = json.loads(text.rstrip('\r\n'))   # so the column is the one on this line
+        value = json.loads(text.rstrip('\r\n'),   # so the column is the one on this line
+                           object_pairs_hook=unique_keys)
       except json.JSONDecodeError as e:
         raise InputError(f'{where(path, n)}: not valid JSON ({e.msg}, column {e.colno}); '
                          'expected one JSON object per line') from None
+      except DuplicateKey as e:
+        field = duplicate_field(text) or e.key
+        raise InputError(f'{where(path, n, field)}: the key appears twice in one object; '
+                         'expected each key once (JSON would keep only the last value)') from None
       if not isinstance(value, dict):
         raise InputError(f'{where(path, n)}: got a JSON {JSON_TYPES.get(type(value), "value")}; '
                          'expected one JSON object per line')
@@ -358,6 +417,9 @@ class VolumeStore:
         finally:
           self._lock_depth -= 1
         return
+      if os.path.exists(self.root) and not os.path.isdir(self.root):
+        raise InputError(f'{self.root}: exists and is not a directory; expected a store '
+                         'directory to extend, or a new path to create one at')
       os.makedirs(self.root, exist_ok=True)
       fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
       try:

@@ -24,7 +24,7 @@ import sentencepiece as spm
 
 from radfm_jax.data import prompts
 from radfm_jax.data.batch import IGNORE
-from radfm_jax.errors import InputError
+from radfm_jax.errors import InputError, where
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _SPECIAL = re.compile(r'</image>|<image>|<image(\d+)>')
@@ -210,6 +210,30 @@ def train_sentencepiece(lines: Iterable[str], out_path: str | None = None, vocab
     with open(out_path, 'wb') as f:
       f.write(proto)
   return proto
+
+
+def text_lines(path: str, expected: str, name: str | None = None) -> list[tuple[int, str]]:
+  """(line number from 1, text without its line ending) of every line of a UTF-8 text file.
+
+  A missing file, a folder or bytes that are not UTF-8 are an InputError naming `name` (how the
+  user passed the file, e.g. '--text notes.txt'; default: the path) and, for bad bytes, the line,
+  worded as `store.iter_jsonl` words it for a manifest; `expected` ends the message. The lines are
+  decoded one by one, not the whole file, so the error can say which line it is.
+  """
+  name = name or str(path)
+  if os.path.isdir(path):
+    raise InputError(f'{name}: a folder; {expected}')
+  if not os.path.isfile(path):
+    raise InputError(f'{name}: no such file; {expected}')
+  lines = []
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        lines.append((n, raw.decode('utf-8').rstrip('\r\n')))
+      except UnicodeDecodeError as e:
+        raise InputError(f'{where(name, n)}: not UTF-8 text ({e.reason}, column {e.start + 1}); '
+                         f'{expected}') from None
+  return lines
 
 
 def corpus_lines(records: Iterable[dict]) -> list[str]:

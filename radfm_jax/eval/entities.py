@@ -24,7 +24,12 @@ import abc
 import re
 from typing import Iterable, Sequence
 
+from radfm_jax.errors import InputError, where
+
 SCISPACY_MODEL = 'en_core_sci_lg'
+TERMS_FILE = ('a UTF-8 text file of terms, one per line (term<TAB>id for synonyms, # for '
+              'comments)')
+SPECS = "'auto', 'scispacy[:MODEL]', 'terms:FILE' or 'none'"
 
 
 class ExtractorUnavailable(RuntimeError):
@@ -60,16 +65,30 @@ class TermListExtractor(EntityExtractor):
     self.name = name
 
   @classmethod
-  def from_file(cls, path: str) -> 'TermListExtractor':
-    """One term per line, `term<TAB>id` for synonyms; blank lines and '#' comments skipped."""
-    mapping = {}
-    with open(path) as f:
-      for line in f:
-        line = line.rstrip('\n')
-        if not line.strip() or line.lstrip().startswith('#'):
-          continue
-        term, _, cid = line.partition('\t')
-        mapping[term.strip()] = cid.strip() or term.strip().lower()
+  def from_file(cls, path: str, name: str | None = None) -> 'TermListExtractor':
+    """One term per line, `term<TAB>id` for synonyms; blank lines and '#' comments skipped.
+    A missing or unreadable file, a line with no term and a file with none are InputErrors
+    naming `name` (how the user gave the file, e.g. '--entities terms:FILE'; default the path)
+    and the line."""
+    from radfm_jax.data.tokenizer import text_lines   # here: no SentencePiece on import
+    name = name or str(path)
+    mapping, lines = {}, {}
+    for n, line in text_lines(path, f'expected {TERMS_FILE}', name=name):
+      if not line.strip() or line.lstrip().startswith('#'):
+        continue
+      term, _, cid = line.partition('\t')
+      term, cid = term.strip(), cid.strip() or term.strip().lower()
+      if not term:                     # '<TAB>id': an id without its term would match nothing
+        raise InputError(f'{where(name, n)}: no term before the tab; expected term<TAB>id')
+      key = ' '.join(term.lower().split())        # how the extractor matches it
+      if key in lines and mapping[lines[key][1]] != cid:   # the later id would replace the first
+        raise InputError(f'{where(name, n)}: term {term!r} already has id '
+                         f'{mapping[lines[key][1]]!r} ({where(name, lines[key][0])}); expected '
+                         'one id per term')
+      lines.setdefault(key, (n, term))
+      mapping[term] = cid
+    if not mapping:
+      raise InputError(f'{name}: no terms; expected {TERMS_FILE}')
     return cls(mapping, name=f'term_list:{path}')
 
   def extract(self, text: str) -> set[str]:
@@ -113,27 +132,31 @@ class ScispacyExtractor(EntityExtractor):
     return out
 
 
-def get_extractor(spec: str | None) -> tuple[EntityExtractor | None, str]:
+def get_extractor(spec: str | None, source: str = 'entity extractor'
+                  ) -> tuple[EntityExtractor | None, str]:
   """'auto' | 'scispacy[:model]' | 'terms:FILE' | 'none' -> (extractor or None, reason if None).
 
   'auto' tries scispaCy and returns (None, why) when it is missing; an explicit 'scispacy' raises
-  ExtractorUnavailable instead, so a requested metric never silently disappears.
+  ExtractorUnavailable instead, so a requested metric never silently disappears. An unknown spec
+  or a bad term file is an InputError naming `source` (the CLI: '--entities') and the spec.
   """
   spec = (spec or 'none').strip()
   if spec == 'none':
     return None, 'entity metrics not requested (--entities none)'
   if spec.startswith('terms:'):
-    return TermListExtractor.from_file(spec[len('terms:'):]), ''
-  if spec == 'auto' or spec.startswith('scispacy'):
-    model = spec.split(':', 1)[1] if ':' in spec else SCISPACY_MODEL
+    return TermListExtractor.from_file(spec[len('terms:'):], name=f'{source} {spec}'), ''
+  if spec in ('auto', 'scispacy') or spec.startswith('scispacy:'):
+    model = spec.split(':', 1)[1].strip() if ':' in spec else SCISPACY_MODEL
+    if not model:
+      raise InputError(f'{source} {spec}: no model after the colon; expected scispacy:MODEL '
+                       f'(e.g. scispacy:{SCISPACY_MODEL}) or scispacy')
     try:
       return ScispacyExtractor(model), ''
     except ExtractorUnavailable as e:
       if spec == 'auto':
         return None, str(e)
       raise
-  raise ValueError(f"entity extractor {spec!r}: expected 'auto', 'scispacy[:MODEL]', "
-                   "'terms:FILE' or 'none'")
+  raise InputError(f'{source} {spec}: unknown extractor; expected {SPECS}')
 
 
 def entity_scores(predictions: Sequence[str], references: Sequence[str],

@@ -29,7 +29,7 @@ import json
 import os
 import time
 
-from radfm_jax.data.manifest import dataset_of
+from radfm_jax.data.manifest import SAMPLE_FIELDS, _shown, _unknown, dataset_of
 from radfm_jax.errors import InputError, where
 from radfm_jax.eval import entities as entities_lib
 from radfm_jax.eval import metrics as metrics_lib
@@ -43,6 +43,10 @@ METRIC_NOTES = {
 }
 # Tasks scored as closed questions unless a record's `kind` says otherwise.
 CLOSED_TASKS = ('modality', 'diagnosis_yes_no')
+
+
+def _is_str(value) -> bool:
+  return isinstance(value, str)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,21 +278,84 @@ def score(rows: list[dict], extractor=None, extractor_reason: str = '',
   return {'overall': overall, 'per_task': per_task, 'per_dataset': per_dataset, 'entities': umls}
 
 
+# The fields of a predictions.jsonl row (what `prediction_row` writes): name -> (check, what is
+# expected, required). `score` reads reference, prediction, kind, task and dataset; id and
+# question are carried for the reader. The manifest's wording of a type is reused, so one field
+# reads the same in both files.
+_MANIFEST_FIELDS = {f.name: f for f in SAMPLE_FIELDS}
+PREDICTION_FIELDS = {
+    'id': (_MANIFEST_FIELDS['id'].check, _MANIFEST_FIELDS['id'].type, False),
+    'question': (_is_str, 'string', False),
+    'reference': (_is_str, 'string (the reference answer)', True),
+    'prediction': (_is_str, 'string (the generated answer)', True),
+    'kind': (_MANIFEST_FIELDS['kind'].check, _MANIFEST_FIELDS['kind'].type, True),
+    'task': (_is_str, 'string ("" for none)', True),
+    'dataset': (_is_str, 'string', False),
+}
+ROWS_EVAL_WRITES = 'the rows `radfm-jax eval` writes to OUT/predictions.jsonl'
+
+
 def read_predictions(path: str) -> list[dict]:
-  """The rows of a predictions.jsonl written by `evaluate` (InputError naming the file and line
-  of a row without the fields `score` reads)."""
+  """The rows of a predictions.jsonl written by `evaluate`, checked against `PREDICTION_FIELDS`
+  (InputError naming the file, line and field): a wrong kind or type would otherwise surface as
+  a bare error deep in scoring, or a misspelled field be silently ignored. Ids must be unique (a
+  sample counted twice would skew every score), and the file must hold a row."""
   from radfm_jax.data.store import iter_jsonl
+  if os.path.isdir(path):
+    raise InputError(f'{path}: a folder; expected a predictions file (OUT/predictions.jsonl of '
+                     '`radfm-jax eval`)')
   if not os.path.isfile(path):
     raise InputError(f'{path}: no such predictions file (expected OUT/predictions.jsonl of '
                      '`radfm-jax eval`)')
-  rows = []
+  rows, seen = [], {}
   for line, row in iter_jsonl(path):
-    for field in ('reference', 'prediction', 'kind', 'task'):
-      if not isinstance(row.get(field), str):
-        raise InputError(f'{where(path, line, field)}: missing or not a string; expected the '
-                         'rows `radfm-jax eval` writes')
+    for key in row:
+      near = _unknown(key, PREDICTION_FIELDS) if key not in PREDICTION_FIELDS else None
+      if near is not None:
+        raise InputError(f'{where(path, line, key)}: unknown field (did you mean {near}?); '
+                         f'expected {ROWS_EVAL_WRITES}')
+    for field, (check, expected, required) in PREDICTION_FIELDS.items():
+      if field not in row:
+        if required:
+          raise InputError(f'{where(path, line, field)}: missing; expected {expected}, as in '
+                           f'{ROWS_EVAL_WRITES}')
+      elif not check(row[field]):
+        raise InputError(f'{where(path, line, field)}: got {_shown(row[field])}; expected '
+                         f'{expected}')
+    if 'id' in row:
+      key = str(row['id'])
+      if key in seen:
+        raise InputError(f'{where(path, line, "id")}: {_shown(key)} is already used '
+                         f'({where(path, seen[key])}); expected one row per sample')
+      seen[key] = line
     rows.append(row)
+  if not rows:
+    raise InputError(f'{path}: no rows; expected {ROWS_EVAL_WRITES}, one per sample')
   return rows
+
+
+# What `evaluate` writes in its out_dir (`rescore` writes only the summary).
+OUTPUTS = ('predictions.jsonl', 'summary.json')
+
+
+def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = OUTPUTS):
+  """InputError naming `name` (e.g. '--out') when `out_dir` cannot hold `files`: it, or the
+  nearest of its parents that exists, is not a folder, or one of `files` is a folder. Checked
+  before generating, so a bad --out fails at once, not after every sample is generated."""
+  path = os.path.abspath(out_dir)
+  shown = f'{name} {out_dir}'
+  expected = f'expected a folder (new or existing) for {" and ".join(files)}'
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f'{shown}: exists and is not a directory; {expected}')
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise InputError(f'{shown}: {parent} is not a directory; {expected}')
+  for file in files:
+    if os.path.isdir(os.path.join(path, file)):
+      raise InputError(f'{shown}: {os.path.join(out_dir, file)} is a folder; expected it to be '
+                       f'a file (eval writes its {file} there) or absent')
 
 
 def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg=None,
@@ -302,6 +369,8 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
   summary['skipped'] counts the samples left out for an unreadable scan and
   summary['skipped_samples'] lists them (see `generate_predictions`)."""
   from radfm_jax.config import GenerateConfig
+  if out_dir:
+    check_out_dir(out_dir)
   sampling = sampling or GenerateConfig()
   start = time.perf_counter()
   skipped: list[dict] = []
@@ -332,6 +401,8 @@ def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', sco
             out_dir: str | None = None, info: dict | None = None) -> dict:
   """Scores a predictions.jsonl again, without a model (`read_predictions`, then `scorer`,
   default `score`); with out_dir writes OUT/summary.json (the predictions file is left as it is)."""
+  if out_dir:
+    check_out_dir(out_dir, files=('summary.json',))
   rows = read_predictions(predictions)
   summary = {'n_samples': len(rows), 'predictions': os.path.abspath(predictions), **(info or {}),
              **(scorer or score)(rows, extractor, extractor_reason),

@@ -6,12 +6,16 @@
       ...
 
 Input JSONL, one prompt per line (image paths relative to the file's folder; an image may also be
-{"path": ..., "modality": "CT"}):
+an object {"path": ..., "modality": "CT", "frame": N, "index": N}: `frame` picks a volume of a 4D
+NIfTI, `index` an image of a 5D .npy stack [S, C, H, W, D], as in an ingest manifest):
     {"id": "q1", "prompt": "Compare <image> with <image>.", "images": ["a.nii.gz", "b.png"]}
 
-An item is {'id', 'prompt', 'paths', 'modalities', 'where', 'labels'}: `where` names the prompt in
-messages ('prompts.jsonl line 3', '--prompt') and `labels[i]` its image i ('prompts.jsonl line 3
-field images[0]', '--image'). Every problem with an input is an `InputError` naming them.
+An item is {'id', 'prompt', 'paths', 'modalities', 'picks', 'images', 'where', 'labels'}: `picks[i]`
+holds image i's `frame` / `index` (what the reader takes), `images` the line's image list as given
+(echoed in the output), `where` names the prompt in messages ('prompts.jsonl line 3', '--prompt')
+and `labels[i]` its image i ('prompts.jsonl line 3 field images[0]', '--image #1'). Every problem
+with an input is an `InputError` naming them; each `<image>` takes one image, so a 5D stack of
+several images without `index` is one too (it is never cut to its first image).
 """
 
 from __future__ import annotations
@@ -21,19 +25,41 @@ import os
 from radfm_jax.errors import InputError, where
 
 
-def _image_entry(entry, base: str, label: str) -> tuple[str, str]:
+PROMPT_FIELDS = ('id', 'prompt', 'images')
+PROMPT_IMAGE_FIELDS = ('path', 'modality', 'frame', 'index')
+
+
+def _image_entry(entry, base: str, label: str) -> tuple[str, str, dict]:
+  """(path, modality, picks {frame, index}) of one image of a prompts line; its fields are checked
+  as the manifest's image fields (`manifest.check_image_field`), and one the reader would not use
+  is an error, not ignored."""
   if isinstance(entry, dict):
+    from radfm_jax.data.manifest import FieldError, check_image_field
     if not isinstance(entry.get('path'), str) or not entry['path']:
       raise InputError(f'{label}.path: expected a file path, got {entry.get("path")!r}')
-    return os.path.join(base, entry['path']), str(entry.get('modality') or '')
+    for key, value in entry.items():
+      if key not in PROMPT_IMAGE_FIELDS:
+        raise InputError(f'{label}.{key}: unknown field; expected one of '
+                         f'{", ".join(PROMPT_IMAGE_FIELDS)}')
+      try:
+        check_image_field(key, value)
+      except FieldError as e:
+        raise InputError(f'{label}.{key}: {e.problem}') from None
+    picks = {k: entry[k] for k in ('frame', 'index') if k in entry}
+    return os.path.join(base, entry['path']), str(entry.get('modality') or ''), picks
   if not isinstance(entry, str) or not entry:
     raise InputError(f'{label}: expected a file path or {{"path": ..., "modality": ...}}, '
                      f'got {entry!r}')
-  return os.path.join(base, entry), ''
+  return os.path.join(base, entry), '', {}
 
 
-def make_item(item_id: str, prompt: str, paths, modalities, place: str, labels) -> dict:
-  return {'id': item_id, 'prompt': prompt, 'paths': list(paths), 'modalities': list(modalities),
+def make_item(item_id: str, prompt: str, paths, modalities, place: str, labels, picks=None,
+              images=None) -> dict:
+  """An item (module doc); `picks` default: none (each file is one image), `images`: `paths`."""
+  paths = list(paths)
+  return {'id': item_id, 'prompt': prompt, 'paths': paths, 'modalities': list(modalities),
+          'picks': list(picks) if picks is not None else [{} for _ in paths],
+          'images': list(images) if images is not None else paths,
           'where': place, 'labels': list(labels)}
 
 
@@ -46,7 +72,14 @@ def read_prompts(path: str) -> list[dict]:
   from radfm_jax.data.store import iter_jsonl   # here: `generate --help` imports no TensorStore
   base = os.path.dirname(os.path.abspath(path))
   items = []
+  from radfm_jax.data.manifest import _unknown
   for n, rec in iter_jsonl(path):                # InputError on a line that is not one object
+    for key in rec:                              # own fields pass; a near-miss is a typo
+      near = _unknown(key, PROMPT_FIELDS) if key not in PROMPT_FIELDS else None
+      if near is not None:
+        raise InputError(f'{where(path, n, key)}: unknown field (did you mean {near}?); expected '
+                         f'{", ".join(PROMPT_FIELDS)}, or a field of your own whose name is not '
+                         'a near-miss of one')
     if not isinstance(rec.get('prompt'), str):
       raise InputError(f'{where(path, n, "prompt")}: expected a string, got '
                        f'{rec.get("prompt")!r}')
@@ -55,18 +88,25 @@ def read_prompts(path: str) -> list[dict]:
       raise InputError(f'{where(path, n, "images")}: expected a list, got {images!r}')
     labels = [where(path, n, f'images[{i}]') for i in range(len(images))]
     entries = [_image_entry(e, base, label) for e, label in zip(images, labels)]
-    items.append(make_item(str(rec.get('id', n)), rec['prompt'], [p for p, _ in entries],
-                           [m for _, m in entries], where(path, n), labels))
+    items.append(make_item(str(rec.get('id', n)), rec['prompt'], [p for p, _, _ in entries],
+                           [m for _, m, _ in entries], where(path, n), labels,
+                           [k for _, _, k in entries], images))
   return items
 
 
 def check_paths(items):
-  """InputError naming the first image (label and path) that does not exist (nothing is read:
-  run it before loading a model)."""
+  """InputError naming the first image (label and path) that does not exist, or that is a 5D
+  .npy stack of several images without `index` (headers only, nothing is read: run it before
+  loading a model)."""
+  from radfm_jax.data.readers import RejectedScan, check_one_image
   for it in items:
-    for path, label in zip(it['paths'], it['labels']):
+    for path, label, picks in zip(it['paths'], it['labels'], it['picks']):
       if not os.path.exists(path):
         raise InputError(f'{label}: image file not found: {path}')
+      try:
+        check_one_image(path, picks)
+      except RejectedScan as e:
+        raise InputError(f'{label}: cannot use image {path}: {e.reason}') from None
 
 
 def check_items(items, tokenizer, model_cfg, sampling=None):
@@ -80,15 +120,17 @@ def check_items(items, tokenizer, model_cfg, sampling=None):
                        it['where'])
 
 
-def read_images(paths, modalities, labels=None):
-  """Paths -> arrays [C, H, W, D] (ingest readers) and their modalities (given or from the file);
-  an unreadable image is an InputError naming its label and path."""
-  from radfm_jax.data.readers import read_scan
+def read_images(paths, modalities, labels=None, picks=None):
+  """Paths -> arrays [C, H, W, D] (the ingest readers, one image each: `readers.read_one`) and
+  their modalities (given or from the file); `picks[i]`: image i's {"frame", "index"}. An
+  unreadable image is an InputError naming its label and path."""
+  from radfm_jax.data.readers import read_one
   arrays, mods = [], []
   labels = labels or [where(p) for p in paths]
-  for path, given, label in zip(paths, modalities, labels):
+  picks = picks or [{} for _ in paths]
+  for path, given, label, pick in zip(paths, modalities, labels, picks):
     try:
-      array, attrs = read_scan(path, {'modality': given} if given else None)[0]
+      array, attrs = read_one(path, dict(pick, modality=given) if given else pick)
     except Exception as e:     # RejectedScan, a reader's own error, OSError: the file's fault
       reason = str(e)
       if isinstance(e, InputError) and reason.startswith(f'{path}: '):
@@ -119,7 +161,8 @@ def generate_items(model, tokenizer, data_cfg, items, sampling, batch_size: int,
       chunk = items[first:first + batch_size]
       # Pad the last batch by repeating its final item: one compiled program for the whole run.
       padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-      loaded = [read_images(it['paths'], it['modalities'], it['labels']) for it in padded]
+      loaded = [read_images(it['paths'], it['modalities'], it['labels'], it['picks'])
+                for it in padded]
       texts, ids = generate_batch(model, tokenizer, [it['prompt'] for it in padded],
                                   [a for a, _ in loaded], modalities=[m for _, m in loaded],
                                   sampling=sampling, data_cfg=data_cfg, seed=seed + first,

@@ -16,6 +16,7 @@ special ids.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Sequence
 
@@ -94,10 +95,11 @@ def prompt_token_count(tokenizer, prompt: str, num_images: int, model_cfg: Model
 
 def as_chw_d(image) -> np.ndarray:
   """A scan as [C, H, W, D]: accepts [H, W] (2D), [H, W, D] (volume) or [C, H, W, D] (C in 1, 3);
-  a path is read with `readers.read_scan` (NIfTI, DICOM, PNG/JPEG, .npy; first image)."""
+  a path is read with `readers.read_one` (NIfTI, DICOM, PNG/JPEG, .npy): one image, so a 5D
+  stack of several is an error (pick one with `index`, or pass its array), none is dropped."""
   if isinstance(image, (str, bytes)) or hasattr(image, '__fspath__'):
-    from radfm_jax.data.readers import read_scan
-    return read_scan(str(image))[0][0]
+    from radfm_jax.data.readers import read_one
+    return read_one(os.fsdecode(image))[0]
   x = np.asarray(image)
   if x.ndim == 2:
     return x[None, :, :, None]

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from radfm_jax import checkpoint
+from radfm_jax.checkpoint.meta import checked_record
 from radfm_jax.checkpoint.tree import flat_params
 from radfm_jax.config import ConfigError
 from radfm_jax.data import batch as batch_lib
@@ -75,6 +76,7 @@ def cache_images(checkpoint_dir: str, store_dir: str, *, data_cfg=None, mesh_cfg
   """
   from radfm_jax import sharding
   from radfm_jax.config import MeshConfig
+  checked_record(checkpoint_dir)          # a checkpoint at all, before its data section
   if data_cfg is None:
     data_cfg = checkpoint.read_data_config(checkpoint_dir)
   if data_cfg is None:

@@ -73,6 +73,9 @@ class TrainResult:
   status: str                        # 'done' | 'interrupted' (SIGINT) | 'preempted' (SIGTERM)
   last_checkpoint: int | None
   state: object = None               # the final TrainState (device arrays)
+  # Samples this host's pipeline dropped to an empty row for an unreadable scan in this call
+  # (data.drop_unreadable): [{'sample_id', 'scan_id', 'reason'}], also in LOGDIR/skipped.jsonl.
+  skipped: list = dataclasses.field(default_factory=list)
 
 
 def make_data(cfg: Config, split: str = 'train', image_cache=None):
@@ -363,6 +366,37 @@ class _Say:
       print(line, file=sys.stderr, flush=True)
 
 
+class _SkipLog:
+  """The samples the pipeline dropped to an empty row because a scan could not be read
+  (`data.drop_unreadable=True`; False stops the run instead): every one is appended to
+  LOGDIR/skipped.jsonl (`skipped.process_<i>.jsonl` on host i > 0) as it happens and the first
+  `SAY` are said, so none is lost without a word; `count` goes to metrics.jsonl."""
+
+  SAY = 10
+
+  def __init__(self, logdir: str, process: int, say: _Say):
+    name = 'skipped.jsonl' if process == 0 else f'skipped.process_{process}.jsonl'
+    self.path, self.say, self.entries = os.path.join(logdir, name), say, []
+
+  @property
+  def count(self) -> int:
+    return len(self.entries)
+
+  def update(self, skipped: list[dict]):
+    """Records the entries of the pipeline's `PipelineStats.skipped` not seen yet."""
+    new = skipped[len(self.entries):]
+    if not new:
+      return
+    with open(self.path, 'a', encoding='utf-8') as f:
+      f.writelines(json.dumps(e) + '\n' for e in new)
+    for e in new:
+      self.entries.append(e)
+      if len(self.entries) <= self.SAY:
+        self.say(f'skipped sample {e.get("sample_id")!r}: scan {e.get("scan_id")!r} could not be '
+                 f'read ({e.get("reason")}); its row is left empty (data.drop_unreadable; '
+                 f'listed in {self.path})')
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
   """A resume restores every item with explicit args, yet Orbax logs (absl, WARNING) 'Item "state"
@@ -528,6 +562,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
 
   stats = getattr(data, 'stats', None)        # the Grain pipeline's PipelineStats
   logged_counts: dict = {}                    # samples per dataset drawn at the last logged row
+  skip_log = _SkipLog(logdir, jax.process_index(), say)
 
   def handle(p):
     nonlocal last_time, logged_counts
@@ -560,6 +595,9 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
       if counts is not None:
         values.update(mixture_metrics(counts, logged_counts))
         logged_counts = counts
+      if stats is not None:
+        # this host's, since this call started; the pipeline reads ahead of the step
+        values['skipped_samples'] = skip_log.count
       writer.write(number, 'train', values)
 
   def save(number):
@@ -579,6 +617,8 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
         host_batch = next(data)
       except StopIteration:
         break
+      if stats is not None:
+        skip_log.update(stats.skipped)
       batch = global_batch(host_batch, mesh, rules)
       tokens = float(np.prod(batch['tokens'].shape))
       flops = metrics_lib.batch_flops(cfg.model, batch)
@@ -626,6 +666,10 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
     say('samples drawn per dataset (this call): ' + ', '.join(
         f'{d} {stats.datasets[d]} ({shares[d]:.1%}' + (f', target {targets[d]:.1%})' if d in targets
                                                       else ')') for d in shares))
+  if skip_log.count:
+    one = skip_log.count == 1
+    say(f'{skip_log.count} sample{"" if one else "s"} skipped for an unreadable scan '
+        f'({"its row" if one else "their rows"} left empty), listed in {skip_log.path}')
   if status != 'done':
     say(f'signal {signal.Signals(stop.signal).name if stop.signal else "(another host)"} '
         f'received; checkpoint saved at step {step} in {ckpt.directory}')
@@ -637,7 +681,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
     except ImportError as e:
       say(f'no loss_curve.png ({e}); pip install matplotlib')
   return TrainResult(step=step, losses=losses, status=status, last_checkpoint=last_saved,
-                     state=state)
+                     state=state, skipped=list(skip_log.entries))
 
 
 __all__ = ['NonFiniteLossError', 'TrainResult', 'base_params', 'build', 'evaluate', 'global_batch',

@@ -76,8 +76,7 @@ def saved_config(ckpt_dir: str) -> dict | None:
   path = _epath(ckpt_dir) / meta.CONFIG_FILE
   if not path.exists():
     return None
-  import json
-  return json.loads(path.read_text())
+  return meta.parse_json(path.read_bytes(), str(path))   # a gs:// workdir too
 
 
 def config_differences(saved: dict, wanted: dict) -> list[tuple[str, object, object]]:

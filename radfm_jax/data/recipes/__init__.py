@@ -18,11 +18,12 @@ Determinism. The original draws prompts and positions with the global `random` a
 recipe draws them from `random.Random(f'{seed}/{name}/{split}/{n}')` for data row n (from 0), so a
 file gives the same records on every run and machine (`seed`: `ingest --seed`, default 0).
 
-Nothing is dropped silently. A missing file or column, broken CSV quoting, or a JSON file that is
-not a list is an `InputError` (one line: file, line, column). A row that cannot be a sample (an
-empty required cell, a bad label, an image file that does not exist, a row with the wrong number
-of cells) is a counted reject `FILE line N field COLUMN: problem`, printed (the first 20 per
-recipe), written to STORE/rejects.jsonl with the scans ingest rejects, and counted per recipe.
+Nothing is dropped silently. A missing file or column, a column named twice, broken CSV quoting,
+or a JSON file that is not a list is an `InputError` (one line: file, line, column). A row that
+cannot be a sample (an empty required cell, a bad label, an image file that does not exist, a row
+with the wrong number of cells) is a counted reject `FILE line N field COLUMN: problem`, printed
+(the first 20 per recipe), written to STORE/rejects.jsonl with the scans ingest rejects, and
+counted per recipe.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import sys
 from typing import Callable
 
 from radfm_jax.data.recipes import build as b
-from radfm_jax.data.recipes.files import RowError, check_row, read_rows
+from radfm_jax.data.recipes.files import RowError, check_file, check_row, read_rows
 from radfm_jax.errors import InputError
 
 SPLITS = ('train', 'test')
@@ -177,6 +178,7 @@ def records(name: str, source: str, image_root: str, split: str | None = None,
   """One split file of recipe `name` -> input-manifest records (image paths resolved against
   `image_root` and checked to exist) and the rows rejected, each with where and why."""
   r = recipe(name)
+  check_file(source)                   # a missing file is that, whatever its name
   split = split_of(r, source, split)
   result = RecipeResult(name, source, split)
   rows = read_rows(source, r.columns)

@@ -4,8 +4,12 @@ list of objects), row by row, each row knowing where it is for messages.
     rows = read_rows('vqarad_test.csv', columns=('Figure_path', 'Question', ...))
 
 A whole-file problem (no such file, not UTF-8, broken quoting, a required column absent from the
-header, a JSON file that is not a list of objects) is an `InputError` naming the file (and the
-line or column). A row-level problem is a `RowError` the recipe turns into a counted reject.
+header or a column named twice in it, a JSON file that is not a list of objects) is an
+`InputError` naming the file (and the line or column). CSV is read with `strict=True`, so a stray
+quote stops the read, and a quoted field still open at the end of the file (which would have
+swallowed every row after it) names the line where it opened; quoted fields holding newlines are
+read as the one cell they are. A row-level problem is a `RowError` the recipe turns into a
+counted reject.
 
 Row numbering. `Row.n` counts data rows from 0 in file order, blank lines skipped, as pandas'
 `iloc` index does; it names the record (`NAME-SPLIT-n`) and seeds the row's prompt choices. A CSV
@@ -56,10 +60,19 @@ class Row:
     return value
 
 
-def _open_text(path: str):
+def check_file(path: str):
+  """InputError unless `path` is a file: what is wrong with a split file is said before anything
+  about its name or content."""
+  if os.path.isdir(path):
+    raise InputError(f'{path}: a folder; expected the split file of the recipe (a folder of '
+                     'split files goes with --recipe radfm)')
   if not os.path.isfile(path):
     raise InputError(f'{path}: split file not found; expected the original RadFM file of this '
                      'recipe (radfm-jax recipes list names them)')
+
+
+def _open_text(path: str):
+  check_file(path)
   return open(path, encoding='utf-8-sig', newline='')
 
 
@@ -71,15 +84,43 @@ def read_rows(path: str, columns: tuple[str, ...]) -> list[Row]:
   return _csv_rows(path, columns)
 
 
+def _open_quote_line(path: str, first: int) -> int | None:
+  """The line where a quoted field that runs to the end of the file opens (None: none does),
+  reading from line `first` (where its row starts) with the csv module's rules: a quote opens a
+  field only at its start, and "" inside one is a quote."""
+  with _open_text(path) as f:
+    lines = f.readlines()[first - 1:]
+  quoted, at_start, opened = False, True, first
+  for n, line in enumerate(lines, first):
+    i = 0
+    while i < len(line):
+      c = line[i]
+      if quoted and c == '"':
+        if line[i + 1:i + 2] == '"':
+          i += 1                       # an escaped quote
+        else:
+          quoted = False
+      elif not quoted and c == '"' and at_start:
+        quoted, opened = True, n
+      at_start = not quoted and c in ',\r\n'
+      i += 1
+  return opened if quoted else None
+
+
 def _csv_rows(path: str, columns) -> list[Row]:
   rows = []
+  last = 0                             # the last line of the row read before
   try:
     with _open_text(path) as f:
-      reader = csv.reader(f)
+      reader = csv.reader(f, strict=True)
       header = next(reader, None)
       if header is None:
         raise InputError(f'{where(path, 1)}: empty file; expected a header line naming the columns '
                          f'{", ".join(columns)}')
+      twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+      if twice is not None:
+        raise InputError(f'{where(path, 1, twice)}: column named twice in the header; expected '
+                         'each column once (which one a row\'s value comes from would be a guess)')
       for name in columns:
         if name not in header:
           raise InputError(f'{where(path, 1, name)}: no such column; expected the columns '
@@ -97,6 +138,12 @@ def _csv_rows(path: str, columns) -> list[Row]:
   except UnicodeDecodeError as e:
     raise InputError(f'{path}: not UTF-8 text ({e}); expected a CSV file') from None
   except csv.Error as e:
+    line = _open_quote_line(path, last + 1)
+    if line is not None:
+      raise InputError(f'{where(path, line)}: not valid CSV (a quoted field opens here and is '
+                       'never closed, so every line after it would be read as its text); '
+                       'expected a closing quote (a quote inside a quoted field is written "")'
+                       ) from None
     raise InputError(f'{where(path, reader.line_num)}: not valid CSV ({e}); expected the '
                      'original\'s comma-separated format') from None
   return rows
