@@ -139,6 +139,8 @@ ROWS = [
     ('generate:missing-image-line', GEN + ['--input', '{root}/missing_img.jsonl'],
      ['{root}/missing_img.jsonl line 2 field images[0]: image file not found: '
       '{root}/missing.nii.gz']),
+    ('generate:empty-prompts-file', GEN + ['--input', '{root}/empty.jsonl'],
+     ['prompts file {root}/empty.jsonl: no prompts (no JSON line in the file)']),
     ('generate:field-typo', GEN + ['--input', '{root}/typo.jsonl'],
      ['{root}/typo.jsonl line 2 field image: unknown field (did you mean images?); expected id, '
       'prompt, images']),
@@ -219,6 +221,7 @@ def root(tmp_path_factory):
   _jsonl(r / 'missing_img.jsonl', [ok, {'prompt': '<image>', 'images': ['missing.nii.gz']}])
   _jsonl(r / 'markers.jsonl', [{'prompt': '<image> vs <image>', 'images': ['a.png']}])
   _jsonl(r / 'typo.jsonl', [ok, {'prompt': '<image>', 'image': ['a.png'], 'note': 'mine'}])
+  _jsonl(r / 'empty.jsonl', ['', ''])
   _jsonl(r / 'long.jsonl', [ok, {'prompt': LONG}])
   records = [{'id': f's{i}', 'question': 'Is there a nodule?', 'answer': 'No', 'split': split,
               'images': [{'path': 'a.png'}]}

@@ -652,3 +652,23 @@ def test_frame_or_index_that_picks_nothing_is_a_reject_naming_the_field(tmp_path
   for i, (_, _, want) in enumerate(good):
     (image,) = rows[f'good{i}']['images']
     np.testing.assert_array_equal(store.read(image['id'])[0], want)
+
+
+def test_empty_manifest_or_missing_root_is_one_line_and_writes_nothing(tmp_path, capsys):
+  """An empty manifest would ingest nothing and exit 0, a --root that does not exist would reject
+  every scan as 'file not found' and exit 0: both look like success. Each is one line, exit 2,
+  and no store is made."""
+  from radfm_jax.cli.main import main
+  empty, out = tmp_path / 'empty.jsonl', tmp_path / 'store'
+  empty.write_text('\n\n')
+  assert main(['ingest', '--manifest', str(empty), '--out', str(out), '--no-progress']) == 2
+  assert capsys.readouterr().err == (
+      f'radfm-jax ingest: {empty}: no samples (no JSON line in the file); expected a JSONL file, '
+      'one sample per line (nothing was written)\n')
+  manifest, nowhere = _two_scans(tmp_path), tmp_path / 'nowhere'
+  assert main(['ingest', '--manifest', manifest, '--out', str(out), '--no-progress', '--root',
+               str(nowhere)]) == 2
+  assert capsys.readouterr().err == (
+      f'radfm-jax ingest: --root {nowhere}: no such folder; expected the folder that relative '
+      'image paths start from (nothing was written)\n')
+  assert not out.exists()

@@ -123,6 +123,9 @@ def _load_records(manifest) -> tuple[list[tuple[int, dict]], str, Callable]:
     def place(n, field=None):
       return where(path, n, field)
     numbered, base = list(iter_jsonl(path)), os.path.dirname(os.path.abspath(path))
+    if not numbered:          # an empty or cut file: ingesting nothing would look like success
+      raise InputError(f'{where(path)}: no samples (no JSON line in the file); expected a JSONL '
+                       'file, one sample per line (nothing was written)')
   check_records(numbered, place, form='input')
   return numbered, base, place
 
@@ -226,6 +229,9 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   log = log or sys.stderr
   _check_options(batch_size, workers, train_resolution, lock_timeout)
   records, base, place = _load_records(manifest)
+  if root and not os.path.isdir(root):   # else every scan would be rejected as not found
+    raise InputError(f'--root {root}: no such folder; expected the folder that relative image '
+                     'paths start from (nothing was written)')
   base = os.path.abspath(root) if root else base
   entries = _collect(records, base, place)
   store = VolumeStore(out_dir)

@@ -91,6 +91,9 @@ def read_prompts(path: str) -> list[dict]:
     items.append(make_item(str(rec.get('id', n)), rec['prompt'], [p for p, _, _ in entries],
                            [m for _, m, _ in entries], where(path, n), labels,
                            [k for _, _, k in entries], images))
+  if not items:             # answering nothing would look like success
+    raise InputError(f'prompts file {path}: no prompts (no JSON line in the file); expected JSONL, '
+                     'one {"id", "prompt", "images"} object per line')
   return items
 
 
