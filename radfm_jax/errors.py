@@ -20,6 +20,17 @@ class InputError(UserError, ValueError):
   """A data file (manifest, scan, split file, checkpoint, tokenizer) is missing or malformed."""
 
 
+def check_parent_folder(path: str, shown: str, expected: str):
+  """InputError `shown: PARENT is not a directory; expected` when the nearest existing parent of
+  `path` is a file: an output there could only fail once the work is done."""
+  import os
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise InputError(f'{shown}: {parent} is not a directory; {expected}')
+
+
 def where(path=None, line: int | None = None, field: str | None = None) -> str:
   """'manifest.jsonl line 3 field images[0].path' (parts that are None are left out)."""
   parts = []

@@ -531,6 +531,10 @@ def test_out_paths(state, tmp_path, capsys):
   assert convert('to-torch', '--checkpoint', str(ckpt), '--out', str(run), '--overwrite') == (
       2, f'radfm-jax convert: --out {run}: is a folder; expected a file path (.bin or '
       '.safetensors)')
+  under = exported / 'model.bin'                # below a file: refused before anything is read
+  assert convert('to-torch', '--checkpoint', str(ckpt), '--out', str(under)) == (
+      2, f'radfm-jax convert: --out {under}: {exported} is not a directory; expected a file path '
+      '(.bin or .safetensors)')
   assert convert('to-torch', '--checkpoint', str(ckpt), '--out', str(exported),
                  '--overwrite')[0] == 0
   from safetensors.numpy import load_file

@@ -33,8 +33,9 @@ def check_output_folder(out: str, overwrite: bool):
   import os
 
   from radfm_jax.checkpoint import meta
-  from radfm_jax.errors import InputError
+  from radfm_jax.errors import InputError, check_parent_folder
   if not os.path.exists(out):
+    check_parent_folder(out, f'--out {out}', 'expected a new checkpoint folder')
     return
   if not os.path.isdir(out):
     raise InputError(f'--out {out}: is a file; expected a new checkpoint folder')
@@ -53,9 +54,10 @@ def check_output_file(out: str, overwrite: bool):
   `--overwrite` an existing file; never a folder."""
   import os
 
-  from radfm_jax.errors import InputError
+  from radfm_jax.errors import InputError, check_parent_folder
   if os.path.isdir(out):
     raise InputError(f'--out {out}: is a folder; expected a file path (.bin or .safetensors)')
+  check_parent_folder(out, f'--out {out}', 'expected a file path (.bin or .safetensors)')
   if os.path.exists(out) and not overwrite:
     raise InputError(f'--out {out}: exists; expected a new file (or --overwrite to replace it)')
 

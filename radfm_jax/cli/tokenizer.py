@@ -58,15 +58,11 @@ def _lines(args) -> list[str]:
 def _check_out(out: str):
   """--out must be a file path whose nearest existing folder is a folder: checked before
   training, which would otherwise fail only when it writes the model."""
-  from radfm_jax.errors import InputError
+  from radfm_jax.errors import InputError, check_parent_folder
   expected = 'expected the path of the tokenizer.model file to write'
   if os.path.isdir(out):
     raise InputError(f'--out {out}: a folder; {expected}')
-  parent = os.path.dirname(os.path.abspath(out))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise InputError(f'--out {out}: {parent} is not a directory; {expected}')
+  check_parent_folder(out, f'--out {out}', expected)
 
 
 def run(args) -> int:

@@ -30,7 +30,7 @@ import os
 import time
 
 from radfm_jax.data.manifest import SAMPLE_FIELDS, _shown, _unknown, dataset_of
-from radfm_jax.errors import InputError, where
+from radfm_jax.errors import InputError, check_parent_folder, where
 from radfm_jax.eval import entities as entities_lib
 from radfm_jax.eval import metrics as metrics_lib
 
@@ -347,11 +347,7 @@ def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = 
   expected = f'expected a folder (new or existing) for {" and ".join(files)}'
   if os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f'{shown}: exists and is not a directory; {expected}')
-  parent = path
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise InputError(f'{shown}: {parent} is not a directory; {expected}')
+  check_parent_folder(path, shown, expected)
   for file in files:
     if os.path.isdir(os.path.join(path, file)):
       raise InputError(f'{shown}: {os.path.join(out_dir, file)} is a folder; expected it to be '
