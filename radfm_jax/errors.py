@@ -11,6 +11,11 @@ file not found: scans/a.nii.gz`. `where()` builds the "where" part the same way 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import re
+
 
 class UserError(Exception):
   """Something the user passed is wrong; the message names it (file, line, key or field)."""
@@ -20,10 +25,101 @@ class InputError(UserError, ValueError):
   """A data file (manifest, scan, split file, checkpoint, tokenizer) is missing or malformed."""
 
 
+class WriteError(UserError):
+  """The filesystem refused to write an output (full, over the file-size limit, read-only, no
+  permission): a fault of the machine, not a bug. The message names the file or folder; what was
+  committed before it stays complete."""
+
+
+# The errno values of a write the filesystem refused whatever was written (`write_fault`).
+WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                          errno.EPERM})
+_EXPECTED = 'expected free space, a file-size limit (ulimit -f) above the file and write permission'
+
+
+def write_fault(err: BaseException) -> int | None:
+  """The errno of `err` or of an exception it was raised from, when a write was refused
+  (`WRITE_FAULTS`), else None: an OSError; TensorStore's ValueError (through Orbax too), which
+  carries the code as `[os_error_code='28']`; or a library's own error that carries only the text
+  ('No space left on device')."""
+  seen = 0
+  while err is not None and seen < 8:
+    if isinstance(err, OSError) and err.errno is not None:
+      if err.errno in WRITE_FAULTS:
+        return err.errno
+    else:
+      m = re.search(r"os_error_code='?(\d+)", str(err))
+      if m and int(m[1]) in WRITE_FAULTS:
+        return int(m[1])
+      code = next((c for c in sorted(WRITE_FAULTS) if os.strerror(c) in str(err)), None)
+      if code is not None:
+        return code
+    err, seen = err.__cause__ or err.__context__, seen + 1
+  return None
+
+
+def write_failed(path: str, code: int, then: str = '') -> WriteError:
+  """The one-line WriteError of a refused write of `path` (errno `code`); `then`: what the user
+  can do next (after a semicolon)."""
+  return WriteError(f'{path}: could not write ({os.strerror(code)}); {_EXPECTED} there'
+                    + (f'; {then}' if then else ''))
+
+
+@contextlib.contextmanager
+def writing(path: str, then: str = ''):
+  """Turns a refused write inside the block (`write_fault`) into `write_failed(path)`: the file
+  a buffered write or a TensorStore array failed on is not in their errors (`OSError: [Errno 28]
+  No space left on device`); any other error passes as it is."""
+  try:
+    yield
+  except WriteError:
+    raise
+  except Exception as e:   # noqa: BLE001  (OSError, TensorStore's ValueError, Orbax's wrappers)
+    code = write_fault(e)
+    if code is None:
+      raise
+    raise write_failed(path, code, then) from e
+
+
+@contextlib.contextmanager
+def whole_file(path: str, suffix: str = '.tmp'):
+  """Yields `path + suffix` to write, renamed over `path` when the block succeeds and removed
+  when it fails: a kill, an error or a refused write never leaves a cut file at `path` (an
+  existing one stays), and a refused write is `write_failed(path)`."""
+  tmp = path + suffix
+  try:
+    with writing(path):
+      yield tmp
+      os.replace(tmp, path)         # atomic
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def check_writable_folder(folder: str, shown: str):
+  """WriteError when `folder` (or, when it does not exist yet, its nearest existing parent) is not
+  writable: a read-only filesystem, or no permission. Checked before the work whose output goes
+  there (root passes a permission check, never a read-only mount)."""
+  probe = os.path.abspath(folder)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
+    code = errno.EROFS if _read_only(probe) else errno.EACCES
+    raise WriteError(f'{shown}: {probe}: could not write ({os.strerror(code)}); expected a '
+                     'folder this user can write')
+
+
+def _read_only(path: str) -> bool:
+  try:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+  except OSError:
+    return False
+
+
 def check_parent_folder(path: str, shown: str, expected: str):
   """InputError `shown: PARENT is not a directory; expected` when the nearest existing parent of
   `path` is a file: an output there could only fail once the work is done."""
-  import os
   parent = os.path.dirname(os.path.abspath(path))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)

@@ -94,5 +94,5 @@ def test_cli_publish(store, tmp_path, capsys):
   path = capsys.readouterr().out.split()[-1]
   assert tfds_manifest.read_tfds_manifest(path) == tfds_manifest.read_tfds_manifest(
       tfds_manifest.publish_manifest(store.root, str(tmp_path / 'u')))
-  assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 1
+  assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 2
   assert 'exists' in capsys.readouterr().err

@@ -22,7 +22,7 @@ import os
 from typing import Mapping
 
 from radfm_jax.config import DataConfig, ModelConfig, model_config_from_dict
-from radfm_jax.errors import InputError
+from radfm_jax.errors import InputError, writing
 
 CONFIG_FILE = 'config.json'
 PARAMS, TRAIN_STATE = 'params', 'train_state'
@@ -66,12 +66,36 @@ def write_config(directory: str, layout: str, body: Mapping) -> str:
   file); returns its path. `directory` may be a URL (gs://...): written through etils.epath."""
   from etils import epath
   folder = epath.Path(directory)
-  folder.mkdir(parents=True, exist_ok=True)
+  with writing(os.fspath(folder)):
+    folder.mkdir(parents=True, exist_ok=True)
   text = json.dumps({**body, **layout_record(layout)}, indent=1, sort_keys=True, default=str)
   path, tmp = folder / CONFIG_FILE, folder / (CONFIG_FILE + '.tmp')
-  tmp.write_text(text)
-  tmp.replace(path)
+  with writing(os.fspath(path)):        # a full or read-only disk: one line naming the file
+    tmp.write_text(text)
+    tmp.replace(path)
   return os.fspath(path)
+
+
+# What `params.IncrementalWriter` and `write_config` leave in a parameter-only checkpoint's folder
+# while they write: the tree (and Orbax's temporary of it) before it is renamed to params/, the
+# config.json before it is renamed into place.
+_WRITING = ('params.partial', CONFIG_FILE + '.tmp')
+
+
+def unfinished_write(folder: str) -> str | None:
+  """What a parameter-only checkpoint write (convert, merge) that did not finish left in `folder`,
+  which has no config.json (the commit, written last): 'partial' when only its temporary files are
+  there (nothing complete: a rerun writes over them), 'uncommitted' when params/ is there too (the
+  tree renamed in, the record not yet written: no config names it); None for anything else (a
+  config.json, an empty folder, any other file)."""
+  names = os.listdir(folder)
+  if not names or CONFIG_FILE in names:
+    return None
+  if all(n.startswith(_WRITING) for n in names):
+    return 'partial'
+  if all(n.startswith(_WRITING) or n == PARAMS for n in names):
+    return 'uncommitted'
+  return None
 
 
 def checkpoint_folder(directory: str) -> str:

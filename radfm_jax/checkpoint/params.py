@@ -30,6 +30,7 @@ from radfm_jax.checkpoint import meta
 from radfm_jax.casting import checked_cast
 from radfm_jax.config import ModelConfig
 from radfm_jax.checkpoint.tree import flat_params, trim_memory, unflatten
+from radfm_jax.errors import writing
 
 PARAMS_DIR = 'params'
 CHUNK_BYTES = 64 << 20   # zarr chunk target: restores read whole chunks, keep them modest
@@ -63,7 +64,8 @@ class IncrementalWriter:
 
   Data goes to `<directory>.partial` and is renamed into place by `close`, so an interrupted
   conversion never leaves a directory that looks like a checkpoint; `abort` (an error inside the
-  `with` block) removes it. Every value is cast to its leaf's dtype with `checked_cast`.
+  `with` block) removes it. Every value is cast to its leaf's dtype with `checked_cast`. A write
+  the filesystem refuses (full, read-only) is a WriteError naming `directory`.
   """
 
   def __init__(self, directory: str, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
@@ -73,13 +75,31 @@ class IncrementalWriter:
 
     self.directory = os.path.abspath(directory)
     self.tmp = self.directory + '.partial'
-    if os.path.exists(self.tmp):
-      shutil.rmtree(self.tmp)
+    self.arrays, self.todo = {}, {}
+    with writing(self.directory):
+      parent, name = os.path.split(self.tmp)
+      for left in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+        if left.startswith(name):         # a killed run's (and Orbax's) temporary: never read
+          shutil.rmtree(os.path.join(parent, left))
+      try:
+        self._create(leaves, stacked, plans, ocp, ts)
+      except BaseException:
+        self.abort()
+        raise
+
+  def _create(self, leaves, stacked, plans, ocp, ts):
+    """The skeleton tree, then each leaf's array at its real shape (see the class doc)."""
+    import logging
     self.leaves = {p: (tuple(s), np.dtype(d)) for p, (s, d) in leaves.items()}
     skeleton = {p: np.zeros((1,) * len(s), d) for p, (s, d) in self.leaves.items()}
-    ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=False).save(
-        self.tmp, args=ocp.args.PyTreeSave(unflatten(skeleton)))
-    self.arrays, self.todo = {}, {}
+    absl = logging.getLogger('absl')
+    level = absl.level
+    absl.setLevel(logging.ERROR)      # Orbax warns 'Skipping merge of OCDBT checkpoints' (none)
+    try:
+      ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=False).save(
+          self.tmp, args=ocp.args.PyTreeSave(unflatten(skeleton)))
+    finally:
+      absl.setLevel(level)
     for path, (shape, dtype) in self.leaves.items():
       leaf_dir = os.path.join(self.tmp, '.'.join(path.split('/')))
       meta_file = os.path.join(leaf_dir, '.zarray')
@@ -118,7 +138,9 @@ class IncrementalWriter:
       target = target[region]
     if tuple(array.shape) != tuple(target.shape):
       raise ValueError(f'{path}[{index}][{region}]: shape {array.shape}, expected {target.shape}')
-    target.write(checked_cast(array, dtype, f'parameter {path}')).result()
+    value = checked_cast(array, dtype, f'parameter {path}')
+    with writing(self.directory):
+      target.write(value).result()
     self.todo[path] -= array.size
     if array.nbytes > (8 << 20):
       trim_memory()
@@ -142,9 +164,16 @@ class IncrementalWriter:
     if unwritten:
       raise RuntimeError(f'checkpoint incomplete, elements never written: {unwritten}')
     self.arrays.clear()
-    if os.path.exists(self.directory):
-      shutil.rmtree(self.directory)
-    os.replace(self.tmp, self.directory)
+    with writing(self.directory):
+      if os.path.exists(self.directory):
+        # The config.json beside the old tree names it: removed first, so a kill from here on
+        # leaves a folder with no config.json (an unfinished write, `meta.unfinished_write`),
+        # never an old record over new parameters of another shape.
+        config = os.path.join(os.path.dirname(self.directory), meta.CONFIG_FILE)
+        if os.path.basename(self.directory) == PARAMS_DIR and os.path.exists(config):
+          os.remove(config)
+        shutil.rmtree(self.directory)
+      os.replace(self.tmp, self.directory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,9 +192,8 @@ def save(model, directory: str, **info) -> str:
   from flax import nnx
   flat = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   leaves = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()}
-  writer = IncrementalWriter(os.path.join(directory, PARAMS_DIR), leaves)
-  for path, value in flat.items():
-    writer.write(path, None, np.asarray(value))
-  writer.close()
+  with IncrementalWriter(os.path.join(directory, PARAMS_DIR), leaves) as writer:
+    for path, value in flat.items():    # an error (a full disk) removes params.partial
+      writer.write(path, None, np.asarray(value))
   write_config(directory, model.cfg, **info)
   return os.path.abspath(directory)

@@ -18,10 +18,17 @@ failed one then moved aside to `<step>.corrupt`: kept, not deleted; the run writ
 `fallback=False` (`radfm-jax train --no-fallback`) makes that line a `CheckpointRestoreError`.
 Not detected: bytes garbled inside an array's data file whose length stays right restore as other
 values (Orbax's zarr chunks carry no checksum).
+
+Saving: Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it into place when
+complete, so a kill at any moment leaves only complete steps (`rundir.remove_unfinished` clears
+the rest). A save the filesystem refuses (full, read-only) is a `WriteError` naming the step
+folder and the newest complete step, raised where it surfaces (the next save, `wait`, `close`:
+saves run in the background).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,7 +37,7 @@ import sys
 import orbax.checkpoint as ocp
 
 from radfm_jax.checkpoint import meta
-from radfm_jax.errors import InputError
+from radfm_jax.errors import InputError, write_failed, write_fault
 
 
 class CheckpointRestoreError(InputError):
@@ -78,8 +85,43 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=1,
                                            enable_async_checkpointing=async_save,
                                            create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    with self._writing(None):
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._record = None     # the config.json body last written by this process
+    self._saving = None     # the step of the last save started (it may still run)
+    self._failed = False    # a save was refused: close() then only releases the manager
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """A refused write inside the block (`write_fault`; Orbax raises the error of a background
+    save at the next save or wait) -> WriteError naming the step's folder (from the failure's own
+    path when it names one) and what is intact."""
+    try:
+      yield
+    except Exception as e:   # noqa: BLE001  (OSError, TensorStore's ValueError through Orbax)
+      code = write_fault(e)
+      if code is None:
+        raise
+      self._failed = True
+      chain, cause = [], e
+      while cause is not None and len(chain) < 8:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+      m = re.search(r'/(\d+)\.orbax-checkpoint-tmp', ' '.join(chain))
+      failed = int(m[1]) if m else (self._saving if self._saving is not None else step)
+      done = self._complete_steps()
+      where = self.directory if failed is None else self.step_dir(failed)
+      intact = (f'the steps saved before are complete (latest: step {done[-1]}); rerun the same '
+                'command to resume from it' if done else 'no step was saved')
+      raise write_failed(where, code, intact) from e
+
+  def _complete_steps(self) -> list[int]:
+    """The step folders in place (a local folder; Orbax renames a step in when it is complete),
+    read from the folder itself: the manager may be mid-failure."""
+    if '://' in self.directory or not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
 
   def _write_record(self, config: dict | None):
     """DIR/config.json: the layout record + the latest config (process 0 only; rewritten when the
@@ -105,9 +147,11 @@ class Checkpointer:
       items['data'] = data
     if config is not None:
       items['config'] = ocp.args.JsonSave(config)
-    saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
-    if saved:
-      self._write_record(config)
+    with self._writing(int(step)):
+      saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+      self._saving = int(step) if saved else self._saving
+      if saved:
+        self._write_record(config)
     return saved
 
   def restore(self, step: int | None, abstract_state, data_iter=None):
@@ -196,10 +240,18 @@ class Checkpointer:
     return dst
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._writing(None):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
+    """Waits for the last save, then releases the manager. After a refused save (already raised)
+    it only releases: the error is not raised twice, from a `finally`."""
+    if self._failed:
+      with contextlib.suppress(Exception):
+        self.manager.close()
+      return
+    with self._writing(None):
+      self.manager.wait_until_finished()
     self.manager.close()
 
 

@@ -56,8 +56,13 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+  with flags.sigterm_as_interrupt():   # SIGTERM: one line and 130, as Ctrl-C (nothing written)
+    return _run(args)
+
+
+def _run(args) -> int:
   from radfm_jax.eval import entities, harness
-  from radfm_jax.errors import UserError
+  from radfm_jax.errors import UserError, check_writable_folder
   if args.batch_size < 1:
     raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
   if args.limit is not None and args.limit < 1:
@@ -76,6 +81,7 @@ def run(args) -> int:
   # before any work: a bad --out would otherwise fail after every sample is generated
   harness.check_out_dir(args.out, '--out',
                         ('summary.json',) if args.predictions else harness.OUTPUTS)
+  check_writable_folder(args.out, f'--out {args.out}')    # a read-only disk too
   try:
     extractor, reason = entities.get_extractor(args.entities, source='--entities')
   except entities.ExtractorUnavailable as e:

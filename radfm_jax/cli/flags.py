@@ -5,7 +5,9 @@ the config's sections and fields."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import textwrap
 import typing
 
@@ -25,11 +27,39 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
                    ' (default: none)')
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+  """For the block, SIGTERM (`kill`, a scheduler) ends the command as Ctrl-C does, with
+  KeyboardInterrupt: the files it writes are closed as on an interrupt and the exit is one line
+  and 130 (Python's default dies at once, silently, mid-write). Off the main thread, nothing
+  changes."""
+  def handle(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+  try:
+    previous = signal.signal(signal.SIGTERM, handle)
+  except ValueError:
+    previous = None
+  try:
+    yield
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
 def check_output_folder(out: str, overwrite: bool):
   """`--out` of a command that writes a parameter-only checkpoint (convert, merge): a new path, or
   with `--overwrite` an empty folder or a parameter-only checkpoint (whose params/ and config.json
-  are replaced). Never a file, a training run or any other folder: writing into one would mix
-  the new parameters with what is there."""
+  are replaced); what a killed convert or merge left (`meta.unfinished_write`): its temporary
+  files alone are written over, params/ without config.json is replaced with --overwrite. Never a
+  file, a training run or any other folder: writing into one would mix the new parameters with
+  what is there. A folder that cannot be written (a read-only disk) fails here, before the
+  work."""
+  from radfm_jax.errors import check_writable_folder
+  _check_output_folder(out, overwrite)
+  check_writable_folder(out, f'--out {out}')
+
+
+def _check_output_folder(out: str, overwrite: bool):
   import os
 
   from radfm_jax.checkpoint import meta
@@ -39,6 +69,14 @@ def check_output_folder(out: str, overwrite: bool):
     return
   if not os.path.isdir(out):
     raise InputError(f'--out {out}: is a file; expected a new checkpoint folder')
+  unfinished = meta.unfinished_write(out)
+  if unfinished == 'partial':          # a killed run's temporary files only: written over
+    return
+  if unfinished == 'uncommitted' and not overwrite:
+    raise InputError(f'--out {out}: holds params/ but no {meta.CONFIG_FILE}: a conversion or merge '
+                     'that did not finish; expected a new folder (or --overwrite to replace it)')
+  if unfinished == 'uncommitted':
+    return
   own = os.path.join(out, meta.CONFIG_FILE)
   empty = not os.listdir(out)
   if not empty and not (os.path.isfile(own) and meta.checked_record(out)[2] == meta.PARAMS):
@@ -51,15 +89,16 @@ def check_output_folder(out: str, overwrite: bool):
 
 def check_output_file(out: str, overwrite: bool):
   """`--out` of a command that writes one file (convert to-torch): a new path, or with
-  `--overwrite` an existing file; never a folder."""
+  `--overwrite` an existing file; never a folder, nor one in a folder that cannot be written."""
   import os
 
-  from radfm_jax.errors import InputError, check_parent_folder
+  from radfm_jax.errors import InputError, check_parent_folder, check_writable_folder
   if os.path.isdir(out):
     raise InputError(f'--out {out}: is a folder; expected a file path (.bin or .safetensors)')
   check_parent_folder(out, f'--out {out}', 'expected a file path (.bin or .safetensors)')
   if os.path.exists(out) and not overwrite:
     raise InputError(f'--out {out}: exists; expected a new file (or --overwrite to replace it)')
+  check_writable_folder(os.path.dirname(os.path.abspath(out)), f'--out {out}')
 
 
 def add_command(sub, name: str, *, help: str, description: str, example: str):

@@ -93,6 +93,11 @@ def load(args):
 
 
 def run(args) -> int:
+  with flags.sigterm_as_interrupt():
+    return _run(args)
+
+
+def _run(args) -> int:
   if (args.prompt is None) == (args.input is None):
     print('radfm-jax generate: give either --prompt (with --image ...) or --input FILE',
           file=sys.stderr)
@@ -112,22 +117,60 @@ def run(args) -> int:
   else:
     items = read_prompts(args.input)
   check_paths(items)             # before the model is loaded
-  model, tokenizer, data_cfg, sampling = load(args)
   if args.output:
-    import os
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  out = open(args.output, 'w') if args.output else sys.stdout
-  try:
-    for it, text, row in generate_items(model, tokenizer, data_cfg, items, sampling,
-                                        args.batch_size, args.seed,
-                                        progress=not args.no_progress):
+    _check_output(args.output)   # before the model is loaded too
+  model, tokenizer, data_cfg, sampling = load(args)
+  answers = generate_items(model, tokenizer, data_cfg, items, sampling, args.batch_size,
+                           args.seed, progress=not args.no_progress)
+  if not args.output:
+    for it, text, row in answers:
       if args.input is None:
-        print(text, file=out)
+        print(text)
       else:
-        out.write(json.dumps({'id': it['id'], 'prompt': it['prompt'], 'images': it['images'],
-                              'prediction': text, 'new_tokens': len(row)}) + '\n')
-        out.flush()
-  finally:
-    if out is not sys.stdout:
-      out.close()
+        print(_answer(it, text, row), flush=True)
+    return 0
+  _write_answers(args.output, answers, len(items), plain=args.input is None)
   return 0
+
+
+def _answer(it, text, row) -> str:
+  return json.dumps({'id': it['id'], 'prompt': it['prompt'], 'images': it['images'],
+                     'prediction': text, 'new_tokens': len(row)})
+
+
+def _check_output(output: str):
+  """--output's folder made and writable, and --output not a folder: before any work."""
+  import os
+
+  from radfm_jax.errors import InputError, check_parent_folder, check_writable_folder, writing
+  expected = 'expected a file path for the answers (JSONL)'
+  if os.path.isdir(output):
+    raise InputError(f'--output {output}: is a folder; {expected}')
+  check_parent_folder(output, f'--output {output}', expected)
+  folder = os.path.dirname(os.path.abspath(output))
+  check_writable_folder(folder, f'--output {output}')
+  with writing(folder):
+    os.makedirs(folder, exist_ok=True)
+
+
+def _write_answers(output: str, answers, total: int, plain: bool = False):
+  """Writes the answers to OUTPUT.partial as they come (flushed: a long run keeps its progress)
+  and renames it to OUTPUT when every one is in, so a file at OUTPUT is always complete (and a
+  previous OUTPUT stays until then). An interrupt (Ctrl-C, SIGTERM) keeps OUTPUT.partial and says
+  how many answers it holds. `plain`: the answer text (--prompt), else a JSON line (--input)."""
+  import os
+
+  from radfm_jax.errors import writing
+  tmp = output + '.partial'
+  done = 0
+  try:
+    with writing(tmp), open(tmp, 'w', encoding='utf-8') as out:
+      for it, text, row in answers:
+        out.write((text if plain else _answer(it, text, row)) + '\n')
+        out.flush()
+        done += 1
+  except KeyboardInterrupt as e:
+    kept = f'{done} of {total} answers kept in {tmp}; {output} not written'
+    raise KeyboardInterrupt(f'{e}; {kept}' if str(e) else kept) from None
+  with writing(output):
+    os.replace(tmp, output)

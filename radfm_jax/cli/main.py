@@ -98,8 +98,23 @@ def main(argv=None) -> int:
     if args._program and not args.verbose:      # the process ends here
       _quiet_abandoned_tasks()
     return 2
-  except KeyboardInterrupt:
-    print(f'radfm-jax {args.command}: interrupted', file=sys.stderr)
+  except OSError as e:
+    # A refused write no command wrapped (`errors.writing`): a makedirs or an open on a read-only
+    # or full filesystem names its file itself. Only the errno values no read raises: a refused
+    # read (EACCES) keeps its traceback.
+    import errno
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) or not e.filename:
+      raise
+    from radfm_jax.errors import write_failed
+    if args.verbose:
+      import traceback
+      traceback.print_exc()
+    print(f'radfm-jax {args.command}: {write_failed(e.filename, e.errno)}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt as e:
+    # a command may say what it kept (generate: the answers so far, in OUTPUT.partial)
+    print(f'radfm-jax {args.command}: interrupted' + (f' ({e})' if str(e) else ''),
+          file=sys.stderr)
     return 130
 
 

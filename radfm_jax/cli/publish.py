@@ -16,7 +16,7 @@ def add_parser(sub):
   p = flags.add_command(
       sub, 'publish', help='publish a manifest as a TFDS ArrayRecord dataset',
       description='Writes the manifest of a store (or a manifest JSONL) as a TFDS ArrayRecord '
-      'dataset, one split per manifest split (the `tfds` extra; no TensorFlow). Exit code 1 on a '
+      'dataset, one split per manifest split (the `tfds` extra; no TensorFlow). Exit code 2 on a '
       'missing input or an existing version without --overwrite.', example=EXAMPLE)
   p.add_argument('--data', required=True,
                  help='a store directory, its manifest.jsonl, or a manifest JSONL')
@@ -31,6 +31,6 @@ def run(args) -> int:
     path = publish_manifest(args.data, args.out, overwrite=args.overwrite)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     print(f'radfm-jax publish: {e}', file=sys.stderr)
-    return 1
+    return 2
   print(f'published {path}')
   return 0

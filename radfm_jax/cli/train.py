@@ -26,11 +26,15 @@ DESCRIPTION = (
     'and loss_curve.png; prints a start-up summary, a line per compiled batch shape and a '
     'progress bar on stderr and one JSON summary line on stdout. Resuming needs the same config '
     'except train.steps, logging / eval / checkpoint cadence, data paths, the mesh and the '
-    'generate section. Compiled programs are kept in a persistent cache '
+    'generate section. One run per workdir: a second `train` in it fails at once (the lock '
+    'checkpoints/.lock). A kill never leaves a step half-written: the rerun resumes from the last '
+    'complete one. Compiled programs are kept in a persistent cache '
     '($RADFM_COMPILATION_CACHE: a folder, or "off"; default $XDG_CACHE_HOME/radfm-jax/jax or '
     '~/.cache/radfm-jax/jax), so a rerun or a resume compiles nothing twice. Exit codes: 0 done '
     'or preempted (SIGTERM: checkpoint saved, status "preempted"); 130 Ctrl-C (checkpoint saved, '
-    'status "interrupted"; a second Ctrl-C stops without saving); 2 a bad flag or config value; '
+    'status "interrupted"; a second Ctrl-C stops without saving); 2 a bad flag or config value, '
+    'another run in the workdir, or a write the disk refused (full, read-only: the steps saved '
+    'before stay complete); '
     '3 a non-finite loss (the last good checkpoint stays intact).')
 
 

@@ -15,7 +15,6 @@ written first with unallocated placeholder storages, then each tensor's bytes ar
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +30,7 @@ from radfm_jax.casting import checked_cast
 from radfm_jax.checkpoint.read import LeafReader
 from radfm_jax.config import ModelConfig
 from radfm_jax.convert import engine, infer, keymap
+from radfm_jax.errors import whole_file
 
 
 def abstract_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -158,18 +158,11 @@ _ST_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16', 'float64':
               'int64': 'I64', 'int32': 'I32'}
 
 
-@contextlib.contextmanager
 def _partial(path: str):
-  """Yields `path + '.partial'` to write, renamed to `path` when the block succeeds and removed
-  when it fails: a failed or interrupted export leaves nothing, an existing `path` stays."""
-  tmp = path + '.partial'
-  try:
-    yield tmp
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  os.replace(tmp, path)
+  """Writes `path + '.partial'`, renamed to `path` when the block succeeds and removed when it
+  fails (`errors.whole_file`): a failed or interrupted export leaves nothing, an existing `path`
+  stays, a refused write is a WriteError naming `path`."""
+  return whole_file(path, '.partial')
 
 
 def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dtype]], tensors):
@@ -209,8 +202,10 @@ def _write_torch_bin(path: str, header: dict[str, tuple[tuple[int, ...], np.dtyp
   for alias, target in aliases.items():
     placeholders[alias] = placeholders[target]
   with _partial(path) as tmp:
-    with torch.serialization.skip_data():
-      torch.save(placeholders, tmp)
+    # through a Python file: a refused write is then an OSError (EFBIG, ENOSPC), not torch's
+    # 'iostream error' that names no reason
+    with open(tmp, 'wb') as f, torch.serialization.skip_data():
+      torch.save(placeholders, f)
     del placeholders
     with zipfile.ZipFile(tmp) as archive:
       records = {info.filename.split('/', 1)[1]: info for info in archive.infolist()}

@@ -52,6 +52,8 @@ import numpy as np
 import tensorstore as ts
 
 from radfm_jax.config import ConfigError
+from radfm_jax.data.store import write_bytes
+from radfm_jax.errors import writing
 from radfm_jax.errors import InputError
 
 CACHE_DIR = 'image_tokens'
@@ -189,30 +191,33 @@ class ImageTokenCache:
             keys: dict[str, str] | None = None):
     """{scan id: (tokens [num_latents, embed], resized (H, W, D))} in one transaction, then the
     metadata (written last, atomically: a crash leaves the previous metadata). `keys`: {scan id:
-    the store key (VolumeStore.key) of the scan version the tokens were made from}."""
+    the store key (VolumeStore.key) of the scan version the tokens were made from}. A write the
+    filesystem refuses (full, read-only) is a one-line WriteError naming the folder or file;
+    the metadata then still lists only the scans whose tokens were committed before."""
     if not items:
       return
-    os.makedirs(self.directory, exist_ok=True)
     shape = (self.meta['num_latents'], self.meta['embed'])
-    txn = ts.Transaction()
-    futures = []
     for scan_id, (tokens, _) in items.items():
       if tuple(tokens.shape) != shape:
         raise ValueError(f'scan {scan_id}: tokens {tokens.shape}, expected {shape}')
-      arr = ts.open(_spec(self.kvstore, scan_id, shape, self.meta['dtype']), create=True,
-                    delete_existing=True, context=self._context(), transaction=txn).result()
-      futures.append(arr.write(np.asarray(tokens)))
-    for f in futures:
-      f.result()
-    txn.commit_async().result()
+    with writing(self.directory + '/'):
+      os.makedirs(self.directory, exist_ok=True)
+      txn = ts.Transaction()
+      futures = []
+      for scan_id, (tokens, _) in items.items():
+        arr = ts.open(_spec(self.kvstore, scan_id, shape, self.meta['dtype']), create=True,
+                      delete_existing=True, context=self._context(), transaction=txn).result()
+        futures.append(arr.write(np.asarray(tokens)))
+      for f in futures:
+        f.result()
+      txn.commit_async().result()
+    meta = json.loads(json.dumps(self.meta))       # the listed scans change only once written
     for scan_id, (_, hwd) in items.items():
-      self.meta['scans'][scan_id] = [int(v) for v in hwd]
+      meta['scans'][scan_id] = [int(v) for v in hwd]
       if keys is not None:
-        self.meta.setdefault('keys', {})[scan_id] = keys[scan_id]
-    path = self.meta_path(self.root, self.fingerprint)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(self.meta, f)
-    os.replace(path + '.tmp', path)
+        meta.setdefault('keys', {})[scan_id] = keys[scan_id]
+    write_bytes(self.meta_path(self.root, self.fingerprint), json.dumps(meta).encode())
+    self.meta.update(meta)
 
   def read(self, scan_id: str, hwd=None, key: str | None = None) -> np.ndarray:
     """[num_latents, embed] tokens of `scan_id`; `hwd`, when given, must be the (H, W, D) the scan

@@ -48,7 +48,7 @@ from typing import Callable, Iterable
 from radfm_jax.data.readers import (DEFAULT_MAX_SCAN_BYTES, RejectedScan, read_scan,
                                     source_digest)
 from radfm_jax.data.store import VolumeStore, kill_point, write_jsonl
-from radfm_jax.errors import InputError, where
+from radfm_jax.errors import InputError, WriteError, where
 
 
 class IngestError(RuntimeError):
@@ -236,25 +236,37 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   entries = _collect(records, base, place)
   store = VolumeStore(out_dir)
   report = IngestReport(rejects=list(rejects), train_resolution=train_resolution)
-  with store.lock(lock_timeout, log):
-    index = store.index()
-    _check_scan_ids(entries, index, replace)
-    old_rows = store.manifest()
-    old_at = {str(r.get('id')): i for i, r in enumerate(old_rows)}
-    _check_samples(records, base, index, old_rows, old_at, place, replace, store.manifest_path)
-    resolved = (store_scans or _store_scans)(store, entries, report, batch_size, workers, log,
-                                             max_scan_bytes, progress)
-    if train_resolution is not None:
-      from radfm_jax.data import train_copies
-      ids = [i for v in resolved.values() if v for i in v]
-      report.copies, report.copies_current = train_copies.make(
-          store, ids, int(train_resolution), batch_size, workers or os.cpu_count() or 1, log,
-          progress)
-    rows = _merge_samples(records, base, resolved, old_rows, old_at, store.index(), report)
-    kill_point('before-manifest')
-    write_jsonl(store.manifest_path, rows)
-    write_jsonl(store.rejects_path, report.rejects)
-    write_jsonl(store.warnings_path, report.warnings)
+  locked = False
+  try:
+    with store.lock(lock_timeout, log):
+      locked = True
+      index = store.index()
+      _check_scan_ids(entries, index, replace)
+      old_rows = store.manifest()
+      old_at = {str(r.get('id')): i for i, r in enumerate(old_rows)}
+      _check_samples(records, base, index, old_rows, old_at, place, replace, store.manifest_path)
+      resolved = (store_scans or _store_scans)(store, entries, report, batch_size, workers, log,
+                                               max_scan_bytes, progress)
+      if train_resolution is not None:
+        from radfm_jax.data import train_copies
+        ids = [i for v in resolved.values() if v for i in v]
+        report.copies, report.copies_current = train_copies.make(
+            store, ids, int(train_resolution), batch_size, workers or os.cpu_count() or 1, log,
+            progress)
+      rows = _merge_samples(records, base, resolved, old_rows, old_at, store.index(), report)
+      kill_point('before-manifest')
+      write_jsonl(store.manifest_path, rows)
+      write_jsonl(store.rejects_path, report.rejects)
+      write_jsonl(store.warnings_path, report.warnings)
+  except WriteError as e:
+    # The filesystem refused a write: stopped as a kill would stop it (store.py), so say what the
+    # store still holds and that the same command finishes the job.
+    if not locked:              # the store folder or its lock file: nothing was started
+      raise
+    raise WriteError(f'{e}; ingest stopped: {len(report.stored)} scans of this run were '
+                          'stored before it, the store holds complete scans only and its last '
+                          'complete manifest.jsonl; run the same ingest again once there is room '
+                          'to finish it') from None
   report.manifest_rows = len(rows)
   print(f'ingest: {report.summary()} -> {store.root}', file=log)
   if strict and report.rejects:
@@ -386,12 +398,16 @@ def _write(store, pending, report, resolved, entries, log, bar):
   try:
     store.write_batch([item for _, scans in pending for item in scans])
     done = pending
+  except WriteError:  # the disk, not a scan: every scan would be refused, so stop (ingest)
+    raise
   except Exception:  # retried one entry at a time below, which names the failing scan
     done = []
     for sid, scans in pending:
       try:
         store.write_batch(scans)
         done.append((sid, scans))
+      except WriteError:
+        raise
       except Exception as err:
         _reject(report, resolved, entries[sid], f'store write failed: {type(err).__name__}: '
                 f'{err}', log, bar)

@@ -69,7 +69,7 @@ import numpy as np
 import tensorstore as ts
 
 from radfm_jax.casting import checked_cast
-from radfm_jax.errors import InputError, UserError, where
+from radfm_jax.errors import InputError, UserError, where, whole_file, write_failed, write_fault
 
 AXES = 'CHWD'
 _STORABLE = {np.dtype(t) for t in ('uint8', 'int8', 'uint16', 'int16', 'int32', 'uint32', 'float32')}
@@ -274,14 +274,16 @@ def read_jsonl(path: str) -> list[dict]:
   return [value for _, value in iter_jsonl(path)]
 
 
-def write_jsonl(path: str, records: Iterable[dict]):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    for r in records:
-      f.write(json.dumps(r) + '\n')
+def write_bytes(path: str, data: bytes):
+  """Writes `path` whole or not at all (`errors.whole_file`), fsynced before the rename."""
+  with whole_file(path) as tmp, open(tmp, 'wb') as f:
+    f.write(data)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
+
+
+def write_jsonl(path: str, records: Iterable[dict]):
+  write_bytes(path, ''.join(json.dumps(r) + '\n' for r in records).encode())
 
 
 CRASH_ENV = 'RADFM_JAX_CRASH_AT'
@@ -313,6 +315,15 @@ def kill_point(name: str):
 
 class StoreLocked(UserError):
   """Another writer holds the store's lock and `timeout` ran out."""
+
+
+class ScanNotFound(InputError, KeyError):
+  """A scan id the store's index has no row for (a KeyError too, for callers that look ids up)."""
+  __str__ = Exception.__str__         # KeyError's would put the message in quotes
+
+
+class StoreDamaged(InputError):
+  """An indexed array that cannot be read: the store was changed or damaged after ingest."""
 
 
 def read_index(path: str) -> dict[str, dict]:
@@ -369,7 +380,7 @@ class VolumeStore:
   def database(self, scan_id: str) -> dict:
     """The kvstore spec of the database holding `scan_id` (its index row's `db`, a shard of a
     sharded store, else `volumes/`)."""
-    return database(self.root, self.index()[scan_id].get('db'))
+    return database(self.root, self.row(scan_id).get('db'))
 
   @property
   def manifest_path(self) -> str:
@@ -420,8 +431,14 @@ class VolumeStore:
       if os.path.exists(self.root) and not os.path.isdir(self.root):
         raise InputError(f'{self.root}: exists and is not a directory; expected a store '
                          'directory to extend, or a new path to create one at')
-      os.makedirs(self.root, exist_ok=True)
-      fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:       # a read-only or foreign folder: one line naming it, not a trace
+        code = write_fault(e)
+        if code is None:
+          raise
+        raise write_failed(e.filename or self.lock_path, code) from None
       try:
         self._acquire(fd, timeout, log)
         os.ftruncate(fd, 0)
@@ -473,8 +490,18 @@ class VolumeStore:
   def __len__(self) -> int:
     return len(self.index())
 
+  def row(self, scan_id: str) -> dict:
+    """The index row of `scan_id`; ScanNotFound naming scans.jsonl when it has none (a manifest
+    of another store, or an index cut or deleted after ingest), never a bare KeyError."""
+    row = self.index().get(scan_id)
+    if row is None:
+      raise ScanNotFound(f'{self.scans_path}: no row for scan {scan_id!r}; expected a row for '
+                         'every scan the manifest names (the index was cut or deleted after '
+                         'ingest, or the manifest belongs to another store)')
+    return row
+
   def info(self, scan_id: str) -> dict:
-    return self.index()[scan_id]
+    return self.row(scan_id)
 
   def manifest(self) -> list[dict]:
     return read_jsonl(self.manifest_path)
@@ -489,7 +516,7 @@ class VolumeStore:
     """The identity of the stored array: its key in the database (rows written before keys
     existed: `scans/<id>/`), after its shard's `db` when it has one ('shards/<name>/scans/<id>/'),
     so that no two stored arrays share one."""
-    row = self.index()[scan_id]
+    row = self.row(scan_id)
     key = row.get('key', f'scans/{scan_id}/')
     return f"{row['db']}/{key}" if row.get('db') else key
 
@@ -521,9 +548,21 @@ class VolumeStore:
         f.write(data[:-20])             # rows are longer than 20 bytes: the last one is torn
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
+      end = f.tell()
+      try:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      except OSError as e:
+        # A refused write may have put some of the rows there, the last one cut: take them all
+        # back (cutting frees space, so it works on a full disk), so that the batch is indexed
+        # whole or not at all, as a kill leaves it; the next run writes it again.
+        with contextlib.suppress(OSError):
+          f.truncate(end)
+        code = write_fault(e)
+        if code is None:
+          raise
+        raise write_failed(self.scans_path, code) from None
 
   # ---------------------------------------------------------------------------------------------
   # Writing
@@ -560,16 +599,24 @@ class VolumeStore:
     return rows
 
   def _commit(self, writes):
-    """Writes [(key, array, attributes, layout)] into `volumes/` in one atomic transaction."""
+    """Writes [(key, array, attributes, layout)] into `volumes/` in one atomic transaction; a
+    write the filesystem refuses (full, read-only, ...) is a WriteError naming `volumes/`
+    (the transaction commits whole or not at all, so the database keeps what it had)."""
     try:
-      self._write_transaction(writes, overwrite=False)
-    except ValueError as e:
-      if 'already exists' not in str(e) and 'ALREADY_EXISTS' not in str(e):
+      try:
+        self._write_transaction(writes, overwrite=False)
+      except ValueError as e:
+        if 'already exists' not in str(e) and 'ALREADY_EXISTS' not in str(e):
+          raise
+        # A key already in the database but not in the index (a run killed between commit and
+        # index append): nothing refers to it, so it is replaced. Kept off the normal path
+        # because `delete_existing` makes OCDBT write one data file per array.
+        self._write_transaction(writes, overwrite=True)
+    except (ValueError, OSError) as e:
+      code = write_fault(e)
+      if code is None:
         raise
-      # A key already in the database but not in the index (a run killed between commit and
-      # index append): nothing refers to it, so it is replaced. Kept off the normal path
-      # because `delete_existing` makes OCDBT write one data file per array.
-      self._write_transaction(writes, overwrite=True)
+      raise write_failed(os.path.join(self.root, 'volumes') + '/', code) from None
 
   def _write_transaction(self, writes, overwrite: bool):
     txn = ts.Transaction(atomic=True)      # the whole batch commits, or none of it
@@ -612,26 +659,47 @@ class VolumeStore:
   # ---------------------------------------------------------------------------------------------
   # Reading
 
+  def _damaged(self, what: str, db: str | None, key: str, err: Exception) -> StoreDamaged:
+    """The one-line StoreDamaged of an indexed array TensorStore cannot open or read."""
+    folder = os.path.join(self.root, db or '', 'volumes') + '/'
+    reason = str(err).split(' [tensorstore_spec=')[0]       # drop the spec dump
+    return StoreDamaged(f'{folder} key {key}: {what} cannot be read ({reason}); expected the '
+                        f'complete array that {self.scans_path} indexes (the store was changed '
+                        'or damaged after ingest)')
+
   def open(self, scan_id: str) -> ts.TensorStore:
-    row = self.index()[scan_id]
-    return ts.open({'driver': 'zarr3', 'kvstore': self.database(scan_id),
-                    'path': row.get('key', f'scans/{scan_id}/')},
-                   open=True, context=self._context()).result()
+    row = self.row(scan_id)
+    key = row.get('key', f'scans/{scan_id}/')
+    try:
+      return ts.open({'driver': 'zarr3', 'kvstore': self.database(scan_id), 'path': key},
+                     open=True, context=self._context()).result()
+    except ValueError as e:
+      raise self._damaged(f'the array of scan {scan_id!r}', row.get('db'), key, e) from None
 
   def read(self, scan_id: str) -> np.ndarray:
-    """The stored array [C, H, W, D] in its stored dtype."""
-    return self.open(scan_id).read().result()
+    """The stored array [C, H, W, D] in its stored dtype (StoreDamaged naming the database, key
+    and index when it cannot be read, ScanNotFound when the index has no row for it)."""
+    arr = self.open(scan_id)
+    try:
+      return arr.read().result()
+    except ValueError as e:
+      row = self.row(scan_id)
+      raise self._damaged(f'the array of scan {scan_id!r}', row.get('db'),
+                          row.get('key', f'scans/{scan_id}/'), e) from None
 
   def read_copy(self, entry: dict, depth: np.ndarray | None = None) -> np.ndarray:
     """A training-resolution copy (an entry of an index row's `copies`) [C, h, w, D], or only
     its slices `depth` (indices along D, repeats allowed) [C, h, w, len(depth)]: one chunk per
     slice, so only those are read."""
-    arr = ts.open({'driver': 'zarr3', 'kvstore': self.kvstore, 'path': entry['key']},
-                  open=True, context=self._context()).result()
-    if depth is None:
-      return arr.read().result()
-    keep, where_ = np.unique(np.asarray(depth), return_inverse=True)
-    return np.take(arr[:, :, :, keep].read().result(), where_.reshape(-1), axis=3)
+    try:
+      arr = ts.open({'driver': 'zarr3', 'kvstore': self.kvstore, 'path': entry['key']},
+                    open=True, context=self._context()).result()
+      if depth is None:
+        return arr.read().result()
+      keep, where_ = np.unique(np.asarray(depth), return_inverse=True)
+      return np.take(arr[:, :, :, keep].read().result(), where_.reshape(-1), axis=3)
+    except ValueError as e:
+      raise self._damaged('the training-resolution copy', None, entry['key'], e) from None
 
   def attributes(self, scan_id: str) -> dict[str, Any]:
     """Attributes as stored in the zarr metadata (the index holds the same copy)."""

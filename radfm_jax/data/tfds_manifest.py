@@ -104,15 +104,30 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
                        '(letters, digits, underscore)')
     splits.setdefault(split, []).append(row)
   target = os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
+  # --overwrite moves the old version aside until the new one is complete: a write the disk
+  # refuses (or Ctrl-C) then puts it back instead of leaving neither. Outside the dataset folder,
+  # where TFDS would take it for a version.
+  aside = os.path.join(out_dir, f'.{DATASET_NAME}-{DATASET_VERSION}.replaced')
   if os.path.exists(target):
     if not overwrite:
       raise FileExistsError(f'{target} exists (publish with overwrite=True / --overwrite to '
                             'replace it)')
-    shutil.rmtree(target)
+    shutil.rmtree(aside, ignore_errors=True)        # left by a publish killed while replacing
+    os.rename(target, aside)
   tfds = _tfds()
-  builder = _builder_class()(splits=splits, data_dir=out_dir, file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  try:
+    builder = _builder_class()(splits=splits, data_dir=out_dir, file_format='array_record')
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  except BaseException as e:
+    if os.path.exists(aside) and not os.path.exists(target):
+      os.rename(aside, target)
+    from radfm_jax.errors import write_failed, write_fault
+    code = write_fault(e) if isinstance(e, Exception) else None
+    if code is None:
+      raise
+    raise write_failed(target, code) from None     # TFDS removed its incomplete folder
+  shutil.rmtree(aside, ignore_errors=True)
   return os.fspath(builder.data_dir)
 
 

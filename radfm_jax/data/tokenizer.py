@@ -206,9 +206,11 @@ def train_sentencepiece(lines: Iterable[str], out_path: str | None = None, vocab
     raise
   proto = buf.getvalue()
   if out_path:
+    # Whole or not at all (store.write_bytes): a cut tokenizer.model left by a kill or a full
+    # disk would fail only when training loads it, and block the rerun (`--out` exists).
+    from radfm_jax.data.store import write_bytes
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, 'wb') as f:
-      f.write(proto)
+    write_bytes(out_path, proto)
   return proto
 
 

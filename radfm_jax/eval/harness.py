@@ -30,7 +30,7 @@ import os
 import time
 
 from radfm_jax.data.manifest import SAMPLE_FIELDS, _shown, _unknown, dataset_of
-from radfm_jax.errors import InputError, check_parent_folder, where
+from radfm_jax.errors import InputError, check_parent_folder, where, writing
 from radfm_jax.eval import entities as entities_lib
 from radfm_jax.eval import metrics as metrics_lib
 
@@ -385,11 +385,8 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
   if data_cfg is not None:
     summary['intensity'] = data_cfg.intensity
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'predictions.jsonl'), 'w') as f:
-      for row in rows:
-        f.write(json.dumps(row) + '\n')
-    _write_summary(out_dir, summary)
+    _write_outputs(out_dir, {'predictions.jsonl': ''.join(json.dumps(r) + '\n' for r in rows),
+                             'summary.json': _summary_text(summary)})
   return summary
 
 
@@ -405,11 +402,36 @@ def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', sco
              'metric_notes': METRIC_NOTES,
              'versions': versions(('scispacy', 'spacy') if extractor is not None else ())}
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    _write_summary(out_dir, summary)
+    _write_outputs(out_dir, {'summary.json': _summary_text(summary)})
   return summary
 
 
-def _write_summary(out_dir: str, summary: dict):
-  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, sort_keys=True, default=str)
+def _summary_text(summary: dict) -> str:
+  return json.dumps(summary, indent=2, sort_keys=True, default=str)
+
+
+def _write_outputs(out_dir: str, texts: dict[str, str]):
+  """Writes OUT/<name> = text for each item, summary.json last, so the folder never pairs a new
+  predictions.jsonl with an older run's summary.json, nor holds a cut file: every file goes to
+  `<name>.tmp` first (a refused write, a full disk: a WriteError naming it, the .tmp files
+  removed, the previous outputs as they were), then the old summary.json is removed and each file
+  renamed into place. A kill between the renames leaves predictions.jsonl without a summary.json,
+  which says the eval did not finish."""
+  os.makedirs(out_dir, exist_ok=True)
+  names = sorted(texts, key=lambda n: n == 'summary.json')
+  tmps = {n: os.path.join(out_dir, n + '.tmp') for n in names}
+  try:
+    for name in names:
+      with writing(os.path.join(out_dir, name)), open(tmps[name], 'w', encoding='utf-8') as f:
+        f.write(texts[name])
+  except BaseException:
+    for tmp in tmps.values():
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    raise
+  summary = os.path.join(out_dir, 'summary.json')
+  with writing(summary):
+    if 'predictions.jsonl' in texts and os.path.exists(summary):
+      os.remove(summary)
+    for name in names:
+      os.replace(tmps[name], os.path.join(out_dir, name))

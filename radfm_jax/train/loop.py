@@ -377,6 +377,10 @@ class _SkipLog:
   def __init__(self, logdir: str, process: int, say: _Say):
     name = 'skipped.jsonl' if process == 0 else f'skipped.process_{process}.jsonl'
     self.path, self.say, self.entries = os.path.join(logdir, name), say, []
+    cut = metrics_lib.cut_torn_line(self.path)
+    if cut:
+      say(f'{self.path}: cut off a torn last line ({cut} bytes: a write cut short by a kill or a '
+          'full disk)')
 
   @property
   def count(self) -> int:
@@ -387,8 +391,7 @@ class _SkipLog:
     new = skipped[len(self.entries):]
     if not new:
       return
-    with open(self.path, 'a', encoding='utf-8') as f:
-      f.writelines(json.dumps(e) + '\n' for e in new)
+    metrics_lib.append_lines(self.path, [json.dumps(e) + '\n' for e in new])
     for e in new:
       self.entries.append(e)
       if len(self.entries) <= self.SAY:
@@ -398,17 +401,19 @@ class _SkipLog:
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
+def _quiet_orbax(errors: bool = False):
   """A resume restores every item with explicit args, yet Orbax logs (absl, WARNING) 'Item "state"
   was found in the checkpoint, but could not be restored' twice per item: it reads like failure,
-  so WARNINGs are hidden for the call. Errors still show."""
+  so WARNINGs are hidden for the call. Errors still show, unless `errors` (the training loop: a
+  background save that fails logs its traceback from each of Orbax's threads, and then raises it
+  at the next save or wait, where it is reported)."""
   import logging
 
   from absl import logging as absl_logging
   old_absl, logger = absl_logging.get_verbosity(), logging.getLogger('absl')
   old_level = logger.level
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  logger.setLevel(logging.ERROR)
+  absl_logging.set_verbosity(absl_logging.FATAL if errors else absl_logging.ERROR)
+  logger.setLevel(logging.CRITICAL if errors else logging.ERROR)
   try:
     yield
   finally:
@@ -464,7 +469,16 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
 
   progress: the tqdm bar (shown only on a terminal); verbose: the start-up summary, compile and
   resume lines (stderr, process 0); fallback: a latest checkpoint that does not restore is
-  reported and the newest intact one used (`Checkpointer.restore_latest`), else an InputError."""
+  reported and the newest intact one used (`Checkpointer.restore_latest`), else an InputError.
+  One run per workdir: another run in it is a `rundir.WorkdirLocked` error."""
+  with contextlib.ExitStack() as held:      # the workdir's lock, taken once the config is checked
+    return _train(cfg, workdir, held, data=data, eval_data=eval_data, max_steps=max_steps,
+                  mesh=mesh, progress=progress, on_step=on_step, verbose=verbose,
+                  fallback=fallback)
+
+
+def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_data, max_steps,
+           mesh, progress, on_step, verbose, fallback) -> TrainResult:
   t = cfg.train
   given_workdir = workdir
   workdir, logdir = run_dirs(workdir)
@@ -479,6 +493,11 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
     # before the model is built
     data, data_text = open_data(cfg, 'train', mesh.devices.size if mesh is not None else None)
   ckpt_dir = workdir.rstrip('/') + '/checkpoints'
+  held.enter_context(rundir.lock_workdir(ckpt_dir, given_workdir, is_main))   # before any write
+  if is_main:
+    for number, path in rundir.remove_unfinished(ckpt_dir):
+      say(f'removed {path}: the unfinished save of step {number} (cut short by a kill or a '
+          'refused write; never read)')
   tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
       is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
   config_dict = rundir.record(cfg, tokenizer)
@@ -520,6 +539,9 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
     say(f'resumed from step {latest} (' + ('data position restored)' if hasattr(
         data, 'get_state') else 'data position not restored: the iterator has no get_state)'))
   writer = metrics_lib.MetricWriter(logdir, tensorboard=t.tensorboard, enabled=is_main)
+  if writer.cut:
+    say(f'{writer.path}: cut off a torn last line ({writer.cut} bytes: a write cut short by a '
+        'kill or a full disk)')
   train_step, eval_step = _jitted_steps(cfg, mesh, rules, graphdef, tx, shardings)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0], t.peak_tflops)
   num_devices = mesh.devices.size
@@ -608,6 +630,7 @@ def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: in
     last_saved = number
 
   status = 'done'
+  held.enter_context(_quiet_orbax(errors=True))
   try:
     while step < total:
       if stop.is_set():

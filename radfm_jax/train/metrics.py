@@ -15,6 +15,7 @@ import os
 from typing import Sequence
 
 from radfm_jax.config import ModelConfig
+from radfm_jax.errors import whole_file, writing
 from radfm_jax.models import flops
 
 
@@ -60,18 +61,57 @@ def peak_flops_per_device(device=None, override_tflops: float = 0.0) -> float | 
   return None
 
 
+def cut_torn_line(path: str) -> int:
+  """Cuts a last line without its newline off the JSONL file `path` and returns the bytes cut (0:
+  none, or no file). Such a line is a write a kill or a full disk cut short; the next append would
+  run into it and leave a line no reader parses, in the middle of the file."""
+  try:
+    with open(path, 'rb+') as f:
+      size = f.seek(0, os.SEEK_END)
+      if not size:
+        return 0
+      f.seek(size - 1)
+      if f.read(1) == b'\n':
+        return 0
+      keep = size
+      while keep > 0:                       # back to the previous newline, a block at a time
+        start = max(0, keep - 65536)
+        f.seek(start)
+        block = f.read(keep - start)
+        i = block.rfind(b'\n')
+        if i >= 0:
+          keep = start + i + 1
+          break
+        keep = start
+      with writing(path):
+        f.truncate(keep)
+      return size - keep
+  except FileNotFoundError:
+    return 0
+
+
+def append_lines(path: str, lines):
+  """Appends the text `lines` (each ending in a newline) to `path` in one write; a refused write
+  (a full disk) is a WriteError naming the file."""
+  with writing(path), open(path, 'a', encoding='utf-8') as f:
+    f.write(''.join(lines))
+
+
 class MetricWriter:
   """Appends `{'step', 'split', ...}` lines to workdir/metrics.jsonl and, when tensorboardX is
   installed and enabled, scalars to TensorBoard event files under workdir/tensorboard. Only
-  process 0 writes."""
+  process 0 writes. A torn last line left by a killed run is cut off first (`cut`: its bytes)."""
 
   def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.tb = None
+    self.cut = 0
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    with writing(workdir):
+      os.makedirs(workdir, exist_ok=True)
+    self.cut = cut_torn_line(self.path)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -84,8 +124,7 @@ class MetricWriter:
       return
     record = {'step': int(step), 'split': split}
     record.update({k: float(v) for k, v in values.items()})
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    append_lines(self.path, [json.dumps(record) + '\n'])
     if self.tb is not None:
       for k, v in values.items():
         self.tb.add_scalar(f'{split}/{k}', float(v), int(step))
@@ -121,7 +160,9 @@ def plot_losses(losses: dict, path: str, title: str):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  # whole or not at all: a kill or a full disk never leaves a cut PNG at `path`
+  with whole_file(path) as tmp:
+    fig.savefig(tmp, dpi=100, format='png')
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
@@ -130,5 +171,5 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
   return [r for r in rows if split is None or r['split'] == split]
 
 
-__all__ = ['MetricWriter', 'PEAK_FLOPS', 'batch_flops', 'peak_flops_per_device', 'plot_losses',
-           'read_metrics', 'train_step_flops']
+__all__ = ['MetricWriter', 'PEAK_FLOPS', 'append_lines', 'batch_flops', 'cut_torn_line',
+           'peak_flops_per_device', 'plot_losses', 'read_metrics', 'train_step_flops']

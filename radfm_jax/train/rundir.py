@@ -14,16 +14,28 @@ except in `RESUMABLE` fields, which may change between a run and its resume (len
 checkpoint cadence, paths (`finetune.init_from` is read only by a fresh start), the mesh: a
 checkpoint restores onto any mesh; reading cached image tokens); any other difference fails before
 Orbax is touched, naming every field that differs.
+
+One run at a time: `lock_workdir` holds WORKDIR/checkpoints/.lock for the whole run, and under it
+`remove_unfinished` clears the temporary step folders a killed or failed save left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
+import shutil
+import time
 
 from radfm_jax.checkpoint import meta
 from radfm_jax.config import SYNTHETIC_STORE, Config, ConfigError
+from radfm_jax.errors import UserError, writing
 
 TOKENIZER_FILE = 'tokenizer.model'
+LOCK_FILE = '.lock'             # in WORKDIR/checkpoints/: the workdir lists only the run's files
+# A step folder Orbax is still writing: renamed to `<step>` when complete (local filesystems).
+_UNFINISHED = re.compile(r'^(\d+)\.orbax-checkpoint-tmp')
 # Dotted fields (or whole sections, ending in '.') a resumed run may change.
 RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_steps',
              'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoint',
@@ -116,6 +128,71 @@ def check_same_run(cfg_dict: dict, ckpt_dir: str, workdir: str):
                       f'the same config (may change on resume: {free})')
 
 
+class WorkdirLocked(UserError):
+  """Another `radfm-jax train` runs in the workdir."""
+
+
+@contextlib.contextmanager
+def lock_workdir(ckpt_dir: str, workdir: str, enabled: bool = True):
+  """Holds the run's lock (`fcntl.flock` on CKPT_DIR/.lock) for the block. Two runs in one workdir
+  would save the same step numbers into one temporary folder (Orbax removes an unfinished one it
+  meets, and the other run's save then fails half-written) and interleave their metrics rows, so a
+  second run fails at once with WorkdirLocked naming the holder. The file is removed when the
+  block ends (a killed run's stays, and is taken over), so a finished run's folder holds only its
+  checkpoints. `enabled`: process 0 (the other hosts of a run share its folder); a URL workdir
+  (gs://) is not locked."""
+  if not enabled or _is_url(ckpt_dir):
+    yield
+    return
+  path = os.path.join(ckpt_dir, LOCK_FILE)
+  while True:
+    with writing(path):
+      os.makedirs(ckpt_dir, exist_ok=True)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'pid unknown'
+      os.close(fd)
+      raise WorkdirLocked(f'workdir {workdir}: another radfm-jax train is running in it ({holder}; '
+                          f'lock {path}); expected one run per workdir: wait for that run to end '
+                          'or use another --workdir') from None
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)          # the file a finishing run just removed: take the new one
+  try:
+    with writing(path):
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(path)       # while still held: a run waiting on this file then sees it is gone
+    os.close(fd)
+
+
+def remove_unfinished(ckpt_dir: str) -> list[tuple[int, str]]:
+  """Removes the step folders a save did not finish (`<step>.orbax-checkpoint-tmp*`: a kill or a
+  refused write during the save; never read, since Orbax renames a step into place only when it
+  is complete) and returns [(step, path)], for the run to say. Call it under `lock_workdir`. A URL
+  folder is left to Orbax."""
+  if _is_url(ckpt_dir) or not os.path.isdir(ckpt_dir):
+    return []
+  removed = []
+  for name in sorted(os.listdir(ckpt_dir)):
+    m = _UNFINISHED.match(name)
+    path = os.path.join(ckpt_dir, name)
+    if m and os.path.isdir(path):
+      with writing(path):
+        shutil.rmtree(path)
+      removed.append((int(m[1]), path))
+  return removed
+
+
 def keep_tokenizer(cfg: Config, workdir: str) -> str | None:
   """Copies the run's tokenizer (`data.tokenizer`) to WORKDIR/tokenizer.model (process 0 calls
   it) and returns the copy's path; a workdir that already holds a different tokenizer is a
@@ -134,10 +211,11 @@ def keep_tokenizer(cfg: Config, workdir: str) -> str | None:
                         f'run trained with ({_path(target)}); use another --workdir or that '
                         'tokenizer')
     return _path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / (TOKENIZER_FILE + '.tmp')
-  tmp.write_bytes(data)
-  tmp.replace(target)
+  with writing(_path(target)):          # a full disk: one line naming the copy
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(data)
+    tmp.replace(target)
   return _path(target)
 
 
@@ -165,5 +243,6 @@ def write_record(ckpt_dir: str, config: dict):
   meta.write_config(ckpt_dir, meta.TRAIN_STATE, config)
 
 
-__all__ = ['RESUMABLE', 'TOKENIZER_FILE', 'check_same_run', 'config_differences',
-           'has_checkpoints', 'keep_tokenizer', 'record', 'saved_config', 'write_record']
+__all__ = ['LOCK_FILE', 'RESUMABLE', 'TOKENIZER_FILE', 'WorkdirLocked', 'check_same_run',
+           'config_differences', 'has_checkpoints', 'keep_tokenizer', 'lock_workdir', 'record',
+           'remove_unfinished', 'saved_config', 'write_record']
