@@ -63,13 +63,14 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import tensorstore as ts
 
 from radfm_jax.casting import checked_cast
-from radfm_jax.errors import InputError, UserError, where, whole_file, write_failed, write_fault
+from radfm_jax.errors import (InputError, UserError, where, whole_file, write_failed, write_fault,
+                              writing)
 
 AXES = 'CHWD'
 _STORABLE = {np.dtype(t) for t in ('uint8', 'int8', 'uint16', 'int16', 'int32', 'uint32', 'float32')}
@@ -274,6 +275,28 @@ def read_jsonl(path: str) -> list[dict]:
   return [value for _, value in iter_jsonl(path)]
 
 
+def cut_torn_tail(f) -> int:
+  """Cuts a last line without its newline off the JSONL file open as `f` (binary, readable and
+  writable) and returns the bytes cut (0: none); `f` is then at its end. Such a line is a write
+  a kill or a full disk cut short: the next append would run into it and leave a line no reader
+  parses in the middle of the file. Used before every append to a JSONL log (the index here,
+  the training run's metrics.jsonl and skipped.jsonl)."""
+  size = f.seek(0, os.SEEK_END)
+  keep = size
+  while keep > 0:                       # back to the last newline, a block at a time
+    start = max(0, keep - 65536)
+    f.seek(start)
+    i = f.read(keep - start).rfind(b'\n')
+    if i >= 0:
+      keep = start + i + 1
+      break
+    keep = start
+  if keep < size:
+    f.truncate(keep)
+  f.seek(0, os.SEEK_END)
+  return size - keep
+
+
 def write_bytes(path: str, data: bytes):
   """Writes `path` whole or not at all (`errors.whole_file`), fsynced before the rename."""
   with whole_file(path) as tmp, open(tmp, 'wb') as f:
@@ -315,6 +338,50 @@ def kill_point(name: str):
 
 class StoreLocked(UserError):
   """Another writer holds the store's lock and `timeout` ran out."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str, held: Callable[[str], None], *, remove: bool = False):
+  """Holds an OS lock (`fcntl.flock`) on the file `path` for the block, its text 'pid N since T'
+  saying who holds it. The one lock of every writer: a store's (`VolumeStore.lock`) and a
+  training run's (`train.rundir.lock_workdir`). While another process holds it, `held(its text)`
+  is called every 0.1 s: it raises to give up (at once, or after a timeout) or returns to wait.
+  `remove`: the file is removed at the end, while still held (a waiter that then gets the removed
+  file's lock takes the new file instead), so a finished writer leaves none; a killed writer's file
+  is taken over. A folder or file that cannot be written is a WriteError naming it."""
+  while True:
+    with writing(path):
+      os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      while True:
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          break
+        except BlockingIOError:
+          held(os.pread(fd, 200, 0).decode(errors='replace').strip() or 'pid unknown')
+          time.sleep(0.1)
+      try:
+        current = os.fstat(fd).st_ino == os.stat(path).st_ino
+      except FileNotFoundError:
+        current = False
+    except BaseException:
+      os.close(fd)
+      raise
+    if current:
+      break
+    os.close(fd)                        # the file a finishing writer just removed
+  try:
+    with writing(path):
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+    yield
+  finally:
+    if remove:
+      with contextlib.suppress(OSError):
+        os.remove(path)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 class ScanNotFound(InputError, KeyError):
@@ -431,49 +498,29 @@ class VolumeStore:
       if os.path.exists(self.root) and not os.path.isdir(self.root):
         raise InputError(f'{self.root}: exists and is not a directory; expected a store '
                          'directory to extend, or a new path to create one at')
-      try:
-        os.makedirs(self.root, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-      except OSError as e:       # a read-only or foreign folder: one line naming it, not a trace
-        code = write_fault(e)
-        if code is None:
-          raise
-        raise write_failed(e.filename or self.lock_path, code) from None
-      try:
-        self._acquire(fd, timeout, log)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(),
-                  0)
+      with file_lock(self.lock_path, self._waiting(timeout, log)):
         self._lock_depth, self._index = 1, None
         try:
           yield self
         finally:
           self._lock_depth, self._index = 0, None
-          fcntl.flock(fd, fcntl.LOCK_UN)
-      finally:
-        os.close(fd)
 
-  def _acquire(self, fd: int, timeout: float | None, log):
-    """Takes the lock on `fd`: at once, else after saying who holds it and waiting (polling, so
-    that `timeout` can end the wait)."""
+  def _waiting(self, timeout: float | None, log) -> Callable[[str], None]:
+    """`file_lock`'s `held` for a writer that waits: says once who holds the lock, raises
+    StoreLocked after `timeout` seconds (None: waits for ever)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    said = False
-    while True:
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-      except BlockingIOError:
-        pass
-      holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'pid unknown'
+    said = []
+
+    def held(holder: str):
       if deadline is not None and time.monotonic() >= deadline:
         raise StoreLocked(f'{self.root}: still locked by another writer ({holder}) after '
                           f'{timeout:g} s; expected no other ingest into this store (or a longer '
-                          '--lock-timeout)') from None
+                          '--lock-timeout)')
       if not said:
         print(f'store {self.root} is locked by another writer ({holder}); waiting for it',
               file=log or sys.stderr, flush=True)
-        said = True
-      time.sleep(0.1)
+        said.append(True)
+    return held
 
   # ---------------------------------------------------------------------------------------------
   # Index
@@ -533,17 +580,7 @@ class VolumeStore:
     """Appends rows in one write and fsyncs; first cuts off a torn last line of a killed writer."""
     data = ''.join(json.dumps(r, allow_nan=False) + '\n' for r in rows).encode()
     with open(self.scans_path, 'ab+') as f:
-      size = f.seek(0, os.SEEK_END)
-      if size:
-        start = max(0, size - (1 << 20))      # index rows are a few hundred bytes
-        f.seek(start)
-        tail = f.read()
-        if not tail.endswith(b'\n'):
-          cut = tail.rfind(b'\n')
-          if cut < 0 and start:
-            raise ValueError(f'{self.scans_path}: last line longer than 1 MiB; expected index rows')
-          f.truncate(start + cut + 1)
-          f.seek(0, os.SEEK_END)
+      cut_torn_tail(f)
       if crash_point('index-torn'):      # a write torn by a kill: half a line, then death
         f.write(data[:-20])             # rows are longer than 20 bytes: the last one is torn
         f.flush()

@@ -62,30 +62,12 @@ def peak_flops_per_device(device=None, override_tflops: float = 0.0) -> float | 
 
 
 def cut_torn_line(path: str) -> int:
-  """Cuts a last line without its newline off the JSONL file `path` and returns the bytes cut (0:
-  none, or no file). Such a line is a write a kill or a full disk cut short; the next append would
-  run into it and leave a line no reader parses, in the middle of the file."""
+  """`store.cut_torn_tail` of the JSONL file `path` (0 when there is none); a refused write is a
+  WriteError naming it."""
+  from radfm_jax.data.store import cut_torn_tail
   try:
-    with open(path, 'rb+') as f:
-      size = f.seek(0, os.SEEK_END)
-      if not size:
-        return 0
-      f.seek(size - 1)
-      if f.read(1) == b'\n':
-        return 0
-      keep = size
-      while keep > 0:                       # back to the previous newline, a block at a time
-        start = max(0, keep - 65536)
-        f.seek(start)
-        block = f.read(keep - start)
-        i = block.rfind(b'\n')
-        if i >= 0:
-          keep = start + i + 1
-          break
-        keep = start
-      with writing(path):
-        f.truncate(keep)
-      return size - keep
+    with writing(path), open(path, 'rb+') as f:
+      return cut_torn_tail(f)
   except FileNotFoundError:
     return 0
 

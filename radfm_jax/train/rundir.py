@@ -22,14 +22,13 @@ One run at a time: `lock_workdir` holds WORKDIR/checkpoints/.lock for the whole 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
-import time
 
 from radfm_jax.checkpoint import meta
 from radfm_jax.config import SYNTHETIC_STORE, Config, ConfigError
+from radfm_jax.data.store import file_lock
 from radfm_jax.errors import UserError, writing
 
 TOKENIZER_FILE = 'tokenizer.model'
@@ -145,34 +144,14 @@ def lock_workdir(ckpt_dir: str, workdir: str, enabled: bool = True):
     yield
     return
   path = os.path.join(ckpt_dir, LOCK_FILE)
-  while True:
-    with writing(path):
-      os.makedirs(ckpt_dir, exist_ok=True)
-      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'pid unknown'
-      os.close(fd)
-      raise WorkdirLocked(f'workdir {workdir}: another radfm-jax train is running in it ({holder}; '
-                          f'lock {path}); expected one run per workdir: wait for that run to end '
-                          'or use another --workdir') from None
-    try:
-      same = os.fstat(fd).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-      same = False
-    if same:
-      break
-    os.close(fd)          # the file a finishing run just removed: take the new one
-  try:
-    with writing(path):
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, f'pid {os.getpid()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+
+  def held(holder: str):
+    raise WorkdirLocked(f'workdir {workdir}: another radfm-jax train is running in it ({holder}; '
+                        f'lock {path}); expected one run per workdir: wait for that run to end '
+                        'or use another --workdir')
+
+  with file_lock(path, held, remove=True):
     yield
-  finally:
-    with contextlib.suppress(OSError):
-      os.remove(path)       # while still held: a run waiting on this file then sees it is gone
-    os.close(fd)
 
 
 def remove_unfinished(ckpt_dir: str) -> list[tuple[int, str]]:
