@@ -101,13 +101,19 @@ def check_writable_folder(folder: str, shown: str):
   """WriteError when `folder` (or, when it does not exist yet, its nearest existing parent) is not
   writable: a read-only filesystem, or no permission. Checked before the work whose output goes
   there (root passes a permission check, never a read-only mount)."""
-  probe = os.path.abspath(folder)
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
+  probe = _nearest_existing(folder)
   if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
     code = errno.EROFS if _read_only(probe) else errno.EACCES
     raise WriteError(f'{shown}: {probe}: could not write ({os.strerror(code)}); expected a '
                      'folder this user can write')
+
+
+def _nearest_existing(path: str) -> str:
+  """`path` (absolute) or, when it does not exist yet, its nearest existing parent."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
 
 
 def _read_only(path: str) -> bool:
@@ -120,9 +126,7 @@ def _read_only(path: str) -> bool:
 def check_parent_folder(path: str, shown: str, expected: str):
   """InputError `shown: PARENT is not a directory; expected` when the nearest existing parent of
   `path` is a file: an output there could only fail once the work is done."""
-  parent = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
+  parent = _nearest_existing(os.path.dirname(os.path.abspath(path)))
   if not os.path.isdir(parent):
     raise InputError(f'{shown}: {parent} is not a directory; {expected}')
 

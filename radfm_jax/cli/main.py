@@ -103,9 +103,10 @@ def main(argv=None) -> int:
     # or full filesystem names its file itself. Only the errno values no read raises: a refused
     # read (EACCES) keeps its traceback.
     import errno
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) or not e.filename:
+
+    from radfm_jax.errors import WRITE_FAULTS, write_failed
+    if e.errno not in WRITE_FAULTS - {errno.EACCES, errno.EPERM} or not e.filename:
       raise
-    from radfm_jax.errors import write_failed
     if args.verbose:
       import traceback
       traceback.print_exc()

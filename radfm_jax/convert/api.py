@@ -158,13 +158,6 @@ _ST_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16', 'float64':
               'int64': 'I64', 'int32': 'I32'}
 
 
-def _partial(path: str):
-  """Writes `path + '.partial'`, renamed to `path` when the block succeeds and removed when it
-  fails (`errors.whole_file`): a failed or interrupted export leaves nothing, an existing `path`
-  stays, a refused write is a WriteError naming `path`."""
-  return whole_file(path, '.partial')
-
-
 def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dtype]], tensors):
   """Streams a safetensors file: the header is known up front (shapes from the key map), then the
   tensors are appended in the same order as they arrive."""
@@ -177,7 +170,7 @@ def _write_safetensors(path: str, header: dict[str, tuple[tuple[int, ...], np.dt
   meta['__metadata__'] = {'format': 'pt'}
   blob = json.dumps(meta, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)
-  with _partial(path) as tmp, open(tmp, 'wb') as f:
+  with whole_file(path, '.partial') as tmp, open(tmp, 'wb') as f:
     f.write(struct.pack('<Q', len(blob)))
     f.write(blob)
     for (key, (shape, dtype)), (key2, array) in zip(header.items(), tensors, strict=True):
@@ -201,7 +194,7 @@ def _write_torch_bin(path: str, header: dict[str, tuple[tuple[int, ...], np.dtyp
                   for key, (shape, dtype) in header.items()}
   for alias, target in aliases.items():
     placeholders[alias] = placeholders[target]
-  with _partial(path) as tmp:
+  with whole_file(path, '.partial') as tmp:
     # through a Python file: a refused write is then an OSError (EFBIG, ENOSPC), not torch's
     # 'iostream error' that names no reason
     with open(tmp, 'wb') as f, torch.serialization.skip_data():

@@ -69,8 +69,7 @@ import numpy as np
 import tensorstore as ts
 
 from radfm_jax.casting import checked_cast
-from radfm_jax.errors import (InputError, UserError, where, whole_file, write_failed, write_fault,
-                              writing)
+from radfm_jax.errors import InputError, UserError, where, whole_file, writing
 
 AXES = 'CHWD'
 _STORABLE = {np.dtype(t) for t in ('uint8', 'int8', 'uint16', 'int16', 'int32', 'uint32', 'float32')}
@@ -586,20 +585,18 @@ class VolumeStore:
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
       end = f.tell()
-      try:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-      except OSError as e:
-        # A refused write may have put some of the rows there, the last one cut: take them all
-        # back (cutting frees space, so it works on a full disk), so that the batch is indexed
-        # whole or not at all, as a kill leaves it; the next run writes it again.
-        with contextlib.suppress(OSError):
-          f.truncate(end)
-        code = write_fault(e)
-        if code is None:
+      with writing(self.scans_path):
+        try:
+          f.write(data)
+          f.flush()
+          os.fsync(f.fileno())
+        except OSError:
+          # A refused write may have put some of the rows there, the last one cut: take them all
+          # back (cutting frees space, so it works on a full disk), so that the batch is indexed
+          # whole or not at all, as a kill leaves it; the next run writes it again.
+          with contextlib.suppress(OSError):
+            f.truncate(end)
           raise
-        raise write_failed(self.scans_path, code) from None
 
   # ---------------------------------------------------------------------------------------------
   # Writing
@@ -639,7 +636,7 @@ class VolumeStore:
     """Writes [(key, array, attributes, layout)] into `volumes/` in one atomic transaction; a
     write the filesystem refuses (full, read-only, ...) is a WriteError naming `volumes/`
     (the transaction commits whole or not at all, so the database keeps what it had)."""
-    try:
+    with writing(os.path.join(self.root, 'volumes') + '/'):
       try:
         self._write_transaction(writes, overwrite=False)
       except ValueError as e:
@@ -649,11 +646,6 @@ class VolumeStore:
         # index append): nothing refers to it, so it is replaced. Kept off the normal path
         # because `delete_existing` makes OCDBT write one data file per array.
         self._write_transaction(writes, overwrite=True)
-    except (ValueError, OSError) as e:
-      code = write_fault(e)
-      if code is None:
-        raise
-      raise write_failed(os.path.join(self.root, 'volumes') + '/', code) from None
 
   def _write_transaction(self, writes, overwrite: bool):
     txn = ts.Transaction(atomic=True)      # the whole batch commits, or none of it

@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 
+from radfm_jax.errors import writing
+
 DATASET_NAME = 'radfm_samples'
 DATASET_VERSION = '1.0.0'
 
@@ -116,17 +118,14 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
     os.rename(target, aside)
   tfds = _tfds()
   try:
-    builder = _builder_class()(splits=splits, data_dir=out_dir, file_format='array_record')
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  except BaseException as e:
+    with writing(target):                    # TFDS removes its incomplete folder itself
+      builder = _builder_class()(splits=splits, data_dir=out_dir, file_format='array_record')
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  except BaseException:
     if os.path.exists(aside) and not os.path.exists(target):
       os.rename(aside, target)
-    from radfm_jax.errors import write_failed, write_fault
-    code = write_fault(e) if isinstance(e, Exception) else None
-    if code is None:
-      raise
-    raise write_failed(target, code) from None     # TFDS removed its incomplete folder
+    raise
   shutil.rmtree(aside, ignore_errors=True)
   return os.fspath(builder.data_dir)
 
