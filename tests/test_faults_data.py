@@ -210,6 +210,171 @@ def test_damaged_store_names_the_index_or_the_array_it_cannot_read(tmp_path):
     assert 'tensorstore_spec' not in reason
 
 
+def _read_all(store_dir) -> dict:
+  store = VolumeStore(store_dir)
+  return {sid: store.read(sid) for sid in store.index()}
+
+
+def _pipeline_skips(store_dir) -> list:
+  """What the training pipeline skips over the store (every sample, one epoch)."""
+  from radfm_jax.data.pipeline import make_dataset
+  ds = make_dataset(cd.data_config(), cd.tiny_model(), store_dir, cd.tokenizer(), num_epochs=1,
+                    process_index=0, process_count=1)
+  for _ in ds:
+    pass
+  return ds.stats.skipped
+
+
+def test_rerun_restores_a_store_whose_database_was_lost(tmp_path, capsys):
+  """volumes/d/ deleted after ingest: its one data file held every array and the B-tree root
+  that manifest.ocdbt points at, so nothing in the database can be read and nothing can be
+  written to it. Was: the re-run skipped every scan (files unchanged) and the store stayed
+  unreadable short of deleting it. Now the database is moved aside, each scan is read from its
+  file again (a line each), and the store reads as the first ingest wrote it."""
+  import shutil
+
+  from radfm_jax.cli.main import main
+  store_dir = cd.png_store(tmp_path, n=4)
+  manifest = str(tmp_path / 'samples.jsonl')
+  first = _read_all(store_dir)
+  paths = {sid: row['attributes']['source'] for sid, row in VolumeStore(store_dir).index().items()}
+  shutil.rmtree(os.path.join(store_dir, 'volumes', 'd'))
+  assert len(_pipeline_skips(store_dir)) == 4
+
+  args = ['ingest', '--manifest', manifest, '--out', store_dir, '--no-progress']
+  assert main(args) == 0
+  lines = capsys.readouterr().err.splitlines()
+  aside = f'{store_dir}/volumes.damaged-1'
+  assert lines[0].startswith(f'ingest: {store_dir}/volumes/: the database cannot be read '
+                             '(NOT_FOUND: '), lines[0]
+  assert lines[0].endswith(f'moved to {aside}/ and a new one started: every scan whose array it '
+                           'held is read from its file again (one not in this manifest when its '
+                           'manifest is ingested again)'), lines[0]
+  assert sorted(lines[1:5]) == sorted(
+      f'ingest: restored {paths[sid]}: {store_dir}/volumes/ key scans/{sid}/: the array of scan '
+      f'{sid!r} cannot be read (its database could not be read: moved to {aside}/); stored again '
+      'from the file' for sid in first)
+  assert lines[5] == (f'ingest: 4 scans stored (0 changed on disk, 4 restored: unreadable in the '
+                      'store), 0 already stored, 0 rejected, 0 repaired; 4 samples kept, 0 '
+                      f'dropped, 0 replaced; 4 samples in the store -> {store_dir}')
+  assert len(lines) == 6 and 'tensorstore_spec' not in '\n'.join(lines)
+  assert os.path.isfile(os.path.join(aside, 'manifest.ocdbt'))      # kept, not deleted
+  restored = _read_all(store_dir)
+  assert sorted(restored) == sorted(first)
+  for sid, array in first.items():
+    assert restored[sid].dtype == array.dtype
+    np.testing.assert_array_equal(restored[sid], array)
+  assert _pipeline_skips(store_dir) == []
+
+  report = ingest(manifest, store_dir, log=QUIET)          # nothing left to restore
+  assert report.restored == [] and report.stored == [] and sorted(report.skipped) == sorted(first)
+  assert report.summary().startswith('0 scans stored (0 changed on disk), 4 already stored')
+  assert sorted(os.listdir(store_dir)).count('volumes.damaged-1') == 1
+  assert not os.path.exists(f'{aside[:-2]}-2')
+
+
+def test_rerun_restores_only_the_scan_whose_array_was_lost(tmp_path):
+  """The first of two ingests stored one scan, the second the other three: two data files, the
+  newer one holding the B-tree root. The older one deleted loses that scan's array only; the
+  re-run reads that one file again (a new version of the scan in the same database) and skips
+  the rest."""
+  import shutil
+
+  store_dir = cd.png_store(tmp_path, n=4)
+  manifest = str(tmp_path / 'samples.jsonl')
+  first = _read_all(store_dir)
+  shutil.rmtree(store_dir)                                  # rebuilt in two ingests
+  with open(manifest) as f:
+    records = [json.loads(line) for line in f]
+  ingest(cd.write_manifest(tmp_path / 'one.jsonl', records[:1]), store_dir, log=QUIET)
+  data = os.path.join(store_dir, 'volumes', 'd')
+  [older] = os.listdir(data)                                # that scan's data file
+  ingest(manifest, store_dir, log=QUIET)
+  lost = next(sid for sid, row in VolumeStore(store_dir).index().items()
+              if row['attributes']['source'].endswith('x0.png'))
+  assert _read_all(store_dir).keys() == first.keys()
+  os.remove(os.path.join(data, older))
+  assert [s['scan_id'] for s in _pipeline_skips(store_dir)] == [lost]
+
+  log = tmp_path / 'log.txt'
+  with open(log, 'w') as f:
+    report = ingest(manifest, store_dir, log=f)
+  assert report.restored == report.stored == [lost] and report.updated == []
+  assert sorted(report.skipped) == sorted(set(first) - {lost})
+  text = log.read_text()
+  line, summary = text.splitlines()
+  assert line.startswith(f'ingest: restored {tmp_path}/x0.png: {store_dir}/volumes/ key '
+                         f'scans/{lost}/: the array of scan {lost!r} cannot be read ('), line
+  assert line.endswith('); stored again from the file') and 'tensorstore_spec' not in line
+  assert summary.startswith('ingest: 1 scans stored (0 changed on disk, 1 restored: unreadable '
+                            'in the store), 3 already stored, 0 rejected')
+  assert VolumeStore(store_dir).key(lost) == f'scans/{lost}@v1/'        # a new version
+  assert not [n for n in os.listdir(store_dir) if n.startswith('volumes.damaged')]
+  restored = _read_all(store_dir)
+  for sid, array in first.items():
+    np.testing.assert_array_equal(restored[sid], array)
+  assert _pipeline_skips(store_dir) == []
+  report = ingest(manifest, store_dir, log=QUIET)
+  assert report.restored == report.stored == [] and len(report.skipped) == 4
+
+
+def test_sharded_rerun_restores_lost_arrays_into_new_shards(tmp_path):
+  """`ingest --runner beam`'s writer (data/shards.py): each shard checks the rows it sees from
+  the store (in STORE/volumes/ or another shard's database) and stores the unreadable ones again
+  in itself; a shard's database lost later is restored the same way."""
+  import shutil
+
+  from radfm_jax.data import shards
+  store_dir = cd.png_store(tmp_path, n=4)
+  manifest = str(tmp_path / 'samples.jsonl')
+  first = _read_all(store_dir)
+  sharded = shards.store_scans_sharded(scans_per_shard=2)
+  shutil.rmtree(os.path.join(store_dir, 'volumes', 'd'))
+  report = ingest(manifest, store_dir, log=QUIET, store_scans=sharded)
+  assert sorted(report.stored) == sorted(first) and report.skipped == []
+  index = VolumeStore(store_dir).index()
+  assert sorted(row['db'] for row in index.values()) == ['shards/run0001-00000'] * 2 + \
+      ['shards/run0001-00001'] * 2
+  shutil.rmtree(os.path.join(store_dir, 'shards', 'run0001-00000', 'volumes', 'd'))
+  report = ingest(manifest, store_dir, log=QUIET, store_scans=sharded)
+  assert sorted(report.stored) == sorted(i for i, row in index.items()
+                                         if row['db'] == 'shards/run0001-00000')
+  assert len(report.skipped) == 2
+  restored = _read_all(store_dir)
+  for sid, array in first.items():
+    np.testing.assert_array_equal(restored[sid], array)
+  report = ingest(manifest, store_dir, log=QUIET, store_scans=sharded)
+  assert report.stored == [] and len(report.skipped) == 4
+
+
+def test_lost_database_that_cannot_be_moved_aside_is_one_line(tmp_path, monkeypatch, capsys):
+  """A database that is not a local folder (a kvstore URL: nothing to rename) stops the re-run
+  with one line naming it before anything is written; the same holds for a local one that cannot
+  be read for a reason other than lost data (a permission, the network)."""
+  import shutil
+
+  from radfm_jax.cli.main import main
+  from radfm_jax.data import ingest as ingest_module
+  store_dir = cd.png_store(tmp_path, n=2)
+  shutil.rmtree(os.path.join(store_dir, 'volumes', 'd'))
+  index = os.path.join(store_dir, 'scans.jsonl')
+  with open(index, 'rb') as f:
+    rows = f.read()
+  monkeypatch.setattr(ingest_module, 'is_url', lambda path: True)
+  args = ['ingest', '--manifest', str(tmp_path / 'samples.jsonl'), '--out', store_dir,
+          '--no-progress']
+  assert main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'radfm-jax ingest: {store_dir}/volumes/: the database cannot be read '
+                        '(NOT_FOUND: '), err
+  assert err.endswith('); expected a readable OCDBT database (move it away and run the same '
+                      'ingest again: its scans are then stored anew); nothing was written\n'), err
+  assert err.count('\n') == 1
+  with open(index, 'rb') as f:
+    assert f.read() == rows
+  assert sorted(os.listdir(os.path.join(store_dir, 'volumes'))) == ['manifest.ocdbt']
+
+
 def test_missing_scan_message_is_not_quoted():
   e = ScanNotFound('STORE/scans.jsonl: no row for scan \'a\'')
   assert str(e) == "STORE/scans.jsonl: no row for scan 'a'" and isinstance(e, KeyError)

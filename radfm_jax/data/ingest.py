@@ -24,6 +24,11 @@ ingest waits, saying so) and merges:
     files, kept as the `source_sha256` attribute): a stored scan whose file is unchanged is
     skipped, a changed file is read again and its new version replaces the old one in the index
     (the samples naming it get its new shape).
+  * A stored scan whose file is unchanged but whose array the store can no longer open (lost or
+    damaged after ingest) is read again and stored as a new version, as a changed one is
+    (`restored`). A database that cannot be read at all (its manifest or root node lost: no
+    array in it can be read, nothing can be written to it) is moved aside first
+    (`volumes.damaged-N/`), so that a new one takes the restored scans.
   * The new samples extend STORE/manifest.jsonl (same id and content: kept once; `replace`:
     replaced in place); rejects.jsonl and warnings.jsonl describe this run.
 Rejected scans (readers.py says when) go to rejects.jsonl and stderr with path and reason; a
@@ -47,8 +52,8 @@ from typing import Callable, Iterable
 
 from radfm_jax.data.readers import (DEFAULT_MAX_SCAN_BYTES, RejectedScan, read_scan,
                                     source_digest)
-from radfm_jax.data.store import VolumeStore, kill_point, write_jsonl
-from radfm_jax.errors import InputError, WriteError, where
+from radfm_jax.data.store import StoreDamaged, VolumeStore, is_url, kill_point, write_jsonl
+from radfm_jax.errors import InputError, WriteError, where, writing
 
 
 class IngestError(RuntimeError):
@@ -59,6 +64,8 @@ class IngestError(RuntimeError):
 class IngestReport:
   stored: list[str] = dataclasses.field(default_factory=list)     # scan ids written this run
   updated: list[str] = dataclasses.field(default_factory=list)    # of those: new content, old id
+  restored: list[str] = dataclasses.field(default_factory=list)   # of those: same content, array
+                                                                  # unreadable in the store
   skipped: list[str] = dataclasses.field(default_factory=list)    # already in the store
   rejects: list[dict] = dataclasses.field(default_factory=list)   # {'path', 'reason', ...}
   warnings: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'warning', ...}
@@ -86,7 +93,9 @@ class IngestReport:
     copies = ('' if self.train_resolution is None else
               f'; {self.copies} training-resolution copies made at {self.train_resolution}x'
               f'{self.train_resolution} ({self.copies_current} already current)')
-    return (f'{len(self.stored)} scans stored ({len(self.updated)} changed on disk), '
+    restored = (f', {len(self.restored)} restored: unreadable in the store' if self.restored
+                else '')
+    return (f'{len(self.stored)} scans stored ({len(self.updated)} changed on disk{restored}), '
             f'{len(self.skipped)} already stored, {self.rejected_scans} rejected, '
             f'{len(self.warnings)} repaired; {self.samples} samples kept, {self.dropped_samples} '
             f'dropped, {self.replaced_samples} replaced; {self.manifest_rows} samples in the '
@@ -337,25 +346,31 @@ def _check_samples(records, base, index, old_rows, old_at, place, replace, manif
 def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestReport,
                  batch_size: int, workers: int | None, log, max_scan_bytes: int,
                  progress: bool) -> dict[str, list[str] | None]:
-  """Reads and stores every entry whose content is not stored yet; entry id -> stored ids (None:
-  rejected). `batch_size` scans are read at a time (threads: gzip/zstd/pydicom release the GIL)
-  and written in one transaction: memory stays bounded by one batch of decoded volumes."""
+  """Reads and stores every entry whose content is not stored yet, or whose stored array cannot
+  be opened any more (restored); entry id -> stored ids (None: rejected). `batch_size` scans are
+  read at a time (threads: gzip/zstd/pydicom release the GIL) and written in one transaction:
+  memory stays bounded by one batch of decoded volumes."""
   from tqdm import tqdm
+  lost = _database_lost(store, log)       # before anything opens it: then moved aside
   index = store.index()
+  unreadable = _unreadable(store, lost)
 
   def load(sid):
     e = entries[sid]
     try:
       digest = source_digest(e.path) if os.path.exists(e.path) else None
       have = _stored_ids(index, sid)
+      why = None
       if digest and have and all(index[i]['attributes'].get('source_sha256') == digest
                                  and index[i]['attributes'].get('source_key') in (None, e.source_key)
                                  for i in have):
-        return sid, 'same', have
+        why = next(filter(None, map(unreadable, have)), None)
+        if why is None:
+          return sid, 'same', have
       scans = read_scan(e.path, e.entry, max_scan_bytes)
       for _, attrs in scans:
         attrs.update(source_sha256=digest, source_key=e.source_key)
-      return sid, 'read', scans
+      return sid, 'read', (scans, why)
     except RejectedScan as err:
       return sid, 'reject', err.reason
     except Exception as err:  # any reader bug still must not stop the run
@@ -367,7 +382,7 @@ def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestR
   todo = list(entries)
   with bar, concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
     for start in range(0, len(todo), batch_size):
-      pending = []
+      pending, restoring = [], {}
       for sid, kind, value in pool.map(load, todo[start:start + batch_size]):
         if kind == 'same':
           resolved[sid] = value
@@ -375,12 +390,93 @@ def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestR
         elif kind == 'reject':
           _reject(report, resolved, entries[sid], value, log, bar)
         else:
-          ids = _expand_ids(sid, len(value))
-          pending.append((sid, [(i, a, attrs) for i, (a, attrs) in zip(ids, value)]))
-      _write(store, pending, report, resolved, entries, log, bar)
+          scans, why = value
+          if why is not None:
+            restoring[sid] = why
+          ids = _expand_ids(sid, len(scans))
+          pending.append((sid, [(i, a, attrs) for i, (a, attrs) in zip(ids, scans)]))
+      _write(store, pending, restoring, report, resolved, entries, log, bar)
       bar.update(min(batch_size, len(todo) - start))
       bar.set_postfix(rejected=len(report.rejects), refresh=False)
   return resolved
+
+
+# What TensorStore says of a file that is gone, cut short or corrupt: data lost for good, unlike
+# a permission or a network error, which may read the next time.
+_LOST = ('NOT_FOUND', 'DATA_LOSS', 'OUT_OF_RANGE')
+
+
+def _database_lost(store: VolumeStore, log) -> str | None:
+  """Whether the database this run writes into (`store.kvstore`) can be read at all: None when
+  it can (or does not exist yet), else what became of it ('... moved to FOLDER/'). Its manifest
+  (manifest.ocdbt) and root node lead to every key, and every commit rewrites the root: when they
+  are lost (the data file holding the root deleted, the manifest cut or corrupt), no array in it
+  can be read and nothing can be written to it, so a local one is moved aside to
+  `volumes.damaged-N/` (kept, not deleted) and the run writes into a new one. Another reason (a
+  permission, the network), or a database that is not a local folder, is a StoreDamaged before
+  anything is written."""
+  import tensorstore as ts
+  folder = os.path.join(store.root, 'volumes') + '/'
+  try:
+    kv = ts.KvStore.open(store.kvstore, context=ts.Context()).result()
+    kv.read('zarr.json').result()       # a key no array has: reads the manifest and the root
+    return None
+  except ValueError as e:
+    reason = str(e).split(' [tensorstore_spec=')[0]        # drop the spec dump
+  if is_url(store.root) or not reason.startswith(_LOST):
+    move = (' (move it away and run the same ingest again: its scans are then stored anew)'
+            if reason.startswith(_LOST) else '')
+    raise StoreDamaged(f'{folder}: the database cannot be read ({reason}); expected a readable '
+                       f'OCDBT database{move}; nothing was written')
+  n = 1
+  while os.path.exists(os.path.join(store.root, f'volumes.damaged-{n}')):
+    n += 1
+  aside = os.path.join(store.root, f'volumes.damaged-{n}')
+  with writing(folder):
+    os.rename(folder, aside)
+  print(f'ingest: {folder}: the database cannot be read ({reason}); moved to {aside}/ and a new '
+        'one started: every scan whose array it held is read from its file again (one not in '
+        'this manifest when its manifest is ingested again)', file=log)
+  return f'its database could not be read: moved to {aside}/'
+
+
+class _Rows(VolumeStore):
+  """The store at `root` seen through `rows` only (its own index is not read): how a shard
+  (data/shards.py) opens the arrays of the rows it sees from its parent store, whose `db` is
+  relative to the parent."""
+
+  def __init__(self, root: str, rows: dict[str, dict]):
+    super().__init__(root)
+    self.rows = rows
+
+  def index(self) -> dict[str, dict]:
+    return self.rows
+
+
+def _unreadable(store: VolumeStore, lost: str | None) -> Callable[[str], str | None]:
+  """unreadable(scan id): why its stored array cannot be opened, one line naming the database,
+  key and scan (StoreDamaged's, without what it expected), or None when it opens. Opened only:
+  reading every array would make a re-run over a large store read all of it. `lost`: `store`'s
+  own database, which held the arrays of its rows without `db`, was moved aside
+  (`_database_lost`)."""
+  from radfm_jax.data.shards import ShardStore
+  index, own, parent = store.index(), None, None
+  if isinstance(store, ShardStore):   # at STORE/shards/<name>/: its parent's rows are STORE's
+    own, parent = store.own_rows(), _Rows(os.path.dirname(os.path.dirname(store.root)),
+                                          store.parent)
+
+  def unreadable(scan_id: str) -> str | None:
+    row = index[scan_id]
+    home = parent if parent is not None and scan_id not in own else store
+    if lost is not None and home is store and not row.get('db'):
+      return (f'{os.path.join(store.root, "volumes")}/ key {row.get("key", f"scans/{scan_id}/")}: '
+              f'the array of scan {scan_id!r} cannot be read ({lost})')
+    try:
+      home.open(scan_id)
+      return None
+    except StoreDamaged as e:
+      return str(e).split('; expected the complete array')[0]
+  return unreadable
 
 
 def _reject(report, resolved, e: _Entry, reason: str, log, bar):
@@ -389,9 +485,10 @@ def _reject(report, resolved, e: _Entry, reason: str, log, bar):
   bar.write(f'ingest: rejected {e.path}: {reason}', file=log)
 
 
-def _write(store, pending, report, resolved, entries, log, bar):
+def _write(store, pending, restoring, report, resolved, entries, log, bar):
   """Writes one batch [(entry id, [(scan id, array, attrs)])] in one transaction; if the store
-  refuses it, each entry is written alone so that only the failing one is rejected."""
+  refuses it, each entry is written alone so that only the failing one is rejected. `restoring`:
+  entry id -> why its stored array could not be opened (its file is unchanged)."""
   if not pending:
     return
   before = set(store.index())
@@ -415,7 +512,12 @@ def _write(store, pending, report, resolved, entries, log, bar):
     ids = [i for i, _, _ in scans]
     resolved[sid] = ids
     report.stored.extend(ids)
-    report.updated.extend(i for i in ids if i in before)
+    if sid in restoring:
+      report.restored.extend(ids)
+      bar.write(f'ingest: restored {entries[sid].path}: {restoring[sid]}; stored again from the '
+                'file', file=log)
+    else:
+      report.updated.extend(i for i in ids if i in before)
     for i, _, attrs in scans:
       warning = repair_warning(entries[sid].path, i, attrs)
       if warning:
