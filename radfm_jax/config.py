@@ -189,6 +189,10 @@ class DataConfig:
   shuffle: bool = True
   num_workers: int = 0
   drop_unreadable: bool = True
+  # With drop_unreadable, training stops (after saving a checkpoint) once more than this share of
+  # the samples a call has drawn were unreadable, counted from the 10th: a store moved or damaged
+  # wholesale must not train on empty rows. 1.0: never stop.
+  max_unreadable_share: float = 0.1
   ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0))
   percentiles: tuple[float, float] = (0.5, 99.5)
   # Read each scan's cached image tokens (`radfm-jax cache-images`, data/image_cache.py) instead of
@@ -693,6 +697,8 @@ def _validate_data(d: DataConfig, m: ModelConfig):
   _positive('data', d, 'batch_size_2d', 'batch_size_3d', 'max_images')
   _non_negative('data', d, 'num_workers', note=' (0 = threads only)')
   _bool('data', d, 'shuffle', 'drop_unreadable', 'train_copies')
+  _finite('data.max_unreadable_share', d.max_unreadable_share, 'a share in [0, 1] (1: never stop)',
+          lambda x: 0 <= x <= 1)
   if d.max_images > m.max_images:
     _fail('data.max_images', d.max_images, f'at most model.max_images={m.max_images}')
   if not d.ct_windows or any(len(w) != 2 or not all(_real(x) for x in w) or w[1] <= 0

@@ -348,3 +348,58 @@ def test_eval_sigterm_and_its_outputs(prompts, tmp_path, capsys, monkeypatch):
   assert sorted(os.listdir(out)) == ['predictions.jsonl', 'summary.json']
   assert (out / 'predictions.jsonl').read_text() == 'old\n'
   assert (out / 'summary.json').read_text() == '{"old": 1}'
+
+
+# ------------------------------------------------------------------------------------------------
+# train: a kill while an old step (past train.keep_checkpoints) is being removed
+
+
+def test_old_steps_leave_through_a_rename_and_a_half_removed_one_is_finished(tmp_path, capsys,
+                                                                            monkeypatch):
+  """Was: Orbax removed a step past `max_to_keep` in place, so a kill during that removal left a
+  half-deleted `<step>/` that still listed as a step. Now the step is renamed into
+  `.deleting/` first (never listed), then removed; what a kill leaves there goes at the next
+  start, said in one line."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from radfm_jax.checkpoint import Checkpointer, train_state
+  ckpt_dir = str(tmp_path / 'run' / 'checkpoints')
+  state = {'w': jnp.arange(6.0), 'b': jnp.ones((2, 3))}
+  # the removal cut short: the rename happens, the purge does not
+  monkeypatch.setattr(train_state, 'purge_deleted', lambda directory, idle=True: [])
+  ckpt = Checkpointer(ckpt_dir, max_to_keep=1)
+  for step in (1, 2, 3):
+    ckpt.save(step, {k: v + step for k, v in state.items()})
+  ckpt.close()
+  assert ckpt.all_steps() == [3]
+  assert sorted(os.listdir(ckpt_dir)) == ['.deleting', '3', 'config.json']
+  deleting = os.path.join(ckpt_dir, '.deleting')
+  assert sorted(os.listdir(deleting)) == ['1', '2']
+  restored = Checkpointer(ckpt_dir).restore(3, state)[0]
+  np.testing.assert_array_equal(restored['w'], np.arange(6.0) + 3)
+  # a kill in the middle of the removal: part of step 1's files gone
+  victims = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(deleting, '1'))
+                   for f in files)
+  for path in victims[:len(victims) // 2]:
+    os.remove(path)
+  monkeypatch.undo()
+  # The next run removes both first thing (its config differs: it stops right after, building
+  # nothing)
+  workdir = tmp_path / 'run'
+  rundir.write_record(ckpt_dir, rundir.record(load_config(
+      SPEC, [o.removeprefix('--config.') for o in IN_PROCESS] + ['model.llama.num_layers=3']),
+      None))
+  assert main(['train', '--config', SPEC, '--workdir', str(workdir)] + IN_PROCESS) == 2
+  lines = _err_lines(capsys)
+  assert lines[:2] == [f'radfm-jax train: removed {deleting}/{n}: an old step past '
+                       'train.keep_checkpoints whose removal a kill cut short (never read)'
+                       for n in (1, 2)], lines
+  assert not os.path.exists(deleting) and Checkpointer(ckpt_dir).all_steps() == [3]
+  # Within a run the removal completes at the next save, wait or close
+  ckpt = Checkpointer(ckpt_dir, max_to_keep=1)
+  ckpt.save(4, state)
+  ckpt.wait()
+  assert ckpt.all_steps() == [4] and os.listdir(deleting) == []
+  ckpt.close()
+  assert sorted(os.listdir(ckpt_dir)) == ['4', 'config.json']

@@ -42,8 +42,31 @@ def _worker(coordinator: str, num_processes: int, process_id: int, workdir: str,
   jax.distributed.shutdown()
 
 
+def _stop_worker(coordinator: str, process_id: int, out: str):
+  """Two steps of the training loop's stop agreement: nobody stops, then process 1 alone fails
+  (its data: more unreadable samples than data.max_unreadable_share)."""
+  sys.path.insert(0, ROOT)
+  from radfm_jax import launch
+  launch.initialize(coordinator, num_processes=2, process_id=process_id,
+                    initialization_timeout=120)
+  import jax
+
+  from radfm_jax.train.loop import _StopFlag
+  stop = _StopFlag()
+  seen = [(stop.is_set(), stop.code)]
+  if process_id == 1:
+    stop.fail('too many unreadable samples here')
+  seen.append((stop.is_set(), stop.code))
+  with open(out, 'w') as f:
+    json.dump({'seen': seen, 'failure': stop.failure}, f)
+  jax.distributed.shutdown()
+
+
 if __name__ == '__main__' and len(sys.argv) > 1 and sys.argv[1] == 'worker':
   _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+  sys.exit(0)
+if __name__ == '__main__' and len(sys.argv) > 1 and sys.argv[1] == 'stop_worker':
+  _stop_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
   sys.exit(0)
 
 import jax  # noqa: E402
@@ -75,25 +98,20 @@ def test_launch_detects_single_process(monkeypatch):
   assert launch.detect() == 'slurm'
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  from radfm_jax.config import load_config
-  from radfm_jax.train import loop
-  from radfm_jax.checkpoint import Checkpointer
-
-  workdir = str(tmp_path / 'multi')
+def _run_workers(tmp_path, mode: str, *extra: str) -> list[dict]:
+  """Runs this file as 2 `mode` workers over 127.0.0.1 (each given the coordinator, its process
+  id, `extra` and an output path) and returns their outputs."""
   coordinator = f'127.0.0.1:{_free_port()}'
-  env = dict(os.environ, XLA_FLAGS=cd.xla_flags(4),
-             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=cd.xla_flags(4), JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   procs, outs = [], []
   try:
     for pid in range(2):
-      out = str(tmp_path / f'out{pid}.json')
-      outs.append(out)
+      outs.append(str(tmp_path / f'out{pid}.json'))
+      count = ['2'] if mode == 'worker' else []
       procs.append(subprocess.Popen(
-          [sys.executable, os.path.abspath(__file__), 'worker', coordinator, '2', str(pid),
-           workdir, out], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          text=True))
+          [sys.executable, os.path.abspath(__file__), mode, coordinator, *count, str(pid),
+           *extra, outs[-1]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE, text=True))
     logs = [p.communicate(timeout=900) for p in procs]
   finally:
     for p in procs:
@@ -102,7 +120,29 @@ def test_two_processes_match_one_process(tmp_path):
         p.communicate()
   for p, (_, err) in zip(procs, logs):
     assert p.returncode == 0, err[-4000:]
-  results = [json.load(open(o)) for o in outs]
+  return [json.load(open(o)) for o in outs]
+
+
+def test_one_host_failing_its_data_stops_every_host(tmp_path):
+  """The training loop's stop check agrees over the hosts: a host whose data fails (its own
+  pipeline's unreadable samples) stops every host at the same step, each knowing why (the loop
+  then saves and raises UnreadableDataError on each), instead of leaving the others waiting in
+  the next step's collectives."""
+  from radfm_jax.train.loop import _StopFlag
+  results = _run_workers(tmp_path, 'stop_worker')
+  for r in results:
+    assert r['seen'] == [[False, 0], [True, _StopFlag.FAILED]], r
+  assert [r['failure'] for r in results] == [None, 'too many unreadable samples here']
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  from radfm_jax.config import load_config
+  from radfm_jax.train import loop
+  from radfm_jax.checkpoint import Checkpointer
+
+  workdir = str(tmp_path / 'multi')
+  results = _run_workers(tmp_path, 'worker', workdir)
   assert all(r['devices'] == 8 and r['step'] == 3 for r in results)
   multi = {int(k): v for k, v in results[0]['losses'].items()}
   assert multi == {int(k): v for k, v in results[1]['losses'].items()}

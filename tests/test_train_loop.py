@@ -216,10 +216,9 @@ def test_mesh_xla_options_compile_into_the_step(tmp_path):
   assert read_metrics(str(tmp_path)) == []
 
 
-def test_unreadable_samples_are_said_listed_and_counted(tmp_path, capsys):
-  """A sample whose scan the store cannot give (`data.drop_unreadable`, the default) becomes an
-  empty row, and training says so: a line per skipped sample on stderr, every one in
-  skipped.jsonl, the count in metrics.jsonl and in the TrainResult. Nothing is dropped silently."""
+def _run_with_lost_scans(tmp_path, lost: int, *extra):
+  """A `tiny` run over a real 8-scan store whose manifest names, for `lost` of its 8 samples, a
+  scan the store does not hold. Returns (overrides of the run, the manifest rows)."""
   import sys
   sys.path.insert(0, os.path.dirname(__file__))
   import conftest_data as cd
@@ -234,22 +233,30 @@ def test_unreadable_samples_are_said_listed_and_counted(tmp_path, capsys):
   ingest(cd.write_manifest(tmp_path / 'samples.jsonl', records), str(tmp_path / 'store'),
          log=open(os.devnull, 'w'))
   rows = VolumeStore(str(tmp_path / 'store')).manifest()
-  gone = dict(rows[0], id='gone', images=[dict(rows[0]['images'][0], id='no_such_scan')])
+  gone = [dict(r, id=f'gone{i}', images=[dict(r['images'][0], id=f'no_such_scan{i}')])
+          for i, r in enumerate(rows[:lost])]
   manifest = tmp_path / 'with_gone.jsonl'
-  manifest.write_text(''.join(json.dumps(r) + '\n' for r in rows[1:] + [gone]))
+  manifest.write_text(''.join(json.dumps(r) + '\n' for r in rows[lost:] + gone))
   tok = tmp_path / 'tok.model'
   tok.write_bytes(cd.spm_proto())
-  overrides = cd.frozen_vision_overrides(tmp_path / 'store', tok, f'data.manifest={manifest}',
-                                         'train.steps=2', 'train.log_every=1')
+  return cd.frozen_vision_overrides(tmp_path / 'store', tok, f'data.manifest={manifest}',
+                                    'train.log_every=1', *extra)
+
+
+def test_unreadable_samples_are_said_listed_and_counted(tmp_path, capsys):
+  """A sample whose scan the store cannot give (`data.drop_unreadable`, the default) becomes an
+  empty row, and training says so: a line per skipped sample on stderr, every one in
+  skipped.jsonl, the count in metrics.jsonl and in the TrainResult. Nothing is dropped silently."""
+  overrides = _run_with_lost_scans(tmp_path, 1, 'train.steps=2')
   result = loop.train(load_config(SPEC, overrides), str(tmp_path / 'run'), progress=False)
   err = capsys.readouterr().err
   assert result.step == 2, err
-  # 8 samples, one batch of 8 per step: 'gone' is skipped at each of the 2 steps
-  assert [s['sample_id'] for s in result.skipped] == ['gone', 'gone']
-  assert result.skipped[0]['scan_id'] == 'no_such_scan' and result.skipped[0]['reason']
+  # 8 samples, one batch of 8 per step: 'gone0' is skipped at each of the 2 steps
+  assert [s['sample_id'] for s in result.skipped] == ['gone0', 'gone0']
+  assert result.skipped[0]['scan_id'] == 'no_such_scan0' and result.skipped[0]['reason']
   listed = [json.loads(line) for line in open(tmp_path / 'run' / 'skipped.jsonl')]
   assert listed == result.skipped
-  assert err.count("radfm-jax train: skipped sample 'gone': scan 'no_such_scan' could not be "
+  assert err.count("radfm-jax train: skipped sample 'gone0': scan 'no_such_scan0' could not be "
                    "read (") == 2, err
   assert (f'2 samples skipped for an unreadable scan (their rows left empty), listed in '
           f'{tmp_path / "run" / "skipped.jsonl"}') in err
@@ -257,3 +264,33 @@ def test_unreadable_samples_are_said_listed_and_counted(tmp_path, capsys):
             if 'skipped_samples' in row]
   # the pipeline reads ahead of the step, so a row counts what it has skipped by then
   assert len(counts) == 2 and counts == sorted(counts) and counts[-1] == 2
+
+
+def test_a_store_that_gives_too_few_scans_stops_the_run_with_a_checkpoint(tmp_path):
+  """Half the samples unreadable (a store moved or damaged wholesale) is more than
+  `data.max_unreadable_share` (0.1): the run stops with one line naming the share, the list and
+  the first scan, after saving a checkpoint, instead of training on empty rows to the end."""
+  from radfm_jax.errors import InputError
+  overrides = _run_with_lost_scans(tmp_path, 4, 'train.steps=8')
+  with pytest.raises(loop.UnreadableDataError) as err:
+    loop.train(load_config(SPEC, overrides), str(tmp_path / 'run'), progress=False,
+               verbose=False)
+  message = str(err.value)
+  assert isinstance(err.value, InputError) and '\n' not in message
+  listed = [json.loads(line) for line in open(tmp_path / 'run' / 'skipped.jsonl')]
+  # 4 of each batch of 8 skipped: the share is enforced from the 10th skipped, so the third
+  # batch's read trips it; that batch trains, and the run stops before the next
+  step = int(re.match(r'stopped at step (\d+) \(checkpoint saved in ', message).group(1))
+  assert 3 <= step < 8 and len(listed) >= 10, message
+  drawn = re.search(r': (\d+) of the (\d+) samples drawn were unreadable \(50%, more than '
+                    r'data.max_unreadable_share=0.1\), listed in ', message)
+  assert drawn and int(drawn.group(2)) == 2 * int(drawn.group(1)), message
+  assert f"listed in {tmp_path / 'run' / 'skipped.jsonl'}; the first: scan 'no_such_scan" in message
+  assert message.endswith('expected a store that gives the scans its manifest names (re-run '
+                          '`radfm-jax ingest` to restore lost arrays, or check data.store / '
+                          'data.manifest)')
+  assert Checkpointer(str(tmp_path / 'run' / 'checkpoints')).latest_step() == step
+  # The same data with the check off trains to the end, every skip still listed
+  result = loop.train(load_config(SPEC, overrides + ['data.max_unreadable_share=1.0']),
+                      str(tmp_path / 'run2'), progress=False, verbose=False)
+  assert result.step == 8 and len(result.skipped) >= 32

@@ -21,7 +21,9 @@ values (Orbax's zarr chunks carry no checksum).
 
 Saving: Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it into place when
 complete, so a kill at any moment leaves only complete steps (`rundir.remove_unfinished` clears
-the rest). A save the filesystem refuses (full, read-only) is a `WriteError` naming the step
+the rest). Removing a step past `max_to_keep` is a rename into `DIR/.deleting/` first (Orbax's
+`todelete_subdir`), then `purge_deleted`: a kill during the removal leaves the half-removed step
+there, out of the steps, and the next run's `purge_deleted` finishes it. A save the filesystem refuses (full, read-only) is a `WriteError` naming the step
 folder and the newest complete step, raised where it surfaces (the next save, `wait`, `close`:
 saves run in the background).
 """
@@ -32,12 +34,17 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 
 import orbax.checkpoint as ocp
 
 from radfm_jax.checkpoint import meta
-from radfm_jax.errors import InputError, write_failed, write_fault
+from radfm_jax.errors import InputError, write_failed, write_fault, writing
+
+# Where old steps go to be removed (see the module docstring); not a step name, so Orbax and
+# `_complete_steps` never list it.
+DELETING = '.deleting'
 
 
 class CheckpointRestoreError(InputError):
@@ -84,7 +91,7 @@ class Checkpointer:
     self.directory = _resolve(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=1,
                                            enable_async_checkpointing=async_save,
-                                           create=True)
+                                           create=True, todelete_subdir=DELETING)
     with self._writing(None):
       self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._record = None     # the config.json body last written by this process
@@ -148,6 +155,7 @@ class Checkpointer:
     if config is not None:
       items['config'] = ocp.args.JsonSave(config)
     with self._writing(int(step)):
+      self._purge()                  # the steps the last save's finish moved out
       saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
       self._saving = int(step) if saved else self._saving
       if saved:
@@ -239,9 +247,15 @@ class Checkpointer:
     self.manager.reload()
     return dst
 
+  def _purge(self, idle: bool = False):
+    import jax
+    if jax.process_index() == 0:     # Orbax renames on the primary host only
+      purge_deleted(self.directory, idle)
+
   def wait(self):
     with self._writing(None):
       self.manager.wait_until_finished()
+      self._purge()
 
   def close(self):
     """Waits for the last save, then releases the manager. After a refused save (already raised)
@@ -252,7 +266,27 @@ class Checkpointer:
       return
     with self._writing(None):
       self.manager.wait_until_finished()
+      self._purge(idle=True)
     self.manager.close()
+
+
+def purge_deleted(directory: str, idle: bool = True) -> list[str]:
+  """Removes the old steps Orbax moved into DIRECTORY/.deleting/ (a local folder; on a URL Orbax
+  deletes them itself) and returns their paths; `idle` (no save running, which may be moving a
+  step in) removes the emptied folder too."""
+  folder = os.path.join(directory, DELETING)
+  if '://' in directory or not os.path.isdir(folder):
+    return []
+  removed = []
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    with writing(path):
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    removed.append(path)
+  if idle:
+    with writing(folder):
+      os.rmdir(folder)
+  return removed
 
 
 _JSON_FILES = re.compile(r'(^|/)(_METADATA|_CHECKPOINT_METADATA|metadata|_sharding|'

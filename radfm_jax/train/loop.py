@@ -48,6 +48,7 @@ from flax import nnx
 
 from radfm_jax import hostmem, sharding
 from radfm_jax.checkpoint import Checkpointer
+from radfm_jax.checkpoint.train_state import purge_deleted
 from radfm_jax.config import (SYNTHETIC_STORE, Config, ConfigError, check_batch_axes,
                               check_data_store, mixture_weights)
 from radfm_jax.data import batch as batch_lib
@@ -64,6 +65,11 @@ from radfm_jax.train.synthetic import SyntheticBatches
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN / inf; the run stopped without saving the bad state."""
+
+
+class UnreadableDataError(InputError):
+  """More of the drawn samples were unreadable than `data.max_unreadable_share` allows; the run
+  saved a checkpoint and stopped."""
 
 
 @dataclasses.dataclass
@@ -160,10 +166,15 @@ def global_batch(batch: dict, mesh, rules) -> dict:
 
 
 class _StopFlag:
-  """Set by SIGTERM / SIGINT; the loop saves and returns at the next step boundary."""
+  """Set by SIGTERM / SIGINT, or by `fail` (this host's data); the loop saves and stops at the
+  next step boundary. Every host stops at the same step: `is_set` agrees over all of them."""
+
+  SIGNAL, FAILED = 1, 2     # `code`: why the run stops (the highest any host has)
 
   def __init__(self, say=None):
     self.signal = None
+    self.failure: str | None = None     # this host's reason to stop with an error
+    self.code = 0
     self._old = {}
     self._say = say
 
@@ -186,12 +197,18 @@ class _StopFlag:
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
+  def fail(self, message: str):
+    if self.failure is None:
+      self.failure = message
+
   def is_set(self) -> bool:
-    local = self.signal is not None
+    local = (self.FAILED if self.failure is not None
+             else self.SIGNAL if self.signal is not None else 0)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
-    return local
+      local = int(np.max(multihost_utils.process_allgather(np.array([local]))))
+    self.code = local
+    return local > 0
 
 
 def _finite(x) -> bool:
@@ -373,6 +390,7 @@ class _SkipLog:
   `SAY` are said, so none is lost without a word; `count` goes to metrics.jsonl."""
 
   SAY = 10
+  STOP_FROM = 10      # data.max_unreadable_share is enforced from this many skipped samples
 
   def __init__(self, logdir: str, process: int, say: _Say):
     name = 'skipped.jsonl' if process == 0 else f'skipped.process_{process}.jsonl'
@@ -398,6 +416,19 @@ class _SkipLog:
         self.say(f'skipped sample {e.get("sample_id")!r}: scan {e.get("scan_id")!r} could not be '
                  f'read ({e.get("reason")}); its row is left empty (data.drop_unreadable; '
                  f'listed in {self.path})')
+
+  def over_share(self, readable: int, share: float) -> str | None:
+    """Why the run must stop when more than `share` of the samples drawn so far (`readable` +
+    skipped) were skipped, from the STOP_FROM-th skipped on; None otherwise."""
+    drawn = readable + self.count
+    if self.count < self.STOP_FROM or self.count <= share * drawn:
+      return None
+    first = self.entries[0]
+    return (f'{self.count} of the {drawn} samples drawn were unreadable ({self.count / drawn:.0%}, '
+            f'more than data.max_unreadable_share={share:g}), listed in {self.path}; the first: '
+            f'scan {first.get("scan_id")!r} ({first.get("reason")}); expected a store that gives '
+            'the scans its manifest names (re-run `radfm-jax ingest` to restore lost arrays, or '
+            'check data.store / data.manifest)')
 
 
 @contextlib.contextmanager
@@ -498,6 +529,9 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
     for number, path in rundir.remove_unfinished(ckpt_dir):
       say(f'removed {path}: the unfinished save of step {number} (cut short by a kill or a '
           'refused write; never read)')
+    for path in purge_deleted(ckpt_dir):
+      say(f'removed {path}: an old step past train.keep_checkpoints whose removal a kill cut '
+          'short (never read)')
   tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
       is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
   config_dict = rundir.record(cfg, tokenizer)
@@ -634,7 +668,8 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   try:
     while step < total:
       if stop.is_set():
-        status = 'interrupted' if stop.signal == signal.SIGINT else 'preempted'
+        status = ('failed' if stop.code == stop.FAILED
+                  else 'interrupted' if stop.signal == signal.SIGINT else 'preempted')
         break
       try:
         host_batch = next(data)
@@ -642,6 +677,9 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
         break
       if stats is not None:
         skip_log.update(stats.skipped)
+        failure = skip_log.over_share(sum(stats.datasets.values()), cfg.data.max_unreadable_share)
+        if failure is not None:
+          stop.fail(failure)     # this batch still trains; every host stops before the next
       batch = global_batch(host_batch, mesh, rules)
       tokens = float(np.prod(batch['tokens'].shape))
       flops = metrics_lib.batch_flops(cfg.model, batch)
@@ -693,6 +731,12 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
     one = skip_log.count == 1
     say(f'{skip_log.count} sample{"" if one else "s"} skipped for an unreadable scan '
         f'({"its row" if one else "their rows"} left empty), listed in {skip_log.path}')
+  if status == 'failed':
+    reason = stop.failure or ('another host stopped: more of its samples were unreadable than '
+                              f'data.max_unreadable_share={cfg.data.max_unreadable_share:g} '
+                              'allows (see its skipped.process_N.jsonl)')
+    raise UnreadableDataError(f'stopped at step {step} (checkpoint saved in {ckpt.directory}): '
+                              f'{reason}')
   if status != 'done':
     say(f'signal {signal.Signals(stop.signal).name if stop.signal else "(another host)"} '
         f'received; checkpoint saved at step {step} in {ckpt.directory}')
@@ -707,6 +751,6 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
                      state=state, skipped=list(skip_log.entries))
 
 
-__all__ = ['NonFiniteLossError', 'TrainResult', 'base_params', 'build', 'evaluate', 'global_batch',
-           'init_params', 'init_state', 'make_data', 'mixture_metrics', 'open_data', 'plot_loss_curve', 'run_dirs',
-           'train']
+__all__ = ['NonFiniteLossError', 'TrainResult', 'UnreadableDataError', 'base_params', 'build',
+           'evaluate', 'global_batch', 'init_params', 'init_state', 'make_data', 'mixture_metrics',
+           'open_data', 'plot_loss_curve', 'run_dirs', 'train']
