@@ -11,6 +11,7 @@ call that writes.
 """
 
 import errno
+import io
 import json
 import os
 import resource
@@ -330,8 +331,13 @@ def test_sharded_rerun_restores_lost_arrays_into_new_shards(tmp_path):
   first = _read_all(store_dir)
   sharded = shards.store_scans_sharded(scans_per_shard=2)
   shutil.rmtree(os.path.join(store_dir, 'volumes', 'd'))
-  report = ingest(manifest, store_dir, log=QUIET, store_scans=sharded)
+  log = io.StringIO()
+  report = ingest(manifest, store_dir, log=log, store_scans=sharded)
   assert sorted(report.stored) == sorted(first) and report.skipped == []
+  # counted and said as restored (the shards' own lines), not as changed on disk
+  assert sorted(report.restored) == sorted(first) and report.updated == []
+  said = [line for line in log.getvalue().splitlines() if line.startswith('ingest: restored ')]
+  assert len(said) == 4 and all("cannot be read (" in line for line in said), said
   index = VolumeStore(store_dir).index()
   assert sorted(row['db'] for row in index.values()) == ['shards/run0001-00000'] * 2 + \
       ['shards/run0001-00001'] * 2
@@ -339,7 +345,7 @@ def test_sharded_rerun_restores_lost_arrays_into_new_shards(tmp_path):
   report = ingest(manifest, store_dir, log=QUIET, store_scans=sharded)
   assert sorted(report.stored) == sorted(i for i, row in index.items()
                                          if row['db'] == 'shards/run0001-00000')
-  assert len(report.skipped) == 2
+  assert len(report.skipped) == 2 and sorted(report.restored) == sorted(report.stored)
   restored = _read_all(store_dir)
   for sid, array in first.items():
     np.testing.assert_array_equal(restored[sid], array)

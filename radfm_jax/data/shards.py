@@ -92,18 +92,22 @@ class ShardTask:
 
   def run(self) -> str:
     """Stores the shard's scans (ingest's own readers, checks and rejects: `_store_scans`), then
-    writes result.json (resolved ids, rejects, skipped scans, seconds taken): the shard is done. Returns the
-    name."""
+    writes result.json (resolved ids, rejects, skipped and restored scans with their log lines,
+    seconds taken): the shard is done. Returns the name."""
     import io
     import time
     start = time.perf_counter()
     shard = ShardStore(self.path, self.parent)
     report = IngestReport()
     entries = {e.sid: e for e in self.entries}
+    log = io.StringIO()
     with shard.lock():
-      resolved = _store_scans(shard, entries, report, self.batch_size, self.workers, io.StringIO(),
+      resolved = _store_scans(shard, entries, report, self.batch_size, self.workers, log,
                               self.max_scan_bytes, False)
+    # the rejects are said again by `collect`, in manifest order; the restored scans as here
+    said = [line for line in log.getvalue().splitlines() if line.startswith('ingest: restored ')]
     result = {'resolved': resolved, 'rejects': report.rejects, 'skipped': report.skipped,
+              'restored': report.restored, 'restored_lines': said,
               'seconds': time.perf_counter() - start}      # the worker's busy time (benchmarks)
     tmp = os.path.join(self.path, RESULT + '.tmp')
     with open(tmp, 'w') as f:
@@ -159,6 +163,9 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
     rejects.extend(result['rejects'])
     own = ShardStore(task.path).own_rows()
     report.skipped.extend(i for i in result['skipped'] if i not in own)
+    restored = set(result.get('restored', []))
+    for line in result.get('restored_lines', []):
+      print(line, file=log)
     by_id = {}
     for e in task.entries:
       for i in result['resolved'].get(e.sid) or []:
@@ -166,7 +173,9 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
     for i, row in own.items():
       rows.append(dict(row, db=f'{SHARDS}/{task.name}'))
       report.stored.append(i)
-      if i in before:
+      if i in restored:
+        report.restored.append(i)
+      elif i in before:
         report.updated.append(i)
       warning = repair_warning(by_id[i].path, i, row['attributes']) if i in by_id else None
       if warning:
