@@ -440,34 +440,17 @@ def _database_lost(store: VolumeStore, log) -> str | None:
   return f'its database could not be read: moved to {aside}/'
 
 
-class _Rows(VolumeStore):
-  """The store at `root` seen through `rows` only (its own index is not read): how a shard
-  (data/shards.py) opens the arrays of the rows it sees from its parent store, whose `db` is
-  relative to the parent."""
-
-  def __init__(self, root: str, rows: dict[str, dict]):
-    super().__init__(root)
-    self.rows = rows
-
-  def index(self) -> dict[str, dict]:
-    return self.rows
-
-
 def _unreadable(store: VolumeStore, lost: str | None) -> Callable[[str], str | None]:
   """unreadable(scan id): why its stored array cannot be opened, one line naming the database,
   key and scan (StoreDamaged's, without what it expected), or None when it opens. Opened only:
   reading every array would make a re-run over a large store read all of it. `lost`: `store`'s
   own database, which held the arrays of its rows without `db`, was moved aside
   (`_database_lost`)."""
-  from radfm_jax.data.shards import ShardStore
-  index, own, parent = store.index(), None, None
-  if isinstance(store, ShardStore):   # at STORE/shards/<name>/: its parent's rows are STORE's
-    own, parent = store.own_rows(), _Rows(os.path.dirname(os.path.dirname(store.root)),
-                                          store.parent)
+  index = store.index()
 
   def unreadable(scan_id: str) -> str | None:
     row = index[scan_id]
-    home = parent if parent is not None and scan_id not in own else store
+    home = store.holder(scan_id)
     if lost is not None and home is store and not row.get('db'):
       return (f'{os.path.join(store.root, "volumes")}/ key {row.get("key", f"scans/{scan_id}/")}: '
               f'the array of scan {scan_id!r} cannot be read ({lost})')

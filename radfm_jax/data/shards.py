@@ -57,6 +57,8 @@ class ShardStore(VolumeStore):
   def __init__(self, root: str, parent: dict[str, dict] | None = None):
     super().__init__(root)
     self.parent = dict(parent or {})
+    self._own: set[str] = set()
+    self._parent_view: VolumeStore | None = None
 
   def __getstate__(self):
     return {'root': self.root, 'parent': self.parent}
@@ -72,6 +74,25 @@ class ShardStore(VolumeStore):
     if self._index is None:
       self._index = {**self.parent, **self.own_rows()}
     return self._index
+
+  def holder(self, scan_id: str) -> VolumeStore:
+    """A row seen from the parent store (not written by this shard) has its array in the
+    parent's databases: its `db` is relative to STORE, not to STORE/shards/<name>/."""
+    if self._parent_view is None:
+      self._own = set(self.own_rows())
+      self._parent_view = _Rows(os.path.dirname(os.path.dirname(self.root)), self.parent)
+    return self if scan_id in self._own or scan_id not in self.parent else self._parent_view
+
+
+class _Rows(VolumeStore):
+  """The store at `root` seen through `rows` only (its own index is not read)."""
+
+  def __init__(self, root: str, rows: dict[str, dict]):
+    super().__init__(root)
+    self.rows = rows
+
+  def index(self) -> dict[str, dict]:
+    return self.rows
 
 
 @dataclasses.dataclass

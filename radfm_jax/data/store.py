@@ -696,6 +696,11 @@ class VolumeStore:
                         f'complete array that {self.scans_path} indexes (the store was changed '
                         'or damaged after ingest)')
 
+  def holder(self, scan_id: str) -> 'VolumeStore':
+    """The store whose databases hold the array of `scan_id` (this one; a shard of a sharded
+    ingest sees rows of its parent store, data/shards.py)."""
+    return self
+
   def open(self, scan_id: str) -> ts.TensorStore:
     row = self.row(scan_id)
     key = row.get('key', f'scans/{scan_id}/')
