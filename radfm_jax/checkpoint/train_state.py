@@ -23,9 +23,9 @@ Saving: Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it in
 complete, so a kill at any moment leaves only complete steps (`rundir.remove_unfinished` clears
 the rest). Removing a step past `max_to_keep` is a rename into `DIR/.deleting/` first (Orbax's
 `todelete_subdir`), then `purge_deleted`: a kill during the removal leaves the half-removed step
-there, out of the steps, and the next run's `purge_deleted` finishes it. A save the filesystem refuses (full, read-only) is a `WriteError` naming the step
-folder and the newest complete step, raised where it surfaces (the next save, `wait`, `close`:
-saves run in the background).
+there, out of the steps, and the next run finishes it. A save the filesystem refuses (full,
+read-only) is a `WriteError` naming the step folder and the newest complete step, raised where
+it surfaces (the next save, `wait`, `close`: saves run in the background).
 """
 
 from __future__ import annotations

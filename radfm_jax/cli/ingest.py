@@ -65,10 +65,11 @@ def add_parser(sub):
       'recorded repairs (spacing) to warnings.jsonl. The store is extended, never replaced: the '
       'samples are merged into its manifest, scans whose files are unchanged (sha256) are '
       'skipped, changed files are read again (so are unchanged ones whose stored arrays can no '
-      'longer be opened: the re-run repairs a damaged store). One ingest writes a store at a time (a second one '
-      'waits for the lock). A missing manifest, duplicate sample ids, a scan id naming two files '
-      'or a sample id the store holds with other content stop before anything is written (exit '
-      '2). Exit code 1 with --strict when anything was rejected.', example=EXAMPLE)
+      'longer be opened: the re-run repairs a damaged store). One ingest writes a store at a time '
+      '(a second one waits for the lock). A missing manifest, duplicate sample ids, a scan id '
+      'naming two files or a sample id the store holds with other content stop before anything '
+      'is written (exit 2). Exit code 1 with --strict when anything was rejected.',
+      example=EXAMPLE)
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument('--manifest', help='input samples JSONL (fields below)')
   what.add_argument('--recipe', metavar='NAME',

@@ -48,7 +48,6 @@ from flax import nnx
 
 from radfm_jax import hostmem, sharding
 from radfm_jax.checkpoint import Checkpointer
-from radfm_jax.checkpoint.train_state import purge_deleted
 from radfm_jax.config import (SYNTHETIC_STORE, Config, ConfigError, check_batch_axes,
                               check_data_store, mixture_weights)
 from radfm_jax.data import batch as batch_lib
@@ -526,12 +525,8 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   ckpt_dir = workdir.rstrip('/') + '/checkpoints'
   held.enter_context(rundir.lock_workdir(ckpt_dir, given_workdir, is_main))   # before any write
   if is_main:
-    for number, path in rundir.remove_unfinished(ckpt_dir):
-      say(f'removed {path}: the unfinished save of step {number} (cut short by a kill or a '
-          'refused write; never read)')
-    for path in purge_deleted(ckpt_dir):
-      say(f'removed {path}: an old step past train.keep_checkpoints whose removal a kill cut '
-          'short (never read)')
+    for path, what in rundir.remove_unfinished(ckpt_dir):
+      say(f'removed {path}: {what}')
   tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
       is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
   config_dict = rundir.record(cfg, tokenizer)

@@ -16,7 +16,8 @@ checkpoint restores onto any mesh; reading cached image tokens); any other diffe
 Orbax is touched, naming every field that differs.
 
 One run at a time: `lock_workdir` holds WORKDIR/checkpoints/.lock for the whole run, and under it
-`remove_unfinished` clears the temporary step folders a killed or failed save left.
+`remove_unfinished` clears the temporary step folders a killed or failed save left, and the old
+steps whose removal a kill cut short.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 import shutil
 
 from radfm_jax.checkpoint import meta
+from radfm_jax.checkpoint.train_state import purge_deleted
 from radfm_jax.config import SYNTHETIC_STORE, Config, ConfigError
 from radfm_jax.data.store import file_lock
 from radfm_jax.errors import UserError, writing
@@ -154,11 +156,12 @@ def lock_workdir(ckpt_dir: str, workdir: str, enabled: bool = True):
     yield
 
 
-def remove_unfinished(ckpt_dir: str) -> list[tuple[int, str]]:
+def remove_unfinished(ckpt_dir: str) -> list[tuple[str, str]]:
   """Removes the step folders a save did not finish (`<step>.orbax-checkpoint-tmp*`: a kill or a
   refused write during the save; never read, since Orbax renames a step into place only when it
-  is complete) and returns [(step, path)], for the run to say. Call it under `lock_workdir`. A URL
-  folder is left to Orbax."""
+  is complete) and the old steps a kill left in `.deleting/` (`train_state.purge_deleted`), and
+  returns [(path, what it was)], for the run to say. Call it under `lock_workdir`. A URL folder
+  is left to Orbax."""
   if _is_url(ckpt_dir) or not os.path.isdir(ckpt_dir):
     return []
   removed = []
@@ -168,8 +171,10 @@ def remove_unfinished(ckpt_dir: str) -> list[tuple[int, str]]:
     if m and os.path.isdir(path):
       with writing(path):
         shutil.rmtree(path)
-      removed.append((int(m[1]), path))
-  return removed
+      removed.append((path, f'the unfinished save of step {m[1]} (cut short by a kill or a '
+                      'refused write; never read)'))
+  return removed + [(path, 'an old step past train.keep_checkpoints whose removal a kill cut '
+                     'short (never read)') for path in purge_deleted(ckpt_dir)]
 
 
 def keep_tokenizer(cfg: Config, workdir: str) -> str | None:
