@@ -301,6 +301,8 @@ def test_rerun_restores_only_the_scan_whose_array_was_lost(tmp_path):
   with open(log, 'w') as f:
     report = ingest(manifest, store_dir, log=f)
   assert report.restored == report.stored == [lost] and report.updated == []
+  assert [(r['path'], r['scan_ids']) for r in report.restorations] == [(f'{tmp_path}/x0.png',
+                                                                         [lost])]
   assert sorted(report.skipped) == sorted(set(first) - {lost})
   text = log.read_text()
   line, summary = text.splitlines()
@@ -338,6 +340,9 @@ def test_sharded_rerun_restores_lost_arrays_into_new_shards(tmp_path):
   assert sorted(report.restored) == sorted(first) and report.updated == []
   said = [line for line in log.getvalue().splitlines() if line.startswith('ingest: restored ')]
   assert len(said) == 4 and all("cannot be read (" in line for line in said), said
+  # carried from the shards as data (IngestReport.restorations), each said in ingest's words
+  assert sorted(i for r in report.restorations for i in r['scan_ids']) == sorted(first)
+  assert said == [shards.restored_line(r) for r in report.restorations]
   index = VolumeStore(store_dir).index()
   assert sorted(row['db'] for row in index.values()) == ['shards/run0001-00000'] * 2 + \
       ['shards/run0001-00001'] * 2

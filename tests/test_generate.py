@@ -282,3 +282,19 @@ def test_left_pad_rejects_right_padding(model):
   tokens = np.array([[1, 5, 0]], np.int32)
   with pytest.raises(ValueError, match='left padding'):
     generate_ids(model, tokens, np.array([[1, 1, 0]]), None, max_new_tokens=2)
+
+
+def test_first_argmax_is_argmax_with_ties_nans_and_infinities():
+  """`layers.first_argmax` (greedy decoding's choice) gives jnp.argmax's index: the first of
+  tied maxima, the first NaN when any, infinities and signed zeros."""
+  rng = np.random.default_rng(0)
+  cases = [rng.standard_normal((3, 5, 1000)).astype(np.float32),
+           rng.integers(-2, 3, (8, 64)).astype(np.float32),                    # many ties
+           np.array([[0.0, -0.0, 0.0], [-0.0, 0.0, -1.0]], np.float32),
+           np.array([[1.0, np.inf, 2.0, np.inf], [-np.inf] * 4, [1.0, np.nan, 5.0, np.nan],
+                     [np.nan, np.inf, 0.0, 0.0]], np.float32)]
+  for x in cases:
+    got = jax.jit(layers.first_argmax)(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))

@@ -66,6 +66,8 @@ class IngestReport:
   updated: list[str] = dataclasses.field(default_factory=list)    # of those: new content, old id
   restored: list[str] = dataclasses.field(default_factory=list)   # of those: same content, array
                                                                   # unreadable in the store
+  restorations: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'scan_ids',
+                                                                      # 'reason'}: restored_line
   skipped: list[str] = dataclasses.field(default_factory=list)    # already in the store
   rejects: list[dict] = dataclasses.field(default_factory=list)   # {'path', 'reason', ...}
   warnings: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'warning', ...}
@@ -496,9 +498,10 @@ def _write(store, pending, restoring, report, resolved, entries, log, bar):
     resolved[sid] = ids
     report.stored.extend(ids)
     if sid in restoring:
+      restoration = {'path': entries[sid].path, 'scan_ids': ids, 'reason': restoring[sid]}
       report.restored.extend(ids)
-      bar.write(f'ingest: restored {entries[sid].path}: {restoring[sid]}; stored again from the '
-                'file', file=log)
+      report.restorations.append(restoration)
+      bar.write(restored_line(restoration), file=log)
     else:
       report.updated.extend(i for i in ids if i in before)
     for i, _, attrs in scans:
@@ -506,6 +509,13 @@ def _write(store, pending, restoring, report, resolved, entries, log, bar):
       if warning:
         report.warnings.append(warning)
         bar.write(f'ingest: repaired {entries[sid].path}: {warning["warning"]}', file=log)
+
+
+def restored_line(restoration: dict) -> str:
+  """The log line of an `IngestReport.restorations` entry (said by ingest, and again by a sharded
+  run's `collect` for each shard's)."""
+  return (f'ingest: restored {restoration["path"]}: {restoration["reason"]}; stored again from '
+          'the file')
 
 
 def repair_warning(path: str, scan_id: str, attrs: dict) -> dict | None:

@@ -37,7 +37,7 @@ import re
 from typing import Callable
 
 from radfm_jax.data.ingest import (IngestReport, _Entry, _store_scans, _stored_ids,
-                                   repair_warning)
+                                   repair_warning, restored_line)
 from radfm_jax.data.store import VolumeStore, read_index
 from radfm_jax.errors import UserError
 
@@ -113,8 +113,8 @@ class ShardTask:
 
   def run(self) -> str:
     """Stores the shard's scans (ingest's own readers, checks and rejects: `_store_scans`), then
-    writes result.json (resolved ids, rejects, skipped and restored scans with their log lines,
-    seconds taken): the shard is done. Returns the name."""
+    writes result.json (resolved ids, rejects, skipped scans, restorations, seconds taken): the
+    shard is done. Returns the name."""
     import io
     import time
     start = time.perf_counter()
@@ -125,10 +125,9 @@ class ShardTask:
     with shard.lock():
       resolved = _store_scans(shard, entries, report, self.batch_size, self.workers, log,
                               self.max_scan_bytes, False)
-    # the rejects are said again by `collect`, in manifest order; the restored scans as here
-    said = [line for line in log.getvalue().splitlines() if line.startswith('ingest: restored ')]
+    # `collect` says the rejects again, in manifest order, and the restorations
     result = {'resolved': resolved, 'rejects': report.rejects, 'skipped': report.skipped,
-              'restored': report.restored, 'restored_lines': said,
+              'restorations': report.restorations,
               'seconds': time.perf_counter() - start}      # the worker's busy time (benchmarks)
     tmp = os.path.join(self.path, RESULT + '.tmp')
     with open(tmp, 'w') as f:
@@ -184,9 +183,11 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
     rejects.extend(result['rejects'])
     own = ShardStore(task.path).own_rows()
     report.skipped.extend(i for i in result['skipped'] if i not in own)
-    restored = set(result.get('restored', []))
-    for line in result.get('restored_lines', []):
-      print(line, file=log)
+    restored = set()
+    for restoration in result['restorations']:
+      print(restored_line(restoration), file=log)
+      report.restorations.append(restoration)
+      restored.update(restoration['scan_ids'])
     by_id = {}
     for e in task.entries:
       for i in result['resolved'].get(e.sid) or []:

@@ -28,6 +28,7 @@ from flax import nnx
 
 from radfm_jax.config import GenerateConfig
 from radfm_jax.infer import cpu_decode
+from radfm_jax.models.layers import first_argmax
 from radfm_jax.models.llama import KVCache
 
 PAD_ID = 0
@@ -88,7 +89,7 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 def choose_token(logits: jax.Array, rng: jax.Array, sampling: GenerateConfig) -> jax.Array:
   """float32 [batch, vocab] -> int32 [batch]."""
   if sampling.temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return first_argmax(logits)
   logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
