@@ -64,10 +64,8 @@ class IngestError(RuntimeError):
 class IngestReport:
   stored: list[str] = dataclasses.field(default_factory=list)     # scan ids written this run
   updated: list[str] = dataclasses.field(default_factory=list)    # of those: new content, old id
-  restored: list[str] = dataclasses.field(default_factory=list)   # of those: same content, array
-                                                                  # unreadable in the store
-  restorations: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'scan_ids',
-                                                                      # 'reason'}: restored_line
+  restorations: list[dict] = dataclasses.field(default_factory=list)  # of those: same content,
+  # array unreadable in the store: {'path', 'scan_ids', 'reason'} per file (restored_line)
   skipped: list[str] = dataclasses.field(default_factory=list)    # already in the store
   rejects: list[dict] = dataclasses.field(default_factory=list)   # {'path', 'reason', ...}
   warnings: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'warning', ...}
@@ -78,6 +76,11 @@ class IngestReport:
   train_resolution: int | None = None                             # copies made at this size:
   copies: int = 0                                                 # written this run
   copies_current: int = 0                                         # already there
+
+  @property
+  def restored(self) -> list[str]:
+    """The scan ids of `restorations`."""
+    return [i for r in self.restorations for i in r['scan_ids']]
 
   @property
   def rejected_scans(self) -> int:
@@ -499,7 +502,6 @@ def _write(store, pending, restoring, report, resolved, entries, log, bar):
     report.stored.extend(ids)
     if sid in restoring:
       restoration = {'path': entries[sid].path, 'scan_ids': ids, 'reason': restoring[sid]}
-      report.restored.extend(ids)
       report.restorations.append(restoration)
       bar.write(restored_line(restoration), file=log)
     else:

@@ -183,11 +183,10 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
     rejects.extend(result['rejects'])
     own = ShardStore(task.path).own_rows()
     report.skipped.extend(i for i in result['skipped'] if i not in own)
-    restored = set()
     for restoration in result['restorations']:
       print(restored_line(restoration), file=log)
       report.restorations.append(restoration)
-      restored.update(restoration['scan_ids'])
+    restored = {i for r in result['restorations'] for i in r['scan_ids']}
     by_id = {}
     for e in task.entries:
       for i in result['resolved'].get(e.sid) or []:
@@ -195,9 +194,7 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
     for i, row in own.items():
       rows.append(dict(row, db=f'{SHARDS}/{task.name}'))
       report.stored.append(i)
-      if i in restored:
-        report.restored.append(i)
-      elif i in before:
+      if i in before and i not in restored:                  # restored: same content
         report.updated.append(i)
       warning = repair_warning(by_id[i].path, i, row['attributes']) if i in by_id else None
       if warning:
