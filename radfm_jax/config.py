@@ -420,10 +420,28 @@ def import_config_file(path: str):
   """The module of an experiment file (its own module name per path: files never share state)."""
   spec = importlib.util.spec_from_file_location(f'radfm_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'config file {path} line {e.lineno}: SyntaxError: {e.msg}') from e
+  except Exception as e:  # noqa: BLE001  (the user's code: whatever it raises is told as one line)
+    raise ConfigError(_raised_in(path, e)) from e
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config(arg)')
   return module
+
+
+def _raised_in(path: str, error: BaseException) -> str:
+  """'config file PATH line N: TypeError: ...' for an exception raised while running an
+  experiment file (N: the file's last line in the traceback)."""
+  line = None
+  tb = error.__traceback__
+  while tb is not None:
+    if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  at = f' line {line}' if line is not None else ''
+  return f'config file {path}{at}: {type(error).__name__}: {error}'
 
 
 def _parse_value(text: str):
@@ -461,13 +479,16 @@ def load_config_dict(spec: str, overrides: Sequence[str] = ()) -> ml_collections
   """`path.py[:arg]` (or a built-in `NAME[:arg]`) -> the full ConfigDict: the file's fields over
   the defaults, overrides applied (not yet validated)."""
   path, _, arg = spec.partition(':')
-  module = import_config_file(resolve_config_path(path))
+  resolved = resolve_config_path(path)
+  module = import_config_file(resolved)
   try:
     diff = module.get_config(arg)
   except ConfigError:
     raise
   except ValueError as e:     # the file's own check of ARG (e.g. presets.select: model=<size>)
     raise ConfigError(f'--config {spec}: {e}') from e
+  except Exception as e:  # noqa: BLE001  (a bug in the user's get_config: one line, --verbose)
+    raise ConfigError(_raised_in(resolved, e)) from e
   return apply_overrides(with_defaults(diff), overrides)
 
 
@@ -584,6 +605,9 @@ def validate_model(m: ModelConfig):
 
 
 def _validate_axes(field: str, axes):
+  if not isinstance(axes, (list, tuple)) or not all(
+      isinstance(a, (list, tuple)) and len(a) == 2 for a in axes):
+    _fail(field, axes, f'(axis, size) pairs, one for each of {MESH_AXES}')
   names = [a for a, _ in axes]
   if sorted(names) != sorted(MESH_AXES):
     _fail(field, [list(a) for a in axes], f'one (axis, size) pair for each of {MESH_AXES}')
@@ -701,8 +725,9 @@ def _validate_data(d: DataConfig, m: ModelConfig):
           lambda x: 0 <= x <= 1)
   if d.max_images > m.max_images:
     _fail('data.max_images', d.max_images, f'at most model.max_images={m.max_images}')
-  if not d.ct_windows or any(len(w) != 2 or not all(_real(x) for x in w) or w[1] <= 0
-                             for w in d.ct_windows):
+  if not isinstance(d.ct_windows, (list, tuple)) or not d.ct_windows or any(
+      not isinstance(w, (list, tuple)) or len(w) != 2 or not all(_real(x) for x in w)
+      or w[1] <= 0 for w in d.ct_windows):
     _fail('data.ct_windows', d.ct_windows, '(level, width) pairs with width > 0')
   if d.intensity == 'ct_windows3' and len(d.ct_windows) < 3:
     _fail('data.ct_windows', d.ct_windows, "three (level, width) windows for intensity='ct_windows3'")

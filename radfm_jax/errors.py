@@ -82,6 +82,19 @@ def writing(path: str, then: str = ''):
 
 
 @contextlib.contextmanager
+def reading(name: str):
+  """A missing file or folder, an unknown layout or step (FileNotFoundError, ValueError) inside
+  the block as one InputError prefixed with `name` ('--checkpoint run/'); an InputError passes as
+  it is: it names its file already."""
+  try:
+    yield
+  except InputError:
+    raise
+  except (FileNotFoundError, ValueError) as e:
+    raise InputError(f'{name}: {e}') from e
+
+
+@contextlib.contextmanager
 def whole_file(path: str, suffix: str = '.tmp'):
   """Yields `path + suffix` to write, renamed over `path` when the block succeeds and removed
   when it fails: a kill, an error or a refused write never leaves a cut file at `path` (an

@@ -54,6 +54,9 @@ ROWS = [
     _config('data.ct_windows', '[[40, 0]]'),
     _config('data.ct_windows', '[]'),
     _config('data.percentiles', '[99.5, 0.5]'),
+    _config('data.ct_windows', '[40, 400]'),           # was: TypeError's traceback
+    _config('mesh.ici', '[1, 2]'),                      # was: TypeError's traceback
+    _config('mesh.ici', 'data'),                        # was: ValueError's traceback
     _config('train.learning_rate', '0'),
     _config('train.learning_rate', '-1e-4'),
     _config('train.learning_rate', '1e999'),          # inf
@@ -106,6 +109,30 @@ ROWS = [
                                        '--config.data.store={root}/store',
                                        '--config.data.tokenizer={root}/tok.model'],
      ['manifest {root}/store/manifest.jsonl: no such file']),
+    ('train:workdir-is-a-file', ['train', '--config', SPEC, '--workdir', '{root}/a.png',
+                                 '--config.data.store=synthetic'],
+     ["radfm-jax train: --workdir {root}/a.png: exists and is not a folder; expected the run's "
+      'folder (new, or one to resume)']),
+    ('train:workdir-below-a-file', ['train', '--config', SPEC, '--workdir', '{root}/a.png/run',
+                                    '--config.data.store=synthetic'],
+     ['radfm-jax train: --workdir {root}/a.png/run: {root}/a.png is not a directory']),
+    ('train:max-steps', TRAIN + ['--max-steps', '-3'],
+     ["argument --max-steps: '-3': expected an integer >= 0"]),
+    ('train:config-syntax', ['train', '--config', '{root}/syntax.py', '--workdir', '{root}/run'],
+     ["radfm-jax train: config file {root}/syntax.py line 2: SyntaxError: '{{' was never closed"]),
+    ('train:config-raises', ['train', '--config', '{root}/raises.py', '--workdir', '{root}/run'],
+     ["radfm-jax train: config file {root}/raises.py line 3: KeyError: 'trian'"]),
+    ('train:manifest-folder', TRAIN + ['--config.data.store={root}/pngs/store',
+                                       '--config.data.tokenizer={root}/tok.model',
+                                       '--config.data.manifest={root}/empty'],
+     ['radfm-jax train: {root}/empty: not a TFDS dataset directory (no dataset_info.json)']),
+    ('train:store-without-index', TRAIN + ['--config.data.store={root}/no_index',
+                                           '--config.data.tokenizer={root}/tok.model'],
+     ['radfm-jax train: {root}/no_index/scans.jsonl: missing; expected the scan index']),
+    ('cache-images:no-such-step', ['cache-images', '--checkpoint', '{root}/ckpt', '--data',
+                                   '{root}/pngs/store', '--config', SPEC, '--step', '3'],
+     ['radfm-jax cache-images: --checkpoint {root}/ckpt: {root}/ckpt/config.json: a '
+      'parameter-only checkpoint (layout "params") has no step 3']),
     # --- generate: the same config validation, flags, files, lines, limits
     ('generate:max-new-tokens', GEN + ['--prompt', 'x', '--config.generate.max_new_tokens=0'],
      ['radfm-jax generate: config field generate.max_new_tokens=0: expected a positive integer']),
@@ -228,6 +255,13 @@ def root(tmp_path_factory):
              for i, split in enumerate(['train', 'eval', 'train'])]
   cd.write_manifest(r / 'samples.jsonl', records)
   (r / 'empty').mkdir()
+  (r / 'pngs').mkdir()
+  cd.png_store(r / 'pngs')
+  shutil.copytree(r / 'pngs' / 'store', r / 'no_index')
+  os.remove(r / 'no_index' / 'scans.jsonl')
+  (r / 'syntax.py').write_text('def get_config(arg):\n  return {\n')
+  (r / 'raises.py').write_text('def get_config(arg):\n  sections = {"train": {}}\n'
+                               '  return sections["trian"]\n')
   shutil.copytree(r / 'ckpt', r / 'cut')                # its config.json cut short
   (r / 'cut' / 'config.json').write_bytes((r / 'ckpt' / 'config.json').read_bytes()[:40])
   return r

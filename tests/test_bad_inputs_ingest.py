@@ -116,6 +116,72 @@ def _dicom_duplicate_position(d):
   return name
 
 
+def _dicom_without_position(d):
+  import pydicom
+  name = _dicom(d, 'nopos')
+  first = os.path.join(d, name, 'slice_000.dcm')
+  ds = pydicom.dcmread(first)
+  del ds.ImagePositionPatient
+  ds.save_as(first)
+  return name
+
+
+def _dicom_enhanced(d):
+  """A series whose first file carries functional groups (an enhanced multi-frame's geometry and
+  rescale live there, which the reader does not apply)."""
+  from pydicom.dataset import Dataset
+  return _dicom(d, 'enhanced', SharedFunctionalGroupsSequence=[Dataset()])
+
+
+def _dicom_colour_frames(d, frames=2):
+  """One file of `frames` RGB frames (a colour cine)."""
+  import pydicom
+  from pydicom.dataset import FileDataset, FileMetaDataset
+  from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = pydicom.uid.UltrasoundMultiFrameImageStorage
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = FileDataset(None, {}, file_meta=meta, preamble=b'\0' * 128)
+  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+  ds.Modality, ds.SeriesInstanceUID = 'US', generate_uid()
+  ds.Rows, ds.Columns, ds.NumberOfFrames = 4, 5, frames
+  ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, 'RGB', 0
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+  ds.PixelData = (np.arange(frames * 4 * 5 * 3) % 251).astype(np.uint8).tobytes()
+  ds.save_as(os.path.join(d, 'cine.dcm'), enforce_file_format=True)
+  return 'cine.dcm'
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+  return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+
+def _png_rgb16(d):
+  """A 48-bit RGB PNG (Pillow writes none; it reads one as 8 bits per channel)."""
+  rows = np.arange(4 * 5 * 3, dtype='>u2').reshape(4, 5, 3) * 1000
+  raw = b''.join(b'\0' + row.tobytes() for row in rows)
+  return _write(d, 'rgb16.png', b'\x89PNG\r\n\x1a\n'
+                + _png_chunk(b'IHDR', struct.pack('>IIBBBBB', 5, 4, 16, 2, 0, 0, 0))
+                + _png_chunk(b'IDAT', zlib.compress(raw)) + _png_chunk(b'IEND', b''))
+
+
+def _apng(d):
+  from PIL import Image
+  frames = [Image.fromarray((np.arange(20).reshape(4, 5) * k).astype(np.uint8)) for k in (3, 5)]
+  frames[0].save(os.path.join(d, 'cine.png'), save_all=True, append_images=frames[1:])
+  return 'cine.png'
+
+
+def _gzip_bit_flip(d):
+  """A .nii.gz whose deflate data (stored blocks: level 0) has one voxel byte flipped: it still
+  decompresses, only the gzip CRC-32 tells (64 KB of voxels: nibabel's own look at the file
+  stops before the end; of a smaller file it reads to the end and refuses it itself)."""
+  gz = bytearray(gzip.compress(_nifti_bytes(cd.ct_volume((64, 64, 8))), compresslevel=0))
+  gz[len(gz) - 60] ^= 0x01
+  return _write(d, 'flipped.nii.gz', bytes(gz))
+
+
 BIG_INT = np.array([[[1, 2], [3, 5_000_000_000]]], np.int64)
 
 # (row id, builder(d) -> file name, expected reason: substrings, all of which must appear)
@@ -153,6 +219,25 @@ REJECTS = [
     ('png_claims_3_6_gb', _huge_png, ['header claims too many pixels', '3600000000 pixels']),
     ('dicom_claims_7_2_gb', lambda d: _dicom(d, 'bigdcm', Rows=60000, Columns=60000),
      ['DICOM slice_000.dcm (60000 x 60000', 'claims 7,200,000,000 bytes', 'holds 60']),
+    ('nii_gz_crc_mismatch', _gzip_bit_flip, ['cannot read voxel data: BadGzipFile: CRC check '
+                                             'failed', 'expected an intact gzip file']),
+    ('png_16bit_colour', _png_rgb16, ['a 16-bit colour (or grey + alpha) PNG, which Pillow reads '
+                                      'as 8 bits per channel']),
+    ('png_animated', _apng, ['an animated PNG of 2 frames; expected one image']),
+    ('npy_stack_of_no_images', lambda d: _npy(d, 'none.npy', np.zeros((0, 1, 4, 4, 2), np.int16)),
+     ['the [S, C, H, W, D] stack [0, 1, 4, 4, 2] holds no images']),
+    ('dicom_colour_frames', _dicom_colour_frames, ['a multi-frame colour DICOM (2 frames)']),
+    ('dicom_functional_groups', _dicom_enhanced, ['an enhanced multi-frame DICOM']),
+    ('dicom_missing_slice', lambda d: _dicom(d, 'gap', ImagePositionPatient=[0.0, 0.0, -2.5]),
+     ['uneven slice gaps (2.5 to 5 mm along the slice normal: a missing slice?)']),
+    ('dicom_other_orientation', lambda d: _dicom(
+        d, 'orient', ImageOrientationPatient=[0.0, 1.0, 0.0, 0.0, 0.0, -1.0]),
+     ["slice_001.dcm: ImageOrientationPatient ['1.0', '0.0', '0.0', '0.0', '1.0', '0.0'] differs "
+      "from slice_000.dcm's [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]; expected one orientation"]),
+    ('dicom_position_on_some_slices', _dicom_without_position,
+     ['slice_000.dcm has no ImagePositionPatient / ImageOrientationPatient while other slices do']),
+    ('dicom_rescale_slope_0', lambda d: _dicom(d, 'slope0', RescaleSlope=0),
+     ['RescaleSlope 0 would make every value the intercept']),
     ('truncated_nifti', lambda d: _write(d, 'trunc.nii', _nifti_bytes(
         cd.ct_volume((8, 8, 4)))[:400]),
      ['NIfTI shape [8, 8, 4] int16: the header claims 512 bytes of pixel data but the file holds 48']),
@@ -300,6 +385,14 @@ ERRORS = [
      "{m} line 1 field images: sample id 's1' is already in the store"),
     ('bad_json_line', lambda t: _line(t, 'json.jsonl', _sample('n', 'a.npy'), '{"id": "m",'),
      '{m} line 2: not valid JSON'),
+    ('stack_id_meets_another_scan_id', lambda t: (
+        np.save(t / 'case.npy', np.zeros((2, 1, 4, 4, 2), np.int16) + 7),
+        _line(t, 'stack.jsonl', {'id': 'p', 'images': [{'path': 'case.npy', 'id': 'c'}]},
+              {'id': 'q', 'images': [{'path': 'a.npy', 'id': 'c_0'}]}))[1],
+     "{m} line 2 field images[0].id: stored scan id 'c_0' would hold {t}/a.npy ({m} line 2 field "
+     "images[0]) and image 0 of the 5D stack {t}/case.npy ({m} line 1 field images[0])"),
+    ('manifest_is_the_stores_own', lambda t: str(t / 'store' / 'manifest.jsonl'),
+     "--manifest {m}: the store's own manifest.jsonl, which ingest rewrites"),
     ('image_without_path', lambda t: _line(t, 'nopath.jsonl', {'id': 'n', 'images': [{'id': 'z'}]}),
      '{m} line 1 field images[0].path: missing; expected string (an input manifest names each '
      'scan by its path)'),
@@ -563,13 +656,18 @@ def _two_scans(tmp_path):
   return cd.write_manifest(tmp_path / 'm.jsonl', [_sample('s0', 'a.npy'), _sample('s1', 'b.npy')])
 
 
+SIZE = 'a positive size such as 2G, 512M or 1048576 (whole bytes)'
+
+
 @pytest.mark.parametrize('flag,value,expected', [
     ('--batch-size', '0', 'a positive integer'),        # was: range() step 0, a traceback
     ('--batch-size', '-1', 'a positive integer'),       # was: exit 0, every sample dropped
     ('--workers', '-3', 'a positive integer'),          # was: ThreadPoolExecutor's traceback
     ('--workers', 'two', 'a positive integer'),
     ('--lock-timeout', 'nan', 'a number of seconds >= 0'),   # was: waits forever
-    ('--lock-timeout', '-1', 'a number of seconds >= 0')])
+    ('--lock-timeout', '-1', 'a number of seconds >= 0'),
+    ('--max-scan-bytes', '0.5', SIZE),           # was: 0 bytes, every scan rejected, exit 0
+    ('--max-scan-bytes', '1.5', SIZE)])
 def test_bad_option_is_a_usage_error_before_the_store_exists(tmp_path, capsys, flag, value,
                                                              expected):
   from radfm_jax.cli.main import main
@@ -611,6 +709,11 @@ def test_out_that_is_a_file_is_one_line_and_the_file_is_untouched(tmp_path, caps
   assert main(['ingest', '--manifest', manifest, '--out', manifest, '--no-progress']) == 2
   assert capsys.readouterr().err == f'radfm-jax ingest: {expected}\n'
   assert open(manifest, 'rb').read() == before
+  below = os.path.join(manifest, 'store')                  # was: NotADirectoryError's traceback
+  assert main(['ingest', '--manifest', manifest, '--out', below, '--no-progress']) == 2
+  assert capsys.readouterr().err == (f'radfm-jax ingest: --out {below}: {manifest} is not a '
+                                     'directory; expected a folder for the store (nothing was '
+                                     'written)\n')
 
 
 def test_frame_or_index_that_picks_nothing_is_a_reject_naming_the_field(tmp_path):

@@ -191,3 +191,80 @@ def test_trained_checkpoint_exports(tmp_path, tiny_cfg):
   restored, cfg = checkpoint.load(str(tmp_path / 'run'))
   np.testing.assert_array_equal(np.asarray(restored.perceiver.latents[...]),
                                 np.asarray(model.perceiver.latents[...]))
+
+
+def test_damaged_or_mislabelled_checkpoint_does_not_export(converted, tmp_path, capsys):
+  """`to-torch` read leaves straight from TensorStore, which fills a missing chunk file with the
+  fill value: a checkpoint with a chunk deleted exported zeros (exit 0). A config.json that does
+  not match the stored tree (one layer fewer) exported a model without its last layer. Each is
+  now one line naming the file or the leaf, and nothing is written."""
+  import shutil
+  root, _ = converted
+  lost = tmp_path / 'lost'
+  shutil.copytree(root / 'ckpt', lost)
+  chunks = sorted((lost / 'params' / 'llama.norm.scale').glob('[0-9]*'))
+  assert chunks, os.listdir(lost / 'params' / 'llama.norm.scale')
+  os.remove(chunks[0])
+  out = tmp_path / 'out.safetensors'
+  assert main(['convert', 'to-torch', '--checkpoint', str(lost), '--out', str(out)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f'llama.norm.scale/{chunks[0].name}" is missing' in err[0], err
+  assert not out.exists()
+  relabelled = tmp_path / 'relabelled'
+  shutil.copytree(root / 'ckpt', relabelled)
+  config = json.loads((relabelled / 'config.json').read_text())
+  layers = config['model']['llama']['num_layers']
+  config['model']['llama']['num_layers'] = layers - 1
+  (relabelled / 'config.json').write_text(json.dumps(config))
+  assert main(['convert', 'to-torch', '--checkpoint', str(relabelled), '--out', str(out)]) == 2
+  (err,) = capsys.readouterr().err.strip().splitlines()
+  assert f'is stored as [{layers}, ' in err and f'the config.json beside it makes it [{layers - 1}, ' \
+      in err and 'expected the config the checkpoint was written with' in err, err
+  assert not out.exists()
+  not_one = tmp_path / 'model.bin'                   # the wrong direction: was a traceback
+  not_one.write_bytes(b'PK')
+  assert main(['convert', 'to-torch', '--checkpoint', str(not_one), '--out', str(out)]) == 2
+  assert capsys.readouterr().err.startswith(f'radfm-jax convert: {not_one}: not a checkpoint')
+
+
+def test_hf_folder_that_disagrees_with_its_index_or_config_is_refused(tmp_path, capsys):
+  """The shard folder's `model.safetensors.index.json` and `config.json` name what the shards must
+  hold: a deleted shard converted into a model with fewer layers (the sizes are read from the keys
+  present) and contradicting config sizes were ignored. Each is one line now."""
+  import shutil
+  transformers = pytest.importorskip('transformers')
+  torch.manual_seed(0)
+  hf_cfg = transformers.LlamaConfig(
+      hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+      intermediate_size=96, vocab_size=300, tie_word_embeddings=False)
+  transformers.LlamaForCausalLM(hf_cfg).save_pretrained(
+      tmp_path / 'hf', safe_serialization=True, max_shard_size='100KB')
+  capsys.readouterr()                                    # transformers' progress bar
+  index = json.loads((tmp_path / 'hf' / 'model.safetensors.index.json').read_text())
+  layer2 = index['weight_map']['model.layers.2.mlp.gate_proj.weight']
+
+  def convert(folder):
+    rc = main(['convert', 'from-hf-llama', '--hf', str(folder), '--config',
+               'configs/radfm.py:model=tiny', '--out', str(tmp_path / 'ck')])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+  cut = tmp_path / 'cut'
+  shutil.copytree(tmp_path / 'hf', cut)
+  os.remove(cut / layer2)
+  assert convert(cut) == (2, [
+      f'radfm-jax convert: {cut}/model.safetensors.index.json field weight_map: names shard '
+      f'{layer2}, which is not in {cut}; expected every shard it lists (a download cut short?)'])
+  os.remove(cut / 'model.safetensors.index.json')       # no index: config.json still counts
+  kept = [k for k, shard in index['weight_map'].items()
+          if k.endswith('gate_proj.weight') and shard != layer2]
+  assert convert(cut) == (2, [
+      f'radfm-jax convert: {cut}/config.json field num_hidden_layers: 3, but the shards hold '
+      f'{len(kept)}; expected the config of these weights (a shard missing?)'])
+  other = tmp_path / 'other'
+  shutil.copytree(tmp_path / 'hf', other)
+  config = json.loads((other / 'config.json').read_text())
+  config['max_position_embeddings'] = 2047.9                # was: cut to 2047
+  (other / 'config.json').write_text(json.dumps(config))
+  assert convert(other) == (2, [f'radfm-jax convert: {other}/config.json field '
+                                'max_position_embeddings: 2047.9; expected a finite integer'])
+  assert not (tmp_path / 'ck').exists()

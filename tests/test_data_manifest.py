@@ -51,6 +51,13 @@ BAD = [
     ([_img(shape=[1, 2, 2, 1])], 'input',
      'line 1 field images[0].shape: not read from an input manifest; expected one of path, id, '
      'modality, position, frame, index'),
+    # text the tokenizer would read as image tokens (placeholders with no image behind them)
+    ([json.dumps({'id': 'x', 'question': 'What is <image3>?'})], 'input',
+     "line 1 field question: holds '<image3>', which the tokenizer reads as an image token; "
+     'expected plain text (an image goes where its images[k].position says)'),
+    ([OK, json.dumps({'id': 'y', 'question': 'Q?', 'answer': 'See </image> here.'})], 'input',
+     "line 2 field answer: holds '</image>', which the tokenizer reads as an image token; "
+     'expected plain text (an image goes where its images[k].position says)'),
     ([_img(frame=-1)], 'input',
      'line 1 field images[0].frame: got -1; expected integer >= 0 and < 2^31'),
     ([_img(index='2')], 'input',

@@ -203,3 +203,27 @@ def test_paths_from_the_config_and_split_filter(store, tmp_path):
                              process_count=1, num_epochs=1)
   assert sorted(r for _, rows in ds.plan.epoch(0) for r in rows if r >= 0) == [0, 1, 2]
   assert sum(int(b['attention_mask'].any(1).sum()) for b in ds) == 3
+
+
+def test_texts_longer_than_the_largest_length_are_cut_and_said(store):
+  """A sample needing more positions than the largest data.text_lengths entry is cut to it, as
+  the original cuts at its max_length (2048), but no longer silently: the plan lists it and
+  make_dataset says how many, and which needs the most."""
+  import io
+  records = store.manifest()
+  tok = cd.tokenizer()
+  long = dict(records[1], id='long', answer='nodule ' * 300)
+  q, a, _ = batch_lib.record_text(long, cd.tiny_model().perceiver.num_latents, 4)
+  needed = tok.example_length(q, a)
+  assert needed > 256
+  log = io.StringIO()
+  ds = pipeline.make_dataset(cd.data_config(text_lengths=(64, 256)), cd.tiny_model(), store, tok,
+                             process_index=0, process_count=1, num_epochs=1, log=log,
+                             records=[records[1], long])
+  assert ds.plan.cut == [(1, needed)]
+  assert log.getvalue() == (
+      'data: 1 of 2 samples need more positions than the largest data.text_lengths entry (256) '
+      'and are cut to it, as the original cuts at its max length (their answers lose their '
+      f"ends); the longest, sample 'long', needs {needed}: a larger entry keeps them whole\n")
+  rows = [row for b in ds for row in b['attention_mask']]
+  assert max(int(r.sum()) for r in rows) == 256                    # cut, and the batch is 256

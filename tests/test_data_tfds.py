@@ -77,7 +77,7 @@ def test_pipeline_reads_the_published_manifest(store, tmp_path):
 
 
 def test_errors_name_the_path_and_the_problem(store, tmp_path):
-  with pytest.raises(FileNotFoundError, match='not a TFDS dataset directory'):
+  with pytest.raises(InputError, match='not a TFDS dataset directory'):
     tfds_manifest.read_tfds_manifest(str(tmp_path))
   with pytest.raises(InputError, match='missing.jsonl: no such file'):
     read_manifest(str(tmp_path / 'missing.jsonl'))

@@ -152,3 +152,17 @@ def test_templates_and_format_sample():
   rec = {'id': 'r', 'task': 'report', 'findings': 'Clear lungs.', 'impression': 'Normal.'}
   q, a, n = prompts.format_sample(rec)
   assert a == 'Findings: Clear lungs. Impression: Normal.' and n == 0 and q
+
+
+def test_long_lines_stay_in_the_corpus():
+  """SentencePiece skips sentences longer than its max_sentence_length (4192 bytes by default),
+  with a log line only: a character that occurs only in a long report was missing from the
+  vocabulary. train_sentencepiece raises the limit to the longest line."""
+  import sentencepiece as spm
+  from radfm_jax.data.tokenizer import train_sentencepiece
+  long_report = ' '.join(['The liver is normal in size Ω.'] * 200)      # ~6.4 KB
+  assert len(long_report.encode()) > 4192
+  proto = train_sentencepiece(list(cd.CORPUS) + [long_report], vocab_size=400)
+  sp = spm.SentencePieceProcessor(model_proto=proto)
+  assert sp.piece_to_id('Ω') != sp.unk_id()
+  assert 'Ω' in {sp.id_to_piece(i) for i in range(sp.get_piece_size())}

@@ -15,6 +15,7 @@ import conftest_data as cd  # noqa: E402
 from radfm_jax import api  # noqa: E402
 from radfm_jax.cli.main import main  # noqa: E402
 from radfm_jax.data import prompts, transforms  # noqa: E402
+from radfm_jax.errors import InputError  # noqa: E402
 from radfm_jax.infer import text  # noqa: E402
 from radfm_jax.infer.generate import generate_ids  # noqa: E402
 
@@ -62,6 +63,15 @@ def test_place_image_markers():
     text.place_image_markers('<image> and <image>', 1, 2)
   with pytest.raises(ValueError, match='1 image blocks but 2 images'):
     text.place_image_markers(formatted, 2, 2)
+  # Image tokens written as text that are not whole blocks of the given images: the tokenizer
+  # would read them as placeholders with no image behind them (was: the prompt used as is).
+  for prompt, images, token in [('What is <image3>?', 0, '<image3>'),
+                                ('Look <image> at <image7>', 1, '<image>'),
+                                (f'{block0} and </image>', 1, '</image>'),
+                                (f'{block1}What?', 1, '<image>')]:
+    with pytest.raises(InputError, match=f"prompt holds '{token}' outside whole image blocks"):
+      text.place_image_markers(prompt, images, 2)
+  assert text.place_image_markers('<image 3> and <image03>', 0, 2) == '<image 3> and <image03>'
 
 
 def test_as_chw_d_shapes():

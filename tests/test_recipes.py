@@ -571,3 +571,41 @@ def test_cli_reports_bad_inputs(tmp_path, folder):
   rejects = [json.loads(x) for x in open(store / 'rejects.jsonl')]
   assert [x['reason'] for x in rejects] == [line]
   assert [row['id'] for row in VolumeStore(str(store)).manifest()] == ['mimic_caption-test-0']
+
+
+def test_recipe_json_key_twice_empty_names_and_nothing_to_ingest_are_one_line(tmp_path, folder,
+                                                                              capsys):
+  """A JSON split file naming a key twice kept the last value (the finding lost); a MedPix row
+  whose name cell holds no file name made a sample of no image; a recipe whose --image-root does
+  not exist, or whose split file has a header and no rows, wrote an empty store and exited 0."""
+  from radfm_jax.cli.main import main
+  img = str(folder[1])
+  twice = tmp_path / 'radiology_article_npy_test.json'
+  twice.write_text('[{"pat": "p", "pre": "q", "npy_path": "case1.npy", "finding": "A mass.", '
+                   '"finding": "", "impression": "Tumour."}]')
+  with pytest.raises(InputError) as e:
+    recipes.records('radio_caption', str(twice), img)
+  assert str(e.value) == (f'{twice} field [0].finding: the key appears twice in one object (JSON '
+                          'keeps the last value, losing the first); expected each key once')
+  multi = tmp_path / 'MedPix_multi_train.csv'
+  _csv(multi, ['name', 'context', 'type'], [' , ', 'A mass.', 'findings'],
+       ['m1.png', 'A mass.', 'findings'])
+  res = recipes.records('medpix_multi', str(multi), img)
+  assert [r['reason'] for r in res.rejects] == [
+      f"{multi} line 2 field name: got ' , '; expected comma-separated image file names"]
+  assert [len(r['images']) for r in res.records] == [1]
+  out = tmp_path / 'store'
+  source = str(folder[0] / 'mammo_test.csv')
+  assert main(['ingest', '--recipe', 'mammo_diagnosis', '--source', source, '--image-root',
+               str(tmp_path / 'nowhere'), '--out', str(out), '--no-progress']) == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f"radfm-jax ingest: --image-root {tmp_path / 'nowhere'}: no such folder; expected the "
+      "folder the recipe's image paths start from (nothing was written)")
+  header_only = tmp_path / 'mammo_test.csv'
+  header_only.write_text('image_path,label\n')
+  assert main(['ingest', '--recipe', 'mammo_diagnosis', '--source', str(header_only),
+               '--image-root', img, '--out', str(out), '--no-progress']) == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f'radfm-jax ingest: --source {header_only}: no rows in mammo_diagnosis test; expected the '
+      'split files of the recipe with their samples (nothing was written)')
+  assert not out.exists()

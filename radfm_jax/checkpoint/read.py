@@ -156,7 +156,9 @@ class LeafReader:
       else:
         kv = {'driver': 'file', 'path': os.path.join(tree, name)}
       try:
-        self._open[path] = ts.open({'driver': 'zarr3' if self._zarr3 else 'zarr', 'kvstore': kv},
+        # A missing chunk file must be an error, not the fill value (a leaf of zeros).
+        self._open[path] = ts.open({'driver': 'zarr3' if self._zarr3 else 'zarr', 'kvstore': kv,
+                                    'fill_missing_data_reads': False},
                                    open=True, read=True).result()
       except Exception:   # noqa: BLE001  (any layout we cannot open directly: use Orbax)
         self._open[path] = None
@@ -166,8 +168,19 @@ class LeafReader:
     import jax
     sds = self.abstract[path]
     array = self._tensorstore(path)
-    if array is not None and tuple(array.shape) == tuple(sds.shape):
-      out = (array if index is None else array[index]).read().result()
+    if array is not None and (tuple(array.shape), np.dtype(array.dtype.numpy_dtype)) != (
+        tuple(sds.shape), np.dtype(sds.dtype)):
+      raise CheckpointRestoreError(
+          f'{self.location.tree}: parameter {path} is stored as {list(array.shape)} '
+          f'{array.dtype.numpy_dtype}, but the config.json beside it makes it {list(sds.shape)} '
+          f'{np.dtype(sds.dtype)}; expected the config the checkpoint was written with')
+    if array is not None:
+      try:
+        out = (array if index is None else array[index]).read().result()
+      except Exception as e:   # noqa: BLE001  (TensorStore: a missing, cut or corrupt chunk)
+        folder = self.location.tree if self.location.step is None else os.path.dirname(
+            self.location.tree)
+        raise CheckpointRestoreError(describe_failure(folder, self.location.step, e)) from e
     else:
       abstract = unflatten({path: jax.ShapeDtypeStruct(sds.shape, sds.dtype)})
       out = flat_params(_restore(self.location, abstract, as_numpy=True))[path]

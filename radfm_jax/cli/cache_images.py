@@ -44,8 +44,10 @@ def run(args) -> int:
     from radfm_jax.config import load_config
     cfg = load_config(args.config, args.overrides)
     data_cfg, mesh_cfg = cfg.data, cfg.mesh
+  from radfm_jax.errors import reading
   from radfm_jax.train.image_cache import cache_images
-  stats = cache_images(args.checkpoint, args.data, data_cfg=data_cfg, mesh_cfg=mesh_cfg,
-                       step=args.step, progress=not args.no_progress)
+  with reading(f'--checkpoint {args.checkpoint}'):    # no such step, missing files
+    stats = cache_images(args.checkpoint, args.data, data_cfg=data_cfg, mesh_cfg=mesh_cfg,
+                         step=args.step, progress=not args.no_progress)
   print(json.dumps(stats))
   return 0

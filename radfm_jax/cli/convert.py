@@ -86,7 +86,7 @@ def _model_config(args):
 def run(args: argparse.Namespace) -> int:
   from radfm_jax.checkpoint import tree
   from radfm_jax.convert import api
-  from radfm_jax.errors import InputError
+  from radfm_jax.errors import InputError, reading
   flag, source = (('--hf', args.hf) if args.direction == 'from-hf-llama'
                   else ('--checkpoint', args.checkpoint))
   if not os.path.exists(source):
@@ -104,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = api.from_hf_llama(args.hf, args.out, _model_config(args), dtype=args.dtype,
                             llama_heads=args.llama_heads, seed=args.seed, cast=args.cast)
   else:
+    from radfm_jax.checkpoint import meta
+    meta.checked_record(args.checkpoint)     # a checkpoint at all (a .bin here: the wrong way)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    keys = api.to_torch(args.checkpoint, args.out, include_alias=not args.no_alias)
+    with reading(f'--checkpoint {args.checkpoint}'):    # no params/ folder, an unknown layout
+      keys = api.to_torch(args.checkpoint, args.out, include_alias=not args.no_alias)
     print(f'wrote {len(keys)} tensors to {args.out} in {time.time() - start:.1f}s')
     return 0
   l, v = cfg.llama, cfg.vision

@@ -46,6 +46,29 @@ def sigterm_as_interrupt():
       signal.signal(signal.SIGTERM, previous)
 
 
+def positive_int(text: str) -> int:
+  """'16' -> 16; anything but an integer >= 1 is a usage error (exit 2) as the flags are parsed,
+  before anything is touched (ingest: --batch-size 0 or -1 would otherwise stop the run or skip
+  every scan)."""
+  return _int_at_least(text, 1, 'a positive integer')
+
+
+def non_negative_int(text: str) -> int:
+  """'0', '16' -> the integer; a negative or non-integer value is a usage error (train:
+  --max-steps -3 on a resumed run reported 'done' having trained nothing)."""
+  return _int_at_least(text, 0, 'an integer >= 0')
+
+
+def _int_at_least(text: str, low: int, expected: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = low - 1
+  if value < low:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected {expected}')
+  return value
+
+
 def check_output_folder(out: str, overwrite: bool):
   """`--out` of a command that writes a parameter-only checkpoint (convert, merge): a new path, or
   with `--overwrite` an empty folder or a parameter-only checkpoint (whose params/ and config.json

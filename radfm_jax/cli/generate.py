@@ -70,7 +70,7 @@ def load(args):
   import os
 
   from radfm_jax import api
-  from radfm_jax.errors import InputError
+  from radfm_jax.errors import InputError, reading
   from radfm_jax.infer.settings import generate_config
   if not os.path.exists(args.checkpoint):
     raise InputError(f'--checkpoint {args.checkpoint}: no such checkpoint directory')
@@ -79,13 +79,10 @@ def load(args):
   sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
   if args.tokenizer and not os.path.isfile(args.tokenizer):
     raise InputError(f'--tokenizer {args.tokenizer}: no such file')
-  try:       # no tokenizer given or found: load_for_generation names --tokenizer
+  # no such step, missing files, a wrong tokenizer; none given or found: it names --tokenizer
+  with reading(f'--checkpoint {args.checkpoint}'):
     model, tokenizer, data_cfg = api.load_for_generation(
         args.checkpoint, args.tokenizer, step=args.step, intensity=args.intensity)
-  except InputError:
-    raise                                          # names its file already
-  except (FileNotFoundError, ValueError) as e:   # no such step, missing files, wrong tokenizer
-    raise InputError(f'--checkpoint {args.checkpoint}: {e}') from e
   if getattr(args, 'quantize', None):
     from radfm_jax.infer.quantize import quantize
     model = quantize(model, args.quantize)

@@ -26,23 +26,11 @@ _UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
 def byte_size(text: str) -> int:
   """'2G', '512M', '1.5G', '4096' -> bytes (binary units; a trailing 'B'/'iB' is allowed)."""
   m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*', text, re.IGNORECASE)
-  if not m or float(m.group(1)) <= 0:
+  value = float(m.group(1)) * _UNITS[m.group(2).upper()] if m else 0.0
+  if value < 1 or value != int(value):     # '0.5' or '1.5' bytes: not a whole number of bytes
     raise argparse.ArgumentTypeError(f'{text!r}: expected a positive size such as 2G, 512M or '
-                                     '1048576')
-  return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def positive_int(text: str) -> int:
-  """'16' -> 16; anything but an integer >= 1 is a usage error (exit 2) as the flags are parsed,
-  before the store is touched: --batch-size 0 or -1 would otherwise stop the run or skip every
-  scan."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{text!r}: expected a positive integer')
-  return value
+                                     '1048576 (whole bytes)')
+  return int(value)
 
 
 def seconds(text: str) -> float:
@@ -96,8 +84,8 @@ def add_parser(sub):
                  'instead of being an error')
   p.add_argument('--root', default=None, help='base folder for relative image paths '
                  '(default: the manifest folder)')
-  p.add_argument('--batch-size', type=positive_int, default=16, help='scans per write transaction')
-  p.add_argument('--workers', type=positive_int, default=None,
+  p.add_argument('--batch-size', type=flags.positive_int, default=16, help='scans per write transaction')
+  p.add_argument('--workers', type=flags.positive_int, default=None,
                  help='reader threads (default: automatic)')
   p.add_argument('--max-scan-bytes', type=byte_size, default='2G', metavar='SIZE',
                  help='largest decoded scan (e.g. 512M, 4G); checked from the header before '

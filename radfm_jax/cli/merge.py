@@ -35,7 +35,7 @@ def run(args) -> int:
   from radfm_jax import checkpoint
   from radfm_jax.checkpoint import meta
   from radfm_jax.checkpoint.read import finetune_of
-  from radfm_jax.errors import InputError
+  from radfm_jax.errors import InputError, reading
   if not os.path.exists(args.checkpoint):
     raise InputError(f'--checkpoint {args.checkpoint}: no such checkpoint directory')
   meta.checked_record(args.checkpoint)       # a checkpoint at all, before its finetune section
@@ -45,12 +45,8 @@ def run(args) -> int:
     raise InputError(f'{args.checkpoint}: finetune.method is full (no adapters to merge); '
                      'expected a LoRA / QLoRA training run')
   start = time.time()
-  try:
+  with reading(f'--checkpoint {args.checkpoint}'):     # no such step, missing files
     model, _ = checkpoint.load(args.checkpoint, step=args.step)
-  except InputError:
-    raise                                          # names its file already
-  except (FileNotFoundError, ValueError) as e:   # no such step, missing files
-    raise InputError(f'--checkpoint {args.checkpoint}: {e}') from e
   checkpoint.save(model, args.out, merged_from=args.checkpoint, finetune=method)
   print(f'wrote {args.out} ({method} adapters folded in) in {time.time() - start:.1f}s',
         file=sys.stdout)

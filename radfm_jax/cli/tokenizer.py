@@ -60,7 +60,7 @@ def _check_out(out: str):
   training, which would otherwise fail only when it writes the model."""
   from radfm_jax.errors import InputError, check_parent_folder
   expected = 'expected the path of the tokenizer.model file to write'
-  if os.path.isdir(out):
+  if os.path.isdir(out) or out.endswith(('/', os.sep)):
     raise InputError(f'--out {out}: a folder; {expected}')
   check_parent_folder(out, f'--out {out}', expected)
 
@@ -68,8 +68,8 @@ def _check_out(out: str):
 def run(args) -> int:
   from radfm_jax.data.tokenizer import Tokenizer, train_sentencepiece
   from radfm_jax.errors import InputError
-  if args.vocab_size < 1:
-    raise InputError(f'--vocab-size {args.vocab_size}: expected a positive integer')
+  if not 1 <= args.vocab_size < 2**31:
+    raise InputError(f'--vocab-size {args.vocab_size}: expected a positive 32-bit integer')
   _check_out(args.out)
   if os.path.exists(args.out) and not args.overwrite:
     raise InputError(f'--out {args.out}: exists; expected a new file (or --overwrite to replace '

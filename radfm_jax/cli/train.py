@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+import os
 import sys
 
 from radfm_jax.cli import flags
@@ -43,7 +43,7 @@ def add_parser(sub):
       sub, 'train', help='train or fine-tune from a config',
       description=DESCRIPTION, example=EXAMPLE)
   p.add_argument('--workdir', required=True, help='checkpoints, metrics and config go here')
-  p.add_argument('--max-steps', type=int, default=None,
+  p.add_argument('--max-steps', type=flags.non_negative_int, default=None,
                  help='stop after this many optimizer steps in total (default: train.steps)')
   p.add_argument('--no-progress', action='store_true',
                  help='no progress bar (it is shown only when stderr is a terminal)')
@@ -55,10 +55,24 @@ def add_parser(sub):
   return p
 
 
+def _check_workdir(workdir: str):
+  """A new folder or a run's own; a file there (or above it) would fail only at the first write,
+  with a traceback, after the model is built."""
+  from radfm_jax.errors import InputError, check_parent_folder
+  if '://' in workdir:                   # a kvstore URL (gs://...): its own errors
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise InputError(f'--workdir {workdir}: exists and is not a folder; expected the run\'s '
+                     'folder (new, or one to resume)')
+  check_parent_folder(workdir, f'--workdir {workdir}', 'expected the run\'s folder (new, or one '
+                      'to resume)')
+
+
 def run(args) -> int:
   from radfm_jax.config import SYNTHETIC_STORE, check_batch_axes, check_data_store, load_config
   cfg = load_config(args.config, args.overrides)     # a bad value fails before JAX starts
   check_data_store(cfg)
+  _check_workdir(args.workdir)
   flags.restart_with_allocator(args, cfg.mesh.host_allocator)   # before JAX starts
   from radfm_jax import launch
   from radfm_jax.train import compile_cache
@@ -78,7 +92,7 @@ def run(args) -> int:
     print(f'radfm-jax train: {e}', file=sys.stderr)
     return 3
   if jax.process_index() == 0:
-    last = result.losses[max(result.losses)] if result.losses else math.nan
+    last = result.losses[max(result.losses)] if result.losses else None   # (JSON has no NaN)
     print(json.dumps({'status': result.status, 'step': result.step, 'last_loss': last,
                       'checkpoint': result.last_checkpoint,
                       'compilation_cache': compile_cache.counts()}), flush=True)

@@ -120,8 +120,10 @@ def from_hf_llama(hf_dir: str, out: str, cfg: ModelConfig | None = None, *, dtyp
   from radfm_jax.models.radfm import create_model
   reader = engine.open_reader(hf_dir)
   base = cfg or ModelConfig()
-  hf_config = engine.read_json(os.path.join(hf_dir, 'config.json')) if os.path.isdir(hf_dir) else None
-  llama = infer.infer_llama(reader, '', base.llama, heads=llama_heads, hf_config=hf_config)
+  hf_path = os.path.join(hf_dir, 'config.json')
+  hf_config = engine.read_json(hf_path) if os.path.isdir(hf_dir) else None
+  llama = infer.infer_llama(reader, '', base.llama, heads=llama_heads, hf_config=hf_config,
+                            hf_path=hf_path)
   cfg = _with_dtype(dataclasses.replace(base, llama=llama), dtype)
   leaves = abstract_shapes(cfg)
   shapes = {p: s for p, (s, _) in leaves.items()}

@@ -396,9 +396,54 @@ def _size_mismatch(path: str) -> str | None:
   return None
 
 
+def _check_shard_index(folder: str, files: Sequence[str], reader: 'SafetensorsReader'):
+  """A folder's `*.safetensors.index.json` (HF `save_pretrained`'s `weight_map`: key -> shard
+  file), when there is one, must agree with the shards: every shard it names present, none it
+  does not name, each key in the shard it names. Without this a deleted shard would convert into
+  a smaller model (the sizes are read from the keys present)."""
+  from radfm_jax.data.store import loads_unique
+  indexes = sorted(glob.glob(os.path.join(folder, '*.safetensors.index.json')))
+  if not indexes:
+    return
+  if len(indexes) > 1:
+    raise InputError(f'{folder}: {len(indexes)} *.safetensors.index.json files; expected one')
+  index = indexes[0]
+  try:
+    with open(index, encoding='utf-8') as f:
+      data = loads_unique(f.read(), index)
+  except (OSError, ValueError) as e:      # JSONDecodeError, UnicodeDecodeError are ValueErrors
+    if isinstance(e, InputError):
+      raise
+    raise InputError(f'{index}: not a readable JSON file ({_one_line(e)})') from None
+  weight_map = data.get('weight_map') if isinstance(data, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise InputError(f'{index} field weight_map: missing or not an object of key -> shard file '
+                     'names')
+  present = {os.path.basename(f) for f in files}
+  for name in sorted(set(weight_map.values()) - present):
+    raise InputError(f'{index} field weight_map: names shard {name}, which is not in {folder}; '
+                     'expected every shard it lists (a download cut short?)')
+  for name in sorted(present - set(weight_map.values())):
+    raise InputError(f'{folder}: shard {name} is not in {os.path.basename(index)}\'s weight_map; '
+                     'expected the shards of one checkpoint')
+  for key, name in weight_map.items():
+    if key not in reader._where:
+      raise InputError(f'{index} field weight_map.{key}: not in shard {name}; expected each '
+                       'listed key in its shard')
+    if os.path.basename(reader._where[key][0]) != name:
+      raise InputError(f'{index} field weight_map.{key}: names shard {name}, but it is in '
+                       f'{os.path.basename(reader._where[key][0])}')
+  for key in reader.keys():
+    if key not in weight_map:
+      raise InputError(f'{reader.where(key)}: not in {os.path.basename(index)}\'s weight_map; '
+                       'expected every key listed there')
+
+
 def open_reader(path: str):
   """A reader for a `.bin`/`.pt`/`.pth` file, a `.safetensors` file, or a folder of safetensors
   shards (HF `save_pretrained` output)."""
+  if path.endswith('.safetensors.index.json') and os.path.isfile(path):
+    path = os.path.dirname(os.path.abspath(path))      # the index names the shards beside it
   if os.path.isdir(path):
     files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
     if not files:
@@ -406,7 +451,9 @@ def open_reader(path: str):
       if len(bins) == 1:
         return TorchReader(bins[0])
       raise InputError(f'{path}: no *.safetensors shards (or single .bin) in this folder')
-    return SafetensorsReader(files)
+    reader = SafetensorsReader(files)
+    _check_shard_index(path, files, reader)
+    return reader
   if not os.path.exists(path):
     raise InputError(f'{path}: checkpoint file not found')
   if path.endswith('.safetensors'):
@@ -583,8 +630,11 @@ def read_json(path: str) -> dict | None:
   """The JSON object in `path` (an HF config.json), None if there is no such file."""
   if not os.path.exists(path):
     return None
+  from radfm_jax.data.store import loads_unique
   try:
-    with open(path) as f:
-      return json.load(f)
+    with open(path, encoding='utf-8') as f:
+      return loads_unique(f.read(), path)
+  except InputError:
+    raise                                 # a key twice in one object
   except ValueError as e:
     raise InputError(f'{path}: not valid JSON ({_one_line(e)})') from None

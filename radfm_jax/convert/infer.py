@@ -63,18 +63,55 @@ def _check_hf_features(hf: dict, hidden: int, heads: int):
                       + '; '.join(problems))
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hf_number(value, kind: type, field: str, hf_path: str):
+  """An HF config.json number as `kind` (int or float) without changing it: a bool, a string, a
+  non-finite or a fractional value for an integer field is a ConfigError naming the field."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and kind is int:
+    ok = float(value).is_integer()
+  if not ok:
+    raise ConfigError(f'{hf_path} field {field}: {value!r}; expected a finite '
+                      f'{"integer" if kind is int else "number"}')
+  return kind(value)
+
+
 def infer_llama(reader, prefix: str, base: LlamaConfig, heads: int | None = None,
-                hf_config: dict | None = None) -> LlamaConfig:
-  """LlamaConfig from HF LLaMA keys under `prefix` ('' or 'lang_model.')."""
+                hf_config: dict | None = None, hf_path: str = 'HF config.json') -> LlamaConfig:
+  """LlamaConfig from HF LLaMA keys under `prefix` ('' or 'lang_model.'); `hf_config`: the HF
+  config.json beside them (`hf_path` names it in errors), whose sizes must match the keys'."""
   keys = reader.keys()
+  if f'{prefix}model.embed_tokens.weight' not in keys:
+    raise ConfigError(f'checkpoint has no {prefix}model.embed_tokens.weight key; expected HF '
+                      'LLaMA keys' + (' (a RadFM state dict converts with from-torch)'
+                                      if not prefix and 'lang_model.model.embed_tokens.weight'
+                                      in keys else ''))
   vocab, hidden = reader.shape(f'{prefix}model.embed_tokens.weight')
   layers = keymap.layer_indices(keys, f'{prefix}model.layers.{{i}}.mlp.gate_proj.weight')
   if not layers:
     raise ConfigError(f'checkpoint has no {prefix}model.layers.{{i}} keys')
   mlp = reader.shape(f'{prefix}model.layers.{layers[0]}.mlp.gate_proj.weight')[0]
-  hf = hf_config or {}
+  hf = {} if hf_config is None else hf_config
+  if not isinstance(hf, dict):
+    raise ConfigError(f'{hf_path}: got a JSON {type(hf).__name__}; expected an object')
+  # The sizes the shards show must be the ones config.json names: a shard missing from the folder
+  # would otherwise convert into a smaller model.
+  for field, found in (('vocab_size', vocab), ('hidden_size', hidden),
+                       ('intermediate_size', mlp), ('num_hidden_layers', len(layers))):
+    if field in hf and hf[field] != found:
+      raise ConfigError(f'{hf_path} field {field}: {hf[field]!r}, but the shards hold '
+                        f'{found}; expected the config of these weights (a shard missing?)')
+  if layers != list(range(len(layers))):
+    raise ConfigError(f'checkpoint layers {prefix}model.layers.{{i}}: got indices {layers}; '
+                      f'expected 0..{len(layers) - 1} (a layer missing?)')
   if heads is None:
     heads = hf.get('num_attention_heads')
+    if heads is not None and (not _is_int(heads) or heads < 1 or hidden % heads):
+      raise ConfigError(f'{hf_path} field num_attention_heads: {heads!r}; expected a '
+                        f'positive integer dividing hidden_size {hidden}')
   if heads is None:
     heads = base.num_heads if hidden % base.num_heads == 0 and base.hidden_size == hidden else None
   if heads is None:
@@ -92,7 +129,7 @@ def infer_llama(reader, prefix: str, base: LlamaConfig, heads: int | None = None
                       ('rope_theta', rope.get('rope_theta')),
                       ('max_position_embeddings', hf.get('max_position_embeddings'))):
     if value is not None:
-      extra[ours] = type(getattr(base, ours))(value)
+      extra[ours] = _hf_number(value, type(getattr(base, ours)), ours, hf_path)
   return dataclasses.replace(base, vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
                              num_layers=len(layers), num_heads=heads, **extra)
 

@@ -50,10 +50,10 @@ import os
 import sys
 from typing import Callable, Iterable
 
-from radfm_jax.data.readers import (DEFAULT_MAX_SCAN_BYTES, RejectedScan, read_scan,
-                                    source_digest)
+from radfm_jax.data.readers import (DEFAULT_MAX_SCAN_BYTES, RejectedScan, npy_header,
+                                    read_scan, source_digest)
 from radfm_jax.data.store import StoreDamaged, VolumeStore, is_url, kill_point, write_jsonl
-from radfm_jax.errors import InputError, WriteError, where, writing
+from radfm_jax.errors import InputError, WriteError, check_parent_folder, where, writing
 
 
 class IngestError(RuntimeError):
@@ -213,7 +213,40 @@ def _collect(records, base, place) -> dict[str, _Entry]:
                          f'(frame {e.entry.get("frame")}, index {e.entry.get("index")}) but '
                          f'{seen.place} names {seen.path} (frame {seen.entry.get("frame")}, index '
                          f'{seen.entry.get("index")}) with it; expected one file per scan id')
+  _check_stack_ids(entries)
   return entries
+
+
+def _stack_size(e: _Entry) -> int:
+  """How many scans an entry is stored as: S for a 5D .npy stack [S, C, H, W, D] read without
+  "index" (stored as sid_0 .. sid_{S-1}, `_expand_ids`), else 1. From the header only; an
+  unreadable header counts 1 (reading it rejects the entry with its own reason)."""
+  if e.entry.get('index') is not None or not e.path.lower().endswith('.npy'):
+    return 1
+  try:
+    shape = npy_header(e.path)[0]
+  except Exception:  # numpy raises several types for a bad header; a missing file too
+    return 1
+  return shape[0] if len(shape) == 5 and shape[0] > 1 else 1
+
+
+def _check_stack_ids(entries: dict[str, _Entry]):
+  """A 5D stack's scans are stored as sid_0, sid_1, ...: such an id that is also another entry's
+  (or another stack's) scan id would store two images under one id, the later replacing the
+  earlier. An InputError naming both, before anything is written."""
+  def what(e: _Entry, i: str) -> str:
+    if i == e.sid:
+      return f'{e.path} ({e.place})'
+    return f'image {i[len(e.sid) + 1:]} of the 5D stack {e.path} ({e.place})'
+
+  owner: dict[str, _Entry] = {}
+  for e in entries.values():
+    for i in _expand_ids(e.sid, _stack_size(e)):
+      seen = owner.setdefault(i, e)
+      if seen is not e:
+        raise InputError(f'{e.place}.id: stored scan id {i!r} would hold {what(e, i)} and '
+                         f'{what(seen, i)}; a 5D stack is stored as ID_0, ID_1, ...: expected ids '
+                         'that do not meet (nothing was written)')
 
 
 def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
@@ -242,6 +275,15 @@ def ingest(manifest: str | Iterable[dict], out_dir: str, strict: bool = False,
   """
   log = log or sys.stderr
   _check_options(batch_size, workers, train_resolution, lock_timeout)
+  if not is_url(out_dir):
+    # (--out itself a file: VolumeStore's own error below)
+    check_parent_folder(out_dir, f'--out {out_dir}',
+                        'expected a folder for the store (nothing was written)')
+    if isinstance(manifest, (str, os.PathLike)) and os.path.abspath(manifest) == os.path.join(
+        os.path.abspath(out_dir), 'manifest.jsonl'):
+      raise InputError(f'--manifest {manifest}: the store\'s own manifest.jsonl, which ingest '
+                       'rewrites; expected a manifest outside the --out folder (nothing was '
+                       'written)')
   records, base, place = _load_records(manifest)
   if root and not os.path.isdir(root):   # else every scan would be rejected as not found
     raise InputError(f'--root {root}: no such folder; expected the folder that relative image '

@@ -33,7 +33,7 @@ import string
 import textwrap
 from typing import Any, Callable, Iterable
 
-from radfm_jax.data.prompts import TASKS, load_templates
+from radfm_jax.data.prompts import TASKS, image_token_in, load_templates
 from radfm_jax.errors import InputError, where
 
 FORMS = ('input', 'store')
@@ -253,6 +253,11 @@ def validate_record(record, form: str | None = None) -> None:
                          'a field of your own whose name is not a near-miss of one')
       continue                                     # a field of the user's own: kept as is
     _check(field, key, value)
+  for key in ('question', 'answer'):
+    token = image_token_in(record.get(key) or '')
+    if token is not None:
+      raise FieldError(key, f'holds {token!r}, which the tokenizer reads as an image token; '
+                       'expected plain text (an image goes where its images[k].position says)')
   for i, entry in enumerate(record.get('images', [])):
     validate_image(entry, i, form)
   task = record.get('task')

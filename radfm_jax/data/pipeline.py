@@ -45,6 +45,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import sys
 import threading
 from typing import Any
@@ -57,7 +58,8 @@ from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import train_copies, transforms
 from radfm_jax.data.image_cache import ImageTokenCache
 from radfm_jax.data.manifest import dataset_of, read_manifest
-from radfm_jax.data.store import VolumeStore
+from radfm_jax.data.store import VolumeStore, is_url
+from radfm_jax.errors import InputError
 from radfm_jax.data.tokenizer import Tokenizer
 
 _SKIPPED = '_skipped'   # carried from the workers to the main process, removed before yielding
@@ -96,6 +98,15 @@ class BucketKey:
   carrier: tuple[str, int] | None = None
 
 
+def cut_note(cut: list[tuple[int, int]], records: list[dict], lengths) -> str:
+  """The line that says which samples a BatchPlan cuts to the largest text length."""
+  index, needed = max(cut, key=lambda c: c[1])
+  return (f'data: {len(cut)} of {len(records)} samples need more positions than the largest '
+          f'data.text_lengths entry ({max(lengths)}) and are cut to it, as the original cuts at '
+          f'its max length (their answers lose their ends); the longest, sample '
+          f'{records[index].get("id")!r}, needs {needed}: a larger entry keeps them whole')
+
+
 class BatchPlan:
   """Deterministic per-epoch batch lists; the same on every host, in every worker process."""
 
@@ -109,13 +120,19 @@ class BatchPlan:
     self.process_index, self.process_count = process_index, process_count
     self.keys: list[BucketKey] = []
     self.texts: list[tuple[str, str]] = []
-    for rec in records:
+    # (record index, positions it needs) of the samples longer than the largest text length:
+    # cut to it, as the original cuts at its max_length (make_dataset says so, `cut_note`)
+    self.cut: list[tuple[int, int]] = []
+    for i, rec in enumerate(records):
       q, a, n_img = batch_lib.record_text(rec, num_latents, data_cfg.max_images)
       self.texts.append((q, a))
       depths = [int(im['shape'][3]) for im in rec.get('images', [])[:n_img]]
       kind = batch_lib.sample_kind(depths)
       h, w, d = batch_lib.image_shape(depths, data_cfg)
-      length = batch_lib.text_length(tokenizer.example_length(q, a), data_cfg.text_lengths)
+      needed = tokenizer.example_length(q, a)
+      if needed > max(data_cfg.text_lengths):
+        self.cut.append((i, needed))
+      length = batch_lib.text_length(needed, data_cfg.text_lengths)
       self.keys.append(BucketKey(kind, h, w, d,
                                  batch_lib.image_slots(max(n_img, 1), data_cfg.max_images),
                                  length))
@@ -406,9 +423,10 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   unless given. The returned dataset has `.stats` (the PipelineStats) and `.plan` attributes.
   """
   store = store if store is not None else data_cfg.store
-  if not store:
-    raise ValueError('make_dataset: no store given and data.store is empty')
   if isinstance(store, str):
+    if not store:
+      raise ConfigError('config field data.store: empty; expected the folder `radfm-jax ingest` '
+                        'wrote')
     store = VolumeStore(store)
   tokenizer = tokenizer if tokenizer is not None else data_cfg.tokenizer
   tokenizer_name = (f'the tokenizer data.tokenizer={tokenizer}' if isinstance(tokenizer, str)
@@ -433,6 +451,10 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} outside [0, {process_count})')
+  if not is_url(store.root) and not os.path.isfile(store.scans_path):
+    # (read as an empty index, every sample would be skipped as a scan the store lacks)
+    raise InputError(f'{store.scans_path}: missing; expected the scan index of a store that '
+                     '`radfm-jax ingest` wrote (its folder holds manifest.jsonl and scans.jsonl)')
   if records is None:
     records = read_manifest(data_cfg.manifest or store.manifest_path, split)
   if not records:
@@ -446,6 +468,8 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
                    mixture, dtypes)
   copies, notes = (None, []) if image_cache is not None else train_copies.choose(
       store, records, plan.keys, data_cfg)
+  if plan.cut:
+    notes.append(cut_note(plan.cut, records, data_cfg.text_lengths))
   for note in notes:
     print(note, file=log or sys.stderr, flush=True)
   loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache, copies)

@@ -18,6 +18,7 @@ import functools
 import importlib.resources
 import json
 import random
+import re
 import zlib
 from typing import Sequence
 
@@ -43,6 +44,17 @@ def render_question(task: str, rng: random.Random | None = None, yes_no: bool = 
     return template.format(**fields)
   except KeyError as e:
     raise ValueError(f'task {task!r} template {template!r} needs field {e}') from e
+
+
+# What the tokenizer reads as image tokens (data/tokenizer.py: `<image>`, `</image>`, `<imageK>`):
+# never plain text of a sample, whose images go where their positions say.
+IMAGE_TOKEN = re.compile(r'</?image>|<image(?:0|[1-9][0-9]*)>')
+
+
+def image_token_in(text: str) -> str | None:
+  """The first image token written in `text` as plain text, else None."""
+  found = IMAGE_TOKEN.search(text)
+  return found.group(0) if found else None
 
 
 def image_block(i: int, num_latents: int = 32) -> str:

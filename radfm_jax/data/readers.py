@@ -39,10 +39,12 @@ no wrap, no inf), or has spacing that is not finite and positive.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
 import os
+import zlib
 
 import numpy as np
 
@@ -173,6 +175,8 @@ def read_nifti(path: str, frame: int | None = None,
     raise RejectedScan(f'affine {img.affine[:3].tolist()} is not finite (NaN pixdim or '
                        'sform/qform); expected real voxel geometry')
   repaired = _nifti_pixdim_repair(path, img)
+  if path.lower().endswith('.gz'):
+    img = _whole_gzip(path, img, int(img.dataobj.offset) + voxels * dtype.itemsize)
   source_axcodes = ''.join(str(c) for c in nib.orientations.aff2axcodes(img.affine))
   try:
     img = nib.as_closest_canonical(img)
@@ -200,9 +204,45 @@ def read_nifti(path: str, frame: int | None = None,
   return data[None], attrs
 
 
+def _whole_gzip(path: str, img, needed: int):
+  """`img` (a .nii.gz's header, `needed` = its data offset + voxel bytes) read from the whole gzip
+  stream: gzip's CRC-32 and length of each member are checked only at its end, which a reader
+  stopping after the voxels never reaches, so a corrupted byte would be stored as wrong voxels."""
+  try:
+    with gzip.open(path, 'rb') as f:
+      raw = f.read(needed)
+      while f.read(1 << 24):           # to the end: the trailers are checked there
+        pass
+  except (OSError, EOFError, zlib.error) as e:   # gzip.BadGzipFile is an OSError
+    raise RejectedScan(f'cannot read voxel data: {type(e).__name__}: {e}; expected an intact '
+                       'gzip file (gzip -t tests one)') from e
+  if len(raw) < needed:
+    raise RejectedScan(f'the gzip stream holds {len(raw)} bytes; the header claims {needed} '
+                       '(data offset + voxels)')
+  return type(img).from_bytes(raw)
+
+
+def _dicom_value(ds, field: str, default: float) -> float:
+  """A numeric DICOM field (`default` when absent or empty), finite, else a RejectedScan."""
+  raw = getattr(ds, field, None)
+  try:
+    value = default if raw is None or raw == '' else float(raw)
+  except (TypeError, ValueError):
+    value = math.nan
+  if not math.isfinite(value):
+    raise RejectedScan(f'{field} {raw}: expected a finite number')
+  return value
+
+
 def _rescale(ds, pixels: np.ndarray) -> np.ndarray:
-  slope = float(getattr(ds, 'RescaleSlope', 1) or 1)
-  intercept = float(getattr(ds, 'RescaleIntercept', 0) or 0)
+  if ds.get('ModalityLUTSequence'):
+    raise RejectedScan('a Modality LUT Sequence, which this reader does not apply; expected '
+                       'RescaleSlope / RescaleIntercept (or none)')
+  slope = _dicom_value(ds, 'RescaleSlope', 1.0)
+  intercept = _dicom_value(ds, 'RescaleIntercept', 0.0)
+  if slope == 0:
+    raise RejectedScan('RescaleSlope 0 would make every value the intercept; expected a '
+                       'non-zero slope')
   if slope == 1 and intercept == 0:
     return pixels
   out = pixels.astype(np.float64) * slope + intercept
@@ -266,6 +306,42 @@ def dicom_files(path: str) -> list[str]:
   return [os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith('.')]
 
 
+def _sort_slices(slices: list) -> bool:
+  """Sorts a series' (dataset, pixels) along the slice normal (ImagePositionPatient), or by
+  InstanceNumber when no slice has patient geometry (returns whether they have it); RejectedScan when the order or the spacing
+  cannot be trusted: geometry on some slices only, slices of different orientations, two at
+  one position, uneven gaps (a missing slice), or no geometry and no distinct InstanceNumbers."""
+  names = [os.path.basename(getattr(ds, 'filename', '') or '?') for ds, _ in slices]
+  has = [hasattr(ds, 'ImagePositionPatient') and hasattr(ds, 'ImageOrientationPatient')
+         for ds, _ in slices]
+  if any(has) and not all(has):
+    raise RejectedScan(f'{names[has.index(False)]} has no ImagePositionPatient / '
+                       'ImageOrientationPatient while other slices do; expected it on every slice')
+  if not any(has):
+    numbers = [getattr(ds, 'InstanceNumber', None) for ds, _ in slices]
+    if len(slices) > 1 and (None in numbers or len({int(n) for n in numbers}) < len(numbers)):
+      raise RejectedScan('slices without patient geometry and without distinct InstanceNumbers '
+                         'cannot be ordered; expected ImagePositionPatient or InstanceNumber')
+    slices.sort(key=lambda s: int(s[0].InstanceNumber or 0) if len(slices) > 1 else 0)
+    return False
+  iop = np.asarray(slices[0][0].ImageOrientationPatient, float)
+  for (ds, _), name in zip(slices, names):
+    if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), iop, atol=1e-4):
+      raise RejectedScan(f'{name}: ImageOrientationPatient {list(ds.ImageOrientationPatient)} '
+                         f'differs from {names[0]}\'s {iop.tolist()}; expected one orientation')
+  normal = np.cross(iop[:3], iop[3:])
+  slices.sort(key=lambda s: float(np.dot(normal, np.asarray(s[0].ImagePositionPatient, float))))
+  along = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds, _ in slices]
+  if any(b - a == 0 for a, b in zip(along, along[1:])) or not np.isfinite(along).all():
+    raise RejectedScan('two slices at one position (or a non-finite ImagePositionPatient); '
+                       'expected one slice per position, one series per folder')
+  gaps = np.diff(along)
+  if len(gaps) > 1 and np.ptp(gaps) > max(0.01, 0.01 * float(np.median(gaps))):
+    raise RejectedScan(f'uneven slice gaps ({gaps.min():g} to {gaps.max():g} mm along the slice '
+                       'normal: a missing slice?); expected evenly spaced slices')
+  return True
+
+
 def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   import pydicom
   files = dicom_files(path)
@@ -291,27 +367,25 @@ def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
   modality = str(getattr(ds0, 'Modality', '') or '')
   attrs = {'modality': modality, 'source_dtype': str(px0.dtype)}
   samples_per_pixel = int(getattr(ds0, 'SamplesPerPixel', 1) or 1)
+  if 'PerFrameFunctionalGroupsSequence' in ds0 or 'SharedFunctionalGroupsSequence' in ds0:
+    raise RejectedScan('an enhanced multi-frame DICOM (its rescale and geometry are in '
+                       'functional groups, which this reader does not apply); expected classic '
+                       'single-frame slices or a NIfTI (dcm2niix converts either)')
   if len(slices) == 1 and (samples_per_pixel == 3 or px0.ndim == 3):
     # Colour image [rows, cols, 3] or a multi-frame volume [frames, rows, cols].
     if samples_per_pixel == 3:
-      array = np.moveaxis(px0[..., :3] if px0.ndim == 3 else px0[0], -1, 0)[..., None]
+      if px0.ndim != 3:
+        raise RejectedScan(f'a multi-frame colour DICOM ({px0.shape[0]} frames); expected one '
+                           'colour image per file')
+      array = np.moveaxis(px0[..., :3], -1, 0)[..., None]
     else:
       array = np.moveaxis(_rescale(ds0, px0), 0, -1)[None]
+      if hasattr(ds0, 'PixelSpacing'):
+        attrs['spacing'] = [float(v) for v in ds0.PixelSpacing] + [1.0]
     return array, attrs
   if any(p.shape != px0.shape or p.ndim != 2 for _, p in slices):
     raise RejectedScan('slices differ in shape or are not 2D')
-  has_geometry = all(hasattr(ds, 'ImagePositionPatient') and hasattr(ds, 'ImageOrientationPatient')
-                     for ds, _ in slices)
-  if has_geometry:
-    iop = np.asarray(ds0.ImageOrientationPatient, float)
-    normal = np.cross(iop[:3], iop[3:])
-    slices.sort(key=lambda s: float(np.dot(normal, np.asarray(s[0].ImagePositionPatient, float))))
-    along = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds, _ in slices]
-    if any(b - a == 0 for a, b in zip(along, along[1:])) or not np.isfinite(along).all():
-      raise RejectedScan('two slices at one position (or a non-finite ImagePositionPatient); '
-                         'expected one slice per position, one series per folder')
-  else:
-    slices.sort(key=lambda s: int(getattr(s[0], 'InstanceNumber', 0) or 0))
+  has_geometry = _sort_slices(slices)
   volume = np.stack([_rescale(ds, p) for ds, p in slices], axis=-1)   # [rows, cols, slices]
   if has_geometry and hasattr(ds0, 'PixelSpacing'):
     positions = [np.asarray(ds.ImagePositionPatient, float) for ds, _ in slices]
@@ -326,6 +400,14 @@ _PIL_BYTES = {'I;16': 2, 'I;16B': 2, 'I;16L': 2, 'I': 4, 'F': 4}
 _PIL_GRAY = ('L', 'I;16', 'I;16B', 'I')
 
 
+def _png_16bit_with_channels(path: str) -> bool:
+  """Whether a PNG's IHDR chunk says 16 bits per sample in a colour type other than 0 (grey):
+  Pillow keeps 16 bits for grey only."""
+  with open(path, 'rb') as f:
+    head = f.read(26)
+  return len(head) == 26 and head[24] == 16 and head[25] != 0
+
+
 def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   from PIL import Image
   try:
@@ -334,6 +416,14 @@ def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
       bands = 1 if mode in _PIL_GRAY else 3
       memory = width * height * max(bands, len(img.getbands())) * _PIL_BYTES.get(mode, 1)
       png = img.format == 'PNG'
+      frames = getattr(img, 'n_frames', 1)
+      if frames > 1:
+        raise RejectedScan(f'an animated {img.format} of {frames} frames; expected one image '
+                           '(a series of slices: DICOM, NIfTI or .npy)')
+      if png and _png_16bit_with_channels(path):
+        raise RejectedScan('a 16-bit colour (or grey + alpha) PNG, which Pillow reads as 8 bits '
+                           'per channel; expected 8-bit colour or 16-bit greyscale (or a .npy of '
+                           'the values)')
       _check_size(f'{img.format} {width} x {height} {mode}', memory, max_bytes,
                   payload=memory if png else None,
                   compressed_bytes=os.path.getsize(path) if png else None)
@@ -380,6 +470,9 @@ def read_npy(path: str, index: int | None = None,
     raise RejectedScan(f'not a readable .npy: {type(e).__name__}: {e}') from e
   attrs = {'source_dtype': str(data.dtype)}
   if data.ndim == 5 and data.shape[1] in (1, 3):
+    if data.shape[0] == 0:
+      raise RejectedScan(f'the [S, C, H, W, D] stack {list(data.shape)} holds no images; '
+                         'expected at least one')
     _check_pick('index', index, data.shape[0],
                 f'the [S, C, H, W, D] stack {list(data.shape)} holds {data.shape[0]} images')
     picks = range(data.shape[0]) if index is None else [index]

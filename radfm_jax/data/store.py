@@ -203,6 +203,17 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
   return out
 
 
+def loads_unique(text: str, path: str):
+  """`json.loads` of a user file's whole text (`path` names it in errors), a key repeated in one
+  object an InputError naming the file and the field; JSONDecodeError passes to the caller."""
+  try:
+    return json.loads(text, object_pairs_hook=unique_keys)
+  except DuplicateKey as e:
+    field = duplicate_field(text) or e.key
+    raise InputError(f'{where(path, field=field)}: the key appears twice in one object (JSON '
+                     'keeps the last value, losing the first); expected each key once') from None
+
+
 class _Repeated(dict):
   """A parsed object that names `key` twice (`duplicate_field`)."""
   key: str | None = None

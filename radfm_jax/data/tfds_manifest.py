@@ -133,8 +133,9 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
 def read_tfds_manifest(path: str, split: str | None = None) -> list[dict]:
   """The manifest rows of a published dataset directory: one split, or all splits in order."""
   if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
-    raise FileNotFoundError(f'{path}: not a TFDS dataset directory (no dataset_info.json); '
-                            'publish one with `radfm-jax publish`')
+    from radfm_jax.errors import InputError
+    raise InputError(f'{path}: not a TFDS dataset directory (no dataset_info.json); expected a '
+                     'JSONL manifest or a folder `radfm-jax publish` wrote')
   import grain
   builder = _tfds().builder_from_directory(path)
   names = list(builder.info.splits.keys())

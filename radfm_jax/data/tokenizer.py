@@ -182,10 +182,17 @@ def train_sentencepiece(lines: Iterable[str], out_path: str | None = None, vocab
   The image symbols are not added: the Tokenizer computes their ids past the vocabulary. vocab_size
   must exceed 256 (byte pieces) + 3 + the distinct characters of the corpus.
   """
+  lines = list(lines)
+  # SentencePiece skips (with a log line only) every sentence longer than max_sentence_length
+  # bytes, 4192 by default: a long report would be dropped from the corpus.
+  longest = max((len(line.encode('utf-8')) for line in lines), default=0)
+  if not 1 <= vocab_size < 2**31:
+    raise InputError(f'vocab size {vocab_size}: expected a positive 32-bit integer')
   buf = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+        max_sentence_length=max(4192, longest + 1),
         model_type=model_type, byte_fallback=True, split_digits=True, character_coverage=1.0,
         normalization_rule_name='identity', remove_extra_whitespaces=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)

@@ -47,17 +47,29 @@ def data_config_for(model_cfg: ModelConfig, base: DataConfig | None = None) -> D
 def place_image_markers(prompt: str, num_images: int, num_latents: int = 32) -> str:
   """Expands the `<image>` markers of `prompt` into image blocks (see module doc).
 
-  Raises ValueError when the marker count and `num_images` disagree.
+  Raises InputError when the marker count and `num_images` disagree, or when the prompt holds
+  image tokens (`<imageK>`, `</image>`) that are not whole blocks of its images.
   """
   markers = prompt.count(_MARKER)
-  if _LATENT.search(prompt):                       # already formatted blocks
-    if markers != num_images:
-      raise ValueError(f'prompt holds {markers} image blocks but {num_images} images were given')
+  if _LATENT.search(prompt) or '</image>' in prompt:      # already formatted blocks
+    rest, whole = prompt, 0
+    for i in range(num_images):
+      block = prompts_lib.image_block(i, num_latents)
+      if block in rest:
+        rest, whole = rest.replace(block, '', 1), whole + 1
+    token = prompts_lib.image_token_in(rest)
+    if token is None and whole != num_images:
+      raise InputError(f'prompt holds {whole} image blocks but {num_images} images were given')
+    if token is not None:
+      raise InputError(f'prompt holds {token!r} outside whole image blocks (<image><image0>..'
+                       f'<image{num_latents - 1}></image> for the first of its {num_images} '
+                       'images); expected one <image> marker per image, or the blocks '
+                       'prompts.format_sample writes')
     return prompt
   if markers == 0:
     return ''.join(prompts_lib.image_block(i, num_latents) for i in range(num_images)) + prompt
   if markers != num_images:
-    raise ValueError(f'prompt has {markers} <image> markers but {num_images} images were given; '
+    raise InputError(f'prompt has {markers} <image> markers but {num_images} images were given; '
                      'put one <image> where each image goes (or none: images go first)')
   pieces = prompt.split(_MARKER)
   out = [pieces[0]]

@@ -34,6 +34,7 @@ import random
 import sys
 from typing import Callable
 
+from radfm_jax.data.prompts import image_token_in
 from radfm_jax.data.recipes import build as b
 from radfm_jax.data.recipes.files import RowError, check_file, check_row, read_rows
 from radfm_jax.errors import InputError
@@ -190,6 +191,11 @@ def records(name: str, source: str, image_root: str, split: str | None = None,
     try:
       check_row(row, r.columns)
       sample = r.build(row, ctx)
+      for field, text in (('question', sample.question), ('answer', sample.answer)):
+        token = image_token_in(text)
+        if token is not None:       # the tokenizer would read it as an image token
+          raise RowError(None, f'its {field} holds {token!r}, which the tokenizer reads as an '
+                         'image token; expected plain text')
     except RowError as e:
       result.rejects.append({'path': os.path.abspath(source), 'line': row.line, 'row': row.n,
                              'field': e.field, 'recipe': name,
@@ -293,7 +299,16 @@ def ingest_recipe(name: str, source: str, image_root: str | dict[str, str], out:
   from radfm_jax.data.ingest import IngestError, ingest
   log = log or sys.stderr
   strict = ingest_options.pop('strict', False)
+  for folder in (image_root.values() if isinstance(image_root, dict) else [image_root]):
+    if '://' not in folder and not os.path.isdir(folder):    # a kvstore URL is not checked
+      # else every row would be rejected as not found, into an empty store
+      raise InputError(f'--image-root {folder}: no such folder; expected the folder the '
+                       'recipe\'s image paths start from (nothing was written)')
   results = collect(name, source, image_root, split, seed, log)
+  if not any(res.rows for res in results):
+    files = ', '.join(f'{res.name} {res.split}' for res in results) or 'it'
+    raise InputError(f'--source {source}: no rows in {files}; expected the split files of the '
+                     'recipe with their samples (nothing was written)')
   all_records = [rec for res in results for rec in res.records]
   row_rejects = [rej for res in results for rej in res.rejects]
   report = ingest(all_records, out, log=log, rejects=row_rejects, **ingest_options)

@@ -216,6 +216,8 @@ def medpix_multi(row: Row, ctx: Ctx) -> Sample:
   if history and ctx.rng.random() > 0.5:
     question = history + ' ' + question
   names = [n.strip() for n in row.text('name').split(',') if n.strip()]
+  if not names:
+    raise RowError('name', f'got {row.text("name")!r}; expected comma-separated image file names')
   at = len(question) if ctx.rng.random() > 0.5 else 0
   if kind == 'findings':
     answer = _MEASUREMENT.sub('', answer)
@@ -232,9 +234,12 @@ def paper_inline(row: Row, ctx: Ctx, window: int = 50, max_images: int = 3) -> S
   most 3 figures, each placed in the answer where it is cited; the question is empty."""
   rel = row.text('PMC_path')
   paper = ctx.resolve(rel)
+  from radfm_jax.data.store import loads_unique
   try:
     with open(paper, encoding='utf-8') as f:
-      sentences = json.load(f)
+      sentences = loads_unique(f.read(), paper)
+  except InputError as e:                 # a key twice in one object: the first value lost
+    raise RowError('PMC_path', e.args[0]) from None
   except (OSError, ValueError) as e:
     raise RowError('PMC_path', f'cannot read {paper} ({type(e).__name__}: {e}); expected a JSON '
                    'list of sentences') from None

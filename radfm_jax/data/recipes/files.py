@@ -150,10 +150,11 @@ def _csv_rows(path: str, columns) -> list[Row]:
 
 
 def _json_rows(path: str, columns) -> list[Row]:
-  from radfm_jax.data.store import JSON_TYPES    # here: `recipes list` loads no TensorStore
+  # here: `recipes list` loads no TensorStore
+  from radfm_jax.data.store import JSON_TYPES, loads_unique
   try:
     with _open_text(path) as f:
-      data = json.load(f)
+      data = loads_unique(f.read(), path)
   except UnicodeDecodeError as e:
     raise InputError(f'{path}: not UTF-8 text ({e}); expected a JSON file') from None
   except json.JSONDecodeError as e:
@@ -187,10 +188,15 @@ def check_row(row: Row, columns) -> None:
 
 def read_json_file(path: str, what: str):
   """A side file of a recipe (e.g. modality_set.json), parsed; InputError naming it."""
+  from radfm_jax.data.store import loads_unique
   try:
     with _open_text(path) as f:
-      return json.load(f)
+      text = f.read()
   except InputError:
     raise InputError(f'{path}: not found; expected {what}') from None
+  except UnicodeDecodeError as e:
+    raise InputError(f'{path}: not valid JSON ({e}); expected {what}') from None
+  try:
+    return loads_unique(text, path)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise InputError(f'{path}: not valid JSON ({e}); expected {what}') from None
