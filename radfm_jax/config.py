@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import math
 import os
@@ -320,6 +321,9 @@ class Config:
     return self.source.to_dict() if self.source is not None else dataclasses.asdict(self)
 
 
+# Seeds are JAX PRNG keys of 32 bits: a larger one would wrap (2^32 is seed 0) or overflow.
+SEED_LIMIT = 2**32
+
 _SCHEMA_FIELDS = ('model', 'mesh', 'data', 'generate', 'train', 'finetune', 'seed')
 
 
@@ -375,6 +379,13 @@ def _lay_over(base: ml_collections.ConfigDict, diff, prefix: str = ''):
     field = prefix + key
     if key not in base:
       if not prefix and key not in _SCHEMA_FIELDS and _is_section(value):
+        # an experiment's own section, unless its name is a near-miss of one of ours (`trian`):
+        # then the settings the user meant for that section would be silently unused
+        near = difflib.get_close_matches(key, list(base.keys()), n=1, cutoff=0.75)
+        if near:
+          raise ConfigError(f'config section {key}: unknown (did you mean {near[0]}?); expected '
+                            'one of ours, or a section of your own whose name is not a near-miss '
+                            'of one')
         base[key] = ml_collections.ConfigDict(value)
         continue
       raise ConfigError(f'config field {field}: no such field (fields here: {sorted(base.keys())}'
@@ -818,7 +829,7 @@ def _regex(pattern) -> bool:
   return True
 
 
-def _validate_finetune(f: FinetuneConfig):
+def validate_finetune(f: FinetuneConfig):
   if f.method not in ('full', 'lora', 'qlora'):
     _fail('finetune.method', f.method, "'full', 'lora' or 'qlora'")
   _positive('finetune', f, 'rank')
@@ -889,10 +900,11 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   train = _build(TrainConfig, cfg.get('train'), 'train')
   _validate_train(train)
   finetune = _build(FinetuneConfig, cfg.get('finetune'), 'finetune')
-  _validate_finetune(finetune)
+  validate_finetune(finetune)
   _validate_image_cache(data, model, train)
-  if not _is_int(cfg.seed) or cfg.seed < 0:
-    _fail('seed', cfg.seed, 'an integer >= 0')
+  if not _is_int(cfg.seed) or not 0 <= cfg.seed < SEED_LIMIT:
+    _fail('seed', cfg.seed, 'an integer in [0, 2^32) (a JAX key takes 32 bits: 2^32 would be '
+          'the run of seed 0)')
   extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in _SCHEMA_FIELDS})
   extra.lock()
   return Config(model=model, mesh=mesh, data=data, generate=generate, train=train,

@@ -71,6 +71,7 @@ ROWS = [
     _config('model.vision.dropout', '1.0'),
     _config('mesh.hbm_gib', '-1'),
     _config('seed', '-1'),
+    _config('seed', '4294967296'),                    # was: the run of seed 0 (a 32-bit key)
     _config('generate.max_new_tokens', '0'),
     _config('generate.max_new_tokens', '-5'),
     _config('generate.temperature', '-1'),
@@ -122,6 +123,8 @@ ROWS = [
      ["radfm-jax train: config file {root}/syntax.py line 2: SyntaxError: '{{' was never closed"]),
     ('train:config-raises', ['train', '--config', '{root}/raises.py', '--workdir', '{root}/run'],
      ["radfm-jax train: config file {root}/raises.py line 3: KeyError: 'trian'"]),
+    ('train:section-typo', ['train', '--config', '{root}/typo.py', '--workdir', '{root}/run'],
+     ['radfm-jax train: config section trian: unknown (did you mean train?)']),
     ('train:manifest-folder', TRAIN + ['--config.data.store={root}/pngs/store',
                                        '--config.data.tokenizer={root}/tok.model',
                                        '--config.data.manifest={root}/empty'],
@@ -186,6 +189,16 @@ ROWS = [
     ('generate:wrong-tokenizer', ['generate', '--checkpoint', '{root}/ckpt', '--tokenizer',
                                   '{root}/tok300.model', '--prompt', 'x'],
      ['tokenizer has 300 SentencePiece pieces but the model vocabulary is 512']),
+    ('generate:input-and-image', GEN + ['--input', '{root}/markers.jsonl', '--image',
+                                       '{root}/a.png'],
+     ['radfm-jax generate: --image goes with --prompt; with --input each line names its own']),
+    ('generate:seed', GEN + ['--prompt', 'x', '--seed', '4294967296'],
+     ["argument --seed: '4294967296': expected an integer in [0, 2^32)"]),
+    ('generate:id-null', GEN + ['--input', '{root}/id_null.jsonl'],
+     ['{root}/id_null.jsonl line 1 field id: got null; expected a string or an integer']),
+    ('generate:id-twice', GEN + ['--input', '{root}/id_twice.jsonl'],
+     ['{root}/id_twice.jsonl line 2 field id: "q" is already used ({root}/id_twice.jsonl line '
+      '1); expected a unique id']),
     ('generate:batch-size', GEN + ['--prompt', 'x', '--batch-size', '0'],
      ['radfm-jax generate: --batch-size 0: expected >= 1']),
     # --- eval
@@ -215,6 +228,10 @@ ROWS = [
     ('convert:missing-checkpoint', ['convert', 'to-torch', '--checkpoint', '{root}/nope',
                                     '--out', '{root}/t/model.bin'],
      ['radfm-jax convert: --checkpoint {root}/nope: no such file or directory']),
+    ('convert:out-suffix', ['convert', 'to-torch', '--checkpoint', '{root}/ckpt', '--out',
+                            '{root}/t/model.safetensor'],
+     ['radfm-jax convert: --out {root}/t/model.safetensor: expected a file name ending in '
+      '.safetensors']),
     ('convert:missing-hf', ['convert', 'from-hf-llama', '--hf', '{root}/nope', '--out',
                             '{root}/hf_out'],
      ['--hf {root}/nope: no such file or directory']),
@@ -259,6 +276,9 @@ def root(tmp_path_factory):
   cd.png_store(r / 'pngs')
   shutil.copytree(r / 'pngs' / 'store', r / 'no_index')
   os.remove(r / 'no_index' / 'scans.jsonl')
+  (r / 'typo.py').write_text('def get_config(arg):\n  return {"trian": {"steps": 2}}\n')
+  _jsonl(r / 'id_null.jsonl', [{'id': None, 'prompt': 'x'}])
+  _jsonl(r / 'id_twice.jsonl', [{'id': 'q', 'prompt': 'x'}, {'id': 'q', 'prompt': 'y'}])
   (r / 'syntax.py').write_text('def get_config(arg):\n  return {\n')
   (r / 'raises.py').write_text('def get_config(arg):\n  sections = {"train": {}}\n'
                                '  return sections["trian"]\n')

@@ -203,6 +203,38 @@ def bin_nested(tmp, state):
   return bin_save(tmp, {'model': _torch_state(state)})
 
 
+def bin_list_value(tmp, state):
+  """A list where a tensor belongs (was: AttributeError's traceback)."""
+  return bin_save(tmp, _torch_state(state, **{NORM: [1.0, 2.0]})), NORM
+
+
+def bin_int_key(tmp, state):
+  """A key that is not a string (was: TypeError's traceback in the key map)."""
+  tensors = _torch_state(state)
+  tensors[5] = torch.zeros(2)
+  return bin_save(tmp, tensors)
+
+
+def bin_wrapper_with_a_tensor_beside(tmp, state):
+  """{'state_dict': sd, ...}: unwrapped, dropping what is beside it; a tensor there was lost."""
+  return bin_save(tmp, {'state_dict': _torch_state(state), 'epoch': 3,
+                        LM_HEAD: torch.zeros(2)}), LM_HEAD
+
+
+def st_key_twice(tmp, state):
+  """A header naming one tensor twice (JSON keeps the last; was accepted)."""
+  path = write_safetensors(tmp / 'model.safetensors', state)
+  raw = open(path, 'rb').read()
+  size = struct.unpack('<Q', raw[:8])[0]
+  header = raw[8:8 + size].decode()
+  entry = header[header.index(f'"{NORM}"'):]
+  entry = entry[:entry.index('}') + 1]
+  twice = header.replace(entry, entry + ',' + entry, 1)
+  twice = twice.ljust(len(twice) + (-len(twice)) % 8)
+  write_safetensors(tmp / 'twice.safetensors', state, raw=twice.encode())
+  return str(tmp / 'twice.safetensors'), NORM
+
+
 def bin_wrong_shape(tmp, state):
   """One tensor with a row too many: the given config names that key, not a config field."""
   patch = 'embedding_layer.vision_encoder.to_patch_embedding.2.weight'
@@ -250,6 +282,22 @@ def bin_alias_shared(tmp, state):
   tensors = _torch_state(state)
   tensors['embedding_layer.weight'] = tensors[EMBED]
   return bin_save(tmp, tensors)
+
+
+def bin_alias_copy(tmp, state):
+  """embedding_layer.weight as its own copy of embed_tokens' values: the same tensor, read once."""
+  tensors = _torch_state(state)
+  tensors['embedding_layer.weight'] = tensors[EMBED].clone()
+  return bin_save(tmp, tensors)
+
+
+def bin_alias_differs(tmp, state):
+  """embedding_layer.weight with other values than embed_tokens (was: never compared, its values
+  dropped); the row named is the first that differs."""
+  tensors = _torch_state(state)
+  tensors['embedding_layer.weight'] = tensors[EMBED].clone()
+  tensors['embedding_layer.weight'][3, 1] += 1.0
+  return bin_save(tmp, tensors), 'embedding_layer.weight'
 
 
 def bin_truncated(tmp, state):
@@ -393,6 +441,9 @@ CASES = [
     # the .bin reader
     Case('bin_shared_storage', bin_shared_storage, LM_HEAD, ('shares bytes with key', EMBED)),
     Case('bin_alias_shared', bin_alias_shared, None, check=_all_equal),
+    Case('bin_alias_copy', bin_alias_copy, None, check=_all_equal),
+    Case('bin_alias_differs', bin_alias_differs, None,
+         ("row 3 differs from lang_model.model.embed_tokens.weight's", 'expected the same tensor')),
     Case('bin_short_record', bin_short_record, NORM, 'does not match the archive record'),
     Case('bin_truncated', bin_truncated, None, 'not a readable torch checkpoint'),
     Case('bin_not_a_checkpoint', bin_not_a_checkpoint, None, 'not a zip-format torch checkpoint'),
@@ -400,6 +451,11 @@ CASES = [
     Case('bin_nested', bin_nested, "unexpected keys (1): ['model']",
          ('missing keys (', 'more')),
     Case('bin_wrong_shape', bin_wrong_shape, None, 'wrong shapes (key, found, expected)'),
+    Case('bin_list_value', bin_list_value, NORM, 'got a list; expected a tensor'),
+    Case('bin_int_key', bin_int_key, None, 'key 5 is a int; expected the string keys'),
+    Case('bin_wrapper_with_a_tensor_beside', bin_wrapper_with_a_tensor_beside, LM_HEAD,
+         'holds a "state_dict" and, beside it, the tensor'),
+    Case('st_key_twice', st_key_twice, NORM, 'the key appears twice in one object'),
     Case('bin_malicious', bin_malicious, None, 'refused to unpickle'),
     Case('hf_config_not_json', hf_config_not_json, None, 'not valid JSON',
          direction='from-hf-llama'),

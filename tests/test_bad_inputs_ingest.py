@@ -226,6 +226,10 @@ REJECTS = [
     ('png_animated', _apng, ['an animated PNG of 2 frames; expected one image']),
     ('npy_stack_of_no_images', lambda d: _npy(d, 'none.npy', np.zeros((0, 1, 4, 4, 2), np.int16)),
      ['the [S, C, H, W, D] stack [0, 1, 4, 4, 2] holds no images']),
+    ('npy_bytes_after_the_array', lambda d: _write(d, 'long.npy', open(os.path.join(
+        d, _npy(d, 'short.npy', np.arange(12, dtype=np.int16).reshape(3, 4))), 'rb').read()
+        + b'\0' * 8),
+     ['.npy shape [3, 4] int16: the file holds 8 bytes after the array its header describes']),
     ('dicom_colour_frames', _dicom_colour_frames, ['a multi-frame colour DICOM (2 frames)']),
     ('dicom_functional_groups', _dicom_enhanced, ['an enhanced multi-frame DICOM']),
     ('dicom_missing_slice', lambda d: _dicom(d, 'gap', ImagePositionPatient=[0.0, 0.0, -2.5]),

@@ -218,8 +218,9 @@ def test_damaged_or_mislabelled_checkpoint_does_not_export(converted, tmp_path, 
   (relabelled / 'config.json').write_text(json.dumps(config))
   assert main(['convert', 'to-torch', '--checkpoint', str(relabelled), '--out', str(out)]) == 2
   (err,) = capsys.readouterr().err.strip().splitlines()
-  assert f'is stored as [{layers}, ' in err and f'the config.json beside it makes it [{layers - 1}, ' \
-      in err and 'expected the config the checkpoint was written with' in err, err
+  assert f'is stored as [{layers}, ' in err, err
+  assert f'the config.json beside it makes it [{layers - 1}, ' in err, err
+  assert 'expected the config the checkpoint was written with' in err, err
   assert not out.exists()
   not_one = tmp_path / 'model.bin'                   # the wrong direction: was a traceback
   not_one.write_bytes(b'PK')

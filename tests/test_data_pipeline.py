@@ -227,3 +227,21 @@ def test_texts_longer_than_the_largest_length_are_cut_and_said(store):
       f"ends); the longest, sample 'long', needs {needed}: a larger entry keeps them whole\n")
   rows = [row for b in ds for row in b['attention_mask']]
   assert max(int(r.sum()) for r in rows) == 256                    # cut, and the batch is 256
+
+
+def test_images_past_max_images_are_left_out_and_said(store):
+  """data.max_images bounds the images a sample uses (docs/data.md); the ones after were left out
+  without a word. The plan lists such samples and make_dataset says how many."""
+  import io
+  records = store.manifest()
+  two = [r for r in records if len(r['images']) == 2]
+  assert two
+  log = io.StringIO()
+  ds = pipeline.make_dataset(cd.data_config(max_images=1), cd.tiny_model(), store, cd.tokenizer(),
+                             process_index=0, process_count=1, num_epochs=1, log=log,
+                             records=[records[1], two[0]])
+  assert ds.plan.left_out == [(1, 2)]
+  assert log.getvalue() == (
+      'data: 1 of 2 samples name more than data.max_images=1 images; the first 1 are used, the '
+      f"rest left out (sample {two[0]['id']!r} names 2)\n")
+  assert all(int(b['image_mask'].sum(1).max()) <= 1 for b in ds)

@@ -111,6 +111,10 @@ def test_evaluate_values_with_known_predictions(data, monkeypatch, tmp_path):
   assert ent['computed'] and ent['precision'] == 1.0 and ent['recall'] == 1.0
   on_disk = json.load(open(tmp_path / 'summary.json'))
   assert on_disk['overall']['closed_accuracy'] == 0.5
+  assert summary['no_reference'] == {'n': 0, 'ids': []}
+  # A row without a reference scores 0 on every text metric: counted and named, not hidden.
+  scored = harness.score(rows + [dict(rows[1], id='e', reference='  ')])
+  assert scored['no_reference'] == {'n': 1, 'ids': ['e']}
   assert on_disk['versions']['rouge-score'] and on_disk['versions']['sacrebleu']
   assert on_disk['versions']['jax'] and on_disk['versions']['radfm-jax']
 

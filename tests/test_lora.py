@@ -294,3 +294,34 @@ def test_adapters_build_with_splash_on_the_mesh():
   model = nnx.merge(graphdef, abstract)
   assert model.llama.layers.attention_impl == 'splash'
   assert model.llama.layers.q.flat_matmul and model.llama.layers.q.kernel_lora_a.shape == (2, 64, 4)
+
+
+def test_merge_refuses_a_run_whose_finetune_section_was_edited(tmp_path, capsys):
+  """The restore is partial, so a finetune.targets narrowed by hand in config.json merged only
+  the adapters it still named, dropping the others (exit 0); a method Qwix does not know was a
+  KeyError's traceback. Each is one line now."""
+  import json
+  import shutil
+  cfg = _cfg('lora', TARGETS)
+  batch, _ = _inputs(cfg)
+  _train(cfg, tmp_path / 'run', batch, steps=0)        # its step-0 checkpoint: no step compiled
+  capsys.readouterr()                                   # the run's own lines
+  config_path = tmp_path / 'run' / 'checkpoints' / 'config.json'
+  record = json.loads(config_path.read_text())
+
+  def merge_edited(name, **finetune):
+    shutil.copytree(tmp_path / 'run', tmp_path / name)
+    (tmp_path / name / 'checkpoints' / 'config.json').write_text(json.dumps(
+        dict(record, finetune=dict(record['finetune'], **finetune))))
+    rc = main(['merge', '--checkpoint', str(tmp_path / name), '--out', str(tmp_path / 'm')])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+  rc, err = merge_edited('narrowed', targets=['llama/layers/(q|k)'])
+  assert rc == 2 and len(err) == 1, err
+  assert 'holds 12 parameters that the config.json beside it does not describe (e.g. ' \
+      'fc/kernel_lora_a)' in err[0], err
+  rc, err = merge_edited('dora', method='dora')
+  assert (rc, err) == (2, [f"radfm-jax merge: {tmp_path}/dora/checkpoints/config.json: config "
+                           "field finetune.method='dora': expected 'full', 'lora' or 'qlora'"])
+  assert not (tmp_path / 'm').exists()
+  assert main(['merge', '--checkpoint', str(tmp_path / 'run'), '--out', str(tmp_path / 'm')]) == 0

@@ -609,3 +609,14 @@ def test_recipe_json_key_twice_empty_names_and_nothing_to_ingest_are_one_line(tm
       f'radfm-jax ingest: --source {header_only}: no rows in mammo_diagnosis test; expected the '
       'split files of the recipe with their samples (nothing was written)')
   assert not out.exists()
+
+
+def test_split_file_not_utf8_names_its_line(tmp_path, folder):
+  """The decoder counts bytes from the chunk it was given: the error named a byte position deep in
+  the file. The line and column of the first byte that is not UTF-8 instead."""
+  path = tmp_path / 'mammo_test.csv'
+  path.write_bytes(b'image_path,label\nm1.png,calcification\nm2.png,caf\xe9\n')
+  with pytest.raises(InputError) as e:
+    recipes.records('mammo_diagnosis', str(path), str(folder[1]))
+  assert str(e.value) == (f'{path} line 3: not UTF-8 text (byte 0xe9 at column 11: invalid '
+                          'continuation byte); expected a UTF-8 CSV file')

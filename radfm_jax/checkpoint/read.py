@@ -109,6 +109,33 @@ def _restore(loc: Location, target: dict, as_numpy: bool) -> dict:
   return unflatten({p: out['/'.join(_key(loc, p))] for p in flat})
 
 
+def _stored_paths(loc: Location) -> list[str] | None:
+  """The parameter paths ('llama/norm/scale') the checkpoint tree holds, from its `_METADATA`
+  (None when it cannot be read: the restore then says why)."""
+  import ast
+  try:
+    with open(os.path.join(loc.tree, '_METADATA')) as f:
+      keys = json.load(f)['tree_metadata']
+    keys = [ast.literal_eval(k) for k in keys]
+  except (OSError, ValueError, KeyError, TypeError, SyntaxError):
+    return None
+  n, m = len(loc.prefix), len(loc.suffix)
+  return ['/'.join(k[n:len(k) - m]) for k in keys if isinstance(k, tuple)
+          and k[:n] == loc.prefix and (not m or k[-m:] == loc.suffix)]
+
+
+def _check_no_extra_leaves(loc: Location, expected: dict):
+  """The restore is partial (Orbax reads what the target names), so a stored parameter the model
+  config.json describes does not have would be dropped without a word: e.g. the adapters of a
+  module a hand-edited finetune.targets no longer names. A CheckpointRestoreError instead."""
+  stored = _stored_paths(loc)
+  extra = sorted(set(stored or ()) - set(expected))
+  if extra:
+    raise CheckpointRestoreError(
+        f'{loc.tree}: holds {len(extra)} parameters that the config.json beside it does not '
+        f'describe (e.g. {extra[0]}); expected the config the checkpoint was written with')
+
+
 class LeafReader:
   """Reads parameters from a checkpoint (either layout) as numpy, one layer of one leaf at a time.
 
@@ -189,10 +216,17 @@ class LeafReader:
 
 
 def finetune_of(directory: str):
-  """The FinetuneConfig a checkpoint was trained with (method `full` when none is recorded)."""
-  from radfm_jax.checkpoint.meta import read_section
-  from radfm_jax.config import FinetuneConfig
-  return FinetuneConfig(**read_section(directory, 'finetune', FinetuneConfig))
+  """The FinetuneConfig a checkpoint was trained with (method `full` when none is recorded),
+  validated: a section edited by hand (method 'dora', a rank of 0) is a ConfigError naming the
+  file, not a KeyError in the adapters' code."""
+  from radfm_jax.checkpoint.meta import find_config, read_section
+  from radfm_jax.config import ConfigError, FinetuneConfig, validate_finetune
+  finetune = FinetuneConfig(**read_section(directory, 'finetune', FinetuneConfig))
+  try:
+    validate_finetune(finetune)
+  except ConfigError as e:
+    raise ConfigError(f'{find_config(directory)}: {e}') from None
+  return finetune
 
 
 def load(directory: str, *, step: int | None = None, mesh=None, rules=None):
@@ -221,6 +255,7 @@ def load(directory: str, *, step: int | None = None, mesh=None, rules=None):
     from radfm_jax.config import FinetuneConfig
     ft = FinetuneConfig()
   graphdef, state = lora.abstract_model(loc.cfg, ft, mesh, rules)
+  _check_no_extra_leaves(loc, flat_params(nnx.to_pure_dict(state)))
   restored = _restore(loc, nnx.to_pure_dict(state), as_numpy=False)
   nnx.replace_by_pure_dict(state, restored)
   model = nnx.merge(graphdef, state)

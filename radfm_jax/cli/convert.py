@@ -69,7 +69,7 @@ def add_parser(sub):
                  'radfm-jax convert from-hf-llama --hf llama-13b-hf/ '
                  '--config configs/radfm.py:model=radfm_13b --out ckpt/')
   d.add_argument('--hf', required=True, help='folder of HF safetensors shards (+ config.json)')
-  d.add_argument('--seed', type=int, default=0, help='seed of the fresh vision towers')
+  d.add_argument('--seed', type=flags.seed, default=0, help='seed of the fresh vision towers')
   _common(d, 'config for the vision towers (configs/radfm.py:model=...)')
   return p
 

@@ -23,7 +23,7 @@ def add_parser(sub):
                  help='stop training after this many seconds (0 = no limit)')
   p.add_argument('--quick', action='store_true',
                  help='tiny model, tiny dataset, 20 steps: a one-minute smoke run')
-  p.add_argument('--seed', type=int, default=0, help='data and model seed')
+  p.add_argument('--seed', type=flags.seed, default=0, help='data and model seed')
   p.add_argument('--rebuild', action='store_true', help='rebuild the dataset even if present')
   p.add_argument('--resume', action='store_true',
                  help='continue from the checkpoint in OUT/train (default: train afresh)')

@@ -123,6 +123,10 @@ def _run(args) -> int:
 def _report(args, summary: dict, bench: bool) -> int:
   """The closing lines: the main numbers as JSON (stderr), the RadBench tables (stdout)."""
   o = summary['overall']
+  missing = summary.get('no_reference', {}).get('n', 0)
+  if missing:
+    print(f'radfm-jax eval: {missing} of {o["n"]} samples have no reference answer (scored 0; '
+          f'listed in summary.json as no_reference)', file=sys.stderr)
   print(json.dumps({'split': args.split, 'skipped': summary.get('skipped', 0),
                     **{k: o[k] for k in ('n', 'closed_accuracy', 'bleu4', 'rougeL',
                                          'token_f1')}}), file=sys.stderr)

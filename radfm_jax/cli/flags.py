@@ -59,6 +59,15 @@ def non_negative_int(text: str) -> int:
   return _int_at_least(text, 0, 'an integer >= 0')
 
 
+def seed(text: str) -> int:
+  """A seed flag: an integer in [0, 2^32) (config.SEED_LIMIT: a JAX key takes 32 bits)."""
+  from radfm_jax.config import SEED_LIMIT
+  value = _int_at_least(text, 0, 'an integer in [0, 2^32)')
+  if value >= SEED_LIMIT:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected an integer in [0, 2^32)')
+  return value
+
+
 def _int_at_least(text: str, low: int, expected: str) -> int:
   try:
     value = int(text)
@@ -118,6 +127,9 @@ def check_output_file(out: str, overwrite: bool):
   from radfm_jax.errors import InputError, check_parent_folder, check_writable_folder
   if os.path.isdir(out):
     raise InputError(f'--out {out}: is a folder; expected a file path (.bin or .safetensors)')
+  if not out.endswith(('.bin', '.pt', '.pth', '.safetensors')):   # a typo wrote torch's format
+    raise InputError(f'--out {out}: expected a file name ending in .safetensors, or .bin / .pt / '
+                     '.pth for torch.save\'s format')
   check_parent_folder(out, f'--out {out}', 'expected a file path (.bin or .safetensors)')
   if os.path.exists(out) and not overwrite:
     raise InputError(f'--out {out}: exists; expected a new file (or --overwrite to replace it)')

@@ -34,7 +34,7 @@ def add_checkpoint_arguments(p, checkpoint_help: str = ''):
                  help='SentencePiece tokenizer.model (default: found beside the checkpoint)')
   p.add_argument('--batch-size', type=int, default=1,
                  help='prompts per batch (batches are padded to it: one compiled program)')
-  p.add_argument('--seed', type=int, default=0, help='sampling seed (temperature > 0)')
+  p.add_argument('--seed', type=flags.seed, default=0, help='sampling seed (temperature > 0)')
   p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar on stderr')
   p.add_argument('--intensity', default=None,
                  choices=('radfm', 'ct_window', 'ct_windows3', 'percentile'),
@@ -102,6 +102,11 @@ def _run(args) -> int:
   if args.batch_size < 1:
     from radfm_jax.errors import UserError
     raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
+  if args.input is not None and (args.image or args.modality):
+    flag = '--image' if args.image else '--modality'
+    print(f'radfm-jax generate: {flag} goes with --prompt; with --input each line names its own '
+          'images (and their modality)', file=sys.stderr)
+    return 2
   mods = args.modality or [''] * len(args.image)
   if len(mods) != len(args.image):
     print(f'radfm-jax generate: {len(mods)} --modality for {len(args.image)} --image',

@@ -73,7 +73,7 @@ def add_parser(sub):
   p.add_argument('--split', choices=('train', 'test'), default=None,
                  help='--recipe: the split to tag the records with (default: from the file name: '
                  'the original\'s train or test file; required for another name)')
-  p.add_argument('--seed', type=int, default=0,
+  p.add_argument('--seed', type=flags.seed, default=0,
                  help='--recipe: seed of the prompt and placement choices (row n of recipe R uses '
                  'random.Random("SEED/R/SPLIT/n"))')
   p.epilog += '\n\n' + schema_help()
@@ -84,7 +84,8 @@ def add_parser(sub):
                  'instead of being an error')
   p.add_argument('--root', default=None, help='base folder for relative image paths '
                  '(default: the manifest folder)')
-  p.add_argument('--batch-size', type=flags.positive_int, default=16, help='scans per write transaction')
+  p.add_argument('--batch-size', type=flags.positive_int, default=16,
+                 help='scans per write transaction')
   p.add_argument('--workers', type=flags.positive_int, default=None,
                  help='reader threads (default: automatic)')
   p.add_argument('--max-scan-bytes', type=byte_size, default='2G', metavar='SIZE',

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import json
+import math
 import mmap
 import os
 import struct
@@ -179,9 +180,21 @@ class TorchReader(DictReader):
     except (EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
       raise InputError(f'{path}: not a readable torch checkpoint: {_one_line(e)}') from None
     if isinstance(state, Mapping) and 'state_dict' in state and isinstance(state['state_dict'], Mapping):
-      state = state['state_dict']   # Lightning / trainer wrappers
+      # Lightning / trainer wrappers (beside it: optimizer state, counters); a tensor beside it
+      # would be lost with them
+      beside = [k for k, v in state.items() if k != 'state_dict' and isinstance(v, torch.Tensor)]
+      if beside:
+        raise InputError(f'{path}: holds a "state_dict" and, beside it, the tensor {beside[0]!r}; '
+                         'expected one state dict')
+      state = state['state_dict']
     if not isinstance(state, Mapping):
       raise InputError(f'{path}: expected a state dict, got {type(state).__name__}')
+    for key, value in state.items():
+      if not isinstance(key, str):
+        raise InputError(f'{path}: key {key!r} is a {type(key).__name__}; expected the string '
+                         'keys of a state dict')
+      if not isinstance(value, (torch.Tensor, Mapping)):   # a Mapping: told by the key map
+        raise InputError(f'{path}: key {key}: got a {type(value).__name__}; expected a tensor')
     super().__init__(state, source=path)
     self._mapped = _file_mappings(path)
     self._check_storages(path)
@@ -374,9 +387,11 @@ def _validated_header(path: str) -> tuple[int, dict]:
     raise InputError(f'{path}: not a valid safetensors file: {reason}') from None
   except OSError as e:
     raise InputError(f'{path}: cannot read it: {_one_line(e)}') from None
+  from radfm_jax.data.store import loads_unique
   with open(path, 'rb') as f:   # accepted: the length is bounded and the JSON parses
     size = struct.unpack('<Q', f.read(8))[0]
-    return size, json.loads(f.read(size))
+    # a tensor named twice: json.loads would keep the last one, silently
+    return size, loads_unique(f.read(size).decode('utf-8'), f'{path} header')
 
 
 def _size_mismatch(path: str) -> str | None:
@@ -483,6 +498,36 @@ def check_keys(table: Sequence[Entry], reader, our_shapes: dict[str, tuple[int, 
   read = [k for k in expected if k not in optional]
   check_dtypes(reader, read, cast)
   check_distinct(reader, read)
+  check_aliases(reader, table, present)
+
+
+def check_aliases(reader, table: Sequence[Entry], present: set[str]):
+  """An alias key the file holds (the original's `embedding_layer.weight`, which shares
+  embed_tokens' storage) is never read; it must then be the same tensor as the key it aliases,
+  else its values would be dropped without a word: the same bytes (one storage), or equal values
+  and dtype, compared a slab of rows at a time."""
+  for entry in table:
+    alias = entry.key()
+    if entry.kind != 'alias' or alias not in present:
+      continue
+    target = next(t.key() for t in table if t.kind != 'alias' and t.ours == entry.ours)
+    span = reader.extent(alias)
+    if span is not None and span == reader.extent(target):
+      continue
+    expected = f'expected the same tensor as {target} (the original saves it as its alias)'
+    if reader.dtype(alias) != reader.dtype(target):
+      raise InputError(f'{reader.where(alias)}: dtype {reader.dtype(alias)} but {target} is '
+                       f'{reader.dtype(target)}; {expected}')
+    rows = reader.shape(target)[0] if reader.shape(target) else 1
+    row_bytes = max(1, math.prod(reader.shape(target)[1:]) * reader.dtype(target).itemsize)
+    step = max(1, BLOCK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+      stop = min(start + step, rows)
+      a, b = reader.get_rows(alias, start, stop), reader.get_rows(target, start, stop)
+      if not np.array_equal(a, b, equal_nan=True):
+        row = start + int(np.flatnonzero((a != b).reshape(stop - start, -1).any(1))[0])
+        raise InputError(f'{reader.where(alias)}: row {row} differs from {target}\'s; '
+                         f'{expected}')
 
 
 def check_dtypes(reader, keys: Sequence[str], cast: bool = False):

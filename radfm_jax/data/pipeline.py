@@ -98,13 +98,23 @@ class BucketKey:
   carrier: tuple[str, int] | None = None
 
 
-def cut_note(cut: list[tuple[int, int]], records: list[dict], lengths) -> str:
-  """The line that says which samples a BatchPlan cuts to the largest text length."""
-  index, needed = max(cut, key=lambda c: c[1])
-  return (f'data: {len(cut)} of {len(records)} samples need more positions than the largest '
-          f'data.text_lengths entry ({max(lengths)}) and are cut to it, as the original cuts at '
-          f'its max length (their answers lose their ends); the longest, sample '
-          f'{records[index].get("id")!r}, needs {needed}: a larger entry keeps them whole')
+def plan_notes(plan: 'BatchPlan', records: list[dict], data_cfg) -> list[str]:
+  """The lines that say what a BatchPlan leaves out of its samples: texts cut to the largest
+  text length (as the original cuts at its max_length), images past data.max_images."""
+  notes = []
+  if plan.cut:
+    index, needed = max(plan.cut, key=lambda c: c[1])
+    notes.append(f'data: {len(plan.cut)} of {len(records)} samples need more positions than the '
+                 f'largest data.text_lengths entry ({max(data_cfg.text_lengths)}) and are cut to '
+                 'it, as the original cuts at its max length (their answers lose their ends); '
+                 f'the longest, sample {records[index].get("id")!r}, needs {needed}: a larger '
+                 'entry keeps them whole')
+  if plan.left_out:
+    index, most = max(plan.left_out, key=lambda c: c[1])
+    notes.append(f'data: {len(plan.left_out)} of {len(records)} samples name more than '
+                 f'data.max_images={data_cfg.max_images} images; the first {data_cfg.max_images} '
+                 f'are used, the rest left out (sample {records[index].get("id")!r} names {most})')
+  return notes
 
 
 class BatchPlan:
@@ -121,11 +131,16 @@ class BatchPlan:
     self.keys: list[BucketKey] = []
     self.texts: list[tuple[str, str]] = []
     # (record index, positions it needs) of the samples longer than the largest text length:
-    # cut to it, as the original cuts at its max_length (make_dataset says so, `cut_note`)
+    # cut to it, as the original cuts at its max_length (make_dataset says so: `plan_notes`)
     self.cut: list[tuple[int, int]] = []
+    # (record index, images it names) of the samples with more than data.max_images images: the
+    # first max_images are used (docs/data.md), and make_dataset says so (`plan_notes`)
+    self.left_out: list[tuple[int, int]] = []
     for i, rec in enumerate(records):
       q, a, n_img = batch_lib.record_text(rec, num_latents, data_cfg.max_images)
       self.texts.append((q, a))
+      if len(rec.get('images', [])) > n_img:
+        self.left_out.append((i, len(rec['images'])))
       depths = [int(im['shape'][3]) for im in rec.get('images', [])[:n_img]]
       kind = batch_lib.sample_kind(depths)
       h, w, d = batch_lib.image_shape(depths, data_cfg)
@@ -468,9 +483,7 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
                    mixture, dtypes)
   copies, notes = (None, []) if image_cache is not None else train_copies.choose(
       store, records, plan.keys, data_cfg)
-  if plan.cut:
-    notes.append(cut_note(plan.cut, records, data_cfg.text_lengths))
-  for note in notes:
+  for note in notes + plan_notes(plan, records, data_cfg):
     print(note, file=log or sys.stderr, flush=True)
   loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache, copies)
   ds = grain.MapDataset.range(plan.num_batches).repeat(num_epochs).map_with_index(loader)

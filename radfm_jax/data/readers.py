@@ -308,9 +308,10 @@ def dicom_files(path: str) -> list[str]:
 
 def _sort_slices(slices: list) -> bool:
   """Sorts a series' (dataset, pixels) along the slice normal (ImagePositionPatient), or by
-  InstanceNumber when no slice has patient geometry (returns whether they have it); RejectedScan when the order or the spacing
-  cannot be trusted: geometry on some slices only, slices of different orientations, two at
-  one position, uneven gaps (a missing slice), or no geometry and no distinct InstanceNumbers."""
+  InstanceNumber when no slice has patient geometry (returns whether they have it). RejectedScan
+  when the order or the spacing cannot be trusted: geometry on some slices only, slices of
+  different orientations, two at one position, uneven gaps (a missing slice), or no geometry and
+  no distinct InstanceNumbers."""
   names = [os.path.basename(getattr(ds, 'filename', '') or '?') for ds, _ in slices]
   has = [hasattr(ds, 'ImagePositionPatient') and hasattr(ds, 'ImageOrientationPatient')
          for ds, _ in slices]
@@ -462,8 +463,12 @@ def read_npy(path: str, index: int | None = None,
   if dtype.hasobject:
     raise RejectedScan(f'.npy of Python objects ({dtype}) is not read (pickle); expected numbers')
   payload = math.prod(shape) * dtype.itemsize
-  _check_size(f'.npy shape {list(shape)} {dtype}', payload, max_bytes, payload,
-              file_bytes=os.path.getsize(path) - offset)
+  held = os.path.getsize(path) - offset
+  _check_size(f'.npy shape {list(shape)} {dtype}', payload, max_bytes, payload, file_bytes=held)
+  if held > payload:   # np.save writes the array and nothing after: more is another array's data
+    raise RejectedScan(f'.npy shape {list(shape)} {dtype}: the file holds {held - payload:,} bytes '
+                       'after the array its header describes; expected one array (a header edited, '
+                       'or two files joined?)')
   try:
     data = np.load(path, allow_pickle=False)
   except Exception as e:

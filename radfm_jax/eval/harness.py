@@ -275,7 +275,11 @@ def score(rows: list[dict], extractor=None, extractor_reason: str = '',
     for table, keys in ((per_task, tasks), (per_dataset, datasets)):
       for name, m in table.items():
         m['entities'] = scores([i for i in covered if keys[i] == name])
-  return {'overall': overall, 'per_task': per_task, 'per_dataset': per_dataset, 'entities': umls}
+  # A sample without a reference answer scores 0 on every text metric: counted, so the figures
+  # are not read as the model's (the ids listed in summary.json, a line said by the CLI).
+  without = [str(r.get('id')) for r in rows if not str(r['reference']).strip()]
+  return {'overall': overall, 'per_task': per_task, 'per_dataset': per_dataset, 'entities': umls,
+          'no_reference': {'n': len(without), 'ids': without}}
 
 
 # The fields of a predictions.jsonl row (what `prediction_row` writes): name -> (check, what is

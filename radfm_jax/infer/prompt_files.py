@@ -20,6 +20,7 @@ several images without `index` is one too (it is never cut to its first image).
 
 from __future__ import annotations
 
+import json
 import os
 
 from radfm_jax.errors import InputError, where
@@ -71,7 +72,7 @@ def read_prompts(path: str) -> list[dict]:
                      '{"id", "prompt", "images"} object per line)')
   from radfm_jax.data.store import iter_jsonl   # here: `generate --help` imports no TensorStore
   base = os.path.dirname(os.path.abspath(path))
-  items = []
+  items, seen = [], {}
   from radfm_jax.data.manifest import _unknown
   for n, rec in iter_jsonl(path):                # InputError on a line that is not one object
     for key in rec:                              # own fields pass; a near-miss is a typo
@@ -86,9 +87,17 @@ def read_prompts(path: str) -> list[dict]:
     images = rec.get('images', [])
     if not isinstance(images, list):
       raise InputError(f'{where(path, n, "images")}: expected a list, got {images!r}')
+    item_id = rec.get('id', n)
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or item_id == '':
+      raise InputError(f'{where(path, n, "id")}: got {json.dumps(item_id)}; expected a string or '
+                       'an integer (default: the line number)')
+    if str(item_id) in seen:      # answers are matched to prompts by id
+      raise InputError(f'{where(path, n, "id")}: {json.dumps(str(item_id))} is already used '
+                       f'({where(path, seen[str(item_id)])}); expected a unique id')
+    seen[str(item_id)] = n
     labels = [where(path, n, f'images[{i}]') for i in range(len(images))]
     entries = [_image_entry(e, base, label) for e, label in zip(images, labels)]
-    items.append(make_item(str(rec.get('id', n)), rec['prompt'], [p for p, _, _ in entries],
+    items.append(make_item(str(item_id), rec['prompt'], [p for p, _, _ in entries],
                            [m for _, m, _ in entries], where(path, n), labels,
                            [k for _, _, k in entries], images))
   if not items:             # answering nothing would look like success

@@ -76,6 +76,19 @@ def _open_text(path: str):
   return open(path, encoding='utf-8-sig', newline='')
 
 
+def _not_utf8(path: str, error: UnicodeDecodeError, expected: str) -> InputError:
+  """'FILE line N: not UTF-8 text (...)': the decoder's position counts from the chunk it was
+  given, not the file, so the line is found again from the bytes."""
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        raw.decode('utf-8')
+      except UnicodeDecodeError as e:
+        return InputError(f'{where(path, n)}: not UTF-8 text (byte {raw[e.start]:#04x} at column '
+                          f'{e.start + 1}: {e.reason}); {expected}')
+  return InputError(f'{path}: not UTF-8 text ({error.reason}); {expected}')
+
+
 def read_rows(path: str, columns: tuple[str, ...]) -> list[Row]:
   """Every row of a CSV or JSON split file; `columns` must all be there (InputError naming the
   first one missing)."""
@@ -136,7 +149,7 @@ def _csv_rows(path: str, columns) -> list[Row]:
                     'column of the header'}
         rows.append(Row(path, len(rows), start, values))
   except UnicodeDecodeError as e:
-    raise InputError(f'{path}: not UTF-8 text ({e}); expected a CSV file') from None
+    raise _not_utf8(path, e, 'expected a UTF-8 CSV file') from None
   except csv.Error as e:
     line = _open_quote_line(path, last + 1)
     if line is not None:
@@ -156,7 +169,7 @@ def _json_rows(path: str, columns) -> list[Row]:
     with _open_text(path) as f:
       data = loads_unique(f.read(), path)
   except UnicodeDecodeError as e:
-    raise InputError(f'{path}: not UTF-8 text ({e}); expected a JSON file') from None
+    raise _not_utf8(path, e, 'expected a UTF-8 JSON file') from None
   except json.JSONDecodeError as e:
     raise InputError(f'{where(path, e.lineno)}: not valid JSON ({e.msg}, column {e.colno}); '
                      'expected a list of objects') from None
@@ -195,7 +208,7 @@ def read_json_file(path: str, what: str):
   except InputError:
     raise InputError(f'{path}: not found; expected {what}') from None
   except UnicodeDecodeError as e:
-    raise InputError(f'{path}: not valid JSON ({e}); expected {what}') from None
+    raise _not_utf8(path, e, f'expected {what}') from None
   try:
     return loads_unique(text, path)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
