@@ -430,6 +430,9 @@ def resolve_config_path(path: str) -> str:
 def import_config_file(path: str):
   """The module of an experiment file (its own module name per path: files never share state)."""
   spec = importlib.util.spec_from_file_location(f'radfm_config_{abs(hash(path))}', path)
+  if spec is None:                      # not a .py file: Python has no loader for it
+    raise ConfigError(f'config file {path}: not a Python file; expected a .py file defining '
+                      'get_config(arg)')
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
@@ -489,6 +492,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]):
 def load_config_dict(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """`path.py[:arg]` (or a built-in `NAME[:arg]`) -> the full ConfigDict: the file's fields over
   the defaults, overrides applied (not yet validated)."""
+  spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+  if not isinstance(spec, str):
+    raise ConfigError(f'config spec {spec!r}: expected a string "path.py[:arg]" or "NAME[:arg]"')
+  overrides = () if overrides is None else overrides
+  if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+    raise ConfigError(f'overrides {overrides!r}: expected a list of "dotted.field=value" strings')
   path, _, arg = spec.partition(':')
   resolved = resolve_config_path(path)
   module = import_config_file(resolved)
@@ -695,6 +704,9 @@ def check_batch_axes(cfg: Config, num_devices: int, num_processes: int = 1,
 def _validate_mesh(mesh: MeshConfig, num_devices: int | None):
   _validate_axes('mesh.ici', mesh.ici)
   _validate_axes('mesh.dcn', mesh.dcn)
+  if mesh.topology and not re.fullmatch(r'v\d+[a-z]*:[1-9]\d*(x[1-9]\d*)*', mesh.topology):
+    _fail('mesh.topology', mesh.topology, "a TPU topology name such as 'v5e:2x2' or 'v5p:4x4x4' "
+          "('' for none)")
   if mesh.rules not in RULE_PRESETS:
     _fail('mesh.rules', mesh.rules, f'one of {RULE_PRESETS}')
   _finite('mesh.hbm_gib', mesh.hbm_gib, 'a finite value >= 0 (0 = unknown)', lambda x: x >= 0)

@@ -82,7 +82,7 @@ def test_errors_name_the_path_and_the_problem(store, tmp_path):
   with pytest.raises(InputError, match='missing.jsonl: no such file'):
     read_manifest(str(tmp_path / 'missing.jsonl'))
   bad = [dict(store.manifest()[0], split='val-2')]
-  with pytest.raises(ValueError, match="split 'val-2'"):
+  with pytest.raises(InputError, match='field split: got "val-2"'):
     tfds_manifest.publish_manifest(bad, str(tmp_path / 'out'))
   path = tfds_manifest.publish_manifest(store.root, str(tmp_path / 'ok'))
   with pytest.raises(ValueError, match="no split 'test'"):
@@ -96,3 +96,18 @@ def test_cli_publish(store, tmp_path, capsys):
       tfds_manifest.publish_manifest(store.root, str(tmp_path / 'u')))
   assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 2
   assert 'exists' in capsys.readouterr().err
+
+
+def test_publish_refuses_rows_training_would_refuse(store, tmp_path):
+  """Rows are checked against the manifest schema before anything is written: a split of null or
+  5 was published as the split 'None' / '5', TFDS's reserved 'all' failed inside TFDS, duplicate
+  ids were published."""
+  row = store.manifest()[0]
+  for rows, message in [([dict(row, split=None)], 'manifest record 1 field split: got null'),
+                        ([dict(row, split=5)], 'manifest record 1 field split: got 5'),
+                        ([dict(row, split='all')], "split 'all' is not a TFDS split name"),
+                        ([row, dict(row)], 'manifest record 2 field id')]:
+    with pytest.raises(InputError) as e:
+      tfds_manifest.publish_manifest(rows, str(tmp_path / 'out'))
+    assert str(e.value).startswith(message) or message in str(e.value), str(e.value)
+  assert not (tmp_path / 'out').exists()

@@ -142,3 +142,23 @@ def test_cli_end_to_end(data, tmp_path):
   assert summary['sampling']['max_new_tokens'] == 3 and summary['n_samples'] == 2
   assert (summary['split'], summary['skipped'], summary['skipped_samples']) == ('eval', 0, [])
   assert summary['timing']['samples_per_s'] > 0
+
+
+def test_rescore_in_place_keeps_what_only_the_generating_run_knew(tmp_path):
+  """`eval --predictions OUT/predictions.jsonl --out OUT` replaced summary.json with the scores
+  alone: the samples the generating run skipped (unreadable scans), its checkpoint and split were
+  gone, and `skipped` read 0. They are carried over from the summary it replaces."""
+  rows = [{'id': 'a', 'question': 'Q?', 'reference': 'Yes', 'prediction': 'yes', 'kind': 'closed',
+           'task': 'vqa', 'dataset': 'default'}]
+  (tmp_path / 'predictions.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  generated = {'n_samples': 1, 'skipped': 1, 'skipped_samples': [{'id': 'b', 'reason': 'gone'}],
+               'checkpoint': '/runs/x', 'split': 'eval', 'overall': {}}
+  (tmp_path / 'summary.json').write_text(json.dumps(generated))
+  summary = harness.rescore(str(tmp_path / 'predictions.jsonl'), out_dir=str(tmp_path))
+  on_disk = json.load(open(tmp_path / 'summary.json'))
+  for got in (summary, on_disk):
+    assert (got['skipped'], got['skipped_samples'], got['checkpoint'], got['split']) == (
+        1, [{'id': 'b', 'reason': 'gone'}], '/runs/x', 'eval')
+    assert got['overall']['n'] == 1 and got['overall']['closed_accuracy'] == 1.0
+  elsewhere = harness.rescore(str(tmp_path / 'predictions.jsonl'), out_dir=str(tmp_path / 'new'))
+  assert 'skipped' not in elsewhere                     # another folder: nothing to carry over

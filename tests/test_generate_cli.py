@@ -304,3 +304,63 @@ def test_a_stack_of_several_images_is_never_cut_to_its_first(tmp_path, capsys):
     cd.write_manifest(tmp_path / 'bad.jsonl', [{'id': 'a', 'prompt': 'x', 'images': [entry]}])
     assert main(flags + ['--input', str(tmp_path / 'bad.jsonl')]) == 2
     assert capsys.readouterr().err == f'radfm-jax generate: {tmp_path}/bad.jsonl line 1 {message}\n'
+
+
+def test_bad_python_arguments_are_one_error_naming_them(setup):
+  """What a notebook passes by mistake: each an InputError naming the argument, before anything
+  is prepared or compiled. Before: a string of prompts was answered letter by letter, a NaN voxel
+  made the whole image NaN (answer ''), modalities 'CT' became ['C', 'T'] and a short list left
+  an image without its intensity mapping, an array for `images` was read as its slices."""
+  from radfm_jax.data.tokenizer import Tokenizer
+  _, model, _, cfg, tok = setup
+  vol = cd.ct_volume((20, 18, 10), seed=0).astype(np.float32)
+  nan = vol.copy()
+  nan[3, 4, 5] = np.nan
+  cases = [
+      (lambda: text.prepare_batch(tok, 'ab', None, cfg),
+       "prompts: got str 'ab'; expected a non-empty list of prompt strings"),
+      (lambda: text.prepare_batch(tok, [], None, cfg), 'prompts: got list'),
+      (lambda: text.prepare_batch(tok, ['x', 3], None, cfg),
+       'prompt 1: got int; expected a string'),
+      (lambda: text.prepare_batch(tok, ['x <image>'], [[nan]], cfg),
+       'prompt 0 image 0: 1 NaN/inf values; expected finite voxels'),
+      (lambda: text.prepare_batch(tok, ['x <image>'], [[vol.astype(complex)]], cfg),
+       'prompt 0 image 0: unsupported dtype complex128'),
+      (lambda: text.prepare_batch(tok, ['x <image>'], [[vol.astype(np.float64) * 1e300]], cfg),
+       'prompt 0 image 0: voxels: value'),
+      (lambda: text.prepare_batch(tok, ['x <image>'], [[vol]], cfg, modalities=[[]]),
+       'modalities: expected one list per prompt holding one string per image (image counts '
+       '[1])'),
+      (lambda: text.prepare_batch(tok, ['x'], [[]] * 2, cfg),
+       '1 prompts but 2 image lists; expected one list per prompt'),
+      (lambda: text.generate(model, tok, 'x <image>', vol, max_new_tokens=2),
+       "images: got ndarray; expected a list of the prompt's scans"),
+      (lambda: text.generate(model, tok, 'x <image>', [vol], modalities='CT', max_new_tokens=2),
+       "modalities: got 'CT'; expected a list, one string per image"),
+      (lambda: text.generate_batch(model, tok, ['x'], seed=2**32, max_new_tokens=2),
+       'seed 4294967296: expected an integer in [0, 2^32)'),
+      (lambda: text.generate_batch(model, tok, ['x', 'y'], names=['a'], max_new_tokens=2),
+       "names: expected one name per prompt (2), got ['a']"),
+      (lambda: text.generate(model, 'tok.model', 'x', max_new_tokens=2),
+       'tokenizer: got str; expected a radfm_jax Tokenizer'),
+      (lambda: Tokenizer(b''), 'tokenizer: a SentencePiece model of no pieces'),
+      (lambda: Tokenizer(cd.spm_proto(), max_images=0),
+       'Tokenizer max_images=0: expected a positive integer'),
+  ]
+  for call, message in cases:
+    with pytest.raises(InputError) as e:
+      call()
+    assert str(e.value).startswith(message), (message, str(e.value))
+
+
+def test_save_refuses_a_training_run_or_a_file(setup, tmp_path):
+  """A parameter-only checkpoint saved into a training run's folder wrote a config.json there
+  that `load` then read instead of the run; into a file, Orbax's temporary path was named."""
+  _, model, _, _, _ = setup
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  with pytest.raises(InputError, match=f'{tmp_path}/run: holds a training run'):
+    api.save(model, str(tmp_path / 'run'))
+  (tmp_path / 'a.txt').write_text('x')
+  with pytest.raises(InputError, match=f'{tmp_path}/a.txt: a file; expected a folder'):
+    api.save(model, str(tmp_path / 'a.txt'))
+  assert sorted(os.listdir(tmp_path / 'run')) == ['checkpoints']

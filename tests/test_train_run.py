@@ -315,3 +315,58 @@ def test_run_directory_works_from_any_directory(tmp_path, xdg):
       'radfm-jax generate: ../a/run: no tokenizer found (neither the data.tokenizer of its '
       'config.json nor a tokenizer.model beside it or above it); pass the SentencePiece model it '
       'was trained with: --tokenizer PATH (Python: tokenizer=PATH)')
+
+
+def test_resume_on_other_data_or_tokenizer_is_refused(tmp_path):
+  """A resume read the store's train split from its saved position whatever the store now held
+  (another store, a sample replaced, rows added): the run record names what the run read, by
+  content (`rundir.run_inputs`), and a resume on anything else is refused; a moved copy of the
+  store passes. Without config.json the newest step's own config is compared."""
+  import json
+  import shutil
+  from radfm_jax.data.ingest import ingest
+  (tmp_path / 'd').mkdir()
+  store = cd.png_store(tmp_path / 'd')
+  tok = str(tmp_path / 'd' / 'tok.model')
+  base = SMALL + [f'data.tokenizer={tok}', 'data.batch_size_2d=8']
+  cfg = load_config(SPEC, base + [f'data.store={store}'])
+  inputs = rundir.run_inputs(cfg)
+  assert inputs['train_samples'] == 4 and len(inputs['train_sha256']) == 64
+  _fake_run(tmp_path / 'run', cfg)
+  folder = tmp_path / 'run' / 'checkpoints'
+  rundir.write_record(str(folder), rundir.record(cfg, None, inputs))
+  ckpt = str(folder)
+
+  def check(store_path, tokenizer=tok, extra=()):
+    c = load_config(SPEC, SMALL + [f'data.tokenizer={tokenizer}', 'data.batch_size_2d=8',
+                                   f'data.store={store_path}', *extra])
+    rundir.check_same_run(rundir.record(c, None, rundir.run_inputs(c)), ckpt, 'run')
+
+  check(store)
+  moved = tmp_path / 'moved'
+  shutil.copytree(store, moved)
+  check(str(moved))                                     # the same content elsewhere
+  changed = tmp_path / 'changed'
+  shutil.copytree(store, changed)
+  rows = [json.loads(line) for line in open(tmp_path / 'd' / 'samples.jsonl')]
+  rows[1]['answer'] = 'Two nodules.'
+  (tmp_path / 'd' / 'samples2.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  ingest(str(tmp_path / 'd' / 'samples2.jsonl'), str(changed), replace=True,
+         log=open(os.devnull, 'w'))
+  with pytest.raises(ConfigError, match=re.escape(
+      f"workdir run holds a run trained on other data: the train split of data.store='{changed}'"
+      " (data.manifest='its manifest.jsonl') now has 4 samples, sha256 ")):
+    check(str(changed))
+  other = tmp_path / 'other.model'
+  other.write_bytes(cd.spm_proto(vocab_size=300))
+  with pytest.raises(ConfigError, match=re.escape(
+      f"config field data.tokenizer='{other}': differs from the tokenizer workdir run trained "
+      f"with (sha256 {inputs['tokenizer_sha256'][:12]})")):
+    check(store, tokenizer=str(other))
+  # config.json lost: the newest step's saved config (Orbax's JSON item) is the record
+  (folder / '4' / 'config').mkdir()
+  (folder / '4' / 'config' / 'metadata').write_text((folder / 'config.json').read_text())
+  (folder / 'config.json').unlink()
+  with pytest.raises(ConfigError, match='train.learning_rate=0.0001, you asked for 0.01'):
+    check(store, extra=['train.learning_rate=0.01'])
+  check(store)

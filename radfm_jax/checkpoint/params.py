@@ -190,6 +190,14 @@ def save(model, directory: str, **info) -> str:
   """Writes `model`'s parameters as a parameter-only checkpoint (`DIR/params/` + `DIR/config.json`)
   with the converter's own writer, so `load` and `radfm-jax convert to-torch` read it back."""
   from flax import nnx
+
+  from radfm_jax.errors import InputError
+  if os.path.isfile(directory):
+    raise InputError(f'{directory}: a file; expected a folder for the checkpoint')
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    # its config.json would name this checkpoint, and `load` would read it instead of the run
+    raise InputError(f'{directory}: holds a training run (checkpoints/); expected a new folder '
+                     'or a parameter-only checkpoint to replace')
   flat = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   leaves = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()}
   with IncrementalWriter(os.path.join(directory, PARAMS_DIR), leaves) as writer:

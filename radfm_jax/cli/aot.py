@@ -5,6 +5,7 @@ for a TPU topology, from a CPU host (library: `radfm_jax.train.aot.fit_check`,
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from radfm_jax.cli import flags
@@ -26,12 +27,12 @@ def add_parser(sub):
       'a TPU topology. --generate compiles what `radfm-jax generate` runs (prefill + KV-cache '
       'decode, --context tokens in all) instead, --quantize int8 with Qwix int8 weights.',
       example=EXAMPLE)
-  p.add_argument('--batch-2d', type=int, default=None,
+  p.add_argument('--batch-2d', type=flags.positive_int, default=None,
                  help='global 2D batch (samples; default one per chip)')
-  p.add_argument('--batch-3d', type=int, default=None,
+  p.add_argument('--batch-3d', type=flags.positive_int, default=None,
                  help='global 3D batch (samples; default one per chip)')
-  p.add_argument('--images-2d', type=int, default=4, help='images per 2D sample')
-  p.add_argument('--text-len', type=int, default=None,
+  p.add_argument('--images-2d', type=flags.positive_int, default=4, help='images per 2D sample')
+  p.add_argument('--text-len', type=flags.positive_int, default=None,
                  help='text length (default: max data.text_lengths)')
   p.add_argument('--kinds', default=None,
                  help="comma list of '2d','3d' (default: those given by --batch-*, else both)")
@@ -42,18 +43,40 @@ def add_parser(sub):
   p.add_argument('--quantize', choices=QUANTIZE_MODES, default=None,
                  help='with --generate: Qwix int8 weights, w8a8 also int8 activations (as '
                       'generate --quantize)')
-  p.add_argument('--context', type=int, default=2048,
+  p.add_argument('--context', type=flags.positive_int, default=2048,
                  help='with --generate: prompt + new tokens')
-  p.add_argument('--max-new', type=int, default=256, help='with --generate: new tokens')
+  p.add_argument('--max-new', type=flags.positive_int, default=256,
+                 help='with --generate: new tokens')
   flags.add_config_arguments(p, required=True,
                              help='experiment config with a tpu_* mesh preset, e.g. '
                                   'configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128')
   return p
 
 
+def _checked(args, cfg):
+  """The flags against each other and the model, before anything compiles (a kind outside 2d /
+  3d compiled as 3D; a context past the model's positions compiled and reported as fitting)."""
+  from radfm_jax.errors import InputError
+  kinds = args.kinds.split(',') if args.kinds else []
+  if any(k not in ('2d', '3d') for k in kinds) or len(set(kinds)) != len(kinds) or (
+      args.generate and len(kinds) > 1):
+    expected = '2d or 3d' if args.generate else 'a comma list of 2d, 3d, each once'
+    raise InputError(f'--kinds {args.kinds}: expected {expected}')
+  if args.generate:
+    limit = cfg.model.llama.max_position_embeddings
+    if args.max_new >= args.context or args.context > limit:
+      raise InputError(f'--context {args.context} --max-new {args.max_new}: expected max-new < '
+                       f'context <= the model\'s {limit} positions '
+                       '(model.llama.max_position_embeddings)')
+  if args.json and os.path.isdir(args.json):
+    raise InputError(f'--json {args.json}: a folder; expected a file to append the reports to')
+  return kinds
+
+
 def run(args) -> int:
   from radfm_jax.config import load_config
   cfg = load_config(args.config, args.overrides)
+  _checked(args, cfg)
   if not cfg.mesh.topology:
     print(f'radfm-jax aot: mesh preset {cfg.mesh.preset!r} names no TPU topology; use a tpu_* '
           'preset', file=sys.stderr)

@@ -66,6 +66,12 @@ def _check_workdir(workdir: str):
                      'folder (new, or one to resume)')
   check_parent_folder(workdir, f'--workdir {workdir}', 'expected the run\'s folder (new, or one '
                       'to resume)')
+  record = os.path.join(workdir, 'config.json')
+  if os.path.isdir(os.path.join(workdir, 'params')) and os.path.isfile(record):
+    # a run there would start from random weights, and `load` would still read the old params
+    raise InputError(f'--workdir {workdir}: holds a parameter-only checkpoint ({record}); expected '
+                     'a new folder or a run to resume (to start from those weights: '
+                     f'--config.finetune.init_from={workdir})')
 
 
 def run(args) -> int:

@@ -95,6 +95,7 @@ def from_torch(checkpoint: str, out: str, cfg: ModelConfig | None = None, *, dty
   leaves = abstract_shapes(cfg)
   shapes = {p: s for p, (s, _) in leaves.items()}
   layers = _check_keys(table, reader, leaves, checkpoint, cast)
+  engine.check_aliases(reader, table)      # an alias key it holds: embed_tokens' own tensor
   writer = params_ckpt.IncrementalWriter(
       os.path.join(out, params_ckpt.PARAMS_DIR), leaves, stacked=set(layers),
       plans=engine.split_plans(table, shapes, block_bytes))

@@ -498,14 +498,14 @@ def check_keys(table: Sequence[Entry], reader, our_shapes: dict[str, tuple[int, 
   read = [k for k in expected if k not in optional]
   check_dtypes(reader, read, cast)
   check_distinct(reader, read)
-  check_aliases(reader, table, present)
 
 
-def check_aliases(reader, table: Sequence[Entry], present: set[str]):
+def check_aliases(reader, table: Sequence[Entry]):
   """An alias key the file holds (the original's `embedding_layer.weight`, which shares
   embed_tokens' storage) is never read; it must then be the same tensor as the key it aliases,
   else its values would be dropped without a word: the same bytes (one storage), or equal values
   and dtype, compared a slab of rows at a time."""
+  present = set(reader.keys())
   for entry in table:
     alias = entry.key()
     if entry.kind != 'alias' or alias not in present:
@@ -647,6 +647,7 @@ def load_state_dict(module, table: Sequence[Entry], state_dict: Mapping, skip: S
   layers = stacked_layers(table, shapes)
   reader = DictReader(state_dict)
   check_keys(table, reader, shapes, layers, skip)
+  check_aliases(reader, table)
   dtypes = {p: np.dtype(v.dtype) for p, v in flat.items()}
   new = {p: np.empty(shapes[p], np.dtype(flat[p].dtype)) for e in table if e.kind != 'alias'
          for p in e.ours}

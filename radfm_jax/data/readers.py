@@ -93,6 +93,17 @@ def _validate(array: np.ndarray) -> np.ndarray:
   """Checked array in its storable dtype (store.to_storable), or RejectedScan."""
   if array.ndim != 4:
     raise RejectedScan(f'wrong rank: shape {array.shape}')
+  array = checked_values(array)
+  if array.min() == array.max():
+    raise RejectedScan(f'constant volume (every value {array.flat[0]!r})')
+  return array
+
+
+def checked_values(array: np.ndarray) -> np.ndarray:
+  """`array` in its storable dtype (store.to_storable: float64 within float32's range becomes
+  float32, int64 within int32 int32, ...), or RejectedScan: empty, any NaN / inf, a dtype that is
+  not real numbers (complex, object, strings), a value that does not fit. What a scan read by
+  ingest and an array given to `generate` both pass."""
   if array.size == 0:
     raise RejectedScan(f'empty array: shape {array.shape}')
   if array.dtype.kind == 'f':
@@ -104,12 +115,9 @@ def _validate(array: np.ndarray) -> np.ndarray:
   elif array.dtype.kind not in 'iub':
     raise RejectedScan(f'unsupported dtype {array.dtype}')
   try:
-    array = to_storable(array)
+    return to_storable(array)
   except ValueError as e:
     raise RejectedScan(str(e)) from None
-  if array.min() == array.max():
-    raise RejectedScan(f'constant volume (every value {array.flat[0]!r})')
-  return array
 
 
 def _check_spacing(spacing) -> list[float]:

@@ -79,31 +79,42 @@ def _builder_class():
 
 def _source_rows(data: str) -> list[dict]:
   # The store's JSONL reader, not manifest.read_manifest: that one dispatches to this module.
-  from radfm_jax.data.store import VolumeStore, read_jsonl
+  # Validated against the manifest schema as training reads it (ids unique, field types, split
+  # names): a row training would refuse is not published.
+  from radfm_jax.data.manifest import read_records
+  from radfm_jax.data.store import VolumeStore
   if os.path.isdir(data):
     store = VolumeStore(data)
     if not os.path.isfile(store.manifest_path):
       raise FileNotFoundError(f'{data}: not a store (no {os.path.basename(store.manifest_path)})')
-    return store.manifest()
+    return read_records(store.manifest_path, form='store')
   if not os.path.isfile(data):
     raise FileNotFoundError(f'{data}: no such file (expected a store directory or a manifest '
                             'JSONL)')
-  return read_jsonl(data)
+  return read_records(data, form=None)
 
 
 def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
   """Writes the rows of `data` (a store directory, a manifest JSONL, or a list of row dicts) as
   an ArrayRecord TFDS dataset under `out_dir`; returns its directory (out_dir/radfm_samples/1.0.0).
   """
-  rows = _source_rows(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else list(data)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise FileExistsError(f'--out {out_dir}: exists and is not a folder; expected the TFDS data '
+                          'folder to write into')
+  if isinstance(data, (str, os.PathLike)):
+    rows = _source_rows(os.fspath(data))
+  else:
+    from radfm_jax.data.manifest import validate_records
+    rows = validate_records(list(data), form=None)
   if not rows:
     raise ValueError(f'{data}: no manifest rows to publish')
   splits: dict[str, list[dict]] = {}
   for n, row in enumerate(rows):
-    split = str(row.get('split', 'train'))
-    if not re.fullmatch(r'\w+', split):
-      raise ValueError(f'row {n} (id {row.get("id")!r}): split {split!r} is not a TFDS split name '
-                       '(letters, digits, underscore)')
+    split = row.get('split', 'train')
+    if not isinstance(split, str) or not re.fullmatch(r'\w+', split) or split == 'all':
+      from radfm_jax.errors import InputError
+      raise InputError(f'row {n} (id {row.get("id")!r}): split {split!r} is not a TFDS split name '
+                       "(letters, digits, underscore; not 'all', which TFDS reserves)")
     splits.setdefault(split, []).append(row)
   target = os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
   # --overwrite moves the old version aside until the new one is complete: a write the disk

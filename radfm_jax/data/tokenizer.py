@@ -54,13 +54,18 @@ class Tokenizer:
       with open(path, 'rb') as f:
         proto = f.read()
     self._proto = proto
+    name = source if isinstance(model_path_or_proto, (bytes, bytearray)) else \
+        f'{source}={os.fspath(model_path_or_proto)}'
     try:
       self.sp = spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError:             # sentencepiece: "INTERNAL: ... ParseFromArray ..."
-      name = source if isinstance(model_path_or_proto, (bytes, bytearray)) else \
-          f'{source}={os.fspath(model_path_or_proto)}'
       raise InputError(f'{name}: not a SentencePiece model (does not parse as a ModelProto); '
                        f'{expected}') from None
+    if self.sp.get_piece_size() == 0:     # empty bytes parse as a model of no pieces
+      raise InputError(f'{name}: a SentencePiece model of no pieces (an empty file?); {expected}')
+    for field, value in (('max_images', max_images), ('num_latents', num_latents)):
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f'Tokenizer {field}={value!r}: expected a positive integer')
     self.max_images = max_images
     self.num_latents = num_latents
     self.vocab_size = self.sp.get_piece_size()       # V: first id past the SentencePiece pieces

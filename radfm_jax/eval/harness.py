@@ -394,6 +394,10 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
   return summary
 
 
+# The fields of an eval's summary.json that come from generating, not from scoring.
+_RUN_FIELDS = ('checkpoint', 'data', 'split', 'sampling', 'skipped', 'skipped_samples')
+
+
 def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', scorer=None,
             out_dir: str | None = None, info: dict | None = None) -> dict:
   """Scores a predictions.jsonl again, without a model (`read_predictions`, then `scorer`,
@@ -401,8 +405,23 @@ def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', sco
   if out_dir:
     check_out_dir(out_dir, files=('summary.json',))
   rows = read_predictions(predictions)
-  summary = {'n_samples': len(rows), 'predictions': os.path.abspath(predictions), **(info or {}),
-             **(scorer or score)(rows, extractor, extractor_reason),
+  # What only the generating run knew (its checkpoint, split, sampling, the samples it skipped):
+  # kept from the summary.json beside its predictions.jsonl when the rescore replaces it, so the
+  # record of a skip is not lost.
+  kept = {}
+  same_run = out_dir and os.path.abspath(predictions) == os.path.join(
+      os.path.abspath(out_dir), 'predictions.jsonl')
+  old = os.path.join(out_dir, 'summary.json') if same_run else None
+  if old and os.path.isfile(old):
+    try:
+      with open(old) as f:
+        previous = json.load(f)
+      kept = {k: previous[k] for k in _RUN_FIELDS if k in previous} if isinstance(
+          previous, dict) else {}
+    except (OSError, ValueError):
+      kept = {}                 # not a summary we wrote: nothing to keep
+  summary = {'n_samples': len(rows), 'predictions': os.path.abspath(predictions), **kept,
+             **(info or {}), **(scorer or score)(rows, extractor, extractor_reason),
              'metric_notes': METRIC_NOTES,
              'versions': versions(('scispacy', 'spacy') if extractor is not None else ())}
   if out_dir:

@@ -105,35 +105,82 @@ def prompt_token_count(tokenizer, prompt: str, num_images: int, model_cfg: Model
   return n
 
 
-def as_chw_d(image) -> np.ndarray:
+def as_chw_d(image, name: str = 'image') -> np.ndarray:
   """A scan as [C, H, W, D]: accepts [H, W] (2D), [H, W, D] (volume) or [C, H, W, D] (C in 1, 3);
   a path is read with `readers.read_one` (NIfTI, DICOM, PNG/JPEG, .npy): one image, so a 5D
-  stack of several is an error (pick one with `index`, or pass its array), none is dropped."""
+  stack of several is an error (pick one with `index`, or pass its array), none is dropped. An
+  array's values are checked as ingest checks a scan's (`readers.checked_values`: finite real
+  numbers that fit float32 / int32): an InputError naming `name` otherwise, never a NaN image."""
+  from radfm_jax.data.readers import RejectedScan, checked_values, read_one
   if isinstance(image, (str, bytes)) or hasattr(image, '__fspath__'):
-    from radfm_jax.data.readers import read_one
     return read_one(os.fsdecode(image))[0]
-  x = np.asarray(image)
+  try:
+    x = np.asarray(image)
+  except (ValueError, TypeError) as e:     # a ragged list, a tensor numpy cannot take
+    raise InputError(f'{name}: not an array ({type(e).__name__}: {e}); expected [H, W], '
+                     '[H, W, D] or [C, H, W, D] numbers') from None
   if x.ndim == 2:
-    return x[None, :, :, None]
-  if x.ndim == 3:
-    return x[None]
-  if x.ndim == 4 and x.shape[0] in (1, 3):
-    return x
-  raise ValueError(f'image of shape {x.shape}: expected [H, W], [H, W, D] or [C, H, W, D] '
-                   '(C in 1, 3)')
+    x = x[None, :, :, None]
+  elif x.ndim == 3:
+    x = x[None]
+  elif not (x.ndim == 4 and x.shape[0] in (1, 3)):
+    raise InputError(f'{name}: shape {x.shape}; expected [H, W], [H, W, D] or [C, H, W, D] '
+                     '(C in 1, 3)')
+  try:
+    return checked_values(x)
+  except RejectedScan as e:
+    raise InputError(f'{name}: {e.reason}') from None
 
 
 def check_tokenizer(tokenizer, model_cfg: ModelConfig):
   """The tokenizer's id layout must be the model's: same text vocabulary (so `<image>` is the
   same id) and the same latents per image."""
+  if not hasattr(tokenizer, 'vocab_size'):
+    raise InputError(f'tokenizer: got {type(tokenizer).__name__}; expected a radfm_jax Tokenizer '
+                     '(radfm_jax.Tokenizer(path), or load_for_generation)')
   if tokenizer.vocab_size != model_cfg.llama.vocab_size:
-    raise ValueError(f'tokenizer has {tokenizer.vocab_size} SentencePiece pieces but the model '
+    raise InputError(f'tokenizer has {tokenizer.vocab_size} SentencePiece pieces but the model '
                      f'vocabulary is {model_cfg.llama.vocab_size}: <image> ids would differ; use '
                      'the tokenizer the checkpoint was trained with')
   if getattr(tokenizer, 'num_latents', model_cfg.perceiver.num_latents) != \
       model_cfg.perceiver.num_latents:
-    raise ValueError(f'tokenizer num_latents={tokenizer.num_latents}, model '
+    raise InputError(f'tokenizer num_latents={tokenizer.num_latents}, model '
                      f'{model_cfg.perceiver.num_latents}')
+
+
+def _is_list(value) -> bool:
+  """A list of things (a list, tuple or array), not a string, which is a sequence of letters."""
+  return isinstance(value, (list, tuple, np.ndarray)) and not isinstance(value, (str, bytes))
+
+
+def _checked_inputs(prompts, images, modalities):
+  """(prompts, images, modalities) as lists, or an InputError naming the argument: prompts a
+  non-empty list of strings (a string would be taken letter by letter), images and modalities
+  one list per prompt, one modality string per image."""
+  if not _is_list(prompts) or not len(prompts):
+    raise InputError(f'prompts: got {type(prompts).__name__} {str(prompts)[:40]!r}; expected a '
+                     'non-empty list of prompt strings, one per answer')
+  prompts = list(prompts)
+  for b, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise InputError(f'prompt {b}: got {type(p).__name__}; expected a string')
+  if images is None:
+    images = [[] for _ in prompts]
+  if not _is_list(images) or not all(_is_list(row) for row in images):
+    raise InputError('images: expected one list of scans per prompt (images[b]: the scans of '
+                     'prompt b; generate() takes one list for its one prompt)')
+  images = [list(row) for row in images]
+  if len(images) != len(prompts):
+    raise InputError(f'{len(prompts)} prompts but {len(images)} image lists; expected one list '
+                     'per prompt')
+  if modalities is not None:
+    if not _is_list(modalities) or len(modalities) != len(prompts) or not all(
+        _is_list(m) and len(m) == len(row) and all(isinstance(x, str) for x in m)
+        for m, row in zip(modalities, images)):
+      raise InputError('modalities: expected one list per prompt holding one string per image '
+                       f'(image counts {[len(row) for row in images]}), got {modalities!r}')
+    modalities = [list(m) for m in modalities]
+  return prompts, images, modalities
 
 
 def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] | None,
@@ -148,14 +195,14 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
   """
   data_cfg = data_cfg or data_config_for(model_cfg)
   check_tokenizer(tokenizer, model_cfg)
-  images = [list(x) for x in images] if images is not None else [[] for _ in prompts]
-  if len(images) != len(prompts):
-    raise ValueError(f'{len(prompts)} prompts but {len(images)} image lists')
+  prompts, images, modalities = _checked_inputs(prompts, images, modalities)
   limit = min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
-  scans = [[as_chw_d(x) for x in row] for row in images]
+  scans = [[as_chw_d(x, f'prompt {b} image {i}') for i, x in enumerate(row)]
+           for b, row in enumerate(images)]
   for b, row in enumerate(scans):
     if len(row) > limit:
-      raise ValueError(f'prompt {b}: {len(row)} images, the model and tokenizer take at most {limit}')
+      raise InputError(f'prompt {b}: {len(row)} images, the model and tokenizer take at most '
+                       f'{limit}')
   n = model_cfg.perceiver.num_latents
   texts = [place_image_markers(p, len(row), n) for p, row in zip(prompts, scans)]
   slots = max(len(row) for row in scans)
@@ -202,7 +249,13 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   sampling = dataclasses.replace(sampling or GenerateConfig(),
                                  **{k: v for k, v in given.items() if v is not None})
   validate_generate(sampling)              # before anything is prepared or compiled
+  from radfm_jax.config import SEED_LIMIT
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not (
+      0 <= seed < SEED_LIMIT):
+    raise InputError(f'seed {seed!r}: expected an integer in [0, 2^32) (a JAX key takes 32 bits)')
   batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities)
+  if names is not None and (not _is_list(names) or len(names) != len(prompts)):
+    raise InputError(f'names: expected one name per prompt ({len(prompts)}), got {names!r}')
   for b, n in enumerate(np.asarray(batch['attention_mask']).sum(axis=1)):
     check_prompt_fits(int(n), model.cfg, sampling.max_new_tokens,
                       names[b] if names else f'prompt {b}')
@@ -221,6 +274,12 @@ def generate(model, tokenizer, prompt: str, images: Sequence | None = None, *,
   images: arrays ([H, W], [H, W, D] or [C, H, W, D]) or paths; modalities: one per image ('CT'
   matters for the CT-window intensity policies). Other options as `generate_batch`.
   """
+  if images is not None and not isinstance(images, (list, tuple)):
+    # (an array would be taken as a list of its slices)
+    raise InputError(f'images: got {type(images).__name__}; expected a list of the prompt\'s '
+                     'scans (arrays or paths), e.g. [volume]')
+  if modalities is not None and not _is_list(modalities):
+    raise InputError(f'modalities: got {modalities!r}; expected a list, one string per image')
   return generate_batch(model, tokenizer, [prompt], [list(images or [])],
                         max_new_tokens=max_new_tokens,
                         modalities=None if modalities is None else [list(modalities)],

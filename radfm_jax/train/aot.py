@@ -57,8 +57,10 @@ def fit_check(cfg, kind: str, batch: int | None = None, *, images_2d: int = 4,
   rules = sharding.rules_for(cfg.mesh)
   shards = batch_lib.batch_shards(mesh, rules)
   if batch % shards:
-    raise ValueError(f'global batch {batch} does not split over the {shards} devices of the '
-                     f'batch axes {batch_lib.batch_spec(rules)[0]}')
+    from radfm_jax.errors import InputError
+    raise InputError(f'global batch {batch} does not split over the {shards} devices of the '
+                     f'batch axes {batch_lib.batch_spec(rules)[0]}; expected a multiple of '
+                     f'{shards} (--batch-2d / --batch-3d)')
   mesh, rules, graphdef, tx, abs_state, shardings = loop.build(cfg, mesh)
   images_shape, length = batch_shapes(cfg, kind, batch, images_2d, text_len)
   batch_abs = abstract_batch(images_shape, length, batch_lib.batch_sharding(mesh, rules))

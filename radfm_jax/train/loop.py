@@ -514,6 +514,7 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   workdir, logdir = run_dirs(workdir)
   is_main = jax.process_index() == 0
   say = _Say(is_main and verbose)
+  from_store = data is None and cfg.data.store not in ('', SYNTHETIC_STORE)
   if data is not None:
     data_text = f'{type(data).__name__} given by the caller'
   elif cfg.data.image_cache:
@@ -527,10 +528,14 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   if is_main:
     for path, what in rundir.remove_unfinished(ckpt_dir):
       say(f'removed {path}: {what}')
+  # What the run reads beyond its config (its train split, its tokenizer): a resume on other
+  # data or another tokenizer is refused (the same check as the config's), before any copy.
+  inputs = rundir.run_inputs(cfg) if from_store else {}
+  # before Orbax reads a shape (data.tokenizer may change: the copy is compared by its bytes)
+  rundir.check_same_run(rundir.record(cfg, None, inputs), ckpt_dir, given_workdir)
   tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
       is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
-  config_dict = rundir.record(cfg, tokenizer)
-  rundir.check_same_run(config_dict, ckpt_dir, given_workdir)   # before Orbax reads a shape
+  config_dict = rundir.record(cfg, tokenizer, inputs)
   mesh, rules, graphdef, tx, abs_state, shardings = build(cfg, mesh)
   ckpt = Checkpointer(ckpt_dir, max_to_keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   if is_main:

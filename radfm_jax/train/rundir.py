@@ -13,7 +13,11 @@ Resuming: the config in a workdir that already holds checkpoints must equal the 
 except in `RESUMABLE` fields, which may change between a run and its resume (length, logging,
 checkpoint cadence, paths (`finetune.init_from` is read only by a fresh start), the mesh: a
 checkpoint restores onto any mesh; reading cached image tokens); any other difference fails before
-Orbax is touched, naming every field that differs.
+Orbax is touched, naming every field that differs. What the run read beyond its config is
+recorded too (the record's `run` section, `run_inputs`: the tokenizer's sha256, the train
+split's sample count and a sha256 of its rows and scans), and a resume on other data or another
+tokenizer is refused the same way (a moved copy of the store passes). Without config.json the
+newest step's own saved config is compared.
 
 One run at a time: `lock_workdir` holds WORKDIR/checkpoints/.lock for the whole run, and under it
 `remove_unfinished` clears the temporary step folders a killed or failed save left, and the old
@@ -49,6 +53,9 @@ RESUMABLE = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_s
 # instead of computed; the usual flow saves step 0 uncached, runs cache-images, then resumes.)
 # The record's own fields (meta.layout_record), not config fields.
 _RECORD = ('layout', 'layout_version')
+# The record's section of what the run read beyond its config (`run_inputs`): checked on resume
+# by `check_same_run`, not as config fields.
+RUN_SECTION = 'run'
 
 
 def _path(path) -> str:
@@ -85,11 +92,52 @@ def has_checkpoints(ckpt_dir: str) -> bool:
 
 
 def saved_config(ckpt_dir: str) -> dict | None:
-  """The config record of the run in `ckpt_dir` (its config.json), None when there is none."""
+  """The config record of the run in `ckpt_dir`: its config.json, else (deleted) the config the
+  newest step saved with its state; None when there is neither."""
   path = _epath(ckpt_dir) / meta.CONFIG_FILE
   if not path.exists():
+    steps = sorted((int(p.name) for p in _epath(ckpt_dir).iterdir()
+                    if p.name.isdigit() and p.is_dir()), reverse=True) if has_checkpoints(
+                        ckpt_dir) else []
+    for step in steps:
+      saved = _epath(ckpt_dir) / str(step) / 'config' / 'metadata'   # Orbax's JsonSave item
+      if saved.exists():
+        return meta.parse_json(saved.read_bytes(), str(saved))
     return None
   return meta.parse_json(path.read_bytes(), str(path))   # a gs:// workdir too
+
+
+def run_inputs(cfg: Config) -> dict:
+  """What a run reads beyond its config, to compare on resume (the `run` section of its record):
+  the tokenizer's sha256, and for a store the train split's sample count and a sha256 of its
+  manifest rows and of each scan they name (id, shape, dtype and the sha256 of its source file,
+  from the store's index): a store moved or copied keeps it; a sample or a scan replaced changes
+  it. Synthetic data: {}."""
+  import hashlib
+  import json
+
+  from radfm_jax.data.manifest import read_manifest
+  from radfm_jax.data.store import VolumeStore
+  store = cfg.data.store
+  if store in ('', SYNTHETIC_STORE):
+    return {}
+  out = {}
+  if cfg.data.tokenizer and _epath(cfg.data.tokenizer).is_file():
+    out['tokenizer_sha256'] = hashlib.sha256(_epath(cfg.data.tokenizer).read_bytes()).hexdigest()
+  volumes = VolumeStore(store)
+  rows = [r for r in read_manifest(cfg.data.manifest or volumes.manifest_path)
+          if r.get('split', 'train') == 'train']
+  index = volumes.index()
+  digest = hashlib.sha256()
+  for row in rows:
+    digest.update(json.dumps(row, sort_keys=True).encode() + b'\n')
+    for image in row.get('images', []):
+      entry = index.get(image.get('id'), {})
+      digest.update(json.dumps([image.get('id'), entry.get('shape'), entry.get('dtype'),
+                                entry.get('attributes', {}).get('source_sha256')]).encode())
+  out['train_samples'] = len(rows)
+  out['train_sha256'] = digest.hexdigest()
+  return out
 
 
 def config_differences(saved: dict, wanted: dict) -> list[tuple[str, object, object]]:
@@ -99,7 +147,7 @@ def config_differences(saved: dict, wanted: dict) -> list[tuple[str, object, obj
   a, b = _flat(saved), _flat(wanted)
   out = []
   for field in sorted(set(a) & set(b)):
-    if field in _RECORD or _resumable(field):
+    if field in _RECORD or field.startswith(RUN_SECTION + '.') or _resumable(field):
       continue
     if _normal(a[field]) != _normal(b[field]):
       out.append((field, a[field], b[field]))
@@ -121,6 +169,22 @@ def check_same_run(cfg_dict: dict, ckpt_dir: str, workdir: str):
   saved = saved_config(ckpt_dir)
   if saved is None:
     return
+  then, now = saved.get(RUN_SECTION) or {}, cfg_dict.get(RUN_SECTION) or {}
+  if then.get('train_sha256') and now.get('train_sha256') and then['train_sha256'] != now[
+      'train_sha256']:
+    raise ConfigError(
+        f'workdir {workdir} holds a run trained on other data: the train split of '
+        f'data.store={cfg_dict["data"]["store"]!r} (data.manifest='
+        f'{cfg_dict["data"]["manifest"] or "its manifest.jsonl"!r}) now has '
+        f'{now["train_samples"]} samples, sha256 {now["train_sha256"][:12]}, where the run read '
+        f'{then["train_samples"]}, sha256 {then["train_sha256"][:12]} (a sample or a scan '
+        'changed, added or removed); use another --workdir, or the data it trained on (a moved '
+        'copy of the store is fine)')
+  if then.get('tokenizer_sha256') and now.get('tokenizer_sha256') and then[
+      'tokenizer_sha256'] != now['tokenizer_sha256']:
+    raise ConfigError(f'config field data.tokenizer={cfg_dict["data"]["tokenizer"]!r}: differs '
+                      f'from the tokenizer workdir {workdir} trained with (sha256 '
+                      f'{then["tokenizer_sha256"][:12]}); use another --workdir or that tokenizer')
   diffs = config_differences(saved, cfg_dict)
   if diffs:
     listed = '; '.join(f'{f}={old!r}, you asked for {new!r}' for f, old, new in diffs)
@@ -203,10 +267,12 @@ def keep_tokenizer(cfg: Config, workdir: str) -> str | None:
   return _path(target)
 
 
-def record(cfg: Config, tokenizer_copy: str | None) -> dict:
+def record(cfg: Config, tokenizer_copy: str | None, inputs: dict | None = None) -> dict:
   """The config to save with the run: `cfg.to_dict()` with absolute data paths and the tokenizer
-  copy in the workdir as `data.tokenizer`."""
+  copy in the workdir as `data.tokenizer`, and `inputs` (`run_inputs`) as its `run` section."""
   out = cfg.to_dict()
+  if inputs:
+    out[RUN_SECTION] = dict(inputs)
   data = dict(out['data'])
   for name in ('store', 'manifest'):
     value = data.get(name) or ''
@@ -227,6 +293,7 @@ def write_record(ckpt_dir: str, config: dict):
   meta.write_config(ckpt_dir, meta.TRAIN_STATE, config)
 
 
-__all__ = ['LOCK_FILE', 'RESUMABLE', 'TOKENIZER_FILE', 'WorkdirLocked', 'check_same_run',
-           'config_differences', 'has_checkpoints', 'keep_tokenizer', 'lock_workdir', 'record',
-           'remove_unfinished', 'saved_config', 'write_record']
+__all__ = ['LOCK_FILE', 'RESUMABLE', 'RUN_SECTION', 'TOKENIZER_FILE', 'WorkdirLocked',
+           'check_same_run', 'config_differences', 'has_checkpoints', 'keep_tokenizer',
+           'lock_workdir', 'record', 'remove_unfinished', 'run_inputs', 'saved_config',
+           'write_record']
