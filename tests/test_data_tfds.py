@@ -10,7 +10,7 @@ import pytest
 
 import conftest_data as cd
 from radfm_jax.cli import main as cli
-from radfm_jax.data import pipeline, tfds_manifest
+from radfm_jax.data import pipeline, publish, tfds_manifest
 from radfm_jax.data.ingest import ingest
 from radfm_jax.data.manifest import read_manifest
 from radfm_jax.data.store import VolumeStore
@@ -38,7 +38,7 @@ def test_publish_keeps_every_row_and_split(store, tmp_path, monkeypatch):
   temp = tmp_path / 'temp'
   temp.mkdir()
   monkeypatch.setattr(tempfile, 'tempdir', str(temp))
-  path = tfds_manifest.publish_manifest(store.root, str(tmp_path / 'tfds'))
+  path = publish.publish_manifest(store.root, str(tmp_path / 'tfds'))
   assert path == str(tmp_path / 'tfds' / 'radfm_samples' / '1.0.0')
   rows = store.manifest()
   train = [r for r in rows if r['split'] == 'train']
@@ -51,15 +51,15 @@ def test_publish_keeps_every_row_and_split(store, tmp_path, monkeypatch):
   assert {s['name']: int(s['shardLengths'][0]) for s in info['splits']} == {'train': 4, 'val': 2}
   # Publishing again refuses to overwrite silently, and replaces with overwrite=True.
   with pytest.raises(FileExistsError, match='overwrite'):
-    tfds_manifest.publish_manifest(store.root, str(tmp_path / 'tfds'))
+    publish.publish_manifest(store.root, str(tmp_path / 'tfds'))
   fewer = [r for r in rows if r['split'] == 'train']
-  tfds_manifest.publish_manifest(fewer, str(tmp_path / 'tfds'), overwrite=True)
+  publish.publish_manifest(fewer, str(tmp_path / 'tfds'), overwrite=True)
   assert tfds_manifest.read_tfds_manifest(path) == fewer
   assert list(temp.iterdir()) == []
 
 
 def test_pipeline_reads_the_published_manifest(store, tmp_path):
-  path = tfds_manifest.publish_manifest(store.manifest_path, str(tmp_path / 'tfds'))
+  path = publish.publish_manifest(store.manifest_path, str(tmp_path / 'tfds'))
   tok = tmp_path / 'tok.model'
   tok.write_bytes(cd.spm_proto())
   batches = {}
@@ -83,8 +83,8 @@ def test_errors_name_the_path_and_the_problem(store, tmp_path):
     read_manifest(str(tmp_path / 'missing.jsonl'))
   bad = [dict(store.manifest()[0], split='val-2')]
   with pytest.raises(InputError, match='field split: got "val-2"'):
-    tfds_manifest.publish_manifest(bad, str(tmp_path / 'out'))
-  path = tfds_manifest.publish_manifest(store.root, str(tmp_path / 'ok'))
+    publish.publish_manifest(bad, str(tmp_path / 'out'))
+  path = publish.publish_manifest(store.root, str(tmp_path / 'ok'))
   with pytest.raises(ValueError, match="no split 'test'"):
     tfds_manifest.read_tfds_manifest(path, 'test')
 
@@ -93,7 +93,7 @@ def test_cli_publish(store, tmp_path, capsys):
   assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 0
   path = capsys.readouterr().out.split()[-1]
   assert tfds_manifest.read_tfds_manifest(path) == tfds_manifest.read_tfds_manifest(
-      tfds_manifest.publish_manifest(store.root, str(tmp_path / 'u')))
+      publish.publish_manifest(store.root, str(tmp_path / 'u')))
   assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 2
   assert 'exists' in capsys.readouterr().err
 
@@ -108,6 +108,6 @@ def test_publish_refuses_rows_training_would_refuse(store, tmp_path):
                         ([dict(row, split='all')], "split 'all' is not a TFDS split name"),
                         ([row, dict(row)], 'manifest record 2 field id')]:
     with pytest.raises(InputError) as e:
-      tfds_manifest.publish_manifest(rows, str(tmp_path / 'out'))
+      publish.publish_manifest(rows, str(tmp_path / 'out'))
     assert str(e.value).startswith(message) or message in str(e.value), str(e.value)
   assert not (tmp_path / 'out').exists()

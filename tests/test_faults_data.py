@@ -455,18 +455,18 @@ def test_publish_overwrite_that_fails_keeps_the_old_version(tmp_path, monkeypatc
   the error is one line (exit 2)."""
   pytest.importorskip('tensorflow_datasets')
   from radfm_jax.cli.main import main
-  from radfm_jax.data import tfds_manifest
+  from radfm_jax.data import publish, tfds_manifest
   rows = [{'id': f's{i}', 'question': 'q', 'answer': 'a', 'images': []} for i in range(3)]
   manifest = cd.write_manifest(tmp_path / 'm.jsonl', rows)
   out = tmp_path / 'tfds'
-  target = tfds_manifest.publish_manifest(manifest, str(out))
-  builder = tfds_manifest._builder_class()
+  target = publish.publish_manifest(manifest, str(out))
+  builder = tfds_manifest.builder_class()
 
   class FullDisk(builder):
     def download_and_prepare(self, *args, **kwargs):
       raise RuntimeError('Failed to finalize writing of split "train": write() failed: No space '
                          'left on device; writing ...')
-  monkeypatch.setattr(tfds_manifest, '_builder_class', lambda: FullDisk)
+  monkeypatch.setattr(publish, 'builder_class', lambda: FullDisk)
   assert main(['publish', '--data', manifest, '--out', str(out), '--overwrite']) == 2
   assert capsys.readouterr().err == (f'radfm-jax publish: {target}: could not write (No space '
                                      f'left on device); {EXPECTED} there\n')

@@ -159,3 +159,40 @@ def test_scan_prepared_differently_in_two_samples_is_refused(run0, tmp_path):
   with pytest.raises(InputError, match=r"scan 'a' is prepared differently in samples 'one' and "
                      r"'two' \(data.intensity='radfm'"):
     cache_images(run, str(tmp_path / 'store'), progress=False)
+
+
+def test_tokens_made_with_other_companions_are_refused(run0, tmp_path):
+  """`radfm` intensity scales a sample's images together, so a scan's tokens depend on the other
+  scans of its sample: a sample re-ingested with another companion read the old tokens (made
+  under the old joint range) without a word. Each cached scan records the contexts it was
+  prepared in (ImageTokenCache.contexts) and a read from another context is refused."""
+  from radfm_jax.data.ingest import ingest
+  from radfm_jax.train.image_cache import cache_images
+  run, _ = run0
+  rng = np.random.default_rng(2)
+  for name, scale in (('a', 1.0), ('b', 50.0), ('c', 0.1)):
+    np.save(tmp_path / f'{name}.npy', (rng.normal(0, 100, (20, 20, 8)) * scale).astype(np.float32))
+
+  def sample(*names):
+    return {'id': 'one', 'question': 'q?', 'answer': 'a', 'images': [
+        {'path': f'{n}.npy', 'id': n, 'position': {'question': 0}} for n in names]}
+
+  store_dir = str(tmp_path / 'store')
+  ingest(cd.write_manifest(tmp_path / 'm1.jsonl', [sample('a', 'b')]), store_dir,
+         log=open(os.devnull, 'w'))
+  stats = cache_images(run, store_dir, progress=False)
+  ingest(cd.write_manifest(tmp_path / 'm2.jsonl', [sample('a', 'c')]), store_dir, replace=True,
+         log=open(os.devnull, 'w'))
+  store = VolumeStore(store_dir)
+  cache = ImageTokenCache.open(store_dir, stats['fingerprint'], source='x')
+  hwd = cache.meta['scans']['a']
+  (now,) = store.manifest()
+  contexts = ImageTokenCache.contexts(now['images'], store, 'radfm')
+  with pytest.raises(InputError, match=r"scan 'a' was cached as prepared in another sample "
+                     r"context than sample 'one' now gives it"):
+    cache.read('a', hwd, key=store.key('a'), context=contexts[0], sample='one')
+  before = ImageTokenCache.contexts(sample('a', 'b')['images'], store, 'radfm')
+  assert cache.read('a', hwd, key=store.key('a'), context=before[0]).shape == (32, 64)
+  # Policies that map each image alone depend on the scan's own modality only.
+  alone = ImageTokenCache.contexts(now['images'], store, 'ct_window')
+  assert alone[0] == ImageTokenCache.contexts([now['images'][0]], store, 'ct_window')[0]

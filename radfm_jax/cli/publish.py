@@ -1,5 +1,5 @@
 """`radfm-jax publish`: a manifest as a TFDS ArrayRecord dataset
-(library: `radfm_jax.data.tfds_manifest.publish_manifest`)."""
+(library: `radfm_jax.data.publish.publish_manifest`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-  from radfm_jax.data.tfds_manifest import publish_manifest
+  from radfm_jax.data.publish import publish_manifest
   try:
     path = publish_manifest(args.data, args.out, overwrite=args.overwrite)
   except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -32,9 +32,11 @@ pipeline, and any future augmentation field must join `config.IMAGE_CACHE_DETERM
 (2) the same preparation: the data fields in `PREP_FIELDS` equal the cache's (checked at open),
 each scan resized to the same (H, W, D) and still the version the tokens were made from (a
 re-ingested, changed scan has a new store key: data/store.py; both checked per read), and every
-sample preparing a scan the
-same way (checked while caching: `radfm` intensity scales a sample's images together, so a scan
-shared by samples with different companions cannot be cached); (3) bit-exactness also needs the
+sample preparing a scan the same way (checked while caching: `radfm` intensity scales a sample's
+images together, so a scan shared by samples with different companions cannot be cached; and per
+read: each scan records the `contexts` it was prepared in, the versions and modalities of the
+scans its image depends on, so a sample whose other images or modality changed since is
+refused); (3) bit-exactness also needs the
 encoder run on the training step's per-device shapes: `train.image_cache.cache_images` encodes in
 the pipeline's buckets and batch sizes, sharded over the run's mesh (`--config`), since XLA may
 sum a matmul in another order for another number of rows (a 1-ulp loss difference when it did
@@ -117,6 +119,19 @@ class ImageTokenCache:
     return {'driver': 'ocdbt', 'base': f'file://{self.directory}/'}
 
   @staticmethod
+  def contexts(entries: list[dict], store, intensity: str) -> list[str]:
+    """The preparation context of each of a sample's scans: a sha256 of the (scan id, store key,
+    modality) its prepared image depends on. `radfm` intensity scales a sample's images together
+    (transforms.channel_maps), so there it is every entry's, in order; the other policies map
+    each image alone, by its own modality. A scan's tokens hold only for the context they were
+    made in: recorded at write, compared at read."""
+    items = [(e['id'], store.key(e['id']), str(e.get('modality') or '')) for e in entries]
+    if intensity == 'radfm':
+      joint = hashlib.sha256(json.dumps(items).encode()).hexdigest()
+      return [joint] * len(items)
+    return [hashlib.sha256(json.dumps([item]).encode()).hexdigest() for item in items]
+
+  @staticmethod
   def meta_path(store_root: str, fp: str) -> str:
     return os.path.join(os.path.abspath(store_root), CACHE_DIR, f'{fp}.json')
 
@@ -132,7 +147,9 @@ class ImageTokenCache:
         old = json.load(f)
       if {k: old.get(k) for k in ('dtype', 'num_latents', 'embed', 'data')} == \
          {k: meta[k] for k in ('dtype', 'num_latents', 'embed', 'data')}:
-        meta['scans'] = old.get('scans', {})
+        for field in ('scans', 'keys', 'contexts'):    # (keys were dropped here: a later
+          if field in old:                              # read named no version at all)
+            meta[field] = old[field]
     return cls(store_root, meta)
 
   @classmethod
@@ -188,12 +205,13 @@ class ImageTokenCache:
   # ---------------------------------------------------------------------------------------------
 
   def write(self, items: dict[str, tuple[np.ndarray, tuple[int, int, int]]],
-            keys: dict[str, str] | None = None):
+            keys: dict[str, str] | None = None, contexts: dict[str, str] | None = None):
     """{scan id: (tokens [num_latents, embed], resized (H, W, D))} in one transaction, then the
     metadata (written last, atomically: a crash leaves the previous metadata). `keys`: {scan id:
     the store key (VolumeStore.key) of the scan version the tokens were made from}. A write the
     filesystem refuses (full, read-only) is a one-line WriteError naming the folder or file;
-    the metadata then still lists only the scans whose tokens were committed before."""
+    the metadata then still lists only the scans whose tokens were committed before.
+    `contexts`: {scan id: the `contexts` it was prepared in, each giving these tokens}."""
     if not items:
       return
     shape = (self.meta['num_latents'], self.meta['embed'])
@@ -216,13 +234,31 @@ class ImageTokenCache:
       meta['scans'][scan_id] = [int(v) for v in hwd]
       if keys is not None:
         meta.setdefault('keys', {})[scan_id] = keys[scan_id]
+      if contexts is not None:
+        meta.setdefault('contexts', {})[scan_id] = sorted(contexts[scan_id])
     write_bytes(self.meta_path(self.root, self.fingerprint), json.dumps(meta).encode())
     self.meta.update(meta)
 
-  def read(self, scan_id: str, hwd=None, key: str | None = None) -> np.ndarray:
+  def add_contexts(self, contexts: dict[str, set[str]]):
+    """Adds contexts of scans already cached (a scan shared by samples that prepare it the same
+    way, e.g. 8-bit images, which `radfm` scales by 0..255 whatever the sample): metadata only."""
+    if not contexts:
+      return
+    meta = json.loads(json.dumps(self.meta))
+    known = meta.setdefault('contexts', {})
+    for scan_id, found in contexts.items():
+      if scan_id in meta['scans']:
+        known[scan_id] = sorted(set(known.get(scan_id, [])) | set(found))
+    with writing(self.meta_path(self.root, self.fingerprint)):
+      write_bytes(self.meta_path(self.root, self.fingerprint), json.dumps(meta).encode())
+    self.meta.update(meta)
+
+  def read(self, scan_id: str, hwd=None, key: str | None = None, context: str | None = None,
+           sample=None) -> np.ndarray:
     """[num_latents, embed] tokens of `scan_id`; `hwd`, when given, must be the (H, W, D) the scan
-    was cached at, and `key` the store key of the version it was cached from (InputError
-    otherwise, as for a scan not in the cache)."""
+    was cached at, `key` the store key of the version it was cached from, and `context` (of the
+    reading `sample`) the one it was prepared in (InputError otherwise, as for a scan not in the
+    cache; a cache written before contexts were recorded is not checked for them)."""
     cached = self.meta['scans'].get(scan_id)
     where = self.meta_path(self.root, self.fingerprint)
     if cached is None:
@@ -236,6 +272,12 @@ class ImageTokenCache:
       raise InputError(f'{where}: scan {scan_id!r} changed in the store since its image tokens '
                        f'were cached (store key {key}, cached from {made_from}); run '
                        f'`radfm-jax cache-images` again')
+    made_in = self.meta.get('contexts', {}).get(scan_id)
+    if context is not None and made_in is not None and context not in made_in:
+      raise InputError(f'{where}: scan {scan_id!r} was cached as prepared in another sample '
+                       f'context than sample {sample!r} now gives it (its other images, their '
+                       'versions or its modality changed: data.intensity prepares them '
+                       'together); run `radfm-jax cache-images` again')
     return ts.open(_spec(self.kvstore, scan_id), open=True,
                    context=self._context()).result().read().result()
 

@@ -331,8 +331,10 @@ class BatchLoader:
       rec = self.records[sample]
       images = rec.get('images', [])[:self.data_cfg.max_images]
       if self.image_cache is not None:       # tokens instead of volumes (a missing one: an error)
-        tokens = [self.image_cache.read(im['id'], hwd, key=self.store.key(im['id']))
-                  for im in images]
+        contexts = self.image_cache.contexts(images, self.store, self.data_cfg.intensity)
+        tokens = [self.image_cache.read(im['id'], hwd, key=self.store.key(im['id']),
+                                        context=context, sample=rec.get('id'))
+                  for im, context in zip(images, contexts)]
         batch_lib.record_inputs(rec, [None] * len(images), self.tokenizer, self.data_cfg,
                                 text=self.plan.texts[sample], shape=hwd, slots=key.images,
                                 length=key.length, out={k: batch[k][r] for k in self.keys},

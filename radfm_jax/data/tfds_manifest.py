@@ -1,7 +1,7 @@
 """A sample manifest as a TFDS ArrayRecord dataset (the `tfds` extra; `radfm-jax publish`).
 
     radfm-jax publish --data STORE --out DIR          # -> DIR/radfm_samples/1.0.0
-    path = publish_manifest('STORE', 'DIR')           # a store, its manifest.jsonl, or any JSONL
+    path = publish.publish_manifest('STORE', 'DIR')   # data/publish.py: the rows checked first
     records = read_tfds_manifest(path, split='train')
 
 Each manifest row becomes one example `{'id': text, 'record': text}`, `record` being the row as
@@ -19,16 +19,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
-import shutil
-
-from radfm_jax.errors import writing
 
 DATASET_NAME = 'radfm_samples'
 DATASET_VERSION = '1.0.0'
 
 
-def _tfds():
+def tfds_module():
   try:
     import tensorflow_datasets as tfds
   except ModuleNotFoundError as e:
@@ -39,9 +35,9 @@ def _tfds():
 
 
 @functools.cache
-def _builder_class():
+def builder_class():
   """The GeneratorBasedBuilder, defined once per process (TFDS registers builders by class)."""
-  tfds = _tfds()
+  tfds = tfds_module()
 
   class LocalInfo(tfds.core.DatasetInfo):
     """The dataset's info, never looked up in TFDS's GCS bucket: these datasets exist only where
@@ -77,70 +73,6 @@ def _builder_class():
   return RadfmSamples
 
 
-def _source_rows(data: str) -> list[dict]:
-  # The store's JSONL reader, not manifest.read_manifest: that one dispatches to this module.
-  # Validated against the manifest schema as training reads it (ids unique, field types, split
-  # names): a row training would refuse is not published.
-  from radfm_jax.data.manifest import read_records
-  from radfm_jax.data.store import VolumeStore
-  if os.path.isdir(data):
-    store = VolumeStore(data)
-    if not os.path.isfile(store.manifest_path):
-      raise FileNotFoundError(f'{data}: not a store (no {os.path.basename(store.manifest_path)})')
-    return read_records(store.manifest_path, form='store')
-  if not os.path.isfile(data):
-    raise FileNotFoundError(f'{data}: no such file (expected a store directory or a manifest '
-                            'JSONL)')
-  return read_records(data, form=None)
-
-
-def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
-  """Writes the rows of `data` (a store directory, a manifest JSONL, or a list of row dicts) as
-  an ArrayRecord TFDS dataset under `out_dir`; returns its directory (out_dir/radfm_samples/1.0.0).
-  """
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise FileExistsError(f'--out {out_dir}: exists and is not a folder; expected the TFDS data '
-                          'folder to write into')
-  if isinstance(data, (str, os.PathLike)):
-    rows = _source_rows(os.fspath(data))
-  else:
-    from radfm_jax.data.manifest import validate_records
-    rows = validate_records(list(data), form=None)
-  if not rows:
-    raise ValueError(f'{data}: no manifest rows to publish')
-  splits: dict[str, list[dict]] = {}
-  for n, row in enumerate(rows):
-    split = row.get('split', 'train')
-    if not isinstance(split, str) or not re.fullmatch(r'\w+', split) or split == 'all':
-      from radfm_jax.errors import InputError
-      raise InputError(f'row {n} (id {row.get("id")!r}): split {split!r} is not a TFDS split name '
-                       "(letters, digits, underscore; not 'all', which TFDS reserves)")
-    splits.setdefault(split, []).append(row)
-  target = os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
-  # --overwrite moves the old version aside until the new one is complete: a write the disk
-  # refuses (or Ctrl-C) then puts it back instead of leaving neither. Outside the dataset folder,
-  # where TFDS would take it for a version.
-  aside = os.path.join(out_dir, f'.{DATASET_NAME}-{DATASET_VERSION}.replaced')
-  if os.path.exists(target):
-    if not overwrite:
-      raise FileExistsError(f'{target} exists (publish with overwrite=True / --overwrite to '
-                            'replace it)')
-    shutil.rmtree(aside, ignore_errors=True)        # left by a publish killed while replacing
-    os.rename(target, aside)
-  tfds = _tfds()
-  try:
-    with writing(target):                    # TFDS removes its incomplete folder itself
-      builder = _builder_class()(splits=splits, data_dir=out_dir, file_format='array_record')
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  except BaseException:
-    if os.path.exists(aside) and not os.path.exists(target):
-      os.rename(aside, target)
-    raise
-  shutil.rmtree(aside, ignore_errors=True)
-  return os.fspath(builder.data_dir)
-
-
 def read_tfds_manifest(path: str, split: str | None = None) -> list[dict]:
   """The manifest rows of a published dataset directory: one split, or all splits in order."""
   if not os.path.isfile(os.path.join(path, 'dataset_info.json')):
@@ -148,7 +80,7 @@ def read_tfds_manifest(path: str, split: str | None = None) -> list[dict]:
     raise InputError(f'{path}: not a TFDS dataset directory (no dataset_info.json); expected a '
                      'JSONL manifest or a folder `radfm-jax publish` wrote')
   import grain
-  builder = _tfds().builder_from_directory(path)
+  builder = tfds_module().builder_from_directory(path)
   names = list(builder.info.splits.keys())
   if split is not None and split not in names:
     raise ValueError(f'{path}: no split {split!r} (splits: {names})')

@@ -105,6 +105,7 @@ def cache_images(checkpoint_dir: str, store_dir: str, *, data_cfg=None, mesh_cfg
              batch_lib.image_slots(len(entries), data_cfg.max_images))
       buckets.setdefault(key, []).append(rec)
   made: dict[str, tuple[str, str]] = {}               # scan id -> (prepared-input hash, sample)
+  seen: dict[str, set[str]] = {}                      # scan id -> contexts it was prepared in
   bar = None
   if progress:
     from tqdm import tqdm
@@ -116,9 +117,9 @@ def cache_images(checkpoint_dir: str, store_dir: str, *, data_cfg=None, mesh_cfg
       chunk = recs[start:start + rows]
       images = np.zeros((rows, slots, 3) + hwd, np.float32)
       mask = np.zeros((rows, slots), bool)
-      fresh = []                                       # (row, slot, scan id)
+      fresh = []                                       # (row, slot, scan id, context)
       for r, rec in enumerate(chunk):
-        fresh += _prepare(rec, store, data_cfg, hwd, images[r], mask[r], made, r)
+        fresh += _prepare(rec, store, data_cfg, hwd, images[r], mask[r], made, r, seen)
       if bar is not None:
         bar.update(len(chunk))
       if not fresh:
@@ -127,17 +128,20 @@ def cache_images(checkpoint_dir: str, store_dir: str, *, data_cfg=None, mesh_cfg
                                      == 0 else None)
       with sharding.use_mesh(mesh, rules):
         tokens = np.asarray(jax.device_get(_encode(model, put(images), put(mask))))
-      cache.write({scan: (tokens[r, s * n:(s + 1) * n], hwd) for r, s, scan in fresh},
-                  keys={scan: store.key(scan) for _, _, scan in fresh})
+      cache.write({scan: (tokens[r, s * n:(s + 1) * n], hwd) for r, s, scan, _ in fresh},
+                  keys={scan: store.key(scan) for _, _, scan, _ in fresh},
+                  contexts={scan: seen[scan] for _, _, scan, _ in fresh})
   if bar is not None:
     bar.close()
+  cache.add_contexts(seen)          # the contexts met after a scan's tokens were written
   return {'fingerprint': fp, 'scans': len(made), 'samples': len(records),
           'bytes': cache.nbytes_on_disk(), 'directory': cache.directory}
 
 
-def _prepare(rec, store, data_cfg, hwd, images, mask, made, row) -> list[tuple[int, int, str]]:
+def _prepare(rec, store, data_cfg, hwd, images, mask, made, row, seen) -> list[tuple]:
   """Reads and prepares one sample's scans into `images` [S, 3, H, W, D] / `mask` [S] as the
-  pipeline does; returns (row, slot, scan id) of the scans not cached yet. A scan prepared
+  pipeline does; returns (row, slot, scan id, its `ImageTokenCache.contexts` entry) of the
+  scans not cached yet, and adds each scan's context to `seen`. A scan prepared
   differently by an earlier sample is an InputError; an unreadable one skips the sample, as the
   pipeline skips it."""
   entries = rec.get('images', [])[:data_cfg.max_images]
@@ -150,12 +154,14 @@ def _prepare(rec, store, data_cfg, hwd, images, mask, made, row) -> list[tuple[i
   transforms.prepare_images(arrays, [str(e.get('modality') or '') for e in entries], hwd,
                             data_cfg, out=images)
   mask[:len(entries)] = True
+  contexts = ImageTokenCache.contexts(entries, store, data_cfg.intensity)
   fresh = []
   for s, e in enumerate(entries):
+    seen.setdefault(e['id'], set()).add(contexts[s])
     digest = hashlib.sha256(images[s].tobytes()).hexdigest()
     if e['id'] not in made:
       made[e['id']] = (digest, rec.get('id'))
-      fresh.append((row, s, e['id']))
+      fresh.append((row, s, e['id'], contexts[s]))
     elif made[e['id']][0] != digest:
       raise InputError(
           f'{store.manifest_path}: scan {e["id"]!r} is prepared differently in samples '
