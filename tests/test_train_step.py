@@ -210,3 +210,33 @@ def test_clipping_bounds_the_update():
   tx = optim.make_optimizer(cfg.train, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(float(optax.tree.norm(updates)), 1e-3 * 1e-6, rtol=1e-4)
+
+
+def test_a_batch_with_nothing_to_learn_moves_no_weight():
+  """Every row empty (its samples' scans unreadable, data.drop_unreadable): no gradient, but Adam's
+  moments and weight decay moved the weights anyway, and the step was saved as the run's state
+  (a store that turned unreadable mid-run left drifted checkpoints). The update is skipped; the
+  step still counts; a batch with one supervised token still updates."""
+  cfg = _cfg('train.weight_decay=0.1', 'train.warmup_steps=0')
+  graphdef, params = _model(cfg.model)
+  trainable, _ = optim.split_trainable(params, cfg.train.freeze)
+  tx = optim.make_optimizer(cfg.train, trainable)
+  state = step_lib.init_train_state(params, tx, cfg.train.freeze)
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg))
+  state, metrics = step(state, _batch(cfg))                     # moments now non-zero
+  assert float(metrics['updated']) == 1.0
+  empty = dict(_batch(cfg, seed=1))
+  empty['labels'] = np.full_like(empty['labels'], -100)
+  empty['loss_weights'] = np.zeros_like(empty['loss_weights'])
+  after, metrics = step(state, empty)
+  assert float(metrics['updated']) == 0.0 and int(after.step) == int(state.step) + 1
+  for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
+                  jax.tree.leaves((after.params, after.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  one = dict(empty, labels=empty['labels'].copy(), loss_weights=empty['loss_weights'].copy())
+  one['labels'][0, 5] = 7
+  one['loss_weights'][0, 5] = 1.0
+  moved, metrics = step(state, one)
+  assert float(metrics['updated']) == 1.0
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree.leaves(state.params), jax.tree.leaves(moved.params)))

@@ -218,7 +218,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     for name, norm in grad_norms.items():
       metrics[f'grad_norm/{name}'] = norm
       metrics[f'update_ratio/{name}'] = update_norms[name] / jnp.maximum(param_norms[name], 1e-12)
-    trainable = optax.apply_updates(trainable, updates)
+    # A batch with no supervised token (every row left empty: its samples' scans were unreadable,
+    # data.drop_unreadable) has no gradient, but the optimizer would still move the weights
+    # (Adam's moments, weight decay) and its step would be saved as the run's state: the update
+    # is skipped instead (the step still counts, as the data position does).
+    learned = terms['valid'] > 0
+
+    def keep(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(learned, n, o), new, old)
+
+    trainable = keep(optax.apply_updates(trainable, updates), trainable)
+    opt_state = keep(opt_state, state.opt_state)
+    metrics['updated'] = learned.astype(jnp.float32)
     metrics['learning_rate'] = schedule(state.step)
     metrics['params_finite'] = jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trainable)])).astype(jnp.float32)
