@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import numbers
 import os
 import re
 from typing import Any, Sequence
@@ -323,6 +324,13 @@ class Config:
 
 # Seeds are JAX PRNG keys of 32 bits: a larger one would wrap (2^32 is seed 0) or overflow.
 SEED_LIMIT = 2**32
+
+
+def is_seed(value) -> bool:
+  """Whether `value` is a seed: an integer (not a bool) in [0, SEED_LIMIT). The one check of the
+  config's `seed`, every --seed flag and `generate`'s seed argument."""
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and 0 <= value < SEED_LIMIT)
 
 _SCHEMA_FIELDS = ('model', 'mesh', 'data', 'generate', 'train', 'finetune', 'seed')
 
@@ -914,7 +922,7 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   finetune = _build(FinetuneConfig, cfg.get('finetune'), 'finetune')
   validate_finetune(finetune)
   _validate_image_cache(data, model, train)
-  if not _is_int(cfg.seed) or not 0 <= cfg.seed < SEED_LIMIT:
+  if not is_seed(cfg.seed):
     _fail('seed', cfg.seed, 'an integer in [0, 2^32) (a JAX key takes 32 bits: 2^32 would be '
           'the run of seed 0)')
   extra = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k not in _SCHEMA_FIELDS})

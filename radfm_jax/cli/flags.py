@@ -61,9 +61,9 @@ def non_negative_int(text: str) -> int:
 
 def seed(text: str) -> int:
   """A seed flag: an integer in [0, 2^32) (config.SEED_LIMIT: a JAX key takes 32 bits)."""
-  from radfm_jax.config import SEED_LIMIT
+  from radfm_jax.config import is_seed
   value = _int_at_least(text, 0, 'an integer in [0, 2^32)')
-  if value >= SEED_LIMIT:
+  if not is_seed(value):
     raise argparse.ArgumentTypeError(f'{text!r}: expected an integer in [0, 2^32)')
   return value
 

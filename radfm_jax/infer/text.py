@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from radfm_jax.config import DataConfig, GenerateConfig, ModelConfig, validate_generate
+from radfm_jax.config import (DataConfig, GenerateConfig, ModelConfig, is_seed,
+                              validate_generate)
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import prompts as prompts_lib
 from radfm_jax.data import transforms
@@ -249,9 +250,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   sampling = dataclasses.replace(sampling or GenerateConfig(),
                                  **{k: v for k, v in given.items() if v is not None})
   validate_generate(sampling)              # before anything is prepared or compiled
-  from radfm_jax.config import SEED_LIMIT
-  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not (
-      0 <= seed < SEED_LIMIT):
+  if not is_seed(seed):
     raise InputError(f'seed {seed!r}: expected an integer in [0, 2^32) (a JAX key takes 32 bits)')
   batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities)
   if names is not None and (not _is_list(names) or len(names) != len(prompts)):
