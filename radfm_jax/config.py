@@ -372,11 +372,31 @@ def _coerce(field: str, old, value, text: str | None = None):
     if _is_section(value):             # a mapping for a pair-list field: its (key, value) pairs
       return [[k, _plain(v)] for k, v in value.items()]
     if isinstance(value, str):
-      return [_parse_value(v.strip()) for v in value.split(',') if v.strip()]
+      return [_parse_value(v.strip()) for v in _split_items(value) if v.strip()]
     return _plain(value) if isinstance(value, (list, tuple)) else [value]
   if type(old) is not type(value):
     _fail(field, value, f'a value of type {type(old).__name__} (the default is {old!r})')
   return value
+
+
+def _split_items(text: str) -> list[str]:
+  """'vision,fc' -> ['vision', 'fc']: a list field's comma string cut at its commas outside
+  brackets, so a regex keeps its own ('llama/(q|k){1,2}', '[,;]') instead of being cut into
+  two patterns that still compile (a backslash escapes the bracket after it)."""
+  items, depth, start, escaped = [], 0, 0, False
+  for i, ch in enumerate(text):
+    if escaped:
+      escaped = False
+    elif ch == '\\':
+      escaped = True
+    elif ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth = max(depth - 1, 0)
+    elif ch == ',' and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  return items + [text[start:]]
 
 
 def _lay_over(base: ml_collections.ConfigDict, diff, prefix: str = ''):

@@ -41,6 +41,19 @@ def test_overrides_are_typed():
   assert isinstance(cfg.generate.top_p, float)
 
 
+
+def test_a_comma_string_keeps_the_commas_of_a_regex():
+  """A list field given as a comma string is cut at its commas outside brackets only: a regex's
+  own ('{1,2}', '[,;]') stays in its pattern (both halves of a cut one compile, so a cut was a
+  silently different set of targets)."""
+  cfg = load_config(SPEC, ['finetune.targets=llama/layers/(q|k){1,2},fc', 'train.freeze=vision,fc',
+                           r'train.lr_multipliers=[["vision/.*", 2]]'])
+  assert cfg.finetune.targets == ('llama/layers/(q|k){1,2}', 'fc')
+  assert cfg.train.freeze == ('vision', 'fc')
+  assert load_config(SPEC, [r'finetune.targets=[,;]x,a\(,b']).finetune.targets == (
+      '[,;]x', r'a\(', 'b')
+
+
 @pytest.mark.parametrize('override,field,expected', [
     ('model.vision.image_size=70', 'model.vision.image_size=70', 'multiple of model.vision.patch_size=16'),
     ('model.vision.frames=18', 'model.vision.frames=18', 'multiple of model.vision.frame_patch_size=4'),
