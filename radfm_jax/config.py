@@ -404,6 +404,9 @@ def _lay_over(base: ml_collections.ConfigDict, diff, prefix: str = ''):
   coercing types. A top-level section outside the schema (an experiment's own, e.g. `demo`) is
   taken as it is."""
   for key, value in diff.items():
+    if not isinstance(key, str):          # a dict key of an experiment file: {1: ...}, {None: ...}
+      raise ConfigError(f'config {"section " + prefix[:-1] if prefix else "top level"}: key '
+                        f'{key!r} of type {type(key).__name__}; expected field names (strings)')
     field = prefix + key
     if key not in base:
       if not prefix and key not in _SCHEMA_FIELDS and _is_section(value):

@@ -54,6 +54,15 @@ def test_a_comma_string_keeps_the_commas_of_a_regex():
       '[,;]x', r'a\(', 'b')
 
 
+def test_an_experiment_key_that_is_not_a_string_is_one_error(tmp_path):
+  path = tmp_path / 'exp.py'
+  path.write_text('def get_config(arg):\n  return {"train": {3: 1}}\n')
+  with pytest.raises(ConfigError, match=r'^config section train: key 3 of type int; expected '
+                     r'field names \(strings\)$'):
+    load_config(str(path))
+  with pytest.raises(ConfigError, match='config top level: key None of type NoneType'):
+    validate({None: {}})
+
 @pytest.mark.parametrize('override,field,expected', [
     ('model.vision.image_size=70', 'model.vision.image_size=70', 'multiple of model.vision.patch_size=16'),
     ('model.vision.frames=18', 'model.vision.frames=18', 'multiple of model.vision.frame_patch_size=4'),
