@@ -175,9 +175,12 @@ def _batch_for_generation(records, store, tokenizer, cfg, rows: int) -> dict:
 
 def answer_heldout(model, records, store, tokenizer, cfg, batch_rows: int = 16,
                    max_new_tokens: int | None = None) -> list[str]:
-  """Greedy answers for `records`, grouped by image shape so each group is one compiled program."""
+  """Answers for `records` decoded by `cfg.generate` (greedy by default; its sampling, layer loop
+  and cache chunks as `radfm-jax generate` / `eval` use them), `max_new_tokens` replacing its own;
+  grouped by image shape so each group is one compiled program."""
   from radfm_jax.infer.generate import generate_ids
-  max_new = max_new_tokens or cfg.generate.max_new_tokens
+  sampling = dataclasses.replace(cfg.generate,
+                                 max_new_tokens=max_new_tokens or cfg.generate.max_new_tokens)
   groups: dict = {}
   for i, rec in enumerate(records):
     depth = max(int(im['shape'][3]) for im in rec['images'])
@@ -189,8 +192,7 @@ def answer_heldout(model, records, store, tokenizer, cfg, batch_rows: int = 16,
       batch = _batch_for_generation([records[i] for i in chunk], store, tokenizer, cfg,
                                     batch_rows)
       out = generate_ids(model, batch['tokens'], batch['attention_mask'], batch['images'],
-                         batch['image_mask'], max_new_tokens=max_new,
-                         stop_ids=tuple(cfg.generate.stop_ids))
+                         batch['image_mask'], sampling=sampling)
       for i, seq in zip(chunk, out.sequences()):
         answers[i] = tokenizer.decode(seq).strip()
   return answers

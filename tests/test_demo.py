@@ -171,3 +171,28 @@ def test_curriculum_switches_source_and_resumes():
   again = Curriculum(Counter('closed'), Counter('all'), 2)
   again.set_state(state)
   assert next(again) == ('all', 3)
+
+
+def test_heldout_answers_decode_by_the_config_generate_section(tmp_path):
+  """`answer_heldout` (the demo's held-out answers) decodes with every cfg.generate field, as
+  generate / eval do: --config.generate.temperature and its kin were accepted and ignored."""
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  import conftest_data as cd
+  from radfm_jax.config import load_config
+  from radfm_jax.demo import _batch_for_generation, answer_heldout
+  from radfm_jax.infer.generate import generate_ids
+  from radfm_jax.models.radfm import create_model
+  store = VolumeStore(cd.png_store(tmp_path, n=2))
+  records, tok = store.manifest(), cd.tokenizer()
+  model = create_model(cd.tiny_model(), seed=1)
+  sampled = ['data.max_images=1', 'generate.max_new_tokens=4', 'generate.stop_ids=[]',
+             'generate.temperature=5.0', 'generate.layer_loop=scan']
+  cfg = load_config('radfm:model=tiny', sampled)
+  batch = _batch_for_generation(records, store, tok, cfg, 16)
+  out = generate_ids(model, batch['tokens'], batch['attention_mask'], batch['images'],
+                     batch['image_mask'], sampling=cfg.generate)
+  want = [tok.decode(seq).strip() for seq in out.sequences()[:len(records)]]
+  assert answer_heldout(model, records, store, tok, cfg) == want
+  greedy = load_config('radfm:model=tiny', sampled + ['generate.temperature=0.0'])
+  assert answer_heldout(model, records, store, tok, greedy) != want
