@@ -271,8 +271,31 @@ def host_allocator(config: str | None, overrides=(), quick: bool = False) -> str
 
 def setup(out: str, *, config: str | None = None, overrides=(), steps: int | None = None,
           quick: bool = False, seed: int = 0, rebuild: bool = False) -> DemoSetup:
-  """Steps 1-3 of the module doc (data, ingest, tokenizer) and the config (`run_demo`'s
-  arguments); the data is reused when OUT/data was built with the same sizes and seed."""
+  """The config (`run_demo`'s arguments; checked first: a bad value costs no data build), then
+  steps 1-3 of the module doc (data, ingest, tokenizer); the data is reused when OUT/data was
+  built with the same sizes and seed."""
+  from radfm_jax.config import load_config, load_config_dict
+  from radfm_jax.data.store import VolumeStore
+  spec = config_spec(config, quick)
+  given, overrides = list(overrides), [f'seed={seed}']
+  if quick:
+    overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',
+                  'data.batch_size_2d=8', 'data.batch_size_3d=8', 'generate.max_new_tokens=12']
+  if steps is not None:
+    overrides += [f'train.steps={steps}']
+  overrides += given
+  raw = load_config_dict(spec, overrides)
+  # the experiment's warmup under fewer steps (e.g. --steps 20 under the demo's 30) is cut to a
+  # tenth of them; a warmup the caller gave is theirs (too long: an error naming it)
+  warmup_given = any(o.partition('=')[0].strip().lstrip('-').removeprefix('config.')
+                     == 'train.warmup_steps' for o in given)
+  if raw.train.warmup_steps >= raw.train.steps and not warmup_given:
+    overrides += [f'train.warmup_steps={max(raw.train.steps // 10, 0)}']
+  demo_cfg = raw.get('demo')
+  delay = float(demo_cfg.get('decoder_delay', 0.0)) if demo_cfg is not None else 0.0
+  if delay > 0 and not raw.train.lr_delays:           # a fraction of the steps, as closed_first
+    overrides += [f"train.lr_delays=[['llama/layers/.*', {int(round(raw.train.steps * delay))}]]"]
+  base_cfg = load_config(spec, overrides)     # a bad value fails before the data is built
   timings = {}
   t = time.perf_counter()
   data_dir, data_summary, rebuilt = build_data(out, quick, seed, rebuild)
@@ -281,24 +304,6 @@ def setup(out: str, *, config: str | None = None, overrides=(), steps: int | Non
   store_dir, ingest_summary = ingest_data(out, data_dir, rebuilt)
   timings['ingest_s'] = time.perf_counter() - t
 
-  from radfm_jax.config import load_config, load_config_dict
-  from radfm_jax.data.store import VolumeStore
-  spec = config_spec(config, quick)
-  given, overrides = list(overrides), [f'seed={seed}']
-  if quick:
-    overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',
-                  'data.batch_size_2d=8', 'data.batch_size_3d=8', 'generate.max_new_tokens=12']
-  if steps:
-    overrides += [f'train.steps={steps}']
-  overrides += given
-  raw = load_config_dict(spec, overrides)
-  if raw.train.warmup_steps >= raw.train.steps:      # e.g. --steps 20 under the demo's 30
-    overrides += [f'train.warmup_steps={max(raw.train.steps // 10, 0)}']
-  demo_cfg = raw.get('demo')
-  delay = float(demo_cfg.get('decoder_delay', 0.0)) if demo_cfg is not None else 0.0
-  if delay > 0 and not raw.train.lr_delays:           # a fraction of the steps, as closed_first
-    overrides += [f"train.lr_delays=[['llama/layers/.*', {int(round(raw.train.steps * delay))}]]"]
-  base_cfg = load_config(spec, overrides)
   store = VolumeStore(store_dir)
   records = store.manifest()
   t = time.perf_counter()

@@ -196,3 +196,27 @@ def test_heldout_answers_decode_by_the_config_generate_section(tmp_path):
   assert answer_heldout(model, records, store, tok, cfg) == want
   greedy = load_config('radfm:model=tiny', sampled + ['generate.temperature=0.0'])
   assert answer_heldout(model, records, store, tok, greedy) != want
+
+
+def test_demo_flags_and_config_are_checked_before_any_data(tmp_path, capsys):
+  """--steps 0 (ran the experiment's steps), --time-budget -5 (trained nothing) or nan (no
+  limit) are usage errors; a warmup the user gave is never replaced (it was silently cut to a
+  tenth of the steps), and a bad config value fails before the dataset is built."""
+  from radfm_jax.cli.main import main
+  from radfm_jax.config import ConfigError
+  from radfm_jax.demo import setup
+  out = tmp_path / 'demo'
+  for flag, value, want in [('--steps', '0', 'a positive integer'),
+                            ('--time-budget', '-5', 'a number of seconds >= 0'),
+                            ('--time-budget', 'nan', 'a number of seconds >= 0')]:
+    with pytest.raises(SystemExit) as e:
+      main(['demo', '--quick', '--out', str(out), flag, value])
+    assert e.value.code == 2 and f"argument {flag}: '{value}': expected {want}" in (
+        capsys.readouterr().err)
+  assert main(['demo', '--quick', '--out', str(out), '--config.train.warmup_steps=30']) == 2
+  assert capsys.readouterr().err.strip() == (
+      'radfm-jax demo: config field train.warmup_steps=30: expected 0 <= warmup_steps < '
+      'train.steps=20, or -1 (automatic: min(100, steps // 10))')
+  with pytest.raises(ConfigError, match=r'^config field train.steps=0: expected a positive'):
+    setup(str(out), quick=True, steps=0)
+  assert not (out / 'data').exists() and not (out / 'store').exists()

@@ -18,8 +18,9 @@ def add_parser(sub):
       'prints a report; outputs (summary.json, loss_curve.png, predictions.jsonl, train/) go to '
       '--out.', example=EXAMPLE)
   p.add_argument('--out', default='demo_out', help='output folder')
-  p.add_argument('--steps', type=int, default=None, help='optimizer steps (default: train.steps)')
-  p.add_argument('--time-budget', type=float, default=900.0,
+  p.add_argument('--steps', type=flags.positive_int, default=None,
+                 help='optimizer steps (default: train.steps)')
+  p.add_argument('--time-budget', type=flags.non_negative_seconds, default=900.0,
                  help='stop training after this many seconds (0 = no limit)')
   p.add_argument('--quick', action='store_true',
                  help='tiny model, tiny dataset, 20 steps: a one-minute smoke run')

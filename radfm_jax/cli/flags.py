@@ -68,6 +68,19 @@ def seed(text: str) -> int:
   return value
 
 
+def non_negative_seconds(text: str) -> float:
+  """'900', '0', '1.5' -> the float; a negative, NaN or infinite value is a usage error (demo:
+  --time-budget -5 trained no step, nan set no limit)."""
+  import math
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not math.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a number of seconds >= 0')
+  return value
+
+
 def _int_at_least(text: str, low: int, expected: str) -> int:
   try:
     value = int(text)
