@@ -27,7 +27,11 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
   from radfm_jax.config import DataConfig
   from radfm_jax.data.tokenizer import Tokenizer
   from radfm_jax.errors import InputError
+  from radfm_jax.data.transforms import POLICIES
   from radfm_jax.infer.text import check_tokenizer, data_config_for
+  if intensity is not None and intensity not in POLICIES:   # else a ValueError at the first image
+    raise InputError(f'intensity {intensity!r}: expected one of {POLICIES} (None: the training '
+                     "run's)")
   given = tokenizer
   tokenizer = tokenizer or find_tokenizer(directory)
   if tokenizer is None:
@@ -42,7 +46,7 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
                   'trained with')
   check_tokenizer(tok, cfg)
   base = read_data_config(directory) or DataConfig()
-  if intensity:
+  if intensity is not None:
     base = dataclasses.replace(base, intensity=intensity)
   return model, tok, data_config_for(cfg, base)
 

@@ -815,8 +815,9 @@ def validate_generate(g: GenerateConfig):
   """Raises ConfigError naming the first generate field decoding cannot use (also for a
   GenerateConfig built in Python, e.g. with `dataclasses.replace`)."""
   _positive('generate', g, 'max_new_tokens')
-  if any(not _is_int(i) or i < 0 for i in g.stop_ids):
-    _fail('generate.stop_ids', list(g.stop_ids), 'token ids (integers >= 0); [] = never stop early')
+  if not isinstance(g.stop_ids, (list, tuple)) or any(not _is_int(i) or i < 0 for i in g.stop_ids):
+    _fail('generate.stop_ids', list(g.stop_ids) if isinstance(g.stop_ids, tuple) else g.stop_ids,
+          'a list of token ids (integers >= 0); [] = never stop early')
   _finite('generate.temperature', g.temperature, 'a finite value >= 0 (0 means greedy)',
           lambda x: x >= 0)
   _non_negative('generate', g, 'top_k', note=' (0 means no top-k filter)')

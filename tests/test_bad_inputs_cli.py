@@ -420,6 +420,7 @@ def test_eval_split_and_unreadable_scans(root, tmp_path, capsys):
     ({'temperature': float('nan')}, 'generate.temperature=nan: expected a finite value >= 0'),
     ({'top_p': 0.0}, r'generate.top_p=0.0: expected a value in \(0, 1\]'),
     ({'top_k': -1}, 'generate.top_k=-1: expected an integer >= 0'),
+    ({'stop_ids': 2}, r'generate.stop_ids=2: expected a list of token ids \(integers >= 0\)'),
 ])
 def test_python_sampling_arguments_are_validated(kwargs, field):
   """`generate_batch`'s keyword overrides get the config's checks before the model is touched
@@ -427,6 +428,17 @@ def test_python_sampling_arguments_are_validated(kwargs, field):
   from radfm_jax.infer import text
   with pytest.raises(ConfigError, match=field):
     text.generate_batch(None, cd.tokenizer(), ['Is there a nodule?'], **kwargs)
+
+
+def test_load_for_generation_checks_its_intensity_first(tmp_path):
+  """An intensity policy that does not exist is an InputError naming it before the checkpoint is
+  read (it was kept, and the first image failed with a bare ValueError)."""
+  from radfm_jax import api
+  from radfm_jax.errors import InputError
+  with pytest.raises(InputError, match=r"^intensity 'ct': expected one of \('radfm', 'ct_window', "
+                     r"'ct_windows3', 'percentile'\) \(None: the training run's\)$"):
+    api.load_for_generation(str(tmp_path / 'nothing_here'), str(tmp_path / 'tok.model'),
+                            intensity='ct')
 
 
 def test_verbose_adds_the_traceback_to_the_one_line(capsys):
