@@ -153,6 +153,22 @@ def test_workdir_holding_another_config_fails_naming_the_fields(tmp_path, capsys
   rundir.check_same_run({'model': {'size': 'other'}}, str(tmp_path / 'a' / 'checkpoints'), 'a')
 
 
+def test_a_resume_says_each_field_it_changes(tmp_path, capsys):
+  """A resume may change the RESUMABLE fields (the generate section, the length, the cadence)
+  and writes them into the run's record; each change is said, never taken in silence. (No step
+  runs: max_steps=0 saves step 0 and compiles nothing.)"""
+  base = SMALL + ['data.store=synthetic', 'data.batch_size_2d=8', 'train.steps=4']
+  loop.train(load_config(SPEC, base), str(tmp_path / 'run'), max_steps=0, progress=False)
+  capsys.readouterr()
+  loop.train(load_config(SPEC, base + ['generate.stop_ids=[1]', 'train.steps=6']),
+             str(tmp_path / 'run'), max_steps=0, progress=False)
+  lines = [x for x in capsys.readouterr().err.splitlines() if 'resume changes' in x]
+  assert lines == ['radfm-jax train: resume changes generate.stop_ids: [2, 1] -> [1]',
+                   'radfm-jax train: resume changes train.steps: 4 -> 6']
+  record = json.loads((tmp_path / 'run' / 'checkpoints' / 'config.json').read_text())
+  assert record['generate']['stop_ids'] == [1] and record['train']['steps'] == 6
+
+
 def test_tokenizer_is_kept_in_the_workdir(tmp_path):
   tok = tmp_path / 'tok.model'
   tok.write_bytes(cd.spm_proto())

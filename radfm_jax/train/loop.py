@@ -536,6 +536,9 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
       is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
   config_dict = rundir.record(cfg, tokenizer, inputs)
+  saved = rundir.saved_config(ckpt_dir) if is_main and rundir.has_checkpoints(ckpt_dir) else None
+  for field, old, new in rundir.resumable_changes(saved or {}, config_dict):
+    say(f'resume changes {field}: {old!r} -> {new!r}')
   mesh, rules, graphdef, tx, abs_state, shardings = build(cfg, mesh)
   ckpt = Checkpointer(ckpt_dir, max_to_keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   if is_main:

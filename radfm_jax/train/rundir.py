@@ -12,7 +12,8 @@ so `generate --checkpoint WORKDIR` works from any directory, and after the run f
 Resuming: the config in a workdir that already holds checkpoints must equal the requested one
 except in `RESUMABLE` fields, which may change between a run and its resume (length, logging,
 checkpoint cadence, paths (`finetune.init_from` is read only by a fresh start), the mesh: a
-checkpoint restores onto any mesh; reading cached image tokens); any other difference fails before
+checkpoint restores onto any mesh; reading cached image tokens: each change is said, and the
+record takes it, `resumable_changes`); any other difference fails before
 Orbax is touched, naming every field that differs. What the run read beyond its config is
 recorded too (the record's `run` section, `run_inputs`: the tokenizer's sha256, the train
 split's sample count and a sha256 of its rows and scans), and a resume on other data or another
@@ -152,6 +153,14 @@ def config_differences(saved: dict, wanted: dict) -> list[tuple[str, object, obj
     if _normal(a[field]) != _normal(b[field]):
       out.append((field, a[field], b[field]))
   return out
+
+
+def resumable_changes(saved: dict, wanted: dict) -> list[tuple[str, object, object]]:
+  """[(field, saved value, wanted value)] for every `RESUMABLE` field a resume changes: allowed,
+  and said, so a resume's new generate section or cadence is never taken in silence."""
+  a, b = _flat(saved), _flat(wanted)
+  return [(f, a[f], b[f]) for f in sorted(set(a) & set(b))
+          if _resumable(f) and _normal(a[f]) != _normal(b[f])]
 
 
 def _normal(value):
@@ -295,5 +304,5 @@ def write_record(ckpt_dir: str, config: dict):
 
 __all__ = ['LOCK_FILE', 'RESUMABLE', 'RUN_SECTION', 'TOKENIZER_FILE', 'WorkdirLocked',
            'check_same_run', 'config_differences', 'has_checkpoints', 'keep_tokenizer',
-           'lock_workdir', 'record', 'remove_unfinished', 'run_inputs', 'saved_config',
-           'write_record']
+           'lock_workdir', 'record', 'remove_unfinished', 'resumable_changes', 'run_inputs',
+           'saved_config', 'write_record']
