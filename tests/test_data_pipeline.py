@@ -245,3 +245,32 @@ def test_images_past_max_images_are_left_out_and_said(store):
       'data: 1 of 2 samples name more than data.max_images=1 images; the first 1 are used, the '
       f"rest left out (sample {two[0]['id']!r} names 2)\n")
   assert all(int(b['image_mask'].sum(1).max()) <= 1 for b in ds)
+
+
+@pytest.mark.parametrize('host_dtype', ['float32', 'stored'])
+def test_a_stored_scan_with_nan_or_inf_is_an_unreadable_sample(tmp_path, host_dtype):
+  """Ingest rejects NaN / inf voxels; a store holding them anyway (written since by other means)
+  gave NaN images (the min-max takes the sample's range from them), so the run stopped on a NaN
+  loss naming no scan. Such a scan is an unreadable sample: skipped, named, counted."""
+  store = VolumeStore(str(tmp_path / 'store'))
+  good = np.random.default_rng(0).normal(0, 100, (1, 20, 18, 9)).astype(np.float32)
+  arrays = {'ok': good, 'nan': good.copy(), 'inf': good.copy()}
+  arrays['nan'][0, 3, 4, 5] = np.nan
+  arrays['inf'][0, 0, 0, 0] = -np.inf
+  store.write_batch([(sid, a, {}) for sid, a in arrays.items()])
+  records = [{'id': f's_{sid}', 'question': 'What?', 'answer': 'A nodule.',
+              'images': [{'id': sid, 'shape': [1, 20, 18, 9], 'position': {'question': 0}}]}
+             for sid in arrays]
+  stats = pipeline.PipelineStats()
+  ds = pipeline.make_dataset(cd.data_config(shuffle=False, host_dtype=host_dtype),
+                             cd.tiny_model(), store, cd.tokenizer(), process_index=0,
+                             process_count=1, num_epochs=1, stats=stats, records=records)
+  batches = [cd.model_inputs(b) for b in ds]
+  reason = ('ValueError: 1 NaN/inf voxels in the stored array; expected finite voxels, as ingest '
+            'stores them')
+  assert stats.skipped == [{'sample_id': 's_nan', 'scan_id': 'nan', 'reason': reason},
+                           {'sample_id': 's_inf', 'scan_id': 'inf', 'reason': reason}]
+  assert stats.samples == 1 and stats.empty_rows == 2
+  assert all(np.isfinite(b['images']).all() for b in batches)
+  want = transforms.prepare_images([good], [''], (16, 16, 8), cd.data_config())
+  np.testing.assert_array_equal(batches[0]['images'][0, :1], want)

@@ -196,3 +196,23 @@ def test_tokens_made_with_other_companions_are_refused(run0, tmp_path):
   # Policies that map each image alone depend on the scan's own modality only.
   alone = ImageTokenCache.contexts(now['images'], store, 'ct_window')
   assert alone[0] == ImageTokenCache.contexts([now['images'][0]], store, 'ct_window')[0]
+
+
+def test_scan_ids_with_slashes_keep_their_own_tokens(tmp_path):
+  """Scan ids may hold '/' (the store percent-encodes them); the cache writes each scan's tokens
+  with delete_existing, so a raw `tokens/a/` took `tokens/a/b/` (another scan's) with it."""
+  from radfm_jax.config import DataConfig
+  cache = ImageTokenCache.create(str(tmp_path), 'fp', checkpoint='ck', data_cfg=DataConfig(),
+                                 dtype='float32', num_latents=2, embed=3)
+  tokens = {sid: np.full((2, 3), k, np.float32) for k, sid in enumerate(['a/b', 'a', 'a/c/0'])}
+  cache.write({'a/b': (tokens['a/b'], (4, 4, 4)), 'a/c/0': (tokens['a/c/0'], (4, 4, 4))})
+  cache.write({'a': (tokens['a'], (4, 4, 4))})
+  for sid, want in tokens.items():
+    np.testing.assert_array_equal(cache.read(sid), want)
+  cache.meta['scans']['lost'] = [4, 4, 4]         # listed, never written: one line, not a trace
+  with pytest.raises(InputError) as err:
+    cache.read('lost')
+  assert str(err.value).startswith(f'{cache.meta_path(str(tmp_path), "fp")}: the tokens of scan '
+                                   "'lost' cannot be read (NOT_FOUND: ")
+  assert str(err.value).endswith('; run `radfm-jax cache-images` again')
+  assert 'tensorstore_spec' not in str(err.value)

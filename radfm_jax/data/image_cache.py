@@ -18,7 +18,7 @@ On disk (keyed by checkpoint identity, then scan):
                                             it was resized to and the store key of the scan
                                             version it was made from (`keys`)
     STORE/image_tokens/<fingerprint>/       OCDBT kvstore; scan <id> is the zarr3 array
-                                            `tokens/<id>/` [num_latents, embed]
+                                            `tokens/<id, percent-encoded>/` [num_latents, embed]
 
 The fingerprint is the SHA-256 of the vision tower's parameters (vision, perceiver, fc: paths,
 dtypes, shapes, bytes), so a cache belongs to the weights that made it, whatever folder they sit
@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import urllib.parse
 from typing import Iterable
 
 import numpy as np
@@ -82,7 +83,10 @@ def prep_settings(data_cfg) -> dict:
 
 
 def _spec(kvstore: dict, scan_id: str, shape=None, dtype: str | None = None) -> dict:
-  spec = {'driver': 'zarr3', 'kvstore': kvstore, 'path': f'tokens/{scan_id}/'}
+  # The id percent-encoded, as the store's keys (store.VolumeStore._new_key): written raw, the
+  # tokens of scan 'a' (created with delete_existing) would delete those of scan 'a/b'.
+  name = urllib.parse.quote(scan_id, safe='')
+  spec = {'driver': 'zarr3', 'kvstore': kvstore, 'path': f'tokens/{name}/'}
   if shape is not None:
     spec['metadata'] = {
         'shape': list(shape), 'data_type': dtype,
@@ -278,8 +282,13 @@ class ImageTokenCache:
                        f'context than sample {sample!r} now gives it (its other images, their '
                        'versions or its modality changed: data.intensity prepares them '
                        'together); run `radfm-jax cache-images` again')
-    return ts.open(_spec(self.kvstore, scan_id), open=True,
-                   context=self._context()).result().read().result()
+    try:
+      return ts.open(_spec(self.kvstore, scan_id), open=True,
+                     context=self._context()).result().read().result()
+    except ValueError as e:         # listed but not readable (lost, or written by an older layout)
+      reason = str(e).split(' [tensorstore_spec=')[0]
+      raise InputError(f'{where}: the tokens of scan {scan_id!r} cannot be read ({reason}); run '
+                       '`radfm-jax cache-images` again') from None
 
   def nbytes_on_disk(self) -> int:
     total = os.path.getsize(self.meta_path(self.root, self.fingerprint))

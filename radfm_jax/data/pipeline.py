@@ -285,6 +285,18 @@ class BatchPlan:
     return global_batches
 
 
+def _finite(array: np.ndarray) -> np.ndarray:
+  """`array`, or a ValueError (the sample is unreadable) when a float array holds NaN / inf:
+  ingest rejects such scans, yet a store changed since would reach the model as NaN images (the
+  min-max scales the whole sample by them) and stop the run on a NaN loss naming no scan."""
+  if array.dtype.kind == 'f' and array.size:
+    lo, hi = transforms.value_range(array)      # two reductions: NaN, +inf and -inf all show
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+      raise ValueError(f'{int((~np.isfinite(array)).sum())} NaN/inf voxels in the stored array; '
+                       'expected finite voxels, as ingest stores them')
+  return array
+
+
 class BatchLoader:
   """Global batch index -> batch dict (runs in Grain threads / worker processes; picklable)."""
 
@@ -310,11 +322,11 @@ class BatchLoader:
       if [copy['shape'][0], copy['shape'][3]] != [c, d]:
         raise ValueError(f'training-resolution copy shape {copy["shape"]} != manifest '
                          f'{image["shape"]} in channels or depth')
-      return self.store.read_copy(copy, transforms.nearest_indices(d, depth))
+      return _finite(self.store.read_copy(copy, transforms.nearest_indices(d, depth)))
     array = self.store.read(image['id'])
     if list(array.shape) != list(image['shape']):
       raise ValueError(f'stored shape {list(array.shape)} != manifest {image["shape"]}')
-    return array
+    return _finite(array)
 
   def __call__(self, index: int, _=None) -> dict[str, Any]:
     epoch, j = divmod(int(index), self.plan.num_batches)
