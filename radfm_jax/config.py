@@ -181,6 +181,16 @@ class DataConfig:
   tokenizer: str = ''
   intensity: str = 'radfm'
   resize: str = 'nearest'
+  # 2D images (depth 1) as the original loads them (docs/original.md section 11.1): 'bicubic' cuts
+  # a crop box and resizes it to image_size_2d x image_size_2d with Pillow's bicubic filter (as
+  # torchvision's RandomResizedCrop does on a PIL image), before the sample's `resize` to its
+  # bucket; 'nearest': no such step, a 2D image is resized like any scan (by `resize`).
+  resize_2d: str = 'bicubic'
+  # The box of that step while training (the train split only): the original's RandomResizedCrop
+  # (area 0.8-1.0 of the image, aspect 3/4-4/3, drawn per sample and epoch from the run's seed).
+  # False, and always at inference and on held-out splits: the whole image (the original crops
+  # at random there too, so its answers vary from call to call: docs/original.md section 13).
+  random_crop_2d: bool = True
   image_size_2d: int = 512
   image_size_3d_single: int = 256
   depth_buckets: tuple[int, ...] = tuple(range(4, 65, 4))
@@ -299,7 +309,7 @@ FREEZE_GROUPS = {'vision': ('vision',), 'perceiver': ('perceiver',), 'fc': ('fc'
 
 # Fields that make the image path random while training: cached image tokens (data.image_cache)
 # are exact only when each holds this value (a random augmentation field belongs here too).
-IMAGE_CACHE_DETERMINISTIC = {'model.vision.dropout': 0.0}
+IMAGE_CACHE_DETERMINISTIC = {'model.vision.dropout': 0.0, 'data.random_crop_2d': False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -761,6 +771,8 @@ def _validate_data(d: DataConfig, m: ModelConfig):
     _fail('data.intensity', d.intensity, "'radfm', 'ct_window', 'ct_windows3' or 'percentile'")
   if d.resize not in ('nearest', 'trilinear'):
     _fail('data.resize', d.resize, "'nearest' or 'trilinear'")
+  if d.resize_2d not in ('bicubic', 'nearest'):
+    _fail('data.resize_2d', d.resize_2d, "'bicubic' (the original's) or 'nearest'")
   if d.host_dtype not in ('float32', 'stored'):
     _fail('data.host_dtype', d.host_dtype, "'float32' or 'stored'")
   for name in ('image_size_2d', 'image_size_3d_single'):
@@ -774,7 +786,7 @@ def _validate_data(d: DataConfig, m: ModelConfig):
                    lambda x: 0 < x <= v.frames and x % v.frame_patch_size == 0)
   _positive('data', d, 'batch_size_2d', 'batch_size_3d', 'max_images')
   _non_negative('data', d, 'num_workers', note=' (0 = threads only)')
-  _bool('data', d, 'shuffle', 'drop_unreadable', 'train_copies')
+  _bool('data', d, 'shuffle', 'drop_unreadable', 'train_copies', 'random_crop_2d')
   _finite('data.max_unreadable_share', d.max_unreadable_share, 'a share in [0, 1] (1: never stop)',
           lambda x: 0 <= x <= 1)
   if d.max_images > m.max_images:

@@ -320,13 +320,13 @@ def training_batches(cfg, store, tokenizer, train_records: list[dict], log=_log)
   closed-questions-first phase (`Curriculum`, `demo.closed_first` of the steps) when set."""
   from radfm_jax.data.pipeline import make_dataset
   batches = iter(make_dataset(cfg.data, cfg.model, store, tokenizer, seed=cfg.seed,
-                              records=train_records))
+                              records=train_records, augment=True))
   demo_cfg = cfg.extra.get('demo') if cfg.extra is not None else None
   closed_steps = int(round(cfg.train.steps * float(demo_cfg.closed_first))) if demo_cfg else 0
   closed_records = [r for r in train_records if r.get('kind') == 'closed']
   if closed_steps and closed_records:
     first = make_dataset(cfg.data, cfg.model, store, tokenizer, seed=cfg.seed,
-                         records=closed_records)
+                         records=closed_records, augment=True)
     batches = Curriculum(iter(first), batches, closed_steps)
     log(f'steps 1-{closed_steps}: the {len(closed_records)} closed questions only; then all '
         f'{len(train_records)} train samples')

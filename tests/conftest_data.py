@@ -71,9 +71,12 @@ def jitted_forward(model):
 
 
 def data_config(**overrides) -> DataConfig:
-  """Tiny shapes: 2D -> 32x32x4, single 3D -> 16x16xD, depth buckets {4, 8, 12, 16}."""
+  """Tiny shapes: 2D -> 32x32x4, single 3D -> 16x16xD, depth buckets {4, 8, 12, 16}; 2D images
+  resized as the 3D ones (`resize_2d='nearest'`), so expected inputs are index arithmetic (the
+  original's bicubic 2D step has its own tests: tests/test_data_transforms.py)."""
   base = dict(image_size_2d=32, image_size_3d_single=16, depth_buckets=(4, 8, 12, 16),
-              batch_size_2d=2, batch_size_3d=1, text_lengths=(128, 256, 512), max_images=4)
+              batch_size_2d=2, batch_size_3d=1, text_lengths=(128, 256, 512), max_images=4,
+              resize_2d='nearest')
   base.update(overrides)
   return DataConfig(**base)
 
@@ -205,9 +208,10 @@ def volume_records(folder, rng) -> list[dict]:
 
 def frozen_vision_overrides(store, tok, *extra) -> list[str]:
   """Config overrides of a 3-step `tiny` run on `store` with a frozen, dropout-free vision tower
-  (what the image-token cache needs)."""
+  and 2D images taken whole (what the image-token cache needs)."""
   return [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
           'data.batch_size_3d=8', 'data.text_lengths=[128]', 'data.max_images=2',
-          "train.freeze=['vision_tower']", 'model.vision.dropout=0.0', 'train.steps=3',
+          "train.freeze=['vision_tower']", 'model.vision.dropout=0.0',
+          'data.random_crop_2d=False', 'train.steps=3',
           'train.warmup_steps=1', 'train.learning_rate=1e-3', 'train.checkpoint_every=0',
           'train.async_checkpoint=False', 'train.tensorboard=False'] + list(extra)

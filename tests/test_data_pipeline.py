@@ -41,10 +41,11 @@ def store(tmp_path_factory):
   return VolumeStore(str(d / 'store'))
 
 
-def _make(store, seed=0, process_index=0, process_count=1, num_epochs=1, **cfg):
+def _make(store, seed=0, process_index=0, process_count=1, num_epochs=1, augment=False, **cfg):
   return pipeline.make_dataset(cd.data_config(**cfg), cd.tiny_model(), store, cd.tokenizer(),
                                seed=seed, process_index=process_index,
-                               process_count=process_count, num_epochs=num_epochs)
+                               process_count=process_count, num_epochs=num_epochs,
+                               augment=augment)
 
 
 def test_batch_contract_and_buckets(store):
@@ -274,3 +275,66 @@ def test_a_stored_scan_with_nan_or_inf_is_an_unreadable_sample(tmp_path, host_dt
   assert all(np.isfinite(b['images']).all() for b in batches)
   want = transforms.prepare_images([good], [''], (16, 16, 8), cd.data_config())
   np.testing.assert_array_equal(batches[0]['images'][0, :1], want)
+
+
+def test_training_crops_2d_images_as_the_original_and_resumes_them(store):
+  """data.resize_2d='bicubic' with the train split's random crop: each 2D image of row r of
+  global batch i is `prepare_images` with the crop drawn from rng (seed, i, r); a held-out split
+  (no augment) takes each image whole; the crops differ between epochs and resume exactly."""
+  records = store.manifest()
+  def expected(batch, key, rows, cfg, rng_of):
+    for r, sample in enumerate(rows):
+      if sample < 0:
+        continue
+      entries = records[sample]['images']
+      arrays = [store.read(e['id']) for e in entries]
+      want = transforms.prepare_images(arrays, [''] * len(arrays),
+                                       (key.height, key.width, key.depth), cfg, crop_rng=rng_of(r))
+      np.testing.assert_array_equal(batch['images'][r][:len(arrays)], want)
+
+  cfg = cd.data_config(resize_2d='bicubic')
+  for augment in (True, False):
+    ds = _make(store, seed=3, num_epochs=2, augment=augment, resize_2d='bicubic')
+    batches = list(ds)
+    per_epoch = ds.plan.num_batches
+    crops = {}
+    for i, batch in enumerate(batches):
+      key, rows = ds.plan.epoch(i // per_epoch)[i % per_epoch]
+      if key.kind != '2d':
+        continue
+      expected(batch, key, rows, cfg,
+               lambda r, i=i: np.random.default_rng([3, i, r]) if augment else None)
+      for r, sample in enumerate(rows):
+        if sample >= 0:
+          crops.setdefault(sample, []).append(batch['images'][r].copy())
+    assert all(len(v) == 2 for v in crops.values()) and len(crops) == 7
+    differ = [not np.array_equal(a, b) for a, b in crops.values()]
+    assert all(differ) if augment else not any(differ)
+  it = iter(_make(store, seed=3, num_epochs=None, augment=True, resize_2d='bicubic'))
+  for _ in range(9):
+    next(it)
+  state = it.get_state()
+  after = [next(it) for _ in range(4)]
+  again = iter(_make(store, seed=3, num_epochs=None, augment=True, resize_2d='bicubic'))
+  again.set_state(state)
+  _assert_same(after, [next(again) for _ in range(4)])
+
+
+def test_a_non_8bit_2d_image_in_a_3d_bucket_is_carried_as_float32(tmp_path):
+  """host_dtype='stored': a 16-bit 2D image resized bicubic is float32, so its 3D bucket's
+  carrier is float32 (never the int16 of the stored voxels) and the device inputs equal the
+  float32 host path's."""
+  rng = np.random.default_rng(5)
+  cd.write_nifti(tmp_path / 'ct.nii.gz', cd.ct_volume((20, 18, 9), seed=1))
+  np.save(tmp_path / 'xray.npy', rng.integers(0, 4000, (1, 30, 26, 1)).astype(np.int16))
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', [{
+      'id': 'mixed', 'task': 'vqa', 'question': 'Compare.', 'answer': 'Same.',
+      'images': [{'path': 'ct.nii.gz', 'position': {'question': 0}, 'modality': 'CT'},
+                 {'path': 'xray.npy', 'position': {'question': 0}}]}])
+  ingest(manifest, str(tmp_path / 'store'), log=open(os.devnull, 'w'))
+  volumes = VolumeStore(str(tmp_path / 'store'))
+  stored, = list(_make(volumes, resize_2d='bicubic', host_dtype='stored'))
+  host, = list(_make(volumes, resize_2d='bicubic', host_dtype='float32'))
+  assert stored['images'].dtype == np.float32 and 'image_maps' in stored
+  a, b = cd.model_inputs(stored), cd.model_inputs(host)
+  np.testing.assert_array_equal(a['images'], b['images'])

@@ -124,3 +124,71 @@ def test_config_validates_the_intensity_fields():
   with pytest.raises(ConfigError, match='data.ct_windows'):
     load_config('configs/radfm.py:model=tiny', ['data.intensity=ct_windows3',
                                                 'data.ct_windows=[[40.0, 400.0]]'])
+
+
+# ------------------------------------------------------------------------------------------------
+# 2D images as the original loads them: crop box, then Pillow bicubic (data.resize_2d='bicubic')
+
+
+def _pil_resized_crop(hwc: np.ndarray, box, size: int) -> np.ndarray:
+  """What torchvision's `resized_crop` does to the original's PIL RGB image: crop, then resize
+  with the bicubic filter (the reference `bicubic_2d` must equal)."""
+  from PIL import Image
+  top, left, h, w = box
+  img = Image.fromarray(hwc).crop((left, top, left + w, top + h))
+  return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def test_bicubic_2d_is_pillows_rgb_resized_crop():
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+  chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))[..., None]
+  for box in [(3, 5, 30, 40), (0, 0, 37, 53), (10, 20, 27, 33)]:
+    out = T.bicubic_2d(chw, 32, box)
+    assert out.dtype == np.uint8 and out.shape == (3, 32, 32, 1)
+    np.testing.assert_array_equal(out[..., 0].transpose(1, 2, 0), _pil_resized_crop(rgb, box, 32))
+  grey = rgb[..., :1].copy()                        # one grey channel: the RGB image's channel
+  out = T.bicubic_2d(np.ascontiguousarray(grey.transpose(2, 0, 1))[..., None], 32, (3, 5, 30, 40))
+  np.testing.assert_array_equal(
+      out[0, :, :, 0], _pil_resized_crop(np.repeat(grey, 3, axis=2), (3, 5, 30, 40), 32)[..., 0])
+  # 16-bit: resized in float32 (no 8-bit rounding, no narrowing); a constant stays constant
+  deep = np.full((1, 20, 24, 1), 40000, np.uint16)
+  out = T.bicubic_2d(deep, 16)
+  assert out.dtype == np.float32 and np.all(out == 40000.0)
+  # the whole image at the target size is the image itself
+  same = rng.integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+  assert T.bicubic_2d(same, 32) is same
+
+
+def test_random_crop_box_draws_torchvisions_distribution():
+  rng = np.random.default_rng(1)
+  h, w = 300, 400
+  boxes = [T.random_crop_box(h, w, rng) for _ in range(500)]
+  for top, left, bh, bw in boxes:
+    assert 0 <= top <= h - bh and 0 <= left <= w - bw
+    assert 0.8 * h * w - (bh + bw) <= bh * bw <= h * w            # area share 0.8-1.0 (+ rounding)
+    assert 0.75 - 0.01 <= bw / bh <= 4 / 3 + 0.01                  # aspect 3/4-4/3 (+ rounding)
+  assert len(set(boxes)) > 400                                     # drawn, not fixed
+  again = np.random.default_rng(1)
+  assert [T.random_crop_box(h, w, again) for _ in range(500)] == boxes
+  # no aspect in range fits a 1 x 100 strip in ten tries: torchvision's centre-crop fallback
+  assert T.random_crop_box(1, 100, np.random.default_rng(2)) == (0, 49, 1, 1)
+
+
+def test_prepare_2d_touches_only_2d_images_and_follows_the_switch():
+  rng = np.random.default_rng(3)
+  img2d = rng.integers(0, 256, (3, 40, 50, 1), dtype=np.uint8)
+  vol = rng.integers(0, 1000, (1, 40, 50, 6)).astype(np.int16)
+  bicubic = cd.data_config(resize_2d='bicubic')
+  out2d, outvol = T.prepare_2d([img2d, vol], bicubic)
+  np.testing.assert_array_equal(out2d, T.bicubic_2d(img2d, 32))
+  assert outvol is vol
+  first = T.prepare_2d([img2d], bicubic, np.random.default_rng(7))[0]
+  np.testing.assert_array_equal(
+      first, T.bicubic_2d(img2d, 32, T.random_crop_box(40, 50, np.random.default_rng(7))))
+  assert T.prepare_2d([img2d], cd.data_config(resize_2d='nearest'))[0] is img2d
+  # the model input of the whole pipeline step: bicubic 32 x 32, then the depth bucket (4 slices)
+  out = T.prepare_images([img2d], [''], (32, 32, 4), bicubic)
+  np.testing.assert_array_equal(out[0, :, :, :, 0],
+                                T.bicubic_2d(img2d, 32)[..., 0] * np.float32(1 / 255))
+  assert np.all(out[0] == out[0, :, :, :, :1])

@@ -136,7 +136,11 @@ def test_random_image_path_or_unfrozen_tower_is_refused():
   with pytest.raises(ConfigError, match=r"config field train.freeze=\['vision', 'fc'\]: expected "
                      r"the vision tower frozen \(add \['perceiver'\]"):
     load_config(SPEC, ['data.image_cache=True', "train.freeze=['vision','fc']",
-                       'model.vision.dropout=0.0'])
+                       'model.vision.dropout=0.0', 'data.random_crop_2d=False'])
+  with pytest.raises(ConfigError, match=r"config field data.random_crop_2d=True: expected False "
+                     r"when data.image_cache=True \(cached image tokens are exact only for a "
+                     r"deterministic image path\)"):
+    load_config(SPEC, base + ['model.vision.dropout=0.0'])
 
 
 def test_scan_prepared_differently_in_two_samples_is_refused(run0, tmp_path):

@@ -137,7 +137,8 @@ def test_another_copy_of_the_data_reuses_the_built_run():
                           'data.tokenizer=/b/tok.model'))
   assert there is here
   assert loop.build(_cfg('data.store=/a/store', 'data.image_cache=True',
-                         "train.freeze=['vision_tower']", 'model.vision.dropout=0.0')) is not here
+                         "train.freeze=['vision_tower']", 'model.vision.dropout=0.0',
+                         'data.random_crop_2d=False')) is not here
 
 
 def test_run_dirs(monkeypatch):

@@ -9,9 +9,11 @@ from radfm_jax.cli import flags
 
 EXAMPLE = """\
 radfm-jax cache-images --checkpoint run --data store/
-# the whole flow: a frozen, dropout-free vision tower; step 0 saved; cached; then trained on tokens
+# the whole flow: a frozen, dropout-free vision tower, 2D images uncropped; step 0 saved; cached;
+# then trained on tokens
 radfm-jax train --config configs/radfm.py:model=small --config.train.freeze="['vision_tower']" \\
-    --config.model.vision.dropout=0.0 --config.data.store=store/ \\
+    --config.model.vision.dropout=0.0 --config.data.random_crop_2d=False \\
+    --config.data.store=store/ \\
     --config.data.tokenizer=tokenizer.model --workdir run --max-steps 0
 radfm-jax cache-images --checkpoint run --data store/
 radfm-jax train ... --workdir run --config.data.image_cache=True     # reads tokens, no ViT"""
@@ -24,7 +26,8 @@ def add_parser(sub):
       "the store's manifest (prepared as the training pipeline prepares it) and writes each "
       "scan's image tokens into STORE/image_tokens/, keyed by the vision weights' fingerprint "
       'and the scan id. A run with train.freeze covering the vision tower, '
-      'model.vision.dropout=0 and data.image_cache=True then reads tokens instead of volumes. '
+      'model.vision.dropout=0, data.random_crop_2d=False and data.image_cache=True then reads '
+      'tokens instead of volumes. '
       'Prints one JSON line (fingerprint, scans, bytes).', example=EXAMPLE)
   p.add_argument('--checkpoint', required=True,
                  help='training workdir / checkpoint folder (or a parameter-only checkpoint with '

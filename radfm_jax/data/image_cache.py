@@ -61,8 +61,9 @@ from radfm_jax.errors import InputError
 
 CACHE_DIR = 'image_tokens'
 # The data fields the prepared image of a scan depends on (data/transforms.py, data/batch.py).
-PREP_FIELDS = ('intensity', 'resize', 'image_size_2d', 'image_size_3d_single', 'depth_buckets',
-               'batch_size_2d', 'batch_size_3d', 'max_images', 'ct_windows', 'percentiles')
+PREP_FIELDS = ('intensity', 'resize', 'resize_2d', 'image_size_2d', 'image_size_3d_single',
+               'depth_buckets', 'batch_size_2d', 'batch_size_3d', 'max_images', 'ct_windows',
+               'percentiles')
 VISION_GROUPS = ('vision', 'perceiver', 'fc')
 
 

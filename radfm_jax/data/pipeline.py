@@ -179,7 +179,9 @@ class BatchPlan:
         names, channels = found[key]
         for im in rec['images'][:self.data_cfg.max_images]:
           if im['id'] in dtypes:               # a scan not stored: its row stays empty
-            names.add(dtypes[im['id']])
+            stored = dtypes[im['id']]          # a 2D image: as transforms.prepare_2d gives it
+            names.add(transforms.resized_2d_dtype(stored, self.data_cfg).name
+                      if int(im['shape'][3]) == 1 else stored)
           channels = max(channels, int(im['shape'][0]))
         found[key] = (names, channels)
     carriers = {k: (transforms.carrier_dtype(sorted(n), self.data_cfg.resize).name, c)
@@ -302,10 +304,13 @@ class BatchLoader:
 
   def __init__(self, plan: BatchPlan, records: list[dict], store: VolumeStore,
                tokenizer: Tokenizer, data_cfg, image_cache: ImageTokenCache | None = None,
-               copies: list[list[dict | None]] | None = None):
+               copies: list[list[dict | None]] | None = None, augment: bool = False):
     """`copies` (train_copies.choose): per record, per image, the training-resolution copy to
-    read instead of the full scan (None: the scan)."""
+    read instead of the full scan (None: the scan). `augment`: the training crop of 2D images
+    (with `data_cfg.random_crop_2d`), drawn from (seed, batch index, row): a resumed iterator
+    draws the same crops."""
     self.plan, self.records, self.store = plan, records, store
+    self.augment = bool(augment and getattr(data_cfg, 'random_crop_2d', False))
     self.copies = copies
     self.tokenizer, self.data_cfg = tokenizer, data_cfg
     self.image_cache = image_cache
@@ -367,9 +372,11 @@ class BatchLoader:
         continue
       ranges = ([None if c is None else (c['min'], c['max']) for c in copies]
                 if any(c is not None for c in copies) else None)
+      crop_rng = (np.random.default_rng([self.plan.seed, int(index), r]) if self.augment
+                  else None)
       batch_lib.record_inputs(rec, arrays, self.tokenizer, self.data_cfg,
                               text=self.plan.texts[sample],
-                              shape=hwd, slots=key.images, ranges=ranges,
+                              shape=hwd, slots=key.images, ranges=ranges, crop_rng=crop_rng,
                               length=key.length, out={k: batch[k][r] for k in row_keys})
       batch[_DATASETS].append(self.plan.datasets[sample])
     return batch
@@ -425,7 +432,8 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
                  stats: PipelineStats | None = None, num_threads: int = 2,
                  prefetch: int = 2, records: list[dict] | None = None,
                  image_cache: ImageTokenCache | None = None,
-                 mixture: dict[str, float] | None = None, log=None) -> grain.IterDataset:
+                 mixture: dict[str, float] | None = None, log=None,
+                 augment: bool = False) -> grain.IterDataset:
   """The training IterDataset over `store`'s manifest (records with `split`, if given).
 
   `store` / `tokenizer` default to `data_cfg.store` / `data_cfg.tokenizer` (paths), the manifest to
@@ -446,6 +454,9 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   `data_cfg.train_copies`): an image whose batch has a current copy's in-plane size is read
   from that copy (the same inputs bit for bit); a line on `log` (default stderr) says why any
   copy the store holds is not read.
+
+  `augment` (the train split): 2D images are cut by the original's random crop when
+  `data_cfg.random_crop_2d` (transforms.prepare_2d); else each is taken whole.
 
   `num_epochs=None` repeats forever (reshuffled each epoch). Worker processes:
   `data_cfg.num_workers` (0 = threads only). Host shard: jax.process_index()/process_count()
@@ -499,7 +510,7 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
       store, records, plan.keys, data_cfg)
   for note in notes + plan_notes(plan, records, data_cfg):
     print(note, file=log or sys.stderr, flush=True)
-  loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache, copies)
+  loader = BatchLoader(plan, records, store, tokenizer, data_cfg, image_cache, copies, augment)
   ds = grain.MapDataset.range(plan.num_batches).repeat(num_epochs).map_with_index(loader)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                prefetch_buffer_size=prefetch))

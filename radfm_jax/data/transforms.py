@@ -21,6 +21,7 @@ map) and for min-max with trilinear (an affine map commutes with interpolation).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -117,6 +118,85 @@ def resize(x: np.ndarray, shape: Sequence[int], mode: str = 'nearest') -> np.nda
     a, b = np.take(out, i0, axis=axis), np.take(out, i1, axis=axis)
     out = a + (b - a) * w1
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2D images as the original loads them (data.resize_2d='bicubic', data.random_crop_2d)
+
+# torchvision's RandomResizedCrop defaults as the original sets them: area share, aspect range.
+CROP_SCALE = (0.8, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_crop_box(height: int, width: int, rng: np.random.Generator,
+                    scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+  """(top, left, h, w) of a crop drawn as torchvision's `RandomResizedCrop.get_params`: ten tries
+  of an area share in `scale` and a log-uniform aspect in `ratio`, then the centre crop of the
+  clamped aspect. The same distribution; the draws come from `rng`, not torch's generator."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def bicubic_2d(x: np.ndarray, size: int, box: tuple[int, int, int, int] | None = None
+               ) -> np.ndarray:
+  """A 2D image [C, h, w, 1] -> [C, size, size, 1]: the `box` (top, left, h, w; None = the whole
+  image) cut out, then resized with Pillow's bicubic filter, channel by channel, as torchvision's
+  `resized_crop` does to the original's PIL image. uint8 stays uint8 (Pillow rounds and clips,
+  as the original's 8-bit RGB image did); any other dtype is resized as float32 (mode 'F')."""
+  from PIL import Image
+  c, h, w, d = x.shape
+  if d != 1:
+    raise ValueError(f'bicubic_2d takes a 2D image [C, h, w, 1], got {list(x.shape)}')
+  top, left, bh, bw = box if box is not None else (0, 0, h, w)
+  if (top, left, bh, bw) == (0, 0, h, w) and h == w == size:
+    return x
+  dtype = np.uint8 if x.dtype == np.uint8 else np.float32
+  out = np.empty((c, size, size, 1), dtype)
+  for k in range(c):
+    plane = Image.fromarray(np.ascontiguousarray(x[k, :, :, 0], dtype), 'L' if dtype == np.uint8
+                            else 'F')
+    plane = plane.crop((left, top, left + bw, top + bh))
+    out[k, :, :, 0] = np.asarray(plane.resize((size, size), Image.Resampling.BICUBIC))
+  return out
+
+
+def prepare_2d(images: Sequence[np.ndarray], data_cfg,
+               rng: np.random.Generator | None = None) -> list[np.ndarray]:
+  """The sample's 2D images (depth 1) through `bicubic_2d` to `data_cfg.image_size_2d` when
+  `data_cfg.resize_2d` is 'bicubic' (3D scans unchanged): each in a box drawn by
+  `random_crop_box` from `rng` (training with `data.random_crop_2d`), else whole."""
+  if getattr(data_cfg, 'resize_2d', 'nearest') != 'bicubic':
+    return list(images)
+  size = int(data_cfg.image_size_2d)
+  out = []
+  for x in images:
+    if x is not None and x.ndim == 4 and x.shape[3] == 1:
+      box = random_crop_box(x.shape[1], x.shape[2], rng) if rng is not None else None
+      x = bicubic_2d(x, size, box)
+    out.append(x)
+  return out
+
+
+def resized_2d_dtype(dtype, data_cfg) -> np.dtype:
+  """The dtype `prepare_2d` gives a 2D image stored as `dtype` (for a bucket's host carrier)."""
+  if getattr(data_cfg, 'resize_2d', 'nearest') != 'bicubic' or np.dtype(dtype) == np.uint8:
+    return np.dtype(dtype)
+  return np.dtype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,12 +300,14 @@ def _policy_maps(images, modalities, data_cfg, ranges):
 
 def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
                    shape: Sequence[int], data_cfg, out: np.ndarray | None = None,
-                   ranges=None) -> np.ndarray:
+                   ranges=None, crop_rng: np.random.Generator | None = None) -> np.ndarray:
   """Raw scans [C, h, w, d] (one per image) -> [S, 3, H, W, D] float32 in [0, 1].
 
   `out` (if given) is a preallocated [>=S, 3, H, W, D] buffer filled in place, so the collator
-  writes each image straight into the batch. `ranges`: see `channel_maps`.
+  writes each image straight into the batch. `ranges`: see `channel_maps`. 2D images first go
+  through `prepare_2d` (`crop_rng`: the training crop's draws; None: the whole image).
   """
+  images = prepare_2d(images, data_cfg, crop_rng)
   h, w, d = (int(v) for v in shape)
   if out is None:
     out = np.zeros((len(images), 3, h, w, d), np.float32)
@@ -255,11 +337,16 @@ def carrier_dtype(dtypes: Sequence[str], resize_mode: str = 'nearest') -> np.dty
 
 def prepare_stored(images: Sequence[np.ndarray], modalities: Sequence[str],
                    shape: Sequence[int], data_cfg, out: np.ndarray, maps: np.ndarray,
-                   ranges=None):
+                   ranges=None, crop_rng: np.random.Generator | None = None):
   """Raw scans [C, h, w, d] -> the resized voxels in `out` [>=S, C', H, W, D] (the carrier
   dtype, C' >= every C) and the intensity maps in `maps` [>=S, 3, 4] float32 (source, low,
   scale, clip per output channel, `map_coefficients`): `prepare_images` without the mapping,
-  which the device applies (data/batch.py: `device_inputs`). `ranges`: see `channel_maps`."""
+  which the device applies (data/batch.py: `device_inputs`). `ranges`, `crop_rng`: see
+  `prepare_images`."""
+  images = prepare_2d(images, data_cfg, crop_rng)
+  if any(x.dtype.kind == 'f' for x in images) and out.dtype.kind != 'f':
+    raise ValueError(f'carrier {out.dtype} cannot hold the float32 voxels of a resized 2D image '
+                     '(transforms.resized_2d_dtype)')
   chan_maps = _policy_maps(images, modalities, data_cfg, ranges)
   for s, (x, chan_map) in enumerate(zip(images, chan_maps)):
     x = resize(x, tuple(int(v) for v in shape), data_cfg.resize)

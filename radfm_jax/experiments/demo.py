@@ -9,7 +9,8 @@ tables drawn from uniform(0, 3) (the original's: uniform(0, 1); see docs/perform
 the image path at 0.3x the decoder's learning rate, no TensorBoard, one checkpoint at the end,
 `demo.closed_first`: the fraction of the steps trained on closed questions only before the reports
 join (`radfm_jax.demo.Curriculum`), and `demo.decoder_delay`: the fraction of the steps in which
-the decoder's layers hold still. Everything can still be
+the decoder's layers hold still, 2D images resized as the 3D ones (nearest, no random crop: the
+original's bicubic crop, `data.resize_2d`, is off). Everything can still be
 overridden with dotted flags (`demo.closed_first=0` trains on the full mix from step 0).
 """
 
@@ -47,6 +48,11 @@ def get_config(arg=''):
   cfg.data.batch_size_3d = 8
   cfg.data.text_lengths = [80]             # longest demo text (a report) is 73 tokens
   cfg.data.max_images = 1
+  # 2D images resized like the 3D ones (nearest) and never cropped (the original's bicubic crop,
+  # data.resize_2d / data.random_crop_2d): the demo's figures (docs/performance.md) were measured
+  # this way, and a random crop could cut off the side or the level its reports name.
+  cfg.data.resize_2d = 'nearest'
+  cfg.data.random_crop_2d = False
 
   cfg.generate.max_new_tokens = 48
 

@@ -130,6 +130,7 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None,
   # the training mixture (data.mixture) weighs the train split; any other split is read once
   ds = make_dataset(cfg.data, cfg.model, volumes, tokenizer, seed=cfg.seed, records=records,
                     num_epochs=None if split == 'train' else 1, image_cache=image_cache,
+                    augment=split == 'train',
                     mixture=mixture_weights(cfg.data) if split == 'train' else None)
   buckets = sorted(ds.plan.buckets.items(), key=lambda kv: dataclasses.astuple(kv[0]))
   check_batch_axes(cfg, num_devices, jax.process_count(), sorted({k.kind for k, _ in buckets}))
