@@ -479,8 +479,8 @@ def import_config_file(path: str):
     spec.loader.exec_module(module)
   except SyntaxError as e:
     raise ConfigError(f'config file {path} line {e.lineno}: SyntaxError: {e.msg}') from e
-  except Exception as e:  # noqa: BLE001  (the user's code: whatever it raises is told as one line)
-    raise ConfigError(_raised_in(path, e)) from e
+  except (Exception, SystemExit) as e:  # noqa: BLE001  (the user's code: whatever it raises,
+    raise ConfigError(_raised_in(path, e)) from e    # a sys.exit too, is told as one line)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config(arg)')
   return module
@@ -548,8 +548,8 @@ def load_config_dict(spec: str, overrides: Sequence[str] = ()) -> ml_collections
     raise
   except ValueError as e:     # the file's own check of ARG (e.g. presets.select: model=<size>)
     raise ConfigError(f'--config {spec}: {e}') from e
-  except Exception as e:  # noqa: BLE001  (a bug in the user's get_config: one line, --verbose)
-    raise ConfigError(_raised_in(resolved, e)) from e
+  except (Exception, SystemExit) as e:  # noqa: BLE001  (a bug in the user's get_config, or its
+    raise ConfigError(_raised_in(resolved, e)) from e   # sys.exit: one line, --verbose)
   return apply_overrides(with_defaults(diff), overrides)
 
 

@@ -147,7 +147,12 @@ def test_generate_config_sources(tmp_path):
   assert generate_config(str(tmp_path), overrides=['generate.top_k=4']) == GenerateConfig(
       max_new_tokens=7, stop_ids=(1,), top_k=4)
   from_file = generate_config(str(tmp_path), 'configs/radfm.py:model=tiny',
-                              ['generate.temperature=0.5', 'model.llama.num_layers=3'])
+                              ['generate.temperature=0.5'])
   assert from_file == GenerateConfig(temperature=0.5)
   with pytest.raises(ConfigError, match='only generate'):
     generate_config(str(tmp_path), overrides=['train.steps=3'])
+  # with a config file too: a data or model override would be read and do nothing
+  for other in ('model.llama.num_layers=3', 'data.intensity=percentile'):
+    with pytest.raises(ConfigError, match=r"override '" + other + r"': only generate\.\* fields "
+                       r'apply here .*--intensity'):
+      generate_config(str(tmp_path), 'configs/radfm.py:model=tiny', [other])

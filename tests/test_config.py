@@ -63,6 +63,18 @@ def test_an_experiment_key_that_is_not_a_string_is_one_error(tmp_path):
   with pytest.raises(ConfigError, match='config top level: key None of type NoneType'):
     validate({None: {}})
 
+
+def test_an_experiment_file_calling_sys_exit_is_one_error(tmp_path):
+  """A sys.exit in an experiment file ended the command with that code and no message."""
+  top = tmp_path / 'top.py'
+  top.write_text('import sys\nsys.exit(3)\n')
+  with pytest.raises(ConfigError, match=rf'^config file {top} line 2: SystemExit: 3$'):
+    load_config(str(top))
+  inner = tmp_path / 'inner.py'
+  inner.write_text('import sys\n\ndef get_config(arg):\n  sys.exit("no such size")\n')
+  with pytest.raises(ConfigError, match=rf'^config file {inner} line 4: SystemExit: no such size$'):
+    load_config(str(inner))
+
 @pytest.mark.parametrize('override,field,expected', [
     ('model.vision.image_size=70', 'model.vision.image_size=70', 'multiple of model.vision.patch_size=16'),
     ('model.vision.frames=18', 'model.vision.frames=18', 'multiple of model.vision.frame_patch_size=4'),

@@ -18,7 +18,8 @@ radfm-jax generate --checkpoint runs/small --input prompts.jsonl --output answer
 # (an image may also be {"path": ..., "modality": "CT", "frame": N, "index": N}: frame picks a
 #  volume of a 4D NIfTI, index an image of a 5D .npy stack); each output line adds "prediction\""""
 
-GENERATE_NOTE = ('The model comes from the checkpoint; only the generate section is read. It '
+GENERATE_NOTE = ('The model comes from the checkpoint; only the generate section is read (an '
+                 '--config.FIELD override outside it is refused). It '
                  "defaults to the checkpoint's training run's saved section, else the "
                  'GenerateConfig defaults (greedy, 200 new tokens, stop_ids [2, 1]; [1] stops '
                  "where the original does).")

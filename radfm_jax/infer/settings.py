@@ -21,12 +21,16 @@ from radfm_jax.config import (ConfigError, GenerateConfig, apply_overrides, load
 def generate_config(checkpoint: str | None = None, spec: str | None = None,
                     overrides: Sequence[str] = ()) -> GenerateConfig:
   """The validated generate section for a checkpoint (see the module doc)."""
+  # Only the generate section is read (of a config file too): an override of another field
+  # would be accepted and do nothing, so it is refused.
+  other = [o for o in overrides
+           if not o.strip().lstrip('-').removeprefix('config.').startswith('generate.')]
+  if other:
+    raise ConfigError(f'override {other[0]!r}: only generate.* fields apply here (the model and '
+                      "the data settings come from the checkpoint; the image intensity: "
+                      '--intensity)')
   if spec:
     return load_config(spec, overrides).generate
-  other = [o for o in overrides if not o.strip().startswith('generate.')]
-  if other:
-    raise ConfigError(f'override {other[0]!r}: without a config file only generate.* fields '
-                      'apply (the model comes from the checkpoint)')
   saved = meta.read_section(checkpoint, 'generate', GenerateConfig) if checkpoint else {}
   cfg = with_defaults({'generate': saved})
   return validate(apply_overrides(cfg, overrides)).generate
