@@ -18,9 +18,10 @@ from __future__ import annotations
 import collections
 import re
 import string
+import unicodedata
 from typing import Sequence
 
-_PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
+_ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _YES_NO = {"yes", "no"}
 # Option answers: "A", "a)", "(B)", "C. effusion", "option d", "answer: E".
@@ -28,9 +29,16 @@ _OPTION = re.compile(r"^\s*(?:the\s+)?(?:answer|option)?\s*(?:is)?\s*[:\-]?\s*\(
                      re.IGNORECASE)
 
 
+def _is_punct(char: str) -> bool:
+  # ASCII punctuation (string.punctuation, symbols such as "+" included) and every Unicode
+  # punctuation character: a model writes curly quotes, dashes and CJK stops too ("“Yes,”",
+  # "yes。"), which must not glue onto the word beside them.
+  return char in _ASCII_PUNCT or unicodedata.category(char).startswith("P")
+
+
 def normalize(text: str) -> str:
-  """Lowercase, replace punctuation with spaces, collapse whitespace."""
-  return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
+  """Lowercase, replace punctuation (ASCII and Unicode) with spaces, collapse whitespace."""
+  return " ".join("".join(" " if _is_punct(c) else c for c in str(text).lower()).split())
 
 
 def _option_letter(text: str) -> str | None:
