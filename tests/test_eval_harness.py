@@ -162,3 +162,26 @@ def test_rescore_in_place_keeps_what_only_the_generating_run_knew(tmp_path):
     assert got['overall']['n'] == 1 and got['overall']['closed_accuracy'] == 1.0
   elsewhere = harness.rescore(str(tmp_path / 'predictions.jsonl'), out_dir=str(tmp_path / 'new'))
   assert 'skipped' not in elsewhere                     # another folder: nothing to carry over
+
+
+def test_a_question_too_long_is_refused_before_any_sample_is_generated(data, tmp_path):
+  """The second sample's question does not fit the model's positions: one line naming it, and
+  the first sample is not generated first (its answer would be thrown away with the run)."""
+  from radfm_jax.config import GenerateConfig
+  from radfm_jax.infer import generate
+  from radfm_jax.models.radfm import create_model
+  records = [{'id': 'short', 'question': 'Is it?', 'answer': 'Yes', 'images': []},
+             {'id': 'long', 'question': 'word ' * 1100, 'answer': 'No', 'images': []}]
+  samples = harness.load_samples(cd.write_manifest(tmp_path / 'm.jsonl', records))
+  model = create_model(cd.tiny_model(), seed=0)
+  calls = generate._compiled_decode.cache_info()
+  with pytest.raises(InputError) as e:
+    harness.evaluate(model, cd.tokenizer(), samples, sampling=GenerateConfig(max_new_tokens=2),
+                     out_dir=str(tmp_path / 'out'), progress=False)
+  assert str(e.value) == (
+      "sample 'long': prompt of 3302 tokens (image blocks included) + generate.max_new_tokens=2 "
+      "exceeds the model's 1024 positions (model.llama.max_position_embeddings): shorten the "
+      "prompt or lower generate.max_new_tokens")
+  after = generate._compiled_decode.cache_info()
+  assert after.hits + after.misses == calls.hits + calls.misses      # nothing was generated
+  assert not os.path.exists(tmp_path / 'out' / 'predictions.jsonl')

@@ -175,15 +175,27 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
 
   A sample with an unreadable scan is skipped and appended to `skipped` ({'sample_id',
   'scan_id', 'reason'}, as training's `PipelineStats.skipped`), unless `data_cfg.drop_unreadable`
-  is False: then it is an InputError naming the sample. A tqdm bar on stderr counts samples
+  is False: then it is an InputError naming the sample. A question that does not fit the model's
+  positions with `sampling.max_new_tokens` is an InputError naming it, before anything is
+  generated. A tqdm bar on stderr counts samples
   unless `progress` is False.
   """
   from tqdm import tqdm
 
-  from radfm_jax.infer.text import generate_batch
+  from radfm_jax.infer.text import check_prompt_fits, generate_batch
   cfg = model.cfg
   max_images = min(cfg.max_images, tokenizer.max_images)
   drop = data_cfg is None or data_cfg.drop_unreadable
+  # Every question (with its record's image blocks) must fit the model's positions with the new
+  # tokens: checked for all samples before any is generated, as generate's prompt files are
+  # (`prompt_files.check_items`), so a long question late in the split fails at once instead of
+  # discarding the answers generated before it. (A raw manifest's 5D stack may read as more
+  # images than its record lists: `generate_batch` checks each batch again.)
+  for s in samples:
+    question = format_question(s, s.record.get('images', []), cfg.perceiver.num_latents,
+                               max_images)[0]
+    check_prompt_fits(len(tokenizer.encode(question)), cfg, sampling.max_new_tokens,
+                      _sample_name(s))
   skipped = skipped if skipped is not None else []
   # Samples with the same image count batch together (fewer padded image slots and programs).
   order = sorted(samples, key=lambda s: len(s.record.get('images', [])))
@@ -195,7 +207,7 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
     texts = generate_batch(model, tokenizer, [p[1] for p in padded], [p[3] for p in padded],
                            modalities=[p[4] for p in padded], sampling=sampling,
                            data_cfg=data_cfg, seed=seed + done[0],
-                           names=[f'sample {p[0].record.get("id", p[0].index)!r}' for p in padded])
+                           names=[_sample_name(p[0]) for p in padded])
     for (s, question, ref, _, _), text in zip(pending, texts):
       rows[s.index] = prediction_row(s, question, ref, text)
     done[0] += len(pending)
@@ -224,6 +236,10 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
     if pending:
       flush(bar)
   return [rows[s.index] for s in samples if s.index in rows]
+
+
+def _sample_name(sample: Sample) -> str:
+  return f'sample {sample.record.get("id", sample.index)!r}'
 
 
 def prediction_row(sample: Sample, question: str, reference: str, prediction: str) -> dict:
