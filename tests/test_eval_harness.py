@@ -185,3 +185,29 @@ def test_a_question_too_long_is_refused_before_any_sample_is_generated(data, tmp
   after = generate._compiled_decode.cache_info()
   assert after.hits + after.misses == calls.hits + calls.misses      # nothing was generated
   assert not os.path.exists(tmp_path / 'out' / 'predictions.jsonl')
+
+
+def test_a_record_without_an_id_gets_its_number_in_the_file_not_in_the_split(data, tmp_path):
+  """The default id was the record's number within the split: here 1 for the third record, the
+  given id of the second, and `eval --predictions` refused the eval's own predictions.jsonl for
+  a repeated id. It is now the manifest's default (ingest's, kept unique by `read_records`): the
+  record's number in the whole file, from 0."""
+  from radfm_jax.models.radfm import create_model
+  records = [{'question': 'Is it?', 'answer': 'Yes', 'split': 'train', 'images': []},
+             {'id': '1', 'question': 'Is it?', 'answer': 'No', 'split': 'eval', 'images': []},
+             {'question': 'Which?', 'answer': 'left', 'split': 'eval', 'images': []}]
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', records)
+  assert [s.sample_id for s in harness.load_samples(manifest, split='eval')] == ['1', '2']
+  assert [s.sample_id for s in harness.load_samples(manifest, limit=1)] == ['0']
+  api.save(create_model(cd.tiny_model(), seed=0), str(tmp_path / 'ckpt'))
+  out = tmp_path / 'out'
+  assert main(['eval', '--checkpoint', str(tmp_path / 'ckpt'), '--data', manifest,
+               '--tokenizer', str(data / 'tok.model'), '--out', str(out), '--batch-size', '2',
+               '--config.generate.max_new_tokens=2', '--entities', 'none', '--no-progress']) == 0
+  rows = [json.loads(line) for line in open(out / 'predictions.jsonl')]
+  assert [(r['id'], r['reference']) for r in rows] == [('1', 'No'), ('2', 'left')]
+  first = json.load(open(out / 'summary.json'))
+  assert main(['eval', '--predictions', str(out / 'predictions.jsonl'), '--out', str(out),
+               '--entities', 'none']) == 0
+  again = json.load(open(out / 'summary.json'))
+  assert again['overall'] == first['overall'] and again['n_samples'] == 2

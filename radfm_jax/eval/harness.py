@@ -61,6 +61,16 @@ class Sample:
   task: str
   source: object             # VolumeStore, or the raw manifest's folder (str)
   dataset: str = 'default'   # the record's `dataset` (manifest.dataset_of)
+  # The record's `id`, else its manifest default: the record's number in the whole file, from 0
+  # (as ingest stores it), which `read_records` keeps apart from every given id, so no two rows of
+  # predictions.jsonl share one. None (a Sample built by hand): the record's id, else `index`.
+  id: str | int | None = None
+
+  @property
+  def sample_id(self) -> str | int:
+    if self.id is not None:
+      return self.id
+    return self.record.get('id', str(self.index))
 
 
 def _kind(record: dict) -> str:
@@ -90,17 +100,20 @@ def load_samples(data: str, limit: int | None = None, split: str | None = None) 
     source, manifest = os.path.dirname(path), path
   # the store's own manifest (store form), or a raw one (input form: images by path)
   records = read_records(manifest, form='store' if isinstance(source, VolumeStore) else 'input')
+  # A record without an id gets the manifest's default, its number in the whole file (from 0),
+  # before the split is chosen: its number in the split could equal another record's given id,
+  # and eval's own predictions.jsonl would then be refused for a repeated id.
+  chosen = [(r['id'] if 'id' in r else str(n), r) for n, r in enumerate(records)]
   if split is not None:
-    chosen = [r for r in records if str(r.get('split', 'train')) == split]
+    chosen = [(i, r) for i, r in chosen if str(r.get('split', 'train')) == split]
     if not chosen:
       present = collections.Counter(str(r.get('split', 'train')) for r in records)
       raise InputError(f'{manifest}: no samples in split {split!r} (splits here: '
                        f'{dict(sorted(present.items())) or "none, the manifest is empty"}); '
                        'choose one with --split NAME, or --split all')
-    records = chosen
-  records = records[:limit] if limit else records
-  return [Sample(i, r, _kind(r), str(r.get('task') or ''), source, dataset_of(r))
-          for i, r in enumerate(records)]
+  chosen = chosen[:limit] if limit else chosen
+  return [Sample(i, r, _kind(r), str(r.get('task') or ''), source, dataset_of(r), sample_id)
+          for i, (sample_id, r) in enumerate(chosen)]
 
 
 class UnreadableScan(InputError):
@@ -222,9 +235,8 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
         arrays, modalities, entries = read_sample_images(s)
       except UnreadableScan as e:    # as in training (data/pipeline.py): count it, go on
         if not drop:
-          raise InputError(f'sample {s.record.get("id", s.index)!r}: {e} '
-                           '(data.drop_unreadable=False)') from e
-        skipped.append({'sample_id': s.record.get('id', str(s.index)), 'scan_id': e.scan,
+          raise InputError(f'{_sample_name(s)}: {e} (data.drop_unreadable=False)') from e
+        skipped.append({'sample_id': s.sample_id, 'scan_id': e.scan,
                         'reason': e.reason})
         bar.update(1)
         bar.set_postfix(skipped=len(skipped))
@@ -239,13 +251,13 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
 
 
 def _sample_name(sample: Sample) -> str:
-  return f'sample {sample.record.get("id", sample.index)!r}'
+  return f'sample {sample.sample_id!r}'
 
 
 def prediction_row(sample: Sample, question: str, reference: str, prediction: str) -> dict:
   """One line of predictions.jsonl: what `score` reads (reference, prediction, kind, task,
   dataset) with the sample's id and its question (image blocks as `<image>`)."""
-  return {'id': sample.record.get('id', str(sample.index)), 'question': _plain(question),
+  return {'id': sample.sample_id, 'question': _plain(question),
           'reference': reference, 'prediction': prediction, 'kind': sample.kind,
           'task': sample.task, 'dataset': sample.dataset}
 
