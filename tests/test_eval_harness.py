@@ -211,3 +211,72 @@ def test_a_record_without_an_id_gets_its_number_in_the_file_not_in_the_split(dat
                '--entities', 'none']) == 0
   again = json.load(open(out / 'summary.json'))
   assert again['overall'] == first['overall'] and again['n_samples'] == 2
+
+
+def test_an_interrupted_eval_resumes_to_the_predictions_of_an_uninterrupted_one(data, tmp_path,
+                                                                                capsys):
+  """`eval` keeps its progress in OUT/predictions.jsonl.partial, a batch per line. Here the 4th
+  sample's scan is a FIFO: reading it blocks after the first batch (2 samples) is written, and a
+  SIGTERM to the main thread interrupts the run there, as a scheduler's would. The same command
+  again (after a kill's cut last line) resumes: the rows equal those of a run never interrupted,
+  sampling seeds included, each sample once; other settings are refused in one line."""
+  import shutil
+  import signal
+  import threading
+
+  from radfm_jax.models.radfm import create_model
+  api.save(create_model(cd.tiny_model(), seed=0), str(tmp_path / 'ckpt'))
+  shutil.copy(data / 'x.png', tmp_path / 'x.png')
+  os.mkfifo(tmp_path / 'late.png')   # a NIfTI reader refuses it at once: an empty file
+  records = [{'id': f's{i}', 'task': 'vqa', 'question': f'Question {i}?', 'answer': 'yes',
+              'split': 'eval', 'images': [{'path': 'late.png' if i == 3 else 'x.png',
+                                           'position': {'question': 0}}]} for i in range(5)]
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', records)
+
+  def run(out, *extra):
+    return main(['eval', '--checkpoint', str(tmp_path / 'ckpt'), '--data', manifest,
+                 '--tokenizer', str(data / 'tok.model'), '--out', str(out), '--batch-size', '2',
+                 '--seed', '3', '--config.generate.max_new_tokens=3',
+                 '--config.generate.temperature=1.0', '--entities', 'none', '--no-progress',
+                 *extra])
+
+  out = tmp_path / 'out'
+  partial = out / 'predictions.jsonl.partial'
+  main_thread = threading.main_thread().ident
+
+  def interrupt_after_the_first_batch():
+    for _ in range(3000):
+      if partial.exists() and partial.read_bytes().count(b'\n') >= 2:   # header + one batch
+        break
+      threading.Event().wait(0.01)
+    signal.pthread_kill(main_thread, signal.SIGTERM)   # also when none came: fail, not hang
+
+  watcher = threading.Thread(target=interrupt_after_the_first_batch, daemon=True)
+  watcher.start()
+  assert run(out) == 130
+  watcher.join()
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f'radfm-jax eval: interrupted (SIGTERM; 2 of 5 samples kept in {partial}; run the same '
+      'command again to resume)')
+  assert not (out / 'predictions.jsonl').exists()
+  kept = partial.read_text().splitlines()
+  assert len(kept) == 2 and [r[1]['id'] for r in json.loads(kept[1])['rows']] == ['s0', 's1']
+  os.remove(tmp_path / 'late.png')
+  shutil.copy(data / 'x.png', tmp_path / 'late.png')
+  assert run(out, '--seed', '4') == 2
+  assert capsys.readouterr().err.strip() == (
+      f'radfm-jax eval: {partial}: the progress of an interrupted eval with another seed (was 3, '
+      'now 4); expected the same samples, checkpoint and settings: rerun the eval as it was to '
+      'resume it, or delete the file to start over')
+  with open(partial, 'ab') as f:
+    f.write(b'{"rows": [[2, {"id": "s2"')      # a batch a kill cut mid-write: not done
+  assert run(out) == 0
+  assert not partial.exists()
+  assert run(tmp_path / 'whole') == 0           # never interrupted
+  resumed = json.load(open(out / 'summary.json'))
+  whole = json.load(open(tmp_path / 'whole' / 'summary.json'))
+  assert (resumed['resumed'], whole['resumed'], resumed['n_samples']) == (2, 0, 5)
+  got = (out / 'predictions.jsonl').read_text()
+  assert got == (tmp_path / 'whole' / 'predictions.jsonl').read_text()
+  assert [json.loads(line)['id'] for line in got.splitlines()] == ['s0', 's1', 's2', 's3', 's4']
+  assert resumed['overall'] == whole['overall']
