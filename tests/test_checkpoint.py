@@ -144,6 +144,37 @@ def test_missing_or_unknown_layout_is_an_error(saved, tmp_path):
     checkpoint.load(str(tmp_path / 'nowhere'))
 
 
+def test_a_tree_without_its_metadata_is_refused_by_load_and_leaf_reader(saved, tmp_path, capsys):
+  """Orbax writes `_METADATA` with every tree. `load` read a parameter-only checkpoint without
+  it (and so could not check for stored parameters the config does not describe) while
+  `LeafReader` (convert to-torch) refused it: both now refuse it with the same one line, for
+  both layouts; a `_METADATA` that does not parse likewise."""
+  from radfm_jax.checkpoint.train_state import CheckpointRestoreError
+  from radfm_jax.cli.main import main
+  root = saved[0]
+  params, run = tmp_path / 'params', tmp_path / 'run'
+  shutil.copytree(root / 'params', params)
+  shutil.copytree(root / 'run', run)
+  gone = params / 'params' / '_METADATA'
+  os.remove(gone)
+  cut = run / 'checkpoints' / '7' / 'state' / '_METADATA'
+  cut.write_text('{"tree_metadata": {')
+  want = {params: f'checkpoint: {gone}: missing; expected the tree metadata Orbax writes with '
+                  'every checkpoint (was it completely written or copied?)',
+          run: f'checkpoint step 7: {cut}: does not parse (Expecting property name enclosed in '
+               'double quotes: line 1 column 20 (char 19))'}
+  for folder, message in want.items():
+    for read in (checkpoint.load, checkpoint.LeafReader):
+      with pytest.raises(CheckpointRestoreError) as e:
+        read(str(folder))
+      assert str(e.value) == message
+  out = tmp_path / 'exported.safetensors'
+  assert main(['convert', 'to-torch', '--checkpoint', str(params), '--out', str(out)]) == 2
+  assert capsys.readouterr().err.strip() == f'radfm-jax convert: {want[params]}'
+  assert not out.exists()
+  _assert_same(_params(checkpoint.load(str(run), step=3)[0]), _params(saved[1]))   # intact step
+
+
 def test_previous_release_layouts_load(saved, tmp_path):
   """config.json without "layout" (the previous release): params/ beside it is a parameter-only
   checkpoint; checkpoints/ beside it a training workdir whose config.json sat in the workdir."""

@@ -162,3 +162,121 @@ def test_rescore_in_place_keeps_what_only_the_generating_run_knew(tmp_path):
     assert got['overall']['n'] == 1 and got['overall']['closed_accuracy'] == 1.0
   elsewhere = harness.rescore(str(tmp_path / 'predictions.jsonl'), out_dir=str(tmp_path / 'new'))
   assert 'skipped' not in elsewhere                     # another folder: nothing to carry over
+
+
+def test_a_question_too_long_is_refused_before_any_sample_is_generated(data, tmp_path):
+  """The second sample's question does not fit the model's positions: one line naming it, and
+  the first sample is not generated first (its answer would be thrown away with the run)."""
+  from radfm_jax.config import GenerateConfig
+  from radfm_jax.infer import generate
+  from radfm_jax.models.radfm import create_model
+  records = [{'id': 'short', 'question': 'Is it?', 'answer': 'Yes', 'images': []},
+             {'id': 'long', 'question': 'word ' * 1100, 'answer': 'No', 'images': []}]
+  samples = harness.load_samples(cd.write_manifest(tmp_path / 'm.jsonl', records))
+  model = create_model(cd.tiny_model(), seed=0)
+  calls = generate._compiled_decode.cache_info()
+  with pytest.raises(InputError) as e:
+    harness.evaluate(model, cd.tokenizer(), samples, sampling=GenerateConfig(max_new_tokens=2),
+                     out_dir=str(tmp_path / 'out'), progress=False)
+  assert str(e.value) == (
+      "sample 'long': prompt of 3302 tokens (image blocks included) + generate.max_new_tokens=2 "
+      "exceeds the model's 1024 positions (model.llama.max_position_embeddings): shorten the "
+      "prompt or lower generate.max_new_tokens")
+  after = generate._compiled_decode.cache_info()
+  assert after.hits + after.misses == calls.hits + calls.misses      # nothing was generated
+  assert not os.path.exists(tmp_path / 'out' / 'predictions.jsonl')
+
+
+def test_a_record_without_an_id_gets_its_number_in_the_file_not_in_the_split(data, tmp_path):
+  """The default id was the record's number within the split: here 1 for the third record, the
+  given id of the second, and `eval --predictions` refused the eval's own predictions.jsonl for
+  a repeated id. It is now the manifest's default (ingest's, kept unique by `read_records`): the
+  record's number in the whole file, from 0."""
+  from radfm_jax.models.radfm import create_model
+  records = [{'question': 'Is it?', 'answer': 'Yes', 'split': 'train', 'images': []},
+             {'id': '1', 'question': 'Is it?', 'answer': 'No', 'split': 'eval', 'images': []},
+             {'question': 'Which?', 'answer': 'left', 'split': 'eval', 'images': []}]
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', records)
+  assert [s.sample_id for s in harness.load_samples(manifest, split='eval')] == ['1', '2']
+  assert [s.sample_id for s in harness.load_samples(manifest, limit=1)] == ['0']
+  api.save(create_model(cd.tiny_model(), seed=0), str(tmp_path / 'ckpt'))
+  out = tmp_path / 'out'
+  assert main(['eval', '--checkpoint', str(tmp_path / 'ckpt'), '--data', manifest,
+               '--tokenizer', str(data / 'tok.model'), '--out', str(out), '--batch-size', '2',
+               '--config.generate.max_new_tokens=2', '--entities', 'none', '--no-progress']) == 0
+  rows = [json.loads(line) for line in open(out / 'predictions.jsonl')]
+  assert [(r['id'], r['reference']) for r in rows] == [('1', 'No'), ('2', 'left')]
+  first = json.load(open(out / 'summary.json'))
+  assert main(['eval', '--predictions', str(out / 'predictions.jsonl'), '--out', str(out),
+               '--entities', 'none']) == 0
+  again = json.load(open(out / 'summary.json'))
+  assert again['overall'] == first['overall'] and again['n_samples'] == 2
+
+
+def test_an_interrupted_eval_resumes_to_the_predictions_of_an_uninterrupted_one(data, tmp_path,
+                                                                                capsys):
+  """`eval` keeps its progress in OUT/predictions.jsonl.partial, a batch per line. Here the 4th
+  sample's scan is a FIFO: reading it blocks after the first batch (2 samples) is written, and a
+  SIGTERM to the main thread interrupts the run there, as a scheduler's would. The same command
+  again (after a kill's cut last line) resumes: the rows equal those of a run never interrupted,
+  sampling seeds included, each sample once; other settings are refused in one line."""
+  import shutil
+  import signal
+  import threading
+
+  from radfm_jax.models.radfm import create_model
+  api.save(create_model(cd.tiny_model(), seed=0), str(tmp_path / 'ckpt'))
+  shutil.copy(data / 'x.png', tmp_path / 'x.png')
+  os.mkfifo(tmp_path / 'late.png')   # a NIfTI reader refuses it at once: an empty file
+  records = [{'id': f's{i}', 'task': 'vqa', 'question': f'Question {i}?', 'answer': 'yes',
+              'split': 'eval', 'images': [{'path': 'late.png' if i == 3 else 'x.png',
+                                           'position': {'question': 0}}]} for i in range(5)]
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', records)
+
+  def run(out, *extra):
+    return main(['eval', '--checkpoint', str(tmp_path / 'ckpt'), '--data', manifest,
+                 '--tokenizer', str(data / 'tok.model'), '--out', str(out), '--batch-size', '2',
+                 '--seed', '3', '--config.generate.max_new_tokens=3',
+                 '--config.generate.temperature=1.0', '--entities', 'none', '--no-progress',
+                 *extra])
+
+  out = tmp_path / 'out'
+  partial = out / 'predictions.jsonl.partial'
+  main_thread = threading.main_thread().ident
+
+  def interrupt_after_the_first_batch():
+    for _ in range(3000):
+      if partial.exists() and partial.read_bytes().count(b'\n') >= 2:   # header + one batch
+        break
+      threading.Event().wait(0.01)
+    signal.pthread_kill(main_thread, signal.SIGTERM)   # also when none came: fail, not hang
+
+  watcher = threading.Thread(target=interrupt_after_the_first_batch, daemon=True)
+  watcher.start()
+  assert run(out) == 130
+  watcher.join()
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f'radfm-jax eval: interrupted (SIGTERM; 2 of 5 samples kept in {partial}; run the same '
+      'command again to resume)')
+  assert not (out / 'predictions.jsonl').exists()
+  kept = partial.read_text().splitlines()
+  assert len(kept) == 2 and [r[1]['id'] for r in json.loads(kept[1])['rows']] == ['s0', 's1']
+  os.remove(tmp_path / 'late.png')
+  shutil.copy(data / 'x.png', tmp_path / 'late.png')
+  assert run(out, '--seed', '4') == 2
+  assert capsys.readouterr().err.strip() == (
+      f'radfm-jax eval: {partial}: the progress of an interrupted eval with another seed (was 3, '
+      'now 4); expected the same samples, checkpoint and settings: rerun the eval as it was to '
+      'resume it, or delete the file to start over')
+  with open(partial, 'ab') as f:
+    f.write(b'{"rows": [[2, {"id": "s2"')      # a batch a kill cut mid-write: not done
+  assert run(out) == 0
+  assert not partial.exists()
+  assert run(tmp_path / 'whole') == 0           # never interrupted
+  resumed = json.load(open(out / 'summary.json'))
+  whole = json.load(open(tmp_path / 'whole' / 'summary.json'))
+  assert (resumed['resumed'], whole['resumed'], resumed['n_samples']) == (2, 0, 5)
+  got = (out / 'predictions.jsonl').read_text()
+  assert got == (tmp_path / 'whole' / 'predictions.jsonl').read_text()
+  assert [json.loads(line)['id'] for line in got.splitlines()] == ['s0', 's1', 's2', 's3', 's4']
+  assert resumed['overall'] == whole['overall']

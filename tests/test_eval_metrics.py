@@ -93,3 +93,34 @@ def test_compute_metrics_guesses_kinds_and_validates():
   assert out["n_closed"] == 2 and out["closed_accuracy"] == 0.5
   with pytest.raises(ValueError, match="closed"):
     M.compute_metrics(["a"], ["a"], ["maybe"])
+
+
+@pytest.mark.parametrize("pred,ref,ok", [
+    ("“Yes,” there is a nodule", "yes", True),     # curly quotes around the first word
+    ("Yes—there is a nodule", "yes", True),        # an em dash joins no words
+    ("yes。", "yes", True),
+    ("«No»", "no", True),
+    ("Pleural effusion…", "pleural effusion", True),
+])
+def test_closed_match_unicode_punctuation(pred, ref, ok):
+  assert M.closed_match(pred, ref) is ok
+
+
+def test_unicode_punctuation_is_punctuation_for_token_f1():
+  assert M.normalize("“Left” lung—clear。") == "left lung clear"
+  assert M.token_f1(["“left lung”"], ["left lung"]) == 1.0
+  # letters with accents and non-Latin scripts are kept
+  assert M.normalize("Café, 肺部。") == "café 肺部"
+
+
+@pytest.mark.parametrize("pred,ref,ok", [
+    ("A large mass", "A fracture", False),        # "A" is the article, not option A
+    ("A rib fracture", "A fracture", False),
+    ("a fracture", "A fracture", True),
+    ("A", "A. fracture", True),                   # a marked option letter still counts
+    ("(a) fracture", "(A) fracture", True),
+    ("C", "Option C fracture", True),
+    ("B", "A fracture", False),
+])
+def test_closed_match_reference_starting_with_the_article(pred, ref, ok):
+  assert M.closed_match(pred, ref) is ok

@@ -164,6 +164,29 @@ def test_without_an_extractor_the_rest_is_still_scored(scored):
           ) in with_terms.splitlines()
 
 
+def test_markdown_keeps_a_group_named_all_and_escapes_names():
+  """A dataset or task literally named `all` was overwritten by the summary line (one `all` line
+  left, holding the overall numbers), and a `|` in a name split its cell. The summary line is
+  now the bold `**all**`, after every group's own line; names are escaped for Markdown."""
+  def row(i, dataset, task, answer):
+    return {'id': str(i), 'reference': answer, 'prediction': 'yes', 'kind': 'closed',
+            'task': task, 'dataset': dataset}
+
+  def line(name, n, accuracy):
+    return f'| {name} | {n} | {accuracy} |' + ' - |' * 8
+
+  rows = [row(0, 'all', 'all', 'Yes'), row(1, 'all', 'a|b', 'No'),
+          row(2, 'x|y', '**all**', 'Yes'), row(3, 'c\\d*e<br>', 'two\nlines', 'CT')]
+  text = radbench.markdown(radbench.score(rows, None, 'none'))
+  by_dataset, by_task = (part.split('\n\n')[1].splitlines()[2:]
+                         for part in text.split('### RadBench by ')[1:])
+  assert by_dataset == [line('all', 2, '0.5000'), line('c\\\\d\\*e\\<br>', 1, '0.0000'),
+                        line('x\\|y', 1, '1.0000'), line('**all**', 4, '0.5000')]
+  assert by_task == [line('\\*\\*all\\*\\*', 1, '1.0000'), line('all', 1, '1.0000'),
+                     line('a\\|b', 1, '0.0000'), line('two<br>lines', 1, '0.0000'),
+                     line('**all**', 4, '0.5000')]
+
+
 def test_cli_scores_a_predictions_file_again(scored, tmp_path, capsys):
   """`eval --recipe radbench --predictions FILE`: no model, the same hand-computed numbers, the
   tables on stdout; --checkpoint beside it is refused."""

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import conftest_data as cd
-from radfm_jax.config import model_config
+from radfm_jax.config import GenerateConfig, model_config
 from radfm_jax.infer import cpu_decode
 from radfm_jax.infer import generate as generate_lib
 from radfm_jax.infer.generate import filter_logits, generate_ids, left_pad
@@ -244,6 +244,19 @@ def test_sampling_is_seeded_and_respects_top_k(model):
   b = generate_ids(model, tokens, mask, _images(6, 1), rng=jax.random.key(1), max_new_tokens=6,
                    stop_ids=(), temperature=1.0)
   assert a.sequences() == b.sequences()
+
+
+def test_tiny_temperature_samples_the_argmax():
+  """A temperature of 1e-45 (a float32 denormal) or 1e-50 (0 in float32) passes validation; the
+  logits divided by it must not overflow to inf (categorical then picked the first inf, id 0 and
+  1 here, not the largest), with or without a top-k / top-p filter."""
+  logits = jnp.asarray([[1.0, 3.0, 2.0, -1.0], [5.0, 0.0, 7.0, 6.9]], jnp.float32)
+  for temperature in (1e-45, 1e-50, 1e-30):
+    for top_k, top_p in ((0, 1.0), (3, 1.0), (0, 0.5)):
+      sampling = GenerateConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+      for seed in range(4):
+        got = generate_lib.choose_token(logits, jax.random.key(seed), sampling)
+        assert got.tolist() == [1, 2], (temperature, top_k, top_p, seed)
 
 
 def test_cache_limits_and_grow():

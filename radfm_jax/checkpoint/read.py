@@ -20,7 +20,8 @@ import numpy as np
 from radfm_jax.checkpoint import meta
 from radfm_jax.casting import checked_cast
 from radfm_jax.checkpoint.params import PARAMS_DIR
-from radfm_jax.checkpoint.train_state import STATE_ITEM, CheckpointRestoreError, describe_failure
+from radfm_jax.checkpoint.train_state import (STATE_ITEM, CheckpointRestoreError, describe_failure,
+                                              step_name)
 from radfm_jax.config import ModelConfig
 from radfm_jax.errors import InputError
 from radfm_jax.checkpoint.tree import flat_params, unflatten
@@ -109,16 +110,40 @@ def _restore(loc: Location, target: dict, as_numpy: bool) -> dict:
   return unflatten({p: out['/'.join(_key(loc, p))] for p in flat})
 
 
-def _stored_paths(loc: Location) -> list[str] | None:
-  """The parameter paths ('llama/norm/scale') the checkpoint tree holds, from its `_METADATA`
-  (None when it cannot be read: the restore then says why)."""
-  import ast
+def tree_metadata(loc: Location) -> dict:
+  """The checkpoint tree's `_METADATA`: what it holds (the parameters' key paths) and how (OCDBT,
+  zarr3). Orbax writes it with every tree, so a tree without it was not completely written or
+  copied: `load` and `LeafReader` both refuse it with the same one line (read without it, `load`
+  could not see a stored parameter the config does not describe, and would drop it)."""
+  path = os.path.join(loc.tree, '_METADATA')
+  name = step_name(loc.step)
+  if not os.path.isfile(path):
+    raise CheckpointRestoreError(f'{name}: {path}: missing; expected the tree metadata Orbax '
+                                 'writes with every checkpoint (was it completely written or '
+                                 'copied?)')
   try:
-    with open(os.path.join(loc.tree, '_METADATA')) as f:
-      keys = json.load(f)['tree_metadata']
-    keys = [ast.literal_eval(k) for k in keys]
-  except (OSError, ValueError, KeyError, TypeError, SyntaxError):
-    return None
+    with open(path, 'rb') as f:
+      data = json.loads(f.read())
+  except (OSError, ValueError) as e:     # UnicodeDecodeError is a ValueError
+    raise CheckpointRestoreError(f'{name}: {path}: does not parse '
+                                 f'({" ".join(str(e).split())})') from None
+  if not isinstance(data, dict) or not isinstance(data.get('tree_metadata'), dict):
+    raise CheckpointRestoreError(f'{name}: {path}: no "tree_metadata" object; expected the tree '
+                                 'metadata Orbax writes with every checkpoint')
+  return data
+
+
+def _stored_paths(loc: Location) -> list[str]:
+  """The parameter paths ('llama/norm/scale') the checkpoint tree holds, from its `_METADATA`."""
+  import ast
+  keys = []
+  for key in tree_metadata(loc)['tree_metadata']:
+    try:
+      keys.append(ast.literal_eval(key))
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+      raise CheckpointRestoreError(
+          f'{step_name(loc.step)}: {os.path.join(loc.tree, "_METADATA")}: does not parse (key '
+          f'{str(key)[:80]!r} is not a key path)') from None
   n, m = len(loc.prefix), len(loc.suffix)
   return ['/'.join(k[n:len(k) - m]) for k in keys if isinstance(k, tuple)
           and k[:n] == loc.prefix and (not m or k[-m:] == loc.suffix)]
@@ -128,8 +153,7 @@ def _check_no_extra_leaves(loc: Location, expected: dict):
   """The restore is partial (Orbax reads what the target names), so a stored parameter the model
   config.json describes does not have would be dropped without a word: e.g. the adapters of a
   module a hand-edited finetune.targets no longer names. A CheckpointRestoreError instead."""
-  stored = _stored_paths(loc)
-  extra = sorted(set(stored or ()) - set(expected))
+  extra = sorted(set(_stored_paths(loc)) - set(expected))
   if extra:
     raise CheckpointRestoreError(
         f'{loc.tree}: holds {len(extra)} parameters that the config.json beside it does not '
@@ -160,13 +184,9 @@ class LeafReader:
     self.cfg = self.location.cfg
     _, state = abstract_model(self.cfg)
     self.abstract = flat_params(nnx.to_pure_dict(state))
-    meta_path = os.path.join(self.location.tree, '_METADATA')
-    try:
-      with open(meta_path) as f:
-        tree_meta = json.load(f)
-    except (OSError, ValueError) as e:
-      raise CheckpointRestoreError(f'{meta_path}: cannot read the checkpoint tree\'s metadata '
-                                   f'({" ".join(str(e).split())})') from None
+    tree_meta = tree_metadata(self.location)
+    # As `load`: a stored parameter the model does not have would be left out of the export.
+    _check_no_extra_leaves(self.location, self.abstract)
     self._ocdbt = tree_meta.get('use_ocdbt', True)
     self._zarr3 = tree_meta.get('use_zarr3', False)
     self._open = {}

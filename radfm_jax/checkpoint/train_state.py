@@ -319,7 +319,7 @@ def describe_failure(step_dir: str, step: int | None, error: BaseException) -> s
   broken = _broken_json(step_dir)
   if broken is not None:
     path, reason = broken
-    return f'{_name(step)}: {path}: does not parse ({reason})'
+    return f'{step_name(step)}: {path}: does not parse ({reason})'
   chain, e = [], error
   while e is not None and len(chain) < 8:
     chain.append(' '.join(str(e).split()))
@@ -329,10 +329,10 @@ def describe_failure(step_dir: str, step: int | None, error: BaseException) -> s
   reason = reason.split(' [tensorstore_spec')[0]        # the spec dump adds nothing to read
   # paths inside the step folder relative to it (the line names the folder once), then bounded
   reason = reason.replace(step_dir.rstrip('/') + '/', '')[:500]
-  return f'{_name(step)}: {step_dir}: does not restore ({reason})'
+  return f'{step_name(step)}: {step_dir}: does not restore ({reason})'
 
 
-def _name(step: int | None) -> str:
+def step_name(step: int | None) -> str:
   return 'checkpoint' if step is None else f'checkpoint step {step}'
 
 

@@ -32,7 +32,9 @@ def add_parser(sub):
       'it is an error; exit code 1 when every sample is skipped. --recipe radbench: the test '
       'split, each sample scored by its task (closed: accuracy; open: BLEU-1..4, ROUGE-L, token '
       'F1; rationale: UMLS entity precision / recall), tables per dataset and per task in '
-      'summary.json and as Markdown on stdout (docs/eval.md).', example=EXAMPLE)
+      'summary.json and as Markdown on stdout (docs/eval.md). Progress is kept in '
+      'OUT/predictions.jsonl.partial as it goes: after an interrupt, the same command again '
+      'resumes where it stopped.', example=EXAMPLE)
   p.add_argument('--recipe', choices=(radbench.NAME,), default=None,
                  help=f'{radbench.NAME}: RadFM\'s benchmark over the recipes\' test splits '
                       f'(default split {radbench.SPLIT})')
@@ -56,7 +58,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-  with flags.sigterm_as_interrupt():   # SIGTERM: one line and 130, as Ctrl-C (nothing written)
+  # SIGTERM: one line and 130, as Ctrl-C; the samples done so far stay in
+  # OUT/predictions.jsonl.partial, and the same command again resumes from there.
+  with flags.sigterm_as_interrupt():
     return _run(args)
 
 
@@ -110,7 +114,8 @@ def _run(args) -> int:
                              progress=not args.no_progress,
                              scorer=scorer,
                              info={'checkpoint': os.path.abspath(args.checkpoint),
-                                   'data': os.path.abspath(args.data), 'split': args.split})
+                                   'data': os.path.abspath(args.data), 'split': args.split},
+                             key=_checkpoint_key(args))
   if summary['skipped']:
     print(f'radfm-jax eval: skipped {summary["skipped"]} of {len(samples)} samples with an '
           f'unreadable scan (listed in {os.path.join(args.out, "summary.json")})',
@@ -118,6 +123,16 @@ def _run(args) -> int:
   if summary['skipped'] == len(samples):
     return 1
   return _report(args, summary, bench)
+
+
+def _checkpoint_key(args) -> dict:
+  """Which parameters were loaded, for resuming an interrupted eval (`harness.Progress`): the
+  step (the latest may have moved on) and when its tree was written (a checkpoint written again
+  at the same path)."""
+  from radfm_jax.checkpoint.read import locate
+  loc = locate(args.checkpoint, args.step)
+  return {'checkpoint_step': loc.step,
+          'checkpoint_written_ns': os.stat(os.path.join(loc.tree, '_METADATA')).st_mtime_ns}
 
 
 def _report(args, summary: dict, bench: bool) -> int:

@@ -6,8 +6,10 @@
 Writes `OUT/predictions.jsonl` (id, question, reference, prediction, kind, task, dataset per
 sample, in input order) and `OUT/summary.json` (closed-ended accuracy, BLEU-1..4, ROUGE-1/2/L,
 token F1, the entity precision / recall when an extractor is available, overall, per task and per
-dataset, with the sampling settings and tool versions). Scoring (`score`) takes prediction rows
-only, so a predictions.jsonl can be scored again without a model (`read_predictions`). Python: `evaluate(model, tokenizer, samples, sampling=GenerateConfig(),
+dataset, with the sampling settings and tool versions); while it runs, its progress in
+`OUT/predictions.jsonl.partial` (`Progress`), from which the same call again resumes. Scoring
+(`score`) takes prediction rows only, so a predictions.jsonl can be scored again without a model
+(`read_predictions`). Python: `evaluate(model, tokenizer, samples, sampling=GenerateConfig(),
 ...)`; the command is `radfm-jax eval` (radfm_jax/cli/eval.py).
 
 Samples: a VolumeStore directory (its manifest.jsonl, scans read from the store) or a raw ingest
@@ -61,6 +63,16 @@ class Sample:
   task: str
   source: object             # VolumeStore, or the raw manifest's folder (str)
   dataset: str = 'default'   # the record's `dataset` (manifest.dataset_of)
+  # The record's `id`, else its manifest default: the record's number in the whole file, from 0
+  # (as ingest stores it), which `read_records` keeps apart from every given id, so no two rows of
+  # predictions.jsonl share one. None (a Sample built by hand): the record's id, else `index`.
+  id: str | int | None = None
+
+  @property
+  def sample_id(self) -> str | int:
+    if self.id is not None:
+      return self.id
+    return self.record.get('id', str(self.index))
 
 
 def _kind(record: dict) -> str:
@@ -90,17 +102,20 @@ def load_samples(data: str, limit: int | None = None, split: str | None = None) 
     source, manifest = os.path.dirname(path), path
   # the store's own manifest (store form), or a raw one (input form: images by path)
   records = read_records(manifest, form='store' if isinstance(source, VolumeStore) else 'input')
+  # A record without an id gets the manifest's default, its number in the whole file (from 0),
+  # before the split is chosen: its number in the split could equal another record's given id,
+  # and eval's own predictions.jsonl would then be refused for a repeated id.
+  chosen = [(r['id'] if 'id' in r else str(n), r) for n, r in enumerate(records)]
   if split is not None:
-    chosen = [r for r in records if str(r.get('split', 'train')) == split]
+    chosen = [(i, r) for i, r in chosen if str(r.get('split', 'train')) == split]
     if not chosen:
       present = collections.Counter(str(r.get('split', 'train')) for r in records)
       raise InputError(f'{manifest}: no samples in split {split!r} (splits here: '
                        f'{dict(sorted(present.items())) or "none, the manifest is empty"}); '
                        'choose one with --split NAME, or --split all')
-    records = chosen
-  records = records[:limit] if limit else records
-  return [Sample(i, r, _kind(r), str(r.get('task') or ''), source, dataset_of(r))
-          for i, r in enumerate(records)]
+  chosen = chosen[:limit] if limit else chosen
+  return [Sample(i, r, _kind(r), str(r.get('task') or ''), source, dataset_of(r), sample_id)
+          for i, (sample_id, r) in enumerate(chosen)]
 
 
 class UnreadableScan(InputError):
@@ -169,25 +184,45 @@ def versions(extra: tuple[str, ...] = ()) -> dict:
 
 def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, data_cfg,
                          batch_size: int = 1, seed: int = 0, progress: bool = True,
-                         skipped: list | None = None) -> list[dict]:
+                         skipped: list | None = None,
+                         log: Progress | None = None) -> list[dict]:
   """One row per sample whose scans could be read (input order): id, question, reference,
   prediction, kind, task, dataset.
 
+  `log` (a `Progress`): the samples it already holds are taken from it, not generated again, and
+  each batch (each skipped sample) is added to it as it is done; the batches and their seeds are
+  those of a run that was never interrupted, so the rows are the same.
+
   A sample with an unreadable scan is skipped and appended to `skipped` ({'sample_id',
   'scan_id', 'reason'}, as training's `PipelineStats.skipped`), unless `data_cfg.drop_unreadable`
-  is False: then it is an InputError naming the sample. A tqdm bar on stderr counts samples
+  is False: then it is an InputError naming the sample. A question that does not fit the model's
+  positions with `sampling.max_new_tokens` is an InputError naming it, before anything is
+  generated. A tqdm bar on stderr counts samples
   unless `progress` is False.
   """
   from tqdm import tqdm
 
-  from radfm_jax.infer.text import generate_batch
+  from radfm_jax.infer.text import check_prompt_fits, generate_batch
   cfg = model.cfg
   max_images = min(cfg.max_images, tokenizer.max_images)
   drop = data_cfg is None or data_cfg.drop_unreadable
+  # Every question (with its record's image blocks) must fit the model's positions with the new
+  # tokens: checked for all samples before any is generated, as generate's prompt files are
+  # (`prompt_files.check_items`), so a long question late in the split fails at once instead of
+  # discarding the answers generated before it. (A raw manifest's 5D stack may read as more
+  # images than its record lists: `generate_batch` checks each batch again.)
+  for s in samples:
+    question = format_question(s, s.record.get('images', []), cfg.perceiver.num_latents,
+                               max_images)[0]
+    check_prompt_fits(len(tokenizer.encode(question)), cfg, sampling.max_new_tokens,
+                      _sample_name(s))
   skipped = skipped if skipped is not None else []
   # Samples with the same image count batch together (fewer padded image slots and programs).
   order = sorted(samples, key=lambda s: len(s.record.get('images', [])))
-  rows: dict[int, dict] = {}
+  rows: dict[int, dict] = dict(log.rows) if log else {}
+  skipped.extend(entry for _, entry in (log.skipped if log else ()))
+  # Done before: whole batches, a prefix of `order`'s batches, and the samples skipped so far.
+  done_before = set(rows) | {i for i, _ in (log.skipped if log else ())}
   pending: list[tuple] = []       # (sample, question, reference, arrays, modalities)
 
   def flush(bar):
@@ -195,25 +230,31 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
     texts = generate_batch(model, tokenizer, [p[1] for p in padded], [p[3] for p in padded],
                            modalities=[p[4] for p in padded], sampling=sampling,
                            data_cfg=data_cfg, seed=seed + done[0],
-                           names=[f'sample {p[0].record.get("id", p[0].index)!r}' for p in padded])
-    for (s, question, ref, _, _), text in zip(pending, texts):
-      rows[s.index] = prediction_row(s, question, ref, text)
+                           names=[_sample_name(p[0]) for p in padded])
+    batch = [(s.index, prediction_row(s, question, ref, text))
+             for (s, question, ref, _, _), text in zip(pending, texts)]
+    if log:
+      log.add_rows(batch)
+    rows.update(batch)
     done[0] += len(pending)
     bar.update(len(pending))
     pending.clear()
 
-  done = [0]
-  with tqdm(total=len(order), desc='eval', unit='sample', disable=not progress,
-            dynamic_ncols=True) as bar:
+  done = [len(rows)]               # samples generated: the next batch's seed offset
+  with tqdm(total=len(order), initial=len(done_before), desc='eval', unit='sample',
+            disable=not progress, dynamic_ncols=True) as bar:
     for s in order:
+      if s.index in done_before:
+        continue
       try:
         arrays, modalities, entries = read_sample_images(s)
       except UnreadableScan as e:    # as in training (data/pipeline.py): count it, go on
         if not drop:
-          raise InputError(f'sample {s.record.get("id", s.index)!r}: {e} '
-                           '(data.drop_unreadable=False)') from e
-        skipped.append({'sample_id': s.record.get('id', str(s.index)), 'scan_id': e.scan,
+          raise InputError(f'{_sample_name(s)}: {e} (data.drop_unreadable=False)') from e
+        skipped.append({'sample_id': s.sample_id, 'scan_id': e.scan,
                         'reason': e.reason})
+        if log:
+          log.add_skipped(s.index, skipped[-1])
         bar.update(1)
         bar.set_postfix(skipped=len(skipped))
         continue
@@ -226,10 +267,14 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
   return [rows[s.index] for s in samples if s.index in rows]
 
 
+def _sample_name(sample: Sample) -> str:
+  return f'sample {sample.sample_id!r}'
+
+
 def prediction_row(sample: Sample, question: str, reference: str, prediction: str) -> dict:
   """One line of predictions.jsonl: what `score` reads (reference, prediction, kind, task,
   dataset) with the sample's id and its question (image blocks as `<image>`)."""
-  return {'id': sample.record.get('id', str(sample.index)), 'question': _plain(question),
+  return {'id': sample.sample_id, 'question': _plain(question),
           'reference': reference, 'prediction': prediction, 'kind': sample.kind,
           'task': sample.task, 'dataset': sample.dataset}
 
@@ -338,8 +383,10 @@ def read_predictions(path: str) -> list[dict]:
   return rows
 
 
-# What `evaluate` writes in its out_dir (`rescore` writes only the summary).
+# What `evaluate` writes in its out_dir (`rescore` writes only the summary); and, while it runs,
+# its progress (`Progress`), removed once the outputs are in place.
 OUTPUTS = ('predictions.jsonl', 'summary.json')
+PROGRESS = 'predictions.jsonl.partial'
 
 
 def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = OUTPUTS):
@@ -352,45 +399,225 @@ def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = 
   if os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f'{shown}: exists and is not a directory; {expected}')
   check_parent_folder(path, shown, expected)
-  for file in files:
+  for file in files + ((PROGRESS,) if 'predictions.jsonl' in files else ()):
     if os.path.isdir(os.path.join(path, file)):
       raise InputError(f'{shown}: {os.path.join(out_dir, file)} is a folder; expected it to be '
                        f'a file (eval writes its {file} there) or absent')
 
 
+class Progress:
+  """OUT/predictions.jsonl.partial: what an eval has done so far, so an interrupted run (Ctrl-C,
+  SIGTERM, a kill, a lost machine) is resumed by running it again instead of started over.
+
+  Line 1 is a header holding the run's `key` (what makes a rerun the same run: the samples, the
+  model and tokenizer, the decoding and preprocessing settings); each further line one batch of
+  prediction rows ({"rows": [[sample index, row], ...]}) or one skipped sample ({"skipped":
+  [index, entry]}), appended, flushed and fsynced when it is done. A whole batch is one line, so
+  a resumed run forms the same batches (and seeds) as one never interrupted; a last line cut by a
+  kill (no newline) is that batch not done, dropped. A header with another key, or a line that
+  is not one of these, is an InputError naming the file (and the first differing field): rerun as
+  before, or delete the file to start over.
+  """
+
+  VERSION = 1
+
+  def __init__(self, out_dir: str, key: dict, samples: list[Sample]):
+    self.path = os.path.join(out_dir, PROGRESS)
+    self.key = _flat_key(json.loads(json.dumps(key, default=str)))     # as it reads back
+    self.rows: dict[int, dict] = {}
+    self.skipped: list[tuple[int, dict]] = []
+    os.makedirs(out_dir, exist_ok=True)
+    with writing(self.path):
+      if not self._resume(samples):
+        with open(self.path, 'w', encoding='utf-8') as f:
+          self._append(f, {'eval_progress': self.VERSION, 'key': self.key})
+      self.file = open(self.path, 'a', encoding='utf-8')
+
+  @property
+  def done(self) -> int:
+    return len(self.rows) + len(self.skipped)
+
+  def _append(self, f, record: dict):
+    f.write(json.dumps(record) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+
+  def _refuse(self, line: int | None, problem: str):
+    raise InputError(f'{where(self.path, line)}: {problem}; expected the progress file '
+                     '`radfm-jax eval` writes: rerun the eval as it was to resume it, or delete '
+                     'the file to start over')
+
+  def _resume(self, samples: list[Sample]) -> bool:
+    """Reads an existing file (False when there is none, or no sample in it)."""
+    if not os.path.exists(self.path):
+      return False
+    with open(self.path, 'rb') as f:
+      raw = f.read()
+    cut = raw[raw.rfind(b'\n') + 1:]            # a write a kill cut short: that batch is not done
+    if cut:
+      with open(self.path, 'r+b') as f:
+        f.truncate(len(raw) - len(cut))
+    lines = raw[:len(raw) - len(cut)].split(b'\n')[:-1]
+    if len(lines) <= 1:
+      return False            # no sample done (e.g. a question refused up front): nothing to keep
+    parsed = []
+    for n, line in enumerate(lines, 1):
+      try:
+        parsed.append(json.loads(line))
+      except ValueError:
+        self._refuse(n, 'not a JSON line')
+    header = parsed[0]
+    if not (isinstance(header, dict) and header.get('eval_progress') == self.VERSION
+            and isinstance(header.get('key'), dict)):
+      self._refuse(1, 'not the header of an eval\'s progress')
+    old = header['key']
+    for field in sorted(set(old) | set(self.key)):
+      if old.get(field) != self.key.get(field):
+        raise InputError(
+            f'{self.path}: the progress of an interrupted eval with another {field} (was '
+            f'{_shown(old.get(field))}, now {_shown(self.key.get(field))}); expected the same '
+            'samples, checkpoint and settings: rerun the eval as it was to resume it, or delete '
+            'the file to start over')
+    for n, record in enumerate(parsed[1:], 2):
+      pairs = record.get('rows') if isinstance(record, dict) else None
+      if isinstance(record, dict) and 'skipped' in record:
+        pairs = [record['skipped']]
+      if not isinstance(pairs, list) or not pairs:
+        self._refuse(n, 'neither a batch of rows nor a skipped sample')
+      for pair in pairs:
+        index, value = pair if isinstance(pair, list) and len(pair) == 2 else (None, None)
+        if not (isinstance(index, int) and 0 <= index < len(samples) and isinstance(value, dict)
+                and value.get('id' if 'rows' in record else 'sample_id')
+                == samples[index].sample_id):
+          self._refuse(n, f'{_shown(pair)} is not a sample of this eval')
+        if index in self.rows or any(i == index for i, _ in self.skipped):
+          self._refuse(n, f'sample {samples[index].sample_id!r} is there twice')
+        if 'rows' in record:
+          self.rows[index] = value
+        else:
+          self.skipped.append((index, value))
+    return True
+
+  def add_rows(self, rows: list[tuple[int, dict]]):
+    with writing(self.path):
+      self._append(self.file, {'rows': [list(pair) for pair in rows]})
+    self.rows.update(rows)
+
+  def add_skipped(self, index: int, entry: dict):
+    with writing(self.path):
+      self._append(self.file, {'skipped': [index, entry]})
+    self.skipped.append((index, entry))
+
+  def close(self):
+    self.file.close()
+
+  def kept(self) -> int:
+    """The samples the file holds in whole lines, read back (after `close`): an interrupt may
+    land between a line's write and the count kept in memory."""
+    with open(self.path, 'rb') as f:
+      lines = f.read().split(b'\n')[1:-1]        # the header; a cut last line
+    n = 0
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict):
+        n += len(record.get('rows') or ()) + ('skipped' in record)
+    return n
+
+
+def _flat_key(key: dict, prefix: str = '') -> dict:
+  """{'sampling': {'top_k': 0}} -> {'sampling.top_k': 0}: a refused resume names the field."""
+  out = {}
+  for name, value in key.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat_key(value, f'{prefix}{name}.'))
+    else:
+      out[f'{prefix}{name}'] = value
+  return out
+
+
+def run_key(model, tokenizer, samples: list[Sample], *, sampling, data_cfg, batch_size: int,
+            seed: int, info: dict | None = None) -> dict:
+  """What makes a rerun of an eval the same run, so its `Progress` may be resumed: the samples
+  (ids and manifest rows), the model config, the tokenizer, decoding, preprocessing, batch size
+  and seed, and `info` (the command adds the checkpoint, its step and when its tree was
+  written, the data path and split)."""
+  import hashlib
+  digest = hashlib.sha256()
+  for s in samples:
+    digest.update(json.dumps([s.sample_id, s.record], sort_keys=True, default=str).encode())
+  # the model file's bytes (`Tokenizer` keeps them: picklable)
+  proto = getattr(tokenizer, '_proto', None)
+  return {'samples': len(samples), 'samples_sha256': digest.hexdigest(),
+          'model': dataclasses.asdict(model.cfg) if dataclasses.is_dataclass(
+              getattr(model, 'cfg', None)) else None,
+          'tokenizer_sha256': hashlib.sha256(proto).hexdigest() if proto else None,
+          'sampling': dataclasses.asdict(sampling), 'batch_size': batch_size, 'seed': seed,
+          'preprocessing': dataclasses.asdict(data_cfg) if data_cfg is not None else None,
+          **(info or {})}
+
+
 def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg=None,
              batch_size: int = 1, seed: int = 0, extractor=None, extractor_reason: str = '',
              out_dir: str | None = None, info: dict | None = None,
-             progress: bool = True, scorer=None) -> dict:
+             progress: bool = True, scorer=None, key: dict | None = None) -> dict:
   """Generates, scores (`scorer(rows, extractor, extractor_reason)`, default `score`;
   `radbench.score` for the RadBench recipe), and (with out_dir) writes predictions.jsonl +
   summary.json.
 
   summary['skipped'] counts the samples left out for an unreadable scan and
-  summary['skipped_samples'] lists them (see `generate_predictions`)."""
+  summary['skipped_samples'] lists them (see `generate_predictions`).
+
+  With out_dir, the progress goes to OUT/predictions.jsonl.partial as it is made (`Progress`):
+  an interrupted call, made again with the same samples and settings (`run_key` of them, `info`
+  and `key`), resumes where it stopped (summary['resumed']: the samples it took from there); a
+  call with others is an InputError naming the file. The file is removed once the outputs are
+  written."""
   from radfm_jax.config import GenerateConfig
   if out_dir:
     check_out_dir(out_dir)
   sampling = sampling or GenerateConfig()
+  log = None
+  if out_dir:
+    log = Progress(out_dir, run_key(model, tokenizer, samples, sampling=sampling,
+                                    data_cfg=data_cfg, batch_size=batch_size, seed=seed,
+                                    info={**(info or {}), **(key or {})}), samples)
+  resumed, resumed_rows = (log.done, len(log.rows)) if log else (0, 0)
   start = time.perf_counter()
   skipped: list[dict] = []
-  rows = generate_predictions(model, tokenizer, samples, sampling=sampling, data_cfg=data_cfg,
-                              batch_size=batch_size, seed=seed, progress=progress,
-                              skipped=skipped)
+  try:
+    rows = generate_predictions(model, tokenizer, samples, sampling=sampling,
+                                data_cfg=data_cfg, batch_size=batch_size, seed=seed,
+                                progress=progress, skipped=skipped, log=log)
+  except KeyboardInterrupt as e:
+    if log is None:
+      raise
+    log.close()
+    kept = (f'{log.kept()} of {len(samples)} samples kept in {log.path}; run the same command '
+            'again to resume')
+    raise KeyboardInterrupt(f'{e}; {kept}' if str(e) else kept) from None
+  finally:
+    if log:
+      log.close()
   seconds = time.perf_counter() - start
+  generated = len(rows) - resumed_rows        # by this call
   summary = {'n_samples': len(rows), 'skipped': len(skipped), 'skipped_samples': skipped,
-             **(info or {}),
+             'resumed': resumed, **(info or {}),
              'sampling': dataclasses.asdict(sampling), 'batch_size': batch_size,
              **(scorer or score)(rows, extractor, extractor_reason),
              'metric_notes': METRIC_NOTES,
              'versions': versions(('scispacy', 'spacy') if extractor is not None else ()),
              'timing': {'generate_seconds': seconds,
-                        'samples_per_s': len(rows) / seconds if seconds else None}}
+                        'samples_per_s': generated / seconds if seconds else None}}
   if data_cfg is not None:
     summary['intensity'] = data_cfg.intensity
   if out_dir:
     _write_outputs(out_dir, {'predictions.jsonl': ''.join(json.dumps(r) + '\n' for r in rows),
                              'summary.json': _summary_text(summary)})
+    with writing(log.path):
+      os.remove(log.path)        # last: a kill before it leaves a run resumed with nothing to do
   return summary
 
 

@@ -18,19 +18,32 @@ from __future__ import annotations
 import collections
 import re
 import string
+import unicodedata
 from typing import Sequence
 
-_PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
+_ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _YES_NO = {"yes", "no"}
 # Option answers: "A", "a)", "(B)", "C. effusion", "option d", "answer: E".
 _OPTION = re.compile(r"^\s*(?:the\s+)?(?:answer|option)?\s*(?:is)?\s*[:\-]?\s*\(?([a-e])\b(?:[\).:]|\s|$)",
                      re.IGNORECASE)
+# A reference's letter counts only when marked as an option ("B.", "(b)", "c)", "D:", "answer:
+# a"): an unmarked leading "A" is the article ("A fracture" is option text, not option A, and
+# must not match every prediction that starts with "A").
+_MARKED_OPTION = re.compile(r"^\s*(?:(?:the\s+)?(?:answer|option)\s*(?:is)?\s*[:\-]?\s*\(?[a-e]\b"
+                            r"|\(?[a-e]\s*[\).:]|\([a-e]\b)", re.IGNORECASE)
+
+
+def _is_punct(char: str) -> bool:
+  # ASCII punctuation (string.punctuation, symbols such as "+" included) and every Unicode
+  # punctuation character: a model writes curly quotes, dashes and CJK stops too ("“Yes,”",
+  # "yes。"), which must not glue onto the word beside them.
+  return char in _ASCII_PUNCT or unicodedata.category(char).startswith("P")
 
 
 def normalize(text: str) -> str:
-  """Lowercase, replace punctuation with spaces, collapse whitespace."""
-  return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
+  """Lowercase, replace punctuation (ASCII and Unicode) with spaces, collapse whitespace."""
+  return " ".join("".join(" " if _is_punct(c) else c for c in str(text).lower()).split())
 
 
 def _option_letter(text: str) -> str | None:
@@ -48,7 +61,8 @@ def closed_match(prediction: str, reference: str) -> bool:
   """Normalised exact match used for closed-ended questions.
 
   yes/no references compare against the first word of the prediction ("Yes, there is ..." is
-  a yes); single-letter references compare the prediction's leading option letter; anything
+  a yes); single-letter references compare the prediction's leading option letter, as do
+  references led by a marked option letter ("B. effusion", not "A fracture"); anything
   else (e.g. the option text itself) needs the normalised strings to be equal.
   """
   ref = normalize(reference)
@@ -57,7 +71,7 @@ def closed_match(prediction: str, reference: str) -> bool:
     return (pred.split() or [""])[0] == ref
   if len(ref) == 1 and ref in "abcde":
     return _option_letter(prediction) == ref
-  letter = _option_letter(reference)
+  letter = _option_letter(reference) if _MARKED_OPTION.match(str(reference)) else None
   if letter is not None and _option_letter(prediction) == letter:
     return True  # "B. effusion" vs "B" / "b) effusion"
   return pred == ref

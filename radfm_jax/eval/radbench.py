@@ -57,25 +57,40 @@ def _cell(row: dict, key: str) -> str:
   return str(value) if isinstance(value, int) else f'{value:.4f}'
 
 
-def table(rows: dict[str, dict], first: str) -> str:
-  """A Markdown table: one line per (name, metrics dict) of `rows`, the `COLUMNS`; '-' where a
-  metric has no samples (e.g. closed accuracy of a report-only dataset)."""
+# The summary line's label, bold: a dataset or task named `all` (shown as plain `all`) keeps its
+# own line beside it, and no escaped name can read `**all**` (`*` is escaped in names).
+TOTAL = '**all**'
+
+
+def cell_text(name: str) -> str:
+  """A name as Markdown table-cell text, shown as it is: `|` would end the cell, a line break the
+  row, and `\\`, `*`, `<` would be read as an escape, emphasis or HTML; so `\\ | * <` are
+  backslash-escaped and a line break is `<br>`."""
+  for ch in '\\|*<':
+    name = name.replace(ch, '\\' + ch)
+  return name.replace('\r\n', '<br>').replace('\n', '<br>').replace('\r', '<br>')
+
+
+def table(rows: dict[str, dict], first: str, total: dict | None = None) -> str:
+  """A Markdown table: one line per (name, metrics dict) of `rows` (names by `cell_text`), then
+  `total` labelled `TOTAL` when given, the `COLUMNS`; '-' where a metric has no samples (e.g.
+  closed accuracy of a report-only dataset)."""
   lines = ['| ' + ' | '.join([first] + [c for c, _ in COLUMNS]) + ' |',
            '| ' + ' | '.join(['---'] * (len(COLUMNS) + 1)) + ' |']
-  for name, row in rows.items():
-    lines.append('| ' + ' | '.join([name] + [_cell(row, key) for _, key in COLUMNS]) + ' |')
+  labelled = [(cell_text(name), row) for name, row in rows.items()]
+  for label, row in labelled + ([(TOTAL, total)] if total is not None else []):
+    lines.append('| ' + ' | '.join([label] + [_cell(row, key) for _, key in COLUMNS]) + ' |')
   return '\n'.join(lines)
 
 
 def markdown(summary: dict) -> str:
-  """The per-dataset and per-task tables of a summary (with an `all` line), and the entity note
-  when they were not computed."""
+  """The per-dataset and per-task tables of a summary (each with a `TOTAL` line, the whole
+  split), and the entity note when they were not computed."""
   overall = dict(summary['overall'])
   if summary['entities'].get('computed'):
     overall['entities'] = summary['entities']
-  out = ['### RadBench by dataset', '', table({**summary['per_dataset'], 'all': overall},
-                                              'dataset'),
-         '', '### RadBench by task', '', table({**summary['per_task'], 'all': overall}, 'task')]
+  out = ['### RadBench by dataset', '', table(summary['per_dataset'], 'dataset', overall),
+         '', '### RadBench by task', '', table(summary['per_task'], 'task', overall)]
   if not summary['entities'].get('computed'):
     out += ['', f'UMLS P / R not computed: {summary["entities"]["reason"]}']
   return '\n'.join(out)

@@ -90,7 +90,13 @@ def choose_token(logits: jax.Array, rng: jax.Array, sampling: GenerateConfig) ->
   """float32 [batch, vocab] -> int32 [batch]."""
   if sampling.temperature == 0.0:
     return first_argmax(logits)
-  logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+  # Shifted by the row's maximum first (the distribution is unchanged): divided by a tiny
+  # temperature, every positive logit would overflow to inf and categorical would pick the first
+  # of them, not the largest. The maximum stays exactly 0, also where the temperature rounds to 0
+  # in float32 (0 / 0 would be NaN).
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  scaled = jnp.where(shifted == 0, 0.0, shifted / sampling.temperature)
+  logits = filter_logits(scaled, sampling.top_k, sampling.top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
