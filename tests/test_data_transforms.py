@@ -82,6 +82,20 @@ def test_radfm_policy_is_whole_sample_min_max():
   np.testing.assert_allclose(out[0, :, :, 0, 0], rgb[:, :, 0, 0] / 255.0, rtol=1e-6)
 
 
+def test_radfm_policy_min_max_scales_an_8bit_3d_scan():
+  # The original's RadioVQA loads a .npy case and min-max scales it whatever its dtype; only its
+  # 2D datasets' ToTensor divides 8-bit values by 255. A uint8 3D scan of 3..250 must therefore
+  # span [0, 1] (x / 255 gave 3/255..250/255).
+  vol = np.array([3, 50, 250, 100, 3, 7, 9, 11], np.uint8).reshape(1, 2, 2, 2)
+  cfg = cd.data_config(intensity='radfm')
+  out = T.prepare_images([vol], [''], (2, 2, 2), cfg)
+  np.testing.assert_allclose(out[0, 0].ravel(), (vol.ravel() - 3.0) / 247.0, rtol=1e-6)
+  # an 8-bit 2D image next to it: not every image is 2D, so min-max over both together
+  img = np.array([0, 51, 102, 200], np.uint8).reshape(1, 2, 2, 1)
+  out = T.prepare_images([vol, img], ['', ''], (2, 2, 2), cfg)
+  np.testing.assert_allclose(out[1, 0, :, :, 0].ravel(), img.ravel() / 250.0, rtol=1e-6)
+
+
 def test_ct_windows():
   hu = np.array([-1000, -160, 40, 240, 1000], np.int16).reshape(1, 5, 1, 1)
   cfg = cd.data_config(intensity='ct_window', ct_windows=((40.0, 400.0),))

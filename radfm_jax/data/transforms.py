@@ -6,8 +6,9 @@ Arrays here are [C, H, W, D] (the VolumeStore layout, C in {1, 3}); a prepared s
 Intensity policies (`DataConfig.intensity`):
   * `radfm`       the original: min-max over **all images of the sample together** (docs/original.md
                   section 11.1), grey copied to 3 channels. One exception keeps 2D parity: if every
-                  image of the sample is 8-bit (PNG/JPEG), the original's `ToTensor` divided by
-                  255 instead, so that is done here too.
+                  image of the sample is an 8-bit 2D image (PNG/JPEG, depth 1), the original's
+                  `ToTensor` divided by 255 instead, so that is done here too. An 8-bit 3D scan
+                  (a uint8 RadFM .npy case) is min-max scaled, as the original's 3D datasets do.
   * `ct_window`   CT images: clip to one HU window `ct_windows[0]` = (level, width), scale to
                   [0, 1], replicate to 3 channels.
   * `ct_windows3` CT images: the first three `ct_windows` as the R, G, B channels.
@@ -243,8 +244,10 @@ def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy
 
   maps = []
   if policy == 'radfm':
-    if images and all(x.dtype == np.uint8 for x in images):
-      lo, hi = 0.0, 255.0                    # ToTensor parity for 8-bit 2D images
+    # ToTensor parity for 8-bit 2D images only: the original's 3D datasets (RadioVQA & co.)
+    # min-max scale every case, a uint8 one too, so (x - min) / (max - min), not x / 255
+    if images and all(x.dtype == np.uint8 and x.shape[3] == 1 for x in images):
+      lo, hi = 0.0, 255.0
     elif images:
       found = [r if r is not None else value_range(x) for x, r in zip(images, ranges)]
       lo, hi = min(r[0] for r in found), max(r[1] for r in found)
