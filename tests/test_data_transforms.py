@@ -82,6 +82,23 @@ def test_radfm_policy_is_whole_sample_min_max():
   np.testing.assert_allclose(out[0, :, :, 0, 0], rgb[:, :, 0, 0] / 255.0, rtol=1e-6)
 
 
+def test_8bit_2d_images_are_totensor_division_bit_for_bit():
+  # torchvision's ToTensor: img.to(float32).div(255), correctly rounded; x * float32(1 / 255)
+  # (the map `apply_map` applies) is 1 ulp off for 126 of the 256 values (3, 6, 7, 12, ...).
+  values = np.arange(256, dtype=np.uint8)
+  grey = values.reshape(1, 16, 16, 1)
+  rgb = np.stack([values, values[::-1], np.roll(values, 7)]).reshape(3, 16, 16, 1)
+  cfg = cd.data_config(intensity='radfm', resize_2d='nearest')
+  out = T.prepare_images([grey, rgb], ['', ''], (16, 16, 4), cfg)
+  expect = values.astype(np.float32) / np.float32(255)
+  for c in range(3):
+    np.testing.assert_array_equal(out[0, c, :, :, 2].ravel(), expect)
+  np.testing.assert_array_equal(out[1, :, :, :, 3].reshape(3, 256),
+                                rgb[..., 0].reshape(3, 256).astype(np.float32) / np.float32(255))
+  three = np.float32(3)
+  assert out[0, 0, 0, 3, 0] == three / np.float32(255) != three * np.float32(1 / 255)
+
+
 def test_radfm_policy_min_max_scales_an_8bit_3d_scan():
   # The original's RadioVQA loads a .npy case and min-max scales it whatever its dtype; only its
   # 2D datasets' ToTensor divides 8-bit values by 255. A uint8 3D scan of 3..250 must therefore
@@ -204,5 +221,5 @@ def test_prepare_2d_touches_only_2d_images_and_follows_the_switch():
   # the model input of the whole pipeline step: bicubic 32 x 32, then the depth bucket (4 slices)
   out = T.prepare_images([img2d], [''], (32, 32, 4), bicubic)
   np.testing.assert_array_equal(out[0, :, :, :, 0],
-                                T.bicubic_2d(img2d, 32)[..., 0] * np.float32(1 / 255))
+                                T.bicubic_2d(img2d, 32)[..., 0] / np.float32(255))
   assert np.all(out[0] == out[0, :, :, :, :1])
