@@ -206,6 +206,31 @@ def test_random_crop_box_draws_torchvisions_distribution():
   assert T.random_crop_box(1, 100, np.random.default_rng(2)) == (0, 49, 1, 1)
 
 
+class _Draws:
+  """A stand-in rng: uniform(a, b) = a + (b - a) * u for the given u; integers(lo, hi) = the
+  middle of [lo, hi)."""
+
+  def __init__(self, us):
+    self.us = list(us)
+
+  def uniform(self, a, b):
+    return a + (b - a) * self.us.pop(0)
+
+  def integers(self, lo, hi):
+    return lo + (hi - lo) // 2
+
+
+def test_random_crop_box_is_torchvisions_get_params_for_the_same_draws():
+  # Golden boxes from torchvision 0.28 `RandomResizedCrop.get_params(img, (0.8, 1), (3/4, 4/3))`
+  # with torch.empty(1).uniform_(a, b) patched to give float32(a + (b - a) * u) for these u and
+  # torch.randint(lo, hi) the middle of [lo, hi). torch works in float32 there: with float64 the
+  # first box was 1 pixel narrower (2210) and the second 1 pixel taller (2083).
+  cases = [((2048, 2500), (0.18180933594703674, 0.7293798327445984), (56, 145, 1937, 2211)),
+           ((2500, 2500), (0.1214803010225296, 0.7993195056915283), (209, 13, 2082, 2474))]
+  for (h, w), us, box in cases:
+    assert T.random_crop_box(h, w, _Draws(us)) == box
+
+
 def test_prepare_2d_touches_only_2d_images_and_follows_the_switch():
   rng = np.random.default_rng(3)
   img2d = rng.integers(0, 256, (3, 40, 50, 1), dtype=np.uint8)

@@ -134,12 +134,15 @@ def random_crop_box(height: int, width: int, rng: np.random.Generator,
                     scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
   """(top, left, h, w) of a crop drawn as torchvision's `RandomResizedCrop.get_params`: ten tries
   of an area share in `scale` and a log-uniform aspect in `ratio`, then the centre crop of the
-  clamped aspect. The same distribution; the draws come from `rng`, not torch's generator."""
+  clamped aspect. The same distribution; the draws come from `rng`, not torch's generator.
+  The area share, log-aspect and aspect are float32 as torch's are (`torch.empty(1).uniform_`,
+  `torch.log(torch.tensor(ratio))`, `torch.exp`), so the same draws give the same box: in
+  float64 a size could round to the next pixel (e.g. a 2048 x 2500 image)."""
   area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  log_ratio = [float(v) for v in np.log(np.asarray(ratio, np.float32))]
   for _ in range(10):
-    target = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    target = area * float(np.float32(rng.uniform(scale[0], scale[1])))
+    aspect = float(np.exp(np.float32(rng.uniform(log_ratio[0], log_ratio[1]))))
     w = int(round(math.sqrt(target * aspect)))
     h = int(round(math.sqrt(target / aspect)))
     if 0 < w <= width and 0 < h <= height:
