@@ -82,6 +82,37 @@ def test_radfm_policy_is_whole_sample_min_max():
   np.testing.assert_allclose(out[0, :, :, 0, 0], rgb[:, :, 0, 0] / 255.0, rtol=1e-6)
 
 
+def test_8bit_2d_images_are_totensor_division_bit_for_bit():
+  # torchvision's ToTensor: img.to(float32).div(255), correctly rounded; x * float32(1 / 255)
+  # (the map `apply_map` applies) is 1 ulp off for 126 of the 256 values (3, 6, 7, 12, ...).
+  values = np.arange(256, dtype=np.uint8)
+  grey = values.reshape(1, 16, 16, 1)
+  rgb = np.stack([values, values[::-1], np.roll(values, 7)]).reshape(3, 16, 16, 1)
+  cfg = cd.data_config(intensity='radfm', resize_2d='nearest')
+  out = T.prepare_images([grey, rgb], ['', ''], (16, 16, 4), cfg)
+  expect = values.astype(np.float32) / np.float32(255)
+  for c in range(3):
+    np.testing.assert_array_equal(out[0, c, :, :, 2].ravel(), expect)
+  np.testing.assert_array_equal(out[1, :, :, :, 3].reshape(3, 256),
+                                rgb[..., 0].reshape(3, 256).astype(np.float32) / np.float32(255))
+  three = np.float32(3)
+  assert out[0, 0, 0, 3, 0] == three / np.float32(255) != three * np.float32(1 / 255)
+
+
+def test_radfm_policy_min_max_scales_an_8bit_3d_scan():
+  # The original's RadioVQA loads a .npy case and min-max scales it whatever its dtype; only its
+  # 2D datasets' ToTensor divides 8-bit values by 255. A uint8 3D scan of 3..250 must therefore
+  # span [0, 1] (x / 255 gave 3/255..250/255).
+  vol = np.array([3, 50, 250, 100, 3, 7, 9, 11], np.uint8).reshape(1, 2, 2, 2)
+  cfg = cd.data_config(intensity='radfm')
+  out = T.prepare_images([vol], [''], (2, 2, 2), cfg)
+  np.testing.assert_allclose(out[0, 0].ravel(), (vol.ravel() - 3.0) / 247.0, rtol=1e-6)
+  # an 8-bit 2D image next to it: not every image is 2D, so min-max over both together
+  img = np.array([0, 51, 102, 200], np.uint8).reshape(1, 2, 2, 1)
+  out = T.prepare_images([vol, img], ['', ''], (2, 2, 2), cfg)
+  np.testing.assert_allclose(out[1, 0, :, :, 0].ravel(), img.ravel() / 250.0, rtol=1e-6)
+
+
 def test_ct_windows():
   hu = np.array([-1000, -160, 40, 240, 1000], np.int16).reshape(1, 5, 1, 1)
   cfg = cd.data_config(intensity='ct_window', ct_windows=((40.0, 400.0),))
@@ -175,6 +206,31 @@ def test_random_crop_box_draws_torchvisions_distribution():
   assert T.random_crop_box(1, 100, np.random.default_rng(2)) == (0, 49, 1, 1)
 
 
+class _Draws:
+  """A stand-in rng: uniform(a, b) = a + (b - a) * u for the given u; integers(lo, hi) = the
+  middle of [lo, hi)."""
+
+  def __init__(self, us):
+    self.us = list(us)
+
+  def uniform(self, a, b):
+    return a + (b - a) * self.us.pop(0)
+
+  def integers(self, lo, hi):
+    return lo + (hi - lo) // 2
+
+
+def test_random_crop_box_is_torchvisions_get_params_for_the_same_draws():
+  # Golden boxes from torchvision 0.28 `RandomResizedCrop.get_params(img, (0.8, 1), (3/4, 4/3))`
+  # with torch.empty(1).uniform_(a, b) patched to give float32(a + (b - a) * u) for these u and
+  # torch.randint(lo, hi) the middle of [lo, hi). torch works in float32 there: with float64 the
+  # first box was 1 pixel narrower (2210) and the second 1 pixel taller (2083).
+  cases = [((2048, 2500), (0.18180933594703674, 0.7293798327445984), (56, 145, 1937, 2211)),
+           ((2500, 2500), (0.1214803010225296, 0.7993195056915283), (209, 13, 2082, 2474))]
+  for (h, w), us, box in cases:
+    assert T.random_crop_box(h, w, _Draws(us)) == box
+
+
 def test_prepare_2d_touches_only_2d_images_and_follows_the_switch():
   rng = np.random.default_rng(3)
   img2d = rng.integers(0, 256, (3, 40, 50, 1), dtype=np.uint8)
@@ -190,5 +246,5 @@ def test_prepare_2d_touches_only_2d_images_and_follows_the_switch():
   # the model input of the whole pipeline step: bicubic 32 x 32, then the depth bucket (4 slices)
   out = T.prepare_images([img2d], [''], (32, 32, 4), bicubic)
   np.testing.assert_array_equal(out[0, :, :, :, 0],
-                                T.bicubic_2d(img2d, 32)[..., 0] * np.float32(1 / 255))
+                                T.bicubic_2d(img2d, 32)[..., 0] / np.float32(255))
   assert np.all(out[0] == out[0, :, :, :, :1])

@@ -220,3 +220,26 @@ def test_scan_ids_with_slashes_keep_their_own_tokens(tmp_path):
                                    "'lost' cannot be read (NOT_FOUND: ")
   assert str(err.value).endswith('; run `radfm-jax cache-images` again')
   assert 'tensorstore_spec' not in str(err.value)
+
+
+def test_a_cache_of_an_older_preparation_is_refused(tmp_path):
+  """Tokens made before the preparation changed (data/transforms.py; `PREP_VERSION`) stand for
+  images this code no longer makes (e.g. a uint8 3D scan was x / 255, now min-max): refused at
+  open, although every data field is the same."""
+  from radfm_jax.config import DataConfig
+  from radfm_jax.data.image_cache import PREP_VERSION
+  cache = ImageTokenCache.create(str(tmp_path), 'fp', checkpoint='ck', data_cfg=DataConfig(),
+                                 dtype='float32', num_latents=2, embed=3)
+  cache.write({'a': (np.ones((2, 3), np.float32), (4, 4, 4))})
+  assert ImageTokenCache.open(str(tmp_path), 'fp', source='x', data_cfg=DataConfig()).meta[
+      'data']['prep_version'] == PREP_VERSION
+  path = cache.meta_path(str(tmp_path), 'fp')
+  with open(path) as f:
+    meta = json.load(f)
+  del meta['data']['prep_version']                    # as written before versions were kept
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+  with pytest.raises(ConfigError, match=rf"the image-token cache .*fp\.json was made by image "
+                     rf"preparation version 1, this code prepares images as version "
+                     rf"{PREP_VERSION} .*; run `radfm-jax cache-images` again"):
+    ImageTokenCache.open(str(tmp_path), 'fp', source='x', data_cfg=DataConfig())

@@ -65,6 +65,12 @@ PREP_FIELDS = ('intensity', 'resize', 'resize_2d', 'image_size_2d', 'image_size_
                'depth_buckets', 'batch_size_2d', 'batch_size_3d', 'max_images', 'ct_windows',
                'percentiles')
 VISION_GROUPS = ('vision', 'perceiver', 'fc')
+# The preparation code's version (data/transforms.py), kept with the `PREP_FIELDS`: raised when
+# the same fields come to prepare a scan differently, so tokens of the old images are refused at
+# open instead of silently standing for the new ones. 1 (none recorded): before 2. 2: uint8 3D
+# scans min-max scaled under data.intensity='radfm' (were x / 255), 8-bit 2D images divided by
+# 255 exactly as ToTensor (were 1 ulp off).
+PREP_VERSION = 2
 
 
 def fingerprint(flat_params: Iterable[tuple[str, np.ndarray]]) -> str:
@@ -79,8 +85,9 @@ def fingerprint(flat_params: Iterable[tuple[str, np.ndarray]]) -> str:
 
 
 def prep_settings(data_cfg) -> dict:
-  """The `PREP_FIELDS` of a DataConfig as JSON data."""
-  return {f: json.loads(json.dumps(getattr(data_cfg, f))) for f in PREP_FIELDS}
+  """The `PREP_FIELDS` of a DataConfig as JSON data, with the `PREP_VERSION` they hold for."""
+  settings = {f: json.loads(json.dumps(getattr(data_cfg, f))) for f in PREP_FIELDS}
+  return dict(settings, prep_version=PREP_VERSION)
 
 
 def _spec(kvstore: dict, scan_id: str, shape=None, dtype: str | None = None) -> dict:
@@ -192,6 +199,12 @@ class ImageTokenCache:
         if now[field] != cache.meta['data'][field]:
           raise ConfigError(f'config field data.{field}={now[field]!r}: the image-token cache '
                             f'{path} was made with {cache.meta["data"][field]!r}')
+    made = cache.meta['data'].get('prep_version', 1)
+    if made != PREP_VERSION:
+      raise ConfigError(f'config field data.image_cache=True: the image-token cache {path} was '
+                        f'made by image preparation version {made}, this code prepares images '
+                        f'as version {PREP_VERSION} (data/transforms.py changed); run '
+                        f'`radfm-jax cache-images` again')
     if model_cfg is not None:
       n = model_cfg.perceiver.num_latents
       e = model_cfg.llama.hidden_size
@@ -298,5 +311,5 @@ class ImageTokenCache:
     return total
 
 
-__all__ = ['CACHE_DIR', 'ImageTokenCache', 'PREP_FIELDS', 'VISION_GROUPS', 'fingerprint',
-           'prep_settings']
+__all__ = ['CACHE_DIR', 'ImageTokenCache', 'PREP_FIELDS', 'PREP_VERSION', 'VISION_GROUPS',
+           'fingerprint', 'prep_settings']

@@ -6,8 +6,10 @@ Arrays here are [C, H, W, D] (the VolumeStore layout, C in {1, 3}); a prepared s
 Intensity policies (`DataConfig.intensity`):
   * `radfm`       the original: min-max over **all images of the sample together** (docs/original.md
                   section 11.1), grey copied to 3 channels. One exception keeps 2D parity: if every
-                  image of the sample is 8-bit (PNG/JPEG), the original's `ToTensor` divided by
-                  255 instead, so that is done here too.
+                  image of the sample is an 8-bit 2D image (PNG/JPEG, depth 1), the original's
+                  `ToTensor` divided by 255 instead, so that is done here too (the same float32
+                  division, bit for bit: `prepare_images`). An 8-bit 3D scan
+                  (a uint8 RadFM .npy case) is min-max scaled, as the original's 3D datasets do.
   * `ct_window`   CT images: clip to one HU window `ct_windows[0]` = (level, width), scale to
                   [0, 1], replicate to 3 channels.
   * `ct_windows3` CT images: the first three `ct_windows` as the R, G, B channels.
@@ -132,12 +134,15 @@ def random_crop_box(height: int, width: int, rng: np.random.Generator,
                     scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
   """(top, left, h, w) of a crop drawn as torchvision's `RandomResizedCrop.get_params`: ten tries
   of an area share in `scale` and a log-uniform aspect in `ratio`, then the centre crop of the
-  clamped aspect. The same distribution; the draws come from `rng`, not torch's generator."""
+  clamped aspect. The same distribution; the draws come from `rng`, not torch's generator.
+  The area share, log-aspect and aspect are float32 as torch's are (`torch.empty(1).uniform_`,
+  `torch.log(torch.tensor(ratio))`, `torch.exp`), so the same draws give the same box: in
+  float64 a size could round to the next pixel (e.g. a 2048 x 2500 image)."""
   area = height * width
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  log_ratio = [float(v) for v in np.log(np.asarray(ratio, np.float32))]
   for _ in range(10):
-    target = area * rng.uniform(scale[0], scale[1])
-    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    target = area * float(np.float32(rng.uniform(scale[0], scale[1])))
+    aspect = float(np.exp(np.float32(rng.uniform(log_ratio[0], log_ratio[1]))))
     w = int(round(math.sqrt(target * aspect)))
     h = int(round(math.sqrt(target / aspect)))
     if 0 < w <= width and 0 < h <= height:
@@ -220,6 +225,13 @@ def value_range(x: np.ndarray) -> tuple[float, float]:
   return float(x.min()), float(x.max())
 
 
+def to_tensor_sample(images: Sequence[np.ndarray]) -> bool:
+  """Whether the `radfm` policy scales a sample as the original's `ToTensor` (x / 255): every
+  image an 8-bit 2D image (depth 1). Only 2D images: the original's 3D datasets (RadioVQA & co.)
+  min-max scale every case, a uint8 one too."""
+  return bool(images) and all(x.dtype == np.uint8 and x.shape[3] == 1 for x in images)
+
+
 def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy: str,
                  ct_windows=((40.0, 400.0),), percentiles=(0.5, 99.5), ranges=None):
   """Per image, the 3 output channels as (source channel, low, high, clip).
@@ -243,8 +255,8 @@ def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy
 
   maps = []
   if policy == 'radfm':
-    if images and all(x.dtype == np.uint8 for x in images):
-      lo, hi = 0.0, 255.0                    # ToTensor parity for 8-bit 2D images
+    if to_tensor_sample(images):
+      lo, hi = 0.0, 255.0
     elif images:
       found = [r if r is not None else value_range(x) for x, r in zip(images, ranges)]
       lo, hi = min(r[0] for r in found), max(r[1] for r in found)
@@ -311,6 +323,16 @@ def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
   h, w, d = (int(v) for v in shape)
   if out is None:
     out = np.zeros((len(images), 3, h, w, d), np.float32)
+  if data_cfg.intensity == 'radfm' and to_tensor_sample(images):
+    # ToTensor's float32 x / 255, not x * float32(1 / 255) as `apply_map` (and the device) scale:
+    # the product is 1 ulp off for 126 of the 256 values. All-2D samples never carry stored
+    # voxels (pipeline.BatchPlan: 3D buckets only), so the host alone makes these images.
+    for s, x in enumerate(images):
+      x = resize(x, (h, w, d), data_cfg.resize)
+      for c in range(3):
+        np.divide(x[c if x.shape[0] == 3 else 0], np.float32(255), out=out[s, c],
+                  dtype=np.float32, casting='unsafe')
+    return out
   maps = _policy_maps(images, modalities, data_cfg, ranges)
   for s, (x, chan_map) in enumerate(zip(images, maps)):
     apply_map(resize(x, (h, w, d), data_cfg.resize), chan_map, out[s])
