@@ -206,6 +206,7 @@ class DataConfig:
   # wholesale must not train on empty rows. 1.0: never stop.
   max_unreadable_share: float = 0.1
   ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0))
+  # data.intensity='percentile': (low, high) percentiles per image; equal ones -> its min-max
   percentiles: tuple[float, float] = (0.5, 99.5)
   # Read each scan's cached image tokens (`radfm-jax cache-images`, data/image_cache.py) instead of
   # its volume and skip the vision tower; needs the tower frozen and a deterministic image path.
