@@ -7,7 +7,9 @@
 
 Checkpoints are `radfm_jax.checkpoint`'s: `load` reads either layout (parameter-only, or a
 training run's TrainState) as named by the `layout` field of its config.json; `save` writes the
-parameter-only layout.
+parameter-only layout into a new folder, an empty one or a parameter-only checkpoint it replaces.
+A path that is not a checkpoint (`load`) or cannot take one (`save`) is an `errors.InputError`,
+one line naming the path and what was expected, as the commands print it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
   if intensity is not None and intensity not in POLICIES:   # else a ValueError at the first image
     raise InputError(f'intensity {intensity!r}: expected one of {POLICIES} (None: the training '
                      "run's)")
+  from radfm_jax.checkpoint import meta
+  # a checkpoint at all, first: a folder that is not one would be told it has no tokenizer
+  meta.read_record(directory)
   given = tokenizer
   tokenizer = tokenizer or find_tokenizer(directory)
   if tokenizer is None:

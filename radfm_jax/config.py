@@ -21,7 +21,7 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -206,6 +206,7 @@ class DataConfig:
   # wholesale must not train on empty rows. 1.0: never stop.
   max_unreadable_share: float = 0.1
   ct_windows: tuple[tuple[float, float], ...] = ((40.0, 400.0), (-600.0, 1500.0), (400.0, 1800.0))
+  # data.intensity='percentile': (low, high) percentiles per image; equal ones -> its min-max
   percentiles: tuple[float, float] = (0.5, 99.5)
   # Read each scan's cached image tokens (`radfm-jax cache-images`, data/image_cache.py) instead of
   # its volume and skip the vision tower; needs the tower frozen and a deterministic image path.
@@ -740,6 +741,34 @@ def check_batch_axes(cfg: Config, num_devices: int, num_processes: int = 1,
             f'must split into train.grad_accum={cfg.train.grad_accum} microbatch(es) over the '
             f'mesh batch axes {" x ".join(BATCH_AXES)} = {ways} (mesh {shape} on {num_devices} '
             f'devices, preset {cfg.mesh.preset!r})')
+
+
+def check_batch_processes(index_map: Mapping[Any, tuple], process_of: Mapping[Any, int],
+                          mesh: MeshConfig, rows: int) -> None:
+  """Raises ConfigError naming mesh.ici / mesh.dcn when two processes hold the same rows of the
+  global batch. Each process's pipeline yields rows of its own (data/pipeline.py: process p, rows
+  [p*B, (p+1)*B) of every global batch), joined by `jax.make_array_from_process_local_data`:
+  where the mesh's batch axes do not split the batch across processes (processes differing only
+  along `tensor`), their different rows would be taken for one replicated batch, silently.
+
+  `index_map`: {device: index} of the batch sharding for a global batch of `rows` rows
+  (`Sharding.devices_indices_map((rows,))`; the first slice of an index is its rows);
+  `process_of`: {device: its process index}. Plain data, so a fabricated mapping tests it. A
+  NamedSharding's row ranges are equal or disjoint, so equal ranges are what is compared."""
+  holders: dict[tuple[int, int], set[int]] = {}
+  for device, index in index_map.items():
+    start, stop, _ = (index[0] if index else slice(None)).indices(rows)
+    holders.setdefault((start, stop), set()).add(int(process_of[device]))
+  for (start, stop), processes in sorted(holders.items()):
+    if len(processes) > 1:
+      first, second = sorted(processes)[:2]
+      raise ConfigError(
+          f'config fields mesh.ici={[list(a) for a in mesh.ici]!r} / '
+          f'mesh.dcn={[list(a) for a in mesh.dcn]!r}: processes {first} and {second} both hold '
+          f'rows [{start}, {stop}) of the global batch of {rows}, but each process reads rows of '
+          'its own, which would be joined as one replicated batch; expected the mesh batch axes '
+          f'{" x ".join(BATCH_AXES)} to split the batch across processes (e.g. the multi-process '
+          'size on data or fsdp, not tensor)')
 
 
 def _validate_mesh(mesh: MeshConfig, num_devices: int | None):

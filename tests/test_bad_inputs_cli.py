@@ -242,8 +242,8 @@ ROWS = [
     # --- cache-images
     ('cache-images:missing-checkpoint', ['cache-images', '--checkpoint', '{root}/nope', '--data',
                                          '{root}/store'],
-     ['radfm-jax cache-images: {root}/nope: not a checkpoint ({root}/nope: no such checkpoint '
-      'folder)']),
+     ['radfm-jax cache-images: {root}/nope: not a checkpoint (no such folder); expected a '
+      'checkpoint folder written by radfm_jax.save, radfm-jax train or radfm-jax convert']),
     # --- convert
     ('convert:missing-checkpoint', ['convert', 'to-torch', '--checkpoint', '{root}/nope',
                                     '--out', '{root}/t/model.bin'],

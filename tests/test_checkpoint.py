@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from radfm_jax import checkpoint, sharding  # noqa: E402
 from radfm_jax.config import MeshConfig, load_config  # noqa: E402
+from radfm_jax.errors import InputError  # noqa: E402
 from radfm_jax.models.radfm import create_model  # noqa: E402
 from radfm_jax.train import optim  # noqa: E402
 from radfm_jax.train.step import init_train_state  # noqa: E402
@@ -123,8 +124,12 @@ def test_missing_or_unknown_layout_is_an_error(saved, tmp_path):
   root = saved[0]
   bare = tmp_path / 'bare'
   shutil.copytree(root / 'params' / 'params', bare / 'params')      # an Orbax tree, no config.json
-  with pytest.raises(FileNotFoundError, match=f'{bare / "config.json"}: not found .*"layout"'):
+  with pytest.raises(InputError) as e:
     checkpoint.load(str(bare))
+  assert str(e.value) == (f'{bare}: not a checkpoint ({bare / "config.json"}: not found, nor in '
+                          'any parent); expected a checkpoint folder written by radfm_jax.save, '
+                          'radfm-jax train or radfm-jax convert (a config.json with "layout": one '
+                          "of ['params', 'train_state'])")
   odd = tmp_path / 'odd'
   shutil.copytree(root / 'params', odd)
   record = _read(odd / 'config.json')
@@ -140,8 +145,11 @@ def test_missing_or_unknown_layout_is_an_error(saved, tmp_path):
     checkpoint.load(str(root / 'run'), step=5)
   with pytest.raises(ValueError, match='is step 3, but step=7'):
     checkpoint.load(str(root / 'run' / 'checkpoints' / '3'), step=7)
-  with pytest.raises(FileNotFoundError, match='no such checkpoint folder'):
+  with pytest.raises(InputError) as e:
     checkpoint.load(str(tmp_path / 'nowhere'))
+  assert str(e.value) == (f'{tmp_path}/nowhere: not a checkpoint (no such folder); expected a '
+                          'checkpoint folder written by radfm_jax.save, radfm-jax train or '
+                          'radfm-jax convert')
 
 
 def test_a_tree_without_its_metadata_is_refused_by_load_and_leaf_reader(saved, tmp_path, capsys):

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import conftest_data as cd
 from radfm_jax import sharding
-from radfm_jax.config import MeshConfig, load_config
+from radfm_jax.config import ConfigError, MeshConfig, check_batch_processes, load_config
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import pipeline
 from radfm_jax.data.ingest import ingest
@@ -74,6 +74,54 @@ def test_batch_spec_follows_a_changed_table():
   x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
   arr = jax.device_put(x, batch_lib.batch_sharding(mesh, rules))
   assert {s.data.shape for s in arr.addressable_shards} == {(2, 3)}     # split 2 ways, not 8
+
+
+# 2 processes x 4 devices where the processes differ only along `tensor` (mesh.dcn tensor=2):
+# both would hold every row of the batch, each with rows of its own.
+ACROSS_TENSOR = MeshConfig(ici=(('data', 2), ('fsdp', 2), ('tensor', 1)),
+                           dcn=(('data', 1), ('fsdp', 1), ('tensor', 2)))
+ACROSS_TENSOR_ERROR = (
+    "config fields mesh.ici=[['data', 2], ['fsdp', 2], ['tensor', 1]] / mesh.dcn=[['data', 1], "
+    "['fsdp', 1], ['tensor', 2]]: processes 0 and 1 both hold rows [0, 1) of the global batch of "
+    '4, but each process reads rows of its own, which would be joined as one replicated batch; '
+    'expected the mesh batch axes data x fsdp to split the batch across processes (e.g. the '
+    'multi-process size on data or fsdp, not tensor)')
+
+
+def test_batch_rows_of_two_processes_never_overlap_fabricated():
+  """`check_batch_processes` on a hand-written index map (devices are plain names here)."""
+  rows = [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4)]
+  index_map = {f'd{i}': (rows[i % 4],) for i in range(8)}         # d0..d3 and d4..d7: same rows
+  with pytest.raises(ConfigError) as e:
+    check_batch_processes(index_map, {f'd{i}': i // 4 for i in range(8)}, ACROSS_TENSOR, 4)
+  assert str(e.value) == ACROSS_TENSOR_ERROR
+  # the rows split across the processes (each row replicated inside one process): accepted
+  good = {f'd{i}': i % 2 for i in range(8)}          # row r held (twice) by process r % 2
+  assert check_batch_processes(index_map, good, ACROSS_TENSOR, 4) is None
+  # one process, any replication: accepted
+  assert check_batch_processes(index_map, dict.fromkeys(index_map, 0), ACROSS_TENSOR, 4) is None
+  assert check_batch_processes({'d0': ()}, {'d0': 0}, MeshConfig(), 2) is None   # replicated
+
+
+def test_batch_rows_check_on_a_real_sharding():
+  """The index map of a real 8-device batch sharding (data=2 x fsdp=2 x tensor=2): processes
+  that differ only along tensor (as mesh.dcn tensor=2 would place them) are refused; processes
+  along data are accepted; the one-process mesh itself passes `loop.check_batch_rows`."""
+  from radfm_jax.train import loop
+  mesh_cfg = MeshConfig(ici=(('data', 2), ('fsdp', 2), ('tensor', 2)))
+  mesh = sharding.make_mesh(mesh_cfg)
+  rules = sharding.LOGICAL_RULES['fsdp']
+  index_map = batch_lib.batch_sharding(mesh, rules).devices_indices_map((4,))
+  grid = np.asarray(mesh.devices)                     # [data, fsdp, tensor]
+  by_tensor = {d: t for (_, _, t), d in np.ndenumerate(grid)}
+  by_data = {d: a for (a, _, _), d in np.ndenumerate(grid)}
+  with pytest.raises(ConfigError) as e:
+    check_batch_processes(index_map, by_tensor, ACROSS_TENSOR, 4)
+  assert str(e.value) == ACROSS_TENSOR_ERROR
+  assert check_batch_processes(index_map, by_data, mesh_cfg, 4) is None
+  cfg = load_config('radfm:model=tiny,mesh=cpu', ["mesh.ici=[['data', 2], ['fsdp', 2], "
+                                                   "['tensor', 2]]"])
+  assert loop.check_batch_rows(cfg, mesh, rules) is None
 
 
 def test_empty_batch_is_the_contract():

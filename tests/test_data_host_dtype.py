@@ -138,3 +138,30 @@ def test_train_loop_global_batch_expands_stored_batches(store):
       want = next(h['images'][i] for h in host.values() for i in range(h['tokens'].shape[0])
                   if h['tokens'][i].tobytes() == b['tokens'][r].tobytes())
       assert want.tobytes() == images[r].tobytes()
+
+
+def test_percentile_of_a_sparse_scan_keeps_the_lesion_on_host_and_device():
+  """data.intensity='percentile' on a scan that is 99.9% air and a 4-voxel lesion: its 0.5 and
+  99.5 percentiles are both -1000, which once mapped every voxel to 0 (scale 0). The channel's
+  min-max is taken instead: the lesion is 1, the air 0, and the host's float32 images and the
+  device's expansion of the stored voxels (data.host_dtype='stored') are equal bit for bit."""
+  from radfm_jax.data import transforms
+  vol = np.full((1, 20, 18, 8), -1000, np.int16)
+  vol[0, 5:7, 5:7, 3] = 40                                   # 4 of 2880 voxels
+  cfg = cd.data_config(intensity='percentile')
+  assert transforms.channel_maps([vol], ['CT'], 'percentile') == [[(0, -1000.0, 40.0, True)] * 3]
+  host = transforms.prepare_images([vol], ['CT'], (20, 18, 8), cfg)
+  carried = np.zeros((1, 1, 20, 18, 8), np.int16)
+  maps = np.zeros((1, 3, 4), np.float32)
+  transforms.prepare_stored([vol], ['CT'], (20, 18, 8), cfg, carried, maps)
+  device = batch_lib.device_inputs({'images': jax.numpy.asarray(carried[None]),
+                                    'image_maps': jax.numpy.asarray(maps[None])})['images']
+  device = np.asarray(device)[0]
+  assert host.shape == device.shape == (1, 3, 20, 18, 8) and device.dtype == np.float32
+  assert host.tobytes() == device.tobytes()
+  lesion = np.zeros(host.shape, bool)
+  lesion[:, :, 5:7, 5:7, 3] = True
+  assert (host[lesion] == 1.0).all() and (host[~lesion] == 0.0).all()
+  # a scan with a real percentile range keeps its percentiles (and its clipping)
+  vol[0, :10] = 0
+  assert transforms.channel_maps([vol], ['CT'], 'percentile') == [[(0, -1000.0, 0.0, True)] * 3]

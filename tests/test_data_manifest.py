@@ -126,6 +126,16 @@ BAD = [
     (['{"task": "vqa", "answer": "no"}'], 'input',
      'line 1 field question: empty; expected the question text (task vqa has no template '
      'questions)'),
+    # 'default' names the group of the samples without a dataset / task: a real one of that name
+    # next to them would be merged with them (eval tables, data.mixture), so it is refused
+    ([OK, '{"id": "b", "dataset": "slake"}', '{"id": "c", "dataset": "default"}'], 'input',
+     'line 3 field dataset: "default" is also the name of the group of samples without a dataset '
+     '(e.g. {path} line 1), so the two would be counted as one; expected another dataset name, or '
+     'a dataset on every sample'),
+    (['{"id": "a", "task": "default", "dataset": "x"}', '{"id": "b", "task": "", "dataset": "x"}'],
+     'input', 'line 1 field task: "default" is also the name of the group of samples without a '
+     'task (e.g. {path} line 2), so the two would be counted as one; expected another task name, '
+     'or a task on every sample'),
 ]
 
 
@@ -256,3 +266,18 @@ def test_store_jsonl_readers_report_file_and_line(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "split": "train"}\nnan\n')
   with pytest.raises(InputError, match=r'metrics.jsonl line 2: not valid JSON'):
     read_metrics(str(tmp_path))
+
+
+def test_a_default_name_without_unnamed_samples_is_accepted(tmp_path):
+  # only the meeting of the two is refused: every sample named 'default' is one group, as is
+  # every sample without a dataset
+  path = tmp_path / 'samples.jsonl'
+  path.write_text('{"id": "a", "dataset": "default", "task": "default"}\n'
+                  '{"id": "b", "dataset": "default", "task": "other"}\n')
+  assert [r['id'] for r in manifest.read_records(str(path), form='input')] == ['a', 'b']
+  with pytest.raises(InputError) as e:        # records passed in memory: 'manifest record N'
+    manifest.validate_records([{'id': 'a'}, {'id': 'b', 'dataset': 'default'}])
+  assert str(e.value) == ('manifest record 2 field dataset: "default" is also the name of the '
+                          'group of samples without a dataset (e.g. manifest record 1), so the '
+                          'two would be counted as one; expected another dataset name, or a '
+                          'dataset on every sample')

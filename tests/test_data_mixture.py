@@ -225,3 +225,20 @@ def test_training_writes_the_drawn_shares(store, tmp_path, capfd):
           'b 6 (25.0%, target 25.0%)') in err
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     assert json.loads(f.readline())['drawn/a'] >= 0
+
+
+def test_a_dataset_named_default_next_to_samples_without_one_is_refused(store):
+  """Samples without a dataset are dataset 'default' (their data.mixture weight, share/default):
+  records (a TFDS split, or `records=`) that also name a dataset 'default' would share that
+  weight and count; refused with one line naming the records."""
+  from radfm_jax.errors import InputError
+  records = [dict(r) for r in store.manifest()]
+  records[0].pop('dataset')
+  records[5]['dataset'] = 'default'
+  with pytest.raises(InputError) as e:
+    pipeline.make_dataset(cd.data_config(), cd.tiny_model(), store, cd.tokenizer(),
+                          process_index=0, process_count=1, records=records)
+  assert str(e.value) == ('manifest record 6 field dataset: "default" is also the name of the '
+                          'group of samples without a dataset (e.g. manifest record 1), so the '
+                          'two would be counted as one; expected another dataset name, or a '
+                          'dataset on every sample')

@@ -249,7 +249,11 @@ def test_read_predictions_checks_every_field(tmp_path):
       ({'kind': None}, 'line 2 field kind: got null; expected "closed" or "open"'),
       ({'datset': 'd'}, f'line 2 field datset: unknown field (did you mean dataset?); {rows}'),
       ({'id': 'a'}, f'line 2 field id: "a" is already used ({path} line 1); expected one row '
-       'per sample')):
+       'per sample'),
+      # line 1 has no task: its group is 'default', which a task of that name would join
+      ({'id': 'b', 'task': 'default'}, 'line 2 field task: "default" is also the name of the group '
+       f'of samples without a task (e.g. {path} line 1), so the two would be counted as one; '
+       'expected another task name, or a task on every sample')):
     path.write_text(json.dumps(good) + '\n' + json.dumps(dict(good, **change)) + '\n')
     with pytest.raises(InputError) as e:
       harness.read_predictions(str(path))
@@ -270,6 +274,32 @@ def test_read_predictions_checks_every_field(tmp_path):
     harness.read_predictions(str(path))
   path.write_text(json.dumps(good) + '\n' + json.dumps(dict(good, id=2)) + '\n')
   assert [r['id'] for r in harness.read_predictions(str(path))] == ['a', 2]  # ids as ingest's
+
+
+def test_default_groups_stay_apart_from_a_task_or_dataset_named_default(tmp_path):
+  """Rows without a task / dataset are scored as group 'default'; a task or dataset of that
+  very name next to them would be merged into the same table row: refused, naming the rows."""
+  from radfm_jax.errors import InputError
+  row = {'id': 'a', 'reference': 'yes', 'prediction': 'yes', 'kind': 'closed', 'task': ''}
+  rows = [row, dict(row, id='b', task='vqa', dataset='slake', prediction='no')]
+  summary = harness.score(rows)
+  assert {k: v['n'] for k, v in summary['per_task'].items()} == {'default': 1, 'vqa': 1}
+  assert {k: v['n'] for k, v in summary['per_dataset'].items()} == {'default': 1, 'slake': 1}
+  assert summary['per_task']['default']['closed_accuracy'] == 1.0
+  with pytest.raises(InputError) as e:
+    harness.score(rows + [dict(row, id='c', task='default')])
+  assert str(e.value) == ('prediction row 3 field task: "default" is also the name of the group '
+                          'of samples without a task (e.g. prediction row 1), so the two would be '
+                          'counted as one; expected another task name, or a task on every sample')
+  path = tmp_path / 'predictions.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in [dict(row, dataset='default', task='x'),
+                                                          dict(row, id='b', task='x')]))
+  with pytest.raises(InputError) as e:
+    harness.read_predictions(str(path))
+  assert str(e.value) == (f'{path} line 1 field dataset: "default" is also the name of the group '
+                          f'of samples without a dataset (e.g. {path} line 2), so the two would be '
+                          'counted as one; expected another dataset name, or a dataset on every '
+                          'sample')
 
 
 def test_cli_bad_inputs_are_one_line_exit_2(tmp_path, capsys):

@@ -353,6 +353,45 @@ def test_bad_python_arguments_are_one_error_naming_them(setup):
     assert str(e.value).startswith(message), (message, str(e.value))
 
 
+def test_load_and_save_name_a_path_that_is_not_a_checkpoint(setup, tmp_path, capsys):
+  """`radfm_jax.load` / `radfm_jax.save` on a path that is not a checkpoint (Was: a bare
+  FileNotFoundError / ValueError, or save writing over another folder's config.json): one
+  InputError line naming the path and what was expected, the line the commands print too."""
+  import radfm_jax
+  _, model, _, _, _ = setup
+  expected = ('expected a checkpoint folder written by radfm_jax.save, radfm-jax train or '
+              'radfm-jax convert')
+  layouts = '"layout": one of [\'params\', \'train_state\']'
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'a.txt').write_text('x')
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'config.json').write_text('{"lr": 0.1}')
+  for path, message in (
+      ('nope', f'nope: not a checkpoint (no such folder); {expected}'),
+      ('a.txt', f'a.txt: not a checkpoint (a file); {expected}'),
+      ('empty', f'empty: not a checkpoint ({tmp_path}/empty/config.json: not found, nor in any '
+                f'parent); {expected} (a config.json with {layouts})'),
+      ('other', f'other: not a checkpoint ({tmp_path}/other/config.json: no "layout" field, and '
+                f'neither params/ nor checkpoints/ beside it); {expected} ({layouts})')):
+    with pytest.raises(InputError) as e:
+      radfm_jax.load(str(tmp_path / path))
+    assert str(e.value) == f'{tmp_path}/{message}'
+  assert main(['generate', '--checkpoint', str(tmp_path / 'empty'), '--prompt', 'x']) == 2
+  assert capsys.readouterr().err.strip() == (
+      f'radfm-jax generate: {tmp_path}/empty: not a checkpoint ({tmp_path}/empty/config.json: not '
+      f'found, nor in any parent); {expected} (a config.json with {layouts})')
+  for path, message in (
+      ('a.txt/ckpt', f'a.txt/ckpt: {tmp_path}/a.txt is not a directory; expected a new '
+                     'checkpoint folder'),
+      ('other', 'other: a folder that is not a parameter-only checkpoint; expected a new '
+                'checkpoint folder')):
+    with pytest.raises(InputError) as e:
+      radfm_jax.save(model, str(tmp_path / path))
+    assert str(e.value) == f'{tmp_path}/{message}'
+  assert os.listdir(tmp_path / 'other') == ['config.json']          # left as it was
+  assert (tmp_path / 'other' / 'config.json').read_text() == '{"lr": 0.1}'
+
+
 def test_save_refuses_a_training_run_or_a_file(setup, tmp_path):
   """A parameter-only checkpoint saved into a training run's folder wrote a config.json there
   that `load` then read instead of the run; into a file, Orbax's temporary path was named."""

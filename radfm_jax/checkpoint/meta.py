@@ -28,6 +28,9 @@ CONFIG_FILE = 'config.json'
 PARAMS, TRAIN_STATE = 'params', 'train_state'
 LAYOUTS = (PARAMS, TRAIN_STATE)
 LAYOUT_VERSION = 1
+# What a path given as a checkpoint must be, in the errors for one that is not.
+EXPECTED_CHECKPOINT = ('expected a checkpoint folder written by radfm_jax.save, radfm-jax train or '
+                       'radfm-jax convert')
 
 
 def read_json(path: str) -> dict:
@@ -98,6 +101,47 @@ def unfinished_write(folder: str) -> str | None:
   return None
 
 
+def check_output_folder(out: str, shown: str, overwrite: bool) -> None:
+  """InputError (`shown`: how the user named `out`, e.g. '--out DIR') unless `out` can take a
+  new parameter-only checkpoint: a new path (no file among its parents), an empty folder, what a
+  killed write left (`unfinished_write`: its temporary files; its params/ only when
+  `overwrite`), or, when `overwrite`, a parameter-only checkpoint to replace. Never a file, a
+  training run or any other folder: the new parameters would be mixed with what is there, or
+  its own config.json written over."""
+  from radfm_jax.errors import check_parent_folder
+  if not os.path.exists(out):
+    check_parent_folder(out, shown, 'expected a new checkpoint folder')
+    return
+  if not os.path.isdir(out):
+    raise InputError(f'{shown}: is a file; expected a new checkpoint folder')
+  unfinished = unfinished_write(out)
+  if unfinished == 'partial':          # a killed run's temporary files only: written over
+    return
+  if unfinished == 'uncommitted' and not overwrite:
+    raise InputError(f'{shown}: holds params/ but no {CONFIG_FILE}: a conversion or merge '
+                     'that did not finish; expected a new folder (or --overwrite to replace it)')
+  if unfinished == 'uncommitted':
+    return
+  empty = not os.listdir(out)
+  if not empty and _own_layout(out) != PARAMS:
+    raise InputError(f'{shown}: a folder that is not a parameter-only checkpoint; expected a '
+                     'new checkpoint folder')
+  if not overwrite and not empty:
+    raise InputError(f'{shown}: a checkpoint exists there; expected a new folder (or '
+                     '--overwrite to replace it)')
+
+
+def _own_layout(folder: str) -> str | None:
+  """The layout the config.json in `folder` itself names (not a parent's); None when it has none
+  or it is not a checkpoint record (whatever it is, it is not ours to write over)."""
+  if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+    return None
+  try:
+    return read_record(folder)[2]
+  except InputError:
+    return None
+
+
 def checkpoint_folder(directory: str) -> str:
   """A training workdir -> its `checkpoints/` folder (whose config.json is the run's config
   record, with the layout; runs of earlier releases also kept a log copy in the workdir); any other
@@ -128,34 +172,40 @@ def find_config(directory: str) -> str | None:
 
 
 def read_record(directory: str) -> tuple[str, dict, str]:
-  """(config.json path, its contents, layout) for the checkpoint at `directory`."""
+  """(config.json path, its contents, layout) for the checkpoint at `directory`. A path that is
+  not a checkpoint (missing, a file, no config.json, no layout) or one of another layout or
+  release is an InputError naming it, the same line from `radfm_jax.load` and the commands."""
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'{directory}: no such checkpoint folder')
+    what = 'a file' if os.path.exists(directory) else 'no such folder'
+    raise InputError(f'{directory}: not a checkpoint ({what}); {EXPECTED_CHECKPOINT}')
   path = find_config(directory)
   if path is None:
-    raise FileNotFoundError(f'{os.path.join(checkpoint_folder(directory), CONFIG_FILE)}: not found '
-                            f'(nor in any parent); a checkpoint folder holds a {CONFIG_FILE} with '
-                            f'"layout": one of {list(LAYOUTS)}')
+    raise InputError(f'{directory}: not a checkpoint '
+                     f'({os.path.join(checkpoint_folder(directory), CONFIG_FILE)}: not found, nor '
+                     f'in any parent); {EXPECTED_CHECKPOINT} (a {CONFIG_FILE} with "layout": one '
+                     f'of {list(LAYOUTS)})')
   data = read_json(path)
   layout = data.get('layout')
   if layout is None:
     layout = _legacy_layout(os.path.dirname(path))
     if layout is None:
-      raise ValueError(f'{path}: no "layout" field, and neither params/ nor checkpoints/ beside it '
-                       f'(expected "layout": one of {list(LAYOUTS)})')
+      raise InputError(f'{directory}: not a checkpoint ({path}: no "layout" field, and neither '
+                       f'params/ nor checkpoints/ beside it); {EXPECTED_CHECKPOINT} ("layout": '
+                       f'one of {list(LAYOUTS)})')
     return path, data, layout
   if layout not in LAYOUTS:
-    raise ValueError(f'{path}: "layout" is {layout!r}, expected one of {list(LAYOUTS)}')
+    raise InputError(f'{path}: "layout" is {layout!r}, expected one of {list(LAYOUTS)}')
   version = data.get('layout_version')
   if version != LAYOUT_VERSION:
-    raise ValueError(f'{path}: "layout_version" is {version!r}, expected {LAYOUT_VERSION} '
+    raise InputError(f'{path}: "layout_version" is {version!r}, expected {LAYOUT_VERSION} '
                      '(written by another radfm-jax release)')
   return path, data, layout
 
 
 def checked_record(directory: str) -> tuple[str, dict, str]:
-  """`read_record`, its errors as one InputError naming `directory`: for a command to check that
-  it was given a checkpoint at all before reading its sections (which default when missing)."""
+  """`read_record`, any other error of reading it as one InputError naming `directory`: for a
+  command to check that it was given a checkpoint at all before reading its sections (which
+  default when missing)."""
   try:
     return read_record(directory)
   except InputError:

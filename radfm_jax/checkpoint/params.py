@@ -188,7 +188,9 @@ def write_config(directory: str, cfg: ModelConfig, **info) -> str:
 
 def save(model, directory: str, **info) -> str:
   """Writes `model`'s parameters as a parameter-only checkpoint (`DIR/params/` + `DIR/config.json`)
-  with the converter's own writer, so `load` and `radfm-jax convert to-torch` read it back."""
+  with the converter's own writer, so `load` and `radfm-jax convert to-torch` read it back.
+  `directory`: a new folder, an empty one or a parameter-only checkpoint (replaced); anything
+  else is an InputError naming it (`meta.check_output_folder`), before anything is written."""
   from flax import nnx
 
   from radfm_jax.errors import InputError
@@ -198,6 +200,8 @@ def save(model, directory: str, **info) -> str:
     # its config.json would name this checkpoint, and `load` would read it instead of the run
     raise InputError(f'{directory}: holds a training run (checkpoints/); expected a new folder '
                      'or a parameter-only checkpoint to replace')
+  # another folder's files (its own config.json) would be mixed with, or written over by, ours
+  meta.check_output_folder(directory, directory, overwrite=True)
   flat = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   leaves = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat.items()}
   with IncrementalWriter(os.path.join(directory, PARAMS_DIR), leaves) as writer:

@@ -51,7 +51,9 @@ def _steps(root: str) -> list[int]:
 def locate(directory: str, step: int | None = None) -> Location:
   """The parameters of the checkpoint at `directory`: a parameter-only checkpoint, a training
   workdir, its checkpoints/ folder or one step folder; `step` picks a training step (default: the
-  folder's own step, else the latest)."""
+  folder's own step, else the latest). A folder that is not a checkpoint, or holds no parameters,
+  is an InputError naming it (`meta.read_record`); a step it lacks, a FileNotFoundError /
+  ValueError (a command prefixes its flag: `errors.reading`)."""
   path, data, layout = meta.read_record(directory)
   cfg = meta.model_config_of(path, data)
   home = os.path.dirname(path)
@@ -60,8 +62,8 @@ def locate(directory: str, step: int | None = None) -> Location:
       raise ValueError(f'{path}: a parameter-only checkpoint (layout "params") has no step {step}')
     tree = os.path.join(home, PARAMS_DIR)
     if not os.path.isdir(tree):
-      raise FileNotFoundError(f'{tree}: missing; {path} names layout "params", which keeps the '
-                              f'parameters in {PARAMS_DIR}/ beside it')
+      raise InputError(f'{tree}: missing; {path} names layout "params", which keeps the '
+                       f'parameters in {PARAMS_DIR}/ beside it')
     return Location(path, layout, cfg, tree, (), (), None)
   # The previous release's config.json (no layout field) sat in the workdir, above checkpoints/.
   root = home if 'layout' in data else os.path.join(home, 'checkpoints')
@@ -73,8 +75,8 @@ def locate(directory: str, step: int | None = None) -> Location:
     step = int(rel[0])
   if step is None:
     if not steps:
-      raise FileNotFoundError(f'{root}: no committed step (expected <step>/{STATE_ITEM}/ folders '
-                              f'beside {path})')
+      raise InputError(f'{root}: no committed step (expected <step>/{STATE_ITEM}/ folders '
+                       f'beside {path}: a run that saved a checkpoint)')
     step = steps[-1]
   elif step not in steps:
     raise FileNotFoundError(f'{root}: no step {step} (steps: {steps})')

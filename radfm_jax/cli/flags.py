@@ -99,37 +99,10 @@ def check_output_folder(out: str, overwrite: bool):
   file, a training run or any other folder: writing into one would mix the new parameters with
   what is there. A folder that cannot be written (a read-only disk) fails here, before the
   work."""
-  from radfm_jax.errors import check_writable_folder
-  _check_output_folder(out, overwrite)
-  check_writable_folder(out, f'--out {out}')
-
-
-def _check_output_folder(out: str, overwrite: bool):
-  import os
-
   from radfm_jax.checkpoint import meta
-  from radfm_jax.errors import InputError, check_parent_folder
-  if not os.path.exists(out):
-    check_parent_folder(out, f'--out {out}', 'expected a new checkpoint folder')
-    return
-  if not os.path.isdir(out):
-    raise InputError(f'--out {out}: is a file; expected a new checkpoint folder')
-  unfinished = meta.unfinished_write(out)
-  if unfinished == 'partial':          # a killed run's temporary files only: written over
-    return
-  if unfinished == 'uncommitted' and not overwrite:
-    raise InputError(f'--out {out}: holds params/ but no {meta.CONFIG_FILE}: a conversion or merge '
-                     'that did not finish; expected a new folder (or --overwrite to replace it)')
-  if unfinished == 'uncommitted':
-    return
-  own = os.path.join(out, meta.CONFIG_FILE)
-  empty = not os.listdir(out)
-  if not empty and not (os.path.isfile(own) and meta.checked_record(out)[2] == meta.PARAMS):
-    raise InputError(f'--out {out}: a folder that is not a parameter-only checkpoint; expected a '
-                     'new checkpoint folder')
-  if not overwrite and not empty:
-    raise InputError(f'--out {out}: a checkpoint exists there; expected a new folder (or '
-                     '--overwrite to replace it)')
+  from radfm_jax.errors import check_writable_folder
+  meta.check_output_folder(out, f'--out {out}', overwrite)
+  check_writable_folder(out, f'--out {out}')
 
 
 def check_output_file(out: str, overwrite: bool):

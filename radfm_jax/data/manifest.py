@@ -37,13 +37,35 @@ from radfm_jax.data.prompts import TASKS, image_token_in, load_templates
 from radfm_jax.errors import InputError, where
 
 FORMS = ('input', 'store')
-# The dataset of a record without a `dataset` field: its name in data.mixture and eval tables.
-DEFAULT_DATASET = 'default'
+# The group of the records without a `task` (eval tables) or without a `dataset` (eval tables,
+# data.mixture, the training metrics' share/ and drawn/): `check_default_groups` keeps a task or
+# dataset of that very name from being merged with them.
+DEFAULT_GROUP = 'default'
+DEFAULT_DATASET = DEFAULT_GROUP
 
 
 def dataset_of(record: dict) -> str:
   """The record's `dataset` (recipes set it), or DEFAULT_DATASET."""
   return str(record.get('dataset') or DEFAULT_DATASET)
+
+
+def check_default_groups(numbered: Iterable[tuple[int, dict]],
+                         place: Callable[[int, str | None], str],
+                         fields: tuple[str, ...] = ('task', 'dataset')) -> None:
+  """InputError when the records hold both a `task` (or `dataset`) named DEFAULT_GROUP and a
+  record without one ("" counts as none): the records without one are grouped under that name,
+  so the two would silently be scored, weighted and counted as one group. Refused rather than
+  renamed: either side is the user's to rename, and a table key or mixture weight name the user
+  never wrote would be a surprise. `place(line, field)` words the where, as for `check_records`."""
+  numbered = list(numbered)
+  for field in fields:
+    named = next((n for n, r in numbered if r.get(field) == DEFAULT_GROUP), None)
+    without = next((n for n, r in numbered if not r.get(field)), None)
+    if named is not None and without is not None:
+      raise InputError(f'{place(named, field)}: {_shown(DEFAULT_GROUP)} is also the name of the '
+                       f'group of samples without a {field} (e.g. {place(without, None)}), so the '
+                       f'two would be counted as one; expected another {field} name, or a {field} '
+                       'on every sample')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,9 +295,10 @@ def validate_record(record, form: str | None = None) -> None:
 
 def check_records(records: Iterable[tuple[int, Any]], place: Callable[[int, str | None], str],
                   form: str | None) -> list[dict]:
-  """Validates (line number, record) pairs; ids must be unique. `place(line, field)` words the
-  where of an error (`errors.where` for a file)."""
-  out, seen, scans = [], {}, {}
+  """Validates (line number, record) pairs; ids must be unique, and a task or dataset named
+  DEFAULT_GROUP may not meet records without one (`check_default_groups`). `place(line, field)`
+  words the where of an error (`errors.where` for a file)."""
+  out, seen, scans, lines = [], {}, {}, []
   for line, record in records:
     try:
       validate_record(record, form)
@@ -296,6 +319,8 @@ def check_records(records: Iterable[tuple[int, Any]], place: Callable[[int, str 
                            f'{_shown(first[0][0])} ({place(first[1], None)}); expected one id '
                            'per scan (path, frame, index)')
     out.append(record)
+    lines.append(line)
+  check_default_groups(zip(lines, out), place)
   return out
 
 

@@ -57,7 +57,8 @@ from radfm_jax.config import ConfigError
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import train_copies, transforms
 from radfm_jax.data.image_cache import ImageTokenCache
-from radfm_jax.data.manifest import dataset_of, read_manifest
+from radfm_jax.data.manifest import (check_default_groups, dataset_of, read_manifest,
+                                     record_place)
 from radfm_jax.data.store import VolumeStore, is_url
 from radfm_jax.errors import InputError
 from radfm_jax.data.tokenizer import Tokenizer
@@ -495,10 +496,18 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
     # (read as an empty index, every sample would be skipped as a scan the store lacks)
     raise InputError(f'{store.scans_path}: missing; expected the scan index of a store that '
                      '`radfm-jax ingest` wrote (its folder holds manifest.jsonl and scans.jsonl)')
+  manifest = data_cfg.manifest or store.manifest_path
+  place = record_place                          # `records` given: 'manifest record N'
   if records is None:
-    records = read_manifest(data_cfg.manifest or store.manifest_path, split)
+    records = read_manifest(manifest, split)
+    in_split = f' of split {split}' if split is not None else ''
+    def place(n, field=None):
+      return f'{manifest} record {n}{in_split}' + (f' field {field}' if field else '')
   if not records:
-    raise ValueError(f'no samples in {data_cfg.manifest or store.manifest_path} (split={split!r})')
+    raise ValueError(f'no samples in {manifest} (split={split!r})')
+  # A JSONL manifest was checked whole when read; a TFDS directory or `records` is checked here:
+  # a dataset named 'default' would share the weight and share/ metrics of those without one.
+  check_default_groups(enumerate(records, 1), place, ('dataset',))
   stats = stats if stats is not None else PipelineStats()
   dtypes = None
   if getattr(data_cfg, 'host_dtype', 'float32') == 'stored' and image_cache is None:

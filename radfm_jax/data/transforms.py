@@ -14,6 +14,9 @@ Intensity policies (`DataConfig.intensity`):
                   [0, 1], replicate to 3 channels.
   * `ct_windows3` CT images: the first three `ct_windows` as the R, G, B channels.
   * `percentile`  per image: clip to the `percentiles` (low, high) of its values, scale to [0, 1].
+                  When the two are equal (a sparse scan: 99.9% background and a small lesion) the
+                  channel takes its min-max instead, so the lesion is kept rather than the image
+                  becoming all zeros (`channel_maps`).
   For the CT policies, images whose modality is not CT fall back to per-image min-max.
 
 Statistics (min, max, percentiles) come from the full-resolution scan; the affine map to [0, 1]
@@ -273,8 +276,14 @@ def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy
       chans = []
       for c in range(3):
         src = c if x.shape[0] == 3 else 0
-        lo, hi = np.percentile(_subsample(x[src]), percentiles)
-        chans.append((src, float(lo), float(hi), True))
+        lo, hi = (float(v) for v in np.percentile(_subsample(x[src]), percentiles))
+        if not hi > lo:
+          # An empty percentile range (more than `high`% of the voxels share one value) would map
+          # every voxel to 0 (map_coefficients: scale 0), dropping the rare ones that differ: the
+          # channel's min-max keeps them, from the full scan (the subsample may miss them). Still
+          # a map, so the host and the device (data.host_dtype='stored') apply the same numbers.
+          lo, hi = value_range(x[src])
+        chans.append((src, lo, hi, True))
       maps.append(chans)
     else:
       maps.append(minmax(x, r))

@@ -31,7 +31,8 @@ import json
 import os
 import time
 
-from radfm_jax.data.manifest import SAMPLE_FIELDS, _shown, _unknown, dataset_of
+from radfm_jax.data.manifest import (DEFAULT_DATASET, DEFAULT_GROUP, SAMPLE_FIELDS, _shown,
+                                     _unknown, check_default_groups, dataset_of)
 from radfm_jax.errors import InputError, check_parent_folder, where, writing
 from radfm_jax.eval import entities as entities_lib
 from radfm_jax.eval import metrics as metrics_lib
@@ -62,7 +63,7 @@ class Sample:
   kind: str
   task: str
   source: object             # VolumeStore, or the raw manifest's folder (str)
-  dataset: str = 'default'   # the record's `dataset` (manifest.dataset_of)
+  dataset: str = DEFAULT_DATASET   # the record's `dataset` (manifest.dataset_of)
   # The record's `id`, else its manifest default: the record's number in the whole file, from 0
   # (as ingest stores it), which `read_records` keeps apart from every given id, so no two rows of
   # predictions.jsonl share one. None (a Sample built by hand): the record's id, else `index`.
@@ -279,6 +280,11 @@ def prediction_row(sample: Sample, question: str, reference: str, prediction: st
           'task': sample.task, 'dataset': sample.dataset}
 
 
+def _row_place(n: int, field: str | None = None) -> str:
+  """Where a prediction row passed to `score` is, for messages: 'prediction row N [field F]'."""
+  return f'prediction row {n}' + (f' field {field}' if field else '')
+
+
 def _plain(question: str) -> str:
   """The question with image blocks shown as one `<image>` marker each."""
   import re
@@ -288,14 +294,16 @@ def _plain(question: str) -> str:
 def score(rows: list[dict], extractor=None, extractor_reason: str = '',
           entity_tasks: tuple[str, ...] | None = None) -> dict:
   """Metrics of prediction rows (id, reference, prediction, kind, task[, dataset]): overall, per
-  task and per dataset (a row without a dataset: 'default'), each a `metrics.compute_metrics`
-  dict, plus entity scores or why they are absent. `entity_tasks`: the tasks whose samples the
-  entity scores cover (None: every sample); a table row holding none of them gets
-  `entities: None`."""
+  task and per dataset (rows without a task / dataset: group 'default'), each a
+  `metrics.compute_metrics` dict, plus entity scores or why they are absent. A task or dataset
+  named 'default' next to rows without one is an InputError (`manifest.check_default_groups`):
+  the two would be one table row. `entity_tasks`: the tasks whose samples the entity scores cover
+  (None: every sample); a table row holding none of them gets `entities: None`."""
+  check_default_groups(enumerate(rows, 1), _row_place)
   preds = [r['prediction'] for r in rows]
   refs = [r['reference'] for r in rows]
   kinds = [r['kind'] for r in rows]
-  tasks = [r['task'] or 'default' for r in rows]
+  tasks = [r['task'] or DEFAULT_GROUP for r in rows]
   datasets = [dataset_of(r) for r in rows]
   overall = metrics_lib.compute_metrics(preds, refs, kinds, tasks)
   per_task = overall.pop('per_task')
@@ -356,7 +364,7 @@ def read_predictions(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise InputError(f'{path}: no such predictions file (expected OUT/predictions.jsonl of '
                      '`radfm-jax eval`)')
-  rows, seen = [], {}
+  rows, seen, lines = [], {}, []
   for line, row in iter_jsonl(path):
     for key in row:
       near = _unknown(key, PREDICTION_FIELDS) if key not in PREDICTION_FIELDS else None
@@ -378,8 +386,10 @@ def read_predictions(path: str) -> list[dict]:
                          f'({where(path, seen[key])}); expected one row per sample')
       seen[key] = line
     rows.append(row)
+    lines.append(line)
   if not rows:
     raise InputError(f'{path}: no rows; expected {ROWS_EVAL_WRITES}, one per sample')
+  check_default_groups(zip(lines, rows), lambda line, field: where(path, line, field))
   return rows
 
 

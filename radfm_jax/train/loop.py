@@ -4,8 +4,10 @@
     result = train(cfg, workdir)      # Python: same thing; `data=` takes any iterator of batch dicts
 
 Per step: this host's batch (numpy) -> global arrays (`jax.make_array_from_process_local_data`)
--> the jitted, donated train step. Metrics are read one step late (the host never waits for the
-step it just dispatched) except before a checkpoint, where the step's loss is checked first.
+-> the jitted, donated train step. Each process's rows are its own, so before the first step
+`check_batch_rows` refuses a mesh whose batch axes leave two processes the same rows. Metrics are
+read one step late (the host never waits for the step it just dispatched) except before a
+checkpoint, where the step's loss is checked first.
 Outputs in `workdir` (`rundir.py`): checkpoints/ (async Orbax: state, data-iterator state, config;
 checkpoints/config.json, the run's one config record, absolute paths), tokenizer.model (a copy),
 metrics.jsonl (the train rows also hold the data mixture: `share/<dataset>`, `drawn/<dataset>`,
@@ -49,7 +51,7 @@ from flax import nnx
 from radfm_jax import hostmem, sharding
 from radfm_jax.checkpoint import Checkpointer
 from radfm_jax.config import (SYNTHETIC_STORE, Config, ConfigError, check_batch_axes,
-                              check_data_store, mixture_weights)
+                              check_batch_processes, check_data_store, mixture_weights)
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.errors import InputError
 from radfm_jax.models import lora
@@ -152,6 +154,16 @@ def _bucket(batch: dict) -> str:
   key = 'image_tokens' if 'image_tokens' in batch else 'images'
   return (f'{key} {"x".join(map(str, batch[key].shape))}, '
           f'text {batch["tokens"].shape[1]}')
+
+
+def check_batch_rows(cfg: Config, mesh, rules) -> None:
+  """`check_batch_processes` on the batch sharding of `mesh`: a ConfigError naming mesh.ici /
+  mesh.dcn, before the first step, when two processes would hold the same rows of a global batch
+  that `global_batch` assembles from each process's own rows."""
+  sharding = batch_lib.batch_sharding(mesh, rules)
+  rows = batch_lib.batch_shards(mesh, rules)       # one row per shard: every split is seen
+  index_map = sharding.devices_indices_map((rows,))
+  check_batch_processes(index_map, {d: d.process_index for d in index_map}, cfg.mesh, rows)
 
 
 def global_batch(batch: dict, mesh, rules) -> dict:
@@ -541,6 +553,7 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   for field, old, new in rundir.resumable_changes(saved or {}, config_dict):
     say(f'resume changes {field}: {old!r} -> {new!r}')
   mesh, rules, graphdef, tx, abs_state, shardings = build(cfg, mesh)
+  check_batch_rows(cfg, mesh, rules)    # processes' own rows must not be taken for one batch
   ckpt = Checkpointer(ckpt_dir, max_to_keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   if is_main:
     rundir.write_record(ckpt.directory, config_dict)
@@ -756,5 +769,5 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
 
 
 __all__ = ['NonFiniteLossError', 'TrainResult', 'UnreadableDataError', 'base_params', 'build',
-           'evaluate', 'global_batch', 'init_params', 'init_state', 'make_data', 'mixture_metrics',
-           'open_data', 'plot_loss_curve', 'run_dirs', 'train']
+           'check_batch_rows', 'evaluate', 'global_batch', 'init_params', 'init_state', 'make_data',
+           'mixture_metrics', 'open_data', 'plot_loss_curve', 'run_dirs', 'train']
