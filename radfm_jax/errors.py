@@ -25,6 +25,17 @@ class InputError(UserError, ValueError):
   """A data file (manifest, scan, split file, checkpoint, tokenizer) is missing or malformed."""
 
 
+class StepError(InputError):
+  """A checkpoint step asked for that the checkpoint does not hold (or a step asked of a
+  parameter-only checkpoint): an InputError from Python, and a command's `reading` block
+  prefixes it with the flag that named the checkpoint ('--checkpoint run:7: ...')."""
+
+
+class MissingStepError(StepError, FileNotFoundError):
+  """A step number the run's checkpoints/ lacks (also a FileNotFoundError, as it was before it
+  was an InputError)."""
+
+
 class WriteError(UserError):
   """The filesystem refused to write an output (full, over the file-size limit, read-only, no
   permission): a fault of the machine, not a bug. The message names the file or folder; what was
@@ -88,6 +99,8 @@ def reading(name: str):
   it is: it names its file already."""
   try:
     yield
+  except StepError as e:                 # names the folder, not the flag: prefixed
+    raise InputError(f'{name}: {e}') from e
   except InputError:
     raise
   except (FileNotFoundError, ValueError) as e:

@@ -23,7 +23,7 @@ from radfm_jax.checkpoint.params import PARAMS_DIR
 from radfm_jax.checkpoint.train_state import (STATE_ITEM, CheckpointRestoreError, describe_failure,
                                               step_name)
 from radfm_jax.config import ModelConfig
-from radfm_jax.errors import InputError
+from radfm_jax.errors import InputError, MissingStepError, StepError
 from radfm_jax.checkpoint.tree import flat_params, unflatten
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +52,14 @@ def locate(directory: str, step: int | None = None) -> Location:
   """The parameters of the checkpoint at `directory`: a parameter-only checkpoint, a training
   workdir, its checkpoints/ folder or one step folder; `step` picks a training step (default: the
   folder's own step, else the latest). A folder that is not a checkpoint, or holds no parameters,
-  is an InputError naming it (`meta.read_record`); a step it lacks, a FileNotFoundError /
-  ValueError (a command prefixes its flag: `errors.reading`)."""
+  is an InputError naming it (`meta.read_record`); a step it lacks, a `StepError` (an InputError
+  that a command prefixes with its flag: `errors.reading`)."""
   path, data, layout = meta.read_record(directory)
   cfg = meta.model_config_of(path, data)
   home = os.path.dirname(path)
   if layout == meta.PARAMS:
     if step is not None:
-      raise ValueError(f'{path}: a parameter-only checkpoint (layout "params") has no step {step}')
+      raise StepError(f'{path}: a parameter-only checkpoint (layout "params") has no step {step}')
     tree = os.path.join(home, PARAMS_DIR)
     if not os.path.isdir(tree):
       raise InputError(f'{tree}: missing; {path} names layout "params", which keeps the '
@@ -71,7 +71,7 @@ def locate(directory: str, step: int | None = None) -> Location:
   rel = os.path.relpath(meta.checkpoint_folder(directory), root).split(os.sep)
   if rel[0].isdigit():                      # a step folder (or a folder inside one)
     if step is not None and step != int(rel[0]):
-      raise ValueError(f'{directory} is step {rel[0]}, but step={step} was asked for')
+      raise StepError(f'{directory} is step {rel[0]}, but step={step} was asked for')
     step = int(rel[0])
   if step is None:
     if not steps:
@@ -79,7 +79,7 @@ def locate(directory: str, step: int | None = None) -> Location:
                        f'beside {path}: a run that saved a checkpoint)')
     step = steps[-1]
   elif step not in steps:
-    raise FileNotFoundError(f'{root}: no step {step} (steps: {steps})')
+    raise MissingStepError(f'{root}: no step {step} (steps: {steps})')
   tree = os.path.join(root, str(step), STATE_ITEM)
   return Location(path, layout, cfg, tree, ('params',), ('value',), step)
 
