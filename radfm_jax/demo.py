@@ -167,9 +167,11 @@ def _batch_for_generation(records, store, tokenizer, cfg, rows: int) -> dict:
   from radfm_jax.infer.text import collate_prompts
   out = []
   for rec in records + [records[-1]] * (rows - len(records)):
-    arrays = [store.read(im['id']) for im in rec['images'][:cfg.data.max_images]]
+    entries = rec['images'][:cfg.data.max_images]
+    arrays = [store.read(im['id']) for im in entries]
     out.append(record_inputs(rec, arrays, tokenizer, cfg.data, generation=True,
-                             slots=cfg.data.max_images))
+                             slots=cfg.data.max_images,
+                             stacked=[store.case_image(im['id']) for im in entries]))
   return collate_prompts(out)
 
 

@@ -338,3 +338,57 @@ def test_a_non_8bit_2d_image_in_a_3d_bucket_is_carried_as_float32(tmp_path):
   assert stored['images'].dtype == np.float32 and 'image_maps' in stored
   a, b = cd.model_inputs(stored), cd.model_inputs(host)
   np.testing.assert_array_equal(a['images'], b['images'])
+
+
+def test_a_depth_1_case_stack_is_a_volume_as_the_original_reads_it(tmp_path):
+  """A RadFM case .npy [S, 3, H, W, 1] (the original's conversion of a case that has only JPEG
+  images) is read by the original's 3D datasets as a case: min-max over the whole case, resized
+  nearest to the bucket, never cropped, even when 8-bit. So on the train split with the random
+  crop on, each of its images (all of them, or one picked by `index`) is exactly that, while a
+  PNG of the same pixels still takes the 2D path (crop, bicubic, / 255)."""
+  rng = np.random.default_rng(11)
+  case = rng.integers(20, 201, (2, 3, 40, 36, 1)).astype(np.uint8)
+  np.save(tmp_path / 'case.npy', case)
+  cd.write_png(tmp_path / 'same.png', np.moveaxis(case[1, :, :, :, 0], 0, -1))
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', [
+      {'id': 'whole', 'question': 'What?', 'answer': 'A case.',
+       'images': [{'path': 'case.npy', 'position': {'question': 0}}]},
+      {'id': 'picked', 'question': 'What?', 'answer': 'A case.',
+       'images': [{'path': 'case.npy', 'index': 1, 'position': {'question': 0}}]},
+      {'id': 'png', 'question': 'What?', 'answer': 'A case.',
+       'images': [{'path': 'same.png', 'position': {'question': 0}}]}])
+  ingest(manifest, str(tmp_path / 'store'), log=open(os.devnull, 'w'))
+  volumes = VolumeStore(str(tmp_path / 'store'))
+  records = {r['id']: r for r in volumes.manifest()}
+  assert [volumes.case_image(im['id']) for r in records.values() for im in r['images']] == [
+      True, True, True, False]
+
+  def as_the_original(images):       # [S, 3, 40, 36, 1] -> [S, 3, 32, 32, 4]
+    lo, hi = float(images.min()), float(images.max())
+    rows = np.floor(np.arange(32) * 40 / 32).astype(int)
+    cols = np.floor(np.arange(32) * 36 / 32).astype(int)
+    x = images[:, :, rows][:, :, :, cols][..., [0, 0, 0, 0]].astype(np.float64)
+    return (x - lo) / (hi - lo)
+
+  want = {'whole': as_the_original(case), 'picked': as_the_original(case[1:])}
+  cfg = dict(seed=3, num_epochs=2, augment=True, resize_2d='bicubic', random_crop_2d=True)
+  ds = _make(volumes, **cfg)
+  seen = set()
+  for i, batch in enumerate(ds):
+    key, rows = ds.plan.epoch(i // ds.plan.num_batches)[i % ds.plan.num_batches]
+    assert key.kind == '2d' and (key.height, key.width, key.depth) == (32, 32, 4)
+    for r, sample in enumerate(rows):
+      if sample < 0:
+        continue
+      rec = volumes.manifest()[sample]
+      got = batch['images'][r][:len(rec['images'])]
+      seen.add(rec['id'])
+      if rec['id'] == 'png':
+        png = volumes.read(rec['images'][0]['id'])
+        crop = transforms.prepare_images([png], [''], (32, 32, 4), cd.data_config(
+            resize_2d='bicubic'), crop_rng=np.random.default_rng([3, i, r]))
+        np.testing.assert_array_equal(got, crop)
+        assert np.abs(got - want['picked']).max() > 0.05
+      else:
+        np.testing.assert_allclose(got, want[rec['id']], rtol=0, atol=1e-6)
+  assert seen == {'whole', 'picked', 'png'}

@@ -280,7 +280,7 @@ def test_grain_eval_and_demo_read_a_sharded_store_as_a_single_one(volumes):
   samples = [load_samples(s, split=None) for s in (single, sharded)]
   assert [s.record for s in samples[0]] == [s.record for s in samples[1]] and len(samples[0]) == 12
   for a, b in zip(*samples):
-    (xa, ma, ea), (xb, mb, eb) = read_sample_images(a), read_sample_images(b)
+    (xa, ma, ea, _), (xb, mb, eb, _) = read_sample_images(a), read_sample_images(b)
     assert (ma, ea) == (mb, eb) and [x.tobytes() for x in xa] == [x.tobytes() for x in xb]
   tokenizer = Tokenizer(tok, max_images=cfg.model.max_images,
                         num_latents=cfg.model.perceiver.num_latents)

@@ -62,8 +62,8 @@ def test_load_samples_kinds_and_sources(data):
                      r"\{'eval': 2, 'train': 2\}\); choose one with --split NAME"):
     harness.load_samples(str(data / 'manifest.jsonl'), split='test')
   # The same pixels either way; the image in the answer moves to the end of the question.
-  a_raw, m_raw, e_raw = harness.read_sample_images(raw[2])
-  a_st, m_st, e_st = harness.read_sample_images(store[2])
+  a_raw, m_raw, e_raw, _ = harness.read_sample_images(raw[2])
+  a_st, m_st, e_st, _ = harness.read_sample_images(store[2])
   for x, y in zip(a_raw, a_st):
     np.testing.assert_array_equal(x, y)
   assert len(a_raw) == 2
@@ -280,3 +280,21 @@ def test_an_interrupted_eval_resumes_to_the_predictions_of_an_uninterrupted_one(
   assert got == (tmp_path / 'whole' / 'predictions.jsonl').read_text()
   assert [json.loads(line)['id'] for line in got.splitlines()] == ['s0', 's1', 's2', 's3', 's4']
   assert resumed['overall'] == whole['overall']
+
+
+def test_case_stack_images_are_marked_from_a_raw_manifest_and_a_store(tmp_path):
+  """eval prepares each image of a RadFM case .npy as a volume whatever its depth: the images
+  read from a raw manifest and from a store say so (`stacked`), a PNG's do not."""
+  from radfm_jax.data.ingest import ingest
+  case = np.random.default_rng(4).integers(0, 255, (2, 3, 20, 18, 1)).astype(np.uint8)
+  np.save(tmp_path / 'case.npy', case)
+  cd.write_png(tmp_path / 'x.png', case[0, 0, :, :, 0])
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', [
+      {'id': 'c', 'question': 'What?', 'answer': 'A case.',
+       'images': [{'path': 'case.npy'}, {'path': 'x.png'}]}])
+  ingest(manifest, str(tmp_path / 'store'), log=open(os.devnull, 'w'))
+  for source in (manifest, str(tmp_path / 'store')):
+    sample, = harness.load_samples(source)
+    arrays, _, _, stacked = harness.read_sample_images(sample)
+    assert [a.shape for a in arrays] == [(3, 20, 18, 1)] * 2 + [(1, 20, 18, 1)]
+    assert stacked == [True, True, False]

@@ -403,3 +403,29 @@ def test_save_refuses_a_training_run_or_a_file(setup, tmp_path):
   with pytest.raises(InputError, match=f'{tmp_path}/a.txt: a file; expected a folder'):
     api.save(model, str(tmp_path / 'a.txt'))
   assert sorted(os.listdir(tmp_path / 'run')) == ['checkpoints']
+
+
+def test_a_depth_1_case_stack_is_prepared_as_a_volume(tmp_path):
+  """generate from raw files: an image of a RadFM case .npy (a path to a 5D stack of one image,
+  or one picked by `index` in a prompts file) is min-max scaled over the sample and resized
+  nearest, as the original's 3D datasets read a case of depth 1; the same pixels given as an
+  array stay a 2D image (bicubic, / 255) unless marked `stacked`."""
+  from radfm_jax.infer.prompt_files import read_images
+  tok, cfg = cd.tokenizer(), cd.tiny_model()
+  case = np.random.default_rng(2).integers(20, 201, (2, 3, 40, 36, 1)).astype(np.uint8)
+  np.save(tmp_path / 'one.npy', case[1:])
+  np.save(tmp_path / 'case.npy', case)
+  lo, hi = float(case[1].min()), float(case[1].max())
+  rows, cols = (np.floor(np.arange(64) * n / 64).astype(int) for n in (40, 36))
+  want = (case[1][:, rows][:, :, cols][..., [0] * 4].astype(np.float64) - lo) / (hi - lo)
+  arrays, _, stacked = read_images([str(tmp_path / 'case.npy')], [None], picks=[{'index': 1}])
+  assert stacked == [True]
+  for images, marks in (([str(tmp_path / 'one.npy')], None), (arrays, [stacked]),
+                        ([case[1]], [[True]])):
+    batch = text.prepare_batch(tok, ['What? <image>'], [images], cfg, stacked=marks)
+    assert batch['images'].shape == (1, 1, 3, 64, 64, 4)
+    np.testing.assert_allclose(batch['images'][0, 0], want, rtol=0, atol=1e-6)
+  as_2d = text.prepare_batch(tok, ['What? <image>'], [[case[1]]], cfg)['images'][0, 0]
+  assert np.abs(as_2d - want).max() > 0.05
+  with pytest.raises(InputError, match='stacked: expected one list per prompt'):
+    text.prepare_batch(tok, ['What? <image>'], [[case[1]]], cfg, stacked=[True])

@@ -69,8 +69,11 @@ VISION_GROUPS = ('vision', 'perceiver', 'fc')
 # the same fields come to prepare a scan differently, so tokens of the old images are refused at
 # open instead of silently standing for the new ones. 1 (none recorded): before 2. 2: uint8 3D
 # scans min-max scaled under data.intensity='radfm' (were x / 255), 8-bit 2D images divided by
-# 255 exactly as ToTensor (were 1 ulp off).
-PREP_VERSION = 2
+# 255 exactly as ToTensor (were 1 ulp off). 3: an image of a case stack of depth 1 prepared as a
+# volume (min-max, no bicubic step; was a 2D image). Whether a scan is one comes from its stored
+# attributes (store.case_image), fixed for its store key, so the `contexts` (which hold the key)
+# need not name it.
+PREP_VERSION = 3
 
 
 def fingerprint(flat_params: Iterable[tuple[str, np.ndarray]]) -> str:

@@ -123,9 +123,12 @@ class BatchPlan:
 
   def __init__(self, records: list[dict], data_cfg, tokenizer: Tokenizer, num_latents: int,
                seed: int, process_index: int, process_count: int,
-               mixture: dict[str, float] | None = None, dtypes: dict[str, str] | None = None):
+               mixture: dict[str, float] | None = None, dtypes: dict[str, str] | None = None,
+               cases: frozenset[str] = frozenset()):
     """`dtypes` ({scan id: stored dtype}, from the store's index): with it, 3D batches carry
-    their stored voxels (data.host_dtype='stored') in their bucket's carrier (dtype, channels)."""
+    their stored voxels (data.host_dtype='stored') in their bucket's carrier (dtype, channels).
+    `cases`: the ids of images of a case stack among them (store.case_image: volumes, never
+    resized as 2D images)."""
     self.data_cfg = data_cfg
     self.seed = seed
     self.process_index, self.process_count = process_index, process_count
@@ -153,7 +156,7 @@ class BatchPlan:
                                  batch_lib.image_slots(max(n_img, 1), data_cfg.max_images),
                                  length))
     if dtypes is not None:
-      self.keys = self._with_carriers(records, dtypes)
+      self.keys = self._with_carriers(records, dtypes, cases)
     self.buckets: dict[BucketKey, list[int]] = collections.defaultdict(list)
     for i, key in enumerate(self.keys):
       self.buckets[key].append(i)
@@ -170,7 +173,7 @@ class BatchPlan:
     self._cache: collections.OrderedDict[int, list] = collections.OrderedDict()
     self._lock = threading.Lock()
 
-  def _with_carriers(self, records, dtypes) -> list[BucketKey]:
+  def _with_carriers(self, records, dtypes, cases) -> list[BucketKey]:
     """The 3D keys with the carrier of their bucket: the dtype holding every stored dtype of the
     bucket's scans and their largest channel count (from the manifest and the store index, so
     every host agrees), leaving the bucketing itself unchanged."""
@@ -181,7 +184,7 @@ class BatchPlan:
         for im in rec['images'][:self.data_cfg.max_images]:
           if im['id'] in dtypes:               # a scan not stored: its row stays empty
             stored = dtypes[im['id']]          # a 2D image: as transforms.prepare_2d gives it
-            names.add(transforms.resized_2d_dtype(stored, self.data_cfg).name
+            names.add(transforms.resized_2d_dtype(stored, self.data_cfg, im['id'] in cases).name
                       if int(im['shape'][3]) == 1 else stored)
           channels = max(channels, int(im['shape'][0]))
         found[key] = (names, channels)
@@ -375,10 +378,13 @@ class BatchLoader:
                 if any(c is not None for c in copies) else None)
       crop_rng = (np.random.default_rng([self.plan.seed, int(index), r]) if self.augment
                   else None)
+      # (the scans were read, so the index has their rows: a case image is a volume)
+      stacked = [self.store.case_image(im['id']) for im in images]
       batch_lib.record_inputs(rec, arrays, self.tokenizer, self.data_cfg,
                               text=self.plan.texts[sample],
                               shape=hwd, slots=key.images, ranges=ranges, crop_rng=crop_rng,
-                              length=key.length, out={k: batch[k][r] for k in row_keys})
+                              length=key.length, out={k: batch[k][r] for k in row_keys},
+                              stacked=stacked)
       batch[_DATASETS].append(self.plan.datasets[sample])
     return batch
 
@@ -509,12 +515,13 @@ def make_dataset(data_cfg, model_cfg, store: VolumeStore | str | None = None,
   # a dataset named 'default' would share the weight and share/ metrics of those without one.
   check_default_groups(enumerate(records, 1), place, ('dataset',))
   stats = stats if stats is not None else PipelineStats()
-  dtypes = None
+  dtypes, cases = None, frozenset()
   if getattr(data_cfg, 'host_dtype', 'float32') == 'stored' and image_cache is None:
-    dtypes = {im['id']: store.info(im['id'])['dtype']
-              for rec in records for im in rec.get('images', []) if im['id'] in store}
+    stored = {im['id'] for rec in records for im in rec.get('images', []) if im['id'] in store}
+    dtypes = {i: store.info(i)['dtype'] for i in stored}
+    cases = frozenset(i for i in stored if store.case_image(i))
   plan = BatchPlan(records, data_cfg, tokenizer, num_latents, seed, process_index, process_count,
-                   mixture, dtypes)
+                   mixture, dtypes, cases)
   copies, notes = (None, []) if image_cache is not None else train_copies.choose(
       store, records, plan.keys, data_cfg)
   for note in notes + plan_notes(plan, records, data_cfg):

@@ -48,7 +48,7 @@ import zlib
 
 import numpy as np
 
-from radfm_jax.data.store import to_storable
+from radfm_jax.data.store import CASE_INDEX, to_storable
 from radfm_jax.errors import InputError
 
 DEFAULT_MAX_SCAN_BYTES = 2 << 30
@@ -489,7 +489,7 @@ def read_npy(path: str, index: int | None = None,
     _check_pick('index', index, data.shape[0],
                 f'the [S, C, H, W, D] stack {list(data.shape)} holds {data.shape[0]} images')
     picks = range(data.shape[0]) if index is None else [index]
-    return [(data[s], dict(attrs, case_index=s)) for s in picks]
+    return [(data[s], dict(attrs, **{CASE_INDEX: s})) for s in picks]
   if data.ndim in (2, 3) or (data.ndim == 4 and data.shape[0] in (1, 3)):
     _check_pick('index', index, 1, f'.npy shape {list(data.shape)} is one image; index picks one '
                 'of a 5D stack [S, C, H, W, D]')

@@ -144,6 +144,19 @@ def _array_spec(kvstore: dict, key: str, shape, dtype: np.dtype, attributes: dic
   }
 
 
+# The scan attribute readers.read_npy gives each image of a 5D RadFM case .npy [S, C, H, W, D]
+# (which image of the case it is): the mark of an image that is a volume whatever its depth.
+CASE_INDEX = 'case_index'
+
+
+def case_image(attributes: dict) -> bool:
+  """Whether a scan with these attributes (a reader's, or a stored scan's `info()['attributes']`)
+  is an image of a RadFM case stack: the original's 3D datasets read a case as a volume, also a
+  case of depth 1 (its conversion of JPEG-only cases), so it is never prepared as a 2D image
+  (data/transforms.py: `stacked`)."""
+  return CASE_INDEX in (attributes or {})
+
+
 def is_url(path) -> bool:
   """Whether `path` is a kvstore URL (`gs://bucket/store`, `s3://...`, `file:///...`)."""
   return isinstance(path, str) and '://' in path
@@ -559,6 +572,10 @@ class VolumeStore:
 
   def info(self, scan_id: str) -> dict:
     return self.row(scan_id)
+
+  def case_image(self, scan_id: str) -> bool:
+    """Whether scan `scan_id` is an image of a RadFM case stack (`case_image`)."""
+    return case_image(self.row(scan_id).get('attributes'))
 
   def manifest(self) -> list[dict]:
     return read_jsonl(self.manifest_path)

@@ -10,6 +10,13 @@ Intensity policies (`DataConfig.intensity`):
                   `ToTensor` divided by 255 instead, so that is done here too (the same float32
                   division, bit for bit: `prepare_images`). An 8-bit 3D scan
                   (a uint8 RadFM .npy case) is min-max scaled, as the original's 3D datasets do.
+
+2D images. An image of depth 1 is a 2D image (bicubic resize and crop: `prepare_2d`; `ToTensor`
+above) unless it is `stacked`: an image of a RadFM case stack (a 5D .npy [S, C, H, W, D], marked
+by its scan attributes: store.case_image). The original's 3D datasets (RadioVQA, RadioCaption,
+Radiofeatures) read such a case as a volume whatever its depth, and its conversion of a case that
+has only JPEG images gives depth 1; so a stacked image is always prepared as a volume (no crop, no
+bicubic step, min-max). The functions below take `stacked` (one bool per image; None: none is).
   * `ct_window`   CT images: clip to one HU window `ct_windows[0]` = (level, width), scale to
                   [0, 1], replicate to 3 channels.
   * `ct_windows3` CT images: the first three `ct_windows` as the R, G, B channels.
@@ -183,26 +190,44 @@ def bicubic_2d(x: np.ndarray, size: int, box: tuple[int, int, int, int] | None =
   return out
 
 
+def _stacked(images: Sequence, stacked: Sequence[bool] | None) -> list[bool]:
+  """`stacked` as one bool per image (None: no image is stacked)."""
+  if stacked is None:
+    return [False] * len(images)
+  if len(stacked) != len(images):
+    raise ValueError(f'{len(stacked)} stacked flags for {len(images)} images')
+  return [bool(v) for v in stacked]
+
+
+def is_2d(x: np.ndarray, stacked: bool = False) -> bool:
+  """Whether image x [C, h, w, d] is prepared as a 2D image: depth 1 and not `stacked` (an image
+  of a RadFM case stack is a volume whatever its depth: module docstring)."""
+  return x.ndim == 4 and x.shape[3] == 1 and not stacked
+
+
 def prepare_2d(images: Sequence[np.ndarray], data_cfg,
-               rng: np.random.Generator | None = None) -> list[np.ndarray]:
-  """The sample's 2D images (depth 1) through `bicubic_2d` to `data_cfg.image_size_2d` when
-  `data_cfg.resize_2d` is 'bicubic' (3D scans unchanged): each in a box drawn by
-  `random_crop_box` from `rng` (training with `data.random_crop_2d`), else whole."""
+               rng: np.random.Generator | None = None,
+               stacked: Sequence[bool] | None = None) -> list[np.ndarray]:
+  """The sample's 2D images (`is_2d`) through `bicubic_2d` to `data_cfg.image_size_2d` when
+  `data_cfg.resize_2d` is 'bicubic' (3D scans and stacked images unchanged): each in a box drawn
+  by `random_crop_box` from `rng` (training with `data.random_crop_2d`), else whole."""
   if getattr(data_cfg, 'resize_2d', 'nearest') != 'bicubic':
     return list(images)
   size = int(data_cfg.image_size_2d)
   out = []
-  for x in images:
-    if x is not None and x.ndim == 4 and x.shape[3] == 1:
+  for x, stack in zip(images, _stacked(images, stacked)):
+    if x is not None and is_2d(x, stack):
       box = random_crop_box(x.shape[1], x.shape[2], rng) if rng is not None else None
       x = bicubic_2d(x, size, box)
     out.append(x)
   return out
 
 
-def resized_2d_dtype(dtype, data_cfg) -> np.dtype:
-  """The dtype `prepare_2d` gives a 2D image stored as `dtype` (for a bucket's host carrier)."""
-  if getattr(data_cfg, 'resize_2d', 'nearest') != 'bicubic' or np.dtype(dtype) == np.uint8:
+def resized_2d_dtype(dtype, data_cfg, stacked: bool = False) -> np.dtype:
+  """The dtype `prepare_2d` gives a depth-1 image stored as `dtype` (for a bucket's host carrier;
+  a `stacked` one keeps its dtype: it is a volume)."""
+  if (getattr(data_cfg, 'resize_2d', 'nearest') != 'bicubic' or np.dtype(dtype) == np.uint8
+      or stacked):
     return np.dtype(dtype)
   return np.dtype(np.float32)
 
@@ -228,21 +253,24 @@ def value_range(x: np.ndarray) -> tuple[float, float]:
   return float(x.min()), float(x.max())
 
 
-def to_tensor_sample(images: Sequence[np.ndarray]) -> bool:
+def to_tensor_sample(images: Sequence[np.ndarray], stacked: Sequence[bool] | None = None) -> bool:
   """Whether the `radfm` policy scales a sample as the original's `ToTensor` (x / 255): every
-  image an 8-bit 2D image (depth 1). Only 2D images: the original's 3D datasets (RadioVQA & co.)
-  min-max scale every case, a uint8 one too."""
-  return bool(images) and all(x.dtype == np.uint8 and x.shape[3] == 1 for x in images)
+  image an 8-bit 2D image (`is_2d`). Only 2D images: the original's 3D datasets (RadioVQA & co.)
+  min-max scale every case, a uint8 one too, and a depth-1 one (`stacked`)."""
+  return bool(images) and all(x.dtype == np.uint8 and is_2d(x, s)
+                              for x, s in zip(images, _stacked(images, stacked)))
 
 
 def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy: str,
-                 ct_windows=((40.0, 400.0),), percentiles=(0.5, 99.5), ranges=None):
+                 ct_windows=((40.0, 400.0),), percentiles=(0.5, 99.5), ranges=None,
+                 stacked: Sequence[bool] | None = None):
   """Per image, the 3 output channels as (source channel, low, high, clip).
 
   output channel = (x[source] - low) / (high - low), clipped to [0, 1] when `clip`.
   `ranges` (one (min, max) or None per image): the full-resolution scan's `value_range` for an
   image given already resized (a training-resolution copy, whose own min / max can differ);
   None: computed from the image. The `percentile` policy takes none (it needs the full scan).
+  `stacked`: images of a case stack (module docstring), never scaled as `ToTensor`.
   """
   if policy not in POLICIES:
     raise ValueError(f'intensity policy {policy!r}: expected one of {POLICIES}')
@@ -258,7 +286,7 @@ def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy
 
   maps = []
   if policy == 'radfm':
-    if to_tensor_sample(images):
+    if to_tensor_sample(images, stacked):
       lo, hi = 0.0, 255.0
     elif images:
       found = [r if r is not None else value_range(x) for x, r in zip(images, ranges)]
@@ -313,26 +341,28 @@ def apply_map(x: np.ndarray, chan_map, out: np.ndarray):
       np.clip(out[c], 0.0, 1.0, out=out[c])
 
 
-def _policy_maps(images, modalities, data_cfg, ranges):
+def _policy_maps(images, modalities, data_cfg, ranges, stacked):
   return channel_maps(images, modalities, data_cfg.intensity,
                       getattr(data_cfg, 'ct_windows', ((40.0, 400.0),)),
-                      getattr(data_cfg, 'percentiles', (0.5, 99.5)), ranges)
+                      getattr(data_cfg, 'percentiles', (0.5, 99.5)), ranges, stacked)
 
 
 def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
                    shape: Sequence[int], data_cfg, out: np.ndarray | None = None,
-                   ranges=None, crop_rng: np.random.Generator | None = None) -> np.ndarray:
+                   ranges=None, crop_rng: np.random.Generator | None = None,
+                   stacked: Sequence[bool] | None = None) -> np.ndarray:
   """Raw scans [C, h, w, d] (one per image) -> [S, 3, H, W, D] float32 in [0, 1].
 
   `out` (if given) is a preallocated [>=S, 3, H, W, D] buffer filled in place, so the collator
   writes each image straight into the batch. `ranges`: see `channel_maps`. 2D images first go
-  through `prepare_2d` (`crop_rng`: the training crop's draws; None: the whole image).
+  through `prepare_2d` (`crop_rng`: the training crop's draws; None: the whole image);
+  `stacked` images (of a case stack, module docstring) are volumes whatever their depth.
   """
-  images = prepare_2d(images, data_cfg, crop_rng)
+  images = prepare_2d(images, data_cfg, crop_rng, stacked)
   h, w, d = (int(v) for v in shape)
   if out is None:
     out = np.zeros((len(images), 3, h, w, d), np.float32)
-  if data_cfg.intensity == 'radfm' and to_tensor_sample(images):
+  if data_cfg.intensity == 'radfm' and to_tensor_sample(images, stacked):
     # ToTensor's float32 x / 255, not x * float32(1 / 255) as `apply_map` (and the device) scale:
     # the product is 1 ulp off for 126 of the 256 values. All-2D samples never carry stored
     # voxels (pipeline.BatchPlan: 3D buckets only), so the host alone makes these images.
@@ -342,7 +372,7 @@ def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
         np.divide(x[c if x.shape[0] == 3 else 0], np.float32(255), out=out[s, c],
                   dtype=np.float32, casting='unsafe')
     return out
-  maps = _policy_maps(images, modalities, data_cfg, ranges)
+  maps = _policy_maps(images, modalities, data_cfg, ranges, stacked)
   for s, (x, chan_map) in enumerate(zip(images, maps)):
     apply_map(resize(x, (h, w, d), data_cfg.resize), chan_map, out[s])
   return out
@@ -368,17 +398,18 @@ def carrier_dtype(dtypes: Sequence[str], resize_mode: str = 'nearest') -> np.dty
 
 def prepare_stored(images: Sequence[np.ndarray], modalities: Sequence[str],
                    shape: Sequence[int], data_cfg, out: np.ndarray, maps: np.ndarray,
-                   ranges=None, crop_rng: np.random.Generator | None = None):
+                   ranges=None, crop_rng: np.random.Generator | None = None,
+                   stacked: Sequence[bool] | None = None):
   """Raw scans [C, h, w, d] -> the resized voxels in `out` [>=S, C', H, W, D] (the carrier
   dtype, C' >= every C) and the intensity maps in `maps` [>=S, 3, 4] float32 (source, low,
   scale, clip per output channel, `map_coefficients`): `prepare_images` without the mapping,
-  which the device applies (data/batch.py: `device_inputs`). `ranges`, `crop_rng`: see
-  `prepare_images`."""
-  images = prepare_2d(images, data_cfg, crop_rng)
+  which the device applies (data/batch.py: `device_inputs`). `ranges`, `crop_rng`, `stacked`:
+  see `prepare_images`."""
+  images = prepare_2d(images, data_cfg, crop_rng, stacked)
   if any(x.dtype.kind == 'f' for x in images) and out.dtype.kind != 'f':
     raise ValueError(f'carrier {out.dtype} cannot hold the float32 voxels of a resized 2D image '
                      '(transforms.resized_2d_dtype)')
-  chan_maps = _policy_maps(images, modalities, data_cfg, ranges)
+  chan_maps = _policy_maps(images, modalities, data_cfg, ranges, stacked)
   for s, (x, chan_map) in enumerate(zip(images, chan_maps)):
     x = resize(x, tuple(int(v) for v in shape), data_cfg.resize)
     out[s, :x.shape[0]] = x

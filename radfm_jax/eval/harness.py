@@ -129,12 +129,13 @@ class UnreadableScan(InputError):
     super().__init__(f'scan {scan}: {self.reason}')
 
 
-def read_sample_images(sample: Sample) -> tuple[list, list[str], list[dict]]:
-  """(arrays [C, H, W, D], modalities, manifest image entries, one per array); UnreadableScan
-  naming the first scan that cannot be read."""
+def read_sample_images(sample: Sample) -> tuple[list, list[str], list[dict], list[bool]]:
+  """(arrays [C, H, W, D], modalities, manifest image entries, whether each is an image of a
+  RadFM case stack (`store.case_image`: a volume whatever its depth), one per array);
+  UnreadableScan naming the first scan that cannot be read."""
   from radfm_jax.data.readers import read_scan
-  from radfm_jax.data.store import VolumeStore
-  arrays, mods, entries = [], [], []
+  from radfm_jax.data.store import VolumeStore, case_image
+  arrays, mods, entries, stacked = [], [], [], []
   for entry in sample.record.get('images', []):
     if isinstance(sample.source, VolumeStore):
       try:
@@ -143,6 +144,7 @@ def read_sample_images(sample: Sample) -> tuple[list, list[str], list[dict]]:
         raise UnreadableScan(str(entry.get('id')), e) from e
       mods.append(str(entry.get('modality') or ''))
       entries.append(entry)
+      stacked.append(sample.source.case_image(entry['id']))
       continue
     path = os.path.join(sample.source, str(entry.get('path')))
     try:
@@ -153,7 +155,8 @@ def read_sample_images(sample: Sample) -> tuple[list, list[str], list[dict]]:
       arrays.append(array)                            # a 5D case .npy gives several images
       mods.append(str(attrs.get('modality') or ''))
       entries.append(entry)
-  return arrays, mods, entries
+      stacked.append(case_image(attrs))
+  return arrays, mods, entries, stacked
 
 
 def format_question(sample: Sample, entries: list[dict], num_latents: int,
@@ -224,16 +227,17 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
   skipped.extend(entry for _, entry in (log.skipped if log else ()))
   # Done before: whole batches, a prefix of `order`'s batches, and the samples skipped so far.
   done_before = set(rows) | {i for i, _ in (log.skipped if log else ())}
-  pending: list[tuple] = []       # (sample, question, reference, arrays, modalities)
+  pending: list[tuple] = []       # (sample, question, reference, arrays, modalities, stacked)
 
   def flush(bar):
     padded = pending + [pending[-1]] * (batch_size - len(pending))   # one program per shape
     texts = generate_batch(model, tokenizer, [p[1] for p in padded], [p[3] for p in padded],
-                           modalities=[p[4] for p in padded], sampling=sampling,
+                           modalities=[p[4] for p in padded], stacked=[p[5] for p in padded],
+                           sampling=sampling,
                            data_cfg=data_cfg, seed=seed + done[0],
                            names=[_sample_name(p[0]) for p in padded])
     batch = [(s.index, prediction_row(s, question, ref, text))
-             for (s, question, ref, _, _), text in zip(pending, texts)]
+             for (s, question, ref, *_), text in zip(pending, texts)]
     if log:
       log.add_rows(batch)
     rows.update(batch)
@@ -248,7 +252,7 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
       if s.index in done_before:
         continue
       try:
-        arrays, modalities, entries = read_sample_images(s)
+        arrays, modalities, entries, stacked = read_sample_images(s)
       except UnreadableScan as e:    # as in training (data/pipeline.py): count it, go on
         if not drop:
           raise InputError(f'{_sample_name(s)}: {e} (data.drop_unreadable=False)') from e
@@ -260,7 +264,7 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
         bar.set_postfix(skipped=len(skipped))
         continue
       question, answer, n = format_question(s, entries, cfg.perceiver.num_latents, max_images)
-      pending.append((s, question, answer, arrays[:n], modalities[:n]))
+      pending.append((s, question, answer, arrays[:n], modalities[:n], stacked[:n]))
       if len(pending) == batch_size:
         flush(bar)
     if pending:

@@ -56,7 +56,8 @@ def probe_set(store, records: Sequence[dict], data_cfg, label_keys=None) -> Prob
     entry = rec['images'][0]
     arr = store.read(entry['id'])
     shape = image_shape([arr.shape[3]], data_cfg)
-    images.append(prepare_images([arr], [str(entry.get('modality') or '')], shape, data_cfg))
+    images.append(prepare_images([arr], [str(entry.get('modality') or '')], shape, data_cfg,
+                                 stacked=[store.case_image(entry['id'])]))
     ids.append(rec['id'])
     for key, value in (rec.get('label') or {}).items():
       if label_keys is None or key in label_keys:

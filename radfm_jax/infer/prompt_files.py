@@ -133,11 +133,13 @@ def check_items(items, tokenizer, model_cfg, sampling=None):
 
 
 def read_images(paths, modalities, labels=None, picks=None):
-  """Paths -> arrays [C, H, W, D] (the ingest readers, one image each: `readers.read_one`) and
-  their modalities (given or from the file); `picks[i]`: image i's {"frame", "index"}. An
-  unreadable image is an InputError naming its label and path."""
+  """Paths -> arrays [C, H, W, D] (the ingest readers, one image each: `readers.read_one`), their
+  modalities (given or from the file) and whether each is an image of a RadFM case stack (a 5D
+  .npy: a volume whatever its depth, `store.case_image`); `picks[i]`: image i's {"frame",
+  "index"}. An unreadable image is an InputError naming its label and path."""
   from radfm_jax.data.readers import read_one
-  arrays, mods = [], []
+  from radfm_jax.data.store import case_image
+  arrays, mods, stacked = [], [], []
   labels = labels or [where(p) for p in paths]
   picks = picks or [{} for _ in paths]
   for path, given, label, pick in zip(paths, modalities, labels, picks):
@@ -152,7 +154,8 @@ def read_images(paths, modalities, labels=None, picks=None):
       raise InputError(f'{label}: cannot read image {path}: {reason}') from e
     arrays.append(array)
     mods.append(given or attrs.get('modality', ''))
-  return arrays, mods
+    stacked.append(case_image(attrs))
+  return arrays, mods, stacked
 
 
 def generate_items(model, tokenizer, data_cfg, items, sampling, batch_size: int, seed: int = 0,
@@ -176,7 +179,8 @@ def generate_items(model, tokenizer, data_cfg, items, sampling, batch_size: int,
       loaded = [read_images(it['paths'], it['modalities'], it['labels'], it['picks'])
                 for it in padded]
       texts, ids = generate_batch(model, tokenizer, [it['prompt'] for it in padded],
-                                  [a for a, _ in loaded], modalities=[m for _, m in loaded],
+                                  [a for a, _, _ in loaded], modalities=[m for _, m, _ in loaded],
+                                  stacked=[s for _, _, s in loaded],
                                   sampling=sampling, data_cfg=data_cfg, seed=seed + first,
                                   names=[it['where'] for it in padded], return_ids=True)
       for it, text, row in zip(chunk, texts, ids):

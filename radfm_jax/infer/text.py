@@ -112,9 +112,21 @@ def as_chw_d(image, name: str = 'image') -> np.ndarray:
   stack of several is an error (pick one with `index`, or pass its array), none is dropped. An
   array's values are checked as ingest checks a scan's (`readers.checked_values`: finite real
   numbers that fit float32 / int32): an InputError naming `name` otherwise, never a NaN image."""
+  return _scan(image, name)[0]
+
+
+def _is_path(image) -> bool:
+  return isinstance(image, (str, bytes)) or hasattr(image, '__fspath__')
+
+
+def _scan(image, name: str) -> tuple[np.ndarray, bool]:
+  """`as_chw_d`, and whether the scan is an image of a RadFM case stack (a path to a 5D .npy of
+  one image: store.case_image of its attributes; an array: not known, so no)."""
   from radfm_jax.data.readers import RejectedScan, checked_values, read_one
-  if isinstance(image, (str, bytes)) or hasattr(image, '__fspath__'):
-    return read_one(os.fsdecode(image))[0]
+  from radfm_jax.data.store import case_image
+  if _is_path(image):
+    array, attrs = read_one(os.fsdecode(image))
+    return array, case_image(attrs)
   try:
     x = np.asarray(image)
   except (ValueError, TypeError) as e:     # a ragged list, a tensor numpy cannot take
@@ -128,7 +140,7 @@ def as_chw_d(image, name: str = 'image') -> np.ndarray:
     raise InputError(f'{name}: shape {x.shape}; expected [H, W], [H, W, D] or [C, H, W, D] '
                      '(C in 1, 3)')
   try:
-    return checked_values(x)
+    return checked_values(x), False
   except RejectedScan as e:
     raise InputError(f'{name}: {e.reason}') from None
 
@@ -186,8 +198,13 @@ def _checked_inputs(prompts, images, modalities):
 
 def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] | None,
                   model_cfg: ModelConfig, data_cfg: DataConfig | None = None,
-                  modalities: Sequence[Sequence[str]] | None = None, multiple: int = 64) -> dict:
+                  modalities: Sequence[Sequence[str]] | None = None, multiple: int = 64,
+                  stacked: Sequence[Sequence[bool]] | None = None) -> dict:
   """Prompts + per-prompt scans -> the arrays `generate_ids` takes.
+
+  `stacked` (one list per prompt, one bool per image): which images are of a RadFM case stack,
+  prepared as volumes whatever their depth (data/transforms.py; the callers that read them know:
+  `store.case_image`); a path to a 5D .npy is one by itself.
 
   Returns {'tokens', 'attention_mask': int32 [B, L] (left padded to a multiple of `multiple`),
   'images': float32 [B, S, 3, H, W, D] or None, 'image_mask': bool [B, S] or None}. S is the
@@ -198,8 +215,15 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
   check_tokenizer(tokenizer, model_cfg)
   prompts, images, modalities = _checked_inputs(prompts, images, modalities)
   limit = min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
-  scans = [[as_chw_d(x, f'prompt {b} image {i}') for i, x in enumerate(row)]
-           for b, row in enumerate(images)]
+  if stacked is not None and (not _is_list(stacked) or len(stacked) != len(images) or not all(
+      _is_list(s) and len(s) == len(row) for s, row in zip(stacked, images))):
+    raise InputError('stacked: expected one list per prompt holding one bool per image (image '
+                     f'counts {[len(row) for row in images]}), got {stacked!r}')
+  read = [[_scan(x, f'prompt {b} image {i}') for i, x in enumerate(row)]
+          for b, row in enumerate(images)]
+  scans = [[x for x, _ in row] for row in read]
+  cases = [[case or bool(stacked is not None and stacked[b][i]) for i, (_, case) in enumerate(row)]
+           for b, row in enumerate(read)]
   for b, row in enumerate(scans):
     if len(row) > limit:
       raise InputError(f'prompt {b}: {len(row)} images, the model and tokenizer take at most '
@@ -213,7 +237,7 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
   for b, (prompt, row) in enumerate(zip(texts, scans)):
     mods = list(modalities[b]) if modalities is not None else [''] * len(row)
     rows.append(batch_lib.encode_sample(prompt, None, row, mods, tokenizer, data_cfg,
-                                        shape=shape, slots=slots))
+                                        shape=shape, slots=slots, stacked=cases[b]))
   return collate_prompts(rows, multiple)
 
 
@@ -236,8 +260,10 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
                    top_p: float | None = None, stop_ids: Sequence[int] | None = None,
                    sampling: GenerateConfig | None = None, data_cfg: DataConfig | None = None,
                    modalities: Sequence[Sequence[str]] | None = None, seed: int = 0,
-                   names: Sequence[str] | None = None, return_ids: bool = False):
-  """Generates one answer per prompt; images[b] is the list of scans of prompt b.
+                   names: Sequence[str] | None = None, return_ids: bool = False,
+                   stacked: Sequence[Sequence[bool]] | None = None):
+  """Generates one answer per prompt; images[b] is the list of scans of prompt b (`stacked`:
+  which are of a RadFM case stack, `prepare_batch`).
 
   Sampling defaults are `GenerateConfig()` (greedy, 200 new tokens, stop on </s> or <s>); the
   keyword arguments override it. A prompt whose tokens plus the new ones exceed the model's
@@ -252,7 +278,8 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   validate_generate(sampling)              # before anything is prepared or compiled
   if not is_seed(seed):
     raise InputError(f'seed {seed!r}: expected an integer in [0, 2^32) (a JAX key takes 32 bits)')
-  batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities)
+  batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities,
+                        stacked=stacked)
   if names is not None and (not _is_list(names) or len(names) != len(prompts)):
     raise InputError(f'names: expected one name per prompt ({len(prompts)}), got {names!r}')
   for b, n in enumerate(np.asarray(batch['attention_mask']).sum(axis=1)):

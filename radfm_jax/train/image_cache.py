@@ -152,7 +152,8 @@ def _prepare(rec, store, data_cfg, hwd, images, mask, made, row, seen) -> list[t
           f'{str(e).split(" [tensorstore_spec=")[0]}', file=sys.stderr)
     return []
   transforms.prepare_images(arrays, [str(e.get('modality') or '') for e in entries], hwd,
-                            data_cfg, out=images)
+                            data_cfg, out=images,
+                            stacked=[store.case_image(e['id']) for e in entries])
   mask[:len(entries)] = True
   contexts = ImageTokenCache.contexts(entries, store, data_cfg.intensity)
   fresh = []
