@@ -163,9 +163,10 @@ def test_pipeline_generation_and_eval_batches_agree(store):
         num_epochs=1))))
     # Eval: the harness's question + the text-level batch generation takes.
     sample = samples[rid]
-    arrays, mods, entries = harness.read_sample_images(sample)
+    arrays, mods, entries, stacked = harness.read_sample_images(sample)
     question, reference, used = harness.format_question(sample, entries, 32, data_cfg.max_images)
-    ev = text.prepare_batch(tok, [question], [arrays], model_cfg, data_cfg, modalities=[mods])
+    ev = text.prepare_batch(tok, [question], [arrays], model_cfg, data_cfg, modalities=[mods],
+                            stacked=[stacked])
     assert used == n and reference == rec['answer']
 
     prompt = tok.encode(question)
