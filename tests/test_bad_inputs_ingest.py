@@ -432,6 +432,26 @@ def test_scan_id_held_for_another_file_is_an_error_unless_replace(filled):
   assert store.info('mine')['attributes']['source'] == str(tmp / 'b.npy')
 
 
+def test_5d_stack_whose_stored_ids_meet_another_files_scan_is_an_error(filled):
+  """A 5D stack 'x' is stored as x_0, x_1: an x_1 the store holds for another file (no x_0 there)
+  was silently replaced by the stack's second image, its sample pointing at that image."""
+  tmp, store_dir = filled
+  ingest(_line(tmp, 'x1.jsonl', {'id': 'u', 'images': [{'path': 'a.npy', 'id': 'x_1'}]}),
+         store_dir, log=QUIET)
+  np.save(tmp / 'case.npy', np.random.default_rng(0).normal(size=(2, 1, 4, 4, 2)).astype('f4'))
+  m = _line(tmp, 'stack.jsonl', {'id': 'v', 'images': [{'path': 'case.npy', 'id': 'x'}]})
+  before = _store_files(store_dir)
+  with pytest.raises(InputError, match=f"^{m} line 1 field images\\[0\\].id: scan id 'x' names "
+                     f"{tmp}/case.npy but the store holds 'x_1' \\(an id it is stored as\\) for "
+                     f"{tmp}/a.npy \\(frame None, index None\\); expected the same file"):
+    ingest(m, store_dir, log=QUIET)
+  assert _store_files(store_dir) == before
+  store = VolumeStore(store_dir)
+  np.testing.assert_array_equal(store.read('x_1')[0], np.load(tmp / 'a.npy'))
+  ingest(m, store_dir, log=QUIET, replace=True)               # replaced only when asked
+  assert VolumeStore(store_dir).info('x_1')['attributes']['source'] == str(tmp / 'case.npy')
+
+
 def test_second_manifest_extends_and_same_manifest_twice_changes_nothing(filled):
   tmp, store_dir = filled
   store = VolumeStore(store_dir)

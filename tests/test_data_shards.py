@@ -12,7 +12,8 @@ import pytest
 
 import conftest_data as cd
 from radfm_jax.data.ingest import ingest
-from radfm_jax.data.shards import IncompleteShards, ShardStore, plan, store_scans_sharded
+from radfm_jax.data.shards import (IncompleteShards, ShardStore, plan, run_in_process,
+                                   store_scans_sharded)
 from radfm_jax.data.store import VolumeStore, read_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +116,42 @@ def test_interrupted_run_indexes_nothing_and_the_next_run_completes(stores, tmp_
   assert {r['db'] for r in store.index().values()} == {
       'shards/run0002-00000', 'shards/run0002-00001', 'shards/run0002-00002'}
   assert_same_store(VolumeStore(str(stores[0] / 'single')), store)
+
+
+def test_a_killed_runs_shard_names_are_not_taken_again(stores, tmp_path):
+  """A driver SIGKILLed after planning, before its workers made any shard folder: its job may
+  still be running (a Dataflow job outlives its driver). The next run took the same names
+  (run0001-*), so that job's writes landed in the new run's shards: its scan indexed with them,
+  its result.json read in place of theirs (their samples dropped). Now a run's folders are made
+  when it is planned, under the lock, and the next run takes run0002."""
+  root, manifest, _, _ = stores
+  from radfm_jax.data.ingest import _collect, _load_records
+  from radfm_jax.data.shards import ShardTask
+  out = str(tmp_path / 'store')
+  code = ('import sys; from radfm_jax.data.ingest import ingest; '
+          'from radfm_jax.data.shards import store_scans_sharded; '
+          'ingest(sys.argv[1], sys.argv[2], store_scans=store_scans_sharded(scans_per_shard=3))')
+  killed = subprocess.run([sys.executable, '-c', code, manifest, out], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT,
+                                   RADFM_JAX_CRASH_AT='shards-planned'))
+  assert killed.returncode == -9, killed.stderr
+  assert not os.path.exists(os.path.join(out, 'scans.jsonl'))
+  # The killed job's worker of its first shard, still running: another scan, written when the
+  # next run has written its own shards.
+  cd.write_png(tmp_path / 'late.png', np.arange(64, dtype=np.uint8).reshape(8, 8))
+  other = cd.write_manifest(tmp_path / 'late.jsonl', [_sample('late', str(tmp_path / 'late.png'))])
+  late = ShardTask(out, 'run0001-00000', list(_collect(*_load_records(other)).values()), {})
+
+  def then_the_late_worker(tasks):
+    run_in_process(tasks)
+    late.run()
+
+  ingest(manifest, out, log=QUIET, store_scans=store_scans_sharded(then_the_late_worker, 3))
+  store = VolumeStore(out)
+  assert {r['db'] for r in store.index().values()} == {
+      'shards/run0002-00000', 'shards/run0002-00001', 'shards/run0002-00002'}
+  assert_same_store(VolumeStore(str(root / 'single')), store)
 
 
 def test_retried_shard_skips_what_it_committed(stores, tmp_path):

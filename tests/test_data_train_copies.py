@@ -230,3 +230,42 @@ def test_sharded_store_gets_copies_in_its_main_database(tmp_path):
   fast, reads, log = _run(root)
   _same(full, fast)
   assert (reads, log) == (set(), [])
+
+
+def test_rerun_remakes_copies_whose_arrays_were_lost(tmp_path):
+  """The copies of a sharded store live in its own volumes/, the scans in their shards: with
+  volumes/d/ deleted, the real CLI's re-run moved the database aside and counted both copies
+  'already current' (their rows unchanged), so training skipped both samples while their scans
+  read fine. Now an unopenable copy is made again, with a line, and training reads it."""
+  import shutil
+
+  from radfm_jax.data.shards import store_scans_sharded
+  d = tmp_path
+  cd.write_nifti(d / 'ct0.nii.gz', _ct0())
+  cd.write_nifti(d / 'ct1.nii.gz', cd.ct_volume((40, 36, 23), seed=1))
+  manifest = cd.write_manifest(d / 'samples.jsonl', [_sample('s0', 'ct0'), _sample('s1', 'ct1')])
+  root = str(d / 'store')
+  ingest(manifest, root, log=QUIET, train_resolution=SIZE,
+         store_scans=store_scans_sharded(scans_per_shard=1))
+  want, _, _ = _run(root)
+  rows = VolumeStore(root).index()
+  shutil.rmtree(os.path.join(root, 'volumes', 'd'))            # every copy's array lost
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  ok = subprocess.run([sys.executable, '-m', 'radfm_jax.cli', 'ingest', '--manifest', manifest,
+                       '--out', root, '--no-progress', '--train-resolution', str(SIZE)],
+                      capture_output=True, text=True, env=env)
+  assert ok.returncode == 0, ok.stderr
+  key = rows['ct0']['copies'][0]['key']
+  lines = ok.stderr.splitlines()
+  assert lines[1].startswith(f"ingest: 2 training-resolution copies at 16x16 cannot be read (e.g. "
+                             f"scan 'ct0': {root}/volumes/ key {key}: the training-resolution "
+                             "copy cannot be read (NOT_FOUND: "), lines
+  assert lines[1].endswith('); made again from their scans'), lines
+  assert lines[2].endswith('2 training-resolution copies made at 16x16 (0 already current) -> '
+                           f'{root}'), lines
+  store = VolumeStore(root)
+  assert {i: r['copies'] for i, r in store.index().items()} == {
+      i: r['copies'] for i, r in rows.items()}                 # same entries, arrays back
+  got, reads, log = _run(root)
+  _same(want, got)
+  assert (reads, log) == (set(), [])

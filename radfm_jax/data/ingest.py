@@ -357,12 +357,17 @@ def _check_scan_ids(entries: dict[str, _Entry], index: dict, replace: bool):
   if replace:
     return
   for e in entries.values():
-    for i in _stored_ids(index, e.sid):
+    # The ids it is stored under now, and those it will be stored as: a 5D stack 'x' is written
+    # as x_0, x_1, ..., and an x_1 the store holds for another file (x_0 absent, so
+    # `_stored_ids` finds nothing) would be replaced by the stack's second image.
+    ids = dict.fromkeys(_stored_ids(index, e.sid) + _expand_ids(e.sid, _stack_size(e)))
+    for i in (i for i in ids if i in index):
       key = index[i]['attributes'].get('source_key')
       if key is not None and key != e.source_key:
-        raise InputError(f'{e.place}.id: scan id {e.sid!r} names {e.path} but the store holds it '
-                         f'for {key[0]} (frame {key[1]}, index {key[2]}); expected the same file, '
-                         'another id, or --replace')
+        held = 'it' if i == e.sid else f'{i!r} (an id it is stored as)'
+        raise InputError(f'{e.place}.id: scan id {e.sid!r} names {e.path} but the store holds '
+                         f'{held} for {key[0]} (frame {key[1]}, index {key[2]}); expected the '
+                         'same file, another id, or --replace')
 
 
 def _sids(rec: dict, base: str) -> list[str]:

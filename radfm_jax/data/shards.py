@@ -38,8 +38,8 @@ from typing import Callable
 
 from radfm_jax.data.ingest import (IngestReport, _Entry, _store_scans, _stored_ids,
                                    repair_warning, restored_line)
-from radfm_jax.data.store import VolumeStore, read_index
-from radfm_jax.errors import UserError
+from radfm_jax.data.store import VolumeStore, kill_point, read_index
+from radfm_jax.errors import UserError, writing
 
 SHARDS = 'shards'
 RESULT = 'result.json'
@@ -159,6 +159,12 @@ def plan(store: VolumeStore, entries: dict[str, _Entry], scans_per_shard: int | 
     parent = {i: index[i] for e in chunk for i in _stored_ids(index, e.sid)}
     tasks.append(ShardTask(store.root, f'run{run:04d}-{k:05d}', chunk, parent, batch_size,
                            workers, max_scan_bytes))
+  # The run's folders now, under the store's lock: a driver killed before its workers made them
+  # may leave a job still running (a Dataflow job outlives its driver); the next run must not
+  # take the same names, or that job's rows and result.json would mix into its shards.
+  for task in tasks:
+    with writing(task.path):
+      os.makedirs(task.path)
   return tasks
 
 
@@ -227,6 +233,7 @@ def store_scans_sharded(run_tasks: Callable[[list[ShardTask]], None] = run_in_pr
     if tasks:
       print(f'ingest: {len(entries)} scans in {len(tasks)} shard{"s" * (len(tasks) > 1)} '
             f'({tasks[0].name} .. {tasks[-1].name})', file=log)
+      kill_point('shards-planned')
       run_tasks(tasks)
     return collect(store, tasks, entries, report, log)
 

@@ -753,13 +753,21 @@ class VolumeStore:
     """A training-resolution copy (an entry of an index row's `copies`) [C, h, w, D], or only
     its slices `depth` (indices along D, repeats allowed) [C, h, w, len(depth)]: one chunk per
     slice, so only those are read."""
+    arr = self.open_copy(entry)
     try:
-      arr = ts.open({'driver': 'zarr3', 'kvstore': self.kvstore, 'path': entry['key']},
-                    open=True, context=self._context()).result()
       if depth is None:
         return arr.read().result()
       keep, where_ = np.unique(np.asarray(depth), return_inverse=True)
       return np.take(arr[:, :, :, keep].read().result(), where_.reshape(-1), axis=3)
+    except ValueError as e:
+      raise self._damaged('the training-resolution copy', None, entry['key'], e) from None
+
+  def open_copy(self, entry: dict) -> ts.TensorStore:
+    """The array of a training-resolution copy, opened without reading it (StoreDamaged naming
+    `volumes/` and its key when it cannot be)."""
+    try:
+      return ts.open({'driver': 'zarr3', 'kvstore': self.kvstore, 'path': entry['key']},
+                     open=True, context=self._context()).result()
     except ValueError as e:
       raise self._damaged('the training-resolution copy', None, entry['key'], e) from None
 

@@ -37,7 +37,7 @@ from typing import Iterable
 import numpy as np
 
 from radfm_jax.data import transforms
-from radfm_jax.data.store import VolumeStore
+from radfm_jax.data.store import StoreDamaged, VolumeStore
 
 
 def wants_copy(row: dict, size: int) -> bool:
@@ -63,6 +63,16 @@ def current_copy(store: VolumeStore, scan_id: str, h: int, w: int) -> dict | Non
                and is_current(row, c, key)), None)
 
 
+def _unreadable(store: VolumeStore, entry: dict) -> str | None:
+  """Why the array of copy `entry` cannot be opened (one line naming `volumes/` and its key), or
+  None when it opens (opened only, as ingest checks its scans)."""
+  try:
+    store.open_copy(entry)
+    return None
+  except StoreDamaged as e:
+    return str(e).split('; expected the complete array')[0]
+
+
 def make_copy(volume: np.ndarray, size: int) -> tuple[np.ndarray, dict]:
   """A scan [C, H, W, D] -> (its copy [C, size, size, D] in its dtype, the entry fields
   `resize`, `min`, `max`: the full scan's transforms.value_range)."""
@@ -80,14 +90,24 @@ def make(store: VolumeStore, scan_ids: Iterable[str], size: int, batch_size: int
   from tqdm import tqdm
   if size < 1:
     raise ValueError(f'training resolution {size}: expected a positive in-plane size')
-  todo, current = [], 0
+  todo, current, lost = [], 0, []
   for sid in dict.fromkeys(scan_ids):
     if not wants_copy(store.info(sid), size):
       continue
-    if current_copy(store, sid, size, size) is not None:
-      current += 1
-    else:
-      todo.append(sid)
+    entry = current_copy(store, sid, size, size)
+    if entry is not None:
+      # Current by its row, but its array may be lost (a `volumes/` moved aside, a data file
+      # deleted): made again, or training would skip the sample while its scan reads fine.
+      why = _unreadable(store, entry)
+      if why is None:
+        current += 1
+        continue
+      lost.append((sid, why))
+    todo.append(sid)
+  if lost:
+    print(f'ingest: {len(lost)} training-resolution copies at {size}x{size} cannot be read (e.g. '
+          f'scan {lost[0][0]!r}: {lost[0][1]}); made again from their scans',
+          file=log or sys.stderr)
 
   def one(sid):
     copy, entry = make_copy(store.read(sid), size)
