@@ -91,7 +91,9 @@ def test_errors_name_the_path_and_the_problem(store, tmp_path):
 
 def test_cli_publish(store, tmp_path, capsys):
   assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 0
-  path = capsys.readouterr().out.split()[-1]
+  # Only the path: not TFDS's download chatter, which names the staging folder (gone by now).
+  path = str(tmp_path / 't' / 'radfm_samples' / '1.0.0')
+  assert capsys.readouterr().out == f'published {path}\n'
   assert tfds_manifest.read_tfds_manifest(path) == tfds_manifest.read_tfds_manifest(
       publish.publish_manifest(store.root, str(tmp_path / 'u')))
   assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 2

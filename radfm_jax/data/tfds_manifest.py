@@ -63,6 +63,15 @@ def builder_class():
           features=tfds.features.FeaturesDict({'id': tfds.features.Text(),
                                                'record': tfds.features.Text()}))
 
+    # TFDS prints 'Downloading and preparing dataset Unknown size ...' and '... Subsequent calls
+    # will reuse this data.' on stdout, naming the staging folder publish builds in (gone once it
+    # is moved in place); `radfm-jax publish` says the one path that stays.
+    def _log_download_bytes(self) -> None:
+      pass
+
+    def _log_download_done(self) -> None:
+      pass
+
     def _split_generators(self, dl_manager):
       return {name: self._generate_examples(rows) for name, rows in self._splits.items()}
 
