@@ -20,16 +20,23 @@ import functools
 import json
 import os
 
+from radfm_jax.errors import UserError
+
 DATASET_NAME = 'radfm_samples'
 DATASET_VERSION = '1.0.0'
+
+
+class TfdsMissing(UserError, ModuleNotFoundError):
+  """The `tfds` extra is not installed: one line (exit 2) saying what to install, like the other
+  extras (data/beam_ingest.BeamMissing), not a traceback."""
 
 
 def tfds_module():
   try:
     import tensorflow_datasets as tfds
   except ModuleNotFoundError as e:
-    raise ModuleNotFoundError('TFDS datasets need the `tfds` extra: pip install '
-                              '"radfm-jax[tfds]" (tensorflow-datasets, no TensorFlow)') from e
+    raise TfdsMissing('TFDS datasets need the `tfds` extra: pip install '
+                      '"radfm-jax[tfds]" (tensorflow-datasets, no TensorFlow)') from e
   tfds.disable_progress_bar()
   return tfds
 
