@@ -204,3 +204,25 @@ def test_launch_malformed_slurm_ntasks(monkeypatch):
   with pytest.raises(UserError, match=r"^environment variable SLURM_NTASKS='x': expected a whole "
                      r'number >= 1$'):
     launch.detect()
+
+
+@pytest.mark.parametrize('num_slices', ['abc', '2x', '0'])
+def test_tpu_pod_launcher_refuses_a_malformed_num_slices(num_slices):
+  """launch/tpu_pod.sh NUM_SLICES=2x launched nothing and exited 0 (bash's arithmetic error in
+  the slice loop); 'abc' was an 'unbound variable' line. Now one line naming it, exit 2, before
+  any gcloud call."""
+  env = dict(os.environ, NUM_SLICES=num_slices)
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), 'tpu', 'zone', '--',
+                         '--config', SPEC], env=env, capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout) == (2, '')
+  assert proc.stderr == (f'launch/tpu_pod.sh: NUM_SLICES={num_slices}: expected a whole number '
+                         '>= 1\n')
+
+
+def test_tpu_pod_launcher_usage_is_its_header_on_stderr():
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), 'tpu', 'zone'],
+                        capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout) == (2, '')
+  lines = proc.stderr.splitlines()
+  assert lines[0].startswith('Run `radfm-jax train` on every worker')
+  assert lines[-1] == 'writes its checkpoint shards there.'
