@@ -21,12 +21,15 @@
 set -euo pipefail
 
 if [[ $# -lt 3 || "$3" != "--" ]]; then
-  sed -n '2,22p' "$0"; exit 2
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2   # the header above, as text
 fi
 TPU_NAME=$1; ZONE=$2; shift 3
 TRAIN_ARGS=$(printf ' %q' "$@")
 REPO_DIR=${REPO_DIR:-'~/radfm-jax'}
 NUM_SLICES=${NUM_SLICES:-1}
+if [[ ! "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]]; then   # else bash's arithmetic error, or one slice
+  echo "launch/tpu_pod.sh: NUM_SLICES=$NUM_SLICES: expected a whole number >= 1" >&2; exit 2
+fi
 PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
 
 # libtpu / XLA recipe for FSDP training of a dense decoder on v5p / v6e (the MaxText set):

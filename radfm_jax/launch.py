@@ -19,20 +19,59 @@ from __future__ import annotations
 
 import os
 
+from radfm_jax.errors import UserError
+
 _INITIALIZED = False
 
 
-def _env_int(name: str) -> int | None:
+class LaunchError(UserError, ValueError):
+  """A cluster variable in the environment is missing or malformed (one line, exit 2)."""
+
+
+def _env_int(name: str, minimum: int = 0) -> int | None:
+  """The whole number in $name (None when unset or empty); anything else is one LaunchError line
+  naming the variable, not int()'s traceback from inside the launcher."""
   value = os.environ.get(name)
-  return int(value) if value not in (None, '') else None
+  if value in (None, ''):
+    return None
+  try:
+    number = int(value)
+  except ValueError:
+    number = None
+  if number is None or number < minimum:
+    raise LaunchError(f'environment variable {name}={value!r}: expected a whole number '
+                      f'>= {minimum}')
+  return number
+
+
+def _env_ids(name: str) -> list[int] | None:
+  """$name as a comma list of device ids (`0,1,2`), or None when unset or empty."""
+  value = os.environ.get(name)
+  if not value:
+    return None
+  try:
+    ids = [int(i) for i in value.split(',')]
+  except ValueError:
+    ids = None
+  if ids is None or min(ids) < 0 or len(set(ids)) != len(ids):
+    raise LaunchError(f'environment variable {name}={value!r}: expected distinct device ids '
+                      'separated by commas, e.g. 0,1,2,3')
+  return ids
+
+
+def _check_coordinator(address: str, shown: str):
+  """host:port (JAX indexes into the split and raises a bare IndexError without the port)."""
+  host, sep, port = address.rpartition(':')
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise LaunchError(f'{shown}={address!r}: expected host:port, e.g. 10.0.0.1:1234')
 
 
 def detect() -> str:
   """'explicit-env', 'slurm', 'tpu' or 'single' (what `initialize()` would do)."""
   if os.environ.get('RADFM_COORDINATOR'):
     return 'explicit-env'
-  if all(k in os.environ for k in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_PROCID')) and int(
-      os.environ.get('SLURM_NTASKS', '1')) > 1:
+  if all(k in os.environ for k in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_PROCID')) and (
+      _env_int('SLURM_NTASKS', minimum=1) or 1) > 1:
     return 'slurm'
   if os.environ.get('TPU_WORKER_HOSTNAMES', 'localhost') not in ('', 'localhost') or (
       os.environ.get('TPU_WORKER_ID') is not None and os.environ.get('TPU_SKIP_MDS_QUERY') is None):
@@ -60,14 +99,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   mode = 'explicit' if coordinator_address else detect()
   if mode == 'explicit-env':
     coordinator_address = os.environ['RADFM_COORDINATOR']
-    num_processes = _env_int('RADFM_NUM_PROCESSES')
+    _check_coordinator(coordinator_address, 'environment variable RADFM_COORDINATOR')
+    num_processes = _env_int('RADFM_NUM_PROCESSES', minimum=1)
     process_id = _env_int('RADFM_PROCESS_ID')
-    ids = os.environ.get('RADFM_LOCAL_DEVICE_IDS')
-    if ids:
-      local_device_ids = [int(i) for i in ids.split(',')]
+    local_device_ids = _env_ids('RADFM_LOCAL_DEVICE_IDS') or local_device_ids
     if num_processes is None or process_id is None:
-      raise ValueError('RADFM_COORDINATOR is set: also set RADFM_NUM_PROCESSES and '
-                       'RADFM_PROCESS_ID')
+      raise LaunchError('environment variable RADFM_COORDINATOR is set: also set '
+                        'RADFM_NUM_PROCESSES and RADFM_PROCESS_ID')
+    if process_id >= num_processes:
+      raise LaunchError(f'environment variable RADFM_PROCESS_ID={process_id}: expected one of '
+                        f'0..{num_processes - 1} (RADFM_NUM_PROCESSES={num_processes})')
   if mode == 'single':
     return {'mode': mode, 'process_index': 0, 'process_count': 1}
   try:
@@ -86,4 +127,4 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
           'process_count': jax.process_count()}
 
 
-__all__ = ['detect', 'initialize']
+__all__ = ['LaunchError', 'detect', 'initialize']

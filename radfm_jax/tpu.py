@@ -1,8 +1,8 @@
 """TPU topologies for ahead-of-time compiles from a CPU host (libtpu, no TPU): the environment
 libtpu needs, the devices of a topology, the fit-table batch shapes and the per-chip memory report
 of a compiled program. Used by the train-step fit check (train/aot.py) and the serving fit check
-(infer/aot.py). Imports nothing of radfm_jax; JAX only inside functions (set_tpu_env must run
-before JAX loads libtpu).
+(infer/aot.py). Imports radfm_jax (errors, config) and JAX only inside functions (set_tpu_env
+must run before JAX loads libtpu).
 """
 
 from __future__ import annotations
@@ -58,10 +58,30 @@ def set_tpu_env(topology: str):
 
 def topology_devices(topology: str):
   """The TPU devices of `topology` for compiling (no TPU needed). A single chip ('v6e:1x1') is
-  described with one chip per host: libtpu's default host bounds (2x2x1) reject it."""
+  described with one chip per host: libtpu's default host bounds (2x2x1) reject it.
+
+  Without libtpu (the `tpu` extra), or for a name libtpu does not know ('v9:2x2', 'v5p:3x3x3'),
+  a one-line UserError: JAX's RuntimeError / INVALID_ARGUMENT came with a traceback."""
+  import jax
   from jax.experimental import topologies
+
+  from radfm_jax.config import ConfigError
+  from radfm_jax.errors import UserError
   extra = {'chips_per_host_bounds': [1, 1, 1]} if chip_count(topology) == 1 else {}
-  return topologies.get_topology_desc(platform='tpu', topology_name=topology, **extra).devices
+  try:
+    return topologies.get_topology_desc(platform='tpu', topology_name=topology, **extra).devices
+  except jax.errors.JaxRuntimeError as e:
+    if 'INVALID_ARGUMENT' not in str(e):
+      raise
+    reason = str(e).partition('INVALID_ARGUMENT: ')[2].splitlines()[0]
+    raise ConfigError(f'config field mesh.topology={topology!r}: libtpu rejects it ({reason}); '
+                      "expected a TPU generation and shape it knows, e.g. 'v5p:2x2x1' or "
+                      "'v6e:4x4'") from e
+  except RuntimeError as e:          # jax's text when neither libtpu nor TPU_LIBRARY_PATH is found
+    if 'TPU support not installed' not in str(e):
+      raise
+    raise UserError('compiling for a TPU topology needs libtpu, which is not installed; expected '
+                    "it installed (pip install 'radfm-jax[tpu]')") from None
 
 
 def batch_shapes(cfg, kind: str, batch: int, images_2d: int = 4, text_len: int | None = None):

@@ -114,3 +114,44 @@ def test_aot_generate_compiles_tiny_int8_for_one_v5e_chip(tmp_path):
   _, w8 = _run_aot(tmp_path / 'w8', *common, '--quantize', 'w8a8')
   assert w8['quantize'] == 'w8a8' and w8['fits'] is True
   assert w8['param_bytes_total'] == q8['param_bytes_total']
+
+
+def _run_aot_program(args, prelude='', drop=()):
+  """`radfm-jax aot ARGS` in a subprocess, after `prelude` (Python), without the variables
+  `drop`."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  for key in ('XLA_FLAGS',) + tuple(drop):
+    env.pop(key, None)
+  script = (f'import sys; {prelude}from radfm_jax.cli.main import main; '
+            'sys.exit(main(sys.argv[1:]))')
+  return subprocess.run([sys.executable, '-c', script, 'aot', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+AOT_TINY = ['--config', 'radfm:model=tiny,mesh=tpu_v5p_8', '--kinds', '2d']
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='needs libtpu (tpu extra)')
+def test_aot_topology_libtpu_rejects_is_one_line():
+  """A mesh.topology of the right form that libtpu does not know was JAX's INVALID_ARGUMENT with
+  a traceback (exit 1); now one line naming the field and libtpu's reason (exit 2)."""
+  proc = _run_aot_program(AOT_TINY + ['--config.mesh.topology=v5p:3x3x3'])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == (
+      "radfm-jax aot: config field mesh.topology='v5p:3x3x3': libtpu rejects it (Topology layout "
+      '"v5p:3x3x3" is not divisible by the given (or default) chips_per_host_bounds "2x2x1"); '
+      "expected a TPU generation and shape it knows, e.g. 'v5p:2x2x1' or 'v6e:4x4'")
+  assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('mode', [[], ['--generate', '--context', '512', '--max-new', '16']])
+def test_aot_without_libtpu_is_one_line(mode):
+  """libtpu is the `tpu` extra: without it JAX's 'TPU support not installed' RuntimeError came
+  with a traceback (exit 1); now one line saying what to install (exit 2)."""
+  # As if not installed: no libtpu module, and no TPU_LIBRARY_PATH (JAX sets it in this process
+  # when it finds libtpu, and a subprocess would inherit it).
+  proc = _run_aot_program(AOT_TINY + mode, prelude="sys.modules['libtpu'] = None; ",
+                          drop=('TPU_LIBRARY_PATH',))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr == ('radfm-jax aot: compiling for a TPU topology needs libtpu, which is not '
+                         "installed; expected it installed (pip install 'radfm-jax[tpu]')\n")

@@ -91,7 +91,9 @@ def test_errors_name_the_path_and_the_problem(store, tmp_path):
 
 def test_cli_publish(store, tmp_path, capsys):
   assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 0
-  path = capsys.readouterr().out.split()[-1]
+  # Only the path: not TFDS's download chatter, which names the staging folder (gone by now).
+  path = str(tmp_path / 't' / 'radfm_samples' / '1.0.0')
+  assert capsys.readouterr().out == f'published {path}\n'
   assert tfds_manifest.read_tfds_manifest(path) == tfds_manifest.read_tfds_manifest(
       publish.publish_manifest(store.root, str(tmp_path / 'u')))
   assert cli.main(['publish', '--data', store.root, '--out', str(tmp_path / 't')]) == 2
@@ -110,4 +112,23 @@ def test_publish_refuses_rows_training_would_refuse(store, tmp_path):
     with pytest.raises(InputError) as e:
       publish.publish_manifest(rows, str(tmp_path / 'out'))
     assert str(e.value).startswith(message) or message in str(e.value), str(e.value)
+  assert not (tmp_path / 'out').exists()
+
+
+def test_publish_without_the_tfds_extra_is_one_line(tmp_path):
+  """Without tensorflow-datasets, publish was a ModuleNotFoundError traceback (exit 1); now the
+  one line saying what to install (exit 2), and nothing is written."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', [{'id': 'a', 'question': 'q', 'answer': 'a',
+                                                      'images': []}])
+  script = ("import sys; sys.modules['tensorflow_datasets'] = None; "
+            'from radfm_jax.cli.main import main; sys.exit(main(sys.argv[1:]))')
+  proc = subprocess.run([sys.executable, '-c', script, 'publish', '--data', manifest, '--out',
+                         str(tmp_path / 'out')], env=dict(os.environ, PYTHONPATH=root),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr == ('radfm-jax publish: TFDS datasets need the `tfds` extra: pip install '
+                         '"radfm-jax[tfds]" (tensorflow-datasets, no TensorFlow)\n')
   assert not (tmp_path / 'out').exists()

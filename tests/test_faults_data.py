@@ -472,3 +472,58 @@ def test_publish_overwrite_that_fails_keeps_the_old_version(tmp_path, monkeypatc
                                      f'left on device); {EXPECTED} there\n')
   assert [r['id'] for r in tfds_manifest.read_tfds_manifest(target)] == ['s0', 's1', 's2']
   assert not [f for f in os.listdir(out) if f.endswith('.replaced')]
+
+
+PUBLISH_KILLED = r'''
+import os, signal, sys
+from radfm_jax.cli.main import main
+from radfm_jax.data import publish
+base = publish.builder_class()
+
+class Killed(base):
+  def _generate_examples(self, rows):
+    for n, example in enumerate(super()._generate_examples(rows)):
+      if n == 2:                              # mid-write: some rows generated, the files open
+        os.kill(os.getpid(), signal.SIGKILL)
+      yield example
+
+publish.builder_class = lambda: Killed
+main(sys.argv[1:])
+'''
+
+
+def test_publish_overwrite_killed_mid_write_keeps_the_old_version(tmp_path):
+  """`publish --overwrite` moved the old version aside before TFDS wrote the new one: a SIGKILL
+  meanwhile left no dataset at the published path (reads: 'no such file'), the old one hidden in
+  .radfm_samples-1.0.0.replaced. Now the new one is written in a staging folder and moved in
+  when complete: the old version stays readable, and the rerun replaces it and leaves no
+  staging folder."""
+  pytest.importorskip('tensorflow_datasets')
+  from radfm_jax.data import publish, tfds_manifest
+  rows = [{'id': f's{i}', 'question': 'q', 'answer': 'a', 'images': []} for i in range(6)]
+  manifest = cd.write_manifest(tmp_path / 'm.jsonl', rows)
+  out = tmp_path / 'tfds'
+  target = publish.publish_manifest(rows[:3], str(out))
+  args = ['publish', '--data', manifest, '--out', str(out), '--overwrite']
+  assert _run(args, script=PUBLISH_KILLED).returncode == -9
+  assert [r['id'] for r in tfds_manifest.read_tfds_manifest(target)] == ['s0', 's1', 's2']
+  assert _run(args).returncode == 0
+  assert tfds_manifest.read_tfds_manifest(target) == rows
+  assert sorted(os.listdir(out)) == ['radfm_samples']
+  assert os.listdir(out / 'radfm_samples') == ['1.0.0']
+
+
+def test_publish_restores_a_version_left_aside_by_a_killed_replace(tmp_path):
+  """A publish killed between moving the old version aside and moving the new one in: the next
+  publish puts the old one back first (so it exists and is not replaced without overwrite)."""
+  pytest.importorskip('tensorflow_datasets')
+  from radfm_jax.data import publish, tfds_manifest
+  rows = [{'id': f's{i}', 'question': 'q', 'answer': 'a', 'images': []} for i in range(3)]
+  target = publish.publish_manifest(rows, str(tmp_path))
+  os.rename(target, tmp_path / '.radfm_samples-1.0.0.replaced')
+  with pytest.raises(FileExistsError, match='overwrite'):
+    publish.publish_manifest(rows[:1], str(tmp_path))
+  assert tfds_manifest.read_tfds_manifest(target) == rows
+  assert publish.publish_manifest(rows[:1], str(tmp_path), overwrite=True) == target
+  assert tfds_manifest.read_tfds_manifest(target) == rows[:1]
+  assert sorted(os.listdir(tmp_path)) == ['radfm_samples']

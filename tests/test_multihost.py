@@ -162,3 +162,67 @@ def test_two_processes_match_one_process(tmp_path):
   ckpt.close()
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(single.state)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('env, message', [
+    ({'RADFM_NUM_PROCESSES': 'two', 'RADFM_PROCESS_ID': '0'},
+     "environment variable RADFM_NUM_PROCESSES='two': expected a whole number >= 1"),
+    ({'RADFM_NUM_PROCESSES': '0', 'RADFM_PROCESS_ID': '0'},
+     "environment variable RADFM_NUM_PROCESSES='0': expected a whole number >= 1"),
+    ({'RADFM_NUM_PROCESSES': '2'},
+     'environment variable RADFM_COORDINATOR is set: also set RADFM_NUM_PROCESSES and '
+     'RADFM_PROCESS_ID'),
+    ({'RADFM_NUM_PROCESSES': '2', 'RADFM_PROCESS_ID': '2'},
+     'environment variable RADFM_PROCESS_ID=2: expected one of 0..1 (RADFM_NUM_PROCESSES=2)'),
+    ({'RADFM_NUM_PROCESSES': '2', 'RADFM_PROCESS_ID': '0', 'RADFM_LOCAL_DEVICE_IDS': '0,,1'},
+     "environment variable RADFM_LOCAL_DEVICE_IDS='0,,1': expected distinct device ids "
+     'separated by commas, e.g. 0,1,2,3'),
+    ({'RADFM_COORDINATOR': '10.0.0.1', 'RADFM_NUM_PROCESSES': '1', 'RADFM_PROCESS_ID': '0'},
+     "environment variable RADFM_COORDINATOR='10.0.0.1': expected host:port, e.g. "
+     '10.0.0.1:1234'),
+])
+def test_launch_bad_environment_is_one_line(monkeypatch, env, message):
+  """A malformed cluster variable is a UserError naming it (exit 2, one line), before JAX's
+  distributed runtime starts: it was int()'s ValueError, or JAX's bare IndexError for a
+  coordinator without a port, with a traceback."""
+  from radfm_jax import launch
+  from radfm_jax.errors import UserError
+  monkeypatch.setenv('RADFM_COORDINATOR', '127.0.0.1:1234')
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  with pytest.raises(UserError) as info:
+    launch.initialize()
+  assert str(info.value) == message
+
+
+def test_launch_malformed_slurm_ntasks(monkeypatch):
+  from radfm_jax import launch
+  from radfm_jax.errors import UserError
+  monkeypatch.delenv('RADFM_COORDINATOR', raising=False)
+  for key, value in (('SLURM_JOB_ID', '7'), ('SLURM_NTASKS', 'x'), ('SLURM_PROCID', '0')):
+    monkeypatch.setenv(key, value)
+  with pytest.raises(UserError, match=r"^environment variable SLURM_NTASKS='x': expected a whole "
+                     r'number >= 1$'):
+    launch.detect()
+
+
+@pytest.mark.parametrize('num_slices', ['abc', '2x', '0'])
+def test_tpu_pod_launcher_refuses_a_malformed_num_slices(num_slices):
+  """launch/tpu_pod.sh NUM_SLICES=2x launched nothing and exited 0 (bash's arithmetic error in
+  the slice loop); 'abc' was an 'unbound variable' line. Now one line naming it, exit 2, before
+  any gcloud call."""
+  env = dict(os.environ, NUM_SLICES=num_slices)
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), 'tpu', 'zone', '--',
+                         '--config', SPEC], env=env, capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout) == (2, '')
+  assert proc.stderr == (f'launch/tpu_pod.sh: NUM_SLICES={num_slices}: expected a whole number '
+                         '>= 1\n')
+
+
+def test_tpu_pod_launcher_usage_is_its_header_on_stderr():
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), 'tpu', 'zone'],
+                        capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout) == (2, '')
+  lines = proc.stderr.splitlines()
+  assert lines[0].startswith('Run `radfm-jax train` on every worker')
+  assert lines[-1] == 'writes its checkpoint shards there.'

@@ -535,7 +535,13 @@ def test_radfm_folder_with_a_file_twice(tmp_path):
     (['--manifest', 'm.jsonl', '--recipe', 'vqa_rad', '--out', 's'],
      'argument --recipe: not allowed with argument --manifest'),
     (['--recipe', 'radfm', '--source', '.', '--image-root', 'medpixx=a', '--out', 's'],
-     '--image-root medpixx=a: medpixx is no recipe; expected NAME=DIR')])
+     '--image-root medpixx=a: medpixx is no recipe; expected NAME=DIR'),
+    # Flags that were silently unused: a seed with a manifest, another recipe's image root.
+    (['--manifest', 'm.jsonl', '--seed', '7', '--out', 's'],
+     '--seed goes with --recipe, not --manifest'),
+    (['--recipe', 'vqa_rad', '--source', 'f.csv', '--image-root', 'slake=img', '--out', 's'],
+     '--image-root slake=img: names recipe slake, not the one ingested (--recipe vqa_rad); '
+     'expected DIR, or vqa_rad=DIR')])
 def test_cli_recipe_flag_errors(argv, message, capsys):
   from radfm_jax.cli.main import main
   with pytest.raises(SystemExit) as e:

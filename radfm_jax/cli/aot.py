@@ -24,7 +24,8 @@ def add_parser(sub):
       description="Lowers and compiles the jitted train step for the mesh preset's TPU topology "
       'on this host (needs libtpu, no TPU) and reports per-chip memory and FLOPs. Exit code 0 '
       'when every batch kind fits in mesh.hbm_gib, 1 when one does not, 2 for a preset without '
-      'a TPU topology. --generate compiles what `radfm-jax generate` runs (prefill + KV-cache '
+      'a TPU topology, a mesh.topology libtpu rejects, or no libtpu (the tpu extra). '
+      '--generate compiles what `radfm-jax generate` runs (prefill + KV-cache '
       'decode, --context tokens in all) instead, --quantize int8 with Qwix int8 weights.',
       example=EXAMPLE)
   p.add_argument('--batch-2d', type=flags.positive_int, default=None,

@@ -73,9 +73,9 @@ def add_parser(sub):
   p.add_argument('--split', choices=('train', 'test'), default=None,
                  help='--recipe: the split to tag the records with (default: from the file name: '
                  'the original\'s train or test file; required for another name)')
-  p.add_argument('--seed', type=flags.seed, default=0,
+  p.add_argument('--seed', type=flags.seed, default=None,      # None: not given (0 for --recipe)
                  help='--recipe: seed of the prompt and placement choices (row n of recipe R uses '
-                 'random.Random("SEED/R/SPLIT/n"))')
+                 'random.Random("SEED/R/SPLIT/n"); default 0)')
   p.epilog += '\n\n' + schema_help()
   p.add_argument('--out', required=True, help='store directory to create or extend')
   p.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected')
@@ -125,7 +125,10 @@ def run(args) -> int:
                  replace=args.replace, max_scan_bytes=args.max_scan_bytes,
                  progress=not args.no_progress, lock_timeout=args.lock_timeout, store_scans=store_scans,
                  train_resolution=args.train_resolution)
-  recipe_flags = [f for f in ('source', 'image_root', 'split') if getattr(args, f) is not None]
+  # A recipe flag given with --manifest would be silently unused (--seed too: a manifest's
+  # prompts are drawn by training, not by ingest).
+  recipe_flags = [f for f in ('source', 'image_root', 'split', 'seed')
+                  if getattr(args, f) is not None]
   if args.manifest and recipe_flags:
     args._parser.error(f'--{recipe_flags[0].replace("_", "-")} goes with --recipe, not --manifest')
   if args.recipe and (args.source is None or args.root is not None):
@@ -142,8 +145,13 @@ def run(args) -> int:
         if eq and name.isidentifier() and name not in RECIPES:
           args._parser.error(f'--image-root {value}: {name} is no recipe; expected NAME=DIR with '
                              'NAME from `radfm-jax recipes list`, or DIR')
+        if eq and name in RECIPES and args.recipe in RECIPES and args.recipe != name:
+          # it would be silently unused: the one recipe's scans are under the default root
+          args._parser.error(f'--image-root {value}: names recipe {name}, not the one ingested '
+                             f'(--recipe {args.recipe}); expected DIR, or {args.recipe}=DIR')
         roots.update({name: folder} if eq and name in RECIPES else {'': value})
-      ingest_recipe(args.recipe, source, roots, args.out, args.split, args.seed, **options)
+      ingest_recipe(args.recipe, source, roots, args.out, args.split,
+                    0 if args.seed is None else args.seed, **options)
     else:
       ingest(args.manifest, args.out, root=args.root, **options)
   except IngestError as e:

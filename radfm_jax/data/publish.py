@@ -55,25 +55,35 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
                        "(letters, digits, underscore; not 'all', which TFDS reserves)")
     splits.setdefault(split, []).append(row)
   target = os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
-  # --overwrite moves the old version aside until the new one is complete: a write the disk
-  # refuses (or Ctrl-C) then puts it back instead of leaving neither. Outside the dataset folder,
-  # where TFDS would take it for a version.
+  # The new version is built in a staging data dir and moved in only when complete, so a kill
+  # (even SIGKILL) while TFDS writes leaves the old version in place (it used to be moved aside
+  # before the write, and a kill left neither at `target`). With --overwrite the old one is aside
+  # only between the two renames; a refused write (or Ctrl-C) puts it back. Both folders sit
+  # outside the dataset folder, where TFDS would take them for versions.
+  staging = os.path.join(out_dir, f'.{DATASET_NAME}-{DATASET_VERSION}.new')
   aside = os.path.join(out_dir, f'.{DATASET_NAME}-{DATASET_VERSION}.replaced')
-  if os.path.exists(target):
-    if not overwrite:
-      raise FileExistsError(f'{target} exists (publish with overwrite=True / --overwrite to '
-                            'replace it)')
-    shutil.rmtree(aside, ignore_errors=True)        # left by a publish killed while replacing
-    os.rename(target, aside)
+  if os.path.isdir(aside) and not os.path.exists(target):
+    os.rename(aside, target)          # a publish killed between its two renames: the old version
+  if os.path.exists(target) and not overwrite:
+    raise FileExistsError(f'{target} exists (publish with overwrite=True / --overwrite to '
+                          'replace it)')
   tfds = tfds_module()
   try:
     with writing(target):                    # TFDS removes its incomplete folder itself
-      builder = builder_class()(splits=splits, data_dir=out_dir, file_format='array_record')
+      shutil.rmtree(staging, ignore_errors=True)     # left by a killed publish
+      shutil.rmtree(aside, ignore_errors=True)
+      builder = builder_class()(splits=splits, data_dir=staging, file_format='array_record')
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
           download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if os.path.exists(target):
+        os.rename(target, aside)
+      os.rename(os.path.join(staging, DATASET_NAME, DATASET_VERSION), target)
   except BaseException:
     if os.path.exists(aside) and not os.path.exists(target):
       os.rename(aside, target)
     raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   shutil.rmtree(aside, ignore_errors=True)
-  return os.fspath(builder.data_dir)
+  return target

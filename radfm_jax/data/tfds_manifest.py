@@ -20,16 +20,23 @@ import functools
 import json
 import os
 
+from radfm_jax.errors import UserError
+
 DATASET_NAME = 'radfm_samples'
 DATASET_VERSION = '1.0.0'
+
+
+class TfdsMissing(UserError, ModuleNotFoundError):
+  """The `tfds` extra is not installed: one line (exit 2) saying what to install, like the other
+  extras (data/beam_ingest.BeamMissing), not a traceback."""
 
 
 def tfds_module():
   try:
     import tensorflow_datasets as tfds
   except ModuleNotFoundError as e:
-    raise ModuleNotFoundError('TFDS datasets need the `tfds` extra: pip install '
-                              '"radfm-jax[tfds]" (tensorflow-datasets, no TensorFlow)') from e
+    raise TfdsMissing('TFDS datasets need the `tfds` extra: pip install '
+                      '"radfm-jax[tfds]" (tensorflow-datasets, no TensorFlow)') from e
   tfds.disable_progress_bar()
   return tfds
 
@@ -62,6 +69,15 @@ def builder_class():
           description='RadFM samples (radfm-jax manifest rows as JSON; volumes in the store).',
           features=tfds.features.FeaturesDict({'id': tfds.features.Text(),
                                                'record': tfds.features.Text()}))
+
+    # TFDS prints 'Downloading and preparing dataset Unknown size ...' and '... Subsequent calls
+    # will reuse this data.' on stdout, naming the staging folder publish builds in (gone once it
+    # is moved in place); `radfm-jax publish` says the one path that stays.
+    def _log_download_bytes(self) -> None:
+      pass
+
+    def _log_download_done(self) -> None:
+      pass
 
     def _split_generators(self, dl_manager):
       return {name: self._generate_examples(rows) for name, rows in self._splits.items()}
