@@ -462,8 +462,9 @@ def _database_lost(store: VolumeStore, log) -> str | None:
   """Whether the database this run writes into (`store.kvstore`) can be read at all: None when
   it can (or does not exist yet), else what became of it ('... moved to FOLDER/'). Its manifest
   (manifest.ocdbt) and root node lead to every key, and every commit rewrites the root: when they
-  are lost (the data file holding the root deleted, the manifest cut or corrupt), no array in it
-  can be read and nothing can be written to it, so a local one is moved aside to
+  are lost (the data file holding the root deleted, the manifest deleted, cut or corrupt: a
+  deleted one, `_manifest_missing`), no array in it can be read and nothing can be written to
+  it, so a local one is moved aside to
   `volumes.damaged-N/` (kept, not deleted) and the run writes into a new one. Another reason (a
   permission, the network), or a database that is not a local folder, is a StoreDamaged before
   anything is written."""
@@ -472,9 +473,11 @@ def _database_lost(store: VolumeStore, log) -> str | None:
   try:
     kv = ts.KvStore.open(store.kvstore, context=ts.Context()).result()
     kv.read('zarr.json').result()       # a key no array has: reads the manifest and the root
-    return None
+    reason = _manifest_missing(store, folder)
   except ValueError as e:
     reason = str(e).split(' [tensorstore_spec=')[0]        # drop the spec dump
+  if reason is None:
+    return None
   if is_url(store.root) or not reason.startswith(_LOST):
     move = (' (move it away and run the same ingest again: its scans are then stored anew)'
             if reason.startswith(_LOST) else '')
@@ -490,6 +493,24 @@ def _database_lost(store: VolumeStore, log) -> str | None:
         'one started: every scan whose array it held is read from its file again (one not in '
         'this manifest when its manifest is ingested again)', file=log)
   return f'its database could not be read: moved to {aside}/'
+
+
+def _manifest_missing(store: VolumeStore, folder: str) -> str | None:
+  """Why a local database that reads has lost its manifest, or None. Without manifest.ocdbt an
+  OCDBT database reads as an empty one, so TensorStore says nothing: it is lost when the folder
+  is still there and the index names arrays in it (rows without `db`, this store's own). A first
+  commit killed before its manifest was written indexed nothing, so that is no loss. A folder
+  deleted whole has nothing to move aside (its scans are restored one by one, `_unreadable`);
+  a URL has no folder to tell apart from an empty database."""
+  if is_url(store.root) or not os.path.isdir(folder):
+    return None
+  if os.path.exists(os.path.join(folder, 'manifest.ocdbt')):
+    return None
+  held = sum(store.holder(i) is store and not row.get('db') for i, row in store.index().items())
+  if not held:
+    return None
+  return (f'NOT_FOUND: manifest.ocdbt is missing, although {store.scans_path} indexes {held} '
+          f'array{"s" * (held > 1)} in it')
 
 
 def _unreadable(store: VolumeStore, lost: str | None) -> Callable[[str], str | None]:
