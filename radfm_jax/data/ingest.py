@@ -69,6 +69,8 @@ class IngestReport:
   skipped: list[str] = dataclasses.field(default_factory=list)    # already in the store
   rejects: list[dict] = dataclasses.field(default_factory=list)   # {'path', 'reason', ...}
   warnings: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'warning', ...}
+  moved_aside: list[str] = dataclasses.field(default_factory=list)  # the line said of each
+  # database that could not be read and was moved aside (`_database_lost`)
   samples: int = 0                                                # samples of this manifest kept
   dropped_samples: int = 0
   replaced_samples: int = 0                                       # with `replace`
@@ -403,7 +405,7 @@ def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestR
   read at a time (threads: gzip/zstd/pydicom release the GIL) and written in one transaction:
   memory stays bounded by one batch of decoded volumes."""
   from tqdm import tqdm
-  lost = _database_lost(store, log)       # before anything opens it: then moved aside
+  lost = _database_lost(store, log, report)     # before anything opens it: then moved aside
   index = store.index()
   unreadable = _unreadable(store, lost)
 
@@ -458,7 +460,7 @@ def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestR
 _LOST = ('NOT_FOUND', 'DATA_LOSS', 'OUT_OF_RANGE')
 
 
-def _database_lost(store: VolumeStore, log) -> str | None:
+def _database_lost(store: VolumeStore, log, report: IngestReport) -> str | None:
   """Whether the database this run writes into (`store.kvstore`) can be read at all: None when
   it can (or does not exist yet), else what became of it ('... moved to FOLDER/'). Its manifest
   (manifest.ocdbt) and root node lead to every key, and every commit rewrites the root: when they
@@ -489,9 +491,11 @@ def _database_lost(store: VolumeStore, log) -> str | None:
   aside = os.path.join(store.root, f'volumes.damaged-{n}')
   with writing(folder):
     os.rename(folder, aside)
-  print(f'ingest: {folder}: the database cannot be read ({reason}); moved to {aside}/ and a new '
-        'one started: every scan whose array it held is read from its file again (one not in '
-        'this manifest when its manifest is ingested again)', file=log)
+  report.moved_aside.append(
+      f'ingest: {folder}: the database cannot be read ({reason}); moved to {aside}/ and a new '
+      'one started: every scan whose array it held is read from its file again (one not in '
+      'this manifest when its manifest is ingested again)')
+  print(report.moved_aside[-1], file=log)
   return f'its database could not be read: moved to {aside}/'
 
 
@@ -578,7 +582,7 @@ def _write(store, pending, restoring, report, resolved, entries, log, bar):
       warning = repair_warning(entries[sid].path, i, attrs)
       if warning:
         report.warnings.append(warning)
-        bar.write(f'ingest: repaired {entries[sid].path}: {warning["warning"]}', file=log)
+        bar.write(repaired_line(warning), file=log)
 
 
 def restored_line(restoration: dict) -> str:
@@ -586,6 +590,12 @@ def restored_line(restoration: dict) -> str:
   run's `collect` for each shard's)."""
   return (f'ingest: restored {restoration["path"]}: {restoration["reason"]}; stored again from '
           'the file')
+
+
+def repaired_line(warning: dict) -> str:
+  """The log line of a `repair_warning` row (said by ingest, and by a sharded run's `collect`
+  for each shard's: a worker's own log is not seen)."""
+  return f'ingest: repaired {warning["path"]}: {warning["warning"]}'
 
 
 def repair_warning(path: str, scan_id: str, attrs: dict) -> dict | None:
