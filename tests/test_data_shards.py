@@ -170,6 +170,50 @@ def test_retried_shard_skips_what_it_committed(stores, tmp_path):
   assert all(row['version'] == 0 for row in first.values()) and len(first) == 7
 
 
+def test_sharded_ingest_says_what_single_process_ingest_says(stores, tmp_path):
+  """The same lines on stderr (in another order: a shard's are said when the run is collected).
+  Was: a repair was recorded in warnings.jsonl but not said."""
+  import io
+  _, manifest, _, _ = stores
+  logs = {'single': io.StringIO(), 'sharded': io.StringIO()}
+  ingest(manifest, str(tmp_path / 'single'), log=logs['single'])
+  ingest(manifest, str(tmp_path / 'sharded'), log=logs['sharded'],
+         store_scans=store_scans_sharded(scans_per_shard=3))
+  single = logs['single'].getvalue().splitlines()
+  plan_line, *sharded = logs['sharded'].getvalue().replace(
+      str(tmp_path / 'sharded'), str(tmp_path / 'single')).splitlines()
+  assert plan_line == 'ingest: 9 scans in 3 shards (run0001-00000 .. run0001-00002)'
+  assert sorted(sharded) == sorted(single)
+  assert sum(line.startswith('ingest: repaired ') for line in single) == 1
+  assert sum(line.startswith('ingest: rejected ') for line in single) == 3
+
+
+def test_database_moved_aside_in_a_retried_shard_is_said(stores, tmp_path):
+  """A shard re-run after its database was lost moves it aside; the line it said went to the
+  worker's discarded log. Now the run says it when collected, as single-process ingest does."""
+  import io
+  root, manifest, _, _ = stores
+  out = str(tmp_path / 'store')
+
+  def retried_after_damage(tasks):
+    run_in_process(tasks)
+    os.remove(os.path.join(tasks[0].path, 'volumes', 'manifest.ocdbt'))
+    os.remove(os.path.join(tasks[0].path, 'result.json'))
+    tasks[0].run()
+
+  log = io.StringIO()
+  report = ingest(manifest, out, log=log, store_scans=store_scans_sharded(retried_after_damage, 3))
+  shard = os.path.join(out, 'shards', 'run0001-00000')
+  moved = (f'ingest: {shard}/volumes/: the database cannot be read (NOT_FOUND: manifest.ocdbt is '
+           f'missing, although {shard}/scans.jsonl indexes 3 arrays in it); moved to '
+           f'{shard}/volumes.damaged-1/ and a new one started: every scan whose array it held is '
+           'read from its file again (one not in this manifest when its manifest is ingested '
+           'again)')
+  assert log.getvalue().splitlines().count(moved) == 1 and report.moved_aside == [moved]
+  assert len(report.restored) == 3
+  assert_same_store(VolumeStore(str(root / 'single')), VolumeStore(out))
+
+
 def test_extending_a_sharded_store(stores, tmp_path):
   """A second sharded run adds new shards (run0002); unchanged scans are skipped, a changed file
   becomes a new version in the new shard; a local ingest adds to volumes/ of the same store."""

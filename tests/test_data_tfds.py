@@ -132,3 +132,23 @@ def test_publish_without_the_tfds_extra_is_one_line(tmp_path):
   assert proc.stderr == ('radfm-jax publish: TFDS datasets need the `tfds` extra: pip install '
                          '"radfm-jax[tfds]" (tensorflow-datasets, no TensorFlow)\n')
   assert not (tmp_path / 'out').exists()
+
+
+def test_in_memory_rows_json_would_change_are_refused(store, tmp_path):
+  """Rows are published as JSON: a tuple came back as a list and an int key as a string without
+  a word, and a numpy scalar or bytes was a TypeError traceback. Now one line names the record
+  (from 1, as the schema's errors) and the field."""
+  expected = ('expected JSON values (a dict with string keys, a list, a string, an int, a float, '
+              'a bool or None): rows are published as JSON, which would give it back changed or '
+              'cannot hold it')
+  row = store.manifest()[0]
+  cases = [({'extra': (1, 2)}, 'field extra: (1, 2) (type tuple)'),
+           ({'extra': {1: 'a'}}, 'field extra: key 1 (type int)'),
+           ({'extra': [0, np.float32(0.5)]},
+            'field extra[1]: np.float32(0.5) (type numpy.float32)'),
+           ({'extra': {'k': b'xy'}}, "field extra.k: b'xy' (type bytes)")]
+  for fields, said in cases:
+    with pytest.raises(InputError) as e:
+      publish.publish_manifest([row, dict(row, id='other', **fields)], str(tmp_path / 'out'))
+    assert str(e.value) == f'manifest record 2 {said}; {expected}'
+  assert not os.path.exists(tmp_path / 'out')

@@ -274,6 +274,39 @@ def test_rerun_restores_a_store_whose_database_was_lost(tmp_path, capsys):
   assert not os.path.exists(f'{aside[:-2]}-2')
 
 
+def test_rerun_moves_aside_a_database_whose_manifest_was_deleted(tmp_path, capsys):
+  """volumes/manifest.ocdbt deleted after ingest, its data files kept: without its manifest an
+  OCDBT database reads as an empty one, so it was not moved aside (docs/data.md, Store
+  guarantees 3), and the re-run wrote a new manifest over the orphaned data files. Now it is
+  moved aside as a database whose root was lost, and the store reads as the first ingest wrote
+  it."""
+  from radfm_jax.cli.main import main
+  store_dir = cd.png_store(tmp_path, n=3)
+  manifest = str(tmp_path / 'samples.jsonl')
+  first = _read_all(store_dir)
+  data = sorted(os.listdir(os.path.join(store_dir, 'volumes', 'd')))
+  os.remove(os.path.join(store_dir, 'volumes', 'manifest.ocdbt'))
+
+  assert main(['ingest', '--manifest', manifest, '--out', store_dir, '--no-progress']) == 0
+  lines = capsys.readouterr().err.splitlines()
+  aside = f'{store_dir}/volumes.damaged-1'
+  assert lines[0] == (f'ingest: {store_dir}/volumes/: the database cannot be read (NOT_FOUND: '
+                      f'manifest.ocdbt is missing, although {store_dir}/scans.jsonl indexes 3 '
+                      f'arrays in it); moved to {aside}/ and a new one started: every scan whose '
+                      'array it held is read from its file again (one not in this manifest when '
+                      'its manifest is ingested again)')
+  assert len(lines) == 5 and lines[4].startswith('ingest: 3 scans stored (0 changed on disk, 3 '
+                                                 'restored: unreadable in the store)')
+  assert sorted(os.listdir(os.path.join(aside, 'd'))) == data       # kept, not deleted
+  restored = _read_all(store_dir)
+  assert sorted(restored) == sorted(first)
+  for sid, array in first.items():
+    np.testing.assert_array_equal(restored[sid], array)
+  report = ingest(manifest, store_dir, log=QUIET)          # nothing left to restore
+  assert report.restored == [] and sorted(report.skipped) == sorted(first)
+  assert not os.path.exists(f'{aside[:-2]}-2')
+
+
 def test_rerun_restores_only_the_scan_whose_array_was_lost(tmp_path):
   """The first of two ingests stored one scan, the second the other three: two data files, the
   newer one holding the B-tree root. The older one deleted loses that scan's array only; the

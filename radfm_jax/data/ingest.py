@@ -69,6 +69,8 @@ class IngestReport:
   skipped: list[str] = dataclasses.field(default_factory=list)    # already in the store
   rejects: list[dict] = dataclasses.field(default_factory=list)   # {'path', 'reason', ...}
   warnings: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'warning', ...}
+  moved_aside: list[str] = dataclasses.field(default_factory=list)  # the line said of each
+  # database that could not be read and was moved aside (`_database_lost`)
   samples: int = 0                                                # samples of this manifest kept
   dropped_samples: int = 0
   replaced_samples: int = 0                                       # with `replace`
@@ -403,7 +405,7 @@ def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestR
   read at a time (threads: gzip/zstd/pydicom release the GIL) and written in one transaction:
   memory stays bounded by one batch of decoded volumes."""
   from tqdm import tqdm
-  lost = _database_lost(store, log)       # before anything opens it: then moved aside
+  lost = _database_lost(store, log, report)     # before anything opens it: then moved aside
   index = store.index()
   unreadable = _unreadable(store, lost)
 
@@ -458,12 +460,13 @@ def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestR
 _LOST = ('NOT_FOUND', 'DATA_LOSS', 'OUT_OF_RANGE')
 
 
-def _database_lost(store: VolumeStore, log) -> str | None:
+def _database_lost(store: VolumeStore, log, report: IngestReport) -> str | None:
   """Whether the database this run writes into (`store.kvstore`) can be read at all: None when
   it can (or does not exist yet), else what became of it ('... moved to FOLDER/'). Its manifest
   (manifest.ocdbt) and root node lead to every key, and every commit rewrites the root: when they
-  are lost (the data file holding the root deleted, the manifest cut or corrupt), no array in it
-  can be read and nothing can be written to it, so a local one is moved aside to
+  are lost (the data file holding the root deleted, the manifest deleted, cut or corrupt: a
+  deleted one, `_manifest_missing`), no array in it can be read and nothing can be written to
+  it, so a local one is moved aside to
   `volumes.damaged-N/` (kept, not deleted) and the run writes into a new one. Another reason (a
   permission, the network), or a database that is not a local folder, is a StoreDamaged before
   anything is written."""
@@ -472,9 +475,11 @@ def _database_lost(store: VolumeStore, log) -> str | None:
   try:
     kv = ts.KvStore.open(store.kvstore, context=ts.Context()).result()
     kv.read('zarr.json').result()       # a key no array has: reads the manifest and the root
-    return None
+    reason = _manifest_missing(store, folder)
   except ValueError as e:
     reason = str(e).split(' [tensorstore_spec=')[0]        # drop the spec dump
+  if reason is None:
+    return None
   if is_url(store.root) or not reason.startswith(_LOST):
     move = (' (move it away and run the same ingest again: its scans are then stored anew)'
             if reason.startswith(_LOST) else '')
@@ -486,10 +491,30 @@ def _database_lost(store: VolumeStore, log) -> str | None:
   aside = os.path.join(store.root, f'volumes.damaged-{n}')
   with writing(folder):
     os.rename(folder, aside)
-  print(f'ingest: {folder}: the database cannot be read ({reason}); moved to {aside}/ and a new '
-        'one started: every scan whose array it held is read from its file again (one not in '
-        'this manifest when its manifest is ingested again)', file=log)
+  report.moved_aside.append(
+      f'ingest: {folder}: the database cannot be read ({reason}); moved to {aside}/ and a new '
+      'one started: every scan whose array it held is read from its file again (one not in '
+      'this manifest when its manifest is ingested again)')
+  print(report.moved_aside[-1], file=log)
   return f'its database could not be read: moved to {aside}/'
+
+
+def _manifest_missing(store: VolumeStore, folder: str) -> str | None:
+  """Why a local database that reads has lost its manifest, or None. Without manifest.ocdbt an
+  OCDBT database reads as an empty one, so TensorStore says nothing: it is lost when the folder
+  is still there and the index names arrays in it (rows without `db`, this store's own). A first
+  commit killed before its manifest was written indexed nothing, so that is no loss. A folder
+  deleted whole has nothing to move aside (its scans are restored one by one, `_unreadable`);
+  a URL has no folder to tell apart from an empty database."""
+  if is_url(store.root) or not os.path.isdir(folder):
+    return None
+  if os.path.exists(os.path.join(folder, 'manifest.ocdbt')):
+    return None
+  held = sum(store.holder(i) is store and not row.get('db') for i, row in store.index().items())
+  if not held:
+    return None
+  return (f'NOT_FOUND: manifest.ocdbt is missing, although {store.scans_path} indexes {held} '
+          f'array{"s" * (held > 1)} in it')
 
 
 def _unreadable(store: VolumeStore, lost: str | None) -> Callable[[str], str | None]:
@@ -557,7 +582,7 @@ def _write(store, pending, restoring, report, resolved, entries, log, bar):
       warning = repair_warning(entries[sid].path, i, attrs)
       if warning:
         report.warnings.append(warning)
-        bar.write(f'ingest: repaired {entries[sid].path}: {warning["warning"]}', file=log)
+        bar.write(repaired_line(warning), file=log)
 
 
 def restored_line(restoration: dict) -> str:
@@ -565,6 +590,12 @@ def restored_line(restoration: dict) -> str:
   run's `collect` for each shard's)."""
   return (f'ingest: restored {restoration["path"]}: {restoration["reason"]}; stored again from '
           'the file')
+
+
+def repaired_line(warning: dict) -> str:
+  """The log line of a `repair_warning` row (said by ingest, and by a sharded run's `collect`
+  for each shard's: a worker's own log is not seen)."""
+  return f'ingest: repaired {warning["path"]}: {warning["warning"]}'
 
 
 def repair_warning(path: str, scan_id: str, attrs: dict) -> dict | None:

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 
-from radfm_jax.data.manifest import read_records, validate_records
+from radfm_jax.data.manifest import read_records, record_place, validate_records
 from radfm_jax.data.store import VolumeStore
 from radfm_jax.data.tfds_manifest import (DATASET_NAME, DATASET_VERSION, builder_class,
                                           tfds_module)
@@ -34,9 +34,45 @@ def _source_rows(data: str) -> list[dict]:
   return read_records(data, form=None)
 
 
+# The types JSON gives back exactly as given (exact types: a subclass such as numpy.float64 or
+# an IntEnum comes back as its base type). float NaN / inf round-trip through Python's json.
+_JSON_SCALARS = (str, int, float, bool, type(None))
+_JSON_VALUES = ('expected JSON values (a dict with string keys, a list, a string, an int, a '
+                'float, a bool or None): rows are published as JSON, which would give it back '
+                'changed or cannot hold it')
+
+
+def _type_name(value) -> str:
+  t = type(value)
+  return t.__qualname__ if t.__module__ == 'builtins' else f'{t.__module__}.{t.__qualname__}'
+
+
+def _check_json(value, n: int, field: str):
+  """InputError naming record `n` (from 1) and the field when `value` would not come back from
+  JSON as it is: rows are stored as JSON text (tfds_manifest.py), and a row read back different
+  without a word (a tuple as a list, an int key as a string) or a TypeError traceback is what
+  this refuses."""
+  if type(value) in _JSON_SCALARS:
+    return
+  if type(value) is list:
+    for i, item in enumerate(value):
+      _check_json(item, n, f'{field}[{i}]')
+  elif type(value) is dict:
+    for key, item in value.items():
+      if type(key) is not str:
+        raise InputError(f'{record_place(n, field)}: key {key!r:.40} (type {_type_name(key)}); '
+                         f'{_JSON_VALUES}')
+      _check_json(item, n, f'{field}.{key}')
+  else:
+    raise InputError(f'{record_place(n, field)}: {value!r:.40} (type {_type_name(value)}); '
+                     f'{_JSON_VALUES}')
+
+
 def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
   """Writes the rows of `data` (a store directory, a manifest JSONL, or a list of row dicts) as
   an ArrayRecord TFDS dataset under `out_dir`; returns its directory (out_dir/radfm_samples/1.0.0).
+  Row dicts must hold JSON values only (InputError naming the record and field otherwise): a
+  tuple, a non-string key or a numpy scalar would not come back as given.
   """
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f'--out {out_dir}: exists and is not a folder; expected the TFDS data '
@@ -44,7 +80,15 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
   if isinstance(data, (str, os.PathLike)):
     rows = _source_rows(os.fspath(data))
   else:
-    rows = validate_records(list(data), form=None)
+    rows = list(data)
+    for n, row in enumerate(rows, 1):              # numbered as validate_records numbers them
+      if type(row) is dict:                        # not a dict: validate_records says so
+        for field, value in row.items():
+          if type(field) is not str:
+            raise InputError(f'{record_place(n)}: key {field!r:.40} (type {_type_name(field)}); '
+                             f'{_JSON_VALUES}')
+          _check_json(value, n, field)
+    rows = validate_records(rows, form=None)
   if not rows:
     raise ValueError(f'{data}: no manifest rows to publish')
   splits: dict[str, list[dict]] = {}

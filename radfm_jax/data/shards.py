@@ -37,7 +37,7 @@ import re
 from typing import Callable
 
 from radfm_jax.data.ingest import (IngestReport, _Entry, _store_scans, _stored_ids,
-                                   repair_warning, restored_line)
+                                   repair_warning, repaired_line, restored_line)
 from radfm_jax.data.store import VolumeStore, kill_point, read_index
 from radfm_jax.errors import UserError, writing
 
@@ -125,9 +125,10 @@ class ShardTask:
     with shard.lock():
       resolved = _store_scans(shard, entries, report, self.batch_size, self.workers, log,
                               self.max_scan_bytes, False)
-    # `collect` says the rejects again, in manifest order, and the restorations
+    # `log` is not seen (a worker's stderr may be on another machine): `collect` says the
+    # rejects again, in manifest order, the restorations, repairs and databases moved aside
     result = {'resolved': resolved, 'rejects': report.rejects, 'skipped': report.skipped,
-              'restorations': report.restorations,
+              'restorations': report.restorations, 'moved_aside': report.moved_aside,
               'seconds': time.perf_counter() - start}      # the worker's busy time (benchmarks)
     tmp = os.path.join(self.path, RESULT + '.tmp')
     with open(tmp, 'w') as f:
@@ -189,6 +190,9 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
     rejects.extend(result['rejects'])
     own = ShardStore(task.path).own_rows()
     report.skipped.extend(i for i in result['skipped'] if i not in own)
+    for line in result['moved_aside']:
+      print(line, file=log)
+      report.moved_aside.append(line)
     for restoration in result['restorations']:
       print(restored_line(restoration), file=log)
       report.restorations.append(restoration)
@@ -205,6 +209,7 @@ def collect(store: VolumeStore, tasks: list[ShardTask], entries: dict[str, _Entr
       warning = repair_warning(by_id[i].path, i, row['attributes']) if i in by_id else None
       if warning:
         report.warnings.append(warning)
+        print(repaired_line(warning), file=log)
   rejects.sort(key=lambda r: order[r['scan_id']])            # as one process meets them
   report.rejects.extend(rejects)                   # after any the caller listed already
   for r in rejects:
