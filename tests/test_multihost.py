@@ -93,7 +93,8 @@ def test_launch_detects_single_process(monkeypatch):
   monkeypatch.setenv('RADFM_COORDINATOR', '10.0.0.1:1234')
   assert launch.detect() == 'explicit-env'
   monkeypatch.delenv('RADFM_COORDINATOR')
-  for key, value in (('SLURM_JOB_ID', '7'), ('SLURM_NTASKS', '4'), ('SLURM_PROCID', '1')):
+  for key, value in (('SLURM_JOB_ID', '7'), ('SLURM_NTASKS', '4'), ('SLURM_PROCID', '1'),
+                     ('SLURM_STEP_ID', '0')):
     monkeypatch.setenv(key, value)
   assert launch.detect() == 'slurm'
 
@@ -204,6 +205,28 @@ def test_launch_malformed_slurm_ntasks(monkeypatch):
   with pytest.raises(UserError, match=r"^environment variable SLURM_NTASKS='x': expected a whole "
                      r'number >= 1$'):
     launch.detect()
+
+
+@pytest.mark.parametrize('step, shown', [(None, 'no SLURM_STEP_ID'),
+                                         ('4294967291', "SLURM_STEP_ID='4294967291'")])
+def test_slurm_batch_script_with_several_tasks_is_one_line(tmp_path, step, shown):
+  """`radfm-jax train` run in an sbatch script itself (not under `srun`) sees SLURM_NTASKS=2 and
+  SLURM_PROCID=0 like task 0 of a step, and waited for a peer that never starts. The batch step
+  has no SLURM_STEP_ID (or, in some Slurm versions, SLURM_BATCH_SCRIPT's id): one line, exit 2."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('SLURM_', 'RADFM_', 'TPU_', 'MEGASCALE_'))}
+  env.update(SLURM_JOB_ID='7', SLURM_NTASKS='2', SLURM_PROCID='0', SLURM_LOCALID='0',
+             SLURM_JOB_NODELIST='node[1-2]', PYTHONPATH=ROOT)
+  if step is not None:
+    env['SLURM_STEP_ID'] = step
+  proc = subprocess.run([sys.executable, '-m', 'radfm_jax.cli', 'train', '--config', SPEC,
+                         '--workdir', str(tmp_path / 'run'), '--config.data.store=synthetic'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert (proc.returncode, proc.stdout) == (2, '')
+  assert proc.stderr == (f"radfm-jax train: environment variable SLURM_NTASKS='2' with {shown}: "
+                         "this is the job's batch script, not an srun task; start one process "
+                         'per task with `srun radfm-jax train ...` (as launch/slurm_gpu.sbatch '
+                         'does)\n')
 
 
 @pytest.mark.parametrize('num_slices', ['abc', '2x', '0'])
