@@ -242,6 +242,46 @@ def test_tpu_pod_launcher_refuses_a_malformed_num_slices(num_slices):
                          '>= 1\n')
 
 
+def _stand_in(path, body: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write('#!/usr/bin/env bash\n' + body + '\n')
+  os.chmod(path, 0o755)
+
+
+@pytest.mark.parametrize('repo_dir, flags', [('{home}/my repo', "--xla_a='x y' it's"),
+                                             ('~/my repo', '')])
+def test_tpu_pod_launcher_quotes_the_remote_command(tmp_path, repo_dir, flags):
+  """REPO_DIR with a space, or FLAGS with a single quote, broke the command the workers' shell
+  parses (FLAGS was pasted inside '...'). A stand-in gcloud records its arguments; its --command
+  then runs under bash in a stand-in home, where a stand-in .venv/bin/radfm-jax records the
+  directory, LIBTPU_INIT_ARGS and the argument vector it receives."""
+  home = str(tmp_path / 'home')
+  _stand_in(str(tmp_path / 'bin' / 'gcloud'), 'printf "%s\\0" "$@" > "$GCLOUD_ARGS"')
+  _stand_in(os.path.join(home, 'my repo', '.venv', 'bin', 'radfm-jax'),
+            'printf "%s\\0" "$PWD" "$LIBTPU_INIT_ARGS" "$@" > "$TRAIN_ARGS"')
+  env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+             GCLOUD_ARGS=str(tmp_path / 'gcloud'), REPO_DIR=repo_dir.format(home=home),
+             FLAGS=flags)
+  env.pop('PROJECT', None)
+  env.pop('NUM_SLICES', None)
+  train_args = ['--config', SPEC, "--workdir=/runs/it's a run"]
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), 'tpu', 'zone', '--',
+                         *train_args], env=env, capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (0, '', '')
+  with open(tmp_path / 'gcloud') as f:
+    gcloud = f.read().split('\0')[:-1]
+  assert gcloud[:-1] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'tpu', '--zone=zone', '--worker=all']
+  assert gcloud[-1].startswith('--command=')
+  remote = dict(os.environ, HOME=home, TRAIN_ARGS=str(tmp_path / 'train'))
+  proc = subprocess.run(['bash', '-c', gcloud[-1][len('--command='):]], cwd=str(tmp_path),
+                        env=remote, capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (0, '', '')
+  with open(tmp_path / 'train') as f:
+    received = f.read().split('\0')[:-1]
+  assert received == [os.path.join(home, 'my repo'), flags, 'train', '--no-progress', *train_args]
+
+
 def test_tpu_pod_launcher_usage_is_its_header_on_stderr():
   proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), 'tpu', 'zone'],
                         capture_output=True, text=True, timeout=60)
