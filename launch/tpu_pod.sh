@@ -56,8 +56,18 @@ SETUP_CMD=""
 if [[ "${SETUP:-0}" == 1 ]]; then
   SETUP_CMD="git pull --ff-only && .venv/bin/pip install -q -e '.[tpu]' && "
 fi
-REMOTE="cd $REPO_DIR && ${SETUP_CMD}export RADFM_DISTRIBUTED=1 LIBTPU_INIT_ARGS='$LIBTPU_ARGS' \
-  TF_CPP_MIN_LOG_LEVEL=1 && .venv/bin/radfm-jax train --no-progress$TRAIN_ARGS"
+# The remote shell parses REMOTE again: every value in it is quoted for it (printf %q), except a
+# leading ~/ of REPO_DIR, which the remote shell expands to the worker's home.
+if [[ "$REPO_DIR" == '~' ]]; then
+  REMOTE_DIR='~'
+elif [[ "$REPO_DIR" == '~/'* ]]; then
+  REMOTE_DIR="~/$(printf %q "${REPO_DIR#\~/}")"
+else
+  REMOTE_DIR=$(printf %q "$REPO_DIR")
+fi
+REMOTE="cd $REMOTE_DIR && ${SETUP_CMD}export RADFM_DISTRIBUTED=1 \
+LIBTPU_INIT_ARGS=$(printf %q "$LIBTPU_ARGS") TF_CPP_MIN_LOG_LEVEL=1 && \
+.venv/bin/radfm-jax train --no-progress$TRAIN_ARGS"
 
 run_on() {   # $1 = TPU VM (slice) name
   gcloud compute tpus tpu-vm ssh "$1" --zone="$ZONE" $PROJECT_FLAG --worker=all \

@@ -6,7 +6,8 @@ Which cluster is detected, in this order:
   2. RADFM_COORDINATOR=host:port + RADFM_NUM_PROCESSES + RADFM_PROCESS_ID (any GPU cluster,
      e.g. a hand-written launcher; RADFM_LOCAL_DEVICE_IDS=0,1,.. optionally);
   3. SLURM (`srun`): SLURM_JOB_ID / SLURM_NTASKS / SLURM_PROCID ... -> JAX's SLURM cluster
-     detection (coordinator = first node of the job);
+     detection (coordinator = first node of the job); SLURM_NTASKS > 1 outside an srun step
+     (the batch script itself) is a LaunchError, not a wait for peers that never start;
   4. Cloud TPU VMs (a /dev/accel* or /dev/vfio device, MEGASCALE_* multislice variables, or
      RADFM_DISTRIBUTED=1): JAX's auto-detection from the TPU metadata;
   5. otherwise a single process: nothing to do.
@@ -66,12 +67,32 @@ def _check_coordinator(address: str, shown: str):
     raise LaunchError(f'{shown}={address!r}: expected host:port, e.g. 10.0.0.1:1234')
 
 
+# Step ids above slurm.h's SLURM_MAX_NORMAL_STEP_ID belong to steps no `srun` started: the batch
+# script (SLURM_BATCH_SCRIPT 0xfffffffb), the extern and interactive steps.
+_SLURM_SPECIAL_STEP = 0xfffffff0
+
+
+def _check_slurm_step():
+  """The job's batch script has SLURM_JOB_ID, SLURM_NTASKS and SLURM_PROCID=0 too, but it is one
+  process: `radfm-jax train` run there (not under `srun`) would wait for SLURM_NTASKS - 1 peers
+  that never start. Only an srun task has a step id of its own (SLURM_STEP_ID)."""
+  step = os.environ.get('SLURM_STEP_ID', '')
+  if step.isdigit() and int(step) < _SLURM_SPECIAL_STEP:
+    return
+  shown = f'SLURM_STEP_ID={step!r}' if step else 'no SLURM_STEP_ID'
+  raise LaunchError(f"environment variable SLURM_NTASKS={os.environ['SLURM_NTASKS']!r} with "
+                    f'{shown}: this is the job\'s batch script, not an srun task; start one '
+                    'process per task with `srun radfm-jax train ...` (as launch/slurm_gpu.sbatch '
+                    'does)')
+
+
 def detect() -> str:
   """'explicit-env', 'slurm', 'tpu' or 'single' (what `initialize()` would do)."""
   if os.environ.get('RADFM_COORDINATOR'):
     return 'explicit-env'
   if all(k in os.environ for k in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_PROCID')) and (
       _env_int('SLURM_NTASKS', minimum=1) or 1) > 1:
+    _check_slurm_step()
     return 'slurm'
   if os.environ.get('TPU_WORKER_HOSTNAMES', 'localhost') not in ('', 'localhost') or (
       os.environ.get('TPU_WORKER_ID') is not None and os.environ.get('TPU_SKIP_MDS_QUERY') is None):

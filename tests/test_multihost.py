@@ -93,7 +93,8 @@ def test_launch_detects_single_process(monkeypatch):
   monkeypatch.setenv('RADFM_COORDINATOR', '10.0.0.1:1234')
   assert launch.detect() == 'explicit-env'
   monkeypatch.delenv('RADFM_COORDINATOR')
-  for key, value in (('SLURM_JOB_ID', '7'), ('SLURM_NTASKS', '4'), ('SLURM_PROCID', '1')):
+  for key, value in (('SLURM_JOB_ID', '7'), ('SLURM_NTASKS', '4'), ('SLURM_PROCID', '1'),
+                     ('SLURM_STEP_ID', '0')):
     monkeypatch.setenv(key, value)
   assert launch.detect() == 'slurm'
 
@@ -206,6 +207,28 @@ def test_launch_malformed_slurm_ntasks(monkeypatch):
     launch.detect()
 
 
+@pytest.mark.parametrize('step, shown', [(None, 'no SLURM_STEP_ID'),
+                                         ('4294967291', "SLURM_STEP_ID='4294967291'")])
+def test_slurm_batch_script_with_several_tasks_is_one_line(tmp_path, step, shown):
+  """`radfm-jax train` run in an sbatch script itself (not under `srun`) sees SLURM_NTASKS=2 and
+  SLURM_PROCID=0 like task 0 of a step, and waited for a peer that never starts. The batch step
+  has no SLURM_STEP_ID (or, in some Slurm versions, SLURM_BATCH_SCRIPT's id): one line, exit 2."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('SLURM_', 'RADFM_', 'TPU_', 'MEGASCALE_'))}
+  env.update(SLURM_JOB_ID='7', SLURM_NTASKS='2', SLURM_PROCID='0', SLURM_LOCALID='0',
+             SLURM_JOB_NODELIST='node[1-2]', PYTHONPATH=ROOT)
+  if step is not None:
+    env['SLURM_STEP_ID'] = step
+  proc = subprocess.run([sys.executable, '-m', 'radfm_jax.cli', 'train', '--config', SPEC,
+                         '--workdir', str(tmp_path / 'run'), '--config.data.store=synthetic'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert (proc.returncode, proc.stdout) == (2, '')
+  assert proc.stderr == (f"radfm-jax train: environment variable SLURM_NTASKS='2' with {shown}: "
+                         "this is the job's batch script, not an srun task; start one process "
+                         'per task with `srun radfm-jax train ...` (as launch/slurm_gpu.sbatch '
+                         'does)\n')
+
+
 @pytest.mark.parametrize('num_slices', ['abc', '2x', '0'])
 def test_tpu_pod_launcher_refuses_a_malformed_num_slices(num_slices):
   """launch/tpu_pod.sh NUM_SLICES=2x launched nothing and exited 0 (bash's arithmetic error in
@@ -217,6 +240,46 @@ def test_tpu_pod_launcher_refuses_a_malformed_num_slices(num_slices):
   assert (proc.returncode, proc.stdout) == (2, '')
   assert proc.stderr == (f'launch/tpu_pod.sh: NUM_SLICES={num_slices}: expected a whole number '
                          '>= 1\n')
+
+
+def _stand_in(path, body: str):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write('#!/usr/bin/env bash\n' + body + '\n')
+  os.chmod(path, 0o755)
+
+
+@pytest.mark.parametrize('repo_dir, flags', [('{home}/my repo', "--xla_a='x y' it's"),
+                                             ('~/my repo', '')])
+def test_tpu_pod_launcher_quotes_the_remote_command(tmp_path, repo_dir, flags):
+  """REPO_DIR with a space, or FLAGS with a single quote, broke the command the workers' shell
+  parses (FLAGS was pasted inside '...'). A stand-in gcloud records its arguments; its --command
+  then runs under bash in a stand-in home, where a stand-in .venv/bin/radfm-jax records the
+  directory, LIBTPU_INIT_ARGS and the argument vector it receives."""
+  home = str(tmp_path / 'home')
+  _stand_in(str(tmp_path / 'bin' / 'gcloud'), 'printf "%s\\0" "$@" > "$GCLOUD_ARGS"')
+  _stand_in(os.path.join(home, 'my repo', '.venv', 'bin', 'radfm-jax'),
+            'printf "%s\\0" "$PWD" "$LIBTPU_INIT_ARGS" "$@" > "$TRAIN_ARGS"')
+  env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+             GCLOUD_ARGS=str(tmp_path / 'gcloud'), REPO_DIR=repo_dir.format(home=home),
+             FLAGS=flags)
+  env.pop('PROJECT', None)
+  env.pop('NUM_SLICES', None)
+  train_args = ['--config', SPEC, "--workdir=/runs/it's a run"]
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'tpu_pod.sh'), 'tpu', 'zone', '--',
+                         *train_args], env=env, capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (0, '', '')
+  with open(tmp_path / 'gcloud') as f:
+    gcloud = f.read().split('\0')[:-1]
+  assert gcloud[:-1] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'tpu', '--zone=zone', '--worker=all']
+  assert gcloud[-1].startswith('--command=')
+  remote = dict(os.environ, HOME=home, TRAIN_ARGS=str(tmp_path / 'train'))
+  proc = subprocess.run(['bash', '-c', gcloud[-1][len('--command='):]], cwd=str(tmp_path),
+                        env=remote, capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (0, '', '')
+  with open(tmp_path / 'train') as f:
+    received = f.read().split('\0')[:-1]
+  assert received == [os.path.join(home, 'my repo'), flags, 'train', '--no-progress', *train_args]
 
 
 def test_tpu_pod_launcher_usage_is_its_header_on_stderr():
