@@ -437,7 +437,8 @@ class Progress:
 
   def __init__(self, out_dir: str, key: dict, samples: list[Sample]):
     self.path = os.path.join(out_dir, PROGRESS)
-    self.key = _flat_key(json.loads(json.dumps(key, default=str)))     # as it reads back
+    from radfm_jax.train.rundir import flat_fields    # (pulls in JAX: not at module import)
+    self.key = flat_fields(json.loads(json.dumps(key, default=str)))     # as it reads back
     self.rows: dict[int, dict] = {}
     self.skipped: list[tuple[int, dict]] = []
     os.makedirs(out_dir, exist_ok=True)
@@ -539,17 +540,6 @@ class Progress:
       if isinstance(record, dict):
         n += len(record.get('rows') or ()) + ('skipped' in record)
     return n
-
-
-def _flat_key(key: dict, prefix: str = '') -> dict:
-  """{'sampling': {'top_k': 0}} -> {'sampling.top_k': 0}: a refused resume names the field."""
-  out = {}
-  for name, value in key.items():
-    if isinstance(value, dict) and value:
-      out.update(_flat_key(value, f'{prefix}{name}.'))
-    else:
-      out[f'{prefix}{name}'] = value
-  return out
 
 
 def run_key(model, tokenizer, samples: list[Sample], *, sampling, data_cfg, batch_size: int,

@@ -72,11 +72,13 @@ def _epath(path: str):
   return epath.Path(path)
 
 
-def _flat(tree, prefix: str = '') -> dict:
+def flat_fields(tree: dict, prefix: str = '') -> dict:
+  """{'train': {'steps': 3}} -> {'train.steps': 3}: the dotted field names a refused resume (of
+  a run, or of an eval's progress) names."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
+      out.update(flat_fields(value, f'{prefix}{key}.'))
     else:
       out[prefix + key] = value
   return out
@@ -145,7 +147,7 @@ def config_differences(saved: dict, wanted: dict) -> list[tuple[str, object, obj
   """[(field, saved value, wanted value)] for every field that differs and may not change on
   resume. A field only one side has (a field added or removed by a radfm-jax release) is
   skipped."""
-  a, b = _flat(saved), _flat(wanted)
+  a, b = flat_fields(saved), flat_fields(wanted)
   out = []
   for field in sorted(set(a) & set(b)):
     if field in _RECORD or field.startswith(RUN_SECTION + '.') or _resumable(field):
@@ -158,7 +160,7 @@ def config_differences(saved: dict, wanted: dict) -> list[tuple[str, object, obj
 def resumable_changes(saved: dict, wanted: dict) -> list[tuple[str, object, object]]:
   """[(field, saved value, wanted value)] for every `RESUMABLE` field a resume changes: allowed,
   and said, so a resume's new generate section or cadence is never taken in silence."""
-  a, b = _flat(saved), _flat(wanted)
+  a, b = flat_fields(saved), flat_fields(wanted)
   return [(f, a[f], b[f]) for f in sorted(set(a) & set(b))
           if _resumable(f) and _normal(a[f]) != _normal(b[f])]
 
@@ -303,6 +305,6 @@ def write_record(ckpt_dir: str, config: dict):
 
 
 __all__ = ['LOCK_FILE', 'RESUMABLE', 'RUN_SECTION', 'TOKENIZER_FILE', 'WorkdirLocked',
-           'check_same_run', 'config_differences', 'has_checkpoints', 'keep_tokenizer',
-           'lock_workdir', 'record', 'remove_unfinished', 'resumable_changes', 'run_inputs',
+           'check_same_run', 'config_differences', 'flat_fields', 'has_checkpoints',
+           'keep_tokenizer', 'lock_workdir', 'record', 'remove_unfinished', 'resumable_changes', 'run_inputs',
            'saved_config', 'write_record']
