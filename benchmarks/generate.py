@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 import xla_profile  # noqa: E402
 from common import GemvBandwidth, machine, time_fn  # noqa: E402
 from radfm_jax.config import model_config  # noqa: E402
-from radfm_jax.infer import cpu_decode  # noqa: E402
+from radfm_jax.infer import cpu_decode, panel_kernel  # noqa: E402
+from radfm_jax.infer import generate as generate_lib  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
 from radfm_jax.infer.quantize import MODES, quantize  # noqa: E402
 from radfm_jax.models.layers import int8_rows_product  # noqa: E402
@@ -71,24 +72,30 @@ def bench_images(cfg, batch):
   return np.random.default_rng(1).random(shape, np.float32)
 
 
-def step_products_ms(cfg, rows: int, int8: bool = False) -> float:
+def step_products_ms(cfg, rows: int, int8: bool = False, lanes: int = 0) -> float:
   """Time of one decode step's matrix products alone: every decoder matrix ([out, in], as
   cpu_decode.DecodeView holds them) times `rows` rows, the way OutFirstDense runs them at that
-  row count (`int8`: as it runs them for quantize='w8a8', rows quantized on the fly)."""
+  row count (`int8`: as it runs them for quantize='w8a8', rows quantized on the fly; `lanes`:
+  packed for the panel kernel, generate.cpu_product='panels')."""
   llama = cfg.llama
   e, m = llama.hidden_size, llama.intermediate_size
   shapes = [(e, e)] * 4 + [(m, e)] * 2 + [(e, m)]
   key = jax.random.key(0)
   mats = [jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
           for i, shape in enumerate(shapes * llama.num_layers + [(llama.vocab_size, e)])]
+  outs = [w.shape[0] for w in mats]
   if int8:
     import qwix
     mats = [qwix.quantize(w, 'int8', channelwise_axes=(0,)) for w in mats]
+  elif lanes:
+    mats = [panel_kernel.pack(w, lanes) for w in mats]
 
   @jax.jit
   def products(mats, x):
     if int8:
       return [int8_rows_product(x[:, :w.qvalue.shape[1]], w, kernel_first=True) for w in mats]
+    if lanes:
+      return [panel_kernel.product(w, x[:, :w.shape[1]], out) for w, out in zip(mats, outs)]
     return [cpu_decode.out_first_product(w, x[:, :w.shape[1]]) for w in mats]
 
   x = jnp.ones((rows, max(e, m)), jnp.float32)
@@ -110,13 +117,13 @@ def timed(model, tokens, mask, images, measure, samples, **kw):
   return best, out.tokens
 
 
-def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk, measure):
+def run(model, cfg, batch, new_tokens, layer_loop, cache_chunk, cpu_product, measure):
   """(new tokens/s, seconds of the full call, seconds of a 1-token call, the best matrix-vector
   bandwidth measured between those calls, the full call's new tokens [batch, new_tokens])."""
   tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
   images = bench_images(cfg, batch)
   # No early stop: exactly `new_tokens` per row.
-  kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk)
+  kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk, cpu_product=cpu_product)
   samples = []
   seconds, new = timed(model, tokens, mask, images, measure, samples, max_new_tokens=new_tokens,
                        **kw)
@@ -181,7 +188,8 @@ def original_run(model, cfg, new_tokens):
   return new_tokens / seconds, seconds, times[1][0], ids[0, -new_tokens:].numpy(), about
 
 
-def profile_step(model, cfg, batch, new_tokens, layer_loop, cache_chunk, dump_dir, repeats=3):
+def profile_step(model, cfg, batch, new_tokens, layer_loop, cache_chunk, cpu_product, dump_dir,
+                 repeats=3):
   """Per-category seconds of one decode step: (the `new_tokens` call - the 1-token call) /
   (new_tokens - 1), each call traced `repeats` times and each category's fastest call kept (the
   fixed cost, image encoder and prefill, is most of a short call, and its noise would swamp the
@@ -189,7 +197,7 @@ def profile_step(model, cfg, batch, new_tokens, layer_loop, cache_chunk, dump_di
   per-category totals and the wall time per step."""
   tokens, mask = left_pad(prompts(cfg, batch), multiple=64)
   images = bench_images(cfg, batch)
-  kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk)
+  kw = dict(stop_ids=(), layer_loop=layer_loop, cache_chunk=cache_chunk, cpu_product=cpu_product)
   totals, walls = [], []
   for new in (1, new_tokens):
     generate_ids(model, tokens, mask, images, max_new_tokens=new, **kw)     # compile
@@ -222,6 +230,9 @@ def main():
   parser.add_argument('--profile-tokens', type=int, default=65)
   parser.add_argument('--no-original', dest='original', action='store_false',
                       help="do not time the original's decoder (HF transformers, torch)")
+  parser.add_argument('--cpu-product', default='auto',
+                      help="generate.cpu_product: auto, panels or xla, or several with commas "
+                      "(each timed in turn, e.g. 'panels,xla')")
   parser.add_argument('--quantize', choices=MODES, default=None,
                       help='also time the same batches quantized (after the fp32 ones)')
   args = parser.parse_args()
@@ -272,18 +283,27 @@ def main():
       print(f'the original decoder ({about}), batch 1: {rate:.1f} new tokens/s ({seconds:.2f} s '
             f'incl. its prefill); fixed cost {fixed * 1e3:.0f} ms, then '
             f'{(seconds - fixed) / (args.new - 1) * 1e3:.1f} ms per step')
-  models = [(args.dtype, model)]
+  models = []
+  for product in args.cpu_product.split(','):
+    lanes = generate_lib.panel_lanes(model, product)
+    label = f"{args.dtype}, cpu_product {product}" + (
+        f' (panels of {lanes})' if lanes else " (XLA's products)" if product == 'auto' else '')
+    models.append((label, model, product, lanes, False))
   if args.quantize:
-    models.append((f'{args.quantize} weights', quantize(model, args.quantize)))
-  for label, m in models:
+    # w8a8's products stay Qwix's int8 ones whatever cpu_product says; int8 weights alone are
+    # dequantized into the decode view, so they take the first --cpu-product's products.
+    product, lanes = models[0][2:4]
+    int8 = args.quantize == 'w8a8'
+    models.append((f'{args.quantize} weights', quantize(model, args.quantize), product,
+                   0 if int8 else lanes, int8))
+  for label, m, product, lanes, int8 in models:
     steps, floors = {}, {}
-    int8 = label != args.dtype and args.quantize == 'w8a8'
     weight_bytes = step_bytes['int8' if int8 else 'fp32']
     for batch in (1, 8):
       rate, seconds, fixed, between, new = run(m, cfg, batch, args.new, args.layer_loop,
-                                               args.cache_chunk, measure)
+                                               args.cache_chunk, product, measure)
       step_ms = (seconds - fixed) / (args.new - 1) * 1e3
-      products = step_products_ms(cfg, batch, int8=int8)
+      products = step_products_ms(cfg, batch, int8=int8, lanes=lanes)
       steps[batch], floors[batch] = step_ms, weight_bytes / between * 1e3
       versus = (f'{rate / original[0]:5.1f}x the original at batch 1 (goal >= '
                 f'{2 if batch == 1 else 10}x); ' if original else '')
@@ -300,7 +320,7 @@ def main():
               f"{args.new} (the model's random weights make near ties)")
       if dump:
         cats, wall, totals = profile_step(m, cfg, batch, args.profile_tokens, args.layer_loop,
-                                          args.cache_chunk, dump.name)
+                                          args.cache_chunk, product, dump.name)
         print(xla_profile.report(cats, wall, f'decode step at batch {batch}'))
         print('  (whole calls, ms: ' + ', '.join(
             f'{k} {totals[0][k] * 1e3:.0f} -> {totals[1][k] * 1e3:.0f}' for k in totals[0]

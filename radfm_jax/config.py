@@ -32,6 +32,7 @@ REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'dots_saveable',
                   'dots_with_no_batch_dims_saveable', 'everything_saveable')
 DTYPES = ('float32', 'bfloat16', 'float16')
 DENSE_BACKWARDS = ('autodiff', 'transposed')
+CPU_PRODUCTS = ('auto', 'panels', 'xla')   # generate.cpu_product
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')     # the mesh axes the batch dimension is sharded over (act_batch)
 RULE_PRESETS = ('fsdp', 'fsdp_tp')
@@ -244,6 +245,12 @@ class GenerateConfig:
   # chunks written so far instead of all prompt + max_new_tokens slots (one compiled loop body per
   # chunk); 0 = one cache of the full length from the start.
   cache_chunk: int = 64
+  # How the unrolled (CPU) decode multiplies by the decoder weights: 'panels' = radfm_jax's C++
+  # kernel on weights packed once (radfm_jax/infer/panel_kernel.py; built with the host's C++
+  # compiler on first use; float32), 'xla' = XLA:CPU's products, which re-pack every weight at
+  # every product; 'auto' = panels when the model computes in float32 on one CPU device and the
+  # kernel builds, else xla (saying why once). Values differ from xla's in the last bits only.
+  cpu_product: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -865,6 +872,8 @@ def validate_generate(g: GenerateConfig):
   _finite('generate.top_p', g.top_p, 'a value in (0, 1]', lambda x: 0 < x <= 1)
   if g.layer_loop not in ('auto', 'scan', 'unrolled'):
     _fail('generate.layer_loop', g.layer_loop, "one of 'auto', 'scan', 'unrolled'")
+  if g.cpu_product not in CPU_PRODUCTS:
+    _fail('generate.cpu_product', g.cpu_product, f'one of {CPU_PRODUCTS}')
   _non_negative('generate', g, 'cache_chunk', note=' (0 = no chunks)')
 
 

@@ -17,6 +17,7 @@ import conftest_data as cd  # noqa: E402
 from radfm_jax import api  # noqa: E402
 from radfm_jax.cli.main import main  # noqa: E402
 from radfm_jax.config import ConfigError, GenerateConfig  # noqa: E402
+from radfm_jax.infer import panel_kernel  # noqa: E402
 from radfm_jax.infer.generate import cache_limits  # noqa: E402
 from radfm_jax.infer.settings import generate_config  # noqa: E402
 
@@ -94,12 +95,31 @@ def test_temperature_top_k_top_p_and_seed(ckpts):
     assert row['new_tokens'] == NEW and row['prediction'] == '', flag
 
 
-def _whiles(dump: str) -> int:
-  """`while` loops in the one decode program compiled while dumping to `dump`."""
+def _decode_program(dump: str) -> str:
+  """The one decode program compiled while dumping to `dump` (StableHLO text)."""
   files = glob.glob(os.path.join(dump, '*_decode_loop*.mlir'))
   assert len(files) == 1, sorted(os.listdir(dump))
   with open(files[0]) as f:
-    return f.read().count('stablehlo.while')
+    return f.read()
+
+
+def _whiles(dump: str) -> int:
+  """`while` loops in the one decode program compiled while dumping to `dump`."""
+  return _decode_program(dump).count('stablehlo.while')
+
+
+def test_cpu_product(ckpts, tmp_path):
+  """generate.cpu_product from the command line: 'panels' calls the panel kernel for every
+  decoder product (the decode program's custom calls), 'xla' none, and both give the same row."""
+  rows, calls = {}, {}
+  for product in ('panels', 'xla'):
+    dump = str(tmp_path / product)
+    rows[product] = _generate(ckpts, 'random', f'--config.generate.max_new_tokens={NEW}',
+                              '--config.generate.stop_ids=[1]',
+                              f'--config.generate.cpu_product={product}', dump=dump)
+    calls[product] = _decode_program(dump).count(f'@{panel_kernel.TARGET}')
+  assert rows['panels'] == rows['xla'] and rows['xla']['new_tokens'] == NEW
+  assert calls['xla'] == 0 and calls['panels'] > 0
 
 
 def test_layer_loop_and_cache_chunk(ckpts, tmp_path):

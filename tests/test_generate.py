@@ -10,7 +10,7 @@ import conftest_data as cd
 from radfm_jax.config import GenerateConfig, model_config
 from radfm_jax.infer import cpu_decode
 from radfm_jax.infer import generate as generate_lib
-from radfm_jax.infer.generate import filter_logits, generate_ids, left_pad
+from radfm_jax.infer.generate import filter_logits, generate_ids, left_pad, panel_lanes
 from radfm_jax.models import layers
 from radfm_jax.models.llama import KVCache
 from radfm_jax.models.radfm import create_model
@@ -191,7 +191,8 @@ def test_decode_view_is_reused_until_the_weights_change():
   first = generate_ids(model, tokens, mask, images, **kw).sequences()
   kept = cpu_decode._VIEW_CACHE.owned
   assert kept is not None
-  _, hit = cpu_decode.decode_view_state(model.llama)   # same arrays: the kept view
+  lanes = panel_lanes(model, GenerateConfig().cpu_product)   # the view's layout ('auto')
+  _, hit = cpu_decode.decode_view_state(model.llama, lanes=lanes)   # same arrays: the kept view
   assert hit is kept and cpu_decode._VIEW_CACHE.owned is None
   assert generate_ids(model, tokens, mask, images, **kw).sequences() == first   # rebuilt
   assert generate_ids(model, tokens, mask, images, **kw).sequences() == first   # reused

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from radfm_jax.config import LlamaConfig
+from radfm_jax.infer import panel_kernel
 from radfm_jax.models import llama as llama_lib
 from radfm_jax.models.layers import (Dense, cast, constrain, int8_kernel, int8_rows_product,
                                      value)
@@ -64,12 +65,15 @@ def feature_major_product(kernel: jax.Array, rows: jax.Array) -> jax.Array:
 
 class OutFirstDense(nnx.Module):
   """A `Dense` with its kernel re-laid as the matrix [prod(out_shape), prod(in_shape)]: the same
-  product (`out_first_product`), the values unchanged."""
+  product (`out_first_product`), the values unchanged. With `lanes` (`generate.cpu_product =
+  'panels'`) the kernel is held packed for `panel_kernel` instead ([ceil(out / lanes), in,
+  lanes]) and multiplied by it; quantize='w8a8' keeps its int8 product."""
 
-  def __init__(self, dense: Dense):
+  def __init__(self, dense: Dense, lanes: int = 0):
     self.n_in, self.out_shape = dense.n_in, dense.out_shape
     self.bias = dense.bias
     self.int8_activations = getattr(dense, 'int8_activations', False)
+    self.lanes = 0
     if self.int8_activations:
       # quantize='w8a8': the int8 values [out, in] and their scales [out, 1], kept int8
       q = int8_kernel(dense.kernel, dense.n_in)
@@ -77,7 +81,12 @@ class OutFirstDense(nnx.Module):
       return
     kernel = value(dense.kernel)            # dequantized when int8 (infer/quantize.py)
     n_in = math.prod(kernel.shape[:dense.n_in])
-    self.kernel = nnx.Param(kernel.reshape(n_in, -1).T)
+    kernel = kernel.reshape(n_in, -1).T
+    if lanes:
+      self.lanes, self.n_out = lanes, kernel.shape[0]
+      self.panels = nnx.Param(panel_kernel.pack(kernel.astype(jnp.float32), lanes))
+      return
+    self.kernel = nnx.Param(kernel)
 
   def __call__(self, x: jax.Array, dtype) -> jax.Array:
     """x: [..., *in_shape] -> [..., *out_shape], as `Dense`."""
@@ -88,6 +97,9 @@ class OutFirstDense(nnx.Module):
                            qtype='int8')
       y = int8_rows_product(x.reshape(-1, kernel.qvalue.shape[1]), kernel, kernel_first=True)
       y = y.astype(dtype)
+    elif self.lanes:
+      rows = x.reshape(-1, self.panels.shape[1]).astype(jnp.float32)
+      y = panel_kernel.product(self.panels[...], rows, self.n_out).astype(dtype)
     else:
       kernel = cast(self.kernel, dtype)
       y = out_first_product(kernel, x.reshape(-1, kernel.shape[1]).astype(dtype))
@@ -140,9 +152,10 @@ _DECODE_DENSE = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 class DecodeView(nnx.Module):
   """A `Llama` laid out for unrolled decoding: per-layer `DecoderLayer` modules whose projections
   are `OutFirstDense`, a re-laid `lm_head`; the embedding table and the final norm are the
-  decoder's own (shared, not copied). Made once per weights (one copy of the decoder)."""
+  decoder's own (shared, not copied). Made once per weights (one copy of the decoder). `lanes`:
+  the projections' kernels packed for `panel_kernel` (`generate.cpu_product = 'panels'`)."""
 
-  def __init__(self, llama: Llama):
+  def __init__(self, llama: Llama, lanes: int = 0):
     self.cfg = llama.cfg
     self.compute_dtype = llama.compute_dtype
     self.embed_tokens = llama.embed_tokens
@@ -152,8 +165,8 @@ class DecodeView(nnx.Module):
                             for i in range(self.cfg.num_layers)])
     for layer in self.layers:
       for name in _DECODE_DENSE:
-        setattr(layer, name, OutFirstDense(getattr(layer, name)))
-    self.lm_head = OutFirstDense(llama.lm_head)
+        setattr(layer, name, OutFirstDense(getattr(layer, name), lanes))
+    self.lm_head = OutFirstDense(llama.lm_head, lanes)
 
   embed = Llama.embed
   head = Llama.head
@@ -191,12 +204,12 @@ def merge_decode_view(graphdef, owned: nnx.State, shared: nnx.State) -> DecodeVi
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_view(llama_graphdef):
+def _compiled_view(llama_graphdef, lanes: int = 0):
   """(jitted llama state -> the DecodeView's own arrays, the list its graphdef is appended to)."""
   graphdefs = []
 
   def build(llama_state):
-    view = DecodeView(nnx.merge(llama_graphdef, llama_state))
+    view = DecodeView(nnx.merge(llama_graphdef, llama_state), lanes)
     graphdef, owned, _ = nnx.split(view, _VIEW_OWNED, ...)
     graphdefs.append(graphdef)
     return owned
@@ -220,16 +233,16 @@ class _ViewCache:
     self.graphdef = None
     self.owned = None
 
-  def lookup(self, llama_graphdef, leaves):
-    if (self.owned is not None and self.key == llama_graphdef and len(self.refs) == len(leaves)
+  def lookup(self, key, leaves):
+    if (self.owned is not None and self.key == key and len(self.refs) == len(leaves)
         and all(ref() is leaf for ref, leaf in zip(self.refs, leaves))):
       owned, self.owned = self.owned, None     # donated to the decode call, handed back after
       return self.graphdef, owned
     return None
 
-  def store(self, llama, graphdef, owned):
+  def store(self, llama, graphdef, owned, lanes: int = 0):
     llama_graphdef, llama_state = nnx.split(llama)
-    self.key, self.graphdef, self.owned = llama_graphdef, graphdef, owned
+    self.key, self.graphdef, self.owned = (llama_graphdef, lanes), graphdef, owned
     self.refs = tuple(weakref.ref(leaf) for leaf in jax.tree.leaves(llama_state))
 
   def clear(self):
@@ -244,23 +257,23 @@ def clear_decode_view_cache():
   _VIEW_CACHE.clear()
 
 
-def decode_view_state(llama: Llama, reuse: bool = True):
-  """(graphdef, own arrays) of `DecodeView(llama)`, from the cache when the weights match (the
-  arrays are then handed over: give them back with `keep_decode_view`)."""
+def decode_view_state(llama: Llama, reuse: bool = True, lanes: int = 0):
+  """(graphdef, own arrays) of `DecodeView(llama, lanes)`, from the cache when the weights and
+  `lanes` match (the arrays are then handed over: give them back with `keep_decode_view`)."""
   llama_graphdef, llama_state = nnx.split(llama)
   leaves = jax.tree.leaves(llama_state)
   if reuse:
-    hit = _VIEW_CACHE.lookup(llama_graphdef, leaves)
+    hit = _VIEW_CACHE.lookup((llama_graphdef, lanes), leaves)
     if hit is not None:
       return hit
-  build, graphdefs = _compiled_view(llama_graphdef)
+  build, graphdefs = _compiled_view(llama_graphdef, lanes)
   owned = build(llama_state)
   return graphdefs[-1], owned
 
 
-def keep_decode_view(llama: Llama, graphdef, owned):
+def keep_decode_view(llama: Llama, graphdef, owned, lanes: int = 0):
   """Keeps the view's arrays (as a decode call hands them back) for the next call on `llama`."""
-  _VIEW_CACHE.store(llama, graphdef, owned)
+  _VIEW_CACHE.store(llama, graphdef, owned, lanes)
 
 
 __all__ = ['COMPILER_OPTIONS', 'DecodeView', 'FEATURE_MAJOR_MAX_ROWS', 'OutFirstDense',

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Sequence
 
 import jax
@@ -27,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from radfm_jax.config import GenerateConfig
-from radfm_jax.infer import cpu_decode
+from radfm_jax.errors import UserError
+from radfm_jax.infer import cpu_decode, panel_kernel
 from radfm_jax.models.layers import first_argmax
 from radfm_jax.models.llama import KVCache
 
@@ -118,6 +120,36 @@ def _resolve_layer_loop(layer_loop: str) -> str:
   if layer_loop == 'auto':
     return 'unrolled' if _on_cpu() else 'scan'
   return layer_loop
+
+
+_SAID_WHY: set[str] = set()
+
+
+def panel_lanes(model, cpu_product: str) -> int:
+  """The panel width the unrolled decode packs its weights for (`generate.cpu_product`), 0 for
+  XLA's products. 'panels' raises UserError where the kernel cannot serve (not float32, or it
+  does not build here); 'auto' then uses XLA's products and says why, once per reason. Under
+  'auto' a decoder sharded over several devices keeps XLA's products (the kernel takes whole
+  arrays: XLA would gather every weight to call it)."""
+  if cpu_product == 'xla':
+    return 0
+  dtype = jnp.dtype(model.llama.compute_dtype)
+  if dtype != jnp.float32:
+    why = f'the decoder computes in {dtype.name} and the panel kernel is float32 only'
+  elif cpu_product == 'auto' and any(len(leaf.sharding.device_set) > 1
+                                     for leaf in jax.tree.leaves(nnx.state(model.llama))):
+    return 0
+  else:
+    why = panel_kernel.unavailable_reason()
+  if why is None:
+    return panel_kernel.load()
+  if cpu_product == 'panels':
+    raise UserError(f"generate.cpu_product='panels': {why}; set generate.cpu_product to 'xla'")
+  if why not in _SAID_WHY:
+    _SAID_WHY.add(why)
+    print(f"radfm-jax: generate.cpu_product='auto': {why}; decoding with XLA:CPU's products",
+          file=sys.stderr)
+  return 0
 
 
 def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_mask, images,
@@ -223,13 +255,15 @@ def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
   graphdef, state = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
   view_graphdef = view_owned = None
+  lanes = 0
   if sampling.layer_loop == 'unrolled':
+    lanes = panel_lanes(model, sampling.cpu_product)
     view_graphdef, view_owned = cpu_decode.decode_view_state(model.llama,
-                                                             reuse=reuse_decode_view)
+                                                             reuse=reuse_decode_view, lanes=lanes)
   out, lengths, view_owned, logits = _compiled_decode(graphdef, view_graphdef, sampling,
                                                       return_logits)(
       state, view_owned, tokens, attention_mask, images, image_mask, rng)
   if view_graphdef is not None and reuse_decode_view:
-    cpu_decode.keep_decode_view(model.llama, view_graphdef, view_owned)
+    cpu_decode.keep_decode_view(model.llama, view_graphdef, view_owned, lanes)
   return GenerateOutput(tokens=np.asarray(out), lengths=np.asarray(lengths),
                         logits=None if logits is None else np.asarray(logits))

@@ -1,0 +1,184 @@
+"""The decode's weight products as a C++ kernel on packed weights (`generate.cpu_product`).
+
+    lanes = panel_kernel.load()                        # builds on first use, registers the target
+    packed = panel_kernel.pack(kernel, lanes)          # [out, in] -> [ceil(out / lanes), in, lanes]
+    y = panel_kernel.product(packed, rows, out)        # rows [n, in] -> [n, out], float32
+
+`panel_product.cc` (beside this file) multiplies rows by a weight packed once into panels of
+`lanes` outputs, streaming each weight once per product; XLA:CPU's own GEMMs re-pack the weight
+at every product, which makes a batched decode step cost ~2x a single-row one (the reasons and
+figures: the .cc file's head comment and docs/performance.md). It is a plain C++17 file built
+with the host's compiler for the host's CPU (`-O3 -march=native`) and called through the XLA FFI
+with XLA's intra-op thread pool; float32 only.
+
+The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
+~/.cache/radfm-jax/kernels, one shared library per (source, compiler, flags, jaxlib, CPU model
+and flags), written to a temporary name and renamed, so a killed or concurrent build never
+leaves a half-written library under the name that is loaded. The compiler is $CXX, else the first
+of c++, g++, clang++ on PATH.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from radfm_jax.errors import UserError
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'panel_product.cc')
+TARGET = 'radfm_panel_product'
+CACHE_ENV = 'RADFM_KERNEL_CACHE'
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
+_LOCK = threading.Lock()
+_LOADED: dict[str, int] = {}
+_FAILED: dict[tuple, str] = {}     # (compiler, cache folder) -> why the kernel did not load
+
+
+class KernelUnavailable(UserError):
+  """The panel kernel cannot be built or loaded here (no C++ compiler, the build failed, the
+  cache folder is not writable); the message says which (`generate.cpu_product='xla'` needs
+  no kernel)."""
+
+
+def compiler() -> list[str] | None:
+  """The C++ compiler command: $CXX (split as a shell would), else c++ / g++ / clang++ on PATH;
+  None when there is none."""
+  given = os.environ.get('CXX', '').strip()
+  if given:
+    command = shlex.split(given)
+    return command if shutil.which(command[0]) else None
+  for name in ('c++', 'g++', 'clang++'):
+    if shutil.which(name):
+      return [name]
+  return None
+
+
+def cache_directory() -> str:
+  """Where built libraries are kept (see the module doc)."""
+  given = os.environ.get(CACHE_ENV, '').strip()
+  if given:
+    return os.path.abspath(os.path.expanduser(given))
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'radfm-jax', 'kernels')
+
+
+def _cpu_identity() -> str:
+  """The CPU model and feature flags (-march=native builds for them): a cache shared by
+  different machines (a home folder on a cluster) keeps one library per kind of CPU."""
+  fields = {}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, val = line.partition(':')
+        key = key.strip()
+        if key in ('model name', 'flags', 'Features', 'CPU part') and key not in fields:
+          fields[key] = val.strip()
+  except OSError:
+    pass
+  return platform.machine() + '|' + '|'.join(f'{k}={v}' for k, v in sorted(fields.items()))
+
+
+def _version(command: list[str]) -> str:
+  try:
+    done = subprocess.run(command + ['--version'], capture_output=True, text=True, timeout=60)
+  except (OSError, subprocess.TimeoutExpired) as err:
+    raise KernelUnavailable(f'the C++ compiler {command[0]!r} does not run ({err})') from None
+  return done.stdout.strip()
+
+
+def library_path(command: list[str] | None = None) -> str:
+  """The built library for this host, built now when the cache has none."""
+  command = command or compiler()
+  if command is None:
+    raise KernelUnavailable('no C++ compiler found ($CXX, c++, g++, clang++ on PATH)')
+  with open(SOURCE, 'rb') as f:
+    source = f.read()
+  key = hashlib.sha256('\0'.join([
+      source.hex(), ' '.join(command), _version(command), ' '.join(FLAGS), jax.ffi.include_dir(),
+      jax.__version__, _cpu_identity()]).encode()).hexdigest()[:16]
+  directory = cache_directory()
+  path = os.path.join(directory, f'panel_product-{key}.so')
+  if os.path.exists(path):
+    return path
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix='.panel_product-', suffix='.so.partial', dir=directory)
+    os.close(fd)
+  except OSError as err:
+    raise KernelUnavailable(f'cannot write the kernel cache {directory} ({err.strerror}; '
+                            f'${CACHE_ENV} names another folder)') from None
+  try:
+    done = subprocess.run(command + list(FLAGS) + ['-I', jax.ffi.include_dir(), SOURCE, '-o',
+                                                   partial], capture_output=True, text=True)
+    if done.returncode != 0:
+      lines = [ln for ln in done.stderr.splitlines() if 'error' in ln] or done.stderr.splitlines()
+      raise KernelUnavailable(f'building {SOURCE} with {command[0]} failed: '
+                              f'{(lines or ["no output"])[0].strip()}')
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return path
+
+
+def load() -> int:
+  """Builds (once per host, cached) and registers the kernel; returns its panel width."""
+  with _LOCK:
+    if TARGET not in _LOADED:
+      path = library_path()
+      try:
+        lib = ctypes.cdll.LoadLibrary(path)
+      except OSError as err:
+        raise KernelUnavailable(f'cannot load the built kernel {path} ({err})') from None
+      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RadfmPanelProduct),
+                                  platform='cpu')
+      _LOADED[TARGET] = int(lib.radfm_panel_lanes())
+    return _LOADED[TARGET]
+
+
+def unavailable_reason() -> str | None:
+  """None when the kernel loads here, else the one-line reason (for `cpu_product='auto'`, which
+  then uses XLA's products). A failed build is not retried for the same compiler and cache."""
+  if TARGET in _LOADED:
+    return None
+  key = (tuple(compiler() or ()), cache_directory())
+  if key not in _FAILED:
+    try:
+      load()
+      return None
+    except KernelUnavailable as err:
+      _FAILED[key] = str(err)
+  return _FAILED[key]
+
+
+def pack(kernel: jax.Array, lanes: int) -> jax.Array:
+  """kernel [out, in] -> panels [ceil(out / lanes), in, lanes]: panel p holds outputs
+  p * lanes ... p * lanes + lanes - 1 (zeros past `out`), feature by feature."""
+  out, n_in = kernel.shape
+  panels = -(-out // lanes)
+  kernel = jnp.pad(kernel, ((0, panels * lanes - out), (0, 0)))
+  return kernel.reshape(panels, lanes, n_in).transpose(0, 2, 1)
+
+
+def product(packed: jax.Array, rows: jax.Array, out: int) -> jax.Array:
+  """rows [n, in] x the packed weight of `out` outputs -> [n, out], float32 (what
+  `rows @ kernel.T` computes, summed in another order)."""
+  if packed.dtype != jnp.float32 or rows.dtype != jnp.float32:
+    raise ValueError(f'panel_kernel.product: float32 only, got {packed.dtype} weights and '
+                     f'{rows.dtype} rows')
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], out), jnp.float32))(
+      rows, packed)
+
+
+__all__ = ['CACHE_ENV', 'KernelUnavailable', 'SOURCE', 'cache_directory', 'compiler',
+           'library_path', 'load', 'pack', 'product', 'unavailable_reason']

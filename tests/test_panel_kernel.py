@@ -1,0 +1,197 @@
+"""The panel kernel (`generate.cpu_product='panels'`, radfm_jax/infer/panel_kernel.py): its
+products against float64 NumPy at every row count and ragged shape, the packed layout, the
+decode it serves against XLA's products, the build cache, and the one-line refusals."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from radfm_jax import sharding
+from radfm_jax.config import MeshConfig, model_config
+from radfm_jax.errors import UserError
+from radfm_jax.infer import cpu_decode, panel_kernel
+from radfm_jax.infer.generate import generate_ids, left_pad, panel_lanes
+from radfm_jax.models.radfm import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def lanes():
+  return panel_kernel.load()
+
+
+def test_pack_layout(lanes):
+  """Panel p, feature k, lane j holds kernel[p * lanes + j, k]; lanes past `out` are zeros."""
+  out, n_in = 2 * lanes + 3, 5
+  kernel = np.arange(out * n_in, dtype=np.float32).reshape(out, n_in) + 1
+  packed = np.asarray(panel_kernel.pack(jnp.asarray(kernel), lanes))
+  assert packed.shape == (3, n_in, lanes)
+  for p in range(3):
+    for j in range(lanes):
+      o = p * lanes + j
+      want = kernel[o] if o < out else np.zeros(n_in, np.float32)
+      np.testing.assert_array_equal(packed[p, :, j], want)
+
+
+@pytest.mark.parametrize('rows', [1, 3, 4, 8, 9, 17, 70])
+@pytest.mark.parametrize('out,n_in', [(37, 20), (64, 48), (1, 5), (4096, 64)])
+def test_products_equal_the_float64_product(lanes, rows, out, n_in):
+  """Every row count (the kernel takes rows in blocks of 4 or 8, the rest in a smaller block),
+  an output count that leaves a partial panel, an odd panel count, a single output, and a
+  weight split into many chunks over the thread pool (4096 x 64)."""
+  rng = np.random.default_rng(rows * 1000 + out)
+  kernel = rng.standard_normal((out, n_in)).astype(np.float32)
+  x = rng.standard_normal((rows, n_in)).astype(np.float32)
+  packed = panel_kernel.pack(jnp.asarray(kernel), lanes)
+  got = np.asarray(jax.jit(panel_kernel.product, static_argnums=2)(packed, jnp.asarray(x), out))
+  want = x.astype(np.float64) @ kernel.T.astype(np.float64)
+  assert got.shape == (rows, out) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(n_in))
+
+
+def test_refuses_other_dtypes(lanes):
+  packed = panel_kernel.pack(jnp.ones((16, 8), jnp.bfloat16), lanes)
+  with pytest.raises(ValueError, match='float32 only, got bfloat16 weights'):
+    panel_kernel.product(packed, jnp.ones((2, 8), jnp.float32), 16)
+
+
+@pytest.fixture(scope='module')
+def model():
+  return create_model(model_config('tiny'), seed=3)
+
+
+def _batch(model, seed=0):
+  rng = np.random.default_rng(seed)
+  vocab = model.cfg.llama.vocab_size
+  block = [vocab] + [vocab + 2 + j for j in range(model.cfg.perceiver.num_latents)] + [vocab + 1]
+  prompts = [[1] + block + rng.integers(3, 500, n).tolist() for n in (9, 2, 5)]
+  tokens, mask = left_pad(prompts)
+  v = model.cfg.vision
+  images = jax.random.uniform(jax.random.key(seed), (3, 1, 3, v.image_size, v.image_size,
+                                                     v.frames))
+  return tokens, mask, images
+
+
+def test_decode_with_panels_equals_xla_products(model, lanes):
+  """The same greedy tokens and, at every step, the same logits up to float32 rounding as the
+  decode with XLA's products: a batch of three left-padded prompts, prefill and steps."""
+  tokens, mask, images = _batch(model)
+  kw = dict(max_new_tokens=12, stop_ids=(), layer_loop='unrolled', return_logits=True)
+  got = generate_ids(model, tokens, mask, images, cpu_product='panels', **kw)
+  want = generate_ids(model, tokens, mask, images, cpu_product='xla', **kw)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+  assert not np.array_equal(got.logits, want.logits)    # another summation order: not XLA's
+
+
+def test_decode_view_holds_packed_kernels(model, lanes):
+  """With lanes the view's projections hold the packed kernel and no [out, in] copy."""
+  view = cpu_decode.DecodeView(model.llama, lanes)
+  q = view.layers[0].q
+  assert not hasattr(q, 'kernel') and q.n_out == model.cfg.llama.hidden_size
+  kernel = np.asarray(model.llama.layers.q.kernel[...][0]).reshape(q.panels.shape[1], -1).T
+  np.testing.assert_array_equal(np.asarray(q.panels[...]),
+                                np.asarray(panel_kernel.pack(jnp.asarray(kernel), lanes)))
+
+
+def test_cpu_product_resolution(model, lanes, capsys):
+  """'xla' packs nothing; 'panels' and 'auto' pack for the built kernel; a bfloat16 decoder is
+  refused by 'panels' in one line and left to XLA by 'auto', which says why once."""
+  assert panel_lanes(model, 'xla') == 0
+  assert panel_lanes(model, 'panels') == panel_lanes(model, 'auto') == lanes
+  half = create_model(model_config('tiny', compute_dtype='bfloat16'), seed=3)
+  with pytest.raises(UserError, match=r"^generate.cpu_product='panels': the decoder computes in "
+                     r"bfloat16 and the panel kernel is float32 only; set generate.cpu_product "
+                     r"to 'xla'$"):
+    panel_lanes(half, 'panels')
+  capsys.readouterr()
+  assert panel_lanes(half, 'auto') == 0 and panel_lanes(half, 'auto') == 0
+  err = capsys.readouterr().err.splitlines()
+  assert err == ["radfm-jax: generate.cpu_product='auto': the decoder computes in bfloat16 and "
+                 "the panel kernel is float32 only; decoding with XLA:CPU's products"]
+
+
+def test_auto_keeps_xla_for_a_sharded_decoder(lanes):
+  """A decoder sharded over several devices keeps XLA's products under 'auto'; 'panels' still
+  runs it (XLA gathers the weights for the call) with the same tokens."""
+  if jax.device_count() < 2:
+    pytest.skip('needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)')
+  mesh = sharding.make_mesh(MeshConfig(ici=(('data', 1), ('fsdp', -1), ('tensor', 1))))
+  model = create_model(model_config('tiny'), seed=3, mesh=mesh)
+  assert max(len(a.sharding.device_set) for a in jax.tree.leaves(nnx.state(model.llama))) > 1
+  assert panel_lanes(model, 'auto') == 0 and panel_lanes(model, 'panels') == lanes
+  tokens, mask, images = _batch(model, 1)
+  kw = dict(max_new_tokens=6, stop_ids=(), layer_loop='unrolled')
+  np.testing.assert_array_equal(
+      generate_ids(model, tokens, mask, images, cpu_product='panels', **kw).tokens,
+      generate_ids(model, tokens, mask, images, cpu_product='xla', **kw).tokens)
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+  """A build lands under its key in $RADFM_KERNEL_CACHE with no partial file left; the next
+  call finds it and builds nothing."""
+  monkeypatch.setenv(panel_kernel.CACHE_ENV, str(tmp_path))
+  path = panel_kernel.library_path()
+  assert os.path.dirname(path) == str(tmp_path) and os.listdir(tmp_path) == [
+      os.path.basename(path)]
+  stamp = os.stat(path).st_mtime_ns
+  assert panel_kernel.library_path() == path and os.stat(path).st_mtime_ns == stamp
+
+
+def test_failed_builds_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
+  """No compiler, a compiler that fails, a cache folder that cannot be made: one line each
+  (KernelUnavailable, a UserError), and no file under the kernel's name."""
+  monkeypatch.setenv(panel_kernel.CACHE_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  with pytest.raises(panel_kernel.KernelUnavailable,
+                     match=r'^no C\+\+ compiler found \(\$CXX, c\+\+, g\+\+, clang\+\+ on PATH\)$'):
+    panel_kernel.library_path()
+  failing = tmp_path / 'cxx'
+  failing.write_text('#!/bin/sh\necho "cxx: error: out of licences" >&2\nexit 1\n')
+  failing.chmod(0o755)
+  monkeypatch.setenv('CXX', str(failing))
+  with pytest.raises(panel_kernel.KernelUnavailable,
+                     match=rf'^building .*panel_product.cc with {failing} failed: cxx: error: '
+                     'out of licences$'):
+    panel_kernel.library_path()
+  assert os.listdir(tmp_path / 'cache') == []
+  monkeypatch.delenv('CXX')
+  (tmp_path / 'file').write_text('')
+  monkeypatch.setenv(panel_kernel.CACHE_ENV, str(tmp_path / 'file' / 'cache'))
+  with pytest.raises(panel_kernel.KernelUnavailable, match=r'^cannot write the kernel cache '):
+    panel_kernel.library_path()
+
+
+def test_auto_without_a_compiler_decodes_with_xla(tmp_path):
+  """A host with no C++ compiler (a fresh process, $CXX naming none, an empty kernel cache):
+  'auto' says so once on stderr and decodes with XLA's products; 'panels' is refused in one
+  line."""
+  script = (
+      'import sys\n'
+      'from radfm_jax.config import model_config\n'
+      'from radfm_jax.errors import UserError\n'
+      'from radfm_jax.infer.generate import panel_lanes\n'
+      'from radfm_jax.models.radfm import create_model\n'
+      "model = create_model(model_config('tiny'), seed=3)\n"
+      "assert panel_lanes(model, 'auto') == 0 and panel_lanes(model, 'auto') == 0\n"
+      'try:\n'
+      "  panel_lanes(model, 'panels')\n"
+      'except UserError as err:\n'
+      '  print(err)\n')
+  env = dict(os.environ, CXX=str(tmp_path / 'none'), RADFM_KERNEL_CACHE=str(tmp_path / 'k'),
+             PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  done = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  why = 'no C++ compiler found ($CXX, c++, g++, clang++ on PATH)'
+  assert done.stderr.splitlines() == [
+      f"radfm-jax: generate.cpu_product='auto': {why}; decoding with XLA:CPU's products"]
+  assert done.stdout.splitlines() == [
+      f"generate.cpu_product='panels': {why}; set generate.cpu_product to 'xla'"]
