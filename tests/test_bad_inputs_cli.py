@@ -219,6 +219,15 @@ ROWS = [
     ('generate:id-twice', GEN + ['--input', '{root}/id_twice.jsonl'],
      ['{root}/id_twice.jsonl line 2 field id: "q" is already used ({root}/id_twice.jsonl line '
       '1); expected a unique id']),
+    ('generate:output-is-the-image', GEN + ['--prompt', '<image>', '--image', '{root}/a.png',
+                                            '--output', '{root}/a.png'],    # was: a.png replaced
+     ['--output {root}/a.png: is --image #1 ({root}/a.png), which the answers would replace; '
+      'expected a file path for the answers (JSONL) that is not one of the inputs']),
+    ('generate:output-is-the-input', GEN + ['--input', '{root}/markers.jsonl', '--output',
+                                            '{root}/markers.jsonl'],
+     ['--output {root}/markers.jsonl: is the --input prompts file ({root}/markers.jsonl)']),
+    ('generate:output-ends-in-a-slash', GEN + ['--prompt', 'x', '--output', '{root}/answers/'],
+     ['--output {root}/answers/: is a folder; expected a file path']),   # was: a traceback
     ('generate:batch-size', GEN + ['--prompt', 'x', '--batch-size', '0'],
      ['radfm-jax generate: --batch-size 0: expected >= 1']),
     # --- eval
