@@ -8,6 +8,7 @@ ingests, a second writer waiting for the lock, bounded memory under RLIMIT_AS, t
 import gzip
 import json
 import os
+import pathlib
 import signal
 import struct
 import subprocess
@@ -779,6 +780,27 @@ def test_frame_or_index_that_picks_nothing_is_a_reject_naming_the_field(tmp_path
   for i, (_, _, want) in enumerate(good):
     (image,) = rows[f'good{i}']['images']
     np.testing.assert_array_equal(store.read(image['id'])[0], want)
+
+
+@pytest.mark.parametrize('path,entry,message', [
+    (None, None, 'path: got NoneType None; expected the path of a scan (str)'),
+    ('{d}/p.png', ['x'], '{d}/p.png: image entry: got list; expected a dict such as {{"frame": 0, '
+     '"index": 1, "modality": "CT"}} (or None)'),
+    ('{d}/p.png', {'frame': '0'}, "{d}/p.png: field frame: got str '0'; expected an integer (a "
+     'PNG/JPEG image is one volume; frame picks one of a 4D NIfTI)'),
+    ('{d}/p.png', {'index': True}, '{d}/p.png: field index: got bool True; expected an integer '
+     '(a PNG/JPEG image is one image; index picks one of a 5D .npy stack [S, C, H, W, D])'),
+])
+def test_read_scan_of_the_wrong_type_is_one_line(tmp_path, path, entry, message):
+  """The Python entry point (notebooks) with a path or entry of the wrong type: an InputError
+  naming it (was: a TypeError / AttributeError from deep inside, or True taken as index 1)."""
+  cd.write_png(tmp_path / 'p.png', (np.arange(20).reshape(4, 5) * 9).astype(np.uint8))
+  path = path.format(d=tmp_path) if path else path
+  with pytest.raises(InputError) as e:
+    read_scan(path, entry)
+  assert str(e.value) == message.format(d=tmp_path)
+  (array, _), = read_scan(pathlib.Path(tmp_path / 'p.png'), {'index': np.int64(0)})   # still read
+  assert array.shape == (1, 4, 5, 1)
 
 
 def test_empty_manifest_or_missing_root_is_one_line_and_writes_nothing(tmp_path, capsys):

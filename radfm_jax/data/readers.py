@@ -147,6 +147,9 @@ def _check_pick(field: str, value: int | None, count: int, holds: str):
   """`frame` / `index` of an image entry against the `count` frames / images the scan holds
   (`holds` says what they are). A scan without that axis holds one, which 0 names; any other
   value would pick nothing there, so it is a reject rather than ignored."""
+  if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+    raise RejectedScan(f'field {field}: got {type(value).__name__} {value!r}; expected an '
+                       f'integer ({holds})')
   if value is not None and not 0 <= value < count:
     allowed = 'no value or 0' if count == 1 else f'0..{count - 1}'
     raise RejectedScan(f'field {field}: got {value}; expected {allowed} ({holds})')
@@ -508,6 +511,13 @@ def read_scan(path: str, entry: dict | None = None,
   """One manifest image entry -> validated [(array [C, H, W, D] in its storable dtype,
   attributes)]; RejectedScan (an InputError, `path: reason`) otherwise. Used by ingest and by
   generate / eval for raw files, so the header-size guard (`max_bytes`) protects all of them."""
+  if not isinstance(path, (str, os.PathLike)):
+    raise InputError(f'path: got {type(path).__name__} {repr(path)[:40]}; expected the path of a '
+                     'scan (str)')
+  if entry is not None and not isinstance(entry, dict):
+    raise InputError(f'{path}: image entry: got {type(entry).__name__}; expected a dict such as '
+                     '{"frame": 0, "index": 1, "modality": "CT"} (or None)')
+  path = os.fspath(path)
   try:
     return _read_scan(path, entry or {}, max_bytes)
   except RejectedScan as e:
