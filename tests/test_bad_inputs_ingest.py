@@ -187,6 +187,9 @@ BIG_INT = np.array([[[1, 2], [3, 5_000_000_000]]], np.int64)
 
 # (row id, builder(d) -> file name, expected reason: substrings, all of which must appear)
 REJECTS = [
+    # was: each library's own words (pydicom: "Use force=True to force reading.")
+    ('zero_byte_dicom', lambda d: _write(d, 'empty.dcm', b''),
+     ["empty file (0 bytes); expected the scan's data (a copy cut short?)"]),
     ('int64_beyond_int32', lambda d: _npy(d, 'i64.npy', BIG_INT),
      ['voxels: value 5000000000 (int64) does not fit int32']),
     ('uint64_beyond_uint32', lambda d: _npy(d, 'u64.npy', BIG_INT.astype(np.uint64)),

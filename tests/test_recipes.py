@@ -416,17 +416,20 @@ def test_bad_rows_are_counted_rejects(tmp_path, folder):
                   'cxr2.png,effusion\n'
                   '\n'
                   'cxr2.png,effusion,maybe\n'
-                  'cxr2.png,,1\n')
+                  'cxr2.png,,1\n'
+                  f'{tmp_path},effusion,1\n')
   res = recipes.records('chestxray_yes_no', str(path), img)
-  assert (res.split, res.rows, len(res.records)) == ('train', 5, 1)
+  assert (res.split, res.rows, len(res.records)) == ('train', 6, 1)
   assert [r['reason'] for r in res.rejects] == [
       f'{path} line 3 field image_path: image not found: {img}/nothere.png; expected the file '
       f'under --image-root {img} (or an absolute path)',
       f'{path} line 4: malformed row: 2 cells; expected 3, one per column of the header',
       f"{path} line 6 field label: got 'maybe'; expected 0 or 1",
-      f'{path} line 7 field disease: empty; expected a value']
+      f'{path} line 7 field disease: empty; expected a value',
+      f'{path} line 8 field image_path: {tmp_path} is a folder; expected an image file under '
+      f'--image-root {img} (or an absolute path)']               # was: "image not found"
   assert [(r['line'], r['field']) for r in res.rejects] == [
-      (3, 'image_path'), (4, None), (6, 'label'), (7, 'disease')]
+      (3, 'image_path'), (4, None), (6, 'label'), (7, 'disease'), (8, 'image_path')]
   cases = tmp_path / 'filtered_case_report_train.csv'
   _csv(cases, ['PMC_id', 'img_ref', 'context', 'question', 'answer'],
        ['PMC1', 'F1', 'c', 'q', 'a'])

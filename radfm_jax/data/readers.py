@@ -558,6 +558,8 @@ def read_one(path: str, entry: dict | None = None,
 def _read_scan(path: str, entry: dict, max_bytes: int) -> list[tuple[np.ndarray, dict]]:
   if not os.path.exists(path):
     raise RejectedScan('file not found')
+  if os.path.isfile(path) and os.path.getsize(path) == 0:   # each library words it its own way
+    raise RejectedScan('empty file (0 bytes); expected the scan\'s data (a copy cut short?)')
   lower = path.lower()
   frame, index = entry.get('frame'), entry.get('index')
   # Each field picks along an axis only some formats have (_check_pick); the others hold one.

@@ -63,6 +63,9 @@ class Ctx:
   def image(self, field: str, path: str) -> str:
     """The resolved path of an image the row names, which must exist (RowError otherwise)."""
     full = self.resolve(path)
+    if os.path.isdir(full):
+      raise RowError(field, f'{full} is a folder; expected an image file under --image-root '
+                     f'{self.image_root} (or an absolute path)')
     if not os.path.isfile(full):
       raise RowError(field, f'image not found: {full}; expected the file under --image-root '
                      f'{self.image_root} (or an absolute path)')
