@@ -544,7 +544,15 @@ def test_radfm_folder_with_a_file_twice(tmp_path):
      '--seed goes with --recipe, not --manifest'),
     (['--recipe', 'vqa_rad', '--source', 'f.csv', '--image-root', 'slake=img', '--out', 's'],
      '--image-root slake=img: names recipe slake, not the one ingested (--recipe vqa_rad); '
-     'expected DIR, or vqa_rad=DIR')])
+     'expected DIR, or vqa_rad=DIR'),
+    # A second root for the same recipes: the last one silently won.
+    (['--recipe', 'vqa_rad', '--source', 'f.csv', '--image-root', 'a', '--image-root', 'b',
+      '--out', 's'],
+     '--image-root b: a second root for every recipe (after --image-root a); expected one DIR '
+     'per recipe (a recipe reads its images from one root)'),
+    (['--recipe', 'radfm', '--source', '.', '--image-root', 'slake=a', '--image-root', 'slake=b',
+      '--out', 's'],
+     '--image-root slake=b: a second root for recipe slake (after --image-root slake=a)')])
 def test_cli_recipe_flag_errors(argv, message, capsys):
   from radfm_jax.cli.main import main
   with pytest.raises(SystemExit) as e:
