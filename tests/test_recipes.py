@@ -354,6 +354,12 @@ def test_bad_split_files(tmp_path, folder):
                      'modality list'):
     for seed in range(8):      # a "no" question needs the list
       recipes.records('radio_modality', str(tmp_path / 'radio_modality_test.csv'), img, seed=seed)
+  (tmp_path / 'modality_set.json').write_text('{"modality": ["CT", null]}')
+  with pytest.raises(InputError) as e:          # was: a "no" question about the modality "None"
+    for seed in range(8):
+      recipes.records('radio_modality', str(tmp_path / 'radio_modality_test.csv'), img, seed=seed)
+  assert str(e.value) == (f'{tmp_path}/modality_set.json field modality[1]: got null; expected a '
+                          'modality name (a non-empty string)')
 
 
 def test_split_file_that_does_not_exist_is_said_so_whatever_its_name(tmp_path, folder):
