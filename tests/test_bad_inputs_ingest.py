@@ -127,6 +127,18 @@ def _dicom_without_position(d):
   return name
 
 
+def _dicom_scout_in_the_series(d):
+  """A series folder holding one slice of another size (a scout / localizer image)."""
+  import pydicom
+  name = _dicom(d, 'scout')
+  path = os.path.join(d, name, 'slice_002.dcm')
+  ds = pydicom.dcmread(path)
+  ds.Rows, ds.Columns = 4, 5
+  ds.PixelData = np.arange(20, dtype=np.uint16).tobytes()
+  ds.save_as(path)
+  return name
+
+
 def _dicom_enhanced(d):
   """A series whose first file carries functional groups (an enhanced multi-frame's geometry and
   rescale live there, which the reader does not apply)."""
@@ -212,6 +224,10 @@ REJECTS = [
     ('dicom_negative_pixel_spacing', lambda d: _dicom(d, 'negsp', PixelSpacing=[-0.8, 0.7]),
      ['spacing', 'is not finite and positive']),
     ('dicom_duplicate_positions', _dicom_duplicate_position, ['two slices at one position']),
+    # was: 'slices differ in shape or are not 2D', naming no file
+    ('dicom_slice_of_another_size', _dicom_scout_in_the_series,
+     ['slice_002.dcm: a 4 x 5 slice where slice_000.dcm is 6 x 5; expected slices of one '
+      'size (one series per folder)']),
     ('nii_gz_claims_1_6_gb', lambda d: _write(d, 'huge.nii.gz', gzip.compress(_huge_nifti_header())),
      ['NIfTI shape [1000, 1000, 800] int16', 'claims 1,600,000,000 bytes', 'DEFLATE']),
     ('nii_claims_1_6_gb', lambda d: _write(d, 'huge.nii', _huge_nifti_header()),

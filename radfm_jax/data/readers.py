@@ -395,8 +395,15 @@ def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
       if hasattr(ds0, 'PixelSpacing'):
         attrs['spacing'] = [float(v) for v in ds0.PixelSpacing] + [1.0]
     return array, attrs
-  if any(p.shape != px0.shape or p.ndim != 2 for _, p in slices):
-    raise RejectedScan('slices differ in shape or are not 2D')
+  names = [os.path.basename(f) for f in files]
+  for name, (_, p) in zip(names, slices):
+    if p.ndim != 2:
+      raise RejectedScan(f'{name}: pixel data of shape {list(p.shape)} in a series of '
+                         f'{len(slices)} files; expected one 2D slice per file')
+    if p.shape != px0.shape:     # e.g. a scout / localizer image in the series folder
+      raise RejectedScan(f'{name}: a {p.shape[0]} x {p.shape[1]} slice where {names[0]} is '
+                         f'{px0.shape[0]} x {px0.shape[1]}; expected slices of one size (one '
+                         'series per folder)')
   has_geometry = _sort_slices(slices)
   volume = np.stack([_rescale(ds, p) for ds, p in slices], axis=-1)   # [rows, cols, slices]
   if has_geometry and hasattr(ds0, 'PixelSpacing'):
