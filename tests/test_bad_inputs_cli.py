@@ -152,6 +152,10 @@ ROWS = [
     ('train:store-without-index', TRAIN + ['--config.data.store={root}/no_index',
                                            '--config.data.tokenizer={root}/tok.model'],
      ['radfm-jax train: {root}/no_index/scans.jsonl: missing; expected the scan index']),
+    ('cache-images:data-is-a-file', ['cache-images', '--checkpoint', '{root}/ckpt', '--data',
+                                     '{root}/a.png', '--config', SPEC],   # was: a.png/manifest.jsonl
+     ['radfm-jax cache-images: --data {root}/a.png: a file; expected the volume store folder '
+      '`radfm-jax ingest` wrote']),
     ('cache-images:no-such-step', ['cache-images', '--checkpoint', '{root}/ckpt', '--data',
                                    '{root}/pngs/store', '--config', SPEC, '--step', '3'],
      ['radfm-jax cache-images: --checkpoint {root}/ckpt: {root}/ckpt/config.json: a '
