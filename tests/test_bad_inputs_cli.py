@@ -230,6 +230,11 @@ ROWS = [
     ('generate:output-is-the-input', GEN + ['--input', '{root}/markers.jsonl', '--output',
                                             '{root}/markers.jsonl'],
      ['--output {root}/markers.jsonl: is the --input prompts file ({root}/markers.jsonl)']),
+    ('generate:output-in-the-checkpoint', GEN + ['--prompt', 'x', '--output',
+                                                 '{root}/ckpt/config.json'],
+     ['--output {root}/ckpt/config.json: is a file of --checkpoint {root}/ckpt']),
+    ('generate:output-is-the-tokenizer', GEN + ['--prompt', 'x', '--output', '{root}/tok.model'],
+     ['--output {root}/tok.model: is the --tokenizer ({root}/tok.model)']),
     ('generate:output-ends-in-a-slash', GEN + ['--prompt', 'x', '--output', '{root}/answers/'],
      ['--output {root}/answers/: is a folder; expected a file path']),   # was: a traceback
     ('generate:batch-size', GEN + ['--prompt', 'x', '--batch-size', '0'],
