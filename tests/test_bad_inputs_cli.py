@@ -152,6 +152,10 @@ ROWS = [
     ('train:store-without-index', TRAIN + ['--config.data.store={root}/no_index',
                                            '--config.data.tokenizer={root}/tok.model'],
      ['radfm-jax train: {root}/no_index/scans.jsonl: missing; expected the scan index']),
+    ('cache-images:data-is-a-file', ['cache-images', '--checkpoint', '{root}/ckpt', '--data',
+                                     '{root}/a.png', '--config', SPEC],   # was: a.png/manifest.jsonl
+     ['radfm-jax cache-images: --data {root}/a.png: a file; expected the volume store folder '
+      '`radfm-jax ingest` wrote']),
     ('cache-images:no-such-step', ['cache-images', '--checkpoint', '{root}/ckpt', '--data',
                                    '{root}/pngs/store', '--config', SPEC, '--step', '3'],
      ['radfm-jax cache-images: --checkpoint {root}/ckpt: {root}/ckpt/config.json: a '
@@ -219,6 +223,20 @@ ROWS = [
     ('generate:id-twice', GEN + ['--input', '{root}/id_twice.jsonl'],
      ['{root}/id_twice.jsonl line 2 field id: "q" is already used ({root}/id_twice.jsonl line '
       '1); expected a unique id']),
+    ('generate:output-is-the-image', GEN + ['--prompt', '<image>', '--image', '{root}/a.png',
+                                            '--output', '{root}/a.png'],    # was: a.png replaced
+     ['--output {root}/a.png: is --image #1 ({root}/a.png), which the answers would replace; '
+      'expected a file path for the answers (JSONL) that is not one of the inputs']),
+    ('generate:output-is-the-input', GEN + ['--input', '{root}/markers.jsonl', '--output',
+                                            '{root}/markers.jsonl'],
+     ['--output {root}/markers.jsonl: is the --input prompts file ({root}/markers.jsonl)']),
+    ('generate:output-in-the-checkpoint', GEN + ['--prompt', 'x', '--output',
+                                                 '{root}/ckpt/config.json'],
+     ['--output {root}/ckpt/config.json: is a file of --checkpoint {root}/ckpt']),
+    ('generate:output-is-the-tokenizer', GEN + ['--prompt', 'x', '--output', '{root}/tok.model'],
+     ['--output {root}/tok.model: is the --tokenizer ({root}/tok.model)']),
+    ('generate:output-ends-in-a-slash', GEN + ['--prompt', 'x', '--output', '{root}/answers/'],
+     ['--output {root}/answers/: is a folder; expected a file path']),   # was: a traceback
     ('generate:batch-size', GEN + ['--prompt', 'x', '--batch-size', '0'],
      ['radfm-jax generate: --batch-size 0: expected >= 1']),
     # --- eval

@@ -8,6 +8,7 @@ ingests, a second writer waiting for the lock, bounded memory under RLIMIT_AS, t
 import gzip
 import json
 import os
+import pathlib
 import signal
 import struct
 import subprocess
@@ -126,6 +127,18 @@ def _dicom_without_position(d):
   return name
 
 
+def _dicom_scout_in_the_series(d):
+  """A series folder holding one slice of another size (a scout / localizer image)."""
+  import pydicom
+  name = _dicom(d, 'scout')
+  path = os.path.join(d, name, 'slice_002.dcm')
+  ds = pydicom.dcmread(path)
+  ds.Rows, ds.Columns = 4, 5
+  ds.PixelData = np.arange(20, dtype=np.uint16).tobytes()
+  ds.save_as(path)
+  return name
+
+
 def _dicom_enhanced(d):
   """A series whose first file carries functional groups (an enhanced multi-frame's geometry and
   rescale live there, which the reader does not apply)."""
@@ -186,6 +199,9 @@ BIG_INT = np.array([[[1, 2], [3, 5_000_000_000]]], np.int64)
 
 # (row id, builder(d) -> file name, expected reason: substrings, all of which must appear)
 REJECTS = [
+    # was: each library's own words (pydicom: "Use force=True to force reading.")
+    ('zero_byte_dicom', lambda d: _write(d, 'empty.dcm', b''),
+     ["empty file (0 bytes); expected the scan's data (a copy cut short?)"]),
     ('int64_beyond_int32', lambda d: _npy(d, 'i64.npy', BIG_INT),
      ['voxels: value 5000000000 (int64) does not fit int32']),
     ('uint64_beyond_uint32', lambda d: _npy(d, 'u64.npy', BIG_INT.astype(np.uint64)),
@@ -208,6 +224,10 @@ REJECTS = [
     ('dicom_negative_pixel_spacing', lambda d: _dicom(d, 'negsp', PixelSpacing=[-0.8, 0.7]),
      ['spacing', 'is not finite and positive']),
     ('dicom_duplicate_positions', _dicom_duplicate_position, ['two slices at one position']),
+    # was: 'slices differ in shape or are not 2D', naming no file
+    ('dicom_slice_of_another_size', _dicom_scout_in_the_series,
+     ['slice_002.dcm: a 4 x 5 slice where slice_000.dcm is 6 x 5; expected slices of one '
+      'size (one series per folder)']),
     ('nii_gz_claims_1_6_gb', lambda d: _write(d, 'huge.nii.gz', gzip.compress(_huge_nifti_header())),
      ['NIfTI shape [1000, 1000, 800] int16', 'claims 1,600,000,000 bytes', 'DEFLATE']),
     ('nii_claims_1_6_gb', lambda d: _write(d, 'huge.nii', _huge_nifti_header()),
@@ -779,6 +799,27 @@ def test_frame_or_index_that_picks_nothing_is_a_reject_naming_the_field(tmp_path
   for i, (_, _, want) in enumerate(good):
     (image,) = rows[f'good{i}']['images']
     np.testing.assert_array_equal(store.read(image['id'])[0], want)
+
+
+@pytest.mark.parametrize('path,entry,message', [
+    (None, None, 'path: got NoneType None; expected the path of a scan (str)'),
+    ('{d}/p.png', ['x'], '{d}/p.png: image entry: got list; expected a dict such as {{"frame": 0, '
+     '"index": 1, "modality": "CT"}} (or None)'),
+    ('{d}/p.png', {'frame': '0'}, "{d}/p.png: field frame: got str '0'; expected an integer (a "
+     'PNG/JPEG image is one volume; frame picks one of a 4D NIfTI)'),
+    ('{d}/p.png', {'index': True}, '{d}/p.png: field index: got bool True; expected an integer '
+     '(a PNG/JPEG image is one image; index picks one of a 5D .npy stack [S, C, H, W, D])'),
+])
+def test_read_scan_of_the_wrong_type_is_one_line(tmp_path, path, entry, message):
+  """The Python entry point (notebooks) with a path or entry of the wrong type: an InputError
+  naming it (was: a TypeError / AttributeError from deep inside, or True taken as index 1)."""
+  cd.write_png(tmp_path / 'p.png', (np.arange(20).reshape(4, 5) * 9).astype(np.uint8))
+  path = path.format(d=tmp_path) if path else path
+  with pytest.raises(InputError) as e:
+    read_scan(path, entry)
+  assert str(e.value) == message.format(d=tmp_path)
+  (array, _), = read_scan(pathlib.Path(tmp_path / 'p.png'), {'index': np.int64(0)})   # still read
+  assert array.shape == (1, 4, 5, 1)
 
 
 def test_empty_manifest_or_missing_root_is_one_line_and_writes_nothing(tmp_path, capsys):

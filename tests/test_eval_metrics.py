@@ -124,3 +124,24 @@ def test_unicode_punctuation_is_punctuation_for_token_f1():
 ])
 def test_closed_match_reference_starting_with_the_article(pred, ref, ok):
   assert M.closed_match(pred, ref) is ok
+
+
+@pytest.mark.parametrize("preds,refs,message", [
+    # was: scored as 3 samples, one per character
+    ("abc", "abd", "predictions: got str 'abc'; expected a list of strings, one per sample"),
+    # was: scored against the text 'None'
+    (["a"], [None], 'references[0]: got NoneType None; expected a string ("" for none)'),
+    ([1, "b"], ["a", "b"], 'predictions[0]: got int 1; expected a string ("" for none)'),
+    (["a", "b"], ["a"], "2 predictions but 1 references; expected one reference per prediction"),
+])
+def test_compute_metrics_wrong_types(preds, refs, message):
+  from radfm_jax.errors import InputError
+  with pytest.raises(InputError) as e:
+    M.compute_metrics(preds, refs)
+  assert str(e.value) == message
+
+
+def test_compute_metrics_takes_tuples_and_numpy_strings():
+  import numpy as np
+  out = M.compute_metrics(np.array(["yes", "no"]), ("yes", "yes"))
+  assert out["n"] == 2 and out["closed_accuracy"] == 0.5

@@ -354,6 +354,12 @@ def test_bad_split_files(tmp_path, folder):
                      'modality list'):
     for seed in range(8):      # a "no" question needs the list
       recipes.records('radio_modality', str(tmp_path / 'radio_modality_test.csv'), img, seed=seed)
+  (tmp_path / 'modality_set.json').write_text('{"modality": ["CT", null]}')
+  with pytest.raises(InputError) as e:          # was: a "no" question about the modality "None"
+    for seed in range(8):
+      recipes.records('radio_modality', str(tmp_path / 'radio_modality_test.csv'), img, seed=seed)
+  assert str(e.value) == (f'{tmp_path}/modality_set.json field modality[1]: got null; expected a '
+                          'modality name (a non-empty string)')
 
 
 def test_split_file_that_does_not_exist_is_said_so_whatever_its_name(tmp_path, folder):
@@ -416,17 +422,20 @@ def test_bad_rows_are_counted_rejects(tmp_path, folder):
                   'cxr2.png,effusion\n'
                   '\n'
                   'cxr2.png,effusion,maybe\n'
-                  'cxr2.png,,1\n')
+                  'cxr2.png,,1\n'
+                  f'{tmp_path},effusion,1\n')
   res = recipes.records('chestxray_yes_no', str(path), img)
-  assert (res.split, res.rows, len(res.records)) == ('train', 5, 1)
+  assert (res.split, res.rows, len(res.records)) == ('train', 6, 1)
   assert [r['reason'] for r in res.rejects] == [
       f'{path} line 3 field image_path: image not found: {img}/nothere.png; expected the file '
       f'under --image-root {img} (or an absolute path)',
       f'{path} line 4: malformed row: 2 cells; expected 3, one per column of the header',
       f"{path} line 6 field label: got 'maybe'; expected 0 or 1",
-      f'{path} line 7 field disease: empty; expected a value']
+      f'{path} line 7 field disease: empty; expected a value',
+      f'{path} line 8 field image_path: {tmp_path} is a folder; expected an image file under '
+      f'--image-root {img} (or an absolute path)']               # was: "image not found"
   assert [(r['line'], r['field']) for r in res.rejects] == [
-      (3, 'image_path'), (4, None), (6, 'label'), (7, 'disease')]
+      (3, 'image_path'), (4, None), (6, 'label'), (7, 'disease'), (8, 'image_path')]
   cases = tmp_path / 'filtered_case_report_train.csv'
   _csv(cases, ['PMC_id', 'img_ref', 'context', 'question', 'answer'],
        ['PMC1', 'F1', 'c', 'q', 'a'])
@@ -541,7 +550,15 @@ def test_radfm_folder_with_a_file_twice(tmp_path):
      '--seed goes with --recipe, not --manifest'),
     (['--recipe', 'vqa_rad', '--source', 'f.csv', '--image-root', 'slake=img', '--out', 's'],
      '--image-root slake=img: names recipe slake, not the one ingested (--recipe vqa_rad); '
-     'expected DIR, or vqa_rad=DIR')])
+     'expected DIR, or vqa_rad=DIR'),
+    # A second root for the same recipes: the last one silently won.
+    (['--recipe', 'vqa_rad', '--source', 'f.csv', '--image-root', 'a', '--image-root', 'b',
+      '--out', 's'],
+     '--image-root b: a second root for every recipe (after --image-root a); expected one DIR '
+     'per recipe (a recipe reads its images from one root)'),
+    (['--recipe', 'radfm', '--source', '.', '--image-root', 'slake=a', '--image-root', 'slake=b',
+      '--out', 's'],
+     '--image-root slake=b: a second root for recipe slake (after --image-root slake=a)')])
 def test_cli_recipe_flag_errors(argv, message, capsys):
   from radfm_jax.cli.main import main
   with pytest.raises(SystemExit) as e:

@@ -47,7 +47,16 @@ def run(args) -> int:
     from radfm_jax.config import load_config
     cfg = load_config(args.config, args.overrides)
     data_cfg, mesh_cfg = cfg.data, cfg.mesh
-  from radfm_jax.errors import reading
+  import os
+
+  from radfm_jax.checkpoint.meta import checked_record
+  from radfm_jax.data.store import is_url
+  from radfm_jax.errors import InputError, reading
+  checked_record(args.checkpoint)       # a checkpoint at all, first
+  if not is_url(args.data) and not os.path.isdir(args.data):   # before the checkpoint is loaded
+    what = 'a file' if os.path.exists(args.data) else 'no such folder'
+    raise InputError(f'--data {args.data}: {what}; expected the volume store folder `radfm-jax '
+                     'ingest` wrote')
   from radfm_jax.train.image_cache import cache_images
   with reading(f'--checkpoint {args.checkpoint}'):    # no such step, missing files
     stats = cache_images(args.checkpoint, args.data, data_cfg=data_cfg, mesh_cfg=mesh_cfg,

@@ -120,8 +120,8 @@ def _run(args) -> int:
   else:
     items = read_prompts(args.input)
   check_paths(items)             # before the model is loaded
-  if args.output:
-    _check_output(args.output)   # before the model is loaded too
+  if args.output:               # before the model is loaded too
+    _check_output(args.output, items, args.input, args.checkpoint, args.tokenizer)
   model, tokenizer, data_cfg, sampling = load(args)
   answers = generate_items(model, tokenizer, data_cfg, items, sampling, args.batch_size,
                            args.seed, progress=not args.no_progress)
@@ -141,14 +141,27 @@ def _answer(it, text, row) -> str:
                      'prediction': text, 'new_tokens': len(row)})
 
 
-def _check_output(output: str):
-  """--output's folder made and writable, and --output not a folder: before any work."""
+def _check_output(output: str, items=(), prompts: str | None = None,
+                  checkpoint: str | None = None, tokenizer: str | None = None):
+  """--output's folder made and writable, --output not a folder nor one of the inputs (the
+  --input prompts file, an image of `items`, the --tokenizer, a file of the --checkpoint
+  folder), which the answers would replace: before any work."""
   import os
 
   from radfm_jax.errors import InputError, check_parent_folder, check_writable_folder, writing
   expected = 'expected a file path for the answers (JSONL)'
-  if os.path.isdir(output):
+  if os.path.isdir(output) or output.endswith(('/', os.sep)):
     raise InputError(f'--output {output}: is a folder; {expected}')
+  inputs = [('the --input prompts file', prompts)] if prompts else []
+  inputs += [('the --tokenizer', tokenizer)] if tokenizer else []
+  if checkpoint and os.path.isfile(output) and os.path.isdir(checkpoint) and os.path.commonpath(
+      [os.path.realpath(output), os.path.realpath(checkpoint)]) == os.path.realpath(checkpoint):
+    inputs.append((f'a file of --checkpoint {checkpoint}', output))
+  inputs += [(label, path) for it in items for label, path in zip(it['labels'], it['paths'])]
+  for label, path in inputs:
+    if os.path.isfile(output) and os.path.isfile(path) and os.path.samefile(output, path):
+      raise InputError(f'--output {output}: is {label} ({path}), which the answers would '
+                       f'replace; {expected} that is not one of the inputs')
   check_parent_folder(output, f'--output {output}', expected)
   folder = os.path.dirname(os.path.abspath(output))
   check_writable_folder(folder, f'--output {output}')

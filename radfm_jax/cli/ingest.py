@@ -140,6 +140,7 @@ def run(args) -> int:
       from radfm_jax.data.recipes import RECIPES
       source = args.source
       roots = {'': (source if os.path.isdir(source) else os.path.dirname(source)) or '.'}
+      given: dict[str, str] = {}
       for value in args.image_root or ():
         name, eq, folder = value.partition('=')
         if eq and name.isidentifier() and name not in RECIPES:
@@ -149,6 +150,13 @@ def run(args) -> int:
           # it would be silently unused: the one recipe's scans are under the default root
           args._parser.error(f'--image-root {value}: names recipe {name}, not the one ingested '
                              f'(--recipe {args.recipe}); expected DIR, or {args.recipe}=DIR')
+        key = name if eq and name in RECIPES else ''
+        if key in given:          # the later one would silently win: one root is searched
+          args._parser.error(f'--image-root {value}: a second root for '
+                             f'{"recipe " + key if key else "every recipe"} (after --image-root '
+                             f'{given[key]}); expected one DIR per recipe (a recipe reads its '
+                             'images from one root)')
+        given[key] = value
         roots.update({name: folder} if eq and name in RECIPES else {'': value})
       ingest_recipe(args.recipe, source, roots, args.out, args.split,
                     0 if args.seed is None else args.seed, **options)

@@ -147,6 +147,9 @@ def _check_pick(field: str, value: int | None, count: int, holds: str):
   """`frame` / `index` of an image entry against the `count` frames / images the scan holds
   (`holds` says what they are). A scan without that axis holds one, which 0 names; any other
   value would pick nothing there, so it is a reject rather than ignored."""
+  if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+    raise RejectedScan(f'field {field}: got {type(value).__name__} {value!r}; expected an '
+                       f'integer ({holds})')
   if value is not None and not 0 <= value < count:
     allowed = 'no value or 0' if count == 1 else f'0..{count - 1}'
     raise RejectedScan(f'field {field}: got {value}; expected {allowed} ({holds})')
@@ -392,8 +395,15 @@ def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
       if hasattr(ds0, 'PixelSpacing'):
         attrs['spacing'] = [float(v) for v in ds0.PixelSpacing] + [1.0]
     return array, attrs
-  if any(p.shape != px0.shape or p.ndim != 2 for _, p in slices):
-    raise RejectedScan('slices differ in shape or are not 2D')
+  names = [os.path.basename(f) for f in files]
+  for name, (_, p) in zip(names, slices):
+    if p.ndim != 2:
+      raise RejectedScan(f'{name}: pixel data of shape {list(p.shape)} in a series of '
+                         f'{len(slices)} files; expected one 2D slice per file')
+    if p.shape != px0.shape:     # e.g. a scout / localizer image in the series folder
+      raise RejectedScan(f'{name}: a {p.shape[0]} x {p.shape[1]} slice where {names[0]} is '
+                         f'{px0.shape[0]} x {px0.shape[1]}; expected slices of one size (one '
+                         'series per folder)')
   has_geometry = _sort_slices(slices)
   volume = np.stack([_rescale(ds, p) for ds, p in slices], axis=-1)   # [rows, cols, slices]
   if has_geometry and hasattr(ds0, 'PixelSpacing'):
@@ -508,6 +518,13 @@ def read_scan(path: str, entry: dict | None = None,
   """One manifest image entry -> validated [(array [C, H, W, D] in its storable dtype,
   attributes)]; RejectedScan (an InputError, `path: reason`) otherwise. Used by ingest and by
   generate / eval for raw files, so the header-size guard (`max_bytes`) protects all of them."""
+  if not isinstance(path, (str, os.PathLike)):
+    raise InputError(f'path: got {type(path).__name__} {repr(path)[:40]}; expected the path of a '
+                     'scan (str)')
+  if entry is not None and not isinstance(entry, dict):
+    raise InputError(f'{path}: image entry: got {type(entry).__name__}; expected a dict such as '
+                     '{"frame": 0, "index": 1, "modality": "CT"} (or None)')
+  path = os.fspath(path)
   try:
     return _read_scan(path, entry or {}, max_bytes)
   except RejectedScan as e:
@@ -548,6 +565,8 @@ def read_one(path: str, entry: dict | None = None,
 def _read_scan(path: str, entry: dict, max_bytes: int) -> list[tuple[np.ndarray, dict]]:
   if not os.path.exists(path):
     raise RejectedScan('file not found')
+  if os.path.isfile(path) and os.path.getsize(path) == 0:   # each library words it its own way
+    raise RejectedScan('empty file (0 bytes); expected the scan\'s data (a copy cut short?)')
   lower = path.lower()
   frame, index = entry.get('frame'), entry.get('index')
   # Each field picks along an axis only some formats have (_check_pick); the others hold one.

@@ -21,6 +21,8 @@ import string
 import unicodedata
 from typing import Sequence
 
+from radfm_jax.errors import InputError
+
 _ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _YES_NO = {"yes", "no"}
@@ -78,8 +80,19 @@ def closed_match(prediction: str, reference: str) -> bool:
 
 
 def _check(predictions: Sequence[str], references: Sequence[str]) -> None:
+  """InputError (a ValueError) unless both are lists of strings of one length: a string would be
+  scored as one sample per character, and None or a number as its text ('None')."""
+  for name, values in (("predictions", predictions), ("references", references)):
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+      raise InputError(f"{name}: got {type(values).__name__} {repr(values)[:40]}; expected a "
+                       "list of strings, one per sample")
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+      raise InputError(f"{name}[{bad}]: got {type(values[bad]).__name__} "
+                       f"{repr(values[bad])[:40]}; expected a string (\"\" for none)")
   if len(predictions) != len(references):
-    raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    raise InputError(f"{len(predictions)} predictions but {len(references)} references; "
+                     "expected one reference per prediction")
 
 
 def closed_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:

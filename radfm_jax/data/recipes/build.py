@@ -63,6 +63,9 @@ class Ctx:
   def image(self, field: str, path: str) -> str:
     """The resolved path of an image the row names, which must exist (RowError otherwise)."""
     full = self.resolve(path)
+    if os.path.isdir(full):
+      raise RowError(field, f'{full} is a folder; expected an image file under --image-root '
+                     f'{self.image_root} (or an absolute path)')
     if not os.path.isfile(full):
       raise RowError(field, f'image not found: {full}; expected the file under --image-root '
                      f'{self.image_root} (or an absolute path)')
@@ -322,10 +325,14 @@ def radio_modality(row: Row, ctx: Ctx) -> Sample:
 def _modality_set(ctx: Ctx) -> list[str]:
   data = ctx.side_file('modality_set.json', 'the RadFM modality list {"modality": [...]} beside '
                        'the split file (the "no" questions name one of them)')
+  path = os.path.join(os.path.dirname(os.path.abspath(ctx.source)), 'modality_set.json')
   if not isinstance(data, dict) or not isinstance(data.get('modality'), list):
-    path = os.path.join(os.path.dirname(os.path.abspath(ctx.source)), 'modality_set.json')
     raise InputError(f'{path}: got {json.dumps(data)[:60]}; expected {{"modality": [names]}}')
-  return [str(m) for m in data['modality']]
+  for i, m in enumerate(data['modality']):
+    if not isinstance(m, str) or not m.strip():   # was: str(m), a question about "None"
+      raise InputError(f'{path} field modality[{i}]: got {json.dumps(m)[:60]}; expected a '
+                       'modality name (a non-empty string)')
+  return data['modality']
 
 
 def _patient(row: Row) -> str:
