@@ -38,17 +38,16 @@ constexpr int LANES = 8;
 constexpr int ROWS = 4;
 #endif
 
-typedef float vec __attribute__((vector_size(LANES * 4), aligned(4)));
+typedef float vec __attribute__((vector_size(LANES * 4)));
+// The same vector read from any float address (XLA's buffers are aligned, but nothing says so
+// to this file): an unaligned load, allowed to alias the floats it reads.
+typedef float vec_unaligned __attribute__((vector_size(LANES * 4), aligned(4), may_alias));
 
-static inline vec load(const float* p) {
-  vec v;
-  __builtin_memcpy(&v, p, sizeof(vec));
-  return v;
-}
+static inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
 
 // Writes the valid outputs of one panel's accumulators (the last panel may be padding).
 template <int N>
-static inline void store(const vec* acc, int64_t panel, float* y, int64_t out) {
+static inline void store(const vec (&acc)[N], int64_t panel, float* y, int64_t out) {
   const int64_t o0 = panel * LANES;
   const int valid = static_cast<int>(std::min<int64_t>(LANES, out - o0));
   for (int b = 0; b < N; ++b)
