@@ -261,6 +261,18 @@ def value_range(x: np.ndarray) -> tuple[float, float]:
   return float(x.min()), float(x.max())
 
 
+def takes_range(x: np.ndarray, modality: str, data_cfg, stacked: bool = False) -> bool:
+  """Whether the intensity policy scales image x [C, h, w, d] (as read, full resolution) by its
+  `value_range`, so that a range found by the reader (`channel_maps`: `ranges`) stands for the
+  one the policy would compute: `radfm` (ToTensor samples aside: 8-bit, never given one) and the
+  CT policies' non-CT images; not `percentile` (percentiles), a CT image under a CT policy (its
+  window) or a 2D image that `prepare_2d` resizes first (the policy takes the resized range)."""
+  policy = data_cfg.intensity
+  if policy == 'percentile' or (policy in ('ct_window', 'ct_windows3') and _is_ct(modality)):
+    return False
+  return not (getattr(data_cfg, 'resize_2d', 'nearest') == 'bicubic' and is_2d(x, stacked))
+
+
 def to_tensor_sample(images: Sequence[np.ndarray], stacked: Sequence[bool] | None = None) -> bool:
   """Whether the `radfm` policy scales a sample as the original's `ToTensor` (x / 255): every
   image an 8-bit 2D image (`is_2d`). Only 2D images: the original's 3D datasets (RadioVQA & co.)
