@@ -8,14 +8,15 @@
 
 from radfm_jax.config import Config, ConfigError, load_config, model_config
 
-__all__ = ['Config', 'ConfigError', 'Tokenizer', 'generate', 'generate_batch', 'load',
-           'load_config', 'load_for_generation', 'model_config', 'save']
+__all__ = ['Config', 'ConfigError', 'Tokenizer', 'generate', 'generate_batch', 'generate_config',
+           'load', 'load_config', 'load_for_generation', 'model_config', 'save']
 __version__ = '0.1.0'
 
 _LAZY = {
     'Tokenizer': 'radfm_jax.data.tokenizer',
     'load': 'radfm_jax.api', 'load_for_generation': 'radfm_jax.api', 'save': 'radfm_jax.api',
     'generate': 'radfm_jax.api', 'generate_batch': 'radfm_jax.api',
+    'generate_config': 'radfm_jax.api',
 }
 
 

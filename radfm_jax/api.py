@@ -4,18 +4,26 @@
     save(model, 'ckpt/')                  # layout "params": ckpt/config.json + ckpt/params/
     text = generate(model, tok, prompt='Is there a lesion? <image>', images=[vol])
     model, tok, data_cfg = load_for_generation('demo_out/train')   # + tokenizer, preprocessing
+    sampling = generate_config('demo_out/train')   # decoding as `radfm-jax generate` decodes
+    text = generate(model, tok, 'Any change? <image>', [vol], data_cfg=data_cfg, sampling=sampling)
 
 Checkpoints are `radfm_jax.checkpoint`'s: `load` reads either layout (parameter-only, or a
 training run's TrainState) as named by the `layout` field of its config.json; `save` writes the
 parameter-only layout into a new folder, an empty one or a parameter-only checkpoint it replaces.
 A path that is not a checkpoint (`load`) or cannot take one (`save`) is an `errors.InputError`,
 one line naming the path and what was expected, as the commands print it.
+
+Decoding settings have one schema, `config.GenerateConfig`: `generate` without `sampling` (or
+its keyword arguments) uses its defaults, as does `radfm-jax generate` for a checkpoint whose run
+saved no generate section; `generate_config(checkpoint)` is that command's choice for a checkpoint
+(the run's saved section, else those defaults), so a caller can decode exactly as it does.
 """
 
 from __future__ import annotations
 
 # re-exported: the checkpoint package's public face
 from radfm_jax.checkpoint import find_tokenizer, load, read_data_config, save  # noqa: F401
+from radfm_jax.infer.settings import generate_config  # noqa: F401  (re-exported)
 from radfm_jax.infer.text import generate, generate_batch  # noqa: F401  (re-exported)
 
 
@@ -56,5 +64,5 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
   return model, tok, data_config_for(cfg, base)
 
 
-__all__ = ['find_tokenizer', 'generate', 'generate_batch', 'load', 'load_for_generation',
-           'read_data_config', 'save']
+__all__ = ['find_tokenizer', 'generate', 'generate_batch', 'generate_config', 'load',
+           'load_for_generation', 'read_data_config', 'save']

@@ -91,6 +91,34 @@ def model_inputs(batch: dict) -> dict:
   return {k: np.asarray(v) for k, v in on_device.items()}
 
 
+def original_min_max(case: list[np.ndarray]) -> list[np.ndarray]:
+  """The original's 3D normalisation of a case (RadioVQA & co., docs/original.md 11.1), in NumPy:
+  `image = (image - image.min()) / (image.max() - image.min())` over all its images together,
+  then `torch.from_numpy(image).float()`. A float32 case stays float32 throughout, as there; an
+  integer case subtracts exactly (int64 here: the original's int16 would wrap past 32767, which
+  no real CT range reaches) and divides in float64 (numpy's true division of integers), then is
+  cast to float32. Each image [C, H, W, D] -> float32 of the same shape."""
+  lo, hi = min(x.min() for x in case), max(x.max() for x in case)
+  if all(x.dtype == np.float32 for x in case):
+    return [(x - lo) / (hi - lo) for x in case]            # numpy float32 scalars: float32 ops
+  return [((x.astype(np.int64) - int(lo)) / (int(hi) - int(lo))).astype(np.float32)
+          for x in case]
+
+
+def random_cases(seed: int) -> dict[str, list[np.ndarray]]:
+  """Random 3D cases (lists of images [C, 12, 10, 8]) of each stored dtype, by dtype name: one or
+  two images, grey or RGB, each case wide enough that a reciprocal-product min-max is 1 ulp off
+  somewhere (tests of `original_min_max` parity)."""
+  rng = np.random.default_rng(seed)
+  return {
+      'int16': [rng.integers(-1024, 3072, (1, 12, 10, 8), dtype=np.int16),
+                rng.integers(-900, 2000, (1, 12, 10, 8), dtype=np.int16)],
+      'uint8': [rng.integers(3, 251, (1, 12, 10, 8), dtype=np.uint8)],
+      'float32': [(rng.normal(40, 300, (1, 12, 10, 8))).astype(np.float32),
+                  (rng.random((3, 12, 10, 8)) * 7.3 - 1.1).astype(np.float32)],
+  }
+
+
 def ras_affine(spacing=(1.0, 1.0, 2.0), flip_xy=False):
   aff = np.diag(list(spacing) + [1.0])
   if flip_xy:

@@ -176,3 +176,56 @@ def test_generate_config_sources(tmp_path):
     with pytest.raises(ConfigError, match=r"override '" + other + r"': only generate\.\* fields "
                        r'apply here .*--intensity'):
       generate_config(str(tmp_path), 'configs/radfm.py:model=tiny', [other])
+
+
+class _Captured(Exception):
+  pass
+
+
+def test_the_api_and_the_cli_take_one_set_of_generate_defaults(ckpts, tmp_path, monkeypatch):
+  """`radfm-jax generate` decodes with the run's saved generate section, else the config schema's
+  generate defaults; the Python API (`generate` with no sampling arguments) with `GenerateConfig()`.
+  Field by field those are one set (the schema, `config.defaults()`, is built from the dataclass),
+  and the help text states them. For a run that saved its own section, `api.generate_config`
+  gives a Python caller the command's settings: the same answer."""
+  import dataclasses
+  import shutil
+
+  from radfm_jax.cli.generate import GENERATE_NOTE
+  from radfm_jax.config import defaults
+  from radfm_jax.infer import text
+  model, tok, _ = api.load_for_generation(str(ckpts / 'random'), str(ckpts / 'tok.model'))
+  used = []
+
+  def capture(*args, sampling=None, **kwargs):
+    used.append(sampling)
+    raise _Captured
+
+  monkeypatch.setattr(text, 'generate_ids', capture)
+  with pytest.raises(_Captured):
+    api.generate(model, tok, PROMPT)
+  monkeypatch.undo()
+  (api_default,) = used
+  cli_default = generate_config(str(ckpts / 'random'))      # a saved model: no generate section
+  schema = defaults().generate
+  assert set(schema) == {f.name for f in dataclasses.fields(GenerateConfig)}
+  for f in dataclasses.fields(GenerateConfig):
+    want = getattr(GenerateConfig(), f.name)
+    assert getattr(api_default, f.name) == want == getattr(cli_default, f.name), f.name
+    assert schema[f.name] == (list(want) if isinstance(want, tuple) else want), f.name
+  assert (f'{GenerateConfig().max_new_tokens} new tokens, stop_ids '
+          f'{list(GenerateConfig().stop_ids)}') in GENERATE_NOTE
+  assert GenerateConfig().temperature == 0.0 and 'greedy' in GENERATE_NOTE
+
+  run = tmp_path / 'run'                 # a run that saved its own generate section
+  shutil.copytree(ckpts / 'random', run)
+  record = json.loads((run / 'config.json').read_text())
+  record['generate'] = {'max_new_tokens': 3, 'stop_ids': [1]}
+  (run / 'config.json').write_text(json.dumps(record))
+  sampling = api.generate_config(str(run))
+  assert sampling == dataclasses.replace(GenerateConfig(), max_new_tokens=3, stop_ids=(1,))
+  cli = _generate(ckpts, str(run))
+  assert cli['new_tokens'] == 3                                # not GenerateConfig()'s 200
+  model, tok, data_cfg = api.load_for_generation(str(run), str(ckpts / 'tok.model'))
+  assert api.generate(model, tok, PROMPT, data_cfg=data_cfg, sampling=sampling) == \
+      cli['prediction']

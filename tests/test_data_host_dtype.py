@@ -165,3 +165,34 @@ def test_percentile_of_a_sparse_scan_keeps_the_lesion_on_host_and_device():
   # a scan with a real percentile range keeps its percentiles (and its clipping)
   vol[0, :10] = 0
   assert transforms.channel_maps([vol], ['CT'], 'percentile') == [[(0, -1000.0, 0.0, True)] * 3]
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+@pytest.mark.parametrize('dtype', ['int16', 'uint8', 'float32'])
+def test_device_min_max_is_the_originals_division_bit_for_bit(dtype, seed):
+  """The device's expansion of stored voxels (data.host_dtype='stored') divides as the original
+  and the host do: equal bit for bit to the NumPy transcription of the original's min-max
+  (conftest_data.original_min_max) and to the host's float32 images, for int16, uint8 and float32
+  cases; an empty slot (zero map) is zeros, not the NaN of 0 / 0."""
+  from radfm_jax.data import transforms
+  case = cd.random_cases(seed)[dtype]
+  cfg = cd.data_config(intensity='radfm')
+  shape = (12, 10, 8)
+  carrier = transforms.carrier_dtype([x.dtype.name for x in case])
+  carried = np.zeros((len(case) + 1, 3) + shape, carrier)        # + an empty slot
+  maps = np.zeros((len(case) + 1, 3, 4), np.float32)
+  transforms.prepare_stored(case, [''] * len(case), shape, cfg, carried, maps)
+  device = np.asarray(batch_lib.device_inputs({'images': jax.numpy.asarray(carried[None]),
+                                               'image_maps': jax.numpy.asarray(maps[None])}
+                                              )['images'])[0]
+  host = transforms.prepare_images(case, [''] * len(case), shape, cfg)
+  want = cd.original_min_max(case)
+  for s, (x, w) in enumerate(zip(case, want)):
+    for c in range(3):
+      assert device[s, c].tobytes() == w[c if x.shape[0] == 3 else 0].tobytes(), (s, c)
+  assert device[:len(case)].tobytes() == host.tobytes()
+  assert device[len(case)].tobytes() == np.zeros((3,) + shape, np.float32).tobytes()
+  # the reciprocal product the device once applied is 1 ulp off somewhere in this case
+  lo, width = maps[0, 0, 1], maps[0, 0, 2]
+  old = [(x.astype(np.float32) - lo) * np.float32(1.0 / float(width)) for x in case]
+  assert not all(np.array_equal(o, w) for o, w in zip(old, want))

@@ -243,3 +243,76 @@ def test_a_cache_of_an_older_preparation_is_refused(tmp_path):
                      rf"preparation version 1, this code prepares images as version "
                      rf"{PREP_VERSION} .*; run `radfm-jax cache-images` again"):
     ImageTokenCache.open(str(tmp_path), 'fp', source='x', data_cfg=DataConfig())
+
+
+def test_a_depth_1_case_stack_caches_the_tokens_its_volume_gives(run0, tmp_path):
+  """A RadFM case .npy of depth 1 ([S, 3, H, W, 1], scan attribute `case_index`) is a volume
+  whatever its depth (data/transforms.py: `stacked`): min-max over the case, no bicubic step, not
+  / 255 when 8-bit. `cache-images` on such cases (two 8-bit images; one float32 image) writes the
+  tokens the uncached pipeline's images give the same vision tower in the same batch shapes, bit
+  for bit, and not those of the same pixels taken as 2D images."""
+  import dataclasses
+
+  import jax
+
+  from radfm_jax import checkpoint, sharding
+  from radfm_jax.config import MeshConfig
+  from radfm_jax.data import batch as batch_lib
+  from radfm_jax.data import pipeline, transforms
+  from radfm_jax.data.ingest import ingest
+  from radfm_jax.data.tokenizer import Tokenizer
+  from radfm_jax.train.image_cache import _encode, cache_images
+  run, _ = run0
+  rng = np.random.default_rng(5)
+  np.save(tmp_path / 'pair.npy', rng.integers(20, 201, (2, 3, 40, 36, 1)).astype(np.uint8))
+  np.save(tmp_path / 'one.npy', rng.normal(0, 100, (1, 3, 40, 36, 1)).astype(np.float32))
+  records = [{'id': name, 'question': 'What?', 'answer': 'A case.', 'split': 'train',
+              'images': [{'path': f'{name}.npy', 'position': {'question': 0}}]}
+             for name in ('pair', 'one')]
+  store_dir = str(tmp_path / 'store')
+  ingest(cd.write_manifest(tmp_path / 'm.jsonl', records), store_dir, log=open(os.devnull, 'w'))
+  store = VolumeStore(store_dir)
+  entries = {r['id']: r['images'] for r in store.manifest()}
+  assert {k: [e['shape'] for e in v] for k, v in entries.items()} == {
+      'pair': [[3, 40, 36, 1]] * 2, 'one': [[3, 40, 36, 1]]}
+  assert all(store.case_image(e['id']) for v in entries.values() for e in v)
+
+  stats = cache_images(run, store_dir, progress=False)
+  assert stats['scans'] == 3 and stats['samples'] == 2
+  data_cfg = dataclasses.replace(checkpoint.read_data_config(run), store=store_dir, shuffle=False)
+  cache = ImageTokenCache.open(store_dir, stats['fingerprint'], source='x', data_cfg=data_cfg)
+
+  # The tokens without the cache: the pipeline's images through the vision tower, in the
+  # pipeline's batches, sharded as cache_images (and training) shard them.
+  mesh_cfg = MeshConfig()
+  mesh, rules = sharding.make_mesh(mesh_cfg), sharding.rules_for(mesh_cfg)
+  model, model_cfg = checkpoint.load(run, mesh=mesh, rules=rules)
+  tok = Tokenizer(data_cfg.tokenizer, max_images=data_cfg.max_images,
+                  num_latents=model_cfg.perceiver.num_latents)
+  n = model_cfg.perceiver.num_latents
+  kw = dict(process_index=0, process_count=1, num_epochs=1, records=store.manifest())
+  plain = [cd.model_inputs(b) for b in pipeline.make_dataset(data_cfg, model_cfg, store, tok, **kw)]
+  cached = list(pipeline.make_dataset(data_cfg, model_cfg, store, tok, image_cache=cache, **kw))
+  assert [b['tokens'].tobytes() for b in plain] == [b['tokens'].tobytes() for b in cached]
+  put = lambda x: jax.device_put(x, batch_lib.batch_sharding(mesh, rules))  # noqa: E731
+  checked = 0
+  for p, c in zip(plain, cached):
+    assert p['images'].shape[-1] == 4 and p['images'].shape[-3:-1] == (64, 64)   # the 2D bucket
+    with sharding.use_mesh(mesh, rules):
+      want = np.asarray(jax.device_get(_encode(model, put(p['images']), put(p['image_mask']))))
+    for r in range(len(p['images'])):
+      for s in np.flatnonzero(p['image_mask'][r]):
+        got = c['image_tokens'][r, s * n:(s + 1) * n]
+        assert np.abs(got).sum() > 0 and got.tobytes() == want[r, s * n:(s + 1) * n].tobytes()
+        checked += 1
+  assert checked == 3
+
+  # ... which are the tokens of the volume, not of the same pixels prepared as 2D images
+  pair = [store.read(e['id']) for e in entries['pair']]
+  shape = (64, 64, 4)
+  as_volume = transforms.prepare_images(pair, ['', ''], shape, data_cfg, stacked=[True, True])
+  as_2d = transforms.prepare_images(pair, ['', ''], shape, data_cfg)
+  assert not np.array_equal(as_volume, as_2d)
+  row = next(p['images'][r] for p in plain for r in range(len(p['images']))
+             if p['image_mask'][r].sum() == 2)
+  assert row.tobytes() == as_volume.tobytes()

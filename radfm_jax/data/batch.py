@@ -21,7 +21,7 @@ and the model skips the vision tower (`keys(image_cache)` is the key tuple of ei
 With `data.host_dtype='stored'` a 3D batch leaves the host as
 
     images          uint8 / int16 / float32 [B, S, C, H, W, D]   the resized stored voxels
-    image_maps      float32 [B, S, 3, 4]        per output channel (source channel, low, scale,
+    image_maps      float32 [B, S, 3, 4]        per output channel (source channel, low, range,
                                                 clip): transforms.map_coefficients
 
 and `device_inputs` (on the device, after the transfer) turns it into the float32 `images`
@@ -67,10 +67,16 @@ def host_keys(batch: dict) -> tuple[str, ...]:
 
 def _expand(images, maps):
   import jax.numpy as jnp
+  from jax import lax
   src = maps[..., 0].astype(jnp.int32)[..., None, None, None]        # [B, S, 3, 1, 1, 1]
-  lo, scale, clip = (maps[..., i][..., None, None, None] for i in (1, 2, 3))
+  lo, width, clip = (maps[..., i][..., None, None, None] for i in (1, 2, 3))
   x = jnp.take_along_axis(images, src, axis=2).astype(jnp.float32)  # [B, S, 3, H, W, D]
-  y = (x - lo) * scale
+  # A division, as the host and the original: a product by 1 / width is 1 ulp off for some
+  # voxels, and XLA's algebraic simplifier makes exactly that of A / broadcast(B), so the
+  # divisor is broadcast behind an optimization barrier (one float32 array of the images' shape,
+  # once per batch). An empty range (and an empty slot's zero map) is 0, where 0 / 0 is NaN.
+  divisor = lax.optimization_barrier(jnp.broadcast_to(jnp.where(width > 0, width, 1.0), x.shape))
+  y = jnp.where(width > 0, (x - lo) / divisor, 0.0)
   return jnp.where(clip > 0, jnp.clip(y, 0.0, 1.0), y)
 
 
@@ -79,7 +85,7 @@ _EXPAND = None
 
 def device_inputs(batch: dict) -> dict:
   """A batch on the device -> the model's inputs: stored voxels + `image_maps` become float32
-  images [B, S, 3, H, W, D] in [0, 1] (transforms.map_coefficients: (x - low) * scale, clipped
+  images [B, S, 3, H, W, D] in [0, 1] (transforms.map_coefficients: (x - low) / range, clipped
   where the policy clips; the batch-axis sharding is kept); any other batch is returned as is."""
   if 'image_maps' not in batch:
     return batch

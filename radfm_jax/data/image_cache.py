@@ -72,8 +72,9 @@ VISION_GROUPS = ('vision', 'perceiver', 'fc')
 # 255 exactly as ToTensor (were 1 ulp off). 3: an image of a case stack of depth 1 prepared as a
 # volume (min-max, no bicubic step; was a 2D image). Whether a scan is one comes from its stored
 # attributes (store.case_image), fixed for its store key, so the `contexts` (which hold the key)
-# need not name it.
-PREP_VERSION = 3
+# need not name it. 4: the min-max / window / percentile map divides by (high - low) as the
+# original does (was a product by its float32 reciprocal: 1 ulp off for some voxels).
+PREP_VERSION = 4
 
 
 def fingerprint(flat_params: Iterable[tuple[str, np.ndarray]]) -> str:

@@ -291,16 +291,20 @@ class BatchPlan:
     return global_batches
 
 
-def _finite(array: np.ndarray) -> np.ndarray:
-  """`array`, or a ValueError (the sample is unreadable) when a float array holds NaN / inf:
-  ingest rejects such scans, yet a store changed since would reach the model as NaN images (the
-  min-max scales the whole sample by them) and stop the run on a NaN loss naming no scan."""
-  if array.dtype.kind == 'f' and array.size:
-    lo, hi = transforms.value_range(array)      # two reductions: NaN, +inf and -inf all show
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-      raise ValueError(f'{int((~np.isfinite(array)).sum())} NaN/inf voxels in the stored array; '
-                       'expected finite voxels, as ingest stores them')
-  return array
+def _checked_range(array: np.ndarray) -> tuple[float, float] | None:
+  """A float array's transforms.value_range, or a ValueError (the sample is unreadable) when it
+  holds NaN / inf: ingest rejects such scans, yet a store changed since would reach the model as
+  NaN images (the min-max scales the whole sample by them) and stop the run on a NaN loss naming
+  no scan. np.min / np.max propagate NaN and show an inf, so this is the min-max the intensity
+  policy needs anyway (`BatchLoader._read` hands it on), not a pass of its own. None for an
+  integer (always finite; the policy takes its range itself) or empty array."""
+  if array.dtype.kind != 'f' or not array.size:
+    return None
+  lo, hi = transforms.value_range(array)
+  if not (math.isfinite(lo) and math.isfinite(hi)):
+    raise ValueError(f'{int((~np.isfinite(array)).sum())} NaN/inf voxels in the stored array; '
+                     'expected finite voxels, as ingest stores them')
+  return lo, hi
 
 
 class BatchLoader:
@@ -323,19 +327,31 @@ class BatchLoader:
     self.token_shape = None if image_cache is None else (
         image_cache.meta['num_latents'], image_cache.meta['embed'], image_cache.meta['dtype'])
 
-  def _read(self, image: dict, copy: dict | None = None, depth: int = 0) -> np.ndarray:
-    """The scan [C, H, W, D], or with `copy` its slices of the depth bucket `depth` [C, h, w,
-    depth]: transforms.resize(scan, (h, w, depth)) bit for bit (data/train_copies.py)."""
+  def _read(self, image: dict, copy: dict | None = None, depth: int = 0
+            ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """(the scan [C, H, W, D], its range), or with `copy` (its slices of the depth bucket
+    `depth` [C, h, w, depth]: transforms.resize(scan, (h, w, depth)) bit for bit,
+    data/train_copies.py; the full scan's range, stored with it). The range (transforms.
+    channel_maps: `ranges`) is the checked min-max of a float scan the policy scales by it
+    (`_checked_range`, transforms.takes_range), else None: the policy computes what it needs.
+    A float array with NaN / inf voxels is a ValueError."""
     if copy is not None:
       c, _, _, d = (int(v) for v in image['shape'])
       if [copy['shape'][0], copy['shape'][3]] != [c, d]:
         raise ValueError(f'training-resolution copy shape {copy["shape"]} != manifest '
                          f'{image["shape"]} in channels or depth')
-      return _finite(self.store.read_copy(copy, transforms.nearest_indices(d, depth)))
+      array = self.store.read_copy(copy, transforms.nearest_indices(d, depth))
+      _checked_range(array)     # the policy takes the recorded range: the check's own pass
+      return array, (copy['min'], copy['max'])
     array = self.store.read(image['id'])
     if list(array.shape) != list(image['shape']):
       raise ValueError(f'stored shape {list(array.shape)} != manifest {image["shape"]}')
-    return _finite(array)
+    found = _checked_range(array)
+    stacked = found is not None and self.store.case_image(image['id'])
+    if found is not None and transforms.takes_range(array, str(image.get('modality') or ''),
+                                                    self.data_cfg, stacked):
+      return array, found
+    return array, None
 
   def __call__(self, index: int, _=None) -> dict[str, Any]:
     epoch, j = divmod(int(index), self.plan.num_batches)
@@ -364,7 +380,7 @@ class BatchLoader:
         continue
       copies = self.copies[sample] if self.copies is not None else [None] * len(images)
       try:
-        arrays = [self._read(im, c, key.depth) for im, c in zip(images, copies)]
+        read = [self._read(im, c, key.depth) for im, c in zip(images, copies)]
       except Exception as e:  # unreadable at train time: count it, leave the row empty
         if not self.data_cfg.drop_unreadable:
           raise
@@ -374,8 +390,9 @@ class BatchLoader:
         batch[_SKIPPED].append({'sample_id': rec.get('id', sample), 'scan_id': bad,
                                 'reason': reason})
         continue
-      ranges = ([None if c is None else (c['min'], c['max']) for c in copies]
-                if any(c is not None for c in copies) else None)
+      arrays = [array for array, _ in read]
+      ranges = [found for _, found in read]     # the min-max `_read` checked: not taken twice
+      ranges = ranges if any(r is not None for r in ranges) else None
       crop_rng = (np.random.default_rng([self.plan.seed, int(index), r]) if self.augment
                   else None)
       # (the scans were read, so the index has their rows: a case image is a volume)

@@ -8,7 +8,7 @@ Intensity policies (`DataConfig.intensity`):
                   section 11.1), grey copied to 3 channels. One exception keeps 2D parity: if every
                   image of the sample is an 8-bit 2D image (PNG/JPEG, depth 1), the original's
                   `ToTensor` divided by 255 instead, so that is done here too (the same float32
-                  division, bit for bit: `prepare_images`). An 8-bit 3D scan
+                  division, bit for bit: the map (x - 0) / 255). An 8-bit 3D scan
                   (a uint8 RadFM .npy case) is min-max scaled, as the original's 3D datasets do.
 
 2D images. An image of depth 1 is a 2D image (bicubic resize and crop: `prepare_2d`; `ToTensor`
@@ -29,6 +29,14 @@ bicubic step, min-max). The functions below take `stacked` (one bool per image; 
 Statistics (min, max, percentiles) come from the full-resolution scan; the affine map to [0, 1]
 is applied after resizing, which is exact for `nearest` (a gather commutes with any pointwise
 map) and for min-max with trilinear (an affine map commutes with interpolation).
+
+The map is the original's arithmetic, `(image - image.min()) / (image.max() - image.min())`, in
+float32: the voxel minus low, then divided by (high - low), that difference itself taken in
+float32 (`map_coefficients`). For a float32 scan these are the original's own float32 operations;
+for an integer scan the original divides in float64 and casts to float32, which gives the same
+float32 (the differences are exact in float32 and a float64 quotient rounded to float32 is the
+correctly rounded float32 quotient: 53 >= 2 * 24 + 2). A product by the reciprocal 1 / (high -
+low) is 1 ulp off for some voxels, so neither the host nor the device uses one.
 """
 
 from __future__ import annotations
@@ -253,6 +261,18 @@ def value_range(x: np.ndarray) -> tuple[float, float]:
   return float(x.min()), float(x.max())
 
 
+def takes_range(x: np.ndarray, modality: str, data_cfg, stacked: bool = False) -> bool:
+  """Whether the intensity policy scales image x [C, h, w, d] (as read, full resolution) by its
+  `value_range`, so that a range found by the reader (`channel_maps`: `ranges`) stands for the
+  one the policy would compute: `radfm` (ToTensor samples aside: 8-bit, never given one) and the
+  CT policies' non-CT images; not `percentile` (percentiles), a CT image under a CT policy (its
+  window) or a 2D image that `prepare_2d` resizes first (the policy takes the resized range)."""
+  policy = data_cfg.intensity
+  if policy == 'percentile' or (policy in ('ct_window', 'ct_windows3') and _is_ct(modality)):
+    return False
+  return not (getattr(data_cfg, 'resize_2d', 'nearest') == 'bicubic' and is_2d(x, stacked))
+
+
 def to_tensor_sample(images: Sequence[np.ndarray], stacked: Sequence[bool] | None = None) -> bool:
   """Whether the `radfm` policy scales a sample as the original's `ToTensor` (x / 255): every
   image an 8-bit 2D image (`is_2d`). Only 2D images: the original's 3D datasets (RadioVQA & co.)
@@ -319,24 +339,35 @@ def channel_maps(images: Sequence[np.ndarray], modalities: Sequence[str], policy
 
 
 def map_coefficients(chan_map) -> list[tuple[int, np.float32, np.float32, bool]]:
-  """A channel map (`channel_maps`) as the float32 numbers applied: (source, low, scale, clip)
-  per output channel, output = (float32(x[source]) - low) * scale (then clipped to [0, 1]).
+  """A channel map (`channel_maps`) as the float32 numbers applied: (source, low, range, clip)
+  per output channel, output = (float32(x[source]) - low) / range (then clipped to [0, 1]),
+  range = float32(high) - float32(low) in float32 (the original's `image.max() - image.min()`
+  on a float32 scan; exact for integer ones). An empty range (high <= low: a constant sample, or
+  a zero map of an empty slot) is 0 and maps every voxel to 0, where the division would give NaN.
   The host (`apply_map`) and the device (data/batch.py: `device_inputs`) both use these."""
-  return [(int(src), np.float32(lo), np.float32(1.0 / (hi - lo)) if hi > lo else np.float32(0.0),
-           bool(clip)) for src, lo, hi, clip in chan_map]
+  out = []
+  for src, lo, hi, clip in chan_map:
+    width = np.float32(hi) - np.float32(lo)
+    out.append((int(src), np.float32(lo), width if width > 0 else np.float32(0.0), bool(clip)))
+  return out
 
 
 def apply_map(x: np.ndarray, chan_map, out: np.ndarray):
-  """Writes the 3 mapped channels of x [C, H, W, D] into out [3, H, W, D] (float32)."""
+  """Writes the 3 mapped channels of x [C, H, W, D] into out [3, H, W, D] (float32): a float32
+  subtraction, then a float32 division (`map_coefficients`; module docstring: not a product by
+  the reciprocal, which is 1 ulp off the original for some voxels)."""
   cache = {}
-  for c, (src, lo, scale, clip) in enumerate(map_coefficients(chan_map)):
-    key = (src, lo, scale, clip)
+  for c, (src, lo, width, clip) in enumerate(map_coefficients(chan_map)):
+    key = (src, lo, width, clip)
     if key in cache:                         # grey -> RGB: compute once, copy twice
       out[c] = out[cache[key]]
       continue
     cache[key] = c
+    if not width > 0:
+      out[c] = 0.0
+      continue
     np.subtract(x[src], lo, out=out[c], dtype=np.float32, casting='unsafe')
-    np.multiply(out[c], scale, out=out[c])
+    np.divide(out[c], width, out=out[c])
     if clip:
       np.clip(out[c], 0.0, 1.0, out=out[c])
 
@@ -362,16 +393,7 @@ def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
   h, w, d = (int(v) for v in shape)
   if out is None:
     out = np.zeros((len(images), 3, h, w, d), np.float32)
-  if data_cfg.intensity == 'radfm' and to_tensor_sample(images, stacked):
-    # ToTensor's float32 x / 255, not x * float32(1 / 255) as `apply_map` (and the device) scale:
-    # the product is 1 ulp off for 126 of the 256 values. All-2D samples never carry stored
-    # voxels (pipeline.BatchPlan: 3D buckets only), so the host alone makes these images.
-    for s, x in enumerate(images):
-      x = resize(x, (h, w, d), data_cfg.resize)
-      for c in range(3):
-        np.divide(x[c if x.shape[0] == 3 else 0], np.float32(255), out=out[s, c],
-                  dtype=np.float32, casting='unsafe')
-    return out
+  # An all-8-bit-2D sample maps (x - 0) / 255: ToTensor's float32 x / 255 bit for bit.
   maps = _policy_maps(images, modalities, data_cfg, ranges, stacked)
   for s, (x, chan_map) in enumerate(zip(images, maps)):
     apply_map(resize(x, (h, w, d), data_cfg.resize), chan_map, out[s])
@@ -402,7 +424,7 @@ def prepare_stored(images: Sequence[np.ndarray], modalities: Sequence[str],
                    stacked: Sequence[bool] | None = None):
   """Raw scans [C, h, w, d] -> the resized voxels in `out` [>=S, C', H, W, D] (the carrier
   dtype, C' >= every C) and the intensity maps in `maps` [>=S, 3, 4] float32 (source, low,
-  scale, clip per output channel, `map_coefficients`): `prepare_images` without the mapping,
+  range, clip per output channel, `map_coefficients`): `prepare_images` without the mapping,
   which the device applies (data/batch.py: `device_inputs`). `ranges`, `crop_rng`, `stacked`:
   see `prepare_images`."""
   images = prepare_2d(images, data_cfg, crop_rng, stacked)
@@ -413,4 +435,4 @@ def prepare_stored(images: Sequence[np.ndarray], modalities: Sequence[str],
   for s, (x, chan_map) in enumerate(zip(images, chan_maps)):
     x = resize(x, tuple(int(v) for v in shape), data_cfg.resize)
     out[s, :x.shape[0]] = x
-    maps[s] = [(src, lo, scale, clip) for src, lo, scale, clip in map_coefficients(chan_map)]
+    maps[s] = map_coefficients(chan_map)
