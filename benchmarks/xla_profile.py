@@ -9,7 +9,8 @@ decode loop) is an event that encloses its body's ops on the same thread, so eac
 all counted, so the sum can exceed the wall time of a step; the printout says by how much.
 
 Categories (from the opcodes inside each fusion):
-  matmul/conv        dot, convolution (incl. the XNNPACK / oneDNN fusions that wrap them)
+  matmul/conv        dot, convolution (incl. the XNNPACK / oneDNN fusions that wrap them), and
+                     custom calls (the decode's panel-kernel products, generate.cpu_product)
   softmax            exponential with a reduce in the same op
   reductions/norms   reduce, reduce-window, rsqrt without a dot
   copies/transposes  only data movement: copy, transpose, slice, concatenate, gather, pad, ...
@@ -98,7 +99,7 @@ def category(ops: set[str] | None) -> str:
     return 'loop control'
   if ops & _COLLECTIVE:
     return 'collectives'
-  if ops & {'dot', 'convolution'}:
+  if ops & {'dot', 'convolution', 'custom-call'}:
     return 'matmul/conv'
   if 'exponential' in ops and 'reduce' in ops:
     return 'softmax'

@@ -127,14 +127,18 @@ _SAID_WHY: set[str] = set()
 
 def panel_lanes(model, cpu_product: str) -> int:
   """The panel width the unrolled decode packs its weights for (`generate.cpu_product`), 0 for
-  XLA's products. 'panels' raises UserError where the kernel cannot serve (not float32, or it
-  does not build here); 'auto' then uses XLA's products and says why, once per reason. Under
-  'auto' a decoder sharded over several devices keeps XLA's products (the kernel takes whole
-  arrays: XLA would gather every weight to call it)."""
+  XLA's products. 'panels' raises UserError where the kernel cannot serve (not on CPU, not
+  float32, or it does not build here); 'auto' then uses XLA's products and says why, once per
+  reason (silently off CPU, and for a decoder sharded over several devices: the kernel takes
+  whole arrays, so XLA would gather every weight to call it)."""
   if cpu_product == 'xla':
     return 0
   dtype = jnp.dtype(model.llama.compute_dtype)
-  if dtype != jnp.float32:
+  if not _on_cpu():
+    if cpu_product == 'auto':
+      return 0
+    why = f'the decoder runs on {jax.devices()[0].platform}; the panel kernel is a CPU kernel'
+  elif dtype != jnp.float32:
     why = f'the decoder computes in {dtype.name} and the panel kernel is float32 only'
   elif cpu_product == 'auto' and any(len(leaf.sharding.device_set) > 1
                                      for leaf in jax.tree.leaves(nnx.state(model.llama))):
