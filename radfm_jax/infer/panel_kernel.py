@@ -38,7 +38,7 @@ from radfm_jax.errors import UserError
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'panel_product.cc')
 TARGET = 'radfm_panel_product'
 CACHE_ENV = 'RADFM_KERNEL_CACHE'
-FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden', '-w')
 _LOCK = threading.Lock()
 _LOADED: dict[str, int] = {}
 _FAILED: dict[tuple, str] = {}     # (compiler, cache folder) -> why the kernel did not load

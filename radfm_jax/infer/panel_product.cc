@@ -28,6 +28,11 @@
 
 namespace ffi = xla::ffi;
 
+// Everything but the two exported symbols has internal linkage (and the library is built with
+// -fvisibility=hidden): a process may load other libraries built from other versions of this
+// file, and the dynamic linker must not resolve one's template tables to another's.
+namespace {
+
 #if defined(__AVX512F__)
 // 32 vector registers: 2 panels x 8 rows of 16-float accumulators, 2 weight vectors.
 constexpr int LANES = 16;
@@ -37,6 +42,8 @@ constexpr int ROWS = 8;
 constexpr int LANES = 8;
 constexpr int ROWS = 4;
 #endif
+
+constexpr int PREFETCH = 2048 / 4;   // floats ahead of the weight streams
 
 typedef float vec __attribute__((vector_size(LANES * 4)));
 // The same vector read from any float address (XLA's buffers are aligned, but nothing says so
@@ -66,6 +73,10 @@ static void rows_panels(const float* x, const float* w, float* y, int64_t in, in
     vec acc0[N], acc1[N];
     for (int b = 0; b < N; ++b) acc0[b] = acc1[b] = vec{};
     for (int64_t k = 0; k < in; ++k) {
+      // Ask for the weights 2 KiB ahead of each stream: at 8 rows the FMAs keep the core busy,
+      // and the hardware prefetcher alone then left the stream short (8-row products 7% slower).
+      __builtin_prefetch(w0 + k * LANES + PREFETCH);
+      __builtin_prefetch(w1 + k * LANES + PREFETCH);
       const vec a = load(w0 + k * LANES), c = load(w1 + k * LANES);
 #pragma GCC unroll 8
       for (int b = 0; b < N; ++b) {
@@ -169,6 +180,9 @@ static ffi::Error PanelProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   return ffi::Error::Success();
 }
 
+}  // namespace
+
+#pragma GCC visibility push(default)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmPanelProduct, PanelProductImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -178,3 +192,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmPanelProduct, PanelProductImpl,
 
 // The panel width this build packs for (the Python side packs the weights to match).
 extern "C" int radfm_panel_lanes() { return LANES; }
+#pragma GCC visibility pop
