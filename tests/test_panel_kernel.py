@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def lanes():
+  if panel_kernel.compiler() is None:      # the kernel is optional: 'auto' then uses XLA's
+    pytest.skip('no C++ compiler here: the panel kernel cannot be built')
   return panel_kernel.load()
 
 
@@ -134,7 +136,7 @@ def test_auto_keeps_xla_for_a_sharded_decoder(lanes):
       generate_ids(model, tokens, mask, images, cpu_product='xla', **kw).tokens)
 
 
-def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+def test_build_is_cached_and_atomic(lanes, tmp_path, monkeypatch):
   """A build lands under its key in $RADFM_KERNEL_CACHE with no partial file left; the next
   call finds it and builds nothing."""
   monkeypatch.setenv(panel_kernel.CACHE_ENV, str(tmp_path))
