@@ -43,7 +43,7 @@ constexpr int LANES = 8;
 constexpr int ROWS = 4;
 #endif
 
-constexpr int PREFETCH = 2048 / 4;   // floats ahead of the weight streams
+constexpr int PREFETCH = 4096 / 4;   // floats ahead of the weight streams
 
 typedef float vec __attribute__((vector_size(LANES * 4)));
 // The same vector read from any float address (XLA's buffers are aligned, but nothing says so
@@ -73,8 +73,9 @@ static void rows_panels(const float* x, const float* w, float* y, int64_t in, in
     vec acc0[N], acc1[N];
     for (int b = 0; b < N; ++b) acc0[b] = acc1[b] = vec{};
     for (int64_t k = 0; k < in; ++k) {
-      // Ask for the weights 2 KiB ahead of each stream: at 8 rows the FMAs keep the core busy,
-      // and the hardware prefetcher alone then left the stream short (8-row products 7% slower).
+      // Ask for the weights 4 KiB ahead of each stream: at 8 rows the FMAs keep the core busy,
+      // and the hardware prefetcher alone then leaves the stream short (docs/performance.md:
+      // 8-row products 7-10% faster, 1 row unchanged).
       __builtin_prefetch(w0 + k * LANES + PREFETCH);
       __builtin_prefetch(w1 + k * LANES + PREFETCH);
       const vec a = load(w0 + k * LANES), c = load(w1 + k * LANES);
