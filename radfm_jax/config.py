@@ -725,6 +725,10 @@ def check_data_store(cfg: Config) -> None:
     raise ConfigError(f'config field data.store is empty: expected the VolumeStore folder '
                       f'written by `radfm-jax ingest` (--config.data.store=STORE), or '
                       f'--config.data.store={SYNTHETIC_STORE} to train on random batches')
+  if cfg.data.store == SYNTHETIC_STORE and cfg.data.mixture:
+    # random batches have no datasets: the weights would be accepted and do nothing
+    _fail('data.mixture', mixture_weights(cfg.data), f'none with data.store={SYNTHETIC_STORE} '
+          '(random batches, no datasets to weigh); the weights apply to a VolumeStore')
 
 
 def check_batch_axes(cfg: Config, num_devices: int, num_processes: int = 1,
