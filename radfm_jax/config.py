@@ -1022,6 +1022,9 @@ def model_config(size: str = 'tiny', **overrides) -> ModelConfig:
   """A validated ModelConfig for one size of `radfm_jax/presets.py` on the `cpu` preset (for
   notebooks and tests); `overrides` name model fields, nested ones dotted:
   `model_config('tiny', **{'llama.vocab_size': 1024}, compute_dtype='bfloat16')`."""
-  cfg = with_defaults(presets.select(model=size))
+  try:
+    cfg = with_defaults(presets.select(model=size))
+  except ValueError as e:            # presets.select: 'config arg model=...: expected one of'
+    raise ConfigError(str(e)) from e
   apply_overrides(cfg, [f'model.{key}={value!r}' for key, value in overrides.items()])
   return validate(cfg).model

@@ -349,6 +349,8 @@ def test_bad_python_arguments_are_one_error_naming_them(setup):
       (lambda: text.generate(model, 'tok.model', 'x', max_new_tokens=2),
        'tokenizer: got str; expected a radfm_jax Tokenizer'),
       (lambda: Tokenizer(b''), 'tokenizer: a SentencePiece model of no pieces'),
+      (lambda: Tokenizer(None), 'tokenizer: got NoneType; expected the path of a SentencePiece '
+       'tokenizer.model (or its bytes)'),
       # Before: a TypeError / AttributeError / ValueError / IndexError traceback each
       (lambda: text.generate(model, tok, 'x', sampling={'max_new_tokens': 2}),
        'sampling: got dict; expected a radfm_jax.config.GenerateConfig '
