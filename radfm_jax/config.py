@@ -725,6 +725,10 @@ def check_data_store(cfg: Config) -> None:
     raise ConfigError(f'config field data.store is empty: expected the VolumeStore folder '
                       f'written by `radfm-jax ingest` (--config.data.store=STORE), or '
                       f'--config.data.store={SYNTHETIC_STORE} to train on random batches')
+  if cfg.data.store == SYNTHETIC_STORE and cfg.data.mixture:
+    # random batches have no datasets: the weights would be accepted and do nothing
+    _fail('data.mixture', mixture_weights(cfg.data), f'none with data.store={SYNTHETIC_STORE} '
+          '(random batches, no datasets to weigh); the weights apply to a VolumeStore')
 
 
 def check_batch_axes(cfg: Config, num_devices: int, num_processes: int = 1,
@@ -801,7 +805,10 @@ def _validate_mesh(mesh: MeshConfig, num_devices: int | None):
     resolve_mesh_shape(mesh.ici, mesh.dcn, num_devices)
 
 
-def _validate_data(d: DataConfig, m: ModelConfig):
+def validate_preprocessing(d: DataConfig, m: ModelConfig):
+  """Raises ConfigError naming the first field of `d` an image cannot be prepared with for the
+  model `m` (intensity, resizing, image sizes, depth buckets, CT windows, percentiles): also for
+  a DataConfig built in Python and passed to `generate`."""
   v = m.vision
   if d.intensity not in ('radfm', 'ct_window', 'ct_windows3', 'percentile'):
     _fail('data.intensity', d.intensity, "'radfm', 'ct_window', 'ct_windows3' or 'percentile'")
@@ -809,17 +816,32 @@ def _validate_data(d: DataConfig, m: ModelConfig):
     _fail('data.resize', d.resize, "'nearest' or 'trilinear'")
   if d.resize_2d not in ('bicubic', 'nearest'):
     _fail('data.resize_2d', d.resize_2d, "'bicubic' (the original's) or 'nearest'")
-  if d.host_dtype not in ('float32', 'stored'):
-    _fail('data.host_dtype', d.host_dtype, "'float32' or 'stored'")
   for name in ('image_size_2d', 'image_size_3d_single'):
     size = getattr(d, name)
-    if size % v.patch_size or size > v.image_size or size <= 0:
+    if (not isinstance(size, numbers.Integral) or isinstance(size, bool) or size % v.patch_size
+        or size > v.image_size or size <= 0):
       _fail(f'data.{name}', size, f'a positive multiple of model.vision.patch_size={v.patch_size} '
             f'no larger than model.vision.image_size={v.image_size}')
   _increasing_ints('data.depth_buckets', d.depth_buckets,
                    f'positive multiples of model.vision.frame_patch_size={v.frame_patch_size} '
                    f'no larger than model.vision.frames={v.frames}',
                    lambda x: 0 < x <= v.frames and x % v.frame_patch_size == 0)
+  if not isinstance(d.ct_windows, (list, tuple)) or not d.ct_windows or any(
+      not isinstance(w, (list, tuple)) or len(w) != 2 or not all(_real(x) for x in w)
+      or w[1] <= 0 for w in d.ct_windows):
+    _fail('data.ct_windows', d.ct_windows, '(level, width) pairs with width > 0')
+  if d.intensity == 'ct_windows3' and len(d.ct_windows) < 3:
+    _fail('data.ct_windows', d.ct_windows, "three (level, width) windows for intensity='ct_windows3'")
+  if (not isinstance(d.percentiles, (list, tuple)) or len(d.percentiles) != 2
+      or not all(_real(x) for x in d.percentiles)
+      or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100):
+    _fail('data.percentiles', d.percentiles, '(low, high) with 0 <= low < high <= 100')
+
+
+def _validate_data(d: DataConfig, m: ModelConfig):
+  validate_preprocessing(d, m)
+  if d.host_dtype not in ('float32', 'stored'):
+    _fail('data.host_dtype', d.host_dtype, "'float32' or 'stored'")
   _positive('data', d, 'batch_size_2d', 'batch_size_3d', 'max_images')
   _non_negative('data', d, 'num_workers', note=' (0 = threads only)')
   _bool('data', d, 'shuffle', 'drop_unreadable', 'train_copies', 'random_crop_2d')
@@ -827,15 +849,6 @@ def _validate_data(d: DataConfig, m: ModelConfig):
           lambda x: 0 <= x <= 1)
   if d.max_images > m.max_images:
     _fail('data.max_images', d.max_images, f'at most model.max_images={m.max_images}')
-  if not isinstance(d.ct_windows, (list, tuple)) or not d.ct_windows or any(
-      not isinstance(w, (list, tuple)) or len(w) != 2 or not all(_real(x) for x in w)
-      or w[1] <= 0 for w in d.ct_windows):
-    _fail('data.ct_windows', d.ct_windows, '(level, width) pairs with width > 0')
-  if d.intensity == 'ct_windows3' and len(d.ct_windows) < 3:
-    _fail('data.ct_windows', d.ct_windows, "three (level, width) windows for intensity='ct_windows3'")
-  if (len(d.percentiles) != 2 or not all(_real(x) for x in d.percentiles)
-      or not 0 <= d.percentiles[0] < d.percentiles[1] <= 100):
-    _fail('data.percentiles', d.percentiles, '(low, high) with 0 <= low < high <= 100')
   _validate_mixture(d.mixture)
   positions = m.llama.max_position_embeddings
   _increasing_ints('data.text_lengths', d.text_lengths,
@@ -1009,6 +1022,9 @@ def model_config(size: str = 'tiny', **overrides) -> ModelConfig:
   """A validated ModelConfig for one size of `radfm_jax/presets.py` on the `cpu` preset (for
   notebooks and tests); `overrides` name model fields, nested ones dotted:
   `model_config('tiny', **{'llama.vocab_size': 1024}, compute_dtype='bfloat16')`."""
-  cfg = with_defaults(presets.select(model=size))
+  try:
+    cfg = with_defaults(presets.select(model=size))
+  except ValueError as e:            # presets.select: 'config arg model=...: expected one of'
+    raise ConfigError(str(e)) from e
   apply_overrides(cfg, [f'model.{key}={value!r}' for key, value in overrides.items()])
   return validate(cfg).model

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import conftest_data as cd  # noqa: E402
 from radfm_jax import api  # noqa: E402
 from radfm_jax.cli.main import main  # noqa: E402
-from radfm_jax.config import ConfigError, GenerateConfig  # noqa: E402
+from radfm_jax.config import ConfigError, GenerateConfig, model_config  # noqa: E402
 from radfm_jax.infer import panel_kernel  # noqa: E402
 from radfm_jax.infer.generate import cache_limits  # noqa: E402
 from radfm_jax.infer.settings import generate_config  # noqa: E402
@@ -229,3 +229,24 @@ def test_the_api_and_the_cli_take_one_set_of_generate_defaults(ckpts, tmp_path, 
   model, tok, data_cfg = api.load_for_generation(str(run), str(ckpts / 'tok.model'))
   assert api.generate(model, tok, PROMPT, data_cfg=data_cfg, sampling=sampling) == \
       cli['prediction']
+
+
+def test_generate_config_bad_arguments_are_one_line(tmp_path):
+  """Before: a string of overrides was read letter by letter ("override 'g'"), a folder that is
+  not a checkpoint (or no folder) gave the defaults silently, None a TypeError."""
+  from radfm_jax.errors import InputError
+  with pytest.raises(ConfigError) as e:
+    generate_config(overrides='generate.top_k=5')
+  assert str(e.value) == ("overrides 'generate.top_k=5': expected a list of "
+                          '"generate.field=value" strings')
+  with pytest.raises(InputError) as e:
+    generate_config(str(tmp_path / 'none'))
+  assert str(e.value) == (f'{tmp_path}/none: not a checkpoint (no such folder); expected a '
+                          'checkpoint folder written by radfm_jax.save, radfm-jax train or '
+                          'radfm-jax convert')
+  with pytest.raises(InputError) as e:
+    api.load(None)
+  assert str(e.value) == ('checkpoint: got NoneType None; expected a checkpoint folder written by '
+                          'radfm_jax.save, radfm-jax train or radfm-jax convert (its path)')
+  with pytest.raises(ConfigError, match=r"^config arg model='huge': expected one of \['bench'"):
+    model_config('huge')

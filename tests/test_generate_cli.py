@@ -1,5 +1,6 @@
 """Text-level generation, checkpoint loading (converted and trained layouts) and `radfm-jax generate`."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,8 +15,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import conftest_data as cd  # noqa: E402
 from radfm_jax import api  # noqa: E402
 from radfm_jax.cli.main import main  # noqa: E402
+from radfm_jax.config import DataConfig  # noqa: E402
 from radfm_jax.data import prompts, transforms  # noqa: E402
-from radfm_jax.errors import InputError  # noqa: E402
+from radfm_jax.errors import InputError, UserError  # noqa: E402
 from radfm_jax.infer import text  # noqa: E402
 from radfm_jax.infer.generate import generate_ids  # noqa: E402
 
@@ -189,6 +191,9 @@ def test_generate_matches_generate_ids(setup):
   assert ids == ref.sequences() and 1 <= len(ids[0]) <= NEW
   assert out == [tok.decode(ids[0]).strip()]
   assert api.generate(model, tok, 'Is there a nodule? <image>', [vol], max_new_tokens=NEW) == out[0]
+  # one prompt's (text, ids) with return_ids (before: the batch's list of texts)
+  assert api.generate(model, tok, 'Is there a nodule? <image>', [vol], max_new_tokens=NEW,
+                      return_ids=True) == (out[0], ids[0])
   # the image changes the answer's logits path: a different scan gives the same *shapes* only
   assert isinstance(out[0], str)
 
@@ -344,11 +349,44 @@ def test_bad_python_arguments_are_one_error_naming_them(setup):
       (lambda: text.generate(model, 'tok.model', 'x', max_new_tokens=2),
        'tokenizer: got str; expected a radfm_jax Tokenizer'),
       (lambda: Tokenizer(b''), 'tokenizer: a SentencePiece model of no pieces'),
+      (lambda: Tokenizer(None), 'tokenizer: got NoneType; expected the path of a SentencePiece '
+       'tokenizer.model (or its bytes)'),
+      # Before: a TypeError / AttributeError / ValueError / IndexError traceback each
+      (lambda: text.generate(model, tok, 'x', sampling={'max_new_tokens': 2}),
+       'sampling: got dict; expected a radfm_jax.config.GenerateConfig '
+       '(radfm_jax.generate_config), or None and keyword arguments'),
+      (lambda: text.generate(model, tok, 'x', data_cfg={'intensity': 'radfm'}, max_new_tokens=2),
+       "data_cfg: got dict; expected a radfm_jax.config.DataConfig (load_for_generation returns "
+       "the checkpoint's), or None"),
+      (lambda: text.generate(model, tok, 'x <image>', [vol], max_new_tokens=2,
+                             data_cfg=dataclasses.replace(text.data_config_for(cfg),
+                                                          intensity='bogus')),
+       "config field data.intensity='bogus': expected 'radfm', 'ct_window', 'ct_windows3' or "
+       "'percentile'"),
+      (lambda: text.generate(model, tok, 'x <image>', [vol], max_new_tokens=2,
+                             data_cfg=dataclasses.replace(text.data_config_for(cfg),
+                                                          depth_buckets=())),
+       'config field data.depth_buckets=[]: expected a non-empty increasing list of positive '
+       'multiples of model.vision.frame_patch_size='),
+      (lambda: text.generate(model, tok, 'x <image>', [vol], max_new_tokens=2,
+                             data_cfg=DataConfig()),     # not clamped to the tiny vision tower
+       'config field data.image_size_2d=512: expected a positive multiple of '
+       'model.vision.patch_size=16 no larger than model.vision.image_size=64'),
+      (lambda: text.generate('ckpt/', tok, 'x', max_new_tokens=2),
+       'model: got str; expected a RadFM model (radfm_jax.load or load_for_generation)'),
+      # Before: "shape ()"; and stacked 'no' was taken as True
+      (lambda: text.generate(model, tok, 'x <image>', [None], max_new_tokens=2),
+       'prompt 0 image 0: got NoneType; expected an array ([H, W], [H, W, D] or [C, H, W, D] '
+       'numbers) or a path'),
+      (lambda: text.generate_batch(model, tok, ['x <image>'], [[vol]], stacked=[['no']],
+                                   max_new_tokens=2),
+       "stacked: expected one list per prompt holding one bool per image (image counts [1]), "
+       "got [['no']]"),
       (lambda: Tokenizer(cd.spm_proto(), max_images=0),
        'Tokenizer max_images=0: expected a positive integer'),
   ]
   for call, message in cases:
-    with pytest.raises(InputError) as e:
+    with pytest.raises(UserError) as e:       # InputError; ConfigError for a config's field
       call()
     assert str(e.value).startswith(message), (message, str(e.value))
 

@@ -153,8 +153,21 @@ def test_failed_builds_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
   monkeypatch.setenv(panel_kernel.CACHE_ENV, str(tmp_path / 'cache'))
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
   with pytest.raises(panel_kernel.KernelUnavailable,
-                     match=r'^no C\+\+ compiler found \(\$CXX, c\+\+, g\+\+, clang\+\+ on PATH\)$'):
+                     match=rf"^\$CXX '{tmp_path}/no-such-compiler' is not a command on PATH; "
+                     r'expected a C\+\+ compiler \(unset CXX to use c\+\+, g\+\+ or clang\+\+ on '
+                     r'PATH\)$'):
     panel_kernel.library_path()
+  monkeypatch.setenv('CXX', "'g++")
+  with pytest.raises(panel_kernel.KernelUnavailable,
+                     match=r'^\$CXX "\'g\+\+": No closing quotation; expected a compiler command '
+                     r"as a shell would split it, e.g. g\+\+ or 'ccache g\+\+'$"):
+    panel_kernel.library_path()
+  monkeypatch.setenv('CXX', 'true')      # exits 0 and writes nothing: no empty library cached
+  with pytest.raises(panel_kernel.KernelUnavailable,
+                     match=r'^building .*panel_product.cc with true wrote no library; expected a '
+                     r'C\+\+ compiler \(\$CXX\)$'):
+    panel_kernel.library_path()
+  assert os.listdir(tmp_path / 'cache') == []
   failing = tmp_path / 'cxx'
   failing.write_text('#!/bin/sh\necho "cxx: error: out of licences" >&2\nexit 1\n')
   failing.chmod(0o755)
@@ -169,6 +182,22 @@ def test_failed_builds_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
   monkeypatch.setenv(panel_kernel.CACHE_ENV, str(tmp_path / 'file' / 'cache'))
   with pytest.raises(panel_kernel.KernelUnavailable, match=r'^cannot write the kernel cache '):
     panel_kernel.library_path()
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+  """A cached library cut short or overwritten under its name (dlopen crashes on a cut one) does
+  not match the digest in its name: it is removed and built again, never loaded."""
+  monkeypatch.setenv(panel_kernel.CACHE_ENV, str(tmp_path))
+  path = panel_kernel.library_path()
+  with open(path, 'rb') as f:
+    whole = f.read()
+  for damaged in (whole[:len(whole) // 2], b'garbage', b''):
+    with open(path, 'wb') as f:
+      f.write(damaged)
+    assert panel_kernel.library_path() == path and os.listdir(tmp_path) == [
+        os.path.basename(path)]
+    with open(path, 'rb') as f:
+      assert f.read() == whole
 
 
 def test_auto_without_a_compiler_decodes_with_xla(tmp_path):
@@ -192,7 +221,8 @@ def test_auto_without_a_compiler_decodes_with_xla(tmp_path):
   done = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 0, done.stderr
-  why = 'no C++ compiler found ($CXX, c++, g++, clang++ on PATH)'
+  why = (f"$CXX '{tmp_path}/none' is not a command on PATH; expected a C++ compiler (unset CXX "
+         'to use c++, g++ or clang++ on PATH)')
   assert done.stderr.splitlines() == [
       f"radfm-jax: generate.cpu_product='auto': {why}; decoding with XLA:CPU's products"]
   assert done.stdout.splitlines() == [

@@ -57,3 +57,32 @@ def test_delay_ramp_values():
 def test_bad_lr_delays_name_the_field(value):
   with pytest.raises(ConfigError, match=r'train.lr_delays=.*expected \(regex, steps\) pairs'):
     load_config('radfm:model=tiny', [f'train.lr_delays={value}'])
+
+
+@pytest.mark.parametrize('field', ['lr_multipliers', 'lr_delays'])
+def test_a_pattern_matching_no_parameter_names_the_field(field):
+  """A misspelt pattern (before: accepted, the learning rates left as they were, silently); one
+  that matches only frozen parameters stays allowed."""
+  cfg = load_config('radfm:model=tiny', [f"train.{field}=[['vison/.*', 2]]"])
+  params = nnx.state(nnx.eval_shape(lambda: create_model(cfg.model)), nnx.Param)
+  with pytest.raises(ConfigError) as e:
+    optim.check_patterns(cfg.train, params)
+  assert str(e.value) == (
+      f"config field train.{field}=[['vison/.*', 2]]: pattern 'vison/.*' matches no parameter; "
+      'expected full matches of parameter paths such as vision/blocks/q/kernel, '
+      'perceiver/layers/ff_in/kernel, fc/kernel, llama/layers/q/kernel')
+  frozen = load_config('radfm:model=tiny', [f"train.{field}=[['vision/.*', 2]]",
+                                            "train.freeze=['vision']"])
+  optim.check_patterns(frozen.train, params)
+
+
+def test_a_missing_init_from_names_the_field(tmp_path):
+  from radfm_jax.errors import InputError
+  from radfm_jax.train import loop
+  cfg = load_config('radfm:model=tiny', ['finetune.method=lora',
+                                         f'finetune.init_from={tmp_path}/none'])
+  with pytest.raises(InputError) as e:
+    loop.base_params(cfg, None, None)
+  assert str(e.value) == (f'config field finetune.init_from: {tmp_path}/none: not a checkpoint (no '
+                          'such folder); expected a checkpoint folder written by radfm_jax.save, '
+                          'radfm-jax train or radfm-jax convert')

@@ -88,6 +88,12 @@ def test_synthetic_data_only_when_named(tmp_path, capsys):
   data, text = loop.open_data(load_config(SPEC, SMALL + ['data.store=synthetic']), num_devices=1)
   assert isinstance(data, SyntheticBatches) and data.get_state() == {'index': 0}
   assert text.endswith('one bucket images 2x1x3x64x64x4, text 48')
+  # A mixture with random batches would be accepted and do nothing (before: a run that ignored it).
+  with pytest.raises(ConfigError, match=r"^config field data.mixture=\{'nope': 1.0\}: expected "
+                     r'none with data.store=synthetic \(random batches, no datasets to weigh\); '
+                     r'the weights apply to a VolumeStore$'):
+    loop.make_data(load_config(SPEC, SMALL + ['data.store=synthetic',
+                                              "data.mixture={'nope': 1.0}"]))
   # A real store without a tokenizer names the field, not `FileNotFoundError: ''`.
   with pytest.raises(InputError, match=r'^config field data.tokenizer is empty; expected a '
                      r'SentencePiece tokenizer.model: train one with `radfm-jax tokenizer train'):

@@ -175,6 +175,9 @@ def read_record(directory: str) -> tuple[str, dict, str]:
   """(config.json path, its contents, layout) for the checkpoint at `directory`. A path that is
   not a checkpoint (missing, a file, no config.json, no layout) or one of another layout or
   release is an InputError naming it, the same line from `radfm_jax.load` and the commands."""
+  if not isinstance(directory, (str, os.PathLike)):     # None; an int would be taken as a fd
+    raise InputError(f'checkpoint: got {type(directory).__name__} {directory!r}; '
+                     f'{EXPECTED_CHECKPOINT} (its path)')
   if not os.path.isdir(directory):
     what = 'a file' if os.path.exists(directory) else 'no such folder'
     raise InputError(f'{directory}: not a checkpoint ({what}); {EXPECTED_CHECKPOINT}')

@@ -45,6 +45,9 @@ class Tokenizer:
                num_latents: int = 32, *, source: str = 'tokenizer', expected: str = MAKE_ONE):
     if isinstance(model_path_or_proto, (bytes, bytearray)):
       proto = bytes(model_path_or_proto)
+    elif not isinstance(model_path_or_proto, (str, os.PathLike)):
+      raise InputError(f'{source}: got {type(model_path_or_proto).__name__}; expected the path of '
+                       'a SentencePiece tokenizer.model (or its bytes)')
     else:
       path = os.fspath(model_path_or_proto)
       if not path:

@@ -14,8 +14,10 @@ with XLA's intra-op thread pool; float32 only.
 The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
 ~/.cache/radfm-jax/kernels, one shared library per (source, compiler, flags, jaxlib, CPU model
 and flags), written to a temporary name and renamed, so a killed or concurrent build never
-leaves a half-written library under the name that is loaded. The compiler is $CXX, else the first
-of c++, g++, clang++ on PATH.
+leaves a half-written library under the name that is loaded. Its name ends with the SHA-256 of
+its bytes, checked before it is loaded: a cached library cut short or overwritten (which dlopen
+could crash on) is removed and built again. The compiler is $CXX, else the first of c++, g++,
+clang++ on PATH.
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ def compiler() -> list[str] | None:
   None when there is none."""
   given = os.environ.get('CXX', '').strip()
   if given:
-    command = shlex.split(given)
-    return command if shutil.which(command[0]) else None
+    try:
+      command = shlex.split(given)
+    except ValueError as err:         # an unclosed quote
+      raise KernelUnavailable(f'$CXX {given!r}: {err}; expected a compiler command as a shell '
+                              "would split it, e.g. g++ or 'ccache g++'") from None
+    return command if command and shutil.which(command[0]) else None
   for name in ('c++', 'g++', 'clang++'):
     if shutil.which(name):
       return [name]
@@ -100,6 +106,10 @@ def library_path(command: list[str] | None = None) -> str:
   """The built library for this host, built now when the cache has none."""
   command = command or compiler()
   if command is None:
+    given = os.environ.get('CXX', '').strip()
+    if given:
+      raise KernelUnavailable(f'$CXX {given!r} is not a command on PATH; expected a C++ '
+                              'compiler (unset CXX to use c++, g++ or clang++ on PATH)')
     raise KernelUnavailable('no C++ compiler found ($CXX, c++, g++, clang++ on PATH)')
   with open(SOURCE, 'rb') as f:
     source = f.read()
@@ -107,9 +117,9 @@ def library_path(command: list[str] | None = None) -> str:
       source.hex(), ' '.join(command), _version(command), ' '.join(FLAGS), jax.ffi.include_dir(),
       jax.__version__, _cpu_identity()]).encode()).hexdigest()[:16]
   directory = cache_directory()
-  path = os.path.join(directory, f'panel_product-{key}.so')
-  if os.path.exists(path):
-    return path
+  found = _cached(directory, key)
+  if found is not None:
+    return found
   try:
     os.makedirs(directory, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix='.panel_product-', suffix='.so.partial', dir=directory)
@@ -124,11 +134,39 @@ def library_path(command: list[str] | None = None) -> str:
       lines = [ln for ln in done.stderr.splitlines() if 'error' in ln] or done.stderr.splitlines()
       raise KernelUnavailable(f'building {SOURCE} with {command[0]} failed: '
                               f'{(lines or ["no output"])[0].strip()}')
+    if os.path.getsize(partial) == 0:
+      raise KernelUnavailable(f'building {SOURCE} with {command[0]} wrote no library; expected '
+                              'a C++ compiler ($CXX)')
+    path = os.path.join(directory, f'panel_product-{key}-{_digest(partial)}.so')
     os.replace(partial, path)
   finally:
     if os.path.exists(partial):
       os.remove(partial)
   return path
+
+
+def _digest(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _cached(directory: str, key: str) -> str | None:
+  """The cached library of `key` whose bytes match the digest in its name; one that does not
+  (cut short, overwritten) is removed, to be built again."""
+  prefix = f'panel_product-{key}-'
+  try:
+    names = sorted(n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith('.so'))
+  except OSError:
+    return None
+  for name in names:
+    path = os.path.join(directory, name)
+    try:
+      if _digest(path) == name[len(prefix):-len('.so')]:
+        return path
+      os.remove(path)
+    except OSError:
+      pass
+  return None
 
 
 def load() -> int:
@@ -138,11 +176,12 @@ def load() -> int:
       path = library_path()
       try:
         lib = ctypes.cdll.LoadLibrary(path)
-      except OSError as err:
-        raise KernelUnavailable(f'cannot load the built kernel {path} ({err})') from None
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RadfmPanelProduct),
-                                  platform='cpu')
-      _LOADED[TARGET] = int(lib.radfm_panel_lanes())
+        capsule, lanes = jax.ffi.pycapsule(lib.RadfmPanelProduct), int(lib.radfm_panel_lanes())
+      except (OSError, AttributeError) as err:   # not a library; not the kernel's
+        raise KernelUnavailable(f'cannot load the built kernel {path} ({err}); remove it to '
+                                'build it again') from None
+      jax.ffi.register_ffi_target(TARGET, capsule, platform='cpu')
+      _LOADED[TARGET] = lanes
     return _LOADED[TARGET]
 
 
@@ -151,7 +190,10 @@ def unavailable_reason() -> str | None:
   then uses XLA's products). A failed build is not retried for the same compiler and cache."""
   if TARGET in _LOADED:
     return None
-  key = (tuple(compiler() or ()), cache_directory())
+  try:
+    key = (tuple(compiler() or ()), cache_directory())
+  except KernelUnavailable as err:      # $CXX unreadable
+    return str(err)
   if key not in _FAILED:
     try:
       load()

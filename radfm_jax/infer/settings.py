@@ -21,6 +21,10 @@ from radfm_jax.config import (ConfigError, GenerateConfig, apply_overrides, load
 def generate_config(checkpoint: str | None = None, spec: str | None = None,
                     overrides: Sequence[str] = ()) -> GenerateConfig:
   """The validated generate section for a checkpoint (see the module doc)."""
+  overrides = () if overrides is None else overrides
+  if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
+    raise ConfigError(f'overrides {overrides!r}: expected a list of "generate.field=value" '
+                      'strings')
   # Only the generate section is read (of a config file too): an override of another field
   # would be accepted and do nothing, so it is refused.
   other = [o for o in overrides
@@ -31,6 +35,8 @@ def generate_config(checkpoint: str | None = None, spec: str | None = None,
                       '--intensity)')
   if spec:
     return load_config(spec, overrides).generate
+  if checkpoint is not None:           # a checkpoint at all: else the defaults, silently
+    meta.read_record(checkpoint)
   saved = meta.read_section(checkpoint, 'generate', GenerateConfig) if checkpoint else {}
   cfg = with_defaults({'generate': saved})
   return validate(apply_overrides(cfg, overrides)).generate

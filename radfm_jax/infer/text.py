@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from radfm_jax.config import (DataConfig, GenerateConfig, ModelConfig, is_seed,
-                              validate_generate)
+                              validate_generate, validate_preprocessing)
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import prompts as prompts_lib
 from radfm_jax.data import transforms
@@ -132,6 +132,9 @@ def _scan(image, name: str) -> tuple[np.ndarray, bool]:
   except (ValueError, TypeError) as e:     # a ragged list, a tensor numpy cannot take
     raise InputError(f'{name}: not an array ({type(e).__name__}: {e}); expected [H, W], '
                      '[H, W, D] or [C, H, W, D] numbers') from None
+  if x.dtype == object:                    # None, a dict, an object numpy wraps as one
+    raise InputError(f'{name}: got {type(image).__name__}; expected an array ([H, W], [H, W, D] '
+                     'or [C, H, W, D] numbers) or a path')
   if x.ndim == 2:
     x = x[None, :, :, None]
   elif x.ndim == 3:
@@ -211,12 +214,19 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
   largest image count in the batch; (H, W, D) is one RadFM bucket for the whole batch, from the
   deepest scan (`transforms.sample_shape`).
   """
-  data_cfg = data_cfg or data_config_for(model_cfg)
+  if data_cfg is None:
+    data_cfg = data_config_for(model_cfg)
+  elif not isinstance(data_cfg, DataConfig):
+    raise InputError(f'data_cfg: got {type(data_cfg).__name__}; expected a radfm_jax.config.'
+                     'DataConfig (load_for_generation returns the checkpoint\'s), or None')
+  else:
+    validate_preprocessing(data_cfg, model_cfg)
   check_tokenizer(tokenizer, model_cfg)
   prompts, images, modalities = _checked_inputs(prompts, images, modalities)
   limit = min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
   if stacked is not None and (not _is_list(stacked) or len(stacked) != len(images) or not all(
-      _is_list(s) and len(s) == len(row) for s, row in zip(stacked, images))):
+      _is_list(s) and len(s) == len(row) and all(isinstance(x, (bool, np.bool_)) for x in s)
+      for s, row in zip(stacked, images))):
     raise InputError('stacked: expected one list per prompt holding one bool per image (image '
                      f'counts {[len(row) for row in images]}), got {stacked!r}')
   read = [[_scan(x, f'prompt {b} image {i}') for i, x in enumerate(row)]
@@ -271,6 +281,12 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   strings (and the new ids per row, stop id included, with return_ids).
   """
   import jax
+  if not isinstance(getattr(model, 'cfg', None), ModelConfig):
+    raise InputError(f'model: got {type(model).__name__}; expected a RadFM model (radfm_jax.load '
+                     'or load_for_generation)')
+  if sampling is not None and not isinstance(sampling, GenerateConfig):
+    raise InputError(f'sampling: got {type(sampling).__name__}; expected a radfm_jax.config.'
+                     'GenerateConfig (radfm_jax.generate_config), or None and keyword arguments')
   given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                stop_ids=stop_ids)
   sampling = dataclasses.replace(sampling or GenerateConfig(),
@@ -306,7 +322,9 @@ def generate(model, tokenizer, prompt: str, images: Sequence | None = None, *,
                      'scans (arrays or paths), e.g. [volume]')
   if modalities is not None and not _is_list(modalities):
     raise InputError(f'modalities: got {modalities!r}; expected a list, one string per image')
-  return generate_batch(model, tokenizer, [prompt], [list(images or [])],
-                        max_new_tokens=max_new_tokens,
-                        modalities=None if modalities is None else [list(modalities)],
-                        **kwargs)[0]
+  out = generate_batch(model, tokenizer, [prompt], [list(images or [])],
+                       max_new_tokens=max_new_tokens,
+                       modalities=None if modalities is None else [list(modalities)], **kwargs)
+  if kwargs.get('return_ids'):          # (text, ids), not the batch's ([text], ids)
+    return out[0][0], out[1][0]
+  return out[0]

@@ -256,6 +256,7 @@ def build(cfg: Config, mesh=None):
 def _build(cfg: Config, mesh):
   rules = sharding.rules_for(cfg.mesh)
   graphdef, abs_params = lora.abstract_model(cfg.model, cfg.finetune, mesh, rules)
+  optim.check_patterns(cfg.train, abs_params)
   abs_trainable, _ = optim.split_trainable(abs_params, optim.trainable_spec(cfg))
   tx = optim.make_optimizer(cfg.train, abs_trainable)
   abs_state = step_lib.abstract_train_state((graphdef, abs_params), tx, mesh, rules,
@@ -281,7 +282,10 @@ def base_params(cfg: Config, mesh, rules):
   """The parameters of `finetune.init_from` (any checkpoint `checkpoint.load` reads), sharded, in
   `model.param_dtype`; ConfigError when its architecture differs from `cfg.model`'s."""
   from radfm_jax.checkpoint import load
-  model, base_cfg = load(cfg.finetune.init_from, mesh=mesh, rules=rules)
+  try:
+    model, base_cfg = load(cfg.finetune.init_from, mesh=mesh, rules=rules)
+  except InputError as e:           # names the folder, not the field that named it
+    raise InputError(f'config field finetune.init_from: {e}') from e
   for part in ('vision', 'perceiver', 'llama'):
     if getattr(base_cfg, part) != getattr(cfg.model, part):
       raise ConfigError(f'config field finetune.init_from={cfg.finetune.init_from!r}: its '

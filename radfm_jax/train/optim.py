@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from radfm_jax.config import FREEZE_GROUPS, Config, TrainConfig
+from radfm_jax.config import FREEZE_GROUPS, Config, ConfigError, TrainConfig
 from radfm_jax.models.lora import ADAPTER_SUFFIXES, path_names, trainable_filter as lora_filter
 
 
@@ -107,6 +107,22 @@ def lr_labels(multipliers, params) -> object:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def check_patterns(t: TrainConfig, params) -> None:
+  """ConfigError naming `train.lr_multipliers` / `train.lr_delays` when one of their patterns
+  fully matches no parameter path of the model: a misspelt one would leave the learning rates
+  as they were, silently. (A pattern that matches only frozen parameters is allowed.)"""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = ['/'.join(path_names(path)) for path, _ in leaves]
+  for field in ('lr_multipliers', 'lr_delays'):
+    pairs = getattr(t, field)
+    for pattern, _ in pairs:
+      if not any(re.fullmatch(pattern, name) for name in names):
+        raise ConfigError(f'config field train.{field}={[list(p) for p in pairs]!r}: pattern '
+                          f'{pattern!r} matches no parameter; expected full matches of parameter '
+                          'paths such as vision/blocks/q/kernel, perceiver/layers/ff_in/kernel, '
+                          'fc/kernel, llama/layers/q/kernel')
+
+
 def make_schedule(t: TrainConfig) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup,
@@ -140,5 +156,5 @@ def delay_ramp(delay: int, warmup: int) -> optax.Schedule:
   return factor
 
 
-__all__ = ['decay_mask', 'delay_ramp', 'frozen_prefixes', 'lr_labels', 'make_optimizer', 'make_schedule',
-           'merge_params', 'split_trainable', 'trainable_filter', 'trainable_spec']
+__all__ = ['check_patterns', 'decay_mask', 'delay_ramp', 'frozen_prefixes', 'lr_labels',
+           'make_optimizer', 'make_schedule', 'merge_params', 'split_trainable', 'trainable_filter', 'trainable_spec']
