@@ -281,9 +281,6 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   strings (and the new ids per row, stop id included, with return_ids).
   """
   import jax
-  if not isinstance(getattr(model, 'cfg', None), ModelConfig):
-    raise InputError(f'model: got {type(model).__name__}; expected a RadFM model (radfm_jax.load '
-                     'or load_for_generation)')
   if sampling is not None and not isinstance(sampling, GenerateConfig):
     raise InputError(f'sampling: got {type(sampling).__name__}; expected a radfm_jax.config.'
                      'GenerateConfig (radfm_jax.generate_config), or None and keyword arguments')
@@ -294,6 +291,9 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   validate_generate(sampling)              # before anything is prepared or compiled
   if not is_seed(seed):
     raise InputError(f'seed {seed!r}: expected an integer in [0, 2^32) (a JAX key takes 32 bits)')
+  if not isinstance(getattr(model, 'cfg', None), ModelConfig):
+    raise InputError(f'model: got {type(model).__name__}; expected a RadFM model (radfm_jax.load '
+                     'or load_for_generation)')
   batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities,
                         stacked=stacked)
   if names is not None and (not _is_list(names) or len(names) != len(prompts)):
