@@ -168,6 +168,21 @@ def image_shape(depths: Sequence[int], data_cfg) -> tuple[int, int, int]:
   return transforms.sample_shape(depths, data_cfg, kind_batch_size(sample_kind(depths), data_cfg))
 
 
+def generation_shape(depths: Sequence[int], data_cfg, mode: str = 'original') -> tuple[int, int, int]:
+  """The (H, W, D) bucket of generation prompts whose images have `depths` (`generate.image_shape`).
+
+  'original': the original's test script and demo stack each sample (docs/original.md section
+  11.2) and skip the training collator, so a 3D scan goes in at data.image_size_2d in-plane (512)
+  with the full depth buckets, whatever the number of prompts; 'train': `image_shape`, the bucket
+  training gives the sample's kind (a lone 3D scan at data.image_size_3d_single, 256).
+  """
+  if mode == 'train':
+    return image_shape(depths, data_cfg)
+  if mode != 'original':
+    raise ValueError(f"generate.image_shape {mode!r}: expected 'original' or 'train'")
+  return transforms.sample_shape(depths, data_cfg, batch_size=0)   # no single-sample rule
+
+
 def image_slots(n: int, max_images: int) -> int:
   """S for a sample of n images: n rounded up to a power of two, at most max_images."""
   s = 1
@@ -314,5 +329,5 @@ def record_inputs(record: dict, images: Sequence[np.ndarray], tokenizer, data_cf
 
 
 __all__ = ['CACHED_KEYS', 'DTYPES', 'IGNORE', 'KEYS', 'TEXT_KEYS', 'keys', 'batch_shards', 'batch_sharding',
-           'batch_spec', 'device_inputs', 'empty_batch', 'host_keys', 'encode_sample', 'image_shape', 'image_slots',
+           'batch_spec', 'device_inputs', 'empty_batch', 'host_keys', 'encode_sample', 'generation_shape', 'image_shape', 'image_slots',
            'kind_batch_size', 'record_inputs', 'record_text', 'sample_kind', 'text_length']
