@@ -33,6 +33,7 @@ REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'dots_saveable',
 DTYPES = ('float32', 'bfloat16', 'float16')
 DENSE_BACKWARDS = ('autodiff', 'transposed')
 CPU_PRODUCTS = ('auto', 'panels', 'xla')   # generate.cpu_product
+IMAGE_SHAPES = ('original', 'train')        # generate.image_shape
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')     # the mesh axes the batch dimension is sharded over (act_batch)
 RULE_PRESETS = ('fsdp', 'fsdp_tp')
@@ -251,6 +252,14 @@ class GenerateConfig:
   # every product; 'auto' = panels when the model computes in float32 on one CPU device and the
   # kernel builds, else xla (saying why once). Values differ from xla's in the last bits only.
   cpu_product: str = 'auto'
+  # The (H, W, D) bucket of a prompt's images (transforms.generation_shape). 'original': as the
+  # original's test script and demo, which stack each sample without the training collator:
+  # data.image_size_2d in-plane and the full data.depth_buckets (512 x 512 x D <= 64 for a 3D
+  # scan), whatever the batch. 'train': the bucket training gives the sample's kind
+  # (batch.image_shape: a 3D scan at data.image_size_3d_single, 256, with data.batch_size_3d=1),
+  # the resolution the model was trained at (the original's train/test mismatch,
+  # docs/original.md section 13 item 5).
+  image_shape: str = 'original'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -887,6 +896,8 @@ def validate_generate(g: GenerateConfig):
     _fail('generate.layer_loop', g.layer_loop, "one of 'auto', 'scan', 'unrolled'")
   if g.cpu_product not in CPU_PRODUCTS:
     _fail('generate.cpu_product', g.cpu_product, f'one of {CPU_PRODUCTS}')
+  if g.image_shape not in IMAGE_SHAPES:
+    _fail('generate.image_shape', g.image_shape, f'one of {IMAGE_SHAPES}')
   _non_negative('generate', g, 'cache_chunk', note=' (0 = no chunks)')
 
 

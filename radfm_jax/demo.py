@@ -163,13 +163,14 @@ def train_tokenizer(out: str, records: list[dict], vocab_size: int) -> str:
 def _batch_for_generation(records, store, tokenizer, cfg, rows: int) -> dict:
   """Held-out records -> the `generate_ids` arrays (batch.record_inputs rows, left-padded
   prompts, `cfg.data.max_images` image slots), padded to `rows` with copies of the last record."""
-  from radfm_jax.data.batch import record_inputs
+  from radfm_jax.data.batch import generation_shape, record_inputs
   from radfm_jax.infer.text import collate_prompts
   out = []
   for rec in records + [records[-1]] * (rows - len(records)):
     entries = rec['images'][:cfg.data.max_images]
     arrays = [store.read(im['id']) for im in entries]
-    out.append(record_inputs(rec, arrays, tokenizer, cfg.data, generation=True,
+    shape = generation_shape([x.shape[3] for x in arrays], cfg.data, cfg.generate.image_shape)
+    out.append(record_inputs(rec, arrays, tokenizer, cfg.data, generation=True, shape=shape,
                              slots=cfg.data.max_images,
                              stacked=[store.case_image(im['id']) for im in entries]))
   return collate_prompts(out)

@@ -90,6 +90,7 @@ def test_an_experiment_file_calling_sys_exit_is_one_error(tmp_path):
     ('generate.layer_loop=python', 'generate.layer_loop=', "'unrolled'"),
     ('generate.cache_chunk=-1', 'generate.cache_chunk=-1', 'integer >= 0'),
     ('generate.cpu_product=fast', 'generate.cpu_product=', "one of ('auto', 'panels', 'xla')"),
+    ('generate.image_shape=test', 'generate.image_shape=', "one of ('original', 'train')"),
     ('model.vision.depth=0', 'model.vision.depth=0', 'positive integer'),
     ('model.vision.patch_norm_eps=0', 'model.vision.patch_norm_eps=0', 'finite value > 0'),
     ('model.perceiver.latent_init_std=-1', 'model.perceiver.latent_init_std=-1',

@@ -137,10 +137,12 @@ def test_empty_batch_is_the_contract():
 # One record, three batches
 
 
-def _generation_batch(store, record, tok, data_cfg):
-  """The demo's held-out generation batch of one record (one row)."""
+def _generation_batch(store, record, tok, data_cfg, image_shape='train'):
+  """The demo's held-out generation batch of one record (one row), its images in the training
+  bucket (generate.image_shape='train'; the default 'original' is the original's test-time one)."""
   from radfm_jax import demo
-  cfg = dataclasses.replace(load_config(SPEC), data=data_cfg)
+  cfg = load_config(SPEC, [f'generate.image_shape={image_shape}'])
+  cfg = dataclasses.replace(cfg, data=data_cfg)
   return demo._batch_for_generation([record], store, tok, cfg, 1)
 
 
@@ -166,7 +168,7 @@ def test_pipeline_generation_and_eval_batches_agree(store):
     arrays, mods, entries, stacked = harness.read_sample_images(sample)
     question, reference, used = harness.format_question(sample, entries, 32, data_cfg.max_images)
     ev = text.prepare_batch(tok, [question], [arrays], model_cfg, data_cfg, modalities=[mods],
-                            stacked=[stacked])
+                            stacked=[stacked], image_shape='train')
     assert used == n and reference == rec['answer']
 
     prompt = tok.encode(question)
@@ -192,6 +194,11 @@ def test_pipeline_generation_and_eval_batches_agree(store):
     for key in batch_lib.KEYS:
       np.testing.assert_array_equal(row[key], train[key][0])
   assert train['images'].shape[3:] == (16, 16, 8)              # the CT: single-sample 3D bucket
+  # generate.image_shape='original' (the default): the original's test-time stacking, no collator
+  for batch in (_generation_batch(vs, rec, tok, data_cfg, 'original'),
+                text.prepare_batch(tok, [question], [arrays], model_cfg, data_cfg,
+                                   modalities=[mods], stacked=[stacked])):
+    assert batch['images'].shape[3:] == (data_cfg.image_size_2d,) * 2 + (8,)
 
 
 def test_record_inputs_errors_name_the_record(store):

@@ -154,6 +154,33 @@ def test_templates_and_format_sample():
   assert a == 'Findings: Clear lungs. Impression: Normal.' and n == 0 and q
 
 
+def _original_text_add_image(question, answer, positions, blocks):
+  """The original's multi_dataset.text_add_image (a transcription): each image's block goes
+  before character max(pos - 1, 0) of the raw text, then '•' is removed from the answer."""
+  def place(text, field):
+    at = [[] for _ in text]
+    for i, pos in enumerate(positions):
+      (key, value), = pos.items()
+      if key == field:
+        at[max(value - 1, 0)].append(i)
+    return ''.join(''.join(blocks[i] for i in at[c]) + text[c] for c in range(len(text)))
+  return place(question, 'question'), place(answer, 'answer').replace('•', '')
+
+
+def test_bullets_are_removed_after_the_images_are_placed():
+  """An answer position counts the answer's characters as given, bullets included (the original
+  removes '•' after placing the blocks): at len(answer) the block lands before the last
+  character. Before, the bullets were removed first and the block went after it."""
+  answer = '• A mass. • A cyst.'
+  positions = [{'question': 0}, {'answer': len(answer)}, {'answer': 4}]
+  rec = {'id': 'b', 'question': 'What is seen?', 'answer': answer,
+         'images': [{'id': str(i), 'position': p} for i, p in enumerate(positions)]}
+  q, a, n = prompts.format_sample(rec, num_latents=2)
+  blocks = [prompts.image_block(i, 2) for i in range(3)]
+  assert (q, a) == _original_text_add_image('What is seen?', answer, positions, blocks)
+  assert a.endswith(blocks[1] + '.') and n == 3
+
+
 def test_long_lines_stay_in_the_corpus():
   """SentencePiece skips sentences longer than its max_sentence_length (4192 bytes by default),
   with a log line only: a character that occurs only in a long report was missing from the

@@ -66,6 +66,63 @@ def test_sample_shape_rules():
   assert T.sample_shape([], cfg, batch_size=4) == (64, 64, 4)             # no images
 
 
+def _original_stack_then_collate(case, size_2d, size_3d, buckets):
+  """torch transcription of the original's 3D training path for one sample (a batch of one):
+  min-max over the case, multi_dataset.stack_images (F.interpolate to (512, 512, D) with D the
+  D_list 4..64 bucket of the deepest image), then train.py DataCollator (a single sample with more
+  than 6 images: D_list 4..32; single sample and D > 4: 256 x 256; F.interpolate again)."""
+  import torch
+  F = torch.nn.functional
+
+  def bucket(depth, d_list):
+    target = 4
+    for b in d_list:
+      if abs(b - depth) < abs(target - depth):
+        target = b
+    return target
+
+  xs = [torch.from_numpy(s.astype(np.float32)) for s in case]      # S x [C, H, W, D]
+  lo, hi = min(s.min() for s in xs), max(s.max() for s in xs)
+  xs = [(s - lo) / (hi - lo) for s in xs]
+  d1 = bucket(max([4] + [s.shape[-1] for s in xs]), buckets)
+  stacked = torch.cat([F.interpolate(s[None], size=(size_2d, size_2d, d1)) for s in xs])
+  d_list = [b for b in buckets if b <= 32] if len(xs) > 6 else buckets
+  d2 = bucket(stacked.shape[-1], d_list)
+  hw = size_3d if d2 > 4 else size_2d
+  out = F.interpolate(stacked, size=(hw, hw, d2))
+  return out.expand(-1, 3, -1, -1, -1).numpy()
+
+
+def test_more_than_6_images_resize_depth_twice_as_the_original():
+  """A batch of one sample with > 6 images: the original stacks to the 4..64 bucket (50 -> 48)
+  and its collator resizes that to the 4..32 bucket (48 -> 32); one resize 50 -> 32 picks other
+  slices (14 where the original has 13). prepare_images reproduces the two (transforms.
+  stack_depth, depth_indices), also from an image given already at the bucket's depth (a
+  training-resolution copy, data/pipeline.py) when told the sample's stack depth."""
+  torch = pytest.importorskip('torch')
+  buckets = tuple(range(4, 65, 4))
+  cfg = cd.data_config(image_size_2d=64, image_size_3d_single=32, depth_buckets=buckets)
+  rng = np.random.default_rng(0)
+  case = rng.normal(0, 300, size=(7, 1, 20, 18, 50)).astype(np.int16)
+  want = _original_stack_then_collate(case, 64, 32, buckets)
+  shape = T.sample_shape([50] * 7, cfg, batch_size=1)
+  assert shape == (32, 32, 32) and want.shape == (7, 3, 32, 32, 32)
+  images = list(case)
+  np.testing.assert_array_equal(T.prepare_images(images, [''] * 7, shape, cfg), want)
+  one_step = torch.nn.functional.interpolate(torch.arange(50.)[None, None], size=32)[0, 0]
+  assert not np.array_equal(one_step.numpy(), T.depth_indices(50, 32, 48))   # a real difference
+  assert T.stack_depth([50] * 7, cfg) == 48
+  # slices read first at the stack depth (a training-resolution copy, data/pipeline.py), or an
+  # image already at the batch's depth (32 -> 48 -> 32 is not the identity): as the original
+  picked = [x[..., T.nearest_indices(50, 48)] for x in images]
+  ranges = [T.value_range(case)] * 7
+  np.testing.assert_array_equal(
+      T.prepare_images(picked, [''] * 7, shape, cfg, ranges=ranges, stacked_depth=48), want)
+  mixed = [case[0][..., :32]] + images[1:]
+  want = _original_stack_then_collate(mixed, 64, 32, buckets)
+  np.testing.assert_array_equal(T.prepare_images(mixed, [''] * 7, shape, cfg), want)
+
+
 def test_radfm_policy_is_whole_sample_min_max():
   a = np.array([0, 10, 20, 30], np.int16).reshape(1, 2, 2, 1)
   b = np.array([-10, 50, 5, 5], np.int16).reshape(1, 2, 2, 1)

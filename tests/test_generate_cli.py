@@ -113,6 +113,42 @@ def test_prepare_batch_values():
   assert none['images'] is None and none['image_mask'] is None
 
 
+def _original_test_input(volume, size, buckets):
+  """torch transcription of the original's test-time image path (src/test.py: no collator):
+  min-max over the case, then stack_images: F.interpolate (legacy nearest) to (512, 512, D) with D
+  the D_list bucket of the depth (ties to the smaller), grey copied to 3 channels."""
+  import torch
+  x = torch.from_numpy(volume.astype(np.float32))                   # [C=1, H, W, D]
+  x = (x - x.min()) / (x.max() - x.min())
+  depth, target = max(4, x.shape[3]), buckets[0]
+  for b in buckets:
+    if abs(b - depth) < abs(target - depth):
+      target = b
+  y = torch.nn.functional.interpolate(x[None], size=(size, size, target))[0]
+  return y.expand(3, -1, -1, -1).numpy()
+
+
+def test_generation_image_shape_is_the_originals_whatever_the_batch():
+  """generate.image_shape='original' (default): a prompt's 3D scan goes in as the original's
+  test script stacks it (data.image_size_2d in-plane, the full depth buckets) for one prompt as
+  for two; before, one prompt got the training collator's reduced in-plane size (32 here, 256 at
+  the released size) and a batch of two the full one. 'train' is the training bucket."""
+  tok, cfg = cd.tokenizer(), cd.tiny_model()
+  dc = text.data_config_for(cfg)
+  vol = cd.ct_volume((20, 18, 10), seed=0)[None]
+  want = _original_test_input(vol, dc.image_size_2d, dc.depth_buckets)
+  assert want.shape == (3, 64, 64, 8)
+  one = text.prepare_batch(tok, ['Is there a nodule? <image>'], [[vol]], cfg)
+  two = text.prepare_batch(tok, ['Is there a nodule? <image>'] * 2, [[vol], [vol]], cfg)
+  np.testing.assert_array_equal(one['images'][0, 0], want)
+  np.testing.assert_array_equal(two['images'][1, 0], want)
+  train = text.prepare_batch(tok, ['x <image>'], [[vol]], cfg, image_shape='train')
+  assert train['images'].shape[3:] == (dc.image_size_3d_single,) * 2 + (8,)
+  from radfm_jax.config import load_config
+  sampling = load_config('radfm:model=tiny', ['generate.image_shape=train']).generate
+  assert sampling.image_shape == 'train'
+
+
 def test_tokenizer_model_mismatch_is_an_error():
   from radfm_jax.data.tokenizer import Tokenizer
   small = Tokenizer(cd.spm_proto(300))

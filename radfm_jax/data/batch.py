@@ -168,6 +168,21 @@ def image_shape(depths: Sequence[int], data_cfg) -> tuple[int, int, int]:
   return transforms.sample_shape(depths, data_cfg, kind_batch_size(sample_kind(depths), data_cfg))
 
 
+def generation_shape(depths: Sequence[int], data_cfg, mode: str = 'original') -> tuple[int, int, int]:
+  """The (H, W, D) bucket of generation prompts whose images have `depths` (`generate.image_shape`).
+
+  'original': the original's test script and demo stack each sample (docs/original.md section
+  11.2) and skip the training collator, so a 3D scan goes in at data.image_size_2d in-plane (512)
+  with the full depth buckets, whatever the number of prompts; 'train': `image_shape`, the bucket
+  training gives the sample's kind (a lone 3D scan at data.image_size_3d_single, 256).
+  """
+  if mode == 'train':
+    return image_shape(depths, data_cfg)
+  if mode != 'original':
+    raise ValueError(f"generate.image_shape {mode!r}: expected 'original' or 'train'")
+  return transforms.sample_shape(depths, data_cfg, batch_size=0)   # no single-sample rule
+
+
 def image_slots(n: int, max_images: int) -> int:
   """S for a sample of n images: n rounded up to a power of two, at most max_images."""
   s = 1
@@ -211,7 +226,8 @@ def encode_sample(question: str, answer: str | None, images: Sequence[np.ndarray
                   slots: int, length: int | None = None, out: dict | None = None,
                   image_tokens: Sequence[np.ndarray] | None = None, ranges=None,
                   crop_rng: np.random.Generator | None = None,
-                  stacked: Sequence[bool] | None = None) -> dict:
+                  stacked: Sequence[bool] | None = None,
+                  stacked_depth: int | None = None) -> dict:
   """Formatted text + raw scans [C, h, w, d] -> one row of model inputs.
 
   `ranges` (transforms.channel_maps): per image, the full-resolution scan's (min, max) when the
@@ -219,7 +235,8 @@ def encode_sample(question: str, answer: str | None, images: Sequence[np.ndarray
   `crop_rng`: the draws of the training crop of 2D images (`data.random_crop_2d`,
   transforms.prepare_2d); None: each 2D image whole. `stacked`: per image, whether it is an image
   of a RadFM case stack (store.case_image), a volume whatever its depth (data/transforms.py);
-  None: none is.
+  None: none is. `stacked_depth`: the original's stack depth of the sample (transforms.
+  stack_depth of its full scans' depths), given when some images come already resized.
 
   With `image_tokens` (one cached [N, E] array per image, `images` then the same count of
   anything, unread) the row gets image_tokens [S*N, E] instead of images.
@@ -251,11 +268,12 @@ def encode_sample(question: str, answer: str | None, images: Sequence[np.ndarray
     if len(images) and 'image_maps' in row:      # stored voxels; the device maps them
       transforms.prepare_stored(list(images), list(modalities), shape, data_cfg,
                                 out=row['images'], maps=row['image_maps'], ranges=ranges,
-                                crop_rng=crop_rng, stacked=stacked)
+                                crop_rng=crop_rng, stacked=stacked, stacked_depth=stacked_depth)
       row['image_mask'][:len(images)] = True
     elif len(images):
       transforms.prepare_images(list(images), list(modalities), shape, data_cfg, out=row['images'],
-                                ranges=ranges, crop_rng=crop_rng, stacked=stacked)
+                                ranges=ranges, crop_rng=crop_rng, stacked=stacked,
+                                stacked_depth=stacked_depth)
       row['image_mask'][:len(images)] = True
   if answer is None:
     ids = np.asarray(tokenizer.encode(question), np.int32)
@@ -276,12 +294,13 @@ def record_inputs(record: dict, images: Sequence[np.ndarray], tokenizer, data_cf
                   slots: int | None = None, length: int | None = None,
                   out: dict | None = None, image_tokens: Sequence[np.ndarray] | None = None,
                   ranges=None, crop_rng: np.random.Generator | None = None,
-                  stacked: Sequence[bool] | None = None) -> dict:
+                  stacked: Sequence[bool] | None = None, stacked_depth: int | None = None) -> dict:
   """A manifest record and its read scans -> one row of model inputs (see `encode_sample`;
   `image_tokens`: the cached tokens of those images, data/image_cache.py; `ranges`: the
   full-resolution (min, max) of images given as training-resolution copies; `crop_rng`: the
   training crop's draws for 2D images; `stacked`: which images are of a case stack, from the
-  store, `store.case_image`: the record's entries do not say).
+  store, `store.case_image`: the record's entries do not say; `stacked_depth`: see
+  `encode_sample`).
 
   images: the arrays [C, h, w, d] of the record's first n = min(len(images entries),
   data_cfg.max_images) image entries, in manifest order. Defaults: the text from `record_text`
@@ -310,9 +329,10 @@ def record_inputs(record: dict, images: Sequence[np.ndarray], tokenizer, data_cf
     length = text_length(tokenizer.example_length(question, answer), data_cfg.text_lengths)
   return encode_sample(question, answer, images, modalities, tokenizer, data_cfg, shape=shape,
                        slots=slots, length=length, out=out, image_tokens=image_tokens,
-                       ranges=ranges, crop_rng=crop_rng, stacked=stacked)
+                       ranges=ranges, crop_rng=crop_rng, stacked=stacked,
+                       stacked_depth=stacked_depth)
 
 
 __all__ = ['CACHED_KEYS', 'DTYPES', 'IGNORE', 'KEYS', 'TEXT_KEYS', 'keys', 'batch_shards', 'batch_sharding',
-           'batch_spec', 'device_inputs', 'empty_batch', 'host_keys', 'encode_sample', 'image_shape', 'image_slots',
+           'batch_spec', 'device_inputs', 'empty_batch', 'host_keys', 'encode_sample', 'generation_shape', 'image_shape', 'image_slots',
            'kind_batch_size', 'record_inputs', 'record_text', 'sample_kind', 'text_length']

@@ -329,8 +329,8 @@ class BatchLoader:
 
   def _read(self, image: dict, copy: dict | None = None, depth: int = 0
             ) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """(the scan [C, H, W, D], its range), or with `copy` (its slices of the depth bucket
-    `depth` [C, h, w, depth]: transforms.resize(scan, (h, w, depth)) bit for bit,
+    """(the scan [C, H, W, D], its range), or with `copy` (its slices of the sample's stack
+    depth `depth` [C, h, w, depth]: transforms.resize(scan, (h, w, depth)) bit for bit,
     data/train_copies.py; the full scan's range, stored with it). The range (transforms.
     channel_maps: `ranges`) is the checked min-max of a float scan the policy scales by it
     (`_checked_range`, transforms.takes_range), else None: the policy computes what it needs.
@@ -379,13 +379,17 @@ class BatchLoader:
         batch[_DATASETS].append(self.plan.datasets[sample])
         continue
       copies = self.copies[sample] if self.copies is not None else [None] * len(images)
+      # The original's stack depth (transforms.stack_depth, of the full scans): a copy's slices
+      # are read at it, and the resize to the batch's depth goes through it, as the original's.
+      stacked_depth = transforms.stack_depth([int(im['shape'][3]) for im in images],
+                                             self.data_cfg)
       try:
-        read = [self._read(im, c, key.depth) for im, c in zip(images, copies)]
+        read = [self._read(im, c, stacked_depth) for im, c in zip(images, copies)]
       except Exception as e:  # unreadable at train time: count it, leave the row empty
         if not self.data_cfg.drop_unreadable:
           raise
         bad = next((im['id'] for im, c in zip(images, copies)
-                    if not self._readable(im, c, key.depth)), None)
+                    if not self._readable(im, c, stacked_depth)), None)
         reason = f'{type(e).__name__}: {e}'.split(' [tensorstore_spec=')[0]   # drop the spec dump
         batch[_SKIPPED].append({'sample_id': rec.get('id', sample), 'scan_id': bad,
                                 'reason': reason})
@@ -401,7 +405,7 @@ class BatchLoader:
                               text=self.plan.texts[sample],
                               shape=hwd, slots=key.images, ranges=ranges, crop_rng=crop_rng,
                               length=key.length, out={k: batch[k][r] for k in row_keys},
-                              stacked=stacked)
+                              stacked=stacked, stacked_depth=stacked_depth)
       batch[_DATASETS].append(self.plan.datasets[sample])
     return batch
 

@@ -100,15 +100,16 @@ def format_sample(record: dict, num_latents: int = 32,
 
   A record without a question gets one rendered from its task's templates (fields come from the
   record). Images beyond `max_images` are dropped with their text blocks, as the original does.
-  Bullets '•' are removed from the answer (the original does this too).
+  Bullets '•' are removed from the answer after the images are placed, as the original's
+  `text_add_image` does: an answer position counts the characters of the answer as given.
   """
   question = str(record.get('question') or '')
-  answer = str(record.get('answer') or '').replace('•', '')
+  answer = str(record.get('answer') or '')
   if not question and record.get('task') in TASKS:
     fields = {k: v for k, v in record.items() if k not in ('task', 'rng', 'yes_no')}
     question = render_question(record['task'], sample_rng(record.get('id')),
                                yes_no=bool(record.get('yes_no')), **fields)
-  if not answer and record.get('task') == 'report' and 'findings' in record:
+  if not answer.replace('•', '') and record.get('task') == 'report' and 'findings' in record:
     answer = load_templates('report')['answer_format'].format(
         findings=record['findings'], impression=record.get('impression', ''))
   images = list(record.get('images', []))
@@ -116,4 +117,4 @@ def format_sample(record: dict, num_latents: int = 32,
     images = images[:max_images]
   question, answer = place_images(question, answer, [im.get('position', {'question': 0})
                                                      for im in images], num_latents)
-  return question, answer, len(images)
+  return question, answer.replace('•', ''), len(images)

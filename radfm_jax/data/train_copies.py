@@ -14,7 +14,8 @@ stays the source of truth, untouched; the copy is an entry of its index row's `c
 
 Why the model input is bit-identical: `nearest` resizing is a gather along each axis, so resizing
 the copy's depth afterwards, copy[..., nearest_indices(D, D')], is scan[:, idx_H, idx_W, idx_D],
-exactly `transforms.resize(scan, (256, 256, D'))`; the reader takes only those D' slices. The
+exactly `transforms.resize(scan, (256, 256, D'))`; the reader takes only those D' slices (D' the
+sample's stack depth, transforms.stack_depth, from which the batch's depth is taken). The
 min-max intensity statistics come from the full scan (kept with the copy: a gather may miss the
 extreme voxels); the CT windows need none. What cannot commute is not used: `percentile` needs
 the full scan's values, `trilinear` interpolates the full grid.

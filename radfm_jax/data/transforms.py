@@ -83,6 +83,14 @@ def sample_shape(depths: Sequence[int], data_cfg, batch_size: int) -> tuple[int,
   return size, size, d
 
 
+def stack_depth(depths: Sequence[int], data_cfg) -> int:
+  """The depth the original's dataset stacks a sample to (`stack_images`, docs/original.md section
+  11.2): the bucket of its deepest image among all of `data_cfg.depth_buckets`. Its training
+  collator then resizes that stack once more to the batch's bucket (`sample_shape`), which differs
+  only for a batch of one sample with more than 6 images (buckets <= 32): `depth_indices`."""
+  return depth_bucket(max(depths) if len(depths) else 1, list(data_cfg.depth_buckets))
+
+
 # ------------------------------------------------------------------------------------------------
 # Resizing
 
@@ -102,6 +110,17 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
   return np.minimum(idx, n_in - 1)
 
 
+def depth_indices(n_in: int, n_out: int, stacked_depth: int | None = None) -> np.ndarray:
+  """Source slices of a `nearest` resize of depth n_in to n_out, through the original's two
+  resizes when `stacked_depth` (`stack_depth`) is given: its dataset's n_in -> stacked_depth, then
+  its collator's stacked_depth -> n_out (legacy nearest twice: e.g. 50 -> 48 -> 32 takes slice 13
+  where 50 -> 32 takes 14). The in-plane axes need no such step: the collator halves the stack's
+  data.image_size_2d (512 -> 256), and floor(2i * in/512) = floor(i * in/256) in float32."""
+  if stacked_depth is None or stacked_depth in (n_in, n_out):
+    return nearest_indices(n_in, n_out)
+  return nearest_indices(n_in, stacked_depth)[nearest_indices(stacked_depth, n_out)]
+
+
 def _linear_weights(n_in: int, n_out: int):
   """Half-pixel (align_corners=False) linear interpolation: (i0, i1, w1) per output index."""
   scale = np.float32(n_in) / np.float32(n_out)
@@ -112,17 +131,21 @@ def _linear_weights(n_in: int, n_out: int):
   return i0, i1, (src - i0).astype(np.float32)
 
 
-def resize(x: np.ndarray, shape: Sequence[int], mode: str = 'nearest') -> np.ndarray:
+def resize(x: np.ndarray, shape: Sequence[int], mode: str = 'nearest',
+           stacked_depth: int | None = None) -> np.ndarray:
   """[C, H, W, D] -> [C, *shape]; `nearest` keeps the dtype, `trilinear` returns float32.
 
   `trilinear` is separable linear interpolation with half-pixel centres and no antialiasing,
-  i.e. `F.interpolate(mode='trilinear', align_corners=False)`.
+  i.e. `F.interpolate(mode='trilinear', align_corners=False)`. `stacked_depth`: the sample's
+  `stack_depth`, for `nearest`'s depth axis (`depth_indices`).
   """
   shape = tuple(int(s) for s in shape)
-  if x.shape[1:] == shape:
+  if x.shape[1:] == shape and (mode != 'nearest' or stacked_depth in (None, shape[2])):
     return x
   if mode == 'nearest':
-    idx = [np.arange(x.shape[0])] + [nearest_indices(n, m) for n, m in zip(x.shape[1:], shape)]
+    (h, w, d), (oh, ow, od) = x.shape[1:], shape
+    idx = [np.arange(x.shape[0]), nearest_indices(h, oh), nearest_indices(w, ow),
+           depth_indices(d, od, stacked_depth)]
     return x[np.ix_(*idx)]
   if mode != 'trilinear':
     raise ValueError(f"resize mode {mode!r}: expected 'nearest' or 'trilinear'")
@@ -381,22 +404,28 @@ def _policy_maps(images, modalities, data_cfg, ranges, stacked):
 def prepare_images(images: Sequence[np.ndarray], modalities: Sequence[str],
                    shape: Sequence[int], data_cfg, out: np.ndarray | None = None,
                    ranges=None, crop_rng: np.random.Generator | None = None,
-                   stacked: Sequence[bool] | None = None) -> np.ndarray:
+                   stacked: Sequence[bool] | None = None,
+                   stacked_depth: int | None = None) -> np.ndarray:
   """Raw scans [C, h, w, d] (one per image) -> [S, 3, H, W, D] float32 in [0, 1].
 
   `out` (if given) is a preallocated [>=S, 3, H, W, D] buffer filled in place, so the collator
   writes each image straight into the batch. `ranges`: see `channel_maps`. 2D images first go
   through `prepare_2d` (`crop_rng`: the training crop's draws; None: the whole image);
   `stacked` images (of a case stack, module docstring) are volumes whatever their depth.
+  `stacked_depth`: the original's per-sample stack depth (`stack_depth`; None: that of `images`,
+  which holds when they are the full scans), the depth resize's intermediate step; an image given
+  already resized (a training-resolution copy) must come at that depth.
   """
   images = prepare_2d(images, data_cfg, crop_rng, stacked)
+  if stacked_depth is None:
+    stacked_depth = stack_depth([x.shape[3] for x in images], data_cfg)
   h, w, d = (int(v) for v in shape)
   if out is None:
     out = np.zeros((len(images), 3, h, w, d), np.float32)
   # An all-8-bit-2D sample maps (x - 0) / 255: ToTensor's float32 x / 255 bit for bit.
   maps = _policy_maps(images, modalities, data_cfg, ranges, stacked)
   for s, (x, chan_map) in enumerate(zip(images, maps)):
-    apply_map(resize(x, (h, w, d), data_cfg.resize), chan_map, out[s])
+    apply_map(resize(x, (h, w, d), data_cfg.resize, stacked_depth), chan_map, out[s])
   return out
 
 
@@ -421,18 +450,20 @@ def carrier_dtype(dtypes: Sequence[str], resize_mode: str = 'nearest') -> np.dty
 def prepare_stored(images: Sequence[np.ndarray], modalities: Sequence[str],
                    shape: Sequence[int], data_cfg, out: np.ndarray, maps: np.ndarray,
                    ranges=None, crop_rng: np.random.Generator | None = None,
-                   stacked: Sequence[bool] | None = None):
+                   stacked: Sequence[bool] | None = None, stacked_depth: int | None = None):
   """Raw scans [C, h, w, d] -> the resized voxels in `out` [>=S, C', H, W, D] (the carrier
   dtype, C' >= every C) and the intensity maps in `maps` [>=S, 3, 4] float32 (source, low,
   range, clip per output channel, `map_coefficients`): `prepare_images` without the mapping,
-  which the device applies (data/batch.py: `device_inputs`). `ranges`, `crop_rng`, `stacked`:
-  see `prepare_images`."""
+  which the device applies (data/batch.py: `device_inputs`). `ranges`, `crop_rng`, `stacked`,
+  `stacked_depth`: see `prepare_images`."""
   images = prepare_2d(images, data_cfg, crop_rng, stacked)
+  if stacked_depth is None:
+    stacked_depth = stack_depth([x.shape[3] for x in images], data_cfg)
   if any(x.dtype.kind == 'f' for x in images) and out.dtype.kind != 'f':
     raise ValueError(f'carrier {out.dtype} cannot hold the float32 voxels of a resized 2D image '
                      '(transforms.resized_2d_dtype)')
   chan_maps = _policy_maps(images, modalities, data_cfg, ranges, stacked)
   for s, (x, chan_map) in enumerate(zip(images, chan_maps)):
-    x = resize(x, tuple(int(v) for v in shape), data_cfg.resize)
+    x = resize(x, tuple(int(v) for v in shape), data_cfg.resize, stacked_depth)
     out[s, :x.shape[0]] = x
     maps[s] = map_coefficients(chan_map)

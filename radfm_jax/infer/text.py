@@ -26,7 +26,6 @@ from radfm_jax.config import (DataConfig, GenerateConfig, ModelConfig, is_seed,
                               validate_generate, validate_preprocessing)
 from radfm_jax.data import batch as batch_lib
 from radfm_jax.data import prompts as prompts_lib
-from radfm_jax.data import transforms
 from radfm_jax.errors import InputError
 from radfm_jax.infer.generate import generate_ids, left_pad
 
@@ -202,7 +201,8 @@ def _checked_inputs(prompts, images, modalities):
 def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] | None,
                   model_cfg: ModelConfig, data_cfg: DataConfig | None = None,
                   modalities: Sequence[Sequence[str]] | None = None, multiple: int = 64,
-                  stacked: Sequence[Sequence[bool]] | None = None) -> dict:
+                  stacked: Sequence[Sequence[bool]] | None = None,
+                  image_shape: str = 'original') -> dict:
   """Prompts + per-prompt scans -> the arrays `generate_ids` takes.
 
   `stacked` (one list per prompt, one bool per image): which images are of a RadFM case stack,
@@ -212,7 +212,8 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
   Returns {'tokens', 'attention_mask': int32 [B, L] (left padded to a multiple of `multiple`),
   'images': float32 [B, S, 3, H, W, D] or None, 'image_mask': bool [B, S] or None}. S is the
   largest image count in the batch; (H, W, D) is one RadFM bucket for the whole batch, from the
-  deepest scan (`transforms.sample_shape`).
+  deepest scan (`batch.generation_shape`; `image_shape`: `generate.image_shape`, 'original' = the
+  original's test-time stacking, data.image_size_2d in-plane, not the batch size's).
   """
   if data_cfg is None:
     data_cfg = data_config_for(model_cfg)
@@ -241,8 +242,8 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
   n = model_cfg.perceiver.num_latents
   texts = [place_image_markers(p, len(row), n) for p, row in zip(prompts, scans)]
   slots = max(len(row) for row in scans)
-  shape = transforms.sample_shape([x.shape[3] for row in scans for x in row], data_cfg,
-                                  len(prompts))
+  shape = batch_lib.generation_shape([x.shape[3] for row in scans for x in row], data_cfg,
+                                     image_shape)
   rows = []
   for b, (prompt, row) in enumerate(zip(texts, scans)):
     mods = list(modalities[b]) if modalities is not None else [''] * len(row)
@@ -295,7 +296,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
     raise InputError(f'model: got {type(model).__name__}; expected a RadFM model (radfm_jax.load '
                      'or load_for_generation)')
   batch = prepare_batch(tokenizer, prompts, images, model.cfg, data_cfg, modalities,
-                        stacked=stacked)
+                        stacked=stacked, image_shape=sampling.image_shape)
   if names is not None and (not _is_list(names) or len(names) != len(prompts)):
     raise InputError(f'names: expected one name per prompt ({len(prompts)}), got {names!r}')
   for b, n in enumerate(np.asarray(batch['attention_mask']).sum(axis=1)):

@@ -10,9 +10,11 @@ Loss (docs/original.md section 8): labels are *not* pre-shifted; the logits at t
 (logits[:, :-1] vs labels[:, 1:]), labels == -100 are ignored.
   * `mean` (default): token-mean cross entropy over every valid label in the whole batch, exactly
     HF's `output.loss`, the value the original returns and trains on.
-  * `weighted`: sum(ce * w) / sum(w) with w = loss_weights[:, 1:] on valid labels (the original's
-    computed-but-dropped `loss_reg`). Both divide by max(denominator, 1) when a batch holds only
-    empty rows.
+  * `weighted`: sum(ce * w) / sum(w) with w = loss_weights[:, 1:] on valid labels: the formula of
+    the original's computed-but-dropped `loss_reg`, not its values. The original weights entity
+    spans (scispacy UMLS entities of the answer) 3; our batches' loss_weights are 1 on every
+    valid label (data/tokenizer.py), so today `weighted` equals `mean`. Both divide by
+    max(denominator, 1) when a batch holds only empty rows.
 Metrics: loss, token accuracy (argmax == label over valid labels), sequence accuracy (the
 original's "accuracy": fraction of samples whose argmax is right at *every* valid label; rows with
 no valid label - the pipeline's empty padding rows - are not counted), grad norm (global L2 of
