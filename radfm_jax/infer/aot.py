@@ -55,6 +55,11 @@ def generate_fit_check(cfg, *, quantize: str | None = None, batch: int = 1, kind
   rules = sharding.rules_for(cfg.mesh)
   graphdef, state = abstract_generate_model(cfg, mesh, rules, quantize)
   images_shape, _ = batch_shapes(cfg, kind, batch, images_2d)
+  # What `generate` stacks such a prompt's images to (generate.image_shape: 'original' puts a 3D
+  # scan at data.image_size_2d in-plane, the training bucket's 256 under 'train').
+  depth = 1 if kind == '2d' else max(cfg.data.depth_buckets)
+  images_shape = images_shape[:3] + batch_lib.generation_shape(
+      [depth] * images_shape[1], cfg.data, cfg.generate.image_shape)
   prompt = context - max_new
   sampling = dataclasses.replace(cfg.generate, max_new_tokens=max_new, layer_loop='scan',
                                  stop_ids=tuple(cfg.generate.stop_ids))
@@ -70,7 +75,8 @@ def generate_fit_check(cfg, *, quantize: str | None = None, batch: int = 1, kind
             'device_kind': devices[0].device_kind, 'mesh': dict(mesh.shape),
             'program': 'generate', 'model': cfg.model.size, 'quantize': quantize or 'none',
             'param_dtype': cfg.model.param_dtype, 'compute_dtype': cfg.model.compute_dtype,
-            'batch': batch, 'images_shape': list(images_shape), 'prompt_len': prompt,
+            'batch': batch, 'images_shape': list(images_shape),
+            'image_shape': cfg.generate.image_shape, 'prompt_len': prompt,
             'max_new_tokens': max_new, 'context': context, 'cache_chunk': sampling.cache_chunk,
             'param_bytes_total': int(param_bytes), 'hbm_gib': cfg.mesh.hbm_gib}
   fn = gen._compiled_decode(graphdef, None, sampling, False)
