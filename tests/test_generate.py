@@ -1,5 +1,7 @@
 """KV-cache generation equals re-running the full forward; batching with left padding is exact."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -312,3 +314,26 @@ def test_first_argmax_is_argmax_with_ties_nans_and_infinities():
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
     np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+
+
+def test_ids_outside_the_radfm_range_are_refused(model):
+  """The splice would clamp an out-of-range id into its tables (another token, silently); the
+  original raises. Text ids, the 2 marker ids and one image's latent ids are accepted, the next
+  id and negative ids are one InputError naming the position."""
+  from radfm_jax.errors import InputError
+  vocab, latents = model.cfg.llama.vocab_size, model.cfg.perceiver.num_latents
+  images = _images(1, 1)
+  last = vocab + 2 + latents - 1                # the last image-token id of one image slot
+  ok = np.array([[1, vocab, last, vocab + 1, 7]], np.int32)
+  mask = np.ones_like(ok)
+  assert generate_ids(model, ok, mask, images, max_new_tokens=1).tokens.shape == (1, 1)
+  for bad, where in ((last + 1, 'tokens[0, 2]: id %d outside 0..%d' % (last + 1, last)),
+                     (-3, 'tokens[0, 2]: id -3 outside 0..%d' % last)):
+    tokens = ok.copy()
+    tokens[0, 2] = bad
+    with pytest.raises(InputError, match=re.escape(where)):
+      generate_ids(model, tokens, mask, images, max_new_tokens=1)
+  no_image = r'tokens\[0, 1\]: id %d outside 0\.\.%d.*0 here\)$' % (vocab + 2, vocab + 1)
+  with pytest.raises(InputError, match=no_image):
+    generate_ids(model, np.array([[1, vocab + 2]]), np.ones((1, 2), np.int32), None,
+                 max_new_tokens=1)

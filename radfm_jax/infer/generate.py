@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from radfm_jax.config import GenerateConfig
-from radfm_jax.errors import UserError
+from radfm_jax.errors import InputError, UserError
 from radfm_jax.infer import cpu_decode, panel_kernel
 from radfm_jax.models.layers import first_argmax
 from radfm_jax.models.llama import KVCache
@@ -230,6 +230,21 @@ def _compiled_decode(graphdef, view_graphdef, sampling: GenerateConfig, return_l
                  donate_argnums=(1,), compiler_options=options)
 
 
+def _check_ids(model, tokens: np.ndarray, images: int | None):
+  """InputError unless every id is a RadFM id: text ids below the vocabulary, the 2 image-marker
+  ids, then `images * num_latents` image-token ids. The splice clamps ids into its tables (a
+  gather under jit cannot raise), so an id out of range would be embedded as another token;
+  the original raises on it."""
+  vocab = model.cfg.llama.vocab_size
+  limit = vocab + 2 + (images or 0) * model.cfg.perceiver.num_latents
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= limit):
+    row, col = np.argwhere((tokens < 0) | (tokens >= limit))[0]
+    raise InputError(f'tokens[{row}, {col}]: id {int(tokens[row, col])} outside 0..{limit - 1}; '
+                     f'expected RadFM ids (text ids < {vocab}, then 2 image-marker ids and '
+                     f'{model.cfg.perceiver.num_latents} image-token ids per image slot, '
+                     f'{images or 0} here)')
+
+
 def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
                  sampling: GenerateConfig | None = None, rng: jax.Array | None = None,
                  reuse_decode_view: bool = True, return_logits: bool = False,
@@ -246,6 +261,7 @@ def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
   sampling = dataclasses.replace(sampling or GenerateConfig(), **sampling_overrides)
   sampling = dataclasses.replace(sampling, stop_ids=tuple(sampling.stop_ids),
                                  layer_loop=_resolve_layer_loop(sampling.layer_loop))
+  _check_ids(model, np.asarray(tokens), None if images is None else np.shape(images)[1])
   tokens = jnp.asarray(tokens, jnp.int32)
   attention_mask = jnp.asarray(attention_mask, jnp.int32)
   if np.any(np.asarray(attention_mask)[:, -1] == 0):
