@@ -141,8 +141,8 @@ def _answer(it, text, row) -> str:
                      'prediction': text, 'new_tokens': len(row)})
 
 
-def _check_output(output: str, items=(), prompts: str | None = None,
-                  checkpoint: str | None = None, tokenizer: str | None = None):
+def _check_output(output: str, items, prompts: str | None, checkpoint: str | None,
+                  tokenizer: str | None):
   """--output's folder made and writable, --output not a folder nor one of the inputs (the
   --input prompts file, an image of `items`, the --tokenizer, a file of the --checkpoint
   folder), which the answers would replace: before any work."""
@@ -152,16 +152,18 @@ def _check_output(output: str, items=(), prompts: str | None = None,
   expected = 'expected a file path for the answers (JSONL)'
   if os.path.isdir(output) or output.endswith(('/', os.sep)):
     raise InputError(f'--output {output}: is a folder; {expected}')
-  inputs = [('the --input prompts file', prompts)] if prompts else []
-  inputs += [('the --tokenizer', tokenizer)] if tokenizer else []
-  if checkpoint and os.path.isfile(output) and os.path.isdir(checkpoint) and os.path.commonpath(
-      [os.path.realpath(output), os.path.realpath(checkpoint)]) == os.path.realpath(checkpoint):
-    inputs.append((f'a file of --checkpoint {checkpoint}', output))
-  inputs += [(label, path) for it in items for label, path in zip(it['labels'], it['paths'])]
-  for label, path in inputs:
-    if os.path.isfile(output) and os.path.isfile(path) and os.path.samefile(output, path):
+  if os.path.isfile(output):                # an existing file: is it one of the inputs?
+    def replaces(label: str, path: str):
       raise InputError(f'--output {output}: is {label} ({path}), which the answers would '
                        f'replace; {expected} that is not one of the inputs')
+    real = checkpoint and os.path.isdir(checkpoint) and os.path.realpath(checkpoint)
+    if real and os.path.commonpath([os.path.realpath(output), real]) == real:
+      replaces(f'a file of --checkpoint {checkpoint}', output)
+    inputs = [('the --input prompts file', prompts), ('the --tokenizer', tokenizer)]
+    inputs += [(label, path) for it in items for label, path in zip(it['labels'], it['paths'])]
+    for label, path in inputs:
+      if path and os.path.isfile(path) and os.path.samefile(output, path):
+        replaces(label, path)
   check_parent_folder(output, f'--output {output}', expected)
   folder = os.path.dirname(os.path.abspath(output))
   check_writable_folder(folder, f'--output {output}')

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -194,6 +195,20 @@ class _Entry:
   def source_key(self) -> list:
     return [self.path, self.entry.get('frame'), self.entry.get('index')]
 
+  @functools.cached_property
+  def stack_size(self) -> int:
+    """How many scans the entry is stored as: S for a 5D .npy stack [S, C, H, W, D] read without
+    "index" (stored as sid_0 .. sid_{S-1}, `_expand_ids`), else 1. From the header only, read
+    once (the id checks both ask); an unreadable header counts 1 (reading it rejects the entry
+    with its own reason)."""
+    if self.entry.get('index') is not None or not self.path.lower().endswith('.npy'):
+      return 1
+    try:
+      shape = npy_header(self.path)[0]
+    except Exception:  # numpy raises several types for a bad header; a missing file too
+      return 1
+    return shape[0] if len(shape) == 5 and shape[0] > 1 else 1
+
 
 def _collect(records, base, place) -> dict[str, _Entry]:
   """Unique image entries in first-seen order; a scan id (given, or the hash of path, frame and
@@ -219,19 +234,6 @@ def _collect(records, base, place) -> dict[str, _Entry]:
   return entries
 
 
-def _stack_size(e: _Entry) -> int:
-  """How many scans an entry is stored as: S for a 5D .npy stack [S, C, H, W, D] read without
-  "index" (stored as sid_0 .. sid_{S-1}, `_expand_ids`), else 1. From the header only; an
-  unreadable header counts 1 (reading it rejects the entry with its own reason)."""
-  if e.entry.get('index') is not None or not e.path.lower().endswith('.npy'):
-    return 1
-  try:
-    shape = npy_header(e.path)[0]
-  except Exception:  # numpy raises several types for a bad header; a missing file too
-    return 1
-  return shape[0] if len(shape) == 5 and shape[0] > 1 else 1
-
-
 def _check_stack_ids(entries: dict[str, _Entry]):
   """A 5D stack's scans are stored as sid_0, sid_1, ...: such an id that is also another entry's
   (or another stack's) scan id would store two images under one id, the later replacing the
@@ -243,7 +245,7 @@ def _check_stack_ids(entries: dict[str, _Entry]):
 
   owner: dict[str, _Entry] = {}
   for e in entries.values():
-    for i in _expand_ids(e.sid, _stack_size(e)):
+    for i in _expand_ids(e.sid, e.stack_size):
       seen = owner.setdefault(i, e)
       if seen is not e:
         raise InputError(f'{e.place}.id: stored scan id {i!r} would hold {what(e, i)} and '
@@ -362,7 +364,7 @@ def _check_scan_ids(entries: dict[str, _Entry], index: dict, replace: bool):
     # The ids it is stored under now, and those it will be stored as: a 5D stack 'x' is written
     # as x_0, x_1, ..., and an x_1 the store holds for another file (x_0 absent, so
     # `_stored_ids` finds nothing) would be replaced by the stack's second image.
-    ids = dict.fromkeys(_stored_ids(index, e.sid) + _expand_ids(e.sid, _stack_size(e)))
+    ids = dict.fromkeys(_stored_ids(index, e.sid) + _expand_ids(e.sid, e.stack_size))
     for i in (i for i in ids if i in index):
       key = index[i]['attributes'].get('source_key')
       if key is not None and key != e.source_key:

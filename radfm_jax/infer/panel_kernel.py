@@ -42,7 +42,7 @@ TARGET = 'radfm_panel_product'
 CACHE_ENV = 'RADFM_KERNEL_CACHE'
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden', '-w')
 _LOCK = threading.Lock()
-_LOADED: dict[str, int] = {}
+_LANES: list[int] = []            # the loaded kernel's panel width, once registered
 _FAILED: dict[tuple, str] = {}     # (compiler, cache folder) -> why the kernel did not load
 
 
@@ -102,9 +102,9 @@ def _version(command: list[str]) -> str:
   return done.stdout.strip()
 
 
-def library_path(command: list[str] | None = None) -> str:
+def library_path() -> str:
   """The built library for this host, built now when the cache has none."""
-  command = command or compiler()
+  command = compiler()
   if command is None:
     given = os.environ.get('CXX', '').strip()
     if given:
@@ -172,7 +172,7 @@ def _cached(directory: str, key: str) -> str | None:
 def load() -> int:
   """Builds (once per host, cached) and registers the kernel; returns its panel width."""
   with _LOCK:
-    if TARGET not in _LOADED:
+    if not _LANES:
       path = library_path()
       try:
         lib = ctypes.cdll.LoadLibrary(path)
@@ -181,14 +181,14 @@ def load() -> int:
         raise KernelUnavailable(f'cannot load the built kernel {path} ({err}); remove it to '
                                 'build it again') from None
       jax.ffi.register_ffi_target(TARGET, capsule, platform='cpu')
-      _LOADED[TARGET] = lanes
-    return _LOADED[TARGET]
+      _LANES.append(lanes)
+    return _LANES[0]
 
 
 def unavailable_reason() -> str | None:
   """None when the kernel loads here, else the one-line reason (for `cpu_product='auto'`, which
   then uses XLA's products). A failed build is not retried for the same compiler and cache."""
-  if TARGET in _LOADED:
+  if _LANES:
     return None
   try:
     key = (tuple(compiler() or ()), cache_directory())

@@ -104,20 +104,13 @@ static void rows_panels(const float* x, const float* w, float* y, int64_t in, in
 
 using RowsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 
-template <int... Ns>
-struct RowsTable {
-  static constexpr RowsFn fns[] = {rows_panels<Ns + 1>...};
-};
-
-template <int... Ns>
-constexpr RowsFn RowsTable<Ns...>::fns[];
-
-template <int... Ns>
-static constexpr const RowsFn* rows_table(std::integer_sequence<int, Ns...>) {
-  return RowsTable<Ns...>::fns;
-}
-
-static const RowsFn* const kRows = rows_table(std::make_integer_sequence<int, ROWS>{});
+// rows_panels<n> for a block of n = 1..ROWS rows.
+#if defined(__AVX512F__)
+constexpr RowsFn kRows[ROWS] = {rows_panels<1>, rows_panels<2>, rows_panels<3>, rows_panels<4>,
+                                rows_panels<5>, rows_panels<6>, rows_panels<7>, rows_panels<8>};
+#else
+constexpr RowsFn kRows[ROWS] = {rows_panels<1>, rows_panels<2>, rows_panels<3>, rows_panels<4>};
+#endif
 
 // One product, shared by the threads that work on it (held by shared_ptr: a helper task that
 // starts after the caller has finished finds no chunk left and only drops its reference).
