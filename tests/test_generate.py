@@ -167,6 +167,84 @@ def test_out_first_kernel_products_equal_the_plain_product(rows):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('new', [1, 3])
+def test_cached_attention_equals_float64_softmax_attention(new):
+  """`cached_attention` (one new token: the cached keys times a vector; several: the general
+  product) against a float64 NumPy softmax over the unmasked cached slots and new tokens."""
+  rng = np.random.default_rng(new)
+  batch, heads, slots, hd = 2, 3, 11, 8
+  q, k, v = (rng.standard_normal((batch, new, heads, hd)) for _ in range(3))
+  cache_k, cache_v = (rng.standard_normal((batch, heads, slots, hd)) for _ in range(2))
+  cached_mask = rng.random((batch, 1, 1, slots)) < 0.7
+  cached_mask[:, ..., 0] = True
+  new_mask = np.tril(np.ones((new, new), bool))[None, None]
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = np.asarray(layers.cached_attention(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v),
+                                           jnp.asarray(cached_mask), jnp.asarray(new_mask)))
+  keys = np.concatenate([cache_k, k.transpose(0, 2, 1, 3)], axis=2)      # [b, n, slots+new, h]
+  values = np.concatenate([cache_v, v.transpose(0, 2, 1, 3)], axis=2)
+  mask = np.concatenate([np.broadcast_to(cached_mask, (batch, heads, new, slots)),
+                         np.broadcast_to(new_mask, (batch, heads, new, new))], axis=-1)
+  scores = np.einsum('bqnh,bnkh->bnqk', q, keys) / np.sqrt(hd)
+  scores = np.where(mask, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum('bnqk,bnkh->bqnh', probs, values)
+  assert got.shape == (batch, new, heads, hd)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def _loop_ops(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(opcode, output dims) of every instruction the while loops of an optimized HLO module run,
+  the computations they call (fusions) included."""
+  comps, current = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$', line)
+    if head and '=' not in line.split('(')[0]:
+      current = comps.setdefault(head.group(1), [])
+    elif current is not None:
+      current.append(line)
+  todo = [name for lines in comps.values() for line in lines
+          for name in re.findall(r'body=%?([\w.\-]+)', line)]
+  seen, ops = set(), []
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      todo += re.findall(r'(?:calls|body|condition|to_apply)=%?([\w.\-]+)', line)
+      op = re.match(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*\w+\[([\d,]*)\]\S*\s+([a-z][a-z0-9\-]*)\(',
+                    line)
+      if op:
+        ops.append((op.group(2), tuple(int(d) for d in op.group(1).split(',') if d)))
+  assert seen, 'no while loop found'
+  return ops
+
+
+def test_decode_loop_computes_no_rope_tables_and_copies_no_cache(model):
+  """The batch-1 decode program's loops (compiled HLO): no sine / cosine (every step's RoPE
+  tables are computed once, before the loop; inside it XLA:CPU fuses them into every layer's and
+  head's rotation) and no transpose of the cached keys (a one-token step multiplies the cache by
+  a vector; the general product copied each layer's keys at every step)."""
+  rng = np.random.default_rng(7)
+  prompt = _prompt(rng, 10, 0)
+  sampling = GenerateConfig(max_new_tokens=12, stop_ids=(), layer_loop='unrolled',
+                            cpu_product='xla')
+  graphdef, state = nnx.split(model)
+  view_graphdef, view_owned = cpu_decode.decode_view_state(model.llama, reuse=False)
+  tokens = jnp.asarray([prompt], jnp.int32)
+  hlo = generate_lib._compiled_decode(graphdef, view_graphdef, sampling, False).lower(
+      state, view_owned, tokens, jnp.ones_like(tokens), _images(1, 1), jnp.ones((1, 1), bool),
+      jax.random.key(0)).compile().as_text()
+  ops = _loop_ops(hlo)
+  assert not [op for op, _ in ops if op in ('sine', 'cosine')]
+  head_dim = model.cfg.llama.head_dim
+  assert not [(op, dims) for op, dims in ops
+              if op == 'transpose' and len(dims) >= 2 and dims[-2] == head_dim
+              and dims[-1] >= len(prompt)], 'a transpose of the cached keys in the decode loop'
+
+
 def test_last_only_logits_are_the_last_position(model):
   rng = np.random.default_rng(5)
   prompt = jnp.asarray([_prompt(rng, 5, 0)], jnp.int32)

@@ -172,13 +172,15 @@ class DecodeView(nnx.Module):
   head = Llama.head
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: PerLayerCache, *, last_only: bool = False):
+               cache: PerLayerCache, *, last_only: bool = False, rope=None):
     """As `Llama.__call__`, the layers unrolled over a `PerLayerCache`."""
     mask = llama_lib.decoder_mask(attention_mask, cache)
+    if rope is None:
+      rope = llama_lib.rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
     x = constrain(embeds.astype(self.compute_dtype), ('act_batch', 'act_len', 'act_embed'))
     k, v = [], []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, mask, cache.layer(i))
+      x, layer_cache = layer(x, rope, mask, cache.layer(i))
       k.append(layer_cache.k)
       v.append(layer_cache.v)
     cache = PerLayerCache(k=tuple(k), v=tuple(v),

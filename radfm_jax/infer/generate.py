@@ -31,7 +31,7 @@ from radfm_jax.config import GenerateConfig
 from radfm_jax.errors import InputError, UserError
 from radfm_jax.infer import cpu_decode, panel_kernel
 from radfm_jax.models.layers import first_argmax
-from radfm_jax.models.llama import KVCache
+from radfm_jax.models.llama import KVCache, rope_tables
 
 PAD_ID = 0
 
@@ -185,6 +185,11 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
 
   logits, cache = decoder(decoder_state)(embeds, positions, attention_mask, cache, last_only=True)
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
+  # Every step's rotary tables, computed here once: computed in the loop body, XLA fuses the
+  # sine / cosine into each layer's and head's rotation (docs/performance.md).
+  llama_cfg = model.cfg.llama
+  step_rope = rope_tables(positions[:, -1:] + 1 + jnp.arange(max_new), llama_cfg.head_dim,
+                          llama_cfg.rope_theta)
 
   def cond(carry, end):
     step, _, _, done, _, _, _, _, _ = carry
@@ -200,8 +205,9 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
       scores = scores.at[:, step].set(logits)
     done = done | jnp.isin(token, stop_ids)
     position = last_pos + 1
+    rope = tuple(jax.lax.dynamic_slice_in_dim(table, step, 1, axis=1) for table in step_rope)
     step_logits, cache = step_decoder(step_decoder.embed(token[:, None]), position[:, None],
-                                      jnp.ones((batch, 1), jnp.int32), cache)
+                                      jnp.ones((batch, 1), jnp.int32), cache, rope=rope)
     return step + 1, cache, step_logits[:, -1], done, position, out, rng, decoder_state, scores
 
   out = jnp.full((batch, max_new), PAD_ID, jnp.int32)

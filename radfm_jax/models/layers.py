@@ -286,7 +286,14 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
   """
   scale = q.shape[-1] ** -0.5
   neg = jnp.finfo(jnp.float32).min
-  cached = jnp.einsum('bqnh,bnkh->bnqk', q, cache_k, preferred_element_type=jnp.float32)
+  if q.shape[1] == 1:
+    # One new token (a decode step): the cache times a vector. Written as the general form,
+    # XLA:CPU copies every layer's cached keys into [heads, head_dim, slots] order at every
+    # batch-1 step first (3x the time of this form; docs/performance.md).
+    cached = jnp.einsum('bnkh,bnh->bnk', cache_k, q[:, 0],
+                        preferred_element_type=jnp.float32)[:, :, None, :]
+  else:
+    cached = jnp.einsum('bqnh,bnkh->bnqk', q, cache_k, preferred_element_type=jnp.float32)
   new = jnp.einsum('bqnh,bknh->bnqk', q, k, preferred_element_type=jnp.float32)
   scores = jnp.concatenate([jnp.where(cached_mask, cached * scale, neg),
                             jnp.where(new_mask, new * scale, neg)], axis=-1)

@@ -5,7 +5,8 @@ Pre-norm blocks, RMSNorm (eps 1e-6, statistics in fp32), rotate-half RoPE over t
 stacked on a leading `layers` axis and run with `nnx.scan` (+ remat from the config), or a Python
 loop over the same stacked parameters (`scan_layers=False`).
 
-    x, layer_cache = layer(x, positions, mask, layer_cache)     # one DecoderLayer
+    rope = rope_tables(positions, head_dim, theta)               # once per forward
+    x, layer_cache = layer(x, rope, mask, layer_cache)          # one DecoderLayer
 
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so prefill and decode are pure
 functions that `jax.jit` compiles once per shape; each layer reads and writes its part through a
@@ -137,7 +138,11 @@ def written_mask(cache, attention_mask: jax.Array) -> jax.Array:
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float):
-  """cos, sin: [batch, len, 1, head_dim] for rotate-half RoPE; angles concat(freqs, freqs)."""
+  """cos, sin: [batch, len, 1, head_dim] for rotate-half RoPE; angles concat(freqs, freqs).
+
+  Computed once per forward and handed to every layer: computed inside a layer, XLA:CPU fuses
+  the sine and cosine into each head's rotation, i.e. evaluates them heads x 2 times per layer
+  (a batch-8 decode step of the `bench` decoder: 0.2-0.3 ms, docs/performance.md)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
@@ -156,7 +161,6 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                compute_dtype=jnp.float32, attention_impl: str = 'xla'):
     e, h, hd, m = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
-    self.head_dim, self.rope_theta = hd, cfg.rope_theta
     self.compute_dtype = compute_dtype
     self.attention_impl = attention_impl
     kw = dict(rngs=rngs, param_dtype=param_dtype, use_bias=False,
@@ -171,13 +175,14 @@ class DecoderLayer(nnx.Module):
     self.up = Dense((e,), (m,), ('embed',), ('mlp',), **kw)
     self.down = Dense((m,), (e,), ('mlp',), ('embed',), **kw)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
                cache: LayerCache | None) -> tuple[jax.Array, LayerCache | None]:
-    """x: [batch, len, embed]; positions: int [batch, len]; mask: `decoder_mask`, bool
-    [batch, 1, len, keys], keys = the cache's max_len slots (with a cache) then the new tokens;
-    cache: this layer's LayerCache or None. Returns (x, the cache with the new keys / values)."""
+    """x: [batch, len, embed]; rope: `rope_tables` (cos, sin) of the tokens' positions; mask:
+    `decoder_mask`, bool [batch, 1, len, keys], keys = the cache's max_len slots (with a cache)
+    then the new tokens; cache: this layer's LayerCache or None. Returns (x, the cache with the
+    new keys / values)."""
     dtype = self.compute_dtype
-    cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+    cos, sin = rope
     h = self.input_norm(x, dtype)
     q = apply_rope(self.q(h, dtype), cos, sin)
     k = apply_rope(self.k(h, dtype), cos, sin)
@@ -240,19 +245,23 @@ class Llama(nnx.Module):
     return constrain(logits.astype(jnp.float32), ('act_batch', 'act_len', 'act_vocab'))
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-               cache: KVCache | None = None, *, last_only: bool = False):
+               cache: KVCache | None = None, *, last_only: bool = False, rope=None):
     """embeds: [batch, len, embed]; positions: int [batch, len]; attention_mask: [batch, len]
     (1 = real token). With `cache`, the tokens fill slots [cache.index, cache.index + len).
+    rope: `rope_tables(positions, ...)` when the caller already has them (the decode loop
+    computes every step's once, before the loop), else computed here.
 
     Returns (logits float32 [batch, len, vocab], or [batch, 1, vocab] with `last_only`, the
     updated cache or None).
     """
     num_layers = self.cfg.num_layers
     mask = decoder_mask(attention_mask, cache)
+    if rope is None:
+      rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
     x = constrain(embeds.astype(self.compute_dtype), ('act_batch', 'act_len', 'act_embed'))
     if cache is None:
       def body(x, layer, _):
-        return layer(x, positions, mask, None)[0], None
+        return layer(x, rope, mask, None)[0], None
 
       x, _ = layers.run_layers(body, x, self.layers, None, remat_policy=self.remat_policy,
                                length=num_layers, scan=self.scan_layers)
@@ -261,7 +270,7 @@ class Llama(nnx.Module):
     # The whole cache rides in the carry and each layer writes its slab in place.
     def body(carry, layer, i):
       x, k, v = carry
-      x, layer_cache = layer(x, positions, mask, cache.layer(i).replace(k=k, v=v))
+      x, layer_cache = layer(x, rope, mask, cache.layer(i).replace(k=k, v=v))
       return (x, layer_cache.k, layer_cache.v), None
 
     (x, k, v), _ = layers.run_layers(body, (x, cache.k, cache.v), self.layers,
