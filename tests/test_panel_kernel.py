@@ -58,6 +58,32 @@ def test_products_equal_the_float64_product(lanes, rows, out, n_in):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(n_in))
 
 
+def test_a_chain_of_products_handed_between_lingering_helpers(lanes):
+  """Dependent products back to back in one program, as a decode step runs them: the helper
+  threads that finish one product wait for the next one posted and take it (no wake-up from
+  XLA's pool), so every product after the first is served by helpers left from an earlier one.
+  Each product against float64 NumPy, the chain repeated so helpers also cross calls."""
+  rng = np.random.default_rng(5)
+  shapes = [(4096, 64), (64, 4096), (2048, 64), (64, 2048), (4096, 64), (40, 4096)]
+  kernels = [rng.standard_normal(s).astype(np.float32) / np.sqrt(s[1]) for s in shapes]
+  packed = [panel_kernel.pack(jnp.asarray(k), lanes) for k in kernels]
+
+  @jax.jit
+  def chain(packed, x):
+    outs = []
+    for w, (out, _) in zip(packed, shapes):
+      x = panel_kernel.product(w, x, out)
+      outs.append(x)
+    return outs
+
+  for rows in (8, 1, 8):
+    x = rng.standard_normal((rows, 64)).astype(np.float32)
+    want = x.astype(np.float64)
+    for got, kernel in zip(chain(packed, jnp.asarray(x)), kernels):
+      want = want @ kernel.T.astype(np.float64)
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
 def test_refuses_other_dtypes(lanes):
   packed = panel_kernel.pack(jnp.ones((16, 8), jnp.bfloat16), lanes)
   with pytest.raises(ValueError, match='float32 only, got bfloat16 weights'):

@@ -10,11 +10,14 @@
 // decode view is made, and each product streams it exactly once: for every k, one vector of
 // LANES outputs of W is loaded and multiplied by each row's x[b, k] (a broadcast from L1) into
 // per-row accumulators that stay in registers, so no horizontal sums are needed and the loads
-// are contiguous. The outputs are split over XLA's intra-op thread pool in chunks of panels.
+// are contiguous. The outputs are split over XLA's intra-op thread pool in chunks of panels;
+// the pool's threads that helped with one product stay a moment for the next (`help`).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -140,6 +143,57 @@ struct Product {
   }
 };
 
+// Helpers stay for the next product: a decode step's products come every 20-150 us, and a
+// helper handed back to XLA's pool falls asleep, so each product waited 3-13 us on average for
+// its wake-up (more on a VM), the caller alone on the work meanwhile. After its chunks a helper
+// spins for up to kLinger watching for the next posted product, then returns to the pool.
+constexpr std::chrono::microseconds kLinger(300);
+
+// The newest product stays posted after its call has returned: every chunk of it was taken by
+// then, so a helper that picks it up late finds none left and touches none of its buffers.
+struct Team {
+  std::mutex mu;
+  std::shared_ptr<Product> job;       // the newest posted product (under mu)
+  uint64_t job_seq = 0;               // its post number (under mu)
+  std::atomic<uint64_t> posted{0};    // posts so far
+  std::atomic<int> lingering{0};      // helpers spinning for the next post
+};
+
+// Never destroyed: a helper may still be lingering while the process exits.
+Team& team() {
+  static Team* t = new Team;
+  return *t;
+}
+
+void post(const std::shared_ptr<Product>& job, uint64_t* seq) {
+  Team& t = team();
+  std::lock_guard<std::mutex> lock(t.mu);
+  t.job = job;
+  t.job_seq = *seq = t.posted.load(std::memory_order_relaxed) + 1;
+  t.posted.store(t.job_seq, std::memory_order_release);
+}
+
+void help(std::shared_ptr<Product> job, uint64_t seq) {
+  Team& t = team();
+  for (;;) {
+    job->run();
+    job.reset();
+    t.lingering.fetch_add(1, std::memory_order_relaxed);
+    const auto deadline = std::chrono::steady_clock::now() + kLinger;
+    for (int spins = 1; t.posted.load(std::memory_order_acquire) == seq; ++spins) {
+      SPIN_PAUSE();
+      if (spins % 256 == 0 && std::chrono::steady_clock::now() > deadline) {
+        t.lingering.fetch_sub(1, std::memory_order_relaxed);
+        return;
+      }
+    }
+    t.lingering.fetch_sub(1, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(t.mu);
+    job = t.job;
+    seq = t.job_seq;
+  }
+}
+
 static ffi::Error PanelProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                    ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -165,7 +219,12 @@ static ffi::Error PanelProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   chunk += chunk & 1;   // whole panel pairs
   job->chunk = chunk;
   job->chunks = (job->panels + chunk - 1) / chunk;
-  for (int64_t t = 1; t < std::min(threads, job->chunks); ++t) pool.Schedule([job] { job->run(); });
+  // Lingering helpers take the posted product; new ones are scheduled for the rest.
+  uint64_t seq = 0;
+  post(job, &seq);
+  const int64_t want = std::min(threads, job->chunks) - 1;
+  const int64_t ready = team().lingering.load(std::memory_order_relaxed);
+  for (int64_t t = ready; t < want; ++t) pool.Schedule([job, seq] { help(job, seq); });
   job->run();
   // The chunks other threads took are in progress: spin briefly (they take microseconds), then
   // yield the core, so that a descheduled helper on a busy host is not starved by this wait.
