@@ -146,6 +146,20 @@ def test_cpu_product_resolution(model, lanes, capsys):
                  "the panel kernel is float32 only; decoding with XLA:CPU's products"]
 
 
+def test_off_cpu_panels_is_refused_and_auto_is_silent(model, monkeypatch, capsys):
+  """On an accelerator (the platform the decode sees, patched: tests run on CPU) 'panels' is one
+  line naming the platform, 'auto' and 'xla' pack nothing and say nothing (XLA's products are
+  the accelerator's own), whatever the host's compiler."""
+  from radfm_jax.infer import generate as generate_lib
+  monkeypatch.setattr(generate_lib, '_platform', lambda: 'tpu')
+  with pytest.raises(UserError, match=r"^generate.cpu_product='panels': the decoder runs on tpu; "
+                     r"the panel kernel is a CPU kernel; set generate.cpu_product to 'xla'$"):
+    panel_lanes(model, 'panels')
+  capsys.readouterr()
+  assert panel_lanes(model, 'auto') == panel_lanes(model, 'xla') == 0
+  assert capsys.readouterr().err == ''
+
+
 def test_auto_keeps_xla_for_a_sharded_decoder(lanes):
   """A decoder sharded over several devices keeps XLA's products under 'auto'; 'panels' still
   runs it (XLA gathers the weights for the call) with the same tokens."""

@@ -102,8 +102,13 @@ def choose_token(logits: jax.Array, rng: jax.Array, sampling: GenerateConfig) ->
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _platform() -> str:
+  """The platform the decode runs on ('cpu', 'gpu', 'tpu')."""
+  return jax.devices()[0].platform
+
+
 def _on_cpu() -> bool:
-  return jax.devices()[0].platform == 'cpu'
+  return _platform() == 'cpu'
 
 
 def cache_limits(prompt_len: int, max_new: int, chunk: int) -> list[int]:
@@ -137,7 +142,7 @@ def panel_lanes(model, cpu_product: str) -> int:
   if not _on_cpu():
     if cpu_product == 'auto':
       return 0
-    why = f'the decoder runs on {jax.devices()[0].platform}; the panel kernel is a CPU kernel'
+    why = f'the decoder runs on {_platform()}; the panel kernel is a CPU kernel'
   elif dtype != jnp.float32:
     why = f'the decoder computes in {dtype.name} and the panel kernel is float32 only'
   elif cpu_product == 'auto' and any(len(leaf.sharding.device_set) > 1
