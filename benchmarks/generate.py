@@ -23,7 +23,8 @@ bandwidth measured between its own calls, so a host whose memory traffic drifts 
 
 --quantize int8 (or w8a8) runs the same batches a second time with Qwix int8 weights (w8a8: and
 int8 activations; radfm_jax/infer/quantize.py, as `radfm-jax generate --quantize ...`), so fp32
-and int8 are compared in one run, each against its own floor (the int8 weights' bytes).
+and int8 are compared in one run, each against its own floor (the int8 weights' bytes; int8
+weights without the panel kernel are dequantized into the decode view: the fp32 bytes).
 
 --rounds N (default 5) also times batch 1 and batch 8 back to back N times and prints the
 median of the per-round batch-8 / batch-1 step ratios: the host's memory speed drifts between
@@ -76,11 +77,13 @@ def bench_images(cfg, batch):
   return np.random.default_rng(1).random(shape, np.float32)
 
 
-def step_products_ms(cfg, rows: int, int8: bool = False, lanes: int = 0) -> float:
+def step_products_ms(cfg, rows: int, weights: str = 'fp32', lanes: int = 0) -> float:
   """Time of one decode step's matrix products alone: every decoder matrix ([out, in], as
   cpu_decode.DecodeView holds them) times `rows` rows, the way OutFirstDense runs them at that
-  row count (`int8`: as it runs them for quantize='w8a8', rows quantized on the fly; `lanes`:
-  packed for the panel kernel, generate.cpu_product='panels')."""
+  row count (`weights` 'w8a8': as it runs them for quantize='w8a8', rows quantized on the fly;
+  'int8': int8 panels and scales, quantize='int8' with the panel kernel; `lanes`: packed for the
+  panel kernel, generate.cpu_product='panels')."""
+  int8 = weights == 'w8a8'
   llama = cfg.llama
   e, m = llama.hidden_size, llama.intermediate_size
   shapes = [(e, e)] * 4 + [(m, e)] * 2 + [(e, m)]
@@ -88,22 +91,27 @@ def step_products_ms(cfg, rows: int, int8: bool = False, lanes: int = 0) -> floa
   mats = [jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
           for i, shape in enumerate(shapes * llama.num_layers + [(llama.vocab_size, e)])]
   outs = [w.shape[0] for w in mats]
-  if int8:
+  scales = [None] * len(mats)
+  if int8 or (weights == 'int8' and lanes):
     import qwix
     mats = [qwix.quantize(w, 'int8', channelwise_axes=(0,)) for w in mats]
+    if not int8:
+      scales = [w.scale.reshape(-1) for w in mats]
+      mats = [panel_kernel.pack(w.qvalue, lanes) for w in mats]
   elif lanes:
     mats = [panel_kernel.pack(w, lanes) for w in mats]
 
   @jax.jit
-  def products(mats, x):
+  def products(mats, scales, x):
     if int8:
       return [int8_rows_product(x[:, :w.qvalue.shape[1]], w, kernel_first=True) for w in mats]
     if lanes:
-      return [panel_kernel.product(w, x[:, :w.shape[1]], out) for w, out in zip(mats, outs)]
+      return [panel_kernel.product(w, x[:, :w.shape[1]], out, scale)
+              for w, out, scale in zip(mats, outs, scales)]
     return [cpu_decode.out_first_product(w, x[:, :w.shape[1]]) for w in mats]
 
   x = jnp.ones((rows, max(e, m)), jnp.float32)
-  return time_fn(products, mats, x) * 1e3
+  return time_fn(products, mats, scales, x) * 1e3
 
 
 def timed(model, tokens, mask, images, measure, samples, **kw):
@@ -292,7 +300,7 @@ def main():
     print(f'decoder weights read per step {weight_bytes / 2**20:.0f} MiB ({mode}); matrix-vector '
           f'bandwidth at the start {bandwidth / 1e9:.1f} GB/s -> floor {floor:.1f} ms/step, '
           f'ceiling {1e3 / floor:.0f} tokens/s at batch 1 (re-measured between the timed calls)')
-    if args.quantize != 'w8a8':      # weight-only int8: the decode view holds fp32 weights
+    if not args.quantize:
       break
   # A batch-8 step also reads the KV cache: [batch, heads, slots, head_dim] k and v per layer,
   # fp32, at the mean number of slots over the run (the cache grows by --cache-chunk).
@@ -318,22 +326,24 @@ def main():
     lanes = generate_lib.panel_lanes(model, product)
     label = f"{args.dtype}, cpu_product {product}" + (
         f' (panels of {lanes})' if lanes else " (XLA's products)" if product == 'auto' else '')
-    models.append((label, model, product, lanes, False))
+    models.append((label, model, product, lanes, 'fp32'))
   if args.quantize:
-    # w8a8's products stay Qwix's int8 ones whatever cpu_product says; int8 weights alone are
-    # dequantized into the decode view, so they take the first --cpu-product's products.
+    # w8a8's products stay Qwix's int8 ones whatever cpu_product says; int8 weights alone take
+    # the first --cpu-product's products: int8 panels with the panel kernel, else dequantized
+    # into the decode view (fp32 bytes per step).
     product, lanes = models[0][2:4]
     int8 = args.quantize == 'w8a8'
     models.append((f'{args.quantize} weights', quantize(model, args.quantize), product,
-                   0 if int8 else lanes, int8))
-  for label, m, product, lanes, int8 in models:
+                   0 if int8 else lanes, args.quantize))
+  for label, m, product, lanes, weights in models:
     steps, floors = {}, {}
-    weight_bytes = step_bytes['int8' if int8 else 'fp32']
+    int8 = weights == 'w8a8'
+    weight_bytes = step_bytes['int8' if int8 or (weights == 'int8' and lanes) else 'fp32']
     for batch in (1, 8):
       rate, seconds, fixed, between, new = run(m, cfg, batch, args.new, args.layer_loop,
                                                args.cache_chunk, product, measure)
       step_ms = (seconds - fixed) / (args.new - 1) * 1e3
-      products = step_products_ms(cfg, batch, int8=int8, lanes=lanes)
+      products = step_products_ms(cfg, batch, weights, lanes)
       steps[batch], floors[batch] = step_ms, weight_bytes / between * 1e3
       versus = (f'{rate / original[0]:5.1f}x the original at batch 1 (goal >= '
                 f'{2 if batch == 1 else 10}x); ' if original else '')

@@ -84,10 +84,38 @@ def test_a_chain_of_products_handed_between_lingering_helpers(lanes):
       np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('rows', [1, 4, 8, 9])
+@pytest.mark.parametrize('out,n_in', [(37, 20), (4096, 64), (1, 5)])
+def test_int8_products_equal_the_float64_product(lanes, rows, out, n_in):
+  """int8 panels (quantize='int8', weight-only) with one scale per output: rows @ (q * scale).T,
+  at every row block, a partial and a single panel, and a weight split into many chunks; the
+  int8 values span the whole range, -128 and 127 included."""
+  rng = np.random.default_rng(rows * 1000 + out)
+  q = rng.integers(-128, 128, (out, n_in)).astype(np.int8)
+  q.flat[:2] = (-128, 127)
+  scale = rng.uniform(1e-3, 2e-2, out).astype(np.float32)
+  x = rng.standard_normal((rows, n_in)).astype(np.float32)
+  packed = panel_kernel.pack(jnp.asarray(q), lanes)
+  assert packed.dtype == jnp.int8
+  got = np.asarray(jax.jit(panel_kernel.product, static_argnums=2)(
+      packed, jnp.asarray(x), out, jnp.asarray(scale)))
+  want = x.astype(np.float64) @ (q.astype(np.float64) * scale[:, None].astype(np.float64)).T
+  assert got.shape == (rows, out) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(n_in))
+
+
 def test_refuses_other_dtypes(lanes):
+  rows = jnp.ones((2, 8), jnp.float32)
   packed = panel_kernel.pack(jnp.ones((16, 8), jnp.bfloat16), lanes)
-  with pytest.raises(ValueError, match='float32 only, got bfloat16 weights'):
-    panel_kernel.product(packed, jnp.ones((2, 8), jnp.float32), 16)
+  with pytest.raises(ValueError, match='float32 panels .no scale. or int8 panels with scales, '
+                     'got bfloat16 panels'):
+    panel_kernel.product(packed, rows, 16)
+  with pytest.raises(ValueError, match='float32 rows only, got bfloat16'):
+    panel_kernel.product(panel_kernel.pack(jnp.ones((16, 8)), lanes), rows.astype(jnp.bfloat16),
+                         16)
+  int8 = panel_kernel.pack(jnp.ones((16, 8), jnp.int8), lanes)
+  with pytest.raises(ValueError, match=r'int8 panels need float32 scales \[16\], got None'):
+    panel_kernel.product(int8, rows, 16)
 
 
 @pytest.fixture(scope='module')
@@ -117,6 +145,24 @@ def test_decode_with_panels_equals_xla_products(model, lanes):
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
   assert not np.array_equal(got.logits, want.logits)    # another summation order: not XLA's
+
+
+def test_int8_decode_with_panels_equals_xla_products(model, lanes):
+  """quantize='int8' (weight-only) through the int8 panels: the view holds the int8 values and
+  their scales (no float copy), and the decode gives XLA's tokens and, at every step, its logits
+  up to float32 rounding ((x . q) * s here, x . (q * s) there)."""
+  from radfm_jax.infer.quantize import quantize
+  qmodel = quantize(model, 'int8')
+  view = cpu_decode.DecodeView(qmodel.llama, lanes)
+  for dense in (view.layers[0].q, view.layers[1].down, view.lm_head):
+    assert dense.panels.dtype == jnp.int8 and dense.scale.shape == (dense.n_out,)
+    assert not hasattr(dense, 'kernel')
+  tokens, mask, images = _batch(qmodel, seed=1)
+  kw = dict(max_new_tokens=12, stop_ids=(), layer_loop='unrolled', return_logits=True)
+  got = generate_ids(qmodel, tokens, mask, images, cpu_product='panels', **kw)
+  want = generate_ids(qmodel, tokens, mask, images, cpu_product='xla', **kw)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_view_holds_packed_kernels(model, lanes):

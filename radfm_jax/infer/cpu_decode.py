@@ -67,7 +67,8 @@ class OutFirstDense(nnx.Module):
   """A `Dense` with its kernel re-laid as the matrix [prod(out_shape), prod(in_shape)]: the same
   product (`out_first_product`), the values unchanged. With `lanes` (`generate.cpu_product =
   'panels'`) the kernel is held packed for `panel_kernel` instead ([ceil(out / lanes), in,
-  lanes]) and multiplied by it; quantize='w8a8' keeps its int8 product."""
+  lanes]; a quantize='int8' kernel as int8 panels and its scales) and multiplied by it;
+  quantize='w8a8' keeps its int8 product."""
 
   def __init__(self, dense: Dense, lanes: int = 0):
     self.n_in, self.out_shape = dense.n_in, dense.out_shape
@@ -78,6 +79,14 @@ class OutFirstDense(nnx.Module):
       # quantize='w8a8': the int8 values [out, in] and their scales [out, 1], kept int8
       q = int8_kernel(dense.kernel, dense.n_in)
       self.qvalue, self.scale = nnx.Param(q.qvalue.T), nnx.Param(q.scale.T)
+      return
+    if lanes and hasattr(dense.kernel, 'how'):
+      # quantize='int8' (weight-only) with the panel kernel: int8 panels and one float32 scale
+      # per output, a quarter of the bytes per product
+      q = int8_kernel(dense.kernel, dense.n_in)                 # [in, out], scales [1, out]
+      self.lanes, self.n_out = lanes, q.qvalue.shape[1]
+      self.panels = nnx.Param(panel_kernel.pack(q.qvalue.T, lanes))
+      self.scale = nnx.Param(q.scale.reshape(-1).astype(jnp.float32))
       return
     kernel = value(dense.kernel)            # dequantized when int8 (infer/quantize.py)
     n_in = math.prod(kernel.shape[:dense.n_in])
@@ -98,8 +107,10 @@ class OutFirstDense(nnx.Module):
       y = int8_rows_product(x.reshape(-1, kernel.qvalue.shape[1]), kernel, kernel_first=True)
       y = y.astype(dtype)
     elif self.lanes:
-      rows = x.reshape(-1, self.panels.shape[1]).astype(jnp.float32)
-      y = panel_kernel.product(self.panels[...], rows, self.n_out).astype(dtype)
+      panels = self.panels[...]
+      rows = x.reshape(-1, panels.shape[1]).astype(jnp.float32)
+      scale = self.scale[...] if panels.dtype == jnp.int8 else None
+      y = panel_kernel.product(panels, rows, self.n_out, scale).astype(dtype)
     else:
       kernel = cast(self.kernel, dtype)
       y = out_first_product(kernel, x.reshape(-1, kernel.shape[1]).astype(dtype))

@@ -3,13 +3,16 @@
     lanes = panel_kernel.load()                        # builds on first use, registers the target
     packed = panel_kernel.pack(kernel, lanes)          # [out, in] -> [ceil(out / lanes), in, lanes]
     y = panel_kernel.product(packed, rows, out)        # rows [n, in] -> [n, out], float32
+    y = panel_kernel.product(pack(q, lanes), rows, out, scale)   # int8 q [out, in], scale [out]
 
 `panel_product.cc` (beside this file) multiplies rows by a weight packed once into panels of
 `lanes` outputs, streaming each weight once per product; XLA:CPU's own GEMMs re-pack the weight
 at every product, which makes a batched decode step cost ~2x a single-row one (the reasons and
 figures: the .cc file's head comment and docs/performance.md). It is a plain C++17 file built
 with the host's compiler for the host's CPU (`-O3 -march=native`) and called through the XLA FFI
-with XLA's intra-op thread pool; float32 only.
+with XLA's intra-op thread pool. Rows and outputs are float32; the weights float32, or int8 with
+one float32 scale per output (`quantize='int8'`, weight-only: each product streams a quarter of
+the bytes, the int8 values widened to float32 as they are loaded, the sums scaled at the end).
 
 The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
 ~/.cache/radfm-jax/kernels, one shared library per (source, compiler, flags, jaxlib, CPU model
@@ -39,6 +42,7 @@ from radfm_jax.errors import UserError
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'panel_product.cc')
 TARGET = 'radfm_panel_product'
+TARGET_INT8 = 'radfm_panel_product_int8'
 CACHE_ENV = 'RADFM_KERNEL_CACHE'
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden', '-w')
 _LOCK = threading.Lock()
@@ -176,11 +180,14 @@ def load() -> int:
       path = library_path()
       try:
         lib = ctypes.cdll.LoadLibrary(path)
-        capsule, lanes = jax.ffi.pycapsule(lib.RadfmPanelProduct), int(lib.radfm_panel_lanes())
+        capsules = {TARGET: jax.ffi.pycapsule(lib.RadfmPanelProduct),
+                    TARGET_INT8: jax.ffi.pycapsule(lib.RadfmPanelProductInt8)}
+        lanes = int(lib.radfm_panel_lanes())
       except (OSError, AttributeError) as err:   # not a library; not the kernel's
         raise KernelUnavailable(f'cannot load the built kernel {path} ({err}); remove it to '
                                 'build it again') from None
-      jax.ffi.register_ffi_target(TARGET, capsule, platform='cpu')
+      for target, capsule in capsules.items():
+        jax.ffi.register_ffi_target(target, capsule, platform='cpu')
       _LANES.append(lanes)
     return _LANES[0]
 
@@ -204,23 +211,34 @@ def unavailable_reason() -> str | None:
 
 
 def pack(kernel: jax.Array, lanes: int) -> jax.Array:
-  """kernel [out, in] -> panels [ceil(out / lanes), in, lanes]: panel p holds outputs
-  p * lanes ... p * lanes + lanes - 1 (zeros past `out`), feature by feature."""
+  """kernel [out, in] (float32, or int8 values) -> panels [ceil(out / lanes), in, lanes] of its
+  dtype: panel p holds outputs p * lanes ... p * lanes + lanes - 1 (zeros past `out`), feature by
+  feature."""
   out, n_in = kernel.shape
   panels = -(-out // lanes)
   kernel = jnp.pad(kernel, ((0, panels * lanes - out), (0, 0)))
   return kernel.reshape(panels, lanes, n_in).transpose(0, 2, 1)
 
 
-def product(packed: jax.Array, rows: jax.Array, out: int) -> jax.Array:
+def product(packed: jax.Array, rows: jax.Array, out: int,
+            scale: jax.Array | None = None) -> jax.Array:
   """rows [n, in] x the packed weight of `out` outputs -> [n, out], float32 (what
-  `rows @ kernel.T` computes, summed in another order)."""
-  if packed.dtype != jnp.float32 or rows.dtype != jnp.float32:
-    raise ValueError(f'panel_kernel.product: float32 only, got {packed.dtype} weights and '
-                     f'{rows.dtype} rows')
-  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], out), jnp.float32))(
-      rows, packed)
+  `rows @ kernel.T` computes, summed in another order). int8 panels take `scale` [out] (float32):
+  output o is (rows @ q[o]) * scale[o], the weight-only int8 product `rows @ (q * scale).T`."""
+  result = jax.ShapeDtypeStruct((rows.shape[0], out), jnp.float32)
+  if rows.dtype != jnp.float32:
+    raise ValueError(f'panel_kernel.product: float32 rows only, got {rows.dtype}')
+  if packed.dtype == jnp.int8:
+    if scale is None or scale.dtype != jnp.float32 or scale.shape != (out,):
+      raise ValueError(f'panel_kernel.product: int8 panels need float32 scales [{out}], got '
+                       f'{None if scale is None else (scale.dtype, scale.shape)}')
+    return jax.ffi.ffi_call(TARGET_INT8, result)(rows, packed, scale)
+  if packed.dtype != jnp.float32 or scale is not None:
+    raise ValueError(f'panel_kernel.product: float32 panels (no scale) or int8 panels with '
+                     f'scales, got {packed.dtype} panels and scale {scale is not None}')
+  return jax.ffi.ffi_call(TARGET, result)(rows, packed)
 
 
-__all__ = ['CACHE_ENV', 'KernelUnavailable', 'SOURCE', 'cache_directory', 'compiler',
+__all__ = ['CACHE_ENV', 'KernelUnavailable', 'SOURCE', 'TARGET', 'TARGET_INT8',
+           'cache_directory', 'compiler',
            'library_path', 'load', 'pack', 'product', 'unavailable_reason']

@@ -21,6 +21,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <thread>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -46,33 +50,54 @@ constexpr int LANES = 8;
 constexpr int ROWS = 4;
 #endif
 
-constexpr int PREFETCH = 4096 / 4;   // floats ahead of the weight streams
+constexpr int PREFETCH = 4096;   // bytes ahead of the weight streams
 
 typedef float vec __attribute__((vector_size(LANES * 4)));
 // The same vector read from any float address (XLA's buffers are aligned, but nothing says so
 // to this file): an unaligned load, allowed to alias the floats it reads.
 typedef float vec_unaligned __attribute__((vector_size(LANES * 4), aligned(4), may_alias));
+// LANES int8 weights (`quantize='int8'`, weight-only), widened to floats as they are loaded.
+typedef int8_t i8vec_unaligned __attribute__((vector_size(LANES), aligned(1), may_alias));
 
 static inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
+static inline vec load(const int8_t* p) {
+  // Sign-extend to int32, then convert (GCC turns a direct int8 -> float vector conversion into
+  // one scalar conversion per lane).
+#if defined(__AVX512F__)
+  return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  typedef int32_t i32vec __attribute__((vector_size(LANES * 4)));
+  return __builtin_convertvector(
+      __builtin_convertvector(*reinterpret_cast<const i8vec_unaligned*>(p), i32vec), vec);
+#endif
+}
 
-// Writes the valid outputs of one panel's accumulators (the last panel may be padding).
+// Writes the valid outputs of one panel's accumulators (the last panel may be padding), times
+// their scales for int8 weights (one per output channel; none for float weights).
 template <int N>
-static inline void store(const vec (&acc)[N], int64_t panel, float* y, int64_t out) {
+static inline void store(const vec (&acc)[N], int64_t panel, float* y, int64_t out,
+                         const float* scale) {
   const int64_t o0 = panel * LANES;
   const int valid = static_cast<int>(std::min<int64_t>(LANES, out - o0));
   for (int b = 0; b < N; ++b)
-    for (int j = 0; j < valid; ++j) y[b * out + o0 + j] = acc[b][j];
+    for (int j = 0; j < valid; ++j)
+      y[b * out + o0 + j] = scale ? acc[b][j] * scale[o0 + j] : acc[b][j];
 }
 
 // Panels [p0, p1) of y for N rows (N a compile-time constant, so the accumulators live in
-// registers): two panels at a time, then the odd one.
-template <int N>
-static void rows_panels(const float* x, const float* w, float* y, int64_t in, int64_t out,
-                        int64_t p0, int64_t p1) {
+// registers): two panels at a time, then the odd one. W: float or int8_t weights.
+template <int N, typename W>
+static void rows_panels(const float* x, const void* weights, const float* scale, float* y,
+                        int64_t in, int64_t out, int64_t p0, int64_t p1) {
+  const W* w = static_cast<const W*>(weights);
+  // One prefetch per cache line of each stream: every feature for floats, every 4th for int8.
+  constexpr int64_t kLine = 64 / (LANES * static_cast<int64_t>(sizeof(W)));
   int64_t p = p0;
   for (; p + 2 <= p1; p += 2) {
-    const float* w0 = w + p * in * LANES;
-    const float* w1 = w0 + in * LANES;
+    const W* w0 = w + p * in * LANES;
+    const W* w1 = w0 + in * LANES;
     vec acc0[N], acc1[N];
     for (int b = 0; b < N; ++b) acc0[b] = acc1[b] = vec{};
     for (int64_t k = 0; k < in; ++k) {
@@ -81,8 +106,10 @@ static void rows_panels(const float* x, const float* w, float* y, int64_t in, in
       // 8-row products 7-10% faster, 1 row unchanged). Non-temporal (prefetchnta): each weight
       // is read once per step and the next product's evicts it anyway; measured 3-8% faster
       // at 1 and 8 rows than into all cache levels.
-      __builtin_prefetch(w0 + k * LANES + PREFETCH, 0, 0);
-      __builtin_prefetch(w1 + k * LANES + PREFETCH, 0, 0);
+      if (k % kLine == 0) {
+        __builtin_prefetch(reinterpret_cast<const char*>(w0 + k * LANES) + PREFETCH, 0, 0);
+        __builtin_prefetch(reinterpret_cast<const char*>(w1 + k * LANES) + PREFETCH, 0, 0);
+      }
       const vec a = load(w0 + k * LANES), c = load(w1 + k * LANES);
 #pragma GCC unroll 8
       for (int b = 0; b < N; ++b) {
@@ -91,11 +118,11 @@ static void rows_panels(const float* x, const float* w, float* y, int64_t in, in
         acc1[b] += xb * c;
       }
     }
-    store<N>(acc0, p, y, out);
-    store<N>(acc1, p + 1, y, out);
+    store<N>(acc0, p, y, out, scale);
+    store<N>(acc1, p + 1, y, out, scale);
   }
   if (p < p1) {
-    const float* w0 = w + p * in * LANES;
+    const W* w0 = w + p * in * LANES;
     vec acc0[N];
     for (int b = 0; b < N; ++b) acc0[b] = vec{};
     for (int64_t k = 0; k < in; ++k) {
@@ -103,25 +130,33 @@ static void rows_panels(const float* x, const float* w, float* y, int64_t in, in
 #pragma GCC unroll 8
       for (int b = 0; b < N; ++b) acc0[b] += x[b * in + k] * a;
     }
-    store<N>(acc0, p, y, out);
+    store<N>(acc0, p, y, out, scale);
   }
 }
 
-using RowsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+using RowsFn = void (*)(const float*, const void*, const float*, float*, int64_t, int64_t,
+                        int64_t, int64_t);
 
-// rows_panels<n> for a block of n = 1..ROWS rows.
+// rows_panels<n, W> for a block of n = 1..ROWS rows.
+template <typename W>
+struct RowsTable {
 #if defined(__AVX512F__)
-constexpr RowsFn kRows[ROWS] = {rows_panels<1>, rows_panels<2>, rows_panels<3>, rows_panels<4>,
-                                rows_panels<5>, rows_panels<6>, rows_panels<7>, rows_panels<8>};
+  static constexpr RowsFn fns[ROWS] = {rows_panels<1, W>, rows_panels<2, W>, rows_panels<3, W>,
+                                       rows_panels<4, W>, rows_panels<5, W>, rows_panels<6, W>,
+                                       rows_panels<7, W>, rows_panels<8, W>};
 #else
-constexpr RowsFn kRows[ROWS] = {rows_panels<1>, rows_panels<2>, rows_panels<3>, rows_panels<4>};
+  static constexpr RowsFn fns[ROWS] = {rows_panels<1, W>, rows_panels<2, W>, rows_panels<3, W>,
+                                       rows_panels<4, W>};
 #endif
+};
 
 // One product, shared by the threads that work on it (held by shared_ptr: a helper task that
 // starts after the caller has finished finds no chunk left and only drops its reference).
 struct Product {
   const float* x;
-  const float* w;
+  const void* w;
+  const float* scale;     // int8 weights: one per output; float weights: nullptr
+  const RowsFn* rows_fns;  // RowsTable<W>::fns
   float* y;
   int64_t n, in, out, panels, chunk, chunks;
   std::atomic<int64_t> next{0};
@@ -136,7 +171,7 @@ struct Product {
       // from cache for the other blocks (a prefill's hundreds of rows).
       for (int64_t r = 0; r < n; r += ROWS) {
         const int64_t rows = std::min<int64_t>(ROWS, n - r);
-        kRows[rows - 1](x + r * in, w, y + r * out, in, out, p0, p1);
+        rows_fns[rows - 1](x + r * in, w, scale, y + r * out, in, out, p0, p1);
       }
       done.fetch_add(1, std::memory_order_release);
     }
@@ -194,31 +229,32 @@ void help(std::shared_ptr<Product> job, uint64_t seq) {
   }
 }
 
-static ffi::Error PanelProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != LANES || wd[1] != xd[1] ||
-      yd[0] != xd[0] || wd[0] * LANES < yd[1] || (wd[0] - 1) * LANES >= yd[1])
-    return ffi::Error::InvalidArgument("panel_product: expected x [n, in], w [ceil(out / lanes), "
-                                       "in, lanes], y [n, out]");
+// y [n, out] = x [n, in] times the panels `w` (weights of type W) [ceil(out / LANES), in, LANES],
+// each output times its `scale` when there is one (int8 weights).
+template <typename W>
+static ffi::Error Multiply(ffi::ThreadPool pool, const float* x, const W* w,
+                           const float* scale, float* y, int64_t n, int64_t in, int64_t out,
+                           int64_t panels) {
+  if (n == 0 || out == 0) return ffi::Error::Success();
   auto job = std::make_shared<Product>();
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  job->n = xd[0];
-  job->in = xd[1];
-  job->out = yd[1];
-  job->panels = wd[0];
-  if (job->n == 0 || job->out == 0) return ffi::Error::Success();
+  job->x = x;
+  job->w = w;
+  job->scale = scale;
+  job->rows_fns = RowsTable<W>::fns;
+  job->y = y;
+  job->n = n;
+  job->in = in;
+  job->out = out;
+  job->panels = panels;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Chunks of >= 64 KiB of weights (the scheduling cost stays small against the work) and up to
   // 8 per thread (the threads finish together when one is slowed).
-  const int64_t panel_bytes = job->in * LANES * 4;
+  const int64_t panel_bytes = in * LANES * static_cast<int64_t>(sizeof(W));
   const int64_t least = std::max<int64_t>(2, (64 * 1024 + panel_bytes - 1) / panel_bytes);
-  int64_t chunk = std::max<int64_t>(least, (job->panels + 8 * threads - 1) / (8 * threads));
+  int64_t chunk = std::max<int64_t>(least, (panels + 8 * threads - 1) / (8 * threads));
   chunk += chunk & 1;   // whole panel pairs
   job->chunk = chunk;
-  job->chunks = (job->panels + chunk - 1) / chunk;
+  job->chunks = (panels + chunk - 1) / chunk;
   // Lingering helpers take the posted product; new ones are scheduled for the rest.
   uint64_t seq = 0;
   post(job, &seq);
@@ -235,6 +271,36 @@ static ffi::Error PanelProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   return ffi::Error::Success();
 }
 
+// Whether x [n, in], packed weights [panels, in, LANES] and y [n, out] agree.
+static bool Shapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+                   ffi::Span<const int64_t> yd) {
+  return xd.size() == 2 && wd.size() == 3 && yd.size() == 2 && wd[2] == LANES &&
+         wd[1] == xd[1] && yd[0] == xd[0] && wd[0] * LANES >= yd[1] &&
+         (wd[0] - 1) * LANES < yd[1];
+}
+
+static ffi::Error PanelProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (!Shapes(xd, wd, yd))
+    return ffi::Error::InvalidArgument("panel_product: expected x [n, in], w [ceil(out / lanes), "
+                                       "in, lanes], y [n, out]");
+  return Multiply<float>(pool, x.typed_data(), w.typed_data(), nullptr, y->typed_data(), xd[0],
+                         xd[1], yd[1], wd[0]);
+}
+
+static ffi::Error PanelProductInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                       ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
+                                       ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const auto sd = scale.dimensions();
+  if (!Shapes(xd, wd, yd) || sd.size() != 1 || sd[0] != yd[1])
+    return ffi::Error::InvalidArgument("panel_product_int8: expected x [n, in], w int8 "
+                                       "[ceil(out / lanes), in, lanes], scale [out], y [n, out]");
+  return Multiply<int8_t>(pool, x.typed_data(), w.typed_data(), scale.typed_data(),
+                          y->typed_data(), xd[0], xd[1], yd[1], wd[0]);
+}
+
 }  // namespace
 
 #pragma GCC visibility push(default)
@@ -242,6 +308,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmPanelProduct, PanelProductImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmPanelProductInt8, PanelProductInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
