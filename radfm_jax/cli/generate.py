@@ -60,8 +60,9 @@ def add_parser(sub):
                  '{"path", "modality", "frame", "index"}, as in an ingest manifest)')
   p.add_argument('--output', help='JSONL written in file mode (default: stdout)')
   p.add_argument('--quantize', choices=QUANTIZE_MODES, default=None,
-                 help='Qwix post-training quantization (radfm_jax.infer.quantize): int8 weights, '
-                      'or w8a8: int8 weights and int8 activations (fastest on CPU)')
+                 help='Qwix post-training quantization (radfm_jax.infer.quantize): int8 weights '
+                      '(on CPU multiplied as int8 by the panel kernel: the fastest there), or '
+                      'w8a8: int8 weights and int8 activations')
   add_checkpoint_arguments(p)
   return p
 

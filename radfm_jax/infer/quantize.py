@@ -14,7 +14,10 @@ biases stay in their dtype (gathers and adds, no matmul; < 3% of the 13B bytes).
 `'int8'` is weight-only: activations are not quantized. `layers.cast` dequantizes a kernel at its
 use (int8 * scale, then the compute dtype), so both decode layer loops (scan, unrolled) and the
 prefill run the same arithmetic, and XLA fuses the dequantization into the consumer; the stored
-weights, and therefore the HBM they occupy, are int8.
+weights, and therefore the HBM they occupy, are int8. The CPU decode with the panel kernel
+(`generate.cpu_product`, 'auto' on a CPU) keeps them int8 too: each product streams the int8
+values, widens them to float32 in registers and scales each output's sum ((x . q) * s, equal to
+x . (q * s) up to float32 rounding), a quarter of the fp32 bytes per step.
 
 `'w8a8'` stores the same int8 weights and also quantizes the activations: at every matmul
 (`layers.int8_rows_product`, in `Dense` and in the CPU decode view alike) each row (one token's
@@ -22,9 +25,10 @@ input) is scaled to symmetric int8 by its own absmax, the product runs int8 x in
 and both scales are applied to the output (Qwix's `quantize` and fast `dot_general`; the rows are
 quantized in our `Dense` rather than by a Qwix activation rule, since generation runs the decoder
 outside the model's `__call__`, where Qwix intercepts nothing). A deviation from the original's
-numerics (logits ~1% from fp32 at the test config, against ~0.8% for 'int8'), chosen for speed:
-XLA:CPU compiles the int8 products to YNNPACK fusions, and a `bench` decode step runs at ~4x the
-fp32 rate (docs/performance.md).
+numerics (logits ~1% from fp32 at the test config, against ~0.8% for 'int8'), chosen for speed
+where the panel kernel does not serve: XLA:CPU compiles the int8 products to YNNPACK fusions, a
+`bench` decode step ~2x the fp32 rate; with the panel kernel 'int8' is faster still
+(docs/performance.md).
 """
 
 from __future__ import annotations
