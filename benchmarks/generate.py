@@ -332,9 +332,8 @@ def main():
     # the first --cpu-product's products: int8 panels with the panel kernel, else dequantized
     # into the decode view (fp32 bytes per step).
     product, lanes = models[0][2:4]
-    int8 = args.quantize == 'w8a8'
     models.append((f'{args.quantize} weights', quantize(model, args.quantize), product,
-                   0 if int8 else lanes, args.quantize))
+                   0 if args.quantize == 'w8a8' else lanes, args.quantize))
   for label, m, product, lanes, weights in models:
     steps, floors = {}, {}
     int8 = weights == 'w8a8'

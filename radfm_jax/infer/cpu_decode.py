@@ -29,7 +29,7 @@ from radfm_jax.config import LlamaConfig
 from radfm_jax.infer import panel_kernel
 from radfm_jax.models import llama as llama_lib
 from radfm_jax.models.layers import (Dense, cast, constrain, int8_kernel, int8_rows_product,
-                                     value)
+                                     quantized, value)
 from radfm_jax.models.llama import LayerCache, Llama
 
 # XLA:CPU's default copy insertion cannot see that the cache update in the loop body comes after
@@ -75,18 +75,17 @@ class OutFirstDense(nnx.Module):
     self.bias = dense.bias
     self.int8_activations = getattr(dense, 'int8_activations', False)
     self.lanes = 0
-    if self.int8_activations:
-      # quantize='w8a8': the int8 values [out, in] and their scales [out, 1], kept int8
-      q = int8_kernel(dense.kernel, dense.n_in)
-      self.qvalue, self.scale = nnx.Param(q.qvalue.T), nnx.Param(q.scale.T)
-      return
-    if lanes and hasattr(dense.kernel, 'how'):
-      # quantize='int8' (weight-only) with the panel kernel: int8 panels and one float32 scale
-      # per output, a quarter of the bytes per product
+    if self.int8_activations or (lanes and quantized(dense.kernel)):
       q = int8_kernel(dense.kernel, dense.n_in)                 # [in, out], scales [1, out]
-      self.lanes, self.n_out = lanes, q.qvalue.shape[1]
-      self.panels = nnx.Param(panel_kernel.pack(q.qvalue.T, lanes))
-      self.scale = nnx.Param(q.scale.reshape(-1).astype(jnp.float32))
+      if self.int8_activations:
+        # quantize='w8a8': the int8 values [out, in] and their scales [out, 1], kept int8
+        self.qvalue, self.scale = nnx.Param(q.qvalue.T), nnx.Param(q.scale.T)
+      else:
+        # quantize='int8' (weight-only) with the panel kernel: int8 panels and one float32
+        # scale per output, a quarter of the bytes per product
+        self.lanes, self.n_out = lanes, q.qvalue.shape[1]
+        self.panels = nnx.Param(panel_kernel.pack(q.qvalue.T, lanes))
+        self.scale = nnx.Param(q.scale.reshape(-1).astype(jnp.float32))
       return
     kernel = value(dense.kernel)            # dequantized when int8 (infer/quantize.py)
     n_in = math.prod(kernel.shape[:dense.n_in])

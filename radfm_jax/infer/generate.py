@@ -190,18 +190,19 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
 
   logits, cache = decoder(decoder_state)(embeds, positions, attention_mask, cache, last_only=True)
   stop_ids = jnp.asarray(sampling.stop_ids, jnp.int32)
-  # Every step's rotary tables, computed here once: computed in the loop body, XLA fuses the
-  # sine / cosine into each layer's and head's rotation (docs/performance.md).
+  # Step s's token sits at position positions[:, -1] + 1 + s. Every step's rotary tables are
+  # computed here once: computed in the loop body, XLA fuses the sine / cosine into each
+  # layer's and head's rotation (docs/performance.md).
+  step_positions = positions[:, -1:] + 1 + jnp.arange(max_new)
   llama_cfg = model.cfg.llama
-  step_rope = rope_tables(positions[:, -1:] + 1 + jnp.arange(max_new), llama_cfg.head_dim,
-                          llama_cfg.rope_theta)
+  step_rope = rope_tables(step_positions, llama_cfg.head_dim, llama_cfg.rope_theta)
 
   def cond(carry, end):
-    step, _, _, done, _, _, _, _, _ = carry
+    step, _, _, done, _, _, _, _ = carry
     return (step < end) & ~jnp.all(done)
 
   def body(carry):
-    step, cache, logits, done, last_pos, out, rng, decoder_state, scores = carry
+    step, cache, logits, done, out, rng, decoder_state, scores = carry
     step_decoder = decoder(decoder_state)
     rng, key = jax.random.split(rng)
     token = jnp.where(done, PAD_ID, choose_token(logits, key, sampling))
@@ -209,22 +210,22 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
     if scores is not None:
       scores = scores.at[:, step].set(logits)
     done = done | jnp.isin(token, stop_ids)
-    position = last_pos + 1
-    rope = tuple(jax.lax.dynamic_slice_in_dim(table, step, 1, axis=1) for table in step_rope)
-    step_logits, cache = step_decoder(step_decoder.embed(token[:, None]), position[:, None],
-                                      jnp.ones((batch, 1), jnp.int32), cache, rope=rope)
-    return step + 1, cache, step_logits[:, -1], done, position, out, rng, decoder_state, scores
+    position, *rope = (jax.lax.dynamic_slice_in_dim(a, step, 1, axis=1)
+                       for a in (step_positions, *step_rope))
+    step_logits, cache = step_decoder(step_decoder.embed(token[:, None]), position,
+                                      jnp.ones((batch, 1), jnp.int32), cache, rope=tuple(rope))
+    return step + 1, cache, step_logits[:, -1], done, out, rng, decoder_state, scores
 
   out = jnp.full((batch, max_new), PAD_ID, jnp.int32)
-  carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool),
-           positions[:, -1], out, rng, decoder_state,
+  carry = (jnp.zeros((), jnp.int32), cache, logits[:, -1], jnp.zeros((batch,), bool), out, rng,
+           decoder_state,
            jnp.zeros(out.shape + logits.shape[-1:]) if return_logits else None)
   for limit in limits:
     # Steps while the written slots fit `limit`: step s writes slot prompt_len + s.
     carry = carry[:1] + (carry[1].grow(limit),) + carry[2:]
     carry = jax.lax.while_loop(functools.partial(cond, end=min(limit - prompt_len, max_new)),
                                body, carry)
-  step, _, _, _, _, out, _, decoder_state, scores = carry
+  step, _, _, _, out, _, decoder_state, scores = carry
   stopped = jnp.isin(out, stop_ids)
   first_stop = jnp.argmax(stopped, axis=1)
   lengths = jnp.where(stopped.any(axis=1), first_stop + 1, step)

@@ -1,5 +1,6 @@
 // The decode's weight products on XLA:CPU: y [n, out] = x [n, in] . W^T, W [out, in] packed once
-// into panels [ceil(out / LANES), in, LANES] (zero-padded outputs). radfm_jax/infer/panel_kernel.py
+// into panels [ceil(out / LANES), in, LANES] (zero-padded outputs): float32 weights, or int8 ones
+// with a float32 scale per output (quantize='int8'). radfm_jax/infer/panel_kernel.py
 // builds this file with the host's C++ compiler (-O3 -march=native) and calls it through the XLA
 // FFI; docs/performance.md has the measurements behind it.
 //
@@ -18,14 +19,13 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-
-#include <thread>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define SPIN_PAUSE() __builtin_ia32_pause()

@@ -43,12 +43,17 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], axes: Sequence[str 
   return nnx.Param(value, out_sharding=tuple(axes))
 
 
+def quantized(p: nnx.Param) -> bool:
+  """Whether Qwix post-training quantization replaced this kernel (infer/quantize.py: a
+  WithAux(QArray) of int8 values + scales)."""
+  return hasattr(p, 'how')
+
+
 def value(p: nnx.Param) -> jax.Array:
-  """The parameter's array. A kernel that Qwix post-training quantization replaced
-  (infer/quantize.py: a WithAux(QArray) of int8 values + scales) is dequantized here, at its use,
-  so the stored weights stay int8 and every path (scan, unrolled decode) computes with the same
-  values (in the scales' dtype)."""
-  if hasattr(p, 'how'):
+  """The parameter's array. A `quantized` kernel is dequantized here, at its use, so the stored
+  weights stay int8 and every path (scan, unrolled decode) computes with the same values (in the
+  scales' dtype)."""
+  if quantized(p):
     import qwix
     return qwix.dequantize(_qarray(p))
   return p[...]
