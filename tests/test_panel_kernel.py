@@ -104,6 +104,70 @@ def test_int8_products_equal_the_float64_product(lanes, rows, out, n_in):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(n_in))
 
 
+@pytest.mark.parametrize('head_dim_lanes', [1, 4, 8])
+@pytest.mark.parametrize('batch,heads,slots,written', [(1, 3, 11, 7), (8, 12, 70, 70),
+                                                       (2, 5, 40, 1), (3, 2, 9, 0)])
+def test_cache_products_equal_the_float64_products_and_skip_unwritten_slots(
+    lanes, head_dim_lanes, batch, heads, slots, written):
+  """A one-token step's attention products with the cache (`cache_scores`, `cache_values`)
+  against float64 NumPy over the first `written` slots, at head sizes of 1, 4 and 8 vectors
+  (head_dim 64 and 128 on AVX-512), one or many pairs per chunk, and no slot written yet. The
+  unwritten slots hold NaN: never read (the scores there are 0, the values' sums stay finite)."""
+  hd = head_dim_lanes * lanes
+  rng = np.random.default_rng(batch * 100 + slots + hd)
+  q = rng.standard_normal((batch, heads, hd)).astype(np.float32)
+  keys, values = (rng.standard_normal((batch, heads, slots, hd)).astype(np.float32)
+                  for _ in range(2))
+  probs = rng.random((batch, heads, slots)).astype(np.float32)
+  keys[:, :, written:] = values[:, :, written:] = np.nan
+  probs[:, :, written:] = 0
+  w = jnp.int32(written)
+  scores = np.asarray(jax.jit(panel_kernel.cache_scores)(jnp.asarray(q), jnp.asarray(keys), w))
+  out = np.asarray(jax.jit(panel_kernel.cache_values)(jnp.asarray(probs), jnp.asarray(values), w))
+  k64, v64 = keys[:, :, :written].astype(np.float64), values[:, :, :written].astype(np.float64)
+  assert scores.shape == (batch, heads, slots) and out.shape == (batch, heads, hd)
+  np.testing.assert_allclose(scores[..., :written], np.einsum('bnkh,bnh->bnk', k64, q),
+                             rtol=1e-5, atol=1e-5 * np.sqrt(hd))
+  np.testing.assert_array_equal(scores[..., written:], 0)
+  np.testing.assert_allclose(out, np.einsum('bnk,bnkh->bnh', probs[..., :written], v64),
+                             rtol=1e-5, atol=1e-5 * np.sqrt(max(written, 1)))
+
+
+def test_cached_attention_with_the_kernels_cache_products(lanes):
+  """`layers.cached_attention` with the kernel's cache products (one new token, the slots from
+  `written` on masked and holding NaN) against its XLA form on the same cache with zeros there,
+  and a float64 softmax attention; the masked written slots (left padding) are still read."""
+  from radfm_jax.models import layers
+  rng = np.random.default_rng(11)
+  batch, heads, slots, hd, written = 3, 4, 24, 4 * lanes, 17
+  q, k, v = (jnp.asarray(rng.standard_normal((batch, 1, heads, hd)), jnp.float32)
+             for _ in range(3))
+  cache_k, cache_v = (rng.standard_normal((batch, heads, slots, hd)).astype(np.float32)
+                      for _ in range(2))
+  cached_mask = (rng.random((batch, 1, 1, slots)) < 0.7) & (np.arange(slots) < written)
+  cached_mask[..., 0] = True
+  new_mask = jnp.ones((1, 1, 1, 1), bool)
+  nan_k, nan_v = cache_k.copy(), cache_v.copy()
+  nan_k[:, :, written:] = nan_v[:, :, written:] = np.nan
+  got = layers.cached_attention(q, k, v, jnp.asarray(nan_k), jnp.asarray(nan_v),
+                                jnp.asarray(cached_mask), new_mask,
+                                cache_products=panel_kernel.CACHE_PRODUCTS,
+                                written=jnp.int32(written))
+  want = layers.cached_attention(q, k, v, jnp.asarray(cache_k), jnp.asarray(cache_v),
+                                 jnp.asarray(cached_mask), new_mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  keys = np.concatenate([cache_k, np.asarray(k).transpose(0, 2, 1, 3)], 2).astype(np.float64)
+  vals = np.concatenate([cache_v, np.asarray(v).transpose(0, 2, 1, 3)], 2).astype(np.float64)
+  mask = np.concatenate([np.broadcast_to(cached_mask, (batch, heads, 1, slots)),
+                         np.ones((batch, heads, 1, 1), bool)], -1)
+  scores = np.where(mask, np.einsum('bqnh,bnkh->bnqk', np.asarray(q, np.float64), keys)
+                    / np.sqrt(hd), -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(got), np.einsum('bnqk,bnkh->bqnh', probs, vals),
+                             rtol=2e-5, atol=2e-5)
+
+
 def test_refuses_other_dtypes(lanes):
   rows = jnp.ones((2, 8), jnp.float32)
   packed = panel_kernel.pack(jnp.ones((16, 8), jnp.bfloat16), lanes)
@@ -116,6 +180,24 @@ def test_refuses_other_dtypes(lanes):
   int8 = panel_kernel.pack(jnp.ones((16, 8), jnp.int8), lanes)
   with pytest.raises(ValueError, match=r'int8 panels need float32 scales \[16\], got None'):
     panel_kernel.product(int8, rows, 16)
+
+
+def test_cache_products_refuse_other_dtypes_and_shapes(lanes):
+  """One line each: bfloat16 caches, a non-int32 or non-scalar `written`, and (from the kernel)
+  a head size that is not a multiple of the lanes."""
+  q, keys = jnp.ones((1, 2, lanes)), jnp.ones((1, 2, 5, lanes))
+  with pytest.raises(ValueError, match=r'^panel_kernel.cache_scores: float32 only, got float32 '
+                     r'and bfloat16$'):
+    panel_kernel.cache_scores(q, keys.astype(jnp.bfloat16), jnp.int32(5))
+  with pytest.raises(ValueError, match=r'^panel_kernel.cache_values: `written` must be an int32 '
+                     r'scalar, got int32 \(1,\)$'):
+    panel_kernel.cache_values(jnp.ones((1, 2, 5)), keys, jnp.ones((1,), jnp.int32))
+  odd = jnp.ones((1, 2, 5, lanes + 1))
+  with pytest.raises(Exception, match='cache_scores: expected q .batch, heads, head_dim.'):
+    jax.block_until_ready(panel_kernel.cache_scores(jnp.ones((1, 2, lanes + 1)), odd,
+                                                    jnp.int32(5)))
+  assert panel_kernel.cache_fits(4 * lanes, lanes) and not panel_kernel.cache_fits(lanes + 1, lanes)
+  assert not panel_kernel.cache_fits(64, 0)
 
 
 @pytest.fixture(scope='module')
@@ -166,10 +248,14 @@ def test_int8_decode_with_panels_equals_xla_products(model, lanes):
 
 
 def test_decode_view_holds_packed_kernels(model, lanes):
-  """With lanes the view's projections hold the packed kernel and no [out, in] copy."""
+  """With lanes the view's projections hold the packed kernel and no [out, in] copy, and its
+  layers the kernel's cache products; without, neither."""
   view = cpu_decode.DecodeView(model.llama, lanes)
   q = view.layers[0].q
   assert not hasattr(q, 'kernel') and q.n_out == model.cfg.llama.hidden_size
+  # ... and its layers take the kernel's attention products with the cache (tiny: head_dim 16)
+  assert all(layer.cache_products is panel_kernel.CACHE_PRODUCTS for layer in view.layers)
+  assert cpu_decode.DecodeView(model.llama, 0).layers[0].cache_products is None
   kernel = np.asarray(model.llama.layers.q.kernel[...][0]).reshape(q.panels.shape[1], -1).T
   np.testing.assert_array_equal(np.asarray(q.panels[...]),
                                 np.asarray(panel_kernel.pack(jnp.asarray(kernel), lanes)))

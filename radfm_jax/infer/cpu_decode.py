@@ -173,9 +173,12 @@ class DecodeView(nnx.Module):
     graphdef, state = nnx.split(llama.layers)
     self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                             for i in range(self.cfg.num_layers)])
+    products = panel_kernel.cache_fits(self.cfg.head_dim, lanes)
     for layer in self.layers:
       for name in _DECODE_DENSE:
         setattr(layer, name, OutFirstDense(getattr(layer, name), lanes))
+      if products:
+        layer.cache_products = panel_kernel.CACHE_PRODUCTS
     self.lm_head = OutFirstDense(llama.lm_head, lanes)
 
   embed = Llama.embed

@@ -1,9 +1,12 @@
-"""The decode's weight products as a C++ kernel on packed weights (`generate.cpu_product`).
+"""The decode's products as a C++ kernel (`generate.cpu_product`): weights packed into panels,
+and a one-token step's attention products with the KV cache.
 
     lanes = panel_kernel.load()                        # builds on first use, registers the target
     packed = panel_kernel.pack(kernel, lanes)          # [out, in] -> [ceil(out / lanes), in, lanes]
     y = panel_kernel.product(packed, rows, out)        # rows [n, in] -> [n, out], float32
     y = panel_kernel.product(pack(q, lanes), rows, out, scale)   # int8 q [out, in], scale [out]
+    s = panel_kernel.cache_scores(q, keys, written)    # [b, n, h] . [b, n, slots, h] -> [b, n, slots]
+    o = panel_kernel.cache_values(p, values, written)  # [b, n, slots] . [b, n, slots, h] -> [b, n, h]
 
 `panel_product.cc` (beside this file) multiplies rows by a weight packed once into panels of
 `lanes` outputs, streaming each weight once per product; XLA:CPU's own GEMMs re-pack the weight
@@ -13,6 +16,9 @@ with the host's compiler for the host's CPU (`-O3 -march=native`) and called thr
 with XLA's intra-op thread pool. Rows and outputs are float32; the weights float32, or int8 with
 one float32 scale per output (`quantize='int8'`, weight-only: each product streams a quarter of
 the bytes, the int8 values widened to float32 as they are loaded, the sums scaled at the end).
+The cache products (`CACHE_PRODUCTS`, which the CPU decode view hands to `layers.cached_attention`)
+split a step's (row, head) pairs over the threads, where XLA:CPU runs them on one, and read only
+the `written` slots of a cache allocated in chunks ahead of them.
 
 The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
 ~/.cache/radfm-jax/kernels, one shared library per (source, compiler, flags, jaxlib, CPU model
@@ -43,6 +49,8 @@ from radfm_jax.errors import UserError
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'panel_product.cc')
 TARGET = 'radfm_panel_product'
 TARGET_INT8 = 'radfm_panel_product_int8'
+TARGET_SCORES = 'radfm_cache_scores'
+TARGET_VALUES = 'radfm_cache_values'
 CACHE_ENV = 'RADFM_KERNEL_CACHE'
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden', '-w')
 _LOCK = threading.Lock()
@@ -181,7 +189,9 @@ def load() -> int:
       try:
         lib = ctypes.cdll.LoadLibrary(path)
         capsules = {TARGET: jax.ffi.pycapsule(lib.RadfmPanelProduct),
-                    TARGET_INT8: jax.ffi.pycapsule(lib.RadfmPanelProductInt8)}
+                    TARGET_INT8: jax.ffi.pycapsule(lib.RadfmPanelProductInt8),
+                    TARGET_SCORES: jax.ffi.pycapsule(lib.RadfmCacheScores),
+                    TARGET_VALUES: jax.ffi.pycapsule(lib.RadfmCacheValues)}
         lanes = int(lib.radfm_panel_lanes())
       except (OSError, AttributeError) as err:   # not a library; not the kernel's
         raise KernelUnavailable(f'cannot load the built kernel {path} ({err}); remove it to '
@@ -239,6 +249,43 @@ def product(packed: jax.Array, rows: jax.Array, out: int,
   return jax.ffi.ffi_call(TARGET, result)(rows, packed)
 
 
-__all__ = ['CACHE_ENV', 'KernelUnavailable', 'SOURCE', 'TARGET', 'TARGET_INT8',
-           'cache_directory', 'compiler',
+def cache_fits(head_dim: int, lanes: int) -> bool:
+  """Whether the kernel's cache products take this head size (a multiple of `lanes`, <= 256)."""
+  return lanes > 0 and head_dim % lanes == 0 and 0 < head_dim <= 256
+
+
+def _cache_check(name: str, small: jax.Array, cache: jax.Array, written: jax.Array):
+  if small.dtype != jnp.float32 or cache.dtype != jnp.float32:
+    raise ValueError(f'panel_kernel.{name}: float32 only, got {small.dtype} and {cache.dtype}')
+  if jnp.shape(written) != () or jnp.result_type(written) != jnp.int32:
+    raise ValueError(f'panel_kernel.{name}: `written` must be an int32 scalar, got '
+                     f'{jnp.result_type(written)} {jnp.shape(written)}')
+
+
+def cache_scores(q: jax.Array, keys: jax.Array, written: jax.Array) -> jax.Array:
+  """One new token's attention scores with one layer's cached keys, split over XLA's threads:
+  q [batch, heads, head_dim] . keys [batch, heads, slots, head_dim] -> [batch, heads, slots]
+  (float32), what `einsum('bnkh,bnh->bnk', keys, q)` computes, for the first `written` (int32
+  scalar) slots only; the later ones, not written yet, read 0 (the caller masks them)."""
+  _cache_check('cache_scores', q, keys, written)
+  result = jax.ShapeDtypeStruct(keys.shape[:3], jnp.float32)
+  return jax.ffi.ffi_call(TARGET_SCORES, result)(q, keys, written)
+
+
+def cache_values(probs: jax.Array, values: jax.Array, written: jax.Array) -> jax.Array:
+  """probs [batch, heads, slots] . values [batch, heads, slots, head_dim] -> [batch, heads,
+  head_dim] (float32), `einsum('bnk,bnkh->bnh', probs, values)` over the first `written` slots
+  (the later ones must have probability 0: masked)."""
+  _cache_check('cache_values', probs, values, written)
+  result = jax.ShapeDtypeStruct(probs.shape[:2] + values.shape[3:], jnp.float32)
+  return jax.ffi.ffi_call(TARGET_VALUES, result)(probs, values, written)
+
+
+# What `layers.cached_attention` takes as `cache_products`.
+CACHE_PRODUCTS = (cache_scores, cache_values)
+
+
+__all__ = ['CACHE_ENV', 'CACHE_PRODUCTS', 'KernelUnavailable', 'SOURCE', 'TARGET', 'TARGET_INT8',
+           'TARGET_SCORES', 'TARGET_VALUES', 'cache_directory', 'cache_fits', 'cache_scores',
+           'cache_values', 'compiler',
            'library_path', 'load', 'pack', 'product', 'unavailable_reason']

@@ -1,18 +1,25 @@
-// The decode's weight products on XLA:CPU: y [n, out] = x [n, in] . W^T, W [out, in] packed once
-// into panels [ceil(out / LANES), in, LANES] (zero-padded outputs): float32 weights, or int8 ones
-// with a float32 scale per output (quantize='int8'). radfm_jax/infer/panel_kernel.py
-// builds this file with the host's C++ compiler (-O3 -march=native) and calls it through the XLA
-// FFI; docs/performance.md has the measurements behind it.
+// The decode's products on XLA:CPU, called through the XLA FFI on XLA's intra-op thread pool;
+// radfm_jax/infer/panel_kernel.py builds this file with the host's C++ compiler (-O3
+// -march=native); docs/performance.md has the measurements behind it.
 //
-// Why a kernel of our own: a decode step multiplies every decoder weight by 1-16 rows. XLA:CPU's
-// GEMMs copy the weight into their packed layout first, so a batch-8 step reads each weight
-// twice and writes it once (the `bench` lm_head: 3.05 ms at 8 rows against 1.2 ms at 1 row); no
-// library XLA:CPU calls takes a pre-packed weight. Here the weight is packed once, when the
-// decode view is made, and each product streams it exactly once: for every k, one vector of
-// LANES outputs of W is loaded and multiplied by each row's x[b, k] (a broadcast from L1) into
-// per-row accumulators that stay in registers, so no horizontal sums are needed and the loads
-// are contiguous. The outputs are split over XLA's intra-op thread pool in chunks of panels;
-// the pool's threads that helped with one product stay a moment for the next (`help`).
+// 1. Weight products: y [n, out] = x [n, in] . W^T, W [out, in] packed once into panels
+//    [ceil(out / LANES), in, LANES] (zero-padded outputs): float32 weights, or int8 ones with a
+//    float32 scale per output (quantize='int8').
+//    Why a kernel of our own: a decode step multiplies every decoder weight by 1-16 rows.
+//    XLA:CPU's GEMMs copy the weight into their packed layout first, so a batch-8 step reads each
+//    weight twice and writes it once (the `bench` lm_head: 3.05 ms at 8 rows against 1.2 ms at 1
+//    row); no library XLA:CPU calls takes a pre-packed weight. Here the weight is packed once,
+//    when the decode view is made, and each product streams it exactly once: for every k, one
+//    vector of LANES outputs of W is loaded and multiplied by each row's x[b, k] (a broadcast
+//    from L1) into per-row accumulators that stay in registers, so no horizontal sums are needed
+//    and the loads are contiguous. The outputs are split over the threads in chunks of panels.
+// 2. A one-token step's attention products with one layer's KV cache (scores = keys . q, out =
+//    probabilities . values, per batch row and head): XLA:CPU runs these as many small
+//    matrix-vector products on one thread, so a batch-8 step read its cache at one core's
+//    bandwidth; here the (row, head) pairs are split over the threads, and only the slots
+//    written so far are read (the cache is allocated in chunks ahead of them).
+//
+// The pool's threads that helped with one product stay a moment for the next (`help`).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -151,29 +158,41 @@ struct RowsTable {
 };
 
 // One product, shared by the threads that work on it (held by shared_ptr: a helper task that
-// starts after the caller has finished finds no chunk left and only drops its reference).
-struct Product {
-  const float* x;
-  const void* w;
-  const float* scale;     // int8 weights: one per output; float weights: nullptr
-  const RowsFn* rows_fns;  // RowsTable<W>::fns
-  float* y;
-  int64_t n, in, out, panels, chunk, chunks;
+// starts after the caller has finished finds no chunk left and only drops its reference). The
+// threads take its chunks in turn; `chunk` runs one.
+struct Job {
+  int64_t chunks = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+  virtual ~Job() = default;
+  virtual void chunk(int64_t c) const = 0;
 
   void run() {
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
       if (c >= chunks) return;
-      const int64_t p0 = c * chunk, p1 = std::min(panels, p0 + chunk);
-      // Every row block over this chunk of panels, so the chunk is read from memory once and
-      // from cache for the other blocks (a prefill's hundreds of rows).
-      for (int64_t r = 0; r < n; r += ROWS) {
-        const int64_t rows = std::min<int64_t>(ROWS, n - r);
-        rows_fns[rows - 1](x + r * in, w, scale, y + r * out, in, out, p0, p1);
-      }
+      chunk(c);
       done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// A weight product; a chunk is a run of panels.
+struct Product : Job {
+  const float* x;
+  const void* w;
+  const float* scale;     // int8 weights: one per output; float weights: nullptr
+  const RowsFn* rows_fns;  // RowsTable<W>::fns
+  float* y;
+  int64_t n, in, out, panels, per_chunk;
+
+  void chunk(int64_t c) const override {
+    const int64_t p0 = c * per_chunk, p1 = std::min(panels, p0 + per_chunk);
+    // Every row block over this chunk of panels, so the chunk is read from memory once and
+    // from cache for the other blocks (a prefill's hundreds of rows).
+    for (int64_t r = 0; r < n; r += ROWS) {
+      const int64_t rows = std::min<int64_t>(ROWS, n - r);
+      rows_fns[rows - 1](x + r * in, w, scale, y + r * out, in, out, p0, p1);
     }
   }
 };
@@ -188,7 +207,7 @@ constexpr std::chrono::microseconds kLinger(300);
 // then, so a helper that picks it up late finds none left and touches none of its buffers.
 struct Team {
   std::mutex mu;
-  std::shared_ptr<Product> job;       // the newest posted product (under mu)
+  std::shared_ptr<Job> job;           // the newest posted product (under mu)
   uint64_t job_seq = 0;               // its post number (under mu)
   std::atomic<uint64_t> posted{0};    // posts so far
   std::atomic<int> lingering{0};      // helpers spinning for the next post
@@ -200,7 +219,7 @@ Team& team() {
   return *t;
 }
 
-void post(const std::shared_ptr<Product>& job, uint64_t* seq) {
+void post(const std::shared_ptr<Job>& job, uint64_t* seq) {
   Team& t = team();
   std::lock_guard<std::mutex> lock(t.mu);
   t.job = job;
@@ -208,7 +227,7 @@ void post(const std::shared_ptr<Product>& job, uint64_t* seq) {
   t.posted.store(t.job_seq, std::memory_order_release);
 }
 
-void help(std::shared_ptr<Product> job, uint64_t seq) {
+void help(std::shared_ptr<Job> job, uint64_t seq) {
   Team& t = team();
   for (;;) {
     job->run();
@@ -229,6 +248,34 @@ void help(std::shared_ptr<Product> job, uint64_t seq) {
   }
 }
 
+// Runs `job` on this thread and up to the pool's other threads: lingering helpers take the
+// posted job, new ones are scheduled for the rest; returns when every chunk is done.
+static void Share(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  uint64_t seq = 0;
+  post(job, &seq);
+  const int64_t want = std::min(threads, job->chunks) - 1;
+  const int64_t ready = team().lingering.load(std::memory_order_relaxed);
+  for (int64_t t = ready; t < want; ++t) pool.Schedule([job, seq] { help(job, seq); });
+  job->run();
+  // The chunks other threads took are in progress: spin briefly (they take microseconds), then
+  // yield the core, so that a descheduled helper on a busy host is not starved by this wait.
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->chunks; ++spins) {
+    if (spins < 4096) SPIN_PAUSE();
+    else std::this_thread::yield();
+  }
+}
+
+// How many of `items` (each `item_bytes` of the streamed input) make one chunk: >= 64 KiB (the
+// scheduling cost stays small against the work) and up to 8 chunks per thread (the threads finish
+// together when one is slowed); at least `least`.
+static int64_t PerChunk(const ffi::ThreadPool& pool, int64_t items, int64_t item_bytes,
+                        int64_t least) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t enough = (64 * 1024 + item_bytes - 1) / std::max<int64_t>(1, item_bytes);
+  return std::max({least, enough, (items + 8 * threads - 1) / (8 * threads)});
+}
+
 // y [n, out] = x [n, in] times the panels `w` (weights of type W) [ceil(out / LANES), in, LANES],
 // each output times its `scale` when there is one (int8 weights).
 template <typename W>
@@ -246,28 +293,92 @@ static ffi::Error Multiply(ffi::ThreadPool pool, const float* x, const W* w,
   job->in = in;
   job->out = out;
   job->panels = panels;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // Chunks of >= 64 KiB of weights (the scheduling cost stays small against the work) and up to
-  // 8 per thread (the threads finish together when one is slowed).
-  const int64_t panel_bytes = in * LANES * static_cast<int64_t>(sizeof(W));
-  const int64_t least = std::max<int64_t>(2, (64 * 1024 + panel_bytes - 1) / panel_bytes);
-  int64_t chunk = std::max<int64_t>(least, (panels + 8 * threads - 1) / (8 * threads));
-  chunk += chunk & 1;   // whole panel pairs
-  job->chunk = chunk;
-  job->chunks = (panels + chunk - 1) / chunk;
-  // Lingering helpers take the posted product; new ones are scheduled for the rest.
-  uint64_t seq = 0;
-  post(job, &seq);
-  const int64_t want = std::min(threads, job->chunks) - 1;
-  const int64_t ready = team().lingering.load(std::memory_order_relaxed);
-  for (int64_t t = ready; t < want; ++t) pool.Schedule([job, seq] { help(job, seq); });
-  job->run();
-  // The chunks other threads took are in progress: spin briefly (they take microseconds), then
-  // yield the core, so that a descheduled helper on a busy host is not starved by this wait.
-  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->chunks; ++spins) {
-    if (spins < 4096) SPIN_PAUSE();
-    else std::this_thread::yield();
+  int64_t per_chunk = PerChunk(pool, panels, in * LANES * static_cast<int64_t>(sizeof(W)), 2);
+  per_chunk += per_chunk & 1;   // whole panel pairs
+  job->per_chunk = per_chunk;
+  job->chunks = (panels + per_chunk - 1) / per_chunk;
+  Share(pool, job);
+  return ffi::Error::Success();
+}
+
+// A one-token decode step's attention products with one layer's KV cache, per (batch, head)
+// pair: its keys or values `cache` [pairs, slots, head_dim], of which only the first `written`
+// slots are read (the later ones hold nothing yet: the caller masks them). XLA:CPU runs these
+// small batched matrix-vector products on one thread; a step's cache is read at one core's
+// bandwidth. A chunk is a run of pairs.
+struct CacheProduct : Job {
+  const float* in;       // scores: q [pairs, head_dim]; values: probabilities [pairs, slots]
+  const float* cache;
+  float* y;              // scores: [pairs, slots] (0 past `written`); values: [pairs, head_dim]
+  int64_t slots, head_dim, written, per_chunk, pairs;
+  bool values;
+
+  void chunk(int64_t c) const override {
+    const int64_t end = std::min(pairs, (c + 1) * per_chunk);
+    for (int64_t i = c * per_chunk; i < end; ++i) values ? Values(i) : Scores(i);
   }
+
+  // y[i, j] = cache[i, j, :] . q[i, :] for j < written.
+  void Scores(int64_t i) const {
+    const int64_t parts = head_dim / LANES;
+    const float* q = in + i * head_dim;
+    const float* rows = cache + i * slots * head_dim;
+    float* s = y + i * slots;
+    for (int64_t j = 0; j < written; ++j) {
+      const float* row = rows + j * head_dim;
+      __builtin_prefetch(reinterpret_cast<const char*>(row) + PREFETCH, 0, 0);
+      vec acc = load(row) * load(q);
+      for (int64_t v = 1; v < parts; ++v) acc += load(row + v * LANES) * load(q + v * LANES);
+      s[j] = Sum(acc);
+    }
+    std::fill(s + written, s + slots, 0.0f);
+  }
+
+  // y[i, :] = sum over j < written of p[i, j] * cache[i, j, :].
+  void Values(int64_t i) const {
+    constexpr int kMaxParts = 256 / LANES;   // head_dim <= 256
+    const int64_t parts = head_dim / LANES;
+    const float* p = in + i * slots;
+    const float* rows = cache + i * slots * head_dim;
+    vec acc[kMaxParts];
+    for (int64_t v = 0; v < parts; ++v) acc[v] = vec{};
+    for (int64_t j = 0; j < written; ++j) {
+      const float* row = rows + j * head_dim;
+      __builtin_prefetch(reinterpret_cast<const char*>(row) + PREFETCH, 0, 0);
+      const float pj = p[j];
+      for (int64_t v = 0; v < parts; ++v) acc[v] += pj * load(row + v * LANES);
+    }
+    for (int64_t v = 0; v < parts; ++v)
+      *reinterpret_cast<vec_unaligned*>(y + i * head_dim + v * LANES) = acc[v];
+  }
+
+  static float Sum(vec a) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps(reinterpret_cast<__m512>(a));
+#else
+    float s = 0.0f;
+    for (int l = 0; l < LANES; ++l) s += a[l];
+    return s;
+#endif
+  }
+};
+
+static ffi::Error CacheMultiply(ffi::ThreadPool pool, const float* in, const float* cache,
+                                float* y, int64_t pairs, int64_t slots, int64_t head_dim,
+                                int64_t written, bool values) {
+  if (pairs == 0) return ffi::Error::Success();
+  auto job = std::make_shared<CacheProduct>();
+  job->in = in;
+  job->cache = cache;
+  job->y = y;
+  job->pairs = pairs;
+  job->slots = slots;
+  job->head_dim = head_dim;
+  job->written = std::clamp<int64_t>(written, 0, slots);
+  job->values = values;
+  job->per_chunk = PerChunk(pool, pairs, job->written * head_dim * 4, 1);
+  job->chunks = (pairs + job->per_chunk - 1) / job->per_chunk;
+  Share(pool, job);
   return ffi::Error::Success();
 }
 
@@ -301,6 +412,38 @@ static ffi::Error PanelProductInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F3
                           y->typed_data(), xd[0], xd[1], yd[1], wd[0]);
 }
 
+// A cache product's operands: `small` (scores: q [batch, heads, head_dim]; values: the
+// probabilities [batch, heads, slots]), the cache [batch, heads, slots, head_dim] (head_dim a
+// multiple of LANES, <= 256), `written` (int32 []: the slots holding keys / values) and y (scores
+// [batch, heads, slots]; values [batch, heads, head_dim]).
+template <bool kValues>
+static ffi::Error CacheImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> small,
+                            ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::S32> written,
+                            ffi::ResultBuffer<ffi::F32> y) {
+  const auto sd = small.dimensions(), cd = cache.dimensions(), yd = y->dimensions();
+  const bool fits = cd.size() == 4 && cd[3] % LANES == 0 && cd[3] > 0 && cd[3] <= 256 &&
+                    sd.size() == 3 && yd.size() == 3 && written.element_count() == 1;
+  if (!fits || sd[0] != cd[0] || sd[1] != cd[1] || yd[0] != cd[0] || yd[1] != cd[1] ||
+      sd[2] != cd[kValues ? 2 : 3] || yd[2] != cd[kValues ? 3 : 2])
+    return ffi::Error::InvalidArgument(
+        kValues ? "cache_values: expected probabilities [batch, heads, slots], values [batch, "
+                  "heads, slots, head_dim], written int32 [], out [batch, heads, head_dim]"
+                : "cache_scores: expected q [batch, heads, head_dim], keys [batch, heads, slots, "
+                  "head_dim], written int32 [], scores [batch, heads, slots]");
+  return CacheMultiply(pool, small.typed_data(), cache.typed_data(), y->typed_data(),
+                       cd[0] * cd[1], cd[2], cd[3], written.typed_data()[0], kValues);
+}
+
+// The FFI signature of both cache products.
+static auto CacheBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
 #pragma GCC visibility push(default)
@@ -318,6 +461,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmPanelProductInt8, PanelProductInt8Impl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmCacheScores, CacheImpl<false>, CacheBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmCacheValues, CacheImpl<true>, CacheBinding());
 
 // The panel width this build packs for (the Python side packs the weights to match).
 extern "C" int radfm_panel_lanes() { return LANES; }
