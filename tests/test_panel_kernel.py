@@ -136,7 +136,8 @@ def test_cache_products_equal_the_float64_products_and_skip_unwritten_slots(
 def test_cached_attention_with_the_kernels_cache_products(lanes):
   """`layers.cached_attention` with the kernel's cache products (one new token, the slots from
   `written` on masked and holding NaN) against its XLA form on the same cache with zeros there,
-  and a float64 softmax attention; the masked written slots (left padding) are still read."""
+  and a float64 softmax attention; the masked written slots (left padding) are still read. A
+  batch of one row keeps XLA's products."""
   from radfm_jax.models import layers
   rng = np.random.default_rng(11)
   batch, heads, slots, hd, written = 3, 4, 24, 4 * lanes, 17
@@ -166,6 +167,15 @@ def test_cached_attention_with_the_kernels_cache_products(lanes):
   probs /= probs.sum(-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(got), np.einsum('bnqk,bnkh->bqnh', probs, vals),
                              rtol=2e-5, atol=2e-5)
+  # from `min_rows` (2) rows on only: one row keeps XLA's products
+  def program(rows):
+    args = [a[:rows] for a in (q, k, v, jnp.asarray(cache_k), jnp.asarray(cache_v))]
+    return jax.jit(lambda *a: layers.cached_attention(
+        *a, jnp.asarray(cached_mask[:rows]), new_mask, cache_products=panel_kernel.CACHE_PRODUCTS,
+        written=jnp.int32(written))).lower(*args).as_text()
+  assert panel_kernel.CACHE_PRODUCTS.min_rows == 2
+  assert panel_kernel.TARGET_SCORES in program(2) and panel_kernel.TARGET_VALUES in program(2)
+  assert panel_kernel.TARGET_SCORES not in program(1)
 
 
 def test_refuses_other_dtypes(lanes):

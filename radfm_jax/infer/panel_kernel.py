@@ -16,9 +16,10 @@ with the host's compiler for the host's CPU (`-O3 -march=native`) and called thr
 with XLA's intra-op thread pool. Rows and outputs are float32; the weights float32, or int8 with
 one float32 scale per output (`quantize='int8'`, weight-only: each product streams a quarter of
 the bytes, the int8 values widened to float32 as they are loaded, the sums scaled at the end).
-The cache products (`CACHE_PRODUCTS`, which the CPU decode view hands to `layers.cached_attention`)
-split a step's (row, head) pairs over the threads, where XLA:CPU runs them on one, and read only
-the `written` slots of a cache allocated in chunks ahead of them.
+The cache products (`CACHE_PRODUCTS`, which the CPU decode view hands to `layers.cached_attention`
+for batches of 2 rows or more) split a step's (row, head) pairs over the threads from 1 MiB of
+cache on, where XLA:CPU runs them on one, and read only the `written` slots of a cache allocated
+in chunks ahead of them.
 
 The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
 ~/.cache/radfm-jax/kernels, one shared library per (source, compiler, flags, jaxlib, CPU model
@@ -32,6 +33,7 @@ clang++ on PATH.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import platform
@@ -40,6 +42,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -281,11 +284,22 @@ def cache_values(probs: jax.Array, values: jax.Array, written: jax.Array) -> jax
   return jax.ffi.ffi_call(TARGET_VALUES, result)(probs, values, written)
 
 
-# What `layers.cached_attention` takes as `cache_products`.
-CACHE_PRODUCTS = (cache_scores, cache_values)
+@dataclasses.dataclass(frozen=True)
+class CacheProducts:
+  """What `layers.cached_attention` takes as `cache_products`: the two functions, and the fewest
+  batch rows it uses them for."""
+  scores: Callable
+  values: Callable
+  min_rows: int
 
 
-__all__ = ['CACHE_ENV', 'CACHE_PRODUCTS', 'KernelUnavailable', 'SOURCE', 'TARGET', 'TARGET_INT8',
+# At batch 1 a step's cache (12 heads x ~300 slots x 64, under 1 MB a layer at `bench`) stays in
+# cache, where XLA:CPU's matrix-vector products ran as fast or faster than these (docs/
+# performance.md); from 2 rows on it is read from memory, where splitting it pays.
+CACHE_PRODUCTS = CacheProducts(cache_scores, cache_values, min_rows=2)
+
+
+__all__ = ['CACHE_ENV', 'CACHE_PRODUCTS', 'CacheProducts', 'KernelUnavailable', 'SOURCE', 'TARGET', 'TARGET_INT8',
            'TARGET_SCORES', 'TARGET_VALUES', 'cache_directory', 'cache_fits', 'cache_scores',
            'cache_values', 'compiler',
            'library_path', 'load', 'pack', 'product', 'unavailable_reason']

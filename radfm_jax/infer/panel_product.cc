@@ -363,6 +363,11 @@ struct CacheProduct : Job {
   }
 };
 
+// Cache products reading less than this run on the calling thread alone: handing a few hundred
+// KiB to a helper cost more than it saved (split, a batch-1 `bench` step measured ~0.6 ms slower
+// at 101 tokens; docs/performance.md).
+constexpr int64_t kSplitBytes = int64_t{1} << 20;
+
 static ffi::Error CacheMultiply(ffi::ThreadPool pool, const float* in, const float* cache,
                                 float* y, int64_t pairs, int64_t slots, int64_t head_dim,
                                 int64_t written, bool values) {
@@ -376,6 +381,13 @@ static ffi::Error CacheMultiply(ffi::ThreadPool pool, const float* in, const flo
   job->head_dim = head_dim;
   job->written = std::clamp<int64_t>(written, 0, slots);
   job->values = values;
+  const int64_t bytes = pairs * job->written * head_dim * 4;
+  if (bytes < kSplitBytes) {   // on this thread alone
+    job->per_chunk = pairs;
+    job->chunks = 1;
+    job->run();
+    return ffi::Error::Success();
+  }
   job->per_chunk = PerChunk(pool, pairs, job->written * head_dim * 4, 1);
   job->chunks = (pairs + job->per_chunk - 1) / job->per_chunk;
   Share(pool, job);

@@ -288,20 +288,22 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
   max_len, head_dim]; cached_mask: bool broadcastable to
   [batch, heads, len, max_len]; new_mask: bool broadcastable to [batch, heads, len, len]. One
   softmax (fp32) over both key sets, masked entries at the dtype minimum (as HF does).
-  cache_products: None, or (scores, values) functions that compute a one-token step's two
-  products with the cache (`scores(q [b, n, h], cache_k, written) -> [b, n, max_len]`,
-  `values(probs [b, n, max_len], cache_v, written) -> [b, n, h]`) over its first `written`
-  slots (int32 scalar; cached_mask must mask the later ones): the CPU decode's kernel
-  (infer/panel_kernel.py), which splits them over the threads and reads only the written slots.
+  cache_products: None, or an object with `scores`, `values` and `min_rows` that computes a
+  one-token step's two products with the cache (`scores(q [b, n, h], cache_k, written) -> [b,
+  n, max_len]`, `values(probs [b, n, max_len], cache_v, written) -> [b, n, h]`) over its first
+  `written` slots (int32 scalar; cached_mask must mask the later ones) for batches of at least
+  `min_rows`: the CPU decode's kernel (infer/panel_kernel.py), which splits them over the
+  threads and reads only the written slots.
   Returns [batch, len, heads, head_dim].
   """
   scale = q.shape[-1] ** -0.5
   neg = jnp.finfo(jnp.float32).min
   one = q.shape[1] == 1
   use_products = (one and cache_products is not None and written is not None
+                  and q.shape[0] >= cache_products.min_rows
                   and q.dtype == cache_k.dtype == cache_v.dtype == jnp.float32)
   if use_products:
-    cached = cache_products[0](q[:, 0], cache_k, written)[:, :, None, :]
+    cached = cache_products.scores(q[:, 0], cache_k, written)[:, :, None, :]
   elif one:
     # One new token (a decode step): the cache times a vector. Written as the general form,
     # XLA:CPU copies every layer's cached keys into [heads, head_dim, slots] order at every
@@ -316,7 +318,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   max_len = cache_k.shape[-2]
   if use_products:
-    from_cache = cache_products[1](probs[:, :, 0, :max_len], cache_v, written)[:, None]
+    from_cache = cache_products.values(probs[:, :, 0, :max_len], cache_v, written)[:, None]
   else:
     from_cache = jnp.einsum('bnqk,bnkh->bqnh', probs[..., :max_len], cache_v)
   return from_cache + jnp.einsum('bnqk,bknh->bqnh', probs[..., max_len:], v)
