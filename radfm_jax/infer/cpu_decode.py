@@ -163,7 +163,9 @@ class DecodeView(nnx.Module):
   """A `Llama` laid out for unrolled decoding: per-layer `DecoderLayer` modules whose projections
   are `OutFirstDense`, a re-laid `lm_head`; the embedding table and the final norm are the
   decoder's own (shared, not copied). Made once per weights (one copy of the decoder). `lanes`:
-  the projections' kernels packed for `panel_kernel` (`generate.cpu_product = 'panels'`)."""
+  the projections' kernels packed for `panel_kernel` (`generate.cpu_product = 'panels'`), and
+  the layers' one-token attention products with the cache taken by it too, where the head size
+  fits (`panel_kernel.cache_fits`; batches of 2 rows or more: `CACHE_PRODUCTS.min_rows`)."""
 
   def __init__(self, llama: Llama, lanes: int = 0):
     self.cfg = llama.cfg

@@ -161,11 +161,17 @@ struct RowsTable {
 // starts after the caller has finished finds no chunk left and only drops its reference). The
 // threads take its chunks in turn; `chunk` runs one.
 struct Job {
-  int64_t chunks = 0;
+  int64_t per_chunk = 0, chunks = 0;   // items (panels, cache pairs) per chunk; chunks
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   virtual ~Job() = default;
   virtual void chunk(int64_t c) const = 0;
+
+  // Cuts `items` into chunks of `per` (the last one shorter).
+  void Divide(int64_t items, int64_t per) {
+    per_chunk = per;
+    chunks = (items + per - 1) / per;
+  }
 
   void run() {
     for (;;) {
@@ -184,7 +190,7 @@ struct Product : Job {
   const float* scale;     // int8 weights: one per output; float weights: nullptr
   const RowsFn* rows_fns;  // RowsTable<W>::fns
   float* y;
-  int64_t n, in, out, panels, per_chunk;
+  int64_t n, in, out, panels;
 
   void chunk(int64_t c) const override {
     const int64_t p0 = c * per_chunk, p1 = std::min(panels, p0 + per_chunk);
@@ -293,10 +299,8 @@ static ffi::Error Multiply(ffi::ThreadPool pool, const float* x, const W* w,
   job->in = in;
   job->out = out;
   job->panels = panels;
-  int64_t per_chunk = PerChunk(pool, panels, in * LANES * static_cast<int64_t>(sizeof(W)), 2);
-  per_chunk += per_chunk & 1;   // whole panel pairs
-  job->per_chunk = per_chunk;
-  job->chunks = (panels + per_chunk - 1) / per_chunk;
+  const int64_t per_chunk = PerChunk(pool, panels, in * LANES * static_cast<int64_t>(sizeof(W)), 2);
+  job->Divide(panels, per_chunk + (per_chunk & 1));   // whole panel pairs
   Share(pool, job);
   return ffi::Error::Success();
 }
@@ -310,7 +314,7 @@ struct CacheProduct : Job {
   const float* in;       // scores: q [pairs, head_dim]; values: probabilities [pairs, slots]
   const float* cache;
   float* y;              // scores: [pairs, slots] (0 past `written`); values: [pairs, head_dim]
-  int64_t slots, head_dim, written, per_chunk, pairs;
+  int64_t slots, head_dim, written, pairs;
   bool values;
 
   void chunk(int64_t c) const override {
@@ -381,16 +385,14 @@ static ffi::Error CacheMultiply(ffi::ThreadPool pool, const float* in, const flo
   job->head_dim = head_dim;
   job->written = std::clamp<int64_t>(written, 0, slots);
   job->values = values;
-  const int64_t bytes = pairs * job->written * head_dim * 4;
-  if (bytes < kSplitBytes) {   // on this thread alone
-    job->per_chunk = pairs;
-    job->chunks = 1;
+  const int64_t pair_bytes = job->written * head_dim * 4;
+  if (pairs * pair_bytes < kSplitBytes) {   // on this thread alone
+    job->Divide(pairs, pairs);
     job->run();
-    return ffi::Error::Success();
+  } else {
+    job->Divide(pairs, PerChunk(pool, pairs, pair_bytes, 1));
+    Share(pool, job);
   }
-  job->per_chunk = PerChunk(pool, pairs, job->written * head_dim * 4, 1);
-  job->chunks = (pairs + job->per_chunk - 1) / job->per_chunk;
-  Share(pool, job);
   return ffi::Error::Success();
 }
 
