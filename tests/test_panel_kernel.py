@@ -104,40 +104,55 @@ def test_int8_products_equal_the_float64_product(lanes, rows, out, n_in):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(n_in))
 
 
+def _attention64(q, k, v, keys, values, cached, own):
+  """float64 softmax attention of one new token: q, k, v [b, n, h]; keys, values [b, n, S, h];
+  cached [b, S], own [b] (attended); masked scores at -inf (rows with something attended)."""
+  q, k, v, keys, values = (np.asarray(a, np.float64) for a in (q, k, v, keys, values))
+  scores = np.concatenate([np.einsum('bnsh,bnh->bns', keys, q),
+                           np.einsum('bnh,bnh->bn', k, q)[..., None]], -1) / np.sqrt(q.shape[-1])
+  mask = np.concatenate([cached, own[:, None]], -1)[:, None, :]
+  scores = np.where(mask, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return (np.einsum('bns,bnsh->bnh', probs[..., :-1], np.nan_to_num(values) * mask[..., :-1, None])
+          + probs[..., -1:] * v)
+
+
 @pytest.mark.parametrize('head_dim_lanes', [1, 4, 8])
 @pytest.mark.parametrize('batch,heads,slots,written', [(1, 3, 11, 7), (8, 12, 70, 70),
                                                        (2, 5, 40, 1), (3, 2, 9, 0)])
-def test_cache_products_equal_the_float64_products_and_skip_unwritten_slots(
+def test_cache_attention_equals_float64_attention_and_skips_unwritten_slots(
     lanes, head_dim_lanes, batch, heads, slots, written):
-  """A one-token step's attention products with the cache (`cache_scores`, `cache_values`)
-  against float64 NumPy over the first `written` slots, at head sizes of 1, 4 and 8 vectors
-  (head_dim 64 and 128 on AVX-512), one or many pairs per chunk, and no slot written yet. The
-  unwritten slots hold NaN: never read (the scores there are 0, the values' sums stay finite)."""
+  """A one-token step's attention with the cache (`cache_attention`) against float64 NumPy, at
+  head sizes of 1, 4 and 8 vectors (head_dim 64 and 128 on AVX-512), on the calling thread and
+  split over the threads (from 2 MiB of keys and values: (8, 12, 70) at 4 and 8 vectors), with
+  masked written slots (left padding), a row whose own key is masked, and no slot written yet.
+  The unwritten slots hold NaN: never read."""
   hd = head_dim_lanes * lanes
   rng = np.random.default_rng(batch * 100 + slots + hd)
-  q = rng.standard_normal((batch, heads, hd)).astype(np.float32)
+  q, k, v = (rng.standard_normal((batch, heads, hd)).astype(np.float32) for _ in range(3))
   keys, values = (rng.standard_normal((batch, heads, slots, hd)).astype(np.float32)
                   for _ in range(2))
-  probs = rng.random((batch, heads, slots)).astype(np.float32)
   keys[:, :, written:] = values[:, :, written:] = np.nan
-  probs[:, :, written:] = 0
-  w = jnp.int32(written)
-  scores = np.asarray(jax.jit(panel_kernel.cache_scores)(jnp.asarray(q), jnp.asarray(keys), w))
-  out = np.asarray(jax.jit(panel_kernel.cache_values)(jnp.asarray(probs), jnp.asarray(values), w))
-  k64, v64 = keys[:, :, :written].astype(np.float64), values[:, :, :written].astype(np.float64)
-  assert scores.shape == (batch, heads, slots) and out.shape == (batch, heads, hd)
-  np.testing.assert_allclose(scores[..., :written], np.einsum('bnkh,bnh->bnk', k64, q),
-                             rtol=1e-5, atol=1e-5 * np.sqrt(hd))
-  np.testing.assert_array_equal(scores[..., written:], 0)
-  np.testing.assert_allclose(out, np.einsum('bnk,bnkh->bnh', probs[..., :written], v64),
-                             rtol=1e-5, atol=1e-5 * np.sqrt(max(written, 1)))
+  cached = (rng.random((batch, slots)) < 0.7) & (np.arange(slots) < written)
+  own = np.ones(batch, bool)
+  if written and batch > 1:
+    own[1] = False
+    cached[1, 0] = True
+  got = np.asarray(jax.jit(panel_kernel.cache_attention, static_argnames='scale')(
+      *map(jnp.asarray, (q, k, v, keys, values, cached, own)), jnp.int32(written),
+      scale=hd ** -0.5))
+  assert got.shape == (batch, heads, hd) and got.dtype == np.float32
+  np.testing.assert_allclose(got, _attention64(q, k, v, keys, values, cached, own),
+                             rtol=2e-5, atol=2e-5)
 
 
-def test_cached_attention_with_the_kernels_cache_products(lanes):
-  """`layers.cached_attention` with the kernel's cache products (one new token, the slots from
-  `written` on masked and holding NaN) against its XLA form on the same cache with zeros there,
-  and a float64 softmax attention; the masked written slots (left padding) are still read. A
-  batch of one row keeps XLA's products."""
+def test_cached_attention_with_the_kernel(lanes):
+  """`layers.cached_attention` with the kernel (one new token; the slots from `written` on
+  masked and holding NaN) against its XLA form on the same cache with zeros there: the same
+  values up to float32 rounding, a row with every key masked included (a uniform softmax over
+  every allocated slot, as XLA's). It takes masks that are the same for every head; a per-head
+  mask, or several new tokens, keep XLA's form (checked in the lowered programs)."""
   from radfm_jax.models import layers
   rng = np.random.default_rng(11)
   batch, heads, slots, hd, written = 3, 4, 24, 4 * lanes, 17
@@ -145,37 +160,52 @@ def test_cached_attention_with_the_kernels_cache_products(lanes):
              for _ in range(3))
   cache_k, cache_v = (rng.standard_normal((batch, heads, slots, hd)).astype(np.float32)
                       for _ in range(2))
+  cache_k[:, :, written:] = cache_v[:, :, written:] = 0
   cached_mask = (rng.random((batch, 1, 1, slots)) < 0.7) & (np.arange(slots) < written)
-  cached_mask[..., 0] = True
-  new_mask = jnp.ones((1, 1, 1, 1), bool)
+  cached_mask[2] = False
+  new_mask = jnp.asarray(np.array([True, True, False])[:, None, None, None])
   nan_k, nan_v = cache_k.copy(), cache_v.copy()
   nan_k[:, :, written:] = nan_v[:, :, written:] = np.nan
+  kernel = dict(cache_kernel=panel_kernel.CACHE_KERNEL, written=jnp.int32(written))
   got = layers.cached_attention(q, k, v, jnp.asarray(nan_k), jnp.asarray(nan_v),
-                                jnp.asarray(cached_mask), new_mask,
-                                cache_products=panel_kernel.CACHE_PRODUCTS,
-                                written=jnp.int32(written))
+                                jnp.asarray(cached_mask), new_mask, **kernel)
   want = layers.cached_attention(q, k, v, jnp.asarray(cache_k), jnp.asarray(cache_v),
                                  jnp.asarray(cached_mask), new_mask)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-  keys = np.concatenate([cache_k, np.asarray(k).transpose(0, 2, 1, 3)], 2).astype(np.float64)
-  vals = np.concatenate([cache_v, np.asarray(v).transpose(0, 2, 1, 3)], 2).astype(np.float64)
-  mask = np.concatenate([np.broadcast_to(cached_mask, (batch, heads, 1, slots)),
-                         np.ones((batch, heads, 1, 1), bool)], -1)
-  scores = np.where(mask, np.einsum('bqnh,bnkh->bnqk', np.asarray(q, np.float64), keys)
-                    / np.sqrt(hd), -np.inf)
-  probs = np.exp(scores - scores.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  np.testing.assert_allclose(np.asarray(got), np.einsum('bnqk,bnkh->bqnh', probs, vals),
-                             rtol=2e-5, atol=2e-5)
-  # from `min_rows` (2) rows on only: one row keeps XLA's products
-  def program(rows):
-    args = [a[:rows] for a in (q, k, v, jnp.asarray(cache_k), jnp.asarray(cache_v))]
-    return jax.jit(lambda *a: layers.cached_attention(
-        *a, jnp.asarray(cached_mask[:rows]), new_mask, cache_products=panel_kernel.CACHE_PRODUCTS,
-        written=jnp.int32(written))).lower(*args).as_text()
-  assert panel_kernel.CACHE_PRODUCTS.min_rows == 2
-  assert panel_kernel.TARGET_SCORES in program(2) and panel_kernel.TARGET_VALUES in program(2)
-  assert panel_kernel.TARGET_SCORES not in program(1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got[2, 0]), (cache_v[2].sum(1) + np.asarray(v[2, 0]))
+                             / (slots + 1), rtol=1e-5, atol=1e-6)
+
+  def program(cached, q=q, k=k, v=v):
+    return jax.jit(lambda *a: layers.cached_attention(*a, **kernel)).lower(
+        q, k, v, jnp.asarray(cache_k), jnp.asarray(cache_v), cached,
+        jnp.ones((1, 1, q.shape[1], q.shape[1]), bool)).as_text()
+  assert panel_kernel.CACHE_KERNEL.min_rows == 1
+  assert panel_kernel.TARGET_ATTENTION in program(jnp.asarray(cached_mask))
+  per_head = jnp.broadcast_to(jnp.asarray(cached_mask), (batch, heads, 1, slots))
+  assert panel_kernel.TARGET_ATTENTION not in program(per_head)
+  two = jnp.concatenate([q, q], 1)
+  assert panel_kernel.TARGET_ATTENTION not in program(jnp.asarray(cached_mask), two, two, two)
+
+
+@pytest.mark.parametrize('m', [1, 7, 16, 63, 64, 200, 32000])
+def test_first_argmax_is_numpys(lanes, m):
+  """The kernel's greedy argmax against `np.argmax` on every row: ties (the first one wins),
+  NaN (the first NaN wins), infinities, all -inf, lengths below, at and past the vector blocks."""
+  rng = np.random.default_rng(m)
+  x = rng.standard_normal((12, m)).astype(np.float32)
+  x[1] = np.round(x[1])
+  x[2, rng.random(m) < 0.1] = np.nan
+  x[3] = -np.inf
+  x[4, rng.random(m) < 0.3] = np.inf
+  x[5, -1] = 100.0
+  x[6] = 0.0
+  x[6, m // 2:] = -0.0
+  x[7, -1] = np.nan
+  got = np.asarray(jax.jit(panel_kernel.first_argmax)(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, np.argmax(x, -1))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(panel_kernel.first_argmax(jnp.asarray(x.reshape(3, 4, m))),
+                                np.argmax(x, -1).reshape(3, 4))
 
 
 def test_refuses_other_dtypes(lanes):
@@ -192,22 +222,30 @@ def test_refuses_other_dtypes(lanes):
     panel_kernel.product(int8, rows, 16)
 
 
-def test_cache_products_refuse_other_dtypes_and_shapes(lanes):
-  """One line each: bfloat16 caches, a non-int32 or non-scalar `written`, and (from the kernel)
-  a head size that is not a multiple of the lanes."""
+def test_cache_attention_and_argmax_refuse_other_dtypes_and_shapes(lanes):
+  """One line each: bfloat16 caches, a non-int32 or non-scalar `written`, (from the kernel) a
+  head size that is not a multiple of the lanes, and an argmax of other than float32 or over
+  nothing."""
   q, keys = jnp.ones((1, 2, lanes)), jnp.ones((1, 2, 5, lanes))
-  with pytest.raises(ValueError, match=r'^panel_kernel.cache_scores: float32 only, got float32 '
-                     r'and bfloat16$'):
-    panel_kernel.cache_scores(q, keys.astype(jnp.bfloat16), jnp.int32(5))
-  with pytest.raises(ValueError, match=r'^panel_kernel.cache_values: `written` must be an int32 '
-                     r'scalar, got int32 \(1,\)$'):
-    panel_kernel.cache_values(jnp.ones((1, 2, 5)), keys, jnp.ones((1,), jnp.int32))
-  odd = jnp.ones((1, 2, 5, lanes + 1))
-  with pytest.raises(Exception, match='cache_scores: expected q .batch, heads, head_dim.'):
-    jax.block_until_ready(panel_kernel.cache_scores(jnp.ones((1, 2, lanes + 1)), odd,
-                                                    jnp.int32(5)))
+  masks = (jnp.ones((1, 5), bool), jnp.ones((1,), bool))
+  with pytest.raises(ValueError, match=r'^panel_kernel.cache_attention: float32 only, got '
+                     r'bfloat16 keys$'):
+    panel_kernel.cache_attention(q, q, q, keys.astype(jnp.bfloat16), keys, *masks, jnp.int32(5),
+                                 1.0)
+  with pytest.raises(ValueError, match=r'^panel_kernel.cache_attention: `written` must be an '
+                     r'int32 scalar, got int32 \(1,\)$'):
+    panel_kernel.cache_attention(q, q, q, keys, keys, *masks, jnp.ones((1,), jnp.int32), 1.0)
+  odd, q_odd = jnp.ones((1, 2, 5, lanes + 1)), jnp.ones((1, 2, lanes + 1))
+  with pytest.raises(Exception, match=r'cache_attention: expected q, k, v \[batch, heads, '):
+    jax.block_until_ready(panel_kernel.cache_attention(q_odd, q_odd, q_odd, odd, odd, *masks,
+                                                       jnp.int32(5), 1.0))
   assert panel_kernel.cache_fits(4 * lanes, lanes) and not panel_kernel.cache_fits(lanes + 1, lanes)
   assert not panel_kernel.cache_fits(64, 0)
+  with pytest.raises(ValueError, match=r'^panel_kernel.first_argmax: float32 \[..., m > 0\], '
+                     r'got int32 \(2, 3\)$'):
+    panel_kernel.first_argmax(jnp.ones((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match=r'got float32 \(2, 0\)$'):
+    panel_kernel.first_argmax(jnp.ones((2, 0)))
 
 
 @pytest.fixture(scope='module')
@@ -259,13 +297,13 @@ def test_int8_decode_with_panels_equals_xla_products(model, lanes):
 
 def test_decode_view_holds_packed_kernels(model, lanes):
   """With lanes the view's projections hold the packed kernel and no [out, in] copy, and its
-  layers the kernel's cache products; without, neither."""
+  layers the kernel's cache attention; without, neither."""
   view = cpu_decode.DecodeView(model.llama, lanes)
   q = view.layers[0].q
   assert not hasattr(q, 'kernel') and q.n_out == model.cfg.llama.hidden_size
-  # ... and its layers take the kernel's attention products with the cache (tiny: head_dim 16)
-  assert all(layer.cache_products is panel_kernel.CACHE_PRODUCTS for layer in view.layers)
-  assert cpu_decode.DecodeView(model.llama, 0).layers[0].cache_products is None
+  # ... and its layers take the kernel's attention with the cache (tiny: head_dim 16)
+  assert all(layer.cache_kernel is panel_kernel.CACHE_KERNEL for layer in view.layers)
+  assert cpu_decode.DecodeView(model.llama, 0).layers[0].cache_kernel is None
   kernel = np.asarray(model.llama.layers.q.kernel[...][0]).reshape(q.panels.shape[1], -1).T
   np.testing.assert_array_equal(np.asarray(q.panels[...]),
                                 np.asarray(panel_kernel.pack(jnp.asarray(kernel), lanes)))

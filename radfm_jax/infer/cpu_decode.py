@@ -164,8 +164,8 @@ class DecodeView(nnx.Module):
   are `OutFirstDense`, a re-laid `lm_head`; the embedding table and the final norm are the
   decoder's own (shared, not copied). Made once per weights (one copy of the decoder). `lanes`:
   the projections' kernels packed for `panel_kernel` (`generate.cpu_product = 'panels'`), and
-  the layers' one-token attention products with the cache taken by it too, where the head size
-  fits (`panel_kernel.cache_fits`; batches of 2 rows or more: `CACHE_PRODUCTS.min_rows`)."""
+  the layers' one-token attention with the cache taken by it too (`panel_kernel.CACHE_KERNEL`),
+  where the head size fits (`panel_kernel.cache_fits`)."""
 
   def __init__(self, llama: Llama, lanes: int = 0):
     self.cfg = llama.cfg
@@ -175,12 +175,12 @@ class DecodeView(nnx.Module):
     graphdef, state = nnx.split(llama.layers)
     self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                             for i in range(self.cfg.num_layers)])
-    products = panel_kernel.cache_fits(self.cfg.head_dim, lanes)
+    attends = panel_kernel.cache_fits(self.cfg.head_dim, lanes)
     for layer in self.layers:
       for name in _DECODE_DENSE:
         setattr(layer, name, OutFirstDense(getattr(layer, name), lanes))
-      if products:
-        layer.cache_products = panel_kernel.CACHE_PRODUCTS
+      if attends:
+        layer.cache_kernel = panel_kernel.CACHE_KERNEL
     self.lm_head = OutFirstDense(llama.lm_head, lanes)
 
   embed = Llama.embed

@@ -88,10 +88,12 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
   return logits
 
 
-def choose_token(logits: jax.Array, rng: jax.Array, sampling: GenerateConfig) -> jax.Array:
-  """float32 [batch, vocab] -> int32 [batch]."""
+def choose_token(logits: jax.Array, rng: jax.Array, sampling: GenerateConfig,
+                 argmax=first_argmax) -> jax.Array:
+  """float32 [batch, vocab] -> int32 [batch]. argmax: greedy's (`layers.first_argmax`; the
+  CPU panel decode passes the kernel's `panel_kernel.first_argmax`, the same index)."""
   if sampling.temperature == 0.0:
-    return first_argmax(logits)
+    return argmax(logits)
   # Shifted by the row's maximum first (the distribution is unchanged): divided by a tiny
   # temperature, every positive logit would overflow to inf and categorical would pick the first
   # of them, not the largest. The maximum stays exactly 0, also where the temperature rounds to 0
@@ -205,7 +207,8 @@ def _decode_loop(graphdef, view_graphdef, state, view_owned, tokens, attention_m
     step, cache, logits, done, out, rng, decoder_state, scores = carry
     step_decoder = decoder(decoder_state)
     rng, key = jax.random.split(rng)
-    token = jnp.where(done, PAD_ID, choose_token(logits, key, sampling))
+    argmax = panel_kernel.first_argmax if unrolled and step_decoder.lm_head.lanes else first_argmax
+    token = jnp.where(done, PAD_ID, choose_token(logits, key, sampling, argmax))
     out = out.at[:, step].set(token)
     if scores is not None:
       scores = scores.at[:, step].set(logits)

@@ -1,12 +1,12 @@
 """The decode's products as a C++ kernel (`generate.cpu_product`): weights packed into panels,
-and a one-token step's attention products with the KV cache.
+a one-token step's attention with the KV cache, and greedy's argmax.
 
-    lanes = panel_kernel.load()                        # builds on first use, registers the target
+    lanes = panel_kernel.load()                        # builds on first use, registers the targets
     packed = panel_kernel.pack(kernel, lanes)          # [out, in] -> [ceil(out / lanes), in, lanes]
     y = panel_kernel.product(packed, rows, out)        # rows [n, in] -> [n, out], float32
     y = panel_kernel.product(pack(q, lanes), rows, out, scale)   # int8 q [out, in], scale [out]
-    s = panel_kernel.cache_scores(q, keys, written)    # [b, n, h] . [b, n, slots, h] -> [b, n, slots]
-    o = panel_kernel.cache_values(p, values, written)  # [b, n, slots] . [b, n, slots, h] -> [b, n, h]
+    o = panel_kernel.cache_attention(q, k, v, keys, values, cached, own, written, scale)
+    token = panel_kernel.first_argmax(logits)          # [..., m] -> int32 [...], as jnp.argmax
 
 `panel_product.cc` (beside this file) multiplies rows by a weight packed once into panels of
 `lanes` outputs, streaming each weight once per product; XLA:CPU's own GEMMs re-pack the weight
@@ -16,10 +16,12 @@ with the host's compiler for the host's CPU (`-O3 -march=native`) and called thr
 with XLA's intra-op thread pool. Rows and outputs are float32; the weights float32, or int8 with
 one float32 scale per output (`quantize='int8'`, weight-only: each product streams a quarter of
 the bytes, the int8 values widened to float32 as they are loaded, the sums scaled at the end).
-The cache products (`CACHE_PRODUCTS`, which the CPU decode view hands to `layers.cached_attention`
-for batches of 2 rows or more) split a step's (row, head) pairs over the threads from 1 MiB of
-cache on, where XLA:CPU runs them on one, and read only the `written` slots of a cache allocated
-in chunks ahead of them.
+The cache attention (`CACHE_KERNEL`, which the CPU decode view hands to `layers.cached_attention`)
+computes a step's scores, softmax and weighted values in one call per layer, splits the (row,
+head) pairs over the threads from 2 MiB of keys and values on (XLA:CPU runs its two products
+with the cache on one thread), and reads only the `written` slots of a cache allocated in chunks
+ahead of them. `first_argmax` is greedy decoding's argmax over the vocabulary in vector code
+(the CPU panel decode's `generate.choose_token`).
 
 The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
 ~/.cache/radfm-jax/kernels, one shared library per (source, compiler, flags, jaxlib, CPU model
@@ -46,14 +48,15 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from radfm_jax.errors import UserError
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'panel_product.cc')
 TARGET = 'radfm_panel_product'
 TARGET_INT8 = 'radfm_panel_product_int8'
-TARGET_SCORES = 'radfm_cache_scores'
-TARGET_VALUES = 'radfm_cache_values'
+TARGET_ATTENTION = 'radfm_cache_attention'
+TARGET_ARGMAX = 'radfm_first_argmax'
 CACHE_ENV = 'RADFM_KERNEL_CACHE'
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fvisibility=hidden', '-w')
 _LOCK = threading.Lock()
@@ -193,8 +196,8 @@ def load() -> int:
         lib = ctypes.cdll.LoadLibrary(path)
         capsules = {TARGET: jax.ffi.pycapsule(lib.RadfmPanelProduct),
                     TARGET_INT8: jax.ffi.pycapsule(lib.RadfmPanelProductInt8),
-                    TARGET_SCORES: jax.ffi.pycapsule(lib.RadfmCacheScores),
-                    TARGET_VALUES: jax.ffi.pycapsule(lib.RadfmCacheValues)}
+                    TARGET_ATTENTION: jax.ffi.pycapsule(lib.RadfmCacheAttention),
+                    TARGET_ARGMAX: jax.ffi.pycapsule(lib.RadfmFirstArgmax)}
         lanes = int(lib.radfm_panel_lanes())
       except (OSError, AttributeError) as err:   # not a library; not the kernel's
         raise KernelUnavailable(f'cannot load the built kernel {path} ({err}); remove it to '
@@ -253,53 +256,57 @@ def product(packed: jax.Array, rows: jax.Array, out: int,
 
 
 def cache_fits(head_dim: int, lanes: int) -> bool:
-  """Whether the kernel's cache products take this head size (a multiple of `lanes`, <= 256)."""
+  """Whether the kernel's cache attention takes this head size (a multiple of `lanes`, <= 256)."""
   return lanes > 0 and head_dim % lanes == 0 and 0 < head_dim <= 256
 
 
-def _cache_check(name: str, small: jax.Array, cache: jax.Array, written: jax.Array):
-  if small.dtype != jnp.float32 or cache.dtype != jnp.float32:
-    raise ValueError(f'panel_kernel.{name}: float32 only, got {small.dtype} and {cache.dtype}')
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,
+                    values: jax.Array, cached: jax.Array, own: jax.Array, written: jax.Array,
+                    scale: float) -> jax.Array:
+  """One new token's attention with one layer's KV cache and its own key / value, split over
+  XLA's threads: q, k, v [batch, heads, head_dim]; keys, values [batch, heads, slots, head_dim]
+  of which the first `written` (int32 scalar) are read; cached: bool [batch, slots] (slot
+  attended; the unwritten ones must be False), own: bool [batch] (own key attended) -> [batch,
+  heads, head_dim] float32: `layers.cached_attention` for one token (scores times `scale`,
+  masked ones at float32's minimum, one softmax over every allocated slot and the token's own
+  key)."""
+  for name, x in (('q', q), ('k', k), ('v', v), ('keys', keys), ('values', values)):
+    if x.dtype != jnp.float32:
+      raise ValueError(f'panel_kernel.cache_attention: float32 only, got {x.dtype} {name}')
   if jnp.shape(written) != () or jnp.result_type(written) != jnp.int32:
-    raise ValueError(f'panel_kernel.{name}: `written` must be an int32 scalar, got '
+    raise ValueError('panel_kernel.cache_attention: `written` must be an int32 scalar, got '
                      f'{jnp.result_type(written)} {jnp.shape(written)}')
+  result = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  return jax.ffi.ffi_call(TARGET_ATTENTION, result)(
+      q, k, v, keys, values, cached.astype(bool), own.astype(bool), written,
+      scale=np.float32(scale))
 
 
-def cache_scores(q: jax.Array, keys: jax.Array, written: jax.Array) -> jax.Array:
-  """One new token's attention scores with one layer's cached keys, split over XLA's threads:
-  q [batch, heads, head_dim] . keys [batch, heads, slots, head_dim] -> [batch, heads, slots]
-  (float32), what `einsum('bnkh,bnh->bnk', keys, q)` computes, for the first `written` (int32
-  scalar) slots only; the later ones, not written yet, read 0 (the caller masks them)."""
-  _cache_check('cache_scores', q, keys, written)
-  result = jax.ShapeDtypeStruct(keys.shape[:3], jnp.float32)
-  return jax.ffi.ffi_call(TARGET_SCORES, result)(q, keys, written)
-
-
-def cache_values(probs: jax.Array, values: jax.Array, written: jax.Array) -> jax.Array:
-  """probs [batch, heads, slots] . values [batch, heads, slots, head_dim] -> [batch, heads,
-  head_dim] (float32), `einsum('bnk,bnkh->bnh', probs, values)` over the first `written` slots
-  (the later ones must have probability 0: masked)."""
-  _cache_check('cache_values', probs, values, written)
-  result = jax.ShapeDtypeStruct(probs.shape[:2] + values.shape[3:], jnp.float32)
-  return jax.ffi.ffi_call(TARGET_VALUES, result)(probs, values, written)
+def first_argmax(x: jax.Array) -> jax.Array:
+  """float32 [..., m] -> int32 [...]: the index of the first maximum along the last axis (of
+  the first NaN where there is one), as `jnp.argmax` and `layers.first_argmax`, in vector code
+  (greedy decoding's argmax over the vocabulary; XLA:CPU's takes ~10x longer)."""
+  if x.dtype != jnp.float32 or x.ndim < 1 or x.shape[-1] == 0:
+    raise ValueError(f'panel_kernel.first_argmax: float32 [..., m > 0], got {x.dtype} {x.shape}')
+  rows = x.reshape(-1, x.shape[-1])
+  out = jax.ffi.ffi_call(TARGET_ARGMAX, jax.ShapeDtypeStruct(rows.shape[:1], jnp.int32))(rows)
+  return out.reshape(x.shape[:-1])
 
 
 @dataclasses.dataclass(frozen=True)
-class CacheProducts:
-  """What `layers.cached_attention` takes as `cache_products`: the two functions, and the fewest
-  batch rows it uses them for."""
-  scores: Callable
-  values: Callable
+class CacheKernel:
+  """What `layers.cached_attention` takes as `cache_kernel`: the one-token attention (signature
+  of `cache_attention`) and the fewest batch rows it is used for."""
+  attention: Callable
   min_rows: int
 
 
-# At batch 1 a step's cache (12 heads x ~300 slots x 64, under 1 MB a layer at `bench`) stays in
-# cache, where XLA:CPU's matrix-vector products ran as fast or faster than these (docs/
-# performance.md); from 2 rows on it is read from memory, where splitting it pays.
-CACHE_PRODUCTS = CacheProducts(cache_scores, cache_values, min_rows=2)
+# From one row on: with the softmax inside, a batch-1 step's attention is no slower than XLA's
+# (docs/performance.md, "The whole one-token attention in the kernel").
+CACHE_KERNEL = CacheKernel(cache_attention, min_rows=1)
 
 
-__all__ = ['CACHE_ENV', 'CACHE_PRODUCTS', 'CacheProducts', 'KernelUnavailable', 'SOURCE', 'TARGET', 'TARGET_INT8',
-           'TARGET_SCORES', 'TARGET_VALUES', 'cache_directory', 'cache_fits', 'cache_scores',
-           'cache_values', 'compiler',
-           'library_path', 'load', 'pack', 'product', 'unavailable_reason']
+__all__ = ['CACHE_ENV', 'CACHE_KERNEL', 'CacheKernel', 'KernelUnavailable', 'SOURCE', 'TARGET',
+           'TARGET_ARGMAX', 'TARGET_ATTENTION', 'TARGET_INT8', 'cache_attention', 'cache_directory',
+           'cache_fits', 'compiler', 'first_argmax', 'library_path', 'load', 'pack', 'product',
+           'unavailable_reason']

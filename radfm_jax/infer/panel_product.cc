@@ -13,11 +13,14 @@
 //    vector of LANES outputs of W is loaded and multiplied by each row's x[b, k] (a broadcast
 //    from L1) into per-row accumulators that stay in registers, so no horizontal sums are needed
 //    and the loads are contiguous. The outputs are split over the threads in chunks of panels.
-// 2. A one-token step's attention products with one layer's KV cache (scores = keys . q, out =
-//    probabilities . values, per batch row and head): XLA:CPU runs these as many small
-//    matrix-vector products on one thread, so a batch-8 step read its cache at one core's
-//    bandwidth; here the (row, head) pairs are split over the threads, and only the slots
-//    written so far are read (the cache is allocated in chunks ahead of them).
+// 2. A one-token step's attention with one layer's KV cache (scores = keys . q, softmax, out =
+//    probabilities . values, per batch row and head): XLA:CPU runs the two products as many
+//    small matrix-vector products on one thread (a batch-8 step read its cache at one core's
+//    bandwidth) and the softmax as a dozen small ops; here the (row, head) pairs are split over
+//    the threads, the softmax stays with its scores in L1, and only the slots written so far are
+//    read (the cache is allocated in chunks ahead of them).
+// 3. Greedy decoding's argmax over a step's [batch, vocab] logits: the maximum in vector chains,
+//    then a vector scan for its first index.
 //
 // The pool's threads that helped with one product stay a moment for the next (`help`).
 #include <algorithm>
@@ -27,6 +30,8 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
+#include <cmath>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -305,87 +310,164 @@ static ffi::Error Multiply(ffi::ThreadPool pool, const float* x, const W* w,
   return ffi::Error::Success();
 }
 
-// A one-token decode step's attention products with one layer's KV cache, per (batch, head)
-// pair: its keys or values `cache` [pairs, slots, head_dim], of which only the first `written`
-// slots are read (the later ones hold nothing yet: the caller masks them). XLA:CPU runs these
-// small batched matrix-vector products on one thread; a step's cache is read at one core's
-// bandwidth. A chunk is a run of pairs.
-struct CacheProduct : Job {
-  const float* in;       // scores: q [pairs, head_dim]; values: probabilities [pairs, slots]
-  const float* cache;
-  float* y;              // scores: [pairs, slots] (0 past `written`); values: [pairs, head_dim]
-  int64_t slots, head_dim, written, pairs;
-  bool values;
+// exp(x) for LANES floats at a time: Cody-Waite range reduction and Cephes' degree-6
+// polynomial (within 2 ulp of the true value); 0 below -87 (exp(-87) = 1.6e-38, under float32's
+// resolution of any sum it joins: a masked score, or the tail of a block). Written here because
+// the softmax needs a vector exp and the C++ standard library has only a scalar one.
+static inline vec Exp(vec x) {
+  typedef int32_t ivec __attribute__((vector_size(LANES * 4)));
+  const vec clamped = x < 88.3f ? (x > -87.0f ? x : vec{} - 87.0f) : vec{} + 88.3f;
+  // round(x / ln 2) by the float addition of 1.5 * 2^23 (exact for |t| < 2^22)
+  const vec n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vec r = clamped - n * 0.693359375f - n * -2.12194440e-4f;
+  vec p = vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vec y = p * (r * r) + r + 1.0f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  const vec e = y * reinterpret_cast<const vec&>(bits);
+  return x < -87.0f ? vec{} : (x == x ? e : x);   // NaN stays NaN
+}
+
+static inline float Sum(vec a) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(a));
+#else
+  float s = 0.0f;
+  for (int l = 0; l < LANES; ++l) s += a[l];
+  return s;
+#endif
+}
+
+static inline float Dot(const float* a, const float* b, int64_t parts) {
+  vec acc = load(a) * load(b);
+  for (int64_t v = 1; v < parts; ++v) acc += load(a + v * LANES) * load(b + v * LANES);
+  return Sum(acc);
+}
+
+// A one-token decode step's attention with one layer's KV cache, per (batch row, head) pair:
+// scores of the new token's query with the cached keys and its own key, scaled and masked, one
+// softmax over them, and the probabilities times the cached values and its own value: what
+// `layers.cached_attention` computes for one new token (masked entries at float32's minimum, as
+// HF does; the softmax over every allocated slot, the unwritten ones masked). XLA:CPU runs the
+// two products with the cache as small matrix-vector products on one thread (a batch-8 step
+// read its cache at one core's bandwidth) and the softmax as a dozen small ops; here the pairs
+// are split over the threads, only the `written` slots are read (the cache is allocated in
+// chunks ahead of them), and the softmax stays with its scores in L1. A chunk is a run of pairs.
+struct CacheAttention : Job {
+  const float *q, *k, *v;           // the new token's [pairs, head_dim]
+  const float *keys, *values;       // the cache [pairs, slots, head_dim]
+  const bool *cached, *own;         // [batch, slots]: slot j attended; [batch]: own key attended
+  float* y;                         // [pairs, head_dim]
+  float scale;
+  int64_t slots, head_dim, written, pairs, heads;
 
   void chunk(int64_t c) const override {
+    thread_local std::vector<float> scores;
+    const int64_t blocks = (written + LANES - 1) / LANES;
+    scores.resize(std::max<int64_t>(1, blocks) * LANES);
     const int64_t end = std::min(pairs, (c + 1) * per_chunk);
-    for (int64_t i = c * per_chunk; i < end; ++i) values ? Values(i) : Scores(i);
+    for (int64_t i = c * per_chunk; i < end; ++i) Attend(i, scores.data(), blocks);
   }
 
-  // y[i, j] = cache[i, j, :] . q[i, :] for j < written.
-  void Scores(int64_t i) const {
-    const int64_t parts = head_dim / LANES;
-    const float* q = in + i * head_dim;
-    const float* rows = cache + i * slots * head_dim;
-    float* s = y + i * slots;
+  void Attend(int64_t i, float* s, int64_t blocks) const {
+    constexpr float kNeg = -3.40282347e38f;   // float32's minimum: a masked score
+    constexpr int kMaxParts = 256 / LANES;    // head_dim <= 256
+    const int64_t parts = head_dim / LANES, b = i / heads;
+    const float* qi = q + i * head_dim;
+    const float* key = keys + i * slots * head_dim;
+    const bool* mask = cached + b * slots;
+    // scores, the maximum (the unwritten slots count as masked ones)
+    float top = written < slots ? kNeg : -INFINITY;
     for (int64_t j = 0; j < written; ++j) {
-      const float* row = rows + j * head_dim;
+      const float* row = key + j * head_dim;
       __builtin_prefetch(reinterpret_cast<const char*>(row) + PREFETCH, 0, 0);
-      vec acc = load(row) * load(q);
-      for (int64_t v = 1; v < parts; ++v) acc += load(row + v * LANES) * load(q + v * LANES);
-      s[j] = Sum(acc);
+      s[j] = mask[j] ? Dot(row, qi, parts) * scale : kNeg;
+      top = std::max(top, s[j]);
     }
-    std::fill(s + written, s + slots, 0.0f);
-  }
-
-  // y[i, :] = sum over j < written of p[i, j] * cache[i, j, :].
-  void Values(int64_t i) const {
-    constexpr int kMaxParts = 256 / LANES;   // head_dim <= 256
-    const int64_t parts = head_dim / LANES;
-    const float* p = in + i * slots;
-    const float* rows = cache + i * slots * head_dim;
+    std::fill(s + written, s + blocks * LANES, -INFINITY);   // exp -> 0
+    const float mine = own[b] ? Dot(k + i * head_dim, qi, parts) * scale : kNeg;
+    top = std::max(top, mine);
+    // exp(score - max) and their sum, the unwritten slots' included
+    vec total = vec{};
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      vec e = Exp(load(s + blk * LANES) - top);
+      *reinterpret_cast<vec_unaligned*>(s + blk * LANES) = e;
+      total += e;
+    }
+    const float e_mine = Exp(vec{} + (mine - top))[0];
+    const float unwritten = static_cast<float>(slots - written) * Exp(vec{} + (kNeg - top))[0];
+    const float denom = Sum(total) + unwritten + e_mine;
+    // the probabilities times the values: the cache's, then the new token's
+    const float* value = values + i * slots * head_dim;
     vec acc[kMaxParts];
-    for (int64_t v = 0; v < parts; ++v) acc[v] = vec{};
+    for (int64_t p = 0; p < parts; ++p) acc[p] = vec{};
     for (int64_t j = 0; j < written; ++j) {
-      const float* row = rows + j * head_dim;
+      const float* row = value + j * head_dim;
       __builtin_prefetch(reinterpret_cast<const char*>(row) + PREFETCH, 0, 0);
-      const float pj = p[j];
-      for (int64_t v = 0; v < parts; ++v) acc[v] += pj * load(row + v * LANES);
+      const float pj = s[j] / denom;
+      for (int64_t p = 0; p < parts; ++p) acc[p] += pj * load(row + p * LANES);
     }
-    for (int64_t v = 0; v < parts; ++v)
-      *reinterpret_cast<vec_unaligned*>(y + i * head_dim + v * LANES) = acc[v];
-  }
-
-  static float Sum(vec a) {
-#if defined(__AVX512F__)
-    return _mm512_reduce_add_ps(reinterpret_cast<__m512>(a));
-#else
-    float s = 0.0f;
-    for (int l = 0; l < LANES; ++l) s += a[l];
-    return s;
-#endif
+    const float p_mine = e_mine / denom;
+    const float* vi = v + i * head_dim;
+    for (int64_t p = 0; p < parts; ++p)
+      *reinterpret_cast<vec_unaligned*>(y + i * head_dim + p * LANES) =
+          acc[p] + p_mine * load(vi + p * LANES);
   }
 };
 
-// Cache products reading less than this run on the calling thread alone: handing a few hundred
-// KiB to a helper cost more than it saved (split, a batch-1 `bench` step measured ~0.6 ms slower
-// at 101 tokens; docs/performance.md).
-constexpr int64_t kSplitBytes = int64_t{1} << 20;
+// Cache attentions reading less than this (keys and values) run on the calling thread alone:
+// handing a few hundred KiB to a helper cost more than it saved (split, a batch-1 `bench` step
+// measured ~0.6 ms slower at 101 tokens; docs/performance.md).
+constexpr int64_t kSplitBytes = int64_t{2} << 20;
 
-static ffi::Error CacheMultiply(ffi::ThreadPool pool, const float* in, const float* cache,
-                                float* y, int64_t pairs, int64_t slots, int64_t head_dim,
-                                int64_t written, bool values) {
+// The new token's q, k, v [batch, heads, head_dim] (head_dim a multiple of LANES, <= 256), the
+// cache's keys and values [batch, heads, slots, head_dim], `cached` [batch, slots] (slot
+// attended), `own` [batch] (own key attended), `written` (int32 []: the slots holding keys /
+// values; later ones must be masked) -> y [batch, heads, head_dim].
+static ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                     ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                     ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                                     ffi::Buffer<ffi::PRED> cached, ffi::Buffer<ffi::PRED> own,
+                                     ffi::Buffer<ffi::S32> written, float scale,
+                                     ffi::ResultBuffer<ffi::F32> y) {
+  const auto qd = q.dimensions(), cd = keys.dimensions(), md = cached.dimensions();
+  const auto same = [](ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+  };
+  const bool fits = cd.size() == 4 && cd[3] % LANES == 0 && cd[3] > 0 && cd[3] <= 256 &&
+                    qd.size() == 3 && qd[0] == cd[0] && qd[1] == cd[1] && qd[2] == cd[3] &&
+                    same(k.dimensions(), qd) && same(v.dimensions(), qd) &&
+                    same(y->dimensions(), qd) && same(values.dimensions(), cd) &&
+                    md.size() == 2 && md[0] == cd[0] && md[1] == cd[2] &&
+                    own.dimensions().size() == 1 && own.dimensions()[0] == cd[0] &&
+                    written.element_count() == 1;
+  if (!fits)
+    return ffi::Error::InvalidArgument(
+        "cache_attention: expected q, k, v [batch, heads, head_dim], keys, values [batch, heads, "
+        "slots, head_dim], cached [batch, slots], own [batch], written int32 [], out [batch, "
+        "heads, head_dim]");
+  const int64_t pairs = cd[0] * cd[1];
   if (pairs == 0) return ffi::Error::Success();
-  auto job = std::make_shared<CacheProduct>();
-  job->in = in;
-  job->cache = cache;
-  job->y = y;
+  auto job = std::make_shared<CacheAttention>();
+  job->q = q.typed_data();
+  job->k = k.typed_data();
+  job->v = v.typed_data();
+  job->keys = keys.typed_data();
+  job->values = values.typed_data();
+  job->cached = cached.typed_data();
+  job->own = own.typed_data();
+  job->y = y->typed_data();
+  job->scale = scale;
+  job->heads = cd[1];
+  job->slots = cd[2];
+  job->head_dim = cd[3];
+  job->written = std::clamp<int64_t>(written.typed_data()[0], 0, cd[2]);
   job->pairs = pairs;
-  job->slots = slots;
-  job->head_dim = head_dim;
-  job->written = std::clamp<int64_t>(written, 0, slots);
-  job->values = values;
-  const int64_t pair_bytes = job->written * head_dim * 4;
+  const int64_t pair_bytes = 2 * job->written * job->head_dim * 4;
   if (pairs * pair_bytes < kSplitBytes) {   // on this thread alone
     job->Divide(pairs, pairs);
     job->run();
@@ -393,6 +475,63 @@ static ffi::Error CacheMultiply(ffi::ThreadPool pool, const float* in, const flo
     job->Divide(pairs, PerChunk(pool, pairs, pair_bytes, 1));
     Share(pool, job);
   }
+  return ffi::Error::Success();
+}
+
+// The index of each row's first maximum (the first NaN where there is one: numpy's and
+// `jnp.argmax`'s answer), for greedy decoding's [batch, vocab] logits. XLA:CPU computes an
+// argmax as a scalar (value, index) reduction, or as two vector passes and a select
+// (`layers.first_argmax`: ~0.18 ms for a batch-8 step's [8, 32000]). Here: the maximum in
+// four independent vector chains (a NaN noted on the way), then a scan for its first index.
+static int32_t FirstArgmax(const float* x, int64_t m) {
+  typedef int32_t ivec __attribute__((vector_size(LANES * 4)));
+  float top = x[0];
+  bool nan = x[0] != x[0];
+  int64_t j = 0;
+  if (m >= 4 * LANES) {
+    vec t[4] = {load(x), load(x + LANES), load(x + 2 * LANES), load(x + 3 * LANES)};
+    ivec odd = (t[0] != t[0]) | (t[1] != t[1]) | (t[2] != t[2]) | (t[3] != t[3]);
+    for (j = 4 * LANES; j + 4 * LANES <= m; j += 4 * LANES)
+      for (int c = 0; c < 4; ++c) {
+        const vec v = load(x + j + c * LANES);
+        t[c] = v > t[c] ? v : t[c];   // a NaN in v leaves t[c]: noted below
+        odd |= v != v;
+      }
+    for (int c = 0; c < 4; ++c)
+      for (int l = 0; l < LANES; ++l) top = t[c][l] > top ? t[c][l] : top;
+    for (int l = 0; l < LANES; ++l) nan |= odd[l] != 0;
+  }
+  for (; j < m; ++j) {
+    top = x[j] > top ? x[j] : top;
+    nan |= x[j] != x[j];
+  }
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  for (; i + LANES <= m; i += LANES) {
+#if defined(__AVX512F__)
+    const __m512 v = _mm512_loadu_ps(x + i);
+    const unsigned bits = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
+                              : _mm512_cmp_ps_mask(v, _mm512_set1_ps(top), _CMP_EQ_OQ);
+#else
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const unsigned bits = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q)
+                                                 : _mm256_cmp_ps(v, _mm256_set1_ps(top),
+                                                                 _CMP_EQ_OQ));
+#endif
+    if (bits) return static_cast<int32_t>(i + __builtin_ctz(bits));
+  }
+#endif
+  for (; i < m; ++i)
+    if (nan ? x[i] != x[i] : x[i] == top) return static_cast<int32_t>(i);
+  return 0;
+}
+
+static ffi::Error FirstArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> y) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || xd[1] == 0 || yd.size() != 1 || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument("first_argmax: expected x [n, m] (m > 0), out int32 [n]");
+  for (int64_t r = 0; r < xd[0]; ++r)
+    y->typed_data()[r] = FirstArgmax(x.typed_data() + r * xd[1], xd[1]);
   return ffi::Error::Success();
 }
 
@@ -426,38 +565,6 @@ static ffi::Error PanelProductInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F3
                           y->typed_data(), xd[0], xd[1], yd[1], wd[0]);
 }
 
-// A cache product's operands: `small` (scores: q [batch, heads, head_dim]; values: the
-// probabilities [batch, heads, slots]), the cache [batch, heads, slots, head_dim] (head_dim a
-// multiple of LANES, <= 256), `written` (int32 []: the slots holding keys / values) and y (scores
-// [batch, heads, slots]; values [batch, heads, head_dim]).
-template <bool kValues>
-static ffi::Error CacheImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> small,
-                            ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::S32> written,
-                            ffi::ResultBuffer<ffi::F32> y) {
-  const auto sd = small.dimensions(), cd = cache.dimensions(), yd = y->dimensions();
-  const bool fits = cd.size() == 4 && cd[3] % LANES == 0 && cd[3] > 0 && cd[3] <= 256 &&
-                    sd.size() == 3 && yd.size() == 3 && written.element_count() == 1;
-  if (!fits || sd[0] != cd[0] || sd[1] != cd[1] || yd[0] != cd[0] || yd[1] != cd[1] ||
-      sd[2] != cd[kValues ? 2 : 3] || yd[2] != cd[kValues ? 3 : 2])
-    return ffi::Error::InvalidArgument(
-        kValues ? "cache_values: expected probabilities [batch, heads, slots], values [batch, "
-                  "heads, slots, head_dim], written int32 [], out [batch, heads, head_dim]"
-                : "cache_scores: expected q [batch, heads, head_dim], keys [batch, heads, slots, "
-                  "head_dim], written int32 [], scores [batch, heads, slots]");
-  return CacheMultiply(pool, small.typed_data(), cache.typed_data(), y->typed_data(),
-                       cd[0] * cd[1], cd[2], cd[3], written.typed_data()[0], kValues);
-}
-
-// The FFI signature of both cache products.
-static auto CacheBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Ret<ffi::Buffer<ffi::F32>>();
-}
-
 }  // namespace
 
 #pragma GCC visibility push(default)
@@ -476,8 +583,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmPanelProductInt8, PanelProductInt8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmCacheScores, CacheImpl<false>, CacheBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmCacheValues, CacheImpl<true>, CacheBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmCacheAttention, CacheAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmFirstArgmax, FirstArgmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 // The panel width this build packs for (the Python side packs the weights to match).
 extern "C" int radfm_panel_lanes() { return LANES; }

@@ -280,7 +280,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
                      cache_v: jax.Array, cached_mask: jax.Array, new_mask: jax.Array, *,
-                     cache_products=None, written: jax.Array | None = None) -> jax.Array:
+                     cache_kernel=None, written: jax.Array | None = None) -> jax.Array:
   """Attention of new tokens to a KV cache (llama.LayerCache layout, no per-step transpose of it)
   and to each other; the new keys / values are not in the cache yet.
 
@@ -288,23 +288,28 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
   max_len, head_dim]; cached_mask: bool broadcastable to
   [batch, heads, len, max_len]; new_mask: bool broadcastable to [batch, heads, len, len]. One
   softmax (fp32) over both key sets, masked entries at the dtype minimum (as HF does).
-  cache_products: None, or an object with `scores`, `values` and `min_rows` that computes a
-  one-token step's two products with the cache (`scores(q [b, n, h], cache_k, written) -> [b,
-  n, max_len]`, `values(probs [b, n, max_len], cache_v, written) -> [b, n, h]`) over its first
-  `written` slots (int32 scalar; cached_mask must mask the later ones) for batches of at least
-  `min_rows`: the CPU decode's kernel (infer/panel_kernel.py), which splits them over the
-  threads and reads only the written slots.
+  cache_kernel: None, or an object with `attention` and `min_rows` that computes a one-token
+  step's whole attention (`attention(q, k, v [b, n, h], cache_k, cache_v, cached [b, max_len],
+  own [b], written, scale) -> [b, n, h]`) reading only the first `written` slots (int32 scalar;
+  cached_mask must mask the later ones), for batches of at least `min_rows` whose masks are the
+  same for every head: the CPU decode's kernel (infer/panel_kernel.py), which splits it over the
+  threads.
   Returns [batch, len, heads, head_dim].
   """
   scale = q.shape[-1] ** -0.5
   neg = jnp.finfo(jnp.float32).min
   one = q.shape[1] == 1
-  use_products = (one and cache_products is not None and written is not None
-                  and q.shape[0] >= cache_products.min_rows
-                  and q.dtype == cache_k.dtype == cache_v.dtype == jnp.float32)
-  if use_products:
-    cached = cache_products.scores(q[:, 0], cache_k, written)[:, :, None, :]
-  elif one:
+  if (one and cache_kernel is not None and written is not None
+      and q.shape[0] >= cache_kernel.min_rows
+      and q.dtype == k.dtype == v.dtype == cache_k.dtype == cache_v.dtype == jnp.float32
+      and cached_mask.ndim == new_mask.ndim == 4
+      and cached_mask.shape[1:3] == new_mask.shape[1:3] == (1, 1)):
+    batch, max_len = q.shape[0], cache_k.shape[-2]
+    cached = jnp.broadcast_to(cached_mask[:, 0, 0, :], (batch, max_len))
+    own = jnp.broadcast_to(new_mask[:, 0, 0, 0], (batch,))
+    return cache_kernel.attention(q[:, 0], k[:, 0], v[:, 0], cache_k, cache_v, cached, own,
+                                  written, scale)[:, None]
+  if one:
     # One new token (a decode step): the cache times a vector. Written as the general form,
     # XLA:CPU copies every layer's cached keys into [heads, head_dim, slots] order at every
     # batch-1 step first (3x the time of this form; docs/performance.md).
@@ -317,10 +322,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
                             jnp.where(new_mask, new * scale, neg)], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   max_len = cache_k.shape[-2]
-  if use_products:
-    from_cache = cache_products.values(probs[:, :, 0, :max_len], cache_v, written)[:, None]
-  else:
-    from_cache = jnp.einsum('bnqk,bnkh->bqnh', probs[..., :max_len], cache_v)
+  from_cache = jnp.einsum('bnqk,bnkh->bqnh', probs[..., :max_len], cache_v)
   return from_cache + jnp.einsum('bnqk,bknh->bqnh', probs[..., max_len:], v)
 
 

@@ -163,9 +163,9 @@ class DecoderLayer(nnx.Module):
     e, h, hd, m = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
     self.compute_dtype = compute_dtype
     self.attention_impl = attention_impl
-    # A one-token step's products with the cache (`layers.cached_attention`): None, XLA's; the
+    # A one-token step's attention with the cache (`layers.cached_attention`): None, XLA's; the
     # CPU decode view sets its kernel's (infer/cpu_decode.py).
-    self.cache_products = None
+    self.cache_kernel = None
     kw = dict(rngs=rngs, param_dtype=param_dtype, use_bias=False,
               kernel_init=jax.nn.initializers.normal(0.02))
     self.input_norm = RMSNorm(e, rngs=rngs, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -205,7 +205,7 @@ class DecoderLayer(nnx.Module):
         old_k, old_v = cache.read()
         y = layers.cached_attention(q, k, v, old_k.astype(dtype), old_v.astype(dtype),
                                     mask[..., :max_len], new_mask,
-                                    cache_products=self.cache_products, written=cache.index)
+                                    cache_kernel=self.cache_kernel, written=cache.index)
       cache = cache.write(k, v)
     x = x + self.o(y, dtype)
     h = self.post_attention_norm(x, dtype)
