@@ -304,7 +304,7 @@ def main():
       break
   # A batch-8 step also reads the KV cache: [batch, heads, slots, head_dim] k and v per layer,
   # fp32. XLA's attention reads every allocated slot (the cache grows by --cache-chunk); the
-  # panel kernel's cache products only those written so far.
+  # panel kernel's attention only those written so far.
   prompt_len = 64
   slots = np.mean([-(-(prompt_len + t + 1) // args.cache_chunk) * args.cache_chunk
                    for t in range(args.new)])
