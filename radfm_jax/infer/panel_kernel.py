@@ -285,7 +285,8 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,
 def first_argmax(x: jax.Array) -> jax.Array:
   """float32 [..., m] -> int32 [...]: the index of the first maximum along the last axis (of
   the first NaN where there is one), as `jnp.argmax` and `layers.first_argmax`, in vector code
-  (greedy decoding's argmax over the vocabulary; XLA:CPU's takes ~10x longer)."""
+  (greedy decoding's argmax over the vocabulary; XLA:CPU's took ~7x longer, docs/
+  performance.md)."""
   if x.dtype != jnp.float32 or x.ndim < 1 or x.shape[-1] == 0:
     raise ValueError(f'panel_kernel.first_argmax: float32 [..., m > 0], got {x.dtype} {x.shape}')
   rows = x.reshape(-1, x.shape[-1])
