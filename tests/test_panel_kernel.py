@@ -151,8 +151,9 @@ def test_cached_attention_with_the_kernel(lanes):
   """`layers.cached_attention` with the kernel (one new token; the slots from `written` on
   masked and holding NaN) against its XLA form on the same cache with zeros there: the same
   values up to float32 rounding, a row with every key masked included (a uniform softmax over
-  every allocated slot, as XLA's). It takes masks that are the same for every head; a per-head
-  mask, or several new tokens, keep XLA's form (checked in the lowered programs)."""
+  every allocated slot, as XLA's). It takes masks that are the same for every head, one row
+  included; a per-head mask, or several new tokens, keep XLA's form (checked in the lowered
+  programs)."""
   from radfm_jax.models import layers
   rng = np.random.default_rng(11)
   batch, heads, slots, hd, written = 3, 4, 24, 4 * lanes, 17
@@ -166,7 +167,7 @@ def test_cached_attention_with_the_kernel(lanes):
   new_mask = jnp.asarray(np.array([True, True, False])[:, None, None, None])
   nan_k, nan_v = cache_k.copy(), cache_v.copy()
   nan_k[:, :, written:] = nan_v[:, :, written:] = np.nan
-  kernel = dict(cache_kernel=panel_kernel.CACHE_KERNEL, written=jnp.int32(written))
+  kernel = dict(cache_kernel=panel_kernel.cache_attention, written=jnp.int32(written))
   got = layers.cached_attention(q, k, v, jnp.asarray(nan_k), jnp.asarray(nan_v),
                                 jnp.asarray(cached_mask), new_mask, **kernel)
   want = layers.cached_attention(q, k, v, jnp.asarray(cache_k), jnp.asarray(cache_v),
@@ -175,12 +176,12 @@ def test_cached_attention_with_the_kernel(lanes):
   np.testing.assert_allclose(np.asarray(got[2, 0]), (cache_v[2].sum(1) + np.asarray(v[2, 0]))
                              / (slots + 1), rtol=1e-5, atol=1e-6)
 
-  def program(cached, q=q, k=k, v=v):
+  def program(cached, q=q, k=k, v=v, rows=batch):
     return jax.jit(lambda *a: layers.cached_attention(*a, **kernel)).lower(
-        q, k, v, jnp.asarray(cache_k), jnp.asarray(cache_v), cached,
-        jnp.ones((1, 1, q.shape[1], q.shape[1]), bool)).as_text()
-  assert panel_kernel.CACHE_KERNEL.min_rows == 1
+        q[:rows], k[:rows], v[:rows], jnp.asarray(cache_k[:rows]), jnp.asarray(cache_v[:rows]),
+        cached[:rows], jnp.ones((1, 1, q.shape[1], q.shape[1]), bool)).as_text()
   assert panel_kernel.TARGET_ATTENTION in program(jnp.asarray(cached_mask))
+  assert panel_kernel.TARGET_ATTENTION in program(jnp.asarray(cached_mask), rows=1)   # batch 1
   per_head = jnp.broadcast_to(jnp.asarray(cached_mask), (batch, heads, 1, slots))
   assert panel_kernel.TARGET_ATTENTION not in program(per_head)
   two = jnp.concatenate([q, q], 1)
@@ -302,7 +303,7 @@ def test_decode_view_holds_packed_kernels(model, lanes):
   q = view.layers[0].q
   assert not hasattr(q, 'kernel') and q.n_out == model.cfg.llama.hidden_size
   # ... and its layers take the kernel's attention with the cache (tiny: head_dim 16)
-  assert all(layer.cache_kernel is panel_kernel.CACHE_KERNEL for layer in view.layers)
+  assert all(layer.cache_kernel is panel_kernel.cache_attention for layer in view.layers)
   assert cpu_decode.DecodeView(model.llama, 0).layers[0].cache_kernel is None
   kernel = np.asarray(model.llama.layers.q.kernel[...][0]).reshape(q.panels.shape[1], -1).T
   np.testing.assert_array_equal(np.asarray(q.panels[...]),

@@ -164,7 +164,7 @@ class DecodeView(nnx.Module):
   are `OutFirstDense`, a re-laid `lm_head`; the embedding table and the final norm are the
   decoder's own (shared, not copied). Made once per weights (one copy of the decoder). `lanes`:
   the projections' kernels packed for `panel_kernel` (`generate.cpu_product = 'panels'`), and
-  the layers' one-token attention with the cache taken by it too (`panel_kernel.CACHE_KERNEL`),
+  the layers' one-token attention with the cache taken by it too (`panel_kernel.cache_attention`),
   where the head size fits (`panel_kernel.cache_fits`)."""
 
   def __init__(self, llama: Llama, lanes: int = 0):
@@ -180,7 +180,7 @@ class DecodeView(nnx.Module):
       for name in _DECODE_DENSE:
         setattr(layer, name, OutFirstDense(getattr(layer, name), lanes))
       if attends:
-        layer.cache_kernel = panel_kernel.CACHE_KERNEL
+        layer.cache_kernel = panel_kernel.cache_attention
     self.lm_head = OutFirstDense(llama.lm_head, lanes)
 
   embed = Llama.embed

@@ -16,12 +16,13 @@ with the host's compiler for the host's CPU (`-O3 -march=native`) and called thr
 with XLA's intra-op thread pool. Rows and outputs are float32; the weights float32, or int8 with
 one float32 scale per output (`quantize='int8'`, weight-only: each product streams a quarter of
 the bytes, the int8 values widened to float32 as they are loaded, the sums scaled at the end).
-The cache attention (`CACHE_KERNEL`, which the CPU decode view hands to `layers.cached_attention`)
-computes a step's scores, softmax and weighted values in one call per layer, splits the (row,
-head) pairs over the threads from 2 MiB of keys and values on (XLA:CPU runs its two products
-with the cache on one thread), and reads only the `written` slots of a cache allocated in chunks
-ahead of them. `first_argmax` is greedy decoding's argmax over the vocabulary in vector code
-(the CPU panel decode's `generate.choose_token`).
+The cache attention (`cache_attention`, which the CPU decode view hands to
+`layers.cached_attention` at every batch size: with the softmax inside, batch 1 is no slower than
+with XLA's) computes a step's scores, softmax and weighted values in one call per layer, splits
+the (row, head) pairs over the threads from 2 MiB of keys and values on (XLA:CPU runs its two
+products with the cache on one thread), and reads only the `written` slots of a cache allocated
+in chunks ahead of them. `first_argmax` is greedy decoding's argmax over the vocabulary in
+vector code (the CPU panel decode's `generate.choose_token`).
 
 The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
 ~/.cache/radfm-jax/kernels, one shared library per (source, compiler, flags, jaxlib, CPU model
@@ -35,7 +36,6 @@ clang++ on PATH.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import hashlib
 import os
 import platform
@@ -44,7 +44,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -294,20 +293,7 @@ def first_argmax(x: jax.Array) -> jax.Array:
   return out.reshape(x.shape[:-1])
 
 
-@dataclasses.dataclass(frozen=True)
-class CacheKernel:
-  """What `layers.cached_attention` takes as `cache_kernel`: the one-token attention (signature
-  of `cache_attention`) and the fewest batch rows it is used for."""
-  attention: Callable
-  min_rows: int
-
-
-# From one row on: with the softmax inside, a batch-1 step's attention is no slower than XLA's
-# (docs/performance.md, "The whole one-token attention in the kernel").
-CACHE_KERNEL = CacheKernel(cache_attention, min_rows=1)
-
-
-__all__ = ['CACHE_ENV', 'CACHE_KERNEL', 'CacheKernel', 'KernelUnavailable', 'SOURCE', 'TARGET',
+__all__ = ['CACHE_ENV', 'KernelUnavailable', 'SOURCE', 'TARGET',
            'TARGET_ARGMAX', 'TARGET_ATTENTION', 'TARGET_INT8', 'cache_attention', 'cache_directory',
            'cache_fits', 'compiler', 'first_argmax', 'library_path', 'load', 'pack', 'product',
            'unavailable_reason']

@@ -65,6 +65,7 @@ constexpr int ROWS = 4;
 constexpr int PREFETCH = 4096;   // bytes ahead of the weight streams
 
 typedef float vec __attribute__((vector_size(LANES * 4)));
+typedef int32_t ivec __attribute__((vector_size(LANES * 4)));   // lane masks, exponents
 // The same vector read from any float address (XLA's buffers are aligned, but nothing says so
 // to this file): an unaligned load, allowed to alias the floats it reads.
 typedef float vec_unaligned __attribute__((vector_size(LANES * 4), aligned(4), may_alias));
@@ -80,9 +81,8 @@ static inline vec load(const int8_t* p) {
 #elif defined(__AVX2__)
   return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 #else
-  typedef int32_t i32vec __attribute__((vector_size(LANES * 4)));
   return __builtin_convertvector(
-      __builtin_convertvector(*reinterpret_cast<const i8vec_unaligned*>(p), i32vec), vec);
+      __builtin_convertvector(*reinterpret_cast<const i8vec_unaligned*>(p), ivec), vec);
 #endif
 }
 
@@ -316,7 +316,6 @@ static ffi::Error Multiply(ffi::ThreadPool pool, const float* x, const W* w,
 // at 88.3 (the softmax only asks for x <= 0). Written here because the softmax needs a vector
 // exp and the C++ standard library has only a scalar one.
 static inline vec Exp(vec x) {
-  typedef int32_t ivec __attribute__((vector_size(LANES * 4)));
   const vec clamped = x < 88.3f ? (x > -87.0f ? x : vec{} - 87.0f) : vec{} + 88.3f;
   // round(x / ln 2) by the float addition of 1.5 * 2^23 (exact for |t| < 2^22)
   const vec n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -493,7 +492,6 @@ static ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
 // (`layers.first_argmax`: ~0.18 ms for a batch-8 step's [8, 32000]). Here: the maximum in
 // four independent vector chains (a NaN noted on the way), then a scan for its first index.
 static int32_t FirstArgmax(const float* x, int64_t m) {
-  typedef int32_t ivec __attribute__((vector_size(LANES * 4)));
   float top = x[0];
   bool nan = x[0] != x[0];
   int64_t j = 0;

@@ -288,27 +288,25 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
   max_len, head_dim]; cached_mask: bool broadcastable to
   [batch, heads, len, max_len]; new_mask: bool broadcastable to [batch, heads, len, len]. One
   softmax (fp32) over both key sets, masked entries at the dtype minimum (as HF does).
-  cache_kernel: None, or an object with `attention` and `min_rows` that computes a one-token
-  step's whole attention (`attention(q, k, v [b, n, h], cache_k, cache_v, cached [b, max_len],
-  own [b], written, scale) -> [b, n, h]`) reading only the first `written` slots (int32 scalar;
-  cached_mask must mask the later ones), for batches of at least `min_rows` whose masks are the
-  same for every head: the CPU decode's kernel (infer/panel_kernel.py), which splits it over the
-  threads.
+  cache_kernel: None, or a function that computes a one-token step's whole attention
+  (`cache_kernel(q, k, v [b, n, h], cache_k, cache_v, cached [b, max_len], own [b], written,
+  scale) -> [b, n, h]`) reading only the first `written` slots (int32 scalar; cached_mask must
+  mask the later ones), taken where the masks are the same for every head: the CPU decode's
+  kernel (`panel_kernel.cache_attention`), which splits it over the threads.
   Returns [batch, len, heads, head_dim].
   """
   scale = q.shape[-1] ** -0.5
   neg = jnp.finfo(jnp.float32).min
   one = q.shape[1] == 1
   if (one and cache_kernel is not None and written is not None
-      and q.shape[0] >= cache_kernel.min_rows
       and q.dtype == k.dtype == v.dtype == cache_k.dtype == cache_v.dtype == jnp.float32
       and cached_mask.ndim == new_mask.ndim == 4
       and cached_mask.shape[1:3] == new_mask.shape[1:3] == (1, 1)):
     batch, max_len = q.shape[0], cache_k.shape[-2]
     cached = jnp.broadcast_to(cached_mask[:, 0, 0, :], (batch, max_len))
     own = jnp.broadcast_to(new_mask[:, 0, 0, 0], (batch,))
-    return cache_kernel.attention(q[:, 0], k[:, 0], v[:, 0], cache_k, cache_v, cached, own,
-                                  written, scale)[:, None]
+    return cache_kernel(q[:, 0], k[:, 0], v[:, 0], cache_k, cache_v, cached, own, written,
+                        scale)[:, None]
   if one:
     # One new token (a decode step): the cache times a vector. Written as the general form,
     # XLA:CPU copies every layer's cached keys into [heads, head_dim, slots] order at every
