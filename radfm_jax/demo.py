@@ -368,6 +368,11 @@ def run_demo(out: str = 'demo_out', *, config: str | None = None, overrides=(),
   (0 = no limit); quick: tiny model, tiny dataset, 20 steps; resume: continue from OUT/train.
   """
   t_start = time.perf_counter()
+  from radfm_jax.errors import InputError, check_parent_folder
+  expected = 'expected a folder for the demo\'s outputs (new, or one a demo wrote)'
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise InputError(f'--out {out}: exists and is not a folder; {expected}')
+  check_parent_folder(out, f'--out {out}', expected)   # a broken symlink, a read-only disk
   out = os.path.abspath(out)
   os.makedirs(out, exist_ok=True)
   run = setup(out, config=config, overrides=overrides, steps=steps, quick=quick, seed=seed,

@@ -125,11 +125,23 @@ def whole_file(path: str, suffix: str = '.tmp'):
 
 def check_writable_folder(folder: str, shown: str):
   """WriteError when `folder` (or, when it does not exist yet, its nearest existing parent) is not
-  writable: a read-only filesystem, or no permission. Checked before the work whose output goes
-  there (root passes a permission check, never a read-only mount)."""
+  writable: a read-only filesystem, no permission, or a filesystem that takes no new entries
+  (/proc). Checked before the work whose output goes there: `os.access` first (root passes it
+  whatever the mount), then a folder made and removed there at once (a read-only mount or /proc
+  refuses it; nothing stays)."""
   probe = _nearest_existing(folder)
-  if os.path.isdir(probe) and not os.access(probe, os.W_OK | os.X_OK):
+  if not os.path.isdir(probe):
+    return                          # a file in the way: `check_parent_folder` says so
+  code = None
+  if not os.access(probe, os.W_OK | os.X_OK):
     code = errno.EROFS if _read_only(probe) else errno.EACCES
+  else:
+    import tempfile
+    try:
+      os.rmdir(tempfile.mkdtemp(prefix='.radfm-jax-probe-', dir=probe))
+    except OSError as e:
+      code = e.errno or errno.EACCES
+  if code is not None:
     raise WriteError(f'{shown}: {probe}: could not write ({os.strerror(code)}); expected a '
                      'folder this user can write')
 
@@ -149,12 +161,93 @@ def _read_only(path: str) -> bool:
     return False
 
 
+def dangling_link(path: str) -> str | None:
+  """`path` (made absolute) or the parent of it that is a symbolic link to a missing target (or a
+  loop of links), else None: nothing can be made through it (FileNotFoundError, or
+  FileExistsError for the link itself), and `os.path.exists` says False, as for a new path."""
+  path = os.path.abspath(path)
+  while True:
+    if os.path.islink(path) and not os.path.exists(path):
+      return path
+    parent = os.path.dirname(path)
+    if parent == path:
+      return None
+    path = parent
+
+
 def check_parent_folder(path: str, shown: str, expected: str):
-  """InputError `shown: PARENT is not a directory; expected` when the nearest existing parent of
-  `path` is a file: an output there could only fail once the work is done."""
+  """The one check of an output path before the work (`shown`: how the user named it, e.g.
+  '--out DIR'; `expected` ends the message), so a bad one fails at once, with nothing written,
+  not once the work is done:
+    InputError `shown: LINK is a symlink to a missing target (TARGET); expected` when `path` or a
+      parent of it is a dangling symbolic link (`dangling_link`; or one in a loop of links);
+    InputError `shown: PARENT is not a directory; expected` when the nearest existing parent of
+      `path` is a file;
+    WriteError (`check_writable_folder`) when the folder the output goes in (`path` itself when it
+      is a folder, else its nearest existing parent) cannot be written."""
+  link = dangling_link(path)
+  if link is not None:
+    try:
+      os.stat(link)
+      loop = False
+    except OSError as e:
+      loop = e.errno == errno.ELOOP
+    what = 'in a loop of symlinks' if loop else 'a symlink to a missing target'
+    raise InputError(f'{shown}: {link} is {what} ({os.readlink(link)}); {expected}')
   parent = _nearest_existing(os.path.dirname(os.path.abspath(path)))
   if not os.path.isdir(parent):
     raise InputError(f'{shown}: {parent} is not a directory; {expected}')
+  check_writable_folder(path if os.path.isdir(path) else parent, shown)
+
+
+# A code point U+D800..U+DFFF: half of a UTF-16 pair, not a character. JSON's "\ud800" escape
+# decodes to one, and so does each byte of a command-line argument that is not UTF-8 (Python's
+# surrogateescape); UTF-8 cannot encode it, so the text fails only later, where it is written or
+# tokenized (UnicodeEncodeError, a SentencePiece RuntimeError).
+_SURROGATE = re.compile('[\ud800-\udfff]')
+NOT_TEXT_EXPECTED = 'expected UTF-8 text'
+
+
+def escape_surrogates(text: str) -> str:
+  """`text` with its surrogates as \\udXXX escapes: printable, and what the JSON held."""
+  return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+def not_text(value, field: str | None = None) -> tuple[str | None, str] | None:
+  """Where `value` is not Unicode text, else None: the one check of 'is this valid text' for
+  every reader of user text. `value` is a str, or decoded JSON (lists and objects searched in
+  order, object keys too); returns (field, problem) for the first string holding a lone surrogate
+  (`_SURROGATE`): the field named as `where` names one ('images[0].modality', from `field`), None
+  for `value` itself; the problem 'holds a lone surrogate \\ud800 (not Unicode text); expected
+  UTF-8 text'."""
+  if isinstance(value, str):
+    m = _SURROGATE.search(value)
+    if m is None:
+      return None
+    return field, (f'holds a lone surrogate {escape_surrogates(m[0])} (not Unicode text); '
+                   f'{NOT_TEXT_EXPECTED}')
+  if isinstance(value, dict):
+    for key, item in value.items():
+      name = escape_surrogates(str(key))
+      name = f'{field}.{name}' if field else name
+      found = not_text(key, name) or not_text(item, name)
+      if found:
+        return found
+  elif isinstance(value, (list, tuple)):
+    for i, item in enumerate(value):
+      found = not_text(item, f'{field}[{i}]' if field else f'[{i}]')
+      if found:
+        return found
+  return None
+
+
+def check_text(value, shown: str):
+  """InputError `shown field F: holds a lone surrogate ...` when `value` (`not_text`) is not
+  Unicode text; `shown` names where it came from ('samples.jsonl line 3', '--prompt')."""
+  found = not_text(value)
+  if found is not None:
+    field, problem = found
+    raise InputError(f'{shown} field {field}: {problem}' if field else f'{shown}: {problem}')
 
 
 def where(path=None, line: int | None = None, field: str | None = None) -> str:

@@ -66,7 +66,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
   from radfm_jax.eval import entities, harness
-  from radfm_jax.errors import UserError, check_writable_folder
+  from radfm_jax.errors import UserError
   if args.batch_size < 1:
     raise UserError(f'--batch-size {args.batch_size}: expected >= 1')
   if args.limit is not None and args.limit < 1:
@@ -82,10 +82,10 @@ def _run(args) -> int:
     raise UserError(f'--{"split" if args.split else "limit"} picks the samples to generate: '
                     'expected no --split and no --limit with --predictions (every row of the '
                     'file is scored)')
-  # before any work: a bad --out would otherwise fail after every sample is generated
+  # before any work: a bad --out (a file or a broken symlink on the way, a read-only disk)
+  # would otherwise fail after every sample is generated
   harness.check_out_dir(args.out, '--out',
                         ('summary.json',) if args.predictions else harness.OUTPUTS)
-  check_writable_folder(args.out, f'--out {args.out}')    # a read-only disk too
   try:
     extractor, reason = entities.get_extractor(args.entities, source='--entities')
   except entities.ExtractorUnavailable as e:

@@ -110,16 +110,16 @@ def check_output_file(out: str, overwrite: bool):
   `--overwrite` an existing file; never a folder, nor one in a folder that cannot be written."""
   import os
 
-  from radfm_jax.errors import InputError, check_parent_folder, check_writable_folder
+  from radfm_jax.errors import InputError, check_parent_folder
   if os.path.isdir(out):
     raise InputError(f'--out {out}: is a folder; expected a file path (.bin or .safetensors)')
   if not out.endswith(('.bin', '.pt', '.pth', '.safetensors')):   # a typo wrote torch's format
     raise InputError(f'--out {out}: expected a file name ending in .safetensors, or .bin / .pt / '
                      '.pth for torch.save\'s format')
+  # a file, a broken symlink or an unwritable folder on the way
   check_parent_folder(out, f'--out {out}', 'expected a file path (.bin or .safetensors)')
   if os.path.exists(out) and not overwrite:
     raise InputError(f'--out {out}: exists; expected a new file (or --overwrite to replace it)')
-  check_writable_folder(os.path.dirname(os.path.abspath(out)), f'--out {out}')
 
 
 def add_command(sub, name: str, *, help: str, description: str, example: str):

@@ -116,6 +116,12 @@ def _run(args) -> int:
     return 2
   from radfm_jax.infer.prompt_files import check_paths, generate_items, make_item, read_prompts
   if args.prompt is not None:
+    # a byte that is not UTF-8 comes in as a lone surrogate (and an --input file's "\ud800"
+    # escape fails in its reader, store.iter_jsonl): refused here, not in the tokenizer
+    from radfm_jax.errors import check_text
+    check_text(args.prompt, '--prompt')
+    for i, modality in enumerate(mods):
+      check_text(modality, f'--modality #{i + 1}')
     items = [make_item('0', args.prompt, args.image, mods, '--prompt',
                        [f'--image #{i + 1}' for i in range(len(args.image))])]
   else:
@@ -149,7 +155,7 @@ def _check_output(output: str, items, prompts: str | None, checkpoint: str | Non
   folder), which the answers would replace: before any work."""
   import os
 
-  from radfm_jax.errors import InputError, check_parent_folder, check_writable_folder, writing
+  from radfm_jax.errors import InputError, check_parent_folder, writing
   expected = 'expected a file path for the answers (JSONL)'
   if os.path.isdir(output) or output.endswith(('/', os.sep)):
     raise InputError(f'--output {output}: is a folder; {expected}')
@@ -165,9 +171,9 @@ def _check_output(output: str, items, prompts: str | None, checkpoint: str | Non
     for label, path in inputs:
       if path and os.path.isfile(path) and os.path.samefile(output, path):
         replaces(label, path)
+  # a file, a broken symlink or an unwritable folder on the way
   check_parent_folder(output, f'--output {output}', expected)
   folder = os.path.dirname(os.path.abspath(output))
-  check_writable_folder(folder, f'--output {output}')
   with writing(folder):
     os.makedirs(folder, exist_ok=True)
 

@@ -50,7 +50,8 @@ def add_parser(sub):
       sub, 'ingest', help='read scans (NIfTI, DICOM, PNG/JPEG, .npy) into a VolumeStore',
       description='Reads every scan of a samples manifest (NIfTI, DICOM series, PNG/JPEG, .npy) '
       'into a VolumeStore (Zarr volumes + manifest.jsonl); unreadable inputs go to rejects.jsonl, '
-      'recorded repairs (spacing) to warnings.jsonl. The store is extended, never replaced: the '
+      'recorded repairs and warnings (spacing, header fields, MONOCHROME1, float64 rounding) to '
+      'warnings.jsonl. The store is extended, never replaced: the '
       'samples are merged into its manifest, scans whose files are unchanged (sha256) are '
       'skipped, changed files are read again (so are unchanged ones whose stored arrays can no '
       'longer be opened: the re-run repairs a damaged store). One ingest writes a store at a time '

@@ -38,16 +38,23 @@ from radfm_jax.convert.keymap import Entry
 from radfm_jax.errors import InputError
 
 
-def _listed(keys: list[str], shown: int = 20) -> str:
-  """The first `shown` keys, and how many more (a state dict nested one level down misses all
-  ~900 keys: the line stays readable; the exception keeps every key in `.missing`)."""
-  more = f' ... and {len(keys) - shown} more' if len(keys) > shown else ''
-  return f'{keys[:shown]}{more}'
+def _listed(items: list, shown: int = 20, join=str) -> str:
+  """The first `shown` items, and how many more (a state dict nested one level down misses all
+  ~900 keys, a config of another size gets every shape wrong: the line stays readable; the
+  exception keeps every item in `.missing`, `.unexpected`, `.wrong_shape`). `join`: how the shown
+  items are written (default: as a Python list)."""
+  more = f' ... and {len(items) - shown} more' if len(items) > shown else ''
+  return f'{join(items[:shown])}{more}'
+
+
+def _shapes(wrong: list) -> str:
+  return ', '.join(f'({k}, {tuple(f)}, {tuple(e)})' for k, f, e in wrong)
 
 
 class CheckpointMismatchError(InputError):
-  """The checkpoint's keys do not match the key map: lists every missing, unexpected and
-  wrong-shaped key (one line: the CLI prints it as is)."""
+  """The checkpoint's keys do not match the key map: lists the missing, unexpected and
+  wrong-shaped keys, the first 20 of each and how many more (one line: the CLI prints it as
+  is); the attributes hold them all."""
 
   def __init__(self, missing=(), unexpected=(), wrong_shape=(), note: str = ''):
     self.missing = sorted(missing)
@@ -59,8 +66,8 @@ class CheckpointMismatchError(InputError):
     if self.unexpected:
       parts.append(f'unexpected keys ({len(self.unexpected)}): {_listed(self.unexpected)}')
     if self.wrong_shape:
-      parts.append('wrong shapes (key, found, expected): ' + ', '.join(
-          f'({k}, {tuple(f)}, {tuple(e)})' for k, f, e in self.wrong_shape))
+      parts.append(f'wrong shapes (key, found, expected) of {len(self.wrong_shape)} keys: '
+                   f'{_listed(self.wrong_shape, join=_shapes)}')
     super().__init__('; '.join(parts))
 
 

@@ -69,7 +69,8 @@ class IngestReport:
   # array unreadable in the store: {'path', 'scan_ids', 'reason'} per file (restored_line)
   skipped: list[str] = dataclasses.field(default_factory=list)    # already in the store
   rejects: list[dict] = dataclasses.field(default_factory=list)   # {'path', 'reason', ...}
-  warnings: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'warning', ...}
+  warnings: list[dict] = dataclasses.field(default_factory=list)  # {'path', 'warning', ...}:
+  # a scan stored with repairs or warnings (`repair_warning`)
   moved_aside: list[str] = dataclasses.field(default_factory=list)  # the line said of each
   # database that could not be read and was moved aside (`_database_lost`)
   samples: int = 0                                                # samples of this manifest kept
@@ -103,9 +104,12 @@ class IngestReport:
               f'{self.train_resolution} ({self.copies_current} already current)')
     restored = (f', {len(self.restored)} restored: unreadable in the store' if self.restored
                 else '')
+    repaired = sum(w.get('repaired', True) for w in self.warnings)
+    warned = (f', {len(self.warnings) - repaired} stored with a warning'
+              if len(self.warnings) > repaired else '')
     return (f'{len(self.stored)} scans stored ({len(self.updated)} changed on disk{restored}), '
             f'{len(self.skipped)} already stored, {self.rejected_scans} rejected, '
-            f'{len(self.warnings)} repaired; {self.samples} samples kept, {self.dropped_samples} '
+            f'{repaired} repaired{warned}; {self.samples} samples kept, {self.dropped_samples} '
             f'dropped, {self.replaced_samples} replaced; {self.manifest_rows} samples in the '
             f'store{copies}')
 
@@ -596,18 +600,46 @@ def restored_line(restoration: dict) -> str:
 
 def repaired_line(warning: dict) -> str:
   """The log line of a `repair_warning` row (said by ingest, and by a sharded run's `collect`
-  for each shard's: a worker's own log is not seen)."""
-  return f'ingest: repaired {warning["path"]}: {warning["warning"]}'
+  for each shard's: a worker's own log is not seen): 'ingest: repaired FILE: ...' when the reader
+  made a repair, else 'ingest: warning FILE: ...'."""
+  verb = 'repaired' if warning.get('repaired', True) else 'warning'
+  return f'ingest: {verb} {warning["path"]}: {warning["warning"]}'
+
+
+def scan_notes(attrs: dict) -> tuple[list[str], list[str]]:
+  """(repairs, warnings) the reader recorded in a stored scan's attributes, as sentences: the
+  one place that turns those attributes into words (readers.py sets them)."""
+  repairs, warnings = [], []
+  if 'spacing_repaired' in attrs:
+    repairs.append(f'spacing repaired: header pixdim {attrs["spacing_repaired"]} -> spacing '
+                   f'{attrs["spacing"]} mm (nibabel replaces 0 by 1 and negatives by their '
+                   'absolute value)')
+  repairs += [f'NIfTI header field repaired on load: {text}'
+              for text in attrs.get('header_repaired', [])]
+  if 'monochrome1_inverted' in attrs:
+    lo, hi = attrs['monochrome1_inverted']
+    repairs.append(f'MONOCHROME1 inverted: stored values are {lo} + {hi} - x (min + max - x) so '
+                   'that higher values are brighter, as MONOCHROME2')
+  warnings += [f'NIfTI header: {text} (nibabel; left as it is)'
+               for text in attrs.get('header_warnings', [])]
+  if 'float32_rounding' in attrs:
+    r = attrs['float32_rounding']
+    before, after = r['distinct_values']
+    warnings.append(f'float64 values rounded to float32: max absolute change '
+                    f'{r["max_abs_change"]:g} over a source range of {r["source_range"][0]} to '
+                    f'{r["source_range"][1]}; {before} distinct values before, {after} after')
+  return repairs, warnings
 
 
 def repair_warning(path: str, scan_id: str, attrs: dict) -> dict | None:
-  """The warnings.jsonl row of a stored scan whose reader made a repair (None: none made)."""
-  if 'spacing_repaired' not in attrs:
+  """The warnings.jsonl row of a stored scan whose reader made repairs or has warnings (None:
+  neither): `warning` says each (`scan_notes`, '; ' between them), `repaired` whether any was a
+  repair."""
+  repairs, warnings = scan_notes(attrs)
+  if not repairs and not warnings:
     return None
-  warning = (f'spacing repaired: header pixdim {attrs["spacing_repaired"]} -> spacing '
-             f'{attrs["spacing"]} mm (nibabel replaces 0 by 1 and negatives by their absolute '
-             'value)')
-  return {'path': path, 'scan_id': scan_id, 'warning': warning}
+  return {'path': path, 'scan_id': scan_id, 'warning': '; '.join(repairs + warnings),
+          'repaired': bool(repairs)}
 
 
 def _merge_samples(records, base, resolved, old_rows, old_at, index, report) -> list[dict]:

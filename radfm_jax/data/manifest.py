@@ -34,7 +34,7 @@ import textwrap
 from typing import Any, Callable, Iterable
 
 from radfm_jax.data.prompts import TASKS, image_token_in, load_templates
-from radfm_jax.errors import InputError, where
+from radfm_jax.errors import InputError, not_text, where
 
 FORMS = ('input', 'store')
 # The group of the records without a `task` (eval tables) or without a `dataset` (eval tables,
@@ -263,6 +263,9 @@ def validate_record(record, form: str | None = None) -> None:
     raise ValueError(f'form {form!r}: expected one of {FORMS} or None')
   if not isinstance(record, dict):
     raise FieldError(None, f'got {_shown(record)}; expected a JSON object {{"question": ...}}')
+  found = not_text(record)      # any field, the user's own too: ingest keeps them all
+  if found is not None:
+    raise FieldError(*found)
   for key, value in record.items():
     field = _SAMPLE.get(key)
     if field is None and key in _IMAGE:            # e.g. "path" next to "question"

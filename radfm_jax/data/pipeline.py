@@ -148,7 +148,7 @@ class BatchPlan:
       depths = [int(im['shape'][3]) for im in rec.get('images', [])[:n_img]]
       kind = batch_lib.sample_kind(depths)
       h, w, d = batch_lib.image_shape(depths, data_cfg)
-      needed = tokenizer.example_length(q, a)
+      needed = tokenizer.example_length(q, a, source=f'sample {rec.get("id", i)!r}')
       if needed > max(data_cfg.text_lengths):
         self.cut.append((i, needed))
       length = batch_lib.text_length(needed, data_cfg.text_lengths)

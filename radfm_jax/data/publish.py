@@ -14,10 +14,10 @@ import re
 import shutil
 
 from radfm_jax.data.manifest import read_records, record_place, validate_records
-from radfm_jax.data.store import VolumeStore
+from radfm_jax.data.store import VolumeStore, is_url
 from radfm_jax.data.tfds_manifest import (DATASET_NAME, DATASET_VERSION, builder_class,
                                           tfds_module)
-from radfm_jax.errors import InputError, writing
+from radfm_jax.errors import InputError, check_parent_folder, writing
 
 
 def _source_rows(data: str) -> list[dict]:
@@ -77,6 +77,8 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FileExistsError(f'--out {out_dir}: exists and is not a folder; expected the TFDS data '
                           'folder to write into')
+  if not is_url(out_dir):        # a broken symlink or an unwritable folder on the way
+    check_parent_folder(out_dir, f'--out {out_dir}', 'expected the TFDS data folder to write into')
   if isinstance(data, (str, os.PathLike)):
     rows = _source_rows(os.fspath(data))
   else:

@@ -19,31 +19,49 @@ Reading rules (stored layout [C, H, W, D], see store.py):
     norms of the RAS affine. A non-finite or singular affine is a reject. A zero or negative
     pixdim, which nibabel replaces on load (0 by 1, a negative by its absolute value) when the
     geometry comes from pixdim (no sform), is a recorded repair: attribute `spacing_repaired`
-    (the header's values as text) and a line in STORE/warnings.jsonl.
+    (the header's values as text) and a line in STORE/warnings.jsonl. Any other header field
+    nibabel fixes on load (sizeof_hdr, pixdim, qfac, bitpix, ...) is a recorded repair too
+    (`header_repaired`: 'FIELD OLD -> NEW (nibabel: its message)'), and a problem it reports but
+    leaves is a warning (`header_warnings`): nibabel's own stderr lines are not printed
+    (`_nibabel_lines`). Rejected in our words: a size dim[i] < 1, an infinite scl_slope (nibabel
+    would read it as no scaling; NaN, which nibabel itself writes for "unset", and 0 are no
+    scaling), a non-finite scl_inter.
   * DICOM: a file or a folder holding one series; slices are sorted by position along the slice
     normal (ImagePositionPatient), else InstanceNumber; RescaleSlope/Intercept applied (int16
     when the result is integral and fits, e.g. CT HU, else float32 when it fits); volumes with
     orientation tags are reoriented LPS -> RAS like NIfTI; a file without them (X-ray) is a 2D
     image. Zero / negative / NaN PixelSpacing, or two slices at one position: reject.
+    PhotometricInterpretation (attribute `photometric_interpretation`): one sample per pixel must
+    be MONOCHROME1 or MONOCHROME2 (else a reject: palette indices are not grey values), one for
+    the series; MONOCHROME1 is inverted to min + max - x in its own dtype, so that higher values
+    are brighter in every stored scan (a recorded repair: `monochrome1_inverted` = [min, max]).
+    A folder inside the series folder, or a file that is not DICOM, is a reject.
   * PNG/JPEG: Pillow; grayscale stays 1 channel (16-bit kept), everything else becomes RGB.
   * .npy: [H, W] / [H, W, D] / [C, H, W, D] (C in 1, 3) / [S, C, H, W, D]; other ranks rejected;
-    never unpickled.
+    never unpickled. A non-native byte order ('>i2') is stored in the native dtype of that width.
   * `frame` (which volume of a 4D NIfTI) and `index` (which image of a 5D .npy stack) pick along
     an axis; a scan without that axis is one frame / one image, so only 0 names it there. Any
     other value is a reject naming the field (`_check_pick`), never ignored.
 A scan is rejected (RejectedScan, an InputError: `path: reason`) when it cannot be read, has a
 wrong rank, is empty, holds any NaN/inf voxel (no repair: a NaN has no right value), is
-constant, holds values its stored dtype cannot hold (int64 beyond int32, float64 beyond float32:
-no wrap, no inf), or has spacing that is not finite and positive.
+constant (a float64 source that only its float32 cast makes constant says so), holds values its
+stored dtype cannot hold (int64 beyond int32, float64 beyond float32: no wrap, no inf), or has
+spacing that is not finite and positive. A float64 source stored as float32 whose values change by
+more than its range / 2**17 (float32 resolves it more coarsely than 16 bits over its range, e.g.
+1e8 + noise) is stored with a warning: attribute `float32_rounding` (`_float32_rounding`).
+Ingest turns these attributes into STORE/warnings.jsonl rows and stderr lines (ingest.scan_notes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import math
 import os
+import threading
 import zlib
 
 import numpy as np
@@ -89,23 +107,62 @@ def _check_size(what: str, memory: int, max_bytes: int, payload: int | None = No
                        'scan or a higher limit')
 
 
-def _validate(array: np.ndarray) -> np.ndarray:
-  """Checked array in its storable dtype (store.to_storable), or RejectedScan."""
+def _validate(array: np.ndarray, attrs: dict) -> np.ndarray:
+  """Checked array in its storable dtype (store.to_storable), or RejectedScan. A float64 source
+  whose float32 values lose what tells them apart (`_float32_rounding`) gets the attribute
+  `float32_rounding`, which ingest records as a warning."""
   if array.ndim != 4:
     raise RejectedScan(f'wrong rank: shape {array.shape}')
-  array = checked_values(array)
-  if array.min() == array.max():
-    raise RejectedScan(f'constant volume (every value {array.flat[0]!r})')
-  return array
+  stored = checked_values(array)
+  lo, hi = stored.min(), stored.max()
+  if lo == hi:
+    source_lo, source_hi = array.min(), array.max()
+    if source_lo != source_hi:       # not constant before the cast: float64 -> float32
+      value = abs(lo) if lo == 0 else lo                 # -0.0 (tiny negatives) said as 0.0
+      raise RejectedScan(f'{array.dtype.name} values collapse to a single {stored.dtype.name} '
+                         f'value {value} (source range {source_lo} to {source_hi}); expected '
+                         f'values that {stored.dtype.name} can tell apart')
+    raise RejectedScan(f'constant volume (every value {lo})')
+  rounding = _float32_rounding(array, stored)
+  if rounding is not None:
+    attrs['float32_rounding'] = rounding
+  return stored
+
+
+# A float64 -> float32 cast is worth a warning when it changes a value by more than half a step of
+# 2**16 even steps over the scan's range: float32 then resolves the scan more coarsely than 16-bit
+# integers spanning its values would (a large offset such as 1e8 + noise), while the rounding
+# every float64 value gets (about 1e-7 of its magnitude) is not (docs/data.md, "float64 scans").
+_ROUNDING_STEPS = 2 ** 17
+
+
+def _float32_rounding(source: np.ndarray, stored: np.ndarray) -> dict | None:
+  """For a float64 `source` stored as float32 (`stored`): {'max_abs_change', 'distinct_values':
+  [in the source, stored], 'source_range': [min, max]} when the largest change exceeds the
+  scan's range / 2**17 (`_ROUNDING_STEPS`), else None. Computed a slice at a time."""
+  if source.dtype.kind != 'f' or source.dtype.itemsize <= stored.dtype.itemsize:
+    return None
+  change = 0.0
+  for k in range(source.shape[-1]):
+    change = max(change, float(np.abs(stored[..., k].astype(np.float64) - source[..., k]).max()))
+  lo, hi = float(source.min()), float(source.max())
+  if change <= (hi - lo) / _ROUNDING_STEPS:
+    return None
+  return {'max_abs_change': change,
+          'distinct_values': [int(np.unique(source).size), int(np.unique(stored).size)],
+          'source_range': [lo, hi]}
 
 
 def checked_values(array: np.ndarray) -> np.ndarray:
   """`array` in its storable dtype (store.to_storable: float64 within float32's range becomes
-  float32, int64 within int32 int32, ...), or RejectedScan: empty, any NaN / inf, a dtype that is
-  not real numbers (complex, object, strings), a value that does not fit. What a scan read by
-  ingest and an array given to `generate` both pass."""
+  float32, int64 within int32 int32, a non-native byte order the native dtype of its width, ...),
+  or RejectedScan: empty, any NaN / inf, a dtype that is not real numbers (complex, object,
+  strings), a value that does not fit. What a scan read by ingest and an array given to
+  `generate` both pass."""
   if array.size == 0:
     raise RejectedScan(f'empty array: shape {array.shape}')
+  if not array.dtype.isnative:         # e.g. a big-endian '>i2' .npy / NIfTI: int16, same values
+    array = array.astype(array.dtype.newbyteorder('='))
   if array.dtype.kind == 'f':
     finite = np.isfinite(array)
     if not finite.any():
@@ -128,19 +185,120 @@ def _check_spacing(spacing) -> list[float]:
   return values
 
 
-def _nifti_pixdim_repair(path: str, img) -> list[str] | None:
-  """The header's own pixdim[1:4] (as text) when nibabel repaired them on load (0 -> 1, negative
-  -> absolute value) and the geometry comes from them (no sform); else None."""
-  import nibabel as nib
-  header = img.header
-  if int(header['sform_code']) > 0:
+def _nifti_pixdim_repair(raw, img) -> list[str] | None:
+  """The header's own pixdim[1:4] (as text; `raw`: the header as the file holds it) when nibabel
+  repaired them on load (0 -> 1, negative -> absolute value) and the geometry comes from them (no
+  sform); else None."""
+  if int(img.header['sform_code']) > 0:
     return None                      # the sform is the geometry; pixdim is not used
-  with nib.openers.ImageOpener(path) as f:
-    raw = type(header).from_fileobj(f, check=False)['pixdim'][1:4]
+  pixdim = raw['pixdim'][1:4]
   ndim = min(3, len(img.shape))
-  if all(float(v) > 0 for v in raw[:ndim]):
+  if all(float(v) > 0 for v in pixdim[:ndim]):
     return None
-  return [repr(float(v)) for v in raw]
+  return [repr(float(v)) for v in pixdim]
+
+
+def _raw_nifti_header(path: str, klass=None):
+  """The header as the file holds it (`nib.load` checks it and fixes some fields,
+  `_nifti_header_fixes`), as a `klass` header (default: NIfTI-2 when its bytes say so, else
+  NIfTI-1)."""
+  import nibabel as nib
+  with nib.openers.ImageOpener(path) as f:
+    if klass is None:
+      klass = (nib.Nifti2Header if nib.Nifti2Header.may_contain_header(f.read(540))
+               else nib.Nifti1Header)
+      f.seek(0)
+    return klass.from_fileobj(f, check=False)
+
+
+def _check_nifti_header(raw):
+  """RejectedScan for header fields nibabel would misread or fail on in its own words: a size
+  (dim[1..dim[0]]) below 1, an infinite scl_slope (nibabel reads any non-finite slope as 'no
+  scaling' and would store the raw values; NaN is the unset value nibabel itself writes, read as
+  no scaling, like 0), a non-finite scl_inter with a scaling slope."""
+  dim = [int(v) for v in raw['dim']]
+  for i in range(1, min(max(dim[0], 0), 7) + 1):
+    if dim[i] < 1:
+      raise RejectedScan(f'dim[{i}] = {dim[i]} in the NIfTI header (dim {dim[1:dim[0] + 1]}); '
+                         'expected positive sizes')
+  slope, inter = float(raw['scl_slope']), float(raw['scl_inter'])
+  if math.isinf(slope):
+    raise RejectedScan(f'scl_slope {slope} in the NIfTI header; expected a finite scale factor (0 '
+                       'or NaN: no scaling)')
+  if math.isfinite(slope) and slope != 0 and not math.isfinite(inter):
+    raise RejectedScan(f'scl_inter {inter} in the NIfTI header (scl_slope {slope:g}); expected a '
+                       'finite intercept')
+
+
+def _plain(value) -> str:
+  """A header value as a plain number (no numpy repr)."""
+  value = np.asarray(value)
+  return str(value[()]) if value.ndim == 0 else str([v.item() for v in value])
+
+
+def _nifti_header_fixes(raw, spacing_repaired: bool) -> tuple[list[str], list[str], set[str]]:
+  """What `nib.load` does to the header `raw` (as the file holds it): it runs these checks, fixes
+  some fields and logs what it finds ('sizeof_hdr should be 348; set sizeof_hdr to 348'), which
+  `_nibabel_lines` keeps from being printed. Returns (repairs: 'FIELD OLD -> NEW (nibabel:
+  MESSAGE)' for each check that changed header fields; warnings: the messages of problems it logs
+  at warning level (30) or above and leaves as they are; every message). A pixdim[1,2,3] repair
+  that `spacing_repaired` (the attribute) already records is not listed again."""
+  header = raw.copy()
+  repairs, warnings, said = [], [], set()
+  for check in type(raw)._get_checks():
+    before = header.copy()
+    header, report = check(header, True)
+    if not report.problem_level:
+      continue
+    said.add(report.message)
+    changes = []
+    for name in header.keys():
+      old, new = np.asarray(before[name]), np.asarray(header[name])
+      if old.tobytes() == new.tobytes():
+        continue
+      if old.ndim == 0:
+        changes.append(f'{name} {_plain(old)} -> {_plain(new)}')
+      else:
+        changes += [f'{name}[{i}] {_plain(a)} -> {_plain(b)}'
+                    for i, (a, b) in enumerate(zip(old, new)) if a.tobytes() != b.tobytes()]
+    if changes:
+      if not (spacing_repaired and report.problem_msg.startswith('pixdim[1,2,3]')):
+        repairs.append(f'{", ".join(changes)} (nibabel: {report.message})')
+    elif report.problem_level >= 30:
+      warnings.append(report.message)
+  return repairs, warnings, said
+
+
+class _NibabelLines(logging.Filter):
+  """On nibabel's logger ('nibabel.global', whose handler prints on stderr): the lines it logs
+  in a thread inside `_nibabel_lines` are collected there instead of printed."""
+  lines: dict[int, list[str]] = {}
+
+  def filter(self, record) -> bool:
+    lines = self.lines.get(record.thread)
+    if lines is None:
+      return True
+    lines.append(record.getMessage())
+    return False
+
+
+_NIBABEL_FILTER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _nibabel_lines():
+  """The lines nibabel logs in this thread meanwhile (a list), not printed: `read_nifti` records
+  them as the scan's repairs / warnings (ingest: warnings.jsonl and its own stderr line)."""
+  logger = logging.getLogger('nibabel.global')
+  with _NIBABEL_FILTER_LOCK:
+    if not any(isinstance(f, _NibabelLines) for f in logger.filters):
+      logger.addFilter(_NibabelLines())
+  ident = threading.get_ident()
+  lines = _NibabelLines.lines[ident] = []
+  try:
+    yield lines
+  finally:
+    del _NibabelLines.lines[ident]
 
 
 def _check_pick(field: str, value: int | None, count: int, holds: str):
@@ -157,11 +315,30 @@ def _check_pick(field: str, value: int | None, count: int, holds: str):
 
 def read_nifti(path: str, frame: int | None = None,
                max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
+  """What nibabel logs while loading it (header fields it fixed or found wrong) becomes the
+  attributes `header_repaired` / `header_warnings` (`_nifti_header_fixes`), not stderr lines."""
+  with _nibabel_lines() as lines:
+    data, attrs, said = _read_nifti(path, frame, max_bytes)
+  other = [line for line in dict.fromkeys(lines) if line not in said]
+  if other:                          # a line no check of ours explains: kept as nibabel said it
+    attrs['header_warnings'] = attrs.get('header_warnings', []) + other
+  return data, attrs
+
+
+def _read_nifti(path: str, frame: int | None, max_bytes: int) -> tuple[np.ndarray, dict, set]:
   import nibabel as nib
   try:
     img = nib.load(path)             # the header only: voxels are read below, after the checks
   except Exception as e:  # nibabel raises many types for non-NIfTI content
+    try:
+      raw = _raw_nifti_header(path)
+    except Exception:  # not a NIfTI header at all: nibabel's reason below
+      raw = None
+    if raw is not None and bytes(raw['magic'])[:3] in (b'n+1', b'ni1', b'n+2', b'ni2'):
+      _check_nifti_header(raw)       # our words for a field nibabel refused (scl_inter)
     raise RejectedScan(f'not a readable NIfTI: {type(e).__name__}: {e}') from e
+  raw = _raw_nifti_header(path, type(img.header))
+  _check_nifti_header(raw)
   shape = list(img.shape)
   while len(shape) > 3 and shape[-1] == 1:      # what is squeezed below
     shape.pop()
@@ -185,7 +362,8 @@ def read_nifti(path: str, frame: int | None = None,
   if not np.isfinite(img.affine).all():
     raise RejectedScan(f'affine {img.affine[:3].tolist()} is not finite (NaN pixdim or '
                        'sform/qform); expected real voxel geometry')
-  repaired = _nifti_pixdim_repair(path, img)
+  repaired = _nifti_pixdim_repair(raw, img)
+  header_repairs, header_warnings, said = _nifti_header_fixes(raw, repaired is not None)
   if path.lower().endswith('.gz'):
     img = _whole_gzip(path, img, int(img.dataobj.offset) + voxels * dtype.itemsize)
   source_axcodes = ''.join(str(c) for c in nib.orientations.aff2axcodes(img.affine))
@@ -212,7 +390,11 @@ def read_nifti(path: str, frame: int | None = None,
            'source_dtype': source_dtype}
   if repaired is not None:
     attrs['spacing_repaired'] = repaired
-  return data[None], attrs
+  if header_repairs:
+    attrs['header_repaired'] = header_repairs
+  if header_warnings:
+    attrs['header_warnings'] = header_warnings
+  return data[None], attrs, said
 
 
 def _whole_gzip(path: str, img, needed: int):
@@ -311,10 +493,18 @@ def _dicom_to_ras(volume: np.ndarray, slices: list, positions) -> tuple[np.ndarr
 
 
 def dicom_files(path: str) -> list[str]:
-  """The files of a DICOM input: the file itself, or a folder's non-hidden files in name order."""
+  """The files of a DICOM input: the file itself, or a folder's non-hidden files in name order.
+  RejectedScan when the folder holds a folder (its files would be neither read nor left out
+  knowingly: one series per folder)."""
   if not os.path.isdir(path):
     return [path]
-  return [os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith('.')]
+  files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith('.')]
+  for f in files:
+    if os.path.isdir(f):
+      raise RejectedScan(f'{os.path.basename(f)}/ is a folder inside the DICOM series folder; '
+                         'expected only the files of one series (give each series its own '
+                         'folder)')
+  return files
 
 
 def _sort_slices(slices: list) -> bool:
@@ -354,17 +544,62 @@ def _sort_slices(slices: list) -> bool:
   return True
 
 
+_MONOCHROME = ('MONOCHROME1', 'MONOCHROME2')
+
+
+def _photometric(ds, name: str) -> str:
+  """A DICOM file's PhotometricInterpretation, or RejectedScan when it is absent, or other than
+  MONOCHROME1 / MONOCHROME2 for one sample per pixel (palette indices or another colour model
+  stored as grey values would be wrong values)."""
+  value = str(getattr(ds, 'PhotometricInterpretation', '') or '').strip()
+  samples = int(getattr(ds, 'SamplesPerPixel', 1) or 1)
+  if not value:
+    raise RejectedScan(f'{name}: no PhotometricInterpretation; expected MONOCHROME1 or '
+                       'MONOCHROME2 (or RGB with 3 samples per pixel)')
+  if samples == 1 and value not in _MONOCHROME:
+    raise RejectedScan(f'{name}: PhotometricInterpretation {value} with SamplesPerPixel 1; '
+                       'expected MONOCHROME1 or MONOCHROME2 (a palette or other colour image is '
+                       'not read as grey values)')
+  return value
+
+
+def _as_monochrome2(array: np.ndarray, attrs: dict) -> np.ndarray:
+  """A MONOCHROME1 scan (attrs['photometric_interpretation']; its lowest value is displayed
+  white) inverted so that higher values are brighter, as MONOCHROME2 and every other scan:
+  x' = min + max - x, computed in int64 / float64 and stored in the array's own dtype (x' stays
+  within [min, max]: nothing is narrowed). Recorded as a repair: attribute `monochrome1_inverted`
+  = [min, max]. Any other array is returned as it is."""
+  if attrs.get('photometric_interpretation') != 'MONOCHROME1':
+    return array
+  lo, hi = array.min(), array.max()
+  wide = np.float64 if array.dtype.kind == 'f' else np.int64
+  total = wide(lo) + wide(hi)
+  out = np.empty_like(array)
+  for k in range(array.shape[-1]):     # a slice at a time: bounded memory
+    out[..., k] = np.clip(total - array[..., k].astype(wide), lo, hi).astype(array.dtype)
+  attrs['monochrome1_inverted'] = [lo.item(), hi.item()]
+  return out
+
+
 def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   import pydicom
   files = dicom_files(path)
   if not files:
     raise RejectedScan('empty DICOM folder')
-  slices, memory = [], 0
+  slices, memory, photometric = [], 0, []
   for f in files:
     try:
       ds = pydicom.dcmread(f)          # holds at most the file's bytes
+    except pydicom.errors.InvalidDicomError:
+      raise RejectedScan(f'unreadable DICOM {os.path.basename(f)}: not a DICOM file (no "DICM" '
+                         'marker after a 128-byte preamble); expected the DICOM files of one '
+                         'series') from None
     except Exception as e:
       raise RejectedScan(f'unreadable DICOM {os.path.basename(f)}: {type(e).__name__}: {e}') from e
+    if not any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
+      raise RejectedScan(f'unreadable DICOM {os.path.basename(f)}: no pixel data (PixelData); '
+                         'expected the image files of one series')
+    photometric.append(_photometric(ds, os.path.basename(f)))
     # The whole series must fit: each file's header is checked before its pixels are decoded.
     memory += _dicom_pixel_bytes(ds, os.path.basename(f), max_bytes - memory)
     try:
@@ -375,9 +610,15 @@ def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
   series = {getattr(ds, 'SeriesInstanceUID', None) for ds, _ in slices}
   if len(series) > 1:
     raise RejectedScan(f'folder holds {len(series)} series; give one folder per series')
+  names = [os.path.basename(f) for f in files]
+  for name, value in zip(names, photometric):
+    if value != photometric[0]:
+      raise RejectedScan(f'{name}: PhotometricInterpretation {value} where {names[0]} has '
+                         f'{photometric[0]}; expected one for the series')
   ds0, px0 = slices[0]
   modality = str(getattr(ds0, 'Modality', '') or '')
-  attrs = {'modality': modality, 'source_dtype': str(px0.dtype)}
+  attrs = {'modality': modality, 'source_dtype': str(px0.dtype),
+           'photometric_interpretation': photometric[0]}
   samples_per_pixel = int(getattr(ds0, 'SamplesPerPixel', 1) or 1)
   if 'PerFrameFunctionalGroupsSequence' in ds0 or 'SharedFunctionalGroupsSequence' in ds0:
     raise RejectedScan('an enhanced multi-frame DICOM (its rescale and geometry are in '
@@ -391,11 +632,10 @@ def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
                            'colour image per file')
       array = np.moveaxis(px0[..., :3], -1, 0)[..., None]
     else:
-      array = np.moveaxis(_rescale(ds0, px0), 0, -1)[None]
+      array = _as_monochrome2(np.moveaxis(_rescale(ds0, px0), 0, -1)[None], attrs)
       if hasattr(ds0, 'PixelSpacing'):
         attrs['spacing'] = [float(v) for v in ds0.PixelSpacing] + [1.0]
     return array, attrs
-  names = [os.path.basename(f) for f in files]
   for name, (_, p) in zip(names, slices):
     if p.ndim != 2:
       raise RejectedScan(f'{name}: pixel data of shape {list(p.shape)} in a series of '
@@ -406,6 +646,7 @@ def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
                          'series per folder)')
   has_geometry = _sort_slices(slices)
   volume = np.stack([_rescale(ds, p) for ds, p in slices], axis=-1)   # [rows, cols, slices]
+  volume = _as_monochrome2(volume, attrs)
   if has_geometry and hasattr(ds0, 'PixelSpacing'):
     positions = [np.asarray(ds.ImagePositionPatient, float) for ds, _ in slices]
     volume, spacing, source = _dicom_to_ras(volume, [ds for ds, _ in slices], positions)
@@ -603,7 +844,7 @@ def _read_scan(path: str, entry: dict, max_bytes: int) -> list[tuple[np.ndarray,
       json.dumps(attrs, allow_nan=False)
     except (TypeError, ValueError) as e:
       raise RejectedScan(f'attributes cannot be stored ({e}): {attrs}') from None
-    result.append((_validate(array), attrs))
+    result.append((_validate(array, attrs), attrs))
   return result
 
 

@@ -11,7 +11,8 @@ On-disk layout of a store directory `STORE/`:
                           last line of an id wins. No array read is needed to plan batches.
     STORE/manifest.jsonl  one line per training sample (written by `ingest`, merged run after run).
     STORE/rejects.jsonl   one line per rejected input of the last ingest run: path, reason.
-    STORE/warnings.jsonl  one line per recorded repair of the last ingest run (e.g. spacing).
+    STORE/warnings.jsonl  one line per scan stored with a recorded repair or warning in the last
+                          ingest run (spacing, NIfTI header fields, MONOCHROME1, float64 rounding).
     STORE/.lock           the writers' lock (`fcntl.flock`): one writer at a time.
     STORE/shards/<name>/  a sharded store (`ingest --runner beam`, data/shards.py): one more OCDBT
                           database per shard at `volumes/` under it; an index row with `db`
@@ -42,8 +43,9 @@ int64 / uint64 are stored as int32 / uint32 and float64 as float32 when every va
 `to_storable` refuses: no wrap, no inf). Attributes of every array (zarr `attributes`, copied in
 scans.jsonl): axes 'CHWD', spacing [H, W, D] in mm (1.0 when unknown), orientation ('RAS';
 'image' for 2D pixel rows/columns; 'as_stored' for .npy), source_orientation (axis codes before
-reorientation), modality, source (absolute path), source_sha256, source_dtype and, when a repair
-was made, spacing_repaired.
+reorientation), modality, source (absolute path), source_sha256, source_dtype, DICOM's
+photometric_interpretation and, when a repair was made or a warning given (readers.py),
+spacing_repaired, header_repaired, header_warnings, monochrome1_inverted, float32_rounding.
 
 Every array uses one shard (`sharding_indexed`) holding blosc-zstd inner chunks; the shard shape
 is rounded up to a multiple of the inner chunk (TensorStore rejects anything else), while the
@@ -69,7 +71,7 @@ import numpy as np
 import tensorstore as ts
 
 from radfm_jax.casting import checked_cast
-from radfm_jax.errors import InputError, UserError, where, whole_file, writing
+from radfm_jax.errors import InputError, UserError, not_text, where, whole_file, writing
 
 AXES = 'CHWD'
 _STORABLE = {np.dtype(t) for t in ('uint8', 'int8', 'uint16', 'int16', 'int32', 'uint32', 'float32')}
@@ -264,8 +266,9 @@ def duplicate_field(text: str) -> str | None:
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
   """(line number, object) for every non-blank line of a JSONL file; line numbers are 1-based and
-  count blank lines too (what an editor shows). A line that is not one UTF-8 JSON object, or
-  whose objects name a key twice, is an InputError naming the file and line (and the key)."""
+  count blank lines too (what an editor shows). A line that is not one UTF-8 JSON object, whose
+  objects name a key twice, or whose text holds a lone surrogate (a "\\ud800" escape:
+  `errors.not_text`) is an InputError naming the file and line (and the key)."""
   with open_bytes(path) as f:
     for n, raw in enumerate(f, 1):
       try:
@@ -288,6 +291,9 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
       if not isinstance(value, dict):
         raise InputError(f'{where(path, n)}: got a JSON {JSON_TYPES.get(type(value), "value")}; '
                          'expected one JSON object per line')
+      found = not_text(value)       # a "\ud800" escape: valid JSON, but not text
+      if found is not None:
+        raise InputError(f'{where(path, n, found[0])}: {found[1]}')
       yield n, value
 
 

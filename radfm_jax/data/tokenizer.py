@@ -24,7 +24,7 @@ import sentencepiece as spm
 
 from radfm_jax.data import prompts
 from radfm_jax.data.batch import IGNORE
-from radfm_jax.errors import InputError, where
+from radfm_jax.errors import InputError, check_text, escape_surrogates, where
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _SPECIAL = re.compile(r'</image>|<image>|<image(\d+)>')
@@ -124,10 +124,18 @@ class Tokenizer:
           parts[i + 1] = parts[i + 1].lstrip()
     return [p for p in parts if isinstance(p, int) or p]
 
-  def encode(self, text: str, add_bos: bool = True) -> list[int]:
+  def encode(self, text: str, add_bos: bool = True, source: str | None = None) -> list[int]:
+    """Ids of `text` (BOS first unless `add_bos` is False). Text that is not Unicode (a lone
+    surrogate, which every reader of user text refuses first: `errors.not_text`) is an
+    InputError naming `source` (where the text came from; default: the text itself), not
+    SentencePiece's RuntimeError."""
     ids = [BOS_ID] if add_bos else []
-    for part in self.split_special(text):
-      ids.extend([part] if isinstance(part, int) else self.sp.encode(part))
+    try:
+      for part in self.split_special(text):
+        ids.extend([part] if isinstance(part, int) else self.sp.encode(part))
+    except RuntimeError:                   # "Unable to cast Python instance of type <class 'str'>"
+      check_text(text, source or f'text "{escape_surrogates(text)[:60]}"')
+      raise
     return ids
 
   def id_to_piece(self, i: int) -> str:
@@ -150,7 +158,8 @@ class Tokenizer:
 
   # ---------------------------------------------------------------------------------------------
 
-  def build_example(self, question: str, answer: str, max_length: int) -> dict[str, np.ndarray]:
+  def build_example(self, question: str, answer: str, max_length: int,
+                    source: str | None = None) -> dict[str, np.ndarray]:
     """Training arrays for one sample, each [max_length] (docs/original.md sections 8, 11.5).
 
     tokens:         BOS + encode(question + ' ' + answer), truncated to max_length, pad 0; EOS
@@ -159,8 +168,9 @@ class Tokenizer:
     labels:         tokens, with -100 on pad (id 0), on ids >= V (figure and image ids) and on
                     the first len(BOS + encode(question)) positions; the EOS label is kept.
     loss_weights:   1.0 where labels != -100, else 0.0.
+    `source`: where the sample came from, in the error of text that is not Unicode (`encode`).
     """
-    ids = self.encode(question + ' ' + answer)[:max_length]
+    ids = self.encode(question + ' ' + answer, source=source)[:max_length]
     n = len(ids)
     tokens = np.zeros(max_length, np.int32)
     tokens[:n] = ids
@@ -170,14 +180,14 @@ class Tokenizer:
       tokens[n] = EOS_ID
     labels = tokens.copy()
     labels[(tokens == PAD_ID) | (tokens >= self.vocab_size)] = IGNORE
-    question_length = len(self.encode(question))
+    question_length = len(self.encode(question, source=source))
     labels[:question_length] = IGNORE
     return {'tokens': tokens, 'attention_mask': mask, 'labels': labels,
             'loss_weights': (labels != IGNORE).astype(np.float32)}
 
-  def example_length(self, question: str, answer: str) -> int:
-    """Positions a sample needs: real tokens + 1 for the EOS."""
-    return len(self.encode(question + ' ' + answer)) + 1
+  def example_length(self, question: str, answer: str, source: str | None = None) -> int:
+    """Positions a sample needs: real tokens + 1 for the EOS (`source`: as for `encode`)."""
+    return len(self.encode(question + ' ' + answer, source=source)) + 1
 
 
 def train_sentencepiece(lines: Iterable[str], out_path: str | None = None, vocab_size: int = 512,
@@ -191,6 +201,8 @@ def train_sentencepiece(lines: Iterable[str], out_path: str | None = None, vocab
   must exceed 256 (byte pieces) + 3 + the distinct characters of the corpus.
   """
   lines = list(lines)
+  for n, line in enumerate(lines, 1):      # its own error would be a RuntimeError traceback
+    check_text(line, f'tokenizer training text line {n}')
   # SentencePiece skips (with a log line only) every sentence longer than max_sentence_length
   # bytes, 4192 by default: a long report would be dropped from the corpus.
   longest = max((len(line.encode('utf-8')) for line in lines), default=0)

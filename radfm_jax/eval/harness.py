@@ -218,8 +218,9 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
   for s in samples:
     question = format_question(s, s.record.get('images', []), cfg.perceiver.num_latents,
                                max_images)[0]
-    check_prompt_fits(len(tokenizer.encode(question)), cfg, sampling.max_new_tokens,
-                      _sample_name(s))
+    name = _sample_name(s)
+    check_prompt_fits(len(tokenizer.encode(question, source=name)), cfg, sampling.max_new_tokens,
+                      name)
   skipped = skipped if skipped is not None else []
   # Samples with the same image count batch together (fewer padded image slots and programs).
   order = sorted(samples, key=lambda s: len(s.record.get('images', [])))
@@ -405,8 +406,10 @@ PROGRESS = 'predictions.jsonl.partial'
 
 def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = OUTPUTS):
   """InputError naming `name` (e.g. '--out') when `out_dir` cannot hold `files`: it, or the
-  nearest of its parents that exists, is not a folder, or one of `files` is a folder. Checked
-  before generating, so a bad --out fails at once, not after every sample is generated."""
+  nearest of its parents that exists, is not a folder, it goes through a broken symlink, or one of
+  `files` is a folder; WriteError when its folder cannot be written (`check_parent_folder`).
+  Checked before generating, so a bad --out fails at once, not after every sample is
+  generated."""
   path = os.path.abspath(out_dir)
   shown = f'{name} {out_dir}'
   expected = f'expected a folder (new or existing) for {" and ".join(files)}'

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 
-from radfm_jax.errors import InputError, where
+from radfm_jax.errors import InputError, check_text, not_text, where
 
 
 class RowError(Exception):
@@ -190,10 +190,13 @@ def _json_rows(path: str, columns) -> list[Row]:
 
 
 def check_row(row: Row, columns) -> None:
-  """A row cut short or longer than the header, a non-object JSON item, or a missing key:
-  RowError."""
+  """A row cut short or longer than the header, a non-object JSON item, a missing key, or a value
+  that is not Unicode text (a JSON "\\ud800" escape: `errors.not_text`): RowError."""
   if '__malformed__' in row.values:
     raise RowError(None, 'malformed row: ' + row.values['__malformed__'])
+  found = not_text(row.values)
+  if found is not None:
+    raise RowError(*found)
   for name in columns:
     if name not in row.values:
       raise RowError(name, 'missing; expected a value')
@@ -210,6 +213,8 @@ def read_json_file(path: str, what: str):
   except UnicodeDecodeError as e:
     raise _not_utf8(path, e, f'expected {what}') from None
   try:
-    return loads_unique(text, path)
+    data = loads_unique(text, path)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise InputError(f'{path}: not valid JSON ({e}); expected {what}') from None
+  check_text(data, path)          # a "\ud800" escape: valid JSON, not text
+  return data
