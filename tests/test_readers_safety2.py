@@ -2,8 +2,9 @@
 what was expected; nothing lost, narrowed or silently replaced). Each test builds its own tiny
 input, ingests it (or reads it) and compares the values, the attributes and the exact lines.
 
-  * DICOM MONOCHROME1 is stored inverted (min + max - x) with a recorded repair; a one-sample
-    series of another photometric interpretation is a reject.
+  * DICOM MONOCHROME1 is stored inverted (min + max - x) with a recorded repair; a PALETTE COLOR
+    image is stored as RGB through its tables; a one-sample series of another photometric
+    interpretation, or a palette series, is a reject.
   * float64 sources: the float32 cast is warned about when it changes values by more than the
     scan's range / 2**17; a source that collapses to one float32 value says so.
   * NIfTI: an infinite scl_slope, a non-finite scl_inter, a size < 1 are rejects in our words;
@@ -105,14 +106,48 @@ def test_monochrome1_single_image_is_inverted_too(tmp_path):
   assert array.dtype == np.uint16 and attrs['monochrome1_inverted'] == [0, 203]
 
 
-@pytest.mark.parametrize('photometric', ['RGB', 'PALETTE COLOR', 'YBR_FULL'])
+@pytest.mark.parametrize('photometric', ['RGB', 'YBR_FULL'])
 def test_one_sample_series_that_is_not_monochrome_is_a_reject(tmp_path, photometric):
   folder = _series(tmp_path / 'c', np.arange(60, dtype=np.uint16).reshape(4, 5, 3), photometric)
   with pytest.raises(RejectedScan) as e:
     read_scan(str(folder))
   assert e.value.reason == (f'slice_000.dcm: PhotometricInterpretation {photometric} with '
-                            'SamplesPerPixel 1; expected MONOCHROME1 or MONOCHROME2 (a palette '
-                            'or other colour image is not read as grey values)')
+                            'SamplesPerPixel 1; expected MONOCHROME1, MONOCHROME2 or PALETTE '
+                            'COLOR (another colour model is not read as grey values)')
+
+
+def test_palette_series_is_a_reject(tmp_path):
+  folder = _series(tmp_path / 'p', np.arange(60, dtype=np.uint16).reshape(4, 5, 3),
+                   'PALETTE COLOR')
+  with pytest.raises(RejectedScan) as e:
+    read_scan(str(folder))
+  assert e.value.reason == ('a PALETTE COLOR series of 3 files; expected one palette image per '
+                            'file')
+
+
+def test_palette_image_is_stored_as_rgb_through_its_lookup_tables(tmp_path):
+  """pydicom's own palette example (an ultrasound image): its indices through the red, green
+  and blue tables, read back from the store equal the tables looked up here in NumPy."""
+  import pydicom
+  from pydicom.data import get_testdata_file
+  path = get_testdata_file('examples_palette.dcm')
+  ds = pydicom.dcmread(path)
+  index = ds.pixel_array
+  tables = []
+  for colour in ('Red', 'Green', 'Blue'):
+    first = int(getattr(ds, f'{colour}PaletteColorLookupTableDescriptor')[1])
+    table = np.frombuffer(getattr(ds, f'{colour}PaletteColorLookupTableData'), '<u2')
+    tables.append(table[np.clip(index.astype(np.int64) - first, 0, len(table) - 1)])
+  expected = np.stack(tables)[..., None]
+  report, store, log = _ingest(tmp_path, path)
+  assert not report.rejects and not report.warnings
+  assert log.startswith('ingest: 1 scans stored') and log.count('\n') == 1
+  row = json.loads(open(os.path.join(store.root, 'scans.jsonl')).readline())
+  array = store.read(row['id'])
+  assert array.shape == (3,) + index.shape + (1,) and array.dtype == np.uint16
+  np.testing.assert_array_equal(array, expected)
+  assert row['attributes']['photometric_interpretation'] == 'PALETTE COLOR'
+  assert row['attributes']['palette_applied'] is True
 
 
 def test_missing_or_mixed_photometric_interpretation_is_a_reject(tmp_path):

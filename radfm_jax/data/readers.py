@@ -32,8 +32,9 @@ Reading rules (stored layout [C, H, W, D], see store.py):
     orientation tags are reoriented LPS -> RAS like NIfTI; a file without them (X-ray) is a 2D
     image. Zero / negative / NaN PixelSpacing, or two slices at one position: reject.
     PhotometricInterpretation (attribute `photometric_interpretation`): one sample per pixel must
-    be MONOCHROME1 or MONOCHROME2 (else a reject: palette indices are not grey values), one for
-    the series; MONOCHROME1 is inverted to min + max - x in its own dtype, so that higher values
+    be MONOCHROME1, MONOCHROME2 or PALETTE COLOR (else a reject), one for the series; a PALETTE
+    COLOR image (one file) is stored as RGB through its lookup tables, as an RGB DICOM
+    (`palette_applied`; its indices are not grey values); MONOCHROME1 is inverted to min + max - x in its own dtype, so that higher values
     are brighter in every stored scan (a recorded repair: `monochrome1_inverted` = [min, max]).
     A folder inside the series folder, or a file that is not DICOM, is a reject.
   * PNG/JPEG: Pillow; grayscale stays 1 channel (16-bit kept), everything else becomes RGB.
@@ -545,6 +546,7 @@ def _sort_slices(slices: list) -> bool:
 
 
 _MONOCHROME = ('MONOCHROME1', 'MONOCHROME2')
+_PALETTE = 'PALETTE COLOR'
 
 
 def _photometric(ds, name: str) -> str:
@@ -556,11 +558,29 @@ def _photometric(ds, name: str) -> str:
   if not value:
     raise RejectedScan(f'{name}: no PhotometricInterpretation; expected MONOCHROME1 or '
                        'MONOCHROME2 (or RGB with 3 samples per pixel)')
-  if samples == 1 and value not in _MONOCHROME:
+  if samples == 1 and value not in _MONOCHROME + (_PALETTE,):
     raise RejectedScan(f'{name}: PhotometricInterpretation {value} with SamplesPerPixel 1; '
-                       'expected MONOCHROME1 or MONOCHROME2 (a palette or other colour image is '
-                       'not read as grey values)')
+                       'expected MONOCHROME1, MONOCHROME2 or PALETTE COLOR (another colour model '
+                       'is not read as grey values)')
   return value
+
+
+def _palette_rgb(ds, pixels: np.ndarray, name: str, max_bytes: int) -> np.ndarray:
+  """A PALETTE COLOR image's indices [rows, cols] through its colour lookup tables -> [3, rows,
+  cols, 1] RGB in the tables' own integer type (pydicom's `apply_color_lut`: 8- or 16-bit
+  entries, none scaled), as an RGB DICOM is stored. RejectedScan for a palette series or
+  multi-frame file, or when the RGB copy would pass `max_bytes`."""
+  from pydicom.pixels import apply_color_lut
+  if pixels.ndim != 2:
+    raise RejectedScan(f'{name}: a PALETTE COLOR DICOM of shape {list(pixels.shape)}; expected one '
+                       'palette image per file, not a series or multi-frame file')
+  _check_size(name, 3 * pixels.size * 2, max_bytes)     # the tables' entries: at most 16 bits
+  try:
+    rgb = apply_color_lut(pixels, ds)
+  except Exception as e:
+    raise RejectedScan(f'{name}: PALETTE COLOR lookup tables unreadable ({type(e).__name__}: '
+                       f'{e}); expected the red, green and blue palette tables of the image') from e
+  return np.moveaxis(np.asarray(rgb), -1, 0)[..., None]
 
 
 def _as_monochrome2(array: np.ndarray, attrs: dict) -> np.ndarray:
@@ -624,6 +644,12 @@ def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
     raise RejectedScan('an enhanced multi-frame DICOM (its rescale and geometry are in '
                        'functional groups, which this reader does not apply); expected classic '
                        'single-frame slices or a NIfTI (dcm2niix converts either)')
+  if photometric[0] == _PALETTE:
+    if len(slices) != 1:
+      raise RejectedScan(f'a PALETTE COLOR series of {len(slices)} files; expected one palette '
+                         'image per file')
+    attrs['palette_applied'] = True
+    return _palette_rgb(ds0, px0, names[0], max_bytes - memory), attrs
   if len(slices) == 1 and (samples_per_pixel == 3 or px0.ndim == 3):
     # Colour image [rows, cols, 3] or a multi-frame volume [frames, rows, cols].
     if samples_per_pixel == 3:
