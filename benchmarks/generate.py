@@ -312,9 +312,9 @@ def main():
   slots = np.mean([-(-(prompt_len + t + 1) // args.cache_chunk) * args.cache_chunk
                    for t in range(args.new)])
   written = np.mean([prompt_len + t for t in range(args.new)])
-  kv_read = {}   # batch 8's KV-cache bytes per step: XLA's attention (0 lanes), the kernel's
-  for who, what, n, key in (("XLA's attention", 'allocated', slots, 0),
-                            ("the panel kernel's", 'written', written, 1)):
+  kv_read = {}   # batch 8's KV-cache bytes per step, by whether the panel kernel attends
+  for who, what, n, key in (("XLA's attention", 'allocated', slots, False),
+                            ("the panel kernel's", 'written', written, True)):
     kv_bytes = kv_read[key] = 8 * 2 * llama.num_layers * llama.hidden_size * n * 4
     print(f'batch 8 also reads the KV cache ({who}): {kv_bytes / 2**20:.0f} MiB per step at '
           f'the mean {n:.0f} {what} slots ({kv_bytes / bandwidth * 1e3:.1f} ms at that '
@@ -386,7 +386,7 @@ def main():
       # (Choosing the rounds whose batch-1 step was fast biases the ratio upwards: a batch-8
       # call in the same round may have met a slower host.)
       low = {batch: np.percentile(per_round[batch], 25) for batch in (1, 8)}
-      kv_bytes = kv_read[int(lanes > 0)]
+      kv_bytes = kv_read[lanes > 0]
       print(f'{label}, the same rounds, each batch at its lower quartile: batch 8 {low[8]:.1f} ms '
             f'/ batch 1 {low[1]:.1f} ms = {low[8] / low[1]:.2f}x; the bytes alone would make it '
             f'{(weight_bytes + kv_bytes) / (weight_bytes + kv_bytes / 8):.2f}x (the weights once '

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import re
+import tempfile
 
 
 class UserError(Exception):
@@ -136,7 +137,6 @@ def check_writable_folder(folder: str, shown: str):
   if not os.access(probe, os.W_OK | os.X_OK):
     code = errno.EROFS if _read_only(probe) else errno.EACCES
   else:
-    import tempfile
     try:
       os.rmdir(tempfile.mkdtemp(prefix='.radfm-jax-probe-', dir=probe))
     except OSError as e:
