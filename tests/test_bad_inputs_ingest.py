@@ -108,6 +108,22 @@ def _dicom(d, name, **tags):
   return name
 
 
+def _dicom_field_bytes(d, name, field, text):
+  """A series folder whose first file holds `text` (ASCII, as many bytes as the field written)
+  as the value of `field`: values pydicom would refuse to write."""
+  import pydicom
+  folder = os.path.join(d, _dicom(d, name))
+  first = os.path.join(folder, 'slice_000.dcm')
+  element = pydicom.dcmread(first)[field]
+  raw = open(first, 'rb').read()
+  tag = struct.pack('<HH', element.tag.group, element.tag.element) + element.VR.encode()
+  at = raw.index(tag) + 8                                  # explicit VR: tag, VR, 2-byte length
+  length = struct.unpack('<H', raw[at - 2:at])[0]
+  assert len(text) == length, (len(text), length)
+  _write(folder, 'slice_000.dcm', raw[:at] + text.encode() + raw[at + length:])
+  return name
+
+
 def _dicom_duplicate_position(d):
   import pydicom
   name = _dicom(d, 'dup')
@@ -260,6 +276,20 @@ REJECTS = [
       "from slice_000.dcm's [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]; expected one orientation"]),
     ('dicom_position_on_some_slices', _dicom_without_position,
      ['slice_000.dcm has no ImagePositionPatient / ImageOrientationPatient while other slices do']),
+    # was: "ValueError: could not convert string to float: '0.7x'", naming no field
+    ('dicom_pixel_spacing_not_a_number', lambda d: _dicom_field_bytes(
+        d, 'badsp', 'PixelSpacing', '0.8\\0.7x'),
+     ['slice_000.dcm: PixelSpacing "0.8\\0.7x": expected 2 finite numbers separated by \\']),
+    ('dicom_orientation_of_5_values', lambda d: _dicom(
+        d, 'iop5', ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 1.0]),
+     ['slice_000.dcm: ImageOrientationPatient "1.0\\0.0\\0.0\\0.0\\1.0": expected 6 finite '
+      'numbers']),
+    ('dicom_position_inf', lambda d: _dicom_field_bytes(
+        d, 'ippinf', 'ImagePositionPatient', '0.0\\0.0\\inf '),
+     ['slice_000.dcm: ImagePositionPatient "0.0\\0.0\\inf": expected 3 finite numbers']),
+    ('dicom_instance_number_not_an_integer', lambda d: _dicom_field_bytes(
+        d, 'badin', 'InstanceNumber', '3x'),
+     ['slice_000.dcm: InstanceNumber "3x": expected 1 finite number']),
     ('dicom_rescale_slope_0', lambda d: _dicom(d, 'slope0', RescaleSlope=0),
      ['RescaleSlope 0 would make every value the intercept']),
     ('truncated_nifti', lambda d: _write(d, 'trunc.nii', _nifti_bytes(
@@ -352,6 +382,20 @@ def test_max_scan_bytes_limits_every_format(tmp_path):
            '--out', str(tmp_path / 'st'), '--max-scan-bytes', '1K', '--no-progress')
   assert r.returncode == 0 and f'rejected {path}: NIfTI shape [16, 16, 8] int16: needs 4,096 bytes' \
       in r.stderr, r.stderr
+
+
+def test_max_scan_bytes_counts_the_float64_values_of_a_fractional_rescale(tmp_path):
+  """A fractional RescaleSlope keeps 8 bytes per pixel until the scan is cast; an integral one
+  (CT's -1024) gives int16 and counts the file's 2."""
+  raw = np.random.default_rng(0).integers(0, 3000, (6, 5, 3)).astype(np.uint16)   # 60 B a file
+  ct = cd.write_dicom_series(tmp_path / 'ct', raw, intercept=-1024.0)
+  mr = cd.write_dicom_series(tmp_path / 'mr', raw, slope=0.37, intercept=-12.5)
+  (arr, _), = read_scan(ct, max_bytes=180)
+  assert arr.dtype == np.int16
+  with pytest.raises(RejectedScan, match=r'needs 300 bytes in memory, over the limit of 299'):
+    read_scan(mr, max_bytes=299)          # the first file: 60 + 240 bytes
+  (arr, _), = read_scan(mr, max_bytes=900)
+  assert arr.dtype == np.float32
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -213,6 +215,41 @@ def test_float64_nifti_rounded_coarsely_is_warned_too(tmp_path):
       120, int(np.unique(source.astype(np.float32)).size)]
 
 
+def test_dicom_rescale_that_float32_resolves_coarsely_is_warned(tmp_path):
+  """RescaleSlope / RescaleIntercept values go through the float64 rounding check as a float64
+  scan does: an intercept of 1e9 leaves float32 steps of 64-128 over a spread of ~1e6."""
+  raw = (np.random.default_rng(3).integers(0, 1000, (6, 5, 3)) + 30000).astype(np.uint16)
+  folder = cd.write_dicom_series(tmp_path / 'pet', raw, slope=1000.125, intercept=1e9,
+                                 shuffle_files=False)
+  rescaled = raw.astype(np.float64) * 1000.125 + 1e9
+  source = np.transpose(rescaled, (1, 0, 2))[::-1, ::-1, :]        # LPS -> RAS, as stored
+  report, store, log = _ingest(tmp_path, 'pet', workers=2)
+  array, attrs, sid = _stored(report, store, tmp_path / 'pet')
+  assert array.dtype == np.float32
+  np.testing.assert_array_equal(array, source.astype(np.float32)[None])
+  stored = source.astype(np.float32)
+  assert attrs['float32_rounding'] == {
+      'max_abs_change': float(np.abs(stored.astype(np.float64) - source).max()),
+      'distinct_values': [int(np.unique(source).size), int(np.unique(stored).size)],
+      'source_range': [float(source.min()), float(source.max())]}
+  assert attrs['float32_rounding']['max_abs_change'] > 8
+  text = _rounding_text(source)
+  assert store.warnings() == [{'path': str(tmp_path / 'pet'), 'scan_id': sid, 'warning': text,
+                               'repaired': False}]
+  assert f'ingest: warning {tmp_path / "pet"}: {text}\n' in log
+
+
+def test_dicom_fractional_rescale_within_the_scans_resolution_is_not_warned(tmp_path):
+  raw = np.random.default_rng(4).integers(0, 3000, (6, 5, 3)).astype(np.uint16)
+  folder = cd.write_dicom_series(tmp_path / 'mr', raw, slope=0.37, intercept=-12.5,
+                                 shuffle_files=False)
+  (array, attrs), = read_scan(folder)
+  source = np.transpose(raw * 0.37 - 12.5, (1, 0, 2))[::-1, ::-1, :]
+  assert not np.array_equal(source.astype(np.float32).astype(np.float64), source)   # not exact
+  np.testing.assert_array_equal(array, source.astype(np.float32)[None])
+  assert 'float32_rounding' not in attrs
+
+
 @pytest.mark.parametrize('source', [
     np.linspace(0, 1, 48).reshape(4, 4, 3),                 # 1/47 is not exact in float32
     np.array([[-3e38, 0.5, 3e38]]),                         # rounding of 1e-7 of the magnitude
@@ -383,6 +420,50 @@ def test_header_problem_nibabel_leaves_is_a_recorded_warning(tmp_path, nibabel_r
                                'repaired': False}]
   assert f'ingest: warning {tmp_path / "o.nii"}: {text}\n' in log
   assert nibabel_records == []
+
+
+def _padded_dicom_series(folder):
+  """A 3-slice series whose files each hold 8 bytes of padding after their pixel data."""
+  import pydicom
+  raw = cd.ct_volume((6, 5, 3)).astype(np.uint16)
+  cd.write_dicom_series(folder, raw, shuffle_files=False)
+  for name in sorted(os.listdir(folder)):
+    ds = pydicom.dcmread(os.path.join(folder, name))
+    ds.PixelData = ds.PixelData + b'\0' * 8
+    ds.save_as(os.path.join(folder, name))
+  return raw
+
+
+def test_what_pydicom_warns_of_is_a_recorded_warning_not_a_stderr_line(tmp_path):
+  raw = _padded_dicom_series(tmp_path / 'pad')
+  report, store, log = _ingest(tmp_path, 'pad', workers=2)
+  array, attrs, sid = _stored(report, store, tmp_path / 'pad')
+  hu = raw.astype(np.int32) - 1024                              # the series' intercept
+  np.testing.assert_array_equal(array[0], np.transpose(hu, (1, 0, 2))[::-1, ::-1, :])
+  said = ('The pixel data is 68 bytes long, which indicates it contains 8 bytes of excess '
+          'padding to be removed')
+  assert attrs['dicom_warnings'] == [said]                      # once, not once per file
+  text = f'DICOM: {said} (pydicom, which read the file as it says)'
+  assert store.warnings() == [{'path': str(tmp_path / 'pad'), 'scan_id': sid, 'warning': text,
+                               'repaired': False}]
+  assert f'ingest: warning {tmp_path / "pad"}: {text}\n' in log
+
+
+def test_pydicom_warnings_are_not_printed_while_reading_and_still_are_elsewhere(tmp_path):
+  """In a process of its own (pytest swaps `warnings.showwarning` per test): the reading
+  thread's pydicom warning is not printed, one raised by pydicom outside a read still is."""
+  _padded_dicom_series(tmp_path / 'pad')
+  script = ('import json, sys\n'
+            'from radfm_jax.data.readers import read_scan\n'
+            '(_, attrs), = read_scan(sys.argv[1])\n'
+            'print(json.dumps(attrs["dicom_warnings"]))\n'
+            'from pydicom.misc import warn_and_log\n'
+            'warn_and_log("said outside a read")\n')
+  done = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'pad')],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert 'excess padding' in json.loads(done.stdout)[0]
+  assert 'excess padding' not in done.stderr and 'said outside a read' in done.stderr
 
 
 def test_nibabel_lines_of_other_threads_still_reach_its_logger(nibabel_records):

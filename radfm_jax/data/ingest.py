@@ -622,6 +622,8 @@ def scan_notes(attrs: dict) -> tuple[list[str], list[str]]:
                    'that higher values are brighter, as MONOCHROME2')
   warnings += [f'NIfTI header: {text} (nibabel; left as it is)'
                for text in attrs.get('header_warnings', [])]
+  warnings += [f'DICOM: {text} (pydicom, which read the file as it says)'
+               for text in attrs.get('dicom_warnings', [])]
   if 'float32_rounding' in attrs:
     r = attrs['float32_rounding']
     before, after = r['distinct_values']

@@ -23,14 +23,18 @@ Reading rules (stored layout [C, H, W, D], see store.py):
     nibabel fixes on load (sizeof_hdr, pixdim, qfac, bitpix, ...) is a recorded repair too
     (`header_repaired`: 'FIELD OLD -> NEW (nibabel: its message)'), and a problem it reports but
     leaves is a warning (`header_warnings`): nibabel's own stderr lines are not printed
-    (`_nibabel_lines`). Rejected in our words: a size dim[i] < 1, an infinite scl_slope (nibabel
+    (`_logged_lines`). Rejected in our words: a size dim[i] < 1, an infinite scl_slope (nibabel
     would read it as no scaling; NaN, which nibabel itself writes for "unset", and 0 are no
     scaling), a non-finite scl_inter.
   * DICOM: a file or a folder holding one series; slices are sorted by position along the slice
     normal (ImagePositionPatient), else InstanceNumber; RescaleSlope/Intercept applied (int16
-    when the result is integral and fits, e.g. CT HU, else float32 when it fits); volumes with
+    when the result is integral and fits, e.g. CT HU, else float32 when it fits, with the
+    float64 scans' rounding warning below, e.g. an intercept of 1e9); volumes with
     orientation tags are reoriented LPS -> RAS like NIfTI; a file without them (X-ray) is a 2D
-    image. Zero / negative / NaN PixelSpacing, or two slices at one position: reject.
+    image. Zero / negative / NaN PixelSpacing, or two slices at one position: reject; so is a
+    geometry field that is not its count of finite numbers (`_check_dicom_numbers`: PixelSpacing
+    '0.8\\0.7x', a 5-value ImageOrientationPatient). What pydicom warns of and reads anyway
+    (excess pixel-data padding it drops) is the warning `dicom_warnings`, not a stderr line.
     PhotometricInterpretation (attribute `photometric_interpretation`): one sample per pixel must
     be MONOCHROME1, MONOCHROME2 or PALETTE COLOR (else a reject), one for the series; a PALETTE
     COLOR image (one file) is stored as RGB through its lookup tables, as an RGB DICOM
@@ -63,6 +67,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 import zlib
 
 import numpy as np
@@ -240,7 +245,7 @@ def _plain(value) -> str:
 def _nifti_header_fixes(raw, spacing_repaired: bool) -> tuple[list[str], list[str], set[str]]:
   """What `nib.load` does to the header `raw` (as the file holds it): it runs these checks, fixes
   some fields and logs what it finds ('sizeof_hdr should be 348; set sizeof_hdr to 348'), which
-  `_nibabel_lines` keeps from being printed. Returns (repairs: 'FIELD OLD -> NEW (nibabel:
+  `_logged_lines` keeps from being printed. Returns (repairs: 'FIELD OLD -> NEW (nibabel:
   MESSAGE)' for each check that changed header fields; warnings: the messages of problems it logs
   at warning level (30) or above and leaves as they are; every message). A pixdim[1,2,3] repair
   that `spacing_repaired` (the attribute) already records is not listed again."""
@@ -270,10 +275,13 @@ def _nifti_header_fixes(raw, spacing_repaired: bool) -> tuple[list[str], list[st
   return repairs, warnings, said
 
 
-class _NibabelLines(logging.Filter):
-  """On nibabel's logger ('nibabel.global', whose handler prints on stderr): the lines it logs
-  in a thread inside `_nibabel_lines` are collected there instead of printed."""
-  lines: dict[int, list[str]] = {}
+class _LoggedLines(logging.Filter):
+  """On a library's logger: the lines it logs in a thread inside `_logged_lines` are collected
+  there instead of handled (printed); other threads' lines pass."""
+
+  def __init__(self):
+    super().__init__()
+    self.lines: dict[int, list[str]] = {}
 
   def filter(self, record) -> bool:
     lines = self.lines.get(record.thread)
@@ -283,23 +291,53 @@ class _NibabelLines(logging.Filter):
     return False
 
 
-_NIBABEL_FILTER_LOCK = threading.Lock()
+_LOGGED_LINES: dict[str, _LoggedLines] = {}
+_LOGGED_LINES_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _nibabel_lines():
-  """The lines nibabel logs in this thread meanwhile (a list), not printed: `read_nifti` records
-  them as the scan's repairs / warnings (ingest: warnings.jsonl and its own stderr line)."""
-  logger = logging.getLogger('nibabel.global')
-  with _NIBABEL_FILTER_LOCK:
-    if not any(isinstance(f, _NibabelLines) for f in logger.filters):
-      logger.addFilter(_NibabelLines())
+def _logged_lines(logger_name: str):
+  """The lines the logger `logger_name` logs in this thread meanwhile (a list), not printed:
+  nibabel's ('nibabel.global', whose handler prints on stderr) become a NIfTI's repairs /
+  warnings (`read_nifti`), pydicom's ('pydicom') a DICOM's `dicom_warnings` (`read_dicom`);
+  ingest writes them to warnings.jsonl and its own stderr line."""
+  with _LOGGED_LINES_LOCK:
+    if logger_name not in _LOGGED_LINES:
+      _LOGGED_LINES[logger_name] = _LoggedLines()
+      logging.getLogger(logger_name).addFilter(_LOGGED_LINES[logger_name])
+    if logger_name == 'pydicom':
+      _quiet_pydicom_warnings()
+  collector = _LOGGED_LINES[logger_name]
   ident = threading.get_ident()
-  lines = _NibabelLines.lines[ident] = []
+  lines = collector.lines[ident] = []
   try:
     yield lines
   finally:
-    del _NibabelLines.lines[ident]
+    del collector.lines[ident]
+
+
+def _quiet_pydicom_warnings():
+  """pydicom says each problem twice: on its logger and as a Python warning (printed on stderr,
+  with the line of pydicom that raised it). Installs, once, a `warnings.showwarning` that drops
+  the warnings raised inside pydicom's package in a thread collecting pydicom's logger lines
+  (`_logged_lines('pydicom')`: the same text is kept there); every other warning goes to the
+  `showwarning` it wraps. (`warnings.catch_warnings` would do it for a block, but it swaps
+  process-wide state and ingest reads scans in threads.)"""
+  if getattr(warnings.showwarning, '_radfm_pydicom', False):
+    return
+  import pydicom
+  package = os.path.dirname(os.path.abspath(pydicom.__file__)) + os.sep
+  wrapped = warnings.showwarning
+
+  def showwarning(message, category, filename, lineno, file=None, line=None):
+    collecting = _LOGGED_LINES.get('pydicom')
+    if (collecting is not None and threading.get_ident() in collecting.lines
+        and os.path.abspath(str(filename)).startswith(package)):
+      return
+    wrapped(message, category, filename, lineno, file, line)
+
+  showwarning._radfm_pydicom = True
+  warnings.showwarning = showwarning
 
 
 def _check_pick(field: str, value: int | None, count: int, holds: str):
@@ -318,7 +356,7 @@ def read_nifti(path: str, frame: int | None = None,
                max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   """What nibabel logs while loading it (header fields it fixed or found wrong) becomes the
   attributes `header_repaired` / `header_warnings` (`_nifti_header_fixes`), not stderr lines."""
-  with _nibabel_lines() as lines:
+  with _logged_lines('nibabel.global') as lines:
     data, attrs, said = _read_nifti(path, frame, max_bytes)
   other = [line for line in dict.fromkeys(lines) if line not in said]
   if other:                          # a line no check of ours explains: kept as nibabel said it
@@ -428,6 +466,43 @@ def _dicom_value(ds, field: str, default: float) -> float:
   return value
 
 
+# The numeric header fields the reader uses (`_sort_slices`, `_dicom_to_ras`, `_dicom_pixel_bytes`)
+# and how many values each holds. pydicom converts a field when it is first read, and a malformed
+# one ('0.7x' in a DS) raised a ValueError that named neither the file nor the field.
+_DICOM_NUMBERS = {'PixelSpacing': 2, 'ImagePositionPatient': 3, 'ImageOrientationPatient': 6,
+                  'SliceThickness': 1, 'InstanceNumber': 1, 'NumberOfFrames': 1}
+
+
+def _check_dicom_numbers(ds, name: str):
+  """RejectedScan naming the file and the field when a field of `_DICOM_NUMBERS` present in `ds`
+  (and not empty) is not that many finite numbers."""
+  for field, count in _DICOM_NUMBERS.items():
+    if field not in ds:
+      continue
+    try:
+      value = ds[field].value
+    except (ValueError, TypeError, OverflowError):
+      value = ds.get_item(field).value         # still the raw bytes: conversion failed
+    if value is None or value == '' or value == b'':
+      continue
+    values = list(value) if _multi(value) else [value]
+    text = '\\'.join(v.decode('latin-1') if isinstance(v, bytes) else str(v) for v in values)
+    try:
+      numbers = [float(v) for v in text.split('\\')]
+      ok = len(numbers) == count and all(math.isfinite(v) for v in numbers)
+    except ValueError:
+      ok = False
+    if not ok:
+      raise RejectedScan(f'{name}: {field} "{text.strip()}": expected {count} finite '
+                         f'number{"s" if count > 1 else ""}' + (' separated by \\' if count > 1
+                                                                 else ''))
+
+
+def _multi(value) -> bool:
+  """Whether a pydicom value holds several values (a MultiValue, a list)."""
+  return not isinstance(value, (str, bytes)) and hasattr(value, '__len__')
+
+
 def _rescale(ds, pixels: np.ndarray) -> np.ndarray:
   if ds.get('ModalityLUTSequence'):
     raise RejectedScan('a Modality LUT Sequence, which this reader does not apply; expected '
@@ -445,9 +520,22 @@ def _rescale(ds, pixels: np.ndarray) -> np.ndarray:
     if lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max:
       return out.astype(np.int16)  # CT: integral HU fit int16 exactly
   try:
-    return to_storable(out)        # float32 when every value fits, never inf
+    to_storable(out)               # float32 must hold every value (never inf)
   except ValueError as e:
     raise RejectedScan(f'RescaleSlope {slope:g} / RescaleIntercept {intercept:g}: {e}') from None
+  # Kept float64: `_validate` casts the whole scan to float32 and warns where that rounding is
+  # coarse against the scan's range (`_float32_rounding`: a large intercept such as 1e9).
+  return out
+
+
+def _rescales(ds) -> bool:
+  """Whether `_rescale` keeps this file's pixels as float64 values (8 bytes each) until the scan
+  is cast: a slope or intercept that is not an integer (integral ones give int16 CT values)."""
+  try:
+    return any(float(v) != int(float(v)) for v in (getattr(ds, f, None) for f in (
+        'RescaleSlope', 'RescaleIntercept')) if v not in (None, ''))
+  except (TypeError, ValueError, OverflowError):
+    return False                   # `_rescale` rejects it
 
 
 def _dicom_pixel_bytes(ds, name: str, max_bytes: int) -> int:
@@ -459,6 +547,8 @@ def _dicom_pixel_bytes(ds, name: str, max_bytes: int) -> int:
   bits = int(getattr(ds, 'BitsAllocated', 8) or 8)
   pixels = rows * cols * frames * samples
   memory = pixels * max(1, -(-bits // 8))
+  if _rescales(ds):
+    memory += pixels * 8           # its float64 values, held until the scan is cast
   payload, file_bytes = None, None
   meta = getattr(ds, 'file_meta', None)
   syntax = getattr(meta, 'TransferSyntaxUID', None) if meta is not None else None
@@ -602,6 +692,16 @@ def _as_monochrome2(array: np.ndarray, attrs: dict) -> np.ndarray:
 
 
 def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
+  """What pydicom warns of while reading it (excess pixel-data padding it removes, a value that
+  breaks its VR's rules) becomes the attribute `dicom_warnings`, not stderr lines."""
+  with _logged_lines('pydicom') as lines:
+    array, attrs = _read_dicom(path, max_bytes)
+  if lines:
+    attrs['dicom_warnings'] = list(dict.fromkeys(lines))
+  return array, attrs
+
+
+def _read_dicom(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
   import pydicom
   files = dicom_files(path)
   if not files:
@@ -619,6 +719,7 @@ def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
     if not any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
       raise RejectedScan(f'unreadable DICOM {os.path.basename(f)}: no pixel data (PixelData); '
                          'expected the image files of one series')
+    _check_dicom_numbers(ds, os.path.basename(f))
     photometric.append(_photometric(ds, os.path.basename(f)))
     # The whole series must fit: each file's header is checked before its pixels are decoded.
     memory += _dicom_pixel_bytes(ds, os.path.basename(f), max_bytes - memory)

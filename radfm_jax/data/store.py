@@ -45,7 +45,8 @@ scans.jsonl): axes 'CHWD', spacing [H, W, D] in mm (1.0 when unknown), orientati
 'image' for 2D pixel rows/columns; 'as_stored' for .npy), source_orientation (axis codes before
 reorientation), modality, source (absolute path), source_sha256, source_dtype, DICOM's
 photometric_interpretation and, when a repair was made or a warning given (readers.py),
-spacing_repaired, header_repaired, header_warnings, monochrome1_inverted, float32_rounding;
+spacing_repaired, header_repaired, header_warnings, dicom_warnings, monochrome1_inverted,
+float32_rounding;
 palette_applied for a PALETTE COLOR DICOM stored as RGB.
 
 Every array uses one shard (`sharding_indexed`) holding blosc-zstd inner chunks; the shard shape
