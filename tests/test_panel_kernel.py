@@ -147,6 +147,41 @@ def test_cache_attention_equals_float64_attention_and_skips_unwritten_slots(
                              rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize('batch,heads,slots,written', [(6, 3, 70, 64), (8, 12, 200, 190)])
+def test_cache_attention_skips_each_rows_masked_prefix(lanes, batch, heads, slots, written):
+  """Left padding: the masked slots before a row's first attended one are not read (they hold
+  NaN here, which would poison the sums), at prefixes of 0, 1, lanes - 1, lanes, lanes + 1 and
+  40 slots and a row whose only attended key is its own, on the calling thread and split over
+  the threads ((8, 12, 200) at head_dim 4 * lanes: > 2 MiB); the rest against float64 NumPy. A
+  row with nothing attended reads every slot (its softmax is uniform over them: finite values
+  there)."""
+  hd = 4 * lanes
+  rng = np.random.default_rng(slots)
+  q, k, v = (rng.standard_normal((batch, heads, hd)).astype(np.float32) for _ in range(3))
+  keys, values = (rng.standard_normal((batch, heads, slots, hd)).astype(np.float32)
+                  for _ in range(2))
+  keys[:, :, written:] = values[:, :, written:] = np.nan
+  cached = np.broadcast_to(np.arange(slots) < written, (batch, slots)).copy()
+  own = np.ones(batch, bool)
+  prefixes = [0, 1, lanes - 1, lanes, lanes + 1, 40, written, written][:batch]
+  for row, lead in enumerate(prefixes):
+    cached[row, :lead] = False
+    keys[row, :, :lead] = values[row, :, :lead] = np.nan
+    if lead + 3 < written:
+      cached[row, lead + 3] = False                   # a masked slot after the first attended one
+  cached[batch - 1] = own[batch - 1] = False           # nothing attended: every slot read
+  keys[batch - 1, :, :written], values[batch - 1, :, :written] = (
+      rng.standard_normal((2, heads, written, hd)).astype(np.float32))
+  got = np.asarray(jax.jit(panel_kernel.cache_attention, static_argnames='scale')(
+      *map(jnp.asarray, (q, k, v, keys, values, cached, own)), jnp.int32(written),
+      scale=hd ** -0.5))
+  assert np.isfinite(got).all()
+  attended = [a[:-1] for a in (q, k, v, np.nan_to_num(keys), values, cached, own)]
+  np.testing.assert_allclose(got[:-1], _attention64(*attended), rtol=2e-5, atol=2e-5)
+  uniform = (values[-1, :, :written].astype(np.float64).sum(1) + v[-1]) / (slots + 1)
+  np.testing.assert_allclose(got[-1], uniform, rtol=2e-5, atol=2e-5)
+
+
 def test_cached_attention_with_the_kernel(lanes):
   """`layers.cached_attention` with the kernel (one new token; the slots from `written` on
   masked and holding NaN) against its XLA form on the same cache with zeros there: the same

@@ -21,7 +21,8 @@ The cache attention (`cache_attention`, which the CPU decode view hands to
 with XLA's) computes a step's scores, softmax and weighted values in one call per layer, splits
 the (row, head) pairs over the threads from 2 MiB of keys and values on (XLA:CPU runs its two
 products with the cache on one thread), and reads only the `written` slots of a cache allocated
-in chunks ahead of them. `first_argmax` is greedy decoding's argmax over the vocabulary in
+in chunks ahead of them, less each row's masked slots before its first attended one (a
+left-padded prompt's padding: their probabilities are exactly 0, the sums the same). `first_argmax` is greedy decoding's argmax over the vocabulary in
 vector code (the CPU panel decode's `generate.choose_token`).
 
 The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
@@ -264,7 +265,8 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,
                     scale: float) -> jax.Array:
   """One new token's attention with one layer's KV cache and its own key / value, split over
   XLA's threads: q, k, v [batch, heads, head_dim]; keys, values [batch, heads, slots, head_dim]
-  of which the first `written` (int32 scalar) are read; cached: bool [batch, slots] (slot
+  of which the first `written` (int32 scalar) are read, but for a row's masked slots before its
+  first attended one (unless it attends to nothing); cached: bool [batch, slots] (slot
   attended; the unwritten ones must be False), own: bool [batch] (own key attended) -> [batch,
   heads, head_dim] float32: `layers.cached_attention` for one token (scores times `scale`,
   masked ones at float32's minimum, one softmax over every allocated slot and the token's own

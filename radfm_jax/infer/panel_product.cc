@@ -373,6 +373,14 @@ static inline void Prefetch(const float* row, int64_t parts, const float* end, c
 // read its cache at one core's bandwidth) and the softmax as a dozen small ops; here the pairs
 // are split over the threads, only the `written` slots are read (the cache is allocated in
 // chunks ahead of them), and the softmax stays with its scores in L1. A chunk is a run of pairs.
+//
+// A row's masked slots before its first attended one (a left-padded prompt's padding: up to 63
+// slots of a prompt rounded up to 64, more in a batch of prompts of different lengths) are not
+// read either: their probability is exp(float32's minimum - the maximum score) = 0 exactly once
+// any slot or the own key is attended, so their keys do not change the softmax and their values
+// add 0 * value = 0 to the sums. Their scores still count as masked ones, in the same lanes of
+// the same blocks as when they are read, so the sums are the same bits. (A row that attends to
+// nothing reads them all: its softmax is uniform over the masked slots.)
 struct CacheAttention : Job {
   const float *q, *k, *v;           // the new token's [pairs, head_dim]
   const float *keys, *values;       // the cache [pairs, slots, head_dim]
@@ -380,6 +388,19 @@ struct CacheAttention : Job {
   float* y;                         // [pairs, head_dim]
   float scale;
   int64_t slots, head_dim, written, pairs, heads;
+  std::vector<int64_t> first;       // [batch]: each row's first attended slot (< written), or
+                                    // `written` when none is
+
+  // Sets `first` from `cached` (call once `written` and the shapes are set).
+  void FindFirst(int64_t batch) {
+    first.assign(batch, written);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t j = 0; j < written; ++j)
+        if (cached[b * slots + j]) {
+          first[b] = j;
+          break;
+        }
+  }
 
   void chunk(int64_t c) const override {
     thread_local std::vector<float> scores;
@@ -389,6 +410,11 @@ struct CacheAttention : Job {
     for (int64_t i = c * per_chunk; i < end; ++i) Attend(i, scores.data(), blocks);
   }
 
+  // The first cache row pair i's keys are read from (its row's first attended slot's).
+  const float* FirstKey(int64_t i) const {
+    return keys + (i * slots + first[i / heads]) * head_dim;
+  }
+
   void Attend(int64_t i, float* s, int64_t blocks) const {
     constexpr float kNeg = -3.40282347e38f;   // float32's minimum: a masked score
     constexpr int kMaxParts = 256 / LANES;    // head_dim <= 256
@@ -396,33 +422,41 @@ struct CacheAttention : Job {
     const float* qi = q + i * head_dim;
     const float* key = keys + i * slots * head_dim;
     const float* value = values + i * slots * head_dim;
-    const float* next_key = i + 1 < pairs ? key + slots * head_dim : key;
+    const float* next_key = i + 1 < pairs ? FirstKey(i + 1) : key;
     const bool* mask = cached + b * slots;
-    // scores, the maximum (the unwritten slots count as masked ones)
-    float top = written < slots ? kNeg : -INFINITY;
-    for (int64_t j = 0; j < written; ++j) {
+    // The masked prefix [0, lead) is skipped; scores start at the block holding slot `lead`.
+    const int64_t lead = first[b], from = lead / LANES * LANES;
+    // scores, the maximum (the unwritten slots and the skipped ones count as masked ones)
+    float top = written < slots || lead > 0 ? kNeg : -INFINITY;
+    std::fill(s + from, s + lead, kNeg);
+    for (int64_t j = lead; j < written; ++j) {
       const float* row = key + j * head_dim;
-      Prefetch(row, parts, key + written * head_dim, value);
+      Prefetch(row, parts, key + written * head_dim, value + lead * head_dim);
       s[j] = mask[j] ? Dot(row, qi, parts) * scale : kNeg;
       top = std::max(top, s[j]);
     }
     std::fill(s + written, s + blocks * LANES, -INFINITY);   // exp -> 0
     const float mine = own[b] ? Dot(k + i * head_dim, qi, parts) * scale : kNeg;
     top = std::max(top, mine);
+    // A masked slot's probability; when it is not 0 (nothing attended), every slot is read.
+    const float e_masked = Exp(vec{} + (kNeg - top))[0];
+    const bool skip = e_masked == 0.0f;
+    const int64_t start = skip ? from : 0;
+    std::fill(s + start, s + from, kNeg);
     // exp(score - max) and their sum, the unwritten slots' included
     vec total = vec{};
-    for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int64_t blk = start / LANES; blk < blocks; ++blk) {
       vec e = Exp(load(s + blk * LANES) - top);
       *reinterpret_cast<vec_unaligned*>(s + blk * LANES) = e;
       total += e;
     }
     const float e_mine = Exp(vec{} + (mine - top))[0];
-    const float unwritten = static_cast<float>(slots - written) * Exp(vec{} + (kNeg - top))[0];
+    const float unwritten = static_cast<float>(slots - written) * e_masked;
     const float denom = Sum(total) + unwritten + e_mine;
     // the probabilities times the values: the cache's, then the new token's
     vec acc[kMaxParts];
     for (int64_t p = 0; p < parts; ++p) acc[p] = vec{};
-    for (int64_t j = 0; j < written; ++j) {
+    for (int64_t j = skip ? lead : 0; j < written; ++j) {
       const float* row = value + j * head_dim;
       Prefetch(row, parts, value + written * head_dim, next_key);
       const float pj = s[j] / denom;
@@ -484,7 +518,10 @@ static ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   job->head_dim = cd[3];
   job->written = std::clamp<int64_t>(written.typed_data()[0], 0, cd[2]);
   job->pairs = pairs;
-  const int64_t pair_bytes = 2 * job->written * job->head_dim * 4;
+  job->FindFirst(cd[0]);
+  int64_t read = 0;                          // the cache rows read, summed over the batch rows
+  for (int64_t row : job->first) read += job->written - row;
+  const int64_t pair_bytes = 2 * std::max<int64_t>(1, read / cd[0]) * job->head_dim * 4;
   if (pairs * pair_bytes < kSplitBytes) {   // on this thread alone
     job->Divide(pairs, pairs);
     job->run();
