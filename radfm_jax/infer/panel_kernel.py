@@ -9,7 +9,8 @@ a one-token step's attention with the KV cache, and greedy's argmax.
     token = panel_kernel.first_argmax(logits)          # [..., m] -> int32 [...], as jnp.argmax
 
 `panel_product.cc` (beside this file) multiplies rows by a weight packed once into panels of
-`lanes` outputs, streaming each weight once per product; XLA:CPU's own GEMMs re-pack the weight
+`lanes` outputs (two vectors: 32 with AVX-512, 16 with AVX2), streaming each weight once per
+product; XLA:CPU's own GEMMs re-pack the weight
 at every product, which makes a batched decode step cost ~2x a single-row one (the reasons and
 figures: the .cc file's head comment and docs/performance.md). It is a plain C++17 file built
 with the host's compiler for the host's CPU (`-O3 -march=native`) and called through the XLA FFI
@@ -256,8 +257,9 @@ def product(packed: jax.Array, rows: jax.Array, out: int,
 
 
 def cache_fits(head_dim: int, lanes: int) -> bool:
-  """Whether the kernel's cache attention takes this head size (a multiple of `lanes`, <= 256)."""
-  return lanes > 0 and head_dim % lanes == 0 and 0 < head_dim <= 256
+  """Whether the kernel's cache attention takes this head size: a multiple of its vectors
+  (`lanes`, the panel width, is two of them), <= 256."""
+  return lanes > 0 and head_dim % (lanes // 2) == 0 and 0 < head_dim <= 256
 
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array,

@@ -3,16 +3,17 @@
 // -march=native); docs/performance.md has the measurements behind it.
 //
 // 1. Weight products: y [n, out] = x [n, in] . W^T, W [out, in] packed once into panels
-//    [ceil(out / LANES), in, LANES] (zero-padded outputs): float32 weights, or int8 ones with a
-//    float32 scale per output (quantize='int8').
+//    [ceil(out / PANEL), in, PANEL] (PANEL = 2 vectors of LANES outputs; zero-padded outputs):
+//    float32 weights, or int8 ones with a float32 scale per output (quantize='int8').
 //    Why a kernel of our own: a decode step multiplies every decoder weight by 1-16 rows.
 //    XLA:CPU's GEMMs copy the weight into their packed layout first, so a batch-8 step reads each
 //    weight twice and writes it once (the `bench` lm_head: 3.05 ms at 8 rows against 1.2 ms at 1
 //    row); no library XLA:CPU calls takes a pre-packed weight. Here the weight is packed once,
-//    when the decode view is made, and each product streams it exactly once: for every k, one
-//    vector of LANES outputs of W is loaded and multiplied by each row's x[b, k] (a broadcast
-//    from L1) into per-row accumulators that stay in registers, so no horizontal sums are needed
-//    and the loads are contiguous. The outputs are split over the threads in chunks of panels.
+//    when the decode view is made, and each product streams it exactly once: for every k, the
+//    panel's two vectors of LANES outputs of W are loaded and multiplied by each row's x[b, k] (a
+//    broadcast from L1) into per-row accumulators that stay in registers, so no horizontal sums
+//    are needed, and a panel is one contiguous stream (two vectors of one feature, then the next
+//    feature's). The outputs are split over the threads in chunks of panels.
 // 2. A one-token step's attention with one layer's KV cache (scores = keys . q, softmax, out =
 //    probabilities . values, per batch row and head): XLA:CPU runs the two products as many
 //    small matrix-vector products on one thread (a batch-8 step read its cache at one core's
@@ -53,16 +54,26 @@ namespace ffi = xla::ffi;
 namespace {
 
 #if defined(__AVX512F__)
-// 32 vector registers: 2 panels x 8 rows of 16-float accumulators, 2 weight vectors.
+// 32 vector registers: a panel's 2 vectors x 8 rows of 16-float accumulators, 2 weight vectors.
 constexpr int LANES = 16;
 constexpr int ROWS = 8;
 #else
-// 16 vector registers (AVX2): 2 panels x 4 rows of 8-float accumulators.
+// 16 vector registers (AVX2): 2 vectors x 4 rows of 8-float accumulators.
 constexpr int LANES = 8;
 constexpr int ROWS = 4;
 #endif
+// A panel's outputs: two vectors, loaded together for every feature.
+constexpr int PANEL = 2 * LANES;
 
-constexpr int PREFETCH = 4096;   // bytes ahead of the weight streams
+constexpr int PREFETCH = 4096;   // bytes ahead of the cache attention's reads
+
+// Bytes ahead of a panel's weight stream that the products ask for: float32 panels read 128 B
+// (AVX-512) per feature, so 8 KiB is 64 features ahead, as far as the 4 KiB ahead of each of
+// the two streams the panels had when they were one vector wide (docs/performance.md: at 1 row
+// 4 KiB ahead of the one stream was 4% slower than 8 KiB). int8 panels read a quarter of the
+// bytes per feature for the same multiply-adds, and keep their 4 KiB.
+template <typename W>
+constexpr int64_t kWeightsAhead = sizeof(W) == 1 ? 4096 : 8192;
 
 typedef float vec __attribute__((vector_size(LANES * 4)));
 typedef int32_t ivec __attribute__((vector_size(LANES * 4)));   // lane masks, exponents
@@ -86,12 +97,12 @@ static inline vec load(const int8_t* p) {
 #endif
 }
 
-// Writes the valid outputs of one panel's accumulators (the last panel may be padding), times
-// their scales for int8 weights (one per output channel; none for float weights).
+// Writes the valid outputs of one vector of a panel's accumulators (outputs o0 ... o0 + LANES -
+// 1; the last panel may be padding), times their scales for int8 weights (one per output
+// channel; none for float weights).
 template <int N>
-static inline void store(const vec (&acc)[N], int64_t panel, float* y, int64_t out,
+static inline void store(const vec (&acc)[N], int64_t o0, float* y, int64_t out,
                          const float* scale) {
-  const int64_t o0 = panel * LANES;
   const int valid = static_cast<int>(std::min<int64_t>(LANES, out - o0));
   for (int b = 0; b < N; ++b)
     for (int j = 0; j < valid; ++j)
@@ -99,30 +110,32 @@ static inline void store(const vec (&acc)[N], int64_t panel, float* y, int64_t o
 }
 
 // Panels [p0, p1) of y for N rows (N a compile-time constant, so the accumulators live in
-// registers): two panels at a time, then the odd one. W: float or int8_t weights.
+// registers). W: float or int8_t weights.
 template <int N, typename W>
 static void rows_panels(const float* x, const void* weights, const float* scale, float* y,
                         int64_t in, int64_t out, int64_t p0, int64_t p1) {
   const W* w = static_cast<const W*>(weights);
-  // One prefetch per cache line of each stream: every feature for floats, every 4th for int8.
-  constexpr int64_t kLine = 64 / (LANES * static_cast<int64_t>(sizeof(W)));
-  int64_t p = p0;
-  for (; p + 2 <= p1; p += 2) {
-    const W* w0 = w + p * in * LANES;
-    const W* w1 = w0 + in * LANES;
+  // One prefetch per cache line of the stream: a feature is kBytes of it (AVX-512: two lines
+  // for floats, half a line for int8).
+  constexpr int64_t kBytes = PANEL * static_cast<int64_t>(sizeof(W));
+  for (int64_t p = p0; p < p1; ++p) {
+    const W* wp = w + p * in * PANEL;
     vec acc0[N], acc1[N];
     for (int b = 0; b < N; ++b) acc0[b] = acc1[b] = vec{};
     for (int64_t k = 0; k < in; ++k) {
-      // Ask for the weights 4 KiB ahead of each stream: at 8 rows the FMAs keep the core busy,
-      // and the hardware prefetcher alone then leaves the stream short (docs/performance.md:
-      // 8-row products 7-10% faster, 1 row unchanged). Non-temporal (prefetchnta): each weight
-      // is read once per step and the next product's evicts it anyway; measured 3-8% faster
-      // at 1 and 8 rows than into all cache levels.
-      if (k % kLine == 0) {
-        __builtin_prefetch(reinterpret_cast<const char*>(w0 + k * LANES) + PREFETCH, 0, 0);
-        __builtin_prefetch(reinterpret_cast<const char*>(w1 + k * LANES) + PREFETCH, 0, 0);
+      // Ask for the weights kWeightsAhead bytes ahead: at 8 rows the FMAs keep the core busy,
+      // and the hardware prefetcher alone then leaves the stream short. Non-temporal
+      // (prefetchnta): each weight is read once per step and the next product's evicts it
+      // anyway; measured 3-8% faster at 1 and 8 rows than into all cache levels. One stream per
+      // panel (its two vectors side by side), not one per vector: a step's 8-row products 6-10%
+      // faster, the 1-row ones 2% (docs/performance.md).
+      const char* ahead = reinterpret_cast<const char*>(wp + k * PANEL) + kWeightsAhead<W>;
+      if (kBytes >= 64) {
+        for (int64_t line = 0; line < kBytes; line += 64) __builtin_prefetch(ahead + line, 0, 0);
+      } else if (k * kBytes % 64 == 0) {
+        __builtin_prefetch(ahead, 0, 0);
       }
-      const vec a = load(w0 + k * LANES), c = load(w1 + k * LANES);
+      const vec a = load(wp + k * PANEL), c = load(wp + k * PANEL + LANES);
 #pragma GCC unroll 8
       for (int b = 0; b < N; ++b) {
         const float xb = x[b * in + k];
@@ -130,19 +143,8 @@ static void rows_panels(const float* x, const void* weights, const float* scale,
         acc1[b] += xb * c;
       }
     }
-    store<N>(acc0, p, y, out, scale);
-    store<N>(acc1, p + 1, y, out, scale);
-  }
-  if (p < p1) {
-    const W* w0 = w + p * in * LANES;
-    vec acc0[N];
-    for (int b = 0; b < N; ++b) acc0[b] = vec{};
-    for (int64_t k = 0; k < in; ++k) {
-      const vec a = load(w0 + k * LANES);
-#pragma GCC unroll 8
-      for (int b = 0; b < N; ++b) acc0[b] += x[b * in + k] * a;
-    }
-    store<N>(acc0, p, y, out, scale);
+    store<N>(acc0, p * PANEL, y, out, scale);
+    store<N>(acc1, p * PANEL + LANES, y, out, scale);
   }
 }
 
@@ -287,7 +289,7 @@ static int64_t PerChunk(const ffi::ThreadPool& pool, int64_t items, int64_t item
   return std::max({least, enough, (items + 8 * threads - 1) / (8 * threads)});
 }
 
-// y [n, out] = x [n, in] times the panels `w` (weights of type W) [ceil(out / LANES), in, LANES],
+// y [n, out] = x [n, in] times the panels `w` (weights of type W) [ceil(out / PANEL), in, PANEL],
 // each output times its `scale` when there is one (int8 weights).
 template <typename W>
 static ffi::Error Multiply(ffi::ThreadPool pool, const float* x, const W* w,
@@ -304,8 +306,7 @@ static ffi::Error Multiply(ffi::ThreadPool pool, const float* x, const W* w,
   job->in = in;
   job->out = out;
   job->panels = panels;
-  const int64_t per_chunk = PerChunk(pool, panels, in * LANES * static_cast<int64_t>(sizeof(W)), 2);
-  job->Divide(panels, per_chunk + (per_chunk & 1));   // whole panel pairs
+  job->Divide(panels, PerChunk(pool, panels, in * PANEL * static_cast<int64_t>(sizeof(W)), 1));
   Share(pool, job);
   return ffi::Error::Success();
 }
@@ -588,12 +589,12 @@ static ffi::Error FirstArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi
   return ffi::Error::Success();
 }
 
-// Whether x [n, in], packed weights [panels, in, LANES] and y [n, out] agree.
+// Whether x [n, in], packed weights [panels, in, PANEL] and y [n, out] agree.
 static bool Shapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
                    ffi::Span<const int64_t> yd) {
-  return xd.size() == 2 && wd.size() == 3 && yd.size() == 2 && wd[2] == LANES &&
-         wd[1] == xd[1] && yd[0] == xd[0] && wd[0] * LANES >= yd[1] &&
-         (wd[0] - 1) * LANES < yd[1];
+  return xd.size() == 2 && wd.size() == 3 && yd.size() == 2 && wd[2] == PANEL &&
+         wd[1] == xd[1] && yd[0] == xd[0] && wd[0] * PANEL >= yd[1] &&
+         (wd[0] - 1) * PANEL < yd[1];
 }
 
 static ffi::Error PanelProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -656,5 +657,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RadfmFirstArgmax, FirstArgmaxImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
 // The panel width this build packs for (the Python side packs the weights to match).
-extern "C" int radfm_panel_lanes() { return LANES; }
+extern "C" int radfm_panel_lanes() { return PANEL; }
 #pragma GCC visibility pop
