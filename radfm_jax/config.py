@@ -477,6 +477,9 @@ def resolve_config_path(path: str) -> str:
   or `configs/NAME.py` (only those: a typo in any other path must not load a built-in)."""
   if os.path.isfile(path):
     return path
+  if os.path.isdir(path):
+    raise ConfigError(f'config file {path!r}: a folder; expected a path to a get_config(arg) '
+                      f'file, or a built-in experiment: {", ".join(builtin_experiments())}')
   head, name = os.path.split(path)
   builtin = os.path.join(EXPERIMENTS_DIR, name.removesuffix('.py') + '.py')
   if head in ('', 'configs') and name and os.path.isfile(builtin):
@@ -738,6 +741,33 @@ def check_data_store(cfg: Config) -> None:
     # random batches have no datasets: the weights would be accepted and do nothing
     _fail('data.mixture', mixture_weights(cfg.data), f'none with data.store={SYNTHETIC_STORE} '
           '(random batches, no datasets to weigh); the weights apply to a VolumeStore')
+  if cfg.data.store == SYNTHETIC_STORE:
+    _check_synthetic_length(cfg)
+  elif os.path.isfile(cfg.data.store):   # else read as STORE/manifest.jsonl below a file
+    raise ConfigError(f'config field data.store={cfg.data.store}: a file; expected the '
+                      'VolumeStore folder written by `radfm-jax ingest`')
+
+
+def _check_synthetic_length(cfg: Config) -> None:
+  """The synthetic text length (train.synthetic_length, 0: data.text_lengths[0]) holds BOS,
+  train.synthetic_images image blocks and some text, within the model's positions (a shorter one
+  was SyntheticBatches' ValueError with its traceback; a longer one ran past
+  model.llama.max_position_embeddings, which data.text_lengths may not)."""
+  t, m = cfg.train, cfg.model
+  images, latents = t.synthetic_images, m.perceiver.num_latents
+  low, high = 3 + images * latents + 4, m.llama.max_position_embeddings
+  if low > high:
+    _fail('train.synthetic_images', images, f'at most {(high - 7) // latents} with data.store='
+          f'{SYNTHETIC_STORE}: BOS, the image blocks of {latents} tokens each and some text '
+          f'within model.llama.max_position_embeddings={high}')
+  length = t.synthetic_length or cfg.data.text_lengths[0]
+  if not low <= length <= high:
+    field, value = (('train.synthetic_length', t.synthetic_length) if t.synthetic_length else
+                    ('data.text_lengths', list(cfg.data.text_lengths)))
+    _fail(field, value, f'a synthetic text length in [{low}, {high}] with data.store='
+          f'{SYNTHETIC_STORE}: BOS, train.synthetic_images={images} image(s) of '
+          f'{latents} tokens and some text, within model.llama.max_position_embeddings={high}'
+          + ('' if t.synthetic_length else ' (train.synthetic_length=0: data.text_lengths[0])'))
 
 
 def check_batch_axes(cfg: Config, num_devices: int, num_processes: int = 1,

@@ -272,15 +272,24 @@ def host_allocator(config: str | None, overrides=(), quick: bool = False) -> str
   return load_config_dict(config_spec(config, quick), overrides).mesh.host_allocator
 
 
+# The data fields `setup` sets itself (data.manifest: the demo reads the store's splits).
+DEMO_DATA_FIELDS = ('data.store', 'data.tokenizer', 'data.manifest')
+
+
 def setup(out: str, *, config: str | None = None, overrides=(), steps: int | None = None,
           quick: bool = False, seed: int = 0, rebuild: bool = False) -> DemoSetup:
   """The config (`run_demo`'s arguments; checked first: a bad value costs no data build), then
   steps 1-3 of the module doc (data, ingest, tokenizer); the data is reused when OUT/data was
   built with the same sizes and seed."""
-  from radfm_jax.config import load_config, load_config_dict
+  from radfm_jax.config import ConfigError, load_config, load_config_dict
   from radfm_jax.data.store import VolumeStore
   spec = config_spec(config, quick)
   given, overrides = list(overrides), [f'seed={seed}']
+  for item in given:       # the demo's own data replaces them below: accepted, they did nothing
+    if item.partition('=')[0].strip().lstrip('-').removeprefix('config.') in DEMO_DATA_FIELDS:
+      raise ConfigError(f'override {item!r}: the demo trains on the data it builds (OUT/store, '
+                        f'OUT/tokenizer.model); expected no {" / ".join(DEMO_DATA_FIELDS)} '
+                        'override (to train on a store of yours: radfm-jax train)')
   if quick:
     overrides += ['train.steps=20', 'train.warmup_steps=2', 'train.learning_rate=2e-3',
                   'data.batch_size_2d=8', 'data.batch_size_3d=8', 'generate.max_new_tokens=12']

@@ -180,6 +180,8 @@ ROWS = [
      ['--image #1: cannot read image {root}/junk.nii.gz']),
     ('generate:no-prompts-file', GEN + ['--input', '{root}/nope.jsonl'],
      ['prompts file {root}/nope.jsonl: no such file']),
+    ('generate:prompts-file-is-a-folder', GEN + ['--input', '{root}'],
+     ['prompts file {root}: a folder (expected JSONL']),
     ('generate:bad-json-line', GEN + ['--input', '{root}/bad_json.jsonl'],
      ['{root}/bad_json.jsonl line 3: not valid JSON']),
     ('generate:not-an-object', GEN + ['--input', '{root}/list.jsonl'],

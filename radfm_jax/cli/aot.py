@@ -18,6 +18,9 @@ radfm-jax aot --generate --quantize int8 --config configs/radfm.py:model=radfm_1
     --config.model.param_dtype=bfloat16 --json benchmarks/generate_fit_13b.jsonl"""
 
 
+CONTEXT, MAX_NEW = 2048, 256     # --generate's defaults
+
+
 def add_parser(sub):
   p = flags.add_command(
       sub, 'aot', help='compile the train step ahead of time for a TPU topology',
@@ -44,10 +47,10 @@ def add_parser(sub):
   p.add_argument('--quantize', choices=QUANTIZE_MODES, default=None,
                  help='with --generate: Qwix int8 weights, w8a8 also int8 activations (as '
                       'generate --quantize)')
-  p.add_argument('--context', type=flags.positive_int, default=2048,
-                 help='with --generate: prompt + new tokens')
-  p.add_argument('--max-new', type=flags.positive_int, default=256,
-                 help='with --generate: new tokens')
+  p.add_argument('--context', type=flags.positive_int, default=None,
+                 help=f'with --generate: prompt + new tokens (default: {CONTEXT})')
+  p.add_argument('--max-new', type=flags.positive_int, default=None,
+                 help=f'with --generate: new tokens (default: {MAX_NEW})')
   flags.add_config_arguments(p, required=True,
                              help='experiment config with a tpu_* mesh preset, e.g. '
                                   'configs/radfm.py:model=radfm_13b,mesh=tpu_v5p_128')
@@ -63,8 +66,22 @@ def _checked(args, cfg):
       args.generate and len(kinds) > 1):
     expected = '2d or 3d' if args.generate else 'a comma list of 2d, 3d, each once'
     raise InputError(f'--kinds {args.kinds}: expected {expected}')
+  limit = cfg.model.llama.max_position_embeddings
+  # a flag of the other mode would be accepted and do nothing
+  other = ([('--text-len', args.text_len)] if args.generate else
+           [('--context', args.context), ('--max-new', args.max_new)])
+  for flag, value in other:
+    if value is not None:
+      raise InputError(f'{flag} {value}: ' + (
+          "the train step's text length, not compiled with --generate; expected --context "
+          '(prompt + new tokens) and --max-new' if args.generate else
+          "goes with --generate; expected --text-len for the train step's text length"))
+  if args.text_len is not None and args.text_len > limit:
+    raise InputError(f'--text-len {args.text_len}: expected a text length <= the model\'s {limit} '
+                     'positions (model.llama.max_position_embeddings)')
   if args.generate:
-    limit = cfg.model.llama.max_position_embeddings
+    args.context = CONTEXT if args.context is None else args.context
+    args.max_new = MAX_NEW if args.max_new is None else args.max_new
     if args.max_new >= args.context or args.context > limit:
       raise InputError(f'--context {args.context} --max-new {args.max_new}: expected max-new < '
                        f'context <= the model\'s {limit} positions '

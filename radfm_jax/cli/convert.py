@@ -32,7 +32,7 @@ def _common(p, config_help: str):
   p.add_argument('--overwrite', action='store_true', help='replace an existing --out checkpoint')
   p.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16'),
                  help='parameter dtype of the output (default: the config param_dtype)')
-  p.add_argument('--llama-heads', type=int, default=None,
+  p.add_argument('--llama-heads', type=flags.positive_int, default=None,
                  help='LLaMA head count (not recoverable from tensor shapes)')
   p.add_argument('--cast', action='store_true',
                  help='also accept tensors that are not float16/bfloat16/float32/float64 (int, '
@@ -80,6 +80,8 @@ def _model_config(args):
       args._parser.error(f'--config.{args.overrides[0]} needs --config FILE:ARG')
     return None
   from radfm_jax.config import load_config
+  flags.check_override_sections(args.overrides, ('model',), 'the other sections are not read '
+                                 'by convert')
   return load_config(args.config, args.overrides).model
 
 

@@ -92,14 +92,18 @@ def _run(args) -> int:
     print(f'radfm-jax eval: {e}', file=sys.stderr)
     return 2
   bench = args.recipe == radbench.NAME
-  if extractor is None and args.entities != 'none':
-    what = ('UMLS entity precision / recall (rationale diagnosis) not computed, the other '
-            'metrics are' if bench else 'UMLS entity metrics not computed')
-    print(f'radfm-jax eval: {what}: {reason}', file=sys.stderr)
+
+  def say_unavailable():
+    # after the inputs are read: a bad --data / --predictions is then its one line alone
+    if extractor is None and args.entities != 'none':
+      what = ('UMLS entity precision / recall (rationale diagnosis) not computed, the other '
+              'metrics are' if bench else 'UMLS entity metrics not computed')
+      print(f'radfm-jax eval: {what}: {reason}', file=sys.stderr)
   scorer = radbench.score if bench else None
   if args.predictions:
     summary = harness.rescore(args.predictions, extractor=extractor, extractor_reason=reason,
                               scorer=scorer, out_dir=args.out)
+    say_unavailable()
     return _report(args, summary, bench)
   args.split = args.split or (radbench.SPLIT if bench else DEFAULT_SPLIT)
   split = None if args.split == SPLIT_ALL else args.split
@@ -108,6 +112,7 @@ def _run(args) -> int:
     print(f'radfm-jax eval: no samples in {args.data}', file=sys.stderr)
     return 2
   model, tokenizer, data_cfg, sampling = load(args)
+  say_unavailable()
   summary = harness.evaluate(model, tokenizer, samples, sampling=sampling, data_cfg=data_cfg,
                              batch_size=args.batch_size, seed=args.seed, extractor=extractor,
                              extractor_reason=reason, out_dir=args.out,

@@ -80,6 +80,9 @@ def load(args):
   compile_cache.enable()        # before the first compile ($RADFM_COMPILATION_CACHE=off: none)
   sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
   if args.tokenizer and not os.path.isfile(args.tokenizer):
+    if os.path.isdir(args.tokenizer):
+      raise InputError(f'--tokenizer {args.tokenizer}: a folder; expected the SentencePiece '
+                       'tokenizer.model file')
     raise InputError(f'--tokenizer {args.tokenizer}: no such file')
   # no such step, missing files, a wrong tokenizer; none given or found: it names --tokenizer
   with reading(f'--checkpoint {args.checkpoint}'):

@@ -55,6 +55,13 @@ def add_parser(sub):
   return p
 
 
+# What a run writes in its workdir, and whether it is a folder: one of the other kind (a folder
+# named metrics.jsonl, a file named checkpoints) failed at its first write with a traceback,
+# loss_curve.png only after the last step.
+_RUN_ENTRIES = (('checkpoints', True), ('tensorboard', True), ('metrics.jsonl', False),
+                ('loss_curve.png', False), ('tokenizer.model', False))
+
+
 def _check_workdir(workdir: str):
   """A new folder or a run's own; a file there (or above it) would fail only at the first write,
   with a traceback, after the model is built."""
@@ -66,6 +73,12 @@ def _check_workdir(workdir: str):
                      'folder (new, or one to resume)')
   check_parent_folder(workdir, f'--workdir {workdir}', 'expected the run\'s folder (new, or one '
                       'to resume)')
+  for name, folder in _RUN_ENTRIES:
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+      raise InputError(f'--workdir {workdir}: {path} is a {"file" if folder else "folder"}; '
+                       f'expected the run\'s {name} {"folder" if folder else "file"} there (or '
+                       'nothing: a new run makes it)')
   record = os.path.join(workdir, 'config.json')
   if os.path.isdir(os.path.join(workdir, 'params')) and os.path.isfile(record):
     # a run there would start from random weights, and `load` would still read the old params

@@ -107,6 +107,9 @@ def infer_llama(reader, prefix: str, base: LlamaConfig, heads: int | None = None
   if layers != list(range(len(layers))):
     raise ConfigError(f'checkpoint layers {prefix}model.layers.{{i}}: got indices {layers}; '
                       f'expected 0..{len(layers) - 1} (a layer missing?)')
+  if heads is not None and (not _is_int(heads) or heads < 1 or hidden % heads):
+    raise ConfigError(f'--llama-heads {heads!r}: expected a positive integer dividing the '
+                      f'checkpoint\'s hidden size {hidden}')
   if heads is None:
     heads = hf.get('num_attention_heads')
     if heads is not None and (not _is_int(heads) or heads < 1 or hidden % heads):

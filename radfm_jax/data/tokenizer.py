@@ -53,7 +53,8 @@ class Tokenizer:
       if not path:
         raise InputError(f'{source} is empty; {expected}')
       if not os.path.isfile(path):
-        raise InputError(f'{source}={path}: no such file; {expected}')
+        what = 'a folder' if os.path.isdir(path) else 'no such file'
+        raise InputError(f'{source}={path}: {what}; {expected}')
       with open(path, 'rb') as f:
         proto = f.read()
     self._proto = proto
