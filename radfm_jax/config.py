@@ -526,14 +526,28 @@ def _parse_value(text: str):
     return text
 
 
+def override_key(item: str) -> str:
+  """The dotted field an override names: `--config.a.b=1`, `config.a.b=1`, `a.b=1` -> 'a.b'."""
+  return item.partition('=')[0].strip().lstrip('-').removeprefix('config.')
+
+
+def check_override_sections(overrides: Sequence[str], sections: Sequence[str], why: str):
+  """ConfigError naming the first override outside `sections`, for a command that reads only
+  those (the value would be accepted and do nothing); `why` ends the message."""
+  for item in overrides:
+    if not any(override_key(item).startswith(section + '.') for section in sections):
+      raise ConfigError(f'override {item!r}: only {" / ".join(s + ".*" for s in sections)} '
+                        f'fields apply here ({why})')
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]):
   """Applies `a.b.c=value` overrides to a full config (value parsed as a Python literal, else a
   string, then coerced to the field's type)."""
   for item in overrides:
-    key, sep, text = item.partition('=')
+    _, sep, text = item.partition('=')
     if not sep:
       raise ConfigError(f'override {item!r}: expected dotted.field=value')
-    key = key.strip().lstrip('-').removeprefix('config.')
+    key = override_key(item)
     *parents, leaf = key.split('.')
     node = cfg
     for i, name in enumerate(parents):

@@ -281,12 +281,12 @@ def setup(out: str, *, config: str | None = None, overrides=(), steps: int | Non
   """The config (`run_demo`'s arguments; checked first: a bad value costs no data build), then
   steps 1-3 of the module doc (data, ingest, tokenizer); the data is reused when OUT/data was
   built with the same sizes and seed."""
-  from radfm_jax.config import ConfigError, load_config, load_config_dict
+  from radfm_jax.config import ConfigError, load_config, load_config_dict, override_key
   from radfm_jax.data.store import VolumeStore
   spec = config_spec(config, quick)
   given, overrides = list(overrides), [f'seed={seed}']
   for item in given:       # the demo's own data replaces them below: accepted, they did nothing
-    if item.partition('=')[0].strip().lstrip('-').removeprefix('config.') in DEMO_DATA_FIELDS:
+    if override_key(item) in DEMO_DATA_FIELDS:
       raise ConfigError(f'override {item!r}: the demo trains on the data it builds (OUT/store, '
                         f'OUT/tokenizer.model); expected no {" / ".join(DEMO_DATA_FIELDS)} '
                         'override (to train on a store of yours: radfm-jax train)')
@@ -299,8 +299,7 @@ def setup(out: str, *, config: str | None = None, overrides=(), steps: int | Non
   raw = load_config_dict(spec, overrides)
   # the experiment's warmup under fewer steps (e.g. --steps 20 under the demo's 30) is cut to a
   # tenth of them; a warmup the caller gave is theirs (too long: an error naming it)
-  warmup_given = any(o.partition('=')[0].strip().lstrip('-').removeprefix('config.')
-                     == 'train.warmup_steps' for o in given)
+  warmup_given = any(override_key(o) == 'train.warmup_steps' for o in given)
   if raw.train.warmup_steps >= raw.train.steps and not warmup_given:
     overrides += [f'train.warmup_steps={max(raw.train.steps // 10, 0)}']
   demo_cfg = raw.get('demo')

@@ -161,6 +161,11 @@ def _read_only(path: str) -> bool:
     return False
 
 
+def not_a_file(path: str) -> str:
+  """Why an input `path` that is not a file cannot be read: 'a folder' or 'no such file'."""
+  return 'a folder' if os.path.isdir(path) else 'no such file'
+
+
 def dangling_link(path: str) -> str | None:
   """`path` (made absolute) or the parent of it that is a symbolic link to a missing target (or a
   loop of links), else None: nothing can be made through it (FileNotFoundError, or

@@ -79,9 +79,9 @@ def _model_config(args):
     if args.overrides:
       args._parser.error(f'--config.{args.overrides[0]} needs --config FILE:ARG')
     return None
-  from radfm_jax.config import load_config
-  flags.check_override_sections(args.overrides, ('model',), 'the other sections are not read '
-                                 'by convert')
+  from radfm_jax.config import check_override_sections, load_config
+  check_override_sections(args.overrides, ('model',), 'the other sections are not read by '
+                          'convert')
   return load_config(args.config, args.overrides).model
 
 

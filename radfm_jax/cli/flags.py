@@ -141,17 +141,6 @@ def add_config_arguments(parser, *, required: bool, help: str, sections=None, no
   parser.epilog = (parser.epilog or '') + '\n\n' + config_epilog(sections, note)
 
 
-def check_override_sections(overrides, sections, why: str):
-  """A ConfigError naming the first `--config.FIELD` override outside `sections` (a command that
-  reads only those: the value would be accepted and do nothing); `why` ends the message."""
-  from radfm_jax.config import ConfigError
-  for item in overrides:
-    key = item.strip().lstrip('-').removeprefix('config.')
-    if not any(key.startswith(section + '.') for section in sections):
-      raise ConfigError(f'override {item!r}: only {" / ".join(s + ".*" for s in sections)} '
-                        f'fields apply here ({why})')
-
-
 def config_epilog(sections=None, note: str = '') -> str:
   """The override syntax and the config's sections with their fields (from radfm_jax.config)."""
   from radfm_jax import config as config_lib

@@ -72,7 +72,7 @@ def load(args):
   import os
 
   from radfm_jax import api
-  from radfm_jax.errors import InputError, reading
+  from radfm_jax.errors import InputError, not_a_file, reading
   from radfm_jax.infer.settings import generate_config
   if not os.path.exists(args.checkpoint):
     raise InputError(f'--checkpoint {args.checkpoint}: no such checkpoint directory')
@@ -80,10 +80,8 @@ def load(args):
   compile_cache.enable()        # before the first compile ($RADFM_COMPILATION_CACHE=off: none)
   sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
   if args.tokenizer and not os.path.isfile(args.tokenizer):
-    if os.path.isdir(args.tokenizer):
-      raise InputError(f'--tokenizer {args.tokenizer}: a folder; expected the SentencePiece '
-                       'tokenizer.model file')
-    raise InputError(f'--tokenizer {args.tokenizer}: no such file')
+    raise InputError(f'--tokenizer {args.tokenizer}: {not_a_file(args.tokenizer)}; expected the '
+                     'SentencePiece tokenizer.model file')
   # no such step, missing files, a wrong tokenizer; none given or found: it names --tokenizer
   with reading(f'--checkpoint {args.checkpoint}'):
     model, tokenizer, data_cfg = api.load_for_generation(

@@ -38,8 +38,9 @@ Reading rules (stored layout [C, H, W, D], see store.py):
     PhotometricInterpretation (attribute `photometric_interpretation`): one sample per pixel must
     be MONOCHROME1, MONOCHROME2 or PALETTE COLOR (else a reject), one for the series; a PALETTE
     COLOR image (one file) is stored as RGB through its lookup tables, as an RGB DICOM
-    (`palette_applied`; its indices are not grey values); MONOCHROME1 is inverted to min + max - x in its own dtype, so that higher values
-    are brighter in every stored scan (a recorded repair: `monochrome1_inverted` = [min, max]).
+    (`palette_applied`; its indices are not grey values); MONOCHROME1 is inverted to
+    min + max - x in its own dtype, so that higher values are brighter in every stored scan (a
+    recorded repair: `monochrome1_inverted` = [min, max]).
     A folder inside the series folder, or a file that is not DICOM, is a reject.
   * PNG/JPEG: Pillow; grayscale stays 1 channel (16-bit kept), everything else becomes RGB.
   * .npy: [H, W] / [H, W, D] / [C, H, W, D] (C in 1, 3) / [S, C, H, W, D]; other ranks rejected;
@@ -305,8 +306,6 @@ def _logged_lines(logger_name: str):
     if logger_name not in _LOGGED_LINES:
       _LOGGED_LINES[logger_name] = _LoggedLines()
       logging.getLogger(logger_name).addFilter(_LOGGED_LINES[logger_name])
-    if logger_name == 'pydicom':
-      _quiet_pydicom_warnings()
   collector = _LOGGED_LINES[logger_name]
   ident = threading.get_ident()
   lines = collector.lines[ident] = []
@@ -323,21 +322,22 @@ def _quiet_pydicom_warnings():
   (`_logged_lines('pydicom')`: the same text is kept there); every other warning goes to the
   `showwarning` it wraps. (`warnings.catch_warnings` would do it for a block, but it swaps
   process-wide state and ingest reads scans in threads.)"""
-  if getattr(warnings.showwarning, '_radfm_pydicom', False):
-    return
-  import pydicom
-  package = os.path.dirname(os.path.abspath(pydicom.__file__)) + os.sep
-  wrapped = warnings.showwarning
-
-  def showwarning(message, category, filename, lineno, file=None, line=None):
-    collecting = _LOGGED_LINES.get('pydicom')
-    if (collecting is not None and threading.get_ident() in collecting.lines
-        and os.path.abspath(str(filename)).startswith(package)):
+  with _LOGGED_LINES_LOCK:
+    if getattr(warnings.showwarning, '_radfm_pydicom', False):
       return
-    wrapped(message, category, filename, lineno, file, line)
+    import pydicom
+    package = os.path.dirname(os.path.abspath(pydicom.__file__)) + os.sep
+    wrapped = warnings.showwarning
 
-  showwarning._radfm_pydicom = True
-  warnings.showwarning = showwarning
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+      collecting = _LOGGED_LINES.get('pydicom')
+      if (collecting is not None and threading.get_ident() in collecting.lines
+          and os.path.abspath(str(filename)).startswith(package)):
+        return
+      wrapped(message, category, filename, lineno, file, line)
+
+    showwarning._radfm_pydicom = True
+    warnings.showwarning = showwarning
 
 
 def _check_pick(field: str, value: int | None, count: int, holds: str):
@@ -532,10 +532,10 @@ def _rescales(ds) -> bool:
   """Whether `_rescale` keeps this file's pixels as float64 values (8 bytes each) until the scan
   is cast: a slope or intercept that is not an integer (integral ones give int16 CT values)."""
   try:
-    return any(float(v) != int(float(v)) for v in (getattr(ds, f, None) for f in (
-        'RescaleSlope', 'RescaleIntercept')) if v not in (None, ''))
-  except (TypeError, ValueError, OverflowError):
-    return False                   # `_rescale` rejects it
+    values = (_dicom_value(ds, 'RescaleSlope', 1.0), _dicom_value(ds, 'RescaleIntercept', 0.0))
+  except RejectedScan:
+    return False                   # `_rescale` rejects it, in the same words
+  return any(v != int(v) for v in values)
 
 
 def _dicom_pixel_bytes(ds, name: str, max_bytes: int) -> int:
@@ -694,6 +694,7 @@ def _as_monochrome2(array: np.ndarray, attrs: dict) -> np.ndarray:
 def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   """What pydicom warns of while reading it (excess pixel-data padding it removes, a value that
   breaks its VR's rules) becomes the attribute `dicom_warnings`, not stderr lines."""
+  _quiet_pydicom_warnings()
   with _logged_lines('pydicom') as lines:
     array, attrs = _read_dicom(path, max_bytes)
   if lines:

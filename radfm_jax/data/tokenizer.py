@@ -24,7 +24,7 @@ import sentencepiece as spm
 
 from radfm_jax.data import prompts
 from radfm_jax.data.batch import IGNORE
-from radfm_jax.errors import InputError, check_text, escape_surrogates, where
+from radfm_jax.errors import InputError, check_text, escape_surrogates, not_a_file, where
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _SPECIAL = re.compile(r'</image>|<image>|<image(\d+)>')
@@ -53,8 +53,7 @@ class Tokenizer:
       if not path:
         raise InputError(f'{source} is empty; {expected}')
       if not os.path.isfile(path):
-        what = 'a folder' if os.path.isdir(path) else 'no such file'
-        raise InputError(f'{source}={path}: {what}; {expected}')
+        raise InputError(f'{source}={path}: {not_a_file(path)}; {expected}')
       with open(path, 'rb') as f:
         proto = f.read()
     self._proto = proto

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 
-from radfm_jax.errors import InputError, where
+from radfm_jax.errors import InputError, not_a_file, where
 
 
 PROMPT_FIELDS = ('id', 'prompt', 'images')
@@ -68,8 +68,7 @@ def read_prompts(path: str) -> list[dict]:
   """Input JSONL -> items (paths resolved against the file's folder). InputError names the file,
   line and field of a line that is not a JSON object with a string "prompt" and a list "images"."""
   if not os.path.isfile(path):
-    what = 'a folder' if os.path.isdir(path) else 'no such file'
-    raise InputError(f'prompts file {path}: {what} (expected JSONL, one '
+    raise InputError(f'prompts file {path}: {not_a_file(path)} (expected JSONL, one '
                      '{"id", "prompt", "images"} object per line)')
   from radfm_jax.data.store import iter_jsonl   # here: `generate --help` imports no TensorStore
   base = os.path.dirname(os.path.abspath(path))

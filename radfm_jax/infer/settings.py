@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from radfm_jax.checkpoint import meta
-from radfm_jax.config import (ConfigError, GenerateConfig, apply_overrides, load_config, validate,
-                              with_defaults)
+from radfm_jax.config import (ConfigError, GenerateConfig, apply_overrides,
+                              check_override_sections, load_config, validate, with_defaults)
 
 def generate_config(checkpoint: str | None = None, spec: str | None = None,
                     overrides: Sequence[str] = ()) -> GenerateConfig:
@@ -27,12 +27,8 @@ def generate_config(checkpoint: str | None = None, spec: str | None = None,
                       'strings')
   # Only the generate section is read (of a config file too): an override of another field
   # would be accepted and do nothing, so it is refused.
-  other = [o for o in overrides
-           if not o.strip().lstrip('-').removeprefix('config.').startswith('generate.')]
-  if other:
-    raise ConfigError(f'override {other[0]!r}: only generate.* fields apply here (the model and '
-                      "the data settings come from the checkpoint; the image intensity: "
-                      '--intensity)')
+  check_override_sections(overrides, ('generate',), 'the model and the data settings come from '
+                          'the checkpoint; the image intensity: --intensity')
   if spec:
     return load_config(spec, overrides).generate
   if checkpoint is not None:           # a checkpoint at all: else the defaults, silently
