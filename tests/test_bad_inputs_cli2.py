@@ -12,7 +12,8 @@ with it did nothing, a --text-len past the model's positions compiled; `eval` pr
 notice before the line of a bad --predictions file (two lines); `demo --config.data.store=...` was
 silently replaced by the demo's own store; a folder given for a config file, data.store given a
 file, and a folder for a tokenizer were said to be missing ('does not exist', 'no such file',
-'manifest a.png/manifest.jsonl: no such file')."""
+'manifest a.png/manifest.jsonl: no such file'); `cache-images` took train.* and model.*
+overrides and did nothing with them."""
 
 import os
 import sys
@@ -95,6 +96,11 @@ ROWS = [
     ('aot-text-len-past-positions', AOT + ['--text-len', '99999'],
      "radfm-jax aot: --text-len 99999: expected a text length <= the model's 1024 positions "
      '(model.llama.max_position_embeddings)'),
+    ('cache-images-override-outside-data-mesh',
+     ['cache-images', '--checkpoint', '{root}/ckpt', '--data', '{root}/pngs/store', '--config',
+      SPEC, "--config.train.freeze=['vision_tower']"],
+     "radfm-jax cache-images: override \"train.freeze=['vision_tower']\": only data.* / mesh.* "
+     'fields apply here (the model comes from the checkpoint and cache-images trains nothing)'),
     ('eval-predictions-missing', ['eval', '--predictions', '{root}/nope.jsonl', '--out',
                                   '{root}/ev'],        # --entities auto: the notice came first
      'radfm-jax eval: {root}/nope.jsonl: no such predictions file (expected '

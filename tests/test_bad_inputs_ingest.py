@@ -380,8 +380,16 @@ def test_max_scan_bytes_limits_every_format(tmp_path):
   assert byte_size('2G') == DEFAULT_MAX_SCAN_BYTES and byte_size('512M') == 512 << 20
   r = _cli('ingest', '--manifest', cd.write_manifest(tmp_path / 'm.jsonl', [_sample('s', 'a.nii.gz')]),
            '--out', str(tmp_path / 'st'), '--max-scan-bytes', '1K', '--no-progress')
-  assert r.returncode == 0 and f'rejected {path}: NIfTI shape [16, 16, 8] int16: needs 4,096 bytes' \
-      in r.stderr, r.stderr
+  assert f'rejected {path}: NIfTI shape [16, 16, 8] int16: needs 4,096 bytes' in r.stderr, r.stderr
+  # Not one sample kept: exit 1 without --strict too (a script must not go on to train on it).
+  assert r.returncode == 1 and r.stderr.splitlines()[-1] == (
+      'radfm-jax ingest: no sample of the input was kept (1 scans rejected, 1 samples dropped; '
+      f'see {tmp_path}/st/rejects.jsonl); expected at least one readable sample'), r.stderr
+  np.save(tmp_path / 'small.npy', np.arange(6, dtype=np.int16).reshape(2, 3))
+  r = _cli('ingest', '--manifest', cd.write_manifest(tmp_path / 'm2.jsonl', [
+      _sample('s', 'a.nii.gz'), _sample('t', 'small.npy')]), '--out', str(tmp_path / 'st'),
+      '--max-scan-bytes', '1K', '--no-progress')
+  assert r.returncode == 0 and '1 samples kept, 1 dropped' in r.stderr, r.stderr   # one kept
 
 
 def test_max_scan_bytes_counts_the_float64_values_of_a_fractional_rescale(tmp_path):

@@ -594,6 +594,15 @@ def test_cli_reports_bad_inputs(tmp_path, folder):
   rejects = [json.loads(x) for x in open(store / 'rejects.jsonl')]
   assert [x['reason'] for x in rejects] == [line]
   assert [row['id'] for row in VolumeStore(str(store)).manifest()] == ['mimic_caption-test-0']
+  # Every row refused: exit 1 without --strict too.
+  _csv(tmp_path / 'mimic_caption_test.csv', ['image_path', 'label'], ['gone.png', 'x'])
+  r = _cli('ingest', '--recipe', 'mimic_caption', '--source',
+           str(tmp_path / 'mimic_caption_test.csv'), '--image-root', str(img), '--out',
+           str(tmp_path / 's3'), '--no-progress')
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+      'radfm-jax ingest: no sample of the input was kept (0 scans rejected, 0 samples dropped, '
+      f'1 input rows refused; see {tmp_path}/s3/rejects.jsonl); expected at least one readable '
+      'sample'), r.stderr
 
 
 def test_recipe_json_key_twice_empty_names_and_nothing_to_ingest_are_one_line(tmp_path, folder,

@@ -43,6 +43,9 @@ def add_parser(sub):
 
 def run(args) -> int:
   data_cfg = mesh_cfg = None
+  from radfm_jax.config import check_override_sections
+  check_override_sections(args.overrides, ('data', 'mesh'), 'the model comes from the checkpoint '
+                          'and cache-images trains nothing')
   if args.config:
     from radfm_jax.config import load_config
     cfg = load_config(args.config, args.overrides)

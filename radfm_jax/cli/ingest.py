@@ -57,7 +57,8 @@ def add_parser(sub):
       'longer be opened: the re-run repairs a damaged store). One ingest writes a store at a time '
       '(a second one waits for the lock). A missing manifest, duplicate sample ids, a scan id '
       'naming two files or a sample id the store holds with other content stop before anything '
-      'is written (exit 2). Exit code 1 with --strict when anything was rejected.',
+      'is written (exit 2). Exit code 1 when no sample of the input was kept, and with --strict '
+      'when anything was rejected.',
       example=EXAMPLE)
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument('--manifest', help='input samples JSONL (fields below)')
@@ -79,7 +80,8 @@ def add_parser(sub):
                  'random.Random("SEED/R/SPLIT/n"); default 0)')
   p.epilog += '\n\n' + schema_help()
   p.add_argument('--out', required=True, help='store directory to create or extend')
-  p.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected')
+  p.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected (without it: only when '
+                 'nothing was kept)')
   p.add_argument('--replace', action='store_true',
                  help='a sample id (or scan id) the store holds with other content is replaced '
                  'instead of being an error')
@@ -159,11 +161,18 @@ def run(args) -> int:
                              'images from one root)')
         given[key] = value
         roots.update({name: folder} if eq and name in RECIPES else {'': value})
-      ingest_recipe(args.recipe, source, roots, args.out, args.split,
-                    0 if args.seed is None else args.seed, **options)
+      _, report = ingest_recipe(args.recipe, source, roots, args.out, args.split,
+                                0 if args.seed is None else args.seed, **options)
     else:
-      ingest(args.manifest, args.out, root=args.root, **options)
+      report = ingest(args.manifest, args.out, root=args.root, **options)
   except IngestError as e:
     print(f'radfm-jax ingest: {e}', file=sys.stderr)
+    return 1
+  if report.rejects and not report.samples:
+    # Not one sample of the input was kept: an exit code of 0 would let a script go on to train
+    # on a store without them.
+    print(f'radfm-jax ingest: no sample of the input was kept ({report.rejected_text()}; see '
+          f'{os.path.join(args.out, "rejects.jsonl")}); expected at least one readable sample',
+          file=sys.stderr)
     return 1
   return 0
