@@ -173,6 +173,21 @@ def test_a_resume_says_each_field_it_changes(tmp_path, capsys):
                    'radfm-jax train: resume changes train.steps: 4 -> 6']
   record = json.loads((tmp_path / 'run' / 'checkpoints' / 'config.json').read_text())
   assert record['generate']['stop_ids'] == [1] and record['train']['steps'] == 6
+  # finetune.init_from is said not to be read on resume
+  loop.train(load_config(SPEC, base + ['generate.stop_ids=[1]', 'train.steps=6',
+                                       'finetune.init_from=/nowhere/ckpt']),
+             str(tmp_path / 'run'), max_steps=0, progress=False)
+  lines = [x for x in capsys.readouterr().err.splitlines() if 'init_from' in x]
+  assert lines == [
+      "radfm-jax train: resume changes finetune.init_from: '' -> '/nowhere/ckpt' (recorded, not "
+      'read: a resume starts from its own steps, only a fresh run from finetune.init_from)']
+  # a max_steps past train.steps is said, not capped in silence
+  t = load_config(SPEC, base).train
+  assert loop.last_step(t, None) == (4, None) and loop.last_step(t, 3) == (3, None)
+  assert loop.last_step(t, 4) == (4, None)
+  assert loop.last_step(t, 9) == (4, 'max steps 9 (--max-steps): past train.steps=4, where the '
+                                     'learning-rate schedule ends; the run stops at step 4 '
+                                     '(raise train.steps to train longer)')
 
 
 def test_tokenizer_is_kept_in_the_workdir(tmp_path):
@@ -392,3 +407,58 @@ def test_resume_on_other_data_or_tokenizer_is_refused(tmp_path):
   with pytest.raises(ConfigError, match='train.learning_rate=0.0001, you asked for 0.01'):
     check(store, extra=['train.learning_rate=0.01'])
   check(store)
+  # Synthetic batches resumed on a store, and back: the steps hold the other kind of data
+  # position (none would restore, and the message blamed the checkpoint).
+  synthetic = load_config(SPEC, SMALL + ['data.store=synthetic', 'data.batch_size_2d=8'])
+  with pytest.raises(ConfigError, match=re.escape(
+      f"config field data.store='synthetic': workdir run holds a run trained on the store "
+      f"{store}; use another --workdir (a run does not switch between synthetic batches and a "
+      'store)')):
+    rundir.check_same_run(rundir.record(synthetic, None), ckpt, 'run')
+  _fake_run(tmp_path / 'synth', synthetic)
+  with pytest.raises(ConfigError, match=re.escape(
+      f"config field data.store='{store}': workdir synth holds a run trained on synthetic "
+      'batches; use another --workdir')):
+    rundir.check_same_run(rundir.record(cfg, None, inputs),
+                          str(tmp_path / 'synth' / 'checkpoints'), 'synth')
+
+
+def test_a_run_that_fails_before_its_state_leaves_the_workdir_as_it_was(tmp_path):
+  """The tokenizer's copy and the run record are written once the state is restored or
+  initialised: a fresh run stopped by a config the model refuses left WORKDIR/tokenizer.model
+  (and the corrected rerun with another tokenizer was refused as 'differs from the tokenizer this
+  run trained with'); a resume whose steps did not restore had rewritten config.json first (and
+  the next resume was compared with that). A config that freezes every trainable parameter is
+  one line naming train.freeze (was XLA's 'Need at least one array to stack')."""
+  (tmp_path / 'd').mkdir()
+  store = cd.png_store(tmp_path / 'd')
+  tok = str(tmp_path / 'd' / 'tok.model')
+  run = tmp_path / 'run'
+  base = SMALL + [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
+                  'train.steps=4']
+  with pytest.raises(ConfigError, match="pattern 'nomatch/.*' matches no parameter"):
+    loop.train(load_config(SPEC, base + ["train.lr_multipliers=[['nomatch/.*', 2.0]]"]),
+               str(run), max_steps=0, progress=False)
+  assert not (run / 'tokenizer.model').exists()
+  assert not (run / 'checkpoints' / 'config.json').exists()
+  loop.train(load_config(SPEC, base), str(run), max_steps=0, progress=False)   # saves step 0
+  assert (run / 'tokenizer.model').read_bytes() == open(tok, 'rb').read()
+  record = (run / 'checkpoints' / 'config.json').read_bytes()
+  for item in (run / 'checkpoints' / '0').iterdir():         # no step restores now
+    if item.is_dir():
+      import shutil
+      shutil.rmtree(item)
+  with pytest.raises(Exception, match='restores'):
+    loop.train(load_config(SPEC, base + ['train.steps=6']), str(run), max_steps=0,
+               progress=False)
+  assert (run / 'checkpoints' / 'config.json').read_bytes() == record     # train.steps=4 still
+  for freeze, method in ((['vision_tower', 'decoder', 'figure_tokens'], 'full'),
+                         (['decoder'], 'lora')):
+    cfg = load_config(SPEC + (',finetune=lora' if method == 'lora' else ''),
+                      [f'train.freeze={freeze!r}'])
+    why = ('' if method == 'full' else " (finetune.method='lora': its adapters and "
+           "finetune.train_full=[])")
+    with pytest.raises(ConfigError, match=re.escape(
+        f'config field train.freeze={freeze!r}: freezes every parameter the run would train'
+        f'{why}; expected some left to train')):
+      loop.build(cfg)

@@ -258,6 +258,7 @@ def _build(cfg: Config, mesh):
   graphdef, abs_params = lora.abstract_model(cfg.model, cfg.finetune, mesh, rules)
   optim.check_patterns(cfg.train, abs_params)
   abs_trainable, _ = optim.split_trainable(abs_params, optim.trainable_spec(cfg))
+  optim.check_trainable(cfg, abs_trainable)
   tx = optim.make_optimizer(cfg.train, abs_trainable)
   abs_state = step_lib.abstract_train_state((graphdef, abs_params), tx, mesh, rules,
                                             optim.trainable_spec(cfg))
@@ -509,6 +510,16 @@ def plot_loss_curve(logdir: str, title: str) -> str | None:
   return path
 
 
+def last_step(t, max_steps: int | None) -> tuple[int, str | None]:
+  """(the step a run stops at: `train.steps`, or `max_steps` when smaller; a line to say when
+  `max_steps` is past `train.steps`, else None: it is not raised in silence)."""
+  if max_steps is None or max_steps <= t.steps:
+    return (t.steps if max_steps is None else max_steps), None
+  return t.steps, (f'max steps {max_steps} (--max-steps): past train.steps={t.steps}, where the '
+                   f'learning-rate schedule ends; the run stops at step {t.steps} (raise '
+                   'train.steps to train longer)')
+
+
 def train(cfg: Config, workdir: str, *, data=None, eval_data=None, max_steps: int | None = None,
           mesh=None, progress: bool = True, on_step=None, verbose: bool = True,
           fallback: bool = True) -> TrainResult:
@@ -550,18 +561,20 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   inputs = rundir.run_inputs(cfg) if from_store else {}
   # before Orbax reads a shape (data.tokenizer may change: the copy is compared by its bytes)
   rundir.check_same_run(rundir.record(cfg, None, inputs), ckpt_dir, given_workdir)
-  tokenizer = rundir.keep_tokenizer(cfg, workdir) if (
-      is_main and cfg.data.store not in ('', SYNTHETIC_STORE)) else None
+  keeps_tokenizer = is_main and cfg.data.store not in ('', SYNTHETIC_STORE)
+  tokenizer = rundir.keep_tokenizer(cfg, workdir, write=False) if keeps_tokenizer else None
   config_dict = rundir.record(cfg, tokenizer, inputs)
   saved = rundir.saved_config(ckpt_dir) if is_main and rundir.has_checkpoints(ckpt_dir) else None
   for field, old, new in rundir.resumable_changes(saved or {}, config_dict):
-    say(f'resume changes {field}: {old!r} -> {new!r}')
+    say(f'resume changes {field}: {old!r} -> {new!r}' + (
+        ' (recorded, not read: a resume starts from its own steps, only a fresh run from '
+        'finetune.init_from)' if field == 'finetune.init_from' else ''))
   mesh, rules, graphdef, tx, abs_state, shardings = build(cfg, mesh)
   check_batch_rows(cfg, mesh, rules)    # processes' own rows must not be taken for one batch
   ckpt = Checkpointer(ckpt_dir, max_to_keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-  if is_main:
-    rundir.write_record(ckpt.directory, config_dict)
-  total = t.steps if max_steps is None else min(t.steps, max_steps)
+  total, notice = last_step(t, max_steps)
+  if notice:
+    say(notice)
   image_cache = None
   if cfg.data.image_cache:
     # The cache belongs to the frozen vision tower's weights: restore (or initialise) the state
@@ -593,6 +606,12 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   if restored is not None:
     say(f'resumed from step {latest} (' + ('data position restored)' if hasattr(
         data, 'get_state') else 'data position not restored: the iterator has no get_state)'))
+  if is_main:
+    # Only now, the state restored or initialised: a run that failed before (a config the model
+    # refuses, no step that restores) leaves the workdir's tokenizer and record as they were.
+    if keeps_tokenizer:
+      rundir.keep_tokenizer(cfg, workdir)
+    rundir.write_record(ckpt.directory, config_dict)
   writer = metrics_lib.MetricWriter(logdir, tensorboard=t.tensorboard, enabled=is_main)
   if writer.cut:
     say(f'{writer.path}: cut off a torn last line ({writer.cut} bytes: a write cut short by a '
@@ -602,6 +621,9 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   num_devices = mesh.devices.size
 
   step = int(jax.device_get(state.step))
+  if step > total:
+    say(f'the run is at step {step}, past the {total} steps asked for (--max-steps): nothing to '
+        'train')
   losses, last_saved = {}, latest
   stop = _StopFlag(say)
   stop.install()
@@ -773,5 +795,5 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
 
 
 __all__ = ['NonFiniteLossError', 'TrainResult', 'UnreadableDataError', 'base_params', 'build',
-           'check_batch_rows', 'evaluate', 'global_batch', 'init_params', 'init_state', 'make_data',
-           'mixture_metrics', 'open_data', 'plot_loss_curve', 'run_dirs', 'train']
+           'check_batch_rows', 'evaluate', 'global_batch', 'init_params', 'init_state', 'last_step',
+           'make_data', 'mixture_metrics', 'open_data', 'plot_loss_curve', 'run_dirs', 'train']

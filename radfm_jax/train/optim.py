@@ -107,6 +107,17 @@ def lr_labels(multipliers, params) -> object:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def check_trainable(cfg: Config, trainable) -> None:
+  """ConfigError naming `train.freeze` when it (with `finetune.*`) leaves no parameter to train:
+  the optimizer would have nothing to update (XLA: 'Need at least one array to stack')."""
+  if not jax.tree.leaves(trainable):
+    what = ('' if cfg.finetune.method == 'full' else
+            f' (finetune.method={cfg.finetune.method!r}: its adapters and '
+            f'finetune.train_full={list(cfg.finetune.train_full)!r})')
+    raise ConfigError(f'config field train.freeze={list(cfg.train.freeze)!r}: freezes every '
+                      f'parameter the run would train{what}; expected some left to train')
+
+
 def check_patterns(t: TrainConfig, params) -> None:
   """ConfigError naming `train.lr_multipliers` / `train.lr_delays` when one of their patterns
   fully matches no parameter path of the model: a misspelt one would leave the learning rates
@@ -156,5 +167,6 @@ def delay_ramp(delay: int, warmup: int) -> optax.Schedule:
   return factor
 
 
-__all__ = ['check_patterns', 'decay_mask', 'delay_ramp', 'frozen_prefixes', 'lr_labels',
-           'make_optimizer', 'make_schedule', 'merge_params', 'split_trainable', 'trainable_filter', 'trainable_spec']
+__all__ = ['check_patterns', 'check_trainable', 'decay_mask', 'delay_ramp', 'frozen_prefixes',
+           'lr_labels', 'make_optimizer', 'make_schedule', 'merge_params', 'split_trainable',
+           'trainable_filter', 'trainable_spec']

@@ -181,6 +181,15 @@ def check_same_run(cfg_dict: dict, ckpt_dir: str, workdir: str):
   if saved is None:
     return
   then, now = saved.get(RUN_SECTION) or {}, cfg_dict.get(RUN_SECTION) or {}
+  old_store = (saved.get('data') or {}).get('store', '')
+  new_store = cfg_dict['data']['store']
+  if (old_store == SYNTHETIC_STORE) != (new_store == SYNTHETIC_STORE) and old_store:
+    # the checkpoints hold the other kind of data position: no step would restore
+    trained = ('synthetic batches' if old_store == SYNTHETIC_STORE
+               else f'the store {old_store}')
+    raise ConfigError(f'config field data.store={new_store!r}: workdir {workdir} holds a run '
+                      f'trained on {trained}; use another --workdir (a run does not switch '
+                      'between synthetic batches and a store)')
   if then.get('train_sha256') and now.get('train_sha256') and then['train_sha256'] != now[
       'train_sha256']:
     raise ConfigError(
@@ -252,10 +261,12 @@ def remove_unfinished(ckpt_dir: str) -> list[tuple[str, str]]:
                      'short (never read)') for path in purge_deleted(ckpt_dir)]
 
 
-def keep_tokenizer(cfg: Config, workdir: str) -> str | None:
+def keep_tokenizer(cfg: Config, workdir: str, write: bool = True) -> str | None:
   """Copies the run's tokenizer (`data.tokenizer`) to WORKDIR/tokenizer.model (process 0 calls
   it) and returns the copy's path; a workdir that already holds a different tokenizer is a
-  ConfigError. None when the run has no tokenizer (synthetic data)."""
+  ConfigError. None when the run has no tokenizer (synthetic data). `write=False`: the checks
+  and the path only (a run copies it once its state is restored or initialised, so a run that
+  fails before leaves no copy to be compared with)."""
   given = cfg.data.tokenizer
   if not given:
     return None
@@ -269,6 +280,8 @@ def keep_tokenizer(cfg: Config, workdir: str) -> str | None:
       raise ConfigError(f'config field data.tokenizer={given!r}: differs from the tokenizer this '
                         f'run trained with ({_path(target)}); use another --workdir or that '
                         'tokenizer')
+    return _path(target)
+  if not write:
     return _path(target)
   tmp = target.parent / (TOKENIZER_FILE + '.tmp')
   with writing(_path(target)):          # a full disk: one line naming the copy
