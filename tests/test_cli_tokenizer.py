@@ -145,7 +145,8 @@ def test_tokenizer_class_errors(tmp_path):
 def test_text_not_utf8_and_bad_out_are_one_line_exit_2(tmp_path, capsys):
   """--text with bytes that are not UTF-8 names the file and line, as --manifest does (before: a
   UnicodeDecodeError traceback); a --text folder, and an --out that is a folder or lies under a
-  file, are one line too, before any training (before: a traceback after training)."""
+  file, are one line too, before any training (before: a traceback after training); so is an
+  --out that is the --text file itself."""
   from radfm_jax.cli.main import main
   text = tmp_path / 'latin1.txt'
   text.write_bytes(b'hello\ncaf\xe9\n')
@@ -163,6 +164,11 @@ def test_text_not_utf8_and_bad_out_are_one_line_exit_2(tmp_path, capsys):
       (['--text', str(good), '--out', str(tmp_path), '--overwrite'],
        f'--out {tmp_path}: a folder; {expected}'),
       (['--text', str(good), '--out', str(good / 't.model')],
-       f'--out {good / "t.model"}: {good} is not a directory; {expected}')):
+       f'--out {good / "t.model"}: {good} is not a directory; {expected}'),
+      # --overwrite wrote the model over the text it was trained on (and a manifest likewise)
+      (['--text', str(good), '--out', str(good), '--overwrite'],
+       f'--out {good}: is the --text file the tokenizer is trained on; expected another path '
+       'for the tokenizer.model')):
     assert main(['tokenizer', 'train', '--vocab-size', '300'] + argv) == 2
     assert capsys.readouterr().err == f'radfm-jax tokenizer: {line}\n'
+  assert good.read_text() == 'The liver is normal.\n' * 20

@@ -3,6 +3,7 @@ it through Grain with the same batches as from the JSONL, and clear errors."""
 
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -107,11 +108,19 @@ def test_publish_refuses_rows_training_would_refuse(store, tmp_path):
   row = store.manifest()[0]
   for rows, message in [([dict(row, split=None)], 'manifest record 1 field split: got null'),
                         ([dict(row, split=5)], 'manifest record 1 field split: got 5'),
-                        ([dict(row, split='all')], "split 'all' is not a TFDS split name"),
+                        ([dict(row, split='all')], "manifest record 1 field split: 'all' (id "
+                         f"{row['id']!r}) is not a TFDS split name; expected letters, digits, "
+                         "underscore, not 'all' (which TFDS reserves)"),
                         ([row, dict(row)], 'manifest record 2 field id')]:
     with pytest.raises(InputError) as e:
       publish.publish_manifest(rows, str(tmp_path / 'out'))
-    assert str(e.value).startswith(message) or message in str(e.value), str(e.value)
+    assert str(e.value).startswith(message), str(e.value)
+  # in a file: its line (a blank line counted), not the row's index from 0
+  lines = [json.dumps(row), '', json.dumps(dict(row, id='b', split='all'))]
+  (tmp_path / 'm.jsonl').write_text('\n'.join(lines) + '\n')
+  with pytest.raises(InputError, match=re.escape(
+      f"{tmp_path / 'm.jsonl'} line 3 field split: 'all' (id 'b') is not a TFDS split name")):
+    publish.publish_manifest(str(tmp_path / 'm.jsonl'), str(tmp_path / 'out'))
   assert not (tmp_path / 'out').exists()
 
 

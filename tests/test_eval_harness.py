@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -162,6 +163,48 @@ def test_rescore_in_place_keeps_what_only_the_generating_run_knew(tmp_path):
     assert got['overall']['n'] == 1 and got['overall']['closed_accuracy'] == 1.0
   elsewhere = harness.rescore(str(tmp_path / 'predictions.jsonl'), out_dir=str(tmp_path / 'new'))
   assert 'skipped' not in elsewhere                     # another folder: nothing to carry over
+
+
+def test_eval_never_writes_over_what_it_reads_nor_takes_flags_it_does_not_use(tmp_path, capsys):
+  """`eval --data OUT/predictions.jsonl --out OUT` wrote its predictions over the manifest it
+  read; `--predictions P --out OUT` where OUT held another eval's predictions.jsonl replaced
+  that eval's summary.json with one describing P; `--predictions` took --seed, --tokenizer,
+  --step, --intensity, --batch-size and generate overrides and did nothing with them."""
+  rows = [{'id': 'a', 'question': 'Q?', 'reference': 'Yes', 'prediction': 'yes', 'kind': 'closed',
+           'task': 'vqa', 'dataset': 'default'}]
+  (tmp_path / 'p.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'predictions.jsonl').write_text('theirs\n')
+  (tmp_path / 'other' / 'summary.json').write_text('{"checkpoint": "/runs/theirs"}')
+  before = {f: (tmp_path / 'other' / f).read_text() for f in ('predictions.jsonl', 'summary.json')}
+  with pytest.raises(InputError, match=re.escape(
+      f'--out {tmp_path}/other: holds the predictions.jsonl of another eval; expected the folder '
+      f'of {tmp_path}/p.jsonl or one without a predictions.jsonl')):
+    harness.rescore(str(tmp_path / 'p.jsonl'), out_dir=str(tmp_path / 'other'))
+  manifest = tmp_path / 'other' / 'predictions.jsonl'
+  cases = [
+      (['--predictions', str(tmp_path / 'p.jsonl'), '--seed', '5'],
+       '--seed 5: a setting of generating predictions; expected none with --predictions (the '
+       'file is scored as it is)'),
+      (['--predictions', str(tmp_path / 'p.jsonl'), '--config.generate.top_k=3'],
+       '--config.generate.top_k=3: a setting of generating predictions; expected none with '
+       '--predictions (the file is scored as it is)'),
+      (['--predictions', str(tmp_path / 'p.jsonl'), '--tokenizer', 'tok.model'],
+       '--tokenizer tok.model: a setting of generating predictions; expected none with '
+       '--predictions (the file is scored as it is)'),
+      (['--predictions', str(tmp_path / 'other' / 'summary.json')],
+       f'--predictions {tmp_path}/other/summary.json: is {tmp_path}/other/summary.json, which '
+       'eval writes; expected --out another folder'),
+      (['--checkpoint', str(tmp_path), '--data', str(manifest)],
+       f'--data {manifest}: is {manifest}, which eval writes; expected --out another folder')]
+  for argv, line in cases:
+    assert main(['eval', '--out', str(tmp_path / 'other'), '--entities', 'none',
+                 '--no-progress'] + argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f'radfm-jax eval: {line}']
+  assert {f: (tmp_path / 'other' / f).read_text() for f in before} == before
+  assert main(['eval', '--predictions', str(tmp_path / 'p.jsonl'), '--out', str(tmp_path / 'new'),
+               '--entities', 'none']) == 0                          # a folder of its own: scored
+  assert json.load(open(tmp_path / 'new' / 'summary.json'))['overall']['closed_accuracy'] == 1.0
 
 
 def test_a_question_too_long_is_refused_before_any_sample_is_generated(data, tmp_path):

@@ -82,6 +82,28 @@ def _run(args) -> int:
     raise UserError(f'--{"split" if args.split else "limit"} picks the samples to generate: '
                     'expected no --split and no --limit with --predictions (every row of the '
                     'file is scored)')
+  if args.predictions:
+    # the flags of generating: with a file scored as it is, they would do nothing
+    given = [flag for flag, set_ in (
+        (f'--step {args.step}', args.step is not None),
+        (f'--tokenizer {args.tokenizer}', args.tokenizer is not None),
+        (f'--intensity {args.intensity}', args.intensity is not None),
+        (f'--seed {args.seed}', args.seed != 0),
+        (f'--batch-size {args.batch_size}', args.batch_size != 1),
+        (f'--config {args.config}', bool(args.config)),
+        (f'--config.{args.overrides[0]}' if args.overrides else '', bool(args.overrides))) if set_]
+    if given:
+      raise UserError(f'{given[0]}: a setting of generating predictions; expected none with '
+                      '--predictions (the file is scored as it is)')
+  for out_file in harness.OUTPUTS + (harness.PROGRESS,):
+    # eval writes these: the file it reads must not be one of them
+    written = os.path.join(args.out, out_file)
+    for flag, given_path in (('--data', args.data), ('--predictions', args.predictions)):
+      if (given_path and os.path.isfile(given_path) and os.path.exists(written)
+          and os.path.samefile(given_path, written)
+          and not (flag == '--predictions' and out_file == 'predictions.jsonl')):
+        raise UserError(f'{flag} {given_path}: is {written}, which eval writes; expected --out '
+                        'another folder')
   # before any work: a bad --out (a file or a broken symlink on the way, a read-only disk)
   # would otherwise fail after every sample is generated
   harness.check_out_dir(args.out, '--out',

@@ -71,6 +71,12 @@ def run(args) -> int:
   if not 1 <= args.vocab_size < 2**31:
     raise InputError(f'--vocab-size {args.vocab_size}: expected a positive 32-bit integer')
   _check_out(args.out)
+  for flag in ('manifest', 'text'):
+    source = getattr(args, flag)
+    if source and os.path.exists(args.out) and os.path.exists(source) and os.path.samefile(
+        source, args.out):          # --overwrite would write the model over the text it reads
+      raise InputError(f'--out {args.out}: is the --{flag} file the tokenizer is trained on; '
+                       'expected another path for the tokenizer.model')
   if os.path.exists(args.out) and not args.overwrite:
     raise InputError(f'--out {args.out}: exists; expected a new file (or --overwrite to replace '
                      'it; a run trained with it needs the same file)')

@@ -13,25 +13,30 @@ import os
 import re
 import shutil
 
-from radfm_jax.data.manifest import read_records, record_place, validate_records
-from radfm_jax.data.store import VolumeStore, is_url
+from radfm_jax.data.manifest import check_records, record_place, validate_records
+from radfm_jax.data.store import VolumeStore, is_url, iter_jsonl
 from radfm_jax.data.tfds_manifest import (DATASET_NAME, DATASET_VERSION, builder_class,
                                           tfds_module)
-from radfm_jax.errors import InputError, check_parent_folder, writing
+from radfm_jax.errors import InputError, check_parent_folder, where, writing
 
 
-def _source_rows(data: str) -> list[dict]:
+def _source_rows(data: str) -> tuple[list[dict], list[str]]:
+  """(the rows of a store's manifest or a manifest JSONL, where each one's split field is for
+  messages: 'FILE line N field split')."""
   # Validated against the manifest schema as training reads it (ids unique, field types, split
   # names): a row training would refuse is not published.
+  form = None
   if os.path.isdir(data):
     store = VolumeStore(data)
     if not os.path.isfile(store.manifest_path):
       raise FileNotFoundError(f'{data}: not a store (no {os.path.basename(store.manifest_path)})')
-    return read_records(store.manifest_path, form='store')
-  if not os.path.isfile(data):
+    data, form = store.manifest_path, 'store'
+  elif not os.path.isfile(data):
     raise FileNotFoundError(f'{data}: no such file (expected a store directory or a manifest '
                             'JSONL)')
-  return read_records(data, form=None)
+  pairs = list(iter_jsonl(data))
+  rows = check_records(pairs, lambda line, field: where(data, line, field), form)
+  return rows, [where(data, line, 'split') for line, _ in pairs]
 
 
 # The types JSON gives back exactly as given (exact types: a subclass such as numpy.float64 or
@@ -80,7 +85,7 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
   if not is_url(out_dir):        # a broken symlink or an unwritable folder on the way
     check_parent_folder(out_dir, f'--out {out_dir}', 'expected the TFDS data folder to write into')
   if isinstance(data, (str, os.PathLike)):
-    rows = _source_rows(os.fspath(data))
+    rows, places = _source_rows(os.fspath(data))
   else:
     rows = list(data)
     for n, row in enumerate(rows, 1):              # numbered as validate_records numbers them
@@ -91,14 +96,15 @@ def publish_manifest(data, out_dir: str, *, overwrite: bool = False) -> str:
                              f'{_JSON_VALUES}')
           _check_json(value, n, field)
     rows = validate_records(rows, form=None)
+    places = [record_place(n, 'split') for n in range(1, len(rows) + 1)]
   if not rows:
     raise ValueError(f'{data}: no manifest rows to publish')
   splits: dict[str, list[dict]] = {}
-  for n, row in enumerate(rows):
+  for row, place in zip(rows, places):
     split = row.get('split', 'train')
     if not isinstance(split, str) or not re.fullmatch(r'\w+', split) or split == 'all':
-      raise InputError(f'row {n} (id {row.get("id")!r}): split {split!r} is not a TFDS split name '
-                       "(letters, digits, underscore; not 'all', which TFDS reserves)")
+      raise InputError(f'{place}: {split!r} (id {row.get("id")!r}) is not a TFDS split name; '
+                       "expected letters, digits, underscore, not 'all' (which TFDS reserves)")
     splits.setdefault(split, []).append(row)
   target = os.path.join(out_dir, DATASET_NAME, DATASET_VERSION)
   # The new version is built in a staging data dir and moved in only when complete, so a kill

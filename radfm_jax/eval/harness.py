@@ -638,6 +638,12 @@ def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', sco
   default `score`); with out_dir writes OUT/summary.json (the predictions file is left as it is)."""
   if out_dir:
     check_out_dir(out_dir, files=('summary.json',))
+    beside = os.path.join(out_dir, 'predictions.jsonl')
+    if os.path.exists(beside) and not (os.path.exists(predictions)
+                                       and os.path.samefile(beside, predictions)):
+      # its summary.json would then describe predictions other than those beside it
+      raise InputError(f'--out {out_dir}: holds the predictions.jsonl of another eval; expected '
+                       f'the folder of {predictions} or one without a predictions.jsonl')
   rows = read_predictions(predictions)
   # What only the generating run knew (its checkpoint, split, sampling, the samples it skipped):
   # kept from the summary.json beside its predictions.jsonl when the rescore replaces it, so the
