@@ -142,7 +142,30 @@ def test_cli_end_to_end(data, tmp_path):
                                  'reason': 'entity metrics not requested (--entities none)'}
   assert summary['sampling']['max_new_tokens'] == 3 and summary['n_samples'] == 2
   assert (summary['split'], summary['skipped'], summary['skipped_samples']) == ('eval', 0, [])
+  assert summary['images_left_out'] == {'max_images': 100, 'samples': []}
   assert summary['timing']['samples_per_s'] > 0
+
+
+def test_images_past_the_models_max_images_are_said_and_listed(data, tmp_path, capsys):
+  """A sample naming more images than the model takes was scored on the first max_images in
+  silence (training says so, generate refuses): now one line and summary.json's list."""
+  import dataclasses
+  from radfm_jax.models.radfm import create_model
+  api.save(create_model(dataclasses.replace(cd.tiny_model(), max_images=1), seed=0),
+           str(tmp_path / 'ckpt'))
+  out = tmp_path / 'out'
+  rc = main(['eval', '--checkpoint', str(tmp_path / 'ckpt'), '--data', str(data / 'store'),
+             '--tokenizer', str(data / 'tok.model'), '--out', str(out), '--split', 'train',
+             '--config.generate.max_new_tokens=2', '--entities', 'none', '--no-progress'])
+  assert rc == 0
+  err = capsys.readouterr().err.splitlines()
+  assert ("radfm-jax eval: 1 of 2 samples name more than the model's 1 images; the first 1 are "
+          "used, the rest left out, as training does (sample 'c' names 2; listed in "
+          f"{out / 'summary.json'})") in err, err
+  summary = json.load(open(out / 'summary.json'))
+  assert summary['images_left_out'] == {'max_images': 1,
+                                        'samples': [{'sample_id': 'c', 'images': 2}]}
+  assert [json.loads(x)['id'] for x in open(out / 'predictions.jsonl')] == ['c', 'd']
 
 
 def test_rescore_in_place_keeps_what_only_the_generating_run_knew(tmp_path):

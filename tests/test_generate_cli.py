@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -18,7 +19,7 @@ from radfm_jax.cli.main import main  # noqa: E402
 from radfm_jax.config import DataConfig  # noqa: E402
 from radfm_jax.data import prompts, transforms  # noqa: E402
 from radfm_jax.errors import InputError, UserError  # noqa: E402
-from radfm_jax.infer import text  # noqa: E402
+from radfm_jax.infer import prompt_files, text  # noqa: E402
 from radfm_jax.infer.generate import generate_ids  # noqa: E402
 
 # One worker runs the whole module, so the module fixtures are built once (make test: loadgroup).
@@ -262,7 +263,8 @@ def test_cli_single_prompt(setup, capsys):
 def test_cli_file_mode(setup, tmp_path):
   root, _, model, _, tok = setup
   items = [{'id': 'q1', 'prompt': 'Is there a nodule? <image>', 'images': [str(root / 'a.nii.gz')]},
-           {'id': 'q2', 'prompt': 'What is shown?', 'images': []},
+           {'id': 'q2', 'prompt': 'What is shown?', 'images': [], 'answer': 'a lung',
+            'dataset': {'name': 'mine'}},         # fields of its own: echoed (were dropped)
            {'id': 'q3', 'prompt': '<image> Yes or no?',
             'images': [{'path': str(root / 'a.nii.gz'), 'modality': 'CT'}]}]
   cd.write_manifest(tmp_path / 'in.jsonl', items)
@@ -274,6 +276,15 @@ def test_cli_file_mode(setup, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
   assert [r['id'] for r in rows] == ['q1', 'q2', 'q3']
   assert all(isinstance(r['prediction'], str) and 1 <= r['new_tokens'] <= NEW for r in rows)
+  assert {k: v for k, v in rows[1].items() if k not in ('prediction', 'new_tokens')} == items[1]
+  assert list(rows[1]) == ['id', 'prompt', 'images', 'answer', 'dataset', 'prediction',
+                           'new_tokens']
+  # an own field named as one the answer writes would be replaced by it: refused
+  cd.write_manifest(tmp_path / 'in2.jsonl', [dict(items[1], prediction='mine')])
+  with pytest.raises(InputError, match=re.escape(
+      f"{tmp_path / 'in2.jsonl'} line 1 field prediction: a field each answer line writes; "
+      'expected another name for a field of your own (answers add prediction, new_tokens)')):
+    prompt_files.read_prompts(str(tmp_path / 'in2.jsonl'))
   # Row 3 is batch 2 padded with itself: same as generating it in a batch of two copies.
   from radfm_jax.data.readers import read_scan
   vol = read_scan(str(root / 'a.nii.gz'))[0][0]
@@ -420,6 +431,14 @@ def test_bad_python_arguments_are_one_error_naming_them(setup):
        "got [['no']]"),
       (lambda: Tokenizer(cd.spm_proto(), max_images=0),
        'Tokenizer max_images=0: expected a positive integer'),
+      # Before: the array's first axis was taken as 20 2D images
+      (lambda: text.generate_batch(model, tok, ['x'], [vol], max_new_tokens=2),
+       'images[0]: got an array (20, 18, 10); expected a list of scans (one scan: [images[0]])'),
+      # Before: only once the earlier prompts were generated, and named 'prompt 0' (from 0 in
+      # its batch), not the file's line
+      (lambda: text.prompt_token_count(Tokenizer(cd.spm_proto(), max_images=2), 'x', 3, cfg,
+                                       name='p.jsonl line 2'),
+       'p.jsonl line 2: 3 images; the model and tokenizer take at most 2 (model.max_images)'),
   ]
   for call, message in cases:
     with pytest.raises(UserError) as e:       # InputError; ConfigError for a config's field

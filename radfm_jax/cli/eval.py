@@ -147,6 +147,14 @@ def _run(args) -> int:
     print(f'radfm-jax eval: skipped {summary["skipped"]} of {len(samples)} samples with an '
           f'unreadable scan (listed in {os.path.join(args.out, "summary.json")})',
           file=sys.stderr)
+  past = summary['images_left_out']
+  if past['samples']:
+    most = max(past['samples'], key=lambda x: x['images'])
+    print(f'radfm-jax eval: {len(past["samples"])} of {len(samples)} samples name more than the '
+          f'model\'s {past["max_images"]} images; the first {past["max_images"]} are used, the '
+          f'rest left out, as training does (sample {most["sample_id"]!r} names '
+          f'{most["images"]}; listed in {os.path.join(args.out, "summary.json")})',
+          file=sys.stderr)
   if summary['skipped'] == len(samples):
     return 1
   return _report(args, summary, bench)

@@ -16,7 +16,8 @@ radfm-jax generate --checkpoint runs/small --input prompts.jsonl --output answer
     --batch-size 4 --config.generate.max_new_tokens=64 --config.generate.stop_ids=[1]
 # each input line: {"id": "q1", "prompt": "... <image> ...", "images": ["scan.nii.gz", ...]}
 # (an image may also be {"path": ..., "modality": "CT", "frame": N, "index": N}: frame picks a
-#  volume of a 4D NIfTI, index an image of a 5D .npy stack); each output line adds "prediction\""""
+#  volume of a 4D NIfTI, index an image of a 5D .npy stack, and fields of your own pass); each
+# output line is its input line plus "prediction" and "new_tokens\""""
 
 GENERATE_NOTE = ('The model comes from the checkpoint; only the generate section is read (an '
                  '--config.FIELD override outside it is refused). It '
@@ -145,8 +146,9 @@ def _run(args) -> int:
 
 
 def _answer(it, text, row) -> str:
+  """The answer line: the prompt line's fields (its own ones too), then what generate adds."""
   return json.dumps({'id': it['id'], 'prompt': it['prompt'], 'images': it['images'],
-                     'prediction': text, 'new_tokens': len(row)})
+                     **it.get('own', {}), 'prediction': text, 'new_tokens': len(row)})
 
 
 def _check_output(output: str, items, prompts: str | None, checkpoint: str | None,

@@ -610,7 +610,13 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
       log.close()
   seconds = time.perf_counter() - start
   generated = len(rows) - resumed_rows        # by this call
+  # Samples naming more images than the model takes: the first max_images are used, as training
+  # uses them (data/pipeline.py plan_notes), and said here, not in silence.
+  max_images = min(model.cfg.max_images, tokenizer.max_images)
+  past = [{'sample_id': s.sample_id, 'images': len(s.record.get('images', []))}
+          for s in samples if len(s.record.get('images', [])) > max_images]
   summary = {'n_samples': len(rows), 'skipped': len(skipped), 'skipped_samples': skipped,
+             'images_left_out': {'max_images': max_images, 'samples': past},
              'resumed': resumed, **(info or {}),
              'sampling': dataclasses.asdict(sampling), 'batch_size': batch_size,
              **(scorer or score)(rows, extractor, extractor_reason),
@@ -629,7 +635,8 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
 
 
 # The fields of an eval's summary.json that come from generating, not from scoring.
-_RUN_FIELDS = ('checkpoint', 'data', 'split', 'sampling', 'skipped', 'skipped_samples')
+_RUN_FIELDS = ('checkpoint', 'data', 'split', 'sampling', 'skipped', 'skipped_samples',
+               'images_left_out')
 
 
 def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', scorer=None,

@@ -27,6 +27,8 @@ from radfm_jax.errors import InputError, not_a_file, where
 
 
 PROMPT_FIELDS = ('id', 'prompt', 'images')
+# What each answer line adds to its prompt's fields (`radfm-jax generate --output`).
+ANSWER_FIELDS = ('prediction', 'new_tokens')
 PROMPT_IMAGE_FIELDS = ('path', 'modality', 'frame', 'index')
 
 
@@ -55,13 +57,14 @@ def _image_entry(entry, base: str, label: str) -> tuple[str, str, dict]:
 
 
 def make_item(item_id: str, prompt: str, paths, modalities, place: str, labels, picks=None,
-              images=None) -> dict:
-  """An item (module doc); `picks` default: none (each file is one image), `images`: `paths`."""
+              images=None, own=None) -> dict:
+  """An item (module doc); `picks` default: none (each file is one image), `images`: `paths`;
+  `own`: the line's fields of its own, echoed in its answer."""
   paths = list(paths)
   return {'id': item_id, 'prompt': prompt, 'paths': paths, 'modalities': list(modalities),
           'picks': list(picks) if picks is not None else [{} for _ in paths],
           'images': list(images) if images is not None else paths,
-          'where': place, 'labels': list(labels)}
+          'where': place, 'labels': list(labels), 'own': dict(own or {})}
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -81,6 +84,10 @@ def read_prompts(path: str) -> list[dict]:
         raise InputError(f'{where(path, n, key)}: unknown field (did you mean {near}?); expected '
                          f'{", ".join(PROMPT_FIELDS)}, or a field of your own whose name is not '
                          'a near-miss of one')
+      if key in ANSWER_FIELDS:      # its answer line would replace the value
+        raise InputError(f'{where(path, n, key)}: a field each answer line writes; expected '
+                         f'another name for a field of your own (answers add '
+                         f'{", ".join(ANSWER_FIELDS)})')
     if not isinstance(rec.get('prompt'), str):
       raise InputError(f'{where(path, n, "prompt")}: expected a string, got '
                        f'{rec.get("prompt")!r}')
@@ -99,7 +106,8 @@ def read_prompts(path: str) -> list[dict]:
     entries = [_image_entry(e, base, label) for e, label in zip(images, labels)]
     items.append(make_item(str(item_id), rec['prompt'], [p for p, _, _ in entries],
                            [m for _, m, _ in entries], where(path, n), labels,
-                           [k for _, _, k in entries], images))
+                           [k for _, _, k in entries], images,
+                           {k: v for k, v in rec.items() if k not in PROMPT_FIELDS}))
   if not items:             # answering nothing would look like success
     raise InputError(f'prompts file {path}: no prompts (no JSON line in the file); expected JSONL, '
                      'one {"id", "prompt", "images"} object per line')

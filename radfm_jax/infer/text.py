@@ -96,6 +96,10 @@ def prompt_token_count(tokenizer, prompt: str, num_images: int, model_cfg: Model
   """Tokens of `prompt` with its image blocks placed, as `prepare_batch` encodes it; InputError
   naming `name` when the markers do not match `num_images` or it does not fit
   (`check_prompt_fits` with `sampling.max_new_tokens`)."""
+  limit = min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
+  if num_images > limit:
+    raise InputError(f'{name}: {num_images} images; the model and tokenizer take at most {limit} '
+                     '(model.max_images)')
   try:
     text = place_image_markers(prompt, num_images, model_cfg.perceiver.num_latents)
   except ValueError as e:
@@ -181,9 +185,14 @@ def _checked_inputs(prompts, images, modalities):
       raise InputError(f'prompt {b}: got {type(p).__name__}; expected a string')
   if images is None:
     images = [[] for _ in prompts]
-  if not _is_list(images) or not all(_is_list(row) for row in images):
+  if isinstance(images, np.ndarray) or not _is_list(images) or not all(
+      _is_list(row) for row in images):
     raise InputError('images: expected one list of scans per prompt (images[b]: the scans of '
                      'prompt b; generate() takes one list for its one prompt)')
+  for b, row in enumerate(images):
+    if isinstance(row, np.ndarray):      # its first axis would be taken as that many images
+      raise InputError(f'images[{b}]: got an array {row.shape}; expected a list of scans (one '
+                       f'scan: [images[{b}]])')
   images = [list(row) for row in images]
   if len(images) != len(prompts):
     raise InputError(f'{len(prompts)} prompts but {len(images)} image lists; expected one list '
