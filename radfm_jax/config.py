@@ -1006,6 +1006,32 @@ def validate_finetune(f: FinetuneConfig):
     _fail('finetune.quant', f.quant, "'int8' or 'int4'")
   if not isinstance(f.init_from, str):
     _fail('finetune.init_from', f.init_from, "a checkpoint folder, or '' for random weights")
+  # Fields the method does not read would be taken and do nothing.
+  default = FinetuneConfig()
+  unread = {'full': ('rank', 'alpha', 'dropout', 'targets', 'train_full', 'quant'),
+            'lora': ('quant',), 'qlora': ()}[f.method]
+  for name in unread:
+    value = getattr(f, name)
+    if value != getattr(default, name):
+      readers = "'qlora'" if name == 'quant' else "'lora' and 'qlora'"
+      _fail(f'finetune.{name}', list(value) if isinstance(value, tuple) else value,
+            f'the default ({_shown_default(getattr(default, name))}) with '
+            f'finetune.method={f.method!r}: only {readers} read it')
+
+
+def _shown_default(value) -> str:
+  return repr(list(value) if isinstance(value, tuple) else value)
+
+
+def _check_train_full_not_frozen(f: FinetuneConfig, t: TrainConfig):
+  """finetune.train_full names towers to train in full; train.freeze freezing one of them would
+  undo it in silence (the trainable set is the adapters and train_full minus train.freeze)."""
+  full = {n for group in f.train_full for n in FREEZE_GROUPS[group]}
+  frozen = {n for group in t.freeze for n in FREEZE_GROUPS[group]}
+  both = sorted(full & frozen)
+  if both:
+    _fail('train.freeze', list(t.freeze), f'no tower that finetune.train_full='
+          f'{list(f.train_full)!r} trains in full ({", ".join(both)} are in both)')
 
 
 def _validate_image_cache(d: DataConfig, m: ModelConfig, t: TrainConfig):
@@ -1063,6 +1089,7 @@ def validate(cfg: ml_collections.ConfigDict | dict, num_devices: int | None = No
   _validate_train(train)
   finetune = _build(FinetuneConfig, cfg.get('finetune'), 'finetune')
   validate_finetune(finetune)
+  _check_train_full_not_frozen(finetune, train)
   _validate_image_cache(data, model, train)
   if not is_seed(cfg.seed):
     _fail('seed', cfg.seed, 'an integer in [0, 2^32) (a JAX key takes 32 bits: 2^32 would be '

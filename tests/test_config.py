@@ -1,6 +1,7 @@
 """Config loading and validation: every bad value names its field and the expected value."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -46,12 +47,38 @@ def test_a_comma_string_keeps_the_commas_of_a_regex():
   """A list field given as a comma string is cut at its commas outside brackets only: a regex's
   own ('{1,2}', '[,;]') stays in its pattern (both halves of a cut one compile, so a cut was a
   silently different set of targets)."""
-  cfg = load_config(SPEC, ['finetune.targets=llama/layers/(q|k){1,2},fc', 'train.freeze=vision,fc',
+  lora = SPEC + ',finetune=lora'                  # the method that reads finetune.targets
+  cfg = load_config(lora, ['finetune.targets=llama/layers/(q|k){1,2},fc', 'train.freeze=vision,fc',
                            r'train.lr_multipliers=[["vision/.*", 2]]'])
   assert cfg.finetune.targets == ('llama/layers/(q|k){1,2}', 'fc')
   assert cfg.train.freeze == ('vision', 'fc')
-  assert load_config(SPEC, [r'finetune.targets=[,;]x,a\(,b']).finetune.targets == (
+  assert load_config(lora, [r'finetune.targets=[,;]x,a\(,b']).finetune.targets == (
       '[,;]x', r'a\(', 'b')
+
+
+def test_finetune_fields_the_method_does_not_read_are_refused():
+  """finetune.rank / alpha / dropout / targets / train_full with method 'full', quant with
+  'lora', were taken and did nothing; a tower both in finetune.train_full and train.freeze was
+  frozen in silence."""
+  cases = [
+      (SPEC, 'finetune.rank=4', "config field finetune.rank=4: expected the default (8) with "
+       "finetune.method='full': only 'lora' and 'qlora' read it"),
+      (SPEC, "finetune.targets=['zzz']", "config field finetune.targets=['zzz']: expected the "
+       "default (['llama/layers/(q|k|v|o|gate|up|down)']) with finetune.method='full'"),
+      (SPEC, 'finetune.train_full=vision', "config field finetune.train_full=['vision']: "
+       "expected the default ([]) with finetune.method='full'"),
+      (SPEC + ',finetune=lora', 'finetune.quant=int4', "config field finetune.quant='int4': "
+       "expected the default ('int8') with finetune.method='lora': only 'qlora' read it")]
+  for spec, override, message in cases:
+    with pytest.raises(ConfigError) as e:
+      load_config(spec, [override])
+    assert str(e.value).startswith(message), str(e.value)
+  assert load_config(SPEC + ',finetune=qlora', ['finetune.quant=int4']).finetune.quant == 'int4'
+  with pytest.raises(ConfigError, match=re.escape(
+      "config field train.freeze=['vision_tower']: expected no tower that finetune.train_full="
+      "['vision'] trains in full (vision are in both)")):
+    load_config(SPEC + ',finetune=lora', ['finetune.train_full=vision',
+                                          'train.freeze=vision_tower'])
 
 
 def test_an_experiment_key_that_is_not_a_string_is_one_error(tmp_path):

@@ -226,7 +226,7 @@ def test_merge_logits_and_export(runs, tmp_path, method):
 
 
 def test_merge_refuses_a_full_run(tmp_path, capsys):
-  cfg = load_config('radfm:model=tiny', OVERRIDES)
+  cfg = load_config('radfm:model=tiny', [o for o in OVERRIDES if not o.startswith('finetune.')])
   batch, _ = _inputs(cfg)
   _train(cfg, tmp_path / 'full', batch, steps=0)       # its step-0 checkpoint: no step compiled
   assert main(['merge', '--checkpoint', str(tmp_path / 'full'), '--out', str(tmp_path / 'm')]) == 2
