@@ -756,10 +756,22 @@ def check_data_store(cfg: Config) -> None:
     _fail('data.mixture', mixture_weights(cfg.data), f'none with data.store={SYNTHETIC_STORE} '
           '(random batches, no datasets to weigh); the weights apply to a VolumeStore')
   if cfg.data.store == SYNTHETIC_STORE:
+    # random batches are token ids from no manifest: a path given here would do nothing
+    for name, why in (('tokenizer', 'they are token ids already, nothing is tokenized'),
+                      ('manifest', 'they are read from no manifest')):
+      if getattr(cfg.data, name):
+        _fail(f'data.{name}', getattr(cfg.data, name), f"'' with data.store={SYNTHETIC_STORE} "
+              f'(random batches: {why})')
     _check_synthetic_length(cfg)
-  elif os.path.isfile(cfg.data.store):   # else read as STORE/manifest.jsonl below a file
+    return
+  if os.path.isfile(cfg.data.store):   # else read as STORE/manifest.jsonl below a file
     raise ConfigError(f'config field data.store={cfg.data.store}: a file; expected the '
                       'VolumeStore folder written by `radfm-jax ingest`')
+  defaults = TrainConfig()
+  for name in ('synthetic_length', 'synthetic_images'):    # read by synthetic batches only
+    if getattr(cfg.train, name) != getattr(defaults, name):
+      _fail(f'train.{name}', getattr(cfg.train, name), f'the default ({getattr(defaults, name)}) '
+            f'with data.store={cfg.data.store!r}: only data.store={SYNTHETIC_STORE} reads it')
 
 
 def _check_synthetic_length(cfg: Config) -> None:

@@ -13,7 +13,8 @@ notice before the line of a bad --predictions file (two lines); `demo --config.d
 silently replaced by the demo's own store; a folder given for a config file, data.store given a
 file, and a folder for a tokenizer were said to be missing ('does not exist', 'no such file',
 'manifest a.png/manifest.jsonl: no such file'); `cache-images` took train.* and model.*
-overrides and did nothing with them."""
+overrides and did nothing with them, train with synthetic batches data.tokenizer / data.manifest,
+and with a store train.synthetic_length / synthetic_images."""
 
 import os
 import sys
@@ -56,6 +57,14 @@ ROWS = [
      'radfm-jax train: config field train.synthetic_images=50: expected at most 31 with '
      'data.store=synthetic: BOS, the image blocks of 32 tokens each and some text within '
      'model.llama.max_position_embeddings=1024'),
+    ('synthetic-with-a-tokenizer', SYNTH + ['--config.data.tokenizer={root}/tok.model'],
+     "radfm-jax train: config field data.tokenizer='{root}/tok.model': expected '' with "
+     'data.store=synthetic (random batches: they are token ids already, nothing is tokenized)'),
+    ('store-with-a-synthetic-length',
+     ['train', '--config', SPEC, '--workdir', '{root}/run', '--config.data.store={root}/pngs/store',
+      '--config.data.tokenizer={root}/tok.model', '--config.train.synthetic_length=48'],
+     "radfm-jax train: config field train.synthetic_length=48: expected the default (0) with "
+     "data.store='{root}/pngs/store': only data.store=synthetic reads it"),
     ('store-is-a-file', ['train', '--config', SPEC, '--workdir', '{root}/run',
                          '--config.data.store={root}/a.png',
                          '--config.data.tokenizer={root}/tok.model'],

@@ -34,6 +34,8 @@ pytestmark = pytest.mark.xdist_group('train_run')
 SPEC = 'radfm:model=tiny'
 SMALL = ['data.batch_size_2d=2', 'train.synthetic_length=48', 'train.log_every=1',
          'train.tensorboard=False']
+# The same for a run on a store (train.synthetic_length is read by synthetic batches only).
+STORE_SMALL = [o for o in SMALL if not o.startswith('train.synthetic')]
 # The synthetic run of the CLI tests: one config (train.steps is in the compiled schedule), bounded
 # by --max-steps, so every run after the first loads its train step from the cache.
 RUN = ['data.store=synthetic', 'train.steps=100000', 'train.checkpoint_every=2']
@@ -56,7 +58,8 @@ def _env(xdg):
 
 
 def _flags(*overrides):
-  return [f'--config.{o}' for o in SMALL + list(overrides)]
+  store = any(o.startswith('data.store=') and o != 'data.store=synthetic' for o in overrides)
+  return [f'--config.{o}' for o in (STORE_SMALL if store else SMALL) + list(overrides)]
 
 
 def _summary(proc) -> dict:
@@ -434,8 +437,8 @@ def test_a_run_that_fails_before_its_state_leaves_the_workdir_as_it_was(tmp_path
   store = cd.png_store(tmp_path / 'd')
   tok = str(tmp_path / 'd' / 'tok.model')
   run = tmp_path / 'run'
-  base = SMALL + [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
-                  'train.steps=4']
+  base = STORE_SMALL + [f'data.store={store}', f'data.tokenizer={tok}', 'data.batch_size_2d=8',
+                        'train.steps=4']
   with pytest.raises(ConfigError, match="pattern 'nomatch/.*' matches no parameter"):
     loop.train(load_config(SPEC, base + ["train.lr_multipliers=[['nomatch/.*', 2.0]]"]),
                str(run), max_steps=0, progress=False)
