@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import conftest_data as cd  # noqa: E402
 from radfm_jax import api  # noqa: E402
 from radfm_jax.cli.main import main  # noqa: E402
-from radfm_jax.config import DataConfig  # noqa: E402
+from radfm_jax.config import DataConfig, GenerateConfig  # noqa: E402
 from radfm_jax.data import prompts, transforms  # noqa: E402
 from radfm_jax.errors import InputError, UserError  # noqa: E402
 from radfm_jax.infer import prompt_files, text  # noqa: E402
@@ -293,6 +293,26 @@ def test_cli_file_mode(setup, tmp_path):
   assert rows[2]['prediction'] == want[0]
 
 
+def test_an_input_error_mid_run_says_what_was_kept(setup, tmp_path, capsys):
+  """An image that exists but does not read (checked up front: existence and headers only) met
+  after earlier answers were written: the one line said nothing of OUTPUT.partial, which held
+  them (an interrupt said it)."""
+  root = setup[0]
+  (tmp_path / 'text.nii.gz').write_text('not a scan')
+  items = [{'id': 'q1', 'prompt': 'What is shown?', 'images': []},
+           {'id': 'q2', 'prompt': 'And here? <image>', 'images': [str(tmp_path / 'text.nii.gz')]}]
+  cd.write_manifest(tmp_path / 'in.jsonl', items)
+  out = tmp_path / 'out.jsonl'
+  rc = main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer', str(root / 'tok.model'),
+             '--input', str(tmp_path / 'in.jsonl'), '--output', str(out), '--no-progress',
+             '--config.generate.max_new_tokens', str(NEW)])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and err[-1].startswith(f'radfm-jax generate: {tmp_path}/in.jsonl line 2 field '
+                                        'images[0]: cannot read image'), err
+  assert err[-1].endswith(f'(1 of 2 answers kept in {out}.partial; {out} not written)'), err
+  assert [json.loads(x)['id'] for x in open(f'{out}.partial')] == ['q1'] and not out.exists()
+
+
 def test_cli_argument_errors(setup, capsys):
   root = setup[0]
   assert main(['generate', '--checkpoint', str(root / 'ckpt'), '--tokenizer',
@@ -431,6 +451,15 @@ def test_bad_python_arguments_are_one_error_naming_them(setup):
        "got [['no']]"),
       (lambda: Tokenizer(cd.spm_proto(), max_images=0),
        'Tokenizer max_images=0: expected a positive integer'),
+      # Before: taken, and never acted on (the id is never emitted; the scanned loop multiplies
+      # with XLA's products)
+      (lambda: text.generate(model, tok, 'x', stop_ids=[99999], max_new_tokens=2),
+       "config field generate.stop_ids=[99999]: 99999 is past the model's vocabulary of 512 ids, "
+       'which it never emits; expected ids < 512'),
+      (lambda: text.generate(model, tok, 'x', sampling=GenerateConfig(
+          max_new_tokens=2, layer_loop='scan', cpu_product='panels')),
+       "config field generate.cpu_product='panels': the panel kernel serves the unrolled layer "
+       "loop; expected generate.layer_loop='unrolled'"),
       # Before: the array's first axis was taken as 20 2D images
       (lambda: text.generate_batch(model, tok, ['x'], [vol], max_new_tokens=2),
        'images[0]: got an array (20, 18, 10); expected a list of scans (one scan: [images[0]])'),
@@ -496,6 +525,12 @@ def test_save_refuses_a_training_run_or_a_file(setup, tmp_path):
   with pytest.raises(InputError, match=f'{tmp_path}/a.txt: a file; expected a folder'):
     api.save(model, str(tmp_path / 'a.txt'))
   assert sorted(os.listdir(tmp_path / 'run')) == ['checkpoints']
+  # not a model: one line, nothing written (was 'Found empty item.' and a temporary folder)
+  for wrong in (None, {'a': 1}):
+    with pytest.raises(InputError, match=f'^model: got {type(wrong).__name__}; expected a RadFM '
+                       'model'):
+      api.save(wrong, str(tmp_path / 'new'))
+  assert not (tmp_path / 'new').exists()
 
 
 def test_a_depth_1_case_stack_is_prepared_as_a_volume(tmp_path):

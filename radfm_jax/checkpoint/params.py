@@ -193,7 +193,11 @@ def save(model, directory: str, **info) -> str:
   else is an InputError naming it (`meta.check_output_folder`), before anything is written."""
   from flax import nnx
 
+  from radfm_jax.config import ModelConfig
   from radfm_jax.errors import InputError
+  if not isinstance(getattr(model, 'cfg', None), ModelConfig):   # before anything is written
+    raise InputError(f'model: got {type(model).__name__}; expected a RadFM model (radfm_jax.load, '
+                     'create_model)')
   if os.path.isfile(directory):
     raise InputError(f'{directory}: a file; expected a folder for the checkpoint')
   if os.path.isdir(os.path.join(directory, 'checkpoints')):

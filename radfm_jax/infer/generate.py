@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from radfm_jax.config import GenerateConfig
+from radfm_jax.config import ConfigError, GenerateConfig
 from radfm_jax.errors import InputError, UserError
 from radfm_jax.infer import cpu_decode, panel_kernel
 from radfm_jax.models.layers import first_argmax
@@ -245,6 +245,22 @@ def _compiled_decode(graphdef, view_graphdef, sampling: GenerateConfig, return_l
                  donate_argnums=(1,), compiler_options=options)
 
 
+def _check_sampling_for(model, sampling: GenerateConfig):
+  """ConfigError naming the generate field that this model could never act on: a stop id past
+  its vocabulary (never emitted: the run would never stop on it), the panel kernel's products
+  asked for with the scanned layer loop (which multiplies with XLA's)."""
+  vocab = model.cfg.llama.vocab_size
+  past = [i for i in sampling.stop_ids if i >= vocab]
+  if past:
+    raise ConfigError(f'config field generate.stop_ids={list(sampling.stop_ids)}: {past[0]} is '
+                      f'past the model\'s vocabulary of {vocab} ids, which it never emits; '
+                      f'expected ids < {vocab}')
+  if sampling.cpu_product == 'panels' and sampling.layer_loop == 'scan':
+    raise ConfigError("config field generate.cpu_product='panels': the panel kernel serves the "
+                      "unrolled layer loop; expected generate.layer_loop='unrolled' (or 'auto' "
+                      "on a CPU) with it, or cpu_product 'auto' / 'xla'")
+
+
 def _check_ids(model, tokens: np.ndarray, images: int | None):
   """InputError unless every id is a RadFM id: text ids below the vocabulary, the 2 image-marker
   ids, then `images * num_latents` image-token ids. The splice clamps ids into its tables (a
@@ -276,6 +292,7 @@ def generate_ids(model, tokens, attention_mask, images=None, image_mask=None, *,
   sampling = dataclasses.replace(sampling or GenerateConfig(), **sampling_overrides)
   sampling = dataclasses.replace(sampling, stop_ids=tuple(sampling.stop_ids),
                                  layer_loop=_resolve_layer_loop(sampling.layer_loop))
+  _check_sampling_for(model, sampling)
   _check_ids(model, np.asarray(tokens), None if images is None else np.shape(images)[1])
   tokens = jnp.asarray(tokens, jnp.int32)
   attention_mask = jnp.asarray(attention_mask, jnp.int32)
