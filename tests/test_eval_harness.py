@@ -143,6 +143,7 @@ def test_cli_end_to_end(data, tmp_path):
   assert summary['sampling']['max_new_tokens'] == 3 and summary['n_samples'] == 2
   assert (summary['split'], summary['skipped'], summary['skipped_samples']) == ('eval', 0, [])
   assert summary['images_left_out'] == {'max_images': 100, 'samples': []}
+  assert (summary['seed'], summary['checkpoint_step']) == (0, None)   # what reproduces the run
   assert summary['timing']['samples_per_s'] > 0
 
 

@@ -618,7 +618,9 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
   summary = {'n_samples': len(rows), 'skipped': len(skipped), 'skipped_samples': skipped,
              'images_left_out': {'max_images': max_images, 'samples': past},
              'resumed': resumed, **(info or {}),
-             'sampling': dataclasses.asdict(sampling), 'batch_size': batch_size,
+             'sampling': dataclasses.asdict(sampling), 'batch_size': batch_size, 'seed': seed,
+             **({'checkpoint_step': key['checkpoint_step']} if key and 'checkpoint_step' in key
+                else {}),
              **(scorer or score)(rows, extractor, extractor_reason),
              'metric_notes': METRIC_NOTES,
              'versions': versions(('scispacy', 'spacy') if extractor is not None else ()),
@@ -636,7 +638,7 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
 
 # The fields of an eval's summary.json that come from generating, not from scoring.
 _RUN_FIELDS = ('checkpoint', 'data', 'split', 'sampling', 'skipped', 'skipped_samples',
-               'images_left_out')
+               'images_left_out', 'seed', 'checkpoint_step')
 
 
 def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', scorer=None,
