@@ -220,6 +220,9 @@ ROWS = [
      ['radfm-jax generate: --image goes with --prompt; with --input each line names its own']),
     ('generate:seed', GEN + ['--prompt', 'x', '--seed', '4294967296'],
      ["argument --seed: '4294967296': expected an integer in [0, 2^32)"]),
+    ('generate:seed-greedy', GEN + ['--prompt', 'x', '--seed', '7'],      # was taken, unused
+     ['radfm-jax generate: --seed 7: generate.temperature=0 decodes greedily and draws nothing; '
+      'expected --config.generate.temperature > 0 with it, or no --seed']),
     ('generate:id-null', GEN + ['--input', '{root}/id_null.jsonl'],
      ['{root}/id_null.jsonl line 1 field id: got null; expected a string or an integer']),
     ('generate:id-twice', GEN + ['--input', '{root}/id_twice.jsonl'],

@@ -36,7 +36,8 @@ def add_checkpoint_arguments(p, checkpoint_help: str = ''):
                  help='SentencePiece tokenizer.model (default: found beside the checkpoint)')
   p.add_argument('--batch-size', type=int, default=1,
                  help='prompts per batch (batches are padded to it: one compiled program)')
-  p.add_argument('--seed', type=flags.seed, default=0, help='sampling seed (temperature > 0)')
+  p.add_argument('--seed', type=flags.seed, default=0,
+                 help='sampling seed (with generate.temperature > 0; refused with greedy decoding)')
   p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar on stderr')
   p.add_argument('--intensity', default=None,
                  choices=('radfm', 'ct_window', 'ct_windows3', 'percentile'),
@@ -80,6 +81,9 @@ def load(args):
   from radfm_jax.train import compile_cache
   compile_cache.enable()        # before the first compile ($RADFM_COMPILATION_CACHE=off: none)
   sampling = generate_config(args.checkpoint, args.config, args.overrides)   # fails fast
+  if args.seed != 0 and sampling.temperature == 0:       # a seed greedy decoding never reads
+    raise InputError(f'--seed {args.seed}: generate.temperature=0 decodes greedily and draws '
+                     'nothing; expected --config.generate.temperature > 0 with it, or no --seed')
   if args.tokenizer and not os.path.isfile(args.tokenizer):
     raise InputError(f'--tokenizer {args.tokenizer}: {not_a_file(args.tokenizer)}; expected the '
                      'SentencePiece tokenizer.model file')
