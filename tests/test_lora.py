@@ -3,6 +3,8 @@
 import contextlib
 import io
 import itertools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +210,8 @@ def test_merge_logits_and_export(runs, tmp_path, method):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   # The CLI: merge the run, then export the official keys.
   assert main(['merge', '--checkpoint', str(run['workdir']), '--out', str(tmp_path / 'm')]) == 0
+  record = json.load(open(tmp_path / 'm' / 'config.json'))     # where it came from, in full
+  assert record['merged_from'] == os.path.abspath(run['workdir'])
   loaded, _ = checkpoint.load(str(tmp_path / 'm'))
   np.testing.assert_allclose(np.asarray(loaded(*inputs, attention_mask=batch['attention_mask'],
                                                image_mask=batch['image_mask'])),

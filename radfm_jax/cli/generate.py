@@ -192,7 +192,7 @@ def _write_answers(output: str, answers, total: int, plain: bool = False):
   how many answers it holds. `plain`: the answer text (--prompt), else a JSON line (--input)."""
   import os
 
-  from radfm_jax.errors import InputError, UserError, WriteError, writing
+  from radfm_jax.errors import InputError, writing
   tmp = output + '.partial'
   done = 0
   try:
@@ -204,8 +204,8 @@ def _write_answers(output: str, answers, total: int, plain: bool = False):
   except KeyboardInterrupt as e:
     kept = f'{done} of {total} answers kept in {tmp}; {output} not written'
     raise KeyboardInterrupt(f'{e}; {kept}' if str(e) else kept) from None
-  except UserError as e:         # a bad input met mid-run: say what was kept, as an interrupt does
-    kind = WriteError if isinstance(e, WriteError) else InputError
-    raise kind(f'{e} ({done} of {total} answers kept in {tmp}; {output} not written)') from None
+  except InputError as e:        # a bad input met mid-run: say what was kept, as an interrupt does
+    kept = f'{done} of {total} answers kept in {tmp}; {output} not written'
+    raise InputError(f'{e} ({kept})') from None
   with writing(output):
     os.replace(tmp, output)

@@ -80,8 +80,9 @@ def add_parser(sub):
                  'random.Random("SEED/R/SPLIT/n"); default 0)')
   p.epilog += '\n\n' + schema_help()
   p.add_argument('--out', required=True, help='store directory to create or extend')
-  p.add_argument('--strict', action='store_true', help='exit non-zero if anything is rejected (without it: only when '
-                 'nothing was kept)')
+  p.add_argument('--strict', action='store_true',
+                 help='exit non-zero if anything is rejected (without it: only when nothing was '
+                 'kept)')
   p.add_argument('--replace', action='store_true',
                  help='a sample id (or scan id) the store holds with other content is replaced '
                  'instead of being an error')

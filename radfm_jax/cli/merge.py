@@ -47,7 +47,8 @@ def run(args) -> int:
   start = time.time()
   with reading(f'--checkpoint {args.checkpoint}'):     # no such step, missing files
     model, _ = checkpoint.load(args.checkpoint, step=args.step)
-  checkpoint.save(model, args.out, merged_from=args.checkpoint, finetune=method)
+  checkpoint.save(model, args.out, merged_from=os.path.abspath(args.checkpoint),
+                  finetune=method)
   print(f'wrote {args.out} ({method} adapters folded in) in {time.time() - start:.1f}s',
         file=sys.stdout)
   return 0
