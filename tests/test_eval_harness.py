@@ -228,6 +228,8 @@ def test_eval_never_writes_over_what_it_reads_nor_takes_flags_it_does_not_use(tm
   assert {f: (tmp_path / 'other' / f).read_text() for f in before} == before
   assert main(['eval', '--predictions', str(tmp_path / 'p.jsonl'), '--out', str(tmp_path / 'new'),
                '--entities', 'none']) == 0                          # a folder of its own: scored
+  closing = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+  assert 'split' not in closing and closing['n'] == 1     # was "split": null
   assert json.load(open(tmp_path / 'new' / 'summary.json'))['overall']['closed_accuracy'] == 1.0
 
 

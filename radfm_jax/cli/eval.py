@@ -177,7 +177,11 @@ def _report(args, summary: dict, bench: bool) -> int:
   if missing:
     print(f'radfm-jax eval: {missing} of {o["n"]} samples have no reference answer (scored 0; '
           f'listed in summary.json as no_reference)', file=sys.stderr)
-  print(json.dumps({'split': args.split, 'skipped': summary.get('skipped', 0),
+  # the split the predictions were generated on (a rescore in place keeps the generating run's;
+  # one elsewhere does not know it, and says nothing of it)
+  split = summary.get('split', args.split)
+  print(json.dumps({**({'split': split} if split is not None else {}),
+                    'skipped': summary.get('skipped', 0),
                     **{k: o[k] for k in ('n', 'closed_accuracy', 'bleu4', 'rougeL',
                                          'token_f1')}}), file=sys.stderr)
   if bench:
