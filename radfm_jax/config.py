@@ -1023,16 +1023,12 @@ def validate_finetune(f: FinetuneConfig):
   unread = {'full': ('rank', 'alpha', 'dropout', 'targets', 'train_full', 'quant'),
             'lora': ('quant',), 'qlora': ()}[f.method]
   for name in unread:
-    value = getattr(f, name)
-    if value != getattr(default, name):
+    value, usual = (list(v) if isinstance(v, tuple) else v
+                    for v in (getattr(f, name), getattr(default, name)))
+    if value != usual:
       readers = "'qlora'" if name == 'quant' else "'lora' and 'qlora'"
-      _fail(f'finetune.{name}', list(value) if isinstance(value, tuple) else value,
-            f'the default ({_shown_default(getattr(default, name))}) with '
+      _fail(f'finetune.{name}', value, f'the default ({usual!r}) with '
             f'finetune.method={f.method!r}: only {readers} read it')
-
-
-def _shown_default(value) -> str:
-  return repr(list(value) if isinstance(value, tuple) else value)
 
 
 def _check_train_full_not_frozen(f: FinetuneConfig, t: TrainConfig):

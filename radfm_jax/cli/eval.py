@@ -95,19 +95,11 @@ def _run(args) -> int:
     if given:
       raise UserError(f'{given[0]}: a setting of generating predictions; expected none with '
                       '--predictions (the file is scored as it is)')
-  for out_file in harness.OUTPUTS + (harness.PROGRESS,):
-    # eval writes these: the file it reads must not be one of them
-    written = os.path.join(args.out, out_file)
-    for flag, given_path in (('--data', args.data), ('--predictions', args.predictions)):
-      if (given_path and os.path.isfile(given_path) and os.path.exists(written)
-          and os.path.samefile(given_path, written)
-          and not (flag == '--predictions' and out_file == 'predictions.jsonl')):
-        raise UserError(f'{flag} {given_path}: is {written}, which eval writes; expected --out '
-                        'another folder')
-  # before any work: a bad --out (a file or a broken symlink on the way, a read-only disk)
-  # would otherwise fail after every sample is generated
+  # before any work: a bad --out (a file or a broken symlink on the way, a read-only disk, one
+  # of the files it reads) would otherwise fail after every sample is generated
   harness.check_out_dir(args.out, '--out',
-                        ('summary.json',) if args.predictions else harness.OUTPUTS)
+                        ('summary.json',) if args.predictions else harness.OUTPUTS,
+                        reads=(('--data', args.data), ('--predictions', args.predictions)))
   try:
     extractor, reason = entities.get_extractor(args.entities, source='--entities')
   except entities.ExtractorUnavailable as e:

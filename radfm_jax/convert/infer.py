@@ -107,14 +107,13 @@ def infer_llama(reader, prefix: str, base: LlamaConfig, heads: int | None = None
   if layers != list(range(len(layers))):
     raise ConfigError(f'checkpoint layers {prefix}model.layers.{{i}}: got indices {layers}; '
                       f'expected 0..{len(layers) - 1} (a layer missing?)')
-  if heads is not None and (not _is_int(heads) or heads < 1 or hidden % heads):
-    raise ConfigError(f'--llama-heads {heads!r}: expected a positive integer dividing the '
-                      f'checkpoint\'s hidden size {hidden}')
+  # the head count given (--llama-heads), else config.json's: a positive divisor of hidden
+  source, expected = f'--llama-heads {heads!r}:', f"the checkpoint's hidden size {hidden}"
   if heads is None:
     heads = hf.get('num_attention_heads')
-    if heads is not None and (not _is_int(heads) or heads < 1 or hidden % heads):
-      raise ConfigError(f'{hf_path} field num_attention_heads: {heads!r}; expected a '
-                        f'positive integer dividing hidden_size {hidden}')
+    source, expected = f'{hf_path} field num_attention_heads: {heads!r};', f'hidden_size {hidden}'
+  if heads is not None and (not _is_int(heads) or heads < 1 or hidden % heads):
+    raise ConfigError(f'{source} expected a positive integer dividing {expected}')
   if heads is None:
     heads = base.num_heads if hidden % base.num_heads == 0 and base.hidden_size == hidden else None
   if heads is None:

@@ -206,9 +206,9 @@ def generate_predictions(model, tokenizer, samples: list[Sample], *, sampling, d
   """
   from tqdm import tqdm
 
-  from radfm_jax.infer.text import check_prompt_fits, generate_batch
+  from radfm_jax.infer.text import check_prompt_fits, generate_batch, image_limit
   cfg = model.cfg
-  max_images = min(cfg.max_images, tokenizer.max_images)
+  max_images = image_limit(tokenizer, cfg)
   drop = data_cfg is None or data_cfg.drop_unreadable
   # Every question (with its record's image blocks) must fit the model's positions with the new
   # tokens: checked for all samples before any is generated, as generate's prompt files are
@@ -404,12 +404,14 @@ OUTPUTS = ('predictions.jsonl', 'summary.json')
 PROGRESS = 'predictions.jsonl.partial'
 
 
-def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = OUTPUTS):
+def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = OUTPUTS,
+                  reads: tuple[tuple[str, str | None], ...] = ()):
   """InputError naming `name` (e.g. '--out') when `out_dir` cannot hold `files`: it, or the
   nearest of its parents that exists, is not a folder, it goes through a broken symlink, or one of
   `files` is a folder; WriteError when its folder cannot be written (`check_parent_folder`).
-  Checked before generating, so a bad --out fails at once, not after every sample is
-  generated."""
+  `reads`: (flag, path) of the files the run reads, none of which may be one it writes (an eval
+  with --data OUT/predictions.jsonl wrote its predictions over its manifest). Checked before
+  generating, so a bad --out fails at once, not after every sample is generated."""
   path = os.path.abspath(out_dir)
   shown = f'{name} {out_dir}'
   expected = f'expected a folder (new or existing) for {" and ".join(files)}'
@@ -417,9 +419,15 @@ def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = 
     raise InputError(f'{shown}: exists and is not a directory; {expected}')
   check_parent_folder(path, shown, expected)
   for file in files + ((PROGRESS,) if 'predictions.jsonl' in files else ()):
-    if os.path.isdir(os.path.join(path, file)):
-      raise InputError(f'{shown}: {os.path.join(out_dir, file)} is a folder; expected it to be '
-                       f'a file (eval writes its {file} there) or absent')
+    written = os.path.join(out_dir, file)
+    if os.path.isdir(written):
+      raise InputError(f'{shown}: {written} is a folder; expected it to be a file (eval writes '
+                       f'its {file} there) or absent')
+    for flag, read in reads:
+      if read and os.path.isfile(read) and os.path.exists(written) and os.path.samefile(
+          read, written):
+        raise InputError(f'{flag} {read}: is {written}, which eval writes; expected {name} '
+                         'another folder')
 
 
 class Progress:
@@ -612,7 +620,8 @@ def evaluate(model, tokenizer, samples: list[Sample], *, sampling=None, data_cfg
   generated = len(rows) - resumed_rows        # by this call
   # Samples naming more images than the model takes: the first max_images are used, as training
   # uses them (data/pipeline.py plan_notes), and said here, not in silence.
-  max_images = min(model.cfg.max_images, tokenizer.max_images)
+  from radfm_jax.infer.text import image_limit
+  max_images = image_limit(tokenizer, model.cfg)
   past = [{'sample_id': s.sample_id, 'images': len(s.record.get('images', []))}
           for s in samples if len(s.record.get('images', [])) > max_images]
   summary = {'n_samples': len(rows), 'skipped': len(skipped), 'skipped_samples': skipped,
@@ -646,7 +655,7 @@ def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', sco
   """Scores a predictions.jsonl again, without a model (`read_predictions`, then `scorer`,
   default `score`); with out_dir writes OUT/summary.json (the predictions file is left as it is)."""
   if out_dir:
-    check_out_dir(out_dir, files=('summary.json',))
+    check_out_dir(out_dir, files=('summary.json',), reads=(('--predictions', predictions),))
     beside = os.path.join(out_dir, 'predictions.jsonl')
     if os.path.exists(beside) and not (os.path.exists(predictions)
                                        and os.path.samefile(beside, predictions)):

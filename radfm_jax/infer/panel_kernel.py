@@ -10,22 +10,21 @@ a one-token step's attention with the KV cache, and greedy's argmax.
 
 `panel_product.cc` (beside this file) multiplies rows by a weight packed once into panels of
 `lanes` outputs (two vectors: 32 with AVX-512, 16 with AVX2), streaming each weight once per
-product; XLA:CPU's own GEMMs re-pack the weight at every product, which makes a batched decode
-step cost ~2x a single-row one (the reasons and figures: the .cc file's head comment and
-docs/performance.md). It is a plain C++17 file built
-with the host's compiler for the host's CPU (`-O3 -march=native`) and called through the XLA FFI
-with XLA's intra-op thread pool. Rows and outputs are float32; the weights float32, or int8 with
-one float32 scale per output (`quantize='int8'`, weight-only: each product streams a quarter of
-the bytes, the int8 values widened to float32 as they are loaded, the sums scaled at the end).
-The cache attention (`cache_attention`, which the CPU decode view hands to
-`layers.cached_attention` at every batch size: with the softmax inside, batch 1 is no slower than
-with XLA's) computes a step's scores, softmax and weighted values in one call per layer, splits
-the (row, head) pairs over the threads from 2 MiB of keys and values on (XLA:CPU runs its two
-products with the cache on one thread), and reads only the `written` slots of a cache allocated
-in chunks ahead of them, less each row's masked slots before its first attended one (a
-left-padded prompt's padding: their probabilities are exactly 0, the sums the same).
-`first_argmax` is greedy decoding's argmax over the vocabulary in vector code (the CPU panel
-decode's `generate.choose_token`).
+product; XLA:CPU's own GEMMs re-pack the weight at every product, which makes a batched decode step
+cost ~2x a single-row one (the reasons and figures: the .cc file's head comment and
+docs/performance.md). It is a plain C++17 file built with the host's compiler for the host's CPU
+(`-O3 -march=native`) and called through the XLA FFI with XLA's intra-op thread pool. Rows and
+outputs are float32; the weights float32, or int8 with one float32 scale per output
+(`quantize='int8'`, weight-only: each product streams a quarter of the bytes, the int8 values
+widened to float32 as they are loaded, the sums scaled at the end). The cache attention
+(`cache_attention`, which the CPU decode view hands to `layers.cached_attention` at every batch
+size: with the softmax inside, batch 1 is no slower than with XLA's) computes a step's scores,
+softmax and weighted values in one call per layer, splits the (row, head) pairs over the threads
+from 2 MiB of keys and values on (XLA:CPU runs its two products with the cache on one thread), and
+reads only the `written` slots of a cache allocated in chunks ahead of them, less each row's masked
+slots before its first attended one (a left-padded prompt's padding: their probabilities are
+exactly 0, the sums the same). `first_argmax` is greedy decoding's argmax over the vocabulary in
+vector code (the CPU panel decode's `generate.choose_token`).
 
 The build is cached: $RADFM_KERNEL_CACHE, else $XDG_CACHE_HOME/radfm-jax/kernels, else
 ~/.cache/radfm-jax/kernels, one shared library per (source, compiler, flags, jaxlib, CPU model

@@ -91,12 +91,17 @@ def check_prompt_fits(num_tokens: int, model_cfg: ModelConfig, max_new_tokens: i
                      'or lower generate.max_new_tokens')
 
 
+def image_limit(tokenizer, model_cfg: ModelConfig) -> int:
+  """The most images one prompt may hold: the model's and the tokenizer's `max_images`."""
+  return min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
+
+
 def prompt_token_count(tokenizer, prompt: str, num_images: int, model_cfg: ModelConfig,
                        sampling: GenerateConfig | None = None, name: str = 'prompt') -> int:
   """Tokens of `prompt` with its image blocks placed, as `prepare_batch` encodes it; InputError
   naming `name` when the markers do not match `num_images` or it does not fit
   (`check_prompt_fits` with `sampling.max_new_tokens`)."""
-  limit = min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
+  limit = image_limit(tokenizer, model_cfg)
   if num_images > limit:
     raise InputError(f'{name}: {num_images} images; the model and tokenizer take at most {limit} '
                      '(model.max_images)')
@@ -233,7 +238,7 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
     validate_preprocessing(data_cfg, model_cfg)
   check_tokenizer(tokenizer, model_cfg)
   prompts, images, modalities = _checked_inputs(prompts, images, modalities)
-  limit = min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
+  limit = image_limit(tokenizer, model_cfg)
   if stacked is not None and (not _is_list(stacked) or len(stacked) != len(images) or not all(
       _is_list(s) and len(s) == len(row) and all(isinstance(x, (bool, np.bool_)) for x in s)
       for s, row in zip(stacked, images))):
