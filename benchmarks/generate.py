@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 import xla_profile  # noqa: E402
 from common import GemvBandwidth, machine, time_fn  # noqa: E402
-from radfm_jax.config import model_config  # noqa: E402
+from radfm_jax.config import GenerateConfig, model_config  # noqa: E402
 from radfm_jax.infer import cpu_decode, panel_kernel  # noqa: E402
 from radfm_jax.infer import generate as generate_lib  # noqa: E402
 from radfm_jax.infer.generate import generate_ids, left_pad  # noqa: E402
@@ -262,7 +262,8 @@ def main():
   parser.add_argument('--new', type=int, default=200)
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--layer-loop', default='auto', choices=('auto', 'scan', 'unrolled'))
-  parser.add_argument('--cache-chunk', type=int, default=64)
+  parser.add_argument('--cache-chunk', type=int, default=GenerateConfig.cache_chunk,
+                      help='generate.cache_chunk (0: one cache of the full length)')
   parser.add_argument('--profile', action='store_true',
                       help='also print where one decode step goes (XLA:CPU trace per HLO op)')
   parser.add_argument('--profile-tokens', type=int, default=65)
@@ -309,8 +310,9 @@ def main():
   # fp32. XLA's attention reads every allocated slot (the cache grows by --cache-chunk); the
   # panel kernel's attention only those written so far.
   prompt_len = 64
-  slots = np.mean([-(-(prompt_len + t + 1) // args.cache_chunk) * args.cache_chunk
-                   for t in range(args.new)])
+  # --cache-chunk 0: one cache of prompt + new slots from the start.
+  chunk = args.cache_chunk or prompt_len + args.new
+  slots = np.mean([-(-(prompt_len + t + 1) // chunk) * chunk for t in range(args.new)])
   written = np.mean([prompt_len + t for t in range(args.new)])
   kv_read = {}   # batch 8's KV-cache bytes per step, by whether the panel kernel attends
   for who, what, n, key in (("XLA's attention", 'allocated', slots, False),

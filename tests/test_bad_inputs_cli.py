@@ -149,6 +149,14 @@ ROWS = [
                                        '--config.data.tokenizer={root}/tok.model',
                                        '--config.data.manifest={root}/empty'],
      ['radfm-jax train: {root}/empty: not a TFDS dataset directory (no dataset_info.json)']),
+    ('train:eval-every-without-eval-split', TRAIN + ['--config.data.store={root}/pngs/store',
+                                                     '--config.data.tokenizer={root}/tok.model',
+                                                     '--config.data.batch_size_2d=8',
+                                                     '--config.train.eval_every=2'],
+     # was: said at the first eval, eval_every steps into the run
+     ["radfm-jax train: config field train.eval_every=2 asks for a periodic eval, but "
+      "{root}/pngs/store/manifest.jsonl has no samples in split 'eval' (splits here: "
+      "{{'train': 4}}); expected"]),
     ('train:store-without-index', TRAIN + ['--config.data.store={root}/no_index',
                                            '--config.data.tokenizer={root}/tok.model'],
      ['radfm-jax train: {root}/no_index/scans.jsonl: missing; expected the scan index']),

@@ -111,7 +111,6 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None,
     first = data.make_global(0)
     return data, (f'synthetic (data.store={SYNTHETIC_STORE}): random batches, one bucket '
                   f'{_bucket(first)}')
-  from radfm_jax.data.manifest import read_manifest
   from radfm_jax.data.pipeline import make_dataset
   from radfm_jax.data.store import VolumeStore
   from radfm_jax.data.tokenizer import Tokenizer
@@ -120,11 +119,7 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None,
                         num_latents=cfg.model.perceiver.num_latents,
                         source='config field data.tokenizer')
   volumes = VolumeStore(store)
-  manifest = cfg.data.manifest or volumes.manifest_path
-  rows = read_manifest(manifest)
-  splits: dict[str, int] = {}
-  for row in rows:
-    splits[row.get('split', 'train')] = splits.get(row.get('split', 'train'), 0) + 1
+  manifest, rows, splits = _manifest_splits(cfg, volumes)
   records = [r for r in rows if r.get('split', 'train') == split]
   if not records:
     raise InputError(f'{manifest}: no samples in split {split!r} (splits here: {splits or "none"}); '
@@ -146,6 +141,33 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None,
   it.targets = ds.plan.targets
   return it, (f'{manifest}: samples {counts}; the {split} split in {len(buckets)} shape '
               f'bucket(s): {shown}{cached}{mix}')
+
+
+def _manifest_splits(cfg: Config, volumes=None) -> tuple[str, list[dict], dict[str, int]]:
+  """(the manifest a store run reads: data.manifest or the store's own, its rows, samples per
+  split; a row without "split" is in 'train')."""
+  from radfm_jax.data.manifest import read_manifest
+  from radfm_jax.data.store import VolumeStore
+  manifest = cfg.data.manifest or (volumes or VolumeStore(cfg.data.store)).manifest_path
+  rows = read_manifest(manifest)
+  splits: dict[str, int] = {}
+  for row in rows:
+    splits[row.get('split', 'train')] = splits.get(row.get('split', 'train'), 0) + 1
+  return manifest, rows, splits
+
+
+def check_eval_split(cfg: Config) -> None:
+  """A ConfigError, before anything is built or written, where train.eval_every asks for a
+  periodic eval that a store run's manifest has no 'eval' split for (found out at the first
+  eval, it would only have been said after eval_every steps of training)."""
+  if not cfg.train.eval_every or cfg.data.store in ('', SYNTHETIC_STORE):
+    return
+  manifest, _, splits = _manifest_splits(cfg)
+  if not splits.get('eval'):
+    raise ConfigError(f'config field train.eval_every={cfg.train.eval_every} asks for a periodic '
+                      f'eval, but {manifest} has no samples in split \'eval\' (splits here: '
+                      f'{splits or "none"}); expected samples with "split": "eval" (docs/data.md) '
+                      'or train.eval_every=0')
 
 
 def _bucket(batch: dict) -> str:
@@ -551,6 +573,8 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
     # an empty data.store, or a batch that does not split over the mesh: a ConfigError here,
     # before the model is built
     data, data_text = open_data(cfg, 'train', mesh.devices.size if mesh is not None else None)
+  if eval_data is None:
+    check_eval_split(cfg)
   ckpt_dir = workdir.rstrip('/') + '/checkpoints'
   held.enter_context(rundir.lock_workdir(ckpt_dir, given_workdir, is_main))   # before any write
   if is_main:
