@@ -45,7 +45,6 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
   from radfm_jax.checkpoint import meta
   # a checkpoint at all, first: a folder that is not one would be told it has no tokenizer
   meta.read_record(directory)
-  given = tokenizer
   tokenizer = tokenizer or find_tokenizer(directory)
   if tokenizer is None:
     raise InputError(f'{directory}: no tokenizer found (neither the data.tokenizer of its '
@@ -54,7 +53,7 @@ def load_for_generation(directory: str, tokenizer: str | None = None, *, step: i
                      'tokenizer=PATH)')
   model, cfg = load(directory, step=step, mesh=mesh)
   tok = Tokenizer(tokenizer, max_images=cfg.max_images, num_latents=cfg.perceiver.num_latents,
-                  source='--tokenizer' if given else 'tokenizer',
+                  source='tokenizer',   # the argument's name (the command checked its flag)
                   expected='expected the SentencePiece tokenizer.model the checkpoint was '
                   'trained with')
   check_tokenizer(tok, cfg)

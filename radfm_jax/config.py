@@ -48,7 +48,12 @@ class ConfigError(UserError, ValueError):
 
 
 def _fail(field: str, value: Any, expected: str):
-  raise ConfigError(f'config field {field}={value!r}: expected {expected}')
+  # A NumPy scalar may hold a fitting value: say it is the type that is refused (a config is
+  # saved as JSON, which takes Python numbers only).
+  kind = type(value)
+  got = (f' (got {kind.__module__}.{kind.__name__}; expected a Python number: .item())'
+         if kind.__module__ == 'numpy' else '')
+  raise ConfigError(f'config field {field}={value!r}: expected {expected}{got}')
 
 
 @dataclasses.dataclass(frozen=True)

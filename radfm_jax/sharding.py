@@ -64,6 +64,29 @@ def rules_for(mesh_cfg: MeshConfig):
   return LOGICAL_RULES[mesh_cfg.rules]
 
 
+def check_mesh_and_rules(mesh, rules) -> None:
+  """InputError naming the argument when a caller's `mesh` is not a jax.sharding.Mesh, or its
+  `rules` are not (logical axis, mesh axis or axes or None) pairs over that mesh's axes (else a
+  traceback from deep inside JAX or Flax at the first sharded array)."""
+  from radfm_jax.errors import InputError
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise InputError(f'mesh: got {type(mesh).__name__}; expected a jax.sharding.Mesh (axes '
+                     f'{MESH_AXES}: radfm_jax.sharding.make_mesh) or None')
+  expected = ("expected (logical axis, mesh axis) pairs, e.g. "
+              "radfm_jax.sharding.LOGICAL_RULES['fsdp'], or None")
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+    raise InputError(f'rules: got {type(rules).__name__}; {expected}')
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise InputError(f'rules[{i}]: got {rule!r}; {expected}')
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    missing = [a for a in axes if a is not None and a not in mesh.axis_names]
+    if missing:
+      raise InputError(f'rules[{i}] {tuple(rule)!r}: mesh axis {missing[0]!r} is not one of the '
+                       f'mesh\'s axes {tuple(mesh.axis_names)}; expected a mesh with axes '
+                       f'{MESH_AXES} (radfm_jax.sharding.make_mesh) or rules over its axes')
+
+
 # ------------------------------------------------------------------------------------------------
 # Mesh
 

@@ -196,6 +196,32 @@ def write_manifest(path, records):
   return str(path)
 
 
+def ingest_paths(tmp_path, *paths, **kw):
+  """Ingests one sample per scan path into tmp_path/store; (report, store, stderr text)."""
+  import io
+
+  from radfm_jax.data.ingest import ingest
+  from radfm_jax.data.store import VolumeStore
+  records = [{'id': f's{i}', 'question': 'q', 'answer': 'a', 'images': [{'path': p}]}
+             for i, p in enumerate(paths)]
+  manifest = write_manifest(tmp_path / 'm.jsonl', records)
+  log = io.StringIO()
+  report = ingest(manifest, str(tmp_path / 'store'), log=log, **kw)
+  return report, VolumeStore(str(tmp_path / 'store')), log.getvalue()
+
+
+def stored_scan(report, store, path):
+  """(array, attributes, scan id) of the scan an ingest `report` stored from `path`."""
+  (sid,) = [i for i in report.stored if store.attributes(i)['source'] == str(path)]
+  return store.read(sid), store.attributes(sid), sid
+
+
+def reject_reason(report, path):
+  """Why an ingest `report` rejected the scan at `path`."""
+  (reject,) = [r for r in report.rejects if 'scan_id' in r and r['path'] == str(path)]
+  return reject['reason']
+
+
 def png_store(folder, n: int = 4):
   """`n` random 40 x 36 PNG scans (folder/x{i}.png), one VQA question each (split 'train'), in
   folder/samples.jsonl ingested into the VolumeStore folder/store, and the test tokenizer in

@@ -126,8 +126,9 @@ def test_missing_or_unknown_layout_is_an_error(saved, tmp_path):
   shutil.copytree(root / 'params' / 'params', bare / 'params')      # an Orbax tree, no config.json
   with pytest.raises(InputError) as e:
     checkpoint.load(str(bare))
-  assert str(e.value) == (f'{bare}: not a checkpoint ({bare / "config.json"}: not found, nor in '
-                          'any parent); expected a checkpoint folder written by radfm_jax.save, '
+  # (params/ alone: what a save killed before its config.json, the commit, leaves)
+  assert str(e.value) == (f'{bare}: not a checkpoint ({bare / "config.json"}: not found, only '
+                          'what a save that did not finish left there); expected a checkpoint folder written by radfm_jax.save, '
                           'radfm-jax train or radfm-jax convert (a config.json with "layout": one '
                           "of ['params', 'train_state'])")
   odd = tmp_path / 'odd'

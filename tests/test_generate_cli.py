@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 
 import jax
@@ -171,6 +172,41 @@ def test_save_load_converted_layout(setup):
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
   assert loaded.llama.layers.q.kernel[...].sharding.mesh.size == len(jax.devices())
+
+
+def test_checkpoint_record_and_tokenizer_lookup(setup, tmp_path):
+  """A folder inside a checkpoint is not taken for the checkpoint (only its step folders, their
+  items and params/ climb to its record); the lookups of a checkpoint's tokenizer and data
+  config refuse a path that is not a checkpoint; a run moved away from where its config's
+  data.tokenizer points takes its own copy, not what now lies at the old path."""
+  root = setup[0]
+  ckpt = tmp_path / 'ckpt'
+  shutil.copytree(root / 'ckpt', ckpt)
+  (ckpt / 'finetuned' / 'params.partial').mkdir(parents=True)       # a killed save inside it
+  for call in (api.load, api.find_tokenizer, api.read_data_config):
+    with pytest.raises(InputError) as e:                            # was: the parent's model
+      call(str(ckpt / 'finetuned'))
+    assert str(e.value).startswith(
+        f'{ckpt}/finetuned: not a checkpoint ({ckpt}/finetuned/config.json: not found, only what '
+        'a save that did not finish left there); expected a checkpoint folder'), e.value
+  _, cfg = api.load(str(ckpt / 'params'))                    # params/ climbs to its record
+  assert cfg == setup[1].cfg
+  for call in (api.find_tokenizer, api.read_data_config):           # was: None, as for a checkpoint
+    with pytest.raises(InputError, match='nope: not a checkpoint \\(no such folder\\)'):
+      call(str(tmp_path / 'nope'))
+  # runA's tokenizer path recorded, the run moved to runB, another tokenizer now at runA's path
+  moved = tmp_path / 'runB'
+  shutil.copytree(ckpt, moved, ignore=shutil.ignore_patterns('finetuned'))
+  record = json.loads((moved / 'config.json').read_text())
+  old = tmp_path / 'runA' / 'tokenizer.model'
+  record['data'] = {'tokenizer': str(old)}
+  (moved / 'config.json').write_text(json.dumps(record))
+  old.parent.mkdir()
+  old.write_bytes(cd.spm_proto(300))
+  (moved / 'tokenizer.model').write_bytes(cd.spm_proto())
+  assert api.find_tokenizer(str(moved)) == str(moved / 'tokenizer.model')   # was: runA's
+  (moved / 'tokenizer.model').unlink()
+  assert api.find_tokenizer(str(moved)) == str(old)                # no copy: the path it names
 
 
 def test_load_trained_layout(setup, tmp_path):
@@ -468,11 +504,98 @@ def test_bad_python_arguments_are_one_error_naming_them(setup):
       (lambda: text.prompt_token_count(Tokenizer(cd.spm_proto(), max_images=2), 'x', 3, cfg,
                                        name='p.jsonl line 2'),
        'p.jsonl line 2: 3 images; the model and tokenizer take at most 2 (model.max_images)'),
+      # Before: each answered, silently, from another image than the one given: PIL's RGB
+      # picture read as a 3-slice volume, torch's [C, H, W] as a volume of 3 rows, two slices in
+      # a list stacked on the H axis, a masked array's hidden 1e6 voxel scaling the rest to black
+      (lambda: text.generate(model, tok, 'x <image>', [rgb], max_new_tokens=2),
+       'prompt 0 image 0: a uint8 array (24, 20, 3), an RGB(A) picture as PIL gives it?; expected '
+       '[C, H, W, D]: np.moveaxis(image[..., :3], -1, 0)[..., None] for a picture, image[None] '
+       'for a volume of 3 slices'),
+      (lambda: text.generate(model, tok, 'x <image>', [np.moveaxis(rgb, -1, 0)], max_new_tokens=2),
+       'prompt 0 image 0: an array (3, 24, 20), channels first [C, H, W]?; expected [C, H, W, D]'),
+      (lambda: text.generate(model, tok, 'x <image>', [[vol[..., 0], vol[..., 1]]],
+                             max_new_tokens=2),
+       'prompt 0 image 0: a list of 2 arrays; expected one array per scan (slices of a volume: '
+       'np.stack(slices, axis=-1) -> [H, W, D])'),
+      (lambda: text.generate(model, tok, 'x <image>', [masked], max_new_tokens=2),
+       'prompt 0 image 0: a masked array with 1 masked voxels; expected a plain array (fill them '
+       'first: image.filled(value))'),
+      # Before: the text kept as text, the image put first
+      (lambda: text.generate(model, tok, 'a <IMAGE> b', [vol], max_new_tokens=2),
+       "prompt 0: prompt holds '<IMAGE>', not an image marker; expected '<image>' (lower case, "
+       "no spaces) where an image goes"),
+      (lambda: text.generate(model, tok, 'a <image /> b', [vol], max_new_tokens=2),
+       "prompt 0: prompt holds '<image />', not an image marker"),
+      # Before: any truthy value returned ids; a NumPy number 'expected a finite value >= 0'
+      (lambda: text.generate(model, tok, 'x', max_new_tokens=2, return_ids='no'),
+       "return_ids: got 'no'; expected True or False"),
+      (lambda: text.generate(model, tok, 'x', sampling=GenerateConfig(
+          max_new_tokens=2, temperature=np.float32(0.5))),
+       'config field generate.temperature=np.float32(0.5): expected a finite value >= 0 (0 means '
+       'greedy) (got numpy.float32; expected a Python number: .item())'),
   ]
+  rgb = (np.random.default_rng(1).random((24, 20, 3)) * 255).astype(np.uint8)
+  masked = np.ma.masked_array(vol.copy(), mask=np.zeros(vol.shape, bool))
+  masked.data[0, 0, 0], masked.mask[0, 0, 0] = 1e6, True
   for call, message in cases:
     with pytest.raises(UserError) as e:       # InputError; ConfigError for a config's field
       call()
     assert str(e.value).startswith(message), (message, str(e.value))
+
+
+def test_numpy_numbers_and_misspelled_options(setup):
+  """NumPy numbers for the sampling options are the Python numbers they hold (the same tokens as
+  the Python numbers); a misspelled option names generate(), the function called, and the
+  option meant."""
+  _, model, _, _, tok = setup
+  want = text.generate(model, tok, 'x', max_new_tokens=3, top_k=5, stop_ids=[2], return_ids=True)
+  got = text.generate(model, tok, 'x', max_new_tokens=np.int64(3), top_k=np.int32(5),
+                      stop_ids=[np.int64(2)], return_ids=True)
+  assert got[0] == want[0] and list(got[1]) == list(want[1])
+  with pytest.raises(TypeError, match="^generate\\(\\) got an unexpected keyword argument "
+                     "'temprature' \\(did you mean 'temperature'\\?\\)$"):
+    text.generate(model, tok, 'x', temprature=0.5)
+
+
+def test_load_and_save_refuse_what_they_cannot_take(setup, tmp_path):
+  """`load`'s mesh, rules and step, `save`'s path and extra fields: one InputError naming each
+  (was: a JAX / Flax traceback; a blamed checkpoint for step=800.0; a folder named '~', the
+  working directory written into; the model section or the layout written over, another
+  preprocessing recorded as the run's)."""
+  import jax
+  ckpt = str(setup[0] / 'ckpt')
+  model = setup[1]
+  other = jax.sharding.Mesh(np.array(jax.devices()), ('x',))
+  cases = [
+      (lambda: api.load(ckpt, mesh='cpu'), 'mesh: got str; expected a jax.sharding.Mesh'),
+      (lambda: api.load(ckpt, rules='x'), "rules: got str; expected (logical axis, mesh axis) "
+       "pairs, e.g. radfm_jax.sharding.LOGICAL_RULES['fsdp'], or None"),
+      (lambda: api.load(ckpt, mesh=other), "rules[1] ('embed', 'fsdp'): mesh axis 'fsdp' is "
+       "not one of the mesh's axes ('x',); expected a mesh with axes ('data', 'fsdp', 'tensor')"),
+      (lambda: api.load(ckpt, step=800.0), 'step 800.0: expected a training step (an integer '
+       '>= 0), or None for the latest'),
+      (lambda: api.load(ckpt, step='800'), "step '800': expected a training step"),
+      (lambda: api.save(model, ''), "directory: got ''; expected the path of a folder"),
+      (lambda: api.save(model, None), 'directory: got None; expected the path of a folder'),
+      (lambda: api.save(model, '~/radfm_ckpt'), '~/radfm_ckpt: starts with ~, which a path in '
+       "Python does not expand; expected os.path.expanduser('~/radfm_ckpt')"),
+      (lambda: api.load('~/radfm_ckpt'), "~/radfm_ckpt: not a checkpoint (no such folder; ~ is "
+       "not expanded: os.path.expanduser('~/radfm_ckpt'))"),
+      (lambda: api.save(model, str(tmp_path / 's'), generate={'top_k': 5}), "save(generate=...): "
+       "'generate' is a section the checkpoint's config.json holds"),
+      (lambda: api.save(model, str(tmp_path / 's'), data={'intensity': 'ct_window'}),
+       "save(data=...): 'data' is a section"),
+      (lambda: api.save(model, str(tmp_path / 's'), layout='train_state'), "save(layout=...)"),
+      (lambda: api.save(model, str(tmp_path / 's'), origin=object()), 'save(**info): Object of '
+       'type object is not JSON serializable; expected values JSON can hold'),
+  ]
+  for call, message in cases:
+    with pytest.raises(InputError) as e:
+      call()
+    assert str(e.value).startswith(message), (message, str(e.value))
+  assert not (tmp_path / 's').exists() and not os.path.exists('~')
+  api.save(model, str(tmp_path / 's'), merged_from='/runs/a', finetune='lora')   # provenance
+  assert json.loads((tmp_path / 's' / 'config.json').read_text())['merged_from'] == '/runs/a'
 
 
 def test_load_and_save_name_a_path_that_is_not_a_checkpoint(setup, tmp_path, capsys):
@@ -491,8 +614,8 @@ def test_load_and_save_name_a_path_that_is_not_a_checkpoint(setup, tmp_path, cap
   for path, message in (
       ('nope', f'nope: not a checkpoint (no such folder); {expected}'),
       ('a.txt', f'a.txt: not a checkpoint (a file); {expected}'),
-      ('empty', f'empty: not a checkpoint ({tmp_path}/empty/config.json: not found, nor in any '
-                f'parent); {expected} (a config.json with {layouts})'),
+      ('empty', f'empty: not a checkpoint ({tmp_path}/empty/config.json: not found); '
+                f'{expected} (a config.json with {layouts})'),
       ('other', f'other: not a checkpoint ({tmp_path}/other/config.json: no "layout" field, and '
                 f'neither params/ nor checkpoints/ beside it); {expected} ({layouts})')):
     with pytest.raises(InputError) as e:
@@ -501,7 +624,7 @@ def test_load_and_save_name_a_path_that_is_not_a_checkpoint(setup, tmp_path, cap
   assert main(['generate', '--checkpoint', str(tmp_path / 'empty'), '--prompt', 'x']) == 2
   assert capsys.readouterr().err.strip() == (
       f'radfm-jax generate: {tmp_path}/empty: not a checkpoint ({tmp_path}/empty/config.json: not '
-      f'found, nor in any parent); {expected} (a config.json with {layouts})')
+      f'found); {expected} (a config.json with {layouts})')
   for path, message in (
       ('a.txt/ckpt', f'a.txt/ckpt: {tmp_path}/a.txt is not a directory; expected a new '
                      'checkpoint folder'),

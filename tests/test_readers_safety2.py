@@ -13,7 +13,6 @@ input, ingests it (or reads it) and compares the values, the attributes and the 
   * Non-native byte order ('>i2') is stored in the native dtype of the same width.
 """
 
-import io
 import json
 import logging
 import os
@@ -25,30 +24,10 @@ import numpy as np
 import pytest
 
 import conftest_data as cd
-from radfm_jax.data.ingest import ingest
 from radfm_jax.data.readers import RejectedScan, read_scan
-from radfm_jax.data.store import VolumeStore
 
 
-def _ingest(tmp_path, *paths, **kw):
-  """Ingests one sample per path; (report, store, stderr text)."""
-  records = [{'id': f's{i}', 'question': 'q', 'answer': 'a', 'images': [{'path': p}]}
-             for i, p in enumerate(paths)]
-  manifest = cd.write_manifest(tmp_path / 'm.jsonl', records)
-  log = io.StringIO()
-  report = ingest(manifest, str(tmp_path / 'store'), log=log, **kw)
-  return report, VolumeStore(str(tmp_path / 'store')), log.getvalue()
-
-
-def _stored(report, store, path):
-  """(array, attributes, scan id) of the scan stored from `path`."""
-  (sid,) = [i for i in report.stored if store.attributes(i)['source'] == str(path)]
-  return store.read(sid), store.attributes(sid), sid
-
-
-def _reason(report, path):
-  (reject,) = [r for r in report.rejects if 'scan_id' in r and r['path'] == str(path)]
-  return reject['reason']
+_ingest, _stored, _reason = cd.ingest_paths, cd.stored_scan, cd.reject_reason
 
 
 # ------------------------------------------------------------------------------------------------

@@ -153,20 +153,30 @@ def checkpoint_folder(directory: str) -> str:
   return directory
 
 
+# The folders a checkpoint holds, which `_folders_up` climbs out of to the checkpoint's record:
+# a run's step folders (digits) and their Orbax items, a parameter-only checkpoint's params/.
+_INNER_FOLDERS = ('checkpoints', PARAMS, 'state', 'data', 'config')
+
+
 def _folders_up(directory: str):
-  """The checkpoint folder of `directory`, then each parent up to the root."""
+  """The checkpoint folder of `directory`, then each parent while the folder left is one a
+  checkpoint holds (`_INNER_FOLDERS`, a step number): `run/checkpoints/800/state` climbs to
+  `run/checkpoints`, but `ckpt/finetuned` (another folder someone made inside a checkpoint, or a
+  killed save's) is not taken for `ckpt`."""
   probe = checkpoint_folder(directory)
   while True:
     yield probe
     parent = os.path.dirname(probe)
-    if parent == probe:
+    name = os.path.basename(probe)
+    if parent == probe or not (name.isdigit() or name in _INNER_FOLDERS):
       return
     probe = parent
 
 
 def find_config(directory: str) -> str | None:
-  """The config.json of the checkpoint at `directory`: in its `checkpoint_folder` or the nearest
-  parent holding one (a step folder finds its run's); None when there is none anywhere."""
+  """The config.json of the checkpoint at `directory`: in its `checkpoint_folder`, or in the
+  checkpoint that folder lies inside (a step folder, its items, `params/`: `_folders_up`); None
+  when there is none."""
   paths = (os.path.join(folder, CONFIG_FILE) for folder in _folders_up(directory))
   return next((path for path in paths if os.path.isfile(path)), None)
 
@@ -179,14 +189,19 @@ def read_record(directory: str) -> tuple[str, dict, str]:
     raise InputError(f'checkpoint: got {type(directory).__name__} {directory!r}; '
                      f'{EXPECTED_CHECKPOINT} (its path)')
   if not os.path.isdir(directory):
-    what = 'a file' if os.path.exists(directory) else 'no such folder'
+    what = 'a file' if os.path.exists(directory) else 'no such folder' + (
+        f'; ~ is not expanded: os.path.expanduser({os.fspath(directory)!r})'
+        if os.fspath(directory).startswith('~') else '')
     raise InputError(f'{directory}: not a checkpoint ({what}); {EXPECTED_CHECKPOINT}')
   path = find_config(directory)
   if path is None:
-    raise InputError(f'{directory}: not a checkpoint '
-                     f'({os.path.join(checkpoint_folder(directory), CONFIG_FILE)}: not found, nor '
-                     f'in any parent); {EXPECTED_CHECKPOINT} (a {CONFIG_FILE} with "layout": one '
-                     f'of {list(LAYOUTS)})')
+    folder = checkpoint_folder(directory)
+    unfinished = unfinished_write(folder)
+    raise InputError(f'{directory}: not a checkpoint ({os.path.join(folder, CONFIG_FILE)}: not '
+                     'found' + (', only what a save that did not finish left there'
+                                if unfinished else '') +
+                     f'); {EXPECTED_CHECKPOINT} (a {CONFIG_FILE} with "layout": one of '
+                     f'{list(LAYOUTS)})')
   data = read_json(path)
   layout = data.get('layout')
   if layout is None:
@@ -259,20 +274,33 @@ def read_section(directory: str, name: str, schema) -> dict:
 
 def read_data_config(directory: str) -> DataConfig | None:
   """The DataConfig of the run that wrote a checkpoint (image sizes, depth buckets, intensity
-  policy), or None for a parameter-only checkpoint (which records none)."""
+  policy), or None for a parameter-only checkpoint (which records none). A path that is not a
+  checkpoint is `read_record`'s InputError (not taken for a checkpoint that records none)."""
+  read_record(directory)
   section = read_section(directory, 'data', DataConfig)
   return DataConfig(**section) if section else None
 
 
 def find_tokenizer(directory: str) -> str | None:
-  """The tokenizer of a checkpoint: the run config's `data.tokenizer` if that file exists, else a
-  `tokenizer.model` in the checkpoint folder or any parent (the demo keeps it beside `train/`)."""
-  for folder in _folders_up(directory):
-    config = os.path.join(folder, CONFIG_FILE)
-    if os.path.exists(config):
-      given = (read_json(config).get('data') or {}).get('tokenizer')
-      if given and os.path.isfile(given):
-        return given
+  """The tokenizer of the checkpoint at `directory` (a path that is not one: `read_record`'s
+  InputError), the first of: the run's own copy (`tokenizer.model` beside its config.json, or in
+  the workdir above `checkpoints/`: what it trained with, wherever the run was moved since); the
+  file its config's `data.tokenizer` names (an absolute path: a run moved away from its copy's
+  old place would otherwise take whatever now lies there); a `tokenizer.model` in a folder above
+  (the demo keeps it beside `train/`). None when there is none."""
+  path, data, _ = read_record(directory)
+  root = os.path.dirname(os.path.abspath(path))
+  own = [root] + ([os.path.dirname(root)] if os.path.basename(root) == 'checkpoints' else [])
+  for folder in own:
+    candidate = os.path.join(folder, 'tokenizer.model')
+    if os.path.isfile(candidate):
+      return candidate
+  given = (data.get('data') or {}).get('tokenizer') if isinstance(data.get('data'), Mapping) else None
+  if isinstance(given, str) and given and os.path.isfile(given):
+    return given
+  folder = own[-1]
+  while os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
     candidate = os.path.join(folder, 'tokenizer.model')
     if os.path.isfile(candidate):
       return candidate

@@ -186,6 +186,12 @@ def write_config(directory: str, cfg: ModelConfig, **info) -> str:
   return meta.write_config(directory, meta.PARAMS, {'model': meta.config_to_dict(cfg), **info})
 
 
+# config.json keys that `save(**info)` may not set: the layout record and the run sections that
+# readers of a checkpoint take as its own (`meta.read_section`); `model` is save's own argument.
+_RESERVED = frozenset({'layout', 'layout_version', 'data', 'generate', 'train', 'mesh', 'seed',
+                       'run'})
+
+
 def save(model, directory: str, **info) -> str:
   """Writes `model`'s parameters as a parameter-only checkpoint (`DIR/params/` + `DIR/config.json`)
   with the converter's own writer, so `load` and `radfm-jax convert to-torch` read it back.
@@ -198,6 +204,23 @@ def save(model, directory: str, **info) -> str:
   if not isinstance(getattr(model, 'cfg', None), ModelConfig):   # before anything is written
     raise InputError(f'model: got {type(model).__name__}; expected a RadFM model (radfm_jax.load, '
                      'create_model)')
+  if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+    raise InputError(f'directory: got {directory!r}; expected the path of a folder for the '
+                     'checkpoint')
+  directory = os.fspath(directory)
+  if directory.startswith('~'):     # a folder named '~' would be made in the working directory
+    raise InputError(f'{directory}: starts with ~, which a path in Python does not expand; '
+                     f'expected os.path.expanduser({directory!r})')
+  reserved = sorted(set(info) & _RESERVED)
+  if reserved:        # a config.json section `load` or `load_for_generation` reads
+    raise InputError(f'save({reserved[0]}=...): {reserved[0]!r} is a section the checkpoint\'s '
+                     f'config.json holds for the model or its readers; expected other names for '
+                     f'where the parameters came from (e.g. merged_from=...)')
+  try:
+    json.dumps(info)
+  except (TypeError, ValueError) as e:
+    raise InputError(f'save(**info): {e}; expected values JSON can hold (strings, numbers, '
+                     'lists, dicts)') from None
   if os.path.isfile(directory):
     raise InputError(f'{directory}: a file; expected a folder for the checkpoint')
   if os.path.isdir(os.path.join(directory, 'checkpoints')):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 
 import numpy as np
@@ -54,6 +55,11 @@ def locate(directory: str, step: int | None = None) -> Location:
   folder's own step, else the latest). A folder that is not a checkpoint, or holds no parameters,
   is an InputError naming it (`meta.read_record`); a step it lacks, a `StepError` (an InputError
   that a command prefixes with its flag: `errors.reading`)."""
+  if step is not None:
+    if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+      raise InputError(f'step {step!r}: expected a training step (an integer >= 0), or None for '
+                       'the latest')
+    step = int(step)
   path, data, layout = meta.read_record(directory)
   cfg = meta.model_config_of(path, data)
   home = os.path.dirname(path)
@@ -272,6 +278,7 @@ def load(directory: str, *, step: int | None = None, mesh=None, rules=None):
   if mesh is None:
     mesh = sharding.make_mesh(MeshConfig())
   rules = rules or sharding.LOGICAL_RULES['fsdp']
+  sharding.check_mesh_and_rules(mesh, rules)
   ft = finetune_of(directory) if loc.layout != meta.PARAMS else None
   if ft is None or ft.method == 'full':
     from radfm_jax.config import FinetuneConfig

@@ -23,7 +23,8 @@ ingest waits, saying so) and merges:
   * A scan is identified by its id and its content (sha256 of the file, or of a DICOM folder's
     files, kept as the `source_sha256` attribute): a stored scan whose file is unchanged is
     skipped, a changed file is read again and its new version replaces the old one in the index
-    (the samples naming it get its new shape).
+    (the samples naming it get its new shape); a new version of another number of images (a 5D
+    case's) is a reject, the old one kept whole.
   * A stored scan whose file is unchanged but whose array the store can no longer open (lost or
     damaged after ingest) is read again and stored as a new version, as a changed one is
     (`restored`). A database that cannot be read at all (its manifest or root node lost: no
@@ -134,8 +135,15 @@ def _load_records(manifest) -> tuple[list[tuple[int, dict]], str, Callable]:
   from radfm_jax.data.manifest import check_records, record_place
   from radfm_jax.data.store import iter_jsonl
   if not isinstance(manifest, (str, os.PathLike)):
-    place = record_place
     numbered, base = list(enumerate(manifest, 1)), os.getcwd()
+
+    def place(n, field=None):
+      # a recipe's record says where it came from ('vqarad_test.csv line 2'): named instead
+      source = numbered[n - 1][1].get('source') if 0 < n <= len(numbered) and isinstance(
+          numbered[n - 1][1], dict) else None
+      if isinstance(source, str) and source:
+        return f'{source} ({record_place(n, field)})'
+      return record_place(n, field)
   else:
     path = os.fspath(manifest)
     if not os.path.isfile(path):
@@ -453,7 +461,17 @@ def _store_scans(store: VolumeStore, entries: dict[str, _Entry], report: IngestR
           scans, why = value
           if why is not None:
             restoring[sid] = why
-          ids = _expand_ids(sid, len(scans))
+          ids, have = _expand_ids(sid, len(scans)), _stored_ids(index, sid)
+          if have and ids != have:
+            # A changed file keeps its ids; with another count of images its new version would
+            # replace some of the old ones and leave the rest, and the samples naming them would
+            # mix the two versions.
+            _reject(report, resolved, entries[sid],
+                    f'the file now holds {len(scans)} image(s) where the store holds {len(have)} '
+                    f'of its earlier version under this id ({", ".join(have)}), which stored '
+                    'samples name; expected the same number of images (a changed file keeps its '
+                    'ids), or another id (images[].id) for the new file', log, bar)
+            continue
           pending.append((sid, [(i, a, attrs) for i, (a, attrs) in zip(ids, scans)]))
       _write(store, pending, restoring, report, resolved, entries, log, bar)
       bar.update(min(batch_size, len(todo) - start))
@@ -616,6 +634,7 @@ def scan_notes(attrs: dict) -> tuple[list[str], list[str]]:
                    'absolute value)')
   repairs += [f'NIfTI header field repaired on load: {text}'
               for text in attrs.get('header_repaired', [])]
+  repairs += [f'geometry assumed: {text}' for text in attrs.get('geometry_assumed', [])]
   if 'monochrome1_inverted' in attrs:
     lo, hi = attrs['monochrome1_inverted']
     repairs.append(f'MONOCHROME1 inverted: stored values are {lo} + {hi} - x (min + max - x) so '
@@ -624,6 +643,8 @@ def scan_notes(attrs: dict) -> tuple[list[str], list[str]]:
                for text in attrs.get('header_warnings', [])]
   warnings += [f'DICOM: {text} (pydicom, which read the file as it says)'
                for text in attrs.get('dicom_warnings', [])]
+  warnings += [f'image: {text} (Pillow, which read the file as it says)'
+               for text in attrs.get('image_warnings', [])]
   if 'float32_rounding' in attrs:
     r = attrs['float32_rounding']
     before, after = r['distinct_values']

@@ -25,15 +25,22 @@ Reading rules (stored layout [C, H, W, D], see store.py):
     leaves is a warning (`header_warnings`): nibabel's own stderr lines are not printed
     (`_logged_lines`). Rejected in our words: a size dim[i] < 1, an infinite scl_slope (nibabel
     would read it as no scaling; NaN, which nibabel itself writes for "unset", and 0 are no
-    scaling), a non-finite scl_inter.
+    scaling), a non-finite scl_inter, a vox_offset inside the header (below 352; NIfTI-2: 544),
+    a file (a .nii.gz: its decompressed stream) longer than vox_offset + the voxels its header
+    describes. qform_code = sform_code = 0: nibabel's affine from pixdim alone (x flipped) is
+    used, a recorded repair (`geometry_assumed`).
   * DICOM: a file or a folder holding one series; slices are sorted by position along the slice
-    normal (ImagePositionPatient), else InstanceNumber; RescaleSlope/Intercept applied (int16
-    when the result is integral and fits, e.g. CT HU, else float32 when it fits, with the
-    float64 scans' rounding warning below, e.g. an intercept of 1e9); volumes with
+    normal (ImagePositionPatient), else consecutive InstanceNumbers (a gap: a reject);
+    RescaleSlope/Intercept applied (int16 when the result is integral and fits, e.g. CT HU, else
+    float32 when it fits, with the float64 scans' rounding warning below, e.g. an intercept of
+    1e9); volumes with
     orientation tags are reoriented LPS -> RAS like NIfTI; a file without them (X-ray) is a 2D
     image. Zero / negative / NaN PixelSpacing, or two slices at one position: reject; so is a
     geometry field that is not its count of finite numbers (`_check_dicom_numbers`: PixelSpacing
-    '0.8\\0.7x', a 5-value ImageOrientationPatient). What pydicom warns of and reads anyway
+    '0.8\\0.7x', a 5-value ImageOrientationPatient), and so is a PixelSpacing that differs
+    between the files of a series. A volume's spacing that is not in the files (no PixelSpacing,
+    slices without positions, a multi-frame file's frames) is 1.0 mm, a recorded repair
+    (`geometry_assumed`). What pydicom warns of and reads anyway
     (excess pixel-data padding it drops) is the warning `dicom_warnings`, not a stderr line.
     PhotometricInterpretation (attribute `photometric_interpretation`): one sample per pixel must
     be MONOCHROME1, MONOCHROME2 or PALETTE COLOR (else a reject), one for the series; a PALETTE
@@ -42,7 +49,11 @@ Reading rules (stored layout [C, H, W, D], see store.py):
     min + max - x in its own dtype, so that higher values are brighter in every stored scan (a
     recorded repair: `monochrome1_inverted` = [min, max]).
     A folder inside the series folder, or a file that is not DICOM, is a reject.
-  * PNG/JPEG: Pillow; grayscale stays 1 channel (16-bit kept), everything else becomes RGB.
+  * PNG/JPEG: Pillow; grayscale stays 1 channel (8-, 16-bit and int32 kept), lossless colour
+    modes become 8-bit RGB (an alpha channel only when opaque everywhere); a mode that conversion
+    would narrow or change (F: float, CMYK, YCbCr, ...) is a reject. Pillow's warnings are not
+    printed: its DecompressionBombWarning is left to the size checks, any other is
+    `image_warnings`.
   * .npy: [H, W] / [H, W, D] / [C, H, W, D] (C in 1, 3) / [S, C, H, W, D]; other ranks rejected;
     never unpickled. A non-native byte order ('>i2') is stored in the native dtype of that width.
   * `frame` (which volume of a 4D NIfTI) and `index` (which image of a 5D .npy stack) pick along
@@ -237,6 +248,18 @@ def _check_nifti_header(raw):
                        'finite intercept')
 
 
+def _check_vox_offset(raw):
+  """RejectedScan for a single-file NIfTI whose vox_offset (in `raw`, the header as the file
+  holds it) lies inside the header: nibabel reads the voxels from byte 0 for a vox_offset of 0
+  (the header's own bytes stored as voxels) and moves one of 1..351 to 352, either way a guess
+  at where the voxels start."""
+  offset = float(raw['vox_offset'])
+  end = type(raw).single_vox_offset     # 348 (540) header bytes + 4 extension-flag bytes
+  if bytes(raw['magic'])[:3] in (b'n+1', b'n+2') and offset < end:
+    raise RejectedScan(f'vox_offset {offset:g} in the NIfTI header: the voxel data would start '
+                       f'inside the {end}-byte header; expected a vox_offset of at least {end}')
+
+
 def _plain(value) -> str:
   """A header value as a plain number (no numpy repr)."""
   value = np.asarray(value)
@@ -315,29 +338,62 @@ def _logged_lines(logger_name: str):
     del collector.lines[ident]
 
 
-def _quiet_pydicom_warnings():
-  """pydicom says each problem twice: on its logger and as a Python warning (printed on stderr,
-  with the line of pydicom that raised it). Installs, once, a `warnings.showwarning` that drops
-  the warnings raised inside pydicom's package in a thread collecting pydicom's logger lines
-  (`_logged_lines('pydicom')`: the same text is kept there); every other warning goes to the
-  `showwarning` it wraps. (`warnings.catch_warnings` would do it for a block, but it swaps
-  process-wide state and ingest reads scans in threads.)"""
+# thread ident -> the Python warnings raised in that thread inside `_caught_warnings`
+_CAUGHT_WARNINGS: dict[int, list[str]] = {}
+
+
+def _quiet_warnings():
+  """Installs, once, a `warnings.showwarning` for the readers' threads; every other warning goes
+  to the `showwarning` it wraps. (`warnings.catch_warnings` would do it for a block, but it swaps
+  process-wide state and ingest reads scans in threads.)
+    * pydicom says each problem twice: on its logger and as a Python warning (printed on stderr,
+      with the line of pydicom that raised it). The warnings raised inside pydicom's package in a
+      thread collecting pydicom's logger lines (`_logged_lines('pydicom')`: the same text is kept
+      there) are dropped.
+    * In a thread inside `_caught_warnings` (reading a NIfTI or an image), a warning is added to
+      its list instead of printed: nibabel's and Pillow's (a DecompressionBombWarning, numpy's
+      'invalid value encountered' while nibabel builds an affine) would be bare stderr lines
+      beside ingest's own; the reader rejects the scan or records the warning."""
   with _LOGGED_LINES_LOCK:
-    if getattr(warnings.showwarning, '_radfm_pydicom', False):
+    if getattr(warnings.showwarning, '_radfm_readers', False):
       return
     import pydicom
     package = os.path.dirname(os.path.abspath(pydicom.__file__)) + os.sep
     wrapped = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
+      caught = _CAUGHT_WARNINGS.get(threading.get_ident())
+      if caught is not None:
+        caught.append(f'{category.__name__}: {message}')
+        return
       collecting = _LOGGED_LINES.get('pydicom')
       if (collecting is not None and threading.get_ident() in collecting.lines
           and os.path.abspath(str(filename)).startswith(package)):
         return
       wrapped(message, category, filename, lineno, file, line)
 
-    showwarning._radfm_pydicom = True
+    showwarning._radfm_readers = True
     warnings.showwarning = showwarning
+
+
+@contextlib.contextmanager
+def _caught_warnings():
+  """The Python warnings raised in this thread meanwhile ('Category: message' each, a list), not
+  printed (`_quiet_warnings`). Python shows a warning once per place and text (its
+  `__warningregistry__`), so a repeat in a later scan is neither printed nor listed: what the
+  readers need a warning for (a non-finite affine or voxel) they check themselves."""
+  _quiet_warnings()
+  ident = threading.get_ident()
+  outer = _CAUGHT_WARNINGS.get(ident)
+  caught = _CAUGHT_WARNINGS[ident] = []
+  try:
+    yield caught
+  finally:
+    if outer is None:
+      del _CAUGHT_WARNINGS[ident]
+    else:
+      _CAUGHT_WARNINGS[ident] = outer
+      outer += caught
 
 
 def _check_pick(field: str, value: int | None, count: int, holds: str):
@@ -355,10 +411,14 @@ def _check_pick(field: str, value: int | None, count: int, holds: str):
 def read_nifti(path: str, frame: int | None = None,
                max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   """What nibabel logs while loading it (header fields it fixed or found wrong) becomes the
-  attributes `header_repaired` / `header_warnings` (`_nifti_header_fixes`), not stderr lines."""
-  with _logged_lines('nibabel.global') as lines:
+  attributes `header_repaired` / `header_warnings` (`_nifti_header_fixes`), not stderr lines; so
+  does a Python warning raised meanwhile (`_caught_warnings`) when the scan is stored. numpy's
+  floating-point warnings are not raised at all: every non-finite value they would warn of (an
+  affine from an inf pixdim, voxels scaled past float range) is a reject below."""
+  with _logged_lines('nibabel.global') as lines, _caught_warnings() as caught, \
+       np.errstate(all='ignore'):
     data, attrs, said = _read_nifti(path, frame, max_bytes)
-  other = [line for line in dict.fromkeys(lines) if line not in said]
+  other = [line for line in dict.fromkeys(lines + caught) if line not in said]
   if other:                          # a line no check of ours explains: kept as nibabel said it
     attrs['header_warnings'] = attrs.get('header_warnings', []) + other
   return data, attrs
@@ -375,6 +435,7 @@ def _read_nifti(path: str, frame: int | None, max_bytes: int) -> tuple[np.ndarra
       raw = None
     if raw is not None and bytes(raw['magic'])[:3] in (b'n+1', b'ni1', b'n+2', b'ni2'):
       _check_nifti_header(raw)       # our words for a field nibabel refused (scl_inter)
+      _check_vox_offset(raw)         # (a vox_offset of 1..351)
     raise RejectedScan(f'not a readable NIfTI: {type(e).__name__}: {e}') from e
   raw = _raw_nifti_header(path, type(img.header))
   _check_nifti_header(raw)
@@ -393,19 +454,28 @@ def _read_nifti(path: str, frame: int | None, max_bytes: int) -> tuple[np.ndarra
   size = os.path.getsize(path)
   what = f'NIfTI shape {list(img.shape)} {dtype}'
   memory = voxels * (8 if scaled else dtype.itemsize)
+  offset = int(img.dataobj.offset)
   if path.lower().endswith('.gz'):
     _check_size(what, memory, max_bytes, voxels * dtype.itemsize, compressed_bytes=size)
   else:
-    _check_size(what, memory, max_bytes, voxels * dtype.itemsize,
-                file_bytes=size - int(img.dataobj.offset))
+    _check_size(what, memory, max_bytes, voxels * dtype.itemsize, file_bytes=size - offset)
+  _check_vox_offset(raw)               # after the size checks: they say more of a forged header
+  if not path.lower().endswith('.gz'):
+    _check_nifti_end(what, size, offset, voxels * dtype.itemsize)
   if not np.isfinite(img.affine).all():
     raise RejectedScan(f'affine {img.affine[:3].tolist()} is not finite (NaN pixdim or '
                        'sform/qform); expected real voxel geometry')
   repaired = _nifti_pixdim_repair(raw, img)
   header_repairs, header_warnings, said = _nifti_header_fixes(raw, repaired is not None)
   if path.lower().endswith('.gz'):
-    img = _whole_gzip(path, img, int(img.dataobj.offset) + voxels * dtype.itemsize)
+    img = _whole_gzip(path, img, offset, voxels * dtype.itemsize, what)
   source_axcodes = ''.join(str(c) for c in nib.orientations.aff2axcodes(img.affine))
+  assumed = []
+  if int(raw['qform_code']) == 0 and int(raw['sform_code']) == 0:
+    # nibabel then builds the affine from pixdim alone with x flipped (Analyze's radiological
+    # convention): the RAS axes stored, left / right included, rest on that convention.
+    assumed.append(f'NIfTI qform_code 0 and sform_code 0 (no qform / sform): orientation assumed '
+                   f'from pixdim alone (nibabel\'s default affine: voxel axes {source_axcodes})')
   try:
     img = nib.as_closest_canonical(img)
   except Exception as e:  # a singular affine cannot be reoriented
@@ -429,6 +499,8 @@ def _read_nifti(path: str, frame: int | None, max_bytes: int) -> tuple[np.ndarra
            'source_dtype': source_dtype}
   if repaired is not None:
     attrs['spacing_repaired'] = repaired
+  if assumed:
+    attrs['geometry_assumed'] = assumed
   if header_repairs:
     attrs['header_repaired'] = header_repairs
   if header_warnings:
@@ -436,22 +508,44 @@ def _read_nifti(path: str, frame: int | None, max_bytes: int) -> tuple[np.ndarra
   return data[None], attrs, said
 
 
-def _whole_gzip(path: str, img, needed: int):
-  """`img` (a .nii.gz's header, `needed` = its data offset + voxel bytes) read from the whole gzip
+def _check_nifti_end(what: str, size: int, offset: int, payload: int, holds: str = 'the file'):
+  """RejectedScan when a NIfTI (`size` bytes uncompressed; `holds` names them) holds more than its
+  header describes: vox_offset + the voxel bytes of dim x datatype. A file ends with its voxels;
+  bytes after them mean the header describes less than the file holds (a dim edited, two files
+  joined), and reading the first part alone would drop the rest unsaid. Fewer bytes are
+  `_check_size`'s reject (a .nii.gz's: `_whole_gzip`'s)."""
+  if size > offset + payload:
+    raise RejectedScan(f'{what}: {holds} holds {size:,} bytes, {size - offset - payload:,} more '
+                       f'than the header describes (vox_offset {offset:,} + {payload:,} bytes of '
+                       'voxels); expected a file that ends with its voxels (a dim edited, or two '
+                       'files joined?)')
+
+
+def _whole_gzip(path: str, img, offset: int, payload: int, what: str):
+  """`img` (a .nii.gz's header: voxels of `payload` bytes from `offset`) read from the whole gzip
   stream: gzip's CRC-32 and length of each member are checked only at its end, which a reader
-  stopping after the voxels never reaches, so a corrupted byte would be stored as wrong voxels."""
+  stopping after the voxels never reaches, so a corrupted byte would be stored as wrong voxels.
+  The stream's length is checked as an uncompressed file's size is (`_check_nifti_end`)."""
+  needed = offset + payload
   try:
     with gzip.open(path, 'rb') as f:
       raw = f.read(needed)
-      while f.read(1 << 24):           # to the end: the trailers are checked there
-        pass
+      size = len(raw)
+      while chunk := f.read(1 << 24):  # to the end: the trailers are checked there
+        size += len(chunk)
   except (OSError, EOFError, zlib.error) as e:   # gzip.BadGzipFile is an OSError
     raise RejectedScan(f'cannot read voxel data: {type(e).__name__}: {e}; expected an intact '
                        'gzip file (gzip -t tests one)') from e
   if len(raw) < needed:
     raise RejectedScan(f'the gzip stream holds {len(raw)} bytes; the header claims {needed} '
                        '(data offset + voxels)')
-  return type(img).from_bytes(raw)
+  _check_nifti_end(what, size, offset, payload, 'the decompressed gzip stream')
+  try:
+    return type(img).from_bytes(raw)
+  except Exception as e:  # nibabel's own check of what it reads again (WrapStructError, ...)
+    raise RejectedScan(f'cannot read the NIfTI from its gzip stream: {type(e).__name__}: {e}; '
+                       f'expected a header and {payload:,} bytes of voxels from vox_offset '
+                       f'{offset:,}') from e
 
 
 def _dicom_value(ds, field: str, default: float) -> float:
@@ -559,12 +653,14 @@ def _dicom_pixel_bytes(ds, name: str, max_bytes: int) -> int:
   return memory
 
 
-def _dicom_to_ras(volume: np.ndarray, slices: list, positions) -> tuple[np.ndarray, list, str]:
-  """[rows, cols, slices] in the DICOM patient frame (LPS) -> RAS axis order, spacing, codes."""
+def _dicom_to_ras(volume: np.ndarray, slices: list, positions,
+                  pixel_spacing: list[float]) -> tuple[np.ndarray, list, str]:
+  """[rows, cols, slices] in the DICOM patient frame (LPS) -> RAS axis order, spacing, codes.
+  `pixel_spacing`: the series' [row, column] spacing (`_pixel_spacing`, or 1.0 assumed)."""
   import nibabel as nib
   iop = np.asarray(slices[0].ImageOrientationPatient, float)
   x_dir, y_dir = iop[:3], iop[3:]     # x_dir: along a row (column index), y_dir: down rows
-  row_sp, col_sp = (float(v) for v in slices[0].PixelSpacing)
+  row_sp, col_sp = pixel_spacing
   if len(slices) > 1:
     step = (np.asarray(positions[-1]) - np.asarray(positions[0])) / (len(slices) - 1)
   else:
@@ -603,7 +699,7 @@ def _sort_slices(slices: list) -> bool:
   InstanceNumber when no slice has patient geometry (returns whether they have it). RejectedScan
   when the order or the spacing cannot be trusted: geometry on some slices only, slices of
   different orientations, two at one position, uneven gaps (a missing slice), or no geometry and
-  no distinct InstanceNumbers."""
+  no distinct, consecutive InstanceNumbers (a gap: a missing slice)."""
   names = [os.path.basename(getattr(ds, 'filename', '') or '?') for ds, _ in slices]
   has = [hasattr(ds, 'ImagePositionPatient') and hasattr(ds, 'ImageOrientationPatient')
          for ds, _ in slices]
@@ -615,7 +711,18 @@ def _sort_slices(slices: list) -> bool:
     if len(slices) > 1 and (None in numbers or len({int(n) for n in numbers}) < len(numbers)):
       raise RejectedScan('slices without patient geometry and without distinct InstanceNumbers '
                          'cannot be ordered; expected ImagePositionPatient or InstanceNumber')
-    slices.sort(key=lambda s: int(s[0].InstanceNumber or 0) if len(slices) > 1 else 0)
+    if len(slices) == 1:
+      return False
+    order = sorted(range(len(slices)), key=lambda i: int(numbers[i]))
+    slices[:] = [slices[i] for i in order]
+    # Without positions only the numbering tells that a slice is missing: a gap would join the
+    # slices on either side of it as neighbours.
+    for a, b in zip(order, order[1:]):
+      if int(numbers[b]) - int(numbers[a]) != 1:
+        raise RejectedScan(f'InstanceNumber {int(numbers[a])} ({names[a]}) is followed by '
+                           f'{int(numbers[b])} ({names[b]}) in slices without patient geometry '
+                           '(a missing slice?); expected consecutive InstanceNumbers, one file '
+                           'per slice')
     return False
   iop = np.asarray(slices[0][0].ImageOrientationPatient, float)
   for (ds, _), name in zip(slices, names):
@@ -694,7 +801,7 @@ def _as_monochrome2(array: np.ndarray, attrs: dict) -> np.ndarray:
 def read_dicom(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   """What pydicom warns of while reading it (excess pixel-data padding it removes, a value that
   breaks its VR's rules) becomes the attribute `dicom_warnings`, not stderr lines."""
-  _quiet_pydicom_warnings()
+  _quiet_warnings()
   with _logged_lines('pydicom') as lines:
     array, attrs = _read_dicom(path, max_bytes)
   if lines:
@@ -737,6 +844,12 @@ def _read_dicom(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
     if value != photometric[0]:
       raise RejectedScan(f'{name}: PhotometricInterpretation {value} where {names[0]} has '
                          f'{photometric[0]}; expected one for the series')
+  pixel_spacing = _pixel_spacing([ds for ds, _ in slices], names)
+  # Without PixelSpacing a volume's row / column spacing is 1.0 mm by assumption: recorded
+  # (`geometry_assumed`). A 2D image without it (an X-ray) is a picture of unknown pixel size,
+  # 1.0 as for a PNG (store.py).
+  row_col, assumed = pixel_spacing or [1.0, 1.0], []
+  no_spacing = 'PixelSpacing in no file: row and column spacing assumed 1.0 mm'
   ds0, px0 = slices[0]
   modality = str(getattr(ds0, 'Modality', '') or '')
   attrs = {'modality': modality, 'source_dtype': str(px0.dtype),
@@ -751,9 +864,11 @@ def _read_dicom(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
       raise RejectedScan(f'a PALETTE COLOR series of {len(slices)} files; expected one palette '
                          'image per file')
     attrs['palette_applied'] = True
+    attrs['spacing'] = row_col + [1.0]
     return _palette_rgb(ds0, px0, names[0], max_bytes - memory), attrs
   if len(slices) == 1 and (samples_per_pixel == 3 or px0.ndim == 3):
     # Colour image [rows, cols, 3] or a multi-frame volume [frames, rows, cols].
+    attrs['spacing'] = row_col + [1.0]
     if samples_per_pixel == 3:
       if px0.ndim != 3:
         raise RejectedScan(f'a multi-frame colour DICOM ({px0.shape[0]} frames); expected one '
@@ -761,8 +876,11 @@ def _read_dicom(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
       array = np.moveaxis(px0[..., :3], -1, 0)[..., None]
     else:
       array = _as_monochrome2(np.moveaxis(_rescale(ds0, px0), 0, -1)[None], attrs)
-      if hasattr(ds0, 'PixelSpacing'):
-        attrs['spacing'] = [float(v) for v in ds0.PixelSpacing] + [1.0]
+      # A classic multi-frame file has no position per frame: the frames' spacing is unknown.
+      assumed = ([no_spacing] if pixel_spacing is None else []) + [
+          f'a multi-frame file of {px0.shape[0]} frames without a position per frame: spacing '
+          'between frames assumed 1.0 mm']
+      attrs['geometry_assumed'] = assumed
     return array, attrs
   for name, (_, p) in zip(names, slices):
     if p.ndim != 2:
@@ -775,17 +893,52 @@ def _read_dicom(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
   has_geometry = _sort_slices(slices)
   volume = np.stack([_rescale(ds, p) for ds, p in slices], axis=-1)   # [rows, cols, slices]
   volume = _as_monochrome2(volume, attrs)
-  if has_geometry and hasattr(ds0, 'PixelSpacing'):
+  if pixel_spacing is None and (has_geometry or len(slices) > 1):
+    assumed.append(no_spacing)
+  if has_geometry:
     positions = [np.asarray(ds.ImagePositionPatient, float) for ds, _ in slices]
-    volume, spacing, source = _dicom_to_ras(volume, [ds for ds, _ in slices], positions)
+    volume, spacing, source = _dicom_to_ras(volume, [ds for ds, _ in slices], positions, row_col)
     attrs.update(spacing=spacing, orientation='RAS', source_orientation=source)
-  elif hasattr(ds0, 'PixelSpacing'):
-    attrs['spacing'] = [float(v) for v in ds0.PixelSpacing] + [1.0]
+  else:
+    attrs['spacing'] = row_col + [1.0]
+    if len(slices) > 1:
+      assumed.append(f'no ImagePositionPatient / ImageOrientationPatient: {len(slices)} slices in '
+                     'InstanceNumber order, spacing between slices assumed 1.0 mm')
+  if assumed:
+    attrs['geometry_assumed'] = assumed
   return volume[None], attrs
 
 
-_PIL_BYTES = {'I;16': 2, 'I;16B': 2, 'I;16L': 2, 'I': 4, 'F': 4}
-_PIL_GRAY = ('L', 'I;16', 'I;16B', 'I')
+def _pixel_spacing(datasets: list, names: list[str]) -> list[float] | None:
+  """The series' PixelSpacing [row, column] in mm (None when no file has one), or RejectedScan
+  naming the file and field: a value that is not positive, or one file's value (or its lack of
+  one) unlike the first file's. A series is stored with one spacing, so a file of another pixel
+  size would be stored with a spacing that is not its own."""
+  values = []
+  for ds, name in zip(datasets, names):
+    raw = ds.get('PixelSpacing', None)
+    value = [float(v) for v in raw] if raw else None         # an empty value: none
+    if value is not None and not all(v > 0 for v in value):   # finite: _check_dicom_numbers
+      raise RejectedScan(f'{name}: PixelSpacing {value}: a spacing that is not finite and '
+                         'positive; expected the real pixel size in mm')
+    values.append(value)
+  said = ['no PixelSpacing' if v is None else f'PixelSpacing {v}' for v in values]
+  for name, value, text in zip(names[1:], values[1:], said[1:]):
+    if (value is None) != (values[0] is None) or (
+        value is not None and not np.allclose(value, values[0], rtol=1e-4, atol=0)):
+      raise RejectedScan(f'{name}: {text} where {names[0]} has {said[0]}; expected one pixel '
+                         'spacing for the series')
+  return values[0]
+
+
+_PIL_BYTES = {'I;16': 2, 'I;16B': 2, 'I;16L': 2, 'I;16N': 2, 'I': 4, 'F': 4}
+# Pillow modes stored as they are (one channel, the values and dtype Pillow gives: uint8, uint16,
+# int32), and those `convert('RGB')` turns into 8-bit RGB without changing a value: bilevel,
+# palette colours, RGB padding, and an alpha channel that is opaque everywhere (checked).
+# Any other mode (F: float, CMYK, YCbCr, LAB, HSV, ...) would be narrowed or changed: a reject.
+_PIL_GRAY = ('L', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+_PIL_RGB = ('RGB', 'RGBX', 'P', '1')
+_PIL_ALPHA = ('RGBA', 'RGBa', 'LA', 'PA')
 
 
 def _png_16bit_with_channels(path: str) -> bool:
@@ -797,10 +950,30 @@ def _png_16bit_with_channels(path: str) -> bool:
 
 
 def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
+  """A PNG / JPEG (whatever Pillow finds in the file) -> [C, H, W, 1]: grey modes as they are,
+  lossless colour modes as 8-bit RGB (`_PIL_RGB`, `_PIL_ALPHA`); any other mode is a reject.
+  Pillow's warnings are not printed (`_caught_warnings`): its DecompressionBombWarning is left to
+  our own size checks, which reject or pass the scan; any other becomes the attribute
+  `image_warnings` of a stored image."""
+  with _caught_warnings() as caught:
+    array, attrs = _read_image(path, max_bytes)
+  bomb = 'DecompressionBombWarning: '
+  said = [w for w in dict.fromkeys(caught) if not w.startswith(bomb)]
+  if said:
+    attrs['image_warnings'] = said
+  return array, attrs
+
+
+def _read_image(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
   from PIL import Image
   try:
     with Image.open(path) as img:    # reads the header only
       mode, (width, height) = img.mode, img.size
+      if mode not in _PIL_GRAY + _PIL_RGB + _PIL_ALPHA:
+        raise RejectedScan(f'a {img.format} image of Pillow mode {mode} (bands '
+                           f'{"".join(img.getbands())}), which conversion to 8-bit RGB would '
+                           'narrow or change; expected 8-bit grey or colour (L, RGB, P), 16-bit '
+                           'grey (I;16) or 32-bit integer grey (I), or a .npy of the values')
       bands = 1 if mode in _PIL_GRAY else 3
       memory = width * height * max(bands, len(img.getbands())) * _PIL_BYTES.get(mode, 1)
       png = img.format == 'PNG'
@@ -816,6 +989,8 @@ def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
                   payload=memory if png else None,
                   compressed_bytes=os.path.getsize(path) if png else None)
       img.load()
+      if mode in _PIL_ALPHA or ('transparency' in img.info and mode in ('L', 'P', 'RGB')):
+        _check_opaque(img, mode)
       if mode in _PIL_GRAY:
         array = np.asarray(img)[None]
       else:
@@ -828,6 +1003,17 @@ def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
   except Exception as e:
     raise RejectedScan(f'not a readable image: {type(e).__name__}: {e}') from e
   return array[..., None], {'source_dtype': str(array.dtype), 'image_mode': mode}
+
+
+def _check_opaque(img, mode: str):
+  """RejectedScan when an image with an alpha channel (or a palette / colour marked transparent)
+  has a pixel that is not opaque: converting it to RGB would drop what the transparency says."""
+  alpha = np.asarray(img.convert('RGBA').getchannel('A'))
+  if alpha.min() < 255:
+    raise RejectedScan(f'a {img.format} image of Pillow mode {mode} with '
+                       f'{int((alpha < 255).sum()):,} transparent pixels (alpha {alpha.min()} to '
+                       f'{alpha.max()}), whose transparency conversion to RGB would drop; '
+                       'expected an opaque image (or a .npy of the values)')
 
 
 def npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:

@@ -46,7 +46,7 @@ scans.jsonl): axes 'CHWD', spacing [H, W, D] in mm (1.0 when unknown), orientati
 reorientation), modality, source (absolute path), source_sha256, source_dtype, DICOM's
 photometric_interpretation and, when a repair was made or a warning given (readers.py),
 spacing_repaired, header_repaired, header_warnings, dicom_warnings, monochrome1_inverted,
-float32_rounding;
+geometry_assumed, image_warnings, float32_rounding;
 palette_applied for a PALETTE COLOR DICOM stored as RGB.
 
 Every array uses one shard (`sharding_indexed`) holding blosc-zstd inner chunks; the shard shape

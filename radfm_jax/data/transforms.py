@@ -268,7 +268,8 @@ def resized_2d_dtype(dtype, data_cfg, stacked: bool = False) -> np.dtype:
 
 
 def _is_ct(modality: str) -> bool:
-  return str(modality or '').upper() == 'CT'
+  # case and surrounding spaces aside ('CT ' from a hand-written manifest or a generate() call)
+  return str(modality or '').strip().upper() == 'CT'
 
 
 def _subsample(x: np.ndarray, limit: int = 1 << 20) -> np.ndarray:

@@ -16,6 +16,8 @@ special ids.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import os
 import re
 from typing import Sequence
@@ -31,6 +33,8 @@ from radfm_jax.infer.generate import generate_ids, left_pad
 
 _MARKER = '<image>'
 _LATENT = re.compile(r'<image\d+>')
+# What a user may have meant for the marker: other case, spaces, a closing slash.
+_NEAR_MARKER = re.compile(r'<\s*image\s*/?\s*>', re.IGNORECASE)
 
 
 def data_config_for(model_cfg: ModelConfig, base: DataConfig | None = None) -> DataConfig:
@@ -66,6 +70,10 @@ def place_image_markers(prompt: str, num_images: int, num_latents: int = 32) -> 
                        'images); expected one <image> marker per image, or the blocks '
                        'prompts.format_sample writes')
     return prompt
+  near = [m for m in _NEAR_MARKER.findall(prompt) if m != _MARKER]
+  if near:                                 # would stay text, the image put first instead
+    raise InputError(f'prompt holds {near[0]!r}, not an image marker; expected {_MARKER!r} '
+                     '(lower case, no spaces) where an image goes')
   if markers == 0:
     return ''.join(prompts_lib.image_block(i, num_latents) for i in range(num_images)) + prompt
   if markers != num_images:
@@ -119,7 +127,11 @@ def as_chw_d(image, name: str = 'image') -> np.ndarray:
   a path is read with `readers.read_one` (NIfTI, DICOM, PNG/JPEG, .npy): one image, so a 5D
   stack of several is an error (pick one with `index`, or pass its array), none is dropped. An
   array's values are checked as ingest checks a scan's (`readers.checked_values`: finite real
-  numbers that fit float32 / int32): an InputError naming `name` otherwise, never a NaN image."""
+  numbers that fit float32 / int32): an InputError naming `name` otherwise, never a NaN image.
+  Refused as ambiguous, each an InputError saying how to pass it: a uint8 [H, W, 3 or 4] array
+  (a PIL RGB(A) picture, not a 3-slice volume), a [C, H, W] array with C in 1, 3, 4 and H, W >= 8
+  (a channels-first picture, not a volume of C rows), a list of arrays (slices: np.stack them on
+  the last axis), a masked array with masked voxels (their hidden values would be read)."""
   return _scan(image, name)[0]
 
 
@@ -135,6 +147,16 @@ def _scan(image, name: str) -> tuple[np.ndarray, bool]:
   if _is_path(image):
     array, attrs = read_one(os.fsdecode(image))
     return array, case_image(attrs)
+  if isinstance(image, np.ma.MaskedArray):
+    masked = int(np.ma.count_masked(image))
+    if masked:                             # np.asarray would keep the hidden values
+      raise InputError(f'{name}: a masked array with {masked} masked voxels; expected a plain '
+                       'array (fill them first: image.filled(value))')
+    image = image.data
+  if isinstance(image, (list, tuple)) and any(isinstance(a, np.ndarray) for a in image):
+    # [[slice0, slice1]] would stack the slices on the H axis, not D
+    raise InputError(f'{name}: a list of {len(image)} arrays; expected one array per scan '
+                     '(slices of a volume: np.stack(slices, axis=-1) -> [H, W, D])')
   try:
     x = np.asarray(image)
   except (ValueError, TypeError) as e:     # a ragged list, a tensor numpy cannot take
@@ -146,6 +168,16 @@ def _scan(image, name: str) -> tuple[np.ndarray, bool]:
   if x.ndim == 2:
     x = x[None, :, :, None]
   elif x.ndim == 3:
+    # The two layouts of a picture that [H, W, D] would take for a volume, silently: an 8-bit
+    # RGB(A) array as PIL gives it, a channels-first [C, H, W] one as torch keeps it.
+    if x.dtype == np.uint8 and x.shape[2] in (3, 4):
+      raise InputError(f'{name}: a uint8 array {x.shape}, an RGB(A) picture as PIL gives it?; '
+                       'expected [C, H, W, D]: np.moveaxis(image[..., :3], -1, 0)[..., None] '
+                       f'for a picture, image[None] for a volume of {x.shape[2]} slices')
+    if x.shape[0] in (1, 3, 4) and min(x.shape[1:]) >= 8:
+      raise InputError(f'{name}: an array {x.shape}, channels first [C, H, W]?; expected '
+                       f'[C, H, W, D]: image[..., None] for a picture, image[None] for a volume '
+                       f'of {x.shape[0]} rows')
     x = x[None]
   elif not (x.ndim == 4 and x.shape[0] in (1, 3)):
     raise InputError(f'{name}: shape {x.shape}; expected [H, W], [H, W, D] or [C, H, W, D] '
@@ -254,7 +286,12 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
       raise InputError(f'prompt {b}: {len(row)} images, the model and tokenizer take at most '
                        f'{limit}')
   n = model_cfg.perceiver.num_latents
-  texts = [place_image_markers(p, len(row), n) for p, row in zip(prompts, scans)]
+  texts = []
+  for b, (p, row) in enumerate(zip(prompts, scans)):
+    try:
+      texts.append(place_image_markers(p, len(row), n))
+    except InputError as e:                # which prompt of the batch
+      raise InputError(f'prompt {b}: {e}') from None
   slots = max(len(row) for row in scans)
   shape = batch_lib.generation_shape([x.shape[3] for row in scans for x in row], data_cfg,
                                      image_shape)
@@ -279,6 +316,16 @@ def collate_prompts(rows: Sequence[dict], multiple: int = 64) -> dict:
   return batch
 
 
+def _python_numbers(value):
+  """NumPy scalars as the Python numbers they hold (a GenerateConfig is saved as JSON, which
+  takes Python numbers only), in a list or tuple too; anything else as it is (validated later)."""
+  if isinstance(value, np.generic) and isinstance(value.item(), (int, float)):
+    return value.item()
+  if isinstance(value, (list, tuple)):
+    return type(value)(_python_numbers(v) for v in value)
+  return value
+
+
 def generate_batch(model, tokenizer, prompts: Sequence[str],
                    images: Sequence[Sequence] | None = None, *, max_new_tokens: int | None = None,
                    temperature: float | None = None, top_k: int | None = None,
@@ -300,7 +347,10 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
     raise InputError(f'sampling: got {type(sampling).__name__}; expected a radfm_jax.config.'
                      'GenerateConfig (radfm_jax.generate_config), or None and keyword arguments')
   given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-               stop_ids=stop_ids)
+               stop_ids=_python_numbers(stop_ids))
+  given = {k: _python_numbers(v) for k, v in given.items()}
+  if not isinstance(return_ids, bool):     # any truthy value would count
+    raise InputError(f'return_ids: got {return_ids!r}; expected True or False')
   sampling = dataclasses.replace(sampling or GenerateConfig(),
                                  **{k: v for k, v in given.items() if v is not None})
   validate_generate(sampling)              # before anything is prepared or compiled
@@ -337,6 +387,13 @@ def generate(model, tokenizer, prompt: str, images: Sequence | None = None, *,
                      'scans (arrays or paths), e.g. [volume]')
   if modalities is not None and not _is_list(modalities):
     raise InputError(f'modalities: got {modalities!r}; expected a list, one string per image')
+  options = set(inspect.signature(generate_batch).parameters) - {
+      'model', 'tokenizer', 'prompts', 'images', 'modalities', 'max_new_tokens'}
+  for key in kwargs:                       # named here, not as generate_batch's
+    if key not in options:
+      close = difflib.get_close_matches(key, sorted(options), n=1)
+      raise TypeError(f'generate() got an unexpected keyword argument {key!r}'
+                      + (f' (did you mean {close[0]!r}?)' if close else ''))
   out = generate_batch(model, tokenizer, [prompt], [list(images or [])],
                        max_new_tokens=max_new_tokens,
                        modalities=None if modalities is None else [list(modalities)], **kwargs)

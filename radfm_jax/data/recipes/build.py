@@ -279,7 +279,8 @@ def paper_inline(row: Row, ctx: Ctx, window: int = 50, max_images: int = 3) -> S
 
 def _case_images(ctx: Ctx, field: str, rel: str, question: str) -> list[dict]:
   """One image entry per image of a case .npy, each at its own coin's end of the question (the
-  original's RadioVQA / RadioCaption / Radiofeatures rule)."""
+  original's RadioVQA / RadioCaption / Radiofeatures rule). A case of 0 images is a RowError: the
+  sample would ask about images it has none of."""
   from radfm_jax.data.readers import npy_header
   path = ctx.image(field, rel)
   try:
@@ -289,6 +290,9 @@ def _case_images(ctx: Ctx, field: str, rel: str, question: str) -> list[dict]:
                    'RadFM case [S, C, H, W, D]') from None
   if len(shape) != 5:
     return _one(path, ctx.ends(question))
+  if shape[0] == 0:
+    raise RowError(field, f'{path}: the case [S, C, H, W, D] {list(shape)} holds no images; '
+                   'expected at least one')
   return [{'path': path, 'index': s, 'position': {'question': ctx.ends(question)}}
           for s in range(shape[0])]
 
@@ -357,11 +361,25 @@ def _text_list(row: Row, key: str) -> list[str]:
   return value
 
 
+def _article_titles(ctx: Ctx) -> list[str]:
+  """The article titles of articles_resave.json (beside the split file), or an InputError naming
+  it: a file that is not a JSON object keyed by title (or holds none) is the whole recipe's
+  problem, not one of the rows that happen to draw a "no" question."""
+  data = ctx.side_file('articles_resave.json', 'the RadFM article titles {"title": ...} beside '
+                       'the split file (the "no" questions name one of them)')
+  if not isinstance(data, dict) or not data:
+    path = os.path.join(os.path.dirname(os.path.abspath(ctx.source)), 'articles_resave.json')
+    raise InputError(f'{path}: got {json.dumps(data)[:60]}; expected a JSON object keyed by '
+                     'article title ({"title": ...})')
+  return list(data)
+
+
 def radio_features(row: Row, ctx: Ctx) -> Sample:
   """radiopaedia.py Radiofeatures_Dataset: keys pat, pre, npy_path, title (the diagnosis),
   articles and radiographic_features (lists of text). With p = 0.5 the rationale question (answer:
   the article text + the original's lead-in + the features), else yes/no about the title or
   another article title of articles_resave.json (beside the split file)."""
+  _article_titles(ctx)       # read and checked at the first row, whichever questions it draws
   title = row.text('title')
   features = ' '.join(_text_list(row, 'radiographic_features'))
   articles = ' '.join(_text_list(row, 'articles'))
@@ -372,9 +390,7 @@ def radio_features(row: Row, ctx: Ctx) -> Sample:
   else:
     named, answer = title, 'yes'
     if ctx.rng.random() >= 0.5:
-      titles = ctx.side_file('articles_resave.json', 'the RadFM article titles {"title": ...} '
-                             'beside the split file (the "no" questions name one of them)')
-      others = [t for t in titles if t != title] if isinstance(titles, dict) else []
+      others = [t for t in _article_titles(ctx) if t != title]
       if not others:
         raise RowError('title', 'articles_resave.json names no other article; expected a JSON '
                        'object keyed by article title')

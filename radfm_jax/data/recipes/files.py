@@ -23,8 +23,14 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 
 from radfm_jax.errors import InputError, check_text, not_text, where
+
+# pandas, which the original reads its CSV files with, has no limit on a cell's length; the csv
+# module's default (131072 characters) would make a valid file with a long report "not valid CSV".
+# The largest value a C long holds on every platform (sys.maxsize overflows it on Windows).
+csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
 
 
 class RowError(Exception):
