@@ -263,6 +263,35 @@ ROWS = [
      ['radfm-jax eval: config field generate.top_k=-2']),
     ('generate:config-not-json', ['generate', '--checkpoint', '{root}/cut', '--prompt', 'x'],
      ['radfm-jax generate: {root}/cut/config.json: not valid JSON (', 'expected the run record']),
+    # --- writing into a checkpoint, over its own input, over another command's output
+    ('merge:out-inside-a-run', ['merge', '--checkpoint', '{root}/ckpt', '--out',
+                                '{root}/trun/checkpoints/7'],   # was: the run's next resume
+     ['radfm-jax merge: --out {root}/trun/checkpoints/7: inside the checkpoint '  # moved it aside
+      '{root}/trun/checkpoints; expected a new checkpoint folder outside any other checkpoint']),
+    ('convert:to-torch-into-its-tree', ['convert', 'to-torch', '--checkpoint', '{root}/ckpt',
+                                        '--out', '{root}/ckpt/params/model.safetensors'],
+     ['radfm-jax convert: --out {root}/ckpt/params/model.safetensors: inside the checkpoint '
+      '{root}/ckpt; expected a file outside any checkpoint folder']),
+    ('convert:out-holds-the-input', ['convert', 'from-torch', '--checkpoint',  # was: deleted it
+                                     '{root}/cvt/params/model.safetensors', '--out', '{root}/cvt',
+                                     '--overwrite', '--config', 'configs/radfm.py:model=tiny'],
+     ['radfm-jax convert: --checkpoint {root}/cvt/params/model.safetensors: inside --out '
+      '{root}/cvt, which convert replaces; expected --out another folder']),
+    ('tokenizer:empty-manifest', ['tokenizer', 'train', '--manifest', '{root}/nothing.jsonl',
+                                  '--out', '{root}/t/x.model'],   # was: templates alone, exit 0
+     ['radfm-jax tokenizer: --manifest {root}/nothing.jsonl: no samples (no JSON line in the '
+      'file); expected a JSONL manifest']),
+    ('eval:out-holds-a-finished-eval', EVAL + ['--data', '{root}/samples.jsonl', '--out',
+                                               '{root}/done'],    # was: replaced, unasked
+     ['radfm-jax eval: --out {root}/done: holds the predictions.jsonl and summary.json of a '
+      'finished eval; expected a new folder, or --overwrite to replace them']),
+    ('eval:out-is-a-checkpoint', EVAL + ['--data', '{root}/samples.jsonl', '--out', '{root}/ckpt'],
+     ['radfm-jax eval: --out {root}/ckpt: inside the checkpoint {root}/ckpt; expected a folder']),
+    ('eval:rescore-over-another-summary', ['eval', '--predictions',
+                                           '{root}/demo_like/predictions.jsonl', '--out',
+                                           '{root}/demo_like', '--entities', 'none'],
+     ["radfm-jax eval: --out {root}/demo_like: holds a summary.json that is not an eval's (no "
+      '"metric_notes": another command\'s, e.g. the demo\'s), which eval would replace']),
     # --- merge
     ('merge:empty-folder', ['merge', '--checkpoint', '{root}/empty', '--out', '{root}/m'],
      ['radfm-jax merge: {root}/empty: not a checkpoint ({root}/empty/config.json: not found']),
@@ -333,6 +362,20 @@ def root(tmp_path_factory):
   (r / 'syntax.py').write_text('def get_config(arg):\n  return {\n')
   (r / 'raises.py').write_text('def get_config(arg):\n  sections = {"train": {}}\n'
                                '  return sections["trian"]\n')
+  from radfm_jax.checkpoint import meta
+  (r / 'trun' / 'checkpoints').mkdir(parents=True)     # a training run's record
+  (r / 'trun' / 'checkpoints' / 'config.json').write_text(json.dumps(
+      meta.layout_record(meta.TRAIN_STATE)))
+  shutil.copytree(r / 'ckpt', r / 'cvt')               # a checkpoint --overwrite may replace,
+  (r / 'cvt' / 'params' / 'model.safetensors').write_bytes(b'refused before read')  # holding it
+  (r / 'nothing.jsonl').write_text('')
+  row = {'id': 'q', 'question': 'q', 'reference': 'yes', 'prediction': 'no', 'kind': 'closed',
+         'task': 'vqa', 'dataset': 'default'}
+  for name, summary in (('done', {'n_samples': 1, 'metric_notes': {}}),
+                        ('demo_like', {'model': 'small', 'steps': 800})):
+    (r / name).mkdir()
+    _jsonl(r / name / 'predictions.jsonl', [row])
+    (r / name / 'summary.json').write_text(json.dumps(summary))
   shutil.copytree(r / 'ckpt', r / 'cut')                # its config.json cut short
   (r / 'cut' / 'config.json').write_bytes((r / 'ckpt' / 'config.json').read_bytes()[:40])
   return r

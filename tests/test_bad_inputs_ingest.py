@@ -470,8 +470,8 @@ ERRORS = [
     ('manifest_is_the_stores_own', lambda t: str(t / 'store' / 'manifest.jsonl'),
      "--manifest {m}: the store's own manifest.jsonl, which ingest rewrites"),
     ('image_without_path', lambda t: _line(t, 'nopath.jsonl', {'id': 'n', 'images': [{'id': 'z'}]}),
-     '{m} line 1 field images[0].path: missing; expected string (an input manifest names each '
-     'scan by its path)'),
+     '{m} line 1 field images[0].path: missing; expected non-empty string (an input manifest '
+     'names each scan by its path)'),
 ]
 
 

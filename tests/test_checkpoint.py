@@ -128,9 +128,9 @@ def test_missing_or_unknown_layout_is_an_error(saved, tmp_path):
     checkpoint.load(str(bare))
   # (params/ alone: what a save killed before its config.json, the commit, leaves)
   assert str(e.value) == (f'{bare}: not a checkpoint ({bare / "config.json"}: not found, only '
-                          'what a save that did not finish left there); expected a checkpoint folder written by radfm_jax.save, '
-                          'radfm-jax train or radfm-jax convert (a config.json with "layout": one '
-                          "of ['params', 'train_state'])")
+                          'what a save that did not finish left there); expected a checkpoint '
+                          'folder written by radfm_jax.save, radfm-jax train or radfm-jax convert '
+                          '(a config.json with "layout": one of [\'params\', \'train_state\'])')
   odd = tmp_path / 'odd'
   shutil.copytree(root / 'params', odd)
   record = _read(odd / 'config.json')

@@ -74,10 +74,10 @@ BAD = [
     (['{"question": "x", "images": [{"path": "a.png"}, {"path": "b.png", "path": "c.png"}]}'],
      'input', 'line 1 field images[1].path: the key appears twice in one object; expected each '
      'key once (JSON would keep only the last value)'),
-    ([_img(path='')], 'input', 'line 1 field images[0].path: got ""; expected string'),
+    ([_img(path='')], 'input', 'line 1 field images[0].path: got ""; expected non-empty string'),
     ([json.dumps({'id': 'x', 'images': [{'modality': 'CT'}]})], 'input',
-     'line 1 field images[0].path: missing; expected string (an input manifest names each scan '
-     'by its path)'),
+     'line 1 field images[0].path: missing; expected non-empty string (an input manifest names '
+     'each scan by its path)'),
     ([json.dumps({'id': 'x', 'images': [{'id': 's', 'position': {'question': 0}}]})], 'store',
      'line 1 field images[0].shape: missing; expected list of 4 integers >= 1 (a store manifest '
      'names each scan by id and shape, as ingest writes them)'),
@@ -104,7 +104,9 @@ BAD = [
      '[{"path": ...}]'),
     (['{"question": 3}'], 'input', 'line 1 field question: got 3; expected string'),
     (['{"split": "val-2"}'], 'input',
-     'line 1 field split: got "val-2"; expected string of letters, digits, _'),
+     'line 1 field split: got "val-2"; expected string of letters, digits, _ (not _ alone)'),
+    (['{"split": "__"}'], 'input',                 # was: TFDS's own error at publish
+     'line 1 field split: got "__"; expected string of letters, digits, _ (not _ alone)'),
     (['{"kind": "maybe"}'], 'input', 'line 1 field kind: got "maybe"; expected "closed" or "open"'),
     (['{"yes_no": "yes"}'], 'input', 'line 1 field yes_no: got "yes"; expected boolean'),
     (['{"options": ["a", 2]}'], 'input',

@@ -116,6 +116,16 @@ def test_evaluate_values_with_known_predictions(data, monkeypatch, tmp_path):
   # A row without a reference scores 0 on every text metric: counted and named, not hidden.
   scored = harness.score(rows + [dict(rows[1], id='e', reference='  ')])
   assert scored['no_reference'] == {'n': 1, 'ids': ['e']}
+  # ... even where nothing was predicted either (was: an empty prediction matched the empty
+  # reference, token F1 1 and closed-correct, while the CLI said "scored 0"); "?" holds nothing
+  # to match either
+  for kind, metric in (('open', 'token_f1'), ('closed', 'closed_accuracy')):
+    empty = [{'id': i, 'reference': ref, 'prediction': '', 'kind': kind, 'task': 'vqa'}
+             for i, ref in (('f', ''), ('g', '?'))]
+    scored = harness.score(empty)
+    assert scored['no_reference'] == {'n': 2, 'ids': ['f', 'g']}
+    assert scored['overall'][metric] == 0.0, (kind, scored['overall'])
+  assert metrics.token_f1_single('', 'the') == 1.0     # a reference of articles only: as before
   assert on_disk['versions']['rouge-score'] and on_disk['versions']['sacrebleu']
   assert on_disk['versions']['jax'] and on_disk['versions']['radfm-jax']
 
@@ -177,14 +187,19 @@ def test_rescore_in_place_keeps_what_only_the_generating_run_knew(tmp_path):
            'task': 'vqa', 'dataset': 'default'}]
   (tmp_path / 'predictions.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
   generated = {'n_samples': 1, 'skipped': 1, 'skipped_samples': [{'id': 'b', 'reason': 'gone'}],
-               'checkpoint': '/runs/x', 'split': 'eval', 'overall': {}}
-  (tmp_path / 'summary.json').write_text(json.dumps(generated))
-  summary = harness.rescore(str(tmp_path / 'predictions.jsonl'), out_dir=str(tmp_path))
-  on_disk = json.load(open(tmp_path / 'summary.json'))
-  for got in (summary, on_disk):
-    assert (got['skipped'], got['skipped_samples'], got['checkpoint'], got['split']) == (
-        1, [{'id': 'b', 'reason': 'gone'}], '/runs/x', 'eval')
-    assert got['overall']['n'] == 1 and got['overall']['closed_accuracy'] == 1.0
+               'checkpoint': '/runs/x', 'split': 'eval', 'overall': {}, 'metric_notes': {}}
+  # the same file by its path and through a symlink to its folder (was: the second, not seen
+  # as the same file, dropped what the generating run knew)
+  os.symlink(tmp_path, tmp_path.parent / f'{tmp_path.name}_link')
+  for predictions in (tmp_path / 'predictions.jsonl',
+                      tmp_path.parent / f'{tmp_path.name}_link' / 'predictions.jsonl'):
+    (tmp_path / 'summary.json').write_text(json.dumps(generated))
+    summary = harness.rescore(str(predictions), out_dir=str(tmp_path))
+    on_disk = json.load(open(tmp_path / 'summary.json'))
+    for got in (summary, on_disk):
+      assert (got['skipped'], got['skipped_samples'], got['checkpoint'], got['split']) == (
+          1, [{'id': 'b', 'reason': 'gone'}], '/runs/x', 'eval')
+      assert got['overall']['n'] == 1 and got['overall']['closed_accuracy'] == 1.0
   elsewhere = harness.rescore(str(tmp_path / 'predictions.jsonl'), out_dir=str(tmp_path / 'new'))
   assert 'skipped' not in elsewhere                     # another folder: nothing to carry over
 

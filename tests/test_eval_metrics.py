@@ -68,8 +68,10 @@ def test_token_f1_by_hand():
   assert M.token_f1(["The left lung."], ["left lung"]) == 1.0   # articles, case, punctuation
   # pred {mass, left, lung}, ref {mass, right, lung}: P = R = 2/3.
   assert M.token_f1(["mass left lung"], ["mass right lung"]) == pytest.approx(2 / 3)
-  assert M.token_f1([""], [""]) == 1.0
+  # no reference: 0, whatever was predicted (SQuAD's script gives two empty strings 1)
+  assert M.token_f1([""], [""]) == 0.0 and M.token_f1([""], ["?"]) == 0.0
   assert M.token_f1(["x"], [""]) == 0.0
+  assert M.token_f1([""], ["the"]) == 1.0              # articles only: both token lists empty
 
 
 def test_compute_metrics_split_and_tasks():

@@ -245,6 +245,44 @@ def test_a_cache_of_an_older_preparation_is_refused(tmp_path):
     ImageTokenCache.open(str(tmp_path), 'fp', source='x', data_cfg=DataConfig())
 
 
+def test_a_cache_is_never_replaced_by_other_settings_and_made_anew_record_first(tmp_path):
+  """`cache-images` over a cache of the same tower made with other data settings (another run's:
+  a batch size, an intensity policy) replaced it silently (that run's training then refused its
+  cache), and a kill while the new tokens were written left the old record naming them: now a
+  ConfigError naming the field, the cache as it was. A cache of another preparation version is
+  still made anew, its old record removed before any token is written."""
+  import dataclasses
+
+  from radfm_jax.config import DataConfig
+  root = str(tmp_path)
+  cache = ImageTokenCache.create(root, 'fp', checkpoint='ck', data_cfg=DataConfig(),
+                                 dtype='float32', num_latents=2, embed=3)
+  cache.write({'a': (np.ones((2, 3), np.float32), (4, 4, 4))})
+  path = cache.meta_path(root, 'fp')
+  before = open(path).read()
+  with pytest.raises(ConfigError) as e:
+    ImageTokenCache.create(root, 'fp', checkpoint='ck', data_cfg=DataConfig(batch_size_2d=2),
+                           dtype='float32', num_latents=2, embed=3)
+  assert str(e.value) == (f'config field data.batch_size_2d=2: the image-token cache {path} of '
+                          f'this vision tower was made with {DataConfig().batch_size_2d!r}; '
+                          "expected the same data settings (its run's), or remove "
+                          f'{path} and {tmp_path}/image_tokens/fp/ to make it anew')
+  assert open(path).read() == before
+  np.testing.assert_array_equal(cache.read('a'), np.ones((2, 3), np.float32))
+  # same settings: kept and added to
+  again = ImageTokenCache.create(root, 'fp', checkpoint='ck', data_cfg=DataConfig(),
+                                 dtype='float32', num_latents=2, embed=3)
+  assert again.meta['scans'] == {'a': [4, 4, 4]}
+  # another preparation version: made anew, the old record gone before the first write
+  meta = json.loads(before)
+  meta['data']['prep_version'] = 0
+  with open(path, 'w') as f:
+    json.dump(meta, f)
+  fresh = ImageTokenCache.create(root, 'fp', checkpoint='ck', data_cfg=dataclasses.replace(
+      DataConfig()), dtype='float32', num_latents=2, embed=3)
+  assert fresh.meta['scans'] == {} and not os.path.exists(path)
+
+
 def test_a_depth_1_case_stack_caches_the_tokens_its_volume_gives(run0, tmp_path):
   """A RadFM case .npy of depth 1 ([S, 3, H, W, 1], scan attribute `case_index`) is a volume
   whatever its depth (data/transforms.py: `stacked`): min-max over the case, no bicubic step, not

@@ -109,6 +109,10 @@ def check_output_folder(out: str, shown: str, overwrite: bool) -> None:
   training run or any other folder: the new parameters would be mixed with what is there, or
   its own config.json written over."""
   from radfm_jax.errors import check_parent_folder
+  holder = checkpoint_holding(os.path.dirname(os.path.abspath(out)))
+  if holder is not None:   # e.g. a run's checkpoints/7: its next resume moves it aside as damaged
+    raise InputError(f'{shown}: inside the checkpoint {holder}; expected a new checkpoint folder '
+                     'outside any other checkpoint')
   if not os.path.exists(out):
     check_parent_folder(out, shown, 'expected a new checkpoint folder')
     return
@@ -129,6 +133,22 @@ def check_output_folder(out: str, shown: str, overwrite: bool) -> None:
   if not overwrite and not empty:
     raise InputError(f'{shown}: a checkpoint exists there; expected a new folder (or '
                      '--overwrite to replace it)')
+
+
+def checkpoint_holding(folder: str) -> str | None:
+  """The checkpoint whose own files `folder` is among: `folder` itself holding a checkpoint's
+  config.json, or a folder inside one's params/ or step folders (`_folders_up`'s climb), existing
+  or not; None otherwise (a training workdir's other folders, a folder someone made inside a
+  checkpoint). What a command must not write into: a resumed run takes a step folder it did not
+  write for a damaged one, a reader of the checkpoint finds files it never wrote."""
+  probe = os.path.abspath(folder)
+  while True:
+    if _own_layout(probe) is not None:
+      return probe
+    parent, name = os.path.dirname(probe), os.path.basename(probe)
+    if parent == probe or not (name.isdigit() or name in _INNER_FOLDERS):
+      return None
+    probe = parent
 
 
 def _own_layout(folder: str) -> str | None:
@@ -295,7 +315,8 @@ def find_tokenizer(directory: str) -> str | None:
     candidate = os.path.join(folder, 'tokenizer.model')
     if os.path.isfile(candidate):
       return candidate
-  given = (data.get('data') or {}).get('tokenizer') if isinstance(data.get('data'), Mapping) else None
+  section = data.get('data')
+  given = section.get('tokenizer') if isinstance(section, Mapping) else None
   if isinstance(given, str) and given and os.path.isfile(given):
     return given
   folder = own[-1]

@@ -85,6 +85,12 @@ def _model_config(args):
   return load_config(args.config, args.overrides).model
 
 
+def _inside(path: str, folder: str) -> bool:
+  """Whether `path` is `folder` or lies under it (symlinks resolved)."""
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return os.path.commonpath([path, folder]) == folder
+
+
 def run(args: argparse.Namespace) -> int:
   from radfm_jax.checkpoint import tree
   from radfm_jax.convert import api
@@ -95,8 +101,16 @@ def run(args: argparse.Namespace) -> int:
     raise InputError(f'{flag} {source}: no such file or directory')
   if args.direction == 'to-torch':
     flags.check_output_file(args.out, args.overwrite)
+    from radfm_jax.checkpoint import meta
+    holder = meta.checkpoint_holding(os.path.dirname(os.path.abspath(args.out)))
+    if holder is not None:      # e.g. in the params/ tree it reads
+      raise InputError(f'--out {args.out}: inside the checkpoint {holder}; expected a file '
+                       'outside any checkpoint folder')
   else:
     flags.check_output_folder(args.out, args.overwrite)
+    if _inside(source, args.out):  # --overwrite replaces --out whole: the input with it
+      raise InputError(f'{flag} {source}: inside --out {args.out}, which convert replaces; '
+                       'expected --out another folder')
   tree.limit_malloc_arenas()   # before TensorStore starts its threads
   start = time.time()
   if args.direction == 'from-torch':

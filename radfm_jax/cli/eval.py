@@ -49,6 +49,9 @@ def add_parser(sub):
                       f"'{SPLIT_ALL}' scores every row (default: {DEFAULT_SPLIT}; "
                       f"{radbench.SPLIT} with --recipe {radbench.NAME})")
   p.add_argument('--out', required=True, help='folder for predictions.jsonl, summary.json')
+  p.add_argument('--overwrite', action='store_true',
+                 help="replace a finished eval's predictions.jsonl and summary.json in --out "
+                      '(rescoring with --predictions replaces the summary.json beside them)')
   p.add_argument('--limit', type=int, default=None, help='first N samples only (default: all)')
   p.add_argument('--entities', default='auto',
                  help='entity extractor: auto (scispaCy if installed) | scispacy[:MODEL] | '
@@ -100,6 +103,11 @@ def _run(args) -> int:
   harness.check_out_dir(args.out, '--out',
                         ('summary.json',) if args.predictions else harness.OUTPUTS,
                         reads=(('--data', args.data), ('--predictions', args.predictions)))
+  if not args.predictions:
+    harness.check_replaces(args.out, args.overwrite)
+  elif args.overwrite:
+    raise UserError('--overwrite: rescoring replaces only the summary.json beside its '
+                    '--predictions, without it; expected no --overwrite with --predictions')
   try:
     extractor, reason = entities.get_extractor(args.entities, source='--entities')
   except entities.ExtractorUnavailable as e:

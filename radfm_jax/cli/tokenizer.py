@@ -45,7 +45,11 @@ def _lines(args) -> list[str]:
   if args.manifest:
     from radfm_jax.data.manifest import read_records
     from radfm_jax.data.tokenizer import corpus_lines
-    return corpus_lines(read_records(args.manifest, form=None))
+    records = read_records(args.manifest, form=None)
+    if not records:          # the task templates alone would make a tokenizer, silently
+      raise InputError(f'--manifest {args.manifest}: no samples (no JSON line in the file); '
+                       'expected a JSONL manifest, one sample per line')
+    return corpus_lines(records)
   from radfm_jax.data.tokenizer import text_lines
   lines = [line for _, line in text_lines(
       args.text, 'expected a UTF-8 text file, one sentence per line', name=f'--text {args.text}')

@@ -161,11 +161,27 @@ class ImageTokenCache:
     if os.path.exists(previous):       # the same weights: keep what is there, add to it
       with open(previous) as f:
         old = json.load(f)
+      old_data = old.get('data') if isinstance(old.get('data'), dict) else {}
+      for field in PREP_FIELDS:
+        # Another run's settings: replacing its tokens would leave that run without its cache
+        # (its training refuses the new settings), and mixing them would feed it others' tokens.
+        if field in old_data and old_data[field] != meta['data'][field]:
+          raise ConfigError(
+              f'config field data.{field}={meta["data"][field]!r}: the image-token cache '
+              f'{previous} of this vision tower was made with {old_data[field]!r}; expected the '
+              f'same data settings (its run\'s), or remove {previous} and '
+              f'{os.path.join(os.path.dirname(previous), fp)}/ to make it anew')
       if {k: old.get(k) for k in ('dtype', 'num_latents', 'embed', 'data')} == \
          {k: meta[k] for k in ('dtype', 'num_latents', 'embed', 'data')}:
         for field in ('scans', 'keys', 'contexts'):    # (keys were dropped here: a later
           if field in old:                              # read named no version at all)
             meta[field] = old[field]
+      else:
+        # Made anew (another preparation version, another compute dtype): the old record goes
+        # first, so that a run killed while the new tokens replace the old ones leaves no
+        # record naming tokens it does not describe (no cache: `open` says so).
+        with writing(previous):
+          os.remove(previous)
     return cls(store_root, meta)
 
   @classmethod

@@ -107,7 +107,8 @@ def _position(v):
 
 
 def _split_name(v):
-  return isinstance(v, str) and re.fullmatch(r'\w+', v, re.ASCII) is not None
+  # (TFDS, which `publish` writes, refuses a split name of underscores alone)
+  return isinstance(v, str) and re.fullmatch(r'\w*[A-Za-z0-9]\w*', v, re.ASCII) is not None
 
 
 SAMPLE_FIELDS = (
@@ -125,7 +126,7 @@ SAMPLE_FIELDS = (
     Field('dataset', 'string', '""',
           'the dataset the sample comes from (recipes set it): groups eval scores and picks the '
           'training mixture\'s weight', _str),
-    Field('split', 'string of letters, digits, _', '"train"',
+    Field('split', 'string of letters, digits, _ (not _ alone)', '"train"',
           'which split the sample belongs to: training reads "train", periodic eval "eval", '
           '`radfm-jax publish` makes one TFDS split per value', _split_name),
     Field('images', 'list of image objects (below)', '[]',
@@ -151,11 +152,12 @@ SAMPLE_FIELDS = (
 )
 
 IMAGE_FIELDS = (
-    Field('images[].path', 'string', 'required (input form)',
+    Field('images[].path', 'non-empty string', 'required (input form)',
           'scan file (.nii/.nii.gz, .dcm, .png, .jpg/.jpeg, .npy) or a folder holding one DICOM '
           'series; relative paths start at the manifest\'s folder (or ingest --root)',
           lambda v: _str(v) and v != '', forms=('input',)),
-    Field('images[].id', 'string', 'a hash of path, frame and index; required in the store form',
+    Field('images[].id', 'non-empty string', 'a hash of path, frame and index; required in the '
+          'store form',
           'scan id in the store; entries with the same id share one stored scan',
           lambda v: _str(v) and v != ''),
     Field('images[].modality', 'string', '"" (DICOM: its Modality tag)',

@@ -335,7 +335,7 @@ def score(rows: list[dict], extractor=None, extractor_reason: str = '',
         m['entities'] = scores([i for i in covered if keys[i] == name])
   # A sample without a reference answer scores 0 on every text metric: counted, so the figures
   # are not read as the model's (the ids listed in summary.json, a line said by the CLI).
-  without = [str(r.get('id')) for r in rows if not str(r['reference']).strip()]
+  without = [str(r.get('id')) for r in rows if not metrics_lib.has_reference(r['reference'])]
   return {'overall': overall, 'per_task': per_task, 'per_dataset': per_dataset, 'entities': umls,
           'no_reference': {'n': len(without), 'ids': without}}
 
@@ -412,12 +412,17 @@ def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = 
   `reads`: (flag, path) of the files the run reads, none of which may be one it writes (an eval
   with --data OUT/predictions.jsonl wrote its predictions over its manifest). Checked before
   generating, so a bad --out fails at once, not after every sample is generated."""
+  from radfm_jax.checkpoint import meta
   path = os.path.abspath(out_dir)
   shown = f'{name} {out_dir}'
   expected = f'expected a folder (new or existing) for {" and ".join(files)}'
   if os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f'{shown}: exists and is not a directory; {expected}')
   check_parent_folder(path, shown, expected)
+  holder = meta.checkpoint_holding(path)
+  if holder is not None:          # its own files: a reader of the checkpoint would meet ours
+    raise InputError(f'{shown}: inside the checkpoint {holder}; {expected} outside its '
+                     'config.json, params/ and step folders')
   for file in files + ((PROGRESS,) if 'predictions.jsonl' in files else ()):
     written = os.path.join(out_dir, file)
     if os.path.isdir(written):
@@ -662,13 +667,15 @@ def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', sco
       # its summary.json would then describe predictions other than those beside it
       raise InputError(f'--out {out_dir}: holds the predictions.jsonl of another eval; expected '
                        f'the folder of {predictions} or one without a predictions.jsonl')
+  if out_dir:
+    check_replaces(out_dir, overwrite=True)
   rows = read_predictions(predictions)
   # What only the generating run knew (its checkpoint, split, sampling, the samples it skipped):
   # kept from the summary.json beside its predictions.jsonl when the rescore replaces it, so the
   # record of a skip is not lost.
   kept = {}
-  same_run = out_dir and os.path.abspath(predictions) == os.path.join(
-      os.path.abspath(out_dir), 'predictions.jsonl')
+  beside = os.path.join(out_dir, 'predictions.jsonl') if out_dir else None
+  same_run = bool(beside) and os.path.exists(beside) and os.path.samefile(predictions, beside)
   old = os.path.join(out_dir, 'summary.json') if same_run else None
   if old and os.path.isfile(old):
     try:
@@ -685,6 +692,32 @@ def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', sco
   if out_dir:
     _write_outputs(out_dir, {'summary.json': _summary_text(summary)})
   return summary
+
+
+def _is_eval_summary(path: str) -> bool:
+  """Whether the JSON file at `path` is a summary.json an eval wrote (`evaluate`, `rescore`)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(data, dict) and 'metric_notes' in data and 'n_samples' in data
+
+
+def check_replaces(out_dir: str, overwrite: bool, name: str = '--out'):
+  """InputError naming `name` when writing an eval's outputs into `out_dir` would replace what
+  it must not: a summary.json that is not an eval's (the demo's), ever; a finished eval's
+  predictions.jsonl / summary.json unless `overwrite` (`radfm-jax eval --overwrite`; a rescore
+  replaces its own summary.json: its caller checks the predictions beside it)."""
+  summary = os.path.join(out_dir, 'summary.json')
+  if os.path.isfile(summary) and not _is_eval_summary(summary):
+    raise InputError(f'{name} {out_dir}: holds a summary.json that is not an eval\'s (no '
+                     '"metric_notes": another command\'s, e.g. the demo\'s), which eval would '
+                     'replace; expected another folder')
+  found = [f for f in OUTPUTS if os.path.isfile(os.path.join(out_dir, f))]
+  if found and not overwrite:
+    raise InputError(f'{name} {out_dir}: holds the {" and ".join(found)} of a finished eval; '
+                     'expected a new folder, or --overwrite to replace them')
 
 
 def _summary_text(summary: dict) -> str:

@@ -48,6 +48,13 @@ def normalize(text: str) -> str:
   return " ".join("".join(" " if _is_punct(c) else c for c in str(text).lower()).split())
 
 
+def has_reference(reference: str) -> bool:
+  """Whether a reference answer holds anything to match (a letter or digit: "" or "?" does not).
+  A sample without one scores 0 on every metric, whatever was predicted: an empty prediction
+  would otherwise match it exactly."""
+  return bool(normalize(reference))
+
+
 def _option_letter(text: str) -> str | None:
   m = _OPTION.match(str(text))
   return m.group(1).lower() if m else None
@@ -69,6 +76,8 @@ def closed_match(prediction: str, reference: str) -> bool:
   """
   ref = normalize(reference)
   pred = normalize(prediction)
+  if not ref:                       # nothing to match (`has_reference`)
+    return False
   if ref in _YES_NO:
     return (pred.split() or [""])[0] == ref
   if len(ref) == 1 and ref in "abcde":
@@ -162,7 +171,10 @@ def _f1_tokens(text: str) -> list[str]:
 
 
 def token_f1_single(prediction: str, reference: str) -> float:
-  """SQuAD-style F1 of the token multisets (articles dropped). Two empty strings -> 1."""
+  """SQuAD-style F1 of the token multisets (articles dropped); 0 without a reference
+  (`has_reference`), else two empty token lists (a reference of articles only) -> 1."""
+  if not has_reference(reference):
+    return 0.0
   p, r = _f1_tokens(prediction), _f1_tokens(reference)
   if not p or not r:
     return float(p == r)
