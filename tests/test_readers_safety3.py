@@ -141,20 +141,23 @@ def test_float_image_content_is_a_reject_not_clipped_to_uint8(tmp_path, name):
   values = np.linspace(-500.5, 3000.25, 120).reshape(12, 10).astype(np.float32)
   Image.fromarray(values, 'F').save(tmp_path / name, format='TIFF')
   report, store, log = _ingest(tmp_path, name)
-  reason = ('a TIFF image of Pillow mode F (bands F), which conversion to 8-bit RGB would narrow '
-            'or change; expected 8-bit grey or colour (L, RGB, P), 16-bit grey (I;16) or 32-bit '
+  reason = ('a TIFF image of Pillow mode F (bands F), which conversion to 8-bit RGB would narrow; '
+            'expected 8-bit grey or colour (L, RGB, P, CMYK, ...), 16-bit grey (I;16) or 32-bit '
             'integer grey (I), or a .npy of the values')
   assert _reason(report, tmp_path / name) == reason and report.stored == []
   assert f'ingest: rejected {tmp_path / name}: {reason}\n' in log
 
 
-def test_cmyk_jpeg_is_a_reject(tmp_path):
+def test_other_colour_spaces_are_converted_as_the_original_converts_them(tmp_path):
+  """A CMYK JPEG is 8-bit RGB by Pillow's convert('RGB'), as the original RadFM loads every 2D
+  image; the mode it came in is recorded (image_mode)."""
   from PIL import Image
   Image.new('CMYK', (6, 4), (10, 20, 30, 40)).save(tmp_path / 'c.jpg')
-  assert _rejected(tmp_path / 'c.jpg') == (
-      'a JPEG image of Pillow mode CMYK (bands CMYK), which conversion to 8-bit RGB would narrow '
-      'or change; expected 8-bit grey or colour (L, RGB, P), 16-bit grey (I;16) or 32-bit '
-      'integer grey (I), or a .npy of the values')
+  want = np.moveaxis(np.asarray(Image.open(tmp_path / 'c.jpg').convert('RGB')), -1, 0)
+  report, store, _ = _ingest(tmp_path, 'c.jpg')
+  array, attrs, _ = _stored(report, store, tmp_path / 'c.jpg')
+  np.testing.assert_array_equal(array, want[..., None])
+  assert attrs['image_mode'] == 'CMYK' and report.rejects == []
 
 
 def test_lossless_image_modes_are_stored_as_their_values(tmp_path):
@@ -182,17 +185,25 @@ def test_lossless_image_modes_are_stored_as_their_values(tmp_path):
 
 
 @pytest.mark.parametrize('mode', ['RGBA', 'LA'])
-def test_image_with_transparent_pixels_is_a_reject(tmp_path, mode):
-  """Was: the alpha channel dropped by the conversion to RGB."""
+def test_transparent_pixels_are_a_warning_their_rgb_kept_as_the_original(tmp_path, mode):
+  """The alpha channel dropped by the conversion to RGB, as the original's convert('RGB') drops
+  it (the RGB under a transparent pixel kept): said, a warning naming how many pixels (was:
+  nothing said)."""
   from PIL import Image
   pixels = np.full((4, 5, len(mode)), 200, np.uint8)
+  pixels[..., :-1] += np.arange(20, dtype=np.uint8).reshape(4, 5, 1)   # not a constant image
   pixels[..., -1] = 255
   pixels[1, 2, -1] = 0
   Image.fromarray(pixels, mode).save(tmp_path / 't.png')
-  assert _rejected(tmp_path / 't.png') == (
-      f'a PNG image of Pillow mode {mode} with 1 transparent pixels (alpha 0 to 255), whose '
-      'transparency conversion to RGB would drop; expected an opaque image (or a .npy of the '
-      'values)')
+  want = np.moveaxis(np.asarray(Image.open(tmp_path / 't.png').convert('RGB')), -1, 0)
+  report, store, log = _ingest(tmp_path, 't.png')
+  array, attrs, _ = _stored(report, store, tmp_path / 't.png')
+  np.testing.assert_array_equal(array, want[..., None])
+  said = (f'Pillow mode {mode}: 1 pixels not opaque (alpha 0 to 255); the transparency dropped, '
+          "their RGB values kept, as the original's convert('RGB') keeps them")
+  assert attrs['image_warnings'] == [said]
+  assert [w['warning'] for w in report.warnings] == [f'image: {said}']
+  assert said in log
 
 
 # ------------------------------------------------------------------------------------------------

@@ -643,7 +643,7 @@ def scan_notes(attrs: dict) -> tuple[list[str], list[str]]:
                for text in attrs.get('header_warnings', [])]
   warnings += [f'DICOM: {text} (pydicom, which read the file as it says)'
                for text in attrs.get('dicom_warnings', [])]
-  warnings += [f'image: {text} (Pillow, which read the file as it says)'
+  warnings += [f'image: {text}'
                for text in attrs.get('image_warnings', [])]
   if 'float32_rounding' in attrs:
     r = attrs['float32_rounding']

@@ -49,11 +49,11 @@ Reading rules (stored layout [C, H, W, D], see store.py):
     min + max - x in its own dtype, so that higher values are brighter in every stored scan (a
     recorded repair: `monochrome1_inverted` = [min, max]).
     A folder inside the series folder, or a file that is not DICOM, is a reject.
-  * PNG/JPEG: Pillow; grayscale stays 1 channel (8-, 16-bit and int32 kept), lossless colour
-    modes become 8-bit RGB (an alpha channel only when opaque everywhere); a mode that conversion
-    would narrow or change (F: float, CMYK, YCbCr, ...) is a reject. Pillow's warnings are not
-    printed: its DecompressionBombWarning is left to the size checks, any other is
-    `image_warnings`.
+  * PNG/JPEG: Pillow; grayscale stays 1 channel (8-, 16-bit and int32 kept), 8-bit colour modes
+    become 8-bit RGB as the original's convert('RGB') makes them (CMYK, YCbCr, ... converted; an
+    alpha channel dropped, transparent pixels a warning in `image_warnings`); a mode conversion
+    would narrow (F: float) is a reject. Pillow's warnings are not printed: its
+    DecompressionBombWarning is left to the size checks, any other is `image_warnings`.
   * .npy: [H, W] / [H, W, D] / [C, H, W, D] (C in 1, 3) / [S, C, H, W, D]; other ranks rejected;
     never unpickled. A non-native byte order ('>i2') is stored in the native dtype of that width.
   * `frame` (which volume of a 4D NIfTI) and `index` (which image of a 5D .npy stack) pick along
@@ -933,11 +933,14 @@ def _pixel_spacing(datasets: list, names: list[str]) -> list[float] | None:
 
 _PIL_BYTES = {'I;16': 2, 'I;16B': 2, 'I;16L': 2, 'I;16N': 2, 'I': 4, 'F': 4}
 # Pillow modes stored as they are (one channel, the values and dtype Pillow gives: uint8, uint16,
-# int32), and those `convert('RGB')` turns into 8-bit RGB without changing a value: bilevel,
-# palette colours, RGB padding, and an alpha channel that is opaque everywhere (checked).
-# Any other mode (F: float, CMYK, YCbCr, LAB, HSV, ...) would be narrowed or changed: a reject.
+# int32), and those turned into 8-bit RGB by `convert('RGB')`, as the original RadFM loads every
+# 2D image: without changing a value (bilevel, palette colours, RGB padding), from another colour
+# space of 8-bit samples (CMYK, YCbCr, LAB, HSV: the image_mode attribute says which), or with an
+# alpha channel dropped (its RGB kept as the original keeps it; transparent pixels are a warning,
+# `image_warnings`). Any other mode (F: float, a 32-bit or 16-bit colour mode) would be
+# narrowed: a reject.
 _PIL_GRAY = ('L', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
-_PIL_RGB = ('RGB', 'RGBX', 'P', '1')
+_PIL_RGB = ('RGB', 'RGBX', 'P', '1', 'CMYK', 'YCbCr', 'LAB', 'HSV')
 _PIL_ALPHA = ('RGBA', 'RGBa', 'LA', 'PA')
 
 
@@ -951,7 +954,7 @@ def _png_16bit_with_channels(path: str) -> bool:
 
 def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.ndarray, dict]:
   """A PNG / JPEG (whatever Pillow finds in the file) -> [C, H, W, 1]: grey modes as they are,
-  lossless colour modes as 8-bit RGB (`_PIL_RGB`, `_PIL_ALPHA`); any other mode is a reject.
+  8-bit colour modes as 8-bit RGB (`_PIL_RGB`, `_PIL_ALPHA`); any other mode is a reject.
   Pillow's warnings are not printed (`_caught_warnings`): its DecompressionBombWarning is left to
   our own size checks, which reject or pass the scan; any other becomes the attribute
   `image_warnings` of a stored image."""
@@ -960,7 +963,7 @@ def read_image(path: str, max_bytes: int = DEFAULT_MAX_SCAN_BYTES) -> tuple[np.n
   bomb = 'DecompressionBombWarning: '
   said = [w for w in dict.fromkeys(caught) if not w.startswith(bomb)]
   if said:
-    attrs['image_warnings'] = said
+    attrs['image_warnings'] = attrs.get('image_warnings', []) + said
   return array, attrs
 
 
@@ -972,7 +975,7 @@ def _read_image(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
       if mode not in _PIL_GRAY + _PIL_RGB + _PIL_ALPHA:
         raise RejectedScan(f'a {img.format} image of Pillow mode {mode} (bands '
                            f'{"".join(img.getbands())}), which conversion to 8-bit RGB would '
-                           'narrow or change; expected 8-bit grey or colour (L, RGB, P), 16-bit '
+                           'narrow; expected 8-bit grey or colour (L, RGB, P, CMYK, ...), 16-bit '
                            'grey (I;16) or 32-bit integer grey (I), or a .npy of the values')
       bands = 1 if mode in _PIL_GRAY else 3
       memory = width * height * max(bands, len(img.getbands())) * _PIL_BYTES.get(mode, 1)
@@ -989,8 +992,9 @@ def _read_image(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
                   payload=memory if png else None,
                   compressed_bytes=os.path.getsize(path) if png else None)
       img.load()
+      dropped = None
       if mode in _PIL_ALPHA or ('transparency' in img.info and mode in ('L', 'P', 'RGB')):
-        _check_opaque(img, mode)
+        dropped = _transparency(img, mode)
       if mode in _PIL_GRAY:
         array = np.asarray(img)[None]
       else:
@@ -1002,18 +1006,23 @@ def _read_image(path: str, max_bytes: int) -> tuple[np.ndarray, dict]:
                        'within the limit') from None
   except Exception as e:
     raise RejectedScan(f'not a readable image: {type(e).__name__}: {e}') from e
-  return array[..., None], {'source_dtype': str(array.dtype), 'image_mode': mode}
+  attrs = {'source_dtype': str(array.dtype), 'image_mode': mode}
+  if dropped:
+    attrs['image_warnings'] = [dropped]
+  return array[..., None], attrs
 
 
-def _check_opaque(img, mode: str):
-  """RejectedScan when an image with an alpha channel (or a palette / colour marked transparent)
-  has a pixel that is not opaque: converting it to RGB would drop what the transparency says."""
+def _transparency(img, mode: str) -> str | None:
+  """The warning for an image with an alpha channel (or a palette / colour marked transparent)
+  that has pixels that are not opaque, whose transparency its conversion to RGB drops (the RGB
+  under them kept, as the original's `convert('RGB')` keeps it); None when every pixel is
+  opaque."""
   alpha = np.asarray(img.convert('RGBA').getchannel('A'))
-  if alpha.min() < 255:
-    raise RejectedScan(f'a {img.format} image of Pillow mode {mode} with '
-                       f'{int((alpha < 255).sum()):,} transparent pixels (alpha {alpha.min()} to '
-                       f'{alpha.max()}), whose transparency conversion to RGB would drop; '
-                       'expected an opaque image (or a .npy of the values)')
+  if alpha.min() == 255:
+    return None
+  return (f'Pillow mode {mode}: {int((alpha < 255).sum()):,} pixels not opaque (alpha '
+          f'{alpha.min()} to {alpha.max()}); the transparency dropped, their RGB values kept, as '
+          "the original's convert('RGB') keeps them")
 
 
 def npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
