@@ -251,8 +251,6 @@ def test_a_cache_is_never_replaced_by_other_settings_and_made_anew_record_first(
   cache), and a kill while the new tokens were written left the old record naming them: now a
   ConfigError naming the field, the cache as it was. A cache of another preparation version is
   still made anew, its old record removed before any token is written."""
-  import dataclasses
-
   from radfm_jax.config import DataConfig
   root = str(tmp_path)
   cache = ImageTokenCache.create(root, 'fp', checkpoint='ck', data_cfg=DataConfig(),
@@ -278,8 +276,8 @@ def test_a_cache_is_never_replaced_by_other_settings_and_made_anew_record_first(
   meta['data']['prep_version'] = 0
   with open(path, 'w') as f:
     json.dump(meta, f)
-  fresh = ImageTokenCache.create(root, 'fp', checkpoint='ck', data_cfg=dataclasses.replace(
-      DataConfig()), dtype='float32', num_latents=2, embed=3)
+  fresh = ImageTokenCache.create(root, 'fp', checkpoint='ck', data_cfg=DataConfig(),
+                                 dtype='float32', num_latents=2, embed=3)
   assert fresh.meta['scans'] == {} and not os.path.exists(path)
 
 

@@ -109,10 +109,9 @@ def check_output_folder(out: str, shown: str, overwrite: bool) -> None:
   training run or any other folder: the new parameters would be mixed with what is there, or
   its own config.json written over."""
   from radfm_jax.errors import check_parent_folder
-  holder = checkpoint_holding(os.path.dirname(os.path.abspath(out)))
-  if holder is not None:   # e.g. a run's checkpoints/7: its next resume moves it aside as damaged
-    raise InputError(f'{shown}: inside the checkpoint {holder}; expected a new checkpoint folder '
-                     'outside any other checkpoint')
+  # e.g. a run's checkpoints/7: its next resume would move it aside as a damaged step
+  check_outside_checkpoint(os.path.dirname(os.path.abspath(out)), shown,
+                           'expected a new checkpoint folder outside any other checkpoint')
   if not os.path.exists(out):
     check_parent_folder(out, shown, 'expected a new checkpoint folder')
     return
@@ -135,20 +134,16 @@ def check_output_folder(out: str, shown: str, overwrite: bool) -> None:
                      '--overwrite to replace it)')
 
 
-def checkpoint_holding(folder: str) -> str | None:
-  """The checkpoint whose own files `folder` is among: `folder` itself holding a checkpoint's
-  config.json, or a folder inside one's params/ or step folders (`_folders_up`'s climb), existing
-  or not; None otherwise (a training workdir's other folders, a folder someone made inside a
-  checkpoint). What a command must not write into: a resumed run takes a step folder it did not
-  write for a damaged one, a reader of the checkpoint finds files it never wrote."""
-  probe = os.path.abspath(folder)
-  while True:
-    if _own_layout(probe) is not None:
-      return probe
-    parent, name = os.path.dirname(probe), os.path.basename(probe)
-    if parent == probe or not (name.isdigit() or name in _INNER_FOLDERS):
-      return None
-    probe = parent
+def check_outside_checkpoint(folder: str, shown: str, expected: str) -> None:
+  """InputError '`shown`: inside the checkpoint C; `expected`' when a command would write into
+  `folder` (existing or not) and it is among a checkpoint's own files: the checkpoint's folder
+  itself, or a folder inside its params/ or step folders (`_climb`). A resumed run takes a step
+  folder it did not write for a damaged one; a reader of the checkpoint meets files it never
+  wrote. A training workdir's other folders, or a folder someone made inside a checkpoint, are
+  not its own."""
+  holder = next((p for p in _climb(os.path.abspath(folder)) if _own_layout(p) is not None), None)
+  if holder is not None:
+    raise InputError(f'{shown}: inside the checkpoint {holder}; {expected}')
 
 
 def _own_layout(folder: str) -> str | None:
@@ -178,12 +173,10 @@ def checkpoint_folder(directory: str) -> str:
 _INNER_FOLDERS = ('checkpoints', PARAMS, 'state', 'data', 'config')
 
 
-def _folders_up(directory: str):
-  """The checkpoint folder of `directory`, then each parent while the folder left is one a
-  checkpoint holds (`_INNER_FOLDERS`, a step number): `run/checkpoints/800/state` climbs to
-  `run/checkpoints`, but `ckpt/finetuned` (another folder someone made inside a checkpoint, or a
-  killed save's) is not taken for `ckpt`."""
-  probe = checkpoint_folder(directory)
+def _climb(probe: str):
+  """`probe`, then each parent while the folder left is one a checkpoint holds (`_INNER_FOLDERS`,
+  a step number): `run/checkpoints/800/state` climbs to `run/checkpoints`, but `ckpt/finetuned`
+  (another folder someone made inside a checkpoint, or a killed save's) stops there."""
   while True:
     yield probe
     parent = os.path.dirname(probe)
@@ -191,6 +184,12 @@ def _folders_up(directory: str):
     if parent == probe or not (name.isdigit() or name in _INNER_FOLDERS):
       return
     probe = parent
+
+
+def _folders_up(directory: str):
+  """The checkpoint folder of `directory` (`checkpoint_folder`), then the checkpoint it lies
+  inside (`_climb`)."""
+  return _climb(checkpoint_folder(directory))
 
 
 def find_config(directory: str) -> str | None:

@@ -101,11 +101,6 @@ def run(args: argparse.Namespace) -> int:
     raise InputError(f'{flag} {source}: no such file or directory')
   if args.direction == 'to-torch':
     flags.check_output_file(args.out, args.overwrite)
-    from radfm_jax.checkpoint import meta
-    holder = meta.checkpoint_holding(os.path.dirname(os.path.abspath(args.out)))
-    if holder is not None:      # e.g. in the params/ tree it reads
-      raise InputError(f'--out {args.out}: inside the checkpoint {holder}; expected a file '
-                       'outside any checkpoint folder')
   else:
     flags.check_output_folder(args.out, args.overwrite)
     if _inside(source, args.out):  # --overwrite replaces --out whole: the input with it

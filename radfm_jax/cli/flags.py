@@ -107,7 +107,8 @@ def check_output_folder(out: str, overwrite: bool):
 
 def check_output_file(out: str, overwrite: bool):
   """`--out` of a command that writes one file (convert to-torch): a new path, or with
-  `--overwrite` an existing file; never a folder, nor one in a folder that cannot be written."""
+  `--overwrite` an existing file; never a folder, nor one in a folder that cannot be written or
+  inside a checkpoint."""
   import os
 
   from radfm_jax.errors import InputError, check_parent_folder
@@ -118,6 +119,9 @@ def check_output_file(out: str, overwrite: bool):
                      '.pth for torch.save\'s format')
   # a file, a broken symlink or an unwritable folder on the way
   check_parent_folder(out, f'--out {out}', 'expected a file path (.bin or .safetensors)')
+  from radfm_jax.checkpoint import meta          # e.g. in the params/ tree to-torch reads
+  meta.check_outside_checkpoint(os.path.dirname(os.path.abspath(out)), f'--out {out}',
+                                'expected a file outside any checkpoint folder')
   if os.path.exists(out) and not overwrite:
     raise InputError(f'--out {out}: exists; expected a new file (or --overwrite to replace it)')
 

@@ -419,10 +419,8 @@ def check_out_dir(out_dir: str, name: str = 'out_dir', files: tuple[str, ...] = 
   if os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f'{shown}: exists and is not a directory; {expected}')
   check_parent_folder(path, shown, expected)
-  holder = meta.checkpoint_holding(path)
-  if holder is not None:          # its own files: a reader of the checkpoint would meet ours
-    raise InputError(f'{shown}: inside the checkpoint {holder}; {expected} outside its '
-                     'config.json, params/ and step folders')
+  meta.check_outside_checkpoint(path, shown, f'{expected} outside its config.json, params/ and '
+                                'step folders')
   for file in files + ((PROGRESS,) if 'predictions.jsonl' in files else ()):
     written = os.path.join(out_dir, file)
     if os.path.isdir(written):
@@ -659,23 +657,22 @@ def rescore(predictions: str, *, extractor=None, extractor_reason: str = '', sco
             out_dir: str | None = None, info: dict | None = None) -> dict:
   """Scores a predictions.jsonl again, without a model (`read_predictions`, then `scorer`,
   default `score`); with out_dir writes OUT/summary.json (the predictions file is left as it is)."""
+  same_run = False       # out_dir is the folder of `predictions` (by any path to it)
   if out_dir:
     check_out_dir(out_dir, files=('summary.json',), reads=(('--predictions', predictions),))
     beside = os.path.join(out_dir, 'predictions.jsonl')
-    if os.path.exists(beside) and not (os.path.exists(predictions)
-                                       and os.path.samefile(beside, predictions)):
+    same_run = (os.path.exists(beside) and os.path.exists(predictions)
+                and os.path.samefile(beside, predictions))
+    if os.path.exists(beside) and not same_run:
       # its summary.json would then describe predictions other than those beside it
       raise InputError(f'--out {out_dir}: holds the predictions.jsonl of another eval; expected '
                        f'the folder of {predictions} or one without a predictions.jsonl')
-  if out_dir:
     check_replaces(out_dir, overwrite=True)
   rows = read_predictions(predictions)
   # What only the generating run knew (its checkpoint, split, sampling, the samples it skipped):
   # kept from the summary.json beside its predictions.jsonl when the rescore replaces it, so the
   # record of a skip is not lost.
   kept = {}
-  beside = os.path.join(out_dir, 'predictions.jsonl') if out_dir else None
-  same_run = bool(beside) and os.path.exists(beside) and os.path.samefile(predictions, beside)
   old = os.path.join(out_dir, 'summary.json') if same_run else None
   if old and os.path.isfile(old):
     try:

@@ -104,15 +104,18 @@ def image_limit(tokenizer, model_cfg: ModelConfig) -> int:
   return min(model_cfg.max_images, getattr(tokenizer, 'max_images', model_cfg.max_images))
 
 
+def _check_image_count(num_images: int, limit: int, name: str):
+  if num_images > limit:
+    raise InputError(f'{name}: {num_images} images; the model and tokenizer take at most {limit} '
+                     '(model.max_images)')
+
+
 def prompt_token_count(tokenizer, prompt: str, num_images: int, model_cfg: ModelConfig,
                        sampling: GenerateConfig | None = None, name: str = 'prompt') -> int:
   """Tokens of `prompt` with its image blocks placed, as `prepare_batch` encodes it; InputError
   naming `name` when the markers do not match `num_images` or it does not fit
   (`check_prompt_fits` with `sampling.max_new_tokens`)."""
-  limit = image_limit(tokenizer, model_cfg)
-  if num_images > limit:
-    raise InputError(f'{name}: {num_images} images; the model and tokenizer take at most {limit} '
-                     '(model.max_images)')
+  _check_image_count(num_images, image_limit(tokenizer, model_cfg), name)
   try:
     text = place_image_markers(prompt, num_images, model_cfg.perceiver.num_latents)
   except ValueError as e:
@@ -276,15 +279,13 @@ def prepare_batch(tokenizer, prompts: Sequence[str], images: Sequence[Sequence] 
       for s, row in zip(stacked, images))):
     raise InputError('stacked: expected one list per prompt holding one bool per image (image '
                      f'counts {[len(row) for row in images]}), got {stacked!r}')
+  for b, row in enumerate(images):          # before any scan is read
+    _check_image_count(len(row), limit, f'prompt {b}')
   read = [[_scan(x, f'prompt {b} image {i}') for i, x in enumerate(row)]
           for b, row in enumerate(images)]
   scans = [[x for x, _ in row] for row in read]
   cases = [[case or bool(stacked is not None and stacked[b][i]) for i, (_, case) in enumerate(row)]
            for b, row in enumerate(read)]
-  for b, row in enumerate(scans):
-    if len(row) > limit:
-      raise InputError(f'prompt {b}: {len(row)} images, the model and tokenizer take at most '
-                       f'{limit}')
   n = model_cfg.perceiver.num_latents
   texts = []
   for b, (p, row) in enumerate(zip(prompts, scans)):
@@ -346,9 +347,9 @@ def generate_batch(model, tokenizer, prompts: Sequence[str],
   if sampling is not None and not isinstance(sampling, GenerateConfig):
     raise InputError(f'sampling: got {type(sampling).__name__}; expected a radfm_jax.config.'
                      'GenerateConfig (radfm_jax.generate_config), or None and keyword arguments')
-  given = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-               stop_ids=_python_numbers(stop_ids))
-  given = {k: _python_numbers(v) for k, v in given.items()}
+  given = {k: _python_numbers(v) for k, v in dict(
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+      stop_ids=stop_ids).items()}
   if not isinstance(return_ids, bool):     # any truthy value would count
     raise InputError(f'return_ids: got {return_ids!r}; expected True or False')
   sampling = dataclasses.replace(sampling or GenerateConfig(),

@@ -92,10 +92,12 @@ def make_data(cfg: Config, split: str = 'train', image_cache=None):
 
 
 def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None, *,
-              image_cache=None) -> tuple[object, str]:
+              image_cache=None, periodic_eval: bool = False) -> tuple[object, str]:
   """(this host's iterator of batch dicts for `split`, a one-line description: source, samples
   per split, shape buckets). `image_cache` (an ImageTokenCache, with data.image_cache): batches
-  carry each scan's cached image tokens (`image_tokens`) instead of its volume.
+  carry each scan's cached image tokens (`image_tokens`) instead of its volume. `periodic_eval`:
+  the run will read the manifest's 'eval' split every train.eval_every steps, so a manifest
+  without one is a ConfigError here (read once with the train split), not at the first eval.
 
   Checks, before any model is built: a data source named (`check_data_store`), and the batch size
   of every kind the split holds (2D / 3D; synthetic: 2D) dividing over the mesh's batch axes of
@@ -111,6 +113,7 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None,
     first = data.make_global(0)
     return data, (f'synthetic (data.store={SYNTHETIC_STORE}): random batches, one bucket '
                   f'{_bucket(first)}')
+  from radfm_jax.data.manifest import read_manifest
   from radfm_jax.data.pipeline import make_dataset
   from radfm_jax.data.store import VolumeStore
   from radfm_jax.data.tokenizer import Tokenizer
@@ -119,7 +122,17 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None,
                         num_latents=cfg.model.perceiver.num_latents,
                         source='config field data.tokenizer')
   volumes = VolumeStore(store)
-  manifest, rows, splits = _manifest_splits(cfg, volumes)
+  manifest = cfg.data.manifest or volumes.manifest_path
+  rows = read_manifest(manifest)
+  splits: dict[str, int] = {}
+  for row in rows:
+    splits[row.get('split', 'train')] = splits.get(row.get('split', 'train'), 0) + 1
+  if periodic_eval and cfg.train.eval_every and not splits.get('eval'):
+    # else said only at the first eval, eval_every steps into the run
+    raise ConfigError(f'config field train.eval_every={cfg.train.eval_every} asks for a periodic '
+                      f'eval, but {manifest} has no samples in split \'eval\' (splits here: '
+                      f'{splits or "none"}); expected samples with "split": "eval" (docs/data.md) '
+                      'or train.eval_every=0')
   records = [r for r in rows if r.get('split', 'train') == split]
   if not records:
     raise InputError(f'{manifest}: no samples in split {split!r} (splits here: {splits or "none"}); '
@@ -141,33 +154,6 @@ def open_data(cfg: Config, split: str = 'train', num_devices: int | None = None,
   it.targets = ds.plan.targets
   return it, (f'{manifest}: samples {counts}; the {split} split in {len(buckets)} shape '
               f'bucket(s): {shown}{cached}{mix}')
-
-
-def _manifest_splits(cfg: Config, volumes=None) -> tuple[str, list[dict], dict[str, int]]:
-  """(the manifest a store run reads: data.manifest or the store's own, its rows, samples per
-  split; a row without "split" is in 'train')."""
-  from radfm_jax.data.manifest import read_manifest
-  from radfm_jax.data.store import VolumeStore
-  manifest = cfg.data.manifest or (volumes or VolumeStore(cfg.data.store)).manifest_path
-  rows = read_manifest(manifest)
-  splits: dict[str, int] = {}
-  for row in rows:
-    splits[row.get('split', 'train')] = splits.get(row.get('split', 'train'), 0) + 1
-  return manifest, rows, splits
-
-
-def check_eval_split(cfg: Config) -> None:
-  """A ConfigError, before anything is built or written, where train.eval_every asks for a
-  periodic eval that a store run's manifest has no 'eval' split for (found out at the first
-  eval, it would only have been said after eval_every steps of training)."""
-  if not cfg.train.eval_every or cfg.data.store in ('', SYNTHETIC_STORE):
-    return
-  manifest, _, splits = _manifest_splits(cfg)
-  if not splits.get('eval'):
-    raise ConfigError(f'config field train.eval_every={cfg.train.eval_every} asks for a periodic '
-                      f'eval, but {manifest} has no samples in split \'eval\' (splits here: '
-                      f'{splits or "none"}); expected samples with "split": "eval" (docs/data.md) '
-                      'or train.eval_every=0')
 
 
 def _bucket(batch: dict) -> str:
@@ -572,9 +558,8 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
   else:
     # an empty data.store, or a batch that does not split over the mesh: a ConfigError here,
     # before the model is built
-    data, data_text = open_data(cfg, 'train', mesh.devices.size if mesh is not None else None)
-  if eval_data is None:
-    check_eval_split(cfg)
+    data, data_text = open_data(cfg, 'train', mesh.devices.size if mesh is not None else None,
+                                periodic_eval=eval_data is None)
   ckpt_dir = workdir.rstrip('/') + '/checkpoints'
   held.enter_context(rundir.lock_workdir(ckpt_dir, given_workdir, is_main))   # before any write
   if is_main:
@@ -613,7 +598,8 @@ def _train(cfg: Config, workdir: str, held: contextlib.ExitStack, *, data, eval_
                                   f'initialised from seed {cfg.seed}')
     image_cache = open_for_run(cfg, state.params, source)
     if data is None:
-      data, data_text = open_data(cfg, 'train', mesh.devices.size, image_cache=image_cache)
+      data, data_text = open_data(cfg, 'train', mesh.devices.size, image_cache=image_cache,
+                                  periodic_eval=eval_data is None)
     _summary(say, cfg, mesh, abs_state, data_text, tokenizer, workdir, logdir, latest or 0,
              total)
     if latest is not None:

@@ -361,8 +361,8 @@ def _text_list(row: Row, key: str) -> list[str]:
   return value
 
 
-def _article_titles(ctx: Ctx) -> list[str]:
-  """The article titles of articles_resave.json (beside the split file), or an InputError naming
+def _article_titles(ctx: Ctx) -> dict:
+  """articles_resave.json (beside the split file), keyed by article title, or an InputError naming
   it: a file that is not a JSON object keyed by title (or holds none) is the whole recipe's
   problem, not one of the rows that happen to draw a "no" question."""
   data = ctx.side_file('articles_resave.json', 'the RadFM article titles {"title": ...} beside '
@@ -371,7 +371,7 @@ def _article_titles(ctx: Ctx) -> list[str]:
     path = os.path.join(os.path.dirname(os.path.abspath(ctx.source)), 'articles_resave.json')
     raise InputError(f'{path}: got {json.dumps(data)[:60]}; expected a JSON object keyed by '
                      'article title ({"title": ...})')
-  return list(data)
+  return data
 
 
 def radio_features(row: Row, ctx: Ctx) -> Sample:
